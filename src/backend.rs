@@ -1,0 +1,169 @@
+//! The one trait every backend implements, and what a backend hands back
+//! for a granted lock.
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use tokio::sync::watch;
+
+use crate::{AcquireRequest, LockInfo, Result};
+
+/// A boxed, sendable future: what the object-safe traits return.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// A lock service: PostgreSQL advisory locks, a lease table, or memory.
+///
+/// The trait is object safe; [`Locks`](crate::Locks) holds an
+/// `Arc<dyn Backend>`. Implementations receive requests already validated.
+pub trait Backend: Send + Sync + fmt::Debug + 'static {
+    /// A short name for messages, such as `"postgres-advisory"`.
+    fn kind(&self) -> &'static str;
+
+    /// Takes the lock as the request says. `Ok(None)` only for
+    /// [`Wait::No`](crate::Wait::No) when the lock is held elsewhere;
+    /// [`Error::Timeout`](crate::Error::Timeout) when a bounded wait runs out.
+    ///
+    /// Must be cancel safe: if the future is dropped, no lock may stay held
+    /// that no guard owns (release it, close its connection, or let a short
+    /// lease run out).
+    fn acquire(&self, request: AcquireRequest) -> BoxFuture<'_, Result<Option<Grant>>>;
+
+    /// Who holds `name` now, if anyone.
+    fn inspect<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<Option<LockInfo>>>;
+
+    /// Every lock held now.
+    fn list(&self) -> BoxFuture<'_, Result<Vec<LockInfo>>>;
+
+    /// Breaks `name` whoever holds it: an operator's tool for a stuck lock.
+    /// The holder's guard reports itself lost (at its next renewal or
+    /// heartbeat). Returns whether anything was held.
+    fn force_release<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<bool>> {
+        let _ = name;
+        Box::pin(async move {
+            Err(crate::Error::Unsupported {
+                backend: self.kind(),
+                what: "breaking a lock".into(),
+            })
+        })
+    }
+}
+
+/// The backend's side of a held lock: what the guard calls to renew or
+/// release it. The lost signal travels separately, through [`LockStatus`].
+pub trait HeldLock: Send + Sync + fmt::Debug {
+    /// Renews the lock so that it lasts `by` from now (by the database
+    /// clock) and makes `by` the lease length of later renewals. Returns the
+    /// new expiry, or `None` for locks that live as long as their connection.
+    fn extend(&self, by: Duration) -> BoxFuture<'_, Result<Option<DateTime<Utc>>>>;
+
+    /// Releases the lock and reports the outcome.
+    fn release(self: Box<Self>) -> BoxFuture<'static, Result<()>>;
+
+    /// Releases the lock in the background: the guard was dropped.
+    fn release_on_drop(self: Box<Self>);
+}
+
+/// The state a guard watches: the current expiry and, once lost, why.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct State {
+    pub(crate) expires_at: Option<DateTime<Utc>>,
+    pub(crate) lost: Option<String>,
+}
+
+/// The backend's handle on a guard's status: it records renewals and loss.
+#[derive(Debug, Clone)]
+pub struct LockStatus {
+    tx: watch::Sender<State>,
+}
+
+impl LockStatus {
+    /// Records a new expiry after a successful renewal.
+    pub fn set_expires_at(&self, at: Option<DateTime<Utc>>) {
+        self.tx.send_modify(|s| s.expires_at = at);
+    }
+
+    /// Marks the lock lost; the first reason given is kept.
+    pub fn mark_lost(&self, reason: impl Into<String>) {
+        let reason = reason.into();
+        self.tx.send_if_modified(|s| {
+            if s.lost.is_none() {
+                tracing::warn!(%reason, "dblock: lock lost");
+                s.lost = Some(reason);
+                true
+            } else {
+                false
+            }
+        });
+    }
+
+    /// Whether the lock has been marked lost.
+    pub fn is_lost(&self) -> bool {
+        self.tx.borrow().lost.is_some()
+    }
+
+    /// The reason the lock was marked lost, if it was.
+    pub fn lost_reason(&self) -> Option<String> {
+        self.tx.borrow().lost.clone()
+    }
+}
+
+/// A granted lock, as a backend returns it to [`Locks`](crate::Locks).
+#[derive(Debug)]
+pub struct Grant {
+    pub(crate) token: u64,
+    pub(crate) held: Box<dyn HeldLock>,
+    pub(crate) state: watch::Receiver<State>,
+}
+
+impl Grant {
+    /// Builds a grant. The backend keeps the returned [`LockStatus`] to
+    /// report renewals and loss to the guard.
+    pub fn new(
+        token: u64,
+        expires_at: Option<DateTime<Utc>>,
+        held: Box<dyn HeldLock>,
+    ) -> (Grant, LockStatus) {
+        let (tx, rx) = watch::channel(State {
+            expires_at,
+            lost: None,
+        });
+        (
+            Grant {
+                token,
+                held,
+                state: rx,
+            },
+            LockStatus { tx },
+        )
+    }
+
+    /// Creates the status channel before the held lock exists (a backend's
+    /// keeper task usually needs the status first).
+    pub fn status(expires_at: Option<DateTime<Utc>>) -> (LockStatus, PendingGrant) {
+        let (tx, rx) = watch::channel(State {
+            expires_at,
+            lost: None,
+        });
+        (LockStatus { tx }, PendingGrant { rx })
+    }
+}
+
+/// The guard's half of a status channel made by [`Grant::status`].
+#[derive(Debug)]
+pub struct PendingGrant {
+    rx: watch::Receiver<State>,
+}
+
+impl PendingGrant {
+    /// Completes the grant.
+    pub fn grant(self, token: u64, held: Box<dyn HeldLock>) -> Grant {
+        Grant {
+            token,
+            held,
+            state: self.rx,
+        }
+    }
+}

@@ -1,0 +1,143 @@
+//! The guard that represents a held lock.
+
+use std::fmt;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use tokio::sync::watch;
+
+use crate::backend::{HeldLock, State};
+use crate::{Error, Grant, LockMode, Result};
+
+/// A held lock. Dropping it releases the lock in the background;
+/// [`release`](LockGuard::release) does the same and reports errors.
+///
+/// While it lives, a lease guard renews its lease in the background and an
+/// advisory guard watches its connection. Check [`is_lost`](LockGuard::is_lost)
+/// or await [`lost`](LockGuard::lost) before acting on the assumption that
+/// the lock is still yours, and pass [`token`](LockGuard::token) to the
+/// resource you protect so it can refuse a stale holder.
+pub struct LockGuard {
+    name: String,
+    mode: LockMode,
+    token: u64,
+    state: watch::Receiver<State>,
+    held: Option<Box<dyn HeldLock>>,
+}
+
+impl fmt::Debug for LockGuard {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LockGuard")
+            .field("name", &self.name)
+            .field("mode", &self.mode)
+            .field("token", &self.token)
+            .field("expires_at", &self.expires_at())
+            .field("lost", &self.is_lost())
+            .finish()
+    }
+}
+
+impl LockGuard {
+    pub(crate) fn new(name: String, mode: LockMode, grant: Grant) -> Self {
+        LockGuard {
+            name,
+            mode,
+            token: grant.token,
+            state: grant.state,
+            held: Some(grant.held),
+        }
+    }
+
+    /// The lock's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Exclusive or shared.
+    pub fn mode(&self) -> LockMode {
+        self.mode
+    }
+
+    /// The fencing token: strictly greater than the token of every earlier
+    /// holder of this name, never reused.
+    pub fn token(&self) -> u64 {
+        self.token
+    }
+
+    /// When the lease runs out by the database clock, as of the last
+    /// renewal; `None` where the lock lives as long as its connection.
+    pub fn expires_at(&self) -> Option<DateTime<Utc>> {
+        self.state.borrow().expires_at
+    }
+
+    /// Whether the lock is known to be lost.
+    pub fn is_lost(&self) -> bool {
+        let state = self.state.borrow();
+        state.lost.is_some() || self.state.has_changed().is_err()
+    }
+
+    /// Resolves once the lock is known lost: renewal failed or came too
+    /// late, the connection died or was terminated, or the lock was broken.
+    /// Never resolves while the lock is held.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: it only watches; dropping it changes nothing.
+    pub async fn lost(&self) {
+        let mut rx = self.state.clone();
+        // An error means the backend's keeper is gone: the lock can no
+        // longer be vouched for, which is loss too.
+        let _ = rx.wait_for(|s| s.lost.is_some()).await;
+    }
+
+    /// Why the lock was lost, once it is.
+    pub fn lost_reason(&self) -> Option<String> {
+        self.state.borrow().lost.clone()
+    }
+
+    /// Renews the lock now so that it lasts `by` from now by the database
+    /// clock, and makes `by` the lease length of the background renewals
+    /// that follow. Fails with [`Error::Lost`] if the lock is no longer held.
+    /// For advisory locks, which last as long as their connection, it checks
+    /// the connection and returns `None`.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: if dropped, the renewal may or may not have happened,
+    /// and background renewal goes on either way.
+    pub async fn extend(&self, by: Duration) -> Result<Option<DateTime<Utc>>> {
+        if by < crate::request::MIN_TTL || by > crate::request::MAX_DURATION {
+            return Err(Error::InvalidOption(format!(
+                "extend({by:?}): a lease length must lie between 100 ms and 366 days"
+            )));
+        }
+        if let Some(reason) = self.lost_reason() {
+            return Err(Error::lost(&self.name, reason));
+        }
+        let held = self.held.as_ref().expect("held until release");
+        held.extend(by).await
+    }
+
+    /// Releases the lock and reports the outcome. Returns [`Error::Lost`] if
+    /// the lock had been lost before (nothing was released then, since it was
+    /// not held).
+    ///
+    /// # Cancel safety
+    /// Cancel safe: once called, the release goes ahead in the background
+    /// even if this future is dropped.
+    pub async fn release(mut self) -> Result<()> {
+        let held = self.held.take().expect("held until release");
+        let lost = self.lost_reason();
+        let outcome = held.release().await;
+        match (lost, outcome) {
+            (Some(reason), _) => Err(Error::lost(&self.name, reason)),
+            (None, r) => r,
+        }
+    }
+}
+
+impl Drop for LockGuard {
+    fn drop(&mut self) {
+        if let Some(held) = self.held.take() {
+            held.release_on_drop();
+        }
+    }
+}

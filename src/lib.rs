@@ -1,0 +1,68 @@
+//! # dblock
+//!
+//! Distributed locks on the database you already run. PostgreSQL advisory
+//! locks, and lease rows on PostgreSQL, MySQL/MariaDB and embedded SQLite,
+//! behind one trait: no Redis, ZooKeeper or etcd needed for "only one of
+//! these at a time".
+//!
+//! - **One facade**, [`Locks`], over any [`Backend`]: `acquire(name)` with
+//!   `.ttl()`, `.wait()`, `.shared()`, `.hold_at_least()`; `try_acquire`;
+//!   `inspect`; `list`.
+//! - **Fencing tokens** that strictly increase per name and survive
+//!   restarts ([`LockGuard::token`]).
+//! - **Loss is reported**: leases renew in the background and advisory
+//!   guards watch their connection; [`LockGuard::lost`] resolves when the
+//!   lock can no longer be vouched for.
+//! - **Database time only** for every expiry decision.
+//! - **No leaks**: dropped guards and cancelled acquisitions never leave a
+//!   lock held, nor hand a locked connection back to the pool.
+//!
+//! ```
+//! # tokio::runtime::Runtime::new().unwrap().block_on(async {
+//! use std::time::Duration;
+//! use dblock::{Locks, memory::Memory};
+//!
+//! let locks = Locks::new(Memory::new());
+//! let guard = locks
+//!     .acquire("reports:nightly")
+//!     .ttl(Duration::from_secs(30))
+//!     .wait(Duration::from_secs(5))
+//!     .await?;
+//! assert!(locks.try_acquire("reports:nightly").await?.is_none());
+//! let token = guard.token();
+//! guard.release().await?;
+//! let next = locks.acquire("reports:nightly").await?;
+//! assert!(next.token() > token);
+//! # dblock::Result::Ok(()) }).unwrap();
+//! ```
+//!
+//! See the README for the backends, the schema and the command-line tool.
+#![forbid(unsafe_code)]
+#![deny(missing_docs, missing_debug_implementations)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
+mod backend;
+mod error;
+mod guard;
+mod info;
+mod lease;
+mod locks;
+mod name;
+mod request;
+
+mod migrate;
+
+pub mod memory;
+#[cfg(feature = "postgres")]
+pub mod postgres;
+
+pub use backend::{Backend, BoxFuture, Grant, HeldLock, LockStatus, PendingGrant};
+pub use error::{Error, Result};
+pub use guard::LockGuard;
+pub use info::LockInfo;
+pub use lease::LeaseOptions;
+pub use locks::{Acquire, Locks};
+pub use name::{validate_name, validate_table, MAX_NAME_LEN};
+#[cfg(feature = "postgres")]
+pub use postgres::advisory_key;
+pub use request::{AcquireRequest, LockMode, Wait, DEFAULT_TTL};

@@ -1,0 +1,205 @@
+//! The facade: `Locks` and its acquire builder.
+
+use std::fmt;
+use std::future::IntoFuture;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::backend::BoxFuture;
+use crate::name::validate_name;
+use crate::{AcquireRequest, Backend, Error, LockGuard, LockInfo, LockMode, Result, Wait};
+
+/// The entry point: a cheap, cloneable handle on one lock [`Backend`].
+///
+/// ```
+/// # async fn demo() -> dblock::Result<()> {
+/// use std::time::Duration;
+/// let locks = dblock::Locks::new(dblock::memory::Memory::new());
+///
+/// let guard = locks.acquire("reports:nightly").wait(Duration::from_secs(5)).await?;
+/// println!("{} held with token {}", guard.name(), guard.token());
+/// guard.release().await?;
+///
+/// assert!(locks.try_acquire("job:42").await?.is_some());
+/// # Ok(()) }
+/// # tokio::runtime::Runtime::new().unwrap().block_on(demo()).unwrap();
+/// ```
+#[derive(Clone)]
+pub struct Locks {
+    backend: Arc<dyn Backend>,
+}
+
+impl fmt::Debug for Locks {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Locks")
+            .field("backend", &self.backend)
+            .finish()
+    }
+}
+
+impl Locks {
+    /// Wraps a backend.
+    pub fn new(backend: impl Backend) -> Self {
+        Locks {
+            backend: Arc::new(backend),
+        }
+    }
+
+    /// Wraps a backend that is already shared.
+    pub fn from_arc(backend: Arc<dyn Backend>) -> Self {
+        Locks { backend }
+    }
+
+    /// The backend behind this handle.
+    pub fn backend(&self) -> &Arc<dyn Backend> {
+        &self.backend
+    }
+
+    /// Starts an acquisition of `name`. Await the builder to take the lock;
+    /// without `.wait(..)` it waits until the lock is free.
+    pub fn acquire(&self, name: impl Into<String>) -> Acquire<'_> {
+        Acquire {
+            locks: self,
+            request: AcquireRequest::new(name),
+            wait: Wait::Forever,
+            ttl: None,
+            mode: LockMode::Exclusive,
+            hold_at_least: None,
+        }
+    }
+
+    /// Takes the lock if it is free right now; `Ok(None)` if it is held.
+    /// Never waits for the lock (it does wait for the database).
+    ///
+    /// # Cancel safety
+    /// Cancel safe: if dropped, no lock is left held (see [`Acquire`]).
+    pub async fn try_acquire(&self, name: impl Into<String>) -> Result<Option<LockGuard>> {
+        self.acquire(name).try_now().await
+    }
+
+    /// Who holds `name` now, as the database sees it.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: it only reads.
+    pub async fn inspect(&self, name: &str) -> Result<Option<LockInfo>> {
+        validate_name(name)?;
+        self.backend.inspect(name).await
+    }
+
+    /// Every lock held now, as the database sees it.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: it only reads.
+    pub async fn list(&self) -> Result<Vec<LockInfo>> {
+        self.backend.list().await
+    }
+}
+
+/// An acquisition being set up by [`Locks::acquire`]; `.await` it.
+///
+/// # Cancel safety
+/// Cancel safe: dropping the future at any point leaves no lock held. A
+/// grant that races the drop is released (or its connection closed) in the
+/// background.
+#[must_use = "an acquisition does nothing until awaited"]
+pub struct Acquire<'a> {
+    locks: &'a Locks,
+    request: Result<AcquireRequest>,
+    wait: Wait,
+    ttl: Option<Duration>,
+    mode: LockMode,
+    hold_at_least: Option<Duration>,
+}
+
+impl fmt::Debug for Acquire<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Acquire")
+            .field("request", &self.request)
+            .field("wait", &self.wait)
+            .field("ttl", &self.ttl)
+            .field("mode", &self.mode)
+            .finish()
+    }
+}
+
+impl<'a> Acquire<'a> {
+    /// The lease length (lease backends; default 30 s). Advisory locks last
+    /// as long as their connection and ignore it.
+    pub fn ttl(mut self, ttl: Duration) -> Self {
+        self.ttl = Some(ttl);
+        self
+    }
+
+    /// Gives up with [`Error::Timeout`] after waiting this long. A zero wait
+    /// tries once.
+    pub fn wait(mut self, wait: Duration) -> Self {
+        self.wait = Wait::For(wait);
+        self
+    }
+
+    /// Asks for a shared (reader) lock.
+    pub fn shared(mut self) -> Self {
+        self.mode = LockMode::Shared;
+        self
+    }
+
+    /// Keeps the lease until at least `acquired_at + d` even if released
+    /// sooner, so that a scheduled job's slot runs once across nodes.
+    pub fn hold_at_least(mut self, d: Duration) -> Self {
+        self.hold_at_least = Some(d);
+        self
+    }
+
+    fn build(self, wait: Wait) -> Result<(&'a Locks, AcquireRequest)> {
+        let mut request = self.request?.with_mode(self.mode).with_wait(wait)?;
+        if let Some(ttl) = self.ttl {
+            request = request.with_ttl(ttl)?;
+        }
+        if let Some(d) = self.hold_at_least {
+            request = request.with_hold_at_least(d)?;
+        }
+        Ok((self.locks, request))
+    }
+
+    async fn run(self, wait: Wait) -> Result<Option<LockGuard>> {
+        let (locks, request) = self.build(wait)?;
+        let name = request.name.clone();
+        let mode = request.mode;
+        let grant = locks.backend.acquire(request).await?;
+        Ok(grant.map(|g| LockGuard::new(name, mode, g)))
+    }
+
+    async fn try_now(self) -> Result<Option<LockGuard>> {
+        self.run(Wait::No).await
+    }
+}
+
+impl<'a> IntoFuture for Acquire<'a> {
+    type Output = Result<LockGuard>;
+    type IntoFuture = BoxFuture<'a, Result<LockGuard>>;
+
+    fn into_future(self) -> Self::IntoFuture {
+        let wait = self.wait;
+        Box::pin(async move {
+            let name = self.request.as_ref().map(|r| r.name.clone()).ok();
+            match self.run(wait).await? {
+                Some(guard) => Ok(guard),
+                // A backend answers None only to Wait::No; treat it as an
+                // immediate timeout rather than panic if one misbehaves.
+                None => Err(Error::Timeout {
+                    name: name.unwrap_or_default(),
+                    waited: Duration::ZERO,
+                }),
+            }
+        })
+    }
+}
+
+// Compile-time checks that the facade can cross threads.
+const _: fn() = || {
+    fn assert_send_sync<T: Send + Sync>() {}
+    fn assert_send<T: Send>(_: T) {}
+    assert_send_sync::<Locks>();
+    assert_send_sync::<LockGuard>();
+    let _ = |l: Locks| assert_send(async move { l.acquire("x").await });
+};

@@ -1,0 +1,230 @@
+//! The in-process backend.
+//!
+//! `Memory` keeps leases in a map inside this process, with the same
+//! semantics as the database backends: fencing tokens, shared and exclusive
+//! modes, ttl and renewal on the monotonic clock (tokio's, so
+//! `tokio::time::pause` drives it in tests), the lost signal and
+//! `hold_at_least`. Use it in unit tests of code written against
+//! [`Locks`](crate::Locks), and in single-process applications.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use tokio::time::Instant;
+
+use crate::lease::{lease_backend, Claim, Claimed, LeaseEngine, LeaseOptions, LeaseStore, Wakeups};
+use crate::{LockInfo, LockMode, Result};
+
+/// An in-process lock service. Clones share the same locks.
+///
+/// ```
+/// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+/// let locks = dblock::Locks::new(dblock::memory::Memory::new());
+/// let a = locks.acquire("cfg").shared().await?;
+/// let b = locks.acquire("cfg").shared().await?;
+/// assert!(locks.try_acquire("cfg").await?.is_none()); // readers exclude a writer
+/// assert!(b.token() > a.token());
+/// # dblock::Result::Ok(()) }).unwrap();
+/// ```
+#[derive(Debug, Clone)]
+pub struct Memory {
+    engine: LeaseEngine<MemoryStore>,
+}
+
+impl Default for Memory {
+    fn default() -> Self {
+        Memory::new()
+    }
+}
+
+impl Memory {
+    /// A new, empty lock service.
+    pub fn new() -> Self {
+        Memory {
+            engine: LeaseEngine::new(MemoryStore::default(), Wakeups::new()),
+        }
+    }
+
+    /// Sets how waiting polls (see [`LeaseOptions`]). In memory a release
+    /// wakes waiters at once, so this matters only for expiries.
+    pub fn with_options(mut self, options: LeaseOptions) -> Result<Self> {
+        self.engine.set_options(options)?;
+        Ok(self)
+    }
+}
+
+lease_backend!(Memory);
+
+#[derive(Debug, Default)]
+pub(crate) struct MemoryStore {
+    names: Arc<Mutex<HashMap<String, Entry>>>,
+}
+
+#[derive(Debug, Default)]
+struct Entry {
+    token: u64,
+    holders: Vec<Holder>,
+}
+
+#[derive(Debug)]
+struct Holder {
+    owner: String,
+    holder: String,
+    mode: LockMode,
+    token: u64,
+    acquired: Instant,
+    acquired_at: DateTime<Utc>,
+    expires: Instant,
+}
+
+/// The wall-clock reading of a monotonic instant, for display.
+fn wall(at: Instant) -> DateTime<Utc> {
+    let now = Instant::now();
+    let wall_now = Utc::now();
+    if at >= now {
+        wall_now + (at - now)
+    } else {
+        wall_now - (now - at)
+    }
+}
+
+impl Entry {
+    fn prune(&mut self, now: Instant) {
+        self.holders.retain(|h| h.expires > now);
+    }
+
+    fn info(&self, name: &str) -> Option<LockInfo> {
+        let first = self.holders.first()?;
+        let mut info = LockInfo::new(Some(name.to_owned()), first.holder.clone(), first.mode);
+        info.token = Some(first.token);
+        info.acquired_at = Some(first.acquired_at);
+        info.expires_at = Some(wall(first.expires));
+        info.holders = self.holders.len() as u32;
+        Some(info)
+    }
+}
+
+impl LeaseStore for MemoryStore {
+    fn kind(&self) -> &'static str {
+        "memory"
+    }
+
+    fn supports_shared(&self) -> bool {
+        true
+    }
+
+    async fn claim(&self, claim: &Claim<'_>) -> Result<Option<Claimed>> {
+        let now = Instant::now();
+        let mut names = self.names.lock().unwrap();
+        let entry = names.entry(claim.name.to_owned()).or_default();
+        entry.prune(now);
+        let free = match claim.mode {
+            LockMode::Exclusive => entry.holders.is_empty(),
+            LockMode::Shared => entry.holders.iter().all(|h| h.mode == LockMode::Shared),
+        };
+        if !free {
+            return Ok(None);
+        }
+        entry.token += 1;
+        let expires = now + claim.ttl;
+        entry.holders.push(Holder {
+            owner: claim.owner.to_owned(),
+            holder: claim.holder.to_owned(),
+            mode: claim.mode,
+            token: entry.token,
+            acquired: now,
+            acquired_at: Utc::now(),
+            expires,
+        });
+        Ok(Some(Claimed {
+            token: entry.token,
+            expires_at: wall(expires),
+        }))
+    }
+
+    async fn renew(
+        &self,
+        name: &str,
+        owner: &str,
+        token: u64,
+        ttl: Duration,
+    ) -> Result<Option<DateTime<Utc>>> {
+        let now = Instant::now();
+        let mut names = self.names.lock().unwrap();
+        let Some(entry) = names.get_mut(name) else {
+            return Ok(None);
+        };
+        let mine = entry
+            .holders
+            .iter_mut()
+            .find(|h| h.owner == owner && h.token == token && h.expires > now);
+        Ok(mine.map(|h| {
+            h.expires = now + ttl;
+            wall(h.expires)
+        }))
+    }
+
+    async fn release(
+        &self,
+        name: &str,
+        owner: &str,
+        token: u64,
+        hold: Option<Duration>,
+    ) -> Result<bool> {
+        let now = Instant::now();
+        let mut names = self.names.lock().unwrap();
+        let Some(entry) = names.get_mut(name) else {
+            return Ok(false);
+        };
+        let Some(i) = entry
+            .holders
+            .iter()
+            .position(|h| h.owner == owner && h.token == token && h.expires > now)
+        else {
+            return Ok(false);
+        };
+        match hold.map(|d| entry.holders[i].acquired + d) {
+            Some(until) if until > now => entry.holders[i].expires = until,
+            _ => {
+                entry.holders.swap_remove(i);
+            }
+        }
+        Ok(true)
+    }
+
+    async fn force_release(&self, name: &str) -> Result<bool> {
+        let now = Instant::now();
+        let mut names = self.names.lock().unwrap();
+        Ok(names.get_mut(name).is_some_and(|entry| {
+            entry.prune(now);
+            let held = !entry.holders.is_empty();
+            entry.holders.clear();
+            held
+        }))
+    }
+
+    async fn inspect(&self, name: &str) -> Result<Option<LockInfo>> {
+        let now = Instant::now();
+        let mut names = self.names.lock().unwrap();
+        Ok(names.get_mut(name).and_then(|entry| {
+            entry.prune(now);
+            entry.info(name)
+        }))
+    }
+
+    async fn list(&self) -> Result<Vec<LockInfo>> {
+        let now = Instant::now();
+        let mut names = self.names.lock().unwrap();
+        let mut all: Vec<LockInfo> = names
+            .iter_mut()
+            .filter_map(|(name, entry)| {
+                entry.prune(now);
+                entry.info(name)
+            })
+            .collect();
+        all.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(all)
+    }
+}

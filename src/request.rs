@@ -1,0 +1,181 @@
+//! What a caller asks for when acquiring a lock.
+
+use std::time::Duration;
+
+use crate::name::validate_name;
+use crate::{Error, Result};
+
+/// Whether a lock excludes everyone or only writers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum LockMode {
+    /// One holder at a time.
+    Exclusive,
+    /// Any number of shared holders at once, and no exclusive holder
+    /// meanwhile (a reader lock).
+    Shared,
+}
+
+impl LockMode {
+    /// `"exclusive"` or `"shared"`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LockMode::Exclusive => "exclusive",
+            LockMode::Shared => "shared",
+        }
+    }
+}
+
+impl std::fmt::Display for LockMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// How long an acquisition may wait for a lock that is held.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wait {
+    /// Try once; a held lock is not an error (`try_acquire`).
+    No,
+    /// Wait at most this long, then fail with [`Error::Timeout`].
+    For(Duration),
+    /// Wait until the lock is free.
+    Forever,
+}
+
+/// The default lease length of the lease backends.
+pub const DEFAULT_TTL: Duration = Duration::from_secs(30);
+/// The shortest ttl accepted: renewal runs every ttl/3 and must fit a round
+/// trip to the database.
+pub const MIN_TTL: Duration = Duration::from_millis(100);
+/// The longest ttl, wait or `hold_at_least` accepted.
+pub const MAX_DURATION: Duration = Duration::from_secs(366 * 24 * 3600);
+
+/// A validated request to take a lock, as handed to a [`Backend`](crate::Backend).
+///
+/// Built by [`Locks::acquire`](crate::Locks::acquire); backends receive it
+/// already checked, so they never see a bad name or option.
+#[derive(Debug, Clone)]
+pub struct AcquireRequest {
+    pub(crate) name: String,
+    pub(crate) mode: LockMode,
+    pub(crate) ttl: Duration,
+    pub(crate) ttl_set: bool,
+    pub(crate) wait: Wait,
+    pub(crate) hold_at_least: Option<Duration>,
+}
+
+impl AcquireRequest {
+    /// A request for an exclusive lock on `name`, waiting forever, with the
+    /// default ttl. Fails with [`Error::InvalidName`] for a bad name.
+    pub fn new(name: impl Into<String>) -> Result<Self> {
+        let name = name.into();
+        validate_name(&name)?;
+        Ok(AcquireRequest {
+            name,
+            mode: LockMode::Exclusive,
+            ttl: DEFAULT_TTL,
+            ttl_set: false,
+            wait: Wait::Forever,
+            hold_at_least: None,
+        })
+    }
+
+    /// Sets the lease length (lease backends). Must lie between 100 ms and 366 days.
+    pub fn with_ttl(mut self, ttl: Duration) -> Result<Self> {
+        check_duration("ttl", ttl, MIN_TTL)?;
+        self.ttl = ttl;
+        self.ttl_set = true;
+        Ok(self)
+    }
+
+    /// Sets how long to wait. A `Wait::For` longer than 366 days is refused.
+    pub fn with_wait(mut self, wait: Wait) -> Result<Self> {
+        if let Wait::For(d) = wait {
+            check_duration("wait", d, Duration::ZERO)?;
+        }
+        self.wait = wait;
+        Ok(self)
+    }
+
+    /// Sets the lock mode.
+    pub fn with_mode(mut self, mode: LockMode) -> Self {
+        self.mode = mode;
+        self
+    }
+
+    /// Keeps the lease until at least `acquired_at + d` even when released
+    /// earlier. Must be at most 366 days.
+    pub fn with_hold_at_least(mut self, d: Duration) -> Result<Self> {
+        check_duration("hold_at_least", d, Duration::ZERO)?;
+        self.hold_at_least = Some(d);
+        Ok(self)
+    }
+
+    /// The lock's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+    /// Exclusive or shared.
+    pub fn mode(&self) -> LockMode {
+        self.mode
+    }
+    /// The lease length (the default, 30 s, unless set).
+    pub fn ttl(&self) -> Duration {
+        self.ttl
+    }
+    /// Whether the caller set a ttl explicitly.
+    pub fn ttl_is_explicit(&self) -> bool {
+        self.ttl_set
+    }
+    /// How long to wait.
+    pub fn wait(&self) -> Wait {
+        self.wait
+    }
+    /// The minimum time the lease is kept from acquisition, if any.
+    pub fn hold_at_least(&self) -> Option<Duration> {
+        self.hold_at_least
+    }
+}
+
+fn check_duration(what: &str, d: Duration, min: Duration) -> Result<()> {
+    if d < min {
+        return Err(Error::InvalidOption(format!(
+            "{what} of {d:?} is below the minimum of {min:?}"
+        )));
+    }
+    if d > MAX_DURATION {
+        return Err(Error::InvalidOption(format!(
+            "{what} of {d:?} is above the maximum of 366 days"
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn options_are_checked() {
+        let r = AcquireRequest::new("x").unwrap();
+        assert!(matches!(
+            r.clone().with_ttl(Duration::ZERO),
+            Err(Error::InvalidOption(_))
+        ));
+        assert!(matches!(
+            r.clone().with_ttl(Duration::from_secs(u64::MAX)),
+            Err(Error::InvalidOption(_))
+        ));
+        assert!(matches!(
+            r.clone()
+                .with_wait(Wait::For(Duration::from_secs(u64::MAX))),
+            Err(Error::InvalidOption(_))
+        ));
+        assert!(r.clone().with_wait(Wait::For(Duration::ZERO)).is_ok());
+        assert!(r.clone().with_ttl(Duration::from_millis(100)).is_ok());
+        assert!(matches!(
+            r.with_hold_at_least(Duration::MAX),
+            Err(Error::InvalidOption(_))
+        ));
+    }
+}
