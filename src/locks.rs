@@ -93,6 +93,20 @@ impl Locks {
     pub async fn list(&self) -> Result<Vec<LockInfo>> {
         self.backend.list().await
     }
+
+    /// Breaks `name` whoever holds it: the lease is ended, or, for an
+    /// advisory lock, the holding session is terminated. The holder's guard
+    /// reports itself lost at its next renewal or heartbeat. Returns whether
+    /// anything was held. This is an operator's tool for a stuck lock; it
+    /// defeats mutual exclusion for whoever believed they held it.
+    ///
+    /// # Cancel safety
+    /// Cancel safe in that nothing is left half-done: if dropped, the lock
+    /// may or may not have been broken.
+    pub async fn force_release(&self, name: &str) -> Result<bool> {
+        validate_name(name)?;
+        self.backend.force_release(name).await
+    }
 }
 
 /// An acquisition being set up by [`Locks::acquire`]; `.await` it.
