@@ -33,7 +33,7 @@
 //! guard.release().await?;
 //! let next = locks.acquire("reports:nightly").await?;
 //! assert!(next.token() > token);
-//! # dblock::Result::Ok(()) }).unwrap();
+//! # Ok::<(), dblock::Error>(()) }).unwrap();
 //! ```
 //!
 //! See the README for the backends, the schema and the command-line tool.
