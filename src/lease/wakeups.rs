@@ -41,6 +41,11 @@ impl Wakeups {
         }
     }
 
+    /// Whether nobody in this process waits for any name.
+    pub(crate) fn is_idle(&self) -> bool {
+        self.map.lock().unwrap().is_empty()
+    }
+
     /// Wakes every waiter (after a reconnect that may have missed releases).
     pub(crate) fn wake_all(&self) {
         for notify in self.map.lock().unwrap().values() {
