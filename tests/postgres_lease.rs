@@ -98,7 +98,10 @@ async fn acquire_try_timeout_release_inspect() {
     // Dropping releases in the background.
     let deadline = Instant::now() + Duration::from_secs(5);
     while locks.inspect(&name).await.unwrap().is_some() {
-        assert!(Instant::now() < deadline, "a dropped guard was not released");
+        assert!(
+            Instant::now() < deadline,
+            "a dropped guard was not released"
+        );
         sleep(Duration::from_millis(10)).await;
     }
 }
@@ -212,7 +215,11 @@ async fn a_stale_holder_can_neither_release_nor_extend_the_next_lease() {
     let info = b.inspect(&name).await.unwrap().expect("still held by B");
     assert_eq!(info.token, Some(next.token()));
     assert!(b.try_acquire(&name).await.unwrap().is_none());
-    assert!(next.extend(Duration::from_secs(30)).await.unwrap().is_some());
+    assert!(next
+        .extend(Duration::from_secs(30))
+        .await
+        .unwrap()
+        .is_some());
     assert!(!next.is_lost());
     next.release().await.unwrap();
 }
@@ -273,19 +280,34 @@ async fn hold_at_least_keeps_the_lease_after_release() {
         .hold_at_least(Duration::from_secs(2))
         .await
         .unwrap();
-    let acquired_at = locks.inspect(&name).await.unwrap().unwrap().acquired_at.unwrap();
+    let acquired_at = locks
+        .inspect(&name)
+        .await
+        .unwrap()
+        .unwrap()
+        .acquired_at
+        .unwrap();
     guard.release().await.unwrap();
 
     assert!(locks.try_acquire(&name).await.unwrap().is_none());
     let info = locks.inspect(&name).await.unwrap().expect("kept");
-    assert_eq!(info.expires_at, Some(acquired_at + chrono::Duration::seconds(2)));
+    assert_eq!(
+        info.expires_at,
+        Some(acquired_at + chrono::Duration::seconds(2))
+    );
 
     let next = locks
         .acquire(&name)
         .wait(Duration::from_secs(10))
         .await
         .unwrap();
-    let next_at = locks.inspect(&name).await.unwrap().unwrap().acquired_at.unwrap();
+    let next_at = locks
+        .inspect(&name)
+        .await
+        .unwrap()
+        .unwrap()
+        .acquired_at
+        .unwrap();
     assert!(next_at >= acquired_at + chrono::Duration::seconds(2));
     next.release().await.unwrap();
 
@@ -346,7 +368,10 @@ async fn lost_fires_before_the_database_expires_the_lease() {
             .await
             .unwrap();
     let now = db_now(&observer).await;
-    assert!(expires_at > now, "lost only at {now}, lease ran out at {expires_at}");
+    assert!(
+        expires_at > now,
+        "lost only at {now}, lease ran out at {expires_at}"
+    );
     assert!(guard.is_lost());
 }
 
@@ -422,7 +447,10 @@ async fn the_listener_stops_with_its_backend() {
     task.abort();
     let deadline = Instant::now() + Duration::from_secs(5);
     while listening(&observer, &app).await != 0 {
-        assert!(Instant::now() < deadline, "the listener outlived its backend");
+        assert!(
+            Instant::now() < deadline,
+            "the listener outlived its backend"
+        );
         sleep(Duration::from_millis(20)).await;
     }
     // The application's pool was never touched by it and still works.

@@ -228,7 +228,11 @@ async fn a_stale_holder_can_neither_release_nor_extend_the_next_lease() {
         Some(next.token())
     );
     assert!(b.try_acquire("s").await.unwrap().is_none());
-    assert!(next.extend(Duration::from_secs(30)).await.unwrap().is_some());
+    assert!(next
+        .extend(Duration::from_secs(30))
+        .await
+        .unwrap()
+        .is_some());
     next.release().await.unwrap();
 }
 
@@ -314,7 +318,13 @@ async fn hold_at_least_keeps_the_lease_after_release() {
         .hold_at_least(Duration::from_secs(2))
         .await
         .unwrap();
-    let acquired_at = locks.inspect("h").await.unwrap().unwrap().acquired_at.unwrap();
+    let acquired_at = locks
+        .inspect("h")
+        .await
+        .unwrap()
+        .unwrap()
+        .acquired_at
+        .unwrap();
     guard.release().await.unwrap();
 
     assert!(locks.try_acquire("h").await.unwrap().is_none());
@@ -328,7 +338,13 @@ async fn hold_at_least_keeps_the_lease_after_release() {
         .wait(Duration::from_secs(10))
         .await
         .unwrap();
-    let next_at = locks.inspect("h").await.unwrap().unwrap().acquired_at.unwrap();
+    let next_at = locks
+        .inspect("h")
+        .await
+        .unwrap()
+        .unwrap()
+        .acquired_at
+        .unwrap();
     assert!(next_at >= acquired_at + chrono::Duration::seconds(2));
     next.release().await.unwrap();
 
@@ -382,7 +398,10 @@ async fn lost_fires_before_the_file_expires_the_lease() {
             .await
             .unwrap();
     let now = db_now(&observer).await;
-    assert!(expires_at > now, "lost only at {now}, lease ran out at {expires_at}");
+    assert!(
+        expires_at > now,
+        "lost only at {now}, lease ran out at {expires_at}"
+    );
 }
 
 #[tokio::test]

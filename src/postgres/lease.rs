@@ -265,11 +265,7 @@ fn info(row: &PgRow) -> sqlx::Result<LockInfo> {
         LockMode::Exclusive
     };
     let holder: Option<String> = row.try_get("holder")?;
-    let mut info = LockInfo::new(
-        Some(row.try_get("name")?),
-        holder.unwrap_or_default(),
-        mode,
-    );
+    let mut info = LockInfo::new(Some(row.try_get("name")?), holder.unwrap_or_default(), mode);
     info.token = Some(row.try_get::<i64, _>("token")? as u64);
     info.acquired_at = Some(row.try_get("acquired_at")?);
     info.expires_at = Some(row.try_get("expires_at")?);

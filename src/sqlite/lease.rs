@@ -122,10 +122,8 @@ impl Lease {
         .await?;
         // WAL is a property of the file, so one connection sets it for all.
         // Switching needs a lock the busy timeout does not wait for: retry.
-        let mode: String = retry_busy(|| {
-            sqlx::query_scalar("PRAGMA journal_mode = WAL").fetch_one(&pool)
-        })
-        .await?;
+        let mode: String =
+            retry_busy(|| sqlx::query_scalar("PRAGMA journal_mode = WAL").fetch_one(&pool)).await?;
         if !mode.eq_ignore_ascii_case("wal") {
             tracing::warn!(path = %path.display(), %mode,
                 "dblock: SQLite refused WAL mode; writers will block readers");
@@ -290,11 +288,7 @@ fn info(row: &SqliteRow) -> sqlx::Result<LockInfo> {
         LockMode::Exclusive
     };
     let holder: Option<String> = row.try_get("holder")?;
-    let mut info = LockInfo::new(
-        Some(row.try_get("name")?),
-        holder.unwrap_or_default(),
-        mode,
-    );
+    let mut info = LockInfo::new(Some(row.try_get("name")?), holder.unwrap_or_default(), mode);
     info.token = Some(row.try_get::<i64, _>("token")? as u64);
     info.acquired_at = Some(time(row.try_get("acquired_at")?)?);
     info.expires_at = Some(time(row.try_get("expires_at")?)?);
@@ -384,10 +378,9 @@ impl LeaseStore for SqliteStore {
     }
 
     async fn list(&self) -> Result<Vec<LockInfo>> {
-        let rows = retry_busy(|| {
-            sqlx::query(AssertSqlSafe(self.sql.list.clone())).fetch_all(&self.pool)
-        })
-        .await?;
+        let rows =
+            retry_busy(|| sqlx::query(AssertSqlSafe(self.sql.list.clone())).fetch_all(&self.pool))
+                .await?;
         rows.iter()
             .map(info)
             .collect::<sqlx::Result<_>>()
