@@ -62,7 +62,7 @@ const POOL_SIZE: u32 = 4;
 /// assert!(locks.try_acquire("reports:nightly").await?.is_none());
 /// guard.release().await?;
 /// # std::fs::remove_dir_all(&dir).ok();
-/// # dblock::Result::Ok(()) }).unwrap();
+/// # Ok::<(), dblock::Error>(()) }).unwrap();
 /// ```
 #[derive(Clone)]
 pub struct Lease {
