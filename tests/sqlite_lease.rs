@@ -77,6 +77,14 @@ async fn open_on_a_fresh_path_needs_no_setup() {
 }
 
 #[tokio::test]
+async fn open_refuses_private_databases() {
+    for path in ["", ":memory:"] {
+        let err = Lease::open(path).await.unwrap_err();
+        assert!(matches!(err, Error::InvalidOption(_)), "{path:?}: {err:?}");
+    }
+}
+
+#[tokio::test]
 async fn racing_opens_of_one_fresh_file_all_succeed() {
     let dir = TempDir::new("sqlite-open-race");
     let path = dir.db();

@@ -88,7 +88,9 @@ impl Lease {
     /// [`Lease::open`], which does everything.
     ///
     /// For several processes to share the file, give the pool a busy
-    /// timeout (sqlx's default is 5 s) and preferably WAL journaling.
+    /// timeout (sqlx's default is 5 s) and preferably WAL journaling. The
+    /// pool must reach one database file: a pool of several connections to
+    /// a plain `:memory:` database would give each its own locks.
     pub fn new(pool: SqlitePool) -> Self {
         Lease::assemble(
             pool,
@@ -105,11 +107,23 @@ impl Lease {
     /// waits up to 5 s for the write lock. Leases opened on the same file in
     /// this process wake each other's waiters at once.
     ///
+    /// An empty path or `":memory:"` is refused with
+    /// [`Error::InvalidOption`]: every connection would see its own private
+    /// database. Use [`Memory`](crate::memory::Memory) for that.
+    ///
     /// # Cancel safety
     /// Cancel safe: if dropped, the file may have been created and migrated
     /// (which is harmless to repeat) and nothing else is left behind.
     pub async fn open(path: impl AsRef<Path>) -> Result<Lease> {
         let path = path.as_ref();
+        // Each connection of the pool would get its own private database,
+        // and the connections would not exclude each other.
+        if path.as_os_str().is_empty() || path == Path::new(":memory:") {
+            return Err(Error::InvalidOption(format!(
+                "sqlite::Lease::open needs a database file, not {path:?}; \
+                 use dblock::memory::Memory for locks within one process"
+            )));
+        }
         let options = SqliteConnectOptions::new()
             .filename(path)
             .create_if_missing(true)
