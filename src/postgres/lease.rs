@@ -36,8 +36,12 @@ const DEFAULT_TABLE: &str = "dblock_leases";
 /// - **Waiting** polls with backoff (see [`LeaseOptions`]), and a release
 ///   anywhere wakes waiters at once: releases send `NOTIFY` on the channel
 ///   `dblock_lease_released` with the lock name as payload, and a backend
-///   with waiters keeps one extra connection (not from the pool) that
-///   `LISTEN`s. If listening fails, waiters just poll.
+///   with waiters keeps one extra connection (made with the pool's connect
+///   options, outside the pool, closed after a minute without waiters or
+///   when the backend is dropped) that `LISTEN`s. If listening fails (or
+///   never delivers, as behind a transaction-pooling proxy), waiters just
+///   poll. A lease that runs out rather than being released is noticed at
+///   the next poll.
 /// - **Shared (reader) leases are not supported**: `.shared()` fails with
 ///   [`Error::Unsupported`](crate::Error::Unsupported). Use
 ///   [`Advisory`](super::Advisory) for reader locks.
