@@ -55,6 +55,8 @@ mod migrate;
 pub mod memory;
 #[cfg(feature = "postgres")]
 pub mod postgres;
+#[cfg(feature = "sqlite")]
+pub mod sqlite;
 
 pub use backend::{Backend, BoxFuture, Grant, HeldLock, LockStatus, PendingGrant};
 pub use error::{Error, Result};

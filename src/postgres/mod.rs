@@ -4,10 +4,13 @@
 
 mod advisory;
 mod key;
+mod lease;
 mod migrate;
+mod notify;
 
 pub use advisory::{Advisory, AdvisoryOptions, WaitStrategy};
 pub use key::advisory_key;
+pub use lease::Lease;
 pub use migrate::migrate;
 
 pub(crate) const SCHEMA_MISSING: crate::Error = crate::Error::SchemaMissing {
