@@ -516,3 +516,33 @@ async fn with_table_rejects_injection_and_quotes_identifiers() {
     assert!(default.inspect(&name).await.unwrap().is_none());
     guard.release().await.unwrap();
 }
+
+// ---- The behavioural suite on the PostgreSQL lease table. ----
+
+mod suite;
+
+struct LeaseFixture;
+
+impl suite::Fixture for LeaseFixture {
+    async fn locks(&self) -> Locks {
+        new_locks().await
+    }
+    fn unreachable(&self) -> Locks {
+        let pool = PgPoolOptions::new()
+            .acquire_timeout(Duration::from_secs(2))
+            .connect_lazy("postgres://postgres@127.0.0.1:1/nowhere")
+            .unwrap();
+        Locks::new(Lease::new(pool))
+    }
+    fn shared(&self) -> bool {
+        false
+    }
+    fn lease(&self) -> bool {
+        true
+    }
+}
+
+mod behaviour {
+    use super::*;
+    behaviour_suite!(async { LeaseFixture });
+}

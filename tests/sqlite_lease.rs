@@ -523,3 +523,39 @@ async fn with_table_rejects_injection_and_quotes_identifiers() {
     assert!(default.inspect("c").await.unwrap().is_none());
     guard.release().await.unwrap();
 }
+
+// ---- The behavioural suite on an SQLite file. ----
+
+mod suite;
+
+struct SqliteFixture(PathBuf);
+
+impl suite::Fixture for SqliteFixture {
+    async fn locks(&self) -> Locks {
+        open(&self.0).await
+    }
+    fn unreachable(&self) -> Locks {
+        let options = SqliteConnectOptions::new()
+            .filename("/nonexistent-dir/dblock.db")
+            .create_if_missing(false);
+        let pool = SqlitePoolOptions::new()
+            .acquire_timeout(Duration::from_secs(2))
+            .connect_lazy_with(options);
+        Locks::new(Lease::new(pool))
+    }
+    fn shared(&self) -> bool {
+        false
+    }
+    fn lease(&self) -> bool {
+        true
+    }
+}
+
+mod behaviour {
+    use super::*;
+    behaviour_suite!(async {
+        let dir = std::env::temp_dir().join(common::unique("suite").replace(':', "_"));
+        std::fs::create_dir_all(&dir).unwrap();
+        SqliteFixture(dir.join("locks.db"))
+    });
+}
