@@ -288,3 +288,137 @@ async fn migrate_is_idempotent_and_safe_to_race() {
         "dblock must not create the application's _sqlx_migrations"
     );
 }
+
+mod xact {
+    use super::*;
+    use dblock::postgres::{lock_xact, lock_xact_with};
+    use dblock::Wait;
+
+    async fn setup() -> (PgPool, String) {
+        let url = common::postgres_url().await;
+        let pg = pool(&url, 6).await;
+        dblock::postgres::migrate(&pg).await.unwrap();
+        sqlx::raw_sql(
+            // One implicit transaction: the xact lock serialises the tests' CREATE.
+            "SELECT pg_advisory_xact_lock(4242);
+             CREATE TABLE IF NOT EXISTS dblock_test_xact (name text, token bigint, note text)",
+        )
+        .execute(&pg)
+        .await
+        .unwrap();
+        (pg, common::unique("xact"))
+    }
+
+    #[tokio::test]
+    async fn held_until_commit_and_excludes_session_locks() {
+        let (pg, name) = setup().await;
+        let locks = Locks::new(Advisory::new(pg.clone()));
+        let mut tx = pg.begin().await.unwrap();
+        let t1 = lock_xact(&mut tx, &name).await.unwrap();
+        assert!(
+            locks.try_acquire(&name).await.unwrap().is_none(),
+            "session lock got in"
+        );
+        let mut other = pg.begin().await.unwrap();
+        assert_eq!(
+            lock_xact_with(&mut other, &name, Wait::No).await.unwrap(),
+            None
+        );
+        tx.commit().await.unwrap();
+        let t2 = lock_xact_with(&mut other, &name, Wait::No)
+            .await
+            .unwrap()
+            .expect("free after commit");
+        assert!(t2 > t1);
+        other.rollback().await.unwrap();
+        let g = locks
+            .try_acquire(&name)
+            .await
+            .unwrap()
+            .expect("free after rollback");
+        assert!(g.token() > t2);
+    }
+
+    #[tokio::test]
+    async fn timeout_and_errors_do_not_poison_the_transaction() {
+        let (pg, name) = setup().await;
+        let locks = Locks::new(Advisory::new(pg.clone()));
+        let g = locks.acquire(&name).await.unwrap();
+        let mut tx = pg.begin().await.unwrap();
+        sqlx::query("SET LOCAL lock_timeout = '7s'")
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        let started = tokio::time::Instant::now();
+        let e = lock_xact_with(&mut tx, &name, Wait::For(Duration::from_millis(300)))
+            .await
+            .unwrap_err();
+        assert!(matches!(e, Error::Timeout { .. }), "{e:?}");
+        assert!(started.elapsed() >= Duration::from_millis(290));
+        // The transaction goes on, with its own lock_timeout intact.
+        let setting: String = sqlx::query_scalar("SHOW lock_timeout")
+            .fetch_one(&mut *tx)
+            .await
+            .unwrap();
+        assert_eq!(setting, "7s");
+        sqlx::query("INSERT INTO dblock_test_xact VALUES ($1, 0, 'after timeout')")
+            .bind(&name)
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        // A bad name is refused without touching the transaction either.
+        assert!(matches!(
+            lock_xact(&mut tx, "").await,
+            Err(Error::InvalidName(_))
+        ));
+        g.release().await.unwrap();
+        let token = lock_xact_with(&mut tx, &name, Wait::For(Duration::from_secs(5)))
+            .await
+            .unwrap()
+            .unwrap();
+        let setting: String = sqlx::query_scalar("SHOW lock_timeout")
+            .fetch_one(&mut *tx)
+            .await
+            .unwrap();
+        assert_eq!(
+            setting, "7s",
+            "lock_xact leaked its lock_timeout into the transaction"
+        );
+        sqlx::query("INSERT INTO dblock_test_xact VALUES ($1, $2, 'locked')")
+            .bind(&name)
+            .bind(token as i64)
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+        let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM dblock_test_xact WHERE name = $1")
+            .bind(&name)
+            .fetch_one(&pg)
+            .await
+            .unwrap();
+        assert_eq!(rows, 2);
+    }
+
+    #[tokio::test]
+    async fn a_waiter_gets_the_lock_when_the_holder_commits() {
+        let (pg, name) = setup().await;
+        let mut holder = pg.begin().await.unwrap();
+        lock_xact(&mut holder, &name).await.unwrap();
+        let waiter = {
+            let (pg, name) = (pg.clone(), name.clone());
+            tokio::spawn(async move {
+                let mut tx = pg.begin().await.unwrap();
+                let t = lock_xact(&mut tx, &name).await.unwrap();
+                tx.commit().await.unwrap();
+                t
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(!waiter.is_finished());
+        holder.commit().await.unwrap();
+        tokio::time::timeout(Duration::from_secs(10), waiter)
+            .await
+            .expect("waiter hung")
+            .unwrap();
+    }
+}
