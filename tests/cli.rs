@@ -316,6 +316,9 @@ async fn held_lock_exits_75(db: Db) {
     assert!(!stdout(&out).contains("ran"));
     assert!(stderr(&out).contains("held elsewhere"), "{}", stderr(&out));
     assert!(started.elapsed() < Duration::from_secs(10));
+    let out = output(&mut db.run(&name, &["--no-wait", "--quiet"], "echo ran")).await;
+    assert_code(&out, 75);
+    assert_eq!(stderr(&out), "", "--quiet");
 
     let started = Instant::now();
     let out = output(&mut db.run(&name, &["--wait", "1500ms"], "echo ran")).await;

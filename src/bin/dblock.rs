@@ -107,7 +107,9 @@ fn main() -> ExitCode {
     let code = match runtime.block_on(dispatch(cli)) {
         Ok(code) => code,
         Err(failure) => {
-            eprintln!("{}", message(&failure.message));
+            if !failure.message.is_empty() {
+                eprintln!("{}", message(&failure.message));
+            }
             failure.code
         }
     };

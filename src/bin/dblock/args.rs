@@ -200,6 +200,11 @@ pub struct RunArgs {
     #[arg(long)]
     pub shared: bool,
 
+    /// Print nothing when the lock is not acquired (exit 75 still says so):
+    /// for cron jobs that skip a run while another holds the lock.
+    #[arg(short, long)]
+    pub quiet: bool,
+
     /// After the lock is lost, how long CMD has between SIGTERM and SIGKILL.
     #[arg(long, value_name = "DUR", default_value = "10s")]
     pub kill_after: String,

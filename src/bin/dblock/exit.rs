@@ -35,7 +35,7 @@ Exit status of `dblock run`:
 pub struct Failure {
     /// The process exit status.
     pub code: u8,
-    /// What to tell the user (redacted before printing).
+    /// What to tell the user (redacted before printing); nothing if empty.
     pub message: String,
 }
 

@@ -26,6 +26,7 @@ struct Plan {
     ttl: Option<Duration>,
     wait: Wait,
     shared: bool,
+    quiet: bool,
     kill_after: Duration,
     command: Vec<OsString>,
 }
@@ -56,6 +57,7 @@ impl Plan {
             ttl,
             wait,
             shared: args.shared,
+            quiet: args.quiet,
             kill_after,
             command: args.command,
         })
@@ -108,6 +110,18 @@ fn signal_status(sig: Signal) -> u8 {
 /// `dblock run`.
 pub async fn run(target: Target, connect_timeout: Duration, args: RunArgs) -> CliResult<u8> {
     let plan = Plan::new(args)?;
+    let quiet = plan.quiet;
+    run_plan(target, connect_timeout, plan)
+        .await
+        .map_err(|mut f| {
+            if quiet && f.code == exit::NOT_ACQUIRED {
+                f.message.clear();
+            }
+            f
+        })
+}
+
+async fn run_plan(target: Target, connect_timeout: Duration, plan: Plan) -> CliResult<u8> {
     let mut signals = Signals::install()?;
 
     // Connecting and waiting for the lock both give way to a signal: there
