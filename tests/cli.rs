@@ -46,6 +46,67 @@ impl Db {
         Db { backend, url, dir }
     }
 
+    /// The same backend on a database of its own, without dblock's schema.
+    /// Drop it with [`Db::drop_fresh`]. (The database name is made here of
+    /// letters, digits and `_`, so splicing it into SQL is safe.)
+    async fn fresh(&self) -> Db {
+        let name = format!("dblock_cli_{}", rand_suffix().replace('-', "_"))
+            .chars()
+            .take(60)
+            .collect::<String>();
+        let base = &self.url[..self.url.rfind('/').expect("URL with a database")];
+        let url = match self.backend {
+            Backend::PgAdvisory | Backend::PgLease => {
+                let pool = sqlx::PgPool::connect(&self.url).await.expect("connect");
+                sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+                    .execute(&pool)
+                    .await
+                    .expect("create database");
+                format!("{base}/{name}")
+            }
+            Backend::MysqlLease => {
+                let pool = sqlx::MySqlPool::connect(&self.url).await.expect("connect");
+                sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+                    .execute(&pool)
+                    .await
+                    .expect("create database");
+                format!("{base}/{name}")
+            }
+            Backend::SqliteLease => {
+                format!("sqlite:{}", self.dir.join(format!("{name}.db")).display())
+            }
+        };
+        Db {
+            backend: self.backend,
+            url,
+            dir: self.dir.clone(),
+        }
+    }
+
+    /// Drops a database made by [`Db::fresh`].
+    async fn drop_fresh(self, server: &Db) {
+        let name = &self.url[self.url.rfind('/').unwrap() + 1..];
+        match self.backend {
+            Backend::PgAdvisory | Backend::PgLease => {
+                let pool = sqlx::PgPool::connect(&server.url).await.expect("connect");
+                sqlx::raw_sql(sqlx::AssertSqlSafe(format!("DROP DATABASE {name} WITH (FORCE)")))
+                    .execute(&pool)
+                    .await
+                    .expect("drop database");
+            }
+            Backend::MysqlLease => {
+                let pool = sqlx::MySqlPool::connect(&server.url)
+                    .await
+                    .expect("connect");
+                sqlx::raw_sql(sqlx::AssertSqlSafe(format!("DROP DATABASE {name}")))
+                    .execute(&pool)
+                    .await
+                    .expect("drop database");
+            }
+            Backend::SqliteLease => {}
+        }
+    }
+
     fn is_lease(&self) -> bool {
         self.backend != Backend::PgAdvisory
     }
@@ -215,6 +276,7 @@ per_backend!(
     lost_lock_stops_command_and_exits_76,
     status_list_and_release,
     migrate_is_idempotent,
+    schema_is_created_on_first_use,
 );
 
 /// 8 concurrent `dblock run` on one name: the commands' start and end
@@ -461,6 +523,31 @@ async fn migrate_is_idempotent(db: Db) {
         assert_code(&out, 0);
         assert!(stdout(&out).contains("up to date"), "{}", stdout(&out));
     }
+}
+
+/// On a database without dblock's schema, reads find nothing held (and
+/// create nothing), and the first `run` creates the schema.
+async fn schema_is_created_on_first_use(server: Db) {
+    let db = server.fresh().await;
+    let name = common::unique("fresh");
+    let out = output(db.dblock().args(["status", &name])).await;
+    assert_code(&out, 1);
+    let out = output(db.dblock().args(["list", "--json"])).await;
+    assert_code(&out, 0);
+    assert_eq!(stdout(&out).trim(), "[]");
+    assert_code(
+        &output(db.dblock().args(["release", &name, "--force"])).await,
+        1,
+    );
+
+    let mut tokens = Vec::new();
+    for _ in 0..2 {
+        let out = output(&mut db.run(&name, &[], "echo $DBLOCK_TOKEN")).await;
+        assert_code(&out, 0);
+        tokens.push(stdout(&out).trim().parse::<u64>().expect("token"));
+    }
+    assert!(tokens[1] > tokens[0], "{tokens:?}");
+    db.drop_fresh(&server).await;
 }
 
 /// Shared holders run side by side; an exclusive one is kept out.
