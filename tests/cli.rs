@@ -89,10 +89,12 @@ impl Db {
         match self.backend {
             Backend::PgAdvisory | Backend::PgLease => {
                 let pool = sqlx::PgPool::connect(&server.url).await.expect("connect");
-                sqlx::raw_sql(sqlx::AssertSqlSafe(format!("DROP DATABASE {name} WITH (FORCE)")))
-                    .execute(&pool)
-                    .await
-                    .expect("drop database");
+                sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+                    "DROP DATABASE {name} WITH (FORCE)"
+                )))
+                .execute(&pool)
+                .await
+                .expect("drop database");
             }
             Backend::MysqlLease => {
                 let pool = sqlx::MySqlPool::connect(&server.url)
