@@ -1,6 +1,7 @@
 //! From a URL to a [`Locks`]: which backend, connecting, and the schema.
 
 use std::future::Future;
+use std::path::PathBuf;
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,8 +10,7 @@ use dblock::postgres::{Advisory, AdvisoryOptions};
 use dblock::{Backend, Locks};
 use sqlx::mysql::{MySqlConnectOptions, MySqlPoolOptions};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions};
-use sqlx::{MySqlPool, PgPool, SqlitePool};
+use sqlx::{MySqlPool, PgPool};
 
 use crate::args::BackendKind;
 use crate::exit::{CliResult, Failure};
@@ -110,8 +110,8 @@ pub enum Db {
     Pg(PgPool),
     /// MySQL or MariaDB.
     Mysql(MySqlPool),
-    /// SQLite.
-    Sqlite(SqlitePool),
+    /// SQLite: the lease backend, opened (with its schema) on its file.
+    Sqlite(Arc<dyn Backend>),
 }
 
 /// A target with its database connected.
@@ -163,32 +163,28 @@ pub async fn open(target: Target, app: &str, timeout: Duration) -> CliResult<Ses
             Db::Mysql(pool)
         }
         Kind::SqliteLease => {
-            let options = match target.url.as_deref() {
-                Some(url) => SqliteConnectOptions::from_str(url).map_err(bad_url)?,
-                None => SqliteConnectOptions::new().filename(DEFAULT_SQLITE_FILE),
+            // `sqlite::Lease::open` creates the file and its schema, puts it
+            // in WAL mode and sets a busy timeout, so that many dblock
+            // processes can share it.
+            let path = match target.url.as_deref() {
+                Some(url) => sqlite_path(url).ok_or_else(|| {
+                    Failure::usage(format!(
+                        "{shown} is not a database file: dblock needs a file that other \
+                         processes can open too (sqlite:PATH)"
+                    ))
+                })?,
+                None => PathBuf::from(DEFAULT_SQLITE_FILE),
             };
-            // Several dblock processes share the file: WAL lets readers and
-            // one writer proceed together, and a writer waits its turn.
-            let options = options
-                .create_if_missing(true)
-                .journal_mode(SqliteJournalMode::Wal)
-                .busy_timeout(timeout.max(Duration::from_secs(5)));
-            let pool = SqlitePoolOptions::new()
-                .max_connections(MAX_CONNECTIONS)
-                .acquire_timeout(timeout)
-                .connect_with(options)
-                .await
-                .map_err(unreachable)?;
-            Db::Sqlite(pool)
+            Db::Sqlite(lease::sqlite_open(&path).await.map_err(|f| {
+                if f.code == crate::exit::USAGE {
+                    f
+                } else {
+                    f.context(format_args!("cannot open {shown}"))
+                }
+            })?)
         }
     };
-    let session = Session { target, db };
-    if session.target.kind == Kind::SqliteLease {
-        // A local file dblock owns: create the schema up front, no privilege
-        // question arises.
-        session.migrate().await?;
-    }
-    Ok(session)
+    Ok(Session { target, db })
 }
 
 impl Session {
@@ -197,7 +193,8 @@ impl Session {
         let r = match &self.db {
             Db::Pg(pool) => dblock::postgres::migrate(pool).await.map_err(Failure::from),
             Db::Mysql(pool) => lease::mysql_migrate(pool).await,
-            Db::Sqlite(pool) => lease::sqlite_migrate(pool).await,
+            // Opening the file created the schema.
+            Db::Sqlite(_) => Ok(()),
         };
         r.map_err(|f| {
             f.context(format_args!(
@@ -219,7 +216,7 @@ impl Session {
             }
             (Db::Pg(pool), _) => lease::postgres(pool.clone())?,
             (Db::Mysql(pool), _) => lease::mysql(pool.clone())?,
-            (Db::Sqlite(pool), _) => lease::sqlite(pool.clone())?,
+            (Db::Sqlite(backend), _) => backend.clone(),
         };
         Ok(Locks::from_arc(backend))
     }
@@ -240,6 +237,16 @@ impl Session {
             r => r.map_err(Failure::from),
         }
     }
+}
+
+/// The file of a `sqlite:` URL (`sqlite:PATH`, `sqlite://PATH`, with any
+/// `?options` dropped); `None` for an in-memory or empty one, which other
+/// processes could not share.
+fn sqlite_path(url: &str) -> Option<PathBuf> {
+    let rest = &url["sqlite:".len()..];
+    let rest = rest.strip_prefix("//").unwrap_or(rest);
+    let path = rest.split('?').next().unwrap_or_default();
+    (!path.is_empty() && path != ":memory:").then(|| PathBuf::from(path))
 }
 
 /// At most `max` bytes of `s`, cut at a character boundary.
@@ -286,6 +293,23 @@ mod tests {
     fn unsupported_scheme_message_hides_password() {
         let f = resolve(Some("redis://u:hunter22@h/0"), None).unwrap_err();
         assert!(!f.message.contains("hunter22"), "{}", f.message);
+    }
+
+    #[test]
+    fn sqlite_paths() {
+        let p = |u| sqlite_path(u).map(|p| p.display().to_string());
+        assert_eq!(p("sqlite:locks.db").as_deref(), Some("locks.db"));
+        assert_eq!(p("sqlite://locks.db").as_deref(), Some("locks.db"));
+        assert_eq!(
+            p("sqlite:///var/lib/x.db").as_deref(),
+            Some("/var/lib/x.db")
+        );
+        assert_eq!(
+            p("sqlite:/var/lib/x.db?mode=rwc").as_deref(),
+            Some("/var/lib/x.db")
+        );
+        assert_eq!(p("sqlite::memory:"), None);
+        assert_eq!(p("sqlite:"), None);
     }
 
     #[test]

@@ -1,15 +1,16 @@
 //! The lease backends, constructed in one place.
 //!
 //! The lease backends (`dblock::postgres::Lease`, `dblock::mysql::Lease`,
-//! `dblock::sqlite::Lease` and the `mysql`/`sqlite` `migrate` functions) are
+//! `dblock::sqlite::Lease::open` and `dblock::mysql::migrate`) are
 //! being built on other branches. Until they are merged, each function here
 //! reports that the backend is not in this build (exit 69); each one's doc
 //! names the line that replaces its body once the API is in the library.
 
+use std::path::Path;
 use std::sync::Arc;
 
 use dblock::Backend;
-use sqlx::{MySqlPool, PgPool, SqlitePool};
+use sqlx::{MySqlPool, PgPool};
 
 use crate::exit::{CliResult, Failure};
 
@@ -44,18 +45,11 @@ pub async fn mysql_migrate(pool: &MySqlPool) -> CliResult<()> {
     Err(not_built("MySQL/MariaDB lease"))
 }
 
-/// `dblock::sqlite::Lease` on `pool`.
+/// `dblock::sqlite::Lease::open(path)`: creates the file and its schema.
 ///
-/// Once merged: `Ok(Arc::new(dblock::sqlite::Lease::new(pool)))`.
-pub fn sqlite(pool: SqlitePool) -> CliResult<Arc<dyn Backend>> {
-    drop(pool);
-    Err(not_built("SQLite lease"))
-}
-
-/// `dblock::sqlite::migrate`.
-///
-/// Once merged: `dblock::sqlite::migrate(pool).await.map_err(Failure::from)`.
-pub async fn sqlite_migrate(pool: &SqlitePool) -> CliResult<()> {
-    let _ = pool;
+/// Once merged:
+/// `dblock::sqlite::Lease::open(path).await.map(|l| Arc::new(l) as Arc<dyn Backend>).map_err(Failure::from)`.
+pub async fn sqlite_open(path: &Path) -> CliResult<Arc<dyn Backend>> {
+    let _ = path;
     Err(not_built("SQLite lease"))
 }
