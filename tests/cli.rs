@@ -250,19 +250,16 @@ macro_rules! per_backend {
             }
 
             #[tokio::test]
-            #[ignore = "the lease backends are not merged into this branch yet"]
             async fn postgres_lease() {
                 super::$scenario(Db::new(Backend::PgLease).await).await
             }
 
             #[tokio::test]
-            #[ignore = "the lease backends are not merged into this branch yet"]
             async fn mysql_lease() {
                 super::$scenario(Db::new(Backend::MysqlLease).await).await
             }
 
             #[tokio::test]
-            #[ignore = "the lease backends are not merged into this branch yet"]
             async fn sqlite_lease() {
                 super::$scenario(Db::new(Backend::SqliteLease).await).await
             }
@@ -599,7 +596,6 @@ async fn kill_after_escalates_to_sigkill() {
 /// Without a URL, dblock keeps its locks in `dblock.db` in the current
 /// directory, created with its schema on first use.
 #[tokio::test]
-#[ignore = "the lease backends are not merged into this branch yet"]
 async fn default_database_is_sqlite_in_current_directory() {
     let dir = scratch_dir();
     let out = output(dblock_in(&dir).args(["run", "job", "--", "true"])).await;
