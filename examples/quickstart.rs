@@ -30,7 +30,10 @@ async fn main() -> dblock::Result<()> {
                     "worker {worker} holds {:?} (round {round}) with token {}, lease until {}",
                     guard.name(),
                     guard.token(),
-                    guard.expires_at().expect("a lease has an expiry").format("%H:%M:%S%.3f"),
+                    guard
+                        .expires_at()
+                        .expect("a lease has an expiry")
+                        .format("%H:%M:%S%.3f"),
                 );
                 // The critical section: only one worker is ever here.
                 tokio::time::sleep(Duration::from_millis(100)).await;
@@ -46,7 +49,10 @@ async fn main() -> dblock::Result<()> {
     // Nothing is held any more; the next holder's token is higher still.
     assert!(locks.inspect("reports:nightly").await?.is_none());
     let guard = locks.try_acquire("reports:nightly").await?.expect("free");
-    println!("afterwards: free; the next holder gets token {}", guard.token());
+    println!(
+        "afterwards: free; the next holder gets token {}",
+        guard.token()
+    );
     // Release explicitly: a guard merely dropped as the runtime shuts down
     // leaves its lease to run out by its ttl.
     guard.release().await?;
