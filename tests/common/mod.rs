@@ -20,8 +20,10 @@ pub async fn postgres_url() -> String {
     if let Ok(url) = std::env::var("DBLOCK_TEST_POSTGRES_URL") {
         return url;
     }
-    static PG: OnceCell<(ContainerAsync<testcontainers_modules::postgres::Postgres>, String)> =
-        OnceCell::const_new();
+    static PG: OnceCell<(
+        ContainerAsync<testcontainers_modules::postgres::Postgres>,
+        String,
+    )> = OnceCell::const_new();
     let (_, url) = PG
         .get_or_init(|| async {
             let container = testcontainers_modules::postgres::Postgres::default()
@@ -34,7 +36,10 @@ pub async fn postgres_url() -> String {
                          engine available for testcontainers (it failed: {e})"
                     )
                 });
-            let port = container.get_host_port_ipv4(5432).await.expect("mapped port");
+            let port = container
+                .get_host_port_ipv4(5432)
+                .await
+                .expect("mapped port");
             let url = format!("postgres://postgres:postgres@127.0.0.1:{port}/postgres");
             (container, url)
         })
@@ -47,8 +52,10 @@ pub async fn mysql_url() -> String {
     if let Ok(url) = std::env::var("DBLOCK_TEST_MYSQL_URL") {
         return url;
     }
-    static MY: OnceCell<(ContainerAsync<testcontainers_modules::mariadb::Mariadb>, String)> =
-        OnceCell::const_new();
+    static MY: OnceCell<(
+        ContainerAsync<testcontainers_modules::mariadb::Mariadb>,
+        String,
+    )> = OnceCell::const_new();
     let (_, url) = MY
         .get_or_init(|| async {
             let container = testcontainers_modules::mariadb::Mariadb::default()
@@ -61,7 +68,10 @@ pub async fn mysql_url() -> String {
                          engine available for testcontainers (it failed: {e})"
                     )
                 });
-            let port = container.get_host_port_ipv4(3306).await.expect("mapped port");
+            let port = container
+                .get_host_port_ipv4(3306)
+                .await
+                .expect("mapped port");
             let url = format!("mysql://root@127.0.0.1:{port}/test");
             (container, url)
         })
