@@ -33,7 +33,7 @@
 //! guard.release().await?;
 //! let next = locks.acquire("reports:nightly").await?;
 //! assert!(next.token() > token);
-//! # dblock::Result::Ok(()) }).unwrap();
+//! # Ok::<(), dblock::Error>(()) }).unwrap();
 //! ```
 //!
 //! See the README for the backends, the schema and the command-line tool.
@@ -57,6 +57,8 @@ pub mod memory;
 pub mod mysql;
 #[cfg(feature = "postgres")]
 pub mod postgres;
+#[cfg(feature = "sqlite")]
+pub mod sqlite;
 
 pub use backend::{Backend, BoxFuture, Grant, HeldLock, LockStatus, PendingGrant};
 pub use error::{Error, Result};

@@ -26,7 +26,7 @@ use crate::{LockInfo, LockMode, Result};
 /// let b = locks.acquire("cfg").shared().await?;
 /// assert!(locks.try_acquire("cfg").await?.is_none()); // readers exclude a writer
 /// assert!(b.token() > a.token());
-/// # dblock::Result::Ok(()) }).unwrap();
+/// # Ok::<(), dblock::Error>(()) }).unwrap();
 /// ```
 #[derive(Debug, Clone)]
 pub struct Memory {

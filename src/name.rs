@@ -51,6 +51,19 @@ pub fn validate_table(table: &str) -> Result<()> {
     }
 }
 
+/// Quotes a table name that passed [`validate_table`] as an SQL identifier
+/// (`schema.table` becomes `"schema"."table"`). Quoted identifiers are case
+/// sensitive: `MyLocks` names the table created as `"MyLocks"`, not `mylocks`.
+#[cfg_attr(not(any(feature = "postgres", feature = "sqlite")), allow(dead_code))]
+pub(crate) fn quote_table(table: &str) -> String {
+    debug_assert!(validate_table(table).is_ok());
+    table
+        .split('.')
+        .map(|part| format!("\"{part}\""))
+        .collect::<Vec<_>>()
+        .join(".")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -94,5 +107,7 @@ mod tests {
                 "{bad:?}"
             );
         }
+        assert_eq!(quote_table("dblock_leases"), "\"dblock_leases\"");
+        assert_eq!(quote_table("ops.Locks_2"), "\"ops\".\"Locks_2\"");
     }
 }

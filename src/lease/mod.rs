@@ -85,6 +85,11 @@ pub(crate) trait LeaseStore: Send + Sync + fmt::Debug + 'static {
 
     /// Every live lease.
     fn list(&self) -> impl Future<Output = Result<Vec<LockInfo>>> + Send;
+
+    /// Called each time an acquisition is about to wait for a lease held
+    /// elsewhere. A store with a push channel for releases (PostgreSQL's
+    /// LISTEN/NOTIFY) makes sure it is listening; it must not block.
+    fn waiting(&self) {}
 }
 
 /// How the lease machinery waits and renews; the defaults suit most uses.
@@ -295,6 +300,7 @@ async fn acquire_task<S: LeaseStore>(
             (_, Some(deadline)) => deadline.min(now + jitter(pause)),
             (_, None) => now + jitter(pause),
         };
+        inner.store.waiting();
         tokio::select! {
             _ = reply.closed() => return,
             _ = &mut notified => {}

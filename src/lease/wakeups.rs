@@ -41,7 +41,14 @@ impl Wakeups {
         }
     }
 
+    /// Whether nobody in this process waits for any name.
+    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
+    pub(crate) fn is_idle(&self) -> bool {
+        self.map.lock().unwrap().is_empty()
+    }
+
     /// Wakes every waiter (after a reconnect that may have missed releases).
+    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
     pub(crate) fn wake_all(&self) {
         for notify in self.map.lock().unwrap().values() {
             notify.notify_waiters();

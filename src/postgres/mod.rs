@@ -4,11 +4,16 @@
 
 mod advisory;
 mod key;
+mod lease;
 mod migrate;
+mod notify;
+mod xact;
 
 pub use advisory::{Advisory, AdvisoryOptions, WaitStrategy};
 pub use key::advisory_key;
+pub use lease::Lease;
 pub use migrate::migrate;
+pub use xact::{lock_xact, lock_xact_with};
 
 pub(crate) const SCHEMA_MISSING: crate::Error = crate::Error::SchemaMissing {
     migrate: "dblock::postgres::migrate(&pool)",

@@ -1,0 +1,215 @@
+//! The command line, as clap sees it.
+//!
+//! Durations and names are taken as plain strings here and checked later,
+//! so that a bad one exits with 65 (invalid input) rather than clap's usage
+//! error (64).
+
+use std::ffi::OsString;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::exit;
+
+const ABOUT: &str = "Run commands under a distributed lock kept in your database";
+
+const LONG_ABOUT: &str = "\
+Run commands under a distributed lock kept in the database you already run:
+PostgreSQL advisory locks, or lease rows on PostgreSQL, MySQL/MariaDB or an
+embedded SQLite file.
+
+The database comes from --url, else $DATABASE_URL, else the SQLite file
+dblock.db in the current directory (created on first use). The URL's scheme
+picks the backend: postgres:// and postgresql:// use advisory locks (or a
+lease table with --backend lease); mysql://, mariadb:// and sqlite: use a
+lease table. dblock creates its schema on first use (or run `dblock migrate`).
+
+Passwords in URLs are never printed.";
+
+const AFTER_HELP: &str = "\
+Examples:
+  dblock run reports:nightly --no-wait -- /usr/local/bin/nightly-report
+  dblock run deploy:web --wait 10m -- ./deploy.sh
+  dblock status deploy:web
+  dblock list --json";
+
+/// The `dblock` command line.
+#[derive(Debug, Parser)]
+#[command(
+    name = "dblock",
+    version,
+    about = ABOUT,
+    long_about = LONG_ABOUT,
+    after_help = AFTER_HELP,
+    after_long_help = format!("{AFTER_HELP}\n\n{}", exit::TABLE),
+    propagate_version = true,
+    subcommand_required = true,
+    arg_required_else_help = true
+)]
+pub struct Cli {
+    /// Options every subcommand takes.
+    #[command(flatten)]
+    pub global: Global,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Where the locks live.
+#[derive(Debug, Args)]
+pub struct Global {
+    /// Database URL: postgres://, postgresql://, mysql://, mariadb:// or
+    /// sqlite:PATH. Without it (and without $DATABASE_URL), the SQLite file
+    /// dblock.db in the current directory.
+    #[arg(
+        long,
+        global = true,
+        env = "DATABASE_URL",
+        hide_env_values = true,
+        value_name = "URL",
+        display_order = 100
+    )]
+    pub url: Option<String>,
+
+    /// Lock mechanism: advisory (PostgreSQL only; the default there) or
+    /// lease (the only one on MySQL/MariaDB and SQLite).
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        value_name = "KIND",
+        display_order = 101
+    )]
+    pub backend: Option<BackendKind>,
+
+    /// Give up connecting to the database after this long (exit 69).
+    #[arg(
+        long,
+        global = true,
+        value_name = "DUR",
+        default_value = "10s",
+        display_order = 102
+    )]
+    pub connect_timeout: String,
+}
+
+/// The lock mechanism asked for with `--backend`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BackendKind {
+    /// PostgreSQL session-level advisory locks: held as long as dblock's
+    /// connection lives.
+    Advisory,
+    /// A lease row with an expiry, renewed while the command runs.
+    Lease,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run a command while holding a lock.
+    #[command(
+        long_about = "\
+Run CMD while holding the lock NAME, and release the lock when CMD exits.
+
+CMD gets DBLOCK_NAME (the lock's name) and DBLOCK_TOKEN (its fencing token:
+strictly greater than every earlier holder's) in its environment, and runs
+in its own process group. SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGUSR1 and
+SIGUSR2 sent to dblock are forwarded to that group; the lock is released
+after CMD exits. If the lock is lost while CMD runs (its database session
+ended, its lease could not be renewed, or an operator broke it), CMD's group
+gets SIGTERM, then SIGKILL after --kill-after, and dblock exits 76.",
+        after_long_help = exit::TABLE
+    )]
+    Run(RunArgs),
+    /// Create or update dblock's schema in the database.
+    #[command(long_about = "\
+Create or update dblock's schema in the database (a fencing sequence and a
+lease table). Idempotent and safe to run from many hosts at once. `dblock
+run` does this on first use; run it yourself when the application's user may
+not create tables, with a user that may.")]
+    Migrate,
+    /// List the locks held now.
+    #[command(long_about = "\
+List the locks held now, as the database sees them.
+
+PostgreSQL keeps only a 64-bit key for an advisory lock, so advisory locks
+are listed by key (see `dblock status NAME` to check one name); the holder
+column names the session, and a `dblock run` session carries the lock name
+in its application_name.")]
+    List {
+        /// Print a JSON array instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show who holds a lock; exit 0 if held, 1 if free.
+    #[command(after_help = "\
+Exit status: 0 the lock is held, 1 it is free, 64/65/69 as for `dblock run`.")]
+    Status {
+        /// The lock's name.
+        #[arg(value_name = "NAME")]
+        name: OsString,
+        /// Print a JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Break a stuck lock (requires --force).
+    #[command(
+        long_about = "\
+Break a lock whoever holds it: the lease is ended or, for an advisory lock,
+the database session holding it is terminated. The holder loses the lock
+mid-work: a `dblock run` holding it stops its command (SIGTERM, then SIGKILL)
+and exits 76. Meant for an operator clearing a lock whose holder is stuck;
+check `dblock status NAME` first.",
+        after_help = "\
+Exit status: 0 the lock was broken, 1 nobody held it, 64 without --force,
+65/69 as for `dblock run`."
+    )]
+    Release {
+        /// The lock's name.
+        #[arg(value_name = "NAME")]
+        name: OsString,
+        /// Really break the lock: the current holder loses it.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+/// `dblock run NAME [options] -- CMD [ARGS...]`.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// The lock's name: 1 to 255 bytes of UTF-8, no NUL.
+    #[arg(value_name = "NAME")]
+    pub name: OsString,
+
+    /// Lease length for lease backends, renewed every third of it while CMD
+    /// runs; e.g. 30s, 5m, 1h30m [default: 30s]. Advisory locks last as
+    /// long as dblock's connection and ignore it.
+    #[arg(long, value_name = "DUR")]
+    pub ttl: Option<String>,
+
+    /// Wait at most this long for the lock, then exit 75 (default: wait
+    /// until it is free).
+    #[arg(long, value_name = "DUR", conflicts_with = "no_wait")]
+    pub wait: Option<String>,
+
+    /// Do not wait: exit 75 at once if the lock is held elsewhere.
+    #[arg(long)]
+    pub no_wait: bool,
+
+    /// Take a shared (reader) lock: other shared holders may run at the same
+    /// time, exclusive ones may not.
+    #[arg(long)]
+    pub shared: bool,
+
+    /// Print nothing when the lock is not acquired (exit 75 still says so):
+    /// for cron jobs that skip a run while another holds the lock.
+    #[arg(short, long)]
+    pub quiet: bool,
+
+    /// After the lock is lost, how long CMD has between SIGTERM and SIGKILL.
+    #[arg(long, value_name = "DUR", default_value = "10s")]
+    pub kill_after: String,
+
+    /// The command to run, and its arguments, after `--`.
+    #[arg(last = true, required = true, value_name = "CMD")]
+    pub command: Vec<OsString>,
+}

@@ -1,0 +1,131 @@
+//! Transaction-scoped advisory locks.
+
+use std::time::Duration;
+
+use sqlx::{Connection, Postgres, Transaction};
+use tokio::time::Instant;
+
+use super::{advisory_key, map_err};
+use crate::name::validate_name;
+use crate::{Error, Result, Wait};
+
+// The lock runs inside a savepoint so that a timeout or an error rolls back
+// only the savepoint, never the caller's transaction. lock_timeout is set
+// for the wait and put back to its previous value in the same statement, so
+// the caller's later statements keep their own setting.
+const WAIT: &str = "SELECT nextval('dblock_fencing_seq'), set_config('lock_timeout', old, true)
+  FROM (SELECT old, pg_advisory_xact_lock($1)
+          FROM (SELECT old, set_config('lock_timeout', $2, true)
+                  FROM (SELECT current_setting('lock_timeout') AS old) o OFFSET 0) cfg
+        OFFSET 0) l";
+const TRY: &str =
+    "SELECT CASE WHEN pg_try_advisory_xact_lock($1) THEN nextval('dblock_fencing_seq') END";
+
+/// Takes the exclusive advisory lock `name` for the rest of the caller's
+/// transaction (`pg_advisory_xact_lock`): COMMIT or ROLLBACK releases it.
+/// Waits until the lock is free and returns a fencing token from the same
+/// sequence as [`Advisory`](super::Advisory), so the two kinds of holder of a
+/// name see increasing tokens. The key is [`advisory_key`], so a session lock
+/// taken by [`Advisory`](super::Advisory) and this lock exclude each other.
+///
+/// Within one transaction the lock is re-entrant (the transaction is the
+/// holder); each call returns a new token.
+///
+/// ```no_run
+/// # async fn job(pool: sqlx::PgPool) -> dblock::Result<()> {
+/// let mut tx = pool.begin().await?;
+/// let token = dblock::postgres::lock_xact(&mut tx, "billing:2026-11-24").await?;
+/// sqlx::query("UPDATE invoices SET fence = $1 WHERE fence < $1").bind(token as i64).execute(&mut *tx).await?;
+/// tx.commit().await?; // releases the lock
+/// # Ok(()) }
+/// ```
+///
+/// # Cancel safety
+/// If dropped while waiting, the savepoint it opened is rolled back the next
+/// time the transaction is used (sqlx first waits for the pending
+/// statement), which releases the lock if it was granted meanwhile. The
+/// caller's transaction stays usable.
+pub async fn lock_xact(tx: &mut Transaction<'_, Postgres>, name: &str) -> Result<u64> {
+    match lock_xact_with(tx, name, Wait::Forever).await? {
+        Some(token) => Ok(token),
+        None => unreachable!("a lock waited for forever is granted or fails"),
+    }
+}
+
+/// [`lock_xact`] with a bound on the wait: [`Wait::No`] answers `Ok(None)`
+/// when the lock is held elsewhere, [`Wait::For`] fails with
+/// [`Error::Timeout`] when the time runs out. Neither outcome, nor any error,
+/// aborts the caller's transaction.
+///
+/// # Cancel safety
+/// As for [`lock_xact`].
+pub async fn lock_xact_with(
+    tx: &mut Transaction<'_, Postgres>,
+    name: &str,
+    wait: Wait,
+) -> Result<Option<u64>> {
+    validate_name(name)?;
+    let key = advisory_key(name);
+    let deadline = match wait {
+        Wait::For(d) => {
+            if d > crate::request::MAX_DURATION {
+                return Err(Error::InvalidOption(format!(
+                    "wait of {d:?} is above the maximum of 366 days"
+                )));
+            }
+            Some(Instant::now() + d)
+        }
+        _ => None,
+    };
+    loop {
+        let mut savepoint = tx.begin().await?;
+        let outcome = match (wait, deadline) {
+            (Wait::No, _) => sqlx::query_scalar::<_, Option<i64>>(TRY)
+                .bind(key)
+                .fetch_one(&mut *savepoint)
+                .await
+                .map(|t| t.map(|t| t as u64)),
+            (_, deadline) => {
+                let ms = match deadline {
+                    None => 0,
+                    Some(d) => {
+                        let left = d.saturating_duration_since(Instant::now()).as_millis();
+                        // "0" would mean forever: a spent deadline still
+                        // gets one minimal try.
+                        left.clamp(1, i32::MAX as u128) as i64
+                    }
+                };
+                sqlx::query_as::<_, (i64, String)>(WAIT)
+                    .bind(key)
+                    .bind(format!("{ms}ms"))
+                    .fetch_one(&mut *savepoint)
+                    .await
+                    .map(|(t, _)| Some(t as u64))
+            }
+        };
+        match outcome {
+            Ok(token) => {
+                savepoint.commit().await?;
+                return Ok(token);
+            }
+            Err(e) => {
+                savepoint.rollback().await?;
+                let timed_out = matches!(&e, sqlx::Error::Database(db) if db.code().as_deref() == Some("55P03"));
+                match (timed_out, deadline) {
+                    (true, Some(d)) if Instant::now() >= d => {
+                        return Err(Error::Timeout {
+                            name: name.to_owned(),
+                            waited: match wait {
+                                Wait::For(w) => w,
+                                _ => Duration::ZERO,
+                            },
+                        })
+                    }
+                    // lock_timeout caps at about 24 days: wait another round.
+                    (true, _) => continue,
+                    (false, _) => return Err(map_err(e)),
+                }
+            }
+        }
+    }
+}

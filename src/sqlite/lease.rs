@@ -1,0 +1,403 @@
+//! Leases in an SQLite table, timed by SQLite's own clock.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use sqlx::sqlite::{SqliteConnectOptions, SqlitePoolOptions, SqliteRow};
+use sqlx::{AssertSqlSafe, Row, SqlitePool};
+
+use super::{map_err, retry_busy};
+use crate::lease::{lease_backend, Claim, Claimed, LeaseEngine, LeaseOptions, LeaseStore, Wakeups};
+use crate::name::{quote_table, validate_table};
+use crate::{Error, LockInfo, LockMode, Result};
+
+const DEFAULT_TABLE: &str = "dblock_leases";
+
+/// How long a connection of [`Lease::open`] waits for the file's write lock
+/// before SQLite reports it busy (and dblock retries).
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Connections of a pool made by [`Lease::open`]: SQLite runs one writer at
+/// a time, and lease statements are short.
+const POOL_SIZE: u32 = 4;
+
+/// Leases in an SQLite database file: the zero-setup lock service for one
+/// machine. Every process (and every [`Lease`]) that opens the same file
+/// shares its locks.
+///
+/// The protocol is that of [`postgres::Lease`](crate::postgres::Lease),
+/// written for SQLite: a lease is a row of `dblock_leases`, taken with one
+/// `INSERT .. ON CONFLICT .. DO UPDATE .. WHERE expires_at <= now ..
+/// RETURNING`, renewed every ttl/3 by the guard, and timed by SQLite's clock
+/// (`julianday('now')`, the machine's wall clock at millisecond resolution,
+/// stored as integer microseconds since the Unix epoch): the caller's
+/// clock arithmetic never decides who holds a lock.
+///
+/// - **Fencing tokens** are per name, each grant the previous token + 1;
+///   rows are never deleted, so tokens never go back. Commits are durable
+///   (`synchronous = FULL`, SQLite's default) so a token survives a power
+///   loss too.
+/// - **Busy files**: each statement is one autocommit write that takes the
+///   write lock before it reads, so SQLite's busy timeout applies; if the
+///   file stays locked past it, the statement is retried with backoff (for
+///   up to 10 s) instead of surfacing `SQLITE_BUSY`.
+/// - **Waiting** polls with backoff (see [`LeaseOptions`]). Releases wake
+///   waiters at once within one process, also across `Lease`s that
+///   [`open`](Lease::open) the same file; another process notices within
+///   `max_poll`.
+/// - **Shared (reader) leases are not supported**: `.shared()` fails with
+///   [`Error::Unsupported`].
+/// - Without the table, calls fail with [`Error::SchemaMissing`].
+///
+/// ```
+/// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+/// # let dir = std::env::temp_dir().join(format!("dblock-doc-{}", std::process::id()));
+/// # std::fs::create_dir_all(&dir).unwrap();
+/// let locks = dblock::Locks::new(dblock::sqlite::Lease::open(dir.join("locks.db")).await?);
+/// let guard = locks.acquire("reports:nightly").await?;
+/// assert!(locks.try_acquire("reports:nightly").await?.is_none());
+/// guard.release().await?;
+/// # std::fs::remove_dir_all(&dir).ok();
+/// # Ok::<(), dblock::Error>(()) }).unwrap();
+/// ```
+#[derive(Clone)]
+pub struct Lease {
+    engine: LeaseEngine<SqliteStore>,
+    pool: SqlitePool,
+    table: String,
+    options: LeaseOptions,
+    wakeups: Arc<Wakeups>,
+}
+
+impl fmt::Debug for Lease {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Lease")
+            .field("table", &self.table)
+            .field("options", &self.options)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Lease {
+    /// Leases in `dblock_leases`, through `pool`, with default options. Run
+    /// [`migrate`](super::migrate) once beforehand, or use
+    /// [`Lease::open`], which does everything.
+    ///
+    /// For several processes to share the file, give the pool a busy
+    /// timeout (sqlx's default is 5 s) and preferably WAL journaling. The
+    /// pool must reach one database file: a pool of several connections to
+    /// a plain `:memory:` database would give each its own locks.
+    pub fn new(pool: SqlitePool) -> Self {
+        Lease::assemble(
+            pool,
+            DEFAULT_TABLE.to_owned(),
+            LeaseOptions::default(),
+            Wakeups::new(),
+        )
+        .expect("the default options are valid")
+    }
+
+    /// Opens the database file at `path`, creating it if needed (its folder
+    /// must exist), and its lease table: no other set-up. The file is put in
+    /// WAL mode, so that readers never wait for writers, and each connection
+    /// waits up to 5 s for the write lock. Leases opened on the same file in
+    /// this process wake each other's waiters at once.
+    ///
+    /// An empty path or `":memory:"` is refused with
+    /// [`Error::InvalidOption`]: every connection would see its own private
+    /// database. Use [`Memory`](crate::memory::Memory) for that.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: if dropped, the file may have been created and migrated
+    /// (which is harmless to repeat) and nothing else is left behind.
+    pub async fn open(path: impl AsRef<Path>) -> Result<Lease> {
+        let path = path.as_ref();
+        // Each connection of the pool would get its own private database,
+        // and the connections would not exclude each other.
+        if path.as_os_str().is_empty() || path == Path::new(":memory:") {
+            return Err(Error::InvalidOption(format!(
+                "sqlite::Lease::open needs a database file, not {path:?}; \
+                 use dblock::memory::Memory for locks within one process"
+            )));
+        }
+        let options = SqliteConnectOptions::new()
+            .filename(path)
+            .create_if_missing(true)
+            .busy_timeout(BUSY_TIMEOUT);
+        let pool = retry_busy(|| {
+            SqlitePoolOptions::new()
+                .max_connections(POOL_SIZE)
+                .connect_with(options.clone())
+        })
+        .await?;
+        // WAL is a property of the file, so one connection sets it for all.
+        // Switching needs a lock the busy timeout does not wait for: retry.
+        let mode: String =
+            retry_busy(|| sqlx::query_scalar("PRAGMA journal_mode = WAL").fetch_one(&pool)).await?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            tracing::warn!(path = %path.display(), %mode,
+                "dblock: SQLite refused WAL mode; writers will block readers");
+        }
+        super::migrate(&pool).await?;
+        let wakeups = match std::fs::canonicalize(path) {
+            Ok(file) => shared_wakeups(file),
+            Err(_) => Wakeups::new(),
+        };
+        Lease::assemble(
+            pool,
+            DEFAULT_TABLE.to_owned(),
+            LeaseOptions::default(),
+            wakeups,
+        )
+    }
+
+    /// Uses another table, `table` or `schema.table` (`main`, or an attached
+    /// database), with the same columns as `dblock_leases`. The name is
+    /// checked by [`validate_table`](crate::validate_table)
+    /// ([`Error::InvalidOption`] otherwise) and quoted.
+    pub fn with_table(self, table: impl Into<String>) -> Result<Self> {
+        let table = table.into();
+        validate_table(&table)?;
+        Lease::assemble(self.pool, table, self.options, self.wakeups)
+    }
+
+    /// Sets how waiting polls (see [`LeaseOptions`]): `max_poll` bounds how
+    /// late a waiter notices a release in another process.
+    pub fn with_options(self, options: LeaseOptions) -> Result<Self> {
+        Lease::assemble(self.pool, self.table, options, self.wakeups)
+    }
+
+    /// The pool the leases are taken through.
+    pub fn pool(&self) -> &SqlitePool {
+        &self.pool
+    }
+
+    /// The lease table's name, as given.
+    pub fn table(&self) -> &str {
+        &self.table
+    }
+
+    fn assemble(
+        pool: SqlitePool,
+        table: String,
+        options: LeaseOptions,
+        wakeups: Arc<Wakeups>,
+    ) -> Result<Self> {
+        let store = SqliteStore {
+            pool: pool.clone(),
+            sql: Sql::new(&quote_table(&table)),
+        };
+        let mut engine = LeaseEngine::new(store, wakeups.clone());
+        engine.set_options(options.clone())?;
+        Ok(Lease {
+            engine,
+            pool,
+            table,
+            options,
+            wakeups,
+        })
+    }
+}
+
+lease_backend!(Lease);
+
+/// One set of in-process wake-ups per database file, shared by the
+/// [`Lease::open`]s of that file while any of them lives.
+fn shared_wakeups(file: PathBuf) -> Arc<Wakeups> {
+    static FILES: Mutex<Option<HashMap<PathBuf, Weak<Wakeups>>>> = Mutex::new(None);
+    let mut files = FILES.lock().unwrap();
+    let files = files.get_or_insert_with(HashMap::new);
+    files.retain(|_, w| w.strong_count() > 0);
+    if let Some(w) = files.get(&file).and_then(Weak::upgrade) {
+        return w;
+    }
+    let w = Wakeups::new();
+    files.insert(file, Arc::downgrade(&w));
+    w
+}
+
+/// SQLite's clock, in integer microseconds since the Unix epoch. `'now'` is
+/// the same for every use within one statement. `julianday` has millisecond
+/// resolution and exists in every SQLite version (unlike `unixepoch`).
+const NOW: &str = "(CAST(round((julianday('now') - 2440587.5) * 86400000.0) AS INTEGER) * 1000)";
+
+/// The statements for one table, built once.
+#[derive(Debug)]
+struct Sql {
+    claim: Arc<str>,
+    renew: Arc<str>,
+    release: Arc<str>,
+    force_release: Arc<str>,
+    inspect: Arc<str>,
+    list: Arc<str>,
+}
+
+impl Sql {
+    fn new(t: &str) -> Self {
+        const COLUMNS: &str = "name, holder, mode, token, acquired_at, expires_at";
+        Sql {
+            // ?4 is the ttl in microseconds. A held name returns no row.
+            claim: format!(
+                "INSERT INTO {t} AS l (name, owner, holder, mode, token, acquired_at, expires_at)
+                 VALUES (?1, ?2, ?3, 'x', 1, {NOW}, {NOW} + ?4)
+                 ON CONFLICT (name) DO UPDATE
+                    SET owner = excluded.owner, holder = excluded.holder, mode = excluded.mode,
+                        token = l.token + 1, acquired_at = excluded.acquired_at,
+                        expires_at = excluded.expires_at
+                  WHERE l.expires_at <= excluded.acquired_at
+                 RETURNING token, expires_at"
+            )
+            .into(),
+            renew: format!(
+                "UPDATE {t} SET expires_at = {NOW} + ?4
+                  WHERE name = ?1 AND owner = ?2 AND token = ?3 AND expires_at > {NOW}
+                 RETURNING expires_at"
+            )
+            .into(),
+            // ?4 is hold_at_least in microseconds (0 without).
+            release: format!(
+                "UPDATE {t} SET owner = NULL, expires_at = max({NOW}, acquired_at + ?4)
+                  WHERE name = ?1 AND owner = ?2 AND token = ?3 AND expires_at > {NOW}"
+            )
+            .into(),
+            force_release: format!(
+                "UPDATE {t} SET owner = NULL, expires_at = {NOW}
+                  WHERE name = ?1 AND expires_at > {NOW}"
+            )
+            .into(),
+            inspect: format!("SELECT {COLUMNS} FROM {t} WHERE name = ?1 AND expires_at > {NOW}")
+                .into(),
+            list: format!("SELECT {COLUMNS} FROM {t} WHERE expires_at > {NOW} ORDER BY name")
+                .into(),
+        }
+    }
+}
+
+/// The SQLite dialect of the lease protocol.
+#[derive(Debug)]
+pub(crate) struct SqliteStore {
+    pool: SqlitePool,
+    sql: Sql,
+}
+
+fn micros(d: Duration) -> i64 {
+    i64::try_from(d.as_micros()).unwrap_or(i64::MAX)
+}
+
+fn time(micros: i64) -> sqlx::Result<DateTime<Utc>> {
+    DateTime::from_timestamp_micros(micros).ok_or_else(|| {
+        sqlx::Error::Decode(format!("lease time {micros} µs is out of range").into())
+    })
+}
+
+fn info(row: &SqliteRow) -> sqlx::Result<LockInfo> {
+    let mode: String = row.try_get("mode")?;
+    let mode = if mode == "s" {
+        LockMode::Shared
+    } else {
+        LockMode::Exclusive
+    };
+    let holder: Option<String> = row.try_get("holder")?;
+    let mut info = LockInfo::new(Some(row.try_get("name")?), holder.unwrap_or_default(), mode);
+    info.token = Some(row.try_get::<i64, _>("token")? as u64);
+    info.acquired_at = Some(time(row.try_get("acquired_at")?)?);
+    info.expires_at = Some(time(row.try_get("expires_at")?)?);
+    Ok(info)
+}
+
+impl LeaseStore for SqliteStore {
+    fn kind(&self) -> &'static str {
+        "sqlite-lease"
+    }
+
+    async fn claim(&self, claim: &Claim<'_>) -> Result<Option<Claimed>> {
+        let row: Option<(i64, i64)> = retry_busy(|| {
+            sqlx::query_as(AssertSqlSafe(self.sql.claim.clone()))
+                .bind(claim.name)
+                .bind(claim.owner)
+                .bind(claim.holder)
+                .bind(micros(claim.ttl))
+                .fetch_optional(&self.pool)
+        })
+        .await?;
+        row.map(|(token, expires_at)| {
+            Ok(Claimed {
+                token: token as u64,
+                expires_at: time(expires_at).map_err(Error::Database)?,
+            })
+        })
+        .transpose()
+    }
+
+    async fn renew(
+        &self,
+        name: &str,
+        owner: &str,
+        token: u64,
+        ttl: Duration,
+    ) -> Result<Option<DateTime<Utc>>> {
+        let at: Option<i64> = retry_busy(|| {
+            sqlx::query_scalar(AssertSqlSafe(self.sql.renew.clone()))
+                .bind(name)
+                .bind(owner)
+                .bind(token as i64)
+                .bind(micros(ttl))
+                .fetch_optional(&self.pool)
+        })
+        .await?;
+        at.map(time).transpose().map_err(Error::Database)
+    }
+
+    async fn release(
+        &self,
+        name: &str,
+        owner: &str,
+        token: u64,
+        hold: Option<Duration>,
+    ) -> Result<bool> {
+        let done = retry_busy(|| {
+            sqlx::query(AssertSqlSafe(self.sql.release.clone()))
+                .bind(name)
+                .bind(owner)
+                .bind(token as i64)
+                .bind(micros(hold.unwrap_or_default()))
+                .execute(&self.pool)
+        })
+        .await?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    async fn force_release(&self, name: &str) -> Result<bool> {
+        let done = retry_busy(|| {
+            sqlx::query(AssertSqlSafe(self.sql.force_release.clone()))
+                .bind(name)
+                .execute(&self.pool)
+        })
+        .await?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    async fn inspect(&self, name: &str) -> Result<Option<LockInfo>> {
+        let row = retry_busy(|| {
+            sqlx::query(AssertSqlSafe(self.sql.inspect.clone()))
+                .bind(name)
+                .fetch_optional(&self.pool)
+        })
+        .await?;
+        row.as_ref().map(info).transpose().map_err(map_err)
+    }
+
+    async fn list(&self) -> Result<Vec<LockInfo>> {
+        let rows =
+            retry_busy(|| sqlx::query(AssertSqlSafe(self.sql.list.clone())).fetch_all(&self.pool))
+                .await?;
+        rows.iter()
+            .map(info)
+            .collect::<sqlx::Result<_>>()
+            .map_err(map_err)
+    }
+}

@@ -1,0 +1,66 @@
+//! SQLite: the lease table in an embedded database file ([`Lease`]) and its
+//! schema ([`migrate`]). The zero-setup default: [`Lease::open`] creates the
+//! file and the table, and every process that opens the same file shares
+//! its locks.
+
+mod lease;
+mod migrate;
+
+pub use lease::Lease;
+pub use migrate::migrate;
+
+pub(crate) const SCHEMA_MISSING: crate::Error = crate::Error::SchemaMissing {
+    migrate: "dblock::sqlite::migrate(&pool)",
+    dir: "sqlite",
+};
+
+/// Maps "no such table" to [`Error::SchemaMissing`](crate::Error::SchemaMissing).
+pub(crate) fn map_err(e: sqlx::Error) -> crate::Error {
+    if let sqlx::Error::Database(db) = &e {
+        if db.message().starts_with("no such table") {
+            return SCHEMA_MISSING;
+        }
+    }
+    crate::Error::Database(e)
+}
+
+/// `SQLITE_BUSY` and `SQLITE_LOCKED` with their extended codes: another
+/// connection holds the write lock past the busy timeout.
+pub(crate) fn is_busy(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Database(db) => db
+            .code()
+            .and_then(|c| c.parse::<i32>().ok())
+            .is_some_and(|c| matches!(c & 0xff, 5 | 6)),
+        _ => false,
+    }
+}
+
+/// How long a statement is retried, beyond SQLite's own busy timeout, while
+/// the file stays locked by other writers.
+pub(crate) const BUSY_RETRY_FOR: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Runs `op` again while it fails with [`is_busy`], with jittered backoff,
+/// for at most [`BUSY_RETRY_FOR`]. Each `op` is one statement or one whole
+/// transaction, so running it again is safe.
+pub(crate) async fn retry_busy<T, F, Fut>(mut op: F) -> crate::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = sqlx::Result<T>>,
+{
+    use rand::Rng;
+    let give_up = tokio::time::Instant::now() + BUSY_RETRY_FOR;
+    let mut cap = std::time::Duration::from_millis(2);
+    loop {
+        match op().await {
+            Ok(v) => return Ok(v),
+            Err(e) if is_busy(&e) && tokio::time::Instant::now() < give_up => {
+                tracing::debug!(error = %e, "dblock: SQLite file busy; retrying");
+                let pause = cap.mul_f64(rand::rng().random_range(0.1..=1.0));
+                tokio::time::sleep(pause).await;
+                cap = (cap * 2).min(std::time::Duration::from_millis(100));
+            }
+            Err(e) => return Err(map_err(e)),
+        }
+    }
+}
