@@ -1067,3 +1067,33 @@ async fn migrate_raced_by_eight_tasks() {
         .await
         .unwrap();
 }
+
+// ---- The behavioural suite on MySQL/MariaDB. ----
+
+mod suite;
+
+struct MysqlFixture;
+
+impl suite::Fixture for MysqlFixture {
+    async fn locks(&self) -> Locks {
+        Locks::new(Lease::new(pool().await))
+    }
+    fn unreachable(&self) -> Locks {
+        let pool = MySqlPoolOptions::new()
+            .acquire_timeout(Duration::from_secs(2))
+            .connect_lazy("mysql://root@127.0.0.1:1/nowhere")
+            .unwrap();
+        Locks::new(Lease::new(pool))
+    }
+    fn shared(&self) -> bool {
+        false
+    }
+    fn lease(&self) -> bool {
+        true
+    }
+}
+
+mod behaviour {
+    use super::*;
+    behaviour_suite!(async { MysqlFixture });
+}
