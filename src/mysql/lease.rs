@@ -121,7 +121,8 @@ impl Lease {
 
     /// [`lock_in_tx_with`](super::lock_in_tx_with) on this backend's table:
     /// locks `name` for the rest of `tx`, excluding this backend's leases of
-    /// the same name, and returns a fencing token.
+    /// the same name, and returns a fencing token (`Ok(None)` for
+    /// [`Wait::No`] when the name is held elsewhere).
     ///
     /// # Cancel safety
     /// As for [`lock_in_tx_with`](super::lock_in_tx_with): if dropped, roll
@@ -131,7 +132,7 @@ impl Lease {
         tx: &mut Transaction<'_, MySql>,
         name: &str,
         wait: Wait,
-    ) -> Result<u64> {
+    ) -> Result<Option<u64>> {
         super::xact::lock(tx, &self.engine.store().sql, name, wait).await
     }
 }

@@ -13,8 +13,10 @@ use crate::request::MAX_DURATION;
 use crate::{validate_name, Error, Result, Wait};
 
 /// Shortens the session's lock wait for one statement, keeping the old value.
+/// MariaDB takes 0 as "do not wait"; MySQL's minimum is 1 s.
 const SET_LOCK_WAIT: &str = "SET @dblock_lock_wait = @@SESSION.innodb_lock_wait_timeout, \
-                             SESSION innodb_lock_wait_timeout = ?";
+                             SESSION innodb_lock_wait_timeout = \
+                                 GREATEST(?, IF(VERSION() LIKE '%MariaDB%', 0, 1))";
 /// Puts it back.
 const RESTORE_LOCK_WAIT: &str = "SET SESSION innodb_lock_wait_timeout = @dblock_lock_wait, \
                                  @dblock_lock_wait = NULL";
@@ -37,11 +39,19 @@ static HOLDER: LazyLock<String> = LazyLock::new(|| {
 /// lock; roll it back (dropping a `Transaction` does) to be sure it holds
 /// nothing.
 pub async fn lock_in_tx(tx: &mut Transaction<'_, MySql>, name: &str) -> Result<u64> {
-    lock(tx, &DEFAULT_SQL, name, Wait::Forever).await
+    match lock(tx, &DEFAULT_SQL, name, Wait::Forever).await? {
+        Some(token) => Ok(token),
+        None => unreachable!("a lock waited for forever is granted or fails"),
+    }
 }
 
 /// Locks `name` until the end of `tx` (its `COMMIT` or `ROLLBACK`) and
-/// returns a fencing token, waiting as `wait` says.
+/// returns a fencing token, waiting as `wait` says: [`Wait::No`] answers
+/// `Ok(None)` when the name is held elsewhere, [`Wait::For`] fails with
+/// [`Error::Timeout`] when the time runs out.
+///
+/// Within one transaction the lock is re-entrant (the transaction is the
+/// holder); each call returns a new token.
 ///
 /// The lock is the row lock (`SELECT ... FOR UPDATE` semantics) on the
 /// name's row in `dblock_leases`, so it shares names, and tokens, with
@@ -95,7 +105,9 @@ pub async fn lock_in_tx(tx: &mut Transaction<'_, MySql>, name: &str) -> Result<u
 /// # async fn demo(pool: sqlx::MySqlPool) -> dblock::Result<()> {
 /// use std::time::Duration;
 /// let mut tx = pool.begin().await?;
-/// let token = dblock::mysql::lock_in_tx_with(&mut tx, "invoice:42", dblock::Wait::For(Duration::from_secs(5))).await?;
+/// let token = dblock::mysql::lock_in_tx_with(&mut tx, "invoice:42", dblock::Wait::For(Duration::from_secs(5)))
+///     .await?
+///     .expect("a bounded wait either locks or fails with Error::Timeout");
 /// sqlx::query("UPDATE invoices SET fence = ? WHERE id = 42").bind(token).execute(&mut *tx).await?;
 /// tx.commit().await?; // releases the lock
 /// # Ok(()) }
@@ -111,17 +123,18 @@ pub async fn lock_in_tx_with(
     tx: &mut Transaction<'_, MySql>,
     name: &str,
     wait: Wait,
-) -> Result<u64> {
+) -> Result<Option<u64>> {
     lock(tx, &DEFAULT_SQL, name, wait).await
 }
 
-fn timeout(name: &str, wait: Wait) -> Error {
-    Error::Timeout {
-        name: name.to_owned(),
-        waited: match wait {
-            Wait::For(d) => d,
-            _ => Duration::ZERO,
-        },
+/// What a wait that ran out answers.
+fn busy(name: &str, wait: Wait) -> Result<Option<u64>> {
+    match wait {
+        Wait::For(waited) => Err(Error::Timeout {
+            name: name.to_owned(),
+            waited,
+        }),
+        _ => Ok(None),
     }
 }
 
@@ -130,7 +143,7 @@ pub(crate) async fn lock(
     sql: &Sql,
     name: &str,
     wait: Wait,
-) -> Result<u64> {
+) -> Result<Option<u64>> {
     validate_name(name)?;
     let deadline = match wait {
         Wait::No => Some(Instant::now()),
@@ -160,7 +173,7 @@ pub(crate) async fn lock(
                     return Err(Error::Database(e));
                 }
                 if deadline.is_some() {
-                    return Err(timeout(name, wait));
+                    return busy(name, wait);
                 }
             }
             Err(e) => return Err(map_err(e)),
@@ -181,7 +194,7 @@ pub(crate) async fn lock(
         let live: i64 = row.try_get(2)?;
         let left_us: Option<i64> = row.try_get(3)?;
         if mine != 0 {
-            return Ok(token);
+            return Ok(Some(token));
         }
         if live == 0 {
             q(&sql.tx_take)
@@ -191,14 +204,14 @@ pub(crate) async fn lock(
                 .execute(&mut *conn)
                 .await
                 .map_err(map_err)?;
-            return Ok(token + 1);
+            return Ok(Some(token + 1));
         }
         // A millisecond past the expiry, so the next look finds it passed.
         let left =
             Duration::from_micros(left_us.unwrap_or(0).max(0) as u64) + Duration::from_millis(1);
         if let Some(deadline) = deadline {
             if Instant::now() + left > deadline {
-                return Err(timeout(name, wait));
+                return busy(name, wait);
             }
         }
         tokio::time::sleep(left).await;
