@@ -38,8 +38,14 @@ use crate::{validate_table, LockInfo, LockMode, Result, Wait};
 ///   excludes leases of that name until it ends.
 ///
 /// The session settings of the pool do not matter: isolation level
-/// (`REPEATABLE READ` or `READ COMMITTED`), `time_zone`, `autocommit` as
-/// sqlx leaves it.
+/// (`REPEATABLE READ` or `READ COMMITTED`), `time_zone`, `sql_mode`.
+/// Sessions must be in autocommit mode, as sqlx leaves them (renewal and
+/// release are single statements outside any transaction); a pool whose
+/// `after_connect` runs `SET autocommit = 0` would keep row locks open.
+///
+/// Tokens are counted per name in its row, starting at 1. Rows are never
+/// deleted (a released lease only has its expiry moved to now), so do not
+/// prune the table: a name whose row is deleted starts again at 1.
 ///
 /// ```no_run
 /// # async fn demo(pool: sqlx::MySqlPool) -> dblock::Result<()> {
@@ -286,7 +292,7 @@ fn is_retryable(e: &sqlx::Error) -> bool {
     )
 }
 
-/// A short random pause before retry `attempt` (1-based): 1-2 ms doubling
+/// A short random pause before retry `attempt` (1-based): 2-4 ms, doubling
 /// up to 32-64 ms.
 async fn retry_pause(attempt: u32) {
     let base = Duration::from_millis(1 << attempt.min(5));

@@ -78,10 +78,13 @@ pub async fn lock_in_tx(tx: &mut Transaction<'_, MySql>, name: &str) -> Result<u
 ///   updates of the same row), so it can only run out: the function waits
 ///   for its expiry by the database clock, and the lease's guard reports
 ///   itself lost meanwhile. A bounded wait that cannot outlast the lease
-///   fails with [`Error::Timeout`] at once. Either way the transaction keeps
-///   the row lock until it ends, so end it promptly after a timeout.
-///   (The row cannot be checked without locking it first: under
-///   `REPEATABLE READ` a plain read sees the transaction's snapshot.)
+///   gives up at once (`Ok(None)` or [`Error::Timeout`]). Either way the
+///   transaction keeps the row lock until it ends, and the lease cannot be
+///   renewed or released meanwhile: end the transaction promptly after
+///   giving up on a lease. (The row cannot be checked without locking it
+///   first: under `REPEATABLE READ` a plain read sees the transaction's
+///   snapshot, and under MariaDB's `innodb_snapshot_isolation` a locking
+///   read after such a read fails once the row has changed.)
 /// - **No poisoning.** Failures that the server confines to the statement,
 ///   such as a lock wait timeout, leave the transaction as it was: after
 ///   [`Error::Timeout`] it can go on and commit. The server itself rolls
