@@ -35,7 +35,10 @@ use crate::{validate_table, LockInfo, LockMode, Result, Wait};
 ///   this process wakes local waiters at once.
 /// - Not re-entrant: a second acquisition of a held name waits.
 /// - A transaction holding the name through [`lock_in_tx`](super::lock_in_tx)
-///   excludes leases of that name until it ends.
+///   excludes leases of that name until it ends. While it holds the row, a
+///   lease of the name that was live before cannot be renewed or released
+///   (those statements wait for the row lock): it runs out, its guard
+///   reports itself lost, and the transaction takes the name over.
 ///
 /// The session settings of the pool do not matter: isolation level
 /// (`REPEATABLE READ` or `READ COMMITTED`), `time_zone`, `sql_mode`.
