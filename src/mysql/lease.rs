@@ -373,12 +373,12 @@ impl MySqlStore {
     /// Creates the row of a new name, free, in autocommit.
     async fn create_row(&self, name: &str) -> Result<(), sqlx::Error> {
         let mut conn = Conn::acquire(&self.pool).await?;
-        q(&self.sql.create_row)
+        let outcome = q(&self.sql.create_row)
             .bind(name.as_bytes())
             .execute(&mut *conn.begin_use())
-            .await?;
-        conn.done();
-        Ok(())
+            .await;
+        conn.settle(&outcome);
+        outcome.map(drop)
     }
 
     /// One statement in autocommit on a guarded connection.
@@ -387,12 +387,9 @@ impl MySqlStore {
         query: Query<'static, MySql, MySqlArguments>,
     ) -> Result<sqlx::mysql::MySqlQueryResult> {
         let mut conn = Conn::acquire(&self.pool).await?;
-        let done = query
-            .execute(&mut *conn.begin_use())
-            .await
-            .map_err(map_err)?;
-        conn.done();
-        Ok(done)
+        let outcome = query.execute(&mut *conn.begin_use()).await;
+        conn.settle(&outcome);
+        outcome.map_err(map_err)
     }
 }
 
@@ -461,16 +458,15 @@ impl LeaseStore for MySqlStore {
         // Matched, but the server did not pass LAST_INSERT_ID on (a proxy?):
         // read the expiry back.
         let mut conn = Conn::acquire(&self.pool).await?;
-        let at: Option<NaiveDateTime> =
-            sqlx::query_scalar(AssertSqlSafe(self.sql.renew_read.clone()))
+        let outcome =
+            sqlx::query_scalar::<_, NaiveDateTime>(AssertSqlSafe(self.sql.renew_read.clone()))
                 .bind(name.as_bytes())
                 .bind(owner.as_bytes())
                 .bind(token)
                 .fetch_optional(&mut *conn.begin_use())
-                .await
-                .map_err(map_err)?;
-        conn.done();
-        Ok(at.map(utc))
+                .await;
+        conn.settle(&outcome);
+        Ok(outcome.map_err(map_err)?.map(utc))
     }
 
     async fn release(
@@ -501,22 +497,20 @@ impl LeaseStore for MySqlStore {
 
     async fn inspect(&self, name: &str) -> Result<Option<LockInfo>> {
         let mut conn = Conn::acquire(&self.pool).await?;
-        let row = q(&self.sql.inspect)
+        let outcome = q(&self.sql.inspect)
             .bind(name.as_bytes())
             .fetch_optional(&mut *conn.begin_use())
-            .await
-            .map_err(map_err)?;
-        conn.done();
+            .await;
+        conn.settle(&outcome);
+        let row = outcome.map_err(map_err)?;
         row.map(|row| info(name.to_owned(), &row, 0)).transpose()
     }
 
     async fn list(&self) -> Result<Vec<LockInfo>> {
         let mut conn = Conn::acquire(&self.pool).await?;
-        let rows = q(&self.sql.list)
-            .fetch_all(&mut *conn.begin_use())
-            .await
-            .map_err(map_err)?;
-        conn.done();
+        let outcome = q(&self.sql.list).fetch_all(&mut *conn.begin_use()).await;
+        conn.settle(&outcome);
+        let rows = outcome.map_err(map_err)?;
         rows.iter()
             .map(|row| {
                 let name: Vec<u8> = row.try_get(0)?;

@@ -131,6 +131,14 @@ impl Conn {
     pub(crate) fn done(&mut self) {
         self.clean = true;
     }
+
+    /// After one autocommit statement: idle again if the server answered,
+    /// with a result or an error; left dirty (closed on drop) otherwise.
+    pub(crate) fn settle<T>(&mut self, outcome: &Result<T, sqlx::Error>) {
+        if matches!(outcome, Ok(_) | Err(sqlx::Error::Database(_))) {
+            self.clean = true;
+        }
+    }
 }
 
 impl Drop for Conn {
