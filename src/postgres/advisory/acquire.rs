@@ -177,11 +177,10 @@ async fn try_on_session(
             .route(key, mode, lock, inner.target_sessions(), grow);
         match route {
             Route::Busy => return Ok(None),
-            Route::Open => open_session(inner, true).await?,
+            Route::Open => open_session(inner).await?,
             Route::Grow => {
                 grow = false;
-                // Best effort: only if a connection is free right now.
-                let _ = open_session(inner, false).await;
+                inner.grow();
             }
             Route::Send { session, tx } => {
                 let (reply, answer) = oneshot::channel();
@@ -217,31 +216,14 @@ async fn try_on_session(
     })))
 }
 
-/// Opens a core holder session. With `must`, waits for a connection from
-/// the pool (unless another task opens one meanwhile); without, opens one
-/// only if a connection is free right now and the configured number of
-/// sessions is not reached.
-async fn open_session(inner: &Arc<Inner>, must: bool) -> Result<()> {
-    let _opening = if must {
-        inner.opening.lock().await
-    } else {
-        match inner.opening.try_lock() {
-            Ok(g) => g,
-            Err(_) => return Ok(()),
-        }
-    };
-    let core = inner.registry().core_count();
-    if (must && core > 0) || core >= inner.target_sessions() {
+/// Opens a core holder session when there is none, waiting for a
+/// connection from the pool (unless another task opens one meanwhile).
+async fn open_session(inner: &Arc<Inner>) -> Result<()> {
+    let _opening = inner.opening.lock().await;
+    if inner.registry().core_count() > 0 {
         return Ok(());
     }
-    let conn = if must {
-        inner.pool.acquire().await?
-    } else {
-        match inner.pool.try_acquire() {
-            Some(conn) => conn,
-            None => return Ok(()),
-        }
-    };
+    let conn = inner.pool.acquire().await?;
     session::open(inner, conn);
     Ok(())
 }

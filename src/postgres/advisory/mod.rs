@@ -11,7 +11,7 @@ mod registry;
 mod session;
 
 use std::fmt;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -166,8 +166,11 @@ pub(super) struct Inner {
     holder_sessions: usize,
     wakeups: Arc<Wakeups>,
     registry: Mutex<Registry>,
-    /// Held while a core holder session is being opened.
+    /// Held while the first core holder session is being opened.
     opening: tokio::sync::Mutex<()>,
+    /// Whether another core holder session is being opened in the
+    /// background.
+    growing: AtomicBool,
     ids: AtomicU64,
 }
 
@@ -195,6 +198,7 @@ impl Advisory {
                 wakeups: Wakeups::new(),
                 registry: Mutex::default(),
                 opening: tokio::sync::Mutex::new(()),
+                growing: AtomicBool::new(false),
                 ids: AtomicU64::new(1),
             }),
         }
@@ -280,6 +284,29 @@ impl Inner {
     fn target_sessions(&self) -> usize {
         let pool = self.pool.options().get_max_connections() as usize;
         self.holder_sessions.min(pool.saturating_sub(1).max(1))
+    }
+
+    /// Opens another core holder session in the background, if the pool
+    /// has a connection to spare at once (idle, or room to open one): the
+    /// sessions there are have a backlog.
+    fn grow(self: &Arc<Self>) {
+        if let Some(conn) = self.pool.try_acquire() {
+            session::open(self, conn);
+            return;
+        }
+        if self.pool.size() >= self.pool.options().get_max_connections()
+            || self.growing.swap(true, Ordering::AcqRel)
+        {
+            return;
+        }
+        let inner = self.clone();
+        tokio::spawn(async move {
+            let conn = inner.pool.acquire().await;
+            inner.growing.store(false, Ordering::Release);
+            if let Ok(conn) = conn {
+                session::open(&inner, conn);
+            }
+        });
     }
 
     /// How long a holder session may take to answer a statement before it

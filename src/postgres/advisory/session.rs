@@ -128,21 +128,28 @@ async fn bounded<T>(
     }
 }
 
-/// Starts a core session on `conn`; new locks are routed to it at once
-/// (they queue behind its first statement).
+/// Starts a core session on `conn`, unless the configured number is open
+/// already (the connection goes back to the pool then). New locks are
+/// routed to it at once: they queue behind its first statement.
 pub(super) fn open(inner: &Arc<Inner>, conn: PoolConnection<Postgres>) {
     let id = inner.next_id();
     let (tx, rx) = mpsc::unbounded_channel();
-    inner.registry().add_session(
-        id,
-        SessionEntry {
-            tx: tx.clone(),
-            core: true,
-            pid: None,
-            holds: 0,
-            queued: 0,
-        },
-    );
+    {
+        let mut registry = inner.registry();
+        if registry.core_count() >= inner.target_sessions() {
+            return;
+        }
+        registry.add_session(
+            id,
+            SessionEntry {
+                tx: tx.clone(),
+                core: true,
+                pid: None,
+                holds: 0,
+                queued: 0,
+            },
+        );
+    }
     tracing::debug!(session = id, "dblock: advisory holder session opened");
     tokio::spawn(Session::new(inner.clone(), id, conn, tx, rx).run(None));
 }
