@@ -1020,6 +1020,88 @@ mod multiplexed {
         idle_connections_hold_nothing(&pg).await;
     }
 
+    /// A lock statement that fails after taking the lock (here `nextval`,
+    /// for a role without rights on the sequence) is undone on its session
+    /// by one unlock; the session and its other locks go on. Beside a
+    /// stacked shared hold the undo could not be told apart from the
+    /// earlier hold, so the session is closed and its guards report lost.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_lock_statement_failing_after_the_lock_is_undone() {
+        let _share = share_lock_table().await;
+        let (url, admin) = setup(2).await;
+        let role = format!("dblock_noseq_{}", std::process::id());
+        let run = |sql: String| {
+            let admin = admin.clone();
+            async move {
+                sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+                    .execute(&admin)
+                    .await
+                    .unwrap();
+            }
+        };
+        run(format!(
+            "DO $$ BEGIN CREATE ROLE {role} LOGIN PASSWORD 'noseq'; EXCEPTION WHEN duplicate_object THEN NULL; END $$;
+             GRANT USAGE ON SEQUENCE dblock_fencing_seq TO {role}"
+        ))
+        .await;
+        let as_role: sqlx::postgres::PgConnectOptions = url.parse().unwrap();
+        let pg = PgPoolOptions::new()
+            .max_connections(3)
+            .connect_with(as_role.username(&role).password("noseq"))
+            .await
+            .unwrap();
+        let locks = Locks::new(
+            Advisory::new(pg.clone())
+                .with_options(options(WaitStrategy::Server))
+                .unwrap()
+                .with_holder_sessions(1)
+                .unwrap(),
+        );
+        let prefix = common::unique("undo");
+        let [a, b, s] = ["a", "b", "s"].map(|x| format!("{prefix}:{x}"));
+        let ga = locks.acquire(&a).await.unwrap();
+        let gs = locks.acquire(&s).shared().await.unwrap();
+        run(format!(
+            "REVOKE USAGE ON SEQUENCE dblock_fencing_seq FROM {role}"
+        ))
+        .await;
+
+        let e = locks.try_acquire(&b).await.unwrap_err();
+        assert!(
+            matches!(&e, Error::Database(sqlx::Error::Database(db)) if db.code().as_deref() == Some("42501")),
+            "{e:?}"
+        );
+        assert_eq!(
+            sessions_holding(&admin, advisory_key(&b)).await,
+            0,
+            "b left held"
+        );
+        sleep(Duration::from_millis(600)).await;
+        assert!(
+            !ga.is_lost() && !gs.is_lost(),
+            "the session did not survive"
+        );
+        assert_eq!(sessions_holding(&admin, advisory_key(&a)).await, 1);
+
+        // Beside a stacked shared hold: the session is closed.
+        let e = locks.acquire(&s).shared().await.unwrap_err();
+        assert!(matches!(e, Error::Database(_)), "{e:?}");
+        timeout(Duration::from_secs(2), gs.lost())
+            .await
+            .expect("not lost");
+        assert!(ga.is_lost());
+        assert!(
+            suite::eventually(Duration::from_secs(5), || async {
+                sessions_holding(&admin, advisory_key(&s)).await == 0
+                    && sessions_holding(&admin, advisory_key(&a)).await == 0
+            })
+            .await
+        );
+        drop((ga, gs));
+        pg.close().await;
+        run(format!("DROP ROLE {role}")).await;
+    }
+
     /// Measurements for the record (not a test): time to take and release
     /// 5,000 locks by number of holder sessions, and the statements per
     /// second that keep them alive. Run alone, on a server nobody else

@@ -37,6 +37,11 @@ const TRY_SHARED: &str =
     "SELECT CASE WHEN pg_try_advisory_lock_shared($1) THEN nextval('dblock_fencing_seq') END";
 const UNLOCK_EXCLUSIVE: &str = "SELECT pg_advisory_unlock($1)";
 const UNLOCK_SHARED: &str = "SELECT pg_advisory_unlock_shared($1)";
+// Undoing a lock statement that failed: one unlock, without the WARNING the
+// server sends the client when the lock was not taken after all
+// (client_min_messages is set for this one-statement transaction only).
+const UNDO_EXCLUSIVE: &str = "SELECT pg_advisory_unlock($1) FROM (SELECT set_config('client_min_messages', 'error', true)) cfg OFFSET 0";
+const UNDO_SHARED: &str = "SELECT pg_advisory_unlock_shared($1) FROM (SELECT set_config('client_min_messages', 'error', true)) cfg OFFSET 0";
 
 /// What a session is asked to do.
 pub(super) enum Cmd {
@@ -410,21 +415,17 @@ impl Session {
                 let _ = reply.send(LockReply::Busy);
                 Ok(())
             }
-            Err(Failure::Server(e)) if is_lock_table_full(&e) => {
-                // Nothing was taken: the lock could not be recorded at all.
-                self.last_ok = Instant::now();
-                self.inner.registry().not_granted(self.id, key, lock);
-                let size = self.lock_table_size().await;
-                let _ = reply.send(LockReply::Failed(lock_table_full(&size)));
-                Ok(())
-            }
             Err(Failure::Server(e)) => {
-                // The statement failed, maybe after the lock was taken.
-                // Undo it by one unlock, which is exact only if nothing else
-                // of ours holds the key in this mode on this session.
+                // The statement failed, maybe after the lock was taken (the
+                // lock table fills up in the lock call, but nextval may fail
+                // after it). One unlock undoes it exactly if nothing else of
+                // ours holds the key in this mode on this session; beside a
+                // stacked shared hold, only "out of shared memory" is known
+                // to come after the lock (a stacked lock needs no new
+                // entry), so any other error leaves the session uncertain.
                 self.last_ok = Instant::now();
-                let stacked = self.inner.registry().stacked(self.id, key, mode, lock);
-                if stacked {
+                let full = is_lock_table_full(&e);
+                if !full && self.inner.registry().stacked(self.id, key, mode, lock) {
                     let _ = reply.send(LockReply::Failed(map_err(e)));
                     return Err(
                         "a lock statement failed beside a stacked shared lock: the session's locks are uncertain"
@@ -432,12 +433,10 @@ impl Session {
                     );
                 }
                 let undo = match mode {
-                    LockMode::Exclusive => UNLOCK_EXCLUSIVE,
-                    LockMode::Shared => UNLOCK_SHARED,
+                    LockMode::Exclusive => UNDO_EXCLUSIVE,
+                    LockMode::Shared => UNDO_SHARED,
                 };
-                let statement = sqlx::query_scalar::<_, bool>(undo)
-                    .bind(key)
-                    .fetch_one(&mut **self.conn());
+                let statement = sqlx::query(undo).bind(key).execute(&mut **self.conn());
                 let outcome = match bounded(limit, statement).await {
                     Ok(_) => {
                         self.last_ok = Instant::now();
@@ -447,7 +446,14 @@ impl Session {
                     Err(Failure::Server(e)) => Err(format!("undoing a failed lock failed: {e}")),
                     Err(Failure::Broken(reason)) => Err(reason),
                 };
-                let _ = reply.send(LockReply::Failed(map_err(e)));
+                let error = if full && outcome.is_ok() {
+                    lock_table_full(&self.lock_table_size().await)
+                } else if full {
+                    lock_table_full("")
+                } else {
+                    map_err(e)
+                };
+                let _ = reply.send(LockReply::Failed(error));
                 outcome
             }
             Err(Failure::Broken(reason)) => {
