@@ -1020,6 +1020,58 @@ mod multiplexed {
         idle_connections_hold_nothing(&pg).await;
     }
 
+    /// An unlock that fails (here on a session terminated behind the
+    /// heartbeat's back) closes the session: the release reports the error
+    /// and every other guard on it is lost at once, not a heartbeat later.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_unlock_closes_the_session_and_loses_its_guards() {
+        let _share = share_lock_table().await;
+        let (url, pg) = setup(3).await;
+        let locks = Locks::new(
+            Advisory::new(pg.clone())
+                .with_options(AdvisoryOptions {
+                    wait: WaitStrategy::Server,
+                    heartbeat: Duration::from_secs(600),
+                })
+                .unwrap()
+                .with_holder_sessions(1)
+                .unwrap(),
+        );
+        let names = names(&common::unique("unlock"), 20);
+        let mut guards = take_all(&locks, &names, 10).await;
+        let admin = pool(&url, 1).await;
+        let pids: BTreeSet<i32> = holders_of(&admin, &keys(&names))
+            .await
+            .into_iter()
+            .map(|(_, pid)| pid)
+            .collect();
+        assert_eq!(pids.len(), 1);
+        let pid = *pids.iter().next().unwrap();
+        let _: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1)")
+            .bind(pid)
+            .fetch_one(&admin)
+            .await
+            .unwrap();
+        let first = guards.pop().unwrap();
+        let e = timeout(Duration::from_secs(5), first.release())
+            .await
+            .expect("release hung")
+            .unwrap_err();
+        assert!(matches!(e, Error::Database(_)), "{e:?}");
+        for g in &guards {
+            timeout(Duration::from_secs(1), g.lost())
+                .await
+                .expect("a guard on the closed session is not lost");
+        }
+        // The names are free, and the closed connection was not pooled.
+        let other = Locks::new(Advisory::new(pool(&url, 2).await));
+        for n in &names {
+            assert!(other.try_acquire(n).await.unwrap().is_some(), "{n} held");
+        }
+        drop(guards);
+        idle_connections_hold_nothing(&pg).await;
+    }
+
     /// A lock statement that fails after taking the lock (here `nextval`,
     /// for a role without rights on the sequence) is undone on its session
     /// by one unlock; the session and its other locks go on. Beside a
