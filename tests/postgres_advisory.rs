@@ -917,6 +917,71 @@ mod multiplexed {
         }
     }
 
+    /// A shared lock stacked on a session that holds the name shared
+    /// already does not jump a writer queued on the server: it waits like
+    /// a shared request from another session would.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stacked_shared_lock_does_not_jump_a_queued_writer() {
+        let _share = share_lock_table().await;
+        let (url, pg) = setup(4).await;
+        let locks = Locks::new(
+            Advisory::new(pg.clone())
+                .with_options(options(WaitStrategy::Server))
+                .unwrap()
+                .with_holder_sessions(1)
+                .unwrap(),
+        );
+        let name = common::unique("queued");
+        let reader = locks.acquire(&name).shared().await.unwrap();
+        // Without a writer queued, a second reader is stacked at once.
+        let second = locks
+            .acquire(&name)
+            .shared()
+            .wait(Duration::ZERO)
+            .await
+            .unwrap();
+        second.release().await.unwrap();
+
+        let writers = Locks::new(Advisory::new(pool(&url, 2).await));
+        let writer = {
+            let name = name.clone();
+            tokio::spawn(async move { writers.acquire(name).wait(suite::HUNG).await })
+        };
+        let observer = pool(&url, 1).await;
+        assert!(
+            suite::eventually(Duration::from_secs(5), || async {
+                let waiting: i64 = sqlx::query_scalar(
+                    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted
+                       AND ((classid::bigint << 32) | objid::bigint) = $1",
+                )
+                .bind(advisory_key(&name))
+                .fetch_one(&observer)
+                .await
+                .unwrap();
+                waiting == 1
+            })
+            .await,
+            "the writer never queued"
+        );
+        let r = locks
+            .acquire(&name)
+            .shared()
+            .wait(Duration::from_millis(300))
+            .await;
+        assert!(
+            matches!(r, Err(Error::Timeout { .. })),
+            "jumped the writer: {r:?}"
+        );
+        reader.release().await.unwrap();
+        let w = timeout(Duration::from_secs(5), writer)
+            .await
+            .expect("the writer was not handed the lock")
+            .unwrap()
+            .unwrap();
+        w.release().await.unwrap();
+        idle_connections_hold_nothing(&pg).await;
+    }
+
     /// `force_release` of a lock this backend holds unlocks it on its
     /// session (only its guard is lost); from elsewhere it terminates the
     /// holding session, which ends the other locks on it too.

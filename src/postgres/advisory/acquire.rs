@@ -36,7 +36,8 @@ const WAIT_SHARED: &str = "SELECT nextval('dblock_fencing_seq'), pg_backend_pid(
 const POOL_RETRY_MIN: Duration = Duration::from_millis(20);
 const POOL_RETRY_MAX: Duration = Duration::from_secs(1);
 
-/// How many holder sessions may fail under one attempt before it gives up.
+/// How many holder sessions may fail (or be opened) under one attempt
+/// before it gives up.
 const SESSION_RETRIES: usize = 4;
 
 fn is_lock_timeout(e: &sqlx::Error) -> bool {
@@ -123,6 +124,10 @@ pub(super) async fn acquire_task(inner: Arc<Inner>, request: AcquireRequest, mut
                     from_pool = None;
                     match conn {
                         Ok(conn) => waiter = Some(WaitConn { conn: Some(conn), clean: true }),
+                        // The pool stayed exhausted for its acquire_timeout:
+                        // go on trying on the holder sessions meanwhile (a
+                        // database that cannot be reached fails them).
+                        Err(sqlx::Error::PoolTimedOut) => continue,
                         Err(e) => {
                             let _ = reply.send(Err(e.into()));
                             return;
@@ -177,7 +182,12 @@ async fn try_on_session(
             .route(key, mode, lock, inner.target_sessions(), grow);
         match route {
             Route::Busy => return Ok(None),
-            Route::Open => open_session(inner).await?,
+            Route::Open => {
+                // Counted too: a session that dies as soon as it is opened
+                // must not be reopened forever.
+                open_session(inner).await?;
+                gone += 1;
+            }
             Route::Grow => {
                 grow = false;
                 inner.grow();
@@ -200,20 +210,17 @@ async fn try_on_session(
                     Ok(LockReply::Granted(grant)) => return Ok(Some(grant)),
                     Ok(LockReply::Busy) => return Ok(None),
                     Ok(LockReply::Failed(e)) => return Err(e),
-                    Ok(LockReply::Gone(e)) => {
-                        failed = e.or(failed);
-                    }
+                    Ok(LockReply::Gone(reason)) => failed = Some(reason),
                     Err(_) => inner.session_gone(session, "the holder session's task ended"),
                 }
                 gone += 1;
             }
         }
     }
-    Err(Error::Database(failed.unwrap_or_else(|| {
-        sqlx::Error::Io(std::io::Error::other(
-            "the advisory lock's holder sessions kept failing",
-        ))
-    })))
+    let reason = failed.unwrap_or_else(|| "their tasks ended".into());
+    Err(Error::Database(sqlx::Error::Io(std::io::Error::other(
+        format!("the advisory lock's holder sessions kept failing: {reason}"),
+    ))))
 }
 
 /// Opens a core holder session when there is none, waiting for a

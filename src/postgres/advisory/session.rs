@@ -26,7 +26,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::{sleep_until, timeout, Instant};
 
 use super::registry::{Hold, HoldState, LockId, SessionEntry, SessionId};
-use super::{lock_table_full, Inner, LOCK_TABLE_FULL};
+use super::{lock_table_full, split_key, Inner, LOCK_TABLE_FULL};
 use crate::backend::{BoxFuture, Grant, HeldLock, LockStatus};
 use crate::postgres::map_err;
 use crate::{Error, LockMode, Result};
@@ -35,6 +35,17 @@ const TRY_EXCLUSIVE: &str =
     "SELECT CASE WHEN pg_try_advisory_lock($1) THEN nextval('dblock_fencing_seq') END";
 const TRY_SHARED: &str =
     "SELECT CASE WHEN pg_try_advisory_lock_shared($1) THEN nextval('dblock_fencing_seq') END";
+// A shared lock stacked on a session that holds the key shared already: the
+// server would grant it at once, ahead of any waiter queued for the key (a
+// session never waits for a lock it holds), so a stream of readers in this
+// process could starve a writer queued on the server. It is taken only if
+// nobody waits for the key (CASE fixes the order of evaluation).
+const TRY_SHARED_STACKED: &str = "SELECT CASE
+    WHEN EXISTS (SELECT 1 FROM pg_locks
+                  WHERE locktype = 'advisory' AND objsubid = 1 AND NOT granted
+                    AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
+                    AND classid::bigint = $2 AND objid::bigint = $3) THEN NULL
+    WHEN pg_try_advisory_lock_shared($1) THEN nextval('dblock_fencing_seq') END";
 const UNLOCK_EXCLUSIVE: &str = "SELECT pg_advisory_unlock($1)";
 const UNLOCK_SHARED: &str = "SELECT pg_advisory_unlock_shared($1)";
 // Undoing a lock statement that failed: one unlock, without the WARNING the
@@ -74,9 +85,9 @@ pub(super) enum LockReply {
     Granted(Grant),
     Busy,
     Failed(Error),
-    /// The session failed before or while trying; nothing is held (the
-    /// session is closed). Try elsewhere.
-    Gone(Option<sqlx::Error>),
+    /// The session failed before or while trying (why); nothing is held
+    /// (the session is closed). Try elsewhere.
+    Gone(String),
 }
 
 /// The answer to [`Cmd::Unlock`].
@@ -368,13 +379,19 @@ impl Session {
         reply: oneshot::Sender<LockReply>,
     ) -> std::result::Result<(), String> {
         let limit = self.inner.answer_within();
+        let stacked =
+            mode == LockMode::Shared && self.inner.registry().stacked(self.id, key, mode, lock);
         let sql = match mode {
             LockMode::Exclusive => TRY_EXCLUSIVE,
+            LockMode::Shared if stacked => TRY_SHARED_STACKED,
             LockMode::Shared => TRY_SHARED,
         };
-        let statement = sqlx::query_scalar::<_, Option<i64>>(sql)
-            .bind(key)
-            .fetch_one(&mut **self.conn());
+        let mut query = sqlx::query_scalar::<_, Option<i64>>(sql).bind(key);
+        if stacked {
+            let (classid, objid) = split_key(key);
+            query = query.bind(classid).bind(objid);
+        }
+        let statement = query.fetch_one(&mut **self.conn());
         match bounded(limit, statement).await {
             Ok(Some(token)) => {
                 self.last_ok = Instant::now();
@@ -457,7 +474,7 @@ impl Session {
                 outcome
             }
             Err(Failure::Broken(reason)) => {
-                let _ = reply.send(LockReply::Gone(None));
+                let _ = reply.send(LockReply::Gone(reason.clone()));
                 Err(reason)
             }
         }
@@ -603,7 +620,7 @@ impl Session {
 fn answer_gone(cmd: Cmd, reason: &str) {
     match cmd {
         Cmd::Lock { reply, .. } => {
-            let _ = reply.send(LockReply::Gone(None));
+            let _ = reply.send(LockReply::Gone(reason.to_owned()));
         }
         Cmd::Unlock { reply, .. } => {
             if let Some(reply) = reply {
