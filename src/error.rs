@@ -52,6 +52,16 @@ pub enum Error {
         /// What it cannot do, and what to use instead.
         what: String,
     },
+    /// The database has no room for another lock: PostgreSQL's shared lock
+    /// table is full (SQLSTATE 53200, "out of shared memory"). Nothing was
+    /// taken, locks already held stay held, and other acquisitions succeed
+    /// again once locks are released. The message names the setting to
+    /// raise.
+    #[error("the database's lock table is full: {detail}")]
+    LockTableFull {
+        /// What is full, its size as configured, and which setting to raise.
+        detail: String,
+    },
     /// An error from the database driver.
     #[error(transparent)]
     Database(#[from] sqlx::Error),

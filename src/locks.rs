@@ -95,7 +95,9 @@ impl Locks {
     }
 
     /// Breaks `name` whoever holds it: the lease is ended, or, for an
-    /// advisory lock, the holding session is terminated. The holder's guard
+    /// advisory lock, the holding session is terminated, which ends every
+    /// other lock on that session too (an advisory lock held through this
+    /// same backend is unlocked on its session instead). The holder's guard
     /// reports itself lost at its next renewal or heartbeat. Returns whether
     /// anything was held. This is an operator's tool for a stuck lock; it
     /// defeats mutual exclusion for whoever believed they held it.

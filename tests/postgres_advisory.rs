@@ -11,10 +11,21 @@ use dblock::postgres::{advisory_key, Advisory, AdvisoryOptions, WaitStrategy};
 use dblock::{Error, Locks};
 use sqlx::postgres::PgPoolOptions;
 use sqlx::PgPool;
+use tokio::sync::{RwLock, RwLockReadGuard};
 
 pub struct AdvisoryFixture {
     url: String,
     wait: WaitStrategy,
+    _share: LockTableShare,
+}
+
+/// The server's lock table is shared by every test here; the test that
+/// fills it up takes it alone, every other test that takes locks shares it.
+static LOCK_TABLE: RwLock<()> = RwLock::const_new(());
+type LockTableShare = RwLockReadGuard<'static, ()>;
+
+async fn share_lock_table() -> LockTableShare {
+    LOCK_TABLE.read().await
 }
 
 async fn pool(url: &str, max: u32) -> PgPool {
@@ -56,11 +67,16 @@ impl suite::Fixture for AdvisoryFixture {
 }
 
 async fn fixture(wait: WaitStrategy) -> AdvisoryFixture {
+    let share = share_lock_table().await;
     let url = common::postgres_url().await;
     dblock::postgres::migrate(&pool(&url, 1).await)
         .await
         .unwrap();
-    AdvisoryFixture { url, wait }
+    AdvisoryFixture {
+        url,
+        wait,
+        _share: share,
+    }
 }
 
 mod server_wait {
@@ -144,6 +160,7 @@ async fn psql_operator_and_dblock_exclude_each_other() {
 /// key and the pool still serves work.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pool_connections_come_back_clean() {
+    let _share = share_lock_table().await;
     let url = common::postgres_url().await;
     dblock::postgres::migrate(&pool(&url, 1).await)
         .await
@@ -190,6 +207,7 @@ async fn pool_connections_come_back_clean() {
 /// (plus the round trip).
 #[tokio::test]
 async fn terminated_session_fires_lost_within_a_heartbeat() {
+    let _share = share_lock_table().await;
     let url = common::postgres_url().await;
     let heartbeat = Duration::from_millis(500);
     let backend = Advisory::new(pool(&url, 2).await)
@@ -222,6 +240,7 @@ async fn terminated_session_fires_lost_within_a_heartbeat() {
 
 #[tokio::test]
 async fn schema_missing_names_the_fix() {
+    let _share = share_lock_table().await;
     let url = common::postgres_url().await;
     let admin = pool(&url, 1).await;
     let db = format!("dblock_empty_{}", std::process::id());
@@ -262,6 +281,7 @@ async fn schema_missing_names_the_fix() {
 
 #[tokio::test]
 async fn migrate_is_idempotent_and_safe_to_race() {
+    let _share = share_lock_table().await;
     let url = common::postgres_url().await;
     let pg = pool(&url, 10).await;
     let runs: Vec<_> = (0..8)
@@ -294,7 +314,8 @@ mod xact {
     use dblock::postgres::{lock_xact, lock_xact_with};
     use dblock::Wait;
 
-    async fn setup() -> (PgPool, String) {
+    async fn setup() -> (PgPool, String, LockTableShare) {
+        let share = share_lock_table().await;
         let url = common::postgres_url().await;
         let pg = pool(&url, 6).await;
         dblock::postgres::migrate(&pg).await.unwrap();
@@ -306,12 +327,12 @@ mod xact {
         .execute(&pg)
         .await
         .unwrap();
-        (pg, common::unique("xact"))
+        (pg, common::unique("xact"), share)
     }
 
     #[tokio::test]
     async fn held_until_commit_and_excludes_session_locks() {
-        let (pg, name) = setup().await;
+        let (pg, name, _share) = setup().await;
         let locks = Locks::new(Advisory::new(pg.clone()));
         let mut tx = pg.begin().await.unwrap();
         let t1 = lock_xact(&mut tx, &name).await.unwrap();
@@ -341,7 +362,7 @@ mod xact {
 
     #[tokio::test]
     async fn timeout_and_errors_do_not_poison_the_transaction() {
-        let (pg, name) = setup().await;
+        let (pg, name, _share) = setup().await;
         let locks = Locks::new(Advisory::new(pg.clone()));
         let g = locks.acquire(&name).await.unwrap();
         let mut tx = pg.begin().await.unwrap();
@@ -401,7 +422,7 @@ mod xact {
 
     #[tokio::test]
     async fn a_waiter_gets_the_lock_when_the_holder_commits() {
-        let (pg, name) = setup().await;
+        let (pg, name, _share) = setup().await;
         let mut holder = pg.begin().await.unwrap();
         lock_xact(&mut holder, &name).await.unwrap();
         let waiter = {
@@ -420,5 +441,851 @@ mod xact {
             .await
             .expect("waiter hung")
             .unwrap();
+    }
+}
+
+/// Many locks on few connections: the holder sessions.
+mod multiplexed {
+    use std::collections::{BTreeSet, HashMap};
+
+    use super::*;
+    use dblock::LockGuard;
+    use futures::{stream, StreamExt};
+    use tokio::time::{sleep, timeout, Instant};
+
+    /// `(key, pid)` of every granted advisory lock on `keys`.
+    async fn holders_of(pool: &PgPool, keys: &[i64]) -> Vec<(i64, i32)> {
+        sqlx::query_as(
+            "SELECT (classid::bigint << 32) | objid::bigint, pid FROM pg_locks
+              WHERE locktype = 'advisory' AND objsubid = 1 AND granted
+                AND ((classid::bigint << 32) | objid::bigint) = ANY($1)",
+        )
+        .bind(keys)
+        .fetch_all(pool)
+        .await
+        .unwrap()
+    }
+
+    fn names(prefix: &str, n: usize) -> Vec<String> {
+        (0..n).map(|i| format!("{prefix}:{i}")).collect()
+    }
+
+    fn keys(names: &[String]) -> Vec<i64> {
+        names.iter().map(|n| advisory_key(n)).collect()
+    }
+
+    /// Takes every name at once (`width` acquisitions in flight).
+    async fn take_all(locks: &Locks, names: &[String], width: usize) -> Vec<LockGuard> {
+        stream::iter(names.to_vec())
+            .map(|name| {
+                let locks = locks.clone();
+                async move { locks.acquire(name).wait(suite::HUNG).await.unwrap() }
+            })
+            .buffer_unordered(width)
+            .collect()
+            .await
+    }
+
+    async fn release_all(guards: Vec<LockGuard>, width: usize) {
+        stream::iter(guards)
+            .map(|g| g.release())
+            .buffer_unordered(width)
+            .for_each(|r| {
+                r.expect("release");
+                async {}
+            })
+            .await;
+    }
+
+    /// Once every lock is released, the holder sessions go back to the pool
+    /// and no pooled connection holds an advisory lock.
+    async fn idle_connections_hold_nothing(pg: &PgPool) {
+        assert!(
+            suite::eventually(Duration::from_secs(10), || async {
+                pg.num_idle() as u32 == pg.size()
+            })
+            .await,
+            "connections did not come back to the pool: {} idle of {}",
+            pg.num_idle(),
+            pg.size()
+        );
+        let mut conns = Vec::new();
+        for _ in 0..pg.size() {
+            conns.push(pg.acquire().await.unwrap());
+        }
+        for c in &mut conns {
+            let n: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid()",
+            )
+            .fetch_one(&mut **c)
+            .await
+            .unwrap();
+            assert_eq!(n, 0, "a pooled connection holds an advisory lock");
+        }
+    }
+
+    async fn setup(max: u32) -> (String, PgPool) {
+        let url = common::postgres_url().await;
+        dblock::postgres::migrate(&pool(&url, 1).await)
+            .await
+            .unwrap();
+        let pg = pool(&url, max).await;
+        (url, pg)
+    }
+
+    /// 5,000 locks held at once by one process with a pool of 10, on the
+    /// default server configuration.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn five_thousand_locks_on_a_pool_of_ten() {
+        let _share = share_lock_table().await;
+        let (url, pg) = setup(10).await;
+        let locks = Locks::new(
+            Advisory::new(pg.clone())
+                .with_options(options(WaitStrategy::Server))
+                .unwrap(),
+        );
+        let prefix = common::unique("many");
+        let names = names(&prefix, 5000);
+        let keys = keys(&names);
+
+        let started = Instant::now();
+        let guards = take_all(&locks, &names, 100).await;
+        let took = started.elapsed();
+        assert_eq!(guards.len(), 5000);
+        assert!(pg.size() <= 10);
+        let tokens: BTreeSet<u64> = guards.iter().map(|g| g.token()).collect();
+        assert_eq!(tokens.len(), 5000, "tokens are not distinct");
+
+        let observer = pool(&url, 1).await;
+        let held = holders_of(&observer, &keys).await;
+        assert_eq!(held.len(), 5000, "not every lock is in pg_locks");
+        let sessions: BTreeSet<i32> = held.iter().map(|(_, pid)| *pid).collect();
+        assert!(sessions.len() <= 2, "{} sessions", sessions.len());
+        let listed = locks.list().await.unwrap();
+        let ours = listed
+            .iter()
+            .filter(|i| i.name.as_deref().is_some_and(|n| n.starts_with(&prefix)))
+            .count();
+        assert_eq!(ours, 5000, "list() does not name them all");
+
+        // Kept alive by one heartbeat per session, not per lock.
+        sleep(Duration::from_millis(700)).await;
+        assert!(guards.iter().all(|g| !g.is_lost()));
+
+        let started = Instant::now();
+        release_all(guards, 100).await;
+        let released = started.elapsed();
+        eprintln!(
+            "5000 advisory locks taken in {took:?} on {} holder session(s), released in {released:?}",
+            sessions.len()
+        );
+        assert!(holders_of(&observer, &keys).await.is_empty(), "locks left");
+        idle_connections_hold_nothing(&pg).await;
+    }
+
+    /// Past the server's lock table: a clear error, promptly, and the
+    /// backend goes on working. This test fills the table of the whole
+    /// server for a moment, so it runs alone.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_full_lock_table_is_a_clear_error_and_the_backend_recovers() {
+        let _alone = LOCK_TABLE.write().await;
+        let (url, pg) = setup(10).await;
+        // More holder sessions fill the table sooner.
+        let locks = Locks::new(
+            Advisory::new(pg.clone())
+                .with_options(options(WaitStrategy::Server))
+                .unwrap()
+                .with_holder_sessions(8)
+                .unwrap(),
+        );
+        let prefix = common::unique("full");
+        let mut guards = Vec::new();
+        let started = Instant::now();
+        let error = loop {
+            assert!(
+                guards.len() < 200_000 && started.elapsed() < Duration::from_secs(120),
+                "no error after {} locks in {:?}",
+                guards.len(),
+                started.elapsed()
+            );
+            let from = guards.len();
+            let batch: Vec<_> = stream::iter(from..from + 500)
+                .map(|i| {
+                    let locks = locks.clone();
+                    let name = format!("{prefix}:{i}");
+                    async move { locks.acquire(name).wait(suite::HUNG).await }
+                })
+                .buffer_unordered(100)
+                .collect()
+                .await;
+            let mut first_error = None;
+            for r in batch {
+                match r {
+                    Ok(g) => guards.push(g),
+                    Err(e) => {
+                        first_error.get_or_insert(e);
+                    }
+                }
+            }
+            if let Some(e) = first_error {
+                break e;
+            }
+        };
+        let filled = started.elapsed();
+        let held = guards.len();
+        let text = error.to_string();
+        assert!(matches!(error, Error::LockTableFull { .. }), "{error:?}");
+        assert!(text.contains("max_locks_per_transaction"), "{text}");
+
+        // Still full: trying and waiting both fail at once, not by timeout.
+        let t = Instant::now();
+        let e = locks
+            .try_acquire(format!("{prefix}:more"))
+            .await
+            .unwrap_err();
+        assert!(matches!(e, Error::LockTableFull { .. }), "{e:?}");
+        let e = locks
+            .acquire(format!("{prefix}:more"))
+            .wait(Duration::from_secs(30))
+            .await
+            .unwrap_err();
+        assert!(matches!(e, Error::LockTableFull { .. }), "{e:?}");
+        assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+        assert!(guards.iter().all(|g| !g.is_lost()), "a held lock was lost");
+
+        // Room again once some are released.
+        let rest = guards.split_off(100);
+        release_all(guards, 100).await;
+        let g = timeout(
+            Duration::from_secs(10),
+            locks.acquire(format!("{prefix}:after")),
+        )
+        .await
+        .expect("hung after the table was full")
+        .unwrap();
+        g.release().await.unwrap();
+        release_all(rest, 100).await;
+        eprintln!("lock table full after {held} locks, {filled:?}: {text}");
+
+        let observer = pool(&url, 1).await;
+        let mut all = names(&prefix, held + 500);
+        all.push(format!("{prefix}:more"));
+        all.push(format!("{prefix}:after"));
+        assert!(holders_of(&observer, &keys(&all)).await.is_empty());
+        idle_connections_hold_nothing(&pg).await;
+    }
+
+    /// Terminating one holder session loses exactly the guards on it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn terminating_a_holder_session_loses_exactly_its_guards() {
+        let _share = share_lock_table().await;
+        let (url, pg) = setup(10).await;
+        let heartbeat = Duration::from_millis(300);
+        let backend = Advisory::new(pg.clone())
+            .with_options(AdvisoryOptions {
+                wait: WaitStrategy::Server,
+                heartbeat,
+            })
+            .unwrap()
+            .with_holder_sessions(3)
+            .unwrap();
+        let locks = Locks::new(backend);
+        let names = names(&common::unique("victims"), 300);
+        let keys = keys(&names);
+        let guards = take_all(&locks, &names, 50).await;
+
+        let admin = pool(&url, 1).await;
+        let pid_of: HashMap<i64, i32> = holders_of(&admin, &keys).await.into_iter().collect();
+        assert_eq!(pid_of.len(), 300);
+        let pids: BTreeSet<i32> = pid_of.values().copied().collect();
+        assert!(
+            (2..=3).contains(&pids.len()),
+            "locks on {} sessions",
+            pids.len()
+        );
+        let victim = *pids.iter().next().unwrap();
+        let (doomed, spared): (Vec<_>, Vec<_>) = guards
+            .into_iter()
+            .partition(|g| pid_of[&advisory_key(g.name())] == victim);
+        assert!(!doomed.is_empty() && !spared.is_empty());
+
+        let killed: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1)")
+            .bind(victim)
+            .fetch_one(&admin)
+            .await
+            .unwrap();
+        assert!(killed);
+        timeout(
+            heartbeat * 2 + Duration::from_secs(1),
+            futures::future::join_all(doomed.iter().map(|g| g.lost())),
+        )
+        .await
+        .expect("a guard on the terminated session did not report lost within a heartbeat");
+        sleep(heartbeat * 3).await;
+        let lost: Vec<_> = spared.iter().filter(|g| g.is_lost()).collect();
+        assert!(
+            lost.is_empty(),
+            "{} guards on other sessions lost",
+            lost.len()
+        );
+
+        // The doomed names are free for others; the spared ones are not.
+        let other = Locks::new(Advisory::new(pool(&url, 3).await));
+        assert!(other.try_acquire(doomed[0].name()).await.unwrap().is_some());
+        assert!(other.try_acquire(spared[0].name()).await.unwrap().is_none());
+        for g in doomed {
+            assert!(matches!(g.release().await, Err(Error::Lost { .. })));
+        }
+        release_all(spared, 50).await;
+        assert!(
+            suite::eventually(Duration::from_secs(5), || async {
+                holders_of(&admin, &keys).await.is_empty()
+            })
+            .await
+        );
+        idle_connections_hold_nothing(&pg).await;
+    }
+
+    /// Releases and other acquisitions never queue behind a server-side
+    /// wait: it has a connection of its own. (A hang check, not a speed
+    /// test.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_release_does_not_wait_behind_a_blocked_server_side_waiter() {
+        let _share = share_lock_table().await;
+        let (url, pg) = setup(4).await;
+        let locks = Locks::new(
+            Advisory::new(pg.clone())
+                .with_options(options(WaitStrategy::Server))
+                .unwrap(),
+        );
+        let prefix = common::unique("behind");
+        let (a, b, c) = (
+            format!("{prefix}:a"),
+            format!("{prefix}:b"),
+            format!("{prefix}:c"),
+        );
+        let held_a = locks.acquire(&a).await.unwrap();
+        let held_c = locks.acquire(&c).await.unwrap();
+        let waiter = {
+            let (locks, a) = (locks.clone(), a.clone());
+            tokio::spawn(async move { locks.acquire(a).wait(suite::HUNG).await })
+        };
+        // The waiter is blocked on the server.
+        let observer = pool(&url, 1).await;
+        assert!(
+            suite::eventually(Duration::from_secs(5), || async {
+                let waiting: i64 = sqlx::query_scalar(
+                    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted
+                       AND ((classid::bigint << 32) | objid::bigint) = $1",
+                )
+                .bind(advisory_key(&a))
+                .fetch_one(&observer)
+                .await
+                .unwrap();
+                waiting == 1
+            })
+            .await,
+            "the waiter never blocked on the server"
+        );
+        let bound = Duration::from_secs(5);
+        timeout(bound, async {
+            let g = locks.acquire(&b).await.unwrap();
+            g.release().await.unwrap();
+            held_c.release().await.unwrap();
+        })
+        .await
+        .expect("acquire/release queued behind a blocked waiter");
+        assert!(!waiter.is_finished());
+        let first = held_a.token();
+        timeout(bound, held_a.release())
+            .await
+            .expect("release of the awaited lock hung")
+            .unwrap();
+        let g = timeout(bound, waiter)
+            .await
+            .expect("the waiter was not handed the lock")
+            .unwrap()
+            .unwrap();
+        assert!(g.token() > first);
+        g.release().await.unwrap();
+        idle_connections_hold_nothing(&pg).await;
+    }
+
+    /// Many locks on one session, and still a held name is never granted
+    /// twice: exclusive after exclusive, shared after exclusive and
+    /// exclusive after shared wait; shared beside shared is granted (stacked
+    /// on the one session) and each guard releases its own hold.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn not_reentrant_with_many_locks_on_one_session() {
+        let _share = share_lock_table().await;
+        for wait in [
+            WaitStrategy::Server,
+            WaitStrategy::Poll {
+                min: Duration::from_millis(5),
+                max: Duration::from_millis(50),
+            },
+        ] {
+            let (url, pg) = setup(4).await;
+            let locks = Locks::new(
+                Advisory::new(pg.clone())
+                    .with_options(options(wait))
+                    .unwrap()
+                    .with_holder_sessions(1)
+                    .unwrap(),
+            );
+            let prefix = common::unique("reentrant");
+            let ex_names = names(&format!("{prefix}:x"), 50);
+            let sh_names = names(&format!("{prefix}:s"), 50);
+            let all: Vec<String> = ex_names.iter().chain(&sh_names).cloned().collect();
+            let ex = take_all(&locks, &ex_names, 25).await;
+            let mut sh = Vec::new();
+            for n in &sh_names {
+                sh.push(locks.acquire(n).shared().await.unwrap());
+            }
+            let observer = pool(&url, 1).await;
+            let pids: BTreeSet<i32> = holders_of(&observer, &keys(&all))
+                .await
+                .into_iter()
+                .map(|(_, pid)| pid)
+                .collect();
+            assert_eq!(pids.len(), 1, "{wait:?}: not all on one session");
+
+            for n in &ex_names {
+                assert!(locks.try_acquire(n).await.unwrap().is_none(), "re-entered");
+                let r = locks.acquire(n).shared().wait(Duration::ZERO).await;
+                assert!(
+                    matches!(r, Err(Error::Timeout { .. })),
+                    "shared after exclusive: {r:?}"
+                );
+            }
+            for n in &sh_names {
+                assert!(
+                    locks.try_acquire(n).await.unwrap().is_none(),
+                    "exclusive after shared"
+                );
+            }
+            // Waiting for them (on the server, or polling) times out too.
+            for n in [&ex_names[0], &sh_names[0]] {
+                let r = locks.acquire(n).wait(Duration::from_millis(200)).await;
+                assert!(matches!(r, Err(Error::Timeout { .. })), "{wait:?}: {r:?}");
+            }
+            // Shared beside shared: granted, on the same session.
+            let mut sh2 = Vec::new();
+            for n in &sh_names {
+                let g = locks
+                    .acquire(n)
+                    .shared()
+                    .wait(Duration::ZERO)
+                    .await
+                    .unwrap();
+                sh2.push(g);
+            }
+            let info = locks.inspect(&sh_names[0]).await.unwrap().unwrap();
+            assert_eq!(info.holders, 2);
+            assert_eq!(info.mode, dblock::LockMode::Shared);
+            let pids: BTreeSet<i32> = holders_of(&observer, &keys(&all))
+                .await
+                .into_iter()
+                .map(|(_, pid)| pid)
+                .collect();
+            assert_eq!(
+                pids.len(),
+                1,
+                "{wait:?}: stacked shared locks left the session"
+            );
+
+            // One unlock per lock: with one of two shared guards released,
+            // the name is still held.
+            let other = Locks::new(Advisory::new(pool(&url, 2).await));
+            release_all(sh, 25).await;
+            for n in &sh_names {
+                assert!(
+                    other.try_acquire(n).await.unwrap().is_none(),
+                    "freed while a shared guard still holds it"
+                );
+                assert!(locks.try_acquire(n).await.unwrap().is_none());
+            }
+            release_all(sh2, 25).await;
+            release_all(ex, 25).await;
+            let mut taken = Vec::new();
+            for n in &all {
+                taken.push(other.try_acquire(n).await.unwrap().expect("still held"));
+            }
+            release_all(taken, 25).await;
+            assert!(holders_of(&observer, &keys(&all)).await.is_empty());
+            idle_connections_hold_nothing(&pg).await;
+        }
+    }
+
+    /// A shared lock stacked on a session that holds the name shared
+    /// already does not jump a writer queued on the server: it waits like
+    /// a shared request from another session would.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stacked_shared_lock_does_not_jump_a_queued_writer() {
+        let _share = share_lock_table().await;
+        let (url, pg) = setup(4).await;
+        let locks = Locks::new(
+            Advisory::new(pg.clone())
+                .with_options(options(WaitStrategy::Server))
+                .unwrap()
+                .with_holder_sessions(1)
+                .unwrap(),
+        );
+        let name = common::unique("queued");
+        let reader = locks.acquire(&name).shared().await.unwrap();
+        // Without a writer queued, a second reader is stacked at once.
+        let second = locks
+            .acquire(&name)
+            .shared()
+            .wait(Duration::ZERO)
+            .await
+            .unwrap();
+        second.release().await.unwrap();
+
+        let writers = Locks::new(Advisory::new(pool(&url, 2).await));
+        let writer = {
+            let name = name.clone();
+            tokio::spawn(async move { writers.acquire(name).wait(suite::HUNG).await })
+        };
+        let observer = pool(&url, 1).await;
+        assert!(
+            suite::eventually(Duration::from_secs(5), || async {
+                let waiting: i64 = sqlx::query_scalar(
+                    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted
+                       AND ((classid::bigint << 32) | objid::bigint) = $1",
+                )
+                .bind(advisory_key(&name))
+                .fetch_one(&observer)
+                .await
+                .unwrap();
+                waiting == 1
+            })
+            .await,
+            "the writer never queued"
+        );
+        let r = locks
+            .acquire(&name)
+            .shared()
+            .wait(Duration::from_millis(300))
+            .await;
+        assert!(
+            matches!(r, Err(Error::Timeout { .. })),
+            "jumped the writer: {r:?}"
+        );
+        reader.release().await.unwrap();
+        let w = timeout(Duration::from_secs(5), writer)
+            .await
+            .expect("the writer was not handed the lock")
+            .unwrap()
+            .unwrap();
+        w.release().await.unwrap();
+        idle_connections_hold_nothing(&pg).await;
+    }
+
+    /// `force_release` of a lock this backend holds unlocks it on its
+    /// session (only its guard is lost); from elsewhere it terminates the
+    /// holding session, which ends the other locks on it too.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn force_release_breaks_one_of_our_locks_or_a_whole_foreign_session() {
+        let _share = share_lock_table().await;
+        let (url, pg) = setup(4).await;
+        let heartbeat = Duration::from_millis(200);
+        let locks = Locks::new(
+            Advisory::new(pg.clone())
+                .with_options(options(WaitStrategy::Server))
+                .unwrap()
+                .with_holder_sessions(1)
+                .unwrap(),
+        );
+        let prefix = common::unique("force");
+        let [x, y, z] = ["x", "y", "z"].map(|s| format!("{prefix}:{s}"));
+        let gx = locks.acquire(&x).await.unwrap();
+        let gy = locks.acquire(&y).await.unwrap();
+        let gz = locks.acquire(&z).await.unwrap();
+
+        assert!(locks.force_release(&x).await.unwrap());
+        timeout(Duration::from_secs(2), gx.lost())
+            .await
+            .expect("broken guard not lost");
+        sleep(heartbeat * 3).await;
+        assert!(!gy.is_lost() && !gz.is_lost(), "collateral damage");
+        let other = Locks::new(Advisory::new(pool(&url, 2).await));
+        assert!(other.try_acquire(&x).await.unwrap().is_some());
+        assert!(matches!(gx.release().await, Err(Error::Lost { .. })));
+
+        // From another backend: the session holding y is terminated, and z
+        // (on the same session) goes with it.
+        assert!(other.force_release(&y).await.unwrap());
+        for g in [&gy, &gz] {
+            timeout(heartbeat * 2 + Duration::from_secs(1), g.lost())
+                .await
+                .expect("not lost within a heartbeat");
+        }
+        assert!(
+            !locks.force_release(&y).await.unwrap(),
+            "nothing left to break"
+        );
+        drop((gy, gz));
+        idle_connections_hold_nothing(&pg).await;
+    }
+
+    /// A mix of everything (grants, drops, cancellations, server-side waits
+    /// granted and given up, force_release), then no pooled connection
+    /// holds an advisory lock.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn connections_come_back_clean_after_a_mix() {
+        let _share = share_lock_table().await;
+        let (url, pg) = setup(5).await;
+        let locks = Locks::new(
+            Advisory::new(pg.clone())
+                .with_options(options(WaitStrategy::Server))
+                .unwrap(),
+        );
+        let prefix = common::unique("mix");
+        let names = names(&prefix, 40);
+        let guards = take_all(&locks, &names, 20).await;
+        let mut tasks = Vec::new();
+        for (i, n) in names.iter().enumerate().take(20) {
+            let (locks, n) = (locks.clone(), n.clone());
+            tasks.push(tokio::spawn(async move {
+                match i % 4 {
+                    // A server-side wait granted later, then dropped.
+                    0 => drop(locks.acquire(&n).wait(suite::HUNG).await.unwrap()),
+                    // Given up by timeout.
+                    1 => {
+                        let _ = locks.acquire(&n).wait(Duration::from_millis(50)).await;
+                    }
+                    // Cancelled mid-wait.
+                    2 => {
+                        let _ = timeout(Duration::from_millis(30), locks.acquire(&n)).await;
+                    }
+                    _ => {
+                        let _ = locks.try_acquire(&n).await.unwrap();
+                    }
+                }
+            }));
+        }
+        sleep(Duration::from_millis(100)).await;
+        let mut guards = guards.into_iter();
+        for g in guards.by_ref().take(20) {
+            g.release().await.unwrap();
+        }
+        locks.force_release(&names[30]).await.unwrap();
+        drop(guards);
+        for t in tasks {
+            timeout(suite::HUNG, t).await.unwrap().unwrap();
+        }
+        let observer = pool(&url, 1).await;
+        assert!(
+            suite::eventually(Duration::from_secs(10), || async {
+                holders_of(&observer, &keys(&names)).await.is_empty()
+            })
+            .await
+        );
+        idle_connections_hold_nothing(&pg).await;
+    }
+
+    /// An unlock that fails (here on a session terminated behind the
+    /// heartbeat's back) closes the session: the release reports the error
+    /// and every other guard on it is lost at once, not a heartbeat later.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_unlock_closes_the_session_and_loses_its_guards() {
+        let _share = share_lock_table().await;
+        let (url, pg) = setup(3).await;
+        let locks = Locks::new(
+            Advisory::new(pg.clone())
+                .with_options(AdvisoryOptions {
+                    wait: WaitStrategy::Server,
+                    heartbeat: Duration::from_secs(600),
+                })
+                .unwrap()
+                .with_holder_sessions(1)
+                .unwrap(),
+        );
+        let names = names(&common::unique("unlock"), 20);
+        let mut guards = take_all(&locks, &names, 10).await;
+        let admin = pool(&url, 1).await;
+        let pids: BTreeSet<i32> = holders_of(&admin, &keys(&names))
+            .await
+            .into_iter()
+            .map(|(_, pid)| pid)
+            .collect();
+        assert_eq!(pids.len(), 1);
+        let pid = *pids.iter().next().unwrap();
+        let _: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1)")
+            .bind(pid)
+            .fetch_one(&admin)
+            .await
+            .unwrap();
+        let first = guards.pop().unwrap();
+        let e = timeout(Duration::from_secs(5), first.release())
+            .await
+            .expect("release hung")
+            .unwrap_err();
+        assert!(matches!(e, Error::Database(_)), "{e:?}");
+        for g in &guards {
+            timeout(Duration::from_secs(1), g.lost())
+                .await
+                .expect("a guard on the closed session is not lost");
+        }
+        // The names are free, and the closed connection was not pooled.
+        let other = Locks::new(Advisory::new(pool(&url, 2).await));
+        for n in &names {
+            assert!(other.try_acquire(n).await.unwrap().is_some(), "{n} held");
+        }
+        drop(guards);
+        idle_connections_hold_nothing(&pg).await;
+    }
+
+    /// A lock statement that fails after taking the lock (here `nextval`,
+    /// for a role without rights on the sequence) is undone on its session
+    /// by one unlock; the session and its other locks go on. Beside a
+    /// stacked shared hold the undo could not be told apart from the
+    /// earlier hold, so the session is closed and its guards report lost.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_lock_statement_failing_after_the_lock_is_undone() {
+        let _share = share_lock_table().await;
+        let (url, admin) = setup(2).await;
+        let role = format!("dblock_noseq_{}", std::process::id());
+        let run = |sql: String| {
+            let admin = admin.clone();
+            async move {
+                sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+                    .execute(&admin)
+                    .await
+                    .unwrap();
+            }
+        };
+        run(format!(
+            "DO $$ BEGIN CREATE ROLE {role} LOGIN PASSWORD 'noseq'; EXCEPTION WHEN duplicate_object THEN NULL; END $$;
+             GRANT USAGE ON SEQUENCE dblock_fencing_seq TO {role}"
+        ))
+        .await;
+        let as_role: sqlx::postgres::PgConnectOptions = url.parse().unwrap();
+        let pg = PgPoolOptions::new()
+            .max_connections(3)
+            .connect_with(as_role.username(&role).password("noseq"))
+            .await
+            .unwrap();
+        let locks = Locks::new(
+            Advisory::new(pg.clone())
+                .with_options(options(WaitStrategy::Server))
+                .unwrap()
+                .with_holder_sessions(1)
+                .unwrap(),
+        );
+        let prefix = common::unique("undo");
+        let [a, b, s] = ["a", "b", "s"].map(|x| format!("{prefix}:{x}"));
+        let ga = locks.acquire(&a).await.unwrap();
+        let gs = locks.acquire(&s).shared().await.unwrap();
+        run(format!(
+            "REVOKE USAGE ON SEQUENCE dblock_fencing_seq FROM {role}"
+        ))
+        .await;
+
+        let e = locks.try_acquire(&b).await.unwrap_err();
+        assert!(
+            matches!(&e, Error::Database(sqlx::Error::Database(db)) if db.code().as_deref() == Some("42501")),
+            "{e:?}"
+        );
+        assert_eq!(
+            sessions_holding(&admin, advisory_key(&b)).await,
+            0,
+            "b left held"
+        );
+        sleep(Duration::from_millis(600)).await;
+        assert!(
+            !ga.is_lost() && !gs.is_lost(),
+            "the session did not survive"
+        );
+        assert_eq!(sessions_holding(&admin, advisory_key(&a)).await, 1);
+
+        // Beside a stacked shared hold: the session is closed.
+        let e = locks.acquire(&s).shared().await.unwrap_err();
+        assert!(matches!(e, Error::Database(_)), "{e:?}");
+        timeout(Duration::from_secs(2), gs.lost())
+            .await
+            .expect("not lost");
+        assert!(ga.is_lost());
+        assert!(
+            suite::eventually(Duration::from_secs(5), || async {
+                sessions_holding(&admin, advisory_key(&s)).await == 0
+                    && sessions_holding(&admin, advisory_key(&a)).await == 0
+            })
+            .await
+        );
+        drop((ga, gs));
+        pg.close().await;
+        run(format!("DROP ROLE {role}")).await;
+    }
+
+    /// Measurements for the record (not a test): time to take and release
+    /// 5,000 locks by number of holder sessions, and the statements per
+    /// second that keep them alive. Run alone, on a server nobody else
+    /// uses: it counts every transaction of the database.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[ignore = "a measurement; run by hand on a quiet server"]
+    async fn measure_holder_sessions() {
+        let _alone = LOCK_TABLE.write().await;
+        let (url, _) = setup(1).await;
+        let observer = pool(&url, 1).await;
+        let heartbeat = Duration::from_millis(500);
+        for sessions in [1, 2, 4, 8] {
+            let pg = pool(&url, 10).await;
+            let locks = Locks::new(
+                Advisory::new(pg.clone())
+                    .with_options(AdvisoryOptions {
+                        wait: WaitStrategy::Server,
+                        heartbeat,
+                    })
+                    .unwrap()
+                    .with_holder_sessions(sessions)
+                    .unwrap(),
+            );
+            let names = names(&common::unique("measure"), 5000);
+            let started = Instant::now();
+            let guards = take_all(&locks, &names, 100).await;
+            let took = started.elapsed();
+            // Count the statements on the holder sessions by watching each
+            // one's query_start change (sampled far faster than they run).
+            let pids: Vec<i32> = holders_of(&observer, &keys(&names))
+                .await
+                .into_iter()
+                .map(|(_, pid)| pid)
+                .collect::<BTreeSet<_>>()
+                .into_iter()
+                .collect();
+            let window = Duration::from_secs(5);
+            let mut seen: HashMap<i32, chrono::DateTime<chrono::Utc>> = HashMap::new();
+            let mut statements = 0u32;
+            let end = Instant::now() + window;
+            while Instant::now() < end {
+                let rows: Vec<(i32, Option<chrono::DateTime<chrono::Utc>>)> = sqlx::query_as(
+                    "SELECT pid, query_start FROM pg_stat_activity WHERE pid = ANY($1)",
+                )
+                .bind(&pids)
+                .fetch_all(&observer)
+                .await
+                .unwrap();
+                for (pid, start) in rows {
+                    let Some(start) = start else { continue };
+                    if seen.insert(pid, start).is_some_and(|prev| prev != start) {
+                        statements += 1;
+                    }
+                }
+                sleep(Duration::from_millis(10)).await;
+            }
+            let started = Instant::now();
+            release_all(guards, 100).await;
+            let released = started.elapsed();
+            eprintln!(
+                "holder sessions {sessions} (in use {}): 5000 locks taken in {took:?} ({:.0}/s), \
+                 released in {released:?}; {:.1} statements/s keep them alive (heartbeat {heartbeat:?})",
+                pids.len(),
+                5000.0 / took.as_secs_f64(),
+                f64::from(statements) / window.as_secs_f64(),
+            );
+            pg.close().await;
+        }
     }
 }

@@ -1,0 +1,316 @@
+//! One acquisition: tries on a holder session, then waits by polling or on
+//! a connection of its own, blocked on the server.
+//!
+//! The whole attempt runs in a task of its own that owns its outcome, so
+//! dropping the caller's future never strands a lock: a grant that finds
+//! its caller gone is dropped, which queues its unlock on its session, and
+//! a server-side wait whose caller is gone has its connection closed.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use sqlx::pool::PoolConnection;
+use sqlx::Postgres;
+use tokio::sync::oneshot;
+use tokio::time::{sleep_until, Instant};
+
+use super::registry::Route;
+use super::session::{self, Cmd, LockReply};
+use super::{lock_table_full, Inner, WaitStrategy, LOCK_TABLE_FULL};
+use crate::backend::{BoxFuture, Grant};
+use crate::postgres::{advisory_key, map_err};
+use crate::{AcquireRequest, Error, LockMode, Result, Wait};
+
+pub(super) type Reply = oneshot::Sender<Result<Option<Grant>>>;
+
+// The innermost subquery sets a transaction-local lock_timeout before the
+// lock call runs (OFFSET 0 keeps the planner from flattening the order away);
+// in autocommit the "transaction" is this one statement, so nothing leaks
+// into the pooled session. The backend's pid comes along: the connection
+// becomes a holder session when the wait is granted.
+const WAIT_EXCLUSIVE: &str = "SELECT nextval('dblock_fencing_seq'), pg_backend_pid() FROM (SELECT pg_advisory_lock($1) FROM (SELECT set_config('lock_timeout', $2, true)) cfg OFFSET 0) l";
+const WAIT_SHARED: &str = "SELECT nextval('dblock_fencing_seq'), pg_backend_pid() FROM (SELECT pg_advisory_lock_shared($1) FROM (SELECT set_config('lock_timeout', $2, true)) cfg OFFSET 0) l";
+
+/// How often a server-side waiter that cannot get a connection (the pool
+/// is exhausted) tries again on the holder sessions meanwhile.
+const POOL_RETRY_MIN: Duration = Duration::from_millis(20);
+const POOL_RETRY_MAX: Duration = Duration::from_secs(1);
+
+/// How many holder sessions may fail (or be opened) under one attempt
+/// before it gives up.
+const SESSION_RETRIES: usize = 4;
+
+fn is_lock_timeout(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(db) if db.code().as_deref() == Some("55P03"))
+}
+
+fn is_lock_table_full(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(db) if db.code().as_deref() == Some(LOCK_TABLE_FULL))
+}
+
+pub(super) async fn acquire_task(inner: Arc<Inner>, request: AcquireRequest, mut reply: Reply) {
+    let name = request.name().to_owned();
+    let key = advisory_key(&name);
+    let mode = request.mode();
+    let deadline = match request.wait() {
+        Wait::For(d) => Some(Instant::now() + d),
+        _ => None,
+    };
+    let subscription = inner.wakeups.subscribe(&name);
+    let (mut pause, cap) = match inner.options.wait {
+        WaitStrategy::Poll { min, max } => (min, max),
+        WaitStrategy::Server => (POOL_RETRY_MIN, POOL_RETRY_MAX),
+    };
+    // The connection of a server-side wait, and its acquisition from the
+    // pool while that is under way (kept across rounds, so as not to lose
+    // the place in the pool's queue).
+    let mut waiter: Option<WaitConn> = None;
+    let mut from_pool: Option<
+        BoxFuture<'static, std::result::Result<PoolConnection<Postgres>, sqlx::Error>>,
+    > = None;
+    loop {
+        let notified = subscription.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+
+        let attempt = tokio::select! {
+            r = try_on_session(&inner, key, mode, &name) => r,
+            _ = reply.closed() => return,
+        };
+        match attempt {
+            Ok(Some(grant)) => {
+                let _ = reply.send(Ok(Some(grant)));
+                return;
+            }
+            Ok(None) => {}
+            Err(e) => {
+                let _ = reply.send(Err(e));
+                return;
+            }
+        }
+        let now = Instant::now();
+        match (request.wait(), deadline) {
+            (Wait::No, _) => {
+                let _ = reply.send(Ok(None));
+                return;
+            }
+            (Wait::For(waited), Some(deadline)) if now >= deadline => {
+                let _ = reply.send(Err(Error::Timeout { name, waited }));
+                return;
+            }
+            _ => {}
+        }
+        let mut wake_at = now + pause.mul_f64(rand::random_range(0.5..=1.0));
+        if let Some(deadline) = deadline {
+            wake_at = wake_at.min(deadline);
+        }
+        if let WaitStrategy::Poll { .. } = inner.options.wait {
+            tokio::select! {
+                _ = reply.closed() => return,
+                _ = &mut notified => {}
+                _ = sleep_until(wake_at) => {}
+            }
+            pause = (pause * 2).min(cap);
+            continue;
+        }
+        // Server-side wait, on a connection of its own so that nothing else
+        // queues behind it. While the pool has none to spare, keep trying on
+        // the holder sessions (a release here wakes us; others are polled).
+        if waiter.is_none() {
+            let pending = from_pool.get_or_insert_with(|| Box::pin(inner.pool.acquire()));
+            tokio::select! {
+                _ = reply.closed() => return,
+                conn = pending => {
+                    from_pool = None;
+                    match conn {
+                        Ok(conn) => waiter = Some(WaitConn { conn: Some(conn), clean: true }),
+                        // The pool stayed exhausted for its acquire_timeout:
+                        // go on trying on the holder sessions meanwhile (a
+                        // database that cannot be reached fails them).
+                        Err(sqlx::Error::PoolTimedOut) => continue,
+                        Err(e) => {
+                            let _ = reply.send(Err(e.into()));
+                            return;
+                        }
+                    }
+                }
+                _ = &mut notified => continue,
+                _ = sleep_until(wake_at) => {
+                    pause = (pause * 2).min(cap);
+                    continue;
+                }
+            }
+        }
+        let conn = waiter.as_mut().expect("a waiting connection");
+        match wait_on_server(conn, key, mode, deadline, &mut reply).await {
+            Waited::Granted { token, pid } => {
+                let conn = waiter
+                    .take()
+                    .and_then(|mut w| w.conn.take())
+                    .expect("a waiting connection");
+                let grant = session::adopt(&inner, conn, pid, key, mode, token, &name);
+                // If the acquirer is gone, the grant drops with the failed
+                // send and its session unlocks it.
+                let _ = reply.send(Ok(Some(grant)));
+                return;
+            }
+            Waited::Busy => {}
+            Waited::Failed(e) => {
+                let _ = reply.send(Err(e));
+                return;
+            }
+            Waited::Abandoned => return,
+        }
+    }
+}
+
+/// One attempt on a holder session, opening one if needed. `Ok(None)` if
+/// the lock is held (by us or anyone).
+async fn try_on_session(
+    inner: &Arc<Inner>,
+    key: i64,
+    mode: LockMode,
+    name: &str,
+) -> Result<Option<Grant>> {
+    let mut grow = true;
+    let mut failed = None;
+    let mut gone = 0;
+    while gone < SESSION_RETRIES {
+        let lock = inner.next_id();
+        let route = inner
+            .registry()
+            .route(key, mode, lock, inner.target_sessions(), grow);
+        match route {
+            Route::Busy => return Ok(None),
+            Route::Open => {
+                // Counted too: a session that dies as soon as it is opened
+                // must not be reopened forever.
+                open_session(inner).await?;
+                gone += 1;
+            }
+            Route::Grow => {
+                grow = false;
+                inner.grow();
+            }
+            Route::Send { session, tx } => {
+                let (reply, answer) = oneshot::channel();
+                let cmd = Cmd::Lock {
+                    lock,
+                    key,
+                    mode,
+                    name: name.to_owned(),
+                    reply,
+                };
+                if tx.send(cmd).is_err() {
+                    inner.session_gone(session, "the holder session's task ended");
+                    gone += 1;
+                    continue;
+                }
+                match answer.await {
+                    Ok(LockReply::Granted(grant)) => return Ok(Some(grant)),
+                    Ok(LockReply::Busy) => return Ok(None),
+                    Ok(LockReply::Failed(e)) => return Err(e),
+                    Ok(LockReply::Gone(reason)) => failed = Some(reason),
+                    Err(_) => inner.session_gone(session, "the holder session's task ended"),
+                }
+                gone += 1;
+            }
+        }
+    }
+    let reason = failed.unwrap_or_else(|| "their tasks ended".into());
+    Err(Error::Database(sqlx::Error::Io(std::io::Error::other(
+        format!("the advisory lock's holder sessions kept failing: {reason}"),
+    ))))
+}
+
+/// Opens a core holder session when there is none, waiting for a
+/// connection from the pool (unless another task opens one meanwhile).
+async fn open_session(inner: &Arc<Inner>) -> Result<()> {
+    let _opening = inner.opening.lock().await;
+    if inner.registry().core_count() > 0 {
+        return Ok(());
+    }
+    let conn = inner.pool.acquire().await?;
+    session::open(inner, conn);
+    Ok(())
+}
+
+/// A connection used for a server-side wait. It goes back to the pool only
+/// when it is known to hold no lock; otherwise it is closed.
+struct WaitConn {
+    conn: Option<PoolConnection<Postgres>>,
+    clean: bool,
+}
+
+impl Drop for WaitConn {
+    fn drop(&mut self) {
+        if let Some(conn) = self.conn.as_mut() {
+            if !self.clean {
+                conn.close_on_drop();
+            }
+        }
+    }
+}
+
+enum Waited {
+    Granted { token: u64, pid: i32 },
+    Busy,
+    Failed(Error),
+    Abandoned,
+}
+
+/// One server-side wait, bounded by what is left of the deadline.
+async fn wait_on_server(
+    conn: &mut WaitConn,
+    key: i64,
+    mode: LockMode,
+    deadline: Option<Instant>,
+    reply: &mut Reply,
+) -> Waited {
+    // lock_timeout takes whole milliseconds up to i32::MAX; a longer wait is
+    // done in several rounds. "0" waits forever.
+    let timeout_ms = match deadline {
+        None => 0,
+        Some(d) => {
+            let left = d.saturating_duration_since(Instant::now()).as_millis();
+            if left == 0 {
+                return Waited::Busy;
+            }
+            left.min(i32::MAX as u128) as i64
+        }
+    };
+    let sql = match mode {
+        LockMode::Exclusive => WAIT_EXCLUSIVE,
+        LockMode::Shared => WAIT_SHARED,
+    };
+    conn.clean = false;
+    let statement = sqlx::query_as::<_, (i64, i32)>(sql)
+        .bind(key)
+        .bind(format!("{timeout_ms}ms"))
+        .fetch_one(&mut **conn.conn.as_mut().expect("connection present"));
+    let outcome = tokio::select! {
+        r = statement => r,
+        // The acquirer is gone. The statement may yet be granted, so the
+        // connection stays dirty and is closed: its session's locks end.
+        _ = reply.closed() => return Waited::Abandoned,
+    };
+    match outcome {
+        Ok((token, pid)) => Waited::Granted {
+            token: token as u64,
+            pid,
+        },
+        Err(e) if is_lock_timeout(&e) => {
+            // The wait was cancelled before any grant.
+            conn.clean = true;
+            Waited::Busy
+        }
+        Err(e) if is_lock_table_full(&e) => {
+            // The lock could not even be queued for: nothing is held.
+            conn.clean = true;
+            Waited::Failed(lock_table_full(""))
+        }
+        // Otherwise the lock may have been taken before the error: the
+        // dirty connection is closed.
+        Err(e) => Waited::Failed(map_err(e)),
+    }
+}

@@ -1,0 +1,452 @@
+//! Session-level PostgreSQL advisory locks, many to a connection.
+//!
+//! - [`registry`]: which locks this backend holds on which session, and the
+//!   routing that keeps PostgreSQL's lock stacking from making them
+//!   re-entrant.
+//! - [`session`]: the holder sessions, one task per connection.
+//! - [`acquire`]: one acquisition, its polling or server-side wait.
+
+mod acquire;
+mod registry;
+mod session;
+
+use std::fmt;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use sqlx::{PgPool, Row};
+use tokio::sync::oneshot;
+
+use super::advisory_key;
+use crate::backend::{BoxFuture, Grant};
+use crate::lease::Wakeups;
+use crate::{AcquireRequest, Backend, Error, LockInfo, LockMode, Result};
+use registry::{Registry, SessionId};
+use session::Cmd;
+
+/// How an [`Advisory`] acquisition waits for a held lock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum WaitStrategy {
+    /// Block in `pg_advisory_lock` on the server, bounded by a
+    /// transaction-local `lock_timeout`: the prompt handoff. Each waiting
+    /// acquisition takes a connection of its own from the pool for the wait,
+    /// so that nothing else queues behind it; when the wait is granted, that
+    /// connection carries the lock (see [`Advisory`]). The waiting statement
+    /// holds a snapshot meanwhile, which holds back
+    /// `CREATE INDEX CONCURRENTLY` and vacuum's horizon on that database.
+    Server,
+    /// Call `pg_try_advisory_lock` with backoff between `min` and `max`
+    /// (with jitter); no statement runs while waiting and no connection is
+    /// taken for it. Releases in this process wake local waiters at once.
+    Poll {
+        /// The first pause.
+        min: Duration,
+        /// The longest pause.
+        max: Duration,
+    },
+}
+
+/// Settings of an [`Advisory`] backend.
+#[derive(Debug, Clone)]
+pub struct AdvisoryOptions {
+    /// How to wait for a held lock. Default: [`WaitStrategy::Server`].
+    pub wait: WaitStrategy,
+    /// How often each holder session is checked (`SELECT 1`) when no other
+    /// statement has run on it meanwhile; when a session was terminated or
+    /// died, every guard on it reports itself lost within this interval.
+    /// It also bounds how long an empty session lingers before it goes
+    /// back to the pool. Default 5 s.
+    pub heartbeat: Duration,
+}
+
+impl Default for AdvisoryOptions {
+    fn default() -> Self {
+        AdvisoryOptions {
+            wait: WaitStrategy::Server,
+            heartbeat: Duration::from_secs(5),
+        }
+    }
+}
+
+/// The default number of holder sessions.
+const DEFAULT_HOLDER_SESSIONS: usize = 2;
+/// The most holder sessions accepted.
+const MAX_HOLDER_SESSIONS: usize = 64;
+
+/// PostgreSQL's SQLSTATE for "out of shared memory": the lock table is full.
+const LOCK_TABLE_FULL: &str = "53200";
+
+/// PostgreSQL session-level advisory locks (`pg_advisory_lock` family),
+/// many of them on few connections.
+///
+/// # Connections
+///
+/// Locks are taken on a few long-lived **holder sessions**: connections
+/// taken from the pool and kept while they carry locks, each carrying any
+/// number of them (2 by default, see [`with_holder_sessions`]). A held lock
+/// therefore does not pin a pool connection of its own: a pool of 10 can
+/// hold thousands of locks. A lock ends when it is released or when its
+/// session ends, so a crashed process never leaves it behind. A holder
+/// session that holds nothing goes back to the pool after a heartbeat,
+/// clean (`pg_advisory_unlock_all()` first): a connection that may hold a
+/// lock is never returned to the pool, it is closed instead.
+///
+/// With [`WaitStrategy::Server`], an acquisition that has to wait takes a
+/// connection of its own from the pool and blocks on it, so that releases
+/// and other acquisitions never queue behind it. When the wait is granted,
+/// the lock lives on that connection, which becomes a holder session: it
+/// joins the holder sessions if there are fewer than configured, and
+/// otherwise carries just that lock and goes back to the pool when it is
+/// released. (Moving the lock onto an existing holder session is not
+/// possible without a moment where neither session holds it, which another
+/// contender could use: PostgreSQL does not let two sessions hold an
+/// exclusive lock at once.) So each granted server-side wait still held,
+/// and each wait under way, uses a connection; polling waits use none.
+///
+/// Size the pool for the holder sessions, the server-side waits under way
+/// and the locks they were granted, plus `inspect`, `list` and
+/// `force_release` and whatever else the application runs on it. The
+/// number of holder sessions is capped at the pool's size minus one. If
+/// the pool is exhausted, a server-side waiter keeps trying on the holder
+/// sessions until a connection is free.
+///
+/// # Semantics
+///
+/// - Fencing tokens come from the sequence `dblock_fencing_seq` in the same
+///   statement as the lock: run [`migrate`](super::migrate) once. Names map
+///   to keys by [`advisory_key`], so other programs can take the same locks.
+/// - Shared (reader) locks are native.
+/// - `.ttl()` does not apply (the lock lives as long as its session);
+///   [`LockGuard::expires_at`](crate::LockGuard::expires_at) is `None`.
+/// - `.hold_at_least()` is not supported: a lock that must outlive its
+///   process needs a lease ([`Lease`](super::Lease)).
+/// - Not re-entrant, although PostgreSQL stacks session locks: the backend
+///   records which locks it holds on which session, and a second
+///   acquisition of a name it holds waits like any other contender (shared
+///   beside shared is granted, as between processes; several shared guards
+///   of one name may share a session, each releasing its own hold).
+///
+/// # Loss
+///
+/// Each holder session is checked once per heartbeat (when nothing else ran
+/// on it). When a session dies or is terminated, every guard on it reports
+/// itself lost within a heartbeat. A session is also closed, with the same
+/// effect on all its guards, when an unlock's outcome is unknown or a
+/// statement gets no answer within the heartbeat (at least 2 s).
+///
+/// [`Locks::force_release`](crate::Locks::force_release) breaks a lock held
+/// by this backend by unlocking it on its session: only that lock's guards
+/// report lost. A lock held by another process (or another `Advisory`) can
+/// only be broken by terminating the session that holds it, since only the
+/// owning session can unlock it; **that ends every other lock on that
+/// session too**, and their guards report lost as well.
+///
+/// # Capacity
+///
+/// Every advisory lock takes an entry in PostgreSQL's shared lock table,
+/// which has room for about `max_locks_per_transaction ×
+/// (max_connections + max_prepared_transactions)` locks (6,400 on a default
+/// configuration, with some slack) for all sessions of the server together.
+/// When it is full an acquisition fails at once with
+/// [`Error::LockTableFull`], which names the setting to raise; locks
+/// already held stay held and others can be taken once some are released.
+/// Other applications on the server share the same table.
+///
+/// [`with_holder_sessions`]: Advisory::with_holder_sessions
+#[derive(Clone)]
+pub struct Advisory {
+    inner: Arc<Inner>,
+}
+
+pub(super) struct Inner {
+    pool: PgPool,
+    options: AdvisoryOptions,
+    holder_sessions: usize,
+    wakeups: Arc<Wakeups>,
+    registry: Mutex<Registry>,
+    /// Held while the first core holder session is being opened.
+    opening: tokio::sync::Mutex<()>,
+    /// Whether another core holder session is being opened in the
+    /// background.
+    growing: AtomicBool,
+    ids: AtomicU64,
+}
+
+impl fmt::Debug for Advisory {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Advisory")
+            .field("options", &self.inner.options)
+            .field("holder_sessions", &self.inner.holder_sessions)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Advisory {
+    /// Advisory locks on connections from `pool`, with default options.
+    pub fn new(pool: PgPool) -> Self {
+        Self::build(pool, AdvisoryOptions::default(), DEFAULT_HOLDER_SESSIONS)
+    }
+
+    fn build(pool: PgPool, options: AdvisoryOptions, holder_sessions: usize) -> Self {
+        Advisory {
+            inner: Arc::new(Inner {
+                pool,
+                options,
+                holder_sessions,
+                wakeups: Wakeups::new(),
+                registry: Mutex::default(),
+                opening: tokio::sync::Mutex::new(()),
+                growing: AtomicBool::new(false),
+                ids: AtomicU64::new(1),
+            }),
+        }
+    }
+
+    /// Replaces the options. Fails with [`Error::InvalidOption`] for a
+    /// heartbeat outside 10 ms ..= 1 h or poll bounds out of order.
+    ///
+    /// The result is a new backend: locks held through `self` are not seen
+    /// by it (configure the backend before taking locks).
+    pub fn with_options(self, options: AdvisoryOptions) -> Result<Self> {
+        let hb = options.heartbeat;
+        if hb < Duration::from_millis(10) || hb > Duration::from_secs(3600) {
+            return Err(Error::InvalidOption(format!(
+                "heartbeat of {hb:?} is outside 10 ms ..= 1 h"
+            )));
+        }
+        if let WaitStrategy::Poll { min, max } = options.wait {
+            if min.is_zero() || min > max || max > Duration::from_secs(3600) {
+                return Err(Error::InvalidOption(format!(
+                    "poll bounds must satisfy 0 < min <= max <= 1 h (got {min:?} and {max:?})"
+                )));
+            }
+        }
+        Ok(Self::build(
+            self.inner.pool.clone(),
+            options,
+            self.inner.holder_sessions,
+        ))
+    }
+
+    /// Sets how many holder sessions new locks are spread over (default 2). Sessions are opened as the load needs
+    /// them, at most this many and at most the pool's size minus one; more
+    /// sessions take locks faster when many tasks acquire at once, fewer
+    /// leave more of the pool to the rest of the application. Fails with
+    /// [`Error::InvalidOption`] outside 1 ..= 64.
+    ///
+    /// The result is a new backend: locks held through `self` are not seen
+    /// by it (configure the backend before taking locks).
+    pub fn with_holder_sessions(self, sessions: usize) -> Result<Self> {
+        if sessions == 0 || sessions > MAX_HOLDER_SESSIONS {
+            return Err(Error::InvalidOption(format!(
+                "holder sessions must lie within 1 ..= {MAX_HOLDER_SESSIONS} (got {sessions})"
+            )));
+        }
+        Ok(Self::build(
+            self.inner.pool.clone(),
+            self.inner.options.clone(),
+            sessions,
+        ))
+    }
+
+    /// The pool this backend takes connections from.
+    pub fn pool(&self) -> &PgPool {
+        &self.inner.pool
+    }
+}
+
+/// The error for a full lock table; `size` tells the configured size, if
+/// known.
+fn lock_table_full(size: &str) -> Error {
+    Error::LockTableFull {
+        detail: format!(
+            "PostgreSQL's shared lock table has no room for another advisory lock \
+             (SQLSTATE 53200, \"out of shared memory\"). It holds \
+             max_locks_per_transaction x (max_connections + max_prepared_transactions) \
+             locks for all sessions on the server together{size}. Release locks, or raise \
+             max_locks_per_transaction in postgresql.conf (a server restart is needed)"
+        ),
+    }
+}
+
+impl Inner {
+    fn next_id(&self) -> u64 {
+        self.ids.fetch_add(1, Ordering::Relaxed)
+    }
+
+    fn registry(&self) -> MutexGuard<'_, Registry> {
+        self.registry.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// How many core holder sessions to open at most.
+    fn target_sessions(&self) -> usize {
+        let pool = self.pool.options().get_max_connections() as usize;
+        self.holder_sessions.min(pool.saturating_sub(1).max(1))
+    }
+
+    /// Opens another core holder session in the background, if the pool
+    /// has a connection to spare at once (idle, or room to open one): the
+    /// sessions there are have a backlog.
+    fn grow(self: &Arc<Self>) {
+        if let Some(conn) = self.pool.try_acquire() {
+            session::open(self, conn);
+            return;
+        }
+        if self.pool.size() >= self.pool.options().get_max_connections()
+            || self.growing.swap(true, Ordering::AcqRel)
+        {
+            return;
+        }
+        let inner = self.clone();
+        tokio::spawn(async move {
+            let conn = inner.pool.acquire().await;
+            inner.growing.store(false, Ordering::Release);
+            if let Ok(conn) = conn {
+                session::open(&inner, conn);
+            }
+        });
+    }
+
+    /// How long a holder session may take to answer a statement before it
+    /// is considered dead.
+    fn answer_within(&self) -> Duration {
+        self.options.heartbeat.max(Duration::from_secs(2))
+    }
+
+    /// The session is gone (or being closed): forget it, report its locks
+    /// lost and wake whoever waits for them here. Idempotent.
+    fn session_gone(&self, session: SessionId, reason: &str) {
+        let lost = self.registry().remove_session(session);
+        for (name, status) in lost.into_iter().flatten() {
+            status.mark_lost(reason);
+            self.wakeups.wake(&name);
+        }
+    }
+
+    async fn query_locks(&self, key: Option<i64>) -> Result<Vec<LockInfo>> {
+        let (classid, objid) = key.map(split_key).unzip();
+        let rows = sqlx::query(
+            "SELECT ((l.classid::bigint << 32) | l.objid::bigint) AS key,
+                    bool_or(l.mode = 'ExclusiveLock') AS exclusive,
+                    count(*)::bigint AS holders,
+                    string_agg(format('pid %s%s%s', l.pid,
+                        ' (' || nullif(a.application_name, '') || ')',
+                        ' from ' || host(a.client_addr)), ', ' ORDER BY l.pid) AS holder
+               FROM pg_locks l LEFT JOIN pg_stat_activity a ON a.pid = l.pid
+              WHERE l.locktype = 'advisory' AND l.objsubid = 1 AND l.granted
+                AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+                AND ($1::bigint IS NULL OR (l.classid::bigint = $1 AND l.objid::bigint = $2))
+              GROUP BY 1 ORDER BY 1",
+        )
+        .bind(classid)
+        .bind(objid)
+        .fetch_all(&self.pool)
+        .await?;
+        let registry = self.registry();
+        rows.into_iter()
+            .map(|row| {
+                let key: i64 = row.try_get("key")?;
+                let exclusive: bool = row.try_get("exclusive")?;
+                let mode = if exclusive {
+                    LockMode::Exclusive
+                } else {
+                    LockMode::Shared
+                };
+                let ours = registry.ours(key);
+                let mut info = LockInfo::new(
+                    ours.as_ref().map(|o| o.name.clone()),
+                    row.try_get::<Option<String>, _>("holder")?
+                        .unwrap_or_default(),
+                    mode,
+                );
+                info.key = Some(key);
+                // pg_locks shows one row per session; guards of ours that
+                // share a session (stacked shared locks) count each.
+                info.holders = row.try_get::<i64, _>("holders")? as u32
+                    + ours.as_ref().map_or(0, |o| o.stacked);
+                info.token = ours.map(|o| o.token);
+                Ok(info)
+            })
+            .collect()
+    }
+}
+
+/// `pg_locks` shows a bigint key as two oids: the high and the low 32 bits.
+fn split_key(key: i64) -> (i64, i64) {
+    let k = key as u64;
+    ((k >> 32) as i64, (k & 0xffff_ffff) as i64)
+}
+
+impl Backend for Advisory {
+    fn kind(&self) -> &'static str {
+        "postgres-advisory"
+    }
+
+    fn acquire(&self, request: AcquireRequest) -> BoxFuture<'_, Result<Option<Grant>>> {
+        Box::pin(async move {
+            if request.hold_at_least().is_some() {
+                return Err(Error::Unsupported {
+                    backend: self.kind(),
+                    what:
+                        "hold_at_least: an advisory lock ends with its session; use postgres::Lease"
+                            .into(),
+                });
+            }
+            // The attempt runs in a task that owns the outcome, so dropping
+            // this future can never strand a lock.
+            let (tx, rx) = oneshot::channel();
+            tokio::spawn(acquire::acquire_task(self.inner.clone(), request, tx));
+            rx.await
+                .unwrap_or_else(|_| Err(Error::Database(sqlx::Error::WorkerCrashed)))
+        })
+    }
+
+    fn inspect<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<Option<LockInfo>>> {
+        Box::pin(async move {
+            let key = advisory_key(name);
+            let mut infos = self.inner.query_locks(Some(key)).await?;
+            Ok(infos.pop().map(|mut info| {
+                info.name = Some(name.to_owned());
+                info
+            }))
+        })
+    }
+
+    fn list(&self) -> BoxFuture<'_, Result<Vec<LockInfo>>> {
+        Box::pin(self.inner.query_locks(None))
+    }
+
+    /// Locks of this backend are unlocked on their own session (only their
+    /// guards report lost); any other holder's session is terminated, which
+    /// ends every lock on it.
+    fn force_release<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<bool>> {
+        Box::pin(async move {
+            let key = advisory_key(name);
+            let ours = self.inner.registry().held_on_key(key);
+            let mut broke = false;
+            for (_, lock, tx) in ours {
+                let (reply, answer) = oneshot::channel();
+                if tx.send(Cmd::Break { lock, key, reply }).is_ok() {
+                    broke |= answer.await.unwrap_or(true);
+                }
+            }
+            let (classid, objid) = split_key(key);
+            let pids = self.inner.registry().pids();
+            let killed: Vec<bool> = sqlx::query_scalar(
+                "SELECT pg_terminate_backend(pid) FROM pg_locks
+                  WHERE locktype = 'advisory' AND objsubid = 1 AND granted
+                    AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
+                    AND classid::bigint = $1 AND objid::bigint = $2
+                    AND pid <> ALL($3)",
+            )
+            .bind(classid)
+            .bind(objid)
+            .bind(pids)
+            .fetch_all(&self.inner.pool)
+            .await?;
+            Ok(broke || killed.iter().any(|k| *k))
+        })
+    }
+}

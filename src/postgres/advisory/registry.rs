@@ -1,0 +1,340 @@
+//! The local registry: which advisory locks this backend holds, or is
+//! taking, on which holder session, and which sessions are open.
+//!
+//! PostgreSQL stacks session-level advisory locks: a session that already
+//! holds a key is granted it again at once, whatever the mode and whoever
+//! else waits. Two guards of one process must therefore never meet inside
+//! PostgreSQL on the same session unless both are shared. The registry is
+//! where that is decided, under one mutex, before any statement is sent:
+//!
+//! - an exclusive request for a key this backend holds or is taking (in any
+//!   mode, on any session) is busy here, without asking the server;
+//! - a shared request is busy here only against a local exclusive hold;
+//!   beside local shared holds it goes to a session that does not hold the
+//!   key if there is one, and is stacked on one that does otherwise (one
+//!   `pg_advisory_unlock_shared` per guard undoes the stack);
+//! - conflicts between different sessions, ours or anyone's, are left to
+//!   PostgreSQL.
+
+use std::collections::HashMap;
+
+use tokio::sync::mpsc::UnboundedSender;
+
+use super::session::Cmd;
+use crate::backend::LockStatus;
+use crate::LockMode;
+
+pub(super) type SessionId = u64;
+pub(super) type LockId = u64;
+
+/// One lock on one session: being taken, or held by a guard.
+pub(super) struct Hold {
+    pub(super) lock: LockId,
+    pub(super) session: SessionId,
+    pub(super) mode: LockMode,
+    pub(super) state: HoldState,
+}
+
+pub(super) enum HoldState {
+    /// A lock statement is on its way; the outcome is not known yet.
+    Pending,
+    /// Granted and owned by a guard.
+    Held {
+        token: u64,
+        name: String,
+        status: LockStatus,
+    },
+}
+
+/// An open holder session.
+pub(super) struct SessionEntry {
+    pub(super) tx: UnboundedSender<Cmd>,
+    /// Whether new locks are routed to it. Sessions adopted from a
+    /// server-side wait beyond the configured number are not: they carry
+    /// the lock they waited for and go back to the pool once it is released.
+    pub(super) core: bool,
+    /// The backend's process id, once known (for `force_release`).
+    pub(super) pid: Option<i32>,
+    /// Locks held and being taken on it.
+    pub(super) holds: usize,
+    /// Lock statements sent to it and not yet answered (its backlog).
+    pub(super) queued: usize,
+}
+
+/// Where to send a lock attempt.
+pub(super) enum Route {
+    /// This backend holds or is taking the key in a conflicting mode.
+    Busy,
+    /// There is no holder session yet: one must be opened.
+    Open,
+    /// The sessions there are all have a backlog (or all hold the key), and
+    /// fewer than the configured number are open: another would help.
+    Grow,
+    /// Send the attempt to this session; the pending hold is recorded.
+    Send {
+        session: SessionId,
+        tx: UnboundedSender<Cmd>,
+    },
+}
+
+/// A lock of ours, as `inspect` and `list` report it.
+pub(super) struct Ours {
+    pub(super) name: String,
+    pub(super) token: u64,
+    /// Guards on `key` beyond the first on each session (stacked shared
+    /// holds, which `pg_locks` shows as one row per session).
+    pub(super) stacked: u32,
+}
+
+#[derive(Default)]
+pub(super) struct Registry {
+    keys: HashMap<i64, Vec<Hold>>,
+    sessions: HashMap<SessionId, SessionEntry>,
+}
+
+impl Registry {
+    /// Core sessions open now.
+    pub(super) fn core_count(&self) -> usize {
+        self.sessions.values().filter(|s| s.core).count()
+    }
+
+    /// Decides where a lock attempt goes, and records it as pending there.
+    pub(super) fn route(
+        &mut self,
+        key: i64,
+        mode: LockMode,
+        lock: LockId,
+        target: usize,
+        grow: bool,
+    ) -> Route {
+        let holds = self.keys.get(&key).map(Vec::as_slice).unwrap_or_default();
+        if !holds.is_empty()
+            && (mode == LockMode::Exclusive || holds.iter().any(|h| h.mode == LockMode::Exclusive))
+        {
+            return Route::Busy;
+        }
+        let core = self.core_count();
+        if core == 0 {
+            return Route::Open;
+        }
+        let has_key = |id: &SessionId| holds.iter().any(|h| h.session == *id);
+        // The least backlogged core session without the key; ties go to the
+        // oldest, so that a lightly used backend keeps to one session and
+        // the others fall idle and go back to the pool.
+        let fresh = self
+            .sessions
+            .iter()
+            .filter(|(id, s)| s.core && !has_key(id))
+            .min_by_key(|(id, s)| (s.queued, **id))
+            .map(|(id, s)| (*id, s.queued));
+        let can_grow = grow && core < target;
+        let chosen = match fresh {
+            Some((_, queued)) if queued > 0 && can_grow => return Route::Grow,
+            Some((id, _)) => id,
+            // Every core session holds the key (shared): open another, or
+            // stack on the least backlogged.
+            None if can_grow => return Route::Grow,
+            None => match self
+                .sessions
+                .iter()
+                .filter(|(_, s)| s.core)
+                .min_by_key(|(id, s)| (s.queued, **id))
+            {
+                Some((id, _)) => *id,
+                None => return Route::Open,
+            },
+        };
+        let entry = self.sessions.get_mut(&chosen).expect("chosen session");
+        entry.holds += 1;
+        entry.queued += 1;
+        let tx = entry.tx.clone();
+        self.keys.entry(key).or_default().push(Hold {
+            lock,
+            session: chosen,
+            mode,
+            state: HoldState::Pending,
+        });
+        Route::Send {
+            session: chosen,
+            tx,
+        }
+    }
+
+    /// Registers an open session.
+    pub(super) fn add_session(&mut self, id: SessionId, entry: SessionEntry) {
+        self.sessions.insert(id, entry);
+    }
+
+    /// Records a lock held by a guard on `session` (a granted server-side
+    /// wait, adopted together with its session).
+    pub(super) fn add_held(&mut self, key: i64, hold: Hold) {
+        self.keys.entry(key).or_default().push(hold);
+    }
+
+    /// The session's process id is known.
+    pub(super) fn set_pid(&mut self, id: SessionId, pid: i32) {
+        if let Some(s) = self.sessions.get_mut(&id) {
+            s.pid = Some(pid);
+        }
+    }
+
+    /// The pending attempt `hold.lock` was granted: it becomes `hold`.
+    pub(super) fn granted(&mut self, key: i64, hold: Hold) {
+        if let Some(s) = self.sessions.get_mut(&hold.session) {
+            s.queued = s.queued.saturating_sub(1);
+        }
+        let holds = self.keys.entry(key).or_default();
+        match holds.iter_mut().find(|h| h.lock == hold.lock) {
+            Some(h) => *h = hold,
+            None => {
+                // Not expected (the session records its own attempts), but a
+                // lock the server granted is recorded whatever happened.
+                if let Some(s) = self.sessions.get_mut(&hold.session) {
+                    s.holds += 1;
+                }
+                holds.push(hold);
+            }
+        }
+    }
+
+    /// An attempt was answered without a grant: the pending hold goes.
+    pub(super) fn not_granted(&mut self, session: SessionId, key: i64, lock: LockId) {
+        if let Some(s) = self.sessions.get_mut(&session) {
+            s.queued = s.queued.saturating_sub(1);
+        }
+        self.remove(key, lock);
+    }
+
+    /// The hold `lock` on `key`, if it is still recorded.
+    pub(super) fn hold(&self, key: i64, lock: LockId) -> Option<&Hold> {
+        self.keys.get(&key)?.iter().find(|h| h.lock == lock)
+    }
+
+    /// Whether `session` has another hold on `key` in `mode` besides `lock`.
+    pub(super) fn stacked(
+        &self,
+        session: SessionId,
+        key: i64,
+        mode: LockMode,
+        lock: LockId,
+    ) -> bool {
+        self.keys.get(&key).is_some_and(|holds| {
+            holds
+                .iter()
+                .any(|h| h.session == session && h.mode == mode && h.lock != lock)
+        })
+    }
+
+    /// Forgets the hold `lock` on `key`; returns it.
+    pub(super) fn remove(&mut self, key: i64, lock: LockId) -> Option<Hold> {
+        let holds = self.keys.get_mut(&key)?;
+        let at = holds.iter().position(|h| h.lock == lock)?;
+        let hold = holds.swap_remove(at);
+        if holds.is_empty() {
+            self.keys.remove(&key);
+        }
+        if let Some(s) = self.sessions.get_mut(&hold.session) {
+            s.holds = s.holds.saturating_sub(1);
+        }
+        Some(hold)
+    }
+
+    /// The session's holds (held and pending), if it is open.
+    pub(super) fn holds_on(&self, session: SessionId) -> Option<usize> {
+        self.sessions.get(&session).map(|s| s.holds)
+    }
+
+    /// Whether new locks are routed to the session.
+    pub(super) fn is_core(&self, session: SessionId) -> bool {
+        self.sessions.get(&session).is_some_and(|s| s.core)
+    }
+
+    /// Unregisters the session if it holds nothing, so that nothing more is
+    /// routed to it. Returns whether it did.
+    pub(super) fn retire(&mut self, session: SessionId) -> bool {
+        match self.sessions.get(&session) {
+            Some(s) if s.holds == 0 => {
+                self.sessions.remove(&session);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Unregisters the session and forgets every lock on it (it died or is
+    /// being closed). Returns the held locks' names and statuses, to report
+    /// them lost; `None` if the session was already gone.
+    pub(super) fn remove_session(
+        &mut self,
+        session: SessionId,
+    ) -> Option<Vec<(String, LockStatus)>> {
+        let entry = self.sessions.remove(&session)?;
+        let mut lost = Vec::new();
+        if entry.holds > 0 {
+            self.keys.retain(|_, holds| {
+                holds.retain_mut(|h| {
+                    if h.session != session {
+                        return true;
+                    }
+                    if let HoldState::Held { name, status, .. } = &h.state {
+                        lost.push((name.clone(), status.clone()));
+                    }
+                    false
+                });
+                !holds.is_empty()
+            });
+        }
+        Some(lost)
+    }
+
+    /// Our held locks on `key`: where they are, to break them.
+    pub(super) fn held_on_key(&self, key: i64) -> Vec<(SessionId, LockId, UnboundedSender<Cmd>)> {
+        let Some(holds) = self.keys.get(&key) else {
+            return Vec::new();
+        };
+        holds
+            .iter()
+            .filter(|h| matches!(h.state, HoldState::Held { .. }))
+            .filter_map(|h| {
+                let s = self.sessions.get(&h.session)?;
+                Some((h.session, h.lock, s.tx.clone()))
+            })
+            .collect()
+    }
+
+    /// The process ids of our open sessions.
+    pub(super) fn pids(&self) -> Vec<i32> {
+        self.sessions.values().filter_map(|s| s.pid).collect()
+    }
+
+    /// What we know of `key` beyond `pg_locks`: a name and the newest token.
+    pub(super) fn ours(&self, key: i64) -> Option<Ours> {
+        let holds = self.keys.get(&key)?;
+        let mut out: Option<Ours> = None;
+        let mut sessions = Vec::new();
+        let mut guards = 0u32;
+        for h in holds {
+            if let HoldState::Held { token, name, .. } = &h.state {
+                guards += 1;
+                if !sessions.contains(&h.session) {
+                    sessions.push(h.session);
+                }
+                match &mut out {
+                    Some(o) if o.token >= *token => {}
+                    Some(o) => o.token = *token,
+                    None => {
+                        out = Some(Ours {
+                            name: name.clone(),
+                            token: *token,
+                            stacked: 0,
+                        })
+                    }
+                }
+            }
+        }
+        out.map(|mut o| {
+            o.stacked = guards - sessions.len() as u32;
+            o
+        })
+    }
+}

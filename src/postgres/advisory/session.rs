@@ -1,0 +1,723 @@
+//! Holder sessions: long-lived connections taken from the pool, each
+//! carrying many session-level advisory locks.
+//!
+//! Each session is run by one task that owns the connection and serves
+//! commands one at a time (lock, unlock, break, check), so statements on a
+//! session never interleave. The same task checks the session when it has
+//! been idle for a heartbeat; any statement that succeeds proves it alive.
+//!
+//! When a statement fails in a way that leaves the session's state unknown
+//! (a connection error, no answer in time, an unlock whose outcome is
+//! unknown), the session is closed and every lock on it is reported lost:
+//! a connection that may hold a lock never goes back to the pool. A session
+//! that holds nothing goes back to the pool (core sessions after a heartbeat
+//! without locks, sessions adopted from a wait as soon as their lock is
+//! released), after a `pg_advisory_unlock_all()` for good measure.
+
+use std::fmt;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use sqlx::pool::PoolConnection;
+use sqlx::Postgres;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::{sleep_until, timeout, Instant};
+
+use super::registry::{Hold, HoldState, LockId, SessionEntry, SessionId};
+use super::{lock_table_full, split_key, Inner, LOCK_TABLE_FULL};
+use crate::backend::{BoxFuture, Grant, HeldLock, LockStatus};
+use crate::postgres::map_err;
+use crate::{Error, LockMode, Result};
+
+const TRY_EXCLUSIVE: &str =
+    "SELECT CASE WHEN pg_try_advisory_lock($1) THEN nextval('dblock_fencing_seq') END";
+const TRY_SHARED: &str =
+    "SELECT CASE WHEN pg_try_advisory_lock_shared($1) THEN nextval('dblock_fencing_seq') END";
+// A shared lock stacked on a session that holds the key shared already: the
+// server would grant it at once, ahead of any waiter queued for the key (a
+// session never waits for a lock it holds), so a stream of readers in this
+// process could starve a writer queued on the server. It is taken only if
+// nobody waits for the key (CASE fixes the order of evaluation).
+const TRY_SHARED_STACKED: &str = "SELECT CASE
+    WHEN EXISTS (SELECT 1 FROM pg_locks
+                  WHERE locktype = 'advisory' AND objsubid = 1 AND NOT granted
+                    AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
+                    AND classid::bigint = $2 AND objid::bigint = $3) THEN NULL
+    WHEN pg_try_advisory_lock_shared($1) THEN nextval('dblock_fencing_seq') END";
+const UNLOCK_EXCLUSIVE: &str = "SELECT pg_advisory_unlock($1)";
+const UNLOCK_SHARED: &str = "SELECT pg_advisory_unlock_shared($1)";
+// Undoing a lock statement that failed: one unlock, without the WARNING the
+// server sends the client when the lock was not taken after all
+// (client_min_messages is set for this one-statement transaction only).
+const UNDO_EXCLUSIVE: &str = "SELECT pg_advisory_unlock($1) FROM (SELECT set_config('client_min_messages', 'error', true)) cfg OFFSET 0";
+const UNDO_SHARED: &str = "SELECT pg_advisory_unlock_shared($1) FROM (SELECT set_config('client_min_messages', 'error', true)) cfg OFFSET 0";
+
+/// What a session is asked to do.
+pub(super) enum Cmd {
+    /// Try to take `key` (never waits on the server).
+    Lock {
+        lock: LockId,
+        key: i64,
+        mode: LockMode,
+        name: String,
+        reply: oneshot::Sender<LockReply>,
+    },
+    /// Release a held lock (no reply when its guard was dropped).
+    Unlock {
+        lock: LockId,
+        key: i64,
+        reply: Option<oneshot::Sender<Released>>,
+    },
+    /// Release a held lock on an operator's behalf; its guard reports lost.
+    Break {
+        lock: LockId,
+        key: i64,
+        reply: oneshot::Sender<bool>,
+    },
+    /// Check the session now (`extend` on an advisory guard).
+    Check { reply: oneshot::Sender<Result<()>> },
+}
+
+/// The answer to [`Cmd::Lock`].
+pub(super) enum LockReply {
+    Granted(Grant),
+    Busy,
+    Failed(Error),
+    /// The session failed before or while trying (why); nothing is held
+    /// (the session is closed). Try elsewhere.
+    Gone(String),
+}
+
+/// The answer to [`Cmd::Unlock`].
+pub(super) enum Released {
+    Yes,
+    /// The lock was not held any more (lost or broken before): why.
+    NotHeld(String),
+    /// The unlock's outcome is unknown; the session was closed, which ends
+    /// the lock.
+    Failed(sqlx::Error),
+}
+
+/// How a statement on a session went wrong.
+enum Failure {
+    /// The server refused the statement; the session is fine.
+    Server(sqlx::Error),
+    /// The session is suspect: it must be closed.
+    Broken(String),
+}
+
+/// Error classes after which a session is not to be trusted: connection
+/// exceptions, operator intervention (`pg_terminate_backend`), system and
+/// internal errors.
+fn fatal(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Database(db) => {
+            let code = db.code();
+            let class = code.as_deref().map(|c| &c[..c.len().min(2)]);
+            matches!(class, Some("08" | "57" | "58" | "XX") | None)
+        }
+        _ => true,
+    }
+}
+
+fn is_lock_table_full(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(db) if db.code().as_deref() == Some(LOCK_TABLE_FULL))
+}
+
+/// Runs `statement` with a bound on how long the session may take to
+/// answer, and classifies its failure.
+async fn bounded<T>(
+    limit: Duration,
+    statement: impl Future<Output = std::result::Result<T, sqlx::Error>>,
+) -> std::result::Result<T, Failure> {
+    match timeout(limit, statement).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) if fatal(&e) => Err(Failure::Broken(format!(
+            "the holder session of the advisory lock failed: {e}"
+        ))),
+        Ok(Err(e)) => Err(Failure::Server(e)),
+        Err(_) => Err(Failure::Broken(format!(
+            "the holder session of the advisory lock did not answer within {limit:?}"
+        ))),
+    }
+}
+
+/// Starts a core session on `conn`, unless the configured number is open
+/// already (the connection goes back to the pool then). New locks are
+/// routed to it at once: they queue behind its first statement.
+pub(super) fn open(inner: &Arc<Inner>, conn: PoolConnection<Postgres>) {
+    let id = inner.next_id();
+    let (tx, rx) = mpsc::unbounded_channel();
+    {
+        let mut registry = inner.registry();
+        if registry.core_count() >= inner.target_sessions() {
+            return;
+        }
+        registry.add_session(
+            id,
+            SessionEntry {
+                tx: tx.clone(),
+                core: true,
+                pid: None,
+                holds: 0,
+                queued: 0,
+            },
+        );
+    }
+    tracing::debug!(session = id, "dblock: advisory holder session opened");
+    tokio::spawn(Session::new(inner.clone(), id, conn, tx, rx).run(None));
+}
+
+/// Makes the connection of a granted server-side wait a holder session
+/// that carries the lock, and returns the lock's grant.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn adopt(
+    inner: &Arc<Inner>,
+    conn: PoolConnection<Postgres>,
+    pid: i32,
+    key: i64,
+    mode: LockMode,
+    token: u64,
+    name: &str,
+) -> Grant {
+    let id = inner.next_id();
+    let lock = inner.next_id();
+    let (tx, rx) = mpsc::unbounded_channel();
+    let (status, pending) = Grant::status(None);
+    {
+        let mut registry = inner.registry();
+        let core = registry.core_count() < inner.target_sessions();
+        registry.add_session(
+            id,
+            SessionEntry {
+                tx: tx.clone(),
+                core,
+                pid: Some(pid),
+                holds: 1,
+                queued: 0,
+            },
+        );
+        registry.add_held(
+            key,
+            Hold {
+                lock,
+                session: id,
+                mode,
+                state: HoldState::Held {
+                    token,
+                    name: name.to_owned(),
+                    status: status.clone(),
+                },
+            },
+        );
+    }
+    tracing::debug!(
+        session = id,
+        pid,
+        "dblock: advisory wait granted; its session holds the lock"
+    );
+    tokio::spawn(Session::new(inner.clone(), id, conn, tx.clone(), rx).run(Some(pid)));
+    pending.grant(
+        token,
+        Box::new(Held {
+            name: name.to_owned(),
+            key,
+            lock,
+            tx,
+            status,
+            armed: true,
+        }),
+    )
+}
+
+struct Session {
+    inner: Arc<Inner>,
+    id: SessionId,
+    conn: Option<PoolConnection<Postgres>>,
+    /// Our own address, for the handles of the locks granted here.
+    tx: mpsc::UnboundedSender<Cmd>,
+    rx: mpsc::UnboundedReceiver<Cmd>,
+    /// When a statement last succeeded: the session was alive then.
+    last_ok: Instant,
+}
+
+enum Next {
+    Cmd(Cmd),
+    Beat,
+    Closed,
+}
+
+impl Session {
+    fn new(
+        inner: Arc<Inner>,
+        id: SessionId,
+        conn: PoolConnection<Postgres>,
+        tx: mpsc::UnboundedSender<Cmd>,
+        rx: mpsc::UnboundedReceiver<Cmd>,
+    ) -> Self {
+        Session {
+            inner,
+            id,
+            conn: Some(conn),
+            tx,
+            rx,
+            last_ok: Instant::now(),
+        }
+    }
+
+    fn conn(&mut self) -> &mut PoolConnection<Postgres> {
+        self.conn.as_mut().expect("connection present")
+    }
+
+    async fn run(mut self, pid: Option<i32>) {
+        if pid.is_none() {
+            let limit = self.inner.answer_within();
+            let statement = sqlx::query_scalar::<_, i32>("SELECT pg_backend_pid()")
+                .fetch_one(&mut **self.conn());
+            match bounded(limit, statement).await {
+                Ok(pid) => {
+                    self.last_ok = Instant::now();
+                    self.inner.registry().set_pid(self.id, pid);
+                }
+                Err(Failure::Server(e)) => {
+                    return self.die(format!("the holder session failed: {e}"));
+                }
+                Err(Failure::Broken(reason)) => return self.die(reason),
+            }
+        }
+        let heartbeat = self.inner.options.heartbeat;
+        loop {
+            let next = tokio::select! {
+                biased;
+                cmd = self.rx.recv() => cmd.map_or(Next::Closed, Next::Cmd),
+                _ = sleep_until(self.last_ok + heartbeat) => Next::Beat,
+            };
+            let outcome = match next {
+                Next::Cmd(cmd) => self.serve(cmd).await,
+                Next::Beat => {
+                    let empty = self.inner.registry().holds_on(self.id) == Some(0);
+                    if empty && self.retire().await {
+                        return;
+                    }
+                    self.ping().await
+                }
+                Next::Closed => Err("the holder session's channel closed".to_owned()),
+            };
+            if let Err(reason) = outcome {
+                return self.die(reason);
+            }
+            // A session adopted from a wait goes back to the pool as soon
+            // as it holds nothing; core sessions linger for a heartbeat.
+            let (empty, core) = {
+                let registry = self.inner.registry();
+                (
+                    registry.holds_on(self.id) == Some(0),
+                    registry.is_core(self.id),
+                )
+            };
+            if empty && !core && self.retire().await {
+                return;
+            }
+        }
+    }
+
+    /// Serves one command. `Err` means the session must be closed.
+    async fn serve(&mut self, cmd: Cmd) -> std::result::Result<(), String> {
+        match cmd {
+            Cmd::Lock {
+                lock,
+                key,
+                mode,
+                name,
+                reply,
+            } => self.lock(lock, key, mode, name, reply).await,
+            Cmd::Unlock { lock, key, reply } => {
+                let (released, outcome) = self.unlock(lock, key, None).await;
+                if let Some(reply) = reply {
+                    let _ = reply.send(released);
+                }
+                outcome
+            }
+            Cmd::Break { lock, key, reply } => {
+                let reason = "the lock was broken by force_release";
+                let (released, outcome) = self.unlock(lock, key, Some(reason)).await;
+                let _ = reply.send(!matches!(released, Released::NotHeld(_)));
+                outcome
+            }
+            Cmd::Check { reply } => {
+                let outcome = self.ping().await;
+                let _ = reply.send(match &outcome {
+                    Ok(()) => Ok(()),
+                    Err(reason) => Err(Error::lost("", reason.clone())),
+                });
+                outcome
+            }
+        }
+    }
+
+    async fn ping(&mut self) -> std::result::Result<(), String> {
+        let limit = self.inner.answer_within();
+        let statement = sqlx::query("SELECT 1").execute(&mut **self.conn());
+        match bounded(limit, statement).await {
+            Ok(_) => {
+                self.last_ok = Instant::now();
+                Ok(())
+            }
+            Err(Failure::Server(e)) => Err(format!("the holder session failed: {e}")),
+            Err(Failure::Broken(reason)) => Err(reason),
+        }
+    }
+
+    async fn lock(
+        &mut self,
+        lock: LockId,
+        key: i64,
+        mode: LockMode,
+        name: String,
+        reply: oneshot::Sender<LockReply>,
+    ) -> std::result::Result<(), String> {
+        let limit = self.inner.answer_within();
+        let stacked =
+            mode == LockMode::Shared && self.inner.registry().stacked(self.id, key, mode, lock);
+        let sql = match mode {
+            LockMode::Exclusive => TRY_EXCLUSIVE,
+            LockMode::Shared if stacked => TRY_SHARED_STACKED,
+            LockMode::Shared => TRY_SHARED,
+        };
+        let mut query = sqlx::query_scalar::<_, Option<i64>>(sql).bind(key);
+        if stacked {
+            let (classid, objid) = split_key(key);
+            query = query.bind(classid).bind(objid);
+        }
+        let statement = query.fetch_one(&mut **self.conn());
+        match bounded(limit, statement).await {
+            Ok(Some(token)) => {
+                self.last_ok = Instant::now();
+                let token = token as u64;
+                let (status, pending) = Grant::status(None);
+                self.inner.registry().granted(
+                    key,
+                    Hold {
+                        lock,
+                        session: self.id,
+                        mode,
+                        state: HoldState::Held {
+                            token,
+                            name: name.clone(),
+                            status: status.clone(),
+                        },
+                    },
+                );
+                let grant = pending.grant(
+                    token,
+                    Box::new(Held {
+                        name,
+                        key,
+                        lock,
+                        tx: self.tx.clone(),
+                        status,
+                        armed: true,
+                    }),
+                );
+                // If the acquirer is gone, the grant comes back and drops
+                // here, which queues its unlock on this session.
+                let _ = reply.send(LockReply::Granted(grant));
+                Ok(())
+            }
+            Ok(None) => {
+                self.last_ok = Instant::now();
+                self.inner.registry().not_granted(self.id, key, lock);
+                let _ = reply.send(LockReply::Busy);
+                Ok(())
+            }
+            Err(Failure::Server(e)) => {
+                // The statement failed, maybe after the lock was taken (the
+                // lock table fills up in the lock call, but nextval may fail
+                // after it). One unlock undoes it exactly if nothing else of
+                // ours holds the key in this mode on this session; beside a
+                // stacked shared hold, only "out of shared memory" is known
+                // to come after the lock (a stacked lock needs no new
+                // entry), so any other error leaves the session uncertain.
+                self.last_ok = Instant::now();
+                let full = is_lock_table_full(&e);
+                if !full && self.inner.registry().stacked(self.id, key, mode, lock) {
+                    let _ = reply.send(LockReply::Failed(map_err(e)));
+                    return Err(
+                        "a lock statement failed beside a stacked shared lock: the session's locks are uncertain"
+                            .to_owned(),
+                    );
+                }
+                let undo = match mode {
+                    LockMode::Exclusive => UNDO_EXCLUSIVE,
+                    LockMode::Shared => UNDO_SHARED,
+                };
+                let statement = sqlx::query(undo).bind(key).execute(&mut **self.conn());
+                let outcome = match bounded(limit, statement).await {
+                    Ok(_) => {
+                        self.last_ok = Instant::now();
+                        self.inner.registry().not_granted(self.id, key, lock);
+                        Ok(())
+                    }
+                    Err(Failure::Server(e)) => Err(format!("undoing a failed lock failed: {e}")),
+                    Err(Failure::Broken(reason)) => Err(reason),
+                };
+                let error = if full && outcome.is_ok() {
+                    lock_table_full(&self.lock_table_size().await)
+                } else if full {
+                    lock_table_full("")
+                } else {
+                    map_err(e)
+                };
+                let _ = reply.send(LockReply::Failed(error));
+                outcome
+            }
+            Err(Failure::Broken(reason)) => {
+                let _ = reply.send(LockReply::Gone(reason.clone()));
+                Err(reason)
+            }
+        }
+    }
+
+    /// Releases the lock `lock` on `key`. With `broken`, its guard is
+    /// reported lost for that reason (an operator broke it).
+    async fn unlock(
+        &mut self,
+        lock: LockId,
+        key: i64,
+        broken: Option<&str>,
+    ) -> (Released, std::result::Result<(), String>) {
+        let mode = {
+            let registry = self.inner.registry();
+            match registry.hold(key, lock) {
+                Some(h) if h.session == self.id => h.mode,
+                _ => {
+                    return (
+                        Released::NotHeld("the advisory lock was lost or broken before".into()),
+                        Ok(()),
+                    )
+                }
+            }
+        };
+        let limit = self.inner.answer_within();
+        let sql = match mode {
+            LockMode::Exclusive => UNLOCK_EXCLUSIVE,
+            LockMode::Shared => UNLOCK_SHARED,
+        };
+        let statement = sqlx::query_scalar::<_, bool>(sql)
+            .bind(key)
+            .fetch_one(&mut **self.conn());
+        match bounded(limit, statement).await {
+            Ok(true) => {
+                self.last_ok = Instant::now();
+                let hold = self.inner.registry().remove(key, lock);
+                if let Some(Hold {
+                    state: HoldState::Held { name, status, .. },
+                    ..
+                }) = hold
+                {
+                    if let Some(reason) = broken {
+                        status.mark_lost(reason);
+                    }
+                    self.inner.wakeups.wake(&name);
+                }
+                (Released::Yes, Ok(()))
+            }
+            Ok(false) => {
+                self.last_ok = Instant::now();
+                let reason = broken.unwrap_or("the session no longer held the advisory lock");
+                let hold = self.inner.registry().remove(key, lock);
+                if let Some(Hold {
+                    state: HoldState::Held { name, status, .. },
+                    ..
+                }) = hold
+                {
+                    status.mark_lost(reason);
+                    self.inner.wakeups.wake(&name);
+                }
+                (Released::NotHeld(reason.to_owned()), Ok(()))
+            }
+            // The unlock's outcome is unknown (or the server refused it,
+            // which leaves the lock in doubt too): close the session, which
+            // ends every lock on it.
+            Err(Failure::Server(e)) => {
+                let reason = format!("an unlock failed on the holder session: {e}");
+                (Released::Failed(e), Err(reason))
+            }
+            Err(Failure::Broken(reason)) => (
+                Released::Failed(sqlx::Error::Io(std::io::Error::other(reason.clone()))),
+                Err(reason),
+            ),
+        }
+    }
+
+    /// The lock table's size as configured, for the error message.
+    async fn lock_table_size(&mut self) -> String {
+        let limit = self.inner.answer_within();
+        let statement = sqlx::query_as::<_, (String, String, String)>(
+            "SELECT current_setting('max_locks_per_transaction'),
+                    current_setting('max_connections'),
+                    current_setting('max_prepared_transactions')",
+        )
+        .fetch_one(&mut **self.conn());
+        match bounded(limit, statement).await {
+            Ok((per_tx, conns, prepared)) => {
+                self.last_ok = Instant::now();
+                let total = per_tx.parse::<u64>().ok().and_then(|p| {
+                    Some(p * (conns.parse::<u64>().ok()? + prepared.parse::<u64>().ok()?))
+                });
+                match total {
+                    Some(total) => format!(
+                        " (here {per_tx} x ({conns} + {prepared}) = {total} entries, plus some slack)"
+                    ),
+                    None => String::new(),
+                }
+            }
+            Err(_) => String::new(),
+        }
+    }
+
+    /// Goes back to the pool if the session holds nothing; `false` if it
+    /// still has locks (or was given some meanwhile).
+    async fn retire(&mut self) -> bool {
+        if !self.inner.registry().retire(self.id) {
+            return false;
+        }
+        // Unregistered: nothing new can be routed here. Anything already
+        // sent (not expected when it held nothing) is answered as gone.
+        self.rx.close();
+        while let Ok(cmd) = self.rx.try_recv() {
+            answer_gone(cmd, "the holder session went back to the pool");
+        }
+        let limit = self.inner.answer_within();
+        let mut conn = self.conn.take().expect("connection present");
+        let statement = sqlx::query("SELECT pg_advisory_unlock_all()").execute(&mut *conn);
+        if bounded(limit, statement).await.is_err() {
+            conn.close_on_drop();
+        }
+        tracing::debug!(
+            session = self.id,
+            "dblock: advisory holder session went back to the pool"
+        );
+        true
+    }
+
+    /// Closes the session: every lock on it is reported lost.
+    fn die(mut self, reason: String) {
+        tracing::warn!(session = self.id, %reason, "dblock: advisory holder session closed");
+        self.inner.session_gone(self.id, &reason);
+        self.rx.close();
+        while let Ok(cmd) = self.rx.try_recv() {
+            answer_gone(cmd, &reason);
+        }
+        if let Some(mut conn) = self.conn.take() {
+            conn.close_on_drop();
+        }
+    }
+}
+
+fn answer_gone(cmd: Cmd, reason: &str) {
+    match cmd {
+        Cmd::Lock { reply, .. } => {
+            let _ = reply.send(LockReply::Gone(reason.to_owned()));
+        }
+        Cmd::Unlock { reply, .. } => {
+            if let Some(reply) = reply {
+                let _ = reply.send(Released::NotHeld(reason.to_owned()));
+            }
+        }
+        // The session's end ended the lock.
+        Cmd::Break { reply, .. } => {
+            let _ = reply.send(true);
+        }
+        Cmd::Check { reply } => {
+            let _ = reply.send(Err(Error::lost("", reason)));
+        }
+    }
+}
+
+/// A guard's handle on its lock: commands to the session that holds it.
+pub(super) struct Held {
+    name: String,
+    key: i64,
+    lock: LockId,
+    tx: mpsc::UnboundedSender<Cmd>,
+    status: LockStatus,
+    /// Whether dropping the handle should release the lock.
+    armed: bool,
+}
+
+impl fmt::Debug for Held {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Held")
+            .field("name", &self.name)
+            .field("key", &self.key)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Held {
+    fn gone(&self) -> Error {
+        Error::lost(
+            &self.name,
+            self.status
+                .lost_reason()
+                .unwrap_or_else(|| "the advisory lock's holder session is gone".into()),
+        )
+    }
+}
+
+impl HeldLock for Held {
+    fn extend(&self, _by: Duration) -> BoxFuture<'_, Result<Option<DateTime<Utc>>>> {
+        Box::pin(async move {
+            let (tx, rx) = oneshot::channel();
+            self.tx
+                .send(Cmd::Check { reply: tx })
+                .map_err(|_| self.gone())?;
+            match rx.await {
+                Ok(Ok(())) if !self.status.is_lost() => Ok(None),
+                Ok(Ok(())) => Err(self.gone()),
+                Ok(Err(Error::Lost { reason, .. })) => Err(Error::lost(&self.name, reason)),
+                Ok(Err(e)) => Err(e),
+                Err(_) => Err(self.gone()),
+            }
+        })
+    }
+
+    fn release(mut self: Box<Self>) -> BoxFuture<'static, Result<()>> {
+        self.armed = false;
+        Box::pin(async move {
+            let (tx, rx) = oneshot::channel();
+            self.tx
+                .send(Cmd::Unlock {
+                    lock: self.lock,
+                    key: self.key,
+                    reply: Some(tx),
+                })
+                .map_err(|_| self.gone())?;
+            match rx.await {
+                Ok(Released::Yes) => Ok(()),
+                Ok(Released::NotHeld(reason)) => Err(Error::lost(&self.name, reason)),
+                Ok(Released::Failed(e)) => Err(Error::Database(e)),
+                Err(_) => Err(self.gone()),
+            }
+        })
+    }
+
+    fn release_on_drop(self: Box<Self>) {
+        // Dropping the armed handle queues the unlock.
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        if self.armed {
+            let _ = self.tx.send(Cmd::Unlock {
+                lock: self.lock,
+                key: self.key,
+                reply: None,
+            });
+        }
+    }
+}
