@@ -40,6 +40,15 @@ const POOL_RETRY_MAX: Duration = Duration::from_secs(1);
 /// before it gives up.
 const SESSION_RETRIES: usize = 4;
 
+// After a lock_timeout: unlock only if this session did get the lock (a
+// grant racing the timeout), so no warning is raised otherwise.
+const UNLOCK_LATE_EXCLUSIVE: &str = "SELECT pg_advisory_unlock($1) FROM pg_locks
+  WHERE locktype = 'advisory' AND objsubid = 1 AND granted AND pid = pg_backend_pid()
+    AND mode = 'ExclusiveLock' AND ((classid::bigint << 32) | objid::bigint) = $1";
+const UNLOCK_LATE_SHARED: &str = "SELECT pg_advisory_unlock_shared($1) FROM pg_locks
+  WHERE locktype = 'advisory' AND objsubid = 1 AND granted AND pid = pg_backend_pid()
+    AND mode = 'ShareLock' AND ((classid::bigint << 32) | objid::bigint) = $1";
+
 fn is_lock_timeout(e: &sqlx::Error) -> bool {
     matches!(e, sqlx::Error::Database(db) if db.code().as_deref() == Some("55P03"))
 }
@@ -300,9 +309,24 @@ async fn wait_on_server(
             pid,
         },
         Err(e) if is_lock_timeout(&e) => {
-            // The wait was cancelled before any grant.
-            conn.clean = true;
-            Waited::Busy
+            // A grant can race the timeout: PostgreSQL then keeps the
+            // session-level lock (LockErrorCleanup remembers a lock granted
+            // while the wait was being cancelled) yet reports the timeout.
+            // Give such a late grant back before the connection counts as
+            // clean; if that fails, the dirty connection is closed. Found by
+            // the torture test's cancellation storm.
+            let unlock = match mode {
+                LockMode::Exclusive => UNLOCK_LATE_EXCLUSIVE,
+                LockMode::Shared => UNLOCK_LATE_SHARED,
+            };
+            let conn_ref = &mut **conn.conn.as_mut().expect("connection present");
+            match sqlx::query(unlock).bind(key).execute(conn_ref).await {
+                Ok(_) => {
+                    conn.clean = true;
+                    Waited::Busy
+                }
+                Err(e) => Waited::Failed(map_err(e)),
+            }
         }
         Err(e) if is_lock_table_full(&e) => {
             // The lock could not even be queued for: nothing is held.
