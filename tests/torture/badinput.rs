@@ -31,7 +31,9 @@ impl Cases {
         match timeout(bound, f()).await {
             Ok(Ok(())) => self.passed += 1,
             Ok(Err(e)) => self.problems.push(format!("{what}: {e}")),
-            Err(_) => self.problems.push(format!("{what}: no answer within {bound:?}")),
+            Err(_) => self
+                .problems
+                .push(format!("{what}: no answer within {bound:?}")),
         }
         let took = t.elapsed();
         if took > Duration::from_secs(5) {
@@ -80,7 +82,10 @@ pub async fn run(kind: Kind) -> bool {
     let refused: [(&str, String); 4] = [
         ("an empty name", String::new()),
         ("a 256-byte name", "n".repeat(256)),
-        ("a name of 64 four-byte characters (256 bytes)", "🔒".repeat(64)),
+        (
+            "a name of 64 four-byte characters (256 bytes)",
+            "🔒".repeat(64),
+        ),
         ("a name with NUL", "input\0name".to_owned()),
     ];
     for (what, name) in refused {
@@ -106,8 +111,14 @@ pub async fn run(kind: Kind) -> bool {
 
     // Names that are data: taken, seen back byte for byte, released.
     let accepted = [
-        ("a name that tries SQL injection", format!("'; DROP TABLE dblock_leases; -- {run}")),
-        ("emoji and other 4-byte UTF-8", format!("🔒🦀𝄞😀 名前 {run}")),
+        (
+            "a name that tries SQL injection",
+            format!("'; DROP TABLE dblock_leases; -- {run}"),
+        ),
+        (
+            "emoji and other 4-byte UTF-8",
+            format!("🔒🦀𝄞😀 名前 {run}"),
+        ),
         ("a 255-byte name of 4-byte characters", {
             let mut s = "🔒".repeat(60);
             s.push_str(&run);
@@ -117,7 +128,10 @@ pub async fn run(kind: Kind) -> bool {
             s.truncate(255);
             s
         }),
-        ("quotes, backslashes and percent signs", format!("a'b\"c\\d%e_f`g {run}")),
+        (
+            "quotes, backslashes and percent signs",
+            format!("a'b\"c\\d%e_f`g {run}"),
+        ),
     ];
     for (what, name) in &accepted {
         c.case(what, BOUND, || async {
@@ -136,14 +150,27 @@ pub async fn run(kind: Kind) -> bool {
                 return Err(format!("inspect gave the name back as {:?}", info.name));
             }
             let listed = locks.list().await.map_err(|e| format!("list: {e}"))?;
-            if !listed.iter().any(|i| i.name.as_deref() == Some(name.as_str())) {
+            if !listed
+                .iter()
+                .any(|i| i.name.as_deref() == Some(name.as_str()))
+            {
                 return Err("list does not show it under its name".into());
             }
-            if locks.try_acquire(name.as_str()).await.map_err(|e| e.to_string())?.is_some() {
+            if locks
+                .try_acquire(name.as_str())
+                .await
+                .map_err(|e| e.to_string())?
+                .is_some()
+            {
                 return Err("a second holder got in".into());
             }
             g.release().await.map_err(|e| format!("release: {e}"))?;
-            if locks.inspect(name).await.map_err(|e| e.to_string())?.is_some() {
+            if locks
+                .inspect(name)
+                .await
+                .map_err(|e| e.to_string())?
+                .is_some()
+            {
                 return Err("still held after release".into());
             }
             Ok(())
@@ -171,22 +198,36 @@ pub async fn run(kind: Kind) -> bool {
     .await;
     c.case("an absurd wait", Duration::from_secs(1), || async {
         expect_err(
-            locks.acquire(name.as_str()).wait(Duration::from_secs(u64::MAX)).await,
+            locks
+                .acquire(name.as_str())
+                .wait(Duration::from_secs(u64::MAX))
+                .await,
             |e| matches!(e, Error::InvalidOption(_)),
             "InvalidOption",
         )
     })
     .await;
-    c.case("an absurd hold_at_least", Duration::from_secs(1), || async {
-        expect_err(
-            locks.acquire(name.as_str()).hold_at_least(Duration::MAX).await,
-            |e| matches!(e, Error::InvalidOption(_)),
-            "InvalidOption",
-        )
-    })
+    c.case(
+        "an absurd hold_at_least",
+        Duration::from_secs(1),
+        || async {
+            expect_err(
+                locks
+                    .acquire(name.as_str())
+                    .hold_at_least(Duration::MAX)
+                    .await,
+                |e| matches!(e, Error::InvalidOption(_)),
+                "InvalidOption",
+            )
+        },
+    )
     .await;
     c.case("an absurd extend", BOUND, || async {
-        let g = locks.acquire(name.as_str()).wait(Duration::from_secs(5)).await.map_err(|e| e.to_string())?;
+        let g = locks
+            .acquire(name.as_str())
+            .wait(Duration::from_secs(5))
+            .await
+            .map_err(|e| e.to_string())?;
         let r = g.extend(Duration::MAX).await;
         g.release().await.map_err(|e| e.to_string())?;
         expect_err(r, |e| matches!(e, Error::InvalidOption(_)), "InvalidOption")
@@ -202,21 +243,25 @@ pub async fn run(kind: Kind) -> bool {
         Ok(())
     })
     .await;
-    c.case("a wait of zero on a free name, and the longest ttl", BOUND, || async {
-        let g = locks
-            .acquire(name.as_str())
-            .wait(Duration::ZERO)
-            .ttl(Duration::from_secs(366 * 24 * 3600))
-            .await
-            .map_err(|e| e.to_string())?;
-        if kind.lease() {
-            let left = g.expires_at().ok_or("no expiry")? - chrono::Utc::now();
-            if left < chrono::Duration::days(365) {
-                return Err(format!("a 366-day lease expires in {left}"));
+    c.case(
+        "a wait of zero on a free name, and the longest ttl",
+        BOUND,
+        || async {
+            let g = locks
+                .acquire(name.as_str())
+                .wait(Duration::ZERO)
+                .ttl(Duration::from_secs(366 * 24 * 3600))
+                .await
+                .map_err(|e| e.to_string())?;
+            if kind.lease() {
+                let left = g.expires_at().ok_or("no expiry")? - chrono::Utc::now();
+                if left < chrono::Duration::days(365) {
+                    return Err(format!("a 366-day lease expires in {left}"));
+                }
             }
-        }
-        g.release().await.map_err(|e| e.to_string())
-    })
+            g.release().await.map_err(|e| e.to_string())
+        },
+    )
     .await;
 
     // A table name that carries SQL.
@@ -227,51 +272,69 @@ pub async fn run(kind: Kind) -> bool {
             "x.y.z",
             "",
         ] {
-            c.case(&format!("with_table({bad:?})"), Duration::from_secs(5), || async {
-                let r = match kind {
-                    Kind::PgLease => {
-                        let Db::Pg(p) = &db else { unreachable!() };
-                        dblock::postgres::Lease::new(p.clone()).with_table(bad).map(|_| ())
-                    }
-                    Kind::LiteLease => dblock::sqlite::Lease::open(&ctl.url)
-                        .await
-                        .map_err(|e| Error::InvalidOption(format!("open failed: {e}")))
-                        .and_then(|l| l.with_table(bad).map(|_| ())),
-                    _ => return Ok(()),
-                };
-                expect_err(r, |e| matches!(e, Error::InvalidOption(m) if !m.starts_with("open failed")), "InvalidOption")
-            })
+            c.case(
+                &format!("with_table({bad:?})"),
+                Duration::from_secs(5),
+                || async {
+                    let r = match kind {
+                        Kind::PgLease => {
+                            let Db::Pg(p) = &db else { unreachable!() };
+                            dblock::postgres::Lease::new(p.clone())
+                                .with_table(bad)
+                                .map(|_| ())
+                        }
+                        Kind::LiteLease => dblock::sqlite::Lease::open(&ctl.url)
+                            .await
+                            .map_err(|e| Error::InvalidOption(format!("open failed: {e}")))
+                            .and_then(|l| l.with_table(bad).map(|_| ())),
+                        _ => return Ok(()),
+                    };
+                    expect_err(
+                        r,
+                        |e| matches!(e, Error::InvalidOption(m) if !m.starts_with("open failed")),
+                        "InvalidOption",
+                    )
+                },
+            )
             .await;
         }
     }
 
     // A database that is down at start.
-    c.case("a database that is down at start", Duration::from_secs(40), || async {
-        let t = Instant::now();
-        let r = match kind {
-            Kind::LiteLease => dblock::sqlite::Lease::open(dir.join("no/such/folder/locks.db"))
-                .await
-                .map(|_| ()),
-            _ => {
-                let port = closed_port().await;
-                let (_, with_port) = authority(&ctl.url);
-                let down = Endpoint {
-                    kind,
-                    url: with_port(port),
-                    app: "dblock-torture-down".into(),
-                }
-                .locks()
-                .await;
-                down.acquire(format!("input:{run}:down"))
-                    .wait(Duration::from_secs(2))
+    c.case(
+        "a database that is down at start",
+        Duration::from_secs(40),
+        || async {
+            let t = Instant::now();
+            let r = match kind {
+                Kind::LiteLease => dblock::sqlite::Lease::open(dir.join("no/such/folder/locks.db"))
                     .await
-                    .map(|_| ())
-            }
-        };
-        expect_err(r, |e| matches!(e, Error::Database(_)), "a Database error")?;
-        println!("  {}: a database down at start: error after {:.1?}", kind.label(), t.elapsed());
-        Ok(())
-    })
+                    .map(|_| ()),
+                _ => {
+                    let port = closed_port().await;
+                    let (_, with_port) = authority(&ctl.url);
+                    let down = Endpoint {
+                        kind,
+                        url: with_port(port),
+                        app: "dblock-torture-down".into(),
+                    }
+                    .locks()
+                    .await;
+                    down.acquire(format!("input:{run}:down"))
+                        .wait(Duration::from_secs(2))
+                        .await
+                        .map(|_| ())
+                }
+            };
+            expect_err(r, |e| matches!(e, Error::Database(_)), "a Database error")?;
+            println!(
+                "  {}: a database down at start: error after {:.1?}",
+                kind.label(),
+                t.elapsed()
+            );
+            Ok(())
+        },
+    )
     .await;
 
     // A database that goes away while a lock is held.
@@ -288,9 +351,11 @@ pub async fn run(kind: Kind) -> bool {
             .await;
         }
     } else {
-        c.case("the file locked by another writer mid-hold", Duration::from_secs(30), || async {
-            sqlite_locked_mid_hold(&locks, &db, &run).await
-        })
+        c.case(
+            "the file locked by another writer mid-hold",
+            Duration::from_secs(30),
+            || async { sqlite_locked_mid_hold(&locks, &db, &run).await },
+        )
         .await;
     }
 
@@ -425,11 +490,21 @@ async fn sqlite_locked_mid_hold(locks: &Locks, db: &Db, run: &str) -> Result<(),
     let Db::Lite(pool) = db else { unreachable!() };
     let ttl = Duration::from_secs(1);
     let name = format!("input:{run}:midhold");
-    let g = locks.acquire(&name).ttl(ttl).await.map_err(|e| e.to_string())?;
+    let g = locks
+        .acquire(&name)
+        .ttl(ttl)
+        .await
+        .map_err(|e| e.to_string())?;
     let mut c = pool.acquire().await.map_err(|e| e.to_string())?;
-    sqlx::query("BEGIN EXCLUSIVE").execute(&mut *c).await.map_err(|e| e.to_string())?;
+    sqlx::query("BEGIN EXCLUSIVE")
+        .execute(&mut *c)
+        .await
+        .map_err(|e| e.to_string())?;
     let lost = timeout(ttl + Duration::from_millis(500), g.lost()).await;
-    sqlx::query("ROLLBACK").execute(&mut *c).await.map_err(|e| e.to_string())?;
+    sqlx::query("ROLLBACK")
+        .execute(&mut *c)
+        .await
+        .map_err(|e| e.to_string())?;
     drop(c);
     if lost.is_err() {
         return Err("lost() did not fire while the file was locked past the ttl".into());

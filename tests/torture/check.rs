@@ -173,7 +173,12 @@ pub fn check(run: &Run<'_>, report: &mut Report) {
         .collect();
     let mut holders = Vec::new();
     for (wid, events) in run.logs {
-        holders.extend(parse_holders(wid, events, killed.get(wid.as_str()).copied(), report));
+        holders.extend(parse_holders(
+            wid,
+            events,
+            killed.get(wid.as_str()).copied(),
+            report,
+        ));
     }
     report.acquisitions = holders.len();
 
@@ -220,7 +225,10 @@ fn parse_holders(
             }
             ("acquire", Type::Ok) => {
                 if let Some(h) = cur.take() {
-                    report.violation(format!("{wid}: acquired {} while holding {}", e.name, h.name));
+                    report.violation(format!(
+                        "{wid}: acquired {} while holding {}",
+                        e.name, h.name
+                    ));
                     out.push(h);
                 }
                 cur = Some(Holder {

@@ -61,11 +61,19 @@ impl Settings {
             None => target::ALL.to_vec(),
         };
         Settings {
-            secs: var("DBLOCK_TORTURE_SECS").map_or(20, |s| s.parse().expect("DBLOCK_TORTURE_SECS")),
+            secs: var("DBLOCK_TORTURE_SECS")
+                .map_or(20, |s| s.parse().expect("DBLOCK_TORTURE_SECS")),
             restart: var("DBLOCK_TORTURE_RESTART").is_some_and(|v| v == "1"),
             backends,
             phases: var("DBLOCK_TORTURE_PHASES").map_or_else(
-                || vec!["torture".into(), "control".into(), "storm".into(), "input".into()],
+                || {
+                    vec![
+                        "torture".into(),
+                        "control".into(),
+                        "storm".into(),
+                        "input".into(),
+                    ]
+                },
                 |p| p.split(',').map(|s| s.trim().to_owned()).collect(),
             ),
             workers: var("DBLOCK_TORTURE_WORKERS").map_or(16, |s| s.parse().expect("workers")),
@@ -99,7 +107,8 @@ pub fn authority(url: &str) -> (String, impl Fn(u16) -> String + '_) {
     let auth = &url[start..end];
     let host_start = auth.rfind('@').map_or(start, |i| start + i + 1);
     let hostport = url[host_start..end].to_owned();
-    let with_port = move |port: u16| format!("{}127.0.0.1:{port}{}", &url[..host_start], &url[end..]);
+    let with_port =
+        move |port: u16| format!("{}127.0.0.1:{port}{}", &url[..host_start], &url[end..]);
     (hostport, with_port)
 }
 
@@ -139,7 +148,10 @@ fn main() {
     for o in outcomes.iter().filter(|o| !o.ok) {
         println!("FAILED: {}", o.name);
     }
-    println!("torture: finished in {:.0} s", started.elapsed().as_secs_f64());
+    println!(
+        "torture: finished in {:.0} s",
+        started.elapsed().as_secs_f64()
+    );
     println!("torture: {passed} passed, {failed} failed");
     // Exit without waiting for the runtime's leftover tasks (proxies).
     std::process::exit(if failed == 0 { 0 } else { 1 });
@@ -226,5 +238,9 @@ where
 
 /// A fresh id for this run's names and rows.
 pub fn run_id() -> String {
-    format!("{:x}{:06x}", std::process::id(), rand::random::<u32>() & 0xff_ffff)
+    format!(
+        "{:x}{:06x}",
+        std::process::id(),
+        rand::random::<u32>() & 0xff_ffff
+    )
 }

@@ -77,7 +77,8 @@ async fn one(kind: Kind, total: usize) -> bool {
     let left = Arc::new(AtomicUsize::new(total));
     let mut tasks = Vec::new();
     for _ in 0..TASKS {
-        let (locks, names, counts, left) = (locks.clone(), names.clone(), counts.clone(), left.clone());
+        let (locks, names, counts, left) =
+            (locks.clone(), names.clone(), counts.clone(), left.clone());
         tasks.push(tokio::spawn(async move {
             while left
                 .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
@@ -87,7 +88,9 @@ async fn one(kind: Kind, total: usize) -> bool {
                     let mut r = rand::rng();
                     (
                         names[r.random_range(0..names.len())].clone(),
-                        Duration::from_micros(r.random_range(0..4000)),
+                        // Log-uniform from 20 µs to 200 ms: every stage of an
+                        // acquisition gets its share of cancellations.
+                        Duration::from_micros((20.0f64 * 10_000f64.powf(r.random::<f64>())) as u64),
                         Duration::from_millis(r.random_range(0..40)),
                         r.random_range(0..4u8),
                     )
@@ -161,10 +164,15 @@ async fn one(kind: Kind, total: usize) -> bool {
     if !eventually(Duration::from_secs(1), || async { held().await == 0 }).await {
         problems.push(format!("{} locks still held after the storm", held().await));
     }
-    let ports = proxy.as_ref().map(|(p, _)| p.upstream_ports(0)).unwrap_or_default();
+    let ports = proxy
+        .as_ref()
+        .map(|(p, _)| p.upstream_ports(0))
+        .unwrap_or_default();
     let open = ctl_db.open_transactions(&app, &ports).await;
     if open > 0 {
-        problems.push(format!("{open} storm connections left inside a transaction"));
+        problems.push(format!(
+            "{open} storm connections left inside a transaction"
+        ));
     }
     if let Db::Lite(pool) = &ctl_db {
         // Nobody holds the file's write lock.
@@ -175,13 +183,19 @@ async fn one(kind: Kind, total: usize) -> bool {
         })
         .await;
         if !matches!(took, Ok(Ok(_))) {
-            problems.push(format!("the SQLite file's write lock is held after the storm: {took:?}"));
+            problems.push(format!(
+                "the SQLite file's write lock is held after the storm: {took:?}"
+            ));
         }
     }
     // The pool serves new work: every name can be taken and released.
     for name in &names {
         let r = timeout(Duration::from_secs(10), async {
-            let g = locks.acquire(name).ttl(Duration::from_secs(2)).wait(Duration::from_secs(5)).await?;
+            let g = locks
+                .acquire(name)
+                .ttl(Duration::from_secs(2))
+                .wait(Duration::from_secs(5))
+                .await?;
             g.release().await
         })
         .await;
@@ -205,7 +219,10 @@ async fn one(kind: Kind, total: usize) -> bool {
     );
     println!("{line}");
     if counts.cancelled.load(Ordering::Relaxed) < total / 4 {
-        problems.push("fewer than a quarter of the acquisitions were cancelled: the storm is too gentle".into());
+        problems.push(
+            "fewer than a quarter of the acquisitions were cancelled: the storm is too gentle"
+                .into(),
+        );
     }
     for p in &problems {
         println!("  VIOLATION storm {}: {p}", kind.label());

@@ -19,7 +19,12 @@ pub enum Kind {
     LiteLease,
 }
 
-pub const ALL: [Kind; 4] = [Kind::Advisory, Kind::PgLease, Kind::MyLease, Kind::LiteLease];
+pub const ALL: [Kind; 4] = [
+    Kind::Advisory,
+    Kind::PgLease,
+    Kind::MyLease,
+    Kind::LiteLease,
+];
 
 impl Kind {
     pub fn label(self) -> &'static str {
@@ -248,8 +253,14 @@ impl Db {
         }
         for name in names {
             for table in ["dblock_torture_fenced", "dblock_torture_unguarded"] {
-                let sql = format!("INSERT INTO {table} (run, name) VALUES ({}, {})", self.p(1), self.p(2));
-                self.execute(&sql, &[run, name]).await.expect("insert register row");
+                let sql = format!(
+                    "INSERT INTO {table} (run, name) VALUES ({}, {})",
+                    self.p(1),
+                    self.p(2)
+                );
+                self.execute(&sql, &[run, name])
+                    .await
+                    .expect("insert register row");
             }
         }
     }
@@ -409,9 +420,8 @@ impl Db {
         let fenced = format!(
             "SELECT value, fence FROM dblock_torture_fenced WHERE run = {p1} AND name = {p2}"
         );
-        let unguarded = format!(
-            "SELECT value FROM dblock_torture_unguarded WHERE run = {p1} AND name = {p2}"
-        );
+        let unguarded =
+            format!("SELECT value FROM dblock_torture_unguarded WHERE run = {p1} AND name = {p2}");
         let accepted = format!(
             "SELECT token, kind, worker FROM dblock_torture_accepted
               WHERE run = {p1} AND name = {p2} ORDER BY id"
@@ -492,7 +502,11 @@ impl Db {
                 let mut n = 0;
                 for id in ids {
                     let sql = format!("KILL CONNECTION {id}");
-                    if sqlx::query(sqlx::AssertSqlSafe(sql)).execute(pool).await.is_ok() {
+                    if sqlx::query(sqlx::AssertSqlSafe(sql))
+                        .execute(pool)
+                        .await
+                        .is_ok()
+                    {
                         n += 1;
                     }
                 }
@@ -546,12 +560,11 @@ impl Db {
 
 /// MySQL session ids whose client port is one of `ports`.
 async fn mysql_sessions(pool: &MySqlPool, ports: &[i32]) -> Vec<u64> {
-    let rows: Vec<(u64, String)> = sqlx::query_as(
-        "SELECT CAST(ID AS UNSIGNED), HOST FROM information_schema.PROCESSLIST",
-    )
-    .fetch_all(pool)
-    .await
-    .unwrap_or_default();
+    let rows: Vec<(u64, String)> =
+        sqlx::query_as("SELECT CAST(ID AS UNSIGNED), HOST FROM information_schema.PROCESSLIST")
+            .fetch_all(pool)
+            .await
+            .unwrap_or_default();
     rows.into_iter()
         .filter(|(_, host)| {
             host.rsplit_once(':')

@@ -86,7 +86,8 @@ pub async fn control(kind: Kind, s: &Settings) -> bool {
             kind.label(),
             report.summary("caught")
         );
-        let caught = report.stale_accepted > 0 && report.unguarded_lost > 0 && !report.violations.is_empty();
+        let caught =
+            report.stale_accepted > 0 && report.unguarded_lost > 0 && !report.violations.is_empty();
         if let Some(v) = report.violations.first() {
             println!("  the checker reported, as it must: {v}");
         }
@@ -284,7 +285,9 @@ async fn run(plan: &Plan) -> (Report, PathBuf) {
         let slot = match fleet.holder(&locks, name).await {
             Some(i) if free(&fleet, i) => i,
             _ => {
-                let candidates: Vec<usize> = (0..fleet.slots.len()).filter(|&i| free(&fleet, i)).collect();
+                let candidates: Vec<usize> = (0..fleet.slots.len())
+                    .filter(|&i| free(&fleet, i))
+                    .collect();
                 match candidates.choose(&mut rand::rng()) {
                     Some(&i) => i,
                     None => continue,
@@ -373,7 +376,9 @@ async fn run(plan: &Plan) -> (Report, PathBuf) {
     // With the workers idle but connected: no session inside a transaction.
     let app_prefix = format!("dblock-torture-{run}-");
     let ports: Vec<u16> = match &proxy {
-        Some(p) => (0..plan.workers).flat_map(|i| p.upstream_ports(i)).collect(),
+        Some(p) => (0..plan.workers)
+            .flat_map(|i| p.upstream_ports(i))
+            .collect(),
         None => Vec::new(),
     };
     let open = db.open_transactions(&app_prefix, &ports).await;
@@ -401,7 +406,9 @@ async fn run(plan: &Plan) -> (Report, PathBuf) {
     };
     if !eventually(TTL * 3, || async { clear().await == 0 }).await {
         report.leaks += 1;
-        report.violation("a lock is still held after every worker released and the leases' ttl passed");
+        report.violation(
+            "a lock is still held after every worker released and the leases' ttl passed",
+        );
     }
     std::fs::write(dir.join("quit"), b"").expect("quit file");
     for s in &mut fleet.slots {

@@ -106,7 +106,14 @@ enum Section {
 
 async fn run(cfg: &Config) {
     let mut log = Log::create(&cfg.log);
-    log.event(Type::Ok, "start", "-", None, Some(std::process::id() as i64), &cfg.wid);
+    log.event(
+        Type::Ok,
+        "start",
+        "-",
+        None,
+        Some(std::process::id() as i64),
+        &cfg.wid,
+    );
     let locks = cfg.endpoint.locks().await;
     let db = cfg.endpoint.pool(2).await;
     while mono_ns() < cfg.end_ns {
@@ -171,10 +178,22 @@ async fn release(cfg: &Config, log: &mut Log, guard: LockGuard) {
     let bound = (cfg.ttl * 10).max(Duration::from_secs(5));
     match timeout(bound, guard.release()).await {
         Ok(Ok(())) => log.event(Type::Ok, "release", &name, Some(token), None, ""),
-        Ok(Err(Error::Lost { reason, .. })) => {
-            log.event(Type::Fail, "release", &name, Some(token), None, &format!("lost: {reason}"))
-        }
-        Ok(Err(e)) => log.event(Type::Unknown, "release", &name, Some(token), None, &e.to_string()),
+        Ok(Err(Error::Lost { reason, .. })) => log.event(
+            Type::Fail,
+            "release",
+            &name,
+            Some(token),
+            None,
+            &format!("lost: {reason}"),
+        ),
+        Ok(Err(e)) => log.event(
+            Type::Unknown,
+            "release",
+            &name,
+            Some(token),
+            None,
+            &e.to_string(),
+        ),
         Err(_) => log.event(Type::Unknown, "release", &name, Some(token), None, "hung"),
     }
 }
@@ -191,7 +210,14 @@ async fn critical(cfg: &Config, db: &Db, log: &mut Log, name: &str, token: u64) 
     let v = match db.uread(&cfg.run, name).await {
         Ok(v) => v,
         Err(e) => {
-            log.event(Type::Unknown, "uread", name, Some(token), None, &e.to_string());
+            log.event(
+                Type::Unknown,
+                "uread",
+                name,
+                Some(token),
+                None,
+                &e.to_string(),
+            );
             return Section::Error;
         }
     };
@@ -201,7 +227,14 @@ async fn critical(cfg: &Config, db: &Db, log: &mut Log, name: &str, token: u64) 
     match db.uwrite(&cfg.run, name, v + 1).await {
         Ok(()) => log.event(Type::Ok, "uwrite", name, Some(token), Some(v + 1), ""),
         Err(e) => {
-            log.event(Type::Unknown, "uwrite", name, Some(token), Some(v + 1), &e.to_string());
+            log.event(
+                Type::Unknown,
+                "uwrite",
+                name,
+                Some(token),
+                Some(v + 1),
+                &e.to_string(),
+            );
             return Section::Error;
         }
     }
@@ -223,7 +256,10 @@ async fn fenced(
 ) -> Option<bool> {
     let op = format!("fenced-{}", write.as_str());
     log.event(Type::Invoke, &op, name, Some(token), None, "");
-    match db.fenced(&cfg.run, name, token, write, &cfg.wid, cfg.fencing).await {
+    match db
+        .fenced(&cfg.run, name, token, write, &cfg.wid, cfg.fencing)
+        .await
+    {
         Ok(true) => {
             log.event(Type::Ok, &op, name, Some(token), None, "accepted");
             Some(true)
