@@ -343,7 +343,7 @@ pub async fn run(kind: Kind) -> bool {
             let what = if black_hole {
                 "the connection black-holed mid-hold"
             } else {
-                "the connection closed mid-hold"
+                "the server gone mid-hold (connections closed, new ones refused)"
             };
             c.case(what, Duration::from_secs(30), || async {
                 mid_hold(&ctl, kind, &run, black_hole).await
@@ -455,7 +455,7 @@ async fn mid_hold(ctl: &Endpoint, kind: Kind, run: &str, black_hole: bool) -> Re
     if black_hole {
         proxy.pause(0, true);
     } else {
-        proxy.close(0);
+        proxy.down(0, true);
     }
     // A lease is given up before its ttl; an advisory lock within two
     // heartbeats (one to send, one to time out).
@@ -469,7 +469,7 @@ async fn mid_hold(ctl: &Endpoint, kind: Kind, run: &str, black_hole: bool) -> Re
     let r = timeout(Duration::from_secs(10), g.release()).await;
     let released = t.elapsed();
     proxy.pause(0, false);
-    proxy.close(0);
+    proxy.down(0, true);
     println!(
         "  {}: {}: lost() after {noticed:.1?}; release answered {:?} after {released:.1?}",
         kind.label(),

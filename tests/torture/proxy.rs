@@ -30,6 +30,8 @@ struct Conn {
 pub struct Slot {
     pub port: u16,
     paused: watch::Sender<bool>,
+    /// The "server" is down: new connections are closed at once.
+    down: watch::Sender<bool>,
     conns: Mutex<Vec<Conn>>,
 }
 
@@ -48,6 +50,7 @@ impl Proxy {
             let slot = Arc::new(Slot {
                 port: listener.local_addr().unwrap().port(),
                 paused: watch::channel(false).0,
+                down: watch::channel(false).0,
                 conns: Mutex::new(Vec::new()),
             });
             tokio::spawn(accept(listener, slot.clone(), upstream));
@@ -72,16 +75,12 @@ impl Proxy {
         }
     }
 
-    /// Black-holes (or restores) one connection, by its upstream port.
-    pub fn pause_conn(&self, slot: usize, upstream_port: u16, on: bool) -> bool {
-        let s = &self.slots[slot];
-        let conns = s.conns.lock().unwrap();
-        match conns.iter().find(|c| c.upstream_port == upstream_port) {
-            Some(c) => {
-                c.paused.send_replace(on);
-                true
-            }
-            None => false,
+    /// Takes the slot's "server" down (every connection closed, new ones
+    /// closed at once) or brings it back.
+    pub fn down(&self, slot: usize, on: bool) {
+        self.slots[slot].down.send_replace(on);
+        if on {
+            self.close(slot);
         }
     }
 
@@ -101,17 +100,15 @@ impl Proxy {
         conns.iter().map(|c| c.upstream_port).collect()
     }
 
-    /// Which slot an upstream port belongs to.
-    pub fn slot_of(&self, upstream_port: u16) -> Option<usize> {
-        (0..self.slots.len()).find(|&i| self.upstream_ports(i).contains(&upstream_port))
-    }
-}
-
 async fn accept(listener: TcpListener, slot: Arc<Slot>, upstream: SocketAddr) {
     loop {
         let Ok((client, _)) = listener.accept().await else {
             continue;
         };
+        if *slot.down.borrow() {
+            drop(client);
+            continue;
+        }
         let slot = slot.clone();
         tokio::spawn(async move {
             let Ok(server) = TcpStream::connect(upstream).await else {
