@@ -237,8 +237,7 @@ fn signal(child: &Child, sig: Signal) {
     kill(Pid::from_raw(pid), sig).expect("signal dblock");
 }
 
-/// Generates one test per backend for each scenario. The lease backends are
-/// not merged into this branch yet: their tests are ignored until they are.
+/// Generates one test per backend for each scenario.
 macro_rules! per_backend {
     ($($scenario:ident),* $(,)?) => {$(
         mod $scenario {

@@ -1,14 +1,22 @@
 -- dblock schema for MySQL 8 / MariaDB 10.6+, version 1.
--- Names are VARBINARY so that they compare byte for byte (no collation folds
--- 'A' into 'a' or ignores trailing spaces). Times are UTC, DATETIME(6), set
--- from UTC_TIMESTAMP(6) whatever the session time_zone.
+-- Safe to copy into your own migrations; the statement is idempotent.
+--
+-- Lease rows, used by dblock::mysql::Lease and dblock::mysql::lock_in_tx.
+-- Rows are never deleted on release, so a name's token never goes back:
+-- do not prune this table (a deleted row restarts its name's tokens at 1).
+--
+-- Names and owner ids are VARBINARY so that they compare byte for byte (no
+-- collation folds 'A' into 'a' or ignores trailing spaces). Times are UTC in
+-- DATETIME(6), always computed from UTC_TIMESTAMP(6), so the session
+-- time_zone never matters (a TIMESTAMP column would convert through it).
 CREATE TABLE IF NOT EXISTS dblock_leases (
-    name        VARBINARY(255) NOT NULL PRIMARY KEY,
-    owner       VARCHAR(64)    NULL,
-    holder      VARCHAR(255)   NULL,
-    mode        CHAR(1)        NOT NULL DEFAULT 'x',
-    token       BIGINT UNSIGNED NOT NULL,
-    acquired_at DATETIME(6)    NOT NULL,
-    expires_at  DATETIME(6)    NOT NULL,
+    name        VARBINARY(255)  NOT NULL,           -- the lock's name, UTF-8 bytes
+    owner       VARBINARY(64)   NULL,               -- random id of the current acquisition
+    holder      VARCHAR(255) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NULL, -- host:pid, for people
+    mode        CHAR(1) CHARACTER SET ascii NOT NULL DEFAULT 'x',
+    token       BIGINT UNSIGNED NOT NULL,           -- last fencing token granted for this name
+    acquired_at DATETIME(6)     NOT NULL,           -- UTC, database clock
+    expires_at  DATETIME(6)     NOT NULL,           -- UTC, database clock; free once passed
+    PRIMARY KEY (name),
     KEY dblock_leases_expires_at (expires_at)
 ) ENGINE = InnoDB;

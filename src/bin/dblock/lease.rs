@@ -15,18 +15,12 @@ pub fn postgres(pool: PgPool) -> CliResult<Arc<dyn Backend>> {
 
 /// `dblock::mysql::Lease` on `pool`.
 pub fn mysql(pool: MySqlPool) -> CliResult<Arc<dyn Backend>> {
-    drop(pool);
-    Err(Failure::unavailable(
-        "the MySQL/MariaDB lease backend is not in this build of dblock yet".to_string(),
-    ))
+    Ok(Arc::new(dblock::mysql::Lease::new(pool)))
 }
 
 /// `dblock::mysql::migrate`.
 pub async fn mysql_migrate(pool: &MySqlPool) -> CliResult<()> {
-    let _ = pool;
-    Err(Failure::unavailable(
-        "the MySQL/MariaDB lease backend is not in this build of dblock yet".to_string(),
-    ))
+    dblock::mysql::migrate(pool).await.map_err(Failure::from)
 }
 
 /// `dblock::sqlite::Lease::open(path)`: creates the file and its schema.

@@ -1,0 +1,534 @@
+//! `dblock::mysql::Lease`: lease rows claimed under `SELECT ... FOR UPDATE`.
+
+use std::fmt;
+use std::sync::{Arc, LazyLock};
+use std::time::Duration;
+
+use chrono::{DateTime, NaiveDateTime, Utc};
+use rand::Rng;
+use sqlx::mysql::MySqlArguments;
+use sqlx::query::Query;
+use sqlx::{AssertSqlSafe, MySql, MySqlPool, Row, Transaction};
+
+use super::{code, error_number, is_lock_busy, map_err, micros, quote_table, Conn, DEFAULT_TABLE};
+use crate::lease::{lease_backend, Claim, Claimed, LeaseEngine, LeaseOptions, LeaseStore, Wakeups};
+use crate::{validate_table, LockInfo, LockMode, Result, Wait};
+
+/// MySQL / MariaDB leases: one row per name in a lease table, claimed in a
+/// short transaction under a `SELECT ... FOR UPDATE` row lock, renewed in
+/// the background, expiring by the server's `UTC_TIMESTAMP(6)`.
+///
+/// Works with MySQL 8.0 and MariaDB 10.6 or later. Run
+/// [`migrate`](super::migrate) once (or apply `migrations/mysql/`), or a
+/// backend used before will answer
+/// [`Error::SchemaMissing`](crate::Error::SchemaMissing).
+///
+/// - `.ttl()` is the lease length (default 30 s); the guard renews every
+///   ttl/3 and reports itself lost when a renewal fails or does not complete
+///   before its local deadline.
+/// - `.hold_at_least(d)` keeps the lease until `acquired_at + d` (database
+///   clock) even when released sooner.
+/// - Shared (reader) mode is **not supported**: `.shared()` fails with
+///   [`Error::Unsupported`](crate::Error::Unsupported).
+/// - Waiting polls the row with backoff between
+///   [`LeaseOptions::min_poll`] and [`LeaseOptions::max_poll`]; a release in
+///   this process wakes local waiters at once.
+/// - Not re-entrant: a second acquisition of a held name waits.
+/// - A transaction holding the name through [`lock_in_tx`](super::lock_in_tx)
+///   excludes leases of that name until it ends. While it holds the row, a
+///   lease of the name that was live before cannot be renewed or released
+///   (those statements wait for the row lock): it runs out, its guard
+///   reports itself lost, and the transaction takes the name over.
+///
+/// The session settings of the pool do not matter: isolation level
+/// (`REPEATABLE READ` or `READ COMMITTED`), `time_zone`, `sql_mode`.
+/// Sessions must be in autocommit mode, as sqlx leaves them (renewal and
+/// release are single statements outside any transaction); a pool whose
+/// `after_connect` runs `SET autocommit = 0` would keep row locks open.
+///
+/// Tokens are counted per name in its row, starting at 1. Rows are never
+/// deleted (a released lease only has its expiry moved to now), so do not
+/// prune the table: a name whose row is deleted starts again at 1.
+///
+/// ```no_run
+/// # async fn demo(pool: sqlx::MySqlPool) -> dblock::Result<()> {
+/// use std::time::Duration;
+/// dblock::mysql::migrate(&pool).await?;
+/// let locks = dblock::Locks::new(dblock::mysql::Lease::new(pool));
+/// let guard = locks.acquire("reports:nightly").ttl(Duration::from_secs(30)).await?;
+/// // ... work, passing guard.token() to what you write ...
+/// guard.release().await?;
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct Lease {
+    engine: LeaseEngine<MySqlStore>,
+    options: LeaseOptions,
+}
+
+impl fmt::Debug for Lease {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Lease")
+            .field("table", &self.engine.store().sql.table)
+            .field("options", &self.options)
+            .finish()
+    }
+}
+
+impl Lease {
+    /// Leases in the table `dblock_leases` of the pool's database, with
+    /// default [`LeaseOptions`].
+    pub fn new(pool: MySqlPool) -> Lease {
+        Lease::build(
+            MySqlStore {
+                pool,
+                sql: Arc::new(Sql::new(DEFAULT_TABLE)),
+            },
+            LeaseOptions::default(),
+        )
+        .expect("the default options are valid")
+    }
+
+    /// Uses another lease table, `table` or `schema.table`, which must have
+    /// the columns of `migrations/mysql/0001_dblock.sql` ([`migrate`](super::migrate)
+    /// creates only `dblock_leases`). Fails with
+    /// [`Error::InvalidOption`](crate::Error::InvalidOption) unless the name
+    /// is a plain identifier (see [`validate_table`]).
+    pub fn with_table(self, table: &str) -> Result<Self> {
+        validate_table(table)?;
+        let store = MySqlStore {
+            pool: self.engine.store().pool.clone(),
+            sql: Arc::new(Sql::new(table)),
+        };
+        Lease::build(store, self.options)
+    }
+
+    /// Sets how waiting polls (see [`LeaseOptions`]). Fails with
+    /// [`Error::InvalidOption`](crate::Error::InvalidOption) unless
+    /// `0 < min_poll <= max_poll`.
+    pub fn with_options(self, options: LeaseOptions) -> Result<Self> {
+        Lease::build(self.engine.store().clone(), options)
+    }
+
+    fn build(store: MySqlStore, options: LeaseOptions) -> Result<Self> {
+        // A fresh engine, so that settings never change under a clone that
+        // is already in use.
+        let mut engine = LeaseEngine::new(store, Wakeups::new());
+        engine.set_options(options.clone())?;
+        Ok(Lease { engine, options })
+    }
+
+    /// The pool this backend uses.
+    pub fn pool(&self) -> &MySqlPool {
+        &self.engine.store().pool
+    }
+
+    /// The lease table's name, as given.
+    pub fn table(&self) -> &str {
+        &self.engine.store().sql.table
+    }
+
+    /// [`lock_in_tx_with`](super::lock_in_tx_with) on this backend's table:
+    /// locks `name` for the rest of `tx`, excluding this backend's leases of
+    /// the same name, and returns a fencing token (`Ok(None)` for
+    /// [`Wait::No`] when the name is held elsewhere).
+    ///
+    /// # Cancel safety
+    /// As for [`lock_in_tx_with`](super::lock_in_tx_with): if dropped, roll
+    /// the transaction back.
+    pub async fn lock_in_tx(
+        &self,
+        tx: &mut Transaction<'_, MySql>,
+        name: &str,
+        wait: Wait,
+    ) -> Result<Option<u64>> {
+        super::xact::lock(tx, &self.engine.store().sql, name, wait).await
+    }
+}
+
+lease_backend!(Lease);
+
+/// The statements for one lease table, built once per table.
+pub(crate) struct Sql {
+    pub table: String,
+    claim_lock: Arc<str>,
+    claim_take: Arc<str>,
+    create_row: Arc<str>,
+    renew: Arc<str>,
+    renew_read: Arc<str>,
+    release: Arc<str>,
+    force_release: Arc<str>,
+    inspect: Arc<str>,
+    list: Arc<str>,
+    pub tx_lock: Arc<str>,
+    pub tx_read: Arc<str>,
+    pub tx_take: Arc<str>,
+}
+
+/// The statements on `dblock_leases`, for the free functions.
+pub(crate) static DEFAULT_SQL: LazyLock<Sql> = LazyLock::new(|| Sql::new(DEFAULT_TABLE));
+
+/// The epoch as a `DATETIME` literal: `TIMESTAMPDIFF` from it gives
+/// microseconds since 1970 in UTC without any time zone conversion.
+const EPOCH: &str = "TIMESTAMP'1970-01-01 00:00:00'";
+
+impl Sql {
+    pub(crate) fn new(table: &str) -> Sql {
+        let t = quote_table(table);
+        let s = |sql: String| -> Arc<str> { sql.into() };
+        Sql {
+            table: table.to_owned(),
+            // Locks the row (never waiting for another transaction's lock),
+            // and reads the server clock for the new lease in passing.
+            claim_lock: s(format!(
+                "SELECT token, expires_at > UTC_TIMESTAMP(6) AS live, \
+                        UTC_TIMESTAMP(6) AS now, \
+                        UTC_TIMESTAMP(6) + INTERVAL ? MICROSECOND AS until \
+                   FROM {t} WHERE name = ? FOR UPDATE NOWAIT"
+            )),
+            claim_take: s(format!(
+                "UPDATE {t} SET owner = ?, holder = ?, mode = 'x', token = token + 1, \
+                        acquired_at = ?, expires_at = ? \
+                  WHERE name = ?"
+            )),
+            // Autocommit, outside the claim's transaction: a free row with
+            // token 0, so the first holder gets token 1.
+            create_row: s(format!(
+                "INSERT IGNORE INTO {t} (name, owner, holder, mode, token, acquired_at, expires_at) \
+                 VALUES (?, NULL, NULL, 'x', 0, UTC_TIMESTAMP(6), UTC_TIMESTAMP(6))"
+            )),
+            // The new expiry goes through LAST_INSERT_ID(µs since 1970), which
+            // the server returns with the statement's OK: one round trip
+            // yields both "still ours" (non-zero) and the new expiry.
+            renew: s(format!(
+                "UPDATE {t} SET expires_at = {EPOCH} + INTERVAL LAST_INSERT_ID(\
+                        TIMESTAMPDIFF(MICROSECOND, {EPOCH}, UTC_TIMESTAMP(6) + INTERVAL ? MICROSECOND)\
+                    ) MICROSECOND \
+                  WHERE name = ? AND owner = ? AND token = ? AND expires_at > UTC_TIMESTAMP(6)"
+            )),
+            renew_read: s(format!(
+                "SELECT expires_at FROM {t} WHERE name = ? AND owner = ? AND token = ?"
+            )),
+            // `token = LAST_INSERT_ID(token)` changes nothing but reports a
+            // match (tokens are >= 1) whatever the affected-rows semantics.
+            release: s(format!(
+                "UPDATE {t} SET expires_at = GREATEST(UTC_TIMESTAMP(6), acquired_at + INTERVAL ? MICROSECOND), \
+                        token = LAST_INSERT_ID(token) \
+                  WHERE name = ? AND owner = ? AND token = ? AND expires_at > UTC_TIMESTAMP(6)"
+            )),
+            force_release: s(format!(
+                "UPDATE {t} SET expires_at = UTC_TIMESTAMP(6), owner = NULL, \
+                        token = LAST_INSERT_ID(token) \
+                  WHERE name = ? AND expires_at > UTC_TIMESTAMP(6)"
+            )),
+            inspect: s(format!(
+                "SELECT holder, token, acquired_at, expires_at FROM {t} \
+                  WHERE name = ? AND expires_at > UTC_TIMESTAMP(6)"
+            )),
+            list: s(format!(
+                "SELECT name, holder, token, acquired_at, expires_at FROM {t} \
+                  WHERE expires_at > UTC_TIMESTAMP(6) ORDER BY name"
+            )),
+            // lock_in_tx: creates the row or takes its lock in one statement
+            // (an X record lock on the primary key either way, never a gap
+            // lock), bumping the token if no lease is live.
+            tx_lock: s(format!(
+                "INSERT INTO {t} (name, owner, holder, mode, token, acquired_at, expires_at) \
+                 VALUES (?, ?, ?, 'x', 1, UTC_TIMESTAMP(6), UTC_TIMESTAMP(6)) \
+                 ON DUPLICATE KEY UPDATE \
+                    token = IF(expires_at <= UTC_TIMESTAMP(6), token + 1, token), \
+                    owner = IF(expires_at <= UTC_TIMESTAMP(6), ?, owner), \
+                    holder = IF(expires_at <= UTC_TIMESTAMP(6), ?, holder), \
+                    acquired_at = IF(expires_at <= UTC_TIMESTAMP(6), UTC_TIMESTAMP(6), acquired_at)"
+            )),
+            // Run while holding the row lock, so it never waits; a locking
+            // read sees the latest version whatever the snapshot.
+            tx_read: s(format!(
+                "SELECT token, owner <=> ? AS mine, expires_at > UTC_TIMESTAMP(6) AS live, \
+                        TIMESTAMPDIFF(MICROSECOND, UTC_TIMESTAMP(6), expires_at) AS left_us \
+                   FROM {t} WHERE name = ? FOR UPDATE"
+            )),
+            tx_take: s(format!(
+                "UPDATE {t} SET token = token + 1, owner = ?, holder = ?, acquired_at = UTC_TIMESTAMP(6) \
+                  WHERE name = ?"
+            )),
+        }
+    }
+}
+
+/// A prepared statement from one of the strings built at construction.
+pub(crate) fn q(sql: &Arc<str>) -> Query<'static, MySql, MySqlArguments> {
+    sqlx::query(AssertSqlSafe(sql.clone()))
+}
+
+/// The lease store on one table.
+#[derive(Clone)]
+pub(crate) struct MySqlStore {
+    pool: MySqlPool,
+    sql: Arc<Sql>,
+}
+
+impl fmt::Debug for MySqlStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MySqlStore")
+            .field("table", &self.sql.table)
+            .finish_non_exhaustive()
+    }
+}
+
+/// How often a claim is retried after a deadlock, a snapshot conflict or a
+/// duplicate key before it reports the name as busy.
+const MAX_RETRIES: u32 = 8;
+
+/// What one claim transaction found.
+enum Attempt {
+    Done(Option<Claimed>),
+    Missing,
+}
+
+/// Errors that mean "contended, try again": deadlock, snapshot conflict,
+/// duplicate key.
+fn is_retryable(e: &sqlx::Error) -> bool {
+    matches!(
+        error_number(e),
+        Some(code::DEADLOCK | code::CHECKREAD | code::DUP_ENTRY)
+    )
+}
+
+/// A short random pause before retry `attempt` (1-based): 2-4 ms, doubling
+/// up to 32-64 ms.
+async fn retry_pause(attempt: u32) {
+    let base = Duration::from_millis(1 << attempt.min(5));
+    let pause = base.mul_f64(rand::rng().random_range(1.0..2.0));
+    tokio::time::sleep(pause).await;
+}
+
+fn utc(at: NaiveDateTime) -> DateTime<Utc> {
+    at.and_utc()
+}
+
+/// `host:pid` fits the 255-character column.
+fn clip(holder: &str) -> &str {
+    match holder.char_indices().nth(255) {
+        Some((i, _)) => &holder[..i],
+        None => holder,
+    }
+}
+
+impl MySqlStore {
+    /// One claim transaction: BEGIN, locking read, UPDATE, COMMIT.
+    async fn attempt(&self, claim: &Claim<'_>, ttl_us: i64) -> Result<Attempt, sqlx::Error> {
+        let mut conn = Conn::acquire(&self.pool).await?;
+        let c = conn.begin_use();
+        sqlx::raw_sql("BEGIN").execute(&mut *c).await?;
+        let outcome = self.in_transaction(c, claim, ttl_us).await;
+        let end = match outcome {
+            Ok(Attempt::Done(Some(_))) => "COMMIT",
+            _ => "ROLLBACK",
+        };
+        // If COMMIT or ROLLBACK fails, the state of the transaction is
+        // unknown: the connection stays dirty and is closed on drop, which
+        // rolls back whatever is still open (a claimed lease that did commit
+        // is then owned by nobody and runs out after its ttl).
+        sqlx::raw_sql(end).execute(&mut *c).await?;
+        conn.done();
+        outcome
+    }
+
+    async fn in_transaction(
+        &self,
+        c: &mut sqlx::MySqlConnection,
+        claim: &Claim<'_>,
+        ttl_us: i64,
+    ) -> Result<Attempt, sqlx::Error> {
+        let row = q(&self.sql.claim_lock)
+            .bind(ttl_us)
+            .bind(claim.name.as_bytes())
+            .fetch_optional(&mut *c)
+            .await?;
+        let Some(row) = row else {
+            return Ok(Attempt::Missing);
+        };
+        let token: u64 = row.try_get(0)?;
+        let live: i64 = row.try_get(1)?;
+        if live != 0 {
+            return Ok(Attempt::Done(None));
+        }
+        let now: NaiveDateTime = row.try_get(2)?;
+        let until: NaiveDateTime = row.try_get(3)?;
+        q(&self.sql.claim_take)
+            .bind(claim.owner.as_bytes())
+            .bind(clip(claim.holder))
+            .bind(now)
+            .bind(until)
+            .bind(claim.name.as_bytes())
+            .execute(&mut *c)
+            .await?;
+        Ok(Attempt::Done(Some(Claimed {
+            token: token + 1,
+            expires_at: utc(until),
+        })))
+    }
+
+    /// Creates the row of a new name, free, in autocommit.
+    async fn create_row(&self, name: &str) -> Result<(), sqlx::Error> {
+        let mut conn = Conn::acquire(&self.pool).await?;
+        let outcome = q(&self.sql.create_row)
+            .bind(name.as_bytes())
+            .execute(&mut *conn.begin_use())
+            .await;
+        conn.settle(&outcome);
+        outcome.map(drop)
+    }
+
+    /// One statement in autocommit on a guarded connection.
+    async fn execute(
+        &self,
+        query: Query<'static, MySql, MySqlArguments>,
+    ) -> Result<sqlx::mysql::MySqlQueryResult> {
+        let mut conn = Conn::acquire(&self.pool).await?;
+        let outcome = query.execute(&mut *conn.begin_use()).await;
+        conn.settle(&outcome);
+        outcome.map_err(map_err)
+    }
+}
+
+impl LeaseStore for MySqlStore {
+    fn kind(&self) -> &'static str {
+        "mysql-lease"
+    }
+
+    async fn claim(&self, claim: &Claim<'_>) -> Result<Option<Claimed>> {
+        let ttl_us = micros(claim.ttl);
+        let mut retries = 0;
+        let mut created = 0;
+        loop {
+            let outcome = match self.attempt(claim, ttl_us).await {
+                Ok(Attempt::Done(claimed)) => return Ok(claimed),
+                Ok(Attempt::Missing) if created < MAX_RETRIES => {
+                    created += 1;
+                    self.create_row(claim.name).await
+                }
+                // The row keeps disappearing (someone deletes rows): report
+                // the name as busy rather than spin.
+                Ok(Attempt::Missing) => return Ok(None),
+                Err(e) => Err(e),
+            };
+            match outcome {
+                Ok(()) => {}
+                // Another transaction holds the row lock: a concurrent claim
+                // deciding, a renewal, or a transaction in lock_in_tx.
+                Err(e) if is_lock_busy(&e) => return Ok(None),
+                Err(e) if is_retryable(&e) => {
+                    retries += 1;
+                    if retries > MAX_RETRIES {
+                        tracing::debug!(name = claim.name, error = %e, "dblock: claim still contended after retries; reporting busy");
+                        return Ok(None);
+                    }
+                    retry_pause(retries).await;
+                }
+                Err(e) => return Err(map_err(e)),
+            }
+        }
+    }
+
+    async fn renew(
+        &self,
+        name: &str,
+        owner: &str,
+        token: u64,
+        ttl: Duration,
+    ) -> Result<Option<DateTime<Utc>>> {
+        let done = self
+            .execute(
+                q(&self.sql.renew)
+                    .bind(micros(ttl))
+                    .bind(name.as_bytes())
+                    .bind(owner.as_bytes())
+                    .bind(token),
+            )
+            .await?;
+        let us = done.last_insert_id();
+        if us > 0 {
+            return Ok(DateTime::from_timestamp_micros(us as i64));
+        }
+        if done.rows_affected() == 0 {
+            return Ok(None);
+        }
+        // Matched, but the server did not pass LAST_INSERT_ID on (a proxy?):
+        // read the expiry back.
+        let mut conn = Conn::acquire(&self.pool).await?;
+        let outcome =
+            sqlx::query_scalar::<_, NaiveDateTime>(AssertSqlSafe(self.sql.renew_read.clone()))
+                .bind(name.as_bytes())
+                .bind(owner.as_bytes())
+                .bind(token)
+                .fetch_optional(&mut *conn.begin_use())
+                .await;
+        conn.settle(&outcome);
+        Ok(outcome.map_err(map_err)?.map(utc))
+    }
+
+    async fn release(
+        &self,
+        name: &str,
+        owner: &str,
+        token: u64,
+        hold: Option<Duration>,
+    ) -> Result<bool> {
+        let done = self
+            .execute(
+                q(&self.sql.release)
+                    .bind(hold.map(micros).unwrap_or(0))
+                    .bind(name.as_bytes())
+                    .bind(owner.as_bytes())
+                    .bind(token),
+            )
+            .await?;
+        Ok(done.last_insert_id() > 0 || done.rows_affected() > 0)
+    }
+
+    async fn force_release(&self, name: &str) -> Result<bool> {
+        let done = self
+            .execute(q(&self.sql.force_release).bind(name.as_bytes()))
+            .await?;
+        Ok(done.last_insert_id() > 0 || done.rows_affected() > 0)
+    }
+
+    async fn inspect(&self, name: &str) -> Result<Option<LockInfo>> {
+        let mut conn = Conn::acquire(&self.pool).await?;
+        let outcome = q(&self.sql.inspect)
+            .bind(name.as_bytes())
+            .fetch_optional(&mut *conn.begin_use())
+            .await;
+        conn.settle(&outcome);
+        let row = outcome.map_err(map_err)?;
+        row.map(|row| info(name.to_owned(), &row, 0)).transpose()
+    }
+
+    async fn list(&self) -> Result<Vec<LockInfo>> {
+        let mut conn = Conn::acquire(&self.pool).await?;
+        let outcome = q(&self.sql.list).fetch_all(&mut *conn.begin_use()).await;
+        conn.settle(&outcome);
+        let rows = outcome.map_err(map_err)?;
+        rows.iter()
+            .map(|row| {
+                let name: Vec<u8> = row.try_get(0)?;
+                let name = String::from_utf8(name)
+                    .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned());
+                info(name, row, 1)
+            })
+            .collect()
+    }
+}
+
+/// A `LockInfo` from `holder, token, acquired_at, expires_at` starting at
+/// column `first`.
+fn info(name: String, row: &sqlx::mysql::MySqlRow, first: usize) -> Result<LockInfo> {
+    let holder: Option<String> = row.try_get(first)?;
+    let mut info = LockInfo::new(Some(name), holder.unwrap_or_default(), LockMode::Exclusive);
+    info.token = Some(row.try_get::<u64, _>(first + 1)?);
+    info.acquired_at = Some(utc(row.try_get(first + 2)?));
+    info.expires_at = Some(utc(row.try_get(first + 3)?));
+    Ok(info)
+}

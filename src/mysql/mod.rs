@@ -1,0 +1,172 @@
+//! MySQL 8 and MariaDB 10.6+: the lease table ([`Lease`]), locks scoped to
+//! a transaction ([`lock_in_tx`], [`lock_in_tx_with`]) and the schema
+//! ([`migrate`]).
+//!
+//! # How a lease is kept
+//!
+//! Every name has one row in `dblock_leases` (see
+//! `migrations/mysql/0001_dblock.sql`): who holds it, its last fencing
+//! token, and until when, in `DATETIME(6)` UTC computed by the server from
+//! `UTC_TIMESTAMP(6)`. The session `time_zone` never matters and no client
+//! clock decides anything.
+//!
+//! - **Claim**: one short transaction, `BEGIN`, `SELECT ... FOR UPDATE
+//!   NOWAIT` on the row (which also reads the server's clock), `UPDATE`,
+//!   `COMMIT`: four round trips. A row locked by someone else means the
+//!   name is busy right now (another claim is deciding, or a transaction
+//!   holds it through [`lock_in_tx`]); the claim never waits on the server.
+//!   The first claim of a name creates the row with an `INSERT IGNORE` in
+//!   autocommit, outside any transaction, so that no gap lock is ever held
+//!   while inserting (the usual source of deadlocks with "insert if
+//!   missing"). Deadlocks, snapshot conflicts and duplicate keys are retried
+//!   a few times with jitter, then reported as "busy".
+//! - **Renew** and **release**: one conditional `UPDATE` each, matching the
+//!   name, the owner id, the token and an unexpired lease. Release with
+//!   `hold_at_least` keeps the lease until
+//!   `GREATEST(UTC_TIMESTAMP(6), acquired_at + hold)`. Rows are never
+//!   deleted, so a name's token never goes back.
+//! - **Shared (reader) leases are not supported**: acquiring with
+//!   `.shared()` fails with [`Error::Unsupported`](crate::Error::Unsupported).
+//!   Use `dblock::postgres::Advisory` or [`Memory`](crate::memory::Memory)
+//!   for reader locks.
+//!
+//! No transaction is ever left open on a pooled connection: a connection is
+//! closed rather than returned to the pool whenever a statement or a
+//! transaction of dblock was interrupted (the future dropped, or `COMMIT` /
+//! `ROLLBACK` failed), so the server rolls the transaction back.
+//!
+//! sqlx always connects with `CLIENT_FOUND_ROWS`, so the affected-row count
+//! of an `UPDATE` is the number of rows it *matched*; dblock also reads the
+//! statement's `LAST_INSERT_ID(..)` so that its checks do not depend on it.
+
+mod lease;
+mod migrate;
+mod xact;
+
+pub use lease::Lease;
+pub use migrate::migrate;
+pub use xact::{lock_in_tx, lock_in_tx_with};
+
+use sqlx::mysql::MySqlDatabaseError;
+use sqlx::pool::PoolConnection;
+use sqlx::{MySql, MySqlPool};
+
+/// The lease table created by [`migrate`].
+pub(crate) const DEFAULT_TABLE: &str = "dblock_leases";
+
+pub(crate) const SCHEMA_MISSING: crate::Error = crate::Error::SchemaMissing {
+    migrate: "dblock::mysql::migrate(&pool)",
+    dir: "mysql",
+};
+
+/// Server error numbers dblock reacts to.
+pub(crate) mod code {
+    /// `ER_CHECKREAD`: a locking read found a row newer than the snapshot
+    /// (MariaDB with `innodb_snapshot_isolation=ON`).
+    pub const CHECKREAD: u16 = 1020;
+    /// `ER_DUP_ENTRY`.
+    pub const DUP_ENTRY: u16 = 1062;
+    /// `ER_NO_SUCH_TABLE`.
+    pub const NO_SUCH_TABLE: u16 = 1146;
+    /// `ER_LOCK_WAIT_TIMEOUT`; also what MariaDB answers to `NOWAIT`.
+    pub const LOCK_WAIT_TIMEOUT: u16 = 1205;
+    /// `ER_LOCK_DEADLOCK`.
+    pub const DEADLOCK: u16 = 1213;
+    /// `ER_LOCK_NOWAIT` (MySQL 8).
+    pub const LOCK_NOWAIT: u16 = 3572;
+}
+
+/// The server's error number, for errors from the server.
+pub(crate) fn error_number(e: &sqlx::Error) -> Option<u16> {
+    match e {
+        sqlx::Error::Database(db) => db
+            .try_downcast_ref::<MySqlDatabaseError>()
+            .map(MySqlDatabaseError::number),
+        _ => None,
+    }
+}
+
+/// Maps "table doesn't exist" (1146) to [`Error::SchemaMissing`](crate::Error::SchemaMissing).
+pub(crate) fn map_err(e: sqlx::Error) -> crate::Error {
+    if error_number(&e) == Some(code::NO_SUCH_TABLE) {
+        return SCHEMA_MISSING;
+    }
+    crate::Error::Database(e)
+}
+
+/// Whether a row lock held by another transaction stopped the statement
+/// (`NOWAIT`, or a lock wait that ran out).
+pub(crate) fn is_lock_busy(e: &sqlx::Error) -> bool {
+    matches!(
+        error_number(e),
+        Some(code::LOCK_WAIT_TIMEOUT | code::LOCK_NOWAIT)
+    )
+}
+
+/// A pooled connection that goes back to the pool only when dblock knows
+/// its state: no statement in flight, no transaction open. Otherwise (the
+/// future was dropped mid-statement, or `COMMIT`/`ROLLBACK` failed) it is
+/// closed, and the server rolls back whatever was open.
+pub(crate) struct Conn {
+    conn: PoolConnection<MySql>,
+    clean: bool,
+}
+
+impl Conn {
+    pub(crate) async fn acquire(pool: &MySqlPool) -> Result<Conn, sqlx::Error> {
+        Ok(Conn {
+            conn: pool.acquire().await?,
+            clean: true,
+        })
+    }
+
+    /// The connection, for one statement or a transaction; marks it dirty
+    /// until [`Conn::done`] is called.
+    pub(crate) fn begin_use(&mut self) -> &mut sqlx::MySqlConnection {
+        self.clean = false;
+        &mut self.conn
+    }
+
+    /// The connection is known to be idle, outside any transaction.
+    pub(crate) fn done(&mut self) {
+        self.clean = true;
+    }
+
+    /// After one autocommit statement: idle again if the server answered,
+    /// with a result or an error; left dirty (closed on drop) otherwise.
+    pub(crate) fn settle<T>(&mut self, outcome: &Result<T, sqlx::Error>) {
+        if matches!(outcome, Ok(_) | Err(sqlx::Error::Database(_))) {
+            self.clean = true;
+        }
+    }
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        if !self.clean {
+            self.conn.close_on_drop();
+        }
+    }
+}
+
+impl std::fmt::Debug for Conn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Conn").field("clean", &self.clean).finish()
+    }
+}
+
+/// A duration in whole microseconds, as bound to `INTERVAL ? MICROSECOND`.
+/// Durations are validated (at most 366 days) before they get here.
+pub(crate) fn micros(d: std::time::Duration) -> i64 {
+    i64::try_from(d.as_micros()).unwrap_or(i64::MAX)
+}
+
+/// Quotes a table name already checked by [`crate::validate_table`]:
+/// `schema.table` becomes `` `schema`.`table` ``.
+pub(crate) fn quote_table(table: &str) -> String {
+    table
+        .split('.')
+        .map(|part| format!("`{part}`"))
+        .collect::<Vec<_>>()
+        .join(".")
+}

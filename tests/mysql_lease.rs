@@ -1,0 +1,1276 @@
+//! `dblock::mysql` against a real MySQL/MariaDB (`DBLOCK_TEST_MYSQL_URL`).
+#![cfg(feature = "mysql")]
+
+mod common;
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chrono::{DateTime, NaiveDateTime, Utc};
+use dblock::mysql::{lock_in_tx, lock_in_tx_with, migrate, Lease};
+use dblock::{Error, LeaseOptions, Locks, Wait};
+use sqlx::mysql::{MySqlConnection, MySqlPoolOptions};
+use sqlx::{Connection, MySqlPool, Row};
+use tokio::time::Instant;
+
+/// Connection ids of a pool's sessions, to find their transactions.
+type Ids = Arc<Mutex<HashSet<u64>>>;
+
+/// A pool whose sessions run `setup` first; migrated.
+async fn pool_with(setup: &'static str) -> (MySqlPool, Ids) {
+    let ids: Ids = Arc::default();
+    let seen = ids.clone();
+    let pool = MySqlPoolOptions::new()
+        .max_connections(40)
+        .after_connect(move |conn, _| {
+            let seen = seen.clone();
+            Box::pin(async move {
+                if !setup.is_empty() {
+                    sqlx::raw_sql(setup).execute(&mut *conn).await?;
+                }
+                let id: u64 = sqlx::query_scalar("SELECT CONNECTION_ID()")
+                    .fetch_one(&mut *conn)
+                    .await?;
+                seen.lock().unwrap().insert(id);
+                Ok(())
+            })
+        })
+        .connect(&common::mysql_url().await)
+        .await
+        .expect("connect to MySQL/MariaDB");
+    migrate(&pool).await.expect("migrate");
+    (pool, ids)
+}
+
+async fn pool() -> MySqlPool {
+    pool_with("").await.0
+}
+
+async fn raw_conn() -> MySqlConnection {
+    MySqlConnection::connect(&common::mysql_url().await)
+        .await
+        .expect("connect")
+}
+
+async fn db_now(pool: &MySqlPool) -> DateTime<Utc> {
+    let now: NaiveDateTime = sqlx::query_scalar("SELECT UTC_TIMESTAMP(6)")
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    now.and_utc()
+}
+
+/// Waits (up to 5 s) until none of `ids` has an open InnoDB transaction;
+/// panics with the ones left otherwise.
+async fn assert_no_open_transactions(ids: &Ids) {
+    let mut probe = raw_conn().await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let open: Vec<u64> =
+            sqlx::query_scalar("SELECT trx_mysql_thread_id FROM information_schema.INNODB_TRX")
+                .fetch_all(&mut probe)
+                .await
+                .unwrap();
+        let ours: Vec<u64> = {
+            let ids = ids.lock().unwrap();
+            open.into_iter().filter(|id| ids.contains(id)).collect()
+        };
+        if ours.is_empty() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "our connections {ours:?} still have open transactions"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The server's error number behind an `Error::Database`.
+fn db_code(e: &Error) -> Option<u16> {
+    match e {
+        Error::Database(e) => e
+            .as_database_error()
+            .and_then(|d| d.try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>())
+            .map(|d| d.number()),
+        _ => None,
+    }
+}
+
+fn is_timeout(e: &Error) -> bool {
+    matches!(e, Error::Timeout { .. })
+}
+
+#[tokio::test]
+async fn acquire_release_try_and_timeout() {
+    let pool = pool().await;
+    let locks = Locks::new(Lease::new(pool.clone()));
+    let name = common::unique("basic");
+
+    let guard = locks
+        .acquire(&name)
+        .ttl(Duration::from_secs(10))
+        .wait(Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert_eq!(guard.name(), name);
+    assert!(!guard.is_lost());
+
+    assert!(locks.try_acquire(&name).await.unwrap().is_none());
+    let started = Instant::now();
+    let err = locks
+        .acquire(&name)
+        .wait(Duration::from_millis(300))
+        .await
+        .unwrap_err();
+    assert!(is_timeout(&err), "{err:?}");
+    assert!(started.elapsed() >= Duration::from_millis(300));
+
+    let info = locks.inspect(&name).await.unwrap().expect("held");
+    assert_eq!(info.name.as_deref(), Some(name.as_str()));
+    assert_eq!(info.token, Some(guard.token()));
+    assert!(info.holder.contains(&format!(":{}", std::process::id())));
+    assert!(info.acquired_at.unwrap() < info.expires_at.unwrap());
+    assert_eq!(info.expires_at, guard.expires_at());
+    let listed = locks.list().await.unwrap();
+    assert!(listed
+        .iter()
+        .any(|i| i.name.as_deref() == Some(name.as_str()) && i.token == Some(guard.token())));
+
+    guard.release().await.unwrap();
+    assert!(locks.inspect(&name).await.unwrap().is_none());
+    assert!(!locks
+        .list()
+        .await
+        .unwrap()
+        .iter()
+        .any(|i| i.name.as_deref() == Some(name.as_str())));
+    let again = locks.try_acquire(&name).await.unwrap().expect("free again");
+    drop(again);
+
+    // A dropped guard is released in the background; a waiter gets it.
+    let next = locks
+        .acquire(&name)
+        .wait(Duration::from_secs(5))
+        .await
+        .unwrap();
+    next.release().await.unwrap();
+}
+
+#[tokio::test]
+async fn waiter_gets_the_lock_when_it_is_released() {
+    let pool = pool().await;
+    let locks = Locks::new(Lease::new(pool.clone()));
+    let other = Locks::new(Lease::new(pool));
+    let name = common::unique("handoff");
+    let guard = locks.acquire(&name).await.unwrap();
+    let first = guard.token();
+    let waiter = {
+        let other = other.clone();
+        let name = name.clone();
+        tokio::spawn(async move { other.acquire(name).wait(Duration::from_secs(10)).await })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!waiter.is_finished());
+    let released = Instant::now();
+    guard.release().await.unwrap();
+    let next = waiter.await.unwrap().unwrap();
+    // Another Lease instance: no in-process wake-up, the poll finds it.
+    assert!(released.elapsed() < Duration::from_secs(2));
+    assert!(next.token() > first);
+}
+
+#[tokio::test]
+async fn tokens_strictly_increase() {
+    let pool = pool().await;
+    let locks = Locks::new(Lease::new(pool.clone()));
+    let name = common::unique("tokens");
+    let mut last = 0;
+    for i in 0..6 {
+        let guard = locks.acquire(&name).await.unwrap();
+        if i == 0 {
+            assert_eq!(guard.token(), 1, "a new name starts at 1");
+        }
+        assert!(guard.token() > last, "{} after {last}", guard.token());
+        last = guard.token();
+        if i % 2 == 0 {
+            guard.release().await.unwrap();
+        } else {
+            // Released in the background: the next acquire waits for it.
+            drop(guard);
+        }
+    }
+    // Another backend instance over the same table continues the sequence.
+    let fresh = Locks::new(Lease::new(pool));
+    let guard = fresh.acquire(&name).await.unwrap();
+    assert!(guard.token() > last);
+}
+
+#[tokio::test]
+async fn a_dead_holder_is_taken_over_after_its_ttl() {
+    let pool = pool().await;
+    let locks = Locks::new(Lease::new(pool.clone()));
+    let name = common::unique("dead");
+
+    // A "process" that takes the lease and dies: its runtime is dropped,
+    // which kills the keeper without releasing anything.
+    let dead_token = {
+        let url = common::mysql_url().await;
+        let name = name.clone();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let pool = MySqlPool::connect(&url).await.unwrap();
+                let locks = Locks::new(Lease::new(pool));
+                let guard = locks
+                    .acquire(name)
+                    .ttl(Duration::from_millis(1500))
+                    .await
+                    .unwrap();
+                let token = guard.token();
+                std::mem::forget(guard);
+                token
+            })
+        })
+        .join()
+        .unwrap()
+    };
+    let died = Instant::now();
+
+    let info = locks.inspect(&name).await.unwrap().expect("still held");
+    assert_eq!(info.token, Some(dead_token));
+    assert!(locks.try_acquire(&name).await.unwrap().is_none());
+
+    let guard = locks
+        .acquire(&name)
+        .wait(Duration::from_secs(10))
+        .await
+        .unwrap();
+    let took = died.elapsed();
+    assert!(guard.token() > dead_token);
+    // Taken once the database says the old lease expired, not before.
+    assert!(
+        took >= Duration::from_millis(1000),
+        "taken over after only {took:?}"
+    );
+    assert!(guard.expires_at().unwrap() > db_now(&pool).await);
+}
+
+#[tokio::test]
+async fn expiry_follows_the_database_clock() {
+    let pool = pool().await;
+    let locks = Locks::new(Lease::new(pool.clone()));
+    let name = common::unique("dbclock");
+    // A lease row written by "someone else", expiring in 1.2 s by the
+    // server's clock.
+    sqlx::query(
+        "INSERT INTO dblock_leases (name, owner, holder, mode, token, acquired_at, expires_at) \
+         VALUES (?, 'ghost', 'elsewhere:1', 'x', 41, UTC_TIMESTAMP(6), UTC_TIMESTAMP(6) + INTERVAL 1200000 MICROSECOND)",
+    )
+    .bind(name.as_bytes())
+    .execute(&pool)
+    .await
+    .unwrap();
+    let info = locks.inspect(&name).await.unwrap().expect("live");
+    assert_eq!(info.holder, "elsewhere:1");
+    assert!(locks.try_acquire(&name).await.unwrap().is_none());
+    tokio::time::sleep(Duration::from_millis(1400)).await;
+    let guard = locks.try_acquire(&name).await.unwrap().expect("expired");
+    assert_eq!(guard.token(), 42);
+}
+
+#[tokio::test]
+async fn a_stale_holder_cannot_release_or_extend_the_next_lease() {
+    let pool = pool().await;
+    let locks = Locks::new(Lease::new(pool.clone()));
+    let name = common::unique("stale");
+    let stale = locks
+        .acquire(&name)
+        .ttl(Duration::from_secs(30))
+        .await
+        .unwrap();
+    // The lease is broken behind its holder's back and someone else takes it.
+    assert!(locks.force_release(&name).await.unwrap());
+    assert!(!locks.force_release(&name).await.unwrap());
+    let next = locks
+        .acquire(&name)
+        .ttl(Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert!(next.token() > stale.token());
+    let before = locks.inspect(&name).await.unwrap().unwrap();
+
+    // extend reaches the database (the stale guard does not know yet).
+    assert!(!stale.is_lost());
+    let err = stale.extend(Duration::from_secs(60)).await.unwrap_err();
+    assert!(matches!(err, Error::Lost { .. }), "{err:?}");
+    assert!(stale.is_lost());
+    let err = stale.release().await.unwrap_err();
+    assert!(matches!(err, Error::Lost { .. }), "{err:?}");
+
+    let after = locks.inspect(&name).await.unwrap().expect("still held");
+    assert_eq!(after.token, Some(next.token()));
+    assert_eq!(after.expires_at, before.expires_at);
+    assert!(locks.try_acquire(&name).await.unwrap().is_none());
+    next.release().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_paused_holder_cannot_release_the_next_lease() {
+    let pool = pool().await;
+    let locks = Locks::new(Lease::new(pool.clone()));
+    let name = common::unique("paused");
+    let url = common::mysql_url().await;
+    let (taken_tx, taken_rx) = std::sync::mpsc::channel();
+    let (resume_tx, resume_rx) = std::sync::mpsc::channel::<()>();
+    let paused = {
+        let name = name.clone();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let pool = MySqlPool::connect(&url).await.unwrap();
+                let locks = Locks::new(Lease::new(pool));
+                let guard = locks
+                    .acquire(name)
+                    .ttl(Duration::from_millis(600))
+                    .await
+                    .unwrap();
+                taken_tx.send(guard.token()).unwrap();
+                // The whole "process" stops: no renewal can run.
+                resume_rx.recv().unwrap();
+                guard.release().await
+            })
+        })
+    };
+    let old = taken_rx.recv().unwrap();
+    let next = locks
+        .acquire(&name)
+        .wait(Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert!(next.token() > old);
+    resume_tx.send(()).unwrap();
+    let released = paused.join().unwrap();
+    assert!(released.is_err(), "the stale release must fail");
+    let info = locks.inspect(&name).await.unwrap().expect("still held");
+    assert_eq!(info.token, Some(next.token()));
+    assert!(!next.is_lost());
+}
+
+async fn race(setup: &'static str, expect_isolation: &str) {
+    let (pool, ids) = pool_with(setup).await;
+    // MySQL 8 calls it transaction_isolation; MariaDB before 11.1 tx_isolation.
+    let isolation: String = match sqlx::query_scalar("SELECT @@SESSION.transaction_isolation")
+        .fetch_one(&pool)
+        .await
+    {
+        Ok(level) => level,
+        Err(_) => sqlx::query_scalar("SELECT @@SESSION.tx_isolation")
+            .fetch_one(&pool)
+            .await
+            .unwrap(),
+    };
+    assert_eq!(isolation, expect_isolation);
+    for round in 0..3 {
+        let name = common::unique(&format!("race{round}"));
+        let barrier = Arc::new(tokio::sync::Barrier::new(32));
+        let mut tasks = Vec::new();
+        for _ in 0..32 {
+            // Separate backends: no in-process coordination at all.
+            let locks = Locks::new(Lease::new(pool.clone()));
+            let barrier = barrier.clone();
+            let name = name.clone();
+            tasks.push(tokio::spawn(async move {
+                barrier.wait().await;
+                let guard = locks.try_acquire(&name).await.unwrap();
+                // Keep it until everyone has tried.
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                guard.map(|g| g.token())
+            }));
+        }
+        let mut winners = Vec::new();
+        for t in tasks {
+            if let Some(token) = t.await.unwrap() {
+                winners.push(token);
+            }
+        }
+        assert_eq!(winners.len(), 1, "round {round}: winners {winners:?}");
+        assert_eq!(winners[0], 1);
+    }
+    // Everyone waiting instead: one at a time, all served, tokens unique.
+    let name = common::unique("queue");
+    let held = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..16 {
+        let locks = Locks::new(Lease::new(pool.clone()));
+        let name = name.clone();
+        let held = held.clone();
+        tasks.push(tokio::spawn(async move {
+            let guard = locks
+                .acquire(&name)
+                .wait(Duration::from_secs(30))
+                .await
+                .unwrap();
+            assert_eq!(held.fetch_add(1, std::sync::atomic::Ordering::SeqCst), 0);
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            held.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+            let token = guard.token();
+            guard.release().await.unwrap();
+            token
+        }));
+    }
+    let mut tokens = Vec::new();
+    for t in tasks {
+        tokens.push(t.await.unwrap());
+    }
+    tokens.sort();
+    tokens.dedup();
+    assert_eq!(tokens.len(), 16);
+    assert_no_open_transactions(&ids).await;
+}
+
+#[tokio::test]
+async fn thirty_two_racers_one_winner_repeatable_read() {
+    race(
+        "SET SESSION TRANSACTION ISOLATION LEVEL REPEATABLE READ",
+        "REPEATABLE-READ",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn thirty_two_racers_one_winner_read_committed() {
+    race(
+        "SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED",
+        "READ-COMMITTED",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn row_locks_held_elsewhere_leave_no_transaction_open() {
+    // Our sessions give up on row locks after 1 s.
+    let (pool, ids) = pool_with("SET SESSION innodb_lock_wait_timeout = 1").await;
+    let locks = Locks::new(Lease::new(pool.clone()));
+    let name = common::unique("blocked");
+    let guard = locks.acquire(&name).await.unwrap();
+
+    // A second session holds the row lock.
+    let mut blocker = raw_conn().await;
+    sqlx::raw_sql("BEGIN").execute(&mut blocker).await.unwrap();
+    sqlx::query("SELECT token FROM dblock_leases WHERE name = ? FOR UPDATE")
+        .bind(name.as_bytes())
+        .fetch_one(&mut blocker)
+        .await
+        .unwrap();
+
+    // Renewal and release wait for the row, time out, and leave nothing open.
+    let err = guard.extend(Duration::from_secs(30)).await.unwrap_err();
+    assert!(matches!(err, Error::Database(_)), "{err:?}");
+    let other = Locks::new(Lease::new(pool.clone()));
+    // A claim never waits on the row: busy at once.
+    let started = Instant::now();
+    assert!(other.try_acquire(&name).await.unwrap().is_none());
+    assert!(started.elapsed() < Duration::from_millis(500));
+    assert!(matches!(
+        other.acquire(&name).wait(Duration::from_millis(200)).await,
+        Err(Error::Timeout { .. })
+    ));
+    assert_no_open_transactions(&ids).await;
+
+    // The same for a name whose row is being created by the other session.
+    let fresh = common::unique("blocked-new");
+    sqlx::query(
+        "INSERT INTO dblock_leases (name, token, acquired_at, expires_at) \
+         VALUES (?, 0, UTC_TIMESTAMP(6), UTC_TIMESTAMP(6))",
+    )
+    .bind(fresh.as_bytes())
+    .execute(&mut blocker)
+    .await
+    .unwrap();
+    assert!(other.try_acquire(&fresh).await.unwrap().is_none());
+    assert_no_open_transactions(&ids).await;
+
+    sqlx::raw_sql("ROLLBACK")
+        .execute(&mut blocker)
+        .await
+        .unwrap();
+    // Free again: the renewal goes through, and the fresh name is claimable.
+    guard.extend(Duration::from_secs(30)).await.unwrap();
+    guard.release().await.unwrap();
+    other.try_acquire(&fresh).await.unwrap().expect("free");
+    assert_no_open_transactions(&ids).await;
+}
+
+#[tokio::test]
+async fn a_deadlock_in_lock_in_tx_is_reported_and_leaves_nothing_open() {
+    let (pool, ids) = pool_with("").await;
+    let a = common::unique("dl-a");
+    let b = common::unique("dl-b");
+    // Rows exist for both names.
+    for n in [&a, &b] {
+        let mut tx = pool.begin().await.unwrap();
+        lock_in_tx(&mut tx, n).await.unwrap();
+        tx.commit().await.unwrap();
+    }
+    let mut blocker = raw_conn().await;
+    sqlx::raw_sql("BEGIN").execute(&mut blocker).await.unwrap();
+    // The blocker writes more, so InnoDB picks our transaction as the victim.
+    sqlx::query("UPDATE dblock_leases SET holder = 'blocker' WHERE name IN (?, ?)")
+        .bind(b.as_bytes())
+        .bind(common::unique("filler").as_bytes())
+        .execute(&mut blocker)
+        .await
+        .unwrap();
+    for _ in 0..3 {
+        let filler = common::unique("filler");
+        sqlx::query(
+            "INSERT INTO dblock_leases (name, token, acquired_at, expires_at) \
+             VALUES (?, 0, UTC_TIMESTAMP(6), UTC_TIMESTAMP(6))",
+        )
+        .bind(filler.as_bytes())
+        .execute(&mut blocker)
+        .await
+        .unwrap();
+    }
+
+    let mut tx = pool.begin().await.unwrap();
+    lock_in_tx(&mut tx, &a).await.unwrap();
+    let ours = tokio::spawn(async move {
+        let r = lock_in_tx(&mut tx, &b).await;
+        (r, tx)
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Closes the cycle: blocker waits for `a`, we wait for `b`.
+    let theirs = sqlx::query("SELECT token FROM dblock_leases WHERE name = ? FOR UPDATE")
+        .bind(a.as_bytes())
+        .fetch_one(&mut blocker)
+        .await;
+    let (r, tx) = ours.await.unwrap();
+    match (&r, &theirs) {
+        (Err(e), Ok(_)) => assert_eq!(db_code(e), Some(1213), "{e:?}"),
+        // The server chose the blocker after all.
+        (Ok(_), Err(_)) => {}
+        other => panic!("unexpected outcome {other:?}"),
+    }
+    drop(tx);
+    sqlx::raw_sql("ROLLBACK")
+        .execute(&mut blocker)
+        .await
+        .unwrap();
+    assert_no_open_transactions(&ids).await;
+}
+
+#[tokio::test]
+async fn cancelled_acquisitions_leave_nothing_held_or_open() {
+    let (pool, ids) = pool_with("").await;
+    let locks = Locks::new(Lease::new(pool.clone()));
+    let name = common::unique("cancel");
+    for i in 0..60u64 {
+        // Drop the acquisition at every stage of the claim.
+        let cut = Duration::from_micros(i * 53 % 2500);
+        let _ = tokio::time::timeout(cut, locks.acquire(&name)).await;
+    }
+    // Whatever was granted in the meantime was released in the background.
+    let guard = locks
+        .acquire(&name)
+        .wait(Duration::from_secs(10))
+        .await
+        .unwrap();
+    guard.release().await.unwrap();
+    assert!(locks.inspect(&name).await.unwrap().is_none());
+    assert_no_open_transactions(&ids).await;
+}
+
+#[tokio::test]
+async fn expiry_is_right_whatever_the_session_time_zone() {
+    let (east, _) = pool_with("SET time_zone = '+05:00'").await;
+    let (west, _) = pool_with("SET time_zone = '-07:00'").await;
+    let tz: String = sqlx::query_scalar("SELECT @@SESSION.time_zone")
+        .fetch_one(&east)
+        .await
+        .unwrap();
+    assert_eq!(tz, "+05:00");
+    let locks = Locks::new(Lease::new(east.clone()));
+    let name = common::unique("tz");
+    let ttl = Duration::from_secs(20);
+    let guard = locks.acquire(&name).ttl(ttl).await.unwrap();
+    let now = db_now(&east).await;
+    let left = (guard.expires_at().unwrap() - now).to_std().unwrap();
+    assert!(
+        left <= ttl && left > ttl - Duration::from_secs(2),
+        "expires in {left:?}"
+    );
+    // Seen from sessions in other zones, and compared in SQL.
+    let seen = Locks::new(Lease::new(west.clone()))
+        .inspect(&name)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(seen.expires_at, guard.expires_at());
+    let diff_ms: i64 = sqlx::query_scalar(
+        "SELECT TIMESTAMPDIFF(MICROSECOND, UTC_TIMESTAMP(6), expires_at) DIV 1000 \
+           FROM dblock_leases WHERE name = ?",
+    )
+    .bind(name.as_bytes())
+    .fetch_one(&west)
+    .await
+    .unwrap();
+    assert!((18_000..=20_000).contains(&diff_ms), "{diff_ms} ms left");
+    // Renewal too.
+    let at = guard.extend(ttl).await.unwrap().unwrap();
+    let left = (at - db_now(&west).await).to_std().unwrap();
+    assert!(left <= ttl && left > ttl - Duration::from_secs(2));
+    guard.release().await.unwrap();
+}
+
+#[tokio::test]
+async fn renewals_in_the_same_millisecond_both_succeed() {
+    let pool = pool().await;
+    let locks = Locks::new(Lease::new(pool.clone()));
+    let name = common::unique("renew");
+    let guard = locks
+        .acquire(&name)
+        .ttl(Duration::from_secs(30))
+        .await
+        .unwrap();
+    for _ in 0..50 {
+        let a = guard
+            .extend(Duration::from_secs(30))
+            .await
+            .unwrap()
+            .unwrap();
+        let b = guard
+            .extend(Duration::from_secs(30))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(b >= a);
+    }
+    assert!(!guard.is_lost());
+    // An UPDATE that changes nothing still counts its row: sqlx connects
+    // with CLIENT_FOUND_ROWS, which the release and renewal rely on (with
+    // LAST_INSERT_ID as a second signal).
+    for _ in 0..2 {
+        let done = sqlx::query("UPDATE dblock_leases SET mode = mode WHERE name = ?")
+            .bind(name.as_bytes())
+            .execute(&pool)
+            .await
+            .unwrap();
+        assert_eq!(done.rows_affected(), 1);
+    }
+    guard.release().await.unwrap();
+}
+
+#[tokio::test]
+async fn hold_at_least_keeps_the_lease_after_release() {
+    let pool = pool().await;
+    let locks = Locks::new(Lease::new(pool.clone()));
+    let name = common::unique("hold");
+    let guard = locks
+        .acquire(&name)
+        .hold_at_least(Duration::from_millis(1200))
+        .await
+        .unwrap();
+    let token = guard.token();
+    guard.release().await.unwrap();
+    let info = locks.inspect(&name).await.unwrap().expect("held over");
+    let left = (info.expires_at.unwrap() - db_now(&pool).await).num_milliseconds();
+    assert!((500..=1200).contains(&left), "{left} ms");
+    assert!(locks.try_acquire(&name).await.unwrap().is_none());
+    tokio::time::sleep(Duration::from_millis(1400)).await;
+    let next = locks.try_acquire(&name).await.unwrap().expect("free");
+    assert!(next.token() > token);
+    // A hold shorter than the time already held ends the lease at once.
+    let short = locks
+        .acquire(common::unique("hold-short"))
+        .hold_at_least(Duration::from_millis(1))
+        .await
+        .unwrap();
+    let short_name = short.name().to_owned();
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    short.release().await.unwrap();
+    assert!(locks.inspect(&short_name).await.unwrap().is_none());
+}
+
+#[tokio::test]
+async fn names_are_bytes_and_shared_mode_is_unsupported() {
+    let pool = pool().await;
+    let locks = Locks::new(Lease::new(pool));
+    let base = common::unique("bytes");
+    let names = [
+        format!("{base}:a"),
+        format!("{base}:A"),
+        format!("{base}:a "),
+        format!("{base}:'; DROP TABLE dblock_leases; --"),
+        format!("{base}:🔒"),
+    ];
+    let mut guards = Vec::new();
+    for n in &names {
+        guards.push(locks.try_acquire(n).await.unwrap().expect(n));
+    }
+    for (g, n) in guards.iter().zip(&names) {
+        assert_eq!(
+            locks.inspect(n).await.unwrap().unwrap().token,
+            Some(g.token())
+        );
+    }
+    let err = locks.acquire(&base).shared().await.unwrap_err();
+    assert!(matches!(err, Error::Unsupported { .. }), "{err:?}");
+}
+
+#[tokio::test]
+async fn schema_missing_and_bad_table_names() {
+    let pool = pool().await;
+    let lease = Lease::new(pool.clone())
+        .with_table("dblock_missing_xyz")
+        .unwrap();
+    assert_eq!(lease.table(), "dblock_missing_xyz");
+    let locks = Locks::new(lease.clone());
+    let is_missing = |e: &Error| {
+        matches!(
+            e,
+            Error::SchemaMissing {
+                migrate: "dblock::mysql::migrate(&pool)",
+                dir: "mysql"
+            }
+        )
+    };
+    let err = locks.try_acquire("x").await.unwrap_err();
+    assert!(is_missing(&err), "{err:?}");
+    assert!(err.to_string().contains("dblock::mysql::migrate(&pool)"));
+    assert!(is_missing(&locks.inspect("x").await.unwrap_err()));
+    assert!(is_missing(&locks.list().await.unwrap_err()));
+    assert!(is_missing(&locks.force_release("x").await.unwrap_err()));
+    let mut tx = pool.begin().await.unwrap();
+    let err = lease.lock_in_tx(&mut tx, "x", Wait::No).await.unwrap_err();
+    assert!(is_missing(&err), "{err:?}");
+    // The statement failed, not the transaction.
+    sqlx::query("SELECT 1").execute(&mut *tx).await.unwrap();
+    tx.rollback().await.unwrap();
+
+    for bad in ["x; DROP TABLE y", "a-b", "`x`", "a.b.c", ""] {
+        let err = Lease::new(pool.clone()).with_table(bad).unwrap_err();
+        assert!(matches!(err, Error::InvalidOption(_)), "{bad:?}: {err:?}");
+    }
+    let err = Lease::new(pool.clone())
+        .with_options(LeaseOptions {
+            min_poll: Duration::from_millis(10),
+            max_poll: Duration::from_millis(1),
+        })
+        .unwrap_err();
+    assert!(matches!(err, Error::InvalidOption(_)));
+}
+
+#[tokio::test]
+async fn a_custom_table_qualified_by_its_schema_works() {
+    let pool = pool().await;
+    let db: String = sqlx::query_scalar("SELECT DATABASE()")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    let table = "dblock_custom_leases";
+    let ddl = include_str!("../migrations/mysql/0001_dblock.sql").replace("dblock_leases", table);
+    sqlx::raw_sql(sqlx::AssertSqlSafe(ddl))
+        .execute(&pool)
+        .await
+        .unwrap();
+    let lease = Lease::new(pool.clone())
+        .with_table(&format!("{db}.{table}"))
+        .unwrap()
+        .with_options(LeaseOptions {
+            min_poll: Duration::from_millis(2),
+            max_poll: Duration::from_millis(50),
+        })
+        .unwrap();
+    let locks = Locks::new(lease.clone());
+    let name = common::unique("custom");
+    let guard = locks.acquire(&name).await.unwrap();
+    let in_default = Locks::new(Lease::new(pool.clone()));
+    assert!(in_default.try_acquire(&name).await.unwrap().is_some());
+    let mut tx = pool.begin().await.unwrap();
+    assert_eq!(
+        lease.lock_in_tx(&mut tx, &name, Wait::No).await.unwrap(),
+        None
+    );
+    tx.rollback().await.unwrap();
+    guard.release().await.unwrap();
+    let mut tx = pool.begin().await.unwrap();
+    let token = lease
+        .lock_in_tx(&mut tx, &name, Wait::No)
+        .await
+        .unwrap()
+        .expect("free");
+    tx.commit().await.unwrap();
+    assert!(token > 1);
+}
+
+#[tokio::test]
+async fn lock_in_tx_tokens_increase_with_leases() {
+    let pool = pool().await;
+    let locks = Locks::new(Lease::new(pool.clone()));
+    let name = common::unique("tx-tokens");
+    let mut last = 0;
+    for _ in 0..3 {
+        let mut tx = pool.begin().await.unwrap();
+        let t = lock_in_tx(&mut tx, &name).await.unwrap();
+        assert!(t > last, "{t} after {last}");
+        tx.commit().await.unwrap();
+        last = t;
+        let guard = locks.acquire(&name).await.unwrap();
+        assert!(guard.token() > last);
+        last = guard.token();
+        guard.release().await.unwrap();
+    }
+    // Re-entrant within a transaction, with a new token each time.
+    let mut tx = pool.begin().await.unwrap();
+    let t1 = lock_in_tx(&mut tx, &name).await.unwrap();
+    let t2 = lock_in_tx_with(&mut tx, &name, Wait::No)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((t1, t2), (last + 1, last + 2));
+    tx.commit().await.unwrap();
+    last = t2;
+    // Documented: a rolled-back transaction takes its increment with it.
+    let mut tx = pool.begin().await.unwrap();
+    let t = lock_in_tx(&mut tx, &name).await.unwrap();
+    assert_eq!(t, last + 1);
+    tx.rollback().await.unwrap();
+    let mut tx = pool.begin().await.unwrap();
+    assert_eq!(lock_in_tx(&mut tx, &name).await.unwrap(), last + 1);
+    tx.commit().await.unwrap();
+}
+
+#[tokio::test]
+async fn lock_in_tx_excludes_leases_and_other_transactions() {
+    let pool = pool().await;
+    let locks = Locks::new(Lease::new(pool.clone()));
+    let name = common::unique("tx-excl");
+
+    let mut tx = pool.begin().await.unwrap();
+    let t1 = lock_in_tx(&mut tx, &name).await.unwrap();
+    assert_eq!(t1, 1, "the row is created by the transaction");
+    assert!(locks.try_acquire(&name).await.unwrap().is_none());
+    assert!(is_timeout(
+        &locks
+            .acquire(&name)
+            .wait(Duration::from_millis(200))
+            .await
+            .unwrap_err()
+    ));
+
+    // Another transaction waits in the server and gets it at COMMIT.
+    let waiter = {
+        let pool = pool.clone();
+        let name = name.clone();
+        tokio::spawn(async move {
+            let mut tx2 = pool.begin().await.unwrap();
+            let started = Instant::now();
+            let t = lock_in_tx_with(&mut tx2, &name, Wait::For(Duration::from_secs(10)))
+                .await
+                .unwrap()
+                .unwrap();
+            let waited = started.elapsed();
+            tx2.commit().await.unwrap();
+            (t, waited)
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    tx.commit().await.unwrap();
+    let (t2, waited) = waiter.await.unwrap();
+    assert!(t2 > t1);
+    assert!(waited >= Duration::from_millis(250) && waited < Duration::from_secs(2));
+
+    // Free after COMMIT, for leases too.
+    let guard = locks.try_acquire(&name).await.unwrap().expect("free");
+    assert!(guard.token() > t2);
+}
+
+#[tokio::test]
+async fn lock_in_tx_timeout_leaves_the_transaction_usable() {
+    let pool = pool().await;
+    sqlx::raw_sql(
+        "CREATE TABLE IF NOT EXISTS dblock_test_tx_marks (
+            mark VARCHAR(200) NOT NULL PRIMARY KEY
+        ) ENGINE = InnoDB",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let locks = Locks::new(Lease::new(pool.clone()));
+
+    // 1. Held by a lease: fails at once (the lease outlasts the wait).
+    let name = common::unique("tx-timeout-lease");
+    let guard = locks
+        .acquire(&name)
+        .ttl(Duration::from_secs(30))
+        .await
+        .unwrap();
+    let mark1 = common::unique("mark");
+    let mut tx = pool.begin().await.unwrap();
+    sqlx::query("INSERT INTO dblock_test_tx_marks VALUES (?)")
+        .bind(&mark1)
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    let err = lock_in_tx_with(&mut tx, &name, Wait::For(Duration::from_millis(300)))
+        .await
+        .unwrap_err();
+    assert!(is_timeout(&err), "{err:?}");
+    let mark2 = common::unique("mark");
+    sqlx::query("INSERT INTO dblock_test_tx_marks VALUES (?)")
+        .bind(&mark2)
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    // The lease was left alone.
+    guard.extend(Duration::from_secs(30)).await.unwrap();
+    assert!(!guard.is_lost());
+    assert_eq!(
+        locks.inspect(&name).await.unwrap().unwrap().token,
+        Some(guard.token())
+    );
+
+    // 2. Held by another transaction: the server-side wait times out.
+    let name = common::unique("tx-timeout-tx");
+    let mut holder = pool.begin().await.unwrap();
+    lock_in_tx(&mut holder, &name).await.unwrap();
+    let mut tx = pool.begin().await.unwrap();
+    let before: u64 = sqlx::query_scalar("SELECT @@SESSION.innodb_lock_wait_timeout")
+        .fetch_one(&mut *tx)
+        .await
+        .unwrap();
+    let mark3 = common::unique("mark");
+    sqlx::query("INSERT INTO dblock_test_tx_marks VALUES (?)")
+        .bind(&mark3)
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let err = lock_in_tx_with(&mut tx, &name, Wait::For(Duration::from_millis(500)))
+        .await
+        .unwrap_err();
+    assert!(is_timeout(&err), "{err:?}");
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(500) && waited < Duration::from_secs(3),
+        "{waited:?}"
+    );
+    let started = Instant::now();
+    assert_eq!(
+        lock_in_tx_with(&mut tx, &name, Wait::No).await.unwrap(),
+        None
+    );
+    // MariaDB does not wait at all; MySQL 8 waits its minimum of 1 s.
+    assert!(started.elapsed() < Duration::from_millis(1500));
+    let after: u64 = sqlx::query_scalar("SELECT @@SESSION.innodb_lock_wait_timeout")
+        .fetch_one(&mut *tx)
+        .await
+        .unwrap();
+    assert_eq!(after, before, "the session's lock wait is restored");
+    let mark4 = common::unique("mark");
+    sqlx::query("INSERT INTO dblock_test_tx_marks VALUES (?)")
+        .bind(&mark4)
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    holder.rollback().await.unwrap();
+
+    for mark in [mark1, mark2, mark3, mark4] {
+        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM dblock_test_tx_marks WHERE mark = ?")
+            .bind(&mark)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        assert_eq!(n, 1, "{mark} was committed");
+    }
+}
+
+#[tokio::test]
+async fn lock_in_tx_outwaits_a_short_lease() {
+    let pool = pool().await;
+    let locks = Locks::new(Lease::new(pool.clone()));
+    let name = common::unique("tx-outwait");
+    let guard = locks
+        .acquire(&name)
+        .ttl(Duration::from_millis(800))
+        .await
+        .unwrap();
+    let mut tx = pool.begin().await.unwrap();
+    let started = Instant::now();
+    let t = lock_in_tx_with(&mut tx, &name, Wait::For(Duration::from_secs(5)))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(t > guard.token());
+    assert!(started.elapsed() < Duration::from_secs(2));
+    // The lease could not be renewed meanwhile: its guard knows it is lost.
+    tokio::time::timeout(Duration::from_secs(2), guard.lost())
+        .await
+        .expect("the lease guard reports the loss");
+    tx.commit().await.unwrap();
+    assert!(guard.release().await.is_err());
+    assert!(locks.try_acquire(&name).await.unwrap().is_some());
+}
+
+#[tokio::test]
+async fn lock_in_tx_rejects_bad_input_before_sending_anything() {
+    let pool = pool().await;
+    let mut tx = pool.begin().await.unwrap();
+    assert!(matches!(
+        lock_in_tx(&mut tx, "").await,
+        Err(Error::InvalidName(_))
+    ));
+    assert!(matches!(
+        lock_in_tx_with(&mut tx, "x", Wait::For(Duration::from_secs(u64::MAX / 4))).await,
+        Err(Error::InvalidOption(_))
+    ));
+    tx.rollback().await.unwrap();
+}
+
+#[tokio::test]
+async fn migrate_raced_by_eight_tasks() {
+    let admin = pool().await;
+    let db = format!(
+        "dblock_migrate_{}_{}",
+        std::process::id(),
+        Utc::now().timestamp_micros()
+    );
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE `{db}`")))
+        .execute(&admin)
+        .await
+        .unwrap();
+    let url = common::mysql_url().await;
+    let base = url.rsplit_once('/').map(|(b, _)| b).unwrap();
+    let pool = MySqlPoolOptions::new()
+        .max_connections(16)
+        .connect(&format!("{base}/{db}"))
+        .await
+        .unwrap();
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let pool = pool.clone();
+        tasks.push(tokio::spawn(async move { migrate(&pool).await }));
+    }
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+    migrate(&pool).await.unwrap();
+    let rows =
+        sqlx::query("SELECT version, COUNT(*) FROM dblock_schema_migrations GROUP BY version")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert!(!rows.is_empty());
+    for row in rows {
+        assert_eq!(row.get::<i64, _>(1), 1, "version {}", row.get::<i64, _>(0));
+    }
+    let sqlx_table: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM information_schema.TABLES \
+          WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = '_sqlx_migrations'",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(sqlx_table, 0);
+    let locks = Locks::new(Lease::new(pool.clone()));
+    locks.try_acquire("after-migrate").await.unwrap().unwrap();
+    pool.close().await;
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("DROP DATABASE `{db}`")))
+        .execute(&admin)
+        .await
+        .unwrap();
+}
+
+/// MariaDB's `innodb_snapshot_isolation` (the default from 11.6) makes a
+/// locking read of a row changed since the transaction's snapshot fail with
+/// 1020 and roll the whole transaction back. dblock's own transactions and
+/// `lock_in_tx` called before any read never meet it.
+#[tokio::test]
+async fn snapshot_isolation_is_never_tripped() {
+    let mut probe = raw_conn().await;
+    let supported = sqlx::query("SELECT @@innodb_snapshot_isolation")
+        .execute(&mut probe)
+        .await
+        .is_ok();
+    let setup = if supported {
+        "SET SESSION innodb_snapshot_isolation = ON; \
+         SET SESSION TRANSACTION ISOLATION LEVEL REPEATABLE READ"
+    } else {
+        // MySQL: no such setting; the same flows under REPEATABLE READ.
+        "SET SESSION TRANSACTION ISOLATION LEVEL REPEATABLE READ"
+    };
+    let (pool, ids) = pool_with(setup).await;
+    let name = common::unique("si");
+
+    let barrier = Arc::new(tokio::sync::Barrier::new(16));
+    let mut tasks = Vec::new();
+    for _ in 0..16 {
+        let locks = Locks::new(Lease::new(pool.clone()));
+        let (barrier, name) = (barrier.clone(), name.clone());
+        tasks.push(tokio::spawn(async move {
+            barrier.wait().await;
+            for _ in 0..3 {
+                let guard = locks
+                    .acquire(&name)
+                    .ttl(Duration::from_millis(600))
+                    .wait(Duration::from_secs(30))
+                    .await
+                    .unwrap();
+                // A transaction in lock_in_tx may outwait this lease (it
+                // cannot be renewed or released while the transaction holds
+                // the row): Lost is expected then, a database error never.
+                for outcome in [
+                    guard.extend(Duration::from_millis(600)).await.map(drop),
+                    guard.release().await,
+                ] {
+                    if let Err(e) = outcome {
+                        assert!(matches!(e, Error::Lost { .. }), "{e:?}");
+                    }
+                }
+            }
+        }));
+    }
+    // Transactions taking the name meanwhile, calling lock_in_tx first.
+    for _ in 0..5 {
+        let mut tx = pool.begin().await.unwrap();
+        lock_in_tx_with(&mut tx, &name, Wait::For(Duration::from_secs(30)))
+            .await
+            .unwrap()
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        tx.commit().await.unwrap();
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert_no_open_transactions(&ids).await;
+
+    if supported {
+        // Documented: a read before lock_in_tx, then a change of the row,
+        // is the server's snapshot conflict, reported as such.
+        let locks = Locks::new(Lease::new(pool.clone()));
+        let mut tx = pool.begin().await.unwrap();
+        sqlx::query("SELECT token FROM dblock_leases WHERE name = ?")
+            .bind(name.as_bytes())
+            .fetch_one(&mut *tx)
+            .await
+            .unwrap();
+        locks.acquire(&name).await.unwrap().release().await.unwrap();
+        let err = lock_in_tx(&mut tx, &name).await.unwrap_err();
+        assert_eq!(db_code(&err), Some(1020), "{err:?}");
+        drop(tx);
+        assert_no_open_transactions(&ids).await;
+    }
+}
+
+// ---- The behavioural suite on MySQL/MariaDB. ----
+
+mod suite;
+
+struct MysqlFixture;
+
+impl suite::Fixture for MysqlFixture {
+    async fn locks(&self) -> Locks {
+        Locks::new(Lease::new(pool().await))
+    }
+    fn unreachable(&self) -> Locks {
+        let pool = MySqlPoolOptions::new()
+            .acquire_timeout(Duration::from_secs(2))
+            .connect_lazy("mysql://root@127.0.0.1:1/nowhere")
+            .unwrap();
+        Locks::new(Lease::new(pool))
+    }
+    fn shared(&self) -> bool {
+        false
+    }
+    fn lease(&self) -> bool {
+        true
+    }
+}
+
+mod behaviour {
+    use super::*;
+    behaviour_suite!(async { MysqlFixture });
+}
+
+/// Not a test: compares the hot path (claim + release through `Locks`)
+/// with the same work done raw. Run with
+/// `cargo test --all-features --test mysql_lease hot_path -- --ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn hot_path_vs_raw() {
+    let pool = MySqlPoolOptions::new()
+        .max_connections(4)
+        .connect(&common::mysql_url().await)
+        .await
+        .unwrap();
+    migrate(&pool).await.unwrap();
+    let locks = Locks::new(Lease::new(pool.clone()));
+    let name = common::unique("bench");
+    locks.acquire(&name).await.unwrap().release().await.unwrap();
+    let rounds = 1000;
+    // Alternate, to even out warm-up and noise.
+    let (mut t_raw, mut t_ours) = (Duration::ZERO, Duration::ZERO);
+    for _ in 0..3 {
+        t_raw += raw_rounds(&pool, &name, rounds).await;
+        let started = Instant::now();
+        for _ in 0..rounds {
+            let guard = locks.acquire(&name).await.unwrap();
+            guard.release().await.unwrap();
+        }
+        t_ours += started.elapsed();
+    }
+    println!(
+        "raw {:?}/op, dblock {:?}/op, throughput ratio dblock/raw {:.2}",
+        t_raw / (3 * rounds),
+        t_ours / (3 * rounds),
+        t_raw.as_secs_f64() / t_ours.as_secs_f64()
+    );
+}
+
+async fn raw_rounds(pool: &MySqlPool, name: &str, rounds: u32) -> Duration {
+    let started = Instant::now();
+    for _ in 0..rounds {
+        let mut tx = pool.begin().await.unwrap();
+        let row = sqlx::query(
+            "SELECT token, expires_at > UTC_TIMESTAMP(6) FROM dblock_leases WHERE name = ? FOR UPDATE",
+        )
+        .bind(name.as_bytes())
+        .fetch_one(&mut *tx)
+        .await
+        .unwrap();
+        let token: u64 = row.get(0);
+        assert_eq!(row.get::<i64, _>(1), 0);
+        sqlx::query(
+            "UPDATE dblock_leases SET owner = 'raw', token = token + 1, acquired_at = UTC_TIMESTAMP(6), \
+             expires_at = UTC_TIMESTAMP(6) + INTERVAL 30 SECOND WHERE name = ?",
+        )
+        .bind(name.as_bytes())
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+        tx.commit().await.unwrap();
+        let done = sqlx::query(
+            "UPDATE dblock_leases SET expires_at = UTC_TIMESTAMP(6) \
+             WHERE name = ? AND owner = 'raw' AND token = ?",
+        )
+        .bind(name.as_bytes())
+        .bind(token + 1)
+        .execute(pool)
+        .await
+        .unwrap();
+        assert_eq!(done.rows_affected(), 1);
+    }
+    started.elapsed()
+}
