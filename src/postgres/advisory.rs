@@ -620,9 +620,16 @@ impl Keeper {
                 self.status.mark_lost(reason);
                 Err(Error::lost(&self.name, reason))
             }
-            // The outcome is unknown: the dirty connection is closed, which
-            // ends the lock if the session still has it.
-            Err(e) => Err(e.into()),
+            // The session failed (it was terminated, or the connection
+            // died): the lock ended with it, perhaps well before this call,
+            // so the guard reports it lost like a failed heartbeat would.
+            // The dirty connection is closed, which ends the lock if the
+            // session somehow still has it.
+            Err(e) => {
+                let reason = format!("the session holding the advisory lock failed: {e}");
+                self.status.mark_lost(reason.clone());
+                Err(Error::lost(&self.name, reason))
+            }
         }
     }
 }
