@@ -59,8 +59,10 @@ pub async fn run(kind: Kind) -> bool {
     std::fs::create_dir_all(&dir).unwrap();
     let ctl = direct(kind, &dir, &format!("dblock-torture-input-{run}")).await;
     let db = ctl.pool(2).await;
-    if let Db::Pg(pool) = &db {
-        dblock::postgres::migrate(pool).await.expect("migrate");
+    match &db {
+        Db::Pg(pool) => dblock::postgres::migrate(pool).await.expect("migrate"),
+        Db::My(pool) => dblock::mysql::migrate(pool).await.expect("migrate"),
+        Db::Lite(_) => {}
     }
     let locks = ctl.locks().await;
     let mut c = Cases {
@@ -280,6 +282,12 @@ pub async fn run(kind: Kind) -> bool {
                         Kind::PgLease => {
                             let Db::Pg(p) = &db else { unreachable!() };
                             dblock::postgres::Lease::new(p.clone())
+                                .with_table(bad)
+                                .map(|_| ())
+                        }
+                        Kind::MyLease => {
+                            let Db::My(p) = &db else { unreachable!() };
+                            dblock::mysql::Lease::new(p.clone())
                                 .with_table(bad)
                                 .map(|_| ())
                         }

@@ -99,6 +99,7 @@ impl Proxy {
         conns.retain(|c| !c.closed.is_closed() && !*c.closed.borrow());
         conns.iter().map(|c| c.upstream_port).collect()
     }
+}
 
 async fn accept(listener: TcpListener, slot: Arc<Slot>, upstream: SocketAddr) {
     loop {

@@ -57,7 +57,7 @@ impl Kind {
 }
 
 /// Flipped to true together with the `Kind::MyLease` arm of [`locks`].
-pub const MYSQL_BACKEND: bool = false;
+pub const MYSQL_BACKEND: bool = true;
 
 /// A pool on one of the three databases.
 #[derive(Debug, Clone)]
@@ -146,7 +146,14 @@ impl Endpoint {
                 )
             }
             Kind::MyLease => {
-                panic!("the MySQL lease backend is not in this build yet")
+                let Db::My(pool) = self.pool(3).await else {
+                    unreachable!()
+                };
+                Locks::new(
+                    dblock::mysql::Lease::new(pool)
+                        .with_options(LeaseOptions::default())
+                        .expect("options"),
+                )
             }
             Kind::LiteLease => Locks::new(
                 dblock::sqlite::Lease::open(&self.url)

@@ -192,7 +192,7 @@ async fn run(plan: &Plan) -> (Report, PathBuf) {
     let db = ctl.pool(4).await;
     match &db {
         Db::Pg(pool) => dblock::postgres::migrate(pool).await.expect("migrate"),
-        Db::My(_) => {}
+        Db::My(pool) => dblock::mysql::migrate(pool).await.expect("migrate"),
         Db::Lite(_) => {}
     }
     let locks = ctl.locks().await; // SQLite: creates the file and its table
