@@ -172,6 +172,14 @@ const TRY_SHARED: &str =
 const WAIT_EXCLUSIVE: &str = "SELECT nextval('dblock_fencing_seq') FROM (SELECT pg_advisory_lock($1) FROM (SELECT set_config('lock_timeout', $2, true)) cfg OFFSET 0) l";
 const WAIT_SHARED: &str = "SELECT nextval('dblock_fencing_seq') FROM (SELECT pg_advisory_lock_shared($1) FROM (SELECT set_config('lock_timeout', $2, true)) cfg OFFSET 0) l";
 const UNLOCK_EXCLUSIVE: &str = "SELECT pg_advisory_unlock($1)";
+// After a lock_timeout: unlock only if this session did get the lock (a
+// grant racing the timeout), so no warning is raised otherwise.
+const UNLOCK_LATE_EXCLUSIVE: &str = "SELECT pg_advisory_unlock($1) FROM pg_locks
+  WHERE locktype = 'advisory' AND objsubid = 1 AND granted AND pid = pg_backend_pid()
+    AND mode = 'ExclusiveLock' AND ((classid::bigint << 32) | objid::bigint) = $1";
+const UNLOCK_LATE_SHARED: &str = "SELECT pg_advisory_unlock_shared($1) FROM pg_locks
+  WHERE locktype = 'advisory' AND objsubid = 1 AND granted AND pid = pg_backend_pid()
+    AND mode = 'ShareLock' AND ((classid::bigint << 32) | objid::bigint) = $1";
 const UNLOCK_SHARED: &str = "SELECT pg_advisory_unlock_shared($1)";
 
 fn is_lock_timeout(e: &sqlx::Error) -> bool {
@@ -451,9 +459,22 @@ async fn wait_on_server(
     match outcome {
         Ok(t) => Attempt::Granted(t as u64),
         Err(e) if is_lock_timeout(&e) => {
-            // The wait was cancelled before any grant.
-            conn.clean = true;
-            Attempt::Busy
+            // A grant can race the timeout: PostgreSQL then keeps the
+            // session-level lock (LockErrorCleanup remembers a lock granted
+            // while the wait was being cancelled) yet reports the timeout.
+            // Give such a late grant back before the connection counts as
+            // clean; if that fails, the dirty connection is closed.
+            let unlock = match mode {
+                LockMode::Exclusive => UNLOCK_LATE_EXCLUSIVE,
+                LockMode::Shared => UNLOCK_LATE_SHARED,
+            };
+            match sqlx::query(unlock).bind(key).execute(&mut **conn.get()).await {
+                Ok(_) => {
+                    conn.clean = true;
+                    Attempt::Busy
+                }
+                Err(e) => Attempt::Failed(map_err(e)),
+            }
         }
         Err(e) => Attempt::Failed(map_err(e)),
     }
