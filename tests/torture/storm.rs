@@ -165,6 +165,20 @@ async fn one(kind: Kind, total: usize) -> bool {
     // which is why this waits at most 1 s: that would be a leak.
     if !eventually(Duration::from_secs(1), || async { held().await == 0 }).await {
         problems.push(format!("{} locks still held after the storm", held().await));
+        if let Db::Pg(pool) = &ctl_db {
+            let rows: Vec<(i32, Option<String>, Option<String>, Option<String>, bool)> = sqlx::query_as(
+                "SELECT l.pid, a.state, a.application_name, a.query, l.granted FROM pg_locks l
+                   LEFT JOIN pg_stat_activity a ON a.pid = l.pid
+                  WHERE l.locktype = 'advisory' AND ((l.classid::bigint << 32) | l.objid::bigint) = ANY($1)",
+            )
+            .bind(&keys)
+            .fetch_all(pool)
+            .await
+            .unwrap_or_default();
+            for r in rows {
+                println!("  holder session: {r:?}");
+            }
+        }
     }
     let ports = proxy
         .as_ref()
