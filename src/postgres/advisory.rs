@@ -468,7 +468,11 @@ async fn wait_on_server(
                 LockMode::Exclusive => UNLOCK_LATE_EXCLUSIVE,
                 LockMode::Shared => UNLOCK_LATE_SHARED,
             };
-            match sqlx::query(unlock).bind(key).execute(&mut **conn.get()).await {
+            match sqlx::query(unlock)
+                .bind(key)
+                .execute(&mut **conn.get())
+                .await
+            {
                 Ok(_) => {
                     conn.clean = true;
                     Attempt::Busy

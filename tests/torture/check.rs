@@ -142,7 +142,7 @@ pub fn thousands(n: usize) -> String {
     let s = n.to_string();
     let mut out = String::new();
     for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i) % 3 == 0 {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(c);
@@ -372,7 +372,7 @@ fn check_overlaps(run: &Run<'_>, list: &[&Holder], report: &mut Report) {
                     a.name,
                     a.wid,
                     a.token,
-                    (a.end.min(i64::MAX) - b.ok) as f64 / 1e6,
+                    (a.end - b.ok) as f64 / 1e6,
                     b.wid,
                     b.token
                 ));
@@ -471,13 +471,17 @@ fn check_registers(name: &str, regs: &Registers, holders: &[&Holder], report: &m
     }
 }
 
-/// Unguarded writes acknowledged by the register that its final value does
-/// not reflect (a lower bound on the lost updates).
+/// Unguarded updates lost, a lower bound: acknowledged writes that the
+/// final value does not reflect, or acknowledged writes of a value another
+/// acknowledged write had already written (both read the same value).
 pub fn unguarded_lost(logs: &HashMap<String, Vec<Event>>, name: &str, final_value: i64) -> i64 {
-    let acked = logs
+    let written: Vec<i64> = logs
         .values()
         .flatten()
         .filter(|e| e.op == "uwrite" && e.ty == Type::Ok && e.name == name)
-        .count() as i64;
-    (acked - final_value).max(0)
+        .filter_map(|e| e.value)
+        .collect();
+    let acked = written.len() as i64;
+    let distinct = written.iter().collect::<HashSet<_>>().len() as i64;
+    (acked - final_value).max(acked - distinct).max(0)
 }

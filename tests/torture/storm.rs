@@ -14,6 +14,9 @@ use crate::proxy::Proxy;
 use crate::target::{Db, Endpoint, Kind};
 use crate::{authority, direct, eventually, run_id};
 
+/// A session holding a leaked advisory lock: pid, state, application, last query, granted.
+type HolderRow = (i32, Option<String>, Option<String>, Option<String>, bool);
+
 /// Acquisitions cancelled in all, across the backends.
 const TOTAL: usize = 10_000;
 const TASKS: usize = 16;
@@ -166,7 +169,7 @@ async fn one(kind: Kind, total: usize) -> bool {
     if !eventually(Duration::from_secs(1), || async { held().await == 0 }).await {
         problems.push(format!("{} locks still held after the storm", held().await));
         if let Db::Pg(pool) = &ctl_db {
-            let rows: Vec<(i32, Option<String>, Option<String>, Option<String>, bool)> = sqlx::query_as(
+            let rows: Vec<HolderRow> = sqlx::query_as(
                 "SELECT l.pid, a.state, a.application_name, a.query, l.granted FROM pg_locks l
                    LEFT JOIN pg_stat_activity a ON a.pid = l.pid
                   WHERE l.locktype = 'advisory' AND ((l.classid::bigint << 32) | l.objid::bigint) = ANY($1)",
