@@ -1274,3 +1274,35 @@ async fn raw_rounds(pool: &MySqlPool, name: &str, rounds: u32) -> Duration {
     }
     started.elapsed()
 }
+
+/// When renewals cannot reach the database, the guard reports itself lost at
+/// its local deadline, while the database still counts the lease as held:
+/// the holder learns of the loss before anyone else can be granted the lock.
+#[tokio::test]
+async fn lost_fires_before_the_database_expires_the_lease() {
+    let doomed = pool().await;
+    let observer = pool().await;
+    let locks = Locks::new(Lease::new(doomed.clone()));
+    let name = common::unique("my-lease-closed");
+    let guard = locks
+        .acquire(&name)
+        .ttl(Duration::from_secs(2))
+        .await
+        .unwrap();
+    doomed.close().await;
+    tokio::time::timeout(Duration::from_secs(3), guard.lost())
+        .await
+        .expect("lost() resolves at the local deadline");
+    let now = db_now(&observer).await;
+    let expires_at: NaiveDateTime =
+        sqlx::query_scalar("SELECT expires_at FROM dblock_leases WHERE name = ?")
+            .bind(&name)
+            .fetch_one(&observer)
+            .await
+            .unwrap();
+    assert!(
+        expires_at.and_utc() > now,
+        "lost only at {now}, lease ran out at {expires_at}"
+    );
+    assert!(guard.is_lost());
+}
