@@ -238,6 +238,44 @@ async fn terminated_session_fires_lost_within_a_heartbeat() {
     assert!(matches!(g.release().await, Err(Error::Lost { .. })));
 }
 
+/// A session terminated between two heartbeats, then released: `release`
+/// reports `Error::Lost` and the guard is lost (found by the torture test:
+/// release returned a bare database error and `lost()` never fired, although
+/// another holder had the lock meanwhile).
+#[tokio::test]
+async fn release_after_termination_reports_lost() {
+    let url = common::postgres_url().await;
+    let backend = Advisory::new(pool(&url, 2).await)
+        .with_options(AdvisoryOptions {
+            heartbeat: Duration::from_secs(3600),
+            ..Default::default()
+        })
+        .unwrap();
+    let locks = Locks::new(backend);
+    let name = common::unique("terminate-release");
+    let g = locks.acquire(&name).await.unwrap();
+    let admin = pool(&url, 1).await;
+    let killed: Vec<bool> = sqlx::query_scalar(
+        "SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory' AND objsubid = 1
+           AND ((classid::bigint << 32) | objid::bigint) = $1",
+    )
+    .bind(advisory_key(&name))
+    .fetch_all(&admin)
+    .await
+    .unwrap();
+    assert_eq!(killed, vec![true]);
+    // Someone else takes the lock before the holder notices.
+    let other = Locks::new(Advisory::new(pool(&url, 1).await));
+    let next = other
+        .acquire(&name)
+        .wait(Duration::from_secs(5))
+        .await
+        .unwrap();
+    let outcome = g.release().await;
+    assert!(matches!(outcome, Err(Error::Lost { .. })), "{outcome:?}");
+    next.release().await.unwrap();
+}
+
 #[tokio::test]
 async fn schema_missing_names_the_fix() {
     let _share = share_lock_table().await;

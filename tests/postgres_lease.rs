@@ -346,7 +346,7 @@ async fn lost_fires_when_the_lease_is_broken() {
 #[tokio::test]
 async fn lost_fires_before_the_database_expires_the_lease() {
     let doomed = pool().await;
-    let observer = pool().await;
+    let observer = connect_with(options().await, 1).await;
     let locks = Locks::new(Lease::new(doomed.clone()));
     let name = common::unique("pg-lease-closed");
     let guard = locks
@@ -429,7 +429,7 @@ async fn listening(observer: &PgPool, app: &str) -> i64 {
 
 #[tokio::test]
 async fn the_listener_stops_with_its_backend() {
-    let observer = pool().await;
+    let observer = connect_with(options().await, 1).await;
     let holder = new_locks().await;
     let app = common::unique("dblock-listener").replace(':', "-");
     let waiter_pool = connect_with(options().await.application_name(&app), 2).await;
@@ -545,4 +545,41 @@ impl suite::Fixture for LeaseFixture {
 mod behaviour {
     use super::*;
     behaviour_suite!(async { LeaseFixture });
+}
+
+/// Acquisitions cancelled while they wait for a pooled connection claim
+/// nothing once they get one. (Found by the torture test's cancellation
+/// storm: queued claims of cancelled acquisitions went on taking leases
+/// after their callers had gone, starving the pool and blocking real
+/// acquirers.) A claim leaves a row behind, so no row may exist.
+#[tokio::test]
+async fn acquisitions_cancelled_while_waiting_for_a_connection_claim_nothing() {
+    let pool = connect_with(options().await, 1).await;
+    let locks = Locks::new(Lease::new(pool.clone()));
+    let prefix = common::unique("queued-cancel");
+    let busy = pool.acquire().await.unwrap();
+    for i in 0..10 {
+        let name = format!("{prefix}:{i}");
+        assert!(timeout(Duration::from_millis(20), locks.acquire(&name))
+            .await
+            .is_err());
+    }
+    drop(busy);
+    // Let every queued attempt get the connection in turn.
+    sleep(Duration::from_millis(500)).await;
+    let observer = connect_with(options().await, 1).await;
+    let rows: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM dblock_leases WHERE name LIKE $1 || ':%'")
+            .bind(&prefix)
+            .fetch_one(&observer)
+            .await
+            .unwrap();
+    assert_eq!(rows, 0, "cancelled acquisitions claimed leases");
+    // The pool still serves.
+    let g = locks
+        .acquire(format!("{prefix}:after"))
+        .wait(Duration::from_secs(5))
+        .await
+        .unwrap();
+    g.release().await.unwrap();
 }

@@ -526,6 +526,42 @@ async fn with_table_rejects_injection_and_quotes_identifiers() {
 
 // ---- The behavioural suite on an SQLite file. ----
 
+/// Acquisitions cancelled while they wait for a pooled connection claim
+/// nothing once they get one (see the PostgreSQL test of the same name).
+#[tokio::test]
+async fn acquisitions_cancelled_while_waiting_for_a_connection_claim_nothing() {
+    let dir = TempDir::new("sqlite-queued-cancel");
+    drop(open(&dir.db()).await); // creates the file and its table
+    let pool = SqlitePoolOptions::new()
+        .max_connections(1)
+        .connect_with(SqliteConnectOptions::new().filename(dir.db()))
+        .await
+        .unwrap();
+    let locks = Locks::new(Lease::new(pool.clone()));
+    let busy = pool.acquire().await.unwrap();
+    for i in 0..10 {
+        assert!(timeout(
+            Duration::from_millis(20),
+            locks.acquire(format!("queued:{i}"))
+        )
+        .await
+        .is_err());
+    }
+    drop(busy);
+    sleep(Duration::from_millis(500)).await;
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM dblock_leases")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(rows, 0, "cancelled acquisitions claimed leases");
+    let g = locks
+        .acquire("queued:after")
+        .wait(Duration::from_secs(5))
+        .await
+        .unwrap();
+    g.release().await.unwrap();
+}
+
 mod suite;
 
 struct SqliteFixture(PathBuf);

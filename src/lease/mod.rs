@@ -25,13 +25,29 @@ use crate::{AcquireRequest, Error, LockInfo, LockMode, Result, Wait};
 pub(crate) use wakeups::Wakeups;
 
 /// One attempt to take a lease.
-#[derive(Debug)]
 pub(crate) struct Claim<'a> {
     pub name: &'a str,
     pub owner: &'a str,
     pub holder: &'a str,
     pub mode: LockMode,
     pub ttl: Duration,
+    /// Whether the acquirer has gone away. A store that waits for a pooled
+    /// connection checks it once it has one, and claims nothing (answers
+    /// `None`) if so: a cancelled acquisition must not go on to take the
+    /// lease after waiting its turn for a connection.
+    pub abandoned: &'a (dyn Fn() -> bool + Send + Sync),
+}
+
+impl fmt::Debug for Claim<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Claim")
+            .field("name", &self.name)
+            .field("owner", &self.owner)
+            .field("holder", &self.holder)
+            .field("mode", &self.mode)
+            .field("ttl", &self.ttl)
+            .finish_non_exhaustive()
+    }
 }
 
 /// A lease the store granted.
@@ -251,13 +267,6 @@ async fn acquire_task<S: LeaseStore>(
 ) {
     let owner = new_owner();
     let name = request.name();
-    let claim = Claim {
-        name,
-        owner: &owner,
-        holder: &inner.holder,
-        mode: request.mode(),
-        ttl: request.ttl(),
-    };
     let deadline = match request.wait() {
         Wait::For(d) => Some(Instant::now() + d),
         _ => None,
@@ -272,6 +281,20 @@ async fn acquire_task<S: LeaseStore>(
         tokio::pin!(notified);
         notified.as_mut().enable();
 
+        // The acquirer may have gone while this task waited to run or to
+        // retry: then claim nothing.
+        if reply.is_closed() {
+            return;
+        }
+        let abandoned = || reply.is_closed();
+        let claim = Claim {
+            name,
+            owner: &owner,
+            holder: &inner.holder,
+            mode: request.mode(),
+            ttl: request.ttl(),
+            abandoned: &abandoned,
+        };
         let sent_at = Instant::now();
         match inner.store.claim(&claim).await {
             Err(e) => {

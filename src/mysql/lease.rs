@@ -319,6 +319,11 @@ impl MySqlStore {
     /// One claim transaction: BEGIN, locking read, UPDATE, COMMIT.
     async fn attempt(&self, claim: &Claim<'_>, ttl_us: i64) -> Result<Attempt, sqlx::Error> {
         let mut conn = Conn::acquire(&self.pool).await?;
+        // Waiting for a connection can take long when the pool is busy; an
+        // acquirer that left meanwhile gets nothing claimed for it.
+        if (claim.abandoned)() {
+            return Ok(Attempt::Done(None));
+        }
         let c = conn.begin_use();
         sqlx::raw_sql("BEGIN").execute(&mut *c).await?;
         let outcome = self.in_transaction(c, claim, ttl_us).await;

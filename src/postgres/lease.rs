@@ -282,13 +282,20 @@ impl LeaseStore for PgStore {
     }
 
     async fn claim(&self, claim: &Claim<'_>) -> Result<Option<Claimed>> {
-        let row: Option<(i64, DateTime<Utc>)> = retrying(|| {
+        let row: Option<(i64, DateTime<Utc>)> = retrying(|| async {
+            // Waiting for a connection can take long when the pool is busy;
+            // an acquirer that left meanwhile gets nothing claimed for it.
+            let mut conn = self.pool.acquire().await?;
+            if (claim.abandoned)() {
+                return Ok(None);
+            }
             sqlx::query_as(AssertSqlSafe(self.sql.claim.clone()))
                 .bind(claim.name)
                 .bind(claim.owner)
                 .bind(claim.holder)
                 .bind(micros(claim.ttl))
-                .fetch_optional(&self.pool)
+                .fetch_optional(&mut *conn)
+                .await
         })
         .await?;
         Ok(row.map(|(token, expires_at)| Claimed {

@@ -315,13 +315,20 @@ impl LeaseStore for SqliteStore {
     }
 
     async fn claim(&self, claim: &Claim<'_>) -> Result<Option<Claimed>> {
-        let row: Option<(i64, i64)> = retry_busy(|| {
+        let row: Option<(i64, i64)> = retry_busy(|| async {
+            // As for PostgreSQL: nothing is claimed for an acquirer that left
+            // while this waited for a connection.
+            let mut conn = self.pool.acquire().await?;
+            if (claim.abandoned)() {
+                return Ok(None);
+            }
             sqlx::query_as(AssertSqlSafe(self.sql.claim.clone()))
                 .bind(claim.name)
                 .bind(claim.owner)
                 .bind(claim.holder)
                 .bind(micros(claim.ttl))
-                .fetch_optional(&self.pool)
+                .fetch_optional(&mut *conn)
+                .await
         })
         .await?;
         row.map(|(token, expires_at)| {
