@@ -129,7 +129,15 @@ impl LockGuard {
         let outcome = held.release().await;
         match (lost, outcome) {
             (Some(reason), _) => Err(Error::lost(&self.name, reason)),
-            (None, r) => r,
+            (None, Ok(())) => Ok(()),
+            // A release that failed because the lock was already gone (its
+            // session terminated between two heartbeats, say) reports the
+            // loss, not a bare database error: someone else may have held
+            // the lock meanwhile.
+            (None, Err(e)) => match self.lost_reason() {
+                Some(reason) => Err(Error::lost(&self.name, reason)),
+                None => Err(e),
+            },
         }
     }
 }

@@ -543,12 +543,16 @@ impl Session {
             // ends every lock on it.
             Err(Failure::Server(e)) => {
                 let reason = format!("an unlock failed on the holder session: {e}");
+                self.mark_lost(key, lock, &reason);
                 (Released::Failed(e), Err(reason))
             }
-            Err(Failure::Broken(reason)) => (
-                Released::Failed(sqlx::Error::Io(std::io::Error::other(reason.clone()))),
-                Err(reason),
-            ),
+            Err(Failure::Broken(reason)) => {
+                self.mark_lost(key, lock, &reason);
+                (
+                    Released::Failed(sqlx::Error::Io(std::io::Error::other(reason.clone()))),
+                    Err(reason),
+                )
+            }
         }
     }
 
@@ -601,6 +605,19 @@ impl Session {
             "dblock: advisory holder session went back to the pool"
         );
         true
+    }
+
+    /// Marks one lock lost before its release is answered, so the guard
+    /// reports the loss (the session is about to be closed, which ends the
+    /// lock; it may have ended earlier, when another holder could take it).
+    fn mark_lost(&self, key: i64, lock: LockId, reason: &str) {
+        if let Some(Hold {
+            state: HoldState::Held { status, .. },
+            ..
+        }) = self.inner.registry().hold(key, lock)
+        {
+            status.mark_lost(reason);
+        }
     }
 
     /// Closes the session: every lock on it is reported lost.
