@@ -353,28 +353,39 @@ fn check_tokens(run: &Run<'_>, list: &[&Holder], report: &mut Report) {
 
 /// Mutual exclusion as the holders believed it.
 fn check_overlaps(run: &Run<'_>, list: &[&Holder], report: &mut Report) {
-    for (j, b) in list.iter().enumerate() {
-        for a in &list[..j] {
-            if a.end <= b.ok || a.wid == b.wid {
+    for (j, later) in list.iter().enumerate() {
+        for earlier in &list[..j] {
+            if earlier.end <= later.ok || earlier.wid == later.wid {
                 continue;
             }
+            // The superseded holder is the one with the older token: usually
+            // the earlier grant; but a grant whose answer was held up (its
+            // holder cut off while the claim was in flight) arrives after a
+            // newer one, already superseded.
+            let (a, b) = if earlier.token < later.token {
+                (earlier, later)
+            } else {
+                (later, earlier)
+            };
+            let until = a.ok.max(b.ok);
             let excuse = run.faults.iter().find(|f| {
                 f.kind.excuses(run.kind)
                     && f.wid.as_deref().is_none_or(|w| w == a.wid)
-                    && f.start <= b.ok
+                    && f.start <= until
                     && f.end >= a.invoked
             });
             let Some(fault) = excuse else {
                 report.overlaps += 1;
                 report.violation(format!(
-                    "{}: {} (token {}) still believed it held the lock {:.1} ms into the grant of {} \
-                     (token {}), and no pause or cut explains it",
+                    "{}: {} (token {}) and {} (token {}) both believed they held the lock for {:.1} ms, \
+                     and no pause or cut of the superseded {} explains it",
                     a.name,
                     a.wid,
                     a.token,
-                    (a.end - b.ok) as f64 / 1e6,
                     b.wid,
-                    b.token
+                    b.token,
+                    (earlier.end - later.ok) as f64 / 1e6,
+                    a.wid
                 ));
                 continue;
             };
