@@ -14,7 +14,9 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use tokio::time::Instant;
 
-use crate::lease::{lease_backend, Claim, Claimed, LeaseEngine, LeaseOptions, LeaseStore, Wakeups};
+use crate::lease::{
+    lease_backend, Claim, Claimed, LeaseEngine, LeaseOptions, LeaseStore, Renewal, Renewed, Wakeups,
+};
 use crate::{LockInfo, LockMode, Result};
 
 /// An in-process lock service. Clones share the same locks.
@@ -70,6 +72,8 @@ struct Entry {
 
 #[derive(Debug)]
 struct Holder {
+    /// Empty once released with `hold_at_least` (the entry then only keeps
+    /// the name taken): no renewal matches it.
     owner: String,
     holder: String,
     mode: LockMode,
@@ -166,6 +170,33 @@ impl LeaseStore for MemoryStore {
         }))
     }
 
+    async fn renew_many(&self, batch: &[Renewal]) -> Result<Vec<Renewed>> {
+        let now = Instant::now();
+        let mut names = self.names.lock().unwrap();
+        Ok(batch
+            .iter()
+            .map(|r| {
+                let mine = names.get_mut(&*r.name).and_then(|entry| {
+                    entry
+                        .holders
+                        .iter_mut()
+                        .find(|h| h.owner == *r.owner && h.token == r.token && h.expires > now)
+                });
+                match mine {
+                    Some(h) => {
+                        h.expires = now + r.ttl;
+                        Renewed::Until(wall(h.expires))
+                    }
+                    None => Renewed::Gone,
+                }
+            })
+            .collect())
+    }
+
+    fn batch_len(&self, batch: &[Renewal]) -> usize {
+        batch.len()
+    }
+
     async fn release(
         &self,
         name: &str,
@@ -186,7 +217,11 @@ impl LeaseStore for MemoryStore {
             return Ok(false);
         };
         match hold.map(|d| entry.holders[i].acquired + d) {
-            Some(until) if until > now => entry.holders[i].expires = until,
+            Some(until) if until > now => {
+                let h = &mut entry.holders[i];
+                h.expires = until;
+                h.owner.clear();
+            }
             _ => {
                 entry.holders.swap_remove(i);
             }
