@@ -263,3 +263,64 @@ impl LeaseStore for MemoryStore {
         Ok(all)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn claim<'a>(name: &'a str, owner: &'a str) -> Claim<'a> {
+        Claim {
+            name,
+            owner,
+            holder: "test:1",
+            mode: LockMode::Exclusive,
+            ttl: Duration::from_secs(30),
+        }
+    }
+
+    fn renewal(name: &str, owner: &str, token: u64) -> Renewal {
+        Renewal {
+            name: name.into(),
+            owner: owner.into(),
+            token,
+            ttl: Duration::from_secs(30),
+        }
+    }
+
+    /// A batch renewal that lands after a release never revives the lease,
+    /// even one kept by `hold_at_least`; its neighbours are renewed.
+    #[tokio::test]
+    async fn renew_many_refuses_released_leases() {
+        let store = MemoryStore::default();
+        let a = store.claim(&claim("a", "o1")).await.unwrap().unwrap();
+        let b = store.claim(&claim("b", "o2")).await.unwrap().unwrap();
+        let c = store.claim(&claim("c", "o3")).await.unwrap().unwrap();
+        assert!(store
+            .release("a", "o1", a.token, Some(Duration::from_secs(60)))
+            .await
+            .unwrap());
+        assert!(store.release("c", "o3", c.token, None).await.unwrap());
+        let answers = store
+            .renew_many(&[
+                renewal("a", "o1", a.token),
+                renewal("b", "o2", b.token),
+                renewal("c", "o3", c.token),
+                renewal("b", "o2", b.token + 1),
+            ])
+            .await
+            .unwrap();
+        assert_eq!(answers[0], Renewed::Gone);
+        assert!(matches!(answers[1], Renewed::Until(_)));
+        assert_eq!(answers[2], Renewed::Gone);
+        assert_eq!(answers[3], Renewed::Gone);
+        // The held-over lease still blocks the name, until its hold.
+        assert!(store.inspect("a").await.unwrap().is_some());
+        assert_eq!(
+            store
+                .renew("a", "o1", a.token, Duration::from_secs(1))
+                .await
+                .unwrap(),
+            None
+        );
+    }
+}

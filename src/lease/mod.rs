@@ -491,3 +491,15 @@ macro_rules! lease_backend {
     };
 }
 pub(crate) use lease_backend;
+
+#[cfg(test)]
+mod tests {
+    use super::push_json_str;
+
+    #[test]
+    fn json_strings_are_quoted_and_escaped() {
+        let mut out = String::new();
+        push_json_str(&mut out, "a\"b\\c\n\u{1}\u{7f}é🔒'");
+        assert_eq!(out, r#""a\"b\\c\u000a\u0001\u007fé🔒'""#);
+    }
+}

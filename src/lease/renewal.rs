@@ -544,6 +544,18 @@ fn apply<S: LeaseStore>(
         Err(_) => &[],
     };
     let now = Instant::now();
+    if tracing::enabled!(tracing::Level::TRACE) {
+        let count = |f: fn(&Renewed) -> bool| answers.iter().filter(|a| f(a)).count();
+        tracing::trace!(
+            leases = ids.len(),
+            took = ?(now - sent_at),
+            renewed = count(|a| matches!(a, Renewed::Until(_))),
+            gone = count(|a| matches!(a, Renewed::Gone)),
+            unknown = count(|a| matches!(a, Renewed::Unknown)),
+            failed = answers.is_empty(),
+            "dblock: batch renewal"
+        );
+    }
     let mut renewed = 0;
     let renewals = &inner.renewals;
     let mut reg = renewals.lock();

@@ -27,9 +27,11 @@ use crate::{validate_table, LockInfo, LockMode, Result, Wait};
 /// backend used before will answer
 /// [`Error::SchemaMissing`](crate::Error::SchemaMissing).
 ///
-/// - `.ttl()` is the lease length (default 30 s); the guard renews every
-///   ttl/3 and reports itself lost when a renewal fails or does not complete
-///   before its local deadline.
+/// - `.ttl()` is the lease length (default 30 s); the lease is renewed every
+///   ttl/3 and the guard reports itself lost when a renewal fails or does
+///   not complete before its local deadline. Renewal is batched: every lease
+///   due is renewed in one short transaction per renewal tick (see the
+///   [module docs](super)).
 /// - `.hold_at_least(d)` keeps the lease until `acquired_at + d` (database
 ///   clock) even when released sooner.
 /// - Shared (reader) mode is **not supported**: `.shared()` fails with
@@ -40,9 +42,10 @@ use crate::{validate_table, LockInfo, LockMode, Result, Wait};
 /// - Not re-entrant: a second acquisition of a held name waits.
 /// - A transaction holding the name through [`lock_in_tx`](super::lock_in_tx)
 ///   excludes leases of that name until it ends. While it holds the row, a
-///   lease of the name that was live before cannot be renewed or released
-///   (those statements wait for the row lock): it runs out, its guard
-///   reports itself lost, and the transaction takes the name over.
+///   lease of the name that was live before cannot be renewed (the batch
+///   renewal skips the locked row; `extend` and release wait for the row
+///   lock): it runs out, its guard reports itself lost, and the transaction
+///   takes the name over. The other leases of the batch are not held up.
 ///
 /// The session settings of the pool do not matter: isolation level
 /// (`REPEATABLE READ` or `READ COMMITTED`), `time_zone`, `sql_mode`.

@@ -27,9 +27,12 @@ const DEFAULT_TABLE: &str = "dblock_leases";
 ///
 /// Each lock is a row of `dblock_leases` (created by
 /// [`migrate`](super::migrate)). Taking a lease is one `INSERT .. ON
-/// CONFLICT .. DO UPDATE .. WHERE expires_at <= clock_timestamp()`; the
-/// guard renews it every ttl/3 and reports itself lost if a renewal fails
-/// or comes too late. Every expiry is computed and compared with
+/// CONFLICT .. DO UPDATE .. WHERE expires_at <= clock_timestamp()`; it is
+/// renewed every ttl/3, and the guard reports itself lost if a renewal
+/// fails or comes too late. Renewal is batched: one `UPDATE .. FROM
+/// unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[])` per renewal
+/// tick renews every lease due that this backend holds (up to 250,000 per
+/// statement), each with its own ttl, and answers per lease. Every expiry is computed and compared with
 /// `clock_timestamp()`, the database's wall clock at the moment of the
 /// statement: client clocks never decide who holds a lock.
 ///

@@ -35,7 +35,8 @@ const POOL_SIZE: u32 = 4;
 /// The protocol is that of [`postgres::Lease`](crate::postgres::Lease),
 /// written for SQLite: a lease is a row of `dblock_leases`, taken with one
 /// `INSERT .. ON CONFLICT .. DO UPDATE .. WHERE expires_at <= now ..
-/// RETURNING`, renewed every ttl/3 by the guard, and timed by SQLite's clock
+/// RETURNING`, renewed every ttl/3 (every lease due in one
+/// `UPDATE .. FROM json_each(?1)` per renewal tick), and timed by SQLite's clock
 /// (`julianday('now')`, the machine's wall clock at millisecond resolution,
 /// stored as integer microseconds since the Unix epoch): the caller's
 /// clock arithmetic never decides who holds a lock.
