@@ -558,39 +558,47 @@ fn apply<S: LeaseStore>(
     }
     let mut renewed = 0;
     let renewals = &inner.renewals;
-    let mut reg = renewals.lock();
-    for (k, (&id, item)) in ids.iter().zip(items).enumerate() {
-        let Some(e) = reg.leases.get_mut(&id) else {
-            continue;
-        };
-        if e.busy != Busy::Batch {
-            continue;
-        }
-        e.busy = Busy::Idle;
-        if !e.live() {
-            continue;
-        }
-        let deadline = e.deadline;
-        match answers.get(k).copied().unwrap_or(Renewed::Unknown) {
-            Renewed::Until(at) => {
-                e.status.set_expires_at(Some(at));
-                let ttl = item.ttl;
-                reg.schedule(
-                    id,
-                    sent_at + renew_every(ttl),
-                    sent_at + ttl - safety_margin(ttl),
-                );
-                renewed += 1;
+    // In slices, so that grants, releases and extends on other threads are
+    // not held up behind a batch of a hundred thousand.
+    for start in (0..ids.len()).step_by(APPLY_SLICE) {
+        let end = (start + APPLY_SLICE).min(ids.len());
+        let mut reg = renewals.lock();
+        for k in start..end {
+            let (id, item) = (ids[k], &items[k]);
+            let Some(e) = reg.leases.get_mut(&id) else {
+                continue;
+            };
+            if e.busy != Busy::Batch {
+                continue;
             }
-            Renewed::Gone => reg.lose(id, GONE),
-            Renewed::Unknown if deadline <= now => reg.lose(id, LATE),
-            Renewed::Unknown => reg.schedule(id, now + retry_pause(item.ttl), deadline),
+            e.busy = Busy::Idle;
+            if !e.live() {
+                continue;
+            }
+            let deadline = e.deadline;
+            match answers.get(k).copied().unwrap_or(Renewed::Unknown) {
+                Renewed::Until(at) => {
+                    e.status.set_expires_at(Some(at));
+                    let ttl = item.ttl;
+                    reg.schedule(
+                        id,
+                        sent_at + renew_every(ttl),
+                        sent_at + ttl - safety_margin(ttl),
+                    );
+                    renewed += 1;
+                }
+                Renewed::Gone => reg.lose(id, GONE),
+                Renewed::Unknown if deadline <= now => reg.lose(id, LATE),
+                Renewed::Unknown => reg.schedule(id, now + retry_pause(item.ttl), deadline),
+            }
         }
     }
-    drop(reg);
     renewals.renewed.fetch_add(renewed, Relaxed);
     renewals.changed();
 }
+
+/// How many answers of a batch are recorded under one hold of the lock.
+const APPLY_SLICE: usize = 2048;
 
 /// Runs `f` when dropped, unless disarmed.
 struct OnDrop<F: FnOnce()>(Option<F>);
