@@ -470,6 +470,7 @@ impl<S: LeaseStore> Pending<S> {
     async fn run(mut self, items: Vec<Renewal>, deadlines: Vec<Instant>) {
         let inner = self.inner.clone();
         let started = Instant::now();
+        let mut renewed = 0;
         while self.next < items.len() {
             let rest = &items[self.next..];
             let n = inner.store.batch_len(rest).clamp(1, rest.len());
@@ -484,7 +485,7 @@ impl<S: LeaseStore> Pending<S> {
             inner.renewals.statements.fetch_add(1, Relaxed);
             let sent_at = Instant::now();
             let outcome = timeout_at(give_up, inner.store.renew_many(&items[range.clone()])).await;
-            apply(
+            renewed += apply(
                 &inner,
                 &self.ids[range.clone()],
                 &items[range],
@@ -493,11 +494,14 @@ impl<S: LeaseStore> Pending<S> {
             );
             self.next += n;
         }
+        // The batch's size and time first, so that a reader who sees the
+        // renewals counted sees this batch's figures.
         *inner
             .renewals
             .last_batch
             .lock()
             .unwrap_or_else(PoisonError::into_inner) = (items.len(), started.elapsed());
+        inner.renewals.renewed.fetch_add(renewed, Relaxed);
     }
 }
 
@@ -524,14 +528,15 @@ impl<S: LeaseStore> Drop for Pending<S> {
     }
 }
 
-/// Records the answers of one batch statement sent at `sent_at`.
+/// Records the answers of one batch statement sent at `sent_at`; returns
+/// how many leases it renewed.
 fn apply<S: LeaseStore>(
     inner: &Inner<S>,
     ids: &[Id],
     items: &[Renewal],
     outcome: std::result::Result<Result<Vec<Renewed>>, Elapsed>,
     sent_at: Instant,
-) {
+) -> u64 {
     let answers: &[Renewed] = match &outcome {
         Ok(Ok(answers)) => {
             debug_assert_eq!(answers.len(), ids.len(), "one answer per lease");
@@ -593,8 +598,8 @@ fn apply<S: LeaseStore>(
             }
         }
     }
-    renewals.renewed.fetch_add(renewed, Relaxed);
     renewals.changed();
+    renewed
 }
 
 /// How many answers of a batch are recorded under one hold of the lock.
