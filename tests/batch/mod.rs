@@ -84,11 +84,17 @@ pub async fn take(
         .await
 }
 
-/// Releases every guard, 16 at a time.
+/// Releases every guard, 8 at a time (the renewals of the others need
+/// connections too).
 pub async fn release_all(guards: Vec<LockGuard>) {
     stream::iter(guards)
-        .map(|g| async move { g.release().await.expect("release") })
-        .buffer_unordered(16)
+        .map(|g| async move {
+            let name = g.name().to_owned();
+            g.release()
+                .await
+                .unwrap_or_else(|e| panic!("release {name}: {e:?}"))
+        })
+        .buffer_unordered(8)
         .collect::<Vec<()>>()
         .await;
 }
@@ -154,10 +160,11 @@ pub async fn one_statement_per_tick(h: &impl Harness, n: usize) {
         "only {renewed} renewals of {n} leases in {window:?}"
     );
     if let (Some(b), Some(a)) = (db_before, db_after) {
-        assert_eq!(
-            a - b,
-            statements,
-            "the database counted {} UPDATE statements",
+        // A statement in flight at either end of the window is counted by
+        // one side before the other: allow one.
+        assert!(
+            (a - b).abs_diff(statements) <= 1,
+            "the database counted {} UPDATE statements, dblock {statements}",
             a - b
         );
     }
