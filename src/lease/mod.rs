@@ -93,7 +93,6 @@ pub(crate) enum Renewed {
     /// No longer ours: released, expired, broken or taken over.
     Gone,
     /// Not known (the row was busy in another transaction, say): try again.
-    #[cfg_attr(not(feature = "mysql"), allow(dead_code))]
     Unknown,
 }
 
@@ -194,7 +193,7 @@ impl Default for LeaseOptions {
 
 /// Appends `s` to `out` as a JSON string literal (quoted and escaped), for
 /// the stores that bind a batch as one JSON document.
-#[cfg_attr(not(feature = "sqlite"), allow(dead_code))]
+#[cfg_attr(not(any(feature = "sqlite", feature = "mysql")), allow(dead_code))]
 pub(crate) fn push_json_str(out: &mut String, s: &str) {
     use std::fmt::Write;
     out.push('"');
