@@ -37,7 +37,12 @@
 //!   nothing is held through the backend, and starts again with the next
 //!   grant.
 //! - A huge batch is cut into a few statements only where the dialect
-//!   needs it ([`LeaseStore::batch_len`]).
+//!   needs it ([`LeaseStore::batch_len`]): MySQL at half the server's
+//!   `max_allowed_packet`, the others at 250,000 leases.
+//! - Renewal shares the application's pool: a batch waits for a connection
+//!   like any statement. Needing one connection per tick instead of one per
+//!   lease, it is far less exposed than per-lease renewal was, but a pool
+//!   kept saturated for longer than a lease's margin still costs leases.
 
 mod renewal;
 mod wakeups;

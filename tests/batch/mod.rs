@@ -432,7 +432,16 @@ pub async fn task_runs_only_while_held(h: &impl Harness) {
 
 /// Not a test: holds `DBLOCK_SCALE_LEASES` (default 100,000) leases of 30 s
 /// and reports how long taking them took, the memory per lease, and the
-/// statements, leases and time of each renewal tick.
+/// statements, leases and time of each renewal tick. Run one backend at a
+/// time, for instance
+///
+/// ```text
+/// DBLOCK_TEST_POSTGRES_URL=postgres://postgres@127.0.0.1:5432/test \
+///   cargo test --all-features --test postgres_lease batched::scale -- --ignored --nocapture
+/// ```
+///
+/// (`--test memory`, `--test sqlite_lease`, or `--test mysql_lease` with
+/// `DBLOCK_TEST_MYSQL_URL` for the others).
 pub async fn scale(h: &impl Harness) {
     let n: usize = std::env::var("DBLOCK_SCALE_LEASES")
         .ok()
