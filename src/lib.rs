@@ -70,6 +70,8 @@ pub use error::{Error, Result};
 pub use guard::LockGuard;
 pub use info::LockInfo;
 pub use lease::LeaseOptions;
+#[doc(hidden)]
+pub use lease::RenewalStats;
 pub use locks::{Acquire, Locks};
 pub use name::{validate_name, validate_table, MAX_NAME_LEN};
 #[cfg(feature = "postgres")]

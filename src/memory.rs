@@ -14,7 +14,9 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use tokio::time::Instant;
 
-use crate::lease::{lease_backend, Claim, Claimed, LeaseEngine, LeaseOptions, LeaseStore, Wakeups};
+use crate::lease::{
+    lease_backend, Claim, Claimed, LeaseEngine, LeaseOptions, LeaseStore, Renewal, Renewed, Wakeups,
+};
 use crate::{LockInfo, LockMode, Result};
 
 /// An in-process lock service. Clones share the same locks.
@@ -70,6 +72,8 @@ struct Entry {
 
 #[derive(Debug)]
 struct Holder {
+    /// Empty once released with `hold_at_least` (the entry then only keeps
+    /// the name taken): no renewal matches it.
     owner: String,
     holder: String,
     mode: LockMode,
@@ -166,6 +170,33 @@ impl LeaseStore for MemoryStore {
         }))
     }
 
+    async fn renew_many(&self, batch: &[Renewal]) -> Result<Vec<Renewed>> {
+        let now = Instant::now();
+        let mut names = self.names.lock().unwrap();
+        Ok(batch
+            .iter()
+            .map(|r| {
+                let mine = names.get_mut(&*r.name).and_then(|entry| {
+                    entry
+                        .holders
+                        .iter_mut()
+                        .find(|h| h.owner == *r.owner && h.token == r.token && h.expires > now)
+                });
+                match mine {
+                    Some(h) => {
+                        h.expires = now + r.ttl;
+                        Renewed::Until(wall(h.expires))
+                    }
+                    None => Renewed::Gone,
+                }
+            })
+            .collect())
+    }
+
+    fn batch_len(&self, batch: &[Renewal]) -> usize {
+        batch.len()
+    }
+
     async fn release(
         &self,
         name: &str,
@@ -186,7 +217,11 @@ impl LeaseStore for MemoryStore {
             return Ok(false);
         };
         match hold.map(|d| entry.holders[i].acquired + d) {
-            Some(until) if until > now => entry.holders[i].expires = until,
+            Some(until) if until > now => {
+                let h = &mut entry.holders[i];
+                h.expires = until;
+                h.owner.clear();
+            }
             _ => {
                 entry.holders.swap_remove(i);
             }
@@ -226,5 +261,67 @@ impl LeaseStore for MemoryStore {
             .collect();
         all.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(all)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn claim<'a>(name: &'a str, owner: &'a str) -> Claim<'a> {
+        Claim {
+            name,
+            owner,
+            holder: "test:1",
+            mode: LockMode::Exclusive,
+            ttl: Duration::from_secs(30),
+            abandoned: &|| false,
+        }
+    }
+
+    fn renewal(name: &str, owner: &str, token: u64) -> Renewal {
+        Renewal {
+            name: name.into(),
+            owner: owner.into(),
+            token,
+            ttl: Duration::from_secs(30),
+        }
+    }
+
+    /// A batch renewal that lands after a release never revives the lease,
+    /// even one kept by `hold_at_least`; its neighbours are renewed.
+    #[tokio::test]
+    async fn renew_many_refuses_released_leases() {
+        let store = MemoryStore::default();
+        let a = store.claim(&claim("a", "o1")).await.unwrap().unwrap();
+        let b = store.claim(&claim("b", "o2")).await.unwrap().unwrap();
+        let c = store.claim(&claim("c", "o3")).await.unwrap().unwrap();
+        assert!(store
+            .release("a", "o1", a.token, Some(Duration::from_secs(60)))
+            .await
+            .unwrap());
+        assert!(store.release("c", "o3", c.token, None).await.unwrap());
+        let answers = store
+            .renew_many(&[
+                renewal("a", "o1", a.token),
+                renewal("b", "o2", b.token),
+                renewal("c", "o3", c.token),
+                renewal("b", "o2", b.token + 1),
+            ])
+            .await
+            .unwrap();
+        assert_eq!(answers[0], Renewed::Gone);
+        assert!(matches!(answers[1], Renewed::Until(_)));
+        assert_eq!(answers[2], Renewed::Gone);
+        assert_eq!(answers[3], Renewed::Gone);
+        // The held-over lease still blocks the name, until its hold.
+        assert!(store.inspect("a").await.unwrap().is_some());
+        assert_eq!(
+            store
+                .renew("a", "o1", a.token, Duration::from_secs(1))
+                .await
+                .unwrap(),
+            None
+        );
     }
 }

@@ -28,3 +28,30 @@ async fn fixture() -> MemoryFixture {
 }
 
 behaviour_suite!(fixture());
+
+// ---- Batched renewal. ----
+
+mod batch;
+
+struct MemoryHarness;
+
+impl batch::Harness for MemoryHarness {
+    async fn subject(&self, _pool_size: u32) -> batch::Subject {
+        let memory = Memory::new();
+        let counted = memory.clone();
+        batch::Subject {
+            table: String::new(),
+            locks: Locks::new(memory.clone()),
+            observer: Locks::new(memory),
+            stats: Box::new(move || counted.renewal_stats()),
+            cut: None,
+            db_updates: None,
+            cleanup: None,
+        }
+    }
+}
+
+mod batched {
+    use super::*;
+    batch_suite!(MemoryHarness);
+}

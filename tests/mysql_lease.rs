@@ -1306,3 +1306,103 @@ async fn lost_fires_before_the_database_expires_the_lease() {
     );
     assert!(guard.is_lost());
 }
+
+// ---- Batched renewal, on a table of its own per test. ----
+
+mod batch;
+
+struct MysqlHarness;
+
+impl batch::Harness for MysqlHarness {
+    async fn subject(&self, pool_size: u32) -> batch::Subject {
+        let admin = pool().await;
+        let table = format!("dblock_batch_{}", common::unique("t").replace(':', "_"));
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+            "CREATE TABLE {table} LIKE dblock_leases"
+        )))
+        .execute(&admin)
+        .await
+        .unwrap();
+        let holder = MySqlPoolOptions::new()
+            .max_connections(pool_size)
+            .connect(&common::mysql_url().await)
+            .await
+            .unwrap();
+        let lease = Lease::new(holder.clone()).with_table(&table).unwrap();
+        let observer = Lease::new(admin.clone()).with_table(&table).unwrap();
+        let counted = lease.clone();
+        batch::Subject {
+            table: table.clone(),
+            locks: Locks::new(lease),
+            observer: Locks::new(observer),
+            stats: Box::new(move || counted.renewal_stats()),
+            cut: Some(Box::new(move || {
+                Box::pin(async move { holder.close().await })
+            })),
+            db_updates: None,
+            cleanup: Some(Box::pin(async move {
+                sqlx::raw_sql(sqlx::AssertSqlSafe(format!("DROP TABLE IF EXISTS {table}")))
+                    .execute(&admin)
+                    .await
+                    .unwrap();
+            })),
+        }
+    }
+}
+
+mod batched {
+    use super::*;
+    batch_suite!(MysqlHarness);
+}
+
+/// A transaction in `lock_in_tx` sitting on one lease's row does not hold
+/// up the batch: the locked row is skipped (that lease runs out and is
+/// reported lost), its neighbours go on being renewed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_locked_by_lock_in_tx_does_not_hold_up_the_batch() {
+    let s = batch::Harness::subject(&MysqlHarness, 8).await;
+    let ttl = Duration::from_millis(1500);
+    let guards = batch::take(&s.locks, "batch-tx", 50, |_| ttl).await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let victim = 25;
+    let before = (s.stats)();
+    let pool = pool().await;
+    // lock_in_tx on the subject's own table: takes the row lock at once,
+    // then waits for the live lease to run out, and takes it over.
+    let observer = Lease::new(pool.clone()).with_table(&s.table).unwrap();
+    let mut tx = pool.begin().await.unwrap();
+    let taken = observer
+        .lock_in_tx(
+            &mut tx,
+            guards[victim].name(),
+            Wait::For(Duration::from_secs(10)),
+        )
+        .await
+        .unwrap()
+        .expect("taken over once the lease ran out");
+    assert!(taken > guards[victim].token());
+    assert!(guards[victim].is_lost(), "the lease ran out unnoticed");
+    // Keep the row locked over a few more ticks.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let after = (s.stats)();
+    for (k, g) in guards.iter().enumerate() {
+        if k != victim {
+            assert!(!g.is_lost(), "{k}: {:?}", g.lost_reason());
+        }
+    }
+    assert!(
+        after.renewed - before.renewed >= 3 * 49,
+        "the batch was held up: {before:?} -> {after:?}"
+    );
+    tx.commit().await.unwrap();
+    batch::release_all(
+        guards
+            .into_iter()
+            .enumerate()
+            .filter(|(k, _)| *k != victim)
+            .map(|(_, g)| g)
+            .collect(),
+    )
+    .await;
+    s.finish().await;
+}

@@ -583,3 +583,68 @@ async fn acquisitions_cancelled_while_waiting_for_a_connection_claim_nothing() {
         .unwrap();
     g.release().await.unwrap();
 }
+
+// ---- Batched renewal, on a table of its own per test. ----
+
+mod batch;
+
+struct PgHarness;
+
+impl batch::Harness for PgHarness {
+    async fn subject(&self, pool_size: u32) -> batch::Subject {
+        let admin = pool().await;
+        let table = format!("dblock_batch_{}", common::unique("t").replace(':', "_"));
+        // A statement-level trigger counts the UPDATE statements the
+        // database runs on the table (pg_stat_statements needs
+        // shared_preload_libraries, which the test server may not have).
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+            "CREATE TABLE {table} (LIKE dblock_leases INCLUDING ALL);
+             CREATE TABLE {table}_n (n bigint NOT NULL);
+             INSERT INTO {table}_n VALUES (0);
+             CREATE FUNCTION {table}_count() RETURNS trigger LANGUAGE plpgsql
+                 AS $$ BEGIN UPDATE {table}_n SET n = n + 1; RETURN NULL; END $$;
+             CREATE TRIGGER {table}_count AFTER UPDATE ON {table}
+                 FOR EACH STATEMENT EXECUTE FUNCTION {table}_count();"
+        )))
+        .execute(&admin)
+        .await
+        .unwrap();
+        let holder = connect_with(options().await, pool_size).await;
+        let lease = Lease::new(holder.clone()).with_table(&table).unwrap();
+        let observer = Lease::new(pool().await).with_table(&table).unwrap();
+        let counted = lease.clone();
+        let (count_pool, count_sql) = (admin.clone(), format!("SELECT n FROM {table}_n"));
+        batch::Subject {
+            table: table.clone(),
+            locks: Locks::new(lease),
+            observer: Locks::new(observer),
+            stats: Box::new(move || counted.renewal_stats()),
+            cut: Some(Box::new(move || {
+                Box::pin(async move { holder.close().await })
+            })),
+            db_updates: Some(Box::new(move || {
+                let (pool, sql) = (count_pool.clone(), count_sql.clone());
+                Box::pin(async move {
+                    sqlx::query_scalar::<_, i64>(sqlx::AssertSqlSafe(sql))
+                        .fetch_one(&pool)
+                        .await
+                        .unwrap() as u64
+                })
+            })),
+            cleanup: Some(Box::pin(async move {
+                sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+                    "DROP TABLE IF EXISTS {table}, {table}_n;
+                     DROP FUNCTION IF EXISTS {table}_count();"
+                )))
+                .execute(&admin)
+                .await
+                .unwrap();
+            })),
+        }
+    }
+}
+
+mod batched {
+    use super::*;
+    batch_suite!(PgHarness);
+}

@@ -595,3 +595,35 @@ mod behaviour {
         SqliteFixture(dir.join("locks.db"))
     });
 }
+
+// ---- Batched renewal, on a file of its own per test. ----
+
+mod batch;
+
+struct SqliteHarness;
+
+impl batch::Harness for SqliteHarness {
+    async fn subject(&self, _pool_size: u32) -> batch::Subject {
+        let dir = TempDir::new("batch");
+        let lease = Lease::open(dir.db()).await.expect("open");
+        let observer = Lease::open(dir.db()).await.expect("open");
+        let counted = lease.clone();
+        let holder = lease.pool().clone();
+        batch::Subject {
+            table: "dblock_leases".to_owned(),
+            locks: Locks::new(lease),
+            observer: Locks::new(observer),
+            stats: Box::new(move || counted.renewal_stats()),
+            cut: Some(Box::new(move || {
+                Box::pin(async move { holder.close().await })
+            })),
+            db_updates: None,
+            cleanup: Some(Box::pin(async move { drop(dir) })),
+        }
+    }
+}
+
+mod batched {
+    use super::*;
+    batch_suite!(SqliteHarness);
+}

@@ -2,11 +2,49 @@
 //!
 //! A lease is a row (or, for [`Memory`](crate::memory::Memory), a map entry)
 //! that records who holds a name until when. Each store contributes only the
-//! atomic operations of its dialect — claim, renew, release, inspect — while
-//! this module does everything around them: waiting with backoff and
-//! in-process wake-ups, the background renewal, the local deadline and the
-//! lost signal, `hold_at_least`, cancel safety.
+//! atomic operations of its dialect — claim, renew (one lease, or a batch),
+//! release, inspect — while this module does everything around them:
+//! waiting with backoff and in-process wake-ups, the background renewal,
+//! the local deadline and the lost signal, `hold_at_least`, cancel safety.
+//!
+//! # Batched renewal
+//!
+//! A backend renews every lease its process holds with **one statement per
+//! renewal tick**, not one per lease (see [`renewal`] for the details):
+//!
+//! - One renewal task per backend (per [`LeaseEngine`], shared by its
+//!   clones) keeps a timetable of the leases held through it. It wakes when
+//!   the earliest lease is due (ttl/3 after its last confirmed renewal) and
+//!   sends one `renew_many` for every lease due within half of its own
+//!   renewal period, each with its own ttl. Leases of one ttl therefore fall
+//!   into step after their first renewal and share every tick; a lease of a
+//!   longer ttl is renewed at most twice as often as it needs.
+//! - The store answers per lease: renewed (with its new expiry), gone (the
+//!   lease is no longer ours: expired, released, broken, taken over) or
+//!   unknown. Only the gone leases are marked lost. A statement that fails
+//!   leaves every lease in it unconfirmed: each retries shortly and is
+//!   marked lost at its own local deadline (ttl minus a margin, on the
+//!   monotonic clock from before the last confirmed request).
+//! - `extend` stays an immediate single-lease renewal and release stays per
+//!   lease. An extend waits for a batch that holds its lease to finish (so
+//!   a batch sent with the old ttl cannot land after it), and the batch
+//!   skips a lease being extended. A release does not wait: the batch
+//!   statement renews only a row whose owner, token and unexpired lease
+//!   still match, and every store's release clears the owner or ends the
+//!   lease, so a batch landing after a release cannot revive it.
+//! - No task per lease: a held lease is an entry in the task's timetable
+//!   (a few hundred bytes with its status channel). The task stops when
+//!   nothing is held through the backend, and starts again with the next
+//!   grant.
+//! - A huge batch is cut into a few statements only where the dialect
+//!   needs it ([`LeaseStore::batch_len`]): MySQL at half the server's
+//!   `max_allowed_packet`, the others at 250,000 leases.
+//! - Renewal shares the application's pool: a batch waits for a connection
+//!   like any statement. Needing one connection per tick instead of one per
+//!   lease, it is far less exposed than per-lease renewal was, but a pool
+//!   kept saturated for longer than a lease's margin still costs leases.
 
+mod renewal;
 mod wakeups;
 
 use std::fmt;
@@ -16,12 +54,13 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use rand::Rng;
-use tokio::sync::{mpsc, oneshot};
-use tokio::time::{sleep_until, timeout_at, Instant};
+use tokio::sync::oneshot;
+use tokio::time::{sleep_until, Instant};
 
-use crate::backend::{BoxFuture, Grant, HeldLock, LockStatus};
+use crate::backend::{BoxFuture, Grant};
 use crate::{AcquireRequest, Error, LockInfo, LockMode, Result, Wait};
 
+pub use renewal::RenewalStats;
 pub(crate) use wakeups::Wakeups;
 
 /// One attempt to take a lease.
@@ -57,6 +96,32 @@ pub(crate) struct Claimed {
     pub expires_at: DateTime<Utc>,
 }
 
+/// One lease of a batch renewal: renew it to `ttl` from now if `owner` and
+/// `token` still hold it and it has not expired.
+#[derive(Debug, Clone)]
+pub(crate) struct Renewal {
+    pub name: Arc<str>,
+    pub owner: Arc<str>,
+    pub token: u64,
+    pub ttl: Duration,
+}
+
+/// What a batch renewal found for one lease.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Renewed {
+    /// Renewed: the lease now runs until then, by the store's clock.
+    Until(DateTime<Utc>),
+    /// No longer ours: released, expired, broken or taken over.
+    Gone,
+    /// Not known (the row was busy in another transaction, say): try again.
+    Unknown,
+}
+
+/// Rows per batch statement unless a store says otherwise: large enough
+/// for 100,000 leases in one statement, small enough that one statement's
+/// parameters stay in the tens of megabytes.
+pub(crate) const DEFAULT_MAX_BATCH: usize = 250_000;
+
 /// The dialect of one database: each operation is atomic on its own and
 /// decides expiry by the store's clock, never the caller's.
 pub(crate) trait LeaseStore: Send + Sync + fmt::Debug + 'static {
@@ -82,8 +147,27 @@ pub(crate) trait LeaseStore: Send + Sync + fmt::Debug + 'static {
         ttl: Duration,
     ) -> impl Future<Output = Result<Option<DateTime<Utc>>>> + Send;
 
+    /// Renews every lease of `batch` that is still held by its owner and
+    /// token and has not expired, each to its own ttl from now, in as few
+    /// statements as the dialect allows (one where it can). Returns one
+    /// answer per lease, in order. An error means nothing is known about
+    /// any of them: some may have been renewed.
+    ///
+    /// A lease released meanwhile must not be renewed: release leaves the
+    /// row with no owner, or expired, or (with `hold`) marked so that the
+    /// conditions here refuse it.
+    fn renew_many(&self, batch: &[Renewal]) -> impl Future<Output = Result<Vec<Renewed>>> + Send;
+
+    /// How many of the leading leases of `batch` (never empty) one
+    /// `renew_many` call should take: all of them unless the dialect limits
+    /// the size of one statement. At least 1.
+    fn batch_len(&self, batch: &[Renewal]) -> usize {
+        batch.len().min(DEFAULT_MAX_BATCH)
+    }
+
     /// Ends the lease if `owner` and `token` still hold it; with `hold`, the
     /// lease stays until `acquired_at + hold` if that is later than now.
+    /// Either way a later renewal (single or batch) must refuse it.
     /// Returns whether the lease was still theirs.
     fn release(
         &self,
@@ -126,6 +210,25 @@ impl Default for LeaseOptions {
             max_poll: Duration::from_millis(250),
         }
     }
+}
+
+/// Appends `s` to `out` as a JSON string literal (quoted and escaped), for
+/// the stores that bind a batch as one JSON document.
+#[cfg_attr(not(any(feature = "sqlite", feature = "mysql")), allow(dead_code))]
+pub(crate) fn push_json_str(out: &mut String, s: &str) {
+    use std::fmt::Write;
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if (c as u32) < 0x20 || c == '\u{7f}' => {
+                let _ = write!(out, "\\u{:04x}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
 }
 
 /// The background renewal period for a lease of `ttl`.
@@ -187,6 +290,7 @@ struct Inner<S> {
     wakeups: Arc<Wakeups>,
     holder: String,
     options: LeaseOptions,
+    renewals: renewal::Renewals,
 }
 
 impl<S: LeaseStore> LeaseEngine<S> {
@@ -197,6 +301,7 @@ impl<S: LeaseStore> LeaseEngine<S> {
                 wakeups,
                 holder: this_holder(),
                 options: LeaseOptions::default(),
+                renewals: renewal::Renewals::default(),
             }),
         }
     }
@@ -217,6 +322,11 @@ impl<S: LeaseStore> LeaseEngine<S> {
             .expect("options are set before the backend is shared")
             .options = options;
         Ok(())
+    }
+
+    /// Counters of the background renewal, for tests and measurements.
+    pub(crate) fn renewal_stats(&self) -> RenewalStats {
+        self.inner.renewals.stats()
     }
 
     pub(crate) fn acquire(&self, request: AcquireRequest) -> BoxFuture<'_, Result<Option<Grant>>> {
@@ -335,47 +445,6 @@ async fn acquire_task<S: LeaseStore>(
     grant(inner, request, owner, claimed, sent_at, reply).await;
 }
 
-enum Command {
-    Release(oneshot::Sender<Result<()>>),
-    Extend(Duration, oneshot::Sender<Result<Option<DateTime<Utc>>>>),
-}
-
-#[derive(Debug)]
-struct Held {
-    commands: mpsc::Sender<Command>,
-    name: String,
-}
-
-impl HeldLock for Held {
-    fn extend(&self, by: Duration) -> BoxFuture<'_, Result<Option<DateTime<Utc>>>> {
-        Box::pin(async move {
-            let (tx, rx) = oneshot::channel();
-            let gone = || Error::lost(&self.name, "the lease keeper has stopped");
-            self.commands
-                .send(Command::Extend(by, tx))
-                .await
-                .map_err(|_| gone())?;
-            rx.await.map_err(|_| gone())?
-        })
-    }
-
-    fn release(self: Box<Self>) -> BoxFuture<'static, Result<()>> {
-        Box::pin(async move {
-            let (tx, rx) = oneshot::channel();
-            let gone = || Error::lost(&self.name, "the lease keeper has stopped");
-            self.commands
-                .send(Command::Release(tx))
-                .await
-                .map_err(|_| gone())?;
-            rx.await.map_err(|_| gone())?
-        })
-    }
-
-    fn release_on_drop(self: Box<Self>) {
-        // Closing the command channel tells the keeper to release.
-    }
-}
-
 async fn grant<S: LeaseStore>(
     inner: Arc<Inner<S>>,
     request: AcquireRequest,
@@ -384,150 +453,40 @@ async fn grant<S: LeaseStore>(
     sent_at: Instant,
     reply: Reply,
 ) {
-    let (commands, rx) = mpsc::channel(4);
     let (status, pending) = Grant::status(Some(claimed.expires_at));
-    let held = Held {
-        commands,
-        name: request.name().to_owned(),
-    };
+    let held = renewal::register(
+        &inner,
+        renewal::NewLease {
+            name: request.name().into(),
+            owner: owner.into(),
+            token: claimed.token,
+            hold: request.hold_at_least(),
+            ttl: request.ttl(),
+            status,
+        },
+        sent_at,
+    );
     let grant = pending.grant(claimed.token, Box::new(held));
-    if reply.send(Ok(Some(grant))).is_err() {
-        // The acquirer went away while the claim was in flight: the grant
-        // (and its command channel) was dropped with the failed send, so the
-        // keeper below sees a closed channel and releases at once.
-    }
-    let keeper = Keeper {
-        inner,
-        name: request.name().to_owned(),
-        owner,
-        token: claimed.token,
-        hold: request.hold_at_least(),
-        lease: request.ttl(),
-        status,
-    };
-    keeper.run(rx, sent_at).await;
-}
-
-struct Keeper<S> {
-    inner: Arc<Inner<S>>,
-    name: String,
-    owner: String,
-    token: u64,
-    hold: Option<Duration>,
-    lease: Duration,
-    status: LockStatus,
-}
-
-impl<S: LeaseStore> Keeper<S> {
-    async fn run(mut self, mut commands: mpsc::Receiver<Command>, sent_at: Instant) {
-        let mut deadline = sent_at + self.lease - safety_margin(self.lease);
-        let mut next_renew = sent_at + renew_every(self.lease);
-        loop {
-            let lost = self.status.is_lost();
-            tokio::select! {
-                biased;
-                command = commands.recv() => match command {
-                    None => {
-                        self.release().await.ok();
-                        return;
-                    }
-                    Some(Command::Release(reply)) => {
-                        let _ = reply.send(self.release().await);
-                        return;
-                    }
-                    Some(Command::Extend(by, reply)) => {
-                        let sent_at = Instant::now();
-                        let outcome = self.renew(by, deadline).await;
-                        if let Ok(Some(_)) = outcome {
-                            self.lease = by;
-                            deadline = sent_at + by - safety_margin(by);
-                            next_renew = sent_at + renew_every(by);
-                        }
-                        let _ = reply.send(outcome);
-                    }
-                },
-                _ = sleep_until(deadline), if !lost => {
-                    self.status.mark_lost(format!(
-                        "the lease was not renewed before its local deadline (ttl {:?} minus a margin of {:?})",
-                        self.lease, safety_margin(self.lease)
-                    ));
-                }
-                _ = sleep_until(next_renew), if !lost => {
-                    let sent_at = Instant::now();
-                    match self.renew(self.lease, deadline).await {
-                        Ok(Some(_)) => {
-                            deadline = sent_at + self.lease - safety_margin(self.lease);
-                            next_renew = sent_at + renew_every(self.lease);
-                        }
-                        Ok(None) | Err(Error::Lost { .. }) => {}
-                        Err(e) => {
-                            // A passing fault: try again soon, until the deadline.
-                            tracing::debug!(name = %self.name, error = %e, "dblock: lease renewal failed; retrying");
-                            next_renew = Instant::now() + (self.lease / 20).max(Duration::from_millis(20));
-                        }
-                    }
-                }
-            }
-        }
-    }
-
-    /// One renewal, bounded by the local deadline. Marks the lease lost when
-    /// the store says it is no longer ours or the deadline passes first.
-    async fn renew(&self, by: Duration, deadline: Instant) -> Result<Option<DateTime<Utc>>> {
-        if let Some(reason) = self.status.lost_reason() {
-            return Err(Error::lost(&self.name, reason));
-        }
-        match timeout_at(
-            deadline,
-            self.inner
-                .store
-                .renew(&self.name, &self.owner, self.token, by),
-        )
-        .await
-        {
-            Ok(Ok(Some(at))) => {
-                self.status.set_expires_at(Some(at));
-                Ok(Some(at))
-            }
-            Ok(Ok(None)) => {
-                let reason = "the lease was taken over or broken: renewal found it no longer ours";
-                self.status.mark_lost(reason);
-                Err(Error::lost(&self.name, reason))
-            }
-            Ok(Err(e)) => Err(e),
-            Err(_) => {
-                let reason = "renewal did not complete before the local deadline";
-                self.status.mark_lost(reason);
-                Err(Error::lost(&self.name, reason))
-            }
-        }
-    }
-
-    async fn release(&self) -> Result<()> {
-        // Conditional on owner and token, so this is harmless even after a
-        // loss: it can only end our own lease.
-        let outcome = self
-            .inner
-            .store
-            .release(&self.name, &self.owner, self.token, self.hold)
-            .await;
-        self.inner.wakeups.wake(&self.name);
-        match outcome {
-            Ok(true) => Ok(()),
-            Ok(false) => {
-                let reason = "the lease had already expired or been taken over";
-                self.status.mark_lost(reason);
-                Err(Error::lost(&self.name, reason))
-            }
-            Err(e) => Err(e),
-        }
-    }
+    // If the acquirer went away while the claim was in flight, the grant
+    // comes back with the failed send and is dropped here: dropping its
+    // held lock releases the lease in the background.
+    let _ = reply.send(Ok(Some(grant)));
 }
 
 /// Implements [`Backend`](crate::Backend) for a public wrapper around a
 /// [`LeaseEngine`] stored in its field `engine`.
 macro_rules! lease_backend {
     ($ty:ty) => {
+        impl $ty {
+            /// Counters of the batched background renewal: ticks, batch
+            /// statements, leases renewed. For tests and measurements; not
+            /// a stable interface.
+            #[doc(hidden)]
+            pub fn renewal_stats(&self) -> $crate::RenewalStats {
+                self.engine.renewal_stats()
+            }
+        }
+
         impl $crate::Backend for $ty {
             fn kind(&self) -> &'static str {
                 $crate::lease::LeaseStore::kind(self.engine.store())
@@ -559,3 +518,15 @@ macro_rules! lease_backend {
     };
 }
 pub(crate) use lease_backend;
+
+#[cfg(test)]
+mod tests {
+    use super::push_json_str;
+
+    #[test]
+    fn json_strings_are_quoted_and_escaped() {
+        let mut out = String::new();
+        push_json_str(&mut out, "a\"b\\c\n\u{1}\u{7f}é🔒'");
+        assert_eq!(out, r#""a\"b\\c\u000a\u0001\u007fé🔒'""#);
+    }
+}

@@ -1,6 +1,8 @@
 //! `dblock::mysql::Lease`: lease rows claimed under `SELECT ... FOR UPDATE`.
 
 use std::fmt;
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
@@ -11,7 +13,9 @@ use sqlx::query::Query;
 use sqlx::{AssertSqlSafe, MySql, MySqlPool, Row, Transaction};
 
 use super::{code, error_number, is_lock_busy, map_err, micros, quote_table, Conn, DEFAULT_TABLE};
-use crate::lease::{lease_backend, Claim, Claimed, LeaseEngine, LeaseOptions, LeaseStore, Wakeups};
+use crate::lease::{
+    lease_backend, Claim, Claimed, LeaseEngine, LeaseOptions, LeaseStore, Renewal, Renewed, Wakeups,
+};
 use crate::{validate_table, LockInfo, LockMode, Result, Wait};
 
 /// MySQL / MariaDB leases: one row per name in a lease table, claimed in a
@@ -23,9 +27,11 @@ use crate::{validate_table, LockInfo, LockMode, Result, Wait};
 /// backend used before will answer
 /// [`Error::SchemaMissing`](crate::Error::SchemaMissing).
 ///
-/// - `.ttl()` is the lease length (default 30 s); the guard renews every
-///   ttl/3 and reports itself lost when a renewal fails or does not complete
-///   before its local deadline.
+/// - `.ttl()` is the lease length (default 30 s); the lease is renewed every
+///   ttl/3 and the guard reports itself lost when a renewal fails or does
+///   not complete before its local deadline. Renewal is batched: every lease
+///   due is renewed in one short transaction per renewal tick (see the
+///   [module docs](super)).
 /// - `.hold_at_least(d)` keeps the lease until `acquired_at + d` (database
 ///   clock) even when released sooner.
 /// - Shared (reader) mode is **not supported**: `.shared()` fails with
@@ -36,9 +42,10 @@ use crate::{validate_table, LockInfo, LockMode, Result, Wait};
 /// - Not re-entrant: a second acquisition of a held name waits.
 /// - A transaction holding the name through [`lock_in_tx`](super::lock_in_tx)
 ///   excludes leases of that name until it ends. While it holds the row, a
-///   lease of the name that was live before cannot be renewed or released
-///   (those statements wait for the row lock): it runs out, its guard
-///   reports itself lost, and the transaction takes the name over.
+///   lease of the name that was live before cannot be renewed (the batch
+///   renewal skips the locked row; `extend` and release wait for the row
+///   lock): it runs out, its guard reports itself lost, and the transaction
+///   takes the name over. The other leases of the batch are not held up.
 ///
 /// The session settings of the pool do not matter: isolation level
 /// (`REPEATABLE READ` or `READ COMMITTED`), `time_zone`, `sql_mode`.
@@ -83,6 +90,7 @@ impl Lease {
             MySqlStore {
                 pool,
                 sql: Arc::new(Sql::new(DEFAULT_TABLE)),
+                packet_budget: Arc::default(),
             },
             LeaseOptions::default(),
         )
@@ -99,6 +107,7 @@ impl Lease {
         let store = MySqlStore {
             pool: self.engine.store().pool.clone(),
             sql: Arc::new(Sql::new(table)),
+            packet_budget: self.engine.store().packet_budget.clone(),
         };
         Lease::build(store, self.options)
     }
@@ -156,6 +165,9 @@ pub(crate) struct Sql {
     create_row: Arc<str>,
     renew: Arc<str>,
     renew_read: Arc<str>,
+    renew_lock: Arc<str>,
+    renew_apply: Arc<str>,
+    renew_check: Arc<str>,
     release: Arc<str>,
     force_release: Arc<str>,
     inspect: Arc<str>,
@@ -167,6 +179,13 @@ pub(crate) struct Sql {
 
 /// The statements on `dblock_leases`, for the free functions.
 pub(crate) static DEFAULT_SQL: LazyLock<Sql> = LazyLock::new(|| Sql::new(DEFAULT_TABLE));
+
+/// The columns of a batch's JSON document, `[[name in hex, owner, token,
+/// ttl µs], ...]`, numbered from 1. Names go in hex so that they reach the
+/// `VARBINARY` column byte for byte, whatever the character sets.
+const BATCH_ROWS: &str = "'$[*]' COLUMNS (i FOR ORDINALITY, \
+    name VARCHAR(510) PATH '$[0]', owner VARCHAR(64) PATH '$[1]', \
+    token BIGINT UNSIGNED PATH '$[2]', ttl BIGINT PATH '$[3]')";
 
 /// The epoch as a `DATETIME` literal: `TIMESTAMPDIFF` from it gives
 /// microseconds since 1970 in UTC without any time zone conversion.
@@ -209,11 +228,45 @@ impl Sql {
             renew_read: s(format!(
                 "SELECT expires_at FROM {t} WHERE name = ? AND owner = ? AND token = ?"
             )),
+            // Batch renewal, in one short transaction: lock the rows of the
+            // batch that are still ours and live, skipping rows another
+            // transaction has locked (a transaction in lock_in_tx may hold
+            // one for long: waiting for it would stall the whole batch).
+            // JSON_TABLE drives and each row is found by primary key, so
+            // no other row is read or locked. Also reads the server clock.
+            renew_lock: s(format!(
+                "SELECT CAST(j.i AS SIGNED), TIMESTAMPDIFF(MICROSECOND, {EPOCH}, UTC_TIMESTAMP(6)) \
+                   FROM JSON_TABLE(?, {BATCH_ROWS}) AS j \
+                   STRAIGHT_JOIN {t} AS l FORCE INDEX (PRIMARY) ON l.name = UNHEX(j.name) \
+                  WHERE l.owner = CAST(j.owner AS BINARY) AND l.token = j.token \
+                    AND l.expires_at > UTC_TIMESTAMP(6) \
+                    FOR UPDATE SKIP LOCKED"
+            )),
+            // Then renew exactly the rows locked, each to the clock read
+            // under the locks (bound, in µs since 1970) plus its own ttl.
+            renew_apply: s(format!(
+                "UPDATE JSON_TABLE(?, {BATCH_ROWS}) AS j \
+                   STRAIGHT_JOIN {t} AS l FORCE INDEX (PRIMARY) ON l.name = UNHEX(j.name) \
+                    SET l.expires_at = {EPOCH} + INTERVAL (? + j.ttl) MICROSECOND \
+                  WHERE l.owner = CAST(j.owner AS BINARY) AND l.token = j.token"
+            )),
+            // Of the leases the locking read did not return: those still
+            // ours and live were skipped because locked (unknown, retried);
+            // the others are gone. A plain read, which never waits.
+            renew_check: s(format!(
+                "SELECT CAST(j.i AS SIGNED) \
+                   FROM JSON_TABLE(?, {BATCH_ROWS}) AS j \
+                   STRAIGHT_JOIN {t} AS l FORCE INDEX (PRIMARY) ON l.name = UNHEX(j.name) \
+                  WHERE l.owner = CAST(j.owner AS BINARY) AND l.token = j.token \
+                    AND l.expires_at > UTC_TIMESTAMP(6)"
+            )),
             // `token = LAST_INSERT_ID(token)` changes nothing but reports a
             // match (tokens are >= 1) whatever the affected-rows semantics.
+            // The owner is cleared so that no renewal (a batch in flight,
+            // say) can match the row again, even while `hold` keeps it.
             release: s(format!(
                 "UPDATE {t} SET expires_at = GREATEST(UTC_TIMESTAMP(6), acquired_at + INTERVAL ? MICROSECOND), \
-                        token = LAST_INSERT_ID(token) \
+                        owner = NULL, token = LAST_INSERT_ID(token) \
                   WHERE name = ? AND owner = ? AND token = ? AND expires_at > UTC_TIMESTAMP(6)"
             )),
             force_release: s(format!(
@@ -266,6 +319,9 @@ pub(crate) fn q(sql: &Arc<str>) -> Query<'static, MySql, MySqlArguments> {
 pub(crate) struct MySqlStore {
     pool: MySqlPool,
     sql: Arc<Sql>,
+    /// Bytes of JSON one batch statement may carry: half the server's
+    /// `max_allowed_packet`, read at the first batch (0 until then).
+    packet_budget: Arc<AtomicUsize>,
 }
 
 impl fmt::Debug for MySqlStore {
@@ -301,6 +357,42 @@ async fn retry_pause(attempt: u32) {
     let base = Duration::from_millis(1 << attempt.min(5));
     let pause = base.mul_f64(rand::rng().random_range(1.0..2.0));
     tokio::time::sleep(pause).await;
+}
+
+/// JSON bytes per batch statement until the server's `max_allowed_packet`
+/// is known.
+const DEFAULT_PACKET_BUDGET: usize = 4 << 20;
+
+/// Appends `bytes` in lowercase hex.
+fn push_hex(out: &mut String, bytes: &[u8]) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    for b in bytes {
+        out.push(DIGITS[usize::from(b >> 4)] as char);
+        out.push(DIGITS[usize::from(b & 15)] as char);
+    }
+}
+
+/// About how many bytes a lease takes in a batch's JSON document.
+fn json_len(r: &Renewal) -> usize {
+    2 * r.name.len() + r.owner.len() + 50
+}
+
+/// The JSON document of a batch: `[["name in hex","owner",token,ttl µs],...]`.
+/// Owner ids are hex too (see [`new_owner`](crate::lease::new_owner)).
+fn batch_json<'a>(batch: impl Iterator<Item = &'a Renewal>) -> String {
+    let mut json = String::from("[");
+    for (k, r) in batch.enumerate() {
+        if k > 0 {
+            json.push(',');
+        }
+        json.push_str("[\"");
+        push_hex(&mut json, r.name.as_bytes());
+        json.push_str("\",");
+        crate::lease::push_json_str(&mut json, &r.owner);
+        let _ = write!(json, ",{},{}]", r.token, micros(r.ttl));
+    }
+    json.push(']');
+    json
 }
 
 fn utc(at: NaiveDateTime) -> DateTime<Utc> {
@@ -384,6 +476,135 @@ impl MySqlStore {
             .await;
         conn.settle(&outcome);
         outcome.map(drop)
+    }
+
+    /// The JSON budget of one batch statement; reads the server's
+    /// `max_allowed_packet` the first time.
+    async fn packet_budget(&self) -> usize {
+        let known = self.packet_budget.load(Ordering::Relaxed);
+        if known > 0 {
+            return known;
+        }
+        let Ok(mut conn) = Conn::acquire(&self.pool).await else {
+            return DEFAULT_PACKET_BUDGET;
+        };
+        let outcome = sqlx::query_scalar::<_, u64>("SELECT @@max_allowed_packet")
+            .fetch_one(&mut *conn.begin_use())
+            .await;
+        conn.settle(&outcome);
+        match outcome {
+            Ok(max) => {
+                // Half of it: the statement text and the protocol take some,
+                // and the second statement of a batch binds a subset.
+                let budget = usize::try_from(max / 2)
+                    .unwrap_or(usize::MAX)
+                    .clamp(64 << 10, 64 << 20);
+                self.packet_budget.store(budget, Ordering::Relaxed);
+                budget
+            }
+            Err(_) => DEFAULT_PACKET_BUDGET,
+        }
+    }
+
+    /// One batch transaction: BEGIN, the locking read, the UPDATE of the
+    /// rows it locked, COMMIT. Leases not locked come back as `None`.
+    async fn renew_transaction(
+        &self,
+        batch: &[Renewal],
+        json: &str,
+    ) -> Result<Vec<Option<Renewed>>, sqlx::Error> {
+        let mut conn = Conn::acquire(&self.pool).await?;
+        let c = conn.begin_use();
+        sqlx::raw_sql("BEGIN").execute(&mut *c).await?;
+        let outcome = self.renew_locked(c, batch, json).await;
+        let end = if outcome.is_ok() {
+            "COMMIT"
+        } else {
+            "ROLLBACK"
+        };
+        // If COMMIT fails, whether the renewals happened is unknown: the
+        // error leaves every lease of the batch to its local deadline, and
+        // the dirty connection is closed on drop.
+        sqlx::raw_sql(end).execute(&mut *c).await?;
+        conn.done();
+        outcome
+    }
+
+    async fn renew_locked(
+        &self,
+        c: &mut sqlx::MySqlConnection,
+        batch: &[Renewal],
+        json: &str,
+    ) -> Result<Vec<Option<Renewed>>, sqlx::Error> {
+        let rows: Vec<(i64, i64)> = sqlx::query_as(AssertSqlSafe(self.sql.renew_lock.clone()))
+            .bind(json)
+            .fetch_all(&mut *c)
+            .await?;
+        let mut answers = vec![None; batch.len()];
+        let mut locked = Vec::with_capacity(rows.len());
+        let mut now_us = 0;
+        for (i, now) in rows {
+            // FOR ORDINALITY counts from 1.
+            let Some(k) = usize::try_from(i - 1).ok().filter(|&k| k < batch.len()) else {
+                continue;
+            };
+            if answers[k].is_none() {
+                answers[k] = Some(Renewed::Unknown);
+                locked.push(k);
+                now_us = now;
+            }
+        }
+        if locked.is_empty() {
+            return Ok(answers);
+        }
+        let done = q(&self.sql.renew_apply)
+            .bind(batch_json(locked.iter().map(|&k| &batch[k])))
+            .bind(now_us)
+            .execute(&mut *c)
+            .await?;
+        // Under our row locks every one of them matches (sqlx connects with
+        // CLIENT_FOUND_ROWS); if not, trust none of them.
+        if done.rows_affected() == locked.len() as u64 {
+            for k in locked {
+                let until = now_us.saturating_add(micros(batch[k].ttl));
+                answers[k] = Some(
+                    DateTime::from_timestamp_micros(until).map_or(Renewed::Unknown, Renewed::Until),
+                );
+            }
+        }
+        Ok(answers)
+    }
+
+    /// Which of `batch`, not returned by the locking read, are still ours
+    /// (skipped because another transaction had their row locked: unknown)
+    /// and which are gone.
+    async fn renew_check(&self, batch: &[Renewal], ks: &[usize]) -> Vec<Renewed> {
+        let json = batch_json(ks.iter().map(|&k| &batch[k]));
+        let outcome = async {
+            let mut conn = Conn::acquire(&self.pool).await?;
+            let outcome = sqlx::query_scalar::<_, i64>(AssertSqlSafe(self.sql.renew_check.clone()))
+                .bind(json)
+                .fetch_all(&mut *conn.begin_use())
+                .await;
+            conn.settle(&outcome);
+            outcome
+        }
+        .await;
+        match outcome {
+            Ok(mine) => {
+                let mut answers = vec![Renewed::Gone; ks.len()];
+                for i in mine {
+                    if let Some(a) = usize::try_from(i - 1).ok().and_then(|j| answers.get_mut(j)) {
+                        *a = Renewed::Unknown;
+                    }
+                }
+                answers
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "dblock: could not tell skipped leases from gone ones");
+                vec![Renewed::Unknown; ks.len()]
+            }
+        }
     }
 
     /// One statement in autocommit on a guarded connection.
@@ -472,6 +693,56 @@ impl LeaseStore for MySqlStore {
                 .await;
         conn.settle(&outcome);
         Ok(outcome.map_err(map_err)?.map(utc))
+    }
+
+    async fn renew_many(&self, batch: &[Renewal]) -> Result<Vec<Renewed>> {
+        self.packet_budget().await;
+        let json = batch_json(batch.iter());
+        let mut retries = 0;
+        let answers = loop {
+            match self.renew_transaction(batch, &json).await {
+                Ok(answers) => break answers,
+                Err(e) if is_retryable(&e) && retries < MAX_RETRIES => {
+                    retries += 1;
+                    retry_pause(retries).await;
+                }
+                Err(e) => return Err(map_err(e)),
+            }
+        };
+        let skipped: Vec<usize> = (0..batch.len()).filter(|&k| answers[k].is_none()).collect();
+        let checked = if skipped.is_empty() {
+            Vec::new()
+        } else {
+            self.renew_check(batch, &skipped).await
+        };
+        let mut checked = skipped.iter().zip(checked);
+        Ok(answers
+            .into_iter()
+            .enumerate()
+            .map(|(k, answer)| match answer {
+                Some(answer) => answer,
+                None => match checked.next() {
+                    Some((&j, answer)) if j == k => answer,
+                    _ => Renewed::Unknown,
+                },
+            })
+            .collect())
+    }
+
+    fn batch_len(&self, batch: &[Renewal]) -> usize {
+        let budget = match self.packet_budget.load(Ordering::Relaxed) {
+            0 => DEFAULT_PACKET_BUDGET,
+            known => known,
+        };
+        let mut bytes = 2;
+        batch
+            .iter()
+            .take_while(|r| {
+                bytes += json_len(r);
+                bytes <= budget
+            })
+            .count()
+            .max(1)
     }
 
     async fn release(

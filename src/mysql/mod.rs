@@ -20,9 +20,22 @@
 //!   while inserting (the usual source of deadlocks with "insert if
 //!   missing"). Deadlocks, snapshot conflicts and duplicate keys are retried
 //!   a few times with jitter, then reported as "busy".
-//! - **Renew** and **release**: one conditional `UPDATE` each, matching the
-//!   name, the owner id, the token and an unexpired lease. Release with
-//!   `hold_at_least` keeps the lease until
+//! - **Renew** (background): every lease of a backend due for renewal in one
+//!   short transaction per renewal tick, whatever their number: `BEGIN`; a
+//!   locking read of the batch's rows that are still ours and unexpired,
+//!   `FOR UPDATE SKIP LOCKED`, driven by `JSON_TABLE` over one bound JSON
+//!   document (names in hex, so they reach the `VARBINARY` column byte for
+//!   byte) with each row found by primary key; an `UPDATE` of exactly the
+//!   rows it locked, each to the clock read under the locks plus its own
+//!   ttl; `COMMIT`. Skipping locked rows matters: a transaction in
+//!   [`lock_in_tx`] may hold a lease's row for long, and waiting for it
+//!   would stall every lease of the batch; the skipped lease is simply not
+//!   renewed (a plain read after the transaction tells it from a lease that
+//!   is gone), and runs out as before. A batch larger than half the
+//!   server's `max_allowed_packet` is cut into several transactions.
+//! - **Extend** and **release**: one conditional `UPDATE` each, matching the
+//!   name, the owner id, the token and an unexpired lease. Release clears
+//!   the owner; with `hold_at_least` it keeps the lease until
 //!   `GREATEST(UTC_TIMESTAMP(6), acquired_at + hold)`. Rows are never
 //!   deleted, so a name's token never goes back.
 //! - **Shared (reader) leases are not supported**: acquiring with

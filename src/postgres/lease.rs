@@ -12,7 +12,9 @@ use sqlx::{AssertSqlSafe, PgPool, Row};
 
 use super::map_err;
 use super::notify::{Listener, CHANNEL};
-use crate::lease::{lease_backend, Claim, Claimed, LeaseEngine, LeaseOptions, LeaseStore, Wakeups};
+use crate::lease::{
+    lease_backend, Claim, Claimed, LeaseEngine, LeaseOptions, LeaseStore, Renewal, Renewed, Wakeups,
+};
 use crate::name::{quote_table, validate_table};
 use crate::{LockInfo, LockMode, Result};
 
@@ -25,9 +27,12 @@ const DEFAULT_TABLE: &str = "dblock_leases";
 ///
 /// Each lock is a row of `dblock_leases` (created by
 /// [`migrate`](super::migrate)). Taking a lease is one `INSERT .. ON
-/// CONFLICT .. DO UPDATE .. WHERE expires_at <= clock_timestamp()`; the
-/// guard renews it every ttl/3 and reports itself lost if a renewal fails
-/// or comes too late. Every expiry is computed and compared with
+/// CONFLICT .. DO UPDATE .. WHERE expires_at <= clock_timestamp()`; it is
+/// renewed every ttl/3, and the guard reports itself lost if a renewal
+/// fails or comes too late. Renewal is batched: one `UPDATE .. FROM
+/// unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[])` per renewal
+/// tick renews every lease due that this backend holds (up to 250,000 per
+/// statement), each with its own ttl, and answers per lease. Every expiry is computed and compared with
 /// `clock_timestamp()`, the database's wall clock at the moment of the
 /// statement: client clocks never decide who holds a lock.
 ///
@@ -145,6 +150,7 @@ lease_backend!(Lease);
 struct Sql {
     claim: Arc<str>,
     renew: Arc<str>,
+    renew_many: Arc<str>,
     release: Arc<str>,
     force_release: Arc<str>,
     inspect: Arc<str>,
@@ -177,6 +183,23 @@ impl Sql {
                   WHERE name = $1 AND owner = $2 AND token = $3
                     AND expires_at > clock_timestamp()
                  RETURNING expires_at"
+            )
+            .into(),
+            // Every lease of a batch in one statement: four parallel arrays
+            // (names, owners, tokens, ttls in µs), unnested into rows and
+            // joined to the table by primary key. Each row gets its own
+            // ttl from clock_timestamp() and is renewed only if still
+            // ours and unexpired; a released row has no owner, so a batch
+            // landing after a release cannot revive it. The ordinal says
+            // which lease each returned row is.
+            renew_many: format!(
+                "UPDATE {t} AS l
+                    SET expires_at = clock_timestamp() + r.ttl * interval '1 microsecond'
+                   FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[])
+                        WITH ORDINALITY AS r(name, owner, token, ttl, i)
+                  WHERE l.name = r.name AND l.owner = r.owner AND l.token = r.token
+                    AND l.expires_at > clock_timestamp()
+                 RETURNING r.i, l.expires_at"
             )
             .into(),
             // $4 is hold_at_least (0 without): the lease ends now or at
@@ -320,6 +343,30 @@ impl LeaseStore for PgStore {
                 .fetch_optional(&self.pool)
         })
         .await
+    }
+
+    async fn renew_many(&self, batch: &[Renewal]) -> Result<Vec<Renewed>> {
+        let names: Vec<&str> = batch.iter().map(|r| &*r.name).collect();
+        let owners: Vec<&str> = batch.iter().map(|r| &*r.owner).collect();
+        let tokens: Vec<i64> = batch.iter().map(|r| r.token as i64).collect();
+        let ttls: Vec<i64> = batch.iter().map(|r| micros(r.ttl)).collect();
+        let rows: Vec<(i64, DateTime<Utc>)> = retrying(|| {
+            sqlx::query_as(AssertSqlSafe(self.sql.renew_many.clone()))
+                .bind(&names)
+                .bind(&owners)
+                .bind(&tokens)
+                .bind(&ttls)
+                .fetch_all(&self.pool)
+        })
+        .await?;
+        let mut answers = vec![Renewed::Gone; batch.len()];
+        for (i, at) in rows {
+            // WITH ORDINALITY counts from 1.
+            if let Some(answer) = usize::try_from(i - 1).ok().and_then(|i| answers.get_mut(i)) {
+                *answer = Renewed::Until(at);
+            }
+        }
+        Ok(answers)
     }
 
     async fn release(

@@ -11,7 +11,10 @@ use sqlx::sqlite::{SqliteConnectOptions, SqlitePoolOptions, SqliteRow};
 use sqlx::{AssertSqlSafe, Row, SqlitePool};
 
 use super::{map_err, retry_busy};
-use crate::lease::{lease_backend, Claim, Claimed, LeaseEngine, LeaseOptions, LeaseStore, Wakeups};
+use crate::lease::{
+    lease_backend, push_json_str, Claim, Claimed, LeaseEngine, LeaseOptions, LeaseStore, Renewal,
+    Renewed, Wakeups,
+};
 use crate::name::{quote_table, validate_table};
 use crate::{Error, LockInfo, LockMode, Result};
 
@@ -32,7 +35,8 @@ const POOL_SIZE: u32 = 4;
 /// The protocol is that of [`postgres::Lease`](crate::postgres::Lease),
 /// written for SQLite: a lease is a row of `dblock_leases`, taken with one
 /// `INSERT .. ON CONFLICT .. DO UPDATE .. WHERE expires_at <= now ..
-/// RETURNING`, renewed every ttl/3 by the guard, and timed by SQLite's clock
+/// RETURNING`, renewed every ttl/3 (every lease due in one
+/// `UPDATE .. FROM json_each(?1)` per renewal tick), and timed by SQLite's clock
 /// (`julianday('now')`, the machine's wall clock at millisecond resolution,
 /// stored as integer microseconds since the Unix epoch): the caller's
 /// clock arithmetic never decides who holds a lock.
@@ -230,6 +234,7 @@ const NOW: &str = "(CAST(round((julianday('now') - 2440587.5) * 86400000.0) AS I
 struct Sql {
     claim: Arc<str>,
     renew: Arc<str>,
+    renew_many: Arc<str>,
     release: Arc<str>,
     force_release: Arc<str>,
     inspect: Arc<str>,
@@ -256,6 +261,24 @@ impl Sql {
                 "UPDATE {t} SET expires_at = {NOW} + ?4
                   WHERE name = ?1 AND owner = ?2 AND token = ?3 AND expires_at > {NOW}
                  RETURNING expires_at"
+            )
+            .into(),
+            // Every lease of a batch in one statement: ?1 is a JSON array
+            // of [name, owner, token, ttl µs], read by json_each and joined
+            // to the table by primary key. A released row has no owner, so
+            // a batch landing after a release cannot revive it. RETURNING
+            // may name only the table's columns: (name, token) says which
+            // lease each row is.
+            renew_many: format!(
+                "UPDATE {t} AS l SET expires_at = {NOW} + r.ttl
+                   FROM (SELECT json_extract(value, '$[0]') AS name,
+                                json_extract(value, '$[1]') AS owner,
+                                json_extract(value, '$[2]') AS token,
+                                json_extract(value, '$[3]') AS ttl
+                           FROM json_each(?1)) AS r
+                  WHERE l.name = r.name AND l.owner = r.owner AND l.token = r.token
+                    AND l.expires_at > {NOW}
+                 RETURNING name, token, expires_at"
             )
             .into(),
             // ?4 is hold_at_least in microseconds (0 without).
@@ -357,6 +380,40 @@ impl LeaseStore for SqliteStore {
         })
         .await?;
         at.map(time).transpose().map_err(Error::Database)
+    }
+
+    async fn renew_many(&self, batch: &[Renewal]) -> Result<Vec<Renewed>> {
+        let mut json = String::with_capacity(batch.len() * 96 + 2);
+        json.push('[');
+        for (k, r) in batch.iter().enumerate() {
+            if k > 0 {
+                json.push(',');
+            }
+            json.push('[');
+            push_json_str(&mut json, &r.name);
+            json.push(',');
+            push_json_str(&mut json, &r.owner);
+            json.push_str(&format!(",{},{}]", r.token as i64, micros(r.ttl)));
+        }
+        json.push(']');
+        let rows: Vec<(String, i64, i64)> = retry_busy(|| {
+            sqlx::query_as(AssertSqlSafe(self.sql.renew_many.clone()))
+                .bind(json.as_str())
+                .fetch_all(&self.pool)
+        })
+        .await?;
+        let index: HashMap<(&str, i64), usize> = batch
+            .iter()
+            .enumerate()
+            .map(|(k, r)| ((&*r.name, r.token as i64), k))
+            .collect();
+        let mut answers = vec![Renewed::Gone; batch.len()];
+        for (name, token, at) in &rows {
+            if let Some(&k) = index.get(&(name.as_str(), *token)) {
+                answers[k] = Renewed::Until(time(*at).map_err(Error::Database)?);
+            }
+        }
+        Ok(answers)
     }
 
     async fn release(
