@@ -465,9 +465,16 @@ async fn mid_hold(ctl: &Endpoint, kind: Kind, run: &str, black_hole: bool) -> Re
     } else {
         proxy.down(0, true);
     }
-    // A lease is given up before its ttl; an advisory lock within two
-    // heartbeats (one to send, one to time out).
-    let bound = if kind.lease() { ttl } else { HEARTBEAT * 3 } + Duration::from_millis(500);
+    // A lease is given up before its ttl. An advisory holder session is
+    // checked every heartbeat and given max(heartbeat, 2 s) to answer (the
+    // floor keeps a loaded machine from closing a session, and every lock
+    // on it, over one slow reply); meanwhile the server still holds the
+    // lock for the black-holed session, so nobody else can take it.
+    let bound = if kind.lease() {
+        ttl
+    } else {
+        HEARTBEAT + HEARTBEAT.max(Duration::from_secs(2))
+    } + Duration::from_millis(500);
     if timeout(bound, g.lost()).await.is_err() {
         proxy.pause(0, false);
         return Err(format!("lost() did not fire within {bound:?}"));
