@@ -38,7 +38,7 @@ use dblock::{LeaseOptions, LockGuard, Locks};
 use futures::stream::{self, StreamExt};
 use rand::Rng;
 use sqlx::mysql::{MySqlPool, MySqlPoolOptions};
-use sqlx::postgres::{PgPool, PgPoolOptions};
+use sqlx::postgres::{PgListener, PgPool, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqlitePool, SqlitePoolOptions};
 use sqlx::Row as _;
 use tokio::sync::oneshot;
@@ -59,9 +59,10 @@ const POOL: u32 = 10;
 /// `sqlite::Lease::open` makes a pool of 4; raw SQLite gets the same.
 const SQLITE_POOL: u32 = 4;
 
-/// Throughput: rounds per implementation, each a window of this length.
-const ROUNDS: usize = 5;
-const WINDOW: Duration = Duration::from_millis(300);
+/// Throughput: rounds, each giving every implementation a window of this
+/// length (with one task, the implementations' calls interleave instead).
+const ROUNDS: usize = 15;
+const WINDOW: Duration = Duration::from_millis(100);
 const WARMUP: Duration = Duration::from_millis(150);
 /// Concurrent tasks of the second throughput measure.
 const TASKS: usize = 8;
@@ -96,7 +97,10 @@ const WAKE_BOUND: Duration = Duration::from_millis(2);
 // health pings are not statements and are not counted. dblock's own
 // warnings are printed (first few) and counted.
 mod count {
+    use std::collections::HashMap;
     use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+    use std::sync::Mutex;
+    use std::time::{Duration, Instant};
     use tracing::field::{Field, Visit};
     use tracing::subscriber::Interest;
     use tracing::{span, Event, Level, Metadata, Subscriber};
@@ -104,6 +108,10 @@ mod count {
     static ON: AtomicBool = AtomicBool::new(false);
     static STATEMENTS: AtomicU64 = AtomicU64::new(0);
     static WARNINGS: AtomicU64 = AtomicU64::new(0);
+    /// Per statement (its first words): how many, and their total time.
+    static BREAKDOWN: Mutex<Option<HashMap<String, (u64, f64)>>> = Mutex::new(None);
+    /// Statements as (start, end, first words), while recording.
+    static TIMELINE: Mutex<Option<Vec<(Instant, Instant, String)>>> = Mutex::new(None);
 
     pub struct Counter;
 
@@ -121,6 +129,31 @@ mod count {
         fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
             use std::fmt::Write;
             let _ = write!(self.0, " {}={:?}", field.name(), value);
+        }
+    }
+
+    /// The statement's summary and duration, as sqlx logs them.
+    #[derive(Default)]
+    struct Timing {
+        summary: String,
+        secs: f64,
+    }
+
+    impl Visit for Timing {
+        fn record_str(&mut self, field: &Field, value: &str) {
+            if field.name() == "summary" {
+                self.summary = value.to_owned();
+            }
+        }
+        fn record_f64(&mut self, field: &Field, value: f64) {
+            if field.name() == "elapsed_secs" {
+                self.secs = value;
+            }
+        }
+        fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+            if field.name() == "summary" && self.summary.is_empty() {
+                self.summary = format!("{value:?}");
+            }
         }
     }
 
@@ -146,6 +179,21 @@ mod count {
             let m = event.metadata();
             if is_query(m) {
                 STATEMENTS.fetch_add(1, Relaxed);
+                let end = Instant::now();
+                if let Some(timeline) = TIMELINE.lock().unwrap().as_mut() {
+                    let mut t = Timing::default();
+                    event.record(&mut t);
+                    let start = end - Duration::from_secs_f64(t.secs);
+                    timeline.push((start, end, t.summary));
+                }
+                let mut breakdown = BREAKDOWN.lock().unwrap();
+                if let Some(map) = breakdown.as_mut() {
+                    let mut t = Timing::default();
+                    event.record(&mut t);
+                    let e = map.entry(t.summary).or_default();
+                    e.0 += 1;
+                    e.1 += t.secs;
+                }
             } else if WARNINGS.fetch_add(1, Relaxed) < 5 {
                 let mut text = String::new();
                 event.record(&mut Text(&mut text));
@@ -164,6 +212,32 @@ mod count {
     pub fn stop() -> u64 {
         ON.store(false, Relaxed);
         STATEMENTS.load(Relaxed)
+    }
+
+    /// Starts counting and timing statements by their first words.
+    pub fn breakdown_start() {
+        *BREAKDOWN.lock().unwrap() = Some(HashMap::new());
+        start();
+    }
+
+    /// Per statement: first words, count, total seconds.
+    pub fn breakdown_stop() -> Vec<(String, u64, f64)> {
+        stop();
+        let map = BREAKDOWN.lock().unwrap().take().unwrap_or_default();
+        let mut v: Vec<_> = map.into_iter().map(|(k, (n, s))| (k, n, s)).collect();
+        v.sort_by(|a, b| b.2.total_cmp(&a.2));
+        v
+    }
+
+    /// Starts recording when each statement runs.
+    pub fn timeline_start() {
+        *TIMELINE.lock().unwrap() = Some(Vec::new());
+        start();
+    }
+
+    pub fn timeline_stop() -> Vec<(Instant, Instant, String)> {
+        stop();
+        TIMELINE.lock().unwrap().take().unwrap_or_default()
     }
 
     pub fn warnings() -> u64 {
@@ -378,18 +452,45 @@ async fn run_window(op: &Op, tasks: usize, window: Duration) -> Res<f64> {
 }
 
 /// Median pairs/s of each op, the ops taking turns round by round.
-async fn compare(ops: &[Op], tasks: usize) -> Res<Vec<f64>> {
+/// Pairs/s of each op, per round. With one task the ops take turns call by
+/// call (rotating which goes first), and a round is a block of such turns;
+/// with several tasks each round runs each op's tasks for a window, the
+/// ops taking turns. Either way load from elsewhere falls on all of them
+/// alike, and the ratio of a round's figures is a fair comparison.
+async fn compare(ops: &[Op], tasks: usize) -> Res<Vec<Vec<f64>>> {
     for op in ops {
         run_window(op, tasks, WARMUP).await?;
     }
     let mut results = vec![Vec::new(); ops.len()];
+    if tasks == 1 {
+        let mut turn = 0;
+        for _ in 0..ROUNDS {
+            let mut spent = vec![Duration::ZERO; ops.len()];
+            let mut calls = vec![0u32; ops.len()];
+            let end = Instant::now() + WINDOW * ops.len() as u32;
+            while Instant::now() < end {
+                for k in 0..ops.len() {
+                    let i = (turn + k) % ops.len();
+                    let t = Instant::now();
+                    ops[i](0).await?;
+                    spent[i] += t.elapsed();
+                    calls[i] += 1;
+                }
+                turn += 1;
+            }
+            for (i, r) in results.iter_mut().enumerate() {
+                r.push(calls[i] as f64 / spent[i].as_secs_f64());
+            }
+        }
+        return Ok(results);
+    }
     for round in 0..ROUNDS {
         for k in 0..ops.len() {
             let i = (round + k) % ops.len();
             results[i].push(run_window(&ops[i], tasks, WINDOW).await?);
         }
     }
-    Ok(results.into_iter().map(median).collect())
+    Ok(results)
 }
 
 /// Statements sent per call of `op`, over `n` calls one after another.
@@ -400,6 +501,85 @@ async fn statements_per_call(op: &Op, n: usize) -> Res<f64> {
         op(0).await?;
     }
     Ok(count::stop() as f64 / n as f64)
+}
+
+/// With `DBLOCK_BENCH_BREAKDOWN=1`: where the time of one call of each op
+/// goes, by statement (sqlx's own timing, from sending the statement to the
+/// last row), against the wall time per call. The rest is pool checkouts
+/// (with their health-check pings) and task scheduling.
+async fn breakdown(backend: &str, labels: &[&str], ops: &[Op]) -> Res<()> {
+    if std::env::var_os("DBLOCK_BENCH_BREAKDOWN").is_none() {
+        return Ok(());
+    }
+    const N: usize = 300;
+    for (label, op) in labels.iter().zip(ops) {
+        op(0).await?;
+        count::breakdown_start();
+        let start = Instant::now();
+        for _ in 0..N {
+            op(0).await?;
+        }
+        let wall = start.elapsed().as_secs_f64() * 1e6 / N as f64;
+        let parts = count::breakdown_stop();
+        let in_statements: f64 = parts.iter().map(|p| p.2).sum::<f64>() * 1e6 / N as f64;
+        let mut line = format!(
+            "{backend}, {label}: {wall:.0} µs per pair, {in_statements:.0} µs in statements:"
+        );
+        for (summary, n, secs) in parts {
+            let _ = write!(
+                line,
+                "\n    {:>5.2} × {:>6.0} µs  {summary}",
+                n as f64 / N as f64,
+                secs * 1e6 / n as f64
+            );
+        }
+        BREAKDOWNS.lock().unwrap().push(line);
+    }
+    Ok(())
+}
+
+static BREAKDOWNS: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+/// Releases what an acquisition took.
+type Release = Box<dyn FnOnce() -> BoxFut + Send>;
+type AcquireFn =
+    Arc<dyn Fn(usize) -> Pin<Box<dyn Future<Output = Res<Release>> + Send>> + Send + Sync>;
+
+/// Raw SQL run the way dblock runs it (for the breakdown): the attempt in
+/// a spawned task that answers on a oneshot, the release sent over an mpsc
+/// to a keeper task (which also arms a timer, as the renewal or heartbeat
+/// does) that answers on a oneshot. What the task hand-offs cost.
+fn mimic_op(acquire: AcquireFn) -> Op {
+    Arc::new(move |i| {
+        let acquire = acquire.clone();
+        Box::pin(async move {
+            let (tx, rx) = oneshot::channel();
+            let (ctx, mut crx) = tokio::sync::mpsc::channel::<oneshot::Sender<Res<()>>>(4);
+            tokio::spawn(async move {
+                match acquire(i).await {
+                    Ok(release) => {
+                        tokio::spawn(async move {
+                            tokio::select! {
+                                biased;
+                                reply = crx.recv() => if let Some(reply) = reply {
+                                    let _ = reply.send(release().await);
+                                },
+                                _ = tokio::time::sleep(Duration::from_secs(10)) => {}
+                            }
+                        });
+                        let _ = tx.send(Ok(()));
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(e));
+                    }
+                }
+            });
+            rx.await??;
+            let (rtx, rrx) = oneshot::channel();
+            ctx.send(rtx).await?;
+            rrx.await?
+        })
+    })
 }
 
 fn dblock_op(locks: Locks, names: Arc<Vec<String>>) -> Op {
@@ -418,16 +598,19 @@ async fn throughput_rows(
     backend: &'static str,
     ops: &[Op],
     raws: &[(&str, Option<(&str, f64)>)],
+    mimic: Option<Op>,
     rows: &mut Vec<Row>,
 ) -> Res<()> {
     for tasks in [1, TASKS] {
         let r = compare(ops, tasks).await?;
         let unit = if tasks == 1 { "1 task" } else { "8 tasks" };
         for (k, (label, target)) in raws.iter().enumerate() {
-            let ratio = r[0] / r[k + 1];
+            // The median of the per-round ratios: each round's pair ran
+            // back to back, under much the same load.
+            let ratio = median(r[0].iter().zip(&r[k + 1]).map(|(d, x)| d / x).collect());
             let mut row = Row::new(backend, format!("pairs/s, {unit}, vs {label}"))
-                .dblock(rate(r[0]))
-                .raw(rate(r[k + 1]))
+                .dblock(rate(median(r[0].clone())))
+                .raw(rate(median(r[k + 1].clone())))
                 .ratio(ratio);
             if let Some((text, min)) = target {
                 row = row.target(*text, ratio >= *min);
@@ -435,6 +618,14 @@ async fn throughput_rows(
             rows.push(row);
         }
     }
+    let mut labels = vec!["dblock"];
+    labels.extend(raws.iter().map(|r| r.0));
+    let mut all = ops.to_vec();
+    if let Some(m) = mimic {
+        labels.push("raw SQL in dblock's task structure");
+        all.push(m);
+    }
+    breakdown(backend, &labels, &all).await?;
     let mut d = Vec::new();
     for op in ops {
         d.push(statements_per_call(op, 100).await?);
@@ -499,8 +690,18 @@ async fn wait_for_advisory_waiter(pool: &PgPool, key: i64) -> Res<()> {
     }
 }
 
-/// Handoffs from `holder` to `waiter` on `pairs` names side by side.
-/// Returns (release called → grant, release returned → grant).
+struct Handoff {
+    /// Holder calls release → waiter's acquire returns.
+    call: Latency,
+    /// Holder's release statement done → the waiter's next statement starts:
+    /// how soon a waiter is woken (an upper bound: it includes the waiter's
+    /// pool checkout). Only for waiters in the same process, one pair.
+    wake: Option<Latency>,
+}
+
+/// Handoffs from `holder` to `waiter` on `pairs` names side by side. With
+/// `release_sql` (the first words of the backend's release statement, as
+/// sqlx logs them), also times the wake-up from the statement timeline.
 async fn handoff(
     holder: &Locks,
     waiter: &Locks,
@@ -508,7 +709,8 @@ async fn handoff(
     pairs: usize,
     per_pair: usize,
     blocked: Blocked,
-) -> Res<(Latency, Latency)> {
+    release_sql: Option<&'static str>,
+) -> Res<Handoff> {
     let mut set = JoinSet::new();
     for pair in 0..pairs {
         let (holder, waiter, blocked) = (holder.clone(), waiter.clone(), blocked.clone());
@@ -527,16 +729,32 @@ async fn handoff(
                     Ok::<(), E>(())
                 });
                 blocked.wait(key).await?;
+                if release_sql.is_some() {
+                    count::timeline_start();
+                }
                 let t0 = Instant::now();
                 guard.release().await?;
-                let returned = Instant::now();
                 let granted = rx.await;
+                let timeline = count::timeline_stop();
                 task.await??;
                 let granted = granted?;
                 if granted < t0 {
                     return Err("the waiter was granted before the holder released".into());
                 }
-                out.push((granted - t0, granted.saturating_duration_since(returned)));
+                let wake = release_sql.and_then(|marker| {
+                    let released = timeline
+                        .iter()
+                        .filter(|(start, _, sql)| *start >= t0 && sql.starts_with(marker))
+                        .map(|(_, end, _)| *end)
+                        .min()?;
+                    let next = timeline
+                        .iter()
+                        .map(|(start, _, _)| *start)
+                        .filter(|start| *start >= released)
+                        .min()?;
+                    Some(next - released)
+                });
+                out.push((granted - t0, wake));
             }
             // The first handoff warms up connections and listeners.
             out.remove(0);
@@ -547,13 +765,30 @@ async fn handoff(
     while let Some(done) = set.join_next().await {
         all.extend(done??);
     }
-    let (from_call, from_return) = all.into_iter().unzip();
-    Ok((Latency::of(from_call), Latency::of(from_return)))
+    let wakes: Vec<Duration> = all.iter().filter_map(|x| x.1).collect();
+    if release_sql.is_some() && wakes.len() < all.len() / 2 {
+        return Err(format!(
+            "wake-ups found in the statement timeline for only {} of {} handoffs",
+            wakes.len(),
+            all.len()
+        )
+        .into());
+    }
+    Ok(Handoff {
+        call: Latency::of(all.iter().map(|x| x.0).collect()),
+        wake: (!wakes.is_empty()).then(|| Latency::of(wakes)),
+    })
 }
 
 /// The raw figure: a session blocked in `pg_advisory_lock`, woken by another
 /// session's `pg_advisory_unlock`; clock from the unlock call to the grant.
-async fn raw_advisory_handoff(pool: &PgPool, probe: &PgPool, samples: usize) -> Res<Latency> {
+/// `waiter_sql` is `pg_advisory_lock` alone, or what dblock's waiter runs.
+async fn raw_advisory_handoff(
+    pool: &PgPool,
+    probe: &PgPool,
+    samples: usize,
+    waiter_sql: &'static str,
+) -> Res<Latency> {
     let key: i64 = rand::rng().random();
     let mut holder = pool.acquire().await?;
     let mut waiter = Some(pool.acquire().await?);
@@ -566,10 +801,7 @@ async fn raw_advisory_handoff(pool: &PgPool, probe: &PgPool, samples: usize) -> 
         let mut w = waiter.take().expect("waiter connection");
         let (tx, rx) = oneshot::channel();
         let task = tokio::spawn(async move {
-            let locked = sqlx::query("SELECT pg_advisory_lock($1)")
-                .bind(key)
-                .execute(&mut *w)
-                .await;
+            let locked = sqlx::query(waiter_sql).bind(key).execute(&mut *w).await;
             let _ = tx.send(Instant::now());
             locked?;
             sqlx::query("SELECT pg_advisory_unlock($1)")
@@ -741,9 +973,18 @@ fn scale_rows(backend: &'static str, s: &Scale, raw_held: Option<String>, rows: 
         row = row.raw(raw);
     }
     rows.push(row);
+    // The window is one renewal (or heartbeat) period: one statement per
+    // lock is what keeping them all alive needs.
+    let needed = s.held as f64 / s.window.as_secs_f64();
     let mut note = format!(
-        "{}s window; server-side: {}",
+        "one per lock per {} s = {}/s needed{}; server-side: {}",
         s.window.as_secs(),
+        rate(needed),
+        if s.stmts_per_s < 0.9 * needed {
+            " (falling behind)"
+        } else {
+            ""
+        },
         if s.server.is_empty() {
             "n/a".into()
         } else {
@@ -756,10 +997,7 @@ fn scale_rows(backend: &'static str, s: &Scale, raw_held: Option<String>, rows: 
     rows.push(
         Row::new(
             backend,
-            format!(
-                "keep-alive statements/s for {} held",
-                rate(s.held as f64)
-            ),
+            format!("keep-alive statements/s for {} held", rate(s.held as f64)),
         )
         .dblock(format!("{:.1}/s", s.stmts_per_s))
         .note(note),
@@ -804,6 +1042,45 @@ const PG_TRY: &str = "SELECT pg_try_advisory_lock($1)";
 const PG_TRY_NEXTVAL: &str =
     "SELECT CASE WHEN pg_try_advisory_lock($1) THEN nextval('dblock_fencing_seq') END IS NOT NULL";
 
+const RAW_WAIT: &str = "SELECT pg_advisory_lock($1)";
+/// What dblock's server-side waiter runs (postgres/advisory.rs).
+const DBLOCK_WAIT: &str = "SELECT nextval('dblock_fencing_seq') FROM (SELECT pg_advisory_lock($1) \
+      FROM (SELECT set_config('lock_timeout', '30000ms', true)) cfg OFFSET 0) l";
+
+fn latency_row(backend: &'static str, what: &str, l: &Latency) -> Row {
+    Row::new(backend, format!("{what}: p50 / p99 (max {})", ms(l.max))).dblock(l.show())
+}
+
+/// A waiter polling from another instance: it tries again at most
+/// `max_poll` after a release, and its attempt then takes as long as an
+/// attempt takes (bounded here by `local`, the p99 of a same-process
+/// handoff: one release and one claim).
+fn poll_row(backend: &'static str, what: &str, l: &Latency, local: &Latency) -> Row {
+    let max_poll = LeaseOptions::default().max_poll;
+    let bound = max_poll + local.p99;
+    latency_row(backend, what, l).target(
+        format!(
+            "p99 ≤ max_poll {} + one attempt ({})",
+            ms(max_poll),
+            ms(local.p99)
+        ),
+        l.p99 <= bound,
+    )
+}
+
+/// An in-process waiter woken by a release.
+fn wake_row(backend: &'static str, what: &str, l: &Latency) -> Row {
+    Row::new(
+        backend,
+        format!(
+            "wake-up, {what}, same Locks: release done → waiter's next statement: p50 / p99 (max {})",
+            ms(l.max)
+        ),
+    )
+    .dblock(l.show())
+    .target(format!("p99 ≤ {}", ms(WAKE_BOUND)), l.p99 <= WAKE_BOUND)
+}
+
 fn raw_advisory_op(pool: PgPool, names: Arc<Vec<String>>, sql: &'static str) -> Op {
     Arc::new(move |i| {
         let pool = pool.clone();
@@ -829,6 +1106,33 @@ fn raw_advisory_op(pool: PgPool, names: Arc<Vec<String>>, sql: &'static str) -> 
     })
 }
 
+fn advisory_acquire(pool: PgPool, names: Arc<Vec<String>>) -> AcquireFn {
+    Arc::new(move |i| {
+        let pool = pool.clone();
+        let key = dblock::advisory_key(&names[i]);
+        Box::pin(async move {
+            let mut conn = pool.acquire().await?;
+            let got: bool = sqlx::query_scalar(PG_TRY_NEXTVAL)
+                .bind(key)
+                .fetch_one(&mut *conn)
+                .await?;
+            if !got {
+                return Err("raw: the advisory lock was busy".into());
+            }
+            let release: Release = Box::new(move || {
+                Box::pin(async move {
+                    sqlx::query("SELECT pg_advisory_unlock($1)")
+                        .bind(key)
+                        .execute(&mut *conn)
+                        .await?;
+                    Ok(())
+                })
+            });
+            Ok(release)
+        })
+    })
+}
+
 async fn advisory(env: &Env, rows: &mut Vec<Row>) -> Res<Latency> {
     const B: &str = "pg advisory";
     let pool = pg_pool(&env.pg, POOL).await?;
@@ -846,62 +1150,68 @@ async fn advisory(env: &Env, rows: &mut Vec<Row>) -> Res<Latency> {
         B,
         &ops,
         &[
-            (
-                "raw try_lock+unlock",
-                Some(("≥ 0.95 × raw", 0.95)),
-            ),
+            ("raw try_lock+unlock", Some(("≥ 0.95 × raw", 0.95))),
             ("raw try_lock+nextval+unlock (dblock's SQL)", None),
         ],
+        Some(mimic_op(advisory_acquire(pool.clone(), n.clone()))),
         rows,
     )
     .await?;
 
     // Handoff: the raw figure, then dblock.
     let probe = pg_pool(&env.pg, 1).await?;
-    let raw = raw_advisory_handoff(&pool, &probe, SEQ_SAMPLES).await?;
+    let raw = raw_advisory_handoff(&pool, &probe, SEQ_SAMPLES, RAW_WAIT).await?;
     let other_pool = pg_pool(&env.pg, POOL).await?;
     let other = Locks::new(Advisory::new(other_pool.clone()));
-    let (server_other, _) = handoff(
+    let server_other = handoff(
         &locks,
         &other,
         "adv-hand",
         1,
         SEQ_SAMPLES,
         Blocked::Probe(probe.clone()),
+        None,
     )
     .await?;
-    let ratio = server_other.p50.as_secs_f64() / raw.p50.as_secs_f64();
+    let ratio = server_other.call.p50.as_secs_f64() / raw.p50.as_secs_f64();
     rows.push(
-        Row::new(B, "handoff p50 / p99, server wait, other instance")
-            .dblock(server_other.show())
-            .raw(raw.show())
-            .ratio(ratio)
-            .target("p50 ≤ 1.25 × raw", ratio <= 1.25),
+        latency_row(
+            B,
+            "handoff, server wait, other instance",
+            &server_other.call,
+        )
+        .raw(raw.show())
+        .ratio(ratio)
+        .target("p50 ≤ 1.25 × raw", ratio <= 1.25),
     );
-    let (server_local, server_local_ret) = handoff(
+    let server_local = handoff(
         &locks,
         &locks,
         "adv-hand",
         1,
         SEQ_SAMPLES,
         Blocked::Probe(probe.clone()),
+        None,
     )
     .await?;
-    let ratio = server_local.p50.as_secs_f64() / raw.p50.as_secs_f64();
+    let ratio = server_local.call.p50.as_secs_f64() / raw.p50.as_secs_f64();
     rows.push(
-        Row::new(B, "handoff p50 / p99, server wait, same Locks")
-            .dblock(server_local.show())
+        latency_row(B, "handoff, server wait, same Locks", &server_local.call)
             .raw(raw.show())
             .ratio(ratio)
             .target("p50 ≤ 1.25 × raw", ratio <= 1.25),
     );
+    // The same raw handoff with the waiter running dblock's statement
+    // (lock_timeout, lock, nextval for the token): what the SQL costs.
+    let raw_dblock_sql = raw_advisory_handoff(&pool, &probe, SEQ_SAMPLES, DBLOCK_WAIT).await?;
     rows.push(
-        Row::new(B, "release returned → waiter granted, server wait, same Locks")
-            .dblock(server_local_ret.show())
-            .target(
-                format!("p99 ≤ {}", ms(WAKE_BOUND)),
-                server_local_ret.p99 <= WAKE_BOUND,
-            ),
+        latency_row(
+            B,
+            "handoff, server wait, raw with dblock's waiter SQL",
+            &raw_dblock_sql,
+        )
+        .raw(raw.show())
+        .ratio(raw_dblock_sql.p50.as_secs_f64() / raw.p50.as_secs_f64()),
     );
 
     let poll = AdvisoryOptions {
@@ -911,57 +1221,42 @@ async fn advisory(env: &Env, rows: &mut Vec<Row>) -> Res<Latency> {
         },
         ..AdvisoryOptions::default()
     };
-    let max_poll = LeaseOptions::default().max_poll;
     let poll_holder = Locks::new(Advisory::new(pool.clone()).with_options(poll.clone())?);
     let poll_other = Locks::new(Advisory::new(other_pool.clone()).with_options(poll)?);
-    let (poll_cross, _) = handoff(
+    let poll_cross = handoff(
         &poll_holder,
         &poll_other,
         "adv-poll",
         POLL_PAIRS,
         POLL_PER_PAIR,
         Blocked::Hold(POLL_HOLD_MS.0, POLL_HOLD_MS.1),
+        None,
     )
     .await?;
-    rows.push(
-        Row::new(
-            B,
-            format!(
-                "handoff p50 / p99, polling 5–250 ms, other instance (max {})",
-                ms(poll_cross.max)
-            ),
-        )
-        .dblock(poll_cross.show())
-        .raw(raw.show())
-        .ratio(poll_cross.p50.as_secs_f64() / raw.p50.as_secs_f64())
-        .target(
-            format!("p99 ≤ max_poll {}", ms(max_poll)),
-            poll_cross.p99 <= max_poll,
-        ),
-    );
-    let (poll_local, poll_local_ret) = handoff(
+    let poll_local = handoff(
         &poll_holder,
         &poll_holder,
         "adv-poll",
         1,
         SEQ_SAMPLES,
         Blocked::Hold(LOCAL_HOLD_MS.0, LOCAL_HOLD_MS.1),
+        Some("SELECT pg_advisory_unlock($1)"),
     )
     .await?;
+    rows.push(poll_row(
+        B,
+        "handoff, polling 5–250 ms, other instance",
+        &poll_cross.call,
+        &poll_local.call,
+    ));
     rows.push(
-        Row::new(B, "handoff p50 / p99, polling, same Locks")
-            .dblock(poll_local.show())
+        latency_row(B, "handoff, polling, same Locks", &poll_local.call)
             .raw(raw.show())
-            .ratio(poll_local.p50.as_secs_f64() / raw.p50.as_secs_f64()),
+            .ratio(poll_local.call.p50.as_secs_f64() / raw.p50.as_secs_f64()),
     );
-    rows.push(
-        Row::new(B, "release returned → waiter granted, polling, same Locks")
-            .dblock(poll_local_ret.show())
-            .target(
-                format!("p99 ≤ {}", ms(WAKE_BOUND)),
-                poll_local_ret.p99 <= WAKE_BOUND,
-            ),
-    );
+    if let Some(wake) = &poll_local.wake {
+        rows.push(wake_row(B, "polling", wake));
+    }
     drop((locks, other, poll_holder, poll_other));
     other_pool.close().await;
 
@@ -1064,52 +1359,140 @@ const PG_CLAIM: &str = "INSERT INTO dblock_bench_leases AS l \
             acquired_at = excluded.acquired_at, expires_at = excluded.expires_at \
       WHERE l.expires_at <= clock_timestamp() \
      RETURNING token";
-const PG_RELEASE: &str = "UPDATE dblock_bench_leases SET owner = NULL, expires_at = clock_timestamp() \
+const PG_RELEASE: &str =
+    "UPDATE dblock_bench_leases SET owner = NULL, expires_at = clock_timestamp() \
       WHERE name = $1 AND owner = $2 AND token = $3 AND expires_at > clock_timestamp()";
 const PG_RELEASE_NOTIFY: &str = "WITH released AS ( \
         UPDATE dblock_bench_leases SET owner = NULL, expires_at = clock_timestamp() \
          WHERE name = $1 AND owner = $2 AND token = $3 AND expires_at > clock_timestamp() \
         RETURNING name) \
      SELECT pg_notify('dblock_bench_raw', name) FROM released";
+const PG_RELEASE_NOTIFY_ASYNC: &str = "WITH released AS ( \
+        UPDATE dblock_bench_leases SET owner = NULL, expires_at = clock_timestamp() \
+         WHERE name = $1 AND owner = $2 AND token = $3 AND expires_at > clock_timestamp() \
+        RETURNING name) \
+     SELECT pg_notify('dblock_bench_raw', name), \
+            set_config('synchronous_commit', 'off', true) \
+       FROM released";
 
-fn raw_pg_lease_op(pool: PgPool, names: Arc<Vec<String>>, notify: bool) -> Op {
+/// How a raw PostgreSQL release ends the lease.
+#[derive(Clone, Copy)]
+enum PgRelease {
+    Plain,
+    /// With `pg_notify`, as dblock's release does.
+    Notify,
+    /// With `pg_notify`, committing without waiting for the WAL flush.
+    NotifyAsync,
+}
+
+async fn raw_pg_claim(pool: &PgPool, name: &str, owner: &str) -> Res<Option<i64>> {
+    Ok(sqlx::query_scalar(PG_CLAIM)
+        .bind(name)
+        .bind(owner)
+        .bind("bench")
+        .bind(30_000_000i64)
+        .fetch_optional(pool)
+        .await?)
+}
+
+async fn raw_pg_release(
+    pool: &PgPool,
+    name: &str,
+    owner: &str,
+    token: i64,
+    how: PgRelease,
+) -> Res<()> {
+    let sql = match how {
+        PgRelease::Plain => {
+            let done = sqlx::query(PG_RELEASE)
+                .bind(name)
+                .bind(owner)
+                .bind(token)
+                .execute(pool)
+                .await?;
+            return if done.rows_affected() == 1 {
+                Ok(())
+            } else {
+                Err("raw: the lease was not ours at release".into())
+            };
+        }
+        PgRelease::Notify => PG_RELEASE_NOTIFY,
+        PgRelease::NotifyAsync => PG_RELEASE_NOTIFY_ASYNC,
+    };
+    let row = sqlx::query(sql)
+        .bind(name)
+        .bind(owner)
+        .bind(token)
+        .fetch_optional(pool)
+        .await?;
+    row.map(drop)
+        .ok_or_else(|| "raw: the lease was not ours at release".into())
+}
+
+fn raw_pg_lease_op(pool: PgPool, names: Arc<Vec<String>>, how: PgRelease) -> Op {
     Arc::new(move |i| {
         let pool = pool.clone();
         let name = names[i].clone();
         Box::pin(async move {
             let owner = owner();
-            let token: Option<i64> = sqlx::query_scalar(PG_CLAIM)
-                .bind(&name)
-                .bind(&owner)
-                .bind("bench")
-                .bind(30_000_000i64)
-                .fetch_optional(&pool)
-                .await?;
-            let token = token.ok_or("raw: the lease was busy")?;
-            let released = if notify {
-                sqlx::query(PG_RELEASE_NOTIFY)
-                    .bind(&name)
-                    .bind(&owner)
-                    .bind(token)
-                    .fetch_optional(&pool)
-                    .await?
-                    .is_some()
-            } else {
-                sqlx::query(PG_RELEASE)
-                    .bind(&name)
-                    .bind(&owner)
-                    .bind(token)
-                    .execute(&pool)
-                    .await?
-                    .rows_affected()
-                    == 1
-            };
-            if !released {
-                return Err("raw: the lease was not ours at release".into());
-            }
-            Ok(())
+            let token = raw_pg_claim(&pool, &name, &owner)
+                .await?
+                .ok_or("raw: the lease was busy")?;
+            raw_pg_release(&pool, &name, &owner, token, how).await
         })
     })
+}
+
+/// The raw LISTEN/NOTIFY handoff: the waiter LISTENs on its own connection
+/// and claims with the upsert on each notification for its name; the
+/// holder releases with `pg_notify`. Clock from the release call to the
+/// waiter's successful claim.
+async fn raw_notify_handoff(pool: &PgPool, pairs: usize, per_pair: usize) -> Res<Latency> {
+    let mut set = JoinSet::new();
+    for pair in 0..pairs {
+        let pool = pool.clone();
+        set.spawn(async move {
+            let name = name("raw-notify", pair);
+            let mut listener = PgListener::connect_with(&pool).await?;
+            listener.listen("dblock_bench_raw").await?;
+            let mut listener = Some(listener);
+            let mut out = Vec::new();
+            for _ in 0..=per_pair {
+                let mine = owner();
+                let token = raw_pg_claim(&pool, &name, &mine)
+                    .await?
+                    .ok_or("raw: the lease was busy")?;
+                let mut l = listener.take().expect("listener");
+                let (tx, rx) = oneshot::channel();
+                let (p, n) = (pool.clone(), name.clone());
+                let task = tokio::spawn(async move {
+                    let me = owner();
+                    loop {
+                        if let Some(t) = raw_pg_claim(&p, &n, &me).await? {
+                            let _ = tx.send(Instant::now());
+                            raw_pg_release(&p, &n, &me, t, PgRelease::Plain).await?;
+                            return Ok::<_, E>(l);
+                        }
+                        while l.recv().await?.payload() != n {}
+                    }
+                });
+                let hold = rand::rng().random_range(POLL_HOLD_MS.0..=POLL_HOLD_MS.1);
+                tokio::time::sleep(Duration::from_millis(hold)).await;
+                let t0 = Instant::now();
+                raw_pg_release(&pool, &name, &mine, token, PgRelease::Notify).await?;
+                let granted = rx.await;
+                listener = Some(task.await??);
+                out.push(granted?.saturating_duration_since(t0));
+            }
+            out.remove(0);
+            Ok::<_, E>(out)
+        });
+    }
+    let mut all = Vec::new();
+    while let Some(done) = set.join_next().await {
+        all.extend(done??);
+    }
+    Ok(Latency::of(all))
 }
 
 async fn pg_lease(env: &Env, raw_handoff: Option<&Latency>, rows: &mut Vec<Row>) -> Res<()> {
@@ -1133,8 +1516,9 @@ async fn pg_lease(env: &Env, raw_handoff: Option<&Latency>, rows: &mut Vec<Row>)
     let n = names("pgl", TASKS);
     let ops = [
         dblock_op(locks.clone(), n.clone()),
-        raw_pg_lease_op(pool.clone(), n.clone(), false),
-        raw_pg_lease_op(pool.clone(), n.clone(), true),
+        raw_pg_lease_op(pool.clone(), n.clone(), PgRelease::Plain),
+        raw_pg_lease_op(pool.clone(), n.clone(), PgRelease::Notify),
+        raw_pg_lease_op(pool.clone(), n.clone(), PgRelease::NotifyAsync),
     ];
     throughput_rows(
         B,
@@ -1142,62 +1526,61 @@ async fn pg_lease(env: &Env, raw_handoff: Option<&Latency>, rows: &mut Vec<Row>)
         &[
             ("raw upsert + release", None),
             ("raw upsert + release with NOTIFY (dblock's SQL)", None),
+            (
+                "raw upsert + release with NOTIFY, synchronous_commit off",
+                None,
+            ),
         ],
+        None,
         rows,
     )
     .await?;
 
     let other_pool = pg_pool(&env.pg, POOL).await?;
     let other = lease(&other_pool)?;
-    let (cross, _) = handoff(
+    let cross = handoff(
         &locks,
         &other,
         "pgl-hand",
         POLL_PAIRS,
         POLL_PER_PAIR,
         Blocked::Hold(POLL_HOLD_MS.0, POLL_HOLD_MS.1),
+        None,
     )
     .await?;
-    let mut row = Row::new(
-        B,
-        format!(
-            "handoff p50 / p99, LISTEN/NOTIFY, other instance (max {})",
-            ms(cross.max)
-        ),
-    )
-    .dblock(cross.show());
+    let raw_notify = raw_notify_handoff(&pool, POLL_PAIRS, POLL_PER_PAIR).await?;
+    let mut row = latency_row(B, "handoff, LISTEN/NOTIFY, other instance", &cross.call);
     if let Some(raw) = raw_handoff {
-        let ratio = cross.p50.as_secs_f64() / raw.p50.as_secs_f64();
+        let ratio = cross.call.p50.as_secs_f64() / raw.p50.as_secs_f64();
         row = row
             .raw(format!("{} (advisory)", raw.show()))
             .ratio(ratio)
             .target("p50 ≤ 2 × raw", ratio <= 2.0);
     }
     rows.push(row);
-    let (local, local_ret) = handoff(
+    rows.push(
+        latency_row(
+            B,
+            "handoff, LISTEN/NOTIFY, other instance, vs raw lease LISTEN/NOTIFY",
+            &cross.call,
+        )
+        .raw(raw_notify.show())
+        .ratio(cross.call.p50.as_secs_f64() / raw_notify.p50.as_secs_f64()),
+    );
+    let local = handoff(
         &locks,
         &locks,
         "pgl-local",
         1,
         SEQ_SAMPLES,
         Blocked::Hold(LOCAL_HOLD_MS.0, LOCAL_HOLD_MS.1),
+        Some("WITH released AS"),
     )
     .await?;
-    let mut row = Row::new(B, "handoff p50 / p99, same Locks").dblock(local.show());
-    if let Some(raw) = raw_handoff {
-        row = row
-            .raw(format!("{} (advisory)", raw.show()))
-            .ratio(local.p50.as_secs_f64() / raw.p50.as_secs_f64());
+    rows.push(latency_row(B, "handoff, same Locks", &local.call));
+    if let Some(wake) = &local.wake {
+        rows.push(wake_row(B, "lease", wake));
     }
-    rows.push(row);
-    rows.push(
-        Row::new(B, "release returned → waiter granted, same Locks")
-            .dblock(local_ret.show())
-            .target(
-                format!("p99 ≤ {}", ms(WAKE_BOUND)),
-                local_ret.p99 <= WAKE_BOUND,
-            ),
-    );
     drop(other);
     other_pool.close().await;
 
@@ -1238,7 +1621,8 @@ const MY_UPSERT: &str = "INSERT INTO dblock_bench_leases \
                    token + LAST_INSERT_ID(0)), \
         acquired_at = IF(expires_at <= UTC_TIMESTAMP(6), VALUES(acquired_at), acquired_at), \
         expires_at = IF(expires_at <= UTC_TIMESTAMP(6), VALUES(expires_at), expires_at)";
-const MY_RELEASE: &str = "UPDATE dblock_bench_leases SET owner = NULL, expires_at = UTC_TIMESTAMP(6) \
+const MY_RELEASE: &str =
+    "UPDATE dblock_bench_leases SET owner = NULL, expires_at = UTC_TIMESTAMP(6) \
       WHERE name = ? AND owner = ? AND token = ? AND expires_at > UTC_TIMESTAMP(6)";
 
 async fn my_release(pool: &MySqlPool, name: &str, owner: &str, token: u64) -> Res<()> {
@@ -1353,54 +1737,43 @@ async fn mysql(env: &Env, rows: &mut Vec<Row>, notes: &mut Vec<String>) -> Res<(
             ),
             ("raw upsert + release", None),
         ],
+        None,
         rows,
     )
     .await?;
 
-    let max_poll = LeaseOptions::default().max_poll;
     let other_pool = my_pool(&env.my, POOL).await?;
     let other = lease(&other_pool)?;
-    let (cross, _) = handoff(
+    let cross = handoff(
         &locks,
         &other,
         "my-hand",
         POLL_PAIRS,
         POLL_PER_PAIR,
         Blocked::Hold(POLL_HOLD_MS.0, POLL_HOLD_MS.1),
+        None,
     )
     .await?;
-    rows.push(
-        Row::new(
-            B,
-            format!(
-                "handoff p50 / p99, polling, other instance (max {})",
-                ms(cross.max)
-            ),
-        )
-        .dblock(cross.show())
-        .target(
-            format!("p99 ≤ max_poll {}", ms(max_poll)),
-            cross.p99 <= max_poll,
-        ),
-    );
-    let (local, local_ret) = handoff(
+    let local = handoff(
         &locks,
         &locks,
         "my-local",
         1,
         SEQ_SAMPLES,
         Blocked::Hold(LOCAL_HOLD_MS.0, LOCAL_HOLD_MS.1),
+        Some("UPDATE `dblock_bench_leases` SET expires_at"),
     )
     .await?;
-    rows.push(Row::new(B, "handoff p50 / p99, same Locks").dblock(local.show()));
-    rows.push(
-        Row::new(B, "release returned → waiter granted, same Locks")
-            .dblock(local_ret.show())
-            .target(
-                format!("p99 ≤ {}", ms(WAKE_BOUND)),
-                local_ret.p99 <= WAKE_BOUND,
-            ),
-    );
+    rows.push(poll_row(
+        B,
+        "handoff, polling, other instance",
+        &cross.call,
+        &local.call,
+    ));
+    rows.push(latency_row(B, "handoff, same Locks", &local.call));
+    if let Some(wake) = &local.wake {
+        rows.push(wake_row(B, "lease", wake));
+    }
     drop(other);
     other_pool.close().await;
 
@@ -1430,30 +1803,39 @@ const SQ_RELEASE: &str = "UPDATE dblock_leases SET owner = NULL, \
       WHERE name = ?1 AND owner = ?2 AND token = ?3 \
         AND expires_at > (CAST(round((julianday('now') - 2440587.5) * 86400000.0) AS INTEGER) * 1000)";
 
+async fn sqlite_claim(pool: &SqlitePool, name: &str, owner: &str) -> Res<Option<i64>> {
+    Ok(sqlx::query_scalar(SQ_CLAIM)
+        .bind(name)
+        .bind(owner)
+        .bind("bench")
+        .bind(30_000_000i64)
+        .fetch_optional(pool)
+        .await?)
+}
+
+async fn sqlite_release(pool: SqlitePool, name: String, owner: String, token: i64) -> Res<()> {
+    let done = sqlx::query(SQ_RELEASE)
+        .bind(&name)
+        .bind(&owner)
+        .bind(token)
+        .execute(&pool)
+        .await?;
+    if done.rows_affected() != 1 {
+        return Err("raw: the lease was not ours at release".into());
+    }
+    Ok(())
+}
+
 fn raw_sqlite_op(pool: SqlitePool, names: Arc<Vec<String>>) -> Op {
     Arc::new(move |i| {
         let pool = pool.clone();
         let name = names[i].clone();
         Box::pin(async move {
             let owner = owner();
-            let token: Option<i64> = sqlx::query_scalar(SQ_CLAIM)
-                .bind(&name)
-                .bind(&owner)
-                .bind("bench")
-                .bind(30_000_000i64)
-                .fetch_optional(&pool)
-                .await?;
-            let token = token.ok_or("raw: the lease was busy")?;
-            let done = sqlx::query(SQ_RELEASE)
-                .bind(&name)
-                .bind(&owner)
-                .bind(token)
-                .execute(&pool)
-                .await?;
-            if done.rows_affected() != 1 {
-                return Err("raw: the lease was not ours at release".into());
-            }
-            Ok(())
+            let token = sqlite_claim(&pool, &name, &owner)
+                .await?
+                .ok_or("raw: the lease was busy")?;
+            sqlite_release(pool, name, owner, token).await
         })
     })
 }
@@ -1488,51 +1870,61 @@ async fn sqlite(dir: &std::path::Path, rows: &mut Vec<Row>, notes: &mut Vec<Stri
         dblock_op(locks.clone(), n.clone()),
         raw_sqlite_op(raw_pool.clone(), n.clone()),
     ];
-    throughput_rows(B, &ops, &[("raw upsert + release", None)], rows).await?;
+    let acquire: AcquireFn = {
+        let (pool, n) = (raw_pool.clone(), n.clone());
+        Arc::new(move |i| {
+            let (pool, name) = (pool.clone(), n[i].clone());
+            Box::pin(async move {
+                let owner = owner();
+                let token = sqlite_claim(&pool, &name, &owner)
+                    .await?
+                    .ok_or("raw: the lease was busy")?;
+                let release: Release =
+                    Box::new(move || Box::pin(sqlite_release(pool, name, owner, token)));
+                Ok(release)
+            })
+        })
+    };
+    throughput_rows(
+        B,
+        &ops,
+        &[("raw upsert + release", None)],
+        Some(mimic_op(acquire)),
+        rows,
+    )
+    .await?;
 
-    let max_poll = LeaseOptions::default().max_poll;
     let other = Locks::new(dblock::sqlite::Lease::new(raw_pool.clone()));
-    let (cross, _) = handoff(
+    let cross = handoff(
         &locks,
         &other,
         "sq-hand",
         POLL_PAIRS,
         POLL_PER_PAIR,
         Blocked::Hold(POLL_HOLD_MS.0, POLL_HOLD_MS.1),
+        None,
     )
     .await?;
-    rows.push(
-        Row::new(
-            B,
-            format!(
-                "handoff p50 / p99, polling, other pool (max {})",
-                ms(cross.max)
-            ),
-        )
-        .dblock(cross.show())
-        .target(
-            format!("p99 ≤ max_poll {}", ms(max_poll)),
-            cross.p99 <= max_poll,
-        ),
-    );
-    let (local, local_ret) = handoff(
+    let local = handoff(
         &locks,
         &locks,
         "sq-local",
         1,
         SEQ_SAMPLES,
         Blocked::Hold(LOCAL_HOLD_MS.0, LOCAL_HOLD_MS.1),
+        Some("UPDATE \"dblock_leases\" SET owner"),
     )
     .await?;
-    rows.push(Row::new(B, "handoff p50 / p99, same Locks").dblock(local.show()));
-    rows.push(
-        Row::new(B, "release returned → waiter granted, same Locks")
-            .dblock(local_ret.show())
-            .target(
-                format!("p99 ≤ {}", ms(WAKE_BOUND)),
-                local_ret.p99 <= WAKE_BOUND,
-            ),
-    );
+    rows.push(poll_row(
+        B,
+        "handoff, polling, other pool (another process's view)",
+        &cross.call,
+        &local.call,
+    ));
+    rows.push(latency_row(B, "handoff, same Locks", &local.call));
+    if let Some(wake) = &local.wake {
+        rows.push(wake_row(B, "lease", wake));
+    }
     drop(other);
 
     let s = hold_many(
@@ -1615,25 +2007,35 @@ async fn run() {
     let section = |backend: &'static str, e: E| {
         Row::new(backend, "section failed").dblock(format!("error: {e}"))
     };
-    eprintln!("[{:>5.1}s] pg advisory", started.elapsed().as_secs_f64());
-    let raw = match advisory(&env, &mut rows).await {
-        Ok(raw) => Some(raw),
-        Err(e) => {
-            rows.push(section("pg advisory", e));
-            None
+    // DBLOCK_BENCH_ONLY=advisory,mysql (say) runs only those sections.
+    let only = std::env::var("DBLOCK_BENCH_ONLY").unwrap_or_default();
+    let wanted = |section: &str| only.is_empty() || only.split(',').any(|s| s.trim() == section);
+    let stamp = |what: &str| eprintln!("[{:>5.1}s] {what}", started.elapsed().as_secs_f64());
+    let mut raw = None;
+    if wanted("advisory") {
+        stamp("pg advisory");
+        match advisory(&env, &mut rows).await {
+            Ok(r) => raw = Some(r),
+            Err(e) => rows.push(section("pg advisory", e)),
         }
-    };
-    eprintln!("[{:>5.1}s] pg lease", started.elapsed().as_secs_f64());
-    if let Err(e) = pg_lease(&env, raw.as_ref(), &mut rows).await {
-        rows.push(section("pg lease", e));
     }
-    eprintln!("[{:>5.1}s] mysql lease", started.elapsed().as_secs_f64());
-    if let Err(e) = mysql(&env, &mut rows, &mut notes).await {
-        rows.push(section("mysql lease", e));
+    if wanted("pglease") {
+        stamp("pg lease");
+        if let Err(e) = pg_lease(&env, raw.as_ref(), &mut rows).await {
+            rows.push(section("pg lease", e));
+        }
     }
-    eprintln!("[{:>5.1}s] sqlite lease", started.elapsed().as_secs_f64());
-    if let Err(e) = sqlite(&dir, &mut rows, &mut notes).await {
-        rows.push(section("sqlite lease", e));
+    if wanted("mysql") {
+        stamp("mysql lease");
+        if let Err(e) = mysql(&env, &mut rows, &mut notes).await {
+            rows.push(section("mysql lease", e));
+        }
+    }
+    if wanted("sqlite") {
+        stamp("sqlite lease");
+        if let Err(e) = sqlite(&dir, &mut rows, &mut notes).await {
+            rows.push(section("sqlite lease", e));
+        }
     }
     let _ = std::fs::remove_dir_all(&dir);
 
@@ -1648,7 +2050,9 @@ async fn run() {
         ms(o.max_poll)
     );
     println!(
-        "Throughput: {ROUNDS} rounds of {} per implementation, taking turns; median. Handoffs: \
+        "Throughput: {ROUNDS} rounds; with 1 task the implementations' calls alternate one by one, \
+         with 8 tasks each implementation gets a {} window per round, in turn; figures are \
+         medians over rounds, ratios the median of the per-round ratios. Handoffs: \
          {SEQ_SAMPLES} one at a time (server waits, same Locks), or {POLL_PAIRS} pairs × \
          {POLL_PER_PAIR} side by side with the holder keeping the waiter {}–{} ms (polling waiters).",
         ms(WINDOW),
@@ -1657,6 +2061,9 @@ async fn run() {
     );
     for note in &notes {
         println!("{note}");
+    }
+    for line in BREAKDOWNS.lock().unwrap().iter() {
+        println!("{line}");
     }
     println!(
         "dblock warnings logged: {}; total time {:.0} s",
