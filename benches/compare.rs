@@ -98,7 +98,7 @@ const WAKE_BOUND: Duration = Duration::from_millis(2);
 // warnings are printed (first few) and counted.
 mod count {
     use std::collections::HashMap;
-    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+    use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
     use std::sync::Mutex;
     use std::time::{Duration, Instant};
     use tracing::field::{Field, Visit};
@@ -109,7 +109,11 @@ mod count {
     static STATEMENTS: AtomicU64 = AtomicU64::new(0);
     static WARNINGS: AtomicU64 = AtomicU64::new(0);
     /// Per statement (its first words): how many, and their total time.
-    static BREAKDOWN: Mutex<Option<HashMap<String, (u64, f64)>>> = Mutex::new(None);
+    /// (op, statement's first words) → (count, total seconds).
+    type Tally = HashMap<(usize, String), (u64, f64)>;
+    static BREAKDOWN: Mutex<Option<Tally>> = Mutex::new(None);
+    /// Which op the statements logged now belong to, for the breakdown.
+    static OP: AtomicUsize = AtomicUsize::new(0);
     /// Statements as (start, end, first words), while recording.
     static TIMELINE: Mutex<Option<Vec<(Instant, Instant, String)>>> = Mutex::new(None);
 
@@ -190,7 +194,7 @@ mod count {
                 if let Some(map) = breakdown.as_mut() {
                     let mut t = Timing::default();
                     event.record(&mut t);
-                    let e = map.entry(t.summary).or_default();
+                    let e = map.entry((OP.load(Relaxed), t.summary)).or_default();
                     e.0 += 1;
                     e.1 += t.secs;
                 }
@@ -220,12 +224,20 @@ mod count {
         start();
     }
 
-    /// Per statement: first words, count, total seconds.
-    pub fn breakdown_stop() -> Vec<(String, u64, f64)> {
+    /// Attributes the statements logged from now on to op `i`.
+    pub fn set_op(i: usize) {
+        OP.store(i, Relaxed);
+    }
+
+    /// Per op and statement: first words, count, total seconds.
+    pub fn breakdown_stop() -> Vec<(usize, String, u64, f64)> {
         stop();
         let map = BREAKDOWN.lock().unwrap().take().unwrap_or_default();
-        let mut v: Vec<_> = map.into_iter().map(|(k, (n, s))| (k, n, s)).collect();
-        v.sort_by(|a, b| b.2.total_cmp(&a.2));
+        let mut v: Vec<_> = map
+            .into_iter()
+            .map(|((op, k), (n, s))| (op, k, n, s))
+            .collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0).then(b.3.total_cmp(&a.3)));
         v
     }
 
@@ -375,7 +387,7 @@ fn rate(x: f64) -> String {
     let s = n.to_string();
     let mut out = String::new();
     for (i, ch) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i) % 3 == 0 {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(ch);
@@ -511,26 +523,38 @@ async fn breakdown(backend: &str, labels: &[&str], ops: &[Op]) -> Res<()> {
     if std::env::var_os("DBLOCK_BENCH_BREAKDOWN").is_none() {
         return Ok(());
     }
-    const N: usize = 300;
-    for (label, op) in labels.iter().zip(ops) {
+    const CYCLES: usize = 300;
+    for op in ops {
         op(0).await?;
-        count::breakdown_start();
-        let start = Instant::now();
-        for _ in 0..N {
-            op(0).await?;
+    }
+    // The ops take turns call by call, as in the 1-task comparison.
+    let mut wall = vec![Duration::ZERO; ops.len()];
+    count::breakdown_start();
+    for c in 0..CYCLES {
+        for k in 0..ops.len() {
+            let i = (c + k) % ops.len();
+            count::set_op(i);
+            let t = Instant::now();
+            ops[i](0).await?;
+            wall[i] += t.elapsed();
         }
-        let wall = start.elapsed().as_secs_f64() * 1e6 / N as f64;
-        let parts = count::breakdown_stop();
-        let in_statements: f64 = parts.iter().map(|p| p.2).sum::<f64>() * 1e6 / N as f64;
+    }
+    let parts = count::breakdown_stop();
+    for (i, label) in labels.iter().enumerate() {
+        let mine: Vec<_> = parts.iter().filter(|p| p.0 == i).collect();
+        let wall = wall[i].as_secs_f64() * 1e6 / CYCLES as f64;
+        let in_statements = mine.iter().map(|p| p.3).sum::<f64>() * 1e6 / CYCLES as f64;
         let mut line = format!(
-            "{backend}, {label}: {wall:.0} µs per pair, {in_statements:.0} µs in statements:"
+            "{backend}, {label}: {wall:.0} µs per pair, {in_statements:.0} µs in statements, \
+             {:.0} µs elsewhere:",
+            wall - in_statements
         );
-        for (summary, n, secs) in parts {
+        for (_, summary, n, secs) in mine {
             let _ = write!(
                 line,
                 "\n    {:>5.2} × {:>6.0} µs  {summary}",
-                n as f64 / N as f64,
-                secs * 1e6 / n as f64
+                *n as f64 / CYCLES as f64,
+                secs * 1e6 / *n as f64
             );
         }
         BREAKDOWNS.lock().unwrap().push(line);
@@ -697,6 +721,24 @@ struct Handoff {
     /// how soon a waiter is woken (an upper bound: it includes the waiter's
     /// pool checkout). Only for waiters in the same process, one pair.
     wake: Option<Latency>,
+    /// Medians of: release called → release statement sent; the release
+    /// statement; release statement done → waiter granted.
+    phases: Option<[Duration; 3]>,
+}
+
+impl Handoff {
+    /// For the breakdown: where a handoff's time goes.
+    fn explain(&self, what: &str) {
+        if let Some([a, b, c]) = self.phases {
+            BREAKDOWNS.lock().unwrap().push(format!(
+                "{what}: release called → release statement sent {:.0} µs; release statement \
+                 {:.0} µs; statement done → waiter granted {:.0} µs (medians)",
+                a.as_secs_f64() * 1e6,
+                b.as_secs_f64() * 1e6,
+                c.as_secs_f64() * 1e6
+            ));
+        }
+    }
 }
 
 /// Handoffs from `holder` to `waiter` on `pairs` names side by side. With
@@ -741,12 +783,14 @@ async fn handoff(
                 if granted < t0 {
                     return Err("the waiter was granted before the holder released".into());
                 }
-                let wake = release_sql.and_then(|marker| {
-                    let released = timeline
+                let release = release_sql.and_then(|marker| {
+                    timeline
                         .iter()
                         .filter(|(start, _, sql)| *start >= t0 && sql.starts_with(marker))
-                        .map(|(_, end, _)| *end)
-                        .min()?;
+                        .map(|(start, end, _)| (*start, *end))
+                        .min()
+                });
+                let wake = release.and_then(|(_, released)| {
                     let next = timeline
                         .iter()
                         .map(|(start, _, _)| *start)
@@ -754,7 +798,14 @@ async fn handoff(
                         .min()?;
                     Some(next - released)
                 });
-                out.push((granted - t0, wake));
+                let phases = release.map(|(start, end)| {
+                    [
+                        start.saturating_duration_since(t0),
+                        end - start,
+                        granted.saturating_duration_since(end),
+                    ]
+                });
+                out.push((granted - t0, wake, phases));
             }
             // The first handoff warms up connections and listeners.
             out.remove(0);
@@ -766,56 +817,100 @@ async fn handoff(
         all.extend(done??);
     }
     let wakes: Vec<Duration> = all.iter().filter_map(|x| x.1).collect();
-    if release_sql.is_some() && wakes.len() < all.len() / 2 {
-        return Err(format!(
-            "wake-ups found in the statement timeline for only {} of {} handoffs",
-            wakes.len(),
-            all.len()
-        )
-        .into());
-    }
+    let phases: Vec<[Duration; 3]> = all.iter().filter_map(|x| x.2).collect();
+    let phase = |k: usize| {
+        let mut v: Vec<Duration> = phases.iter().map(|p| p[k]).collect();
+        v.sort();
+        v[v.len() / 2]
+    };
     Ok(Handoff {
         call: Latency::of(all.iter().map(|x| x.0).collect()),
         wake: (!wakes.is_empty()).then(|| Latency::of(wakes)),
+        phases: (!phases.is_empty()).then(|| [phase(0), phase(1), phase(2)]),
     })
 }
 
 /// The raw figure: a session blocked in `pg_advisory_lock`, woken by another
 /// session's `pg_advisory_unlock`; clock from the unlock call to the grant.
 /// `waiter_sql` is `pg_advisory_lock` alone, or what dblock's waiter runs.
+/// With `hops`, the statements run as dblock runs them: the holder's unlock
+/// by a keeper task told over an mpsc (answering on a oneshot), the
+/// waiter's lock in a task of its own that answers the acquirer on a
+/// oneshot. The SQL is the same; only the task hand-offs are added.
 async fn raw_advisory_handoff(
     pool: &PgPool,
     probe: &PgPool,
     samples: usize,
     waiter_sql: &'static str,
+    hops: bool,
 ) -> Res<Latency> {
+    type Conn = sqlx::pool::PoolConnection<sqlx::Postgres>;
+    async fn unlock(mut conn: Conn, key: i64) -> Res<Conn> {
+        sqlx::query("SELECT pg_advisory_unlock($1)")
+            .bind(key)
+            .execute(&mut *conn)
+            .await?;
+        Ok(conn)
+    }
+    async fn lock(mut conn: Conn, key: i64, sql: &'static str) -> Res<Conn> {
+        sqlx::query(sql).bind(key).execute(&mut *conn).await?;
+        Ok(conn)
+    }
     let key: i64 = rand::rng().random();
-    let mut holder = pool.acquire().await?;
+    let mut holder = Some(pool.acquire().await?);
     let mut waiter = Some(pool.acquire().await?);
     let mut out = Vec::new();
     for _ in 0..=samples {
+        let mut h = holder.take().expect("holder connection");
         sqlx::query("SELECT pg_advisory_lock($1)")
             .bind(key)
-            .execute(&mut *holder)
+            .execute(&mut *h)
             .await?;
-        let mut w = waiter.take().expect("waiter connection");
+        // With hops, a keeper task owns the holder's connection and waits
+        // for the release command.
+        let (command, mut commands) = tokio::sync::mpsc::channel::<oneshot::Sender<Res<Conn>>>(4);
+        let (keeper, mut inline) = if hops {
+            let keeper = tokio::spawn(async move {
+                tokio::select! {
+                    biased;
+                    reply = commands.recv() => if let Some(reply) = reply {
+                        let _ = reply.send(unlock(h, key).await);
+                    },
+                    _ = tokio::time::sleep(Duration::from_secs(30)) => {}
+                }
+            });
+            (Some(keeper), None)
+        } else {
+            (None, Some(h))
+        };
+        let w = waiter.take().expect("waiter connection");
         let (tx, rx) = oneshot::channel();
         let task = tokio::spawn(async move {
-            let locked = sqlx::query(waiter_sql).bind(key).execute(&mut *w).await;
+            let locked = if hops {
+                let (itx, irx) = oneshot::channel();
+                tokio::spawn(async move {
+                    let _ = itx.send(lock(w, key, waiter_sql).await);
+                });
+                irx.await?
+            } else {
+                lock(w, key, waiter_sql).await
+            };
             let _ = tx.send(Instant::now());
-            locked?;
-            sqlx::query("SELECT pg_advisory_unlock($1)")
-                .bind(key)
-                .execute(&mut *w)
-                .await?;
-            Ok::<_, E>(w)
+            unlock(locked?, key).await
         });
         wait_for_advisory_waiter(probe, key).await?;
         let t0 = Instant::now();
-        sqlx::query("SELECT pg_advisory_unlock($1)")
-            .bind(key)
-            .execute(&mut *holder)
-            .await?;
+        holder = Some(match (keeper, inline.take()) {
+            (Some(keeper), _) => {
+                let (rtx, rrx) = oneshot::channel();
+                command.send(rtx).await?;
+                let conn = rrx.await??;
+                keeper.await?;
+                conn
+            }
+            (None, Some(h)) => unlock(h, key).await?,
+            (None, None) => return Err("no holder connection".into()),
+        });
         let granted = rx.await?;
         waiter = Some(task.await??);
         out.push(granted.saturating_duration_since(t0));
@@ -1160,7 +1255,7 @@ async fn advisory(env: &Env, rows: &mut Vec<Row>) -> Res<Latency> {
 
     // Handoff: the raw figure, then dblock.
     let probe = pg_pool(&env.pg, 1).await?;
-    let raw = raw_advisory_handoff(&pool, &probe, SEQ_SAMPLES, RAW_WAIT).await?;
+    let raw = raw_advisory_handoff(&pool, &probe, SEQ_SAMPLES, RAW_WAIT, false).await?;
     let other_pool = pg_pool(&env.pg, POOL).await?;
     let other = Locks::new(Advisory::new(other_pool.clone()));
     let server_other = handoff(
@@ -1170,9 +1265,10 @@ async fn advisory(env: &Env, rows: &mut Vec<Row>) -> Res<Latency> {
         1,
         SEQ_SAMPLES,
         Blocked::Probe(probe.clone()),
-        None,
+        Some("SELECT pg_advisory_unlock($1)"),
     )
     .await?;
+    server_other.explain("pg advisory, handoff, server wait, other instance");
     let ratio = server_other.call.p50.as_secs_f64() / raw.p50.as_secs_f64();
     rows.push(
         latency_row(
@@ -1191,9 +1287,10 @@ async fn advisory(env: &Env, rows: &mut Vec<Row>) -> Res<Latency> {
         1,
         SEQ_SAMPLES,
         Blocked::Probe(probe.clone()),
-        None,
+        Some("SELECT pg_advisory_unlock($1)"),
     )
     .await?;
+    server_local.explain("pg advisory, handoff, server wait, same Locks");
     let ratio = server_local.call.p50.as_secs_f64() / raw.p50.as_secs_f64();
     rows.push(
         latency_row(B, "handoff, server wait, same Locks", &server_local.call)
@@ -1203,7 +1300,8 @@ async fn advisory(env: &Env, rows: &mut Vec<Row>) -> Res<Latency> {
     );
     // The same raw handoff with the waiter running dblock's statement
     // (lock_timeout, lock, nextval for the token): what the SQL costs.
-    let raw_dblock_sql = raw_advisory_handoff(&pool, &probe, SEQ_SAMPLES, DBLOCK_WAIT).await?;
+    let raw_dblock_sql =
+        raw_advisory_handoff(&pool, &probe, SEQ_SAMPLES, DBLOCK_WAIT, false).await?;
     rows.push(
         latency_row(
             B,
@@ -1212,6 +1310,17 @@ async fn advisory(env: &Env, rows: &mut Vec<Row>) -> Res<Latency> {
         )
         .raw(raw.show())
         .ratio(raw_dblock_sql.p50.as_secs_f64() / raw.p50.as_secs_f64()),
+    );
+    // And with dblock's task hand-offs around the same SQL.
+    let raw_hops = raw_advisory_handoff(&pool, &probe, SEQ_SAMPLES, DBLOCK_WAIT, true).await?;
+    rows.push(
+        latency_row(
+            B,
+            "handoff, server wait, raw with dblock's SQL and task hand-offs",
+            &raw_hops,
+        )
+        .raw(raw.show())
+        .ratio(raw_hops.p50.as_secs_f64() / raw.p50.as_secs_f64()),
     );
 
     let poll = AdvisoryOptions {
@@ -1254,6 +1363,7 @@ async fn advisory(env: &Env, rows: &mut Vec<Row>) -> Res<Latency> {
             .raw(raw.show())
             .ratio(poll_local.call.p50.as_secs_f64() / raw.p50.as_secs_f64()),
     );
+    poll_local.explain("pg advisory, handoff, polling, same Locks");
     if let Some(wake) = &poll_local.wake {
         rows.push(wake_row(B, "polling", wake));
     }
@@ -1578,6 +1688,7 @@ async fn pg_lease(env: &Env, raw_handoff: Option<&Latency>, rows: &mut Vec<Row>)
     )
     .await?;
     rows.push(latency_row(B, "handoff, same Locks", &local.call));
+    local.explain(&format!("{B}, handoff, same Locks"));
     if let Some(wake) = &local.wake {
         rows.push(wake_row(B, "lease", wake));
     }
@@ -1771,6 +1882,7 @@ async fn mysql(env: &Env, rows: &mut Vec<Row>, notes: &mut Vec<String>) -> Res<(
         &local.call,
     ));
     rows.push(latency_row(B, "handoff, same Locks", &local.call));
+    local.explain(&format!("{B}, handoff, same Locks"));
     if let Some(wake) = &local.wake {
         rows.push(wake_row(B, "lease", wake));
     }
@@ -1922,6 +2034,7 @@ async fn sqlite(dir: &std::path::Path, rows: &mut Vec<Row>, notes: &mut Vec<Stri
         &local.call,
     ));
     rows.push(latency_row(B, "handoff, same Locks", &local.call));
+    local.explain(&format!("{B}, handoff, same Locks"));
     if let Some(wake) = &local.wake {
         rows.push(wake_row(B, "lease", wake));
     }
