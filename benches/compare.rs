@@ -14,17 +14,25 @@
 //! What is measured (see `docs/performance.md` for the discussion):
 //! - **pairs/s**: uncontended `acquire` + `release` pairs per second, with 1
 //!   and with 8 tasks on distinct names, against raw SQL doing the same on a
-//!   pool of the same size. dblock and raw take turns, several rounds, and
-//!   the median round is reported.
+//!   pool of the same size. With 1 task dblock's and raw calls alternate one
+//!   by one; with 8 tasks each implementation gets a short window per round,
+//!   in turn. Figures are medians over rounds, ratios the median of the
+//!   per-round ratios, so that load from elsewhere falls on both alike.
 //! - **handoff**: a waiter is blocked, the holder releases; the clock starts
 //!   when the holder calls release and stops when the waiter's acquire
-//!   returns. "same Locks" rows also give the time from the holder's release
-//!   returning to the waiter's grant: how soon an in-process waiter is woken
-//!   (it includes the waiter's own claim statement).
+//!   returns. For waiters in the same process the statement log also gives
+//!   the **wake-up**: from the end of the holder's release statement to the
+//!   start of the waiter's next statement (its pool checkout included).
 //! - **scale**: how many locks one process holds with a pool of at most 10
-//!   connections, and the statements per second that keeping them costs.
+//!   connections, and the statements per second that keeping them costs,
+//!   counted from sqlx's statement log over one renewal period (with the
+//!   server's own counters beside it).
 //!
-//! Every figure is printed in one table at the end.
+//! Every figure is printed in one table at the end. Options, by environment:
+//! `DBLOCK_BENCH_ONLY=advisory,pglease,mysql,sqlite` runs only those
+//! sections; `DBLOCK_BENCH_BREAKDOWN=1` adds where the time of one pair goes
+//! (per statement, and for raw SQL run in dblock's task structure) and the
+//! phases of a handoff.
 #![forbid(unsafe_code)]
 
 use std::fmt::Write as _;
@@ -86,7 +94,7 @@ const LEVELS: [usize; 3] = [100, 1_000, 5_000];
 const SCALE_TTL: Duration = Duration::from_secs(15);
 const SCALE_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// The in-process wake-up bound and the ratios the targets ask for.
+/// How soon an in-process waiter must be woken after a release.
 const WAKE_BOUND: Duration = Duration::from_millis(2);
 
 // ---------------------------------------------------------------------------
@@ -1392,6 +1400,9 @@ async fn advisory(env: &Env, rows: &mut Vec<Row>) -> Res<Latency> {
     drop(scale_locks);
     let raw_held = raw_advisory_scale(&pool).await?;
     scale_rows(B, &s, Some(raw_held), rows);
+    if let Some(keep_alive) = rows.last_mut() {
+        keep_alive.raw = "none needed (session locks)".into();
+    }
     scale_pool.close().await;
     probe.close().await;
     pool.close().await;
@@ -1400,12 +1411,25 @@ async fn advisory(env: &Env, rows: &mut Vec<Row>) -> Res<Latency> {
 
 /// Raw session locks, all on one pooled connection, taken a level at a time
 /// in one statement each.
+///
+/// Stops at 1,000: advisory locks live in the server's shared lock table
+/// (`max_locks_per_transaction` × (`max_connections` +
+/// `max_prepared_transactions`) slots for all sessions together), and
+/// filling most of it makes other sessions' statements fail with "out of
+/// shared memory" on a server that others use too.
 async fn raw_advisory_scale(pool: &PgPool) -> Res<String> {
     let mut conn = pool.acquire().await?;
+    let slots: i64 = sqlx::query_scalar(
+        "SELECT current_setting('max_locks_per_transaction')::bigint \
+              * (current_setting('max_connections')::bigint \
+                 + current_setting('max_prepared_transactions')::bigint)",
+    )
+    .fetch_one(&mut *conn)
+    .await?;
     let base: i64 = rand::rng().random_range(0..i64::MAX / 2);
     let mut held = 0usize;
     let mut failure = None;
-    for level in LEVELS {
+    for level in [100, 1_000] {
         let got: Result<i64, sqlx::Error> = sqlx::query_scalar(
             "SELECT count(*) FILTER (WHERE pg_try_advisory_lock(k)) \
                FROM generate_series($1::bigint, $2::bigint) k",
@@ -1432,7 +1456,11 @@ async fn raw_advisory_scale(pool: &PgPool) -> Res<String> {
         .execute(&mut *conn)
         .await?;
     Ok(match failure {
-        None => format!("{} on 1 connection, 0 keep-alive", rate(held as f64)),
+        None => format!(
+            "{} on 1 connection (not tried further; lock table: {} slots for all sessions)",
+            rate(held as f64),
+            rate(slots as f64)
+        ),
         Some(f) => format!("{} on 1 connection; then {f}", rate(held as f64)),
     })
 }
