@@ -527,8 +527,12 @@ async fn statements_per_call(op: &Op, n: usize) -> Res<f64> {
 /// goes, by statement (sqlx's own timing, from sending the statement to the
 /// last row), against the wall time per call. The rest is pool checkouts
 /// (with their health-check pings) and task scheduling.
+fn breakdown_wanted() -> bool {
+    std::env::var_os("DBLOCK_BENCH_BREAKDOWN").is_some()
+}
+
 async fn breakdown(backend: &str, labels: &[&str], ops: &[Op]) -> Res<()> {
-    if std::env::var_os("DBLOCK_BENCH_BREAKDOWN").is_none() {
+    if !breakdown_wanted() {
         return Ok(());
     }
     const CYCLES: usize = 300;
@@ -630,7 +634,7 @@ async fn throughput_rows(
     backend: &'static str,
     ops: &[Op],
     raws: &[(&str, Option<(&str, f64)>)],
-    mimic: Option<Op>,
+    extra: Vec<(&'static str, Op)>,
     rows: &mut Vec<Row>,
 ) -> Res<()> {
     for tasks in [1, TASKS] {
@@ -653,9 +657,9 @@ async fn throughput_rows(
     let mut labels = vec!["dblock"];
     labels.extend(raws.iter().map(|r| r.0));
     let mut all = ops.to_vec();
-    if let Some(m) = mimic {
-        labels.push("raw SQL in dblock's task structure");
-        all.push(m);
+    for (label, op) in extra {
+        labels.push(label);
+        all.push(op);
     }
     breakdown(backend, &labels, &all).await?;
     let mut d = Vec::new();
@@ -1256,7 +1260,25 @@ async fn advisory(env: &Env, rows: &mut Vec<Row>) -> Res<Latency> {
             ("raw try_lock+unlock", Some(("≥ 0.95 × raw", 0.95))),
             ("raw try_lock+nextval+unlock (dblock's SQL)", None),
         ],
-        Some(mimic_op(advisory_acquire(pool.clone(), n.clone()))),
+        if breakdown_wanted() {
+            let quiet = PgPoolOptions::new()
+                .max_connections(POOL)
+                .test_before_acquire(false)
+                .connect(&env.pg)
+                .await?;
+            vec![
+                (
+                    "raw SQL in dblock's task structure",
+                    mimic_op(advisory_acquire(pool.clone(), n.clone())),
+                ),
+                (
+                    "raw try_lock+unlock, pool without test_before_acquire",
+                    raw_advisory_op(quiet, n.clone(), PG_TRY),
+                ),
+            ]
+        } else {
+            Vec::new()
+        },
         rows,
     )
     .await?;
@@ -1669,7 +1691,7 @@ async fn pg_lease(env: &Env, raw_handoff: Option<&Latency>, rows: &mut Vec<Row>)
                 None,
             ),
         ],
-        None,
+        Vec::new(),
         rows,
     )
     .await?;
@@ -1876,7 +1898,7 @@ async fn mysql(env: &Env, rows: &mut Vec<Row>, notes: &mut Vec<String>) -> Res<(
             ),
             ("raw upsert + release", None),
         ],
-        None,
+        Vec::new(),
         rows,
     )
     .await?;
@@ -2029,7 +2051,7 @@ async fn sqlite(dir: &std::path::Path, rows: &mut Vec<Row>, notes: &mut Vec<Stri
         B,
         &ops,
         &[("raw upsert + release", None)],
-        Some(mimic_op(acquire)),
+        vec![("raw SQL in dblock's task structure", mimic_op(acquire))],
         rows,
     )
     .await?;
