@@ -69,7 +69,7 @@ const SQLITE_POOL: u32 = 4;
 
 /// Throughput: rounds, each giving every implementation a window of this
 /// length (with one task, the implementations' calls interleave instead).
-const ROUNDS: usize = 15;
+const ROUNDS: usize = 25;
 const WINDOW: Duration = Duration::from_millis(100);
 const WARMUP: Duration = Duration::from_millis(150);
 /// Concurrent tasks of the second throughput measure.
@@ -741,6 +741,9 @@ struct Handoff {
 impl Handoff {
     /// For the breakdown: where a handoff's time goes.
     fn explain(&self, what: &str) {
+        if !breakdown_wanted() {
+            return;
+        }
         if let Some([a, b, c]) = self.phases {
             BREAKDOWNS.lock().unwrap().push(format!(
                 "{what}: release called → release statement sent {:.0} µs; release statement \
