@@ -1786,7 +1786,7 @@ const MY_UPSERT: &str = "INSERT INTO dblock_bench_leases \
         acquired_at = IF(expires_at <= UTC_TIMESTAMP(6), VALUES(acquired_at), acquired_at), \
         expires_at = IF(expires_at <= UTC_TIMESTAMP(6), VALUES(expires_at), expires_at)";
 const MY_RELEASE: &str =
-    "UPDATE dblock_bench_leases SET owner = NULL, expires_at = UTC_TIMESTAMP(6) \
+    "UPDATE dblock_bench_leases SET expires_at = UTC_TIMESTAMP(6), owner = NULL \
       WHERE name = ? AND owner = ? AND token = ? AND expires_at > UTC_TIMESTAMP(6)";
 
 async fn my_release(pool: &MySqlPool, name: &str, owner: &str, token: u64) -> Res<()> {
