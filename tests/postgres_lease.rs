@@ -323,6 +323,28 @@ async fn hold_at_least_keeps_the_lease_after_release() {
     assert!(locks.try_acquire(&name).await.unwrap().is_some());
 }
 
+/// A release commits without waiting for the WAL flush; that setting is
+/// local to the release's own transaction and never sticks to the pooled
+/// session that ran it.
+#[tokio::test]
+async fn release_leaves_the_session_synchronous() {
+    let pool = connect_with(options().await, 1).await;
+    let locks = Locks::new(Lease::new(pool.clone()));
+    let name = common::unique("pg-lease-sync");
+    locks.acquire(&name).await.unwrap().release().await.unwrap();
+    let guard = locks
+        .acquire(&name)
+        .hold_at_least(Duration::from_secs(1))
+        .await
+        .unwrap();
+    guard.release().await.unwrap();
+    let setting: String = sqlx::query_scalar("SHOW synchronous_commit")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(setting, "on");
+}
+
 #[tokio::test]
 async fn lost_fires_when_the_lease_is_broken() {
     let locks = new_locks().await;

@@ -205,6 +205,15 @@ impl Sql {
             // $4 is hold_at_least (0 without): the lease ends now or at
             // acquired_at + hold, whichever is later. Waiters are notified
             // in the same statement when the name is free at once.
+            //
+            // A release that frees the name commits without waiting for the
+            // WAL flush (synchronous_commit off, for this statement only):
+            // losing it in a crash only leaves the lease to run out, and a
+            // claim that saw it flushes it with its own commit. This takes
+            // a disk flush off the handoff and, since PostgreSQL serializes
+            // the commits of transactions that NOTIFY, keeps concurrent
+            // releases from queueing behind each other's flush. A release
+            // that keeps the lease for hold_at_least commits durably.
             release: format!(
                 "WITH released AS (
                     UPDATE {t}
@@ -213,7 +222,9 @@ impl Sql {
                      WHERE name = $1 AND owner = $2 AND token = $3
                        AND expires_at > clock_timestamp()
                     RETURNING expires_at <= clock_timestamp() AS free)
-                 SELECT free, CASE WHEN free THEN pg_notify('{CHANNEL}', $1) END FROM released"
+                 SELECT free, CASE WHEN free THEN pg_notify('{CHANNEL}', $1) END,
+                        CASE WHEN free THEN set_config('synchronous_commit', 'off', true) END
+                   FROM released"
             )
             .into(),
             force_release: format!(
