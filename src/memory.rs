@@ -51,9 +51,16 @@ impl Memory {
 
     /// Sets how waiting polls (see [`LeaseOptions`]). In memory a release
     /// wakes waiters at once, so this matters only for expiries.
-    pub fn with_options(mut self, options: LeaseOptions) -> Result<Self> {
-        self.engine.set_options(options)?;
-        Ok(self)
+    pub fn with_options(self, options: LeaseOptions) -> Result<Self> {
+        // A fresh engine over the same locks, so that this works on a handle
+        // that has been cloned (the engine's options cannot change under
+        // clones that share it).
+        let store = MemoryStore {
+            names: self.engine.store().names.clone(),
+        };
+        let mut engine = LeaseEngine::new(store, self.engine.wakeups());
+        engine.set_options(options)?;
+        Ok(Memory { engine })
     }
 }
 

@@ -306,6 +306,11 @@ impl<S: LeaseStore> LeaseEngine<S> {
         }
     }
 
+    /// The in-process wake-ups this engine's releases ring.
+    pub(crate) fn wakeups(&self) -> Arc<Wakeups> {
+        self.inner.wakeups.clone()
+    }
+
     pub(crate) fn store(&self) -> &S {
         &self.inner.store
     }

@@ -719,7 +719,7 @@ async fn extend<S: LeaseStore>(
 /// a loss) and forgets it.
 async fn release<S: LeaseStore>(inner: Arc<Inner<S>>, id: Id) -> Result<()> {
     let renewals = &inner.renewals;
-    let (name, owner, token, hold) = loop {
+    let (name, owner, token, hold, deadline) = loop {
         let settled = renewals.settled.notified();
         tokio::pin!(settled);
         settled.as_mut().enable();
@@ -732,7 +732,7 @@ async fn release<S: LeaseStore>(inner: Arc<Inner<S>>, id: Id) -> Result<()> {
             // once the release has landed, and its answer will be ignored.
             if e.busy != Busy::Extend {
                 e.released = true;
-                let taken = (e.name.clone(), e.owner.clone(), e.token, e.hold);
+                let taken = (e.name.clone(), e.owner.clone(), e.token, e.hold, e.deadline);
                 reg.unschedule(id);
                 break taken;
             }
@@ -744,7 +744,25 @@ async fn release<S: LeaseStore>(inner: Arc<Inner<S>>, id: Id) -> Result<()> {
         renewals.lock().leases.remove(&id);
         renewals.changed();
     }));
-    let outcome = inner.store.release(&name, &owner, token, hold).await;
+    // Bounded by the lease's local deadline (at least a second from now):
+    // past it the lease counts as lost anyway, and a black-holed
+    // connection must not hang the caller until TCP gives up.
+    let bound = deadline.max(Instant::now() + Duration::from_secs(1));
+    let outcome = match tokio::time::timeout_at(
+        bound,
+        inner.store.release(&name, &owner, token, hold),
+    )
+    .await
+    {
+        Ok(outcome) => outcome,
+        Err(_) => {
+            let reason = "the release did not complete before the lease's local deadline; the lease runs out by its ttl";
+            if let Some(e) = renewals.lock().leases.get(&id) {
+                e.status.mark_lost(reason);
+            }
+            return Err(Error::lost(&name, reason));
+        }
+    };
     inner.wakeups.wake(&name);
     let result = match outcome {
         Ok(true) => Ok(()),
