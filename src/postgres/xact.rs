@@ -5,15 +5,21 @@ use std::time::Duration;
 use sqlx::{Connection, Postgres, Transaction};
 use tokio::time::Instant;
 
-use super::{advisory_key, map_err};
+use super::{advisory_key, map_err, Lifted, LIFT_SERVER_TIMEOUTS};
 use crate::name::validate_name;
 use crate::{Error, Result, Wait};
 
 // The lock runs inside a savepoint so that a timeout or an error rolls back
-// only the savepoint, never the caller's transaction. lock_timeout is set
-// for the wait and put back to its previous value in the same statement, so
-// the caller's later statements keep their own setting.
-const WAIT: &str = "SELECT nextval('dblock_fencing_seq'), set_config('lock_timeout', old, true)
+// only the savepoint, never the caller's transaction. A statement before it
+// lifts statement_timeout (a role's setting must not cut the wait short;
+// PostgreSQL arms it when a statement starts) and reports the old value,
+// $3 (and idle_in_transaction_session_timeout, $4). lock_timeout is set for the wait; both are put back to their previous
+// values in the same statement, after the wait, so the caller's later
+// statements keep their own settings (a rolled-back savepoint puts them
+// back by itself).
+const WAIT: &str = "SELECT nextval('dblock_fencing_seq'), set_config('lock_timeout', old, true),
+       set_config('statement_timeout', $3, true),
+       set_config('idle_in_transaction_session_timeout', $4, true)
   FROM (SELECT old, pg_advisory_xact_lock($1)
           FROM (SELECT old, set_config('lock_timeout', $2, true)
                   FROM (SELECT current_setting('lock_timeout') AS old) o OFFSET 0) cfg
@@ -95,12 +101,22 @@ pub async fn lock_xact_with(
                         left.clamp(1, i32::MAX as u128) as i64
                     }
                 };
-                sqlx::query_as::<_, (i64, String)>(WAIT)
-                    .bind(key)
-                    .bind(format!("{ms}ms"))
+                match sqlx::query_as::<_, Lifted>(LIFT_SERVER_TIMEOUTS)
                     .fetch_one(&mut *savepoint)
                     .await
-                    .map(|(t, _)| Some(t as u64))
+                {
+                    Ok((statement_timeout, idle_timeout, _, _)) => {
+                        sqlx::query_as::<_, (i64, String, String, String)>(WAIT)
+                            .bind(key)
+                            .bind(format!("{ms}ms"))
+                            .bind(statement_timeout)
+                            .bind(idle_timeout)
+                            .fetch_one(&mut *savepoint)
+                            .await
+                            .map(|(t, _, _, _)| Some(t as u64))
+                    }
+                    Err(e) => Err(e),
+                }
             }
         };
         match outcome {

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::pool::PoolConnection;
-use sqlx::Postgres;
+use sqlx::{Connection, Postgres};
 use tokio::sync::oneshot;
 use tokio::time::{sleep_until, Instant};
 
@@ -18,15 +18,15 @@ use super::registry::Route;
 use super::session::{self, Cmd, LockReply};
 use super::{lock_table_full, Inner, WaitStrategy, LOCK_TABLE_FULL};
 use crate::backend::{BoxFuture, Grant};
-use crate::postgres::{advisory_key, map_err};
+use crate::postgres::{advisory_key, map_err, LIFT_SERVER_TIMEOUTS};
 use crate::{AcquireRequest, Error, LockMode, Result, Wait};
 
 pub(super) type Reply = oneshot::Sender<Result<Option<Grant>>>;
 
 // The innermost subquery sets a transaction-local lock_timeout before the
 // lock call runs (OFFSET 0 keeps the planner from flattening the order away);
-// in autocommit the "transaction" is this one statement, so nothing leaks
-// into the pooled session. The backend's pid comes along: the connection
+// the statement runs in a transaction of its own (see `wait_on_server`), so
+// nothing leaks into the pooled session. The backend's pid comes along: the connection
 // becomes a holder session when the wait is granted.
 const WAIT_EXCLUSIVE: &str = "SELECT nextval('dblock_fencing_seq'), pg_backend_pid() FROM (SELECT pg_advisory_lock($1) FROM (SELECT set_config('lock_timeout', $2, true)) cfg OFFSET 0) l";
 const WAIT_SHARED: &str = "SELECT nextval('dblock_fencing_seq'), pg_backend_pid() FROM (SELECT pg_advisory_lock_shared($1) FROM (SELECT set_config('lock_timeout', $2, true)) cfg OFFSET 0) l";
@@ -293,12 +293,32 @@ async fn wait_on_server(
         LockMode::Shared => WAIT_SHARED,
     };
     conn.clean = false;
-    let statement = sqlx::query_as::<_, (i64, i32)>(sql)
-        .bind(key)
-        .bind(format!("{timeout_ms}ms"))
-        .fetch_one(&mut **conn.conn.as_mut().expect("connection present"));
+    let raw = &mut **conn.conn.as_mut().expect("connection present");
+    // The wait runs in a transaction of its own that first lifts the role's
+    // statement_timeout (and idle_in_transaction_session_timeout): only the
+    // lock_timeout set from the deadline bounds it. The lock is
+    // session-level, so it outlives the transaction.
+    let waited = async {
+        let mut tx = raw.begin().await?;
+        sqlx::query(LIFT_SERVER_TIMEOUTS).execute(&mut *tx).await?;
+        let outcome = sqlx::query_as::<_, (i64, i32)>(sql)
+            .bind(key)
+            .bind(format!("{timeout_ms}ms"))
+            .fetch_one(&mut *tx)
+            .await;
+        match outcome {
+            Ok(granted) => {
+                tx.commit().await?;
+                Ok(granted)
+            }
+            Err(e) => {
+                tx.rollback().await?;
+                Err(e)
+            }
+        }
+    };
     let outcome = tokio::select! {
-        r = statement => r,
+        r = waited => r,
         // The acquirer is gone. The statement may yet be granted, so the
         // connection stays dirty and is closed: its session's locks end.
         _ = reply.closed() => return Waited::Abandoned,

@@ -1,0 +1,177 @@
+//! The settings and workloads of real servers (issue 11): a role's
+//! `statement_timeout`, many waiters on a small pool, bounded tables and
+//! maps, leases that come too late, connections left with changed settings.
+//!
+//! Against the real services (`DBLOCK_TEST_POSTGRES_URL`,
+//! `DBLOCK_TEST_MYSQL_URL`, see `tests/common`).
+
+mod common;
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use dblock::postgres::{Advisory, Lease};
+use dblock::{Error, Locks, Wait};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::PgPool;
+use tokio::sync::OnceCell;
+use tokio::time::{sleep, Instant};
+
+async fn pg_options() -> PgConnectOptions {
+    PgConnectOptions::from_str(&common::postgres_url().await)
+        .expect("a valid DBLOCK_TEST_POSTGRES_URL")
+}
+
+async fn pg_pool(options: PgConnectOptions, max: u32) -> PgPool {
+    PgPoolOptions::new()
+        .max_connections(max)
+        .acquire_timeout(Duration::from_secs(20))
+        .connect_with(options)
+        .await
+        .expect("connect to PostgreSQL (DBLOCK_TEST_POSTGRES_URL)")
+}
+
+/// An administrator's pool, with the schema in place.
+async fn admin(max: u32) -> PgPool {
+    let pool = pg_pool(pg_options().await, max).await;
+    dblock::postgres::migrate(&pool).await.expect("migrate");
+    pool
+}
+
+/// The role of a managed database's application: `statement_timeout` is
+/// set on the role, as providers do.
+const APP_ROLE: &str = "dblock_t11_app";
+
+/// A pool that logs in as [`APP_ROLE`], created once per run with
+/// `statement_timeout = '300ms'`.
+async fn app_pool(max: u32) -> PgPool {
+    static ROLE: OnceCell<()> = OnceCell::const_new();
+    ROLE.get_or_init(|| async {
+        let pool = admin(1).await;
+        // Roles are cluster-wide: created if missing, then (re)configured.
+        sqlx::raw_sql(
+            "DO $$ BEGIN
+                 CREATE ROLE dblock_t11_app LOGIN SUPERUSER;
+             EXCEPTION WHEN duplicate_object THEN NULL;
+             END $$;
+             ALTER ROLE dblock_t11_app SET statement_timeout = '300ms'",
+        )
+        .execute(&pool)
+        .await
+        .expect("create the application role");
+    })
+    .await;
+    let pool = pg_pool(pg_options().await.username(APP_ROLE), max).await;
+    // The setting is in force: a statement of 500 ms is cancelled.
+    let slow = sqlx::query("SELECT pg_sleep(0.5)").execute(&pool).await;
+    match slow {
+        Err(sqlx::Error::Database(db)) if db.code().as_deref() == Some("57014") => {}
+        other => panic!("the role's statement_timeout is not in force: {other:?}"),
+    }
+    pool
+}
+
+fn is_timeout(r: &dblock::Result<impl std::fmt::Debug>) -> bool {
+    matches!(r, Err(Error::Timeout { .. }))
+}
+
+/// The holder lets go after a second; a waiter whose role has a 300 ms
+/// `statement_timeout` is granted then, and a wait that runs out reports
+/// `Timeout`, not the server's cancellation.
+async fn a_role_timeout_does_not_cut_waits_short(holder: Locks, waiter: Locks, ttl: bool) {
+    let name = common::unique("role-timeout");
+    let mut acquire = holder.acquire(&name);
+    if ttl {
+        acquire = acquire.ttl(Duration::from_secs(10));
+    }
+    let held = acquire.await.expect("the holder's lock");
+    let release = tokio::spawn(async move {
+        sleep(Duration::from_secs(1)).await;
+        held.release().await.expect("release");
+    });
+    let started = Instant::now();
+    let got = waiter
+        .acquire(&name)
+        .wait(Duration::from_secs(3))
+        .await
+        .expect("the waiter is granted once the holder lets go");
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(900),
+        "granted after {waited:?}, before the release"
+    );
+    release.await.unwrap();
+
+    // Now held by the waiter: a second wait runs out after its own second.
+    let started = Instant::now();
+    let late = waiter.acquire(&name).wait(Duration::from_secs(1)).await;
+    let waited = started.elapsed();
+    assert!(is_timeout(&late), "expected Error::Timeout, got {late:?}");
+    assert!(
+        waited >= Duration::from_millis(950),
+        "gave up after {waited:?}, before its wait"
+    );
+    got.release().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn role_statement_timeout_advisory() {
+    let holder = Locks::new(Advisory::new(admin(3).await));
+    let waiter = Locks::new(Advisory::new(app_pool(4).await));
+    a_role_timeout_does_not_cut_waits_short(holder, waiter, false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn role_statement_timeout_lease() {
+    let holder = Locks::new(Lease::new(admin(3).await));
+    let waiter = Locks::new(Lease::new(app_pool(4).await));
+    a_role_timeout_does_not_cut_waits_short(holder, waiter, true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn role_statement_timeout_lock_xact() {
+    let holder = Locks::new(Advisory::new(admin(3).await));
+    let app = app_pool(2).await;
+    let name = common::unique("role-timeout-xact");
+    let held = holder.acquire(&name).await.unwrap();
+    let release = tokio::spawn(async move {
+        sleep(Duration::from_secs(1)).await;
+        held.release().await.unwrap();
+    });
+    let mut tx = app.begin().await.unwrap();
+    let started = Instant::now();
+    let token =
+        dblock::postgres::lock_xact_with(&mut tx, &name, Wait::For(Duration::from_secs(3))).await;
+    assert!(
+        matches!(token, Ok(Some(_))),
+        "expected the lock, got {token:?}"
+    );
+    assert!(started.elapsed() >= Duration::from_millis(900));
+    release.await.unwrap();
+    // The caller's transaction keeps the role's settings for what follows.
+    let (statement, idle): (String, String) = sqlx::query_as(
+        "SELECT current_setting('statement_timeout'),
+                current_setting('idle_in_transaction_session_timeout')",
+    )
+    .fetch_one(&mut *tx)
+    .await
+    .unwrap();
+    assert_eq!(statement, "300ms");
+    assert_eq!(idle, "0");
+    tx.commit().await.unwrap();
+
+    // A wait that runs out is a Timeout, and the transaction goes on.
+    let _held = holder.acquire(&name).await.unwrap();
+    let mut tx = app.begin().await.unwrap();
+    let started = Instant::now();
+    let late =
+        dblock::postgres::lock_xact_with(&mut tx, &name, Wait::For(Duration::from_secs(1))).await;
+    assert!(is_timeout(&late), "expected Error::Timeout, got {late:?}");
+    assert!(started.elapsed() >= Duration::from_millis(950));
+    let statement: String = sqlx::query_scalar("SELECT current_setting('statement_timeout')")
+        .fetch_one(&mut *tx)
+        .await
+        .unwrap();
+    assert_eq!(statement, "300ms");
+    tx.commit().await.unwrap();
+}
