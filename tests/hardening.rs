@@ -175,3 +175,102 @@ async fn role_statement_timeout_lock_xact() {
     assert_eq!(statement, "300ms");
     tx.commit().await.unwrap();
 }
+
+// ---- Bounded footprint. ----
+
+/// The process's resident set, in bytes (Linux).
+fn rss() -> u64 {
+    let statm = std::fs::read_to_string("/proc/self/statm").expect("/proc/self/statm");
+    let pages: u64 = statm.split_whitespace().nth(1).unwrap().parse().unwrap();
+    pages * 4096
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_forgets_names_nothing_holds() {
+    let memory = dblock::memory::Memory::new();
+    let locks = Locks::new(memory.clone());
+    // Warm up the allocator and the runtime before measuring.
+    for i in 0..1_000 {
+        let g = locks.acquire(format!("warm:{i}")).await.unwrap();
+        g.release().await.unwrap();
+    }
+    let before = rss();
+    let first = locks.acquire("first").await.unwrap().token();
+    let streams: Vec<_> = (0..4)
+        .map(|s| {
+            let locks = locks.clone();
+            tokio::spawn(async move {
+                let mut last = 0;
+                for i in 0..50_000 {
+                    let g = locks.acquire(format!("tenant:{s}:{i}")).await.unwrap();
+                    assert!(g.token() > last, "tokens increase");
+                    last = g.token();
+                    if i % 2 == 0 {
+                        g.release().await.unwrap();
+                    } else {
+                        drop(g); // released in the background
+                    }
+                }
+            })
+        })
+        .collect();
+    for s in streams {
+        s.await.unwrap();
+    }
+    // Dropped guards release in the background: give them a moment.
+    let until = Instant::now() + Duration::from_secs(5);
+    while memory.entries() > 0 && Instant::now() < until {
+        sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(memory.entries(), 0, "names nothing holds are forgotten");
+    let grown = rss().saturating_sub(before);
+    assert!(
+        grown < 16 << 20,
+        "200,000 names grew the process by {} MiB",
+        grown >> 20
+    );
+    // A name taken again gets a greater token than it ever had (200,000
+    // grants came after "first").
+    let again = locks.acquire("first").await.unwrap();
+    assert!(again.token() > first + 200_000);
+}
+
+#[tokio::test]
+async fn memory_sweeps_expired_leases() {
+    // Leases that run out (nobody renews them: the guards are leaked on a
+    // runtime that is gone) are swept once the map has grown.
+    let memory = dblock::memory::Memory::new();
+    let locks = Locks::new(memory.clone());
+    {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let l = locks.clone();
+        std::thread::spawn(move || {
+            rt.block_on(async {
+                for i in 0..2_000 {
+                    let g = l
+                        .acquire(format!("expiring:{i}"))
+                        .ttl(Duration::from_secs(1))
+                        .await
+                        .unwrap();
+                    std::mem::forget(g);
+                }
+            });
+        })
+        .join()
+        .unwrap();
+    }
+    assert!(memory.entries() >= 2_000);
+    sleep(Duration::from_millis(1_200)).await;
+    for i in 0..2_100 {
+        let g = locks.acquire(format!("fresh:{i}")).await.unwrap();
+        std::mem::forget(g); // held: these stay
+    }
+    assert!(
+        memory.entries() <= 2_100 + 1,
+        "expired entries were swept: {} left",
+        memory.entries()
+    );
+}
