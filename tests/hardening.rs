@@ -274,3 +274,149 @@ async fn memory_sweeps_expired_leases() {
         memory.entries()
     );
 }
+
+// ---- Waiters use a bounded share of the pool. ----
+
+type Probe = Box<dyn Fn() -> futures::future::BoxFuture<'static, ()> + Send + Sync>;
+
+/// A pool of 4, one holder of a hot name, 12 tasks waiting for it: the
+/// application's own query (`probe`) and an acquisition of another name
+/// each answer within a second, and every waiter is granted in turn.
+async fn waiters_leave_room_in_the_pool(locks: Locks, probe: Probe, lease: bool) {
+    let hot = common::unique("hot");
+    let ttl = Duration::from_secs(10);
+    let acquire = |name: &str| {
+        let a = locks.acquire(name);
+        if lease {
+            a.ttl(ttl)
+        } else {
+            a
+        }
+    };
+    let held = acquire(&hot).await.expect("the holder");
+    let waiters: Vec<_> = (0..12)
+        .map(|_| {
+            let locks = locks.clone();
+            let hot = hot.clone();
+            tokio::spawn(async move {
+                let mut a = locks.acquire(&hot).wait(Duration::from_secs(20));
+                if lease {
+                    a = a.ttl(ttl);
+                }
+                let g = a.await?;
+                let got = (Instant::now(), g.token());
+                sleep(Duration::from_millis(50)).await;
+                g.release().await?;
+                Ok::<_, Error>(got)
+            })
+        })
+        .collect();
+    sleep(Duration::from_millis(500)).await;
+    for round in 0..3 {
+        let started = Instant::now();
+        tokio::time::timeout(Duration::from_secs(1), probe())
+            .await
+            .unwrap_or_else(|_| panic!("round {round}: the application's query waited over 1 s"));
+        let answered = started.elapsed();
+        let other = common::unique("other");
+        let started = Instant::now();
+        let g = acquire(&other)
+            .wait(Duration::from_secs(1))
+            .await
+            .unwrap_or_else(|e| panic!("round {round}: an unrelated acquisition failed: {e}"));
+        let acquired = started.elapsed();
+        g.release().await.unwrap();
+        assert!(
+            acquired < Duration::from_secs(1),
+            "round {round}: an unrelated acquisition took {acquired:?}"
+        );
+        eprintln!("round {round}: query {answered:?}, unrelated acquisition {acquired:?}");
+        sleep(Duration::from_millis(200)).await;
+    }
+    let released_at = Instant::now();
+    held.release().await.unwrap();
+    let mut grants = Vec::new();
+    for w in waiters {
+        grants.push(w.await.unwrap().expect("every waiter is granted"));
+    }
+    grants.sort();
+    let tokens: Vec<u64> = grants.iter().map(|g| g.1).collect();
+    assert!(
+        tokens.windows(2).all(|w| w[0] < w[1]),
+        "tokens increase in grant order: {tokens:?}"
+    );
+    let last = grants.last().unwrap().0 - released_at;
+    eprintln!("12 waiters granted in turn within {last:?} of the release");
+}
+
+fn pg_probe(pool: &PgPool) -> Probe {
+    let pool = pool.clone();
+    Box::new(move || {
+        let pool = pool.clone();
+        Box::pin(async move {
+            sqlx::query("SELECT 1").execute(&pool).await.unwrap();
+        })
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiters_leave_room_advisory() {
+    let pool = admin(4).await;
+    let locks = Locks::new(Advisory::new(pool.clone()));
+    waiters_leave_room_in_the_pool(locks, pg_probe(&pool), false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiters_leave_room_postgres_lease() {
+    let pool = admin(4).await;
+    let locks = Locks::new(Lease::new(pool.clone()));
+    waiters_leave_room_in_the_pool(locks, pg_probe(&pool), true).await;
+}
+
+async fn my_pool(max: u32) -> sqlx::MySqlPool {
+    let pool = sqlx::mysql::MySqlPoolOptions::new()
+        .max_connections(max)
+        .acquire_timeout(Duration::from_secs(20))
+        .connect(&common::mysql_url().await)
+        .await
+        .expect("connect to MySQL/MariaDB (DBLOCK_TEST_MYSQL_URL)");
+    dblock::mysql::migrate(&pool).await.expect("migrate");
+    pool
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiters_leave_room_mysql_lease() {
+    let pool = my_pool(4).await;
+    let locks = Locks::new(dblock::mysql::Lease::new(pool.clone()));
+    let probe: Probe = Box::new(move || {
+        let pool = pool.clone();
+        Box::pin(async move {
+            sqlx::query("SELECT 1").execute(&pool).await.unwrap();
+        })
+    });
+    waiters_leave_room_in_the_pool(locks, probe, true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiters_leave_room_sqlite_lease() {
+    let dir = std::env::temp_dir().join(common::unique("sqlite").replace(':', "_"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let options = sqlx::sqlite::SqliteConnectOptions::new()
+        .filename(dir.join("locks.db"))
+        .create_if_missing(true);
+    let pool = sqlx::sqlite::SqlitePoolOptions::new()
+        .max_connections(4)
+        .connect_with(options)
+        .await
+        .unwrap();
+    dblock::sqlite::migrate(&pool).await.unwrap();
+    let locks = Locks::new(dblock::sqlite::Lease::new(pool.clone()));
+    let probe: Probe = Box::new(move || {
+        let pool = pool.clone();
+        Box::pin(async move {
+            sqlx::query("SELECT 1").execute(&pool).await.unwrap();
+        })
+    });
+    waiters_leave_room_in_the_pool(locks, probe, true).await;
+    let _ = std::fs::remove_dir_all(dir);
+}

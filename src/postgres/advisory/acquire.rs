@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use sqlx::pool::PoolConnection;
 use sqlx::{Connection, Postgres};
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, OwnedSemaphorePermit};
 use tokio::time::{sleep_until, Instant};
 
 use super::registry::Route;
@@ -74,6 +74,8 @@ pub(super) async fn acquire_task(inner: Arc<Inner>, request: AcquireRequest, mut
     // pool while that is under way (kept across rounds, so as not to lose
     // the place in the pool's queue).
     let mut waiter: Option<WaitConn> = None;
+    // This acquisition's right to wait on the server (see `WaitSlot`).
+    let mut slot: Option<WaitSlot> = None;
     let mut from_pool: Option<
         BoxFuture<'static, std::result::Result<PoolConnection<Postgres>, sqlx::Error>>,
     > = None;
@@ -123,8 +125,25 @@ pub(super) async fn acquire_task(inner: Arc<Inner>, request: AcquireRequest, mut
             continue;
         }
         // Server-side wait, on a connection of its own so that nothing else
-        // queues behind it. While the pool has none to spare, keep trying on
-        // the holder sessions (a release here wakes us; others are polled).
+        // queues behind it. Only one acquisition per key waits on the
+        // server, and only as many as the backend has wait slots: the
+        // others wait here, woken by releases in this process and polling
+        // the holder sessions, so waiters never take more than a bounded
+        // share of the pool.
+        if slot.is_none() {
+            slot = WaitSlot::take(&inner, key);
+            if slot.is_none() {
+                tokio::select! {
+                    _ = reply.closed() => return,
+                    _ = &mut notified => {}
+                    _ = sleep_until(wake_at) => {}
+                }
+                pause = (pause * 2).min(cap);
+                continue;
+            }
+        }
+        // While the pool has none to spare, keep trying on the holder
+        // sessions (a release here wakes us; others are polled).
         if waiter.is_none() {
             let pending = from_pool.get_or_insert_with(|| Box::pin(inner.pool.acquire()));
             tokio::select! {
@@ -157,7 +176,8 @@ pub(super) async fn acquire_task(inner: Arc<Inner>, request: AcquireRequest, mut
                     .take()
                     .and_then(|mut w| w.conn.take())
                     .expect("a waiting connection");
-                let grant = session::adopt(&inner, conn, pid, key, mode, token, &name);
+                let permit = slot.as_mut().and_then(|s| s.permit.take());
+                let grant = session::adopt(&inner, conn, permit, pid, key, mode, token, &name);
                 // If the acquirer is gone, the grant drops with the failed
                 // send and its session unlocks it.
                 let _ = reply.send(Ok(Some(grant)));
@@ -242,6 +262,44 @@ async fn open_session(inner: &Arc<Inner>) -> Result<()> {
     let conn = inner.pool.acquire().await?;
     session::open(inner, conn);
     Ok(())
+}
+
+/// The right of one acquisition to wait on the server for `key`: the key's
+/// single server-side waiter in this process, holding one of the backend's
+/// wait slots. The permit moves to the holder session when the wait is
+/// granted (the lock then lives on the wait's connection); the key is
+/// freed for the next waiter when this is dropped.
+struct WaitSlot {
+    inner: Arc<Inner>,
+    key: i64,
+    permit: Option<OwnedSemaphorePermit>,
+}
+
+impl WaitSlot {
+    fn take(inner: &Arc<Inner>, key: i64) -> Option<WaitSlot> {
+        let mut keys = inner.server_waits.lock().unwrap_or_else(|e| e.into_inner());
+        if keys.contains(&key) {
+            return None;
+        }
+        let permit = inner.wait_slots.clone().try_acquire_owned().ok()?;
+        keys.insert(key);
+        Some(WaitSlot {
+            inner: inner.clone(),
+            key,
+            permit: Some(permit),
+        })
+    }
+}
+
+impl Drop for WaitSlot {
+    fn drop(&mut self) {
+        let mut keys = self
+            .inner
+            .server_waits
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        keys.remove(&self.key);
+    }
 }
 
 /// A connection used for a server-side wait. It goes back to the pool only

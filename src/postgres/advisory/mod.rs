@@ -12,11 +12,12 @@ mod session;
 
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::collections::HashSet;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use sqlx::{PgPool, Row};
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, Semaphore};
 
 use super::advisory_key;
 use crate::backend::{BoxFuture, Grant};
@@ -172,6 +173,13 @@ pub(super) struct Inner {
     /// background.
     growing: AtomicBool,
     ids: AtomicU64,
+    /// Keys with a server-side waiter in this process: at most one per key,
+    /// the others wait in-process (see [`acquire`]).
+    server_waits: Mutex<HashSet<i64>>,
+    /// Connections that server-side waits may take from the pool, held
+    /// while waiting and while the lock a wait was granted lives on its
+    /// connection.
+    wait_slots: Arc<Semaphore>,
 }
 
 impl fmt::Debug for Advisory {
@@ -190,6 +198,8 @@ impl Advisory {
     }
 
     fn build(pool: PgPool, options: AdvisoryOptions, holder_sessions: usize) -> Self {
+        let size = pool.options().get_max_connections() as usize;
+        let wait_slots = server_wait_slots(size, holder_sessions);
         Advisory {
             inner: Arc::new(Inner {
                 pool,
@@ -200,6 +210,8 @@ impl Advisory {
                 opening: tokio::sync::Mutex::new(()),
                 growing: AtomicBool::new(false),
                 ids: AtomicU64::new(1),
+                server_waits: Mutex::default(),
+                wait_slots: Arc::new(Semaphore::new(wait_slots)),
             }),
         }
     }
@@ -257,6 +269,20 @@ impl Advisory {
     }
 }
 
+/// How many connections server-side waits may use at once: half of what the
+/// holder sessions leave of the pool, at least one. The rest stays for the
+/// application's own queries (and `inspect`, `list`, `force_release`).
+fn server_wait_slots(pool_size: usize, holder_sessions: usize) -> usize {
+    let sessions = core_sessions(pool_size, holder_sessions);
+    (pool_size.saturating_sub(sessions) / 2).max(1)
+}
+
+/// How many core holder sessions to open at most: as configured, and at
+/// most the pool's size minus one.
+fn core_sessions(pool_size: usize, holder_sessions: usize) -> usize {
+    holder_sessions.min(pool_size.saturating_sub(1).max(1))
+}
+
 /// The error for a full lock table; `size` tells the configured size, if
 /// known.
 fn lock_table_full(size: &str) -> Error {
@@ -283,7 +309,7 @@ impl Inner {
     /// How many core holder sessions to open at most.
     fn target_sessions(&self) -> usize {
         let pool = self.pool.options().get_max_connections() as usize;
-        self.holder_sessions.min(pool.saturating_sub(1).max(1))
+        core_sessions(pool, self.holder_sessions)
     }
 
     /// Opens another core holder session in the background, if the pool

@@ -22,7 +22,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use sqlx::pool::PoolConnection;
 use sqlx::Postgres;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit};
 use tokio::time::{sleep_until, timeout, Instant};
 
 use super::registry::{Hold, HoldState, LockId, SessionEntry, SessionId};
@@ -176,6 +176,7 @@ pub(super) fn open(inner: &Arc<Inner>, conn: PoolConnection<Postgres>) {
 pub(super) fn adopt(
     inner: &Arc<Inner>,
     conn: PoolConnection<Postgres>,
+    permit: Option<OwnedSemaphorePermit>,
     pid: i32,
     key: i64,
     mode: LockMode,
@@ -186,7 +187,7 @@ pub(super) fn adopt(
     let lock = inner.next_id();
     let (tx, rx) = mpsc::unbounded_channel();
     let (status, pending) = Grant::status(None);
-    {
+    let core = {
         let mut registry = inner.registry();
         let core = registry.core_count() < inner.target_sessions();
         registry.add_session(
@@ -212,13 +213,20 @@ pub(super) fn adopt(
                 },
             },
         );
-    }
+        core
+    };
     tracing::debug!(
         session = id,
         pid,
         "dblock: advisory wait granted; its session holds the lock"
     );
-    tokio::spawn(Session::new(inner.clone(), id, conn, tx.clone(), rx).run(Some(pid)));
+    let mut session = Session::new(inner.clone(), id, conn, tx.clone(), rx);
+    // A session that joins the core ones is counted there; any other keeps
+    // its wait slot until it goes back to the pool.
+    if !core {
+        session.wait_slot = permit;
+    }
+    tokio::spawn(session.run(Some(pid)));
     pending.grant(
         token,
         Box::new(Held {
@@ -241,6 +249,24 @@ struct Session {
     rx: mpsc::UnboundedReceiver<Cmd>,
     /// When a statement last succeeded: the session was alive then.
     last_ok: Instant,
+    /// The wait slot of the server-side wait this session was adopted
+    /// from, freed when the session ends.
+    wait_slot: Option<OwnedSemaphorePermit>,
+}
+
+impl Drop for Session {
+    /// A session ends by going back to the pool clean (`retire`) or by
+    /// being closed (`die`), both of which take the connection. One that
+    /// still has it here ended abnormally (its task panicked, or was dropped
+    /// with its runtime): it may hold locks, so the connection is closed,
+    /// never returned to the pool, and its guards report lost.
+    fn drop(&mut self) {
+        if let Some(conn) = self.conn.as_mut() {
+            conn.close_on_drop();
+            self.inner
+                .session_gone(self.id, "the holder session's task ended abnormally");
+        }
+    }
 }
 
 enum Next {
@@ -264,6 +290,7 @@ impl Session {
             tx,
             rx,
             last_ok: Instant::now(),
+            wait_slot: None,
         }
     }
 
