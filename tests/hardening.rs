@@ -420,3 +420,67 @@ async fn waiters_leave_room_sqlite_lease() {
     waiters_leave_room_in_the_pool(locks, probe, true).await;
     let _ = std::fs::remove_dir_all(dir);
 }
+
+// ---- Bounded lease tables. ----
+
+/// 2,000 distinct names taken and released leave (almost) no rows a few
+/// seconds later; a name taken again gets a greater token.
+async fn ended_rows_are_swept(
+    locks: Locks,
+    rows: impl Fn(String) -> futures::future::BoxFuture<'static, i64>,
+) {
+    let prefix = common::unique("swept");
+    let first = format!("{prefix}:first");
+    let token = {
+        let g = locks.acquire(&first).await.unwrap();
+        let t = g.token();
+        g.release().await.unwrap();
+        t
+    };
+    let streams: Vec<_> = (0..8)
+        .map(|s| {
+            let locks = locks.clone();
+            let prefix = prefix.clone();
+            tokio::spawn(async move {
+                for i in 0..250 {
+                    let g = locks.acquire(format!("{prefix}:{s}:{i}")).await.unwrap();
+                    g.release().await.unwrap();
+                }
+            })
+        })
+        .collect();
+    for s in streams {
+        s.await.unwrap();
+    }
+    let like = format!("{prefix}:%");
+    let until = Instant::now() + Duration::from_secs(15);
+    let mut left = rows(like.clone()).await;
+    while left > 10 && Instant::now() < until {
+        sleep(Duration::from_millis(250)).await;
+        left = rows(like.clone()).await;
+    }
+    assert!(left <= 10, "{left} rows of 2,001 released leases are left");
+    let again = locks.acquire(&first).await.unwrap();
+    assert!(
+        again.token() > token,
+        "a swept name's token went back: {} after {token}",
+        again.token()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_lease_rows_are_swept() {
+    let pool = admin(8).await;
+    let locks = Locks::new(Lease::new(pool.clone()));
+    ended_rows_are_swept(locks, move |like| {
+        let pool = pool.clone();
+        Box::pin(async move {
+            sqlx::query_scalar("SELECT count(*) FROM dblock_leases WHERE name LIKE $1")
+                .bind(like)
+                .fetch_one(&pool)
+                .await
+                .unwrap()
+        })
+    })
+    .await;
+}

@@ -13,7 +13,8 @@ use sqlx::{AssertSqlSafe, PgPool, Row};
 use super::map_err;
 use super::notify::{Listener, CHANNEL};
 use crate::lease::{
-    lease_backend, Claim, Claimed, LeaseEngine, LeaseOptions, LeaseStore, Renewal, Renewed, Wakeups,
+    lease_backend, Claim, Claimed, LeaseEngine, LeaseOptions, LeaseStore, Renewal, Renewed,
+    Wakeups, SWEEP_BATCH,
 };
 use crate::name::{quote_table, validate_table};
 use crate::{LockInfo, LockMode, Result};
@@ -36,8 +37,14 @@ const DEFAULT_TABLE: &str = "dblock_leases";
 /// `clock_timestamp()`, the database's wall clock at the moment of the
 /// statement: client clocks never decide who holds a lock.
 ///
-/// - **Fencing tokens** are per name: each grant is the previous token + 1.
-///   Rows are never deleted, so a name's token never goes back.
+/// - **Fencing tokens** come from the sequence `dblock_fencing_seq`, shared
+///   with [`Advisory`](super::Advisory) and [`lock_xact`](super::lock_xact):
+///   each grant's token is greater than every token handed out before it
+///   in the database, so it increases per name whatever the kind of holder.
+/// - **Bounded table.** A row whose lease ended (released, or expired) is
+///   deleted by a background sweep a couple of seconds later (at most one
+///   sweep every 2 s per backend, started by releases), so the table holds
+///   about the names held now, not every name ever used.
 /// - **Waiting** polls with backoff (see [`LeaseOptions`]), and a release
 ///   anywhere wakes waiters at once: releases send `NOTIFY` on the channel
 ///   `dblock_lease_released` with the lock name as payload, and a backend
@@ -153,6 +160,7 @@ struct Sql {
     renew_many: Arc<str>,
     release: Arc<str>,
     force_release: Arc<str>,
+    sweep: Arc<str>,
     inspect: Arc<str>,
     list: Arc<str>,
 }
@@ -162,17 +170,19 @@ impl Sql {
         // $4 is always a length in microseconds.
         const MICROS: &str = "$4::bigint * interval '1 microsecond'";
         const COLUMNS: &str = "name, holder, mode, token, acquired_at, expires_at";
+        const TOKEN: &str = next_token!();
         Sql {
-            // One statement: a fresh name is inserted with token 1; a known
-            // name is taken over only if its lease has run out, with the next
-            // token. A held name returns no row. Rows are never deleted, so
-            // tokens never go back.
+            // One statement: a fresh name is inserted; a known name is
+            // taken over only if its lease has run out. A held name returns
+            // no row. Tokens come from the database's fencing sequence
+            // (drawn again, after the row is locked, for a takeover), so a
+            // name whose row was swept still gets a greater token.
             claim: format!(
                 "INSERT INTO {t} AS l (name, owner, holder, mode, token, acquired_at, expires_at)
-                 VALUES ($1, $2, $3, 'x', 1, clock_timestamp(), clock_timestamp() + {MICROS})
+                 VALUES ($1, $2, $3, 'x', {TOKEN}, clock_timestamp(), clock_timestamp() + {MICROS})
                  ON CONFLICT (name) DO UPDATE
                     SET owner = excluded.owner, holder = excluded.holder, mode = excluded.mode,
-                        token = l.token + 1, acquired_at = clock_timestamp(),
+                        token = {TOKEN}, acquired_at = clock_timestamp(),
                         expires_at = clock_timestamp() + {MICROS}
                   WHERE l.expires_at <= clock_timestamp()
                  RETURNING token, expires_at"
@@ -233,6 +243,16 @@ impl Sql {
                      WHERE name = $1 AND expires_at > clock_timestamp()
                     RETURNING name)
                  SELECT pg_notify('{CHANNEL}', name) FROM broken"
+            )
+            .into(),
+            // Rows whose lease ended more than $1 µs ago, a batch at a time;
+            // rows being claimed or renewed right now are skipped.
+            sweep: format!(
+                "DELETE FROM {t} WHERE name IN (
+                    SELECT name FROM {t}
+                     WHERE expires_at < clock_timestamp() - $1::bigint * interval '1 microsecond'
+                     LIMIT {SWEEP_BATCH} FOR UPDATE SKIP LOCKED)
+                   AND expires_at < clock_timestamp() - $1::bigint * interval '1 microsecond'"
             )
             .into(),
             inspect: format!(
@@ -427,6 +447,16 @@ impl LeaseStore for PgStore {
             .map(info)
             .collect::<sqlx::Result<_>>()
             .map_err(map_err)
+    }
+
+    async fn sweep(&self, grace: Duration) -> Result<u64> {
+        let done = retrying(|| {
+            sqlx::query(AssertSqlSafe(self.sql.sweep.clone()))
+                .bind(micros(grace))
+                .execute(&self.pool)
+        })
+        .await?;
+        Ok(done.rows_affected())
     }
 
     fn waiting(&self) {

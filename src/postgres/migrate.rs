@@ -5,11 +5,18 @@ use sqlx::PgPool;
 use crate::migrate::Migration;
 use crate::Result;
 
-const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    description: "fencing sequence and lease table",
-    sql: include_str!("../../migrations/postgres/0001_dblock.sql"),
-}];
+const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        description: "fencing sequence and lease table",
+        sql: include_str!("../../migrations/postgres/0001_dblock.sql"),
+    },
+    Migration {
+        version: 2,
+        description: "lease tokens from the fencing sequence",
+        sql: include_str!("../../migrations/postgres/0002_lease_tokens_from_sequence.sql"),
+    },
+];
 
 /// Creates or updates dblock's schema in the pool's database: the fencing
 /// sequence of [`Advisory`](super::Advisory) and the lease table of

@@ -2,6 +2,17 @@
 //! ([`Lease`]), transaction-scoped locks ([`lock_xact`]) and the schema
 //! ([`migrate`]).
 
+/// The SQL expression of a new fencing token: the one place that says where
+/// PostgreSQL tokens come from. Advisory locks, `lock_xact` and leases all
+/// take theirs from the sequence `dblock_fencing_seq`, so the tokens of a
+/// name increase whichever kind of holder came before, and a lease row can
+/// be deleted without its name's tokens starting over.
+macro_rules! next_token {
+    () => {
+        "nextval('dblock_fencing_seq')"
+    };
+}
+
 mod advisory;
 mod key;
 mod lease;
@@ -27,8 +38,7 @@ pub(crate) const SCHEMA_MISSING: crate::Error = crate::Error::SchemaMissing {
 /// statement of its own, before the waiting one: PostgreSQL arms a
 /// statement's timeout when the statement starts. Answers the two previous
 /// values, then the two new ones.
-pub(crate) const LIFT_SERVER_TIMEOUTS: &str =
-    "SELECT current_setting('statement_timeout'), \
+pub(crate) const LIFT_SERVER_TIMEOUTS: &str = "SELECT current_setting('statement_timeout'), \
             current_setting('idle_in_transaction_session_timeout'), \
             set_config('statement_timeout', '0', true), \
             set_config('idle_in_transaction_session_timeout', '0', true)";

@@ -17,15 +17,22 @@ use crate::{Error, Result, Wait};
 // values in the same statement, after the wait, so the caller's later
 // statements keep their own settings (a rolled-back savepoint puts them
 // back by itself).
-const WAIT: &str = "SELECT nextval('dblock_fencing_seq'), set_config('lock_timeout', old, true),
+const WAIT: &str = concat!(
+    "SELECT ",
+    next_token!(),
+    ", set_config('lock_timeout', old, true),
        set_config('statement_timeout', $3, true),
        set_config('idle_in_transaction_session_timeout', $4, true)
   FROM (SELECT old, pg_advisory_xact_lock($1)
           FROM (SELECT old, set_config('lock_timeout', $2, true)
                   FROM (SELECT current_setting('lock_timeout') AS old) o OFFSET 0) cfg
-        OFFSET 0) l";
-const TRY: &str =
-    "SELECT CASE WHEN pg_try_advisory_xact_lock($1) THEN nextval('dblock_fencing_seq') END";
+        OFFSET 0) l"
+);
+const TRY: &str = concat!(
+    "SELECT CASE WHEN pg_try_advisory_xact_lock($1) THEN ",
+    next_token!(),
+    " END"
+);
 
 /// Takes the exclusive advisory lock `name` for the rest of the caller's
 /// transaction (`pg_advisory_xact_lock`): COMMIT or ROLLBACK releases it.

@@ -28,8 +28,8 @@ pub(super) type Reply = oneshot::Sender<Result<Option<Grant>>>;
 // the statement runs in a transaction of its own (see `wait_on_server`), so
 // nothing leaks into the pooled session. The backend's pid comes along: the connection
 // becomes a holder session when the wait is granted.
-const WAIT_EXCLUSIVE: &str = "SELECT nextval('dblock_fencing_seq'), pg_backend_pid() FROM (SELECT pg_advisory_lock($1) FROM (SELECT set_config('lock_timeout', $2, true)) cfg OFFSET 0) l";
-const WAIT_SHARED: &str = "SELECT nextval('dblock_fencing_seq'), pg_backend_pid() FROM (SELECT pg_advisory_lock_shared($1) FROM (SELECT set_config('lock_timeout', $2, true)) cfg OFFSET 0) l";
+const WAIT_EXCLUSIVE: &str = concat!("SELECT ", next_token!(), ", pg_backend_pid() FROM (SELECT pg_advisory_lock($1) FROM (SELECT set_config('lock_timeout', $2, true)) cfg OFFSET 0) l");
+const WAIT_SHARED: &str = concat!("SELECT ", next_token!(), ", pg_backend_pid() FROM (SELECT pg_advisory_lock_shared($1) FROM (SELECT set_config('lock_timeout', $2, true)) cfg OFFSET 0) l");
 
 /// How often a server-side waiter that cannot get a connection (the pool
 /// is exhausted) tries again on the holder sessions meanwhile.

@@ -31,21 +31,31 @@ use crate::backend::{BoxFuture, Grant, HeldLock, LockStatus};
 use crate::postgres::map_err;
 use crate::{Error, LockMode, Result};
 
-const TRY_EXCLUSIVE: &str =
-    "SELECT CASE WHEN pg_try_advisory_lock($1) THEN nextval('dblock_fencing_seq') END";
-const TRY_SHARED: &str =
-    "SELECT CASE WHEN pg_try_advisory_lock_shared($1) THEN nextval('dblock_fencing_seq') END";
+const TRY_EXCLUSIVE: &str = concat!(
+    "SELECT CASE WHEN pg_try_advisory_lock($1) THEN ",
+    next_token!(),
+    " END"
+);
+const TRY_SHARED: &str = concat!(
+    "SELECT CASE WHEN pg_try_advisory_lock_shared($1) THEN ",
+    next_token!(),
+    " END"
+);
 // A shared lock stacked on a session that holds the key shared already: the
 // server would grant it at once, ahead of any waiter queued for the key (a
 // session never waits for a lock it holds), so a stream of readers in this
 // process could starve a writer queued on the server. It is taken only if
 // nobody waits for the key (CASE fixes the order of evaluation).
-const TRY_SHARED_STACKED: &str = "SELECT CASE
+const TRY_SHARED_STACKED: &str = concat!(
+    "SELECT CASE
     WHEN EXISTS (SELECT 1 FROM pg_locks
                   WHERE locktype = 'advisory' AND objsubid = 1 AND NOT granted
                     AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
                     AND classid::bigint = $2 AND objid::bigint = $3) THEN NULL
-    WHEN pg_try_advisory_lock_shared($1) THEN nextval('dblock_fencing_seq') END";
+    WHEN pg_try_advisory_lock_shared($1) THEN ",
+    next_token!(),
+    " END"
+);
 const UNLOCK_EXCLUSIVE: &str = "SELECT pg_advisory_unlock($1)";
 const UNLOCK_SHARED: &str = "SELECT pg_advisory_unlock_shared($1)";
 // Undoing a lock statement that failed: one unlock, without the WARNING the
