@@ -484,3 +484,25 @@ async fn postgres_lease_rows_are_swept() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_lease_rows_are_swept() {
+    let dir = std::env::temp_dir().join(common::unique("sqlite-swept").replace(':', "_"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let lease = dblock::sqlite::Lease::open(dir.join("locks.db"))
+        .await
+        .unwrap();
+    let pool = lease.pool().clone();
+    ended_rows_are_swept(Locks::new(lease), move |like| {
+        let pool = pool.clone();
+        Box::pin(async move {
+            sqlx::query_scalar("SELECT count(*) FROM dblock_leases WHERE name LIKE ?1")
+                .bind(like)
+                .fetch_one(&pool)
+                .await
+                .unwrap()
+        })
+    })
+    .await;
+    let _ = std::fs::remove_dir_all(dir);
+}
