@@ -506,3 +506,64 @@ async fn sqlite_lease_rows_are_swept() {
     .await;
     let _ = std::fs::remove_dir_all(dir);
 }
+
+// ---- No lease handed out past its local deadline. ----
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_slower_than_the_margin_is_given_back() {
+    // A pool of one, kept busy by the application for 1.5 s: a lease of 1 s
+    // (local deadline 0.8 s after the claim was sent) is claimed too late.
+    let pool = admin(1).await;
+    let locks = Locks::new(Lease::new(pool.clone()));
+    let name = common::unique("late-claim");
+    let ttl = Duration::from_secs(1);
+
+    let busy = pool.acquire().await.unwrap();
+    let free_at = Instant::now() + Duration::from_millis(1500);
+    let hog = tokio::spawn(async move {
+        tokio::time::sleep_until(free_at).await;
+        drop(busy);
+    });
+    // Within a wait of 5 s: the late lease is given back and claimed again.
+    let guard = locks
+        .acquire(&name)
+        .ttl(ttl)
+        .wait(Duration::from_secs(5))
+        .await
+        .expect("granted on a second claim");
+    hog.await.unwrap();
+    sleep(Duration::from_millis(100)).await;
+    assert!(!guard.is_lost(), "the guard handed out is a live lease");
+    let now: chrono::DateTime<chrono::Utc> = sqlx::query_scalar("SELECT clock_timestamp()")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    let left = guard.expires_at().unwrap() - now;
+    assert!(
+        left > chrono::Duration::milliseconds(600),
+        "the lease has {left} left"
+    );
+    // The given-back claim took a token too: the guard's is a later one.
+    let info = locks.inspect(&name).await.unwrap().unwrap();
+    assert_eq!(info.token, Some(guard.token()));
+    guard.release().await.unwrap();
+
+    // With no time left to try again, the attempt is reported, and the
+    // name is free (nothing was kept).
+    let busy = pool.acquire().await.unwrap();
+    let hog = tokio::spawn(async move {
+        sleep(Duration::from_millis(1500)).await;
+        drop(busy);
+    });
+    let late = locks
+        .acquire(&name)
+        .ttl(ttl)
+        .wait(Duration::from_millis(500))
+        .await;
+    assert!(
+        matches!(late, Err(Error::Lost { .. })),
+        "expected Error::Lost, got {late:?}"
+    );
+    hog.await.unwrap();
+    assert!(locks.inspect(&name).await.unwrap().is_none());
+}

@@ -487,7 +487,37 @@ async fn acquire_task<S: LeaseStore>(
                 let _ = reply.send(Err(e));
                 return;
             }
-            Ok(Some(claimed)) => break (claimed, sent_at),
+            Ok(Some(claimed)) => {
+                // The claim (its wait for a connection and its retries
+                // included) took longer than the lease's safety margin: its
+                // local deadline has passed already, so it is no lease to
+                // hand out. Give it back and try again while the wait allows.
+                let took = sent_at.elapsed();
+                let ttl = request.ttl();
+                if took < ttl - safety_margin(ttl) {
+                    break (claimed, sent_at);
+                }
+                let released = inner.store.release(name, &owner, claimed.token, None).await;
+                inner.wakeups.wake(name);
+                tracing::debug!(?took, ?ttl, released = ?released.as_ref().ok(),
+                    "dblock: a lease claimed past its local deadline was given back");
+                let out_of_time = match (request.wait(), deadline) {
+                    (Wait::No, _) => true,
+                    (_, Some(deadline)) => Instant::now() >= deadline,
+                    (_, None) => false,
+                };
+                if out_of_time {
+                    let _ = reply.send(Err(Error::lost(
+                        name,
+                        format!(
+                            "the claim took {took:?}, past the lease's local deadline \
+                             (ttl {ttl:?} minus its safety margin); it was given back"
+                        ),
+                    )));
+                    return;
+                }
+                continue;
+            }
             Ok(None) => {}
         }
         let now = Instant::now();
