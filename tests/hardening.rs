@@ -567,3 +567,79 @@ async fn a_claim_slower_than_the_margin_is_given_back() {
     hog.await.unwrap();
     assert!(locks.inspect(&name).await.unwrap().is_none());
 }
+
+// ---- MySQL/MariaDB: lock_in_tx leaves no settings behind. ----
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_lock_in_tx_leaves_the_connection_as_it_was() {
+    let other = my_pool(2).await;
+    let one = my_pool(1).await;
+    let name = common::unique("lock-in-tx-cancel");
+    let (default_wait,): (u64,) = sqlx::query_as("SELECT @@SESSION.innodb_lock_wait_timeout")
+        .fetch_one(&one)
+        .await
+        .unwrap();
+    // Another transaction holds the name.
+    let mut holder = other.begin().await.unwrap();
+    dblock::mysql::lock_in_tx(&mut holder, &name).await.unwrap();
+    // A bounded wait, dropped half-way.
+    let mut tx = one.begin().await.unwrap();
+    let cut = tokio::time::timeout(
+        Duration::from_millis(500),
+        dblock::mysql::lock_in_tx_with(&mut tx, &name, Wait::For(Duration::from_secs(3))),
+    )
+    .await;
+    assert!(cut.is_err(), "the wait was cut short by the test");
+    drop(tx);
+    holder.rollback().await.unwrap();
+    // The same (only) connection: its settings are as before.
+    let (wait, var): (u64, Option<i64>) =
+        sqlx::query_as("SELECT @@SESSION.innodb_lock_wait_timeout, @dblock_lock_wait")
+            .fetch_one(&one)
+            .await
+            .unwrap();
+    assert_eq!(
+        wait, default_wait,
+        "innodb_lock_wait_timeout was left changed"
+    );
+    assert_eq!(var, None, "a user variable was left behind");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_statement_time_does_not_cut_lock_in_tx_short() {
+    // A server (here: every session of this pool) that limits statements
+    // to 300 ms, as MariaDB's max_statement_time does.
+    let url = common::mysql_url().await;
+    let limited = sqlx::mysql::MySqlPoolOptions::new()
+        .max_connections(2)
+        .after_connect(|conn, _| {
+            Box::pin(async move {
+                sqlx::query("SET SESSION max_statement_time = 0.3")
+                    .execute(conn)
+                    .await?;
+                Ok(())
+            })
+        })
+        .connect(&url)
+        .await
+        .expect("connect to MariaDB (DBLOCK_TEST_MYSQL_URL)");
+    let other = my_pool(2).await;
+    let name = common::unique("lock-in-tx-statement-time");
+    let mut holder = other.begin().await.unwrap();
+    dblock::mysql::lock_in_tx(&mut holder, &name).await.unwrap();
+    let commit = tokio::spawn(async move {
+        sleep(Duration::from_secs(1)).await;
+        holder.commit().await.unwrap();
+    });
+    let mut tx = limited.begin().await.unwrap();
+    let started = Instant::now();
+    let token =
+        dblock::mysql::lock_in_tx_with(&mut tx, &name, Wait::For(Duration::from_secs(3))).await;
+    assert!(
+        matches!(token, Ok(Some(_))),
+        "expected the lock, got {token:?}"
+    );
+    assert!(started.elapsed() >= Duration::from_millis(900));
+    tx.commit().await.unwrap();
+    commit.await.unwrap();
+}
