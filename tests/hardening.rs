@@ -643,3 +643,68 @@ async fn max_statement_time_does_not_cut_lock_in_tx_short() {
     tx.commit().await.unwrap();
     commit.await.unwrap();
 }
+
+// ---- No tracing under an internal lock. ----
+
+/// A subscriber that calls back into dblock on every event, as a metrics
+/// or audit layer might.
+struct CallsBack(
+    dblock::memory::Memory,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+);
+
+impl tracing::Subscriber for CallsBack {
+    fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
+        true
+    }
+    fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+        tracing::span::Id::from_u64(1)
+    }
+    fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+    fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+    fn event(&self, _: &tracing::Event<'_>) {
+        // Takes the backend's renewal registry lock.
+        let _ = self.0.renewal_stats();
+        self.1.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+    fn enter(&self, _: &tracing::span::Id) {}
+    fn exit(&self, _: &tracing::span::Id) {}
+}
+
+#[test]
+fn a_subscriber_that_calls_dblock_does_not_deadlock() {
+    let memory = dblock::memory::Memory::new();
+    let events = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let subscriber = CallsBack(memory.clone(), events.clone());
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _default = tracing::subscriber::set_default(subscriber);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let locks = Locks::new(memory.clone());
+            let guard = locks
+                .acquire("callback")
+                .ttl(Duration::from_millis(300))
+                .await
+                .unwrap();
+            // Broken behind its back: the next renewal finds it gone and
+            // marks it lost, which logs a warning.
+            assert!(locks.force_release("callback").await.unwrap());
+            tokio::time::timeout(Duration::from_secs(5), guard.lost())
+                .await
+                .expect("the guard reports lost");
+            sleep(Duration::from_millis(100)).await;
+        });
+        done_tx.send(()).unwrap();
+    });
+    done_rx
+        .recv_timeout(Duration::from_secs(20))
+        .expect("a subscriber calling back into dblock deadlocked it");
+    assert!(
+        events.load(std::sync::atomic::Ordering::Relaxed) > 0,
+        "the warning was logged"
+    );
+}

@@ -337,8 +337,8 @@ impl Session {
     async fn run(mut self, pid: Option<i32>) {
         {
             let limit = self.inner.answer_within();
-            let statement = sqlx::query_scalar::<_, i32>(KEEPALIVES_ON)
-                .fetch_one(&mut **self.conn());
+            let statement =
+                sqlx::query_scalar::<_, i32>(KEEPALIVES_ON).fetch_one(&mut **self.conn());
             match bounded(limit, statement).await {
                 Ok(backend) => {
                     self.last_ok = Instant::now();
