@@ -44,6 +44,11 @@ const TRY: &str = concat!(
 /// Within one transaction the lock is re-entrant (the transaction is the
 /// holder); each call returns a new token.
 ///
+/// The wait is bounded by the `wait` given and nothing else: a role's or
+/// database's `statement_timeout` (and `idle_in_transaction_session_timeout`)
+/// is lifted for the waiting statement and put back afterwards, so the
+/// caller's later statements keep their own settings.
+///
 /// ```no_run
 /// # async fn job(pool: sqlx::PgPool) -> dblock::Result<()> {
 /// let mut tx = pool.begin().await?;

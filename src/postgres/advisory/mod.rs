@@ -31,7 +31,11 @@ use session::Cmd;
 #[non_exhaustive]
 pub enum WaitStrategy {
     /// Block in `pg_advisory_lock` on the server, bounded by a
-    /// transaction-local `lock_timeout`: the prompt handoff. Each waiting
+    /// transaction-local `lock_timeout` (a role's `statement_timeout` is
+    /// lifted for the wait, so only `.wait(d)` bounds it): the prompt
+    /// handoff. At most one acquisition per name per process waits this
+    /// way, and only as many as the backend's wait slots allow (see
+    /// [`Advisory`]); the others wait in-process. Each waiting
     /// acquisition takes a connection of its own from the pool for the wait,
     /// so that nothing else queues behind it; when the wait is granted, that
     /// connection carries the lock (see [`Advisory`]). The waiting statement
@@ -55,10 +59,16 @@ pub struct AdvisoryOptions {
     /// How to wait for a held lock. Default: [`WaitStrategy::Server`].
     pub wait: WaitStrategy,
     /// How often each holder session is checked (`SELECT 1`) when no other
-    /// statement has run on it meanwhile; when a session was terminated or
-    /// died, every guard on it reports itself lost within this interval.
-    /// It also bounds how long an empty session lingers before it goes
-    /// back to the pool. Default 5 s.
+    /// statement has run on it meanwhile. The loss bound it gives: when a
+    /// session is terminated or its connection is closed, every guard on
+    /// it reports itself lost within one heartbeat of the session's last
+    /// successful statement; when the session stops answering (a
+    /// black-holed network, a stopped server), within one heartbeat plus
+    /// the answer bound, which is the heartbeat and at least 2 s (so 10 s
+    /// by default). Until then a guard may still say it holds a lock the
+    /// server has already ended; fence writes with the token. It also
+    /// bounds how long an empty session lingers before it goes back to the
+    /// pool. Default 5 s.
     pub heartbeat: Duration,
 }
 
@@ -105,6 +115,15 @@ const LOCK_TABLE_FULL: &str = "53200";
 /// contender could use: PostgreSQL does not let two sessions hold an
 /// exclusive lock at once.) So each granted server-side wait still held,
 /// and each wait under way, uses a connection; polling waits use none.
+///
+/// Server-side waits use a bounded share of the pool: at most one per name
+/// in this process (the other acquisitions of that name wait in-process,
+/// woken by releases here and polling the holder sessions), and at most
+/// half of what the holder sessions leave of the pool (at least one),
+/// counting the waits under way and the locks they were granted that
+/// still live on their own connection. Past that, waiters poll. So a pool
+/// of 4 with 2 holder sessions keeps at least one connection for the
+/// application however many tasks wait.
 ///
 /// Size the pool for the holder sessions, the server-side waits under way
 /// and the locks they were granted, plus `inspect`, `list` and
