@@ -52,10 +52,12 @@
 //! of an `UPDATE` is the number of rows it *matched*; dblock also reads the
 //! statement's `LAST_INSERT_ID(..)` so that its checks do not depend on it.
 
+mod engine;
 mod lease;
 mod migrate;
 mod xact;
 
+pub use engine::{engine, Engine, Flavor};
 pub use lease::Lease;
 pub use migrate::migrate;
 pub use xact::{lock_in_tx, lock_in_tx_with};
