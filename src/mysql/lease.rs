@@ -174,9 +174,9 @@ lease_backend!(Lease);
 pub(crate) struct Sql {
     pub table: String,
     claim_lock: Arc<str>,
-    /// `claim_lock`, `inspect` and `list` after the node has applied every
-    /// write set committed anywhere in the cluster before them (Galera).
-    claim_lock_causal: Arc<str>,
+    /// `inspect` and `list` after the node has applied every write set
+    /// committed anywhere in the cluster before them (Galera; see
+    /// [`BEGIN_CAUSAL`] for claims).
     inspect_causal: Arc<str>,
     list_causal: Arc<str>,
     claim_take: Arc<str>,
@@ -205,6 +205,18 @@ const BATCH_ROWS: &str = "'$[*]' COLUMNS (i FOR ORDINALITY, \
     name VARCHAR(510) PATH '$[0]', owner VARCHAR(64) PATH '$[1]', \
     token BIGINT UNSIGNED PATH '$[2]', ttl BIGINT PATH '$[3]')";
 
+/// `BEGIN` of a claim on a Galera node: first wait until the node has
+/// applied every write set the cluster committed before it
+/// (`wsrep_sync_wait`). A Galera node applies other nodes' write sets
+/// asynchronously, so a plain read there may miss a release (or a grant)
+/// that already committed elsewhere. Safety never depends on it (a claim
+/// writes, and a write based on a stale row fails certification), but a
+/// caller told "released" by a client of another node must find the name
+/// free, and inspect must show a lease granted elsewhere. On a statement
+/// inside a transaction the server skips the wait: it has to be the
+/// transaction's start.
+const BEGIN_CAUSAL: &str = "SET STATEMENT wsrep_sync_wait = 1 FOR START TRANSACTION";
+
 /// The epoch as a `DATETIME` literal: `TIMESTAMPDIFF` from it gives
 /// microseconds since 1970 in UTC without any time zone conversion.
 const EPOCH: &str = "TIMESTAMP'1970-01-01 00:00:00'";
@@ -229,16 +241,10 @@ impl Sql {
             "SELECT name, holder, token, acquired_at, expires_at FROM {t} \
               WHERE expires_at > UTC_TIMESTAMP(6) ORDER BY name"
         );
-        // A Galera node applies other nodes' write sets asynchronously: a
-        // plain read there may miss a release (or a grant) that already
-        // committed elsewhere. Safety never depends on it (a claim writes,
-        // and a write on a stale row fails certification), but a caller
-        // told "released" by a client of another node must find the name
-        // free, and inspect must show a lease granted elsewhere.
+        // See BEGIN_CAUSAL: the same wait, for one autocommit read.
         let causal = |sql: &str| s(format!("SET STATEMENT wsrep_sync_wait = 1 FOR {sql}"));
         Sql {
             table: table.to_owned(),
-            claim_lock_causal: causal(&claim_lock),
             inspect_causal: causal(&inspect),
             list_causal: causal(&list),
             claim_lock: s(claim_lock),
@@ -470,8 +476,9 @@ impl MySqlStore {
             return Ok(Attempt::Done(None));
         }
         let c = conn.begin_use();
-        sqlx::raw_sql("BEGIN").execute(&mut *c).await?;
-        let outcome = self.in_transaction(c, claim, ttl_us, causal).await;
+        let begin = if causal { BEGIN_CAUSAL } else { "BEGIN" };
+        sqlx::raw_sql(begin).execute(&mut *c).await?;
+        let outcome = self.in_transaction(c, claim, ttl_us).await;
         let end = match outcome {
             Ok(Attempt::Done(Some(_))) => "COMMIT",
             _ => "ROLLBACK",
@@ -498,14 +505,8 @@ impl MySqlStore {
         c: &mut sqlx::MySqlConnection,
         claim: &Claim<'_>,
         ttl_us: i64,
-        causal: bool,
     ) -> Result<Attempt, sqlx::Error> {
-        let lock = if causal {
-            &self.sql.claim_lock_causal
-        } else {
-            &self.sql.claim_lock
-        };
-        let row = q(lock)
+        let row = q(&self.sql.claim_lock)
             .bind(ttl_us)
             .bind(claim.name.as_bytes())
             .fetch_optional(&mut *c)
