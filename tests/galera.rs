@@ -51,6 +51,23 @@ async fn pool_with(k: usize, setup: &'static str) -> MySqlPool {
         .unwrap_or_else(|e| panic!("connect to Galera node {url} (DBLOCK_TEST_GALERA_URLS): {e}"))
 }
 
+/// A pool on each node.
+async fn every_node() -> Vec<MySqlPool> {
+    let mut pools = Vec::new();
+    for k in 0..common::galera_urls().len() {
+        pools.push(pool_on(k).await);
+    }
+    pools
+}
+
+/// A `Locks` on each of `pools`.
+fn on_every_node(pools: &[MySqlPool]) -> Vec<Locks> {
+    pools
+        .iter()
+        .map(|p| Locks::new(Lease::new(p.clone())))
+        .collect()
+}
+
 /// The behavioural suite's fixture: each new `Locks` talks to the next
 /// node, so every behaviour runs with its parties on different nodes.
 struct GaleraFixture {
@@ -146,14 +163,8 @@ async fn session_without_replication_is_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn certification_conflicts_are_retried() {
     let n = common::galera_urls().len();
-    let mut pools = Vec::new();
-    for k in 0..n {
-        pools.push(pool_on(k).await);
-    }
-    let locks: Vec<Locks> = pools
-        .iter()
-        .map(|p| Locks::new(Lease::new(p.clone())))
-        .collect();
+    let pools = every_node().await;
+    let locks = on_every_node(&pools);
     let conflicts = |pools| async move {
         cluster_counter(pools, "wsrep_local_cert_failures").await
             + cluster_counter(pools, "wsrep_local_bf_aborts").await
@@ -217,10 +228,7 @@ async fn certification_conflicts_are_retried() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn fencing_tokens_increase_across_nodes() {
     let n = common::galera_urls().len();
-    let mut locks = Vec::new();
-    for k in 0..n {
-        locks.push(Locks::new(Lease::new(pool_on(k).await)));
-    }
+    let locks = on_every_node(&every_node().await);
     // In turn: each claim on the next node, released or left to expire.
     let name = common::unique("fence-turns");
     let mut last = 0;
@@ -406,10 +414,7 @@ async fn inspect_waits_for_writes_committed_on_other_nodes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn claim_sees_a_release_made_on_another_node() {
     let n = common::galera_urls().len();
-    let mut locks = Vec::new();
-    for k in 0..n {
-        locks.push(Locks::new(Lease::new(pool_on(k).await)));
-    }
+    let locks = on_every_node(&every_node().await);
     let name = common::unique("causal-claim");
     let rounds = 300;
     let mut stale = 0;
