@@ -443,7 +443,7 @@ async fn mid_hold(ctl: &Endpoint, kind: Kind, run: &str, black_hole: bool) -> Re
         .unwrap()
         .find(|a| a.is_ipv4())
         .unwrap();
-    let proxy = Proxy::start(1, upstream).await;
+    let proxy = Proxy::start(1, &[upstream]).await;
     let locks: Locks = Endpoint {
         kind,
         url: with_port(proxy.port(0)),
