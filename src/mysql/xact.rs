@@ -160,6 +160,9 @@ pub(crate) async fn lock(
     };
     let marker = new_owner();
     let conn: &mut MySqlConnection = tx;
+    if super::engine::is_galera_node(conn).await.map_err(map_err)? {
+        return Err(super::engine::lock_in_tx_on_galera());
+    }
 
     // 1. The row lock, creating the row if needed; bumps the token unless a
     //    lease is live.
