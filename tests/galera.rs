@@ -131,6 +131,7 @@ async fn engine_self_test_detects_galera() {
         assert!(engine.is_galera(), "node {k}: {engine:?}");
         assert_eq!(engine.flavor(), Flavor::MariaDb);
         assert!(engine.check_leases().is_ok());
+        assert!(engine.check_lock_in_tx().is_err());
         let err = engine.check_named_locks().unwrap_err();
         assert!(matches!(err, Error::Unsupported { .. }), "{err:?}");
     }
@@ -320,46 +321,36 @@ async fn abandoned_claim(pool: MySqlPool, name: &str) -> u64 {
     .unwrap()
 }
 
-/// On Galera a row lock is local to its node: a transaction holding a name
-/// through `lock_in_tx` on one node does not stop a lease claim on another.
-/// The cluster still lets only one of them commit: the lease wins, and the
-/// transaction fails at COMMIT (or earlier) with a deadlock error (1213),
-/// its writes rolled back. What the docs say, pinned down.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn lock_in_tx_is_optimistic_across_nodes() {
-    let (p1, p2) = (pool_on(0).await, pool_on(1).await);
-    let name = common::unique("tx-vs-lease");
-    let other = Locks::new(Lease::new(p2.clone()));
-    // The row exists on every node.
-    other.acquire(&name).await.unwrap().release().await.unwrap();
-
-    let mut tx = p1.begin().await.unwrap();
-    let tx_token = lock_in_tx(&mut tx, &name).await.unwrap();
-    let lease = other
-        .try_acquire(&name)
+/// `lock_in_tx` is refused on Galera (its row lock holds on one node only;
+/// see `Engine::check_lock_in_tx`): `Unsupported`, nothing written, and the
+/// caller's transaction still usable.
+#[tokio::test]
+async fn lock_in_tx_is_refused() {
+    let pool = pool_on(0).await;
+    let name = common::unique("tx-refused");
+    let mut tx = pool.begin().await.unwrap();
+    let err = lock_in_tx(&mut tx, &name).await.unwrap_err();
+    assert!(
+        matches!(&err, Error::Unsupported { what, .. } if what.contains("lock_in_tx") && what.contains("Galera")),
+        "{err:?}"
+    );
+    let err = Lease::new(pool.clone())
+        .lock_in_tx(&mut tx, &name, dblock::Wait::No)
         .await
-        .unwrap()
-        .expect("a lease on another node is not blocked by a row lock on this one");
-    assert_eq!(lease.token(), tx_token, "both took the next token");
-    let committed = async {
-        sqlx::query("SELECT 1").execute(&mut *tx).await?;
-        tx.commit().await
-    }
-    .await;
-    let err = committed.expect_err("the transaction committed beside a lease");
-    let code = err
-        .as_database_error()
-        .and_then(|d| d.try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>())
-        .map(|d| d.number());
-    assert_eq!(code, Some(1213), "{err:?}");
-    // The lease stands, with its token; the transaction left nothing.
-    let info = other
-        .inspect(&name)
+        .unwrap_err();
+    assert!(matches!(err, Error::Unsupported { .. }), "{err:?}");
+    let one: i64 = sqlx::query_scalar("SELECT 1")
+        .fetch_one(&mut *tx)
         .await
-        .unwrap()
-        .expect("the lease stands");
-    assert_eq!(info.token, Some(lease.token()));
-    lease.release().await.unwrap();
+        .unwrap();
+    assert_eq!(one, 1);
+    tx.commit().await.unwrap();
+    let rows: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM dblock_leases WHERE name = ?")
+        .bind(name.as_bytes())
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(rows, 0, "a refused lock_in_tx wrote its row");
 }
 
 /// Pauses the applier of `pool`'s node (`FLUSH TABLES WITH READ LOCK` on a

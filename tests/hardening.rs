@@ -593,7 +593,7 @@ async fn a_cancelled_lock_in_tx_leaves_the_connection_as_it_was() {
     drop(tx);
     holder.rollback().await.unwrap();
     // The same (only) connection: its settings are as before.
-    let (wait, var): (u64, Option<i64>) =
+    let (wait, var): (u64, Option<u64>) =
         sqlx::query_as("SELECT @@SESSION.innodb_lock_wait_timeout, @dblock_lock_wait")
             .fetch_one(&one)
             .await

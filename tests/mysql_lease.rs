@@ -1427,4 +1427,5 @@ async fn engine_self_test_on_a_single_server() {
     assert_eq!(engine.flavor(), flavor);
     assert!(engine.check_leases().is_ok());
     assert!(engine.check_named_locks().is_ok());
+    assert!(engine.check_lock_in_tx().is_ok());
 }

@@ -150,6 +150,13 @@ all_synced() {
     [ "$(wsrep 1 wsrep_cluster_size)" = 3 ]
 }
 
+# Removes $DIR, but only a directory this script made (it has the marker).
+wipe() {
+    [ -e "$DIR" ] || return 0
+    [ -f "$DIR/.dblock-galera" ] || die "$DIR exists but was not made by galera.sh; not removing it"
+    rm -rf "$DIR"
+}
+
 cmd_start() {
     if all_synced 2>/dev/null; then
         node_sql 1 "CREATE DATABASE IF NOT EXISTS \`$DB\`"
@@ -158,8 +165,9 @@ cmd_start() {
     ensure_packages
     local n
     for n in "${NODES[@]}"; do stop_node "$n"; done
-    rm -rf "$DIR"
+    wipe
     mkdir -p "$DIR"
+    touch "$DIR/.dblock-galera"
     for n in "${NODES[@]}"; do write_config "$n"; done
     chown -R "$RUN_AS" "$DIR" || die "cannot give $DIR to user $RUN_AS (set DBLOCK_GALERA_USER)"
     # Node 1 gets a fresh system schema and bootstraps the cluster; 2 and 3
@@ -178,7 +186,7 @@ cmd_start() {
 cmd_stop() {
     local n
     for n in "${NODES[@]}"; do stop_node "$n"; done
-    rm -rf "$DIR"
+    wipe
 }
 
 cmd_status() {

@@ -248,10 +248,16 @@ impl Sql {
             inspect_causal: causal(&inspect),
             list_causal: causal(&list),
             claim_lock: s(claim_lock),
+            // Repeats what the locking read found (the token, no live
+            // lease): under the row lock that changes nothing, but on Galera
+            // a transaction aborted by another node's write (a brute-force
+            // abort) can go unreported to a prepared statement, which then
+            // runs on its own in autocommit; this one must not then
+            // overwrite the lease that other node just granted.
             claim_take: s(format!(
                 "UPDATE {t} SET owner = ?, holder = ?, mode = 'x', token = token + 1, \
                         acquired_at = ?, expires_at = ? \
-                  WHERE name = ?"
+                  WHERE name = ? AND token = ? AND expires_at <= UTC_TIMESTAMP(6)"
             )),
             // Autocommit, outside the claim's transaction: a free row with
             // token 0, so the first holder gets token 1.
@@ -521,14 +527,18 @@ impl MySqlStore {
         }
         let now: NaiveDateTime = row.try_get(2)?;
         let until: NaiveDateTime = row.try_get(3)?;
-        q(&self.sql.claim_take)
+        let taken = q(&self.sql.claim_take)
             .bind(claim.owner.as_bytes())
             .bind(clip(claim.holder))
             .bind(now)
             .bind(until)
             .bind(claim.name.as_bytes())
+            .bind(token)
             .execute(&mut *c)
             .await?;
+        if taken.rows_affected() != 1 {
+            return Ok(Attempt::Done(None));
+        }
         Ok(Attempt::Done(Some(Claimed {
             token: token + 1,
             expires_at: utc(until),

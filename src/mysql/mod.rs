@@ -73,13 +73,18 @@
 //!   tokens still refuse the superseded holder's writes.
 //! - Refused with [`Error::Unsupported`](crate::Error::Unsupported): a
 //!   pool whose sessions run `SET wsrep_on = OFF` (its lease rows would not
-//!   replicate). [`Engine::check_named_locks`] refuses `GET_LOCK`, which
-//!   on Galera is local to one node; dblock's leases never use it.
-//! - [`lock_in_tx`] is optimistic across nodes: its row lock does not stop
-//!   a lease claim on another node. The cluster lets only one commit: the
-//!   lease, and the transaction then fails with 1213 and rolls back (its
-//!   token, never committed, was also given to the lease). Rely on it for
-//!   writes in the same transaction, not for effects outside the database.
+//!   replicate), and [`lock_in_tx`] (see [`Engine::check_lock_in_tx`]):
+//!   its row lock holds on one node only, so a lease claim through another
+//!   node is not excluded; the cluster then aborts the transaction, and
+//!   MariaDB 10.11 does not always report that abort (a prepared statement
+//!   after it, and the `COMMIT`, answered OK in 2-4 of 30 runs here, the
+//!   transaction's writes gone). [`Engine::check_named_locks`] refuses
+//!   `GET_LOCK`, which on Galera is local to one node; dblock's leases
+//!   never use it.
+//! - Because of that unreported abort, a claim's `UPDATE` repeats the
+//!   token and the expiry its locking read found: run on its own after its
+//!   transaction was aborted, it matches nothing rather than overwrite the
+//!   lease another node granted.
 //!
 //! No transaction is ever left open on a pooled connection: a connection is
 //! closed rather than returned to the pool whenever a statement or a

@@ -56,6 +56,11 @@ pub async fn lock_in_tx(tx: &mut Transaction<'_, MySql>, name: &str) -> Result<u
 /// Within one transaction the lock is re-entrant (the transaction is the
 /// holder); each call returns a new token.
 ///
+/// On a Galera node it fails with [`Error::Unsupported`]: a row lock there
+/// holds on one node only (see [`Engine::check_lock_in_tx`](super::Engine::check_lock_in_tx)).
+/// It asks the server first (one `SHOW GLOBAL VARIABLES`), which leaves the
+/// transaction as it was.
+///
 /// The lock is the row lock (`SELECT ... FOR UPDATE` semantics) on the
 /// name's row in `dblock_leases`, so it shares names, and tokens, with
 /// [`Lease`](super::Lease): while the transaction holds the row, lease
@@ -169,6 +174,9 @@ pub(crate) async fn lock(
     };
     let marker = new_owner();
     let conn: &mut MySqlConnection = tx;
+    if super::engine::is_galera_node(conn).await.map_err(map_err)? {
+        return Err(super::engine::lock_in_tx_on_galera());
+    }
 
     // 1. The row lock, creating the row if needed; bumps the token unless a
     //    lease is live.

@@ -115,7 +115,17 @@ pub(super) async fn acquire_task(inner: Arc<Inner>, request: AcquireRequest, mut
         if let Some(deadline) = deadline {
             wake_at = wake_at.min(deadline);
         }
-        if let WaitStrategy::Poll { .. } = inner.options.wait {
+        // A server-side wait happens on a connection of its own so that
+        // nothing else queues behind it. Only one acquisition per key waits
+        // on the server, and only as many as the backend has wait slots:
+        // the others poll here like `WaitStrategy::Poll`, woken by releases
+        // in this process, so waiters never take more than a bounded share
+        // of the pool.
+        let server_side = matches!(inner.options.wait, WaitStrategy::Server);
+        if server_side && slot.is_none() {
+            slot = WaitSlot::take(&inner, key);
+        }
+        if slot.is_none() {
             tokio::select! {
                 _ = reply.closed() => return,
                 _ = &mut notified => {}
@@ -123,24 +133,6 @@ pub(super) async fn acquire_task(inner: Arc<Inner>, request: AcquireRequest, mut
             }
             pause = (pause * 2).min(cap);
             continue;
-        }
-        // Server-side wait, on a connection of its own so that nothing else
-        // queues behind it. Only one acquisition per key waits on the
-        // server, and only as many as the backend has wait slots: the
-        // others wait here, woken by releases in this process and polling
-        // the holder sessions, so waiters never take more than a bounded
-        // share of the pool.
-        if slot.is_none() {
-            slot = WaitSlot::take(&inner, key);
-            if slot.is_none() {
-                tokio::select! {
-                    _ = reply.closed() => return,
-                    _ = &mut notified => {}
-                    _ = sleep_until(wake_at) => {}
-                }
-                pause = (pause * 2).min(cap);
-                continue;
-            }
         }
         // While the pool has none to spare, keep trying on the holder
         // sessions (a release here wakes us; others are polled).
