@@ -3,10 +3,12 @@
 //! ([`migrate`]).
 
 mod advisory;
+mod engine;
 mod key;
 mod lease;
 mod migrate;
 mod notify;
+mod token;
 mod xact;
 
 pub use advisory::{Advisory, AdvisoryOptions, WaitStrategy};

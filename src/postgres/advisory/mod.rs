@@ -12,13 +12,13 @@ mod session;
 
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
 use sqlx::{PgPool, Row};
 use tokio::sync::oneshot;
 
-use super::advisory_key;
+use super::{advisory_key, engine};
 use crate::backend::{BoxFuture, Grant};
 use crate::lease::Wakeups;
 use crate::{AcquireRequest, Backend, Error, LockInfo, LockMode, Result};
@@ -172,6 +172,19 @@ pub(super) struct Inner {
     /// background.
     growing: AtomicBool,
     ids: AtomicU64,
+    /// Set once a session found the engine or the connection unfit; every
+    /// acquisition is refused from then on.
+    refused: OnceLock<Refusal>,
+}
+
+/// Why an [`Advisory`] backend refuses to take locks.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Refusal {
+    /// The engine is not PostgreSQL's (see `engine::refusal`).
+    Engine(&'static str),
+    /// A statement ran on a server session other than its holder
+    /// session's: a transaction-pooling proxy.
+    Pooler,
 }
 
 impl fmt::Debug for Advisory {
@@ -200,6 +213,7 @@ impl Advisory {
                 opening: tokio::sync::Mutex::new(()),
                 growing: AtomicBool::new(false),
                 ids: AtomicU64::new(1),
+                refused: OnceLock::new(),
             }),
         }
     }
@@ -272,6 +286,18 @@ fn lock_table_full(size: &str) -> Error {
 }
 
 impl Inner {
+    fn refuse(&self, why: Refusal) {
+        let _ = self.refused.set(why);
+    }
+
+    /// The error every acquisition answers once the backend refused.
+    fn refusal(&self) -> Option<Error> {
+        self.refused.get().map(|why| match why {
+            Refusal::Engine(why) => engine::unsupported("postgres-advisory", why),
+            Refusal::Pooler => engine::transaction_pooler(),
+        })
+    }
+
     fn next_id(&self) -> u64 {
         self.ids.fetch_add(1, Ordering::Relaxed)
     }
@@ -393,6 +419,9 @@ impl Backend for Advisory {
                         "hold_at_least: an advisory lock ends with its session; use postgres::Lease"
                             .into(),
                 });
+            }
+            if let Some(refusal) = self.inner.refusal() {
+                return Err(refusal);
             }
             // The attempt runs in a task that owns the outcome, so dropping
             // this future can never strand a lock.

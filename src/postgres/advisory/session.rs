@@ -16,7 +16,7 @@
 
 use std::fmt;
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -26,26 +26,63 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::{sleep_until, timeout, Instant};
 
 use super::registry::{Hold, HoldState, LockId, SessionEntry, SessionId};
-use super::{lock_table_full, split_key, Inner, LOCK_TABLE_FULL};
+use super::{lock_table_full, split_key, Inner, Refusal, LOCK_TABLE_FULL};
 use crate::backend::{BoxFuture, Grant, HeldLock, LockStatus};
-use crate::postgres::map_err;
+use crate::postgres::token::sequence_token;
+use crate::postgres::{engine, map_err};
 use crate::{Error, LockMode, Result};
 
-const TRY_EXCLUSIVE: &str =
-    "SELECT CASE WHEN pg_try_advisory_lock($1) THEN nextval('dblock_fencing_seq') END";
-const TRY_SHARED: &str =
-    "SELECT CASE WHEN pg_try_advisory_lock_shared($1) THEN nextval('dblock_fencing_seq') END";
+// Every lock statement first checks that it runs on this holder session's
+// own server session: the marker the session set when it started (a
+// session-level setting, $2) and its backend pid ($3), read in the same
+// statement, so the check costs no round trip. Through a
+// transaction-pooling proxy a statement can land on another server
+// connection: it then takes nothing and answers `ours = false`, and the
+// backend refuses to go on (see `engine::transaction_pooler`). CASE fixes
+// the order of evaluation.
+const OURS: &str = "(SELECT current_setting('dblock.session', true) IS NOT DISTINCT FROM $2
+                            AND pg_backend_pid() = $3 AS ours OFFSET 0) s";
+static TRY_EXCLUSIVE: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "SELECT ours, CASE WHEN NOT ours THEN NULL
+                           WHEN pg_try_advisory_lock($1) THEN {} END FROM {OURS}",
+        sequence_token()
+    )
+});
+static TRY_SHARED: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "SELECT ours, CASE WHEN NOT ours THEN NULL
+                           WHEN pg_try_advisory_lock_shared($1) THEN {} END FROM {OURS}",
+        sequence_token()
+    )
+});
 // A shared lock stacked on a session that holds the key shared already: the
 // server would grant it at once, ahead of any waiter queued for the key (a
 // session never waits for a lock it holds), so a stream of readers in this
 // process could starve a writer queued on the server. It is taken only if
-// nobody waits for the key (CASE fixes the order of evaluation).
-const TRY_SHARED_STACKED: &str = "SELECT CASE
+// nobody waits for the key.
+static TRY_SHARED_STACKED: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "SELECT ours, CASE
+    WHEN NOT ours THEN NULL
     WHEN EXISTS (SELECT 1 FROM pg_locks
                   WHERE locktype = 'advisory' AND objsubid = 1 AND NOT granted
                     AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
-                    AND classid::bigint = $2 AND objid::bigint = $3) THEN NULL
-    WHEN pg_try_advisory_lock_shared($1) THEN nextval('dblock_fencing_seq') END";
+                    AND classid::bigint = $4 AND objid::bigint = $5) THEN NULL
+    WHEN pg_try_advisory_lock_shared($1) THEN {} END FROM {OURS}",
+        sequence_token()
+    )
+});
+// A session's first statement: its pid, the engine, and its marker, set only
+// if the server session carries none yet. A direct connection, or one
+// through a session-pooling proxy (which runs DISCARD ALL between clients),
+// never carries another holder's marker; a server connection shared by a
+// transaction-pooling proxy may.
+const OPEN: &str = "SELECT pg_backend_pid(), version(),
+    CASE WHEN coalesce(current_setting('dblock.session', true), '') = ''
+         THEN set_config('dblock.session', $1, false) END IS NOT NULL";
+// Back to the pool: no lock, no marker.
+const RETIRE: &str = "SELECT pg_advisory_unlock_all(), set_config('dblock.session', '', false)";
 const UNLOCK_EXCLUSIVE: &str = "SELECT pg_advisory_unlock($1)";
 const UNLOCK_SHARED: &str = "SELECT pg_advisory_unlock_shared($1)";
 // Undoing a lock statement that failed: one unlock, without the WARNING the
@@ -53,6 +90,10 @@ const UNLOCK_SHARED: &str = "SELECT pg_advisory_unlock_shared($1)";
 // (client_min_messages is set for this one-statement transaction only).
 const UNDO_EXCLUSIVE: &str = "SELECT pg_advisory_unlock($1) FROM (SELECT set_config('client_min_messages', 'error', true)) cfg OFFSET 0";
 const UNDO_SHARED: &str = "SELECT pg_advisory_unlock_shared($1) FROM (SELECT set_config('client_min_messages', 'error', true)) cfg OFFSET 0";
+
+/// Why a session found to be shared is closed.
+const POOLED: &str = "the holder session's statements do not all run on one server session \
+                      (a transaction-pooling proxy)";
 
 /// What a session is asked to do.
 pub(super) enum Cmd {
@@ -167,16 +208,25 @@ pub(super) fn open(inner: &Arc<Inner>, conn: PoolConnection<Postgres>) {
         );
     }
     tracing::debug!(session = id, "dblock: advisory holder session opened");
-    tokio::spawn(Session::new(inner.clone(), id, conn, tx, rx).run(None));
+    let marker = new_marker();
+    tokio::spawn(Session::new(inner.clone(), id, conn, tx, rx, marker, None).run());
+}
+
+/// A new holder session's marker: random, so that no other holder (in
+/// this process or another) has the same.
+pub(super) fn new_marker() -> String {
+    format!("{:016x}", rand::random::<u64>())
 }
 
 /// Makes the connection of a granted server-side wait a holder session
-/// that carries the lock, and returns the lock's grant.
+/// that carries the lock, and returns the lock's grant. The wait set the
+/// session's `marker`.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn adopt(
     inner: &Arc<Inner>,
     conn: PoolConnection<Postgres>,
     pid: i32,
+    marker: String,
     key: i64,
     mode: LockMode,
     token: u64,
@@ -218,7 +268,7 @@ pub(super) fn adopt(
         pid,
         "dblock: advisory wait granted; its session holds the lock"
     );
-    tokio::spawn(Session::new(inner.clone(), id, conn, tx.clone(), rx).run(Some(pid)));
+    tokio::spawn(Session::new(inner.clone(), id, conn, tx.clone(), rx, marker, Some(pid)).run());
     pending.grant(
         token,
         Box::new(Held {
@@ -241,6 +291,10 @@ struct Session {
     rx: mpsc::UnboundedReceiver<Cmd>,
     /// When a statement last succeeded: the session was alive then.
     last_ok: Instant,
+    /// The marker this session set on its server session.
+    marker: String,
+    /// Its server session's pid, once known.
+    pid: Option<i32>,
 }
 
 enum Next {
@@ -256,6 +310,8 @@ impl Session {
         conn: PoolConnection<Postgres>,
         tx: mpsc::UnboundedSender<Cmd>,
         rx: mpsc::UnboundedReceiver<Cmd>,
+        marker: String,
+        pid: Option<i32>,
     ) -> Self {
         Session {
             inner,
@@ -264,6 +320,8 @@ impl Session {
             tx,
             rx,
             last_ok: Instant::now(),
+            marker,
+            pid,
         }
     }
 
@@ -271,14 +329,27 @@ impl Session {
         self.conn.as_mut().expect("connection present")
     }
 
-    async fn run(mut self, pid: Option<i32>) {
-        if pid.is_none() {
+    async fn run(mut self) {
+        if self.pid.is_none() {
             let limit = self.inner.answer_within();
-            let statement = sqlx::query_scalar::<_, i32>("SELECT pg_backend_pid()")
+            let marker = self.marker.clone();
+            let statement = sqlx::query_as::<_, (i32, String, bool)>(OPEN)
+                .bind(marker)
                 .fetch_one(&mut **self.conn());
             match bounded(limit, statement).await {
-                Ok(pid) => {
+                Ok((pid, version, claimed)) => {
                     self.last_ok = Instant::now();
+                    if let Some(why) = engine::refusal(&version) {
+                        self.inner.refuse(Refusal::Engine(why));
+                        return self.die(why.to_owned());
+                    }
+                    if !claimed {
+                        // Another holder's marker: this server session is
+                        // shared. Nothing was set or taken.
+                        self.inner.refuse(Refusal::Pooler);
+                        return self.die(POOLED.to_owned());
+                    }
+                    self.pid = Some(pid);
                     self.inner.registry().set_pid(self.id, pid);
                 }
                 Err(Failure::Server(e)) => {
@@ -382,18 +453,30 @@ impl Session {
         let stacked =
             mode == LockMode::Shared && self.inner.registry().stacked(self.id, key, mode, lock);
         let sql = match mode {
-            LockMode::Exclusive => TRY_EXCLUSIVE,
-            LockMode::Shared if stacked => TRY_SHARED_STACKED,
-            LockMode::Shared => TRY_SHARED,
+            LockMode::Exclusive => &*TRY_EXCLUSIVE,
+            LockMode::Shared if stacked => &*TRY_SHARED_STACKED,
+            LockMode::Shared => &*TRY_SHARED,
         };
-        let mut query = sqlx::query_scalar::<_, Option<i64>>(sql).bind(key);
+        let mut query = sqlx::query_as::<_, (bool, Option<i64>)>(sql.as_str())
+            .bind(key)
+            .bind(self.marker.clone())
+            .bind(self.pid.unwrap_or_default());
         if stacked {
             let (classid, objid) = split_key(key);
             query = query.bind(classid).bind(objid);
         }
         let statement = query.fetch_one(&mut **self.conn());
         match bounded(limit, statement).await {
-            Ok(Some(token)) => {
+            Ok((false, _)) => {
+                // Not our server session: nothing was taken by this
+                // statement, and what this session took before may sit on
+                // a server connection other clients use. Close it.
+                self.inner.registry().not_granted(self.id, key, lock);
+                self.inner.refuse(Refusal::Pooler);
+                let _ = reply.send(LockReply::Failed(engine::transaction_pooler()));
+                Err(POOLED.to_owned())
+            }
+            Ok((true, Some(token))) => {
                 self.last_ok = Instant::now();
                 let token = token as u64;
                 let (status, pending) = Grant::status(None);
@@ -426,7 +509,7 @@ impl Session {
                 let _ = reply.send(LockReply::Granted(grant));
                 Ok(())
             }
-            Ok(None) => {
+            Ok((true, None)) => {
                 self.last_ok = Instant::now();
                 self.inner.registry().not_granted(self.id, key, lock);
                 let _ = reply.send(LockReply::Busy);
@@ -596,7 +679,7 @@ impl Session {
         }
         let limit = self.inner.answer_within();
         let mut conn = self.conn.take().expect("connection present");
-        let statement = sqlx::query("SELECT pg_advisory_unlock_all()").execute(&mut *conn);
+        let statement = sqlx::query(RETIRE).execute(&mut *conn);
         if bounded(limit, statement).await.is_err() {
             conn.close_on_drop();
         }
