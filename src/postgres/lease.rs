@@ -48,9 +48,9 @@ const DEFAULT_TABLE: &str = "dblock_leases";
 ///   `dblock_lease_released` with the lock name as payload, and a backend
 ///   with waiters keeps one extra connection (made with the pool's connect
 ///   options, outside the pool, closed after a minute without waiters or
-///   when the backend is dropped) that `LISTEN`s. If listening fails (or
-///   never delivers, as behind a transaction-pooling proxy), waiters just
-///   poll. A lease that runs out rather than being released is noticed at
+///   when the backend is dropped) that `LISTEN`s. If listening fails,
+///   waiters just poll; behind a transaction-pooling proxy, turn it off
+///   with [`transaction_pooling`](Lease::transaction_pooling). A lease that runs out rather than being released is noticed at
 ///   the next poll.
 /// - **Shared (reader) leases are not supported**: `.shared()` fails with
 ///   [`Error::Unsupported`](crate::Error::Unsupported). Use
@@ -139,8 +139,9 @@ impl Lease {
     /// proxy that fails with `prepared statement "sqlx_s_1" already
     /// exists`.) It costs three more round trips per statement (BEGIN, the
     /// unnamed statement's separate parse, COMMIT), so leave it off on a
-    /// direct connection or a session-pooling proxy. LISTEN does not work
-    /// through such a proxy: waiters poll (see [`LeaseOptions`]).
+    /// direct connection or a session-pooling proxy. It also turns LISTEN
+    /// off (a LISTEN would stay on a server connection that other clients
+    /// get next): waiters poll (see [`LeaseOptions`]).
     ///
     /// The result is a new backend: leases held through `self` are not
     /// seen by it (configure the backend before taking leases).
@@ -566,6 +567,11 @@ impl LeaseStore for PgStore {
     }
 
     fn waiting(&self) {
-        self.listener.ensure_running();
+        // Never LISTEN through a transaction pooler: the LISTEN would stay
+        // on a server connection other clients use next, and they would
+        // get notifications they do not expect.
+        if !self.pooled {
+            self.listener.ensure_running();
+        }
     }
 }

@@ -175,6 +175,8 @@ pub(super) struct Inner {
     /// Set once a session found the engine or the connection unfit; every
     /// acquisition is refused from then on.
     refused: OnceLock<Refusal>,
+    /// Whether the first holder session probed for a transaction pooler.
+    probed: AtomicBool,
 }
 
 /// Why an [`Advisory`] backend refuses to take locks.
@@ -214,6 +216,7 @@ impl Advisory {
                 growing: AtomicBool::new(false),
                 ids: AtomicU64::new(1),
                 refused: OnceLock::new(),
+                probed: AtomicBool::new(false),
             }),
         }
     }

@@ -81,6 +81,17 @@ static TRY_SHARED_STACKED: LazyLock<String> = LazyLock::new(|| {
 const OPEN: &str = "SELECT pg_backend_pid(), version(),
     CASE WHEN coalesce(current_setting('dblock.session', true), '') = ''
          THEN set_config('dblock.session', $1, false) END IS NOT NULL";
+// The heartbeat: the session is alive, and still our own server session
+// (a proxy may have closed the server connection that held our locks).
+const PING: &str = "SELECT current_setting('dblock.session', true) IS NOT DISTINCT FROM $1
+                           AND pg_backend_pid() = $2";
+// The probe at a backend's first holder session, on another connection of
+// the pool: it can only see this session's marker if both connections'
+// statements run on the same server session, which a transaction-pooling
+// proxy does (PgBouncer hands the server connection just released to the
+// next transaction); two connections of a direct or session-pooled pool
+// never share one.
+const PROBE: &str = "SELECT current_setting('dblock.session', true) IS NOT DISTINCT FROM $1";
 // Back to the pool: no lock, no marker.
 const RETIRE: &str = "SELECT pg_advisory_unlock_all(), set_config('dblock.session', '', false)";
 const UNLOCK_EXCLUSIVE: &str = "SELECT pg_advisory_unlock($1)";
@@ -351,6 +362,10 @@ impl Session {
                     }
                     self.pid = Some(pid);
                     self.inner.registry().set_pid(self.id, pid);
+                    if self.shares_its_server_session().await {
+                        self.inner.refuse(Refusal::Pooler);
+                        return self.die(POOLED.to_owned());
+                    }
                 }
                 Err(Failure::Server(e)) => {
                     return self.die(format!("the holder session failed: {e}"));
@@ -428,13 +443,45 @@ impl Session {
         }
     }
 
+    /// At the backend's first holder session: whether another connection
+    /// of the pool runs its statements on this session's server session.
+    /// Skipped when the pool has no second connection to spare at once.
+    async fn shares_its_server_session(&self) -> bool {
+        if self
+            .inner
+            .probed
+            .swap(true, std::sync::atomic::Ordering::AcqRel)
+        {
+            return false;
+        }
+        if self.inner.pool.options().get_max_connections() < 2 {
+            return false;
+        }
+        let limit = self.inner.answer_within();
+        let wait = limit.min(Duration::from_millis(500));
+        let Ok(Ok(mut other)) = timeout(wait, self.inner.pool.acquire()).await else {
+            return false;
+        };
+        let statement = sqlx::query_scalar::<_, bool>(PROBE)
+            .bind(self.marker.clone())
+            .fetch_one(&mut *other);
+        matches!(timeout(limit, statement).await, Ok(Ok(true)))
+    }
+
     async fn ping(&mut self) -> std::result::Result<(), String> {
         let limit = self.inner.answer_within();
-        let statement = sqlx::query("SELECT 1").execute(&mut **self.conn());
+        let statement = sqlx::query_scalar::<_, bool>(PING)
+            .bind(self.marker.clone())
+            .bind(self.pid.unwrap_or_default())
+            .fetch_one(&mut **self.conn());
         match bounded(limit, statement).await {
-            Ok(_) => {
+            Ok(true) => {
                 self.last_ok = Instant::now();
                 Ok(())
+            }
+            Ok(false) => {
+                self.inner.refuse(Refusal::Pooler);
+                Err(POOLED.to_owned())
             }
             Err(Failure::Server(e)) => Err(format!("the holder session failed: {e}")),
             Err(Failure::Broken(reason)) => Err(reason),

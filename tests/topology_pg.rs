@@ -1,0 +1,442 @@
+//! dblock's PostgreSQL backends in the topologies users run them in, started
+//! by `scripts/topology/pg.sh` (which `scripts/test` runs):
+//!
+//! - PgBouncer in transaction pooling mode (`DBLOCK_TEST_PGBOUNCER_TX_URL`):
+//!   the behavioural suite on `postgres::Lease` with
+//!   `transaction_pooling(true)`, `lock_xact`, and `postgres::Advisory`
+//!   refusing with `Error::Unsupported` and leaving no lock behind;
+//! - PgBouncer in session pooling mode (`DBLOCK_TEST_PGBOUNCER_SESSION_URL`):
+//!   the behavioural suite on `postgres::Advisory`;
+//! - a primary and an asynchronous standby (`DBLOCK_TEST_PG_FAILOVER`, the
+//!   path of `pg.sh`): the standby is promoted after the primary made
+//!   commits it never shipped, and every token after the promotion is
+//!   greater than every token before it.
+//!
+//! A test whose variable is unset fails, naming it.
+#![cfg(feature = "postgres")]
+
+mod common;
+mod suite;
+
+use std::process::Command;
+use std::time::Duration;
+
+use dblock::postgres::{advisory_key, lock_xact, lock_xact_with, Advisory, AdvisoryOptions, Lease};
+use dblock::{Error, Locks, Wait};
+use sqlx::postgres::PgPoolOptions;
+use sqlx::PgPool;
+
+use common::unique;
+
+fn var(name: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| {
+        panic!(
+            "{name} is not set: run `bash scripts/topology/pg.sh pgbouncer` and \
+             `eval \"$(bash scripts/topology/pg.sh env)\"`, or run the tests with \
+             `bash scripts/test`"
+        )
+    })
+}
+
+async fn pool(url: &str, max: u32) -> PgPool {
+    PgPoolOptions::new()
+        .max_connections(max)
+        .acquire_timeout(Duration::from_secs(20))
+        .connect(url)
+        .await
+        .unwrap_or_else(|e| panic!("connect to {url}: {e}"))
+}
+
+/// A pool through PgBouncer in transaction mode, with the schema in place
+/// (migrate runs through the pooler too).
+async fn tx_pool(max: u32) -> PgPool {
+    let pool = pool(&var("DBLOCK_TEST_PGBOUNCER_TX_URL"), max).await;
+    dblock::postgres::migrate(&pool)
+        .await
+        .expect("migrate through PgBouncer in transaction mode");
+    pool
+}
+
+fn unreachable_pool() -> PgPool {
+    PgPoolOptions::new()
+        .acquire_timeout(Duration::from_secs(2))
+        .connect_lazy("postgres://postgres@127.0.0.1:1/nowhere")
+        .unwrap()
+}
+
+// ---- PgBouncer, transaction mode: the lease table. ----
+
+struct TxLeaseFixture;
+
+impl suite::Fixture for TxLeaseFixture {
+    async fn locks(&self) -> Locks {
+        Locks::new(Lease::new(tx_pool(8).await).transaction_pooling(true))
+    }
+    fn unreachable(&self) -> Locks {
+        Locks::new(Lease::new(unreachable_pool()).transaction_pooling(true))
+    }
+    fn shared(&self) -> bool {
+        false
+    }
+    fn lease(&self) -> bool {
+        true
+    }
+}
+
+mod pgbouncer_transaction_lease {
+    use super::*;
+    behaviour_suite!(async { TxLeaseFixture });
+}
+
+/// The negative control of the suite above: without
+/// `transaction_pooling(true)`, sqlx's named prepared statements meet on
+/// PgBouncer's shared server connections and fail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn named_statements_fail_through_a_transaction_pooler() {
+    let mut failures = Vec::new();
+    for _ in 0..5 {
+        let (a, b) = (tx_pool(4).await, tx_pool(4).await);
+        let (a, b) = (Locks::new(Lease::new(a)), Locks::new(Lease::new(b)));
+        let mut tasks = Vec::new();
+        for locks in [a, b] {
+            for _ in 0..4 {
+                let locks = locks.clone();
+                tasks.push(tokio::spawn(async move {
+                    for _ in 0..5 {
+                        let name = unique("named");
+                        match locks.try_acquire(&name).await {
+                            Ok(Some(g)) => {
+                                if let Err(e) = g.release().await {
+                                    return Err(e.to_string());
+                                }
+                            }
+                            Ok(None) => {}
+                            Err(e) => return Err(e.to_string()),
+                        }
+                    }
+                    Ok(())
+                }));
+            }
+        }
+        for t in tasks {
+            if let Err(e) = t.await.unwrap() {
+                failures.push(e);
+            }
+        }
+        if !failures.is_empty() {
+            break;
+        }
+    }
+    assert!(
+        failures.iter().any(|e| e.contains("prepared statement")),
+        "expected prepared-statement errors through the pooler, got {failures:?}"
+    );
+}
+
+// ---- PgBouncer, transaction mode: lock_xact. ----
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn lock_xact_excludes_and_fences_through_a_transaction_pooler() {
+    let pool = tx_pool(8).await;
+    let name = unique("xact-tx");
+    let mut a = pool.begin().await.unwrap();
+    let t1 = lock_xact(&mut a, &name).await.expect("lock_xact");
+    let mut b = pool.begin().await.unwrap();
+    assert_eq!(
+        lock_xact_with(&mut b, &name, Wait::No).await.unwrap(),
+        None,
+        "a second transaction got the lock"
+    );
+    let err = lock_xact_with(&mut b, &name, Wait::For(Duration::from_millis(100)))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Timeout { .. }), "{err:?}");
+    // b is still usable after its failures.
+    sqlx::query("SELECT 1")
+        .persistent(false)
+        .execute(&mut *b)
+        .await
+        .unwrap();
+    a.commit().await.unwrap();
+    let t2 = lock_xact(&mut b, &name)
+        .await
+        .expect("lock_xact after commit");
+    assert!(t2 > t1, "{t2} <= {t1}");
+    b.rollback().await.unwrap();
+
+    // Many transactions at once: never two inside.
+    let inside = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let (pool, name, inside) = (pool.clone(), name.clone(), inside.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut last = 0;
+            for _ in 0..10 {
+                let mut tx = pool.begin().await.unwrap();
+                let token = lock_xact(&mut tx, &name).await.unwrap();
+                assert!(token > last);
+                last = token;
+                assert!(!inside.swap(true, std::sync::atomic::Ordering::SeqCst));
+                tokio::time::sleep(Duration::from_millis(1)).await;
+                inside.store(false, std::sync::atomic::Ordering::SeqCst);
+                tx.commit().await.unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+}
+
+// ---- PgBouncer, transaction mode: advisory locks are refused. ----
+
+/// Every server session holding an advisory lock on `key` (seen directly,
+/// not through the pooler).
+async fn holders(direct: &PgPool, key: i64) -> Vec<i32> {
+    let k = key as u64;
+    sqlx::query_scalar(
+        "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND objsubid = 1
+            AND classid::bigint = $1 AND objid::bigint = $2",
+    )
+    .bind((k >> 32) as i64)
+    .bind((k & 0xffff_ffff) as i64)
+    .fetch_all(direct)
+    .await
+    .unwrap()
+}
+
+fn assert_refused(err: &Error) {
+    match err {
+        Error::Unsupported { what, .. } => {
+            for word in [
+                "transaction",
+                "postgres::Lease",
+                "lock_xact",
+                "pool_mode=session",
+            ] {
+                assert!(what.contains(word), "{word:?} not in {what:?}");
+            }
+        }
+        other => panic!("expected Unsupported, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn advisory_refuses_a_transaction_pooler_at_first_use_and_leaves_no_lock() {
+    let direct = pool(&common::postgres_url().await, 2).await;
+    for round in 0..3 {
+        let locks = Locks::new(Advisory::new(tx_pool(4).await));
+        let name = unique("advisory-tx");
+        let err = locks
+            .acquire(&name)
+            .wait(Duration::from_secs(5))
+            .await
+            .map(|g| g.token())
+            .expect_err("an advisory lock granted through a transaction pooler");
+        assert_refused(&err);
+        // Refused for good: later calls, waiting or not, too.
+        assert_refused(&locks.try_acquire(&name).await.map(|_| ()).unwrap_err());
+        assert!(
+            holders(&direct, advisory_key(&name)).await.is_empty(),
+            "round {round}: a lock stayed on a server connection"
+        );
+    }
+}
+
+/// Two backends through the pooler, one lock each: the second cannot be
+/// granted the first one's lock through a shared server connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_advisory_backends_through_a_transaction_pooler_never_share_a_lock() {
+    let direct = pool(&common::postgres_url().await, 2).await;
+    let name = unique("advisory-tx-two");
+    let options = AdvisoryOptions {
+        heartbeat: Duration::from_millis(200),
+        ..AdvisoryOptions::default()
+    };
+    let a = Locks::new(
+        Advisory::new(tx_pool(4).await)
+            .with_options(options.clone())
+            .unwrap(),
+    );
+    let b = Locks::new(
+        Advisory::new(tx_pool(4).await)
+            .with_options(options)
+            .unwrap(),
+    );
+    let ga = a.try_acquire(&name).await;
+    let gb = b.try_acquire(&name).await;
+    let granted = [&ga, &gb]
+        .iter()
+        .filter(|g| matches!(g, Ok(Some(_))))
+        .count();
+    assert!(granted <= 1, "two holders: {ga:?} {gb:?}");
+    for g in [&ga, &gb] {
+        if let Err(e) = g {
+            assert_refused(e);
+        }
+    }
+    assert!(
+        ga.is_err() || gb.is_err(),
+        "neither backend noticed the transaction pooler"
+    );
+    drop((ga, gb));
+    assert!(
+        suite::eventually(Duration::from_secs(5), || async {
+            holders(&direct, advisory_key(&name)).await.is_empty()
+        })
+        .await,
+        "a lock stayed on a server connection"
+    );
+}
+
+// ---- PgBouncer, session mode: advisory locks work. ----
+
+struct SessionAdvisoryFixture;
+
+impl suite::Fixture for SessionAdvisoryFixture {
+    async fn locks(&self) -> Locks {
+        let pool = pool(&var("DBLOCK_TEST_PGBOUNCER_SESSION_URL"), 4).await;
+        dblock::postgres::migrate(&pool).await.expect("migrate");
+        let options = AdvisoryOptions {
+            heartbeat: Duration::from_millis(200),
+            ..AdvisoryOptions::default()
+        };
+        Locks::new(Advisory::new(pool).with_options(options).unwrap())
+    }
+    fn unreachable(&self) -> Locks {
+        Locks::new(Advisory::new(unreachable_pool()))
+    }
+    fn shared(&self) -> bool {
+        true
+    }
+    fn lease(&self) -> bool {
+        false
+    }
+}
+
+mod pgbouncer_session_advisory {
+    use super::*;
+    behaviour_suite!(async { SessionAdvisoryFixture });
+}
+
+// ---- Failover: an asynchronous standby promoted after lost commits. ----
+
+fn topology(verb: &str) {
+    let script = var("DBLOCK_TEST_PG_FAILOVER");
+    let out = Command::new("bash")
+        .arg(&script)
+        .arg(verb)
+        .output()
+        .unwrap_or_else(|e| panic!("run {script} {verb}: {e}"));
+    assert!(
+        out.status.success(),
+        "{script} {verb} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+const PRIMARY: &str = "postgres://postgres@127.0.0.1:5433/postgres";
+const STANDBY: &str = "postgres://postgres@127.0.0.1:5434/postgres";
+
+/// Takes `n` tokens of each kind (advisory, lock_xact, lease) on `url`,
+/// each kind on its own name; returns them all.
+async fn take_tokens(url: &str, names: &[String; 3], n: usize) -> Vec<u64> {
+    let pool = pool(url, 4).await;
+    let advisory = Locks::new(Advisory::new(pool.clone()));
+    let lease = Locks::new(Lease::new(pool.clone()));
+    let mut tokens = Vec::new();
+    for _ in 0..n {
+        let g = advisory.acquire(&names[0]).await.expect("advisory");
+        tokens.push(g.token());
+        g.release().await.unwrap();
+        let mut tx = pool.begin().await.unwrap();
+        tokens.push(lock_xact(&mut tx, &names[1]).await.expect("lock_xact"));
+        tx.commit().await.unwrap();
+        let g = lease
+            .acquire(&names[2])
+            .ttl(Duration::from_secs(5))
+            .await
+            .expect("lease");
+        tokens.push(g.token());
+        g.release().await.unwrap();
+    }
+    pool.close().await;
+    tokens
+}
+
+/// The raw state the tokens are made from: the sequence's last value and
+/// the lease row's token.
+async fn raw_state(url: &str, lease_name: &str) -> (i64, i64) {
+    let pool = pool(url, 1).await;
+    let seq: i64 = sqlx::query_scalar("SELECT last_value FROM dblock_fencing_seq")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    let row: i64 = sqlx::query_scalar("SELECT token FROM dblock_leases WHERE name = $1")
+        .bind(lease_name)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    pool.close().await;
+    (seq, row)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tokens_keep_increasing_across_the_promotion_of_a_standby_that_lost_commits() {
+    topology("pair");
+    let setup = pool(PRIMARY, 1).await;
+    dblock::postgres::migrate(&setup)
+        .await
+        .expect("migrate the primary");
+    // The schema reaches the standby before it is stopped.
+    let lsn: String = sqlx::query_scalar("SELECT pg_current_wal_lsn()::text")
+        .fetch_one(&setup)
+        .await
+        .unwrap();
+    setup.close().await;
+    let standby = pool(STANDBY, 1).await;
+    assert!(
+        suite::eventually(Duration::from_secs(10), || async {
+            sqlx::query_scalar::<_, bool>("SELECT pg_last_wal_replay_lsn() >= $1::pg_lsn")
+                .bind(&lsn)
+                .fetch_one(&standby)
+                .await
+                .unwrap()
+        })
+        .await,
+        "the standby did not replay the schema"
+    );
+    standby.close().await;
+
+    let names = [unique("fo-adv"), unique("fo-xact"), unique("fo-lease")];
+    let shipped = take_tokens(PRIMARY, &names, 3).await;
+    topology("stop-standby");
+    // Commits the standby never sees: more than the 32 values a sequence
+    // logs ahead.
+    let lost = take_tokens(PRIMARY, &names, 40).await;
+    let (seq_before, row_before) = raw_state(PRIMARY, &names[2]).await;
+    topology("kill-primary");
+    topology("promote");
+
+    // The negative control: the promoted standby did lose those commits, so
+    // raw values would go back.
+    let (seq_after, row_after) = raw_state(STANDBY, &names[2]).await;
+    assert!(
+        seq_after < seq_before && row_after < row_before,
+        "the standby lost nothing (sequence {seq_after} vs {seq_before}, row {row_after} vs {row_before}): \
+         the test proves nothing"
+    );
+
+    let after = take_tokens(STANDBY, &names, 3).await;
+    let highest = shipped.iter().chain(&lost).max().copied().unwrap();
+    let lowest_after = after.iter().min().copied().unwrap();
+    assert!(
+        lowest_after > highest,
+        "a token went back across the promotion: {lowest_after} after {highest}"
+    );
+    // On the new timeline (2) in the high bits.
+    assert!(after.iter().all(|t| t >> 48 == 2), "{after:?}");
+    assert!(shipped.iter().chain(&lost).all(|t| t >> 48 == 1));
+    topology("drop-pair");
+}
