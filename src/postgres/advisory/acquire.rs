@@ -367,6 +367,12 @@ async fn wait_on_server(
                 Err(e) => Waited::Failed(map_err(e)),
             }
         }
+        Err(e) if session::is_statement_clash(&e) => {
+            // A transaction pooler: the statement never ran.
+            conn.clean = true;
+            inner.refuse(Refusal::Pooler);
+            Waited::Failed(engine::transaction_pooler())
+        }
         Err(e) if is_lock_table_full(&e) => {
             // The lock could not even be queued for: nothing is held.
             conn.clean = true;

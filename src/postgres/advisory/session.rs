@@ -21,7 +21,8 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use sqlx::pool::PoolConnection;
-use sqlx::Postgres;
+use sqlx::postgres::PgRow;
+use sqlx::{Postgres, Row};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::{sleep_until, timeout, Instant};
 
@@ -73,25 +74,29 @@ static TRY_SHARED_STACKED: LazyLock<String> = LazyLock::new(|| {
         sequence_token()
     )
 });
-// A session's first statement: its pid, the engine, and its marker, set only
-// if the server session carries none yet. A direct connection, or one
-// through a session-pooling proxy (which runs DISCARD ALL between clients),
-// never carries another holder's marker; a server connection shared by a
-// transaction-pooling proxy may.
+// A session's first statement: its pid, the engine, and its marker (a random
+// one made by the server), set only if the server session carries none yet.
+// A direct connection, or one through a session-pooling proxy (which runs
+// DISCARD ALL between clients), never carries another holder's marker; a
+// server connection shared by a transaction-pooling proxy may. It has no
+// parameters and runs as a simple query (no prepared statement), so that
+// it also answers through a transaction pooler, where named prepared
+// statements clash.
 const OPEN: &str = "SELECT pg_backend_pid(), version(),
     CASE WHEN coalesce(current_setting('dblock.session', true), '') = ''
-         THEN set_config('dblock.session', $1, false) END IS NOT NULL";
+         THEN set_config('dblock.session', md5(random()::text || clock_timestamp()::text), false) END";
 // The heartbeat: the session is alive, and still our own server session
 // (a proxy may have closed the server connection that held our locks).
 const PING: &str = "SELECT current_setting('dblock.session', true) IS NOT DISTINCT FROM $1
                            AND pg_backend_pid() = $2";
 // The probe at a backend's first holder session, on another connection of
-// the pool: it can only see this session's marker if both connections'
-// statements run on the same server session, which a transaction-pooling
-// proxy does (PgBouncer hands the server connection just released to the
-// next transaction); two connections of a direct or session-pooled pool
-// never share one.
-const PROBE: &str = "SELECT current_setting('dblock.session', true) IS NOT DISTINCT FROM $1";
+// the pool: it can only see this session's pid or marker if both
+// connections' statements run on the same server session, which a
+// transaction-pooling proxy does (PgBouncer hands the server connection just
+// released to the next transaction); two connections of a direct or
+// session-pooled pool never share one. A simple query, as OPEN.
+const PROBE: &str =
+    "SELECT pg_backend_pid(), coalesce(current_setting('dblock.session', true), '')";
 // Back to the pool: no lock, no marker.
 const RETIRE: &str = "SELECT pg_advisory_unlock_all(), set_config('dblock.session', '', false)";
 const UNLOCK_EXCLUSIVE: &str = "SELECT pg_advisory_unlock($1)";
@@ -105,6 +110,20 @@ const UNDO_SHARED: &str = "SELECT pg_advisory_unlock_shared($1) FROM (SELECT set
 /// Why a session found to be shared is closed.
 const POOLED: &str = "the holder session's statements do not all run on one server session \
                       (a transaction-pooling proxy)";
+
+/// The first statement's answer: pid, `version()`, and the marker it set
+/// (`None` if the server session carried another holder's).
+fn decode_open(row: &PgRow) -> sqlx::Result<(i32, String, Option<String>)> {
+    Ok((row.try_get(0)?, row.try_get(1)?, row.try_get(2)?))
+}
+
+/// SQLSTATE 42P05 (a prepared statement of that name exists) and 26000
+/// (no prepared statement of that name): the named statements of this
+/// connection meet other clients' on a server connection, which only a
+/// transaction-pooling proxy does.
+pub(super) fn is_statement_clash(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(db) if matches!(db.code().as_deref(), Some("42P05" | "26000")))
+}
 
 /// What a session is asked to do.
 pub(super) enum Cmd {
@@ -219,8 +238,8 @@ pub(super) fn open(inner: &Arc<Inner>, conn: PoolConnection<Postgres>) {
         );
     }
     tracing::debug!(session = id, "dblock: advisory holder session opened");
-    let marker = new_marker();
-    tokio::spawn(Session::new(inner.clone(), id, conn, tx, rx, marker, None).run());
+    // The marker is set by the session's first statement.
+    tokio::spawn(Session::new(inner.clone(), id, conn, tx, rx, String::new(), None).run());
 }
 
 /// A new holder session's marker: random, so that no other holder (in
@@ -343,23 +362,25 @@ impl Session {
     async fn run(mut self) {
         if self.pid.is_none() {
             let limit = self.inner.answer_within();
-            let marker = self.marker.clone();
-            let statement = sqlx::query_as::<_, (i32, String, bool)>(OPEN)
-                .bind(marker)
-                .fetch_one(&mut **self.conn());
+            let statement = sqlx::raw_sql(OPEN).fetch_one(&mut **self.conn());
             match bounded(limit, statement).await {
-                Ok((pid, version, claimed)) => {
+                Ok(row) => {
+                    let (pid, version, marker) = match decode_open(&row) {
+                        Ok(v) => v,
+                        Err(e) => return self.die(format!("the holder session failed: {e}")),
+                    };
                     self.last_ok = Instant::now();
                     if let Some(why) = engine::refusal(&version) {
                         self.inner.refuse(Refusal::Engine(why));
                         return self.die(why.to_owned());
                     }
-                    if !claimed {
+                    let Some(marker) = marker else {
                         // Another holder's marker: this server session is
                         // shared. Nothing was set or taken.
                         self.inner.refuse(Refusal::Pooler);
                         return self.die(POOLED.to_owned());
-                    }
+                    };
+                    self.marker = marker;
                     self.pid = Some(pid);
                     self.inner.registry().set_pid(self.id, pid);
                     if self.shares_its_server_session().await {
@@ -462,10 +483,15 @@ impl Session {
         let Ok(Ok(mut other)) = timeout(wait, self.inner.pool.acquire()).await else {
             return false;
         };
-        let statement = sqlx::query_scalar::<_, bool>(PROBE)
-            .bind(self.marker.clone())
-            .fetch_one(&mut *other);
-        matches!(timeout(limit, statement).await, Ok(Ok(true)))
+        let statement = sqlx::raw_sql(PROBE).fetch_one(&mut *other);
+        let Ok(Ok(row)) = timeout(limit, statement).await else {
+            return false;
+        };
+        let (pid, marker): (i32, String) = match (row.try_get(0), row.try_get(1)) {
+            (Ok(pid), Ok(marker)) => (pid, marker),
+            _ => return false,
+        };
+        Some(pid) == self.pid || marker == self.marker
     }
 
     async fn ping(&mut self) -> std::result::Result<(), String> {
@@ -480,6 +506,10 @@ impl Session {
                 Ok(())
             }
             Ok(false) => {
+                self.inner.refuse(Refusal::Pooler);
+                Err(POOLED.to_owned())
+            }
+            Err(Failure::Server(e)) if is_statement_clash(&e) => {
                 self.inner.refuse(Refusal::Pooler);
                 Err(POOLED.to_owned())
             }
@@ -561,6 +591,14 @@ impl Session {
                 self.inner.registry().not_granted(self.id, key, lock);
                 let _ = reply.send(LockReply::Busy);
                 Ok(())
+            }
+            Err(Failure::Server(e)) if is_statement_clash(&e) => {
+                // Not our server session (a named statement of ours is
+                // missing or taken there): nothing of this statement ran.
+                self.inner.registry().not_granted(self.id, key, lock);
+                self.inner.refuse(Refusal::Pooler);
+                let _ = reply.send(LockReply::Failed(engine::transaction_pooler()));
+                Err(POOLED.to_owned())
             }
             Err(Failure::Server(e)) => {
                 // The statement failed, maybe after the lock was taken (the
