@@ -385,6 +385,7 @@ async fn raw_state(url: &str, lease_name: &str) -> (i64, i64) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn tokens_keep_increasing_across_the_promotion_of_a_standby_that_lost_commits() {
     topology("pair");
+    let _teardown = DropPair;
     let setup = pool(PRIMARY, 1).await;
     dblock::postgres::migrate(&setup)
         .await
@@ -438,5 +439,15 @@ async fn tokens_keep_increasing_across_the_promotion_of_a_standby_that_lost_comm
     // On the new timeline (2) in the high bits.
     assert!(after.iter().all(|t| t >> 48 == 2), "{after:?}");
     assert!(shipped.iter().chain(&lost).all(|t| t >> 48 == 1));
-    topology("drop-pair");
+}
+
+/// Removes the primary/standby pair when the test ends, passed or failed.
+struct DropPair;
+
+impl Drop for DropPair {
+    fn drop(&mut self) {
+        if let Ok(script) = std::env::var("DBLOCK_TEST_PG_FAILOVER") {
+            let _ = Command::new("bash").arg(script).arg("drop-pair").status();
+        }
+    }
 }

@@ -51,19 +51,26 @@ wait_ready() { # port what
     die "$2 on 127.0.0.1:$1 did not accept connections within 10 s"
 }
 
+bouncer_running() { [ -f "$RUN/pgbouncer.pid" ] && kill -0 "$(cat "$RUN/pgbouncer.pid")" 2>/dev/null; }
+
 pgbouncer_start() {
     need_packages
-    if pg_isready -q -h 127.0.0.1 -p "$BOUNCER_PORT" -d "${DB}_tx"; then return 0; fi
     pg_isready -q -h 127.0.0.1 -p 5432 || die "the main PostgreSQL on 127.0.0.1:5432 is down (scripts/services.sh starts it)"
     if ! psql -h 127.0.0.1 -U postgres -d postgres -Atc "SELECT 1 FROM pg_database WHERE datname = '$DB'" | grep -q 1; then
         createdb -h 127.0.0.1 -U postgres "$DB"
     fi
     mkdir -p "$RUN"
     chown postgres: "$RUN"
-    cat >"$RUN/pgbouncer.ini" <<EOF
-[databases]
-${DB}_session = host=127.0.0.1 port=5432 dbname=$DB pool_mode=session
-${DB}_tx = host=127.0.0.1 port=5432 dbname=$DB pool_mode=transaction
+    # Every database asked for so far gets its two aliases.
+    touch "$RUN/dbs"
+    grep -qx "$DB" "$RUN/dbs" || echo "$DB" >>"$RUN/dbs"
+    {
+        echo "[databases]"
+        while read -r db; do
+            echo "${db}_session = host=127.0.0.1 port=5432 dbname=$db pool_mode=session"
+            echo "${db}_tx = host=127.0.0.1 port=5432 dbname=$db pool_mode=transaction"
+        done <"$RUN/dbs"
+        cat <<EOF
 [pgbouncer]
 listen_addr = 127.0.0.1
 listen_port = $BOUNCER_PORT
@@ -76,12 +83,18 @@ default_pool_size = 20
 max_client_conn = 500
 ignore_startup_parameters = extra_float_digits,options
 EOF
+    } >"$RUN/pgbouncer.ini"
     echo '"postgres" ""' >"$RUN/userlist.txt"
-    chown postgres: "$RUN"/pgbouncer.ini "$RUN"/userlist.txt
-    say "starting PgBouncer on 127.0.0.1:$BOUNCER_PORT"
-    su postgres -s /bin/sh -c "pgbouncer -d -q $RUN/pgbouncer.ini" \
-        || die "PgBouncer did not start (see $RUN/pgbouncer.log)"
-    wait_ready "$BOUNCER_PORT" "PgBouncer"
+    chown postgres: "$RUN"/pgbouncer.ini "$RUN"/userlist.txt "$RUN/dbs"
+    if bouncer_running; then
+        kill -HUP "$(cat "$RUN/pgbouncer.pid")" # reload the database list
+        sleep 0.2
+    else
+        say "starting PgBouncer on 127.0.0.1:$BOUNCER_PORT"
+        su postgres -s /bin/sh -c "pgbouncer -d -q $RUN/pgbouncer.ini" \
+            || die "PgBouncer did not start (see $RUN/pgbouncer.log)"
+        wait_ready "$BOUNCER_PORT" "PgBouncer"
+    fi
     for alias in "${DB}_session" "${DB}_tx"; do
         psql -h 127.0.0.1 -p "$BOUNCER_PORT" -U postgres -d "$alias" -Atc 'SELECT 1' >/dev/null \
             || die "PgBouncer's database $alias does not answer (see $RUN/pgbouncer.log)"
@@ -89,10 +102,10 @@ EOF
 }
 
 pgbouncer_stop() {
-    if [ -f "$RUN/pgbouncer.pid" ]; then
+    if bouncer_running; then
         kill "$(cat "$RUN/pgbouncer.pid")" 2>/dev/null || true
-        rm -f "$RUN/pgbouncer.pid"
     fi
+    rm -f "$RUN/pgbouncer.pid" "$RUN/dbs"
 }
 
 cluster_exists() { pg_lsclusters -h | awk '{print $1" "$2}' | grep -qx "$VER $1"; }
