@@ -6,7 +6,8 @@
 //!   `transaction_pooling(true)`, `lock_xact`, and `postgres::Advisory`
 //!   refusing with `Error::Unsupported` and leaving no lock behind;
 //! - PgBouncer in session pooling mode (`DBLOCK_TEST_PGBOUNCER_SESSION_URL`):
-//!   the behavioural suite on `postgres::Advisory`;
+//!   the behavioural suite on `postgres::Advisory` and `postgres::Lease`
+//!   (default settings), and `lock_xact`;
 //! - a primary and an asynchronous standby (`DBLOCK_TEST_PG_FAILOVER`, the
 //!   path of `pg.sh`): the standby is promoted after the primary made
 //!   commits it never shipped, and every token after the promotion is
@@ -54,6 +55,15 @@ async fn tx_pool(max: u32) -> PgPool {
     dblock::postgres::migrate(&pool)
         .await
         .expect("migrate through PgBouncer in transaction mode");
+    pool
+}
+
+/// A pool through PgBouncer in session mode, with the schema in place.
+async fn session_pool(max: u32) -> PgPool {
+    let pool = pool(&var("DBLOCK_TEST_PGBOUNCER_SESSION_URL"), max).await;
+    dblock::postgres::migrate(&pool)
+        .await
+        .expect("migrate through PgBouncer in session mode");
     pool
 }
 
@@ -137,7 +147,15 @@ async fn named_statements_fail_through_a_transaction_pooler() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn lock_xact_excludes_and_fences_through_a_transaction_pooler() {
-    let pool = tx_pool(8).await;
+    lock_xact_excludes_and_fences(tx_pool(8).await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn lock_xact_excludes_and_fences_through_a_session_pooler() {
+    lock_xact_excludes_and_fences(session_pool(8).await).await;
+}
+
+async fn lock_xact_excludes_and_fences(pool: PgPool) {
     let name = unique("xact-tx");
     let mut a = pool.begin().await.unwrap();
     let t1 = lock_xact(&mut a, &name).await.expect("lock_xact");
@@ -289,14 +307,35 @@ async fn two_advisory_backends_through_a_transaction_pooler_never_share_a_lock()
     );
 }
 
-// ---- PgBouncer, session mode: advisory locks work. ----
+// ---- PgBouncer, session mode: every backend works as on a direct connection. ----
+
+struct SessionLeaseFixture;
+
+impl suite::Fixture for SessionLeaseFixture {
+    async fn locks(&self) -> Locks {
+        Locks::new(Lease::new(session_pool(4).await))
+    }
+    fn unreachable(&self) -> Locks {
+        Locks::new(Lease::new(unreachable_pool()))
+    }
+    fn shared(&self) -> bool {
+        false
+    }
+    fn lease(&self) -> bool {
+        true
+    }
+}
+
+mod pgbouncer_session_lease {
+    use super::*;
+    behaviour_suite!(async { SessionLeaseFixture });
+}
 
 struct SessionAdvisoryFixture;
 
 impl suite::Fixture for SessionAdvisoryFixture {
     async fn locks(&self) -> Locks {
-        let pool = pool(&var("DBLOCK_TEST_PGBOUNCER_SESSION_URL"), 4).await;
-        dblock::postgres::migrate(&pool).await.expect("migrate");
+        let pool = session_pool(4).await;
         let options = AdvisoryOptions {
             heartbeat: Duration::from_millis(200),
             ..AdvisoryOptions::default()
