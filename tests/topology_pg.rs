@@ -20,7 +20,11 @@ mod common;
 mod suite;
 
 use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
+
+use tokio::time::Instant;
 
 use dblock::postgres::{advisory_key, lock_xact, lock_xact_with, Advisory, AdvisoryOptions, Lease};
 use dblock::{Error, Locks, Wait};
@@ -183,7 +187,7 @@ async fn lock_xact_excludes_and_fences(pool: PgPool) {
     b.rollback().await.unwrap();
 
     // Many transactions at once: never two inside.
-    let inside = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let inside = Arc::new(AtomicBool::new(false));
     let mut tasks = Vec::new();
     for _ in 0..8 {
         let (pool, name, inside) = (pool.clone(), name.clone(), inside.clone());
@@ -194,9 +198,9 @@ async fn lock_xact_excludes_and_fences(pool: PgPool) {
                 let token = lock_xact(&mut tx, &name).await.unwrap();
                 assert!(token > last);
                 last = token;
-                assert!(!inside.swap(true, std::sync::atomic::Ordering::SeqCst));
+                assert!(!inside.swap(true, Ordering::SeqCst));
                 tokio::time::sleep(Duration::from_millis(1)).await;
-                inside.store(false, std::sync::atomic::Ordering::SeqCst);
+                inside.store(false, Ordering::SeqCst);
                 tx.commit().await.unwrap();
             }
         }));
@@ -489,4 +493,226 @@ impl Drop for DropPair {
             let _ = Command::new("bash").arg(script).arg("drop-pair").status();
         }
     }
+}
+
+// ---- Failover under contention: workers through a "virtual IP". ----
+
+/// A TCP forwarder on 127.0.0.1 whose upstream port can be moved, as a
+/// failover tool moves a virtual IP: new connections go to the current
+/// upstream; connections to a dead server end with it.
+async fn virtual_ip(upstream: Arc<AtomicU16>) -> u16 {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((mut inbound, _)) = listener.accept().await {
+            let up = upstream.load(Ordering::SeqCst);
+            tokio::spawn(async move {
+                if let Ok(mut out) = tokio::net::TcpStream::connect(("127.0.0.1", up)).await {
+                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut out).await;
+                }
+            });
+        }
+    });
+    port
+}
+
+/// One fenced write: when the grant was taken, its token, whether the
+/// register accepted it.
+#[derive(Debug, Clone, Copy)]
+struct Write {
+    at: Instant,
+    token: u64,
+    accepted: bool,
+}
+
+/// Workers take `name` through `locks` until `stop`, and write each grant's
+/// token to the fenced register `reg` (on the main cluster, which does not
+/// fail over: the resource the locks protect).
+async fn contend(
+    locks: Locks,
+    name: String,
+    register: PgPool,
+    reg: String,
+    stop: Arc<AtomicBool>,
+) -> Vec<Write> {
+    let mut writes = Vec::new();
+    while !stop.load(Ordering::SeqCst) {
+        let guard = match locks
+            .acquire(&name)
+            .ttl(Duration::from_secs(2))
+            .wait(Duration::from_secs(1))
+            .await
+        {
+            Ok(g) => g,
+            Err(_) => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let at = Instant::now();
+        let token = guard.token();
+        let accepted = sqlx::query(
+            "UPDATE dblock_t9_fence SET fence = $2, value = value + 1 WHERE name = $1 AND fence < $2",
+        )
+        .bind(&reg)
+        .bind(token as i64)
+        .execute(&register)
+        .await
+        .expect("the register is on the main cluster")
+        .rows_affected()
+            == 1;
+        writes.push(Write {
+            at,
+            token,
+            accepted,
+        });
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let _ = guard.release().await;
+    }
+    writes
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn failover_under_contention_accepts_no_stale_token() {
+    topology("pair");
+    let _teardown = DropPair;
+    let setup = pool(PRIMARY, 1).await;
+    dblock::postgres::migrate(&setup)
+        .await
+        .expect("migrate the primary");
+    setup.close().await;
+    tokio::time::sleep(Duration::from_millis(500)).await; // the schema ships
+
+    let register = pool(&common::postgres_url().await, 8).await;
+    sqlx::raw_sql(
+        "CREATE TABLE IF NOT EXISTS dblock_t9_fence (
+            name text PRIMARY KEY, fence bigint NOT NULL, value bigint NOT NULL)",
+    )
+    .execute(&register)
+    .await
+    .unwrap();
+    let run = unique("fo-torture");
+    let regs = [format!("{run}:advisory"), format!("{run}:lease")];
+    for reg in &regs {
+        sqlx::query("INSERT INTO dblock_t9_fence VALUES ($1, 0, 0)")
+            .bind(reg)
+            .execute(&register)
+            .await
+            .unwrap();
+    }
+
+    let upstream = Arc::new(AtomicU16::new(5433));
+    let vip = format!(
+        "postgres://postgres@127.0.0.1:{}/postgres",
+        virtual_ip(upstream.clone()).await
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut workers = Vec::new();
+    for w in 0..6 {
+        let pool = PgPoolOptions::new()
+            .max_connections(3)
+            .acquire_timeout(Duration::from_secs(2))
+            .connect_lazy(&vip)
+            .unwrap();
+        let (locks, reg) = if w % 2 == 0 {
+            let options = AdvisoryOptions {
+                heartbeat: Duration::from_millis(200),
+                ..AdvisoryOptions::default()
+            };
+            (
+                Locks::new(Advisory::new(pool).with_options(options).unwrap()),
+                regs[0].clone(),
+            )
+        } else {
+            (Locks::new(Lease::new(pool)), regs[1].clone())
+        };
+        workers.push(tokio::spawn(contend(
+            locks,
+            run.clone(),
+            register.clone(),
+            reg,
+            stop.clone(),
+        )));
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    topology("stop-standby");
+    tokio::time::sleep(Duration::from_secs(2)).await; // commits never shipped
+    let killed = Instant::now();
+    topology("kill-primary");
+    topology("promote");
+    upstream.store(5434, Ordering::SeqCst);
+    let promoted = Instant::now();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    stop.store(true, Ordering::SeqCst);
+    let mut all = Vec::new();
+    for w in workers {
+        all.push(timeout_or_panic(w).await);
+    }
+
+    for (k, kind) in ["advisory", "lease"].iter().enumerate() {
+        let writes: Vec<Write> = all
+            .iter()
+            .enumerate()
+            .filter(|(w, _)| w % 2 == k)
+            .flat_map(|(_, ws)| ws.iter().copied())
+            .collect();
+        let before: Vec<&Write> = writes.iter().filter(|w| w.at < killed).collect();
+        let after: Vec<&Write> = writes.iter().filter(|w| w.at > promoted).collect();
+        assert!(
+            before.len() > 10 && after.len() > 10,
+            "{kind}: too few grants to judge ({} before, {} after)",
+            before.len(),
+            after.len()
+        );
+        let highest_before = before.iter().map(|w| w.token).max().unwrap();
+        let mask = (1u64 << 48) - 1;
+        // The negative control: the new primary did hand out low bits that
+        // had been handed out before (the lost commits); only the timeline
+        // keeps the tokens apart.
+        assert!(
+            after
+                .iter()
+                .any(|w| w.token & mask <= highest_before & mask),
+            "{kind}: the promoted standby lost no commits; the test proves nothing"
+        );
+        for w in &after {
+            assert!(
+                w.token > highest_before && w.token >> 48 == 2,
+                "{kind}: token {} after the promotion, {highest_before} before",
+                w.token
+            );
+            assert!(
+                w.accepted,
+                "{kind}: the register refused {} after the promotion",
+                w.token
+            );
+        }
+        let stale_accepted = writes
+            .iter()
+            .filter(|w| w.accepted && w.token >> 48 == 1)
+            .filter(|w| after.iter().any(|a| a.at < w.at))
+            .count();
+        assert_eq!(
+            stale_accepted, 0,
+            "{kind}: stale tokens accepted after the promotion"
+        );
+        println!(
+            "failover torture, {kind}: {} grants before the kill, {} after the promotion, \
+             all accepted; 0 stale tokens accepted",
+            before.len(),
+            after.len()
+        );
+    }
+    sqlx::query("DELETE FROM dblock_t9_fence WHERE name = ANY($1)")
+        .bind(&regs[..])
+        .execute(&register)
+        .await
+        .unwrap();
+}
+
+async fn timeout_or_panic<T>(task: tokio::task::JoinHandle<T>) -> T {
+    tokio::time::timeout(Duration::from_secs(30), task)
+        .await
+        .expect("a worker did not stop within 30 s")
+        .expect("a worker panicked")
 }
