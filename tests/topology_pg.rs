@@ -104,7 +104,8 @@ mod pgbouncer_transaction_lease {
 
 /// The negative control of the suite above: without
 /// `transaction_pooling(true)`, sqlx's named prepared statements meet on
-/// PgBouncer's shared server connections and fail.
+/// PgBouncer's shared server connections and fail, with an error that
+/// names the setting.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn named_statements_fail_through_a_transaction_pooler() {
     let mut failures = Vec::new();
@@ -142,8 +143,10 @@ async fn named_statements_fail_through_a_transaction_pooler() {
         }
     }
     assert!(
-        failures.iter().any(|e| e.contains("prepared statement")),
-        "expected prepared-statement errors through the pooler, got {failures:?}"
+        failures
+            .iter()
+            .any(|e| e.contains("prepared statement") && e.contains("transaction_pooling(true)")),
+        "expected prepared-statement errors naming transaction_pooling(true), got {failures:?}"
     );
 }
 
@@ -427,6 +430,7 @@ async fn raw_state(url: &str, lease_name: &str) -> (i64, i64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn tokens_keep_increasing_across_the_promotion_of_a_standby_that_lost_commits() {
+    let _pair = PAIR.lock().await;
     topology("pair");
     let _teardown = DropPair;
     let setup = pool(PRIMARY, 1).await;
@@ -483,6 +487,9 @@ async fn tokens_keep_increasing_across_the_promotion_of_a_standby_that_lost_comm
     assert!(after.iter().all(|t| t >> 48 == 2), "{after:?}");
     assert!(shipped.iter().chain(&lost).all(|t| t >> 48 == 1));
 }
+
+/// The primary/standby pair is one: its tests take turns.
+static PAIR: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// Removes the primary/standby pair when the test ends, passed or failed.
 struct DropPair;
@@ -574,6 +581,7 @@ async fn contend(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn failover_under_contention_accepts_no_stale_token() {
+    let _pair = PAIR.lock().await;
     topology("pair");
     let _teardown = DropPair;
     let setup = pool(PRIMARY, 1).await;

@@ -56,6 +56,28 @@ pub(crate) fn transaction_pooler() -> Error {
     }
 }
 
+/// SQLSTATE 42P05 (a prepared statement of that name exists) and 26000
+/// (no prepared statement of that name): the named statements of a
+/// connection meet other clients' on a server connection, which only a
+/// transaction-pooling proxy does.
+pub(crate) fn is_statement_clash(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(db) if matches!(db.code().as_deref(), Some("42P05" | "26000")))
+}
+
+/// The error of a [`Lease`](super::Lease) without
+/// [`transaction_pooling`](super::Lease::transaction_pooling) whose
+/// statements clashed on a transaction pooler's server connection.
+pub(crate) fn lease_needs_transaction_pooling(e: &sqlx::Error) -> Error {
+    Error::Unsupported {
+        backend: "postgres-lease",
+        what: format!(
+            "named prepared statements through a transaction-pooling proxy (PgBouncer \
+             pool_mode=transaction, Supavisor): {e}. Build the backend with \
+             Lease::new(pool).transaction_pooling(true)"
+        ),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::refusal;

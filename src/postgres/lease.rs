@@ -359,7 +359,7 @@ impl PgStore {
                 let row = self
                     .fetch_optional(|| sqlx::query("SELECT version()"))
                     .await
-                    .map_err(map_err)?;
+                    .map_err(lease_err)?;
                 let version: String = match row {
                     Some(row) => row.try_get(0)?,
                     None => String::new(),
@@ -406,9 +406,18 @@ where
                 tokio::time::sleep(pause).await;
                 attempt += 1;
             }
-            Err(e) => return Err(map_err(e)),
+            Err(e) => return Err(lease_err(e)),
         }
     }
+}
+
+/// [`map_err`], and a clear error for named statements that clashed on a
+/// transaction pooler.
+fn lease_err(e: sqlx::Error) -> crate::Error {
+    if engine::is_statement_clash(&e) {
+        return engine::lease_needs_transaction_pooling(&e);
+    }
+    map_err(e)
 }
 
 fn micros(d: Duration) -> i64 {
@@ -551,7 +560,7 @@ impl LeaseStore for PgStore {
                 sqlx::query(AssertSqlSafe(self.sql.inspect.clone())).bind(name.to_owned())
             })
             .await
-            .map_err(map_err)?;
+            .map_err(lease_err)?;
         row.as_ref().map(info).transpose().map_err(map_err)
     }
 
@@ -559,7 +568,7 @@ impl LeaseStore for PgStore {
         let rows = self
             .fetch_all(|| sqlx::query(AssertSqlSafe(self.sql.list.clone())))
             .await
-            .map_err(map_err)?;
+            .map_err(lease_err)?;
         rows.iter()
             .map(info)
             .collect::<sqlx::Result<_>>()

@@ -367,7 +367,7 @@ async fn wait_on_server(
                 Err(e) => Waited::Failed(map_err(e)),
             }
         }
-        Err(e) if session::is_statement_clash(&e) => {
+        Err(e) if engine::is_statement_clash(&e) => {
             // A transaction pooler: the statement never ran.
             conn.clean = true;
             inner.refuse(Refusal::Pooler);

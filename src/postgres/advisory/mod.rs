@@ -143,6 +143,31 @@ const LOCK_TABLE_FULL: &str = "53200";
 /// owning session can unlock it; **that ends every other lock on that
 /// session too**, and their guards report lost as well.
 ///
+/// # Poolers, failover and other engines
+///
+/// Session-level locks need a session of their own. Through a
+/// transaction-pooling proxy (PgBouncer `pool_mode=transaction`,
+/// Supavisor), which hands each transaction whichever server connection is
+/// free, the backend refuses with [`Error::Unsupported`] naming the
+/// alternatives ([`Lease`](super::Lease) with
+/// [`transaction_pooling`](super::Lease::transaction_pooling),
+/// [`lock_xact`](super::lock_xact), a session-pooling port). Each holder
+/// session marks its server session (a random value in the session setting
+/// `dblock.session`, set by its first statement only if no other holder's
+/// mark is there) and every lock statement and heartbeat checks that mark
+/// and the backend pid in the same statement, before it locks; the first
+/// holder session also looks from a second pooled connection whether it
+/// sees the same server session. Nothing is locked on a server session
+/// that is not the holder's own. A session-pooling proxy works as a direct
+/// connection.
+///
+/// Tokens carry the server's timeline in their high bits, so they keep
+/// increasing across the promotion of an asynchronous standby that lost the
+/// primary's last commits (the old primary must be fenced off by the
+/// failover tool). CockroachDB, whose advisory locks are stubs, and
+/// YugabyteDB are refused with [`Error::Unsupported`]. See
+/// `docs/topologies.md`.
+///
 /// # Capacity
 ///
 /// Every advisory lock takes an entry in PostgreSQL's shared lock table,

@@ -29,8 +29,9 @@ use tokio::time::{sleep_until, timeout, Instant};
 use super::registry::{Hold, HoldState, LockId, SessionEntry, SessionId};
 use super::{lock_table_full, split_key, Inner, Refusal, LOCK_TABLE_FULL};
 use crate::backend::{BoxFuture, Grant, HeldLock, LockStatus};
+use crate::postgres::engine::{self, is_statement_clash};
+use crate::postgres::map_err;
 use crate::postgres::token::sequence_token;
-use crate::postgres::{engine, map_err};
 use crate::{Error, LockMode, Result};
 
 // Every lock statement first checks that it runs on this holder session's
@@ -115,14 +116,6 @@ const POOLED: &str = "the holder session's statements do not all run on one serv
 /// (`None` if the server session carried another holder's).
 fn decode_open(row: &PgRow) -> sqlx::Result<(i32, String, Option<String>)> {
     Ok((row.try_get(0)?, row.try_get(1)?, row.try_get(2)?))
-}
-
-/// SQLSTATE 42P05 (a prepared statement of that name exists) and 26000
-/// (no prepared statement of that name): the named statements of this
-/// connection meet other clients' on a server connection, which only a
-/// transaction-pooling proxy does.
-pub(super) fn is_statement_clash(e: &sqlx::Error) -> bool {
-    matches!(e, sqlx::Error::Database(db) if matches!(db.code().as_deref(), Some("42P05" | "26000")))
 }
 
 /// What a session is asked to do.
