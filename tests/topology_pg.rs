@@ -31,7 +31,7 @@ use dblock::{Error, Locks, Wait};
 use sqlx::postgres::PgPoolOptions;
 use sqlx::PgPool;
 
-use common::unique;
+use common::{pg_pool as pool, unique};
 
 fn var(name: &str) -> String {
     std::env::var(name).unwrap_or_else(|_| {
@@ -41,15 +41,6 @@ fn var(name: &str) -> String {
              `bash scripts/test`"
         )
     })
-}
-
-async fn pool(url: &str, max: u32) -> PgPool {
-    PgPoolOptions::new()
-        .max_connections(max)
-        .acquire_timeout(Duration::from_secs(20))
-        .connect(url)
-        .await
-        .unwrap_or_else(|e| panic!("connect to {url}: {e}"))
 }
 
 /// A pool through PgBouncer in transaction mode, with the schema in place
@@ -78,28 +69,86 @@ fn unreachable_pool() -> PgPool {
         .unwrap()
 }
 
-// ---- PgBouncer, transaction mode: the lease table. ----
+// ---- The behavioural suite through PgBouncer. ----
 
-struct TxLeaseFixture;
+/// A backend with the settings the suite uses: a short heartbeat for
+/// advisory locks.
+fn advisory(pool: PgPool) -> Locks {
+    let options = AdvisoryOptions {
+        heartbeat: Duration::from_millis(200),
+        ..AdvisoryOptions::default()
+    };
+    Locks::new(Advisory::new(pool).with_options(options).unwrap())
+}
 
-impl suite::Fixture for TxLeaseFixture {
-    async fn locks(&self) -> Locks {
-        Locks::new(Lease::new(tx_pool(8).await).transaction_pooling(true))
+/// The suite's backend through one of PgBouncer's pooling modes.
+struct PoolerFixture {
+    transaction_mode: bool,
+    advisory: bool,
+    /// In session mode every client connection holds one of PgBouncer's 20
+    /// server connections for as long as it lives: one such test at a time.
+    _turn: Option<tokio::sync::SemaphorePermit<'static>>,
+}
+
+static SESSION_MODE: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(1);
+
+impl PoolerFixture {
+    async fn new(transaction_mode: bool, advisory: bool) -> Self {
+        let turn = if transaction_mode {
+            None
+        } else {
+            Some(SESSION_MODE.acquire().await.unwrap())
+        };
+        PoolerFixture {
+            transaction_mode,
+            advisory,
+            _turn: turn,
+        }
     }
-    fn unreachable(&self) -> Locks {
-        Locks::new(Lease::new(unreachable_pool()).transaction_pooling(true))
-    }
-    fn shared(&self) -> bool {
-        false
-    }
-    fn lease(&self) -> bool {
-        true
+
+    fn backend(&self, pool: PgPool) -> Locks {
+        if self.advisory {
+            advisory(pool)
+        } else {
+            Locks::new(Lease::new(pool).transaction_pooling(self.transaction_mode))
+        }
     }
 }
 
+impl suite::Fixture for PoolerFixture {
+    async fn locks(&self) -> Locks {
+        self.backend(if self.transaction_mode {
+            tx_pool(8).await
+        } else {
+            session_pool(4).await
+        })
+    }
+    fn unreachable(&self) -> Locks {
+        self.backend(unreachable_pool())
+    }
+    fn shared(&self) -> bool {
+        self.advisory
+    }
+    fn lease(&self) -> bool {
+        !self.advisory
+    }
+}
+
+/// Transaction mode: the lease table, with `transaction_pooling(true)`.
 mod pgbouncer_transaction_lease {
     use super::*;
-    behaviour_suite!(async { TxLeaseFixture });
+    behaviour_suite!(PoolerFixture::new(true, false));
+}
+
+/// Session mode: every backend works as on a direct connection.
+mod pgbouncer_session_lease {
+    use super::*;
+    behaviour_suite!(PoolerFixture::new(false, false));
+}
+
+mod pgbouncer_session_advisory {
+    use super::*;
+    behaviour_suite!(PoolerFixture::new(false, true));
 }
 
 /// The negative control of the suite above: without
@@ -274,20 +323,8 @@ async fn advisory_refuses_a_transaction_pooler_at_first_use_and_leaves_no_lock()
 async fn two_advisory_backends_through_a_transaction_pooler_never_share_a_lock() {
     let direct = pool(&common::postgres_url().await, 2).await;
     let name = unique("advisory-tx-two");
-    let options = AdvisoryOptions {
-        heartbeat: Duration::from_millis(200),
-        ..AdvisoryOptions::default()
-    };
-    let a = Locks::new(
-        Advisory::new(tx_pool(4).await)
-            .with_options(options.clone())
-            .unwrap(),
-    );
-    let b = Locks::new(
-        Advisory::new(tx_pool(4).await)
-            .with_options(options)
-            .unwrap(),
-    );
+    let a = advisory(tx_pool(4).await);
+    let b = advisory(tx_pool(4).await);
     let ga = a.try_acquire(&name).await;
     let gb = b.try_acquire(&name).await;
     let granted = [&ga, &gb]
@@ -312,57 +349,6 @@ async fn two_advisory_backends_through_a_transaction_pooler_never_share_a_lock()
         .await,
         "a lock stayed on a server connection"
     );
-}
-
-// ---- PgBouncer, session mode: every backend works as on a direct connection. ----
-
-struct SessionLeaseFixture;
-
-impl suite::Fixture for SessionLeaseFixture {
-    async fn locks(&self) -> Locks {
-        Locks::new(Lease::new(session_pool(4).await))
-    }
-    fn unreachable(&self) -> Locks {
-        Locks::new(Lease::new(unreachable_pool()))
-    }
-    fn shared(&self) -> bool {
-        false
-    }
-    fn lease(&self) -> bool {
-        true
-    }
-}
-
-mod pgbouncer_session_lease {
-    use super::*;
-    behaviour_suite!(async { SessionLeaseFixture });
-}
-
-struct SessionAdvisoryFixture;
-
-impl suite::Fixture for SessionAdvisoryFixture {
-    async fn locks(&self) -> Locks {
-        let pool = session_pool(4).await;
-        let options = AdvisoryOptions {
-            heartbeat: Duration::from_millis(200),
-            ..AdvisoryOptions::default()
-        };
-        Locks::new(Advisory::new(pool).with_options(options).unwrap())
-    }
-    fn unreachable(&self) -> Locks {
-        Locks::new(Advisory::new(unreachable_pool()))
-    }
-    fn shared(&self) -> bool {
-        true
-    }
-    fn lease(&self) -> bool {
-        false
-    }
-}
-
-mod pgbouncer_session_advisory {
-    use super::*;
-    behaviour_suite!(async { SessionAdvisoryFixture });
 }
 
 // ---- Failover: an asynchronous standby promoted after lost commits. ----
@@ -430,33 +416,7 @@ async fn raw_state(url: &str, lease_name: &str) -> (i64, i64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn tokens_keep_increasing_across_the_promotion_of_a_standby_that_lost_commits() {
-    let _pair = PAIR.lock().await;
-    topology("pair");
-    let _teardown = DropPair;
-    let setup = pool(PRIMARY, 1).await;
-    dblock::postgres::migrate(&setup)
-        .await
-        .expect("migrate the primary");
-    // The schema reaches the standby before it is stopped.
-    let lsn: String = sqlx::query_scalar("SELECT pg_current_wal_lsn()::text")
-        .fetch_one(&setup)
-        .await
-        .unwrap();
-    setup.close().await;
-    let standby = pool(STANDBY, 1).await;
-    assert!(
-        suite::eventually(Duration::from_secs(10), || async {
-            sqlx::query_scalar::<_, bool>("SELECT pg_last_wal_replay_lsn() >= $1::pg_lsn")
-                .bind(&lsn)
-                .fetch_one(&standby)
-                .await
-                .unwrap()
-        })
-        .await,
-        "the standby did not replay the schema"
-    );
-    standby.close().await;
-
+    let _pair = fresh_pair().await;
     let names = [unique("fo-adv"), unique("fo-xact"), unique("fo-lease")];
     let shipped = take_tokens(PRIMARY, &names, 3).await;
     topology("stop-standby");
@@ -486,6 +446,39 @@ async fn tokens_keep_increasing_across_the_promotion_of_a_standby_that_lost_comm
     // On the new timeline (2) in the high bits.
     assert!(after.iter().all(|t| t >> 48 == 2), "{after:?}");
     assert!(shipped.iter().chain(&lost).all(|t| t >> 48 == 1));
+}
+
+/// A new primary/standby pair, the schema migrated on the primary and
+/// replayed on the standby; removed when the result is dropped. Tests take
+/// turns with it.
+async fn fresh_pair() -> (DropPair, tokio::sync::MutexGuard<'static, ()>) {
+    let turn = PAIR.lock().await;
+    topology("pair");
+    let teardown = DropPair;
+    let setup = pool(PRIMARY, 1).await;
+    dblock::postgres::migrate(&setup)
+        .await
+        .expect("migrate the primary");
+    let lsn: String = sqlx::query_scalar("SELECT pg_current_wal_lsn()::text")
+        .fetch_one(&setup)
+        .await
+        .unwrap();
+    setup.close().await;
+    let standby = pool(STANDBY, 1).await;
+    assert!(
+        suite::eventually(Duration::from_secs(10), || async {
+            sqlx::query_scalar::<_, bool>("SELECT pg_last_wal_replay_lsn() >= $1::pg_lsn")
+                .bind(&lsn)
+                .fetch_one(&standby)
+                .await
+                .unwrap()
+        })
+        .await,
+        "the standby did not replay the schema"
+    );
+    standby.close().await;
+    // A tuple drops its fields in order: the pair goes before the turn.
+    (teardown, turn)
 }
 
 /// The primary/standby pair is one: its tests take turns.
@@ -581,16 +574,7 @@ async fn contend(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn failover_under_contention_accepts_no_stale_token() {
-    let _pair = PAIR.lock().await;
-    topology("pair");
-    let _teardown = DropPair;
-    let setup = pool(PRIMARY, 1).await;
-    dblock::postgres::migrate(&setup)
-        .await
-        .expect("migrate the primary");
-    setup.close().await;
-    tokio::time::sleep(Duration::from_millis(500)).await; // the schema ships
-
+    let _pair = fresh_pair().await;
     let register = pool(&common::postgres_url().await, 8).await;
     sqlx::raw_sql(
         "CREATE TABLE IF NOT EXISTS dblock_t9_fence (
@@ -623,14 +607,7 @@ async fn failover_under_contention_accepts_no_stale_token() {
             .connect_lazy(&vip)
             .unwrap();
         let (locks, reg) = if w % 2 == 0 {
-            let options = AdvisoryOptions {
-                heartbeat: Duration::from_millis(200),
-                ..AdvisoryOptions::default()
-            };
-            (
-                Locks::new(Advisory::new(pool).with_options(options).unwrap()),
-                regs[0].clone(),
-            )
+            (advisory(pool), regs[0].clone())
         } else {
             (Locks::new(Lease::new(pool)), regs[1].clone())
         };
