@@ -2,22 +2,13 @@
 //! ([`Lease`]), transaction-scoped locks ([`lock_xact`]) and the schema
 //! ([`migrate`]).
 
-/// The SQL expression of a new fencing token: the one place that says where
-/// PostgreSQL tokens come from. Advisory locks, `lock_xact` and leases all
-/// take theirs from the sequence `dblock_fencing_seq`, so the tokens of a
-/// name increase whichever kind of holder came before, and a lease row can
-/// be deleted without its name's tokens starting over.
-macro_rules! next_token {
-    () => {
-        "nextval('dblock_fencing_seq')"
-    };
-}
-
 mod advisory;
+mod engine;
 mod key;
 mod lease;
 mod migrate;
 mod notify;
+mod token;
 mod xact;
 
 pub use advisory::{Advisory, AdvisoryOptions, WaitStrategy};

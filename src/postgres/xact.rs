@@ -1,38 +1,48 @@
 //! Transaction-scoped advisory locks.
 
+use std::sync::LazyLock;
 use std::time::Duration;
 
 use sqlx::{Connection, Postgres, Transaction};
 use tokio::time::Instant;
 
-use super::{advisory_key, map_err, Lifted, LIFT_SERVER_TIMEOUTS};
+use super::token::sequence_token;
+use super::{advisory_key, engine, map_err, Lifted, LIFT_SERVER_TIMEOUTS};
 use crate::name::validate_name;
 use crate::{Error, Result, Wait};
 
 // The lock runs inside a savepoint so that a timeout or an error rolls back
 // only the savepoint, never the caller's transaction. A statement before it
 // lifts statement_timeout (a role's setting must not cut the wait short;
-// PostgreSQL arms it when a statement starts) and reports the old value,
-// $3 (and idle_in_transaction_session_timeout, $4). lock_timeout is set for the wait; both are put back to their previous
-// values in the same statement, after the wait, so the caller's later
-// statements keep their own settings (a rolled-back savepoint puts them
-// back by itself).
-const WAIT: &str = concat!(
-    "SELECT ",
-    next_token!(),
-    ", set_config('lock_timeout', old, true),
+// PostgreSQL arms it when a statement starts) and reports the old values,
+// $3 (and idle_in_transaction_session_timeout, $4). lock_timeout is set for
+// the wait; all three are put back to their previous values in the same
+// statement, after the wait, so the caller's later statements keep their own
+// settings (a rolled-back savepoint puts them back by itself).
+static WAIT: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "SELECT {}, set_config('lock_timeout', old, true),
        set_config('statement_timeout', $3, true),
        set_config('idle_in_transaction_session_timeout', $4, true)
   FROM (SELECT old, pg_advisory_xact_lock($1)
           FROM (SELECT old, set_config('lock_timeout', $2, true)
                   FROM (SELECT current_setting('lock_timeout') AS old) o OFFSET 0) cfg
-        OFFSET 0) l"
-);
-const TRY: &str = concat!(
-    "SELECT CASE WHEN pg_try_advisory_xact_lock($1) THEN ",
-    next_token!(),
-    " END"
-);
+        OFFSET 0) l",
+        sequence_token()
+    )
+});
+static TRY: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "SELECT CASE WHEN pg_try_advisory_xact_lock($1) THEN {} END",
+        sequence_token()
+    )
+});
+
+/// SQLSTATE 42883: a function the statement calls does not exist (on an
+/// engine that is not PostgreSQL, `pg_walfile_name` for one).
+fn is_undefined_function(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(db) if db.code().as_deref() == Some("42883"))
+}
 
 /// Takes the exclusive advisory lock `name` for the rest of the caller's
 /// transaction (`pg_advisory_xact_lock`): COMMIT or ROLLBACK releases it.
@@ -48,6 +58,12 @@ const TRY: &str = concat!(
 /// database's `statement_timeout` (and `idle_in_transaction_session_timeout`)
 /// is lifted for the waiting statement and put back afterwards, so the
 /// caller's later statements keep their own settings.
+///
+/// Works through a transaction-pooling proxy (PgBouncer
+/// `pool_mode=transaction`): its statements are unnamed, so they need no
+/// prepared statement to survive on a server connection, and the
+/// transaction keeps one server connection throughout. On CockroachDB or
+/// YugabyteDB it fails with [`Error::Unsupported`].
 ///
 /// ```no_run
 /// # async fn job(pool: sqlx::PgPool) -> dblock::Result<()> {
@@ -98,7 +114,8 @@ pub async fn lock_xact_with(
     loop {
         let mut savepoint = tx.begin().await?;
         let outcome = match (wait, deadline) {
-            (Wait::No, _) => sqlx::query_scalar::<_, Option<i64>>(TRY)
+            (Wait::No, _) => sqlx::query_scalar::<_, Option<i64>>(TRY.as_str())
+                .persistent(false)
                 .bind(key)
                 .fetch_one(&mut *savepoint)
                 .await
@@ -114,11 +131,13 @@ pub async fn lock_xact_with(
                     }
                 };
                 match sqlx::query_as::<_, Lifted>(LIFT_SERVER_TIMEOUTS)
+                    .persistent(false)
                     .fetch_one(&mut *savepoint)
                     .await
                 {
                     Ok((statement_timeout, idle_timeout, _, _)) => {
-                        sqlx::query_as::<_, (i64, String, String, String)>(WAIT)
+                        sqlx::query_as::<_, (i64, String, String, String)>(WAIT.as_str())
+                            .persistent(false)
                             .bind(key)
                             .bind(format!("{ms}ms"))
                             .bind(statement_timeout)
@@ -151,6 +170,18 @@ pub async fn lock_xact_with(
                     }
                     // lock_timeout caps at about 24 days: wait another round.
                     (true, _) => continue,
+                    (false, _) if is_undefined_function(&e) => {
+                        // Not PostgreSQL? Only now, off the common path, is
+                        // the engine asked.
+                        let version: String = sqlx::query_scalar("SELECT version()")
+                            .persistent(false)
+                            .fetch_one(&mut **tx)
+                            .await?;
+                        return Err(match engine::refusal(&version) {
+                            Some(why) => engine::unsupported("postgres-xact", why),
+                            None => map_err(e),
+                        });
+                    }
                     (false, _) => return Err(map_err(e)),
                 }
             }

@@ -111,3 +111,15 @@ pub fn unique(prefix: &str) -> String {
         N.fetch_add(1, Ordering::Relaxed)
     )
 }
+
+/// A PostgreSQL pool of at most `max` connections on `url`, waiting up to
+/// 20 s for a connection.
+#[cfg(feature = "postgres")]
+pub async fn pg_pool(url: &str, max: u32) -> sqlx::PgPool {
+    sqlx::postgres::PgPoolOptions::new()
+        .max_connections(max)
+        .acquire_timeout(std::time::Duration::from_secs(20))
+        .connect(url)
+        .await
+        .unwrap_or_else(|e| panic!("connect to PostgreSQL at {url}: {e}"))
+}

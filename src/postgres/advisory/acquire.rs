@@ -6,7 +6,7 @@
 //! its caller gone is dropped, which queues its unlock on its session, and
 //! a server-side wait whose caller is gone has its connection closed.
 
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use sqlx::pool::PoolConnection;
@@ -16,20 +16,37 @@ use tokio::time::{sleep_until, Instant};
 
 use super::registry::Route;
 use super::session::{self, Cmd, LockReply};
-use super::{lock_table_full, Inner, WaitStrategy, LOCK_TABLE_FULL};
+use super::{lock_table_full, Inner, Refusal, WaitStrategy, LOCK_TABLE_FULL};
 use crate::backend::{BoxFuture, Grant};
-use crate::postgres::{advisory_key, map_err, LIFT_SERVER_TIMEOUTS};
+use crate::postgres::token::sequence_token;
+use crate::postgres::{advisory_key, engine, map_err, LIFT_SERVER_TIMEOUTS};
 use crate::{AcquireRequest, Error, LockMode, Result, Wait};
 
 pub(super) type Reply = oneshot::Sender<Result<Option<Grant>>>;
 
-// The innermost subquery sets a transaction-local lock_timeout before the
-// lock call runs (OFFSET 0 keeps the planner from flattening the order away);
-// the statement runs in a transaction of its own (see `wait_on_server`), so
-// nothing leaks into the pooled session. The backend's pid comes along: the connection
-// becomes a holder session when the wait is granted.
-const WAIT_EXCLUSIVE: &str = concat!("SELECT ", next_token!(), ", pg_backend_pid() FROM (SELECT pg_advisory_lock($1) FROM (SELECT set_config('lock_timeout', $2, true)) cfg OFFSET 0) l");
-const WAIT_SHARED: &str = concat!("SELECT ", next_token!(), ", pg_backend_pid() FROM (SELECT pg_advisory_lock_shared($1) FROM (SELECT set_config('lock_timeout', $2, true)) cfg OFFSET 0) l");
+// The inner subqueries set a transaction-local lock_timeout before the lock
+// call runs (OFFSET 0 keeps the planner from flattening the order away); in
+// autocommit the "transaction" is this one statement, so nothing leaks into
+// the pooled session. The connection becomes a holder session when the wait
+// is granted, so the statement also sets that session's marker ($3) and
+// returns its pid; it waits only if the server session carries no other
+// holder's marker (`ours`), as when opening a holder session. A wait that
+// fails (a lock_timeout) undoes the marker with the rest of its transaction.
+fn wait_sql(lock: &str) -> String {
+    format!(
+        "SELECT ours, CASE WHEN ours THEN {} END, pg_backend_pid()
+           FROM (SELECT ours, CASE WHEN ours THEN {lock}($1) END
+                   FROM (SELECT ours, set_config('lock_timeout', $2, true),
+                                CASE WHEN ours THEN set_config('dblock.session', $3, false) END
+                           FROM (SELECT coalesce(current_setting('dblock.session', true), '') = '' AS ours
+                                 OFFSET 0) c
+                         OFFSET 0) cfg
+                 OFFSET 0) l",
+        sequence_token()
+    )
+}
+static WAIT_EXCLUSIVE: LazyLock<String> = LazyLock::new(|| wait_sql("pg_advisory_lock"));
+static WAIT_SHARED: LazyLock<String> = LazyLock::new(|| wait_sql("pg_advisory_lock_shared"));
 
 /// How often a server-side waiter that cannot get a connection (the pool
 /// is exhausted) tries again on the holder sessions meanwhile.
@@ -162,14 +179,15 @@ pub(super) async fn acquire_task(inner: Arc<Inner>, request: AcquireRequest, mut
             }
         }
         let conn = waiter.as_mut().expect("a waiting connection");
-        match wait_on_server(conn, key, mode, deadline, &mut reply).await {
-            Waited::Granted { token, pid } => {
+        match wait_on_server(&inner, conn, key, mode, deadline, &mut reply).await {
+            Waited::Granted { token, pid, marker } => {
                 let conn = waiter
                     .take()
                     .and_then(|mut w| w.conn.take())
                     .expect("a waiting connection");
                 let permit = slot.as_mut().and_then(|s| s.permit.take());
-                let grant = session::adopt(&inner, conn, permit, pid, key, mode, token, &name);
+                let grant =
+                    session::adopt(&inner, conn, permit, pid, marker, key, mode, token, &name);
                 // If the acquirer is gone, the grant drops with the failed
                 // send and its session unlocks it.
                 let _ = reply.send(Ok(Some(grant)));
@@ -197,6 +215,9 @@ async fn try_on_session(
     let mut failed = None;
     let mut gone = 0;
     while gone < SESSION_RETRIES {
+        if let Some(refusal) = inner.refusal() {
+            return Err(refusal);
+        }
         let lock = inner.next_id();
         let route = inner
             .registry()
@@ -237,6 +258,9 @@ async fn try_on_session(
                 gone += 1;
             }
         }
+    }
+    if let Some(refusal) = inner.refusal() {
+        return Err(refusal);
     }
     let reason = failed.unwrap_or_else(|| "their tasks ended".into());
     Err(Error::Database(sqlx::Error::Io(std::io::Error::other(
@@ -312,7 +336,11 @@ impl Drop for WaitConn {
 }
 
 enum Waited {
-    Granted { token: u64, pid: i32 },
+    Granted {
+        token: u64,
+        pid: i32,
+        marker: String,
+    },
     Busy,
     Failed(Error),
     Abandoned,
@@ -320,6 +348,7 @@ enum Waited {
 
 /// One server-side wait, bounded by what is left of the deadline.
 async fn wait_on_server(
+    inner: &Inner,
     conn: &mut WaitConn,
     key: i64,
     mode: LockMode,
@@ -339,21 +368,24 @@ async fn wait_on_server(
         }
     };
     let sql = match mode {
-        LockMode::Exclusive => WAIT_EXCLUSIVE,
-        LockMode::Shared => WAIT_SHARED,
+        LockMode::Exclusive => &*WAIT_EXCLUSIVE,
+        LockMode::Shared => &*WAIT_SHARED,
     };
     conn.clean = false;
+    let marker = session::new_marker();
     let raw = &mut **conn.conn.as_mut().expect("connection present");
     // The wait runs in a transaction of its own that first lifts the role's
     // statement_timeout (and idle_in_transaction_session_timeout): only the
     // lock_timeout set from the deadline bounds it. The lock is
-    // session-level, so it outlives the transaction.
+    // session-level, so it outlives the transaction; so does the session's
+    // marker (set_config(.., false)), unless the transaction rolls back.
     let waited = async {
         let mut tx = raw.begin().await?;
         sqlx::query(LIFT_SERVER_TIMEOUTS).execute(&mut *tx).await?;
-        let outcome = sqlx::query_as::<_, (i64, i32)>(sql)
+        let outcome = sqlx::query_as::<_, (bool, Option<i64>, i32)>(sql.as_str())
             .bind(key)
             .bind(format!("{timeout_ms}ms"))
+            .bind(marker.clone())
             .fetch_one(&mut *tx)
             .await;
         match outcome {
@@ -374,10 +406,19 @@ async fn wait_on_server(
         _ = reply.closed() => return Waited::Abandoned,
     };
     match outcome {
-        Ok((token, pid)) => Waited::Granted {
+        Ok((true, Some(token), pid)) => Waited::Granted {
             token: token as u64,
             pid,
+            marker,
         },
+        // Another holder's server session: nothing was set or taken.
+        Ok((false, _, _)) => {
+            conn.clean = true;
+            inner.refuse(Refusal::Pooler);
+            Waited::Failed(engine::transaction_pooler())
+        }
+        // A granted wait always has a token; the connection stays dirty.
+        Ok((true, None, _)) => Waited::Failed(Error::Database(sqlx::Error::RowNotFound)),
         Err(e) if is_lock_timeout(&e) => {
             // A grant can race the timeout: PostgreSQL then keeps the
             // session-level lock (LockErrorCleanup remembers a lock granted
@@ -397,6 +438,12 @@ async fn wait_on_server(
                 }
                 Err(e) => Waited::Failed(map_err(e)),
             }
+        }
+        Err(e) if engine::is_statement_clash(&e) => {
+            // A transaction pooler: the statement never ran.
+            conn.clean = true;
+            inner.refuse(Refusal::Pooler);
+            Waited::Failed(engine::transaction_pooler())
         }
         Err(e) if is_lock_table_full(&e) => {
             // The lock could not even be queued for: nothing is held.

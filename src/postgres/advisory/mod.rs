@@ -13,13 +13,13 @@ mod session;
 use std::collections::HashSet;
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
 use sqlx::{PgPool, Row};
 use tokio::sync::{oneshot, Semaphore};
 
-use super::advisory_key;
+use super::{advisory_key, engine};
 use crate::backend::{BoxFuture, Grant};
 use crate::lease::Wakeups;
 use crate::{AcquireRequest, Backend, Error, LockInfo, LockMode, Result};
@@ -163,6 +163,31 @@ const LOCK_TABLE_FULL: &str = "53200";
 /// owning session can unlock it; **that ends every other lock on that
 /// session too**, and their guards report lost as well.
 ///
+/// # Poolers, failover and other engines
+///
+/// Session-level locks need a session of their own. Through a
+/// transaction-pooling proxy (PgBouncer `pool_mode=transaction`,
+/// Supavisor), which hands each transaction whichever server connection is
+/// free, the backend refuses with [`Error::Unsupported`] naming the
+/// alternatives ([`Lease`](super::Lease) with
+/// [`transaction_pooling`](super::Lease::transaction_pooling),
+/// [`lock_xact`](super::lock_xact), a session-pooling port). Each holder
+/// session marks its server session (a random value in the session setting
+/// `dblock.session`, set by its first statement only if no other holder's
+/// mark is there) and every lock statement and heartbeat checks that mark
+/// and the backend pid in the same statement, before it locks; the first
+/// holder session also looks from a second pooled connection whether it
+/// sees the same server session. Nothing is locked on a server session
+/// that is not the holder's own. A session-pooling proxy works as a direct
+/// connection.
+///
+/// Tokens carry the server's timeline in their high bits, so they keep
+/// increasing across the promotion of an asynchronous standby that lost the
+/// primary's last commits (the old primary must be fenced off by the
+/// failover tool). CockroachDB, whose advisory locks are stubs, and
+/// YugabyteDB are refused with [`Error::Unsupported`]. See
+/// `docs/topologies.md`.
+///
 /// # Capacity
 ///
 /// Every advisory lock takes an entry in PostgreSQL's shared lock table,
@@ -199,6 +224,21 @@ pub(super) struct Inner {
     /// while waiting and while the lock a wait was granted lives on its
     /// connection.
     wait_slots: Arc<Semaphore>,
+    /// Set once a session found the engine or the connection unfit; every
+    /// acquisition is refused from then on.
+    refused: OnceLock<Refusal>,
+    /// Whether the first holder session probed for a transaction pooler.
+    probed: AtomicBool,
+}
+
+/// Why an [`Advisory`] backend refuses to take locks.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Refusal {
+    /// The engine is not PostgreSQL's (see `engine::refusal`).
+    Engine(&'static str),
+    /// A statement ran on a server session other than its holder
+    /// session's: a transaction-pooling proxy.
+    Pooler,
 }
 
 impl fmt::Debug for Advisory {
@@ -231,6 +271,8 @@ impl Advisory {
                 ids: AtomicU64::new(1),
                 server_waits: Mutex::default(),
                 wait_slots: Arc::new(Semaphore::new(wait_slots)),
+                refused: OnceLock::new(),
+                probed: AtomicBool::new(false),
             }),
         }
     }
@@ -317,6 +359,18 @@ fn lock_table_full(size: &str) -> Error {
 }
 
 impl Inner {
+    fn refuse(&self, why: Refusal) {
+        let _ = self.refused.set(why);
+    }
+
+    /// The error every acquisition answers once the backend refused.
+    fn refusal(&self) -> Option<Error> {
+        self.refused.get().map(|why| match why {
+            Refusal::Engine(why) => engine::unsupported("postgres-advisory", why),
+            Refusal::Pooler => engine::transaction_pooler(),
+        })
+    }
+
     fn next_id(&self) -> u64 {
         self.ids.fetch_add(1, Ordering::Relaxed)
     }
@@ -438,6 +492,9 @@ impl Backend for Advisory {
                         "hold_at_least: an advisory lock ends with its session; use postgres::Lease"
                             .into(),
                 });
+            }
+            if let Some(refusal) = self.inner.refusal() {
+                return Err(refusal);
             }
             // The attempt runs in a task that owns the outcome, so dropping
             // this future can never strand a lock.
