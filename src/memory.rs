@@ -57,6 +57,7 @@ impl Memory {
         // clones that share it).
         let store = MemoryStore {
             names: self.engine.store().names.clone(),
+            clock: self.engine.store().clock,
         };
         let mut engine = LeaseEngine::new(store, self.engine.wakeups());
         engine.set_options(options)?;
@@ -69,6 +70,38 @@ lease_backend!(Memory);
 #[derive(Debug, Default)]
 pub(crate) struct MemoryStore {
     names: Arc<Mutex<HashMap<String, Entry>>>,
+    clock: Clock,
+}
+
+/// Memory's clock: the wall clock read once, advanced by tokio's monotonic
+/// clock. Expiries are decided on the monotonic clock, and reported (and
+/// [`now`](crate::Backend::now) answered) on this one, so that both agree,
+/// also under `tokio::time::pause`.
+#[derive(Debug, Clone, Copy)]
+struct Clock {
+    base: Instant,
+    base_wall: DateTime<Utc>,
+}
+
+impl Default for Clock {
+    fn default() -> Self {
+        Clock {
+            base: Instant::now(),
+            base_wall: Utc::now(),
+        }
+    }
+}
+
+impl Clock {
+    /// The wall-clock reading of a monotonic instant.
+    fn wall(&self, at: Instant) -> DateTime<Utc> {
+        let since = |d: std::time::Duration| chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX);
+        if at >= self.base {
+            self.base_wall + since(at - self.base)
+        } else {
+            self.base_wall - since(self.base - at)
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -90,28 +123,17 @@ struct Holder {
     expires: Instant,
 }
 
-/// The wall-clock reading of a monotonic instant, for display.
-fn wall(at: Instant) -> DateTime<Utc> {
-    let now = Instant::now();
-    let wall_now = Utc::now();
-    if at >= now {
-        wall_now + (at - now)
-    } else {
-        wall_now - (now - at)
-    }
-}
-
 impl Entry {
     fn prune(&mut self, now: Instant) {
         self.holders.retain(|h| h.expires > now);
     }
 
-    fn info(&self, name: &str) -> Option<LockInfo> {
+    fn info(&self, name: &str, clock: &Clock) -> Option<LockInfo> {
         let first = self.holders.first()?;
         let mut info = LockInfo::new(Some(name.to_owned()), first.holder.clone(), first.mode);
         info.token = Some(first.token);
         info.acquired_at = Some(first.acquired_at);
-        info.expires_at = Some(wall(first.expires));
+        info.expires_at = Some(clock.wall(first.expires));
         info.holders = self.holders.len() as u32;
         Some(info)
     }
@@ -146,12 +168,12 @@ impl LeaseStore for MemoryStore {
             mode: claim.mode,
             token: entry.token,
             acquired: now,
-            acquired_at: Utc::now(),
+            acquired_at: self.clock.wall(now),
             expires,
         });
         Ok(Some(Claimed {
             token: entry.token,
-            expires_at: wall(expires),
+            expires_at: self.clock.wall(expires),
         }))
     }
 
@@ -173,7 +195,7 @@ impl LeaseStore for MemoryStore {
             .find(|h| h.owner == owner && h.token == token && h.expires > now);
         Ok(mine.map(|h| {
             h.expires = now + ttl;
-            wall(h.expires)
+            self.clock.wall(h.expires)
         }))
     }
 
@@ -192,7 +214,7 @@ impl LeaseStore for MemoryStore {
                 match mine {
                     Some(h) => {
                         h.expires = now + r.ttl;
-                        Renewed::Until(wall(h.expires))
+                        Renewed::Until(self.clock.wall(h.expires))
                     }
                     None => Renewed::Gone,
                 }
@@ -236,6 +258,10 @@ impl LeaseStore for MemoryStore {
         Ok(true)
     }
 
+    async fn now(&self) -> Result<DateTime<Utc>> {
+        Ok(self.clock.wall(Instant::now()))
+    }
+
     async fn force_release(&self, name: &str) -> Result<bool> {
         let now = Instant::now();
         let mut names = self.names.lock().unwrap();
@@ -252,7 +278,7 @@ impl LeaseStore for MemoryStore {
         let mut names = self.names.lock().unwrap();
         Ok(names.get_mut(name).and_then(|entry| {
             entry.prune(now);
-            entry.info(name)
+            entry.info(name, &self.clock)
         }))
     }
 
@@ -263,7 +289,7 @@ impl LeaseStore for MemoryStore {
             .iter_mut()
             .filter_map(|(name, entry)| {
                 entry.prune(now);
-                entry.info(name)
+                entry.info(name, &self.clock)
             })
             .collect();
         all.sort_by(|a, b| a.name.cmp(&b.name));

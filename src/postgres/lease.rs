@@ -315,6 +315,10 @@ impl LeaseStore for PgStore {
         "postgres-lease"
     }
 
+    async fn now(&self) -> Result<DateTime<Utc>> {
+        super::clock_timestamp(&self.pool).await
+    }
+
     async fn claim(&self, claim: &Claim<'_>) -> Result<Option<Claimed>> {
         let row: Option<(i64, DateTime<Utc>)> = retrying(|| async {
             // Waiting for a connection can take long when the pool is busy;

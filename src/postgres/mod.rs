@@ -20,6 +20,15 @@ pub(crate) const SCHEMA_MISSING: crate::Error = crate::Error::SchemaMissing {
     dir: "postgres",
 };
 
+/// The server's `clock_timestamp()`: the clock both PostgreSQL backends
+/// decide by.
+pub(crate) async fn clock_timestamp(pool: &sqlx::PgPool) -> crate::Result<chrono::DateTime<chrono::Utc>> {
+    sqlx::query_scalar("SELECT clock_timestamp()")
+        .fetch_one(pool)
+        .await
+        .map_err(map_err)
+}
+
 /// Maps "relation does not exist" (42P01) to [`Error::SchemaMissing`](crate::Error::SchemaMissing).
 pub(crate) fn map_err(e: sqlx::Error) -> crate::Error {
     if let sqlx::Error::Database(db) = &e {
