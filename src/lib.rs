@@ -62,6 +62,7 @@ pub mod memory;
 pub mod mysql;
 #[cfg(feature = "postgres")]
 pub mod postgres;
+pub mod schedule;
 #[cfg(feature = "sqlite")]
 pub mod sqlite;
 
