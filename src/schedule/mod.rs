@@ -80,7 +80,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch};
 use tokio::task::JoinSet;
 use tokio::time::{sleep, sleep_until, Instant};
 
@@ -493,7 +493,19 @@ impl Scheduler {
             let mut wake = clock.instant_of(current.end) + Duration::from_millis(2);
             for (bounds, catch_up) in todo {
                 match self.attempt(&clock, bounds, catch_up, &mut runs).await {
-                    Ok(()) => last = Some(bounds.start),
+                    Ok(Some(done)) if catch_up => {
+                        last = Some(bounds.start);
+                        // The current slot waits for the catch-up run, so
+                        // that Overlap::Skip does not skip it for that run.
+                        tokio::select! {
+                            _ = &mut stop => {
+                                while runs.join_next().await.is_some() {}
+                                return Ok(());
+                            }
+                            _ = done => {}
+                        }
+                    }
+                    Ok(_) => last = Some(bounds.start),
                     Err(Unsettled::Fatal(e)) => return Err(e),
                     Err(Unsettled::Retry) => {
                         wake = wake.min(Instant::now() + RETRY_AFTER);
@@ -519,14 +531,15 @@ impl Scheduler {
     }
 
     /// Claims the slot and starts its run, or finds out why not. `Ok` once
-    /// the slot is settled for this host.
+    /// the slot is settled for this host, with a receiver that fires when
+    /// the run this host started ends.
     async fn attempt(
         &self,
         clock: &DbClock,
         bounds: Bounds,
         catch_up: bool,
         runs: &mut JoinSet<()>,
-    ) -> std::result::Result<(), Unsettled> {
+    ) -> std::result::Result<Option<oneshot::Receiver<()>>, Unsettled> {
         let job = &self.job;
         let slot = Slot {
             job: self.name.clone(),
@@ -551,7 +564,7 @@ impl Scheduler {
         let lock = Job::slot_lock(&self.name, bounds.start);
         let now = clock.now();
         if now >= valid_until {
-            return self.too_late(&lock, slot).await;
+            return self.too_late(&lock, slot).await.map(|()| None);
         }
         let hold_until = next.end + chrono::Duration::from_std(HOLD_MARGIN).expect("small");
         // Lengthened by the last round trip to the database, the bound on
@@ -568,7 +581,7 @@ impl Scheduler {
             Ok(guard) => guard,
             Err(Error::Timeout { .. }) => {
                 self.report(Outcome::Taken { slot });
-                return Ok(());
+                return Ok(None);
             }
             Err(e) => return Err(self.failed(slot, e)),
         };
@@ -582,7 +595,7 @@ impl Scheduler {
                 // claim keeps others off, and nobody runs the slot.
                 drop(guard);
                 self.report(Outcome::Missed { slot });
-                return Ok(());
+                return Ok(None);
             }
             if at < bounds.start {
                 // This host's estimate ran a little ahead of the database:
@@ -597,7 +610,7 @@ impl Scheduler {
                 Ok(None) => {
                     drop(guard);
                     self.report(Outcome::Skipped { slot });
-                    return Ok(());
+                    return Ok(None);
                 }
                 Err(e) => {
                     // The claim stands (it cannot be taken back): the slot
@@ -607,7 +620,7 @@ impl Scheduler {
                         slot,
                         error: format!("checking for a run still going: {e}"),
                     });
-                    return Ok(());
+                    return Ok(None);
                 }
             },
         };
@@ -617,6 +630,7 @@ impl Scheduler {
         let run = (job.run)(slot.clone(), guard);
         let limit = job.max_run_time;
         let on_outcome = job.on_outcome.clone();
+        let (done_tx, done) = oneshot::channel();
         runs.spawn(async move {
             let limit_passed = async {
                 match limit {
@@ -638,8 +652,9 @@ impl Scheduler {
                 let _ = running.release().await;
             }
             report(&on_outcome, &outcome);
+            let _ = done_tx.send(());
         });
-        Ok(())
+        Ok(Some(done))
     }
 
     /// The lease held while a run is under way ([`Overlap::Skip`]); `None`
