@@ -64,13 +64,17 @@ async fn fleet(hosts: Vec<Locks>, skews: &[i64]) {
     let slots = 5;
     let name = common::unique("fleet");
     let log: Log = Arc::default();
+    let seen: Arc<Mutex<Vec<(usize, Outcome)>>> = Arc::default();
     let db = hosts[0].clone();
     let begin = db.now().await.expect("database clock");
     let stop_at = tokio::time::Instant::now() + every * slots;
     let mut tasks = Vec::new();
     for (host, locks) in hosts.into_iter().enumerate() {
         let skew = chrono::Duration::seconds(skews.get(host).copied().unwrap_or(0));
-        let job = recording_job(&name, host, locks.clone(), log.clone(), every).clock_skew(skew);
+        let seen = seen.clone();
+        let job = recording_job(&name, host, locks.clone(), log.clone(), every)
+            .clock_skew(skew)
+            .on_outcome(move |o| seen.lock().unwrap().push((host, o.clone())));
         tasks.push(tokio::spawn(async move {
             job.run_until(&locks, tokio::time::sleep_until(stop_at))
                 .await
@@ -102,12 +106,23 @@ async fn fleet(hosts: Vec<Locks>, skews: &[i64]) {
     if start - begin < chrono::Duration::seconds(1) {
         start += two;
     }
+    let seen = seen.lock().unwrap().clone();
     let mut expected = 0;
     while start + two <= end {
         assert!(
             by_slot.contains_key(&start),
             "slot {start} did not run (window {begin} .. {end}); runs: {runs:?}"
         );
+        // Every host saw the slot in its time, by the database clock, and
+        // found it running here or taken: none missed it.
+        for host in 0..skews.len().max(3) {
+            let settled = seen.iter().any(|(h, o)| {
+                *h == host
+                    && o.slot().start() == start
+                    && matches!(o, Outcome::Ran { error: None, .. } | Outcome::Taken { .. })
+            });
+            assert!(settled, "host {host} did not settle slot {start}: {seen:#?}");
+        }
         expected += 1;
         start += two;
     }
