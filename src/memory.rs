@@ -95,7 +95,8 @@ impl Default for Clock {
 impl Clock {
     /// The wall-clock reading of a monotonic instant.
     fn wall(&self, at: Instant) -> DateTime<Utc> {
-        let since = |d: std::time::Duration| chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX);
+        let since =
+            |d: std::time::Duration| chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX);
         if at >= self.base {
             self.base_wall + since(at - self.base)
         } else {

@@ -121,7 +121,10 @@ async fn fleet(hosts: Vec<Locks>, skews: &[i64]) {
                     && o.slot().start() == start
                     && matches!(o, Outcome::Ran { error: None, .. } | Outcome::Taken { .. })
             });
-            assert!(settled, "host {host} did not settle slot {start}: {seen:#?}");
+            assert!(
+                settled,
+                "host {host} did not settle slot {start}: {seen:#?}"
+            );
         }
         expected += 1;
         start += two;
@@ -255,7 +258,10 @@ async fn bad_input_is_refused_before_writing() {
     let every = Schedule::every(Duration::from_secs(1)).unwrap();
     let noop = |_: Slot, _: LockGuard| async { Ok::<_, Error>(()) };
     let r = Job::new("", every.clone(), noop).run(&locks).await;
-    assert!(matches!(r, Err(Error::InvalidName(ref m)) if m.contains("job name")), "{r:?}");
+    assert!(
+        matches!(r, Err(Error::InvalidName(ref m)) if m.contains("job name")),
+        "{r:?}"
+    );
     let r = Job::new("x".repeat(201), every.clone(), noop)
         .run(&locks)
         .await;
@@ -270,7 +276,10 @@ async fn bad_input_is_refused_before_writing() {
         .run(&locks)
         .await;
     assert!(matches!(r, Err(Error::InvalidOption(_))), "{r:?}");
-    assert!(locks.list().await.unwrap().is_empty(), "nothing was written");
+    assert!(
+        locks.list().await.unwrap().is_empty(),
+        "nothing was written"
+    );
     assert!(matches!(
         Schedule::cron("61 * * * *"),
         Err(Error::InvalidOption(_))
@@ -444,14 +453,22 @@ async fn max_run_time_cancels_the_run_and_frees_the_next_slot() {
     job.run_until(&locks, tokio::time::sleep(Duration::from_secs(25)))
         .await
         .unwrap();
-    let cancelled = count(&outcomes, |o| {
-        matches!(o, Outcome::Cancelled { reason, .. } if reason.contains("max run time"))
-    });
+    let cancelled = count(
+        &outcomes,
+        |o| matches!(o, Outcome::Cancelled { reason, .. } if reason.contains("max run time")),
+    );
     // Slots 0, 10, 20 each start (the previous run was cancelled at +4 s,
     // releasing the running lease) and each is cancelled.
     assert_eq!(cancelled, 3, "{outcomes:#?}");
-    assert_eq!(*finished.lock().unwrap(), 0, "no run went on after its cancel");
-    assert_eq!(count(&outcomes, |o| matches!(o, Outcome::Skipped { .. })), 0);
+    assert_eq!(
+        *finished.lock().unwrap(),
+        0,
+        "no run went on after its cancel"
+    );
+    assert_eq!(
+        count(&outcomes, |o| matches!(o, Outcome::Skipped { .. })),
+        0
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -489,11 +506,15 @@ async fn a_run_whose_lock_is_lost_is_cancelled() {
         }
     };
     job.run_until(&locks, breaker).await.unwrap();
-    let lost = count(&outcomes, |o| {
-        matches!(o, Outcome::Cancelled { reason, .. } if reason.contains("lost"))
-    });
+    let lost = count(
+        &outcomes,
+        |o| matches!(o, Outcome::Cancelled { reason, .. } if reason.contains("lost")),
+    );
     assert_eq!(lost, 1, "{outcomes:#?}");
-    assert!(!*finished.lock().unwrap(), "the run was cancelled, not finished");
+    assert!(
+        !*finished.lock().unwrap(),
+        "the run was cancelled, not finished"
+    );
 }
 
 /// A host that starts past a slot's grace does not run it.

@@ -22,7 +22,9 @@ pub(crate) const SCHEMA_MISSING: crate::Error = crate::Error::SchemaMissing {
 
 /// The server's `clock_timestamp()`: the clock both PostgreSQL backends
 /// decide by.
-pub(crate) async fn clock_timestamp(pool: &sqlx::PgPool) -> crate::Result<chrono::DateTime<chrono::Utc>> {
+pub(crate) async fn clock_timestamp(
+    pool: &sqlx::PgPool,
+) -> crate::Result<chrono::DateTime<chrono::Utc>> {
     sqlx::query_scalar("SELECT clock_timestamp()")
         .fetch_one(pool)
         .await

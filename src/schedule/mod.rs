@@ -254,7 +254,10 @@ impl fmt::Display for Outcome {
             } => write!(f, "{slot}: ran here (token {token}), cancelled: {reason}"),
             Outcome::Taken { slot } => write!(f, "{slot}: taken by another host"),
             Outcome::Skipped { slot } => {
-                write!(f, "{slot}: skipped, a run of an earlier slot is still going")
+                write!(
+                    f,
+                    "{slot}: skipped, a run of an earlier slot is still going"
+                )
             }
             Outcome::Missed { slot } => write!(f, "{slot}: missed, nobody claimed it in time"),
             Outcome::Failed { slot, error } => write!(f, "{slot}: claiming failed: {error}"),
@@ -262,9 +265,8 @@ impl fmt::Display for Outcome {
     }
 }
 
-type RunFn = dyn Fn(Slot, LockGuard) -> BoxFuture<'static, std::result::Result<(), String>>
-    + Send
-    + Sync;
+type RunFn =
+    dyn Fn(Slot, LockGuard) -> BoxFuture<'static, std::result::Result<(), String>> + Send + Sync;
 type OutcomeFn = dyn Fn(&Outcome) + Send + Sync;
 
 /// A scheduled job: what runs, when, and the policies. Build it with
@@ -468,6 +470,7 @@ enum Unsettled {
 impl Scheduler {
     async fn run(self: Arc<Self>, stop: impl Future<Output = ()>) -> Result<()> {
         tokio::pin!(stop);
+        self.probe().await?;
         let mut clock = DbClock::new(&self.locks, self.job.skew).await?;
         // The start of the latest slot this host has settled: slots are
         // settled in order.
@@ -523,6 +526,33 @@ impl Scheduler {
                     _ = sleep_until(wake) => break,
                 }
             }
+        }
+    }
+
+    /// Finds out at once whether the backend can keep a claim past its
+    /// holder (one that cannot refuses `hold_at_least` before writing
+    /// anything), and whether the schema is there: one short lease, on a
+    /// name of its own per job.
+    async fn probe(&self) -> Result<()> {
+        let name = format!("schedule:{}:probe", self.name);
+        let claim = self
+            .locks
+            .acquire(name.as_str())
+            .ttl(Duration::from_secs(5))
+            .hold_at_least(Duration::ZERO)
+            .wait(Duration::ZERO)
+            .await;
+        match claim {
+            // Whatever the release says, the probe has answered (and its
+            // lease ends within its ttl anyway).
+            Ok(guard) => {
+                let _ = guard.release().await;
+                Ok(())
+            }
+            // Another host of the fleet is probing: fine.
+            Err(Error::Timeout { .. }) => Ok(()),
+            Err(e) if fatal(&e) => Err(self.fatal(e)),
+            Err(e) => Err(e),
         }
     }
 
@@ -692,19 +722,24 @@ impl Scheduler {
         Ok(())
     }
 
+    /// An error retrying cannot cure, explained for a scheduled job.
+    fn fatal(&self, e: Error) -> Error {
+        match e {
+            Error::Unsupported { backend, what } => Error::Unsupported {
+                backend,
+                what: format!(
+                    "scheduled jobs need a slot's claim to outlive the process that made it, \
+                     which this backend cannot do ({what}); use a lease backend: \
+                     postgres::Lease, mysql::Lease, sqlite::Lease or Memory"
+                ),
+            },
+            e => e,
+        }
+    }
+
     fn failed(&self, slot: Slot, e: Error) -> Unsettled {
         if fatal(&e) {
-            return Unsettled::Fatal(match e {
-                Error::Unsupported { backend, what } => Error::Unsupported {
-                    backend,
-                    what: format!(
-                        "scheduled jobs need a slot's claim to outlive the process that made it, \
-                         which this backend cannot do ({what}); use a lease backend: \
-                         postgres::Lease, mysql::Lease, sqlite::Lease or Memory"
-                    ),
-                },
-                e => e,
-            });
+            return Unsettled::Fatal(self.fatal(e));
         }
         self.report(Outcome::Failed {
             slot,
@@ -740,18 +775,20 @@ fn report(on_outcome: &Option<Arc<OutcomeFn>>, outcome: &Outcome) {
 /// Resolves with the reason once any of the guards is lost. A guard whose
 /// keeper is gone was released by the job: that is not a loss.
 async fn any_lost(states: Vec<watch::Receiver<State>>) -> String {
-    let waits = states.into_iter().map(|mut rx| -> BoxFuture<'static, String> {
-        Box::pin(async move {
-            let lost = rx
-                .wait_for(|s| s.lost.is_some())
-                .await
-                .map(|s| s.lost.clone().unwrap_or_default());
-            match lost {
-                Ok(reason) => reason,
-                Err(_) => std::future::pending().await,
-            }
-        })
-    });
+    let waits = states
+        .into_iter()
+        .map(|mut rx| -> BoxFuture<'static, String> {
+            Box::pin(async move {
+                let lost = rx
+                    .wait_for(|s| s.lost.is_some())
+                    .await
+                    .map(|s| s.lost.clone().unwrap_or_default());
+                match lost {
+                    Ok(reason) => reason,
+                    Err(_) => std::future::pending().await,
+                }
+            })
+        });
     futures_select_all(waits.collect()).await
 }
 

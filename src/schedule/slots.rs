@@ -96,9 +96,8 @@ impl Schedule {
     /// by OR as in Vixie cron). A malformed expression, or one that never
     /// matches, is [`Error::InvalidOption`].
     pub fn cron(expr: &str) -> Result<Schedule> {
-        let bad = |why: String| {
-            Error::InvalidOption(format!("invalid cron expression {expr:?}: {why}"))
-        };
+        let bad =
+            |why: String| Error::InvalidOption(format!("invalid cron expression {expr:?}: {why}"));
         let cron = croner::parser::CronParser::new()
             .parse(expr)
             .map_err(|e| bad(e.to_string()))?;
