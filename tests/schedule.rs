@@ -113,6 +113,14 @@ async fn fleet(hosts: Vec<Locks>, skews: &[i64]) {
             by_slot.contains_key(&start),
             "slot {start} did not run (window {begin} .. {end}); runs: {runs:?}"
         );
+        // The host that ran it reported so.
+        let runner = by_slot[&start][0].host;
+        assert!(
+            seen.iter().any(|(h, o)| *h == runner
+                && o.slot().start() == start
+                && matches!(o, Outcome::Ran { error: None, .. })),
+            "host {runner} ran slot {start} but did not report it: {seen:#?}"
+        );
         // Every host saw the slot in its time, by the database clock, and
         // found it running here or taken: none missed it.
         for host in 0..skews.len().max(3) {
@@ -421,10 +429,6 @@ async fn missed_skip_runs_no_missed_slot() {
         "{outcomes:#?}"
     );
     assert!(outcomes.iter().all(|o| !o.slot().is_catch_up()));
-}
-
-fn count_in(outcomes: &[Outcome], f: impl Fn(&Outcome) -> bool) -> usize {
-    outcomes.iter().filter(|o| f(o)).count()
 }
 
 #[tokio::test(start_paused = true)]

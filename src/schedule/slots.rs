@@ -77,7 +77,7 @@ impl Schedule {
                 "a schedule's interval must lie between 1 s and 366 days (got {interval:?})"
             )));
         }
-        if interval.subsec_nanos() % 1_000_000 != 0 {
+        if !interval.subsec_nanos().is_multiple_of(1_000_000) {
             return Err(Error::InvalidOption(format!(
                 "a schedule's interval must be a whole number of milliseconds (got {interval:?})"
             )));
