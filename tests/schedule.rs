@@ -331,16 +331,33 @@ async fn align(locks: &Locks, plus: Duration) {
     tokio::time::sleep(Duration::from_secs(10) - into + plus).await;
 }
 
-#[tokio::test(start_paused = true)]
-async fn overlap_skip_skips_slots_while_a_run_goes_on() {
-    let locks = Locks::new(Memory::new());
-    align(&locks, Duration::from_millis(100)).await;
+/// One host runs the job made by `job` from `into` a 10-second slot for
+/// `run_for` (paused time); returns the outcomes it saw.
+async fn one_host(
+    locks: &Locks,
+    into: Duration,
+    run_for: Duration,
+    job: impl FnOnce(&Outcomes) -> Job,
+) -> Outcomes {
+    align(locks, into).await;
     let outcomes: Outcomes = Arc::default();
-    // Each run takes 25 s: two and a half slots.
-    let job = timed_job("skip", Duration::from_secs(25), &outcomes);
-    job.run_until(&locks, tokio::time::sleep(Duration::from_secs(59)))
+    job(&outcomes)
+        .run_until(locks, tokio::time::sleep(run_for))
         .await
         .unwrap();
+    outcomes
+}
+
+#[tokio::test(start_paused = true)]
+async fn overlap_skip_skips_slots_while_a_run_goes_on() {
+    // Each run takes 25 s: two and a half slots.
+    let outcomes = one_host(
+        &Locks::new(Memory::new()),
+        Duration::from_millis(100),
+        Duration::from_secs(59),
+        |o| timed_job("skip", Duration::from_secs(25), o),
+    )
+    .await;
     // Slots at 0, 10, 20, 30, 40, 50: runs start at 0 and 30; 10 and 20
     // are skipped while the first runs, 40 and 50 while the second does.
     assert_eq!(count(&outcomes, ran), 2, "{outcomes:?}");
@@ -353,13 +370,13 @@ async fn overlap_skip_skips_slots_while_a_run_goes_on() {
 
 #[tokio::test(start_paused = true)]
 async fn overlap_allow_starts_every_slot() {
-    let locks = Locks::new(Memory::new());
-    align(&locks, Duration::from_millis(100)).await;
-    let outcomes: Outcomes = Arc::default();
-    let job = timed_job("allow", Duration::from_secs(25), &outcomes).overlap(Overlap::Allow);
-    job.run_until(&locks, tokio::time::sleep(Duration::from_secs(59)))
-        .await
-        .unwrap();
+    let outcomes = one_host(
+        &Locks::new(Memory::new()),
+        Duration::from_millis(100),
+        Duration::from_secs(59),
+        |o| timed_job("allow", Duration::from_secs(25), o).overlap(Overlap::Allow),
+    )
+    .await;
     // Six slots start; run_until waits for the last ones to finish.
     assert_eq!(count(&outcomes, ran), 6, "{outcomes:?}");
     assert_eq!(
@@ -524,13 +541,13 @@ async fn a_run_whose_lock_is_lost_is_cancelled() {
 /// A host that starts past a slot's grace does not run it.
 #[tokio::test(start_paused = true)]
 async fn a_host_past_the_grace_misses_the_slot() {
-    let locks = Locks::new(Memory::new());
-    align(&locks, Duration::from_secs(7)).await;
-    let outcomes: Outcomes = Arc::default();
-    let job = timed_job("late", Duration::from_secs(1), &outcomes);
-    job.run_until(&locks, tokio::time::sleep(Duration::from_secs(2)))
-        .await
-        .unwrap();
+    let outcomes = one_host(
+        &Locks::new(Memory::new()),
+        Duration::from_secs(7),
+        Duration::from_secs(2),
+        |o| timed_job("late", Duration::from_secs(1), o),
+    )
+    .await;
     // Started 7 s into a 10-second slot: past its 5 s grace.
     assert_eq!(count(&outcomes, ran), 0, "{outcomes:#?}");
     assert_eq!(
@@ -540,7 +557,7 @@ async fn a_host_past_the_grace_misses_the_slot() {
     );
 }
 
-/// A backend whose claims take 6 s to reach the store: a host stalled
+/// A backend whose slot claims take 6 s to reach the store: a host stalled
 /// between deciding to claim and claiming.
 #[derive(Debug)]
 struct SlowClaims(Memory);
@@ -554,7 +571,10 @@ impl dblock::Backend for SlowClaims {
         request: dblock::AcquireRequest,
     ) -> dblock::BoxFuture<'_, dblock::Result<Option<dblock::Grant>>> {
         Box::pin(async move {
-            tokio::time::sleep(Duration::from_secs(6)).await;
+            // Slot claims only (`schedule:<job>@<slot>`), not the probe.
+            if request.name().contains('@') {
+                tokio::time::sleep(Duration::from_secs(6)).await;
+            }
             self.0.acquire(request).await
         })
     }
@@ -578,13 +598,13 @@ impl dblock::Backend for SlowClaims {
 async fn a_claim_that_lands_too_late_is_not_run() {
     use dblock::Backend as _;
     let memory = Memory::new();
-    let locks = Locks::new(SlowClaims(memory.clone()));
-    align(&locks, Duration::from_millis(100)).await;
-    let outcomes: Outcomes = Arc::default();
-    let job = timed_job("stall", Duration::from_secs(1), &outcomes);
-    job.run_until(&locks, tokio::time::sleep(Duration::from_secs(8)))
-        .await
-        .unwrap();
+    let outcomes = one_host(
+        &Locks::new(SlowClaims(memory.clone())),
+        Duration::from_millis(100),
+        Duration::from_secs(8),
+        |o| timed_job("stall", Duration::from_secs(1), o),
+    )
+    .await;
     // Decided 0.1 s into the slot, claimed at 6.1 s: past the 5 s grace.
     assert_eq!(count(&outcomes, ran), 0, "{outcomes:#?}");
     assert_eq!(
