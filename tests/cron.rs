@@ -143,7 +143,24 @@ async fn three_hosts(url: &str, skews: [&str; 3]) {
     }
     // Slots wholly inside the window (the first starts ~1.7 s after the
     // hosts did, leaving time to connect).
-    let mut slot = next_slot(begin);
+    // Each survivor logs the slots from the one current when it came up
+    // (connecting may take seconds on a loaded machine); the window starts
+    // after the first survivor is up.
+    let first_logged = |log: &str| {
+        log.lines()
+            .filter_map(|l| l.split(" slot ").nth(1)?.get(..24))
+            .filter_map(|t| DateTime::parse_from_rfc3339(t).ok())
+            .map(|t| t.with_timezone(&Utc))
+            .min()
+    };
+    let firsts: Vec<Option<DateTime<Utc>>> = logs.iter().map(|l| first_logged(l)).collect();
+    let first_up = firsts
+        .iter()
+        .flatten()
+        .min()
+        .copied()
+        .expect("a host logged a slot");
+    let mut slot = next_slot(begin).max(first_up + chrono::Duration::seconds(2));
     let mut checked = 0;
     let mut skipped = 0;
     while slot + chrono::Duration::seconds(2) <= stop {
@@ -152,8 +169,14 @@ async fn three_hosts(url: &str, skews: [&str; 3]) {
         // The survivors each logged the slot once: run here, taken
         // elsewhere, or skipped while the killed host's run might still be
         // going.
-        for log in &logs {
-            let lines: Vec<&str> = log.lines().filter(|l| l.contains(&s)).collect();
+        for (log, first) in logs.iter().zip(&firsts) {
+            if first.is_none_or(|f| f >= slot) {
+                continue;
+            }
+            // The outcome lines ("NAME slot S: ..."), not other messages
+            // that name the slot's lease.
+            let needle = format!("slot {s}:");
+            let lines: Vec<&str> = log.lines().filter(|l| l.contains(&needle)).collect();
             assert_eq!(
                 lines.len(),
                 1,

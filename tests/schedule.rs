@@ -102,11 +102,24 @@ async fn fleet(hosts: Vec<Locks>, skews: &[i64]) {
     // Every slot that began after the hosts had started (allow a second
     // for connecting) and ended before they stopped ran.
     let two = chrono::Duration::seconds(2);
-    let mut start = DateTime::from_timestamp((begin.timestamp() / 2 + 1) * 2, 0).unwrap();
-    if start - begin < chrono::Duration::seconds(1) {
-        start += two;
-    }
     let seen = seen.lock().unwrap().clone();
+    // Each host's first slot: a host reports the slots from the one
+    // current when it came up (connecting may take seconds on a loaded
+    // machine). The window starts with the first host up.
+    let first_seen = |host: usize| {
+        seen.iter()
+            .filter(|(h, _)| *h == host)
+            .map(|(_, o)| o.slot().start())
+            .min()
+    };
+    let hosts = skews.len().max(3);
+    let first_up = (0..hosts)
+        .filter_map(first_seen)
+        .min()
+        .expect("a host reported");
+    let mut start = DateTime::from_timestamp((begin.timestamp() / 2 + 1) * 2, 0)
+        .unwrap()
+        .max(first_up + two);
     let mut expected = 0;
     while start + two <= end {
         assert!(
@@ -123,7 +136,7 @@ async fn fleet(hosts: Vec<Locks>, skews: &[i64]) {
         );
         // Every host saw the slot in its time, by the database clock, and
         // found it running here or taken: none missed it.
-        for host in 0..skews.len().max(3) {
+        for host in (0..hosts).filter(|&h| first_seen(h).is_some_and(|f| f < start)) {
             let settled = seen.iter().any(|(h, o)| {
                 *h == host
                     && o.slot().start() == start
