@@ -37,6 +37,19 @@ pub trait Backend: Send + Sync + fmt::Debug + 'static {
     /// Every lock held now.
     fn list(&self) -> BoxFuture<'_, Result<Vec<LockInfo>>>;
 
+    /// The current time by the clock that decides expiry: the database's
+    /// (`clock_timestamp()` on PostgreSQL, `UTC_TIMESTAMP(6)` on MySQL,
+    /// SQLite's `julianday('now')`), or the in-process clock of
+    /// [`Memory`](crate::memory::Memory). The scheduler
+    /// ([`schedule`](crate::schedule)) computes its slots from it, so that
+    /// hosts whose own clocks differ agree on them.
+    ///
+    /// Required, with no default: a backend that answered with the local
+    /// clock would silently break that agreement.
+    ///
+    /// Must be cancel safe (it only reads).
+    fn now(&self) -> BoxFuture<'_, Result<DateTime<Utc>>>;
+
     /// Breaks `name` whoever holds it: an operator's tool for a stuck lock.
     /// The holder's guard reports itself lost (at its next renewal or
     /// heartbeat). Returns whether anything was held.

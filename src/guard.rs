@@ -89,6 +89,11 @@ impl LockGuard {
         let _ = rx.wait_for(|s| s.lost.is_some()).await;
     }
 
+    /// The status channel, for watching loss without borrowing the guard.
+    pub(crate) fn state(&self) -> watch::Receiver<State> {
+        self.state.clone()
+    }
+
     /// Why the lock was lost, once it is.
     pub fn lost_reason(&self) -> Option<String> {
         self.state.borrow().lost.clone()

@@ -16,6 +16,9 @@
 //! - **Database time only** for every expiry decision.
 //! - **No leaks**: dropped guards and cancelled acquisitions never leave a
 //!   lock held, nor hand a locked connection back to the pool.
+//! - **Scheduled jobs** ([`schedule`]): every process runs the same job,
+//!   each slot of its interval or cron schedule runs once across the fleet,
+//!   by the database clock.
 //!
 //! ```
 //! # tokio::runtime::Runtime::new().unwrap().block_on(async {
@@ -62,6 +65,7 @@ pub mod memory;
 pub mod mysql;
 #[cfg(feature = "postgres")]
 pub mod postgres;
+pub mod schedule;
 #[cfg(feature = "sqlite")]
 pub mod sqlite;
 

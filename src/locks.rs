@@ -94,6 +94,15 @@ impl Locks {
         self.backend.list().await
     }
 
+    /// The current time by the backend's clock: the database's for the
+    /// database backends (see [`Backend::now`]). One round trip.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: it only reads.
+    pub async fn now(&self) -> Result<chrono::DateTime<chrono::Utc>> {
+        self.backend.now().await
+    }
+
     /// Breaks `name` whoever holds it: the lease is ended, or, for an
     /// advisory lock, the holding session is terminated, which ends every
     /// other lock on that session too (an advisory lock held through this

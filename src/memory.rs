@@ -57,6 +57,7 @@ impl Memory {
         // clones that share it).
         let store = MemoryStore {
             state: self.engine.store().state.clone(),
+            clock: self.engine.store().clock,
         };
         let mut engine = LeaseEngine::new(store, self.engine.wakeups());
         engine.set_options(options)?;
@@ -79,6 +80,39 @@ impl Memory {
 #[derive(Debug, Default)]
 pub(crate) struct MemoryStore {
     state: Arc<Mutex<State>>,
+    clock: Clock,
+}
+
+/// Memory's clock: the wall clock read once, advanced by tokio's monotonic
+/// clock. Expiries are decided on the monotonic clock, and reported (and
+/// [`now`](crate::Backend::now) answered) on this one, so that both agree,
+/// also under `tokio::time::pause`.
+#[derive(Debug, Clone, Copy)]
+struct Clock {
+    base: Instant,
+    base_wall: DateTime<Utc>,
+}
+
+impl Default for Clock {
+    fn default() -> Self {
+        Clock {
+            base: Instant::now(),
+            base_wall: Utc::now(),
+        }
+    }
+}
+
+impl Clock {
+    /// The wall-clock reading of a monotonic instant.
+    fn wall(&self, at: Instant) -> DateTime<Utc> {
+        let since =
+            |d: std::time::Duration| chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX);
+        if at >= self.base {
+            self.base_wall + since(at - self.base)
+        } else {
+            self.base_wall - since(self.base - at)
+        }
+    }
 }
 
 /// The locks of one `Memory` (and its clones).
@@ -146,28 +180,17 @@ struct Holder {
     expires: Instant,
 }
 
-/// The wall-clock reading of a monotonic instant, for display.
-fn wall(at: Instant) -> DateTime<Utc> {
-    let now = Instant::now();
-    let wall_now = Utc::now();
-    if at >= now {
-        wall_now + (at - now)
-    } else {
-        wall_now - (now - at)
-    }
-}
-
 impl Entry {
     fn prune(&mut self, now: Instant) {
         self.holders.retain(|h| h.expires > now);
     }
 
-    fn info(&self, name: &str) -> Option<LockInfo> {
+    fn info(&self, name: &str, clock: &Clock) -> Option<LockInfo> {
         let first = self.holders.first()?;
         let mut info = LockInfo::new(Some(name.to_owned()), first.holder.clone(), first.mode);
         info.token = Some(first.token);
         info.acquired_at = Some(first.acquired_at);
-        info.expires_at = Some(wall(first.expires));
+        info.expires_at = Some(clock.wall(first.expires));
         info.holders = self.holders.len() as u32;
         Some(info)
     }
@@ -205,12 +228,12 @@ impl LeaseStore for MemoryStore {
             mode: claim.mode,
             token,
             acquired: now,
-            acquired_at: Utc::now(),
+            acquired_at: self.clock.wall(now),
             expires,
         });
         Ok(Some(Claimed {
             token,
-            expires_at: wall(expires),
+            expires_at: self.clock.wall(expires),
         }))
     }
 
@@ -232,7 +255,7 @@ impl LeaseStore for MemoryStore {
             .find(|h| h.owner == owner && h.token == token && h.expires > now);
         Ok(mine.map(|h| {
             h.expires = now + ttl;
-            wall(h.expires)
+            self.clock.wall(h.expires)
         }))
     }
 
@@ -251,7 +274,7 @@ impl LeaseStore for MemoryStore {
                 match mine {
                     Some(h) => {
                         h.expires = now + r.ttl;
-                        Renewed::Until(wall(h.expires))
+                        Renewed::Until(self.clock.wall(h.expires))
                     }
                     None => Renewed::Gone,
                 }
@@ -297,6 +320,10 @@ impl LeaseStore for MemoryStore {
         Ok(true)
     }
 
+    async fn now(&self) -> Result<DateTime<Utc>> {
+        Ok(self.clock.wall(Instant::now()))
+    }
+
     async fn force_release(&self, name: &str) -> Result<bool> {
         let now = Instant::now();
         let mut state = self.state.lock().unwrap();
@@ -312,7 +339,7 @@ impl LeaseStore for MemoryStore {
         let mut state = self.state.lock().unwrap();
         let info = state.names.get_mut(name).and_then(|entry| {
             entry.prune(now);
-            entry.info(name)
+            entry.info(name, &self.clock)
         });
         state.forget_if_free(name);
         Ok(info)
@@ -329,7 +356,7 @@ impl LeaseStore for MemoryStore {
         let mut all: Vec<LockInfo> = state
             .names
             .iter()
-            .filter_map(|(name, entry)| entry.info(name))
+            .filter_map(|(name, entry)| entry.info(name, &self.clock))
             .collect();
         all.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(all)

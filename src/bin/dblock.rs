@@ -3,6 +3,8 @@
 //! ```text
 //! dblock [--url URL] run NAME [--ttl DUR] [--wait DUR | --no-wait] [--shared]
 //!        [--backend advisory|lease] [--kill-after DUR] -- CMD [ARGS...]
+//! dblock [--url URL] cron (--every DUR | --cron EXPR) NAME [--ttl DUR]
+//!        [--kill-after DUR] [--allow-overlap] [--catch-up] -- CMD [ARGS...]
 //! dblock migrate
 //! dblock list [--json]
 //! dblock status NAME [--json]
@@ -16,6 +18,8 @@
 mod args;
 #[path = "dblock/connect.rs"]
 mod connect;
+#[path = "dblock/cron.rs"]
+mod cron;
 #[path = "dblock/exit.rs"]
 mod exit;
 #[path = "dblock/lease.rs"]
@@ -60,10 +64,19 @@ pub fn parse_name(name: OsString) -> CliResult<String> {
 }
 
 async fn dispatch(cli: Cli) -> CliResult<u8> {
-    let target = connect::resolve(cli.global.url.as_deref(), cli.global.backend)?;
+    let mut target = connect::resolve(cli.global.url.as_deref(), cli.global.backend)?;
     let timeout = parse_duration("--connect-timeout", &cli.global.connect_timeout)?;
     match cli.command {
         Command::Run(args) => run::run(target, timeout, args).await,
+        Command::Cron(args) => {
+            // A slot's claim must outlive dblock: on PostgreSQL, cron uses
+            // the lease table unless advisory locks are asked for (which
+            // the scheduler then refuses, naming the alternative).
+            if cli.global.backend.is_none() && target.kind == connect::Kind::PgAdvisory {
+                target.kind = connect::Kind::PgLease;
+            }
+            cron::cron(target, timeout, args).await
+        }
         Command::Migrate => report::migrate(target, timeout).await,
         Command::List { json } => report::list(target, timeout, json).await,
         Command::Status { name, json } => report::status(target, timeout, name, json).await,

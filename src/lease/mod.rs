@@ -197,6 +197,8 @@ pub(crate) trait LeaseStore: Send + Sync + fmt::Debug + 'static {
         let _ = grace;
         std::future::ready(Ok(0))
     }
+    /// The store's clock now: the one every expiry is decided by.
+    fn now(&self) -> impl Future<Output = Result<DateTime<Utc>>> + Send;
 
     /// Called each time an acquisition is about to wait for a lease held
     /// elsewhere. A store with a push channel for releases (PostgreSQL's
@@ -435,6 +437,10 @@ impl<S: LeaseStore> LeaseEngine<S> {
         Box::pin(self.inner.store.list())
     }
 
+    pub(crate) fn now(&self) -> BoxFuture<'_, Result<DateTime<Utc>>> {
+        Box::pin(self.inner.store.now())
+    }
+
     pub(crate) fn force_release<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<bool>> {
         Box::pin(async move {
             let broken = self.inner.store.force_release(name).await?;
@@ -619,6 +625,11 @@ macro_rules! lease_backend {
                 name: &'a str,
             ) -> $crate::backend::BoxFuture<'a, $crate::Result<bool>> {
                 self.engine.force_release(name)
+            }
+            fn now(
+                &self,
+            ) -> $crate::backend::BoxFuture<'_, $crate::Result<chrono::DateTime<chrono::Utc>>> {
+                self.engine.now()
             }
         }
     };

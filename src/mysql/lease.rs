@@ -863,6 +863,22 @@ impl LeaseStore for MySqlStore {
         Ok(done.last_insert_id() > 0 || done.rows_affected() > 0)
     }
 
+    async fn now(&self) -> Result<DateTime<Utc>> {
+        // Microseconds since the epoch, computed in UTC by the server: no
+        // session time zone takes part.
+        let micros: i64 = sqlx::query_scalar(AssertSqlSafe(format!(
+            "SELECT CAST(TIMESTAMPDIFF(MICROSECOND, {EPOCH}, UTC_TIMESTAMP(6)) AS SIGNED)"
+        )))
+        .fetch_one(&self.pool)
+        .await
+        .map_err(map_err)?;
+        DateTime::from_timestamp_micros(micros).ok_or_else(|| {
+            crate::Error::Database(sqlx::Error::Decode(
+                format!("database time {micros} µs is out of range").into(),
+            ))
+        })
+    }
+
     async fn inspect(&self, name: &str) -> Result<Option<LockInfo>> {
         let sql = match self.checked().await? {
             true => &self.sql.inspect_causal,

@@ -461,6 +461,10 @@ impl LeaseStore for PgStore {
         "postgres-lease"
     }
 
+    async fn now(&self) -> Result<DateTime<Utc>> {
+        super::clock_timestamp(&self.pool).await
+    }
+
     async fn claim(&self, claim: &Claim<'_>) -> Result<Option<Claimed>> {
         self.check_engine().await?;
         let row: Option<PgRow> = retrying(|| async {

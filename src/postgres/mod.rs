@@ -36,6 +36,18 @@ pub(crate) const LIFT_SERVER_TIMEOUTS: &str = "SELECT current_setting('statement
 
 /// The answer of [`LIFT_SERVER_TIMEOUTS`].
 pub(crate) type Lifted = (String, String, String, String);
+/// The server's `clock_timestamp()`: the clock both PostgreSQL backends
+/// decide by.
+pub(crate) async fn clock_timestamp(
+    pool: &sqlx::PgPool,
+) -> crate::Result<chrono::DateTime<chrono::Utc>> {
+    // Unnamed: it also answers through a transaction pooler.
+    sqlx::query_scalar("SELECT clock_timestamp()")
+        .persistent(false)
+        .fetch_one(pool)
+        .await
+        .map_err(map_err)
+}
 
 /// Maps "relation does not exist" (42P01) to [`Error::SchemaMissing`](crate::Error::SchemaMissing).
 pub(crate) fn map_err(e: sqlx::Error) -> crate::Error {

@@ -367,6 +367,14 @@ impl LeaseStore for SqliteStore {
         "sqlite-lease"
     }
 
+    async fn now(&self) -> Result<DateTime<Utc>> {
+        let at: i64 = retry_busy(|| {
+            sqlx::query_scalar(AssertSqlSafe(format!("SELECT {NOW}"))).fetch_one(&self.pool)
+        })
+        .await?;
+        time(at).map_err(Error::Database)
+    }
+
     async fn claim(&self, claim: &Claim<'_>) -> Result<Option<Claimed>> {
         let row: Option<(i64, i64)> = retry_busy(|| async {
             // As for PostgreSQL: nothing is claimed for an acquirer that left

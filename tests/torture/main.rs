@@ -10,14 +10,16 @@
 //! at random (SIGKILL, SIGSTOP for 1.5 × ttl, session termination, a
 //! black-holed connection for 1.5 × ttl, and with `DBLOCK_TORTURE_RESTART=1`
 //! server restarts), then checks the workers' logs and the registers. Then
-//! a negative control, a cancellation storm and bad input on every backend.
+//! a negative control, a cancellation storm, bad input on every backend, and
+//! the scheduler (`dblock::schedule`) with workers killed and paused
+//! mid-slot on every lease backend.
 //!
 //! Environment:
 //! - `DBLOCK_TORTURE_SECS` — fault phase per backend, default 20 (the soak: 600)
 //! - `DBLOCK_TORTURE_RESTART=1` — also restart the database servers (never
 //!   in CI: other engineers' tests share the servers)
 //! - `DBLOCK_TORTURE_BACKENDS` — a comma list of labels to run (default all)
-//! - `DBLOCK_TORTURE_PHASES` — a comma list of `torture,control,storm,input`
+//! - `DBLOCK_TORTURE_PHASES` — a comma list of `torture,control,storm,input,schedule`
 //! - `DBLOCK_TORTURE_WORKERS` — processes per backend, default 16
 //! - `DBLOCK_TEST_GALERA_URLS` — the Galera nodes of the `mysql-galera` run,
 //!   where one node is also SIGKILLed and restarted mid-run
@@ -31,6 +33,7 @@ mod badinput;
 mod check;
 mod events;
 mod proxy;
+mod schedule;
 mod storm;
 mod target;
 mod torture;
@@ -74,6 +77,7 @@ impl Settings {
                         "control".into(),
                         "storm".into(),
                         "input".into(),
+                        "schedule".into(),
                     ]
                 },
                 |p| p.split(',').map(|s| s.trim().to_owned()).collect(),
@@ -125,6 +129,7 @@ fn main() {
     if let Some(cfg) = worker::Config::from_env() {
         worker::main(cfg);
     }
+    schedule::worker_from_env();
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.iter().any(|a| a == "--list") {
         println!("torture: test");
@@ -214,8 +219,25 @@ async fn controller(settings: Settings) -> Vec<Outcome> {
             });
         }
     }
+    if settings.phase("schedule") {
+        for &kind in kinds.iter().filter(|k| k.lease()) {
+            let ok = timed(
+                "schedule",
+                schedule::run(kind, settings.secs.min(SCHEDULE_SECS)),
+            )
+            .await;
+            outcomes.push(Outcome {
+                name: format!("schedule {}", kind.label()),
+                ok,
+            });
+        }
+    }
     outcomes
 }
+
+/// The longest schedule phase per backend (the soak's long runs are for
+/// the lock phase).
+const SCHEDULE_SECS: u64 = 16;
 
 async fn timed(what: &str, f: impl Future<Output = bool>) -> bool {
     let t = Instant::now();

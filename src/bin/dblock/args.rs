@@ -120,6 +120,32 @@ gets SIGTERM, then SIGKILL after --kill-after, and dblock exits 76.",
         after_long_help = exit::TABLE
     )]
     Run(RunArgs),
+    /// Run a command once per slot across every host that runs the same line.
+    #[command(
+        long_about = "\
+Run CMD once per slot of a schedule across every machine that runs the same
+line: cron on every host, each job once. Slots follow the database clock
+(hosts whose clocks differ agree on them); each slot is claimed with a lease
+named schedule:NAME@SLOT that outlives the slot, so a host that comes late
+finds it taken. The host that claims a slot runs CMD as `dblock run` would:
+in its own process group, with signals forwarded, stopped (SIGTERM, then
+SIGKILL after --kill-after) if the lease is lost. CMD gets DBLOCK_SLOT (the
+slot's start, RFC 3339 in UTC), DBLOCK_TOKEN (the slot lease's fencing
+token), DBLOCK_NAME (the lease's name) and DBLOCK_JOB (NAME).
+
+One line per slot goes to stderr: ran here, taken by another host, skipped
+(a run is still going), or missed. SIGTERM or SIGINT stops the schedule:
+a command still running gets the signal too, dblock waits for it, and exits
+0. Needs a lease backend: on PostgreSQL the lease table is used.",
+        after_long_help = "\
+Examples:
+  dblock cron --every 15m reports:refresh -- /usr/local/bin/refresh-reports
+  dblock cron --cron '0 3 * * *' billing:nightly -- ./bill.sh
+
+Exit status: 0 after SIGTERM/SIGINT, 64 usage error (a bad --every or
+--cron too), 65 invalid name or --ttl/--kill-after, 69 database unreachable."
+    )]
+    Cron(CronArgs),
     /// Create or update dblock's schema in the database.
     #[command(long_about = "\
 Create or update dblock's schema in the database (a fencing sequence and a
@@ -208,6 +234,58 @@ pub struct RunArgs {
     /// After the lock is lost, how long CMD has between SIGTERM and SIGKILL.
     #[arg(long, value_name = "DUR", default_value = "10s")]
     pub kill_after: String,
+
+    /// The command to run, and its arguments, after `--`.
+    #[arg(last = true, required = true, value_name = "CMD")]
+    pub command: Vec<OsString>,
+}
+
+/// `dblock cron (--every DUR | --cron EXPR) NAME [options] -- CMD [ARGS...]`.
+#[derive(Debug, Args)]
+pub struct CronArgs {
+    /// One slot every DUR, aligned to the Unix epoch (every 15m runs at :00,
+    /// :15, :30, :45 UTC); at least 1s.
+    #[arg(
+        long,
+        value_name = "DUR",
+        required_unless_present = "cron",
+        conflicts_with = "cron"
+    )]
+    pub every: Option<String>,
+
+    /// One slot per match of a cron expression, in UTC: five fields
+    /// (minute hour day-of-month month day-of-week), or six with seconds
+    /// first; @hourly, @daily and the like work too.
+    #[arg(long, value_name = "EXPR")]
+    pub cron: Option<String>,
+
+    /// The job's name, the same on every host: 1 to 200 bytes of UTF-8.
+    #[arg(value_name = "NAME")]
+    pub name: OsString,
+
+    /// Lease length of a running slot, renewed every third of it while CMD
+    /// runs [default: 30s]. A host that dies mid-run keeps the next slots
+    /// from starting for at most this long.
+    #[arg(long, value_name = "DUR")]
+    pub ttl: Option<String>,
+
+    /// After the lease is lost, how long CMD has between SIGTERM and SIGKILL.
+    #[arg(long, value_name = "DUR", default_value = "10s")]
+    pub kill_after: String,
+
+    /// Start a slot even while the previous slot's command still runs
+    /// (default: skip it).
+    #[arg(long)]
+    pub allow_overlap: bool,
+
+    /// Run the latest slot that nobody ran (every host was down) once, as
+    /// soon as a host is back (default: skip missed slots).
+    #[arg(long)]
+    pub catch_up: bool,
+
+    /// Test hook: pretend this host's clock is off by DUR (e.g. -7s).
+    #[arg(long, value_name = "DUR", hide = true, allow_hyphen_values = true)]
+    pub clock_skew: Option<String>,
 
     /// The command to run, and its arguments, after `--`.
     #[arg(last = true, required = true, value_name = "CMD")]

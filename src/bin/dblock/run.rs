@@ -64,6 +64,42 @@ impl Plan {
     }
 }
 
+/// A command to run under a held lock: what `supervise` and `finish` need.
+pub struct Guarded<'a> {
+    /// The lock's name (`DBLOCK_NAME`, and messages).
+    pub name: &'a str,
+    /// The command and its arguments.
+    pub command: &'a [OsString],
+    /// More environment for the command, besides `DBLOCK_NAME` and
+    /// `DBLOCK_TOKEN`.
+    pub env: &'a [(&'a str, String)],
+    /// After the lock is lost, how long the command has between SIGTERM and
+    /// SIGKILL.
+    pub kill_after: Duration,
+}
+
+impl Plan {
+    fn guarded(&self) -> Guarded<'_> {
+        Guarded {
+            name: &self.name,
+            command: &self.command,
+            env: &[],
+            kill_after: self.kill_after,
+        }
+    }
+}
+
+/// Runs a command while `guard` is held, with everything `dblock run` does
+/// around it (its own process group, signals forwarded, stopped if the lock
+/// is lost), then releases the lock. Returns the command's exit status, or
+/// the failure `dblock run` would exit with. `dblock cron` runs each slot's
+/// command through this.
+pub async fn under_guard(what: &Guarded<'_>, guard: LockGuard) -> CliResult<u8> {
+    let mut signals = Signals::install()?;
+    let status = supervise(what, &guard, &mut signals).await;
+    finish(what, guard, status).await
+}
+
 /// The signals forwarded to the command (and that end a wait for the lock).
 struct Signals {
     streams: Vec<(Signal, tokio::signal::unix::Signal)>,
@@ -149,8 +185,8 @@ async fn run_plan(target: Target, connect_timeout: Duration, plan: Plan) -> CliR
         ));
     };
 
-    let status = supervise(&plan, &guard, &mut signals).await;
-    let outcome = finish(&plan, guard, status).await;
+    let status = supervise(&plan.guarded(), &guard, &mut signals).await;
+    let outcome = finish(&plan.guarded(), guard, status).await;
     drop(session);
     outcome
 }
@@ -217,13 +253,14 @@ enum Ended {
 
 /// Runs the command under the lock, forwarding signals and stopping it if
 /// the lock is lost.
-async fn supervise(plan: &Plan, guard: &LockGuard, signals: &mut Signals) -> Ended {
+async fn supervise(plan: &Guarded<'_>, guard: &LockGuard, signals: &mut Signals) -> Ended {
     let (program, args) = plan.command.split_first().expect("clap requires CMD");
     let mut command = Command::new(program);
     command
         .args(args)
-        .env("DBLOCK_NAME", &plan.name)
+        .env("DBLOCK_NAME", plan.name)
         .env("DBLOCK_TOKEN", guard.token().to_string())
+        .envs(plan.env.iter().map(|(k, v)| (k, v)))
         // Its own process group: forwarded signals and the stop on loss
         // reach everything it started, and a terminal's ^C reaches dblock
         // only (which forwards it once).
@@ -295,7 +332,7 @@ fn status_code(status: ExitStatus) -> u8 {
 }
 
 /// Releases the lock and works out dblock's exit status.
-async fn finish(plan: &Plan, guard: LockGuard, ended: Ended) -> CliResult<u8> {
+async fn finish(plan: &Guarded<'_>, guard: LockGuard, ended: Ended) -> CliResult<u8> {
     match ended {
         Ended::Lost(status) => {
             drop(guard);
@@ -336,7 +373,7 @@ async fn finish(plan: &Plan, guard: LockGuard, ended: Ended) -> CliResult<u8> {
     }
 }
 
-async fn release(plan: &Plan, guard: LockGuard) -> CliResult<()> {
+async fn release(plan: &Guarded<'_>, guard: LockGuard) -> CliResult<()> {
     guard
         .release()
         .await

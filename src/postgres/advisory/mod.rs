@@ -16,6 +16,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
 use sqlx::{PgPool, Row};
 use tokio::sync::{oneshot, Semaphore};
 
@@ -518,6 +519,10 @@ impl Backend for Advisory {
 
     fn list(&self) -> BoxFuture<'_, Result<Vec<LockInfo>>> {
         Box::pin(self.inner.query_locks(None))
+    }
+
+    fn now(&self) -> BoxFuture<'_, Result<DateTime<Utc>>> {
+        Box::pin(super::clock_timestamp(&self.inner.pool))
     }
 
     /// Locks of this backend are unlocked on their own session (only their
