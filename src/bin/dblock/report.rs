@@ -58,11 +58,11 @@ struct Listed {
     info: LockInfo,
 }
 
-fn to_json<T: Serialize>(value: &T) -> CliResult<String> {
+fn to_json<T: Serialize + ?Sized>(value: &T) -> CliResult<String> {
     serde_json::to_string(value).map_err(|e| Failure::new(1, format!("cannot print JSON: {e}")))
 }
 
-fn to_value<T: Serialize>(value: &T) -> CliResult<serde_json::Value> {
+fn to_value<T: Serialize + ?Sized>(value: &T) -> CliResult<serde_json::Value> {
     serde_json::to_value(value).map_err(|e| Failure::new(1, format!("cannot print JSON: {e}")))
 }
 
