@@ -50,7 +50,12 @@ pub fn message(text: &str) -> String {
 
 /// Parses a human duration (`30s`, `5m`, `1h30m`, `250ms`) that must lie in
 /// `min..=max`; 64 if it is invalid or out of range.
-pub fn parse_duration(option: &str, text: &str, min: Duration, max: Duration) -> CliResult<Duration> {
+pub fn parse_duration(
+    option: &str,
+    text: &str,
+    min: Duration,
+    max: Duration,
+) -> CliResult<Duration> {
     let range = || {
         format!(
             "{} to {}",
@@ -170,5 +175,11 @@ fn main() -> ExitCode {
     match exit {
         Exit::Code(code) => ExitCode::from(code),
         Exit::Signal(sig) => die_by(sig),
+        Exit::GroupSignal(sig) => {
+            // dblock's own handler is still in place: this reaches the
+            // others in the group (a calling script), then dblock ends.
+            let _ = nix::sys::signal::killpg(nix::unistd::getpgrp(), sig);
+            die_by(sig)
+        }
     }
 }

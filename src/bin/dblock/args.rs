@@ -283,10 +283,6 @@ pub struct RunArgs {
     pub shell: Option<OsString>,
 
     /// The command to run, and its arguments, after `--`.
-    #[arg(
-        last = true,
-        required_unless_present = "shell",
-        value_name = "CMD"
-    )]
+    #[arg(last = true, required_unless_present = "shell", value_name = "CMD")]
     pub cmd: Vec<OsString>,
 }

@@ -54,6 +54,12 @@ pub enum Exit {
     Code(u8),
     /// Killed by this signal, re-raised after cleanup.
     Signal(Signal),
+    /// Killed by this signal, which is first sent to dblock's whole process
+    /// group: a keyboard signal (^C, ^\\) that the terminal sent to the
+    /// command's group only, because dblock had given it the terminal, and
+    /// that would otherwise have reached dblock's group (and a calling
+    /// script in it) too.
+    GroupSignal(Signal),
 }
 
 impl Failure {

@@ -135,8 +135,9 @@ impl Job {
 #[derive(Debug)]
 pub enum Ended {
     /// It ended while the lock was held (the supervisor mirrors its exit
-    /// status or the signal that killed it).
-    Exited(ExitStatus),
+    /// status or the signal that killed it); `true` if it had the
+    /// terminal's foreground.
+    Exited(ExitStatus, bool),
     /// The lock was lost and the command was stopped.
     Lost(ExitStatus),
     /// It could not be started, or waiting for it failed (the group was
@@ -146,11 +147,16 @@ pub enum Ended {
 
 impl Ended {
     /// The exit for a command that ended while the lock was held: its
-    /// status, or its signal re-raised (for the signals that end dblock).
-    pub fn exit(status: ExitStatus) -> exit::Exit {
+    /// status, or its signal re-raised (for the signals that end dblock),
+    /// on dblock's whole group for a keyboard signal that the terminal sent
+    /// to the command's group only (`foreground`).
+    pub fn exit(status: ExitStatus, foreground: bool) -> exit::Exit {
         match (status.code(), status.signal()) {
             (Some(code), _) => exit::Exit::Code(code as u8),
             (None, Some(n)) => match Signal::try_from(n) {
+                Ok(sig @ (Signal::SIGINT | Signal::SIGQUIT)) if foreground => {
+                    exit::Exit::GroupSignal(sig)
+                }
                 Ok(sig) if ends(sig) => exit::Exit::Signal(sig),
                 _ => exit::Exit::Code(128u8.saturating_add(n as u8)),
             },
@@ -304,7 +310,7 @@ pub async fn run(guard: &LockGuard, job: &Job, signals: &mut Signals) -> Ended {
     }
     match status {
         Ok(status) if lost => Ended::Lost(status),
-        Ok(status) => Ended::Exited(status),
+        Ok(status) => Ended::Exited(status, tty.is_some()),
         Err(e) => Ended::Failed(format!("waiting for the command failed: {e}")),
     }
 }

@@ -224,8 +224,8 @@ async fn finish(plan: &Plan, guard: LockGuard, ended: Ended) -> CliResult<Exit> 
             release(plan, guard).await.ok();
             Err(Failure::new(1, message))
         }
-        Ended::Exited(status) => match release(plan, guard).await {
-            Ok(()) => Ok(Ended::exit(status)),
+        Ended::Exited(status, foreground) => match release(plan, guard).await {
+            Ok(()) => Ok(Ended::exit(status, foreground)),
             Err(f) if f.code == exit::LOST => Err(Failure::new(
                 exit::LOST,
                 format!(
@@ -238,7 +238,7 @@ async fn finish(plan: &Plan, guard: LockGuard, ended: Ended) -> CliResult<Exit> 
                 // The command ran under the lock; the lock ends with the
                 // connection or its lease anyway. Report, keep its status.
                 eprintln!("{}", crate::message(&f.message));
-                Ok(Ended::exit(status))
+                Ok(Ended::exit(status, foreground))
             }
         },
     }
