@@ -302,6 +302,7 @@ per_backend!(
     flock_flags,
     signals_are_re_raised,
     list_and_status_show_waiters_and_backend,
+    job_control_stops_and_resumes,
 );
 
 /// 8 concurrent `dblock run` on one name: the commands' start and end
@@ -1633,4 +1634,88 @@ exit 0
         output(dblock_in(&dir).args(["--url", &url, "run", "tty", "--", "sh", "fg.sh"])).await;
     assert_code(&out, 0);
     assert!(!stdout(&out).contains("TTY"), "{}", stdout(&out));
+}
+
+/// The state letter of a process (`T` stopped, `S` sleeping, ...).
+fn state(pid: i32) -> char {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    stat.rsplit(") ")
+        .next()
+        .and_then(|s| s.chars().next())
+        .unwrap_or('?')
+}
+
+async fn wait_state(pid: i32, wanted: char) {
+    let t = Instant::now();
+    while state(pid) != wanted {
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "process {pid} is {:?}, not {wanted:?}",
+            state(pid)
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+fn ticks(t: &Ticker) -> usize {
+    count_lines(&t.ticks)
+}
+
+fn count_lines(path: &Path) -> usize {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .count()
+}
+
+/// A job-control stop of the command (SIGTSTP, as ^Z sends it) stops
+/// dblock too; SIGCONT to dblock (the shell's `fg`) checks the lock and
+/// continues the command. A lease that ran out meanwhile is found lost on
+/// resuming: the command is killed without running again, and dblock exits
+/// 76. A plain SIGSTOP of the command does not stop dblock.
+async fn job_control_stops_and_resumes(db: Db) {
+    let name = common::unique("jobs");
+    let holder = db.start_ticker(db.run(&name, &[], &ticker(false))).await;
+    let dblock = holder.child.id().unwrap() as i32;
+    kill(Pid::from_raw(holder.pid), Signal::SIGTSTP).unwrap();
+    wait_state(dblock, 'T').await;
+    kill(Pid::from_raw(dblock), Signal::SIGCONT).unwrap();
+    let before = ticks(&holder);
+    let t = Instant::now();
+    while ticks(&holder) <= before + 2 {
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "the command was not continued"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // SIGSTOP from elsewhere: dblock goes on (and keeps renewing).
+    kill(Pid::from_raw(holder.pid), Signal::SIGSTOP).unwrap();
+    wait_state(holder.pid, 'T').await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_ne!(state(dblock), 'T', "dblock stopped for a SIGSTOP");
+    kill(Pid::from_raw(holder.pid), Signal::SIGCONT).unwrap();
+    signal(&holder.child, Signal::SIGTERM);
+    assert_killed_by(&finish(holder.child).await, Signal::SIGTERM);
+
+    if !db.is_lease() {
+        return;
+    }
+    // Stopped for longer than the 3 s ttl.
+    let holder = db.start_ticker(db.run(&name, &[], &ticker(false))).await;
+    let dblock = holder.child.id().unwrap() as i32;
+    kill(Pid::from_raw(holder.pid), Signal::SIGTSTP).unwrap();
+    wait_state(dblock, 'T').await;
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    let before = ticks(&holder);
+    kill(Pid::from_raw(dblock), Signal::SIGCONT).unwrap();
+    let (pid, file) = (holder.pid, holder.ticks.clone());
+    let out = finish(holder.child).await;
+    assert_code(&out, 76);
+    assert!(!alive(pid));
+    // At most a tick already under way when it stopped.
+    assert!(
+        count_lines(&file) <= before + 1,
+        "the command ran on after the lease ran out"
+    );
 }

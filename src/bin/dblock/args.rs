@@ -160,20 +160,33 @@ not create tables, with a user that may.")]
     Migrate,
     /// List the locks held now.
     #[command(long_about = "\
-List the locks held now, as the database sees them.
+List the locks held now, as the database sees them, with the backend
+holding each: on PostgreSQL both advisory locks and leases.
 
 PostgreSQL keeps only a 64-bit key for an advisory lock, so advisory locks
 are listed by key (see `dblock status NAME` to check one name); the holder
 column names the session, and a `dblock run` session carries the lock name
-in its application_name.")]
+in its application_name. WAITERS counts the sessions waiting for an advisory
+lock; lease backends cannot see their waiters (-).")]
     List {
         /// Print a JSON array instead of a table.
         #[arg(long)]
         json: bool,
     },
-    /// Show who holds a lock; exit 0 if held, 1 if free.
-    #[command(after_help = "\
-Exit status: 0 the lock is held, 1 it is free, 64/65/69 as for `dblock run`.")]
+    /// Show who holds a lock, through which backend; exit 0 if held, 1 if
+    /// free.
+    #[command(
+        long_about = "\
+Show who holds a lock, through which backend; exit 0 if held, 1 if free.
+
+On PostgreSQL both advisory locks and leases are looked at, since an
+advisory lock and a lease of the same name are two locks that never exclude
+each other: each holder is shown with its backend, with a warning when both
+hold the name. Advisory locks show their waiters (sessions blocked in
+pg_advisory_lock).",
+        after_help = "\
+Exit status: 0 the lock is held, 1 it is free, 64/69 as for `dblock run`."
+    )]
     Status {
         /// The lock's name.
         #[arg(value_name = "NAME")]
@@ -191,8 +204,8 @@ mid-work: a `dblock run` holding it stops its command (SIGTERM, then SIGKILL)
 and exits 76. Meant for an operator clearing a lock whose holder is stuck;
 check `dblock status NAME` first.",
         after_help = "\
-Exit status: 0 the lock was broken, 1 nobody held it, 64 without --force,
-65/69 as for `dblock run`."
+Exit status: 0 the lock was broken, 1 nobody held it, 64 without --force
+or for a bad name, 69 as for `dblock run`."
     )]
     Release {
         /// The lock's name.

@@ -32,8 +32,8 @@ use tokio::time::{sleep_until, Instant};
 use crate::exit::{self, CliResult, Failure};
 use crate::supervisor;
 
-/// The signals dblock forwards to the command's group. The first four
-/// also end a wait for the lock (see [`Signals::ends_wait`]).
+/// The signals dblock forwards to the command's group. All but the last
+/// two also end a wait for the lock (see [`Signals::ending`]).
 const FORWARDED: [Signal; 8] = [
     Signal::SIGINT,
     Signal::SIGTERM,
@@ -78,15 +78,16 @@ impl Signals {
         .await
     }
 
-    /// The next signal that ends dblock when no command runs yet (SIGINT,
-    /// SIGTERM, SIGHUP, SIGQUIT); the others are dropped meanwhile.
+    /// The next signal that ends dblock when no command runs yet: all but
+    /// SIGWINCH and SIGCONT, which are dropped meanwhile (they end nothing
+    /// by default).
     ///
     /// # Cancel safety
     /// Cancel safe, as [`Signals::recv`].
     pub async fn ending(&mut self) -> Signal {
         loop {
             let sig = self.recv().await;
-            if ends(sig) {
+            if !matches!(sig, Signal::SIGWINCH | Signal::SIGCONT) {
                 return sig;
             }
         }

@@ -70,6 +70,9 @@ fn kill_group() -> ! {
 /// Runs the supervisor. Returns only the exit status for a command that
 /// exited; for one killed by a signal, it dies by the same signal.
 pub fn main(args: SuperviseArgs) -> ExitCode {
+    // dblock, while it lives (if it is already gone, the watch below kills
+    // everything at once).
+    let dblock = getppid();
     // 1. Watch dblock before anything else exists. The inherited pipe end
     //    is opened anew through /proc (which needs no unsafe code), and
     //    the inherited descriptor is kept from the command.
@@ -125,8 +128,12 @@ pub fn main(args: SuperviseArgs) -> ExitCode {
         match waitpid(pid, Some(WaitPidFlag::WUNTRACED)) {
             Ok(WaitStatus::Exited(_, code)) => return ExitCode::from(code as u8),
             Ok(WaitStatus::Signaled(_, sig, _)) => die_by(sig),
-            Ok(WaitStatus::Stopped(_, _)) => {
-                let _ = kill(getppid(), Signal::SIGTSTP);
+            // A job-control stop (^Z, or reading the terminal from the
+            // background) stops dblock too, so that its shell sees the job
+            // stopped. A SIGSTOP from elsewhere does not: dblock goes on
+            // renewing the lock meanwhile.
+            Ok(WaitStatus::Stopped(_, Signal::SIGTSTP | Signal::SIGTTIN | Signal::SIGTTOU)) => {
+                let _ = kill(dblock, Signal::SIGTSTP);
             }
             Ok(_) => {}
             Err(nix::errno::Errno::EINTR) => {}
