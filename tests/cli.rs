@@ -1236,7 +1236,8 @@ async fn black_holed_connection_stops_a_stubborn_command_in_time(db: Db) {
             let out = finish(holder.child).await;
             let now_us = (now_ns() / 1000) as i64;
             assert_code(&out, 76);
-            assert!(!alive(holder.pid), "the command still runs");
+            // SIGKILLed: it runs no user code any more, and is reaped soon.
+            wait_dead(holder.pid, Duration::from_millis(500)).await;
             let expires: i64 =
                 sqlx::query_scalar("SELECT expires_at FROM dblock_leases WHERE name = ?")
                     .bind(&name)
@@ -1251,68 +1252,22 @@ async fn black_holed_connection_stops_a_stubborn_command_in_time(db: Db) {
             sqlx::raw_sql("ROLLBACK").execute(&mut conn).await.unwrap();
         }
         _ => {
-            let (hostport, with_port) = authority(&db.url);
-            let upstream = tokio::net::lookup_host(hostport.as_str())
-                .await
-                .unwrap()
-                .find(|a| a.is_ipv4())
-                .unwrap();
-            let proxy = proxy::Proxy::start(1, upstream).await;
+            let (proxy, through) = proxy::Proxy::in_front_of(&db.url).await;
             let mut cmd = db.run(&name, &opts, &ticker(true));
-            cmd.env("DATABASE_URL", with_port(proxy.port(0)));
+            cmd.env("DATABASE_URL", through);
             let holder = db.start_ticker(cmd).await;
             // Checked on a direct connection, opened before the black hole.
-            let check: Box<dyn Fn() -> _> = match db.backend {
-                Backend::PgLease => {
-                    let pool = sqlx::PgPool::connect(&db.url).await.unwrap();
-                    let name = name.clone();
-                    Box::new(move || {
-                        let (pool, name) = (pool.clone(), name.clone());
-                        Box::pin(async move {
-                            sqlx::query_scalar::<_, bool>(
-                                "SELECT expires_at > clock_timestamp() FROM dblock_leases WHERE name = $1",
-                            )
-                            .bind(name)
-                            .fetch_one(&pool)
-                            .await
-                            .unwrap()
-                        })
-                            as std::pin::Pin<Box<dyn std::future::Future<Output = bool>>>
-                    })
-                }
-                Backend::MysqlLease => {
-                    let pool = sqlx::MySqlPool::connect(&db.url).await.unwrap();
-                    let name = name.clone();
-                    Box::new(move || {
-                        let (pool, name) = (pool.clone(), name.clone());
-                        Box::pin(async move {
-                            sqlx::query_scalar::<_, bool>(
-                                "SELECT expires_at > UTC_TIMESTAMP(6) FROM dblock_leases WHERE name = ?",
-                            )
-                            .bind(name)
-                            .fetch_one(&pool)
-                            .await
-                            .unwrap()
-                        })
-                            as std::pin::Pin<Box<dyn std::future::Future<Output = bool>>>
-                    })
-                }
-                // Advisory: the server keeps the lock while the black-holed
-                // session lives; nothing expires.
-                _ => Box::new(|| {
-                    Box::pin(async { true })
-                        as std::pin::Pin<Box<dyn std::future::Future<Output = bool>>>
-                }),
-            };
+            let lease = LeaseCheck::open(&db).await;
             let paused = Instant::now();
             proxy.pause(0, true);
             let out = finish(holder.child).await;
-            let valid = check().await;
+            let valid = lease.still_valid(&name).await;
             let took = paused.elapsed();
             proxy.pause(0, false);
             proxy.down(0, true);
             assert_code(&out, 76);
-            assert!(!alive(holder.pid), "the command still runs");
+            // SIGKILLed: it runs no user code any more, and is reaped soon.
+            wait_dead(holder.pid, Duration::from_millis(500)).await;
             assert!(
                 valid,
                 "{:?}: the command was stopped after its lease ran out\n{}",
@@ -1328,15 +1283,39 @@ async fn black_holed_connection_stops_a_stubborn_command_in_time(db: Db) {
     }
 }
 
-/// `host:port` of a URL, and the URL with another port on 127.0.0.1.
-fn authority(url: &str) -> (String, impl Fn(u16) -> String + '_) {
-    let start = url.find("://").map_or(0, |i| i + 3);
-    let end = url[start..].find('/').map_or(url.len(), |i| start + i);
-    let host_start = url[start..end].rfind('@').map_or(start, |i| start + i + 1);
-    let hostport = url[host_start..end].to_owned();
-    let with_port =
-        move |port: u16| format!("{}127.0.0.1:{port}{}", &url[..host_start], &url[end..]);
-    (hostport, with_port)
+/// A direct connection that tells whether a lease is still valid by the
+/// database clock.
+enum LeaseCheck {
+    Pg(sqlx::PgPool),
+    Mysql(sqlx::MySqlPool),
+    /// Advisory locks do not expire: the server keeps the lock while the
+    /// (black-holed) session lives.
+    NoExpiry,
+}
+
+impl LeaseCheck {
+    async fn open(db: &Db) -> LeaseCheck {
+        match db.backend {
+            Backend::PgLease => LeaseCheck::Pg(sqlx::PgPool::connect(&db.url).await.unwrap()),
+            Backend::MysqlLease => {
+                LeaseCheck::Mysql(sqlx::MySqlPool::connect(&db.url).await.unwrap())
+            }
+            _ => LeaseCheck::NoExpiry,
+        }
+    }
+
+    async fn still_valid(&self, name: &str) -> bool {
+        let (pg, my) = (
+            "SELECT expires_at > clock_timestamp() FROM dblock_leases WHERE name = $1",
+            "SELECT expires_at > UTC_TIMESTAMP(6) FROM dblock_leases WHERE name = ?",
+        );
+        match self {
+            LeaseCheck::Pg(pool) => sqlx::query_scalar(pg).bind(name).fetch_one(pool).await,
+            LeaseCheck::Mysql(pool) => sqlx::query_scalar(my).bind(name).fetch_one(pool).await,
+            LeaseCheck::NoExpiry => Ok(true),
+        }
+        .expect("read the lease")
+    }
 }
 
 /// flock(1)'s options: -n, -w, -E (the command's own 75 is not "busy"),
