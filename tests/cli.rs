@@ -258,33 +258,31 @@ fn signal(child: &Child, sig: Signal) {
     kill(Pid::from_raw(pid), sig).expect("signal dblock");
 }
 
-/// Generates one test per backend for each scenario.
+/// Generates one test per backend for each scenario. The backends are
+/// listed once, here: a new one is one more `test_name Variant` pair.
 macro_rules! per_backend {
-    ($($scenario:ident),* $(,)?) => {$(
+    ($($scenario:ident),* $(,)?) => {
+        per_backend!(@each [
+            postgres_advisory PgAdvisory,
+            postgres_lease PgLease,
+            mysql_lease MysqlLease,
+            sqlite_lease SqliteLease
+        ] $($scenario)*);
+    };
+    (@each $backends:tt $($scenario:ident)*) => {
+        $(per_backend!(@one $scenario $backends);)*
+    };
+    (@one $scenario:ident [$($test:ident $variant:ident),*]) => {
         mod $scenario {
             use super::*;
-
-            #[tokio::test]
-            async fn postgres_advisory() {
-                super::$scenario(Db::new(Backend::PgAdvisory).await).await
-            }
-
-            #[tokio::test]
-            async fn postgres_lease() {
-                super::$scenario(Db::new(Backend::PgLease).await).await
-            }
-
-            #[tokio::test]
-            async fn mysql_lease() {
-                super::$scenario(Db::new(Backend::MysqlLease).await).await
-            }
-
-            #[tokio::test]
-            async fn sqlite_lease() {
-                super::$scenario(Db::new(Backend::SqliteLease).await).await
-            }
+            $(
+                #[tokio::test]
+                async fn $test() {
+                    super::$scenario(Db::new(Backend::$variant).await).await
+                }
+            )*
         }
-    )*};
+    };
 }
 
 per_backend!(

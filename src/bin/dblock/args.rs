@@ -270,7 +270,8 @@ pub struct RunArgs {
     pub conflict_exit_code: Option<String>,
 
     /// Take a shared (reader) lock: other shared holders may run at the same
-    /// time, exclusive ones may not.
+    /// time, exclusive ones may not. PostgreSQL advisory locks only: leases
+    /// are exclusive (exit 64).
     #[arg(short = 's', long)]
     pub shared: bool,
 
