@@ -1696,3 +1696,65 @@ async fn job_control_stops_and_resumes(db: Db) {
         "the command ran on after the lease ran out"
     );
 }
+
+/// On PostgreSQL `list` and `status` also look at the other mechanism; a
+/// user who may not read the lease table still gets the advisory locks,
+/// with a note saying what was not shown.
+#[tokio::test]
+async fn lease_table_out_of_reach_is_skipped() {
+    let db = Db::new(Backend::PgAdvisory).await;
+    assert_code(&output(db.dblock().arg("migrate")).await, 0);
+    let pool = sqlx::PgPool::connect(&db.url).await.expect("connect");
+    // A role of this test's own, with no right on dblock's tables.
+    sqlx::raw_sql(
+        "DO $$ BEGIN
+           IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'dblock_cli_no_leases') THEN
+             CREATE ROLE dblock_cli_no_leases LOGIN;
+           END IF;
+         END $$;
+         REVOKE ALL ON dblock_leases FROM dblock_cli_no_leases",
+    )
+    .execute(&pool)
+    .await
+    .expect("create the role");
+    let (scheme, rest) = db.url.split_once("://").unwrap();
+    let host = rest.rsplit_once('@').map_or(rest, |(_, h)| h);
+    let url = format!("{scheme}://dblock_cli_no_leases@{host}");
+
+    let name = common::unique("noleases");
+    let holder = db
+        .hold(&name, &[], r#"echo > "$READY"; exec sleep 60"#)
+        .await;
+    let mut cmd = dblock_in(&db.dir);
+    cmd.args(["--url", &url, "status", &name]);
+    let out = output(&mut cmd).await;
+    assert_code(&out, 0);
+    assert!(
+        stdout(&out).contains("backend:  postgres-advisory"),
+        "{}",
+        stdout(&out)
+    );
+    assert!(
+        stderr(&out).contains("not showing postgres-lease locks"),
+        "{}",
+        stderr(&out)
+    );
+    let mut cmd = dblock_in(&db.dir);
+    cmd.args(["--url", &url, "list", "--json"]);
+    let out = output(&mut cmd).await;
+    assert_code(&out, 0);
+    let v: serde_json::Value = serde_json::from_str(&stdout(&out)).expect("JSON");
+    assert!(
+        v.as_array()
+            .unwrap()
+            .iter()
+            .any(|l| l["key"] == dblock::advisory_key(&name)),
+        "{v}"
+    );
+    // The lease table is the chosen one: its error is the command's.
+    let mut cmd = dblock_in(&db.dir);
+    cmd.args(["--url", &url, "--backend", "lease", "list"]);
+    assert_code(&output(&mut cmd).await, 69);
+    signal(&holder, Signal::SIGTERM);
+    assert_killed_by(&finish(holder).await, Signal::SIGTERM);
+}

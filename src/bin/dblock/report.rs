@@ -35,8 +35,11 @@ pub async fn migrate(target: Target, timeout: Duration) -> CliResult<u8> {
 pub async fn list(target: Target, timeout: Duration, json: bool) -> CliResult<u8> {
     let session = open(target, timeout).await?;
     let mut all = Vec::new();
-    for (backend, locks) in session.all_locks()? {
-        for info in no_schema_is_empty(locks.list().await)? {
+    for (i, (backend, locks)) in session.all_locks()?.into_iter().enumerate() {
+        let Some(infos) = also_look(i, backend, no_schema_is_empty(locks.list().await))? else {
+            continue;
+        };
+        for info in infos {
             all.push(Listed { backend, info });
         }
     }
@@ -48,6 +51,24 @@ pub async fn list(target: Target, timeout: Duration, json: bool) -> CliResult<u8
         print_table(&all);
     }
     Ok(0)
+}
+
+/// The outcome of looking through the `i`th mechanism of
+/// [`Session::all_locks`]: the chosen one's errors are the command's; the
+/// other one (the lease table beside advisory locks, say) may be out of
+/// the user's reach, which is said on stderr and skipped (`None`).
+fn also_look<T>(i: usize, backend: &str, r: CliResult<T>) -> CliResult<Option<T>> {
+    match r {
+        Ok(found) => Ok(Some(found)),
+        Err(f) if i == 0 => Err(f),
+        Err(f) => {
+            eprintln!(
+                "{}",
+                crate::message(&format!("not showing {backend} locks: {}", f.message))
+            );
+            Ok(None)
+        }
+    }
 }
 
 /// A lock and the mechanism that holds it, as `list` and `status` print it.
@@ -77,8 +98,9 @@ pub async fn status(
     let name = parse_name(name)?;
     let session = open(target, timeout).await?;
     let mut held = Vec::new();
-    for (backend, locks) in session.all_locks()? {
-        if let Some(info) = no_schema_is_empty(locks.inspect(&name).await)? {
+    for (i, (backend, locks)) in session.all_locks()?.into_iter().enumerate() {
+        let found = also_look(i, backend, no_schema_is_empty(locks.inspect(&name).await))?;
+        if let Some(info) = found.flatten() {
             held.push(Listed { backend, info });
         }
     }
