@@ -86,17 +86,30 @@ impl LockStatus {
     }
 
     /// Marks the lock lost; the first reason given is kept.
+    ///
+    /// Callers often hold an internal lock (a backend's registry) while
+    /// they mark a loss, so the warning is not logged here: a subscriber
+    /// that calls back into dblock would deadlock. It is logged by a task
+    /// of its own (or at once when no runtime is at hand).
     pub fn mark_lost(&self, reason: impl Into<String>) {
         let reason = reason.into();
+        let mut first = None;
         self.tx.send_if_modified(|s| {
             if s.lost.is_none() {
-                tracing::warn!(%reason, "dblock: lock lost");
-                s.lost = Some(reason);
+                s.lost = Some(reason.clone());
+                first = Some(reason);
                 true
             } else {
                 false
             }
         });
+        if let Some(reason) = first {
+            let warn = move || tracing::warn!(%reason, "dblock: lock lost");
+            match tokio::runtime::Handle::try_current() {
+                Ok(runtime) => drop(runtime.spawn(async move { warn() })),
+                Err(_) => warn(),
+            }
+        }
     }
 
     /// Whether the lock has been marked lost.

@@ -56,7 +56,7 @@ impl Memory {
         // that has been cloned (the engine's options cannot change under
         // clones that share it).
         let store = MemoryStore {
-            names: self.engine.store().names.clone(),
+            state: self.engine.store().state.clone(),
         };
         let mut engine = LeaseEngine::new(store, self.engine.wakeups());
         engine.set_options(options)?;
@@ -66,14 +66,70 @@ impl Memory {
 
 lease_backend!(Memory);
 
+impl Memory {
+    /// How many names have an entry in the map now (held, kept by
+    /// `hold_at_least`, or expired and not yet swept). For tests of the
+    /// bounded footprint; not a stable interface.
+    #[doc(hidden)]
+    pub fn entries(&self) -> usize {
+        self.engine.store().state.lock().unwrap().names.len()
+    }
+}
+
 #[derive(Debug, Default)]
 pub(crate) struct MemoryStore {
-    names: Arc<Mutex<HashMap<String, Entry>>>,
+    state: Arc<Mutex<State>>,
+}
+
+/// The locks of one `Memory` (and its clones).
+///
+/// Only names that something holds (or keeps with `hold_at_least`) have an
+/// entry: a release that frees a name removes it, and a sweep removes the
+/// expired ones each time the map has doubled since the last sweep, so the
+/// map's size follows the number of names held, not of names ever used.
+/// Tokens come from one counter for all names, so a name whose entry was
+/// removed still gets a greater token next time.
+#[derive(Debug, Default)]
+struct State {
+    names: HashMap<String, Entry>,
+    /// The last token handed out, for any name.
+    token: u64,
+    /// The map's size after the last sweep.
+    swept: usize,
+}
+
+/// Below this size the map is never swept.
+const SWEEP_FROM: usize = 1024;
+
+impl State {
+    fn next_token(&mut self) -> u64 {
+        self.token += 1;
+        self.token
+    }
+
+    /// Removes `name`'s entry if nothing holds it any more.
+    fn forget_if_free(&mut self, name: &str) {
+        if self.names.get(name).is_some_and(|e| e.holders.is_empty()) {
+            self.names.remove(name);
+        }
+    }
+
+    /// Removes every entry whose leases have all expired, once the map has
+    /// doubled since the last sweep (amortised O(1) per claim).
+    fn sweep_if_grown(&mut self, now: Instant) {
+        if self.names.len() < SWEEP_FROM.max(2 * self.swept) {
+            return;
+        }
+        self.names.retain(|_, entry| {
+            entry.prune(now);
+            !entry.holders.is_empty()
+        });
+        self.swept = self.names.len();
+    }
 }
 
 #[derive(Debug, Default)]
 struct Entry {
-    token: u64,
     holders: Vec<Holder>,
 }
 
@@ -128,29 +184,32 @@ impl LeaseStore for MemoryStore {
 
     async fn claim(&self, claim: &Claim<'_>) -> Result<Option<Claimed>> {
         let now = Instant::now();
-        let mut names = self.names.lock().unwrap();
-        let entry = names.entry(claim.name.to_owned()).or_default();
-        entry.prune(now);
-        let free = match claim.mode {
-            LockMode::Exclusive => entry.holders.is_empty(),
-            LockMode::Shared => entry.holders.iter().all(|h| h.mode == LockMode::Shared),
-        };
-        if !free {
-            return Ok(None);
+        let mut state = self.state.lock().unwrap();
+        state.sweep_if_grown(now);
+        if let Some(entry) = state.names.get_mut(claim.name) {
+            entry.prune(now);
+            let free = match claim.mode {
+                LockMode::Exclusive => entry.holders.is_empty(),
+                LockMode::Shared => entry.holders.iter().all(|h| h.mode == LockMode::Shared),
+            };
+            if !free {
+                return Ok(None);
+            }
         }
-        entry.token += 1;
+        let token = state.next_token();
         let expires = now + claim.ttl;
+        let entry = state.names.entry(claim.name.to_owned()).or_default();
         entry.holders.push(Holder {
             owner: claim.owner.to_owned(),
             holder: claim.holder.to_owned(),
             mode: claim.mode,
-            token: entry.token,
+            token,
             acquired: now,
             acquired_at: Utc::now(),
             expires,
         });
         Ok(Some(Claimed {
-            token: entry.token,
+            token,
             expires_at: wall(expires),
         }))
     }
@@ -163,8 +222,8 @@ impl LeaseStore for MemoryStore {
         ttl: Duration,
     ) -> Result<Option<DateTime<Utc>>> {
         let now = Instant::now();
-        let mut names = self.names.lock().unwrap();
-        let Some(entry) = names.get_mut(name) else {
+        let mut state = self.state.lock().unwrap();
+        let Some(entry) = state.names.get_mut(name) else {
             return Ok(None);
         };
         let mine = entry
@@ -179,11 +238,11 @@ impl LeaseStore for MemoryStore {
 
     async fn renew_many(&self, batch: &[Renewal]) -> Result<Vec<Renewed>> {
         let now = Instant::now();
-        let mut names = self.names.lock().unwrap();
+        let mut state = self.state.lock().unwrap();
         Ok(batch
             .iter()
             .map(|r| {
-                let mine = names.get_mut(&*r.name).and_then(|entry| {
+                let mine = state.names.get_mut(&*r.name).and_then(|entry| {
                     entry
                         .holders
                         .iter_mut()
@@ -212,8 +271,8 @@ impl LeaseStore for MemoryStore {
         hold: Option<Duration>,
     ) -> Result<bool> {
         let now = Instant::now();
-        let mut names = self.names.lock().unwrap();
-        let Some(entry) = names.get_mut(name) else {
+        let mut state = self.state.lock().unwrap();
+        let Some(entry) = state.names.get_mut(name) else {
             return Ok(false);
         };
         let Some(i) = entry
@@ -231,6 +290,8 @@ impl LeaseStore for MemoryStore {
             }
             _ => {
                 entry.holders.swap_remove(i);
+                entry.prune(now);
+                state.forget_if_free(name);
             }
         }
         Ok(true)
@@ -238,33 +299,37 @@ impl LeaseStore for MemoryStore {
 
     async fn force_release(&self, name: &str) -> Result<bool> {
         let now = Instant::now();
-        let mut names = self.names.lock().unwrap();
-        Ok(names.get_mut(name).is_some_and(|entry| {
+        let mut state = self.state.lock().unwrap();
+        let held = state.names.remove(name).is_some_and(|mut entry| {
             entry.prune(now);
-            let held = !entry.holders.is_empty();
-            entry.holders.clear();
-            held
-        }))
+            !entry.holders.is_empty()
+        });
+        Ok(held)
     }
 
     async fn inspect(&self, name: &str) -> Result<Option<LockInfo>> {
         let now = Instant::now();
-        let mut names = self.names.lock().unwrap();
-        Ok(names.get_mut(name).and_then(|entry| {
+        let mut state = self.state.lock().unwrap();
+        let info = state.names.get_mut(name).and_then(|entry| {
             entry.prune(now);
             entry.info(name)
-        }))
+        });
+        state.forget_if_free(name);
+        Ok(info)
     }
 
     async fn list(&self) -> Result<Vec<LockInfo>> {
         let now = Instant::now();
-        let mut names = self.names.lock().unwrap();
-        let mut all: Vec<LockInfo> = names
-            .iter_mut()
-            .filter_map(|(name, entry)| {
-                entry.prune(now);
-                entry.info(name)
-            })
+        let mut state = self.state.lock().unwrap();
+        state.names.retain(|_, entry| {
+            entry.prune(now);
+            !entry.holders.is_empty()
+        });
+        state.swept = state.names.len();
+        let mut all: Vec<LockInfo> = state
+            .names
+            .iter()
+            .filter_map(|(name, entry)| entry.info(name))
             .collect();
         all.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(all)

@@ -1406,3 +1406,26 @@ async fn a_row_locked_by_lock_in_tx_does_not_hold_up_the_batch() {
     .await;
     s.finish().await;
 }
+
+/// The engine self-test on the plain server: MariaDB or MySQL, not a
+/// Galera node; leases and named locks allowed.
+#[tokio::test]
+async fn engine_self_test_on_a_single_server() {
+    let lease = Lease::new(pool().await);
+    let engine = lease.engine().await.unwrap();
+    assert!(!engine.is_galera(), "{engine:?}");
+    let version: String = sqlx::query_scalar("SELECT VERSION()")
+        .fetch_one(lease.pool())
+        .await
+        .unwrap();
+    assert_eq!(engine.version(), version);
+    let flavor = if version.contains("MariaDB") {
+        dblock::mysql::Flavor::MariaDb
+    } else {
+        dblock::mysql::Flavor::MySql
+    };
+    assert_eq!(engine.flavor(), flavor);
+    assert!(engine.check_leases().is_ok());
+    assert!(engine.check_named_locks().is_ok());
+    assert!(engine.check_lock_in_tx().is_ok());
+}

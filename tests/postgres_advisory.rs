@@ -28,14 +28,7 @@ async fn share_lock_table() -> LockTableShare {
     LOCK_TABLE.read().await
 }
 
-async fn pool(url: &str, max: u32) -> PgPool {
-    PgPoolOptions::new()
-        .max_connections(max)
-        .acquire_timeout(Duration::from_secs(20))
-        .connect(url)
-        .await
-        .expect("connect to PostgreSQL (DBLOCK_TEST_POSTGRES_URL)")
-}
+use common::pg_pool as pool;
 
 fn options(wait: WaitStrategy) -> AdvisoryOptions {
     AdvisoryOptions {

@@ -49,6 +49,7 @@ mod wakeups;
 
 use std::fmt;
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -186,11 +187,33 @@ pub(crate) trait LeaseStore: Send + Sync + fmt::Debug + 'static {
     /// Every live lease.
     fn list(&self) -> impl Future<Output = Result<Vec<LockInfo>>> + Send;
 
+    /// Deletes up to [`SWEEP_BATCH`] rows whose lease ended more than
+    /// `grace` ago by the store's clock (released or expired), and answers
+    /// how many it deleted. Only a store whose tokens do not depend on the
+    /// row (they come from a per-database counter) may delete rows; the
+    /// default deletes nothing. The engine calls it in the background,
+    /// `grace` after a release, at most once per `grace`.
+    fn sweep(&self, grace: Duration) -> impl Future<Output = Result<u64>> + Send {
+        let _ = grace;
+        std::future::ready(Ok(0))
+    }
+
     /// Called each time an acquisition is about to wait for a lease held
     /// elsewhere. A store with a push channel for releases (PostgreSQL's
     /// LISTEN/NOTIFY) makes sure it is listening; it must not block.
     fn waiting(&self) {}
 }
+
+/// How long a lease row is kept after its lease ended before a sweep may
+/// delete it. A claim whose token was drawn before another holder's whole
+/// claim and release (a server process stalled for this long between the
+/// two halves of one statement) would otherwise create a fresh row with a
+/// token below that holder's; while the ended row exists, such a claim
+/// takes it over with a freshly drawn token instead.
+pub(crate) const SWEEP_GRACE: Duration = Duration::from_secs(2);
+
+/// The most rows one sweep statement deletes.
+pub(crate) const SWEEP_BATCH: u64 = 10_000;
 
 /// How the lease machinery waits and renews; the defaults suit most uses.
 #[derive(Debug, Clone)]
@@ -291,6 +314,52 @@ struct Inner<S> {
     holder: String,
     options: LeaseOptions,
     renewals: renewal::Renewals,
+    /// A sweep task is scheduled or running.
+    sweeping: AtomicBool,
+    /// A lease ended since the running sweep task last looked.
+    sweep_due: AtomicBool,
+}
+
+/// Has ended rows deleted `SWEEP_GRACE` from now, in the background, unless
+/// a sweep is scheduled already; one sweep task per engine at a time.
+fn schedule_sweep<S: LeaseStore>(inner: &Arc<Inner<S>>) {
+    inner.sweep_due.store(true, Ordering::Release);
+    if inner.sweeping.swap(true, Ordering::AcqRel) {
+        return;
+    }
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        inner.sweeping.store(false, Ordering::Release);
+        return;
+    };
+    let weak = Arc::downgrade(inner);
+    runtime.spawn(async move {
+        loop {
+            // Leases that end from now on are seen by the next round.
+            match weak.upgrade() {
+                Some(inner) => inner.sweep_due.store(false, Ordering::Release),
+                None => return,
+            }
+            tokio::time::sleep(SWEEP_GRACE + Duration::from_millis(100)).await;
+            let Some(inner) = weak.upgrade() else { return };
+            loop {
+                match inner.store.sweep(SWEEP_GRACE).await {
+                    Ok(n) if n >= SWEEP_BATCH => continue,
+                    Ok(_) => break,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "dblock: sweeping ended leases failed");
+                        break;
+                    }
+                }
+            }
+            // Go on if a lease ended meanwhile and nobody else took over.
+            inner.sweeping.store(false, Ordering::Release);
+            if !inner.sweep_due.load(Ordering::Acquire)
+                || inner.sweeping.swap(true, Ordering::AcqRel)
+            {
+                return;
+            }
+        }
+    });
 }
 
 impl<S: LeaseStore> LeaseEngine<S> {
@@ -302,6 +371,8 @@ impl<S: LeaseStore> LeaseEngine<S> {
                 holder: this_holder(),
                 options: LeaseOptions::default(),
                 renewals: renewal::Renewals::default(),
+                sweeping: AtomicBool::new(false),
+                sweep_due: AtomicBool::new(false),
             }),
         }
     }
@@ -416,7 +487,37 @@ async fn acquire_task<S: LeaseStore>(
                 let _ = reply.send(Err(e));
                 return;
             }
-            Ok(Some(claimed)) => break (claimed, sent_at),
+            Ok(Some(claimed)) => {
+                // The claim (its wait for a connection and its retries
+                // included) took longer than the lease's safety margin: its
+                // local deadline has passed already, so it is no lease to
+                // hand out. Give it back and try again while the wait allows.
+                let took = sent_at.elapsed();
+                let ttl = request.ttl();
+                if took < ttl - safety_margin(ttl) {
+                    break (claimed, sent_at);
+                }
+                let released = inner.store.release(name, &owner, claimed.token, None).await;
+                inner.wakeups.wake(name);
+                tracing::debug!(?took, ?ttl, released = ?released.as_ref().ok(),
+                    "dblock: a lease claimed past its local deadline was given back");
+                let out_of_time = match (request.wait(), deadline) {
+                    (Wait::No, _) => true,
+                    (_, Some(deadline)) => Instant::now() >= deadline,
+                    (_, None) => false,
+                };
+                if out_of_time {
+                    let _ = reply.send(Err(Error::lost(
+                        name,
+                        format!(
+                            "the claim took {took:?}, past the lease's local deadline \
+                             (ttl {ttl:?} minus its safety margin); it was given back"
+                        ),
+                    )));
+                    return;
+                }
+                continue;
+            }
             Ok(None) => {}
         }
         let now = Instant::now();

@@ -764,6 +764,7 @@ async fn release<S: LeaseStore>(inner: Arc<Inner<S>>, id: Id) -> Result<()> {
         }
     };
     inner.wakeups.wake(&name);
+    super::schedule_sweep(&inner);
     let result = match outcome {
         Ok(true) => Ok(()),
         Ok(false) => {

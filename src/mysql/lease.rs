@@ -12,6 +12,7 @@ use sqlx::mysql::MySqlArguments;
 use sqlx::query::Query;
 use sqlx::{AssertSqlSafe, MySql, MySqlPool, Row, Transaction};
 
+use super::engine::Engine;
 use super::{code, error_number, is_lock_busy, map_err, micros, quote_table, Conn, DEFAULT_TABLE};
 use crate::lease::{
     lease_backend, Claim, Claimed, LeaseEngine, LeaseOptions, LeaseStore, Renewal, Renewed, Wakeups,
@@ -91,6 +92,7 @@ impl Lease {
                 pool,
                 sql: Arc::new(Sql::new(DEFAULT_TABLE)),
                 packet_budget: Arc::default(),
+                engine: Arc::default(),
             },
             LeaseOptions::default(),
         )
@@ -108,6 +110,7 @@ impl Lease {
             pool: self.engine.store().pool.clone(),
             sql: Arc::new(Sql::new(table)),
             packet_budget: self.engine.store().packet_budget.clone(),
+            engine: self.engine.store().engine.clone(),
         };
         Lease::build(store, self.options)
     }
@@ -137,6 +140,16 @@ impl Lease {
         &self.engine.store().sql.table
     }
 
+    /// What the server is (see [`Engine`]), asked once per backend and its
+    /// clones: the engine self-test the first claim, inspection or listing
+    /// runs before anything else.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: a plain read, remembered only once it completes.
+    pub async fn engine(&self) -> Result<Engine> {
+        self.engine.store().engine().await.cloned()
+    }
+
     /// [`lock_in_tx_with`](super::lock_in_tx_with) on this backend's table:
     /// locks `name` for the rest of `tx`, excluding this backend's leases of
     /// the same name, and returns a fencing token (`Ok(None)` for
@@ -161,6 +174,11 @@ lease_backend!(Lease);
 pub(crate) struct Sql {
     pub table: String,
     claim_lock: Arc<str>,
+    /// `inspect` and `list` after the node has applied every write set
+    /// committed anywhere in the cluster before them (Galera; see
+    /// [`BEGIN_CAUSAL`] for claims).
+    inspect_causal: Arc<str>,
+    list_causal: Arc<str>,
     claim_take: Arc<str>,
     create_row: Arc<str>,
     renew: Arc<str>,
@@ -187,6 +205,18 @@ const BATCH_ROWS: &str = "'$[*]' COLUMNS (i FOR ORDINALITY, \
     name VARCHAR(510) PATH '$[0]', owner VARCHAR(64) PATH '$[1]', \
     token BIGINT UNSIGNED PATH '$[2]', ttl BIGINT PATH '$[3]')";
 
+/// `BEGIN` of a claim on a Galera node: first wait until the node has
+/// applied every write set the cluster committed before it
+/// (`wsrep_sync_wait`). A Galera node applies other nodes' write sets
+/// asynchronously, so a plain read there may miss a release (or a grant)
+/// that already committed elsewhere. Safety never depends on it (a claim
+/// writes, and a write based on a stale row fails certification), but a
+/// caller told "released" by a client of another node must find the name
+/// free, and inspect must show a lease granted elsewhere. On a statement
+/// inside a transaction the server skips the wait: it has to be the
+/// transaction's start.
+const BEGIN_CAUSAL: &str = "SET STATEMENT wsrep_sync_wait = 1 FOR START TRANSACTION";
+
 /// The epoch as a `DATETIME` literal: `TIMESTAMPDIFF` from it gives
 /// microseconds since 1970 in UTC without any time zone conversion.
 const EPOCH: &str = "TIMESTAMP'1970-01-01 00:00:00'";
@@ -195,20 +225,39 @@ impl Sql {
     pub(crate) fn new(table: &str) -> Sql {
         let t = quote_table(table);
         let s = |sql: String| -> Arc<str> { sql.into() };
+        // Locks the row (never waiting for another transaction's lock),
+        // and reads the server clock for the new lease in passing.
+        let claim_lock = format!(
+            "SELECT token, expires_at > UTC_TIMESTAMP(6) AS live, \
+                    UTC_TIMESTAMP(6) AS now, \
+                    UTC_TIMESTAMP(6) + INTERVAL ? MICROSECOND AS until \
+               FROM {t} WHERE name = ? FOR UPDATE NOWAIT"
+        );
+        let inspect = format!(
+            "SELECT holder, token, acquired_at, expires_at FROM {t} \
+              WHERE name = ? AND expires_at > UTC_TIMESTAMP(6)"
+        );
+        let list = format!(
+            "SELECT name, holder, token, acquired_at, expires_at FROM {t} \
+              WHERE expires_at > UTC_TIMESTAMP(6) ORDER BY name"
+        );
+        // See BEGIN_CAUSAL: the same wait, for one autocommit read.
+        let causal = |sql: &str| s(format!("SET STATEMENT wsrep_sync_wait = 1 FOR {sql}"));
         Sql {
             table: table.to_owned(),
-            // Locks the row (never waiting for another transaction's lock),
-            // and reads the server clock for the new lease in passing.
-            claim_lock: s(format!(
-                "SELECT token, expires_at > UTC_TIMESTAMP(6) AS live, \
-                        UTC_TIMESTAMP(6) AS now, \
-                        UTC_TIMESTAMP(6) + INTERVAL ? MICROSECOND AS until \
-                   FROM {t} WHERE name = ? FOR UPDATE NOWAIT"
-            )),
+            inspect_causal: causal(&inspect),
+            list_causal: causal(&list),
+            claim_lock: s(claim_lock),
+            // Repeats what the locking read found (the token, no live
+            // lease): under the row lock that changes nothing, but on Galera
+            // a transaction aborted by another node's write (a brute-force
+            // abort) can go unreported to a prepared statement, which then
+            // runs on its own in autocommit; this one must not then
+            // overwrite the lease that other node just granted.
             claim_take: s(format!(
                 "UPDATE {t} SET owner = ?, holder = ?, mode = 'x', token = token + 1, \
                         acquired_at = ?, expires_at = ? \
-                  WHERE name = ?"
+                  WHERE name = ? AND token = ? AND expires_at <= UTC_TIMESTAMP(6)"
             )),
             // Autocommit, outside the claim's transaction: a free row with
             // token 0, so the first holder gets token 1.
@@ -274,14 +323,8 @@ impl Sql {
                         token = LAST_INSERT_ID(token) \
                   WHERE name = ? AND expires_at > UTC_TIMESTAMP(6)"
             )),
-            inspect: s(format!(
-                "SELECT holder, token, acquired_at, expires_at FROM {t} \
-                  WHERE name = ? AND expires_at > UTC_TIMESTAMP(6)"
-            )),
-            list: s(format!(
-                "SELECT name, holder, token, acquired_at, expires_at FROM {t} \
-                  WHERE expires_at > UTC_TIMESTAMP(6) ORDER BY name"
-            )),
+            inspect: s(inspect),
+            list: s(list),
             // lock_in_tx: creates the row or takes its lock in one statement
             // (an X record lock on the primary key either way, never a gap
             // lock), bumping the token if no lease is live.
@@ -322,6 +365,8 @@ pub(crate) struct MySqlStore {
     /// Bytes of JSON one batch statement may carry: half the server's
     /// `max_allowed_packet`, read at the first batch (0 until then).
     packet_budget: Arc<AtomicUsize>,
+    /// The engine self-test's answer, once it has one.
+    engine: Arc<tokio::sync::OnceCell<Engine>>,
 }
 
 impl fmt::Debug for MySqlStore {
@@ -408,8 +453,28 @@ fn clip(holder: &str) -> &str {
 }
 
 impl MySqlStore {
+    /// The engine self-test, run once: what the server is.
+    async fn engine(&self) -> Result<&Engine> {
+        self.engine
+            .get_or_try_init(|| super::engine(&self.pool))
+            .await
+    }
+
+    /// The engine self-test's verdict on leases, and whether reads should
+    /// be causal (see [`Sql`]'s `*_causal` statements).
+    async fn checked(&self) -> Result<bool> {
+        let engine = self.engine().await?;
+        engine.check_leases()?;
+        Ok(engine.causal_reads())
+    }
+
     /// One claim transaction: BEGIN, locking read, UPDATE, COMMIT.
-    async fn attempt(&self, claim: &Claim<'_>, ttl_us: i64) -> Result<Attempt, sqlx::Error> {
+    async fn attempt(
+        &self,
+        claim: &Claim<'_>,
+        ttl_us: i64,
+        causal: bool,
+    ) -> Result<Attempt, sqlx::Error> {
         let mut conn = Conn::acquire(&self.pool).await?;
         // Waiting for a connection can take long when the pool is busy; an
         // acquirer that left meanwhile gets nothing claimed for it.
@@ -417,7 +482,8 @@ impl MySqlStore {
             return Ok(Attempt::Done(None));
         }
         let c = conn.begin_use();
-        sqlx::raw_sql("BEGIN").execute(&mut *c).await?;
+        let begin = if causal { BEGIN_CAUSAL } else { "BEGIN" };
+        sqlx::raw_sql(begin).execute(&mut *c).await?;
         let outcome = self.in_transaction(c, claim, ttl_us).await;
         let end = match outcome {
             Ok(Attempt::Done(Some(_))) => "COMMIT",
@@ -426,8 +492,16 @@ impl MySqlStore {
         // If COMMIT or ROLLBACK fails, the state of the transaction is
         // unknown: the connection stays dirty and is closed on drop, which
         // rolls back whatever is still open (a claimed lease that did commit
-        // is then owned by nobody and runs out after its ttl).
-        sqlx::raw_sql(end).execute(&mut *c).await?;
+        // is then owned by nobody and runs out after its ttl). A deadlock
+        // error is the exception: the server has rolled the transaction
+        // back, as Galera does when a COMMIT fails certification (another
+        // node's write to the row was ordered first).
+        if let Err(e) = sqlx::raw_sql(end).execute(&mut *c).await {
+            if error_number(&e) == Some(code::DEADLOCK) {
+                conn.done();
+            }
+            return Err(e);
+        }
         conn.done();
         outcome
     }
@@ -453,14 +527,18 @@ impl MySqlStore {
         }
         let now: NaiveDateTime = row.try_get(2)?;
         let until: NaiveDateTime = row.try_get(3)?;
-        q(&self.sql.claim_take)
+        let taken = q(&self.sql.claim_take)
             .bind(claim.owner.as_bytes())
             .bind(clip(claim.holder))
             .bind(now)
             .bind(until)
             .bind(claim.name.as_bytes())
+            .bind(token)
             .execute(&mut *c)
             .await?;
+        if taken.rows_affected() != 1 {
+            return Ok(Attempt::Done(None));
+        }
         Ok(Attempt::Done(Some(Claimed {
             token: token + 1,
             expires_at: utc(until),
@@ -607,15 +685,28 @@ impl MySqlStore {
         }
     }
 
-    /// One statement in autocommit on a guarded connection.
+    /// One conditional statement in autocommit on a guarded connection,
+    /// retried after a deadlock. On Galera that is a certification
+    /// conflict the server's own `wsrep_retry_autocommit` did not absorb:
+    /// the statement did nothing, and its conditions (owner, token, live
+    /// lease) make running it again safe.
     async fn execute(
         &self,
-        query: Query<'static, MySql, MySqlArguments>,
+        query: impl Fn() -> Query<'static, MySql, MySqlArguments>,
     ) -> Result<sqlx::mysql::MySqlQueryResult> {
-        let mut conn = Conn::acquire(&self.pool).await?;
-        let outcome = query.execute(&mut *conn.begin_use()).await;
-        conn.settle(&outcome);
-        outcome.map_err(map_err)
+        let mut retries = 0;
+        loop {
+            let mut conn = Conn::acquire(&self.pool).await?;
+            let outcome = query().execute(&mut *conn.begin_use()).await;
+            conn.settle(&outcome);
+            match outcome {
+                Err(e) if error_number(&e) == Some(code::DEADLOCK) && retries < MAX_RETRIES => {
+                    retries += 1;
+                    retry_pause(retries).await;
+                }
+                outcome => return outcome.map_err(map_err),
+            }
+        }
     }
 }
 
@@ -625,11 +716,12 @@ impl LeaseStore for MySqlStore {
     }
 
     async fn claim(&self, claim: &Claim<'_>) -> Result<Option<Claimed>> {
+        let causal = self.checked().await?;
         let ttl_us = micros(claim.ttl);
         let mut retries = 0;
         let mut created = 0;
         loop {
-            let outcome = match self.attempt(claim, ttl_us).await {
+            let outcome = match self.attempt(claim, ttl_us, causal).await {
                 Ok(Attempt::Done(claimed)) => return Ok(claimed),
                 Ok(Attempt::Missing) if created < MAX_RETRIES => {
                     created += 1;
@@ -666,13 +758,13 @@ impl LeaseStore for MySqlStore {
         ttl: Duration,
     ) -> Result<Option<DateTime<Utc>>> {
         let done = self
-            .execute(
+            .execute(|| {
                 q(&self.sql.renew)
                     .bind(micros(ttl))
                     .bind(name.as_bytes())
                     .bind(owner.as_bytes())
-                    .bind(token),
-            )
+                    .bind(token)
+            })
             .await?;
         let us = done.last_insert_id();
         if us > 0 {
@@ -753,27 +845,31 @@ impl LeaseStore for MySqlStore {
         hold: Option<Duration>,
     ) -> Result<bool> {
         let done = self
-            .execute(
+            .execute(|| {
                 q(&self.sql.release)
                     .bind(hold.map(micros).unwrap_or(0))
                     .bind(name.as_bytes())
                     .bind(owner.as_bytes())
-                    .bind(token),
-            )
+                    .bind(token)
+            })
             .await?;
         Ok(done.last_insert_id() > 0 || done.rows_affected() > 0)
     }
 
     async fn force_release(&self, name: &str) -> Result<bool> {
         let done = self
-            .execute(q(&self.sql.force_release).bind(name.as_bytes()))
+            .execute(|| q(&self.sql.force_release).bind(name.as_bytes()))
             .await?;
         Ok(done.last_insert_id() > 0 || done.rows_affected() > 0)
     }
 
     async fn inspect(&self, name: &str) -> Result<Option<LockInfo>> {
+        let sql = match self.checked().await? {
+            true => &self.sql.inspect_causal,
+            false => &self.sql.inspect,
+        };
         let mut conn = Conn::acquire(&self.pool).await?;
-        let outcome = q(&self.sql.inspect)
+        let outcome = q(sql)
             .bind(name.as_bytes())
             .fetch_optional(&mut *conn.begin_use())
             .await;
@@ -783,8 +879,12 @@ impl LeaseStore for MySqlStore {
     }
 
     async fn list(&self) -> Result<Vec<LockInfo>> {
+        let sql = match self.checked().await? {
+            true => &self.sql.list_causal,
+            false => &self.sql.list,
+        };
         let mut conn = Conn::acquire(&self.pool).await?;
-        let outcome = q(&self.sql.list).fetch_all(&mut *conn.begin_use()).await;
+        let outcome = q(sql).fetch_all(&mut *conn.begin_use()).await;
         conn.settle(&outcome);
         let rows = outcome.map_err(map_err)?;
         rows.iter()

@@ -3,7 +3,7 @@
 use std::sync::LazyLock;
 use std::time::Duration;
 
-use sqlx::{MySql, MySqlConnection, Row, Transaction};
+use sqlx::{AssertSqlSafe, MySql, MySqlConnection, Row, Transaction};
 use tokio::time::Instant;
 
 use super::lease::{q, Sql, DEFAULT_SQL};
@@ -12,8 +12,11 @@ use crate::lease::{new_owner, this_holder};
 use crate::request::MAX_DURATION;
 use crate::{validate_name, Error, Result, Wait};
 
-/// Shortens the session's lock wait for one statement, keeping the old value.
-/// MariaDB takes 0 as "do not wait"; MySQL's minimum is 1 s.
+/// Whether the server is MariaDB, which can set variables for one statement.
+const IS_MARIADB: &str = "SELECT VERSION() LIKE '%MariaDB%'";
+
+/// MySQL: shortens the session's lock wait for one statement, keeping the
+/// old value. MariaDB takes 0 as "do not wait"; MySQL's minimum is 1 s.
 const SET_LOCK_WAIT: &str = "SET @dblock_lock_wait = @@SESSION.innodb_lock_wait_timeout, \
                              SESSION innodb_lock_wait_timeout = \
                                  GREATEST(?, IF(VERSION() LIKE '%MariaDB%', 0, 1))";
@@ -53,6 +56,11 @@ pub async fn lock_in_tx(tx: &mut Transaction<'_, MySql>, name: &str) -> Result<u
 /// Within one transaction the lock is re-entrant (the transaction is the
 /// holder); each call returns a new token.
 ///
+/// On a Galera node it fails with [`Error::Unsupported`]: a row lock there
+/// holds on one node only (see [`Engine::check_lock_in_tx`](super::Engine::check_lock_in_tx)).
+/// It asks the server first (one `SHOW GLOBAL VARIABLES`), which leaves the
+/// transaction as it was.
+///
 /// The lock is the row lock (`SELECT ... FOR UPDATE` semantics) on the
 /// name's row in `dblock_leases`, so it shares names, and tokens, with
 /// [`Lease`](super::Lease): while the transaction holds the row, lease
@@ -69,10 +77,12 @@ pub async fn lock_in_tx(tx: &mut Transaction<'_, MySql>, name: &str) -> Result<u
 ///   outside the database before `COMMIT` may be issued again.
 /// - **Waiting for another transaction** that holds the name happens in the
 ///   server, so the lock is handed over as soon as that transaction ends.
-///   A bounded wait sets the session's `innodb_lock_wait_timeout` for that
-///   one statement (whole seconds, rounded up: the server's unit; `0` for
-///   [`Wait::No`], which MySQL 8 raises to its minimum of 1 s) and restores
-///   it afterwards.
+///   A bounded wait sets `innodb_lock_wait_timeout` for that one statement
+///   (whole seconds, rounded up: the server's unit; `0` for [`Wait::No`],
+///   which MySQL 8 raises to its minimum of 1 s): on MariaDB with `SET
+///   STATEMENT ... FOR`, which also lifts a configured
+///   `max_statement_time` so that only the wait bounds it; on MySQL by
+///   changing the session's value and restoring it afterwards.
 /// - **Waiting for a lease.** Once the transaction holds the row, a live
 ///   lease of the name can no longer be renewed or released (those are
 ///   updates of the same row), so it can only run out: the function waits
@@ -118,10 +128,14 @@ pub async fn lock_in_tx(tx: &mut Transaction<'_, MySql>, name: &str) -> Result<u
 ///
 /// # Cancel safety
 /// Not cancel safe: if dropped, the transaction may or may not hold the
-/// lock, and if dropped during a bounded wait for another transaction, the
-/// session's `innodb_lock_wait_timeout` may keep the shortened value. Roll
-/// the transaction back (dropping a `Transaction` does) to release
-/// whatever it holds.
+/// lock. Roll the transaction back (dropping a `Transaction` does) to
+/// release whatever it holds. On MariaDB the bounded wait's
+/// `innodb_lock_wait_timeout` is set with `SET STATEMENT ... FOR`, for the
+/// one statement, so a dropped call leaves no changed setting on the
+/// connection; on MySQL, which cannot do that, a call dropped during a
+/// bounded wait for another transaction may leave the session's
+/// `innodb_lock_wait_timeout` shortened (and `@dblock_lock_wait` set):
+/// close such a connection rather than reuse it.
 pub async fn lock_in_tx_with(
     tx: &mut Transaction<'_, MySql>,
     name: &str,
@@ -160,6 +174,9 @@ pub(crate) async fn lock(
     };
     let marker = new_owner();
     let conn: &mut MySqlConnection = tx;
+    if super::engine::is_galera_node(conn).await.map_err(map_err)? {
+        return Err(super::engine::lock_in_tx_on_galera());
+    }
 
     // 1. The row lock, creating the row if needed; bumps the token unless a
     //    lease is live.
@@ -230,18 +247,37 @@ async fn take_row(
     marker: &str,
     deadline: Option<Instant>,
 ) -> Result<(), sqlx::Error> {
-    let statement = q(&sql.tx_lock)
+    let mariadb: bool = sqlx::query_scalar(IS_MARIADB).fetch_one(&mut *conn).await?;
+    let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+    let secs = left.map(|left| left.as_secs() + u64::from(left.subsec_nanos() > 0));
+    let statement = if mariadb {
+        // MariaDB sets the lock wait, and lifts a configured
+        // max_statement_time, for this one statement only: nothing is left
+        // on the connection, even if this future is dropped mid-wait. SET
+        // STATEMENT takes no placeholders; `secs` is an integer computed
+        // here, never the caller's text.
+        let vars = match secs {
+            Some(secs) => format!("innodb_lock_wait_timeout = {secs}, max_statement_time = 0"),
+            None => "max_statement_time = 0".to_owned(),
+        };
+        let sql = format!("SET STATEMENT {vars} FOR {}", sql.tx_lock);
+        sqlx::query(AssertSqlSafe(sql))
+    } else {
+        q(&sql.tx_lock)
+    };
+    let statement = statement
         .bind(name.as_bytes())
         .bind(marker.as_bytes())
         .bind(HOLDER.as_str())
         .bind(marker.as_bytes())
         .bind(HOLDER.as_str());
-    let Some(deadline) = deadline else {
+    let Some(secs) = secs.filter(|_| !mariadb) else {
         statement.execute(&mut *conn).await?;
         return Ok(());
     };
-    let left = deadline.saturating_duration_since(Instant::now());
-    let secs = left.as_secs() + u64::from(left.subsec_nanos() > 0);
+    // MySQL has no SET STATEMENT for this variable: the session's value is
+    // changed around the statement (and left changed if this is dropped
+    // mid-wait; see the cancel safety note).
     sqlx::query(SET_LOCK_WAIT)
         .bind(secs)
         .execute(&mut *conn)

@@ -7,13 +7,17 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use rand::Rng;
-use sqlx::postgres::PgRow;
-use sqlx::{AssertSqlSafe, PgPool, Row};
+use sqlx::pool::PoolConnection;
+use sqlx::postgres::{PgArguments, PgRow};
+use sqlx::{AssertSqlSafe, PgConnection, PgPool, Postgres, Row, Transaction};
+use tokio::sync::OnceCell;
 
-use super::map_err;
 use super::notify::{Listener, CHANNEL};
+use super::token::sequence_token;
+use super::{engine, map_err};
 use crate::lease::{
-    lease_backend, Claim, Claimed, LeaseEngine, LeaseOptions, LeaseStore, Renewal, Renewed, Wakeups,
+    lease_backend, Claim, Claimed, LeaseEngine, LeaseOptions, LeaseStore, Renewal, Renewed,
+    Wakeups, SWEEP_BATCH,
 };
 use crate::name::{quote_table, validate_table};
 use crate::{LockInfo, LockMode, Result};
@@ -36,16 +40,24 @@ const DEFAULT_TABLE: &str = "dblock_leases";
 /// `clock_timestamp()`, the database's wall clock at the moment of the
 /// statement: client clocks never decide who holds a lock.
 ///
-/// - **Fencing tokens** are per name: each grant is the previous token + 1.
-///   Rows are never deleted, so a name's token never goes back.
+/// - **Fencing tokens** come from the sequence `dblock_fencing_seq`, shared
+///   with [`Advisory`](super::Advisory) and [`lock_xact`](super::lock_xact),
+///   with the server's timeline in the high bits (failover-safe: see the
+///   crate's failover notes): each grant's token is greater than every token
+///   handed out before it in the database, so it increases per name whatever
+///   the kind of holder.
+/// - **Bounded table.** A row whose lease ended (released, or expired) is
+///   deleted by a background sweep a couple of seconds later (at most one
+///   sweep every 2 s per backend, started by releases), so the table holds
+///   about the names held now, not every name ever used.
 /// - **Waiting** polls with backoff (see [`LeaseOptions`]), and a release
 ///   anywhere wakes waiters at once: releases send `NOTIFY` on the channel
 ///   `dblock_lease_released` with the lock name as payload, and a backend
 ///   with waiters keeps one extra connection (made with the pool's connect
 ///   options, outside the pool, closed after a minute without waiters or
-///   when the backend is dropped) that `LISTEN`s. If listening fails (or
-///   never delivers, as behind a transaction-pooling proxy), waiters just
-///   poll. A lease that runs out rather than being released is noticed at
+///   when the backend is dropped) that `LISTEN`s. If listening fails,
+///   waiters just poll; behind a transaction-pooling proxy, turn it off
+///   with [`transaction_pooling`](Lease::transaction_pooling). A lease that runs out rather than being released is noticed at
 ///   the next poll.
 /// - **Shared (reader) leases are not supported**: `.shared()` fails with
 ///   [`Error::Unsupported`](crate::Error::Unsupported). Use
@@ -76,6 +88,7 @@ pub struct Lease {
     pool: PgPool,
     table: String,
     options: LeaseOptions,
+    pooled: bool,
 }
 
 impl fmt::Debug for Lease {
@@ -83,6 +96,7 @@ impl fmt::Debug for Lease {
         f.debug_struct("Lease")
             .field("table", &self.table)
             .field("options", &self.options)
+            .field("transaction_pooling", &self.pooled)
             .finish_non_exhaustive()
     }
 }
@@ -91,8 +105,13 @@ impl Lease {
     /// Leases in `dblock_leases`, through `pool`, with default options.
     /// Run [`migrate`](super::migrate) once beforehand.
     pub fn new(pool: PgPool) -> Self {
-        Lease::assemble(pool, DEFAULT_TABLE.to_owned(), LeaseOptions::default())
-            .expect("the default options are valid")
+        Lease::assemble(
+            pool,
+            DEFAULT_TABLE.to_owned(),
+            LeaseOptions::default(),
+            false,
+        )
+        .expect("the default options are valid")
     }
 
     /// Uses another table, `table` or `schema.table`, with the same columns
@@ -105,14 +124,37 @@ impl Lease {
     pub fn with_table(self, table: impl Into<String>) -> Result<Self> {
         let table = table.into();
         validate_table(&table)?;
-        Lease::assemble(self.pool, table, self.options)
+        Lease::assemble(self.pool, table, self.options, self.pooled)
     }
 
     /// Sets how waiting polls (see [`LeaseOptions`]). With LISTEN/NOTIFY
     /// working, `max_poll` bounds only how late an expiry (not a release)
     /// is noticed.
     pub fn with_options(self, options: LeaseOptions) -> Result<Self> {
-        Lease::assemble(self.pool, self.table, options)
+        Lease::assemble(self.pool, self.table, options, self.pooled)
+    }
+
+    /// For a pool whose connections go through a transaction-pooling proxy
+    /// (PgBouncer `pool_mode=transaction`, Supavisor, RDS Proxy), which
+    /// hands each transaction whichever server connection is free.
+    ///
+    /// With `true`, every statement runs inside its own transaction, as an
+    /// unnamed statement: the proxy keeps one server connection for the
+    /// whole exchange, and no prepared statement has to survive on a
+    /// server connection another client may use next. (By default sqlx
+    /// names and caches prepared statements per connection; through such a
+    /// proxy that fails with `prepared statement "sqlx_s_1" already
+    /// exists`.) It costs three more round trips per statement (BEGIN, the
+    /// unnamed statement's separate parse, COMMIT), so leave it off on a
+    /// direct connection or a session-pooling proxy. It also turns LISTEN
+    /// off (a LISTEN would stay on a server connection that other clients
+    /// get next): waiters poll (see [`LeaseOptions`]).
+    ///
+    /// The result is a new backend: leases held through `self` are not
+    /// seen by it (configure the backend before taking leases).
+    pub fn transaction_pooling(self, on: bool) -> Self {
+        Lease::assemble(self.pool, self.table, self.options, on)
+            .expect("the options were valid already")
     }
 
     /// The pool the leases are taken through.
@@ -125,12 +167,14 @@ impl Lease {
         &self.table
     }
 
-    fn assemble(pool: PgPool, table: String, options: LeaseOptions) -> Result<Self> {
+    fn assemble(pool: PgPool, table: String, options: LeaseOptions, pooled: bool) -> Result<Self> {
         let wakeups = Wakeups::new();
         let store = PgStore {
             pool: pool.clone(),
             sql: Sql::new(&quote_table(&table)),
             listener: Listener::new(pool.clone(), &wakeups),
+            pooled,
+            engine: OnceCell::new(),
         };
         let mut engine = LeaseEngine::new(store, wakeups);
         engine.set_options(options.clone())?;
@@ -139,6 +183,7 @@ impl Lease {
             pool,
             table,
             options,
+            pooled,
         })
     }
 }
@@ -153,6 +198,7 @@ struct Sql {
     renew_many: Arc<str>,
     release: Arc<str>,
     force_release: Arc<str>,
+    sweep: Arc<str>,
     inspect: Arc<str>,
     list: Arc<str>,
 }
@@ -162,17 +208,19 @@ impl Sql {
         // $4 is always a length in microseconds.
         const MICROS: &str = "$4::bigint * interval '1 microsecond'";
         const COLUMNS: &str = "name, holder, mode, token, acquired_at, expires_at";
+        let token = sequence_token();
         Sql {
-            // One statement: a fresh name is inserted with token 1; a known
-            // name is taken over only if its lease has run out, with the next
-            // token. A held name returns no row. Rows are never deleted, so
-            // tokens never go back.
+            // One statement: a fresh name is inserted; a known name is
+            // taken over only if its lease has run out. A held name returns
+            // no row. Tokens come from the database's fencing sequence
+            // (drawn again, after the row is locked, for a takeover), so a
+            // name whose row was swept still gets a greater token.
             claim: format!(
                 "INSERT INTO {t} AS l (name, owner, holder, mode, token, acquired_at, expires_at)
-                 VALUES ($1, $2, $3, 'x', 1, clock_timestamp(), clock_timestamp() + {MICROS})
+                 VALUES ($1, $2, $3, 'x', {token}, clock_timestamp(), clock_timestamp() + {MICROS})
                  ON CONFLICT (name) DO UPDATE
                     SET owner = excluded.owner, holder = excluded.holder, mode = excluded.mode,
-                        token = l.token + 1, acquired_at = clock_timestamp(),
+                        token = {token}, acquired_at = clock_timestamp(),
                         expires_at = clock_timestamp() + {MICROS}
                   WHERE l.expires_at <= clock_timestamp()
                  RETURNING token, expires_at"
@@ -235,6 +283,16 @@ impl Sql {
                  SELECT pg_notify('{CHANNEL}', name) FROM broken"
             )
             .into(),
+            // Rows whose lease ended more than $1 µs ago, a batch at a time;
+            // rows being claimed or renewed right now are skipped.
+            sweep: format!(
+                "DELETE FROM {t} WHERE name IN (
+                    SELECT name FROM {t}
+                     WHERE expires_at < clock_timestamp() - $1::bigint * interval '1 microsecond'
+                     LIMIT {SWEEP_BATCH} FOR UPDATE SKIP LOCKED)
+                   AND expires_at < clock_timestamp() - $1::bigint * interval '1 microsecond'"
+            )
+            .into(),
             inspect: format!(
                 "SELECT {COLUMNS} FROM {t} WHERE name = $1 AND expires_at > clock_timestamp()"
             )
@@ -254,7 +312,86 @@ pub(crate) struct PgStore {
     pool: PgPool,
     sql: Sql,
     listener: Listener,
+    /// Whether statements run as unnamed ones in their own transaction
+    /// (behind a transaction-pooling proxy).
+    pooled: bool,
+    /// The engine self-test's verdict, taken at the first claim.
+    engine: OnceCell<Option<&'static str>>,
 }
+
+/// A connection for one statement: from the pool, or (behind a
+/// transaction-pooling proxy) a transaction of its own.
+enum Conn {
+    Plain(PoolConnection<Postgres>),
+    Tx(Transaction<'static, Postgres>),
+}
+
+impl Conn {
+    fn get(&mut self) -> &mut PgConnection {
+        match self {
+            Conn::Plain(c) => c,
+            Conn::Tx(t) => t,
+        }
+    }
+
+    /// Commits the statement's transaction, if it has one.
+    async fn done(self) -> sqlx::Result<()> {
+        match self {
+            Conn::Plain(_) => Ok(()),
+            Conn::Tx(t) => t.commit().await,
+        }
+    }
+}
+
+impl PgStore {
+    async fn conn(&self) -> sqlx::Result<Conn> {
+        Ok(if self.pooled {
+            Conn::Tx(self.pool.begin().await?)
+        } else {
+            Conn::Plain(self.pool.acquire().await?)
+        })
+    }
+
+    /// Runs one statement, built by `query`, and returns its rows.
+    async fn fetch_all(&self, query: impl Fn() -> Query) -> sqlx::Result<Vec<PgRow>> {
+        let mut conn = self.conn().await?;
+        let rows = query()
+            .persistent(!self.pooled)
+            .fetch_all(conn.get())
+            .await?;
+        conn.done().await?;
+        Ok(rows)
+    }
+
+    /// [`fetch_all`](Self::fetch_all) for at most one row.
+    async fn fetch_optional(&self, query: impl Fn() -> Query) -> sqlx::Result<Option<PgRow>> {
+        Ok(self.fetch_all(query).await?.into_iter().next())
+    }
+
+    /// Refuses engines that cannot carry leases safely; asks once.
+    async fn check_engine(&self) -> Result<()> {
+        let verdict = self
+            .engine
+            .get_or_try_init(|| async {
+                let row = self
+                    .fetch_optional(|| sqlx::query("SELECT version()"))
+                    .await
+                    .map_err(lease_err)?;
+                let version: String = match row {
+                    Some(row) => row.try_get(0)?,
+                    None => String::new(),
+                };
+                Ok::<_, crate::Error>(engine::refusal(&version))
+            })
+            .await?;
+        match verdict {
+            Some(why) => Err(engine::unsupported("postgres-lease", why)),
+            None => Ok(()),
+        }
+    }
+}
+
+type Query = sqlx::query::Query<'static, Postgres, PgArguments>;
 
 /// Attempts at one statement that keeps failing with a serialization
 /// failure, a deadlock or a unique violation.
@@ -286,9 +423,18 @@ where
                 tokio::time::sleep(pause).await;
                 attempt += 1;
             }
-            Err(e) => return Err(map_err(e)),
+            Err(e) => return Err(lease_err(e)),
         }
     }
+}
+
+/// [`map_err`], and a clear error for named statements that clashed on a
+/// transaction pooler.
+fn lease_err(e: sqlx::Error) -> crate::Error {
+    if engine::is_statement_clash(&e) {
+        return engine::lease_needs_transaction_pooling(&e);
+    }
+    map_err(e)
 }
 
 fn micros(d: Duration) -> i64 {
@@ -316,26 +462,34 @@ impl LeaseStore for PgStore {
     }
 
     async fn claim(&self, claim: &Claim<'_>) -> Result<Option<Claimed>> {
-        let row: Option<(i64, DateTime<Utc>)> = retrying(|| async {
+        self.check_engine().await?;
+        let row: Option<PgRow> = retrying(|| async {
             // Waiting for a connection can take long when the pool is busy;
             // an acquirer that left meanwhile gets nothing claimed for it.
-            let mut conn = self.pool.acquire().await?;
+            let mut conn = self.conn().await?;
             if (claim.abandoned)() {
                 return Ok(None);
             }
-            sqlx::query_as(AssertSqlSafe(self.sql.claim.clone()))
+            let row = sqlx::query(AssertSqlSafe(self.sql.claim.clone()))
+                .persistent(!self.pooled)
                 .bind(claim.name)
                 .bind(claim.owner)
                 .bind(claim.holder)
                 .bind(micros(claim.ttl))
-                .fetch_optional(&mut *conn)
-                .await
+                .fetch_optional(conn.get())
+                .await?;
+            conn.done().await?;
+            Ok(row)
         })
         .await?;
-        Ok(row.map(|(token, expires_at)| Claimed {
-            token: token as u64,
-            expires_at,
-        }))
+        row.map(|row| {
+            Ok(Claimed {
+                token: row.try_get::<i64, _>(0)? as u64,
+                expires_at: row.try_get(1)?,
+            })
+        })
+        .transpose()
+        .map_err(map_err)
     }
 
     async fn renew(
@@ -345,15 +499,17 @@ impl LeaseStore for PgStore {
         token: u64,
         ttl: Duration,
     ) -> Result<Option<DateTime<Utc>>> {
-        retrying(|| {
-            sqlx::query_scalar(AssertSqlSafe(self.sql.renew.clone()))
-                .bind(name)
-                .bind(owner)
-                .bind(token as i64)
-                .bind(micros(ttl))
-                .fetch_optional(&self.pool)
+        let row = retrying(|| {
+            self.fetch_optional(|| {
+                sqlx::query(AssertSqlSafe(self.sql.renew.clone()))
+                    .bind(name.to_owned())
+                    .bind(owner.to_owned())
+                    .bind(token as i64)
+                    .bind(micros(ttl))
+            })
         })
-        .await
+        .await?;
+        row.map(|row| row.try_get(0)).transpose().map_err(map_err)
     }
 
     async fn renew_many(&self, batch: &[Renewal]) -> Result<Vec<Renewed>> {
@@ -361,17 +517,22 @@ impl LeaseStore for PgStore {
         let owners: Vec<&str> = batch.iter().map(|r| &*r.owner).collect();
         let tokens: Vec<i64> = batch.iter().map(|r| r.token as i64).collect();
         let ttls: Vec<i64> = batch.iter().map(|r| micros(r.ttl)).collect();
-        let rows: Vec<(i64, DateTime<Utc>)> = retrying(|| {
-            sqlx::query_as(AssertSqlSafe(self.sql.renew_many.clone()))
-                .bind(&names)
-                .bind(&owners)
-                .bind(&tokens)
-                .bind(&ttls)
-                .fetch_all(&self.pool)
+        let rows = retrying(|| {
+            self.fetch_all(|| {
+                sqlx::query(AssertSqlSafe(self.sql.renew_many.clone()))
+                    .bind(&names)
+                    .bind(&owners)
+                    .bind(&tokens)
+                    .bind(&ttls)
+            })
         })
         .await?;
         let mut answers = vec![Renewed::Gone; batch.len()];
-        for (i, at) in rows {
+        for row in rows {
+            let (i, at): (i64, DateTime<Utc>) = (
+                row.try_get(0).map_err(map_err)?,
+                row.try_get(1).map_err(map_err)?,
+            );
             // WITH ORDINALITY counts from 1.
             if let Some(answer) = usize::try_from(i - 1).ok().and_then(|i| answers.get_mut(i)) {
                 *answer = Renewed::Until(at);
@@ -387,49 +548,66 @@ impl LeaseStore for PgStore {
         token: u64,
         hold: Option<Duration>,
     ) -> Result<bool> {
-        let row: Option<PgRow> = retrying(|| {
-            sqlx::query(AssertSqlSafe(self.sql.release.clone()))
-                .bind(name)
-                .bind(owner)
-                .bind(token as i64)
-                .bind(micros(hold.unwrap_or_default()))
-                .fetch_optional(&self.pool)
+        let row = retrying(|| {
+            self.fetch_optional(|| {
+                sqlx::query(AssertSqlSafe(self.sql.release.clone()))
+                    .bind(name.to_owned())
+                    .bind(owner.to_owned())
+                    .bind(token as i64)
+                    .bind(micros(hold.unwrap_or_default()))
+            })
         })
         .await?;
         Ok(row.is_some())
     }
 
     async fn force_release(&self, name: &str) -> Result<bool> {
-        let row: Option<PgRow> = retrying(|| {
-            sqlx::query(AssertSqlSafe(self.sql.force_release.clone()))
-                .bind(name)
-                .fetch_optional(&self.pool)
+        let row = retrying(|| {
+            self.fetch_optional(|| {
+                sqlx::query(AssertSqlSafe(self.sql.force_release.clone())).bind(name.to_owned())
+            })
         })
         .await?;
         Ok(row.is_some())
     }
 
     async fn inspect(&self, name: &str) -> Result<Option<LockInfo>> {
-        let row = sqlx::query(AssertSqlSafe(self.sql.inspect.clone()))
-            .bind(name)
-            .fetch_optional(&self.pool)
+        let row = self
+            .fetch_optional(|| {
+                sqlx::query(AssertSqlSafe(self.sql.inspect.clone())).bind(name.to_owned())
+            })
             .await
-            .map_err(map_err)?;
+            .map_err(lease_err)?;
         row.as_ref().map(info).transpose().map_err(map_err)
     }
 
     async fn list(&self) -> Result<Vec<LockInfo>> {
-        let rows = sqlx::query(AssertSqlSafe(self.sql.list.clone()))
-            .fetch_all(&self.pool)
+        let rows = self
+            .fetch_all(|| sqlx::query(AssertSqlSafe(self.sql.list.clone())))
             .await
-            .map_err(map_err)?;
+            .map_err(lease_err)?;
         rows.iter()
             .map(info)
             .collect::<sqlx::Result<_>>()
             .map_err(map_err)
     }
 
+    async fn sweep(&self, grace: Duration) -> Result<u64> {
+        let done = retrying(|| {
+            sqlx::query(AssertSqlSafe(self.sql.sweep.clone()))
+                .bind(micros(grace))
+                .execute(&self.pool)
+        })
+        .await?;
+        Ok(done.rows_affected())
+    }
+
     fn waiting(&self) {
-        self.listener.ensure_running();
+        // Never LISTEN through a transaction pooler: the LISTEN would stay
+        // on a server connection other clients use next, and they would
+        // get notifications they do not expect.
+        if !self.pooled {
+            self.listener.ensure_running();
+        }
     }
 }

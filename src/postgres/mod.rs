@@ -3,10 +3,12 @@
 //! ([`migrate`]).
 
 mod advisory;
+mod engine;
 mod key;
 mod lease;
 mod migrate;
 mod notify;
+mod token;
 mod xact;
 
 pub use advisory::{Advisory, AdvisoryOptions, WaitStrategy};
@@ -19,6 +21,21 @@ pub(crate) const SCHEMA_MISSING: crate::Error = crate::Error::SchemaMissing {
     migrate: "dblock::postgres::migrate(&pool)",
     dir: "postgres",
 };
+
+/// Lifts the role's and database's `statement_timeout` and
+/// `idle_in_transaction_session_timeout` for the rest of the current
+/// transaction, so that a wait is bounded by `.wait(d)` (through a
+/// transaction-local `lock_timeout`) and nothing else. It must run as a
+/// statement of its own, before the waiting one: PostgreSQL arms a
+/// statement's timeout when the statement starts. Answers the two previous
+/// values, then the two new ones.
+pub(crate) const LIFT_SERVER_TIMEOUTS: &str = "SELECT current_setting('statement_timeout'), \
+            current_setting('idle_in_transaction_session_timeout'), \
+            set_config('statement_timeout', '0', true), \
+            set_config('idle_in_transaction_session_timeout', '0', true)";
+
+/// The answer of [`LIFT_SERVER_TIMEOUTS`].
+pub(crate) type Lifted = (String, String, String, String);
 
 /// Maps "relation does not exist" (42P01) to [`Error::SchemaMissing`](crate::Error::SchemaMissing).
 pub(crate) fn map_err(e: sqlx::Error) -> crate::Error {

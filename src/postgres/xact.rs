@@ -1,25 +1,48 @@
 //! Transaction-scoped advisory locks.
 
+use std::sync::LazyLock;
 use std::time::Duration;
 
 use sqlx::{Connection, Postgres, Transaction};
 use tokio::time::Instant;
 
-use super::{advisory_key, map_err};
+use super::token::sequence_token;
+use super::{advisory_key, engine, map_err, Lifted, LIFT_SERVER_TIMEOUTS};
 use crate::name::validate_name;
 use crate::{Error, Result, Wait};
 
 // The lock runs inside a savepoint so that a timeout or an error rolls back
-// only the savepoint, never the caller's transaction. lock_timeout is set
-// for the wait and put back to its previous value in the same statement, so
-// the caller's later statements keep their own setting.
-const WAIT: &str = "SELECT nextval('dblock_fencing_seq'), set_config('lock_timeout', old, true)
+// only the savepoint, never the caller's transaction. A statement before it
+// lifts statement_timeout (a role's setting must not cut the wait short;
+// PostgreSQL arms it when a statement starts) and reports the old values,
+// $3 (and idle_in_transaction_session_timeout, $4). lock_timeout is set for
+// the wait; all three are put back to their previous values in the same
+// statement, after the wait, so the caller's later statements keep their own
+// settings (a rolled-back savepoint puts them back by itself).
+static WAIT: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "SELECT {}, set_config('lock_timeout', old, true),
+       set_config('statement_timeout', $3, true),
+       set_config('idle_in_transaction_session_timeout', $4, true)
   FROM (SELECT old, pg_advisory_xact_lock($1)
           FROM (SELECT old, set_config('lock_timeout', $2, true)
                   FROM (SELECT current_setting('lock_timeout') AS old) o OFFSET 0) cfg
-        OFFSET 0) l";
-const TRY: &str =
-    "SELECT CASE WHEN pg_try_advisory_xact_lock($1) THEN nextval('dblock_fencing_seq') END";
+        OFFSET 0) l",
+        sequence_token()
+    )
+});
+static TRY: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "SELECT CASE WHEN pg_try_advisory_xact_lock($1) THEN {} END",
+        sequence_token()
+    )
+});
+
+/// SQLSTATE 42883: a function the statement calls does not exist (on an
+/// engine that is not PostgreSQL, `pg_walfile_name` for one).
+fn is_undefined_function(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(db) if db.code().as_deref() == Some("42883"))
+}
 
 /// Takes the exclusive advisory lock `name` for the rest of the caller's
 /// transaction (`pg_advisory_xact_lock`): COMMIT or ROLLBACK releases it.
@@ -30,6 +53,17 @@ const TRY: &str =
 ///
 /// Within one transaction the lock is re-entrant (the transaction is the
 /// holder); each call returns a new token.
+///
+/// The wait is bounded by the `wait` given and nothing else: a role's or
+/// database's `statement_timeout` (and `idle_in_transaction_session_timeout`)
+/// is lifted for the waiting statement and put back afterwards, so the
+/// caller's later statements keep their own settings.
+///
+/// Works through a transaction-pooling proxy (PgBouncer
+/// `pool_mode=transaction`): its statements are unnamed, so they need no
+/// prepared statement to survive on a server connection, and the
+/// transaction keeps one server connection throughout. On CockroachDB or
+/// YugabyteDB it fails with [`Error::Unsupported`].
 ///
 /// ```no_run
 /// # async fn job(pool: sqlx::PgPool) -> dblock::Result<()> {
@@ -80,7 +114,8 @@ pub async fn lock_xact_with(
     loop {
         let mut savepoint = tx.begin().await?;
         let outcome = match (wait, deadline) {
-            (Wait::No, _) => sqlx::query_scalar::<_, Option<i64>>(TRY)
+            (Wait::No, _) => sqlx::query_scalar::<_, Option<i64>>(TRY.as_str())
+                .persistent(false)
                 .bind(key)
                 .fetch_one(&mut *savepoint)
                 .await
@@ -95,12 +130,24 @@ pub async fn lock_xact_with(
                         left.clamp(1, i32::MAX as u128) as i64
                     }
                 };
-                sqlx::query_as::<_, (i64, String)>(WAIT)
-                    .bind(key)
-                    .bind(format!("{ms}ms"))
+                match sqlx::query_as::<_, Lifted>(LIFT_SERVER_TIMEOUTS)
+                    .persistent(false)
                     .fetch_one(&mut *savepoint)
                     .await
-                    .map(|(t, _)| Some(t as u64))
+                {
+                    Ok((statement_timeout, idle_timeout, _, _)) => {
+                        sqlx::query_as::<_, (i64, String, String, String)>(WAIT.as_str())
+                            .persistent(false)
+                            .bind(key)
+                            .bind(format!("{ms}ms"))
+                            .bind(statement_timeout)
+                            .bind(idle_timeout)
+                            .fetch_one(&mut *savepoint)
+                            .await
+                            .map(|(t, _, _, _)| Some(t as u64))
+                    }
+                    Err(e) => Err(e),
+                }
             }
         };
         match outcome {
@@ -123,6 +170,18 @@ pub async fn lock_xact_with(
                     }
                     // lock_timeout caps at about 24 days: wait another round.
                     (true, _) => continue,
+                    (false, _) if is_undefined_function(&e) => {
+                        // Not PostgreSQL? Only now, off the common path, is
+                        // the engine asked.
+                        let version: String = sqlx::query_scalar("SELECT version()")
+                            .persistent(false)
+                            .fetch_one(&mut **tx)
+                            .await?;
+                        return Err(match engine::refusal(&version) {
+                            Some(why) => engine::unsupported("postgres-xact", why),
+                            None => map_err(e),
+                        });
+                    }
                     (false, _) => return Err(map_err(e)),
                 }
             }

@@ -13,7 +13,7 @@ use sqlx::{AssertSqlSafe, Row, SqlitePool};
 use super::{map_err, retry_busy};
 use crate::lease::{
     lease_backend, push_json_str, Claim, Claimed, LeaseEngine, LeaseOptions, LeaseStore, Renewal,
-    Renewed, Wakeups,
+    Renewed, Wakeups, SWEEP_BATCH,
 };
 use crate::name::{quote_table, validate_table};
 use crate::{Error, LockInfo, LockMode, Result};
@@ -41,8 +41,13 @@ const POOL_SIZE: u32 = 4;
 /// stored as integer microseconds since the Unix epoch): the caller's
 /// clock arithmetic never decides who holds a lock.
 ///
-/// - **Fencing tokens** are per name, each grant the previous token + 1;
-///   rows are never deleted, so tokens never go back. Commits are durable
+/// - **Fencing tokens** are per name, each grant the previous token + 1.
+///   A row whose lease ended is deleted by a background sweep a couple of
+///   seconds later (at most one sweep every 2 s per backend, started by
+///   releases), which records the highest token it deleted in
+///   `dblock_token_floor`; a name without a row starts above that floor,
+///   so tokens never go back and the table holds about the names held
+///   now, not every name ever used. Commits are durable
 ///   (`synchronous = FULL`, SQLite's default) so a token survives a power
 ///   loss too.
 /// - **Busy files**: each statement is one autocommit write that takes the
@@ -194,6 +199,7 @@ impl Lease {
         let store = SqliteStore {
             pool: pool.clone(),
             sql: Sql::new(&quote_table(&table)),
+            table: table.clone(),
         };
         let mut engine = LeaseEngine::new(store, wakeups.clone());
         engine.set_options(options.clone())?;
@@ -237,6 +243,8 @@ struct Sql {
     renew_many: Arc<str>,
     release: Arc<str>,
     force_release: Arc<str>,
+    sweep: Arc<str>,
+    raise_floor: Arc<str>,
     inspect: Arc<str>,
     list: Arc<str>,
 }
@@ -244,11 +252,17 @@ struct Sql {
 impl Sql {
     fn new(t: &str) -> Self {
         const COLUMNS: &str = "name, holder, mode, token, acquired_at, expires_at";
+        const FLOOR: &str = "dblock_token_floor";
         Sql {
-            // ?4 is the ttl in microseconds. A held name returns no row.
+            // ?4 is the ttl in microseconds. A held name returns no row. A
+            // name without a row starts above the highest token ever swept
+            // from the table (?5 is its name), so it never goes back;
+            // SQLite's single writer orders this against the sweep.
             claim: format!(
                 "INSERT INTO {t} AS l (name, owner, holder, mode, token, acquired_at, expires_at)
-                 VALUES (?1, ?2, ?3, 'x', 1, {NOW}, {NOW} + ?4)
+                 VALUES (?1, ?2, ?3, 'x',
+                         coalesce((SELECT floor FROM {FLOOR} WHERE lease_table = ?5), 0) + 1,
+                         {NOW}, {NOW} + ?4)
                  ON CONFLICT (name) DO UPDATE
                     SET owner = excluded.owner, holder = excluded.holder, mode = excluded.mode,
                         token = l.token + 1, acquired_at = excluded.acquired_at,
@@ -292,6 +306,20 @@ impl Sql {
                   WHERE name = ?1 AND expires_at > {NOW}"
             )
             .into(),
+            // Rows whose lease ended more than ?1 µs ago, a batch at a time;
+            // the tokens they held raise the table's floor in the same
+            // transaction.
+            sweep: format!(
+                "DELETE FROM {t} WHERE name IN (
+                    SELECT name FROM {t} WHERE expires_at < {NOW} - ?1 LIMIT {SWEEP_BATCH})
+                 RETURNING token"
+            )
+            .into(),
+            raise_floor: format!(
+                "INSERT INTO {FLOOR} (lease_table, floor) VALUES (?1, ?2)
+                 ON CONFLICT (lease_table) DO UPDATE SET floor = max(floor, excluded.floor)"
+            )
+            .into(),
             inspect: format!("SELECT {COLUMNS} FROM {t} WHERE name = ?1 AND expires_at > {NOW}")
                 .into(),
             list: format!("SELECT {COLUMNS} FROM {t} WHERE expires_at > {NOW} ORDER BY name")
@@ -305,6 +333,8 @@ impl Sql {
 pub(crate) struct SqliteStore {
     pool: SqlitePool,
     sql: Sql,
+    /// The lease table's name as given: its key in `dblock_token_floor`.
+    table: String,
 }
 
 fn micros(d: Duration) -> i64 {
@@ -350,6 +380,7 @@ impl LeaseStore for SqliteStore {
                 .bind(claim.owner)
                 .bind(claim.holder)
                 .bind(micros(claim.ttl))
+                .bind(self.table.as_str())
                 .fetch_optional(&mut *conn)
                 .await
         })
@@ -453,6 +484,26 @@ impl LeaseStore for SqliteStore {
         })
         .await?;
         row.as_ref().map(info).transpose().map_err(map_err)
+    }
+
+    async fn sweep(&self, grace: Duration) -> Result<u64> {
+        retry_busy(|| async {
+            let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+            let tokens: Vec<i64> = sqlx::query_scalar(AssertSqlSafe(self.sql.sweep.clone()))
+                .bind(micros(grace))
+                .fetch_all(&mut *tx)
+                .await?;
+            if let Some(highest) = tokens.iter().max() {
+                sqlx::query(AssertSqlSafe(self.sql.raise_floor.clone()))
+                    .bind(self.table.as_str())
+                    .bind(highest)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            tx.commit().await?;
+            Ok(tokens.len() as u64)
+        })
+        .await
     }
 
     async fn list(&self) -> Result<Vec<LockInfo>> {

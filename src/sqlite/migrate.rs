@@ -5,11 +5,18 @@ use sqlx::SqlitePool;
 use crate::migrate::{Migration, BOOKKEEPING};
 use crate::Result;
 
-const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    description: "lease table",
-    sql: include_str!("../../migrations/sqlite/0001_dblock.sql"),
-}];
+const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        description: "lease table",
+        sql: include_str!("../../migrations/sqlite/0001_dblock.sql"),
+    },
+    Migration {
+        version: 2,
+        description: "token floor of deleted lease rows",
+        sql: include_str!("../../migrations/sqlite/0002_token_floor.sql"),
+    },
+];
 
 /// Creates or updates dblock's schema in the pool's database file: the lease
 /// table `dblock_leases` of [`Lease`](super::Lease).

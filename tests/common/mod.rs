@@ -3,6 +3,7 @@
 //! URLs come from environment variables first:
 //! - `DBLOCK_TEST_POSTGRES_URL`, e.g. `postgres://postgres@127.0.0.1:5432/test`
 //! - `DBLOCK_TEST_MYSQL_URL`, e.g. `mysql://root@127.0.0.1:3306/test`
+//! - `DBLOCK_TEST_GALERA_URLS`: the nodes of a Galera cluster, no fallback
 //!
 //! When a variable is unset, a container is started with testcontainers
 //! (this needs a Docker engine). When neither works, the test fails with a
@@ -79,6 +80,27 @@ pub async fn mysql_url() -> String {
     url.clone()
 }
 
+/// The SQL URLs of the three Galera nodes (`DBLOCK_TEST_GALERA_URLS`,
+/// comma-separated, as `scripts/topology/galera.sh urls` prints them).
+/// There is no container fallback: the test fails naming the variable.
+pub fn galera_urls() -> Vec<String> {
+    let urls = std::env::var("DBLOCK_TEST_GALERA_URLS").unwrap_or_default();
+    let urls: Vec<String> = urls
+        .split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .map(str::to_owned)
+        .collect();
+    assert!(
+        urls.len() >= 2,
+        "no Galera cluster for the tests: set DBLOCK_TEST_GALERA_URLS to the nodes' URLs, \
+         comma-separated (scripts/test starts one with scripts/topology/galera.sh and sets it; \
+         by hand: `bash scripts/topology/galera.sh start` then \
+         `export DBLOCK_TEST_GALERA_URLS=$(bash scripts/topology/galera.sh urls)`)"
+    );
+    urls
+}
+
 /// A lock name no other test (or earlier run) uses.
 pub fn unique(prefix: &str) -> String {
     static N: AtomicU64 = AtomicU64::new(0);
@@ -88,4 +110,16 @@ pub fn unique(prefix: &str) -> String {
         chrono::Utc::now().timestamp_micros(),
         N.fetch_add(1, Ordering::Relaxed)
     )
+}
+
+/// A PostgreSQL pool of at most `max` connections on `url`, waiting up to
+/// 20 s for a connection.
+#[cfg(feature = "postgres")]
+pub async fn pg_pool(url: &str, max: u32) -> sqlx::PgPool {
+    sqlx::postgres::PgPoolOptions::new()
+        .max_connections(max)
+        .acquire_timeout(std::time::Duration::from_secs(20))
+        .connect(url)
+        .await
+        .unwrap_or_else(|e| panic!("connect to PostgreSQL at {url}: {e}"))
 }

@@ -19,6 +19,8 @@
 //! - `DBLOCK_TORTURE_BACKENDS` — a comma list of labels to run (default all)
 //! - `DBLOCK_TORTURE_PHASES` — a comma list of `torture,control,storm,input`
 //! - `DBLOCK_TORTURE_WORKERS` — processes per backend, default 16
+//! - `DBLOCK_TEST_GALERA_URLS` — the Galera nodes of the `mysql-galera` run,
+//!   where one node is also SIGKILLed and restarted mid-run
 //! - `DBLOCK_TORTURE_KEEP=1` — keep the logs (they are kept anyway on failure)
 #![forbid(unsafe_code)]
 
@@ -93,6 +95,7 @@ pub async fn direct(kind: Kind, dir: &std::path::Path, app: &str) -> Endpoint {
     let url = match kind {
         Kind::Advisory | Kind::PgLease => common::postgres_url().await,
         Kind::MyLease => common::mysql_url().await,
+        Kind::Galera => common::galera_urls().swap_remove(0),
         Kind::LiteLease => dir.join("locks.db").display().to_string(),
     };
     Endpoint {
@@ -182,6 +185,9 @@ async fn controller(settings: Settings) -> Vec<Outcome> {
             ok,
         });
     }
+    // Galera runs the same backend as mysql-lease: the storm and the bad
+    // input have nothing to add there.
+    let kinds: Vec<Kind> = kinds.into_iter().filter(|&k| k != Kind::Galera).collect();
     if settings.phase("storm") {
         let ok = timed("cancellation storm", storm::run(&kinds)).await;
         outcomes.push(Outcome {

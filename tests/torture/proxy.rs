@@ -42,10 +42,11 @@ pub struct Proxy {
 }
 
 impl Proxy {
-    /// Starts `n` listeners forwarding to `upstream`.
-    pub async fn start(n: usize, upstream: SocketAddr) -> Proxy {
+    /// Starts `n` listeners; slot `i` forwards to `upstreams[i % len]`.
+    pub async fn start(n: usize, upstreams: &[SocketAddr]) -> Proxy {
         let mut slots = Vec::new();
-        for _ in 0..n {
+        for i in 0..n {
+            let upstream = upstreams[i % upstreams.len()];
             let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
             let slot = Arc::new(Slot {
                 port: listener.local_addr().unwrap().port(),
@@ -188,7 +189,7 @@ impl Proxy {
             .expect("resolve the server")
             .find(|a| a.is_ipv4())
             .expect("an IPv4 address");
-        let proxy = Proxy::start(1, upstream).await;
+        let proxy = Proxy::start(1, &[upstream]).await;
         let through = with_port(proxy.port(0));
         (proxy, through)
     }

@@ -63,7 +63,7 @@ async fn one(kind: Kind, total: usize) -> bool {
             .unwrap()
             .find(|a| a.is_ipv4())
             .unwrap();
-        let p = Proxy::start(1, upstream).await;
+        let p = Proxy::start(1, &[upstream]).await;
         let url = with_port(p.port(0));
         Some((p, url))
     } else {

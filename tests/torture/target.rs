@@ -17,13 +17,17 @@ pub enum Kind {
     PgLease,
     MyLease,
     LiteLease,
+    /// `mysql::Lease` on the three-node Galera cluster
+    /// (`DBLOCK_TEST_GALERA_URLS`), workers spread over the nodes.
+    Galera,
 }
 
-pub const ALL: [Kind; 4] = [
+pub const ALL: [Kind; 5] = [
     Kind::Advisory,
     Kind::PgLease,
     Kind::MyLease,
     Kind::LiteLease,
+    Kind::Galera,
 ];
 
 impl Kind {
@@ -33,6 +37,7 @@ impl Kind {
             Kind::PgLease => "postgres-lease",
             Kind::MyLease => "mysql-lease",
             Kind::LiteLease => "sqlite-lease",
+            Kind::Galera => "mysql-galera",
         }
     }
 
@@ -97,7 +102,7 @@ impl Endpoint {
                         .connect_lazy_with(opts),
                 )
             }
-            Kind::MyLease => {
+            Kind::MyLease | Kind::Galera => {
                 let opts = MySqlConnectOptions::from_str(&self.url).expect("mysql url");
                 Db::My(
                     MySqlPoolOptions::new()
@@ -145,7 +150,7 @@ impl Endpoint {
                         .expect("options"),
                 )
             }
-            Kind::MyLease => {
+            Kind::MyLease | Kind::Galera => {
                 let Db::My(pool) = self.pool(3).await else {
                     unreachable!()
                 };

@@ -198,14 +198,35 @@ async fn run(plan: &Plan) -> (Report, PathBuf) {
     let locks = ctl.locks().await; // SQLite: creates the file and its table
     db.setup_registers(&run, &names).await;
 
+    // The servers the workers are spread over: one, or every Galera node
+    // (worker slot i on node i % n). The controller keeps a pool on each,
+    // to end a worker's sessions where they are and to look for open
+    // transactions everywhere.
+    let node_urls = match kind {
+        Kind::Galera => crate::common::galera_urls(),
+        _ => vec![ctl.url.clone()],
+    };
+    let mut node_dbs = Vec::new();
+    for url in &node_urls {
+        let endpoint = Endpoint {
+            url: url.clone(),
+            ..ctl.clone()
+        };
+        node_dbs.push(endpoint.pool(2).await);
+    }
     let proxy = if kind.networked() {
-        let (hostport, _) = authority(&ctl.url);
-        let upstream = tokio::net::lookup_host(hostport.as_str())
-            .await
-            .expect("resolve the server")
-            .find(|a| a.is_ipv4())
-            .expect("an IPv4 address");
-        Some(Proxy::start(plan.workers, upstream).await)
+        let mut upstreams = Vec::new();
+        for url in &node_urls {
+            let (hostport, _) = authority(url);
+            upstreams.push(
+                tokio::net::lookup_host(hostport.as_str())
+                    .await
+                    .expect("resolve the server")
+                    .find(|a| a.is_ipv4())
+                    .expect("an IPv4 address"),
+            );
+        }
+        Some(Proxy::start(plan.workers, &upstreams).await)
     } else {
         None
     };
@@ -251,6 +272,14 @@ async fn run(plan: &Plan) -> (Report, PathBuf) {
     let mut lifts = Vec::new();
     let hold_fault = TTL.mul_f64(1.5);
     let mut next_restart = start_ns + 20_000_000_000;
+    // Galera: one node SIGKILLed a third of the way in, restarted (it
+    // rejoins by state transfer) while the faults go on.
+    let mut node_kill = (kind == Kind::Galera).then(|| {
+        let at = start_ns + (end_ns - start_ns) / 3;
+        let node = rand::rng().random_range(2..=node_urls.len());
+        (at, node)
+    });
+    let mut node_restart = None;
     while mono_ns() < end_ns - hold_fault.as_nanos() as i64 {
         let pause = plan.every.mul_f64(rand::rng().random_range(0.5..1.5));
         sleep(pause).await;
@@ -265,6 +294,27 @@ async fn run(plan: &Plan) -> (Report, PathBuf) {
                 let gen = fleet.slots[i].gen + 1;
                 fleet.slots[i] = fleet.spawn(i, gen);
             }
+        }
+        if let Some((_, node)) = node_kill.filter(|&(at, _)| now >= at) {
+            node_kill = None;
+            let faults = faults.clone();
+            node_restart = Some(tokio::spawn(async move {
+                let start = mono_ns();
+                galera(&["kill", &node.to_string()]).await;
+                println!("  galera: node {node} killed");
+                galera(&["restart", &node.to_string()]).await;
+                let end = mono_ns();
+                println!(
+                    "  galera: node {node} back and synced after {:.1} s",
+                    (end - start) as f64 / 1e9
+                );
+                faults.lock().unwrap().push(Fault {
+                    kind: FaultKind::Restart,
+                    wid: None,
+                    start,
+                    end,
+                });
+            }));
         }
         if plan.restart && now >= next_restart {
             next_restart = now + 60_000_000_000;
@@ -329,7 +379,8 @@ async fn run(plan: &Plan) -> (Report, PathBuf) {
             }
             FaultKind::Terminate => {
                 let ports = proxy.as_ref().unwrap().upstream_ports(slot);
-                if db.terminate_ports(&ports).await > 0 {
+                let node = &node_dbs[slot % node_dbs.len()];
+                if node.terminate_ports(&ports).await > 0 {
                     faults.lock().unwrap().push(Fault {
                         kind: fault,
                         wid: Some(wid),
@@ -360,6 +411,13 @@ async fn run(plan: &Plan) -> (Report, PathBuf) {
     for l in lifts {
         l.await.expect("lift a fault");
     }
+    if let Some(r) = node_restart {
+        if r.await.is_err() {
+            report.violation("the Galera node could not be killed and restarted");
+        }
+    } else if node_kill.is_some() {
+        report.violation("the run ended before the Galera node was killed");
+    }
 
     // The workers stop at end_ns, finish their section and report done.
     let all_done = eventually(Duration::from_secs(60), || {
@@ -381,7 +439,10 @@ async fn run(plan: &Plan) -> (Report, PathBuf) {
             .collect(),
         None => Vec::new(),
     };
-    let open = db.open_transactions(&app_prefix, &ports).await;
+    let mut open = 0;
+    for node in &node_dbs {
+        open += node.open_transactions(&app_prefix, &ports).await;
+    }
     if open > 0 {
         report.leaks += 1;
         report.violation(format!("{open} worker sessions left inside a transaction"));
@@ -459,6 +520,19 @@ async fn run(plan: &Plan) -> (Report, PathBuf) {
     (report, dir)
 }
 
+/// Runs `scripts/topology/galera.sh ARGS`; panics (failing the run) if it
+/// fails, after its message.
+async fn galera(args: &[&str]) {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/topology/galera.sh");
+    let status = tokio::process::Command::new("bash")
+        .arg(script)
+        .args(args)
+        .status()
+        .await
+        .expect("run scripts/topology/galera.sh");
+    assert!(status.success(), "galera.sh {args:?} failed: {status}");
+}
+
 /// Restarts the server behind `kind` (the opt-in soak only).
 async fn restart_server(kind: Kind) {
     let script = match kind {
@@ -471,7 +545,8 @@ async fn restart_server(kind: Kind) {
              start-stop-daemon --start --oknodo --background --exec /usr/sbin/mariadbd; \
              for i in $(seq 300); do mariadb-admin -h 127.0.0.1 -u root ping >/dev/null 2>&1 && break; sleep 0.1; done"
         }
-        Kind::LiteLease => return,
+        // A Galera node is killed and restarted in every run.
+        Kind::LiteLease | Kind::Galera => return,
     };
     let status = tokio::process::Command::new("sh")
         .arg("-c")

@@ -6,30 +6,47 @@
 //! its caller gone is dropped, which queues its unlock on its session, and
 //! a server-side wait whose caller is gone has its connection closed.
 
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use sqlx::pool::PoolConnection;
-use sqlx::Postgres;
-use tokio::sync::oneshot;
+use sqlx::{Connection, Postgres};
+use tokio::sync::{oneshot, OwnedSemaphorePermit};
 use tokio::time::{sleep_until, Instant};
 
 use super::registry::Route;
 use super::session::{self, Cmd, LockReply};
-use super::{lock_table_full, Inner, WaitStrategy, LOCK_TABLE_FULL};
+use super::{lock_table_full, Inner, Refusal, WaitStrategy, LOCK_TABLE_FULL};
 use crate::backend::{BoxFuture, Grant};
-use crate::postgres::{advisory_key, map_err};
+use crate::postgres::token::sequence_token;
+use crate::postgres::{advisory_key, engine, map_err, LIFT_SERVER_TIMEOUTS};
 use crate::{AcquireRequest, Error, LockMode, Result, Wait};
 
 pub(super) type Reply = oneshot::Sender<Result<Option<Grant>>>;
 
-// The innermost subquery sets a transaction-local lock_timeout before the
-// lock call runs (OFFSET 0 keeps the planner from flattening the order away);
-// in autocommit the "transaction" is this one statement, so nothing leaks
-// into the pooled session. The backend's pid comes along: the connection
-// becomes a holder session when the wait is granted.
-const WAIT_EXCLUSIVE: &str = "SELECT nextval('dblock_fencing_seq'), pg_backend_pid() FROM (SELECT pg_advisory_lock($1) FROM (SELECT set_config('lock_timeout', $2, true)) cfg OFFSET 0) l";
-const WAIT_SHARED: &str = "SELECT nextval('dblock_fencing_seq'), pg_backend_pid() FROM (SELECT pg_advisory_lock_shared($1) FROM (SELECT set_config('lock_timeout', $2, true)) cfg OFFSET 0) l";
+// The inner subqueries set a transaction-local lock_timeout before the lock
+// call runs (OFFSET 0 keeps the planner from flattening the order away); in
+// autocommit the "transaction" is this one statement, so nothing leaks into
+// the pooled session. The connection becomes a holder session when the wait
+// is granted, so the statement also sets that session's marker ($3) and
+// returns its pid; it waits only if the server session carries no other
+// holder's marker (`ours`), as when opening a holder session. A wait that
+// fails (a lock_timeout) undoes the marker with the rest of its transaction.
+fn wait_sql(lock: &str) -> String {
+    format!(
+        "SELECT ours, CASE WHEN ours THEN {} END, pg_backend_pid()
+           FROM (SELECT ours, CASE WHEN ours THEN {lock}($1) END
+                   FROM (SELECT ours, set_config('lock_timeout', $2, true),
+                                CASE WHEN ours THEN set_config('dblock.session', $3, false) END
+                           FROM (SELECT coalesce(current_setting('dblock.session', true), '') = '' AS ours
+                                 OFFSET 0) c
+                         OFFSET 0) cfg
+                 OFFSET 0) l",
+        sequence_token()
+    )
+}
+static WAIT_EXCLUSIVE: LazyLock<String> = LazyLock::new(|| wait_sql("pg_advisory_lock"));
+static WAIT_SHARED: LazyLock<String> = LazyLock::new(|| wait_sql("pg_advisory_lock_shared"));
 
 /// How often a server-side waiter that cannot get a connection (the pool
 /// is exhausted) tries again on the holder sessions meanwhile.
@@ -74,6 +91,8 @@ pub(super) async fn acquire_task(inner: Arc<Inner>, request: AcquireRequest, mut
     // pool while that is under way (kept across rounds, so as not to lose
     // the place in the pool's queue).
     let mut waiter: Option<WaitConn> = None;
+    // This acquisition's right to wait on the server (see `WaitSlot`).
+    let mut slot: Option<WaitSlot> = None;
     let mut from_pool: Option<
         BoxFuture<'static, std::result::Result<PoolConnection<Postgres>, sqlx::Error>>,
     > = None;
@@ -113,7 +132,17 @@ pub(super) async fn acquire_task(inner: Arc<Inner>, request: AcquireRequest, mut
         if let Some(deadline) = deadline {
             wake_at = wake_at.min(deadline);
         }
-        if let WaitStrategy::Poll { .. } = inner.options.wait {
+        // A server-side wait happens on a connection of its own so that
+        // nothing else queues behind it. Only one acquisition per key waits
+        // on the server, and only as many as the backend has wait slots:
+        // the others poll here like `WaitStrategy::Poll`, woken by releases
+        // in this process, so waiters never take more than a bounded share
+        // of the pool.
+        let server_side = matches!(inner.options.wait, WaitStrategy::Server);
+        if server_side && slot.is_none() {
+            slot = WaitSlot::take(&inner, key);
+        }
+        if slot.is_none() {
             tokio::select! {
                 _ = reply.closed() => return,
                 _ = &mut notified => {}
@@ -122,9 +151,8 @@ pub(super) async fn acquire_task(inner: Arc<Inner>, request: AcquireRequest, mut
             pause = (pause * 2).min(cap);
             continue;
         }
-        // Server-side wait, on a connection of its own so that nothing else
-        // queues behind it. While the pool has none to spare, keep trying on
-        // the holder sessions (a release here wakes us; others are polled).
+        // While the pool has none to spare, keep trying on the holder
+        // sessions (a release here wakes us; others are polled).
         if waiter.is_none() {
             let pending = from_pool.get_or_insert_with(|| Box::pin(inner.pool.acquire()));
             tokio::select! {
@@ -151,13 +179,15 @@ pub(super) async fn acquire_task(inner: Arc<Inner>, request: AcquireRequest, mut
             }
         }
         let conn = waiter.as_mut().expect("a waiting connection");
-        match wait_on_server(conn, key, mode, deadline, &mut reply).await {
-            Waited::Granted { token, pid } => {
+        match wait_on_server(&inner, conn, key, mode, deadline, &mut reply).await {
+            Waited::Granted { token, pid, marker } => {
                 let conn = waiter
                     .take()
                     .and_then(|mut w| w.conn.take())
                     .expect("a waiting connection");
-                let grant = session::adopt(&inner, conn, pid, key, mode, token, &name);
+                let permit = slot.as_mut().and_then(|s| s.permit.take());
+                let grant =
+                    session::adopt(&inner, conn, permit, pid, marker, key, mode, token, &name);
                 // If the acquirer is gone, the grant drops with the failed
                 // send and its session unlocks it.
                 let _ = reply.send(Ok(Some(grant)));
@@ -185,6 +215,9 @@ async fn try_on_session(
     let mut failed = None;
     let mut gone = 0;
     while gone < SESSION_RETRIES {
+        if let Some(refusal) = inner.refusal() {
+            return Err(refusal);
+        }
         let lock = inner.next_id();
         let route = inner
             .registry()
@@ -226,6 +259,9 @@ async fn try_on_session(
             }
         }
     }
+    if let Some(refusal) = inner.refusal() {
+        return Err(refusal);
+    }
     let reason = failed.unwrap_or_else(|| "their tasks ended".into());
     Err(Error::Database(sqlx::Error::Io(std::io::Error::other(
         format!("the advisory lock's holder sessions kept failing: {reason}"),
@@ -242,6 +278,44 @@ async fn open_session(inner: &Arc<Inner>) -> Result<()> {
     let conn = inner.pool.acquire().await?;
     session::open(inner, conn);
     Ok(())
+}
+
+/// The right of one acquisition to wait on the server for `key`: the key's
+/// single server-side waiter in this process, holding one of the backend's
+/// wait slots. The permit moves to the holder session when the wait is
+/// granted (the lock then lives on the wait's connection); the key is
+/// freed for the next waiter when this is dropped.
+struct WaitSlot {
+    inner: Arc<Inner>,
+    key: i64,
+    permit: Option<OwnedSemaphorePermit>,
+}
+
+impl WaitSlot {
+    fn take(inner: &Arc<Inner>, key: i64) -> Option<WaitSlot> {
+        let mut keys = inner.server_waits.lock().unwrap_or_else(|e| e.into_inner());
+        if keys.contains(&key) {
+            return None;
+        }
+        let permit = inner.wait_slots.clone().try_acquire_owned().ok()?;
+        keys.insert(key);
+        Some(WaitSlot {
+            inner: inner.clone(),
+            key,
+            permit: Some(permit),
+        })
+    }
+}
+
+impl Drop for WaitSlot {
+    fn drop(&mut self) {
+        let mut keys = self
+            .inner
+            .server_waits
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        keys.remove(&self.key);
+    }
 }
 
 /// A connection used for a server-side wait. It goes back to the pool only
@@ -262,7 +336,11 @@ impl Drop for WaitConn {
 }
 
 enum Waited {
-    Granted { token: u64, pid: i32 },
+    Granted {
+        token: u64,
+        pid: i32,
+        marker: String,
+    },
     Busy,
     Failed(Error),
     Abandoned,
@@ -270,6 +348,7 @@ enum Waited {
 
 /// One server-side wait, bounded by what is left of the deadline.
 async fn wait_on_server(
+    inner: &Inner,
     conn: &mut WaitConn,
     key: i64,
     mode: LockMode,
@@ -289,25 +368,57 @@ async fn wait_on_server(
         }
     };
     let sql = match mode {
-        LockMode::Exclusive => WAIT_EXCLUSIVE,
-        LockMode::Shared => WAIT_SHARED,
+        LockMode::Exclusive => &*WAIT_EXCLUSIVE,
+        LockMode::Shared => &*WAIT_SHARED,
     };
     conn.clean = false;
-    let statement = sqlx::query_as::<_, (i64, i32)>(sql)
-        .bind(key)
-        .bind(format!("{timeout_ms}ms"))
-        .fetch_one(&mut **conn.conn.as_mut().expect("connection present"));
+    let marker = session::new_marker();
+    let raw = &mut **conn.conn.as_mut().expect("connection present");
+    // The wait runs in a transaction of its own that first lifts the role's
+    // statement_timeout (and idle_in_transaction_session_timeout): only the
+    // lock_timeout set from the deadline bounds it. The lock is
+    // session-level, so it outlives the transaction; so does the session's
+    // marker (set_config(.., false)), unless the transaction rolls back.
+    let waited = async {
+        let mut tx = raw.begin().await?;
+        sqlx::query(LIFT_SERVER_TIMEOUTS).execute(&mut *tx).await?;
+        let outcome = sqlx::query_as::<_, (bool, Option<i64>, i32)>(sql.as_str())
+            .bind(key)
+            .bind(format!("{timeout_ms}ms"))
+            .bind(marker.clone())
+            .fetch_one(&mut *tx)
+            .await;
+        match outcome {
+            Ok(granted) => {
+                tx.commit().await?;
+                Ok(granted)
+            }
+            Err(e) => {
+                tx.rollback().await?;
+                Err(e)
+            }
+        }
+    };
     let outcome = tokio::select! {
-        r = statement => r,
+        r = waited => r,
         // The acquirer is gone. The statement may yet be granted, so the
         // connection stays dirty and is closed: its session's locks end.
         _ = reply.closed() => return Waited::Abandoned,
     };
     match outcome {
-        Ok((token, pid)) => Waited::Granted {
+        Ok((true, Some(token), pid)) => Waited::Granted {
             token: token as u64,
             pid,
+            marker,
         },
+        // Another holder's server session: nothing was set or taken.
+        Ok((false, _, _)) => {
+            conn.clean = true;
+            inner.refuse(Refusal::Pooler);
+            Waited::Failed(engine::transaction_pooler())
+        }
+        // A granted wait always has a token; the connection stays dirty.
+        Ok((true, None, _)) => Waited::Failed(Error::Database(sqlx::Error::RowNotFound)),
         Err(e) if is_lock_timeout(&e) => {
             // A grant can race the timeout: PostgreSQL then keeps the
             // session-level lock (LockErrorCleanup remembers a lock granted
@@ -327,6 +438,12 @@ async fn wait_on_server(
                 }
                 Err(e) => Waited::Failed(map_err(e)),
             }
+        }
+        Err(e) if engine::is_statement_clash(&e) => {
+            // A transaction pooler: the statement never ran.
+            conn.clean = true;
+            inner.refuse(Refusal::Pooler);
+            Waited::Failed(engine::transaction_pooler())
         }
         Err(e) if is_lock_table_full(&e) => {
             // The lock could not even be queued for: nothing is held.

@@ -10,15 +10,16 @@ mod acquire;
 mod registry;
 mod session;
 
+use std::collections::HashSet;
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
 use sqlx::{PgPool, Row};
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, Semaphore};
 
-use super::advisory_key;
+use super::{advisory_key, engine};
 use crate::backend::{BoxFuture, Grant};
 use crate::lease::Wakeups;
 use crate::{AcquireRequest, Backend, Error, LockInfo, LockMode, Result};
@@ -30,7 +31,11 @@ use session::Cmd;
 #[non_exhaustive]
 pub enum WaitStrategy {
     /// Block in `pg_advisory_lock` on the server, bounded by a
-    /// transaction-local `lock_timeout`: the prompt handoff. Each waiting
+    /// transaction-local `lock_timeout` (a role's `statement_timeout` is
+    /// lifted for the wait, so only `.wait(d)` bounds it): the prompt
+    /// handoff. At most one acquisition per name per process waits this
+    /// way, and only as many as the backend's wait slots allow (see
+    /// [`Advisory`]); the others wait in-process. Each waiting
     /// acquisition takes a connection of its own from the pool for the wait,
     /// so that nothing else queues behind it; when the wait is granted, that
     /// connection carries the lock (see [`Advisory`]). The waiting statement
@@ -54,10 +59,16 @@ pub struct AdvisoryOptions {
     /// How to wait for a held lock. Default: [`WaitStrategy::Server`].
     pub wait: WaitStrategy,
     /// How often each holder session is checked (`SELECT 1`) when no other
-    /// statement has run on it meanwhile; when a session was terminated or
-    /// died, every guard on it reports itself lost within this interval.
-    /// It also bounds how long an empty session lingers before it goes
-    /// back to the pool. Default 5 s.
+    /// statement has run on it meanwhile. The loss bound it gives: when a
+    /// session is terminated or its connection is closed, every guard on
+    /// it reports itself lost within one heartbeat of the session's last
+    /// successful statement; when the session stops answering (a
+    /// black-holed network, a stopped server), within one heartbeat plus
+    /// the answer bound, which is the heartbeat and at least 2 s (so 10 s
+    /// by default). Until then a guard may still say it holds a lock the
+    /// server has already ended; fence writes with the token. It also
+    /// bounds how long an empty session lingers before it goes back to the
+    /// pool. Default 5 s.
     pub heartbeat: Duration,
 }
 
@@ -105,6 +116,15 @@ const LOCK_TABLE_FULL: &str = "53200";
 /// exclusive lock at once.) So each granted server-side wait still held,
 /// and each wait under way, uses a connection; polling waits use none.
 ///
+/// Server-side waits use a bounded share of the pool: at most one per name
+/// in this process (the other acquisitions of that name wait in-process,
+/// woken by releases here and polling the holder sessions), and at most
+/// half of what the holder sessions leave of the pool (at least one),
+/// counting the waits under way and the locks they were granted that
+/// still live on their own connection. Past that, waiters poll. So a pool
+/// of 4 with 2 holder sessions keeps at least one connection for the
+/// application however many tasks wait.
+///
 /// Size the pool for the holder sessions, the server-side waits under way
 /// and the locks they were granted, plus `inspect`, `list` and
 /// `force_release` and whatever else the application runs on it. The
@@ -143,6 +163,31 @@ const LOCK_TABLE_FULL: &str = "53200";
 /// owning session can unlock it; **that ends every other lock on that
 /// session too**, and their guards report lost as well.
 ///
+/// # Poolers, failover and other engines
+///
+/// Session-level locks need a session of their own. Through a
+/// transaction-pooling proxy (PgBouncer `pool_mode=transaction`,
+/// Supavisor), which hands each transaction whichever server connection is
+/// free, the backend refuses with [`Error::Unsupported`] naming the
+/// alternatives ([`Lease`](super::Lease) with
+/// [`transaction_pooling`](super::Lease::transaction_pooling),
+/// [`lock_xact`](super::lock_xact), a session-pooling port). Each holder
+/// session marks its server session (a random value in the session setting
+/// `dblock.session`, set by its first statement only if no other holder's
+/// mark is there) and every lock statement and heartbeat checks that mark
+/// and the backend pid in the same statement, before it locks; the first
+/// holder session also looks from a second pooled connection whether it
+/// sees the same server session. Nothing is locked on a server session
+/// that is not the holder's own. A session-pooling proxy works as a direct
+/// connection.
+///
+/// Tokens carry the server's timeline in their high bits, so they keep
+/// increasing across the promotion of an asynchronous standby that lost the
+/// primary's last commits (the old primary must be fenced off by the
+/// failover tool). CockroachDB, whose advisory locks are stubs, and
+/// YugabyteDB are refused with [`Error::Unsupported`]. See
+/// `docs/topologies.md`.
+///
 /// # Capacity
 ///
 /// Every advisory lock takes an entry in PostgreSQL's shared lock table,
@@ -172,6 +217,28 @@ pub(super) struct Inner {
     /// background.
     growing: AtomicBool,
     ids: AtomicU64,
+    /// Keys with a server-side waiter in this process: at most one per key,
+    /// the others wait in-process (see [`acquire`]).
+    server_waits: Mutex<HashSet<i64>>,
+    /// Connections that server-side waits may take from the pool, held
+    /// while waiting and while the lock a wait was granted lives on its
+    /// connection.
+    wait_slots: Arc<Semaphore>,
+    /// Set once a session found the engine or the connection unfit; every
+    /// acquisition is refused from then on.
+    refused: OnceLock<Refusal>,
+    /// Whether the first holder session probed for a transaction pooler.
+    probed: AtomicBool,
+}
+
+/// Why an [`Advisory`] backend refuses to take locks.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Refusal {
+    /// The engine is not PostgreSQL's (see `engine::refusal`).
+    Engine(&'static str),
+    /// A statement ran on a server session other than its holder
+    /// session's: a transaction-pooling proxy.
+    Pooler,
 }
 
 impl fmt::Debug for Advisory {
@@ -190,6 +257,8 @@ impl Advisory {
     }
 
     fn build(pool: PgPool, options: AdvisoryOptions, holder_sessions: usize) -> Self {
+        let size = pool.options().get_max_connections() as usize;
+        let wait_slots = server_wait_slots(size, holder_sessions);
         Advisory {
             inner: Arc::new(Inner {
                 pool,
@@ -200,6 +269,10 @@ impl Advisory {
                 opening: tokio::sync::Mutex::new(()),
                 growing: AtomicBool::new(false),
                 ids: AtomicU64::new(1),
+                server_waits: Mutex::default(),
+                wait_slots: Arc::new(Semaphore::new(wait_slots)),
+                refused: OnceLock::new(),
+                probed: AtomicBool::new(false),
             }),
         }
     }
@@ -257,6 +330,20 @@ impl Advisory {
     }
 }
 
+/// How many connections server-side waits may use at once: half of what the
+/// holder sessions leave of the pool, at least one. The rest stays for the
+/// application's own queries (and `inspect`, `list`, `force_release`).
+fn server_wait_slots(pool_size: usize, holder_sessions: usize) -> usize {
+    let sessions = core_sessions(pool_size, holder_sessions);
+    (pool_size.saturating_sub(sessions) / 2).max(1)
+}
+
+/// How many core holder sessions to open at most: as configured, and at
+/// most the pool's size minus one.
+fn core_sessions(pool_size: usize, holder_sessions: usize) -> usize {
+    holder_sessions.min(pool_size.saturating_sub(1).max(1))
+}
+
 /// The error for a full lock table; `size` tells the configured size, if
 /// known.
 fn lock_table_full(size: &str) -> Error {
@@ -272,6 +359,18 @@ fn lock_table_full(size: &str) -> Error {
 }
 
 impl Inner {
+    fn refuse(&self, why: Refusal) {
+        let _ = self.refused.set(why);
+    }
+
+    /// The error every acquisition answers once the backend refused.
+    fn refusal(&self) -> Option<Error> {
+        self.refused.get().map(|why| match why {
+            Refusal::Engine(why) => engine::unsupported("postgres-advisory", why),
+            Refusal::Pooler => engine::transaction_pooler(),
+        })
+    }
+
     fn next_id(&self) -> u64 {
         self.ids.fetch_add(1, Ordering::Relaxed)
     }
@@ -283,7 +382,7 @@ impl Inner {
     /// How many core holder sessions to open at most.
     fn target_sessions(&self) -> usize {
         let pool = self.pool.options().get_max_connections() as usize;
-        self.holder_sessions.min(pool.saturating_sub(1).max(1))
+        core_sessions(pool, self.holder_sessions)
     }
 
     /// Opens another core holder session in the background, if the pool
@@ -398,6 +497,9 @@ impl Backend for Advisory {
                         "hold_at_least: an advisory lock ends with its session; use postgres::Lease"
                             .into(),
                 });
+            }
+            if let Some(refusal) = self.inner.refusal() {
+                return Err(refusal);
             }
             // The attempt runs in a task that owns the outcome, so dropping
             // this future can never strand a lock.

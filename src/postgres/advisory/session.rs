@@ -16,36 +16,95 @@
 
 use std::fmt;
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use sqlx::pool::PoolConnection;
-use sqlx::Postgres;
-use tokio::sync::{mpsc, oneshot};
+use sqlx::postgres::PgRow;
+use sqlx::{Postgres, Row};
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit};
 use tokio::time::{sleep_until, timeout, Instant};
 
 use super::registry::{Hold, HoldState, LockId, SessionEntry, SessionId};
-use super::{lock_table_full, split_key, Inner, LOCK_TABLE_FULL};
+use super::{lock_table_full, split_key, Inner, Refusal, LOCK_TABLE_FULL};
 use crate::backend::{BoxFuture, Grant, HeldLock, LockStatus};
+use crate::postgres::engine::{self, is_statement_clash};
 use crate::postgres::map_err;
+use crate::postgres::token::sequence_token;
 use crate::{Error, LockMode, Result};
 
-const TRY_EXCLUSIVE: &str =
-    "SELECT CASE WHEN pg_try_advisory_lock($1) THEN nextval('dblock_fencing_seq') END";
-const TRY_SHARED: &str =
-    "SELECT CASE WHEN pg_try_advisory_lock_shared($1) THEN nextval('dblock_fencing_seq') END";
+// Every lock statement first checks that it runs on this holder session's
+// own server session: the marker the session set when it started (a
+// session-level setting, $2) and its backend pid ($3), read in the same
+// statement, so the check costs no round trip. Through a
+// transaction-pooling proxy a statement can land on another server
+// connection: it then takes nothing and answers `ours = false`, and the
+// backend refuses to go on (see `engine::transaction_pooler`). CASE fixes
+// the order of evaluation.
+const OURS: &str = "(SELECT current_setting('dblock.session', true) IS NOT DISTINCT FROM $2
+                            AND pg_backend_pid() = $3 AS ours OFFSET 0) s";
+static TRY_EXCLUSIVE: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "SELECT ours, CASE WHEN NOT ours THEN NULL
+                           WHEN pg_try_advisory_lock($1) THEN {} END FROM {OURS}",
+        sequence_token()
+    )
+});
+static TRY_SHARED: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "SELECT ours, CASE WHEN NOT ours THEN NULL
+                           WHEN pg_try_advisory_lock_shared($1) THEN {} END FROM {OURS}",
+        sequence_token()
+    )
+});
 // A shared lock stacked on a session that holds the key shared already: the
 // server would grant it at once, ahead of any waiter queued for the key (a
 // session never waits for a lock it holds), so a stream of readers in this
 // process could starve a writer queued on the server. It is taken only if
-// nobody waits for the key (CASE fixes the order of evaluation).
-const TRY_SHARED_STACKED: &str = "SELECT CASE
+// nobody waits for the key.
+static TRY_SHARED_STACKED: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "SELECT ours, CASE
+    WHEN NOT ours THEN NULL
     WHEN EXISTS (SELECT 1 FROM pg_locks
                   WHERE locktype = 'advisory' AND objsubid = 1 AND NOT granted
                     AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
-                    AND classid::bigint = $2 AND objid::bigint = $3) THEN NULL
-    WHEN pg_try_advisory_lock_shared($1) THEN nextval('dblock_fencing_seq') END";
+                    AND classid::bigint = $4 AND objid::bigint = $5) THEN NULL
+    WHEN pg_try_advisory_lock_shared($1) THEN {} END FROM {OURS}",
+        sequence_token()
+    )
+});
+// A session's first statement: its pid, the engine, and its marker (a random
+// one made by the server), set only if the server session carries none yet.
+// A direct connection, or one through a session-pooling proxy (which runs
+// DISCARD ALL between clients), never carries another holder's marker; a
+// server connection shared by a transaction-pooling proxy may. It has no
+// parameters and runs as a simple query (no prepared statement), so that
+// it also answers through a transaction pooler, where named prepared
+// statements clash.
+const OPEN: &str = "SELECT pg_backend_pid(), version(),
+    CASE WHEN coalesce(current_setting('dblock.session', true), '') = ''
+         THEN set_config('dblock.session', md5(random()::text || clock_timestamp()::text), false) END";
+// The heartbeat: the session is alive, and still our own server session
+// (a proxy may have closed the server connection that held our locks).
+const PING: &str = "SELECT current_setting('dblock.session', true) IS NOT DISTINCT FROM $1
+                           AND pg_backend_pid() = $2";
+// The probe at a backend's first holder session, on another connection of
+// the pool: it can only see this session's pid or marker if both
+// connections' statements run on the same server session, which a
+// transaction-pooling proxy does (PgBouncer hands the server connection just
+// released to the next transaction); two connections of a direct or
+// session-pooled pool never share one. A simple query, as OPEN.
+const PROBE: &str =
+    "SELECT pg_backend_pid(), coalesce(current_setting('dblock.session', true), '')";
+// Back to the pool: no lock, no marker, and the TCP settings back to the
+// session's defaults.
+const RETIRE: &str = "SELECT pg_advisory_unlock_all(), set_config('dblock.session', '', false), (
+    SELECT count(set_config(name, reset_val, false))
+      FROM pg_settings
+     WHERE name IN ('tcp_keepalives_idle', 'tcp_keepalives_interval',
+                    'tcp_keepalives_count', 'tcp_user_timeout'))";
 const UNLOCK_EXCLUSIVE: &str = "SELECT pg_advisory_unlock($1)";
 const UNLOCK_SHARED: &str = "SELECT pg_advisory_unlock_shared($1)";
 // Undoing a lock statement that failed: one unlock, without the WARNING the
@@ -53,6 +112,35 @@ const UNLOCK_SHARED: &str = "SELECT pg_advisory_unlock_shared($1)";
 // (client_min_messages is set for this one-statement transaction only).
 const UNDO_EXCLUSIVE: &str = "SELECT pg_advisory_unlock($1) FROM (SELECT set_config('client_min_messages', 'error', true)) cfg OFFSET 0";
 const UNDO_SHARED: &str = "SELECT pg_advisory_unlock_shared($1) FROM (SELECT set_config('client_min_messages', 'error', true)) cfg OFFSET 0";
+
+/// The server-side TCP settings of a holder session (PostgreSQL lets any
+/// session set its own): when the client's host vanishes, the server
+/// notices within about 25 s and ends the session, which releases its
+/// locks, instead of after the kernel's default of about two hours (idle
+/// keepalives) or fifteen minutes (unacknowledged data). Idle: a probe after
+/// 10 s of silence, then every 5 s, 3 unanswered probes end it. Data
+/// unacknowledged for 25 s ends it (`tcp_user_timeout`, PostgreSQL 12 and
+/// later; skipped where the setting does not exist). Ignored on Unix-socket
+/// connections. Answers the session's pid.
+const KEEPALIVES_ON: &str = "SELECT pg_backend_pid() FROM (
+    SELECT count(set_config(name, CASE name
+               WHEN 'tcp_keepalives_idle' THEN '10'
+               WHEN 'tcp_keepalives_interval' THEN '5'
+               WHEN 'tcp_keepalives_count' THEN '3'
+               ELSE '25000' END, false))
+      FROM pg_settings
+     WHERE name IN ('tcp_keepalives_idle', 'tcp_keepalives_interval',
+                    'tcp_keepalives_count', 'tcp_user_timeout')) s";
+
+/// Why a session found to be shared is closed.
+const POOLED: &str = "the holder session's statements do not all run on one server session \
+                      (a transaction-pooling proxy)";
+
+/// The first statement's answer: pid, `version()`, and the marker it set
+/// (`None` if the server session carried another holder's).
+fn decode_open(row: &PgRow) -> sqlx::Result<(i32, String, Option<String>)> {
+    Ok((row.try_get(0)?, row.try_get(1)?, row.try_get(2)?))
+}
 
 /// What a session is asked to do.
 pub(super) enum Cmd {
@@ -167,16 +255,26 @@ pub(super) fn open(inner: &Arc<Inner>, conn: PoolConnection<Postgres>) {
         );
     }
     tracing::debug!(session = id, "dblock: advisory holder session opened");
-    tokio::spawn(Session::new(inner.clone(), id, conn, tx, rx).run(None));
+    // The marker is set by the session's first statement.
+    tokio::spawn(Session::new(inner.clone(), id, conn, tx, rx, String::new(), None).run());
+}
+
+/// A new holder session's marker: random, so that no other holder (in
+/// this process or another) has the same.
+pub(super) fn new_marker() -> String {
+    format!("{:016x}", rand::random::<u64>())
 }
 
 /// Makes the connection of a granted server-side wait a holder session
-/// that carries the lock, and returns the lock's grant.
+/// that carries the lock, and returns the lock's grant. The wait set the
+/// session's `marker`.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn adopt(
     inner: &Arc<Inner>,
     conn: PoolConnection<Postgres>,
+    permit: Option<OwnedSemaphorePermit>,
     pid: i32,
+    marker: String,
     key: i64,
     mode: LockMode,
     token: u64,
@@ -186,7 +284,7 @@ pub(super) fn adopt(
     let lock = inner.next_id();
     let (tx, rx) = mpsc::unbounded_channel();
     let (status, pending) = Grant::status(None);
-    {
+    let core = {
         let mut registry = inner.registry();
         let core = registry.core_count() < inner.target_sessions();
         registry.add_session(
@@ -212,13 +310,20 @@ pub(super) fn adopt(
                 },
             },
         );
-    }
+        core
+    };
     tracing::debug!(
         session = id,
         pid,
         "dblock: advisory wait granted; its session holds the lock"
     );
-    tokio::spawn(Session::new(inner.clone(), id, conn, tx.clone(), rx).run(Some(pid)));
+    let mut session = Session::new(inner.clone(), id, conn, tx.clone(), rx, marker, Some(pid));
+    // A session that joins the core ones is counted there; any other keeps
+    // its wait slot until it goes back to the pool.
+    if !core {
+        session.wait_slot = permit;
+    }
+    tokio::spawn(session.run());
     pending.grant(
         token,
         Box::new(Held {
@@ -241,6 +346,28 @@ struct Session {
     rx: mpsc::UnboundedReceiver<Cmd>,
     /// When a statement last succeeded: the session was alive then.
     last_ok: Instant,
+    /// The marker this session set on its server session.
+    marker: String,
+    /// Its server session's pid, once known.
+    pid: Option<i32>,
+    /// The wait slot of the server-side wait this session was adopted
+    /// from, freed when the session ends.
+    wait_slot: Option<OwnedSemaphorePermit>,
+}
+
+impl Drop for Session {
+    /// A session ends by going back to the pool clean (`retire`) or by
+    /// being closed (`die`), both of which take the connection. One that
+    /// still has it here ended abnormally (its task panicked, or was dropped
+    /// with its runtime): it may hold locks, so the connection is closed,
+    /// never returned to the pool, and its guards report lost.
+    fn drop(&mut self) {
+        if let Some(conn) = self.conn.as_mut() {
+            conn.close_on_drop();
+            self.inner
+                .session_gone(self.id, "the holder session's task ended abnormally");
+        }
+    }
 }
 
 enum Next {
@@ -256,6 +383,8 @@ impl Session {
         conn: PoolConnection<Postgres>,
         tx: mpsc::UnboundedSender<Cmd>,
         rx: mpsc::UnboundedReceiver<Cmd>,
+        marker: String,
+        pid: Option<i32>,
     ) -> Self {
         Session {
             inner,
@@ -264,6 +393,9 @@ impl Session {
             tx,
             rx,
             last_ok: Instant::now(),
+            wait_slot: None,
+            marker,
+            pid,
         }
     }
 
@@ -271,16 +403,48 @@ impl Session {
         self.conn.as_mut().expect("connection present")
     }
 
-    async fn run(mut self, pid: Option<i32>) {
-        if pid.is_none() {
+    async fn run(mut self) {
+        if self.pid.is_none() {
             let limit = self.inner.answer_within();
-            let statement = sqlx::query_scalar::<_, i32>("SELECT pg_backend_pid()")
-                .fetch_one(&mut **self.conn());
+            let statement = sqlx::raw_sql(OPEN).fetch_one(&mut **self.conn());
             match bounded(limit, statement).await {
-                Ok(pid) => {
+                Ok(row) => {
+                    let (pid, version, marker) = match decode_open(&row) {
+                        Ok(v) => v,
+                        Err(e) => return self.die(format!("the holder session failed: {e}")),
+                    };
                     self.last_ok = Instant::now();
+                    if let Some(why) = engine::refusal(&version) {
+                        self.inner.refuse(Refusal::Engine(why));
+                        return self.die(why.to_owned());
+                    }
+                    let Some(marker) = marker else {
+                        // Another holder's marker: this server session is
+                        // shared. Nothing was set or taken.
+                        self.inner.refuse(Refusal::Pooler);
+                        return self.die(POOLED.to_owned());
+                    };
+                    self.marker = marker;
+                    self.pid = Some(pid);
                     self.inner.registry().set_pid(self.id, pid);
+                    if self.shares_its_server_session().await {
+                        self.inner.refuse(Refusal::Pooler);
+                        return self.die(POOLED.to_owned());
+                    }
                 }
+                Err(Failure::Server(e)) => {
+                    return self.die(format!("the holder session failed: {e}"));
+                }
+                Err(Failure::Broken(reason)) => return self.die(reason),
+            }
+        }
+        // Known to be our own server session now: its TCP settings.
+        {
+            let limit = self.inner.answer_within();
+            let statement =
+                sqlx::query_scalar::<_, i32>(KEEPALIVES_ON).fetch_one(&mut **self.conn());
+            match bounded(limit, statement).await {
+                Ok(_) => self.last_ok = Instant::now(),
                 Err(Failure::Server(e)) => {
                     return self.die(format!("the holder session failed: {e}"));
                 }
@@ -357,13 +521,54 @@ impl Session {
         }
     }
 
+    /// At the backend's first holder session: whether another connection
+    /// of the pool runs its statements on this session's server session.
+    /// Skipped when the pool has no second connection to spare at once.
+    async fn shares_its_server_session(&self) -> bool {
+        if self
+            .inner
+            .probed
+            .swap(true, std::sync::atomic::Ordering::AcqRel)
+        {
+            return false;
+        }
+        if self.inner.pool.options().get_max_connections() < 2 {
+            return false;
+        }
+        let limit = self.inner.answer_within();
+        let wait = limit.min(Duration::from_millis(500));
+        let Ok(Ok(mut other)) = timeout(wait, self.inner.pool.acquire()).await else {
+            return false;
+        };
+        let statement = sqlx::raw_sql(PROBE).fetch_one(&mut *other);
+        let Ok(Ok(row)) = timeout(limit, statement).await else {
+            return false;
+        };
+        let (pid, marker): (i32, String) = match (row.try_get(0), row.try_get(1)) {
+            (Ok(pid), Ok(marker)) => (pid, marker),
+            _ => return false,
+        };
+        Some(pid) == self.pid || marker == self.marker
+    }
+
     async fn ping(&mut self) -> std::result::Result<(), String> {
         let limit = self.inner.answer_within();
-        let statement = sqlx::query("SELECT 1").execute(&mut **self.conn());
+        let statement = sqlx::query_scalar::<_, bool>(PING)
+            .bind(self.marker.clone())
+            .bind(self.pid.unwrap_or_default())
+            .fetch_one(&mut **self.conn());
         match bounded(limit, statement).await {
-            Ok(_) => {
+            Ok(true) => {
                 self.last_ok = Instant::now();
                 Ok(())
+            }
+            Ok(false) => {
+                self.inner.refuse(Refusal::Pooler);
+                Err(POOLED.to_owned())
+            }
+            Err(Failure::Server(e)) if is_statement_clash(&e) => {
+                self.inner.refuse(Refusal::Pooler);
+                Err(POOLED.to_owned())
             }
             Err(Failure::Server(e)) => Err(format!("the holder session failed: {e}")),
             Err(Failure::Broken(reason)) => Err(reason),
@@ -382,18 +587,30 @@ impl Session {
         let stacked =
             mode == LockMode::Shared && self.inner.registry().stacked(self.id, key, mode, lock);
         let sql = match mode {
-            LockMode::Exclusive => TRY_EXCLUSIVE,
-            LockMode::Shared if stacked => TRY_SHARED_STACKED,
-            LockMode::Shared => TRY_SHARED,
+            LockMode::Exclusive => &*TRY_EXCLUSIVE,
+            LockMode::Shared if stacked => &*TRY_SHARED_STACKED,
+            LockMode::Shared => &*TRY_SHARED,
         };
-        let mut query = sqlx::query_scalar::<_, Option<i64>>(sql).bind(key);
+        let mut query = sqlx::query_as::<_, (bool, Option<i64>)>(sql.as_str())
+            .bind(key)
+            .bind(self.marker.clone())
+            .bind(self.pid.unwrap_or_default());
         if stacked {
             let (classid, objid) = split_key(key);
             query = query.bind(classid).bind(objid);
         }
         let statement = query.fetch_one(&mut **self.conn());
         match bounded(limit, statement).await {
-            Ok(Some(token)) => {
+            Ok((false, _)) => {
+                // Not our server session: nothing was taken by this
+                // statement, and what this session took before may sit on
+                // a server connection other clients use. Close it.
+                self.inner.registry().not_granted(self.id, key, lock);
+                self.inner.refuse(Refusal::Pooler);
+                let _ = reply.send(LockReply::Failed(engine::transaction_pooler()));
+                Err(POOLED.to_owned())
+            }
+            Ok((true, Some(token))) => {
                 self.last_ok = Instant::now();
                 let token = token as u64;
                 let (status, pending) = Grant::status(None);
@@ -426,11 +643,19 @@ impl Session {
                 let _ = reply.send(LockReply::Granted(grant));
                 Ok(())
             }
-            Ok(None) => {
+            Ok((true, None)) => {
                 self.last_ok = Instant::now();
                 self.inner.registry().not_granted(self.id, key, lock);
                 let _ = reply.send(LockReply::Busy);
                 Ok(())
+            }
+            Err(Failure::Server(e)) if is_statement_clash(&e) => {
+                // Not our server session (a named statement of ours is
+                // missing or taken there): nothing of this statement ran.
+                self.inner.registry().not_granted(self.id, key, lock);
+                self.inner.refuse(Refusal::Pooler);
+                let _ = reply.send(LockReply::Failed(engine::transaction_pooler()));
+                Err(POOLED.to_owned())
             }
             Err(Failure::Server(e)) => {
                 // The statement failed, maybe after the lock was taken (the
@@ -596,7 +821,7 @@ impl Session {
         }
         let limit = self.inner.answer_within();
         let mut conn = self.conn.take().expect("connection present");
-        let statement = sqlx::query("SELECT pg_advisory_unlock_all()").execute(&mut *conn);
+        let statement = sqlx::query(RETIRE).execute(&mut *conn);
         if bounded(limit, statement).await.is_err() {
             conn.close_on_drop();
         }

@@ -1,0 +1,710 @@
+//! The settings and workloads of real servers (issue 11): a role's
+//! `statement_timeout`, many waiters on a small pool, bounded tables and
+//! maps, leases that come too late, connections left with changed settings.
+//!
+//! Against the real services (`DBLOCK_TEST_POSTGRES_URL`,
+//! `DBLOCK_TEST_MYSQL_URL`, see `tests/common`).
+
+mod common;
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use dblock::postgres::{Advisory, Lease};
+use dblock::{Error, Locks, Wait};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::PgPool;
+use tokio::sync::OnceCell;
+use tokio::time::{sleep, Instant};
+
+async fn pg_options() -> PgConnectOptions {
+    PgConnectOptions::from_str(&common::postgres_url().await)
+        .expect("a valid DBLOCK_TEST_POSTGRES_URL")
+}
+
+async fn pg_pool(options: PgConnectOptions, max: u32) -> PgPool {
+    PgPoolOptions::new()
+        .max_connections(max)
+        .acquire_timeout(Duration::from_secs(20))
+        .connect_with(options)
+        .await
+        .expect("connect to PostgreSQL (DBLOCK_TEST_POSTGRES_URL)")
+}
+
+/// An administrator's pool, with the schema in place.
+async fn admin(max: u32) -> PgPool {
+    let pool = pg_pool(pg_options().await, max).await;
+    dblock::postgres::migrate(&pool).await.expect("migrate");
+    pool
+}
+
+/// The role of a managed database's application: `statement_timeout` is
+/// set on the role, as providers do.
+const APP_ROLE: &str = "dblock_t11_app";
+
+/// A pool that logs in as [`APP_ROLE`], created once per run with
+/// `statement_timeout = '300ms'`.
+async fn app_pool(max: u32) -> PgPool {
+    static ROLE: OnceCell<()> = OnceCell::const_new();
+    ROLE.get_or_init(|| async {
+        let pool = admin(1).await;
+        // Roles are cluster-wide: created if missing, then (re)configured.
+        sqlx::raw_sql(
+            "DO $$ BEGIN
+                 CREATE ROLE dblock_t11_app LOGIN SUPERUSER;
+             EXCEPTION WHEN duplicate_object THEN NULL;
+             END $$;
+             ALTER ROLE dblock_t11_app SET statement_timeout = '300ms'",
+        )
+        .execute(&pool)
+        .await
+        .expect("create the application role");
+    })
+    .await;
+    let pool = pg_pool(pg_options().await.username(APP_ROLE), max).await;
+    // The setting is in force: a statement of 500 ms is cancelled.
+    let slow = sqlx::query("SELECT pg_sleep(0.5)").execute(&pool).await;
+    match slow {
+        Err(sqlx::Error::Database(db)) if db.code().as_deref() == Some("57014") => {}
+        other => panic!("the role's statement_timeout is not in force: {other:?}"),
+    }
+    pool
+}
+
+fn is_timeout(r: &dblock::Result<impl std::fmt::Debug>) -> bool {
+    matches!(r, Err(Error::Timeout { .. }))
+}
+
+/// The holder lets go after a second; a waiter whose role has a 300 ms
+/// `statement_timeout` is granted then, and a wait that runs out reports
+/// `Timeout`, not the server's cancellation.
+async fn a_role_timeout_does_not_cut_waits_short(holder: Locks, waiter: Locks, ttl: bool) {
+    let name = common::unique("role-timeout");
+    let mut acquire = holder.acquire(&name);
+    if ttl {
+        acquire = acquire.ttl(Duration::from_secs(10));
+    }
+    let held = acquire.await.expect("the holder's lock");
+    let release = tokio::spawn(async move {
+        sleep(Duration::from_secs(1)).await;
+        held.release().await.expect("release");
+    });
+    let started = Instant::now();
+    let got = waiter
+        .acquire(&name)
+        .wait(Duration::from_secs(3))
+        .await
+        .expect("the waiter is granted once the holder lets go");
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(900),
+        "granted after {waited:?}, before the release"
+    );
+    release.await.unwrap();
+
+    // Now held by the waiter: a second wait runs out after its own second.
+    let started = Instant::now();
+    let late = waiter.acquire(&name).wait(Duration::from_secs(1)).await;
+    let waited = started.elapsed();
+    assert!(is_timeout(&late), "expected Error::Timeout, got {late:?}");
+    assert!(
+        waited >= Duration::from_millis(950),
+        "gave up after {waited:?}, before its wait"
+    );
+    got.release().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn role_statement_timeout_advisory() {
+    let holder = Locks::new(Advisory::new(admin(3).await));
+    let waiter = Locks::new(Advisory::new(app_pool(4).await));
+    a_role_timeout_does_not_cut_waits_short(holder, waiter, false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn role_statement_timeout_lease() {
+    let holder = Locks::new(Lease::new(admin(3).await));
+    let waiter = Locks::new(Lease::new(app_pool(4).await));
+    a_role_timeout_does_not_cut_waits_short(holder, waiter, true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn role_statement_timeout_lock_xact() {
+    let holder = Locks::new(Advisory::new(admin(3).await));
+    let app = app_pool(2).await;
+    let name = common::unique("role-timeout-xact");
+    let held = holder.acquire(&name).await.unwrap();
+    let release = tokio::spawn(async move {
+        sleep(Duration::from_secs(1)).await;
+        held.release().await.unwrap();
+    });
+    let mut tx = app.begin().await.unwrap();
+    let started = Instant::now();
+    let token =
+        dblock::postgres::lock_xact_with(&mut tx, &name, Wait::For(Duration::from_secs(3))).await;
+    assert!(
+        matches!(token, Ok(Some(_))),
+        "expected the lock, got {token:?}"
+    );
+    assert!(started.elapsed() >= Duration::from_millis(900));
+    release.await.unwrap();
+    // The caller's transaction keeps the role's settings for what follows.
+    let (statement, idle): (String, String) = sqlx::query_as(
+        "SELECT current_setting('statement_timeout'),
+                current_setting('idle_in_transaction_session_timeout')",
+    )
+    .fetch_one(&mut *tx)
+    .await
+    .unwrap();
+    assert_eq!(statement, "300ms");
+    assert_eq!(idle, "0");
+    tx.commit().await.unwrap();
+
+    // A wait that runs out is a Timeout, and the transaction goes on.
+    let _held = holder.acquire(&name).await.unwrap();
+    let mut tx = app.begin().await.unwrap();
+    let started = Instant::now();
+    let late =
+        dblock::postgres::lock_xact_with(&mut tx, &name, Wait::For(Duration::from_secs(1))).await;
+    assert!(is_timeout(&late), "expected Error::Timeout, got {late:?}");
+    assert!(started.elapsed() >= Duration::from_millis(950));
+    let statement: String = sqlx::query_scalar("SELECT current_setting('statement_timeout')")
+        .fetch_one(&mut *tx)
+        .await
+        .unwrap();
+    assert_eq!(statement, "300ms");
+    tx.commit().await.unwrap();
+}
+
+// ---- Bounded footprint. ----
+
+/// The process's resident set, in bytes (Linux).
+fn rss() -> u64 {
+    let statm = std::fs::read_to_string("/proc/self/statm").expect("/proc/self/statm");
+    let pages: u64 = statm.split_whitespace().nth(1).unwrap().parse().unwrap();
+    pages * 4096
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_forgets_names_nothing_holds() {
+    let memory = dblock::memory::Memory::new();
+    let locks = Locks::new(memory.clone());
+    // Warm up the allocator and the runtime before measuring.
+    for i in 0..1_000 {
+        let g = locks.acquire(format!("warm:{i}")).await.unwrap();
+        g.release().await.unwrap();
+    }
+    let before = rss();
+    let first = locks.acquire("first").await.unwrap().token();
+    let streams: Vec<_> = (0..4)
+        .map(|s| {
+            let locks = locks.clone();
+            tokio::spawn(async move {
+                let mut last = 0;
+                for i in 0..50_000 {
+                    let g = locks.acquire(format!("tenant:{s}:{i}")).await.unwrap();
+                    assert!(g.token() > last, "tokens increase");
+                    last = g.token();
+                    if i % 2 == 0 {
+                        g.release().await.unwrap();
+                    } else {
+                        drop(g); // released in the background
+                    }
+                }
+            })
+        })
+        .collect();
+    for s in streams {
+        s.await.unwrap();
+    }
+    // Dropped guards release in the background: give them a moment.
+    let until = Instant::now() + Duration::from_secs(5);
+    while memory.entries() > 0 && Instant::now() < until {
+        sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(memory.entries(), 0, "names nothing holds are forgotten");
+    let grown = rss().saturating_sub(before);
+    assert!(
+        grown < 16 << 20,
+        "200,000 names grew the process by {} MiB",
+        grown >> 20
+    );
+    // A name taken again gets a greater token than it ever had (200,000
+    // grants came after "first").
+    let again = locks.acquire("first").await.unwrap();
+    assert!(again.token() > first + 200_000);
+}
+
+#[tokio::test]
+async fn memory_sweeps_expired_leases() {
+    // Leases that run out (nobody renews them: the guards are leaked on a
+    // runtime that is gone) are swept once the map has grown.
+    let memory = dblock::memory::Memory::new();
+    let locks = Locks::new(memory.clone());
+    {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let l = locks.clone();
+        std::thread::spawn(move || {
+            rt.block_on(async {
+                for i in 0..2_000 {
+                    let g = l
+                        .acquire(format!("expiring:{i}"))
+                        .ttl(Duration::from_secs(1))
+                        .await
+                        .unwrap();
+                    std::mem::forget(g);
+                }
+            });
+        })
+        .join()
+        .unwrap();
+    }
+    assert!(memory.entries() >= 2_000);
+    sleep(Duration::from_millis(1_200)).await;
+    for i in 0..2_100 {
+        let g = locks.acquire(format!("fresh:{i}")).await.unwrap();
+        std::mem::forget(g); // held: these stay
+    }
+    assert!(
+        memory.entries() <= 2_100 + 1,
+        "expired entries were swept: {} left",
+        memory.entries()
+    );
+}
+
+// ---- Waiters use a bounded share of the pool. ----
+
+type Probe = Box<dyn Fn() -> futures::future::BoxFuture<'static, ()> + Send + Sync>;
+
+/// A pool of 4, one holder of a hot name, 12 tasks waiting for it: the
+/// application's own query (`probe`) and an acquisition of another name
+/// each answer within a second, and every waiter is granted in turn.
+async fn waiters_leave_room_in_the_pool(locks: Locks, probe: Probe, lease: bool) {
+    let hot = common::unique("hot");
+    let ttl = Duration::from_secs(10);
+    let acquire = |name: &str| {
+        let a = locks.acquire(name);
+        if lease {
+            a.ttl(ttl)
+        } else {
+            a
+        }
+    };
+    let held = acquire(&hot).await.expect("the holder");
+    let waiters: Vec<_> = (0..12)
+        .map(|_| {
+            let locks = locks.clone();
+            let hot = hot.clone();
+            tokio::spawn(async move {
+                let mut a = locks.acquire(&hot).wait(Duration::from_secs(20));
+                if lease {
+                    a = a.ttl(ttl);
+                }
+                let g = a.await?;
+                let got = (Instant::now(), g.token());
+                sleep(Duration::from_millis(50)).await;
+                g.release().await?;
+                Ok::<_, Error>(got)
+            })
+        })
+        .collect();
+    sleep(Duration::from_millis(500)).await;
+    for round in 0..3 {
+        let started = Instant::now();
+        tokio::time::timeout(Duration::from_secs(1), probe())
+            .await
+            .unwrap_or_else(|_| panic!("round {round}: the application's query waited over 1 s"));
+        let answered = started.elapsed();
+        let other = common::unique("other");
+        let started = Instant::now();
+        let g = acquire(&other)
+            .wait(Duration::from_secs(1))
+            .await
+            .unwrap_or_else(|e| panic!("round {round}: an unrelated acquisition failed: {e}"));
+        let acquired = started.elapsed();
+        g.release().await.unwrap();
+        assert!(
+            acquired < Duration::from_secs(1),
+            "round {round}: an unrelated acquisition took {acquired:?}"
+        );
+        eprintln!("round {round}: query {answered:?}, unrelated acquisition {acquired:?}");
+        sleep(Duration::from_millis(200)).await;
+    }
+    let released_at = Instant::now();
+    held.release().await.unwrap();
+    let mut grants = Vec::new();
+    for w in waiters {
+        grants.push(w.await.unwrap().expect("every waiter is granted"));
+    }
+    grants.sort();
+    let tokens: Vec<u64> = grants.iter().map(|g| g.1).collect();
+    assert!(
+        tokens.windows(2).all(|w| w[0] < w[1]),
+        "tokens increase in grant order: {tokens:?}"
+    );
+    let last = grants.last().unwrap().0 - released_at;
+    eprintln!("12 waiters granted in turn within {last:?} of the release");
+}
+
+fn pg_probe(pool: &PgPool) -> Probe {
+    let pool = pool.clone();
+    Box::new(move || {
+        let pool = pool.clone();
+        Box::pin(async move {
+            sqlx::query("SELECT 1").execute(&pool).await.unwrap();
+        })
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiters_leave_room_advisory() {
+    let pool = admin(4).await;
+    let locks = Locks::new(Advisory::new(pool.clone()));
+    waiters_leave_room_in_the_pool(locks, pg_probe(&pool), false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiters_leave_room_postgres_lease() {
+    let pool = admin(4).await;
+    let locks = Locks::new(Lease::new(pool.clone()));
+    waiters_leave_room_in_the_pool(locks, pg_probe(&pool), true).await;
+}
+
+async fn my_pool(max: u32) -> sqlx::MySqlPool {
+    let pool = sqlx::mysql::MySqlPoolOptions::new()
+        .max_connections(max)
+        .acquire_timeout(Duration::from_secs(20))
+        .connect(&common::mysql_url().await)
+        .await
+        .expect("connect to MySQL/MariaDB (DBLOCK_TEST_MYSQL_URL)");
+    dblock::mysql::migrate(&pool).await.expect("migrate");
+    pool
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiters_leave_room_mysql_lease() {
+    let pool = my_pool(4).await;
+    let locks = Locks::new(dblock::mysql::Lease::new(pool.clone()));
+    let probe: Probe = Box::new(move || {
+        let pool = pool.clone();
+        Box::pin(async move {
+            sqlx::query("SELECT 1").execute(&pool).await.unwrap();
+        })
+    });
+    waiters_leave_room_in_the_pool(locks, probe, true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiters_leave_room_sqlite_lease() {
+    let dir = std::env::temp_dir().join(common::unique("sqlite").replace(':', "_"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let options = sqlx::sqlite::SqliteConnectOptions::new()
+        .filename(dir.join("locks.db"))
+        .create_if_missing(true);
+    let pool = sqlx::sqlite::SqlitePoolOptions::new()
+        .max_connections(4)
+        .connect_with(options)
+        .await
+        .unwrap();
+    dblock::sqlite::migrate(&pool).await.unwrap();
+    let locks = Locks::new(dblock::sqlite::Lease::new(pool.clone()));
+    let probe: Probe = Box::new(move || {
+        let pool = pool.clone();
+        Box::pin(async move {
+            sqlx::query("SELECT 1").execute(&pool).await.unwrap();
+        })
+    });
+    waiters_leave_room_in_the_pool(locks, probe, true).await;
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+// ---- Bounded lease tables. ----
+
+/// 2,000 distinct names taken and released leave (almost) no rows a few
+/// seconds later; a name taken again gets a greater token.
+async fn ended_rows_are_swept(
+    locks: Locks,
+    rows: impl Fn(String) -> futures::future::BoxFuture<'static, i64>,
+) {
+    let prefix = common::unique("swept");
+    let first = format!("{prefix}:first");
+    let token = {
+        let g = locks.acquire(&first).await.unwrap();
+        let t = g.token();
+        g.release().await.unwrap();
+        t
+    };
+    let streams: Vec<_> = (0..8)
+        .map(|s| {
+            let locks = locks.clone();
+            let prefix = prefix.clone();
+            tokio::spawn(async move {
+                for i in 0..250 {
+                    let g = locks.acquire(format!("{prefix}:{s}:{i}")).await.unwrap();
+                    g.release().await.unwrap();
+                }
+            })
+        })
+        .collect();
+    for s in streams {
+        s.await.unwrap();
+    }
+    let like = format!("{prefix}:%");
+    let until = Instant::now() + Duration::from_secs(15);
+    let mut left = rows(like.clone()).await;
+    while left > 10 && Instant::now() < until {
+        sleep(Duration::from_millis(250)).await;
+        left = rows(like.clone()).await;
+    }
+    assert!(left <= 10, "{left} rows of 2,001 released leases are left");
+    let again = locks.acquire(&first).await.unwrap();
+    assert!(
+        again.token() > token,
+        "a swept name's token went back: {} after {token}",
+        again.token()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_lease_rows_are_swept() {
+    let pool = admin(8).await;
+    let locks = Locks::new(Lease::new(pool.clone()));
+    ended_rows_are_swept(locks, move |like| {
+        let pool = pool.clone();
+        Box::pin(async move {
+            sqlx::query_scalar("SELECT count(*) FROM dblock_leases WHERE name LIKE $1")
+                .bind(like)
+                .fetch_one(&pool)
+                .await
+                .unwrap()
+        })
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_lease_rows_are_swept() {
+    let dir = std::env::temp_dir().join(common::unique("sqlite-swept").replace(':', "_"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let lease = dblock::sqlite::Lease::open(dir.join("locks.db"))
+        .await
+        .unwrap();
+    let pool = lease.pool().clone();
+    ended_rows_are_swept(Locks::new(lease), move |like| {
+        let pool = pool.clone();
+        Box::pin(async move {
+            sqlx::query_scalar("SELECT count(*) FROM dblock_leases WHERE name LIKE ?1")
+                .bind(like)
+                .fetch_one(&pool)
+                .await
+                .unwrap()
+        })
+    })
+    .await;
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+// ---- No lease handed out past its local deadline. ----
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_slower_than_the_margin_is_given_back() {
+    // A pool of one, kept busy by the application for 1.5 s: a lease of 1 s
+    // (local deadline 0.8 s after the claim was sent) is claimed too late.
+    let pool = admin(1).await;
+    let locks = Locks::new(Lease::new(pool.clone()));
+    let name = common::unique("late-claim");
+    let ttl = Duration::from_secs(1);
+
+    let busy = pool.acquire().await.unwrap();
+    let free_at = Instant::now() + Duration::from_millis(1500);
+    let hog = tokio::spawn(async move {
+        tokio::time::sleep_until(free_at).await;
+        drop(busy);
+    });
+    // Within a wait of 5 s: the late lease is given back and claimed again.
+    let guard = locks
+        .acquire(&name)
+        .ttl(ttl)
+        .wait(Duration::from_secs(5))
+        .await
+        .expect("granted on a second claim");
+    hog.await.unwrap();
+    sleep(Duration::from_millis(100)).await;
+    assert!(!guard.is_lost(), "the guard handed out is a live lease");
+    let now: chrono::DateTime<chrono::Utc> = sqlx::query_scalar("SELECT clock_timestamp()")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    let left = guard.expires_at().unwrap() - now;
+    assert!(
+        left > chrono::Duration::milliseconds(600),
+        "the lease has {left} left"
+    );
+    // The given-back claim took a token too: the guard's is a later one.
+    let info = locks.inspect(&name).await.unwrap().unwrap();
+    assert_eq!(info.token, Some(guard.token()));
+    guard.release().await.unwrap();
+
+    // With no time left to try again, the attempt is reported, and the
+    // name is free (nothing was kept).
+    let busy = pool.acquire().await.unwrap();
+    let hog = tokio::spawn(async move {
+        sleep(Duration::from_millis(1500)).await;
+        drop(busy);
+    });
+    let late = locks
+        .acquire(&name)
+        .ttl(ttl)
+        .wait(Duration::from_millis(500))
+        .await;
+    assert!(
+        matches!(late, Err(Error::Lost { .. })),
+        "expected Error::Lost, got {late:?}"
+    );
+    hog.await.unwrap();
+    assert!(locks.inspect(&name).await.unwrap().is_none());
+}
+
+// ---- MySQL/MariaDB: lock_in_tx leaves no settings behind. ----
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_lock_in_tx_leaves_the_connection_as_it_was() {
+    let other = my_pool(2).await;
+    let one = my_pool(1).await;
+    let name = common::unique("lock-in-tx-cancel");
+    let (default_wait,): (u64,) = sqlx::query_as("SELECT @@SESSION.innodb_lock_wait_timeout")
+        .fetch_one(&one)
+        .await
+        .unwrap();
+    // Another transaction holds the name.
+    let mut holder = other.begin().await.unwrap();
+    dblock::mysql::lock_in_tx(&mut holder, &name).await.unwrap();
+    // A bounded wait, dropped half-way.
+    let mut tx = one.begin().await.unwrap();
+    let cut = tokio::time::timeout(
+        Duration::from_millis(500),
+        dblock::mysql::lock_in_tx_with(&mut tx, &name, Wait::For(Duration::from_secs(3))),
+    )
+    .await;
+    assert!(cut.is_err(), "the wait was cut short by the test");
+    drop(tx);
+    holder.rollback().await.unwrap();
+    // The same (only) connection: its settings are as before.
+    let (wait, var): (u64, Option<u64>) =
+        sqlx::query_as("SELECT @@SESSION.innodb_lock_wait_timeout, @dblock_lock_wait")
+            .fetch_one(&one)
+            .await
+            .unwrap();
+    assert_eq!(
+        wait, default_wait,
+        "innodb_lock_wait_timeout was left changed"
+    );
+    assert_eq!(var, None, "a user variable was left behind");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_statement_time_does_not_cut_lock_in_tx_short() {
+    // A server (here: every session of this pool) that limits statements
+    // to 300 ms, as MariaDB's max_statement_time does.
+    let url = common::mysql_url().await;
+    let limited = sqlx::mysql::MySqlPoolOptions::new()
+        .max_connections(2)
+        .after_connect(|conn, _| {
+            Box::pin(async move {
+                sqlx::query("SET SESSION max_statement_time = 0.3")
+                    .execute(conn)
+                    .await?;
+                Ok(())
+            })
+        })
+        .connect(&url)
+        .await
+        .expect("connect to MariaDB (DBLOCK_TEST_MYSQL_URL)");
+    let other = my_pool(2).await;
+    let name = common::unique("lock-in-tx-statement-time");
+    let mut holder = other.begin().await.unwrap();
+    dblock::mysql::lock_in_tx(&mut holder, &name).await.unwrap();
+    let commit = tokio::spawn(async move {
+        sleep(Duration::from_secs(1)).await;
+        holder.commit().await.unwrap();
+    });
+    let mut tx = limited.begin().await.unwrap();
+    let started = Instant::now();
+    let token =
+        dblock::mysql::lock_in_tx_with(&mut tx, &name, Wait::For(Duration::from_secs(3))).await;
+    assert!(
+        matches!(token, Ok(Some(_))),
+        "expected the lock, got {token:?}"
+    );
+    assert!(started.elapsed() >= Duration::from_millis(900));
+    tx.commit().await.unwrap();
+    commit.await.unwrap();
+}
+
+// ---- No tracing under an internal lock. ----
+
+/// A subscriber that calls back into dblock on every event, as a metrics
+/// or audit layer might.
+struct CallsBack(
+    dblock::memory::Memory,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+);
+
+impl tracing::Subscriber for CallsBack {
+    fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
+        true
+    }
+    fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+        tracing::span::Id::from_u64(1)
+    }
+    fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+    fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+    fn event(&self, _: &tracing::Event<'_>) {
+        // Takes the backend's renewal registry lock.
+        let _ = self.0.renewal_stats();
+        self.1.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+    fn enter(&self, _: &tracing::span::Id) {}
+    fn exit(&self, _: &tracing::span::Id) {}
+}
+
+#[test]
+fn a_subscriber_that_calls_dblock_does_not_deadlock() {
+    let memory = dblock::memory::Memory::new();
+    let events = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let subscriber = CallsBack(memory.clone(), events.clone());
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _default = tracing::subscriber::set_default(subscriber);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let locks = Locks::new(memory.clone());
+            let guard = locks
+                .acquire("callback")
+                .ttl(Duration::from_millis(300))
+                .await
+                .unwrap();
+            // Broken behind its back: the next renewal finds it gone and
+            // marks it lost, which logs a warning.
+            assert!(locks.force_release("callback").await.unwrap());
+            tokio::time::timeout(Duration::from_secs(5), guard.lost())
+                .await
+                .expect("the guard reports lost");
+            sleep(Duration::from_millis(100)).await;
+        });
+        done_tx.send(()).unwrap();
+    });
+    done_rx
+        .recv_timeout(Duration::from_secs(20))
+        .expect("a subscriber calling back into dblock deadlocked it");
+    assert!(
+        events.load(std::sync::atomic::Ordering::Relaxed) > 0,
+        "the warning was logged"
+    );
+}
