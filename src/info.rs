@@ -6,7 +6,11 @@ use crate::LockMode;
 
 /// A lock as the database sees it now, from [`Locks::inspect`](crate::Locks::inspect)
 /// or [`Locks::list`](crate::Locks::list).
+///
+/// With the `serde` feature it is `Serialize`: times as RFC 3339 strings,
+/// the mode as `"exclusive"` or `"shared"`, absent values as `null`.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 #[non_exhaustive]
 pub struct LockInfo {
     /// The lock's name. `None` for an advisory lock seen in `pg_locks` that no
@@ -28,6 +32,11 @@ pub struct LockInfo {
     pub mode: LockMode,
     /// How many holders share it (1 for an exclusive lock).
     pub holders: u32,
+    /// How many sessions are waiting for it, where the database shows them
+    /// (PostgreSQL advisory locks: the ungranted `pg_locks` entries of
+    /// sessions blocked in `pg_advisory_lock`); `None` where it cannot
+    /// (lease backends, whose waiters poll or sleep between attempts).
+    pub waiters: Option<u32>,
 }
 
 impl LockInfo {
@@ -42,6 +51,7 @@ impl LockInfo {
             expires_at: None,
             mode,
             holders: 1,
+            waiters: None,
         }
     }
 }

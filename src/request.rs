@@ -7,6 +7,8 @@ use crate::{Error, Result};
 
 /// Whether a lock excludes everyone or only writers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "lowercase"))]
 pub enum LockMode {
     /// One holder at a time.
     Exclusive,

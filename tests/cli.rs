@@ -6,7 +6,11 @@
 #![cfg(feature = "cli")]
 
 mod common;
+#[allow(dead_code)]
+#[path = "torture/proxy.rs"]
+mod proxy;
 
+use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Output, Stdio};
 use std::time::{Duration, Instant};
@@ -158,6 +162,10 @@ impl Db {
 fn dblock_in(dir: &Path) -> Command {
     let mut cmd = Command::new(BIN);
     cmd.env_remove("DATABASE_URL")
+        .env_remove("DBLOCK_URL")
+        // The default SQLite file lives in the state directory: keep
+        // tests' defaults in their scratch directory.
+        .env("XDG_STATE_HOME", dir.join("state"))
         .current_dir(dir)
         .stdin(Stdio::null())
         .kill_on_drop(true);
@@ -232,38 +240,49 @@ fn assert_code(out: &Output, expected: i32) {
     );
 }
 
+/// dblock ended by `sig` (re-raised after its cleanup).
+#[track_caller]
+fn assert_killed_by(out: &Output, sig: Signal) {
+    assert_eq!(
+        out.status.signal(),
+        Some(sig as i32),
+        "dblock should have ended by {sig}: {:?}\nstdout: {}\nstderr: {}",
+        out.status,
+        stdout(out),
+        stderr(out)
+    );
+}
+
 fn signal(child: &Child, sig: Signal) {
     let pid = child.id().expect("still running") as i32;
     kill(Pid::from_raw(pid), sig).expect("signal dblock");
 }
 
-/// Generates one test per backend for each scenario.
+/// Generates one test per backend for each scenario. The backends are
+/// listed once, here: a new one is one more `test_name Variant` pair.
 macro_rules! per_backend {
-    ($($scenario:ident),* $(,)?) => {$(
+    ($($scenario:ident),* $(,)?) => {
+        per_backend!(@each [
+            postgres_advisory PgAdvisory,
+            postgres_lease PgLease,
+            mysql_lease MysqlLease,
+            sqlite_lease SqliteLease
+        ] $($scenario)*);
+    };
+    (@each $backends:tt $($scenario:ident)*) => {
+        $(per_backend!(@one $scenario $backends);)*
+    };
+    (@one $scenario:ident [$($test:ident $variant:ident),*]) => {
         mod $scenario {
             use super::*;
-
-            #[tokio::test]
-            async fn postgres_advisory() {
-                super::$scenario(Db::new(Backend::PgAdvisory).await).await
-            }
-
-            #[tokio::test]
-            async fn postgres_lease() {
-                super::$scenario(Db::new(Backend::PgLease).await).await
-            }
-
-            #[tokio::test]
-            async fn mysql_lease() {
-                super::$scenario(Db::new(Backend::MysqlLease).await).await
-            }
-
-            #[tokio::test]
-            async fn sqlite_lease() {
-                super::$scenario(Db::new(Backend::SqliteLease).await).await
-            }
+            $(
+                #[tokio::test]
+                async fn $test() {
+                    super::$scenario(Db::new(Backend::$variant).await).await
+                }
+            )*
         }
-    )*};
+    };
 }
 
 per_backend!(
@@ -275,6 +294,13 @@ per_backend!(
     status_list_and_release,
     migrate_is_idempotent,
     schema_is_created_on_first_use,
+    sigkill_of_dblock_kills_the_command,
+    death_of_the_supervisor_kills_the_command,
+    black_holed_connection_stops_a_stubborn_command_in_time,
+    flock_flags,
+    signals_are_re_raised,
+    list_and_status_show_waiters_and_backend,
+    job_control_stops_and_resumes,
 );
 
 /// 8 concurrent `dblock run` on one name: the commands' start and end
@@ -342,8 +368,21 @@ async fn command_status_and_environment(db: Db) {
         .unwrap_or_else(|| panic!("no token in {:?}", stdout(&out)));
     assert!(token > 0);
 
-    let out = output(&mut db.run(&name, &[], "exit 0")).await;
+    // What the command leaves running in its group is killed before the
+    // lock is released.
+    let bg = db.path("bg");
+    let out = output(
+        db.run(&name, &[], r#"sleep 300 & echo $! > "$BG"; exit 0"#)
+            .env("BG", &bg),
+    )
+    .await;
     assert_code(&out, 0);
+    let bg: i32 = std::fs::read_to_string(&bg)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    wait_dead(bg, Duration::from_millis(200)).await;
     let out = output(&mut db.run(&name, &[], "kill -KILL $$")).await;
     assert_code(&out, 128 + 9);
 
@@ -387,7 +426,7 @@ async fn held_lock_exits_75(db: Db) {
     assert!(started.elapsed() >= Duration::from_millis(1500));
 
     signal(&holder, Signal::SIGTERM);
-    assert_code(&finish(holder).await, 128 + 15);
+    assert_killed_by(&finish(holder).await, Signal::SIGTERM);
 }
 
 /// SIGTERM and SIGINT reach the command; the lock is released after it
@@ -416,7 +455,7 @@ async fn signals_are_forwarded(db: Db) {
     tokio::time::sleep(Duration::from_millis(500)).await;
     signal(&waiter, Signal::SIGINT);
     let out = finish(waiter).await;
-    assert_code(&out, 128 + 2);
+    assert_killed_by(&out, Signal::SIGINT);
     assert!(!stdout(&out).contains("ran"));
 
     signal(&holder, Signal::SIGTERM);
@@ -433,7 +472,7 @@ async fn signals_are_forwarded(db: Db) {
         .hold(&name, &[], r#"echo > "$READY"; exec sleep 60"#)
         .await;
     signal(&holder, Signal::SIGINT);
-    assert_code(&finish(holder).await, 128 + 2);
+    assert_killed_by(&finish(holder).await, Signal::SIGINT);
     assert_code(
         &output(&mut db.run(&name, &["--no-wait"], "exit 0")).await,
         0,
@@ -502,7 +541,7 @@ async fn status_list_and_release(db: Db) {
     assert!(stderr(&out).contains("--force"), "{}", stderr(&out));
 
     signal(&holder, Signal::SIGTERM);
-    assert_code(&finish(holder).await, 128 + 15);
+    assert_killed_by(&finish(holder).await, Signal::SIGTERM);
 
     let out = output(db.dblock().args(["status", &name])).await;
     assert_code(&out, 1);
@@ -566,42 +605,143 @@ async fn shared_locks_coexist_on_advisory() {
         75,
     );
     signal(&holder, Signal::SIGTERM);
-    assert_code(&finish(holder).await, 128 + 15);
+    assert_killed_by(&finish(holder).await, Signal::SIGTERM);
 }
 
-/// A command that ignores SIGTERM gets SIGKILL after --kill-after.
+/// A command that ignores SIGTERM gets SIGKILL after --kill-after when
+/// that is shorter than the cut (a tenth of the ttl), and after the cut
+/// when --kill-after is longer.
 #[tokio::test]
-async fn kill_after_escalates_to_sigkill() {
+async fn kill_after_escalates_to_sigkill_within_the_margin() {
+    let db = Db::new(Backend::SqliteLease).await;
+    for (kill_after, ttl, least, most) in [
+        ("100ms", "3s", 100, 1_500),
+        // A tenth of the 10 s ttl, not the hour asked for.
+        ("1h", "10s", 1_000, 3_000),
+    ] {
+        let name = common::unique("stubborn");
+        let ready = db.path(&format!("ready-{}", rand_suffix()));
+        let mut cmd = db.dblock();
+        cmd.args(["run", &name, "--kill-after", kill_after, "--ttl", ttl])
+            .args(["--", "sh", "-c"])
+            .arg(r#"trap '' TERM; echo > "$READY"; while :; do sleep 0.05; done"#)
+            .env("READY", &ready)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let holder = cmd.spawn().expect("start dblock");
+        wait_for_file(&ready).await;
+        assert_code(
+            &output(db.dblock().args(["release", &name, "--force"])).await,
+            0,
+        );
+        let broken = Instant::now();
+        let out = finish(holder).await;
+        let took = broken.elapsed();
+        assert_code(&out, 76);
+        assert!(stderr(&out).contains("SIGKILL"), "{}", stderr(&out));
+        // The loss is seen at the next renewal (a third of the ttl).
+        let renewal = humantime::parse_duration(ttl).unwrap() / 3;
+        assert!(
+            took >= Duration::from_millis(least) && took <= renewal + Duration::from_millis(most),
+            "--kill-after {kill_after} --ttl {ttl}: stopped {took:?} after the break"
+        );
+    }
+}
+
+/// An advisory lock is free as soon as its loss is seen: the command gets
+/// SIGKILL right after SIGTERM, whatever --kill-after says.
+#[tokio::test]
+async fn advisory_loss_kills_at_once() {
     let db = Db::new(Backend::PgAdvisory).await;
     let name = common::unique("stubborn");
     let holder = db
         .hold(
             &name,
-            &["--kill-after", "1s"],
-            r#"trap '' TERM; echo > "$READY"; while :; do sleep 0.1; done"#,
+            &["--kill-after", "1h"],
+            r#"trap '' TERM; echo > "$READY"; while :; do sleep 0.05; done"#,
         )
         .await;
-    let started = Instant::now();
     assert_code(
         &output(db.dblock().args(["release", &name, "--force"])).await,
         0,
     );
+    let broken = Instant::now();
     let out = finish(holder).await;
     assert_code(&out, 76);
-    assert!(stderr(&out).contains("SIGKILL"), "{}", stderr(&out));
-    assert!(started.elapsed() >= Duration::from_secs(1));
+    // Noticed within the CLI's 1 s heartbeat (plus load), then killed.
+    assert!(
+        broken.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        broken.elapsed()
+    );
 }
 
-/// Without a URL, dblock keeps its locks in `dblock.db` in the current
-/// directory, created with its schema on first use.
+/// Without a URL, dblock keeps its locks in `dblock/dblock.db` under the
+/// state directory ($XDG_STATE_HOME, else ~/.local/state), wherever it is
+/// run from, and says on a terminal that the lock is for this machine only.
 #[tokio::test]
-async fn default_database_is_sqlite_in_current_directory() {
+async fn default_database_is_sqlite_in_the_state_directory() {
     let dir = scratch_dir();
+    let elsewhere = scratch_dir();
     let out = output(dblock_in(&dir).args(["run", "job", "--", "true"])).await;
     assert_code(&out, 0);
-    assert!(dir.join("dblock.db").exists());
-    let out = output(dblock_in(&dir).args(["status", "job"])).await;
-    assert_code(&out, 1);
+    assert!(dir.join("state/dblock/dblock.db").exists());
+    assert!(
+        !dir.join("dblock.db").exists(),
+        "not in the current directory"
+    );
+    // No terminal on stdin: no notice.
+    assert!(!stderr(&out).contains("this machine"), "{}", stderr(&out));
+
+    // Another directory, the same state directory: the same lock.
+    let holder = {
+        let ready = dir.join("ready");
+        let mut cmd = dblock_in(&dir);
+        cmd.args(["run", "job", "--", "sh", "-c"])
+            .arg(r#"echo > "$READY"; exec sleep 60"#)
+            .env("READY", &ready)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let child = cmd.spawn().expect("start dblock");
+        wait_for_file(&ready).await;
+        child
+    };
+    let mut cmd = dblock_in(&elsewhere);
+    cmd.env("XDG_STATE_HOME", dir.join("state"))
+        .args(["run", "job", "-n", "--", "true"]);
+    assert_code(&output(&mut cmd).await, 75);
+    signal(&holder, Signal::SIGTERM);
+    assert_killed_by(&finish(holder).await, Signal::SIGTERM);
+
+    // Without XDG_STATE_HOME: ~/.local/state.
+    let mut cmd = dblock_in(&dir);
+    cmd.env_remove("XDG_STATE_HOME")
+        .env("HOME", &elsewhere)
+        .args(["run", "job", "--", "true"]);
+    assert_code(&output(&mut cmd).await, 0);
+    assert!(elsewhere.join(".local/state/dblock/dblock.db").exists());
+
+    // On a terminal, one line says the lock is for this machine only.
+    let out = in_terminal(&dir, &format!("{BIN} run job -- true")).await;
+    assert!(
+        out.contains("excludes only on this machine") && out.contains("state/dblock/dblock.db"),
+        "{out}"
+    );
+}
+
+/// Runs a shell command line with a terminal (a pseudo-terminal from
+/// script(1)) as its stdin, stdout and stderr, and returns what it printed.
+async fn in_terminal(dir: &Path, line: &str) -> String {
+    let mut cmd = Command::new("script");
+    cmd.args(["-qec", line, "/dev/null"])
+        .env_remove("DATABASE_URL")
+        .env_remove("DBLOCK_URL")
+        .env("XDG_STATE_HOME", dir.join("state"))
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
+    let out = output(&mut cmd).await;
+    format!("{}{}", stdout(&out), stderr(&out))
 }
 
 /// Usage errors exit 64 without touching a database.
@@ -639,6 +779,10 @@ async fn usage_errors_exit_64() {
         &["--url", "redis://127.0.0.1:1/0", "list"],
         &["--url", unreachable, "release", "x"],
         &["status"],
+        &["run", "x", "-n", "-w", "1s", "--", "true"],
+        &["run", "x", "-c", "true", "--", "true"],
+        &["run", "x", "-c"],
+        &["run", "x", "-E"],
     ];
     for args in cases {
         let out = output(dblock_in(&dir).args(*args)).await;
@@ -647,9 +791,11 @@ async fn usage_errors_exit_64() {
     }
 }
 
-/// Bad names and durations exit 65, before any connection is tried.
+/// Bad names, durations and numbers exit 64 with a message saying what is
+/// allowed, before any connection is tried (the URL is unreachable), on
+/// every kind of URL; nothing panics.
 #[tokio::test]
-async fn invalid_names_and_durations_exit_65() {
+async fn invalid_names_durations_and_numbers_exit_64() {
     let dir = scratch_dir();
     let long = "n".repeat(256);
     let cases: &[&[&str]] = &[
@@ -657,20 +803,54 @@ async fn invalid_names_and_durations_exit_65() {
         &["run", &long, "--", "true"],
         &["run", "x", "--ttl", "banana", "--", "true"],
         &["run", "x", "--ttl", "1ms", "--", "true"],
+        &["run", "x", "--ttl", "367days", "--", "true"],
+        &["run", "x", "--ttl", "300000000000y", "--", "true"],
         &["run", "x", "--wait", "5 parsecs", "--", "true"],
         &["run", "x", "--wait", "1000years", "--", "true"],
+        &["run", "x", "-w", "300000000000y", "--", "true"],
+        &["run", "x", "--timeout", "-1s", "--", "true"],
         &["run", "x", "--kill-after", "10", "--", "true"],
+        &["run", "x", "--kill-after", "300000000000y", "--", "true"],
+        &["run", "x", "--kill-after", "2h", "--", "true"],
+        &["run", "x", "-E", "256", "--", "true"],
+        &["run", "x", "-E", "-1", "--", "true"],
+        &["run", "x", "--conflict-exit-code", "seven", "--", "true"],
         &["status", ""],
         &["release", &long, "--force"],
         &["--connect-timeout", "soon", "list"],
+        &["--connect-timeout", "300000000000y", "list"],
+        &["--connect-timeout", "1ms", "list"],
     ];
-    for args in cases {
-        let mut cmd = dblock_in(&dir);
-        cmd.args(["--url", "postgres://u@127.0.0.1:1/db"])
-            .args(*args);
-        let out = output(&mut cmd).await;
-        assert_eq!(code(&out), 65, "{args:?}: {}", stderr(&out));
+    for url in [
+        "postgres://u@127.0.0.1:1/db",
+        "mysql://u@127.0.0.1:1/db",
+        &format!("sqlite:{}", dir.join("never.db").display()),
+    ] {
+        for args in cases {
+            let mut cmd = dblock_in(&dir);
+            cmd.args(["--url", url]).args(*args);
+            let out = output(&mut cmd).await;
+            assert_eq!(code(&out), 64, "{url} {args:?}: {}", stderr(&out));
+            let err = stderr(&out);
+            assert!(
+                !err.is_empty() && !err.contains("panicked"),
+                "{url} {args:?}: {err}"
+            );
+        }
     }
+    assert!(!dir.join("never.db").exists(), "nothing written");
+    let out = output(dblock_in(&dir).args([
+        "--url",
+        "postgres://u@127.0.0.1:1/db",
+        "run",
+        "x",
+        "--kill-after",
+        "300000000000y",
+        "--",
+        "true",
+    ]))
+    .await;
+    assert!(stderr(&out).contains("0s to 1h"), "{}", stderr(&out));
 }
 
 /// An unreachable database exits 69, and its password is not printed.
@@ -793,7 +973,10 @@ async fn help_is_clear() {
         "status",
         "release",
         "DATABASE_URL",
-        "dblock.db",
+        "DBLOCK_URL",
+        ".local/state/dblock/dblock.db",
+        "this machine",
+        "never exclude each other",
         "postgres://",
         "mysql://",
         "sqlite:",
@@ -809,9 +992,19 @@ async fn help_is_clear() {
     for needle in [
         "-- <CMD>",
         "--ttl",
+        "-w, --timeout",
         "--wait",
+        "-n, --nonblock",
         "--no-wait",
-        "--shared",
+        "-E, --conflict-exit-code",
+        "-c, --command",
+        "sh -c",
+        "-s, --shared",
+        "supervisor",
+        "dblock dies",
+        "a tenth of the ttl",
+        "right after SIGTERM",
+        "this machine",
         "--backend",
         "--kill-after",
         "--url",
@@ -822,7 +1015,6 @@ async fn help_is_clear() {
         "30s",
         "5m",
         "64",
-        "65",
         "69",
         "75",
         "76",
@@ -856,4 +1048,713 @@ async fn help_is_clear() {
     assert!(migrate.contains("Idempotent"), "{migrate}");
     let version = help(&["--version"]).await;
     assert!(version.starts_with("dblock "), "{version}");
+}
+
+/// Whether a process runs (a zombie, waiting for its parent to reap it,
+/// runs no more).
+fn alive(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the command name in parentheses.
+        Ok(stat) => {
+            !matches!(stat.rsplit(") ").next(), Some(s) if s.starts_with('Z') || s.starts_with('X'))
+        }
+        Err(_) => false,
+    }
+}
+
+/// The parent of a process.
+fn parent_of(pid: i32) -> i32 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("process exists");
+    let after = stat.rsplit(") ").next().unwrap();
+    after.split(' ').nth(1).unwrap().parse().unwrap()
+}
+
+/// Waits until `pid` runs no more; how long that took.
+async fn wait_dead(pid: i32, limit: Duration) -> Duration {
+    let t = Instant::now();
+    while alive(pid) {
+        assert!(
+            t.elapsed() < limit,
+            "process {pid} still runs after {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    t.elapsed()
+}
+
+/// Nanoseconds since the epoch, as `date +%s%N` prints them.
+fn now_ns() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos()
+}
+
+/// A command for [`Db::start`] that records its pid in `$PIDFILE`, then a
+/// line `date +%s%N` to `$TICKS` every 20 ms, forever; with `stubborn`, it
+/// ignores SIGTERM.
+fn ticker(stubborn: bool) -> String {
+    format!(
+        r#"{}sleep 300 & echo $! > "$PIDFILE.bg"; echo $$ > "$PIDFILE"; echo > "$READY"; while :; do date +%s%N >> "$TICKS"; sleep 0.02; done"#,
+        if stubborn { "trap '' TERM; " } else { "" }
+    )
+}
+
+/// What a started ticker left behind.
+struct Ticker {
+    child: Child,
+    /// The command's pid.
+    pid: i32,
+    /// A process the command started in the background.
+    bg: i32,
+    ticks: PathBuf,
+}
+
+impl Ticker {
+    /// The last tick written.
+    fn last(&self) -> u128 {
+        std::fs::read_to_string(&self.ticks)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.trim().parse().ok())
+            .next_back()
+            .unwrap_or(0)
+    }
+}
+
+impl Db {
+    /// Starts `cmd` (a `dblock run` of [`ticker`]) and waits until it runs.
+    async fn start_ticker(&self, mut cmd: Command) -> Ticker {
+        let id = rand_suffix();
+        let (ready, pidfile, ticks) = (
+            self.path(&format!("ready-{id}")),
+            self.path(&format!("pid-{id}")),
+            self.path(&format!("ticks-{id}")),
+        );
+        cmd.env("READY", &ready)
+            .env("PIDFILE", &pidfile)
+            .env("TICKS", &ticks)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let child = cmd.spawn().expect("start dblock");
+        wait_for_file(&ready).await;
+        let read = |path: &Path| {
+            std::fs::read_to_string(path)
+                .unwrap()
+                .trim()
+                .parse()
+                .unwrap()
+        };
+        let pid = read(&pidfile);
+        let bg = read(&pidfile.with_extension("bg"));
+        Ticker {
+            child,
+            pid,
+            bg,
+            ticks,
+        }
+    }
+}
+
+/// `kill -9` of dblock: its command's group is killed at once (within two
+/// seconds), and the next holder, already waiting, starts only after the
+/// command's last sign of life.
+async fn sigkill_of_dblock_kills_the_command(db: Db) {
+    let name = common::unique("sigkill");
+    let holder = db.start_ticker(db.run(&name, &[], &ticker(false))).await;
+    let started = db.path("next-started");
+    let mut next = db.run(&name, &["-w", "60s"], r#"date +%s%N > "$STARTED""#);
+    next.env("STARTED", &started)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let next = next.spawn().expect("start the next holder");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    signal(&holder.child, Signal::SIGKILL);
+    let took = wait_dead(holder.pid, Duration::from_secs(2)).await;
+    wait_dead(holder.bg, Duration::from_secs(1)).await;
+    let out = finish(next).await;
+    assert_code(&out, 0);
+    let next_started: u128 = std::fs::read_to_string(&started)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let last = holder.last();
+    assert!(last > 0, "the command ticked");
+    assert!(
+        next_started > last,
+        "the next holder started {} ms before the killed holder's command last ticked",
+        (last - next_started) / 1_000_000
+    );
+    println!(
+        "{:?}: command dead {took:?} after dblock's SIGKILL",
+        db.backend
+    );
+}
+
+/// `kill -9` of the supervisor (the command's parent): dblock kills the
+/// command's group, releases the lock and exits 128+9.
+async fn death_of_the_supervisor_kills_the_command(db: Db) {
+    let name = common::unique("supervisor");
+    let holder = db.start_ticker(db.run(&name, &[], &ticker(true))).await;
+    let supervisor = parent_of(holder.pid);
+    assert_ne!(
+        supervisor,
+        holder.child.id().unwrap() as i32,
+        "a supervisor in between"
+    );
+    kill(Pid::from_raw(supervisor), Signal::SIGKILL).unwrap();
+    let out = finish(holder.child).await;
+    assert_code(&out, 128 + 9);
+    wait_dead(holder.pid, Duration::from_secs(2)).await;
+    wait_dead(holder.bg, Duration::from_secs(1)).await;
+    assert_code(&output(&mut db.run(&name, &["-n"], "exit 0")).await, 0);
+}
+
+/// The holder's connection is black-holed (a proxy stops forwarding; for
+/// SQLite, another process keeps the file locked) under a command that
+/// ignores SIGTERM and a --kill-after of an hour: dblock exits 76, and the
+/// command is dead while the lease is still valid by the database clock, so
+/// nobody else could have been granted the lock while it ran.
+async fn black_holed_connection_stops_a_stubborn_command_in_time(db: Db) {
+    let name = common::unique("blackhole");
+    let opts = ["--kill-after", "1h"];
+    match db.backend {
+        Backend::SqliteLease => {
+            let file = db.url.strip_prefix("sqlite:").unwrap().to_owned();
+            let holder = db.start_ticker(db.run(&name, &opts, &ticker(true))).await;
+            let mut conn = <sqlx::SqliteConnection as sqlx::Connection>::connect(&db.url)
+                .await
+                .expect("open the file");
+            sqlx::raw_sql("BEGIN EXCLUSIVE")
+                .execute(&mut conn)
+                .await
+                .unwrap();
+            let out = finish(holder.child).await;
+            let now_us = (now_ns() / 1000) as i64;
+            assert_code(&out, 76);
+            // SIGKILLed: it runs no user code any more, and is reaped soon.
+            wait_dead(holder.pid, Duration::from_millis(500)).await;
+            let expires: i64 =
+                sqlx::query_scalar("SELECT expires_at FROM dblock_leases WHERE name = ?")
+                    .bind(&name)
+                    .fetch_one(&mut conn)
+                    .await
+                    .unwrap();
+            assert!(
+                now_us < expires,
+                "{file}: the command was stopped {} ms after the lease ran out",
+                (now_us - expires) / 1000
+            );
+            sqlx::raw_sql("ROLLBACK").execute(&mut conn).await.unwrap();
+        }
+        _ => {
+            let (proxy, through) = proxy::Proxy::in_front_of(&db.url).await;
+            let mut cmd = db.run(&name, &opts, &ticker(true));
+            cmd.env("DATABASE_URL", through);
+            let holder = db.start_ticker(cmd).await;
+            // Checked on a direct connection, opened before the black hole.
+            let lease = LeaseCheck::open(&db).await;
+            let paused = Instant::now();
+            proxy.pause(0, true);
+            let out = finish(holder.child).await;
+            let valid = lease.still_valid(&name).await;
+            let took = paused.elapsed();
+            proxy.pause(0, false);
+            proxy.down(0, true);
+            assert_code(&out, 76);
+            // SIGKILLed: it runs no user code any more, and is reaped soon.
+            wait_dead(holder.pid, Duration::from_millis(500)).await;
+            assert!(
+                valid,
+                "{:?}: the command was stopped after its lease ran out\n{}",
+                db.backend,
+                stderr(&out)
+            );
+            if db.backend == Backend::PgAdvisory {
+                // A 1 s heartbeat, and 2 s for a statement to answer.
+                assert!(took < Duration::from_secs(6), "{took:?}");
+            }
+            println!("{:?}: stopped {took:?} after the black hole", db.backend);
+        }
+    }
+}
+
+/// A direct connection that tells whether a lease is still valid by the
+/// database clock.
+enum LeaseCheck {
+    Pg(sqlx::PgPool),
+    Mysql(sqlx::MySqlPool),
+    /// Advisory locks do not expire: the server keeps the lock while the
+    /// (black-holed) session lives.
+    NoExpiry,
+}
+
+impl LeaseCheck {
+    async fn open(db: &Db) -> LeaseCheck {
+        match db.backend {
+            Backend::PgLease => LeaseCheck::Pg(sqlx::PgPool::connect(&db.url).await.unwrap()),
+            Backend::MysqlLease => {
+                LeaseCheck::Mysql(sqlx::MySqlPool::connect(&db.url).await.unwrap())
+            }
+            _ => LeaseCheck::NoExpiry,
+        }
+    }
+
+    async fn still_valid(&self, name: &str) -> bool {
+        let (pg, my) = (
+            "SELECT expires_at > clock_timestamp() FROM dblock_leases WHERE name = $1",
+            "SELECT expires_at > UTC_TIMESTAMP(6) FROM dblock_leases WHERE name = ?",
+        );
+        match self {
+            LeaseCheck::Pg(pool) => sqlx::query_scalar(pg).bind(name).fetch_one(pool).await,
+            LeaseCheck::Mysql(pool) => sqlx::query_scalar(my).bind(name).fetch_one(pool).await,
+            LeaseCheck::NoExpiry => Ok(true),
+        }
+        .expect("read the lease")
+    }
+}
+
+/// flock(1)'s options: -n, -w, -E (the command's own 75 is not "busy"),
+/// -c, -s, and their long forms.
+async fn flock_flags(db: Db) {
+    let name = common::unique("flock");
+    // -c runs a command line through sh -c.
+    let mut cmd = db.dblock();
+    cmd.args([
+        "run",
+        &name,
+        "-c",
+        r#"echo "$DBLOCK_NAME" | tr a-z A-Z; exit 5"#,
+    ]);
+    let out = output(&mut cmd).await;
+    assert_code(&out, 5);
+    assert_eq!(stdout(&out).trim(), name.to_uppercase());
+    let mut cmd = db.dblock();
+    cmd.args(["run", &name, "--command", "exit 6"]);
+    assert_code(&output(&mut cmd).await, 6);
+    // The command's own 75, with -E, is not mistaken for "busy".
+    let out = output(&mut db.run(&name, &["-E", "200"], "exit 75")).await;
+    assert_code(&out, 75);
+
+    let holder = db
+        .hold(&name, &[], r#"echo > "$READY"; exec sleep 60"#)
+        .await;
+    for (opts, expected) in [
+        (&["-n"][..], 75),
+        (&["--nonblock"], 75),
+        (&["--no-wait"], 75),
+        (&["-n", "-E", "200"], 200),
+        (&["--nonblock", "--conflict-exit-code", "0"], 0),
+        (&["-n", "-q", "-E", "3"], 3),
+    ] {
+        let out = output(&mut db.run(&name, opts, "echo ran")).await;
+        assert_code(&out, expected);
+        assert!(!stdout(&out).contains("ran"), "{opts:?}");
+    }
+    for opts in [&["-w", "800ms"][..], &["--timeout", "800ms", "-E", "9"]] {
+        let started = Instant::now();
+        let out = output(&mut db.run(&name, opts, "echo ran")).await;
+        assert_code(&out, if opts.len() > 2 { 9 } else { 75 });
+        assert!(started.elapsed() >= Duration::from_millis(800), "{opts:?}");
+        assert!(!stdout(&out).contains("ran"));
+    }
+    if db.is_lease() {
+        // Leases are exclusive only: -s is refused, and nothing runs.
+        let out = output(&mut db.run(&name, &["-s"], "echo ran")).await;
+        assert_code(&out, 64);
+        assert!(stderr(&out).contains("shared"), "{}", stderr(&out));
+        assert!(!stdout(&out).contains("ran"));
+        signal(&holder, Signal::SIGTERM);
+        assert_killed_by(&finish(holder).await, Signal::SIGTERM);
+        return;
+    }
+    // -s: an exclusive holder keeps shared ones out too.
+    assert_code(
+        &output(&mut db.run(&name, &["-s", "-n"], "exit 0")).await,
+        75,
+    );
+    signal(&holder, Signal::SIGTERM);
+    assert_killed_by(&finish(holder).await, Signal::SIGTERM);
+
+    // -s holders run side by side; an exclusive one waits.
+    let shared = db
+        .hold(&name, &["-s"], r#"echo > "$READY"; exec sleep 60"#)
+        .await;
+    assert_code(
+        &output(&mut db.run(&name, &["--shared", "-n"], "exit 0")).await,
+        0,
+    );
+    assert_code(&output(&mut db.run(&name, &["-n"], "exit 0")).await, 75);
+    signal(&shared, Signal::SIGTERM);
+    assert_killed_by(&finish(shared).await, Signal::SIGTERM);
+}
+
+/// A command killed by SIGINT, SIGTERM, SIGHUP or SIGQUIT (sent to dblock
+/// and forwarded, or sent to the command directly) makes dblock end by the
+/// same signal, after the lock is released: a calling loop stops.
+async fn signals_are_re_raised(db: Db) {
+    let name = common::unique("reraise");
+    for sig in [
+        Signal::SIGINT,
+        Signal::SIGTERM,
+        Signal::SIGHUP,
+        Signal::SIGQUIT,
+    ] {
+        let holder = db.start_ticker(db.run(&name, &[], &ticker(false))).await;
+        signal(&holder.child, sig);
+        assert_killed_by(&finish(holder.child).await, sig);
+        assert!(!alive(holder.pid));
+        assert_code(&output(&mut db.run(&name, &["-n"], "exit 0")).await, 0);
+    }
+    // Killed directly (as a terminal's ^C reaches a foreground command).
+    let holder = db.start_ticker(db.run(&name, &[], &ticker(false))).await;
+    kill(Pid::from_raw(holder.pid), Signal::SIGINT).unwrap();
+    assert_killed_by(&finish(holder.child).await, Signal::SIGINT);
+    // A ^C to a shell loop around dblock (SIGINT to its process group, as
+    // a terminal sends it; the command, in a group of its own, gets it from
+    // dblock) stops the loop.
+    let backend = if db.backend == Backend::PgLease {
+        "--backend lease"
+    } else {
+        ""
+    };
+    let ready = db.path("loop-ready");
+    let script = format!(
+        r#"for i in 1 2 3; do echo "run $i"; "{BIN}" {backend} run "{name}" -- sh -c 'echo > "$READY"; exec sleep 60'; done; echo "loop went on""#
+    );
+    let mut bash = Command::new("bash");
+    bash.arg("-c")
+        .arg(&script)
+        .env("DATABASE_URL", &db.url)
+        .env("READY", &ready)
+        .env_remove("DBLOCK_URL")
+        .current_dir(&db.dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(true);
+    let bash = bash.spawn().expect("start bash");
+    wait_for_file(&ready).await;
+    nix::sys::signal::killpg(Pid::from_raw(bash.id().unwrap() as i32), Signal::SIGINT).unwrap();
+    let out = finish(bash).await;
+    assert!(
+        stdout(&out).contains("run 1")
+            && !stdout(&out).contains("run 2")
+            && !stdout(&out).contains("loop went on"),
+        "{}{}",
+        stdout(&out),
+        stderr(&out)
+    );
+    assert_code(&output(&mut db.run(&name, &["-n"], "exit 0")).await, 0);
+}
+
+/// In a terminal, ^C goes to the command's group only (dblock gave it the
+/// terminal); dblock passes it on to its own group, so a calling script's
+/// loop stops as it would around any command.
+#[tokio::test]
+async fn ctrl_c_in_a_terminal_stops_a_calling_loop() {
+    let dir = scratch_dir();
+    let url = format!("sqlite:{}", dir.join("locks.db").display());
+    let ready = dir.join("ready");
+    std::fs::write(
+        dir.join("loop.sh"),
+        format!(
+            r#"for i in 1 2 3; do echo "run $i"; "{BIN}" --url "{url}" run tty -- sh -c 'echo > "{ready}"; exec sleep 60'; done; echo "loop went on"
+"#,
+            ready = ready.display()
+        ),
+    )
+    .unwrap();
+    let mut cmd = Command::new("script");
+    cmd.args(["-qec", "bash loop.sh", "/dev/null"])
+        .env_remove("DATABASE_URL")
+        .env_remove("DBLOCK_URL")
+        .current_dir(&dir)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let mut child = cmd.spawn().expect("start script(1)");
+    wait_for_file(&ready).await;
+    let mut stdin = child.stdin.take().unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut stdin, b"\x03")
+        .await
+        .unwrap();
+    let out = finish(child).await;
+    drop(stdin);
+    let text = stdout(&out);
+    assert!(
+        text.contains("run 1") && !text.contains("run 2") && !text.contains("loop went on"),
+        "{text}{}",
+        stderr(&out)
+    );
+}
+
+/// `status` names the backend holding a name; `list` and `status` show
+/// waiters where the database shows them (PostgreSQL advisory locks).
+async fn list_and_status_show_waiters_and_backend(db: Db) {
+    let name = common::unique("waiters");
+    let holder = db
+        .hold(&name, &[], r#"echo > "$READY"; exec sleep 60"#)
+        .await;
+    let mut waiter = db.run(&name, &["-w", "60s"], "exit 0");
+    waiter.stdout(Stdio::piped()).stderr(Stdio::piped());
+    let waiter = waiter.spawn().expect("start waiter");
+    let backend = match db.backend {
+        Backend::PgAdvisory => "postgres-advisory",
+        Backend::PgLease => "postgres-lease",
+        Backend::MysqlLease => "mysql-lease",
+        Backend::SqliteLease => "sqlite-lease",
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let out = output(db.dblock().args(["status", &name, "--json"])).await;
+        assert_code(&out, 0);
+        let v: serde_json::Value = serde_json::from_str(&stdout(&out)).expect("JSON");
+        assert_eq!(v["backend"], backend, "{v}");
+        assert_eq!(v["held"], true, "{v}");
+        if db.backend != Backend::PgAdvisory {
+            assert_eq!(v["waiters"], serde_json::Value::Null, "{v}");
+            break;
+        }
+        if v["waiters"] == 1 {
+            let out = output(db.dblock().args(["list", "--json"])).await;
+            let all: serde_json::Value = serde_json::from_str(&stdout(&out)).expect("JSON");
+            let mine = all
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|l| l["key"] == dblock::advisory_key(&name))
+                .expect("listed");
+            assert_eq!(mine["waiters"], 1, "{mine}");
+            assert_eq!(mine["backend"], backend);
+            let out = output(db.dblock().args(["status", &name])).await;
+            assert!(stdout(&out).contains("waiters:  1"), "{}", stdout(&out));
+            break;
+        }
+        assert!(Instant::now() < deadline, "no waiter seen: {v}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let out = output(db.dblock().args(["status", &name])).await;
+    assert!(
+        stdout(&out).contains(&format!("backend:  {backend}")),
+        "{}",
+        stdout(&out)
+    );
+    signal(&holder, Signal::SIGTERM);
+    assert_killed_by(&finish(holder).await, Signal::SIGTERM);
+    assert_code(&finish(waiter).await, 0);
+}
+
+/// Advisory locks and leases of one name on one PostgreSQL database do not
+/// exclude each other; `status` shows both, names each backend, and warns.
+#[tokio::test]
+async fn mixed_backends_are_shown_by_status() {
+    let advisory = Db::new(Backend::PgAdvisory).await;
+    let lease = Db::new(Backend::PgLease).await;
+    let name = common::unique("mixed");
+    let a = advisory
+        .hold(&name, &[], r#"echo > "$READY"; exec sleep 60"#)
+        .await;
+    // Not excluded by the advisory lock: a different lock.
+    let l = lease
+        .hold(&name, &[], r#"echo > "$READY"; exec sleep 60"#)
+        .await;
+    for db in [&advisory, &lease] {
+        let out = output(db.dblock().args(["status", &name])).await;
+        assert_code(&out, 0);
+        let text = stdout(&out);
+        assert!(
+            text.contains("backend:  postgres-advisory")
+                && text.contains("backend:  postgres-lease")
+                && text.contains("do not exclude each other"),
+            "{text}"
+        );
+        let out = output(db.dblock().args(["status", &name, "--json"])).await;
+        let v: serde_json::Value = serde_json::from_str(&stdout(&out)).expect("JSON");
+        let first = if db.backend == Backend::PgAdvisory {
+            ("postgres-advisory", "postgres-lease")
+        } else {
+            ("postgres-lease", "postgres-advisory")
+        };
+        assert_eq!(v["backend"], first.0, "{v}");
+        assert_eq!(v["also"][0]["backend"], first.1, "{v}");
+    }
+    for holder in [a, l] {
+        signal(&holder, Signal::SIGTERM);
+        assert_killed_by(&finish(holder).await, Signal::SIGTERM);
+    }
+}
+
+/// In the foreground of a terminal, the command gets the terminal: it is in
+/// the terminal's foreground process group, and can read from it.
+#[tokio::test]
+async fn interactive_command_owns_the_terminal() {
+    let dir = scratch_dir();
+    let url = format!("sqlite:{}", dir.join("locks.db").display());
+    std::fs::write(
+        dir.join("fg.sh"),
+        r#"fg=$(ps -o tpgid= -p $$ | tr -d ' '); me=$(ps -o pgid= -p $$ | tr -d ' ')
+if [ "$fg" = "$me" ]; then echo FOREGROUND; else echo "BACKGROUND fg=$fg me=$me"; fi
+test -t 0 && echo TTY
+exit 0
+"#,
+    )
+    .unwrap();
+    let out = in_terminal(&dir, &format!("{BIN} --url {url} run tty -- sh fg.sh")).await;
+    assert!(out.contains("FOREGROUND") && out.contains("TTY"), "{out}");
+    // Without a terminal it runs in the background of nothing: no claim.
+    let out =
+        output(dblock_in(&dir).args(["--url", &url, "run", "tty", "--", "sh", "fg.sh"])).await;
+    assert_code(&out, 0);
+    assert!(!stdout(&out).contains("TTY"), "{}", stdout(&out));
+}
+
+/// The state letter of a process (`T` stopped, `S` sleeping, ...).
+fn state(pid: i32) -> char {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    stat.rsplit(") ")
+        .next()
+        .and_then(|s| s.chars().next())
+        .unwrap_or('?')
+}
+
+async fn wait_state(pid: i32, wanted: char) {
+    let t = Instant::now();
+    while state(pid) != wanted {
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "process {pid} is {:?}, not {wanted:?}",
+            state(pid)
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+fn ticks(t: &Ticker) -> usize {
+    count_lines(&t.ticks)
+}
+
+fn count_lines(path: &Path) -> usize {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .count()
+}
+
+/// A job-control stop of the command (SIGTSTP, as ^Z sends it) stops
+/// dblock too; SIGCONT to dblock (the shell's `fg`) checks the lock and
+/// continues the command. A lease that ran out meanwhile is found lost on
+/// resuming: the command is killed without running again, and dblock exits
+/// 76. A plain SIGSTOP of the command does not stop dblock.
+async fn job_control_stops_and_resumes(db: Db) {
+    let name = common::unique("jobs");
+    let holder = db.start_ticker(db.run(&name, &[], &ticker(false))).await;
+    let dblock = holder.child.id().unwrap() as i32;
+    kill(Pid::from_raw(holder.pid), Signal::SIGTSTP).unwrap();
+    wait_state(dblock, 'T').await;
+    kill(Pid::from_raw(dblock), Signal::SIGCONT).unwrap();
+    let before = ticks(&holder);
+    let t = Instant::now();
+    while ticks(&holder) <= before + 2 {
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "the command was not continued"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // SIGSTOP from elsewhere: dblock goes on (and keeps renewing).
+    kill(Pid::from_raw(holder.pid), Signal::SIGSTOP).unwrap();
+    wait_state(holder.pid, 'T').await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_ne!(state(dblock), 'T', "dblock stopped for a SIGSTOP");
+    kill(Pid::from_raw(holder.pid), Signal::SIGCONT).unwrap();
+    signal(&holder.child, Signal::SIGTERM);
+    assert_killed_by(&finish(holder.child).await, Signal::SIGTERM);
+
+    if !db.is_lease() {
+        return;
+    }
+    // Stopped for longer than the 3 s ttl.
+    let holder = db.start_ticker(db.run(&name, &[], &ticker(false))).await;
+    let dblock = holder.child.id().unwrap() as i32;
+    kill(Pid::from_raw(holder.pid), Signal::SIGTSTP).unwrap();
+    wait_state(dblock, 'T').await;
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    let before = ticks(&holder);
+    kill(Pid::from_raw(dblock), Signal::SIGCONT).unwrap();
+    let (pid, file) = (holder.pid, holder.ticks.clone());
+    let out = finish(holder.child).await;
+    assert_code(&out, 76);
+    assert!(!alive(pid));
+    // At most a tick already under way when it stopped.
+    assert!(
+        count_lines(&file) <= before + 1,
+        "the command ran on after the lease ran out"
+    );
+}
+
+/// On PostgreSQL `list` and `status` also look at the other mechanism; a
+/// user who may not read the lease table still gets the advisory locks,
+/// with a note saying what was not shown.
+#[tokio::test]
+async fn lease_table_out_of_reach_is_skipped() {
+    let db = Db::new(Backend::PgAdvisory).await;
+    assert_code(&output(db.dblock().arg("migrate")).await, 0);
+    let pool = sqlx::PgPool::connect(&db.url).await.expect("connect");
+    // A role of this test's own, with no right on dblock's tables.
+    sqlx::raw_sql(
+        "DO $$ BEGIN
+           IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'dblock_cli_no_leases') THEN
+             CREATE ROLE dblock_cli_no_leases LOGIN;
+           END IF;
+         END $$;
+         REVOKE ALL ON dblock_leases FROM dblock_cli_no_leases",
+    )
+    .execute(&pool)
+    .await
+    .expect("create the role");
+    let (scheme, rest) = db.url.split_once("://").unwrap();
+    let host = rest.rsplit_once('@').map_or(rest, |(_, h)| h);
+    let url = format!("{scheme}://dblock_cli_no_leases@{host}");
+
+    let name = common::unique("noleases");
+    let holder = db
+        .hold(&name, &[], r#"echo > "$READY"; exec sleep 60"#)
+        .await;
+    let mut cmd = dblock_in(&db.dir);
+    cmd.args(["--url", &url, "status", &name]);
+    let out = output(&mut cmd).await;
+    assert_code(&out, 0);
+    assert!(
+        stdout(&out).contains("backend:  postgres-advisory"),
+        "{}",
+        stdout(&out)
+    );
+    assert!(
+        stderr(&out).contains("not showing postgres-lease locks"),
+        "{}",
+        stderr(&out)
+    );
+    let mut cmd = dblock_in(&db.dir);
+    cmd.args(["--url", &url, "list", "--json"]);
+    let out = output(&mut cmd).await;
+    assert_code(&out, 0);
+    let v: serde_json::Value = serde_json::from_str(&stdout(&out)).expect("JSON");
+    assert!(
+        v.as_array()
+            .unwrap()
+            .iter()
+            .any(|l| l["key"] == dblock::advisory_key(&name)),
+        "{v}"
+    );
+    // The lease table is the chosen one: its error is the command's.
+    let mut cmd = dblock_in(&db.dir);
+    cmd.args(["--url", &url, "--backend", "lease", "list"]);
+    assert_code(&output(&mut cmd).await, 69);
+    signal(&holder, Signal::SIGTERM);
+    assert_killed_by(&finish(holder).await, Signal::SIGTERM);
 }

@@ -272,12 +272,12 @@ async fn bad_schedules_exit_64() {
         assert!(!stderr(&out).trim().is_empty(), "{args:?} says why");
     }
     assert!(!db.exists(), "nothing was written");
-    // A bad name is invalid data (65), as for `dblock run`.
+    // A bad name is a usage error (64), as for `dblock run`.
     let out = dblock(&dir, &url, &["--every", "2s", "", "--", "true"])
         .output()
         .await
         .unwrap();
-    assert_eq!(out.status.code(), Some(65), "{}", stderr(&out));
+    assert_eq!(out.status.code(), Some(64), "{}", stderr(&out));
 }
 
 /// Advisory locks cannot keep a slot past their holder: refused with 64

@@ -148,6 +148,57 @@ async fn psql_operator_and_dblock_exclude_each_other() {
     assert!(locks.try_acquire(&name).await.unwrap().is_some());
 }
 
+/// `inspect` and `list` count the sessions waiting for an advisory lock
+/// (ungranted `pg_locks` entries); a lock with only waiters is not listed.
+#[tokio::test]
+async fn waiters_are_counted() {
+    let f = fixture(WaitStrategy::Server).await;
+    let holder = suite::Fixture::locks(&f).await;
+    let name = common::unique("waiters");
+    let guard = holder.acquire(&name).await.unwrap();
+    let info = holder.inspect(&name).await.unwrap().expect("held");
+    assert_eq!(info.waiters, Some(0));
+
+    let mut waiting = Vec::new();
+    for _ in 0..2 {
+        let locks = suite::Fixture::locks(&f).await;
+        let name = name.clone();
+        waiting.push(tokio::spawn(async move {
+            let g = locks
+                .acquire(&name)
+                .wait(Duration::from_secs(30))
+                .await
+                .unwrap();
+            g.release().await.unwrap();
+        }));
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let info = holder.inspect(&name).await.unwrap().expect("held");
+        if info.waiters == Some(2) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "waiters: {:?}",
+            info.waiters
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let listed = holder.list().await.unwrap();
+    let mine = listed
+        .iter()
+        .find(|i| i.key == Some(advisory_key(&name)))
+        .expect("listed");
+    assert_eq!(mine.waiters, Some(2));
+    assert_eq!(mine.holders, 1, "waiters are not holders");
+    guard.release().await.unwrap();
+    for w in waiting {
+        w.await.unwrap();
+    }
+    assert!(holder.inspect(&name).await.unwrap().is_none());
+}
+
 /// Connections go back to the pool holding nothing: after many grants,
 /// releases, drops and cancellations on a pool of 2, no session holds the
 /// key and the pool still serves work.

@@ -1,8 +1,8 @@
 //! `dblock`: run commands under a distributed lock kept in your database.
 //!
 //! ```text
-//! dblock [--url URL] run NAME [--ttl DUR] [--wait DUR | --no-wait] [--shared]
-//!        [--backend advisory|lease] [--kill-after DUR] -- CMD [ARGS...]
+//! dblock [--url URL] run NAME [--ttl DUR] [-w DUR | -n] [-E N] [-s] [-q]
+//!        [--backend advisory|lease] [--kill-after DUR] (-c STRING | -- CMD [ARGS...])
 //! dblock [--url URL] cron (--every DUR | --cron EXPR) NAME [--ttl DUR]
 //!        [--kill-after DUR] [--allow-overlap] [--catch-up] -- CMD [ARGS...]
 //! dblock migrate
@@ -22,6 +22,8 @@ mod connect;
 mod cron;
 #[path = "dblock/exit.rs"]
 mod exit;
+#[path = "dblock/guarded.rs"]
+mod guarded;
 #[path = "dblock/lease.rs"]
 mod lease;
 #[path = "dblock/redact.rs"]
@@ -30,6 +32,8 @@ mod redact;
 mod report;
 #[path = "dblock/run.rs"]
 mod run;
+#[path = "dblock/supervisor.rs"]
+mod supervisor;
 
 use std::ffi::OsString;
 use std::process::ExitCode;
@@ -38,36 +42,66 @@ use std::time::Duration;
 use clap::Parser;
 
 use crate::args::{Cli, Command};
-use crate::exit::{CliResult, Failure};
+use crate::exit::{CliResult, Exit, Failure};
+
+/// The longest duration any option takes: 366 days, as the library.
+pub const MAX_DURATION: Duration = Duration::from_secs(366 * 24 * 3600);
 
 /// A line for stderr: prefixed, passwords masked.
 pub fn message(text: &str) -> String {
     redact::scrub(&format!("dblock: {text}"))
 }
 
-/// Parses a human duration (`30s`, `5m`, `1h30m`, `250ms`); 65 if invalid.
-pub fn parse_duration(option: &str, text: &str) -> CliResult<Duration> {
-    humantime::parse_duration(text.trim()).map_err(|e| {
-        Failure::data(format!(
-            "invalid duration {text:?} for {option}: {e} (write e.g. 30s, 5m, 1h30m, 250ms)"
+/// Parses a human duration (`30s`, `5m`, `1h30m`, `250ms`) that must lie in
+/// `min..=max`; 64 if it is invalid or out of range.
+pub fn parse_duration(
+    option: &str,
+    text: &str,
+    min: Duration,
+    max: Duration,
+) -> CliResult<Duration> {
+    let range = || {
+        format!(
+            "{} to {}",
+            humantime::format_duration(min),
+            humantime::format_duration(max)
+        )
+    };
+    let d = humantime::parse_duration(text.trim()).map_err(|e| {
+        Failure::usage(format!(
+            "invalid duration {text:?} for {option}: {e} (write e.g. 30s, 5m, 1h30m, 250ms; \
+             {} allowed)",
+            range()
         ))
-    })
+    })?;
+    if d < min || d > max {
+        return Err(Failure::usage(format!(
+            "duration {text:?} for {option} is out of range: {} allowed",
+            range()
+        )));
+    }
+    Ok(d)
 }
 
-/// Checks a lock name given on the command line; 65 if invalid.
+/// Checks a lock name given on the command line; 64 if invalid.
 pub fn parse_name(name: OsString) -> CliResult<String> {
     let name = name
         .into_string()
-        .map_err(|_| Failure::data("invalid lock name: it is not valid UTF-8"))?;
+        .map_err(|_| Failure::usage("invalid lock name: it is not valid UTF-8"))?;
     dblock::validate_name(&name)?;
     Ok(name)
 }
 
-async fn dispatch(cli: Cli) -> CliResult<u8> {
+async fn dispatch(cli: Cli) -> CliResult<Exit> {
     let mut target = connect::resolve(cli.global.url.as_deref(), cli.global.backend)?;
-    let timeout = parse_duration("--connect-timeout", &cli.global.connect_timeout)?;
-    match cli.command {
-        Command::Run(args) => run::run(target, timeout, args).await,
+    let timeout = parse_duration(
+        "--connect-timeout",
+        &cli.global.connect_timeout,
+        Duration::from_millis(100),
+        Duration::from_secs(3600),
+    )?;
+    let code = match cli.command {
+        Command::Run(args) => return run::run(target, timeout, args).await,
         Command::Cron(args) => {
             // A slot's claim must outlive dblock: on PostgreSQL, cron uses
             // the lease table unless advisory locks are asked for (which
@@ -81,14 +115,25 @@ async fn dispatch(cli: Cli) -> CliResult<u8> {
         Command::List { json } => report::list(target, timeout, json).await,
         Command::Status { name, json } => report::status(target, timeout, name, json).await,
         Command::Release { name, force } => report::release(target, timeout, name, force).await,
-    }
+        Command::Supervise(_) => unreachable!("handled before the runtime starts"),
+    };
+    code.map(Exit::Code)
+}
+
+/// Ends the process by `sig` (its default action), or with `128+sig` if
+/// that fails.
+fn die_by(sig: nix::sys::signal::Signal) -> ExitCode {
+    let _ = signal_hook::low_level::emulate_default_handler(sig as i32);
+    ExitCode::from(128u8.saturating_add(sig as i32 as u8))
 }
 
 fn main() -> ExitCode {
     // Remember every password in sight before anything can be printed,
     // clap's own messages included.
-    if let Ok(url) = std::env::var("DATABASE_URL") {
-        redact::remember(&url);
+    for var in ["DBLOCK_URL", "DATABASE_URL"] {
+        if let Ok(url) = std::env::var(var) {
+            redact::remember(&url);
+        }
     }
     for arg in std::env::args_os() {
         redact::remember(&arg.to_string_lossy());
@@ -107,6 +152,15 @@ fn main() -> ExitCode {
         }
     };
 
+    let mut cli = cli;
+    if let Command::Supervise(args) = cli.command {
+        return supervisor::main(args);
+    }
+    // $DATABASE_URL when neither --url nor $DBLOCK_URL gave one.
+    if cli.global.url.is_none() {
+        cli.global.url = std::env::var("DATABASE_URL").ok();
+    }
+
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -117,14 +171,28 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    let code = match runtime.block_on(dispatch(cli)) {
-        Ok(code) => code,
+    let exit = match runtime.block_on(dispatch(cli)) {
+        Ok(exit) => exit,
         Err(failure) => {
             if !failure.message.is_empty() {
                 eprintln!("{}", message(&failure.message));
             }
-            failure.code
+            match failure.signal {
+                Some(sig) => Exit::Signal(sig),
+                None => Exit::Code(failure.code),
+            }
         }
     };
-    ExitCode::from(code)
+    // Everything is released and closed before a signal is re-raised.
+    drop(runtime);
+    match exit {
+        Exit::Code(code) => ExitCode::from(code),
+        Exit::Signal(sig) => die_by(sig),
+        Exit::GroupSignal(sig) => {
+            // dblock's own handler is still in place: this reaches the
+            // others in the group (a calling script), then dblock ends.
+            let _ = nix::sys::signal::killpg(nix::unistd::getpgrp(), sig);
+            die_by(sig)
+        }
+    }
 }

@@ -437,16 +437,10 @@ async fn closed_port() -> u16 {
 /// Holds a lock through a proxy, then closes or black-holes the proxy: the
 /// guard must report itself lost, and release must answer, in bounded time.
 async fn mid_hold(ctl: &Endpoint, kind: Kind, run: &str, black_hole: bool) -> Result<(), String> {
-    let (hostport, with_port) = authority(&ctl.url);
-    let upstream = tokio::net::lookup_host(hostport.as_str())
-        .await
-        .unwrap()
-        .find(|a| a.is_ipv4())
-        .unwrap();
-    let proxy = Proxy::start(1, &[upstream]).await;
+    let (proxy, url) = Proxy::in_front_of(&ctl.url).await;
     let locks: Locks = Endpoint {
         kind,
-        url: with_port(proxy.port(0)),
+        url,
         app: format!("dblock-torture-midhold-{run}"),
     }
     .locks()

@@ -34,6 +34,8 @@ mod check;
 mod events;
 mod proxy;
 mod schedule;
+
+pub use proxy::authority;
 mod storm;
 mod target;
 mod torture;
@@ -105,18 +107,6 @@ pub async fn direct(kind: Kind, dir: &std::path::Path, app: &str) -> Endpoint {
         url,
         app: app.to_owned(),
     }
-}
-
-/// `host:port` of a server URL, and the URL with another port on 127.0.0.1.
-pub fn authority(url: &str) -> (String, impl Fn(u16) -> String + '_) {
-    let start = url.find("://").map_or(0, |i| i + 3);
-    let end = url[start..].find('/').map_or(url.len(), |i| start + i);
-    let auth = &url[start..end];
-    let host_start = auth.rfind('@').map_or(start, |i| start + i + 1);
-    let hostport = url[host_start..end].to_owned();
-    let with_port =
-        move |port: u16| format!("{}127.0.0.1:{port}{}", &url[..host_start], &url[end..]);
-    (hostport, with_port)
 }
 
 /// One named check's outcome, printed at the end.

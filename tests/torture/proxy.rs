@@ -166,3 +166,31 @@ async fn pump(mut from: OwnedReadHalf, mut to: OwnedWriteHalf, mut paused: watch
         }
     }
 }
+
+/// `host:port` of a server URL, and the URL with another port on 127.0.0.1.
+pub fn authority(url: &str) -> (String, impl Fn(u16) -> String + '_) {
+    let start = url.find("://").map_or(0, |i| i + 3);
+    let end = url[start..].find('/').map_or(url.len(), |i| start + i);
+    let auth = &url[start..end];
+    let host_start = auth.rfind('@').map_or(start, |i| start + i + 1);
+    let hostport = url[host_start..end].to_owned();
+    let with_port =
+        move |port: u16| format!("{}127.0.0.1:{port}{}", &url[..host_start], &url[end..]);
+    (hostport, with_port)
+}
+
+impl Proxy {
+    /// One slot in front of the server of `url` (a `postgres://` or
+    /// `mysql://` URL), and the same URL through the proxy.
+    pub async fn in_front_of(url: &str) -> (Proxy, String) {
+        let (hostport, with_port) = authority(url);
+        let upstream = tokio::net::lookup_host(hostport.as_str())
+            .await
+            .expect("resolve the server")
+            .find(|a| a.is_ipv4())
+            .expect("an IPv4 address");
+        let proxy = Proxy::start(1, &[upstream]).await;
+        let through = with_port(proxy.port(0));
+        (proxy, through)
+    }
+}

@@ -17,8 +17,17 @@ use crate::exit::{CliResult, Failure};
 use crate::lease;
 use crate::redact::scrub;
 
-/// The SQLite file used when no URL is given.
-pub const DEFAULT_SQLITE_FILE: &str = "dblock.db";
+/// The SQLite file used when no URL is given: `dblock/dblock.db` in the
+/// user's state directory (`$XDG_STATE_HOME`, else `~/.local/state`). A
+/// fixed place, whatever the current directory, so that every `dblock run`
+/// of the user on this machine sees the same locks. `None` when the user
+/// has no home directory.
+pub fn default_sqlite_file() -> Option<PathBuf> {
+    dirs::state_dir().map(|dir| dir.join("dblock").join("dblock.db"))
+}
+
+/// How the default file is named in messages and help.
+pub const DEFAULT_SQLITE_SHOWN: &str = "~/.local/state/dblock/dblock.db";
 
 /// How often an advisory guard checks its session: a lock broken by an
 /// operator is noticed (and the command stopped) within about this long.
@@ -51,22 +60,45 @@ pub struct Target {
     pub shown: String,
 }
 
+impl Target {
+    /// Whether this is the default SQLite file (no URL given).
+    pub fn is_default(&self) -> bool {
+        self.url.is_none()
+    }
+}
+
+impl Kind {
+    /// The backend, as `status` and `list` name it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::PgAdvisory => "postgres-advisory",
+            Kind::PgLease => "postgres-lease",
+            Kind::MysqlLease => "mysql-lease",
+            Kind::SqliteLease => "sqlite-lease",
+        }
+    }
+}
+
 /// Works out the backend from the URL's scheme and `--backend`, without
 /// touching the database. Usage errors exit 64.
 pub fn resolve(url: Option<&str>, backend: Option<BackendKind>) -> CliResult<Target> {
     let url = url.filter(|u| !u.trim().is_empty());
     let Some(url) = url else {
         if backend == Some(BackendKind::Advisory) {
-            return Err(Failure::usage(
+            return Err(Failure::usage(format!(
                 "--backend advisory needs PostgreSQL: give a postgres:// URL with --url or \
-                 DATABASE_URL (without one, dblock uses a lease table in the SQLite file \
-                 dblock.db)",
-            ));
+                 DBLOCK_URL (without one, dblock uses a lease table in the SQLite file \
+                 {DEFAULT_SQLITE_SHOWN})"
+            )));
         }
+        let shown = match default_sqlite_file() {
+            Some(path) => format!("sqlite:{} (the default)", path.display()),
+            None => format!("sqlite:{DEFAULT_SQLITE_SHOWN} (the default)"),
+        };
         return Ok(Target {
             kind: Kind::SqliteLease,
             url: None,
-            shown: format!("sqlite:{DEFAULT_SQLITE_FILE} (the default)"),
+            shown,
         });
     };
     let shown = scrub(url);
@@ -173,7 +205,20 @@ pub async fn open(target: Target, app: &str, timeout: Duration) -> CliResult<Ses
                          processes can open too (sqlite:PATH)"
                     ))
                 })?,
-                None => PathBuf::from(DEFAULT_SQLITE_FILE),
+                None => {
+                    let path = default_sqlite_file().ok_or_else(|| {
+                        Failure::usage(
+                            "no home directory for the default SQLite file: give a database \
+                             URL with --url or DBLOCK_URL",
+                        )
+                    })?;
+                    if let Some(dir) = path.parent() {
+                        std::fs::create_dir_all(dir).map_err(|e| {
+                            Failure::unavailable(format!("cannot create {}: {e}", dir.display()))
+                        })?;
+                    }
+                    path
+                }
             };
             Db::Sqlite(lease::sqlite_open(&path).await.map_err(|f| {
                 if f.code == crate::exit::USAGE {
@@ -206,7 +251,27 @@ impl Session {
 
     /// The lock facade on this database.
     pub fn locks(&self) -> CliResult<Locks> {
-        let backend: Arc<dyn Backend> = match (&self.db, self.target.kind) {
+        self.locks_of(self.target.kind)
+    }
+
+    /// Every lock mechanism on this database, the chosen one first, each
+    /// with its name: on PostgreSQL both advisory locks and the lease
+    /// table, which never exclude each other; elsewhere the one there is.
+    pub fn all_locks(&self) -> CliResult<Vec<(&'static str, Locks)>> {
+        let kinds: &[Kind] = match self.target.kind {
+            Kind::PgAdvisory => &[Kind::PgAdvisory, Kind::PgLease],
+            Kind::PgLease => &[Kind::PgLease, Kind::PgAdvisory],
+            Kind::MysqlLease => &[Kind::MysqlLease],
+            Kind::SqliteLease => &[Kind::SqliteLease],
+        };
+        kinds
+            .iter()
+            .map(|&kind| Ok((kind.name(), self.locks_of(kind)?)))
+            .collect()
+    }
+
+    fn locks_of(&self, kind: Kind) -> CliResult<Locks> {
+        let backend: Arc<dyn Backend> = match (&self.db, kind) {
             (Db::Pg(pool), Kind::PgAdvisory) => {
                 let options = AdvisoryOptions {
                     heartbeat: ADVISORY_HEARTBEAT,

@@ -2,7 +2,8 @@
 //!
 //! The schedule is the library's ([`dblock::schedule::Job`]); each slot this
 //! host wins runs its command through [`run::under_guard`], the code
-//! `dblock run` runs its command with.
+//! `dblock run` runs its command with (the supervisor that kills the command
+//! if dblock dies, and the loss grace bounded by the lease's margin).
 
 use std::ffi::OsString;
 use std::sync::{Arc, Mutex};
@@ -17,7 +18,9 @@ use tokio::task::JoinHandle;
 use crate::args::CronArgs;
 use crate::connect::{self, Target};
 use crate::exit::{CliResult, Failure};
-use crate::run::{self, Guarded};
+use crate::exit::Exit;
+use crate::guarded;
+use crate::run;
 use crate::{parse_duration, parse_name};
 
 /// What `dblock cron` was asked to do, checked.
@@ -34,8 +37,8 @@ struct Plan {
 }
 
 impl Plan {
-    /// Checks everything before the database is touched: a bad schedule is
-    /// a usage error (64), a bad name or duration invalid data (65).
+    /// Checks everything before the database is touched: a bad schedule,
+    /// name, duration or number is a usage error (64).
     fn new(args: CronArgs) -> CliResult<Plan> {
         let schedule = match (&args.every, &args.cron) {
             (Some(every), None) => {
@@ -54,7 +57,7 @@ impl Plan {
         };
         let name = parse_name(args.name)?;
         if name.len() > MAX_JOB_NAME_LEN {
-            return Err(Failure::data(format!(
+            return Err(Failure::usage(format!(
                 "invalid job name: at most {MAX_JOB_NAME_LEN} bytes of UTF-8; this one has {}",
                 name.len()
             )));
@@ -62,12 +65,17 @@ impl Plan {
         let ttl = args
             .ttl
             .as_deref()
-            .map(|t| parse_duration("--ttl", t))
+            .map(|t| parse_duration("--ttl", t, Duration::ZERO, crate::MAX_DURATION))
             .transpose()?;
         if let Some(ttl) = ttl {
             dblock::AcquireRequest::new(name.as_str())?.with_ttl(ttl)?;
         }
-        let kill_after = parse_duration("--kill-after", &args.kill_after)?;
+        let kill_after = parse_duration(
+            "--kill-after",
+            &args.kill_after,
+            Duration::ZERO,
+            run::MAX_KILL_AFTER,
+        )?;
         let skew = match args.clock_skew.as_deref() {
             None => chrono::Duration::zero(),
             Some(text) => {
@@ -75,8 +83,8 @@ impl Plan {
                     Some(rest) => (-1, rest),
                     None => (1, text),
                 };
-                let d = parse_duration("--clock-skew", abs)?;
-                chrono::Duration::from_std(d).map_err(|e| Failure::data(e.to_string()))? * sign
+                let d = parse_duration("--clock-skew", abs, Duration::ZERO, crate::MAX_DURATION)?;
+                chrono::Duration::from_std(d).map_err(|e| Failure::usage(e.to_string()))? * sign
             }
         };
         Ok(Plan {
@@ -179,18 +187,19 @@ async fn run_slot(
 ) -> Result<(), String> {
     let (tx, rx) = oneshot::channel();
     let handle = tokio::spawn(async move {
-        let env = [
-            ("DBLOCK_SLOT", slot.rfc3339()),
-            ("DBLOCK_JOB", plan.name.clone()),
-        ];
-        let lock = guard.name().to_owned();
-        let what = Guarded {
-            name: &lock,
-            command: &plan.command,
-            env: &env,
+        let job = guarded::Job {
+            name: guard.name().to_owned(),
+            command: plan.command.clone(),
+            env: vec![
+                ("DBLOCK_NAME".to_owned(), guard.name().to_owned()),
+                ("DBLOCK_TOKEN".to_owned(), guard.token().to_string()),
+                ("DBLOCK_SLOT".to_owned(), slot.rfc3339()),
+                ("DBLOCK_JOB".to_owned(), plan.name.clone()),
+            ],
+            ttl: plan.ttl.unwrap_or(dblock::DEFAULT_TTL),
             kill_after: plan.kill_after,
         };
-        let _ = tx.send(run::under_guard(&what, guard).await);
+        let _ = tx.send(run::under_guard(&job, guard).await);
     });
     {
         let mut started = started.lock().unwrap();
@@ -198,8 +207,11 @@ async fn run_slot(
         started.push(handle);
     }
     match rx.await {
-        Ok(Ok(0)) => Ok(()),
-        Ok(Ok(code)) => Err(format!("the command exited with status {code}")),
+        Ok(Ok(Exit::Code(0))) => Ok(()),
+        Ok(Ok(Exit::Code(code))) => Err(format!("the command exited with status {code}")),
+        Ok(Ok(Exit::Signal(sig) | Exit::GroupSignal(sig))) => {
+            Err(format!("the command was killed by {sig}"))
+        }
         Ok(Err(failure)) => Err(failure.message),
         Err(_) => Err("the command's supervisor ended unexpectedly".into()),
     }

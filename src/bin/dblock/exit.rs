@@ -2,10 +2,12 @@
 
 use std::fmt;
 
-/// The command line was wrong (sysexits `EX_USAGE`).
+use nix::sys::signal::Signal;
+
+/// The command line was wrong: an unknown option, a missing argument, or a
+/// lock name, duration or number that is invalid or out of range (sysexits
+/// `EX_USAGE`).
 pub const USAGE: u8 = 64;
-/// A lock name or a duration was invalid (sysexits `EX_DATAERR`).
-pub const DATA: u8 = 65;
 /// The database could not be reached or failed (sysexits `EX_UNAVAILABLE`).
 pub const UNAVAILABLE: u8 = 69;
 /// The lock was not acquired: held elsewhere with `--no-wait`, or `--wait`
@@ -23,12 +25,16 @@ pub const TABLE: &str = "\
 Exit status of `dblock run`:
   N        the command's own exit status when it ran
   128+N    the command was killed by signal N (e.g. 143 after SIGTERM)
-  64       usage error
-  65       invalid lock name or duration
+  64       usage error: a bad option, or a lock name, duration or number
+           that is invalid or out of range (nothing was run or written)
   69       database unreachable (or a database error)
-  75       lock not acquired: held elsewhere with --no-wait, or --wait elapsed
+  75       lock not acquired: held elsewhere with --nonblock, or --timeout
+           elapsed (another status with -E/--conflict-exit-code)
   76       lock lost while the command ran; the command was stopped
-  126/127  the command could not be executed / was not found";
+  126/127  the command could not be executed / was not found
+When the command is killed by SIGINT, SIGTERM, SIGHUP or SIGQUIT (or dblock
+gets one of those while waiting for the lock), dblock releases the lock and
+then ends by that same signal, so that a calling shell or loop stops too.";
 
 /// Why dblock stopped, and the exit status that says so.
 #[derive(Debug)]
@@ -37,6 +43,23 @@ pub struct Failure {
     pub code: u8,
     /// What to tell the user (redacted before printing); nothing if empty.
     pub message: String,
+    /// End by this signal rather than with `code` (after the message).
+    pub signal: Option<Signal>,
+}
+
+/// How dblock ends when it did what it was asked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    /// With this exit status.
+    Code(u8),
+    /// Killed by this signal, re-raised after cleanup.
+    Signal(Signal),
+    /// Killed by this signal, which is first sent to dblock's whole process
+    /// group: a keyboard signal (^C, ^\\) that the terminal sent to the
+    /// command's group only, because dblock had given it the terminal, and
+    /// that would otherwise have reached dblock's group (and a calling
+    /// script in it) too.
+    GroupSignal(Signal),
 }
 
 impl Failure {
@@ -45,17 +68,20 @@ impl Failure {
         Failure {
             code,
             message: message.into(),
+            signal: None,
         }
+    }
+
+    /// Ends by `sig` (the status `128+sig` if it cannot be re-raised).
+    pub fn by_signal(sig: Signal, message: impl Into<String>) -> Self {
+        let mut f = Self::new(128u8.saturating_add(sig as i32 as u8), message);
+        f.signal = Some(sig);
+        f
     }
 
     /// A usage error (64).
     pub fn usage(message: impl Into<String>) -> Self {
         Self::new(USAGE, message)
-    }
-
-    /// An invalid name or duration (65).
-    pub fn data(message: impl Into<String>) -> Self {
-        Self::new(DATA, message)
     }
 
     /// The database is unreachable or failed (69).
@@ -75,7 +101,7 @@ impl From<dblock::Error> for Failure {
         let code = match &e {
             dblock::Error::Timeout { .. } => NOT_ACQUIRED,
             dblock::Error::Lost { .. } => LOST,
-            dblock::Error::InvalidName(_) | dblock::Error::InvalidOption(_) => DATA,
+            dblock::Error::InvalidName(_) | dblock::Error::InvalidOption(_) => USAGE,
             dblock::Error::Unsupported { .. } => USAGE,
             dblock::Error::Database(sqlx::Error::Configuration(_)) => USAGE,
             _ => UNAVAILABLE,
@@ -88,7 +114,7 @@ impl From<dblock::Error> for Failure {
             dblock::Error::Database(db) => format!("database error: {db}"),
             other => other.to_string(),
         };
-        Failure { code, message }
+        Failure::new(code, message)
     }
 }
 

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use dblock::LockInfo;
-use serde_json::{json, Value};
+use serde::Serialize;
 
 use crate::connect::{self, Session, Target};
 use crate::exit::{CliResult, Failure};
@@ -30,23 +30,65 @@ pub async fn migrate(target: Target, timeout: Duration) -> CliResult<u8> {
     Ok(0)
 }
 
-/// `dblock list`.
+/// `dblock list`: every lock held now on the database, by every mechanism
+/// it offers (on PostgreSQL: advisory locks and leases).
 pub async fn list(target: Target, timeout: Duration, json: bool) -> CliResult<u8> {
     let session = open(target, timeout).await?;
-    let locks = session.locks()?;
-    let infos = no_schema_is_empty(locks.list().await)?;
+    let mut all = Vec::new();
+    for (i, (backend, locks)) in session.all_locks()?.into_iter().enumerate() {
+        let Some(infos) = also_look(i, backend, no_schema_is_empty(locks.list().await))? else {
+            continue;
+        };
+        for info in infos {
+            all.push(Listed { backend, info });
+        }
+    }
     if json {
-        let all: Vec<Value> = infos.iter().map(to_json).collect();
-        println!("{}", Value::Array(all));
-    } else if infos.is_empty() {
+        println!("{}", to_json(&all)?);
+    } else if all.is_empty() {
         println!("no locks held");
     } else {
-        print_table(&infos);
+        print_table(&all);
     }
     Ok(0)
 }
 
-/// `dblock status`: 0 if held, 1 if free.
+/// The outcome of looking through the `i`th mechanism of
+/// [`Session::all_locks`]: the chosen one's errors are the command's; the
+/// other one (the lease table beside advisory locks, say) may be out of
+/// the user's reach, which is said on stderr and skipped (`None`).
+fn also_look<T>(i: usize, backend: &str, r: CliResult<T>) -> CliResult<Option<T>> {
+    match r {
+        Ok(found) => Ok(Some(found)),
+        Err(f) if i == 0 => Err(f),
+        Err(f) => {
+            eprintln!(
+                "{}",
+                crate::message(&format!("not showing {backend} locks: {}", f.message))
+            );
+            Ok(None)
+        }
+    }
+}
+
+/// A lock and the mechanism that holds it, as `list` and `status` print it.
+#[derive(Serialize)]
+struct Listed {
+    backend: &'static str,
+    #[serde(flatten)]
+    info: LockInfo,
+}
+
+fn to_json<T: Serialize + ?Sized>(value: &T) -> CliResult<String> {
+    serde_json::to_string(value).map_err(|e| Failure::new(1, format!("cannot print JSON: {e}")))
+}
+
+fn to_value<T: Serialize + ?Sized>(value: &T) -> CliResult<serde_json::Value> {
+    serde_json::to_value(value).map_err(|e| Failure::new(1, format!("cannot print JSON: {e}")))
+}
+
+/// `dblock status`: 0 if held, 1 if free. On PostgreSQL both advisory locks
+/// and leases are looked at, since the two never exclude each other.
 pub async fn status(
     target: Target,
     timeout: Duration,
@@ -55,20 +97,43 @@ pub async fn status(
 ) -> CliResult<u8> {
     let name = parse_name(name)?;
     let session = open(target, timeout).await?;
-    let locks = session.locks()?;
-    let info = no_schema_is_empty(locks.inspect(&name).await)?;
-    match (&info, json) {
-        (Some(info), true) => {
-            let mut value = to_json(info);
-            value["name"] = json!(name);
-            value["held"] = json!(true);
-            println!("{value}");
+    let mut held = Vec::new();
+    for (i, (backend, locks)) in session.all_locks()?.into_iter().enumerate() {
+        let found = also_look(i, backend, no_schema_is_empty(locks.inspect(&name).await))?;
+        if let Some(info) = found.flatten() {
+            held.push(Listed { backend, info });
         }
-        (None, true) => println!("{}", json!({ "name": name, "held": false })),
-        (Some(info), false) => print_status(&name, info),
-        (None, false) => println!("{name}: free"),
     }
-    Ok(if info.is_some() { 0 } else { 1 })
+    let first = held.first();
+    if json {
+        // The lock's fields (as `list --json` prints them), then the
+        // name asked about and whether it is held.
+        let mut status = match first {
+            Some(listed) => to_value(listed)?,
+            None => serde_json::json!({}),
+        };
+        status["name"] = name.as_str().into();
+        status["held"] = first.is_some().into();
+        if held.len() > 1 {
+            // Holders through other mechanisms, which do not exclude it.
+            status["also"] = to_value(&held[1..])?;
+        }
+        println!("{}", to_json(&status)?);
+    } else if held.is_empty() {
+        println!("{name}: free");
+    } else {
+        for listed in &held {
+            print_status(&name, listed);
+        }
+        if held.len() > 1 {
+            println!(
+                "warning: {name} is held through {} different mechanisms, which do not exclude \
+                 each other; use one backend per name",
+                held.len()
+            );
+        }
+    }
+    Ok(if held.is_empty() { 1 } else { 0 })
 }
 
 /// `dblock release --force`: 0 if a lock was broken, 1 if none was held.
@@ -99,25 +164,6 @@ pub async fn release(
     }
 }
 
-fn ts(t: Option<chrono::DateTime<chrono::Utc>>) -> Value {
-    t.map(|t| json!(t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)))
-        .unwrap_or(Value::Null)
-}
-
-/// A lock as JSON: `LockInfo` has no serde derive, so it is built here.
-fn to_json(info: &LockInfo) -> Value {
-    json!({
-        "name": info.name,
-        "key": info.key,
-        "mode": info.mode.as_str(),
-        "holder": info.holder,
-        "holders": info.holders,
-        "token": info.token,
-        "acquired_at": ts(info.acquired_at),
-        "expires_at": ts(info.expires_at),
-    })
-}
-
 fn label(info: &LockInfo) -> String {
     match (&info.name, info.key) {
         (Some(name), _) => name.clone(),
@@ -130,8 +176,10 @@ fn opt<T: ToString>(v: Option<T>) -> String {
     v.map(|v| v.to_string()).unwrap_or_else(|| "-".to_owned())
 }
 
-fn print_status(name: &str, info: &LockInfo) {
+fn print_status(name: &str, listed: &Listed) {
+    let info = &listed.info;
     println!("{name}: held");
+    println!("  backend:  {}", listed.backend);
     println!("  mode:     {}", info.mode);
     if info.holders > 1 {
         println!("  holders:  {}", info.holders);
@@ -150,30 +198,37 @@ fn print_status(name: &str, info: &LockInfo) {
     if let Some(key) = info.key {
         println!("  key:      {key} (PostgreSQL advisory key)");
     }
+    if let Some(waiters) = info.waiters {
+        println!("  waiters:  {waiters}");
+    }
 }
 
-fn print_table(infos: &[LockInfo]) {
-    let rows: Vec<[String; 6]> = infos
+fn print_table(all: &[Listed]) {
+    let rows: Vec<[String; 8]> = all
         .iter()
-        .map(|i| {
+        .map(|Listed { backend, info: i }| {
             [
                 label(i),
+                (*backend).to_owned(),
                 i.mode.to_string(),
                 i.holders.to_string(),
+                opt(i.waiters),
                 opt(i.token),
                 opt(i.expires_at.map(|t| t.to_rfc3339())),
                 i.holder.clone(),
             ]
         })
         .collect();
-    let header = ["NAME", "MODE", "HOLDERS", "TOKEN", "EXPIRES", "HOLDER"];
+    let header = [
+        "NAME", "BACKEND", "MODE", "HOLDERS", "WAITERS", "TOKEN", "EXPIRES", "HOLDER",
+    ];
     let mut widths = header.map(str::len);
     for row in &rows {
         for (w, cell) in widths.iter_mut().zip(row) {
             *w = (*w).max(cell.chars().count());
         }
     }
-    let line = |cells: [&str; 6]| {
+    let line = |cells: [&str; 8]| {
         let mut out = String::new();
         for (i, cell) in cells.iter().enumerate() {
             if i + 1 == cells.len() {

@@ -429,16 +429,18 @@ impl Inner {
         let (classid, objid) = key.map(split_key).unzip();
         let rows = sqlx::query(
             "SELECT ((l.classid::bigint << 32) | l.objid::bigint) AS key,
-                    bool_or(l.mode = 'ExclusiveLock') AS exclusive,
-                    count(*)::bigint AS holders,
+                    bool_or(l.mode = 'ExclusiveLock') FILTER (WHERE l.granted) AS exclusive,
+                    count(*) FILTER (WHERE l.granted) AS holders,
+                    count(*) FILTER (WHERE NOT l.granted) AS waiters,
                     string_agg(format('pid %s%s%s', l.pid,
                         ' (' || nullif(a.application_name, '') || ')',
-                        ' from ' || host(a.client_addr)), ', ' ORDER BY l.pid) AS holder
+                        ' from ' || host(a.client_addr)), ', ' ORDER BY l.pid)
+                        FILTER (WHERE l.granted) AS holder
                FROM pg_locks l LEFT JOIN pg_stat_activity a ON a.pid = l.pid
-              WHERE l.locktype = 'advisory' AND l.objsubid = 1 AND l.granted
+              WHERE l.locktype = 'advisory' AND l.objsubid = 1
                 AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
                 AND ($1::bigint IS NULL OR (l.classid::bigint = $1 AND l.objid::bigint = $2))
-              GROUP BY 1 ORDER BY 1",
+              GROUP BY 1 HAVING bool_or(l.granted) ORDER BY 1",
         )
         .bind(classid)
         .bind(objid)
@@ -467,6 +469,9 @@ impl Inner {
                 info.holders = row.try_get::<i64, _>("holders")? as u32
                     + ours.as_ref().map_or(0, |o| o.stacked);
                 info.token = ours.map(|o| o.token);
+                // Sessions blocked in pg_advisory_lock on this key (one
+                // ungranted pg_locks row each).
+                info.waiters = Some(row.try_get::<i64, _>("waiters")? as u32);
                 Ok(info)
             })
             .collect()
