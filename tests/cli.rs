@@ -26,6 +26,7 @@ enum Backend {
     PgLease,
     MysqlLease,
     SqliteLease,
+    RedisLease,
 }
 
 /// One backend's database, and a scratch directory for the test.
@@ -42,6 +43,7 @@ impl Db {
             Backend::PgAdvisory | Backend::PgLease => common::postgres_url().await,
             Backend::MysqlLease => common::mysql_url().await,
             Backend::SqliteLease => format!("sqlite:{}", dir.join("locks.db").display()),
+            Backend::RedisLease => common::redis_url(),
         };
         Db { backend, url, dir }
     }
@@ -75,6 +77,13 @@ impl Db {
             Backend::SqliteLease => {
                 format!("sqlite:{}", self.dir.join(format!("{name}.db")).display())
             }
+            // Redis has no schema: a logical database of its own, emptied.
+            // Only this scenario uses it.
+            Backend::RedisLease => {
+                let url = format!("{base}/{REDIS_FRESH_DB}");
+                flush_redis(&url).await;
+                url
+            }
         };
         Db {
             backend: self.backend,
@@ -106,6 +115,7 @@ impl Db {
                     .expect("drop database");
             }
             Backend::SqliteLease => {}
+            Backend::RedisLease => flush_redis(&self.url).await,
         }
     }
 
@@ -152,6 +162,21 @@ impl Db {
         wait_for_file(&ready).await;
         child
     }
+}
+
+/// The Redis logical database [`Db::fresh`] empties and uses.
+const REDIS_FRESH_DB: u32 = 9;
+
+async fn flush_redis(url: &str) {
+    let mut conn = redis::Client::open(url)
+        .expect("Redis URL")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect to Redis");
+    let _: () = redis::cmd("FLUSHDB")
+        .query_async(&mut conn)
+        .await
+        .expect("FLUSHDB");
 }
 
 /// A `dblock` command with no database in its environment.
@@ -261,6 +286,11 @@ macro_rules! per_backend {
             #[tokio::test]
             async fn sqlite_lease() {
                 super::$scenario(Db::new(Backend::SqliteLease).await).await
+            }
+
+            #[tokio::test]
+            async fn redis_lease() {
+                super::$scenario(Db::new(Backend::RedisLease).await).await
             }
         }
     )*};
@@ -681,6 +711,7 @@ async fn unreachable_database_exits_69() {
         "postgres://app:Sup3rSecret@127.0.0.1:1/db",
         "mysql://app:Sup3rSecret@127.0.0.1:1/db",
         "postgres://127.0.0.1:1/db?user=app&password=Sup3rSecret",
+        "redis://app:Sup3rSecret@127.0.0.1:1/0",
     ] {
         for args in [
             &["run", "x", "--", "true"][..],

@@ -106,7 +106,10 @@ async fn tokens_strictly_increase_across_a_restart_without_saving() {
         .query_async(&mut conn)
         .await
         .unwrap();
-    assert!(!counter, "the restart kept the token counter: not a restart without saving");
+    assert!(
+        !counter,
+        "the restart kept the token counter: not a restart without saving"
+    );
 
     // The held lease is gone with the data: its guard says so in time.
     timeout(Duration::from_secs(3), held.lost())
