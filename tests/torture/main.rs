@@ -92,6 +92,7 @@ pub async fn direct(kind: Kind, dir: &std::path::Path, app: &str) -> Endpoint {
         Kind::Advisory | Kind::PgLease => common::postgres_url().await,
         Kind::MyLease => common::mysql_url().await,
         Kind::LiteLease => dir.join("locks.db").display().to_string(),
+        Kind::RedisLease => common::redis_url(),
     };
     Endpoint {
         kind,
