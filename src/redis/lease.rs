@@ -178,9 +178,9 @@ impl fmt::Debug for Lease {
 
 impl Lease {
     /// Leases through `client`, under the key prefix `dblock:`, with default
-    /// options. Connects lazily, at the first request (and again after any
-    /// failure). Must be called within a Tokio runtime's context only for
-    /// the requests, not here.
+    /// options. Connects lazily, at the first request (and again after a
+    /// failure), so it needs no server and no runtime yet; the requests run
+    /// on the Tokio runtime they are made from.
     pub fn new(client: Client) -> Self {
         Lease::assemble(client, DEFAULT_PREFIX.to_owned(), LeaseOptions::default())
             .expect("the default options are valid")
