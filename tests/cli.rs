@@ -666,7 +666,14 @@ async fn usage_errors_exit_64() {
         ],
         &["--backend", "advisory", "list"],
         &["--backend", "paxos", "list"],
-        &["--url", "redis://127.0.0.1:1/0", "list"],
+        &["--url", "memcached://127.0.0.1:1/0", "list"],
+        &[
+            "--url",
+            "redis://127.0.0.1:1/0",
+            "--backend",
+            "advisory",
+            "list",
+        ],
         &["--url", unreachable, "release", "x"],
         &["status"],
     ];
