@@ -46,6 +46,27 @@ async fn raw() -> redis::aio::MultiplexedConnection {
         .expect("connect to DBLOCK_TEST_REDIS_URL")
 }
 
+/// A backend under `prefix` whose connections go through a proxy on
+/// 127.0.0.1 that can black-hole them (same server and logical database as
+/// `DBLOCK_TEST_REDIS_URL`; a password in it is not carried over).
+async fn through_proxy(prefix: &str) -> (proxy::Proxy, Lease) {
+    let client = redis::Client::open(common::redis_url()).unwrap();
+    let info = client.get_connection_info();
+    let upstream = tokio::net::lookup_host(info.addr().to_string())
+        .await
+        .unwrap()
+        .next()
+        .unwrap();
+    let proxy = proxy::Proxy::start(1, upstream).await;
+    let db = info.redis_settings().db();
+    let lease = Lease::open(&format!("redis://127.0.0.1:{}/{db}", proxy.port(0)))
+        .await
+        .unwrap()
+        .with_prefix(prefix)
+        .unwrap();
+    (proxy, lease)
+}
+
 async fn server_micros(conn: &mut redis::aio::MultiplexedConnection) -> u64 {
     let (s, us): (u64, u64) = redis::cmd("TIME").query_async(conn).await.unwrap();
     s * 1_000_000 + us
@@ -351,20 +372,7 @@ async fn a_killed_connection_is_replaced_and_the_lease_kept() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_black_holed_connection_loses_the_lease_in_time_and_recovers() {
     let p = prefix("blackhole");
-    let url = common::redis_url();
-    let info = redis::Client::open(url.as_str()).unwrap();
-    let addr = info.get_connection_info().addr().to_string();
-    let upstream: std::net::SocketAddr = tokio::net::lookup_host(addr.as_str())
-        .await
-        .unwrap()
-        .next()
-        .unwrap();
-    let proxy = proxy::Proxy::start(1, upstream).await;
-    let via = Lease::open(&format!("redis://127.0.0.1:{}/0", proxy.port(0)))
-        .await
-        .unwrap()
-        .with_prefix(p.as_str())
-        .unwrap();
+    let (proxy, via) = through_proxy(&p).await;
     let locks = Locks::new(via);
     let observer = open(&p).await;
 
@@ -557,22 +565,7 @@ impl batch::Harness for RedisHarness {
     async fn subject(&self, _pool_size: u32) -> batch::Subject {
         let p = prefix("batch");
         // The holder goes through a proxy, so that `cut` can black-hole it.
-        let addr = redis::Client::open(common::redis_url())
-            .unwrap()
-            .get_connection_info()
-            .addr()
-            .to_string();
-        let upstream = tokio::net::lookup_host(addr.as_str())
-            .await
-            .unwrap()
-            .next()
-            .unwrap();
-        let proxy = proxy::Proxy::start(1, upstream).await;
-        let holder = Lease::open(&format!("redis://127.0.0.1:{}/0", proxy.port(0)))
-            .await
-            .unwrap()
-            .with_prefix(p.as_str())
-            .unwrap();
+        let (proxy, holder) = through_proxy(&p).await;
         let counted = holder.clone();
         batch::Subject {
             table: p.clone(),
