@@ -4,9 +4,10 @@
 //! cargo bench --bench compare
 //! ```
 //!
-//! Databases come from `DBLOCK_BENCH_POSTGRES_URL` and `DBLOCK_BENCH_MYSQL_URL`
-//! (defaults: `postgres://postgres@127.0.0.1:5432/test` and
-//! `mysql://root@127.0.0.1:3306/test`); SQLite uses a file in a fresh
+//! Databases come from `DBLOCK_BENCH_POSTGRES_URL`, `DBLOCK_BENCH_MYSQL_URL`
+//! and `DBLOCK_BENCH_REDIS_URL` (defaults: `postgres://postgres@127.0.0.1:5432/test`,
+//! `mysql://root@127.0.0.1:3306/test` and `redis://127.0.0.1:6379/0`; Redis
+//! keys under `dblock-bench:` and `dblock-bench-raw:`); SQLite uses a file in a fresh
 //! temporary folder. Lease backends use their own table,
 //! `dblock_bench_leases`, emptied at the start, so that the application
 //! table `dblock_leases` is left alone.
@@ -29,7 +30,7 @@
 //!   server's own counters beside it).
 //!
 //! Every figure is printed in one table at the end. Options, by environment:
-//! `DBLOCK_BENCH_ONLY=advisory,pglease,mysql,sqlite` runs only those
+//! `DBLOCK_BENCH_ONLY=advisory,pglease,mysql,sqlite,redis` runs only those
 //! sections; `DBLOCK_BENCH_BREAKDOWN=1` adds where the time of one pair goes
 //! (per statement, and for raw SQL run in dblock's task structure) and the
 //! phases of a handoff.
@@ -60,6 +61,7 @@ type Op = Arc<dyn Fn(usize) -> BoxFut + Send + Sync>;
 
 const PG_DEFAULT: &str = "postgres://postgres@127.0.0.1:5432/test";
 const MY_DEFAULT: &str = "mysql://root@127.0.0.1:3306/test";
+const REDIS_DEFAULT: &str = "redis://127.0.0.1:6379/0";
 const TABLE: &str = "dblock_bench_leases";
 
 /// Connections per pool, dblock's and raw's alike.
@@ -629,12 +631,43 @@ fn dblock_op(locks: Locks, names: Arc<Vec<String>>) -> Op {
     })
 }
 
-/// Throughput rows for dblock (`ops[0]`) against each raw op.
+/// Throughput rows for dblock (`ops[0]`) against each raw op, and where
+/// the time of one pair goes.
 async fn throughput_rows(
     backend: &'static str,
     ops: &[Op],
     raws: &[(&str, Option<(&str, f64)>)],
     extra: Vec<(&'static str, Op)>,
+    rows: &mut Vec<Row>,
+) -> Res<()> {
+    ratio_rows(backend, ops, raws, rows).await?;
+    let mut labels = vec!["dblock"];
+    labels.extend(raws.iter().map(|r| r.0));
+    let mut all = ops.to_vec();
+    for (label, op) in extra {
+        labels.push(label);
+        all.push(op);
+    }
+    breakdown(backend, &labels, &all).await?;
+    let mut d = Vec::new();
+    for op in ops {
+        d.push(statements_per_call(op, 100).await?);
+    }
+    let raw: Vec<String> = d[1..].iter().map(|x| format!("{x:.1}")).collect();
+    rows.push(
+        Row::new(backend, "statements per pair (client count)")
+            .dblock(format!("{:.1}", d[0]))
+            .raw(raw.join(" / ")),
+    );
+    Ok(())
+}
+
+/// The pairs/s rows: dblock (`ops[0]`) against each raw op, with 1 and with
+/// 8 tasks.
+async fn ratio_rows(
+    backend: &'static str,
+    ops: &[Op],
+    raws: &[(&str, Option<(&str, f64)>)],
     rows: &mut Vec<Row>,
 ) -> Res<()> {
     for tasks in [1, TASKS] {
@@ -654,24 +687,6 @@ async fn throughput_rows(
             rows.push(row);
         }
     }
-    let mut labels = vec!["dblock"];
-    labels.extend(raws.iter().map(|r| r.0));
-    let mut all = ops.to_vec();
-    for (label, op) in extra {
-        labels.push(label);
-        all.push(op);
-    }
-    breakdown(backend, &labels, &all).await?;
-    let mut d = Vec::new();
-    for op in ops {
-        d.push(statements_per_call(op, 100).await?);
-    }
-    let raw: Vec<String> = d[1..].iter().map(|x| format!("{x:.1}")).collect();
-    rows.push(
-        Row::new(backend, "statements per pair (client count)")
-            .dblock(format!("{:.1}", d[0]))
-            .raw(raw.join(" / ")),
-    );
     Ok(())
 }
 
@@ -2128,6 +2143,77 @@ fn machine() -> Vec<String> {
     vec![format!("{cpus} CPUs ({model}), {mem} memory")]
 }
 
+// ---------------------------------------------------------------------------
+// Redis.
+
+/// The naive lock's release: delete the key if it still holds our value.
+const RAW_REDIS_RELEASE: &str =
+    "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0";
+
+/// Raw `SET key owner NX PX 30000` + the Lua owner `DEL`, on one
+/// multiplexed connection.
+fn raw_redis_op(conn: redis::aio::MultiplexedConnection, names: Arc<Vec<String>>) -> Op {
+    let release = Arc::new(redis::Script::new(RAW_REDIS_RELEASE));
+    Arc::new(move |i| {
+        let (mut conn, release) = (conn.clone(), release.clone());
+        let key = format!("dblock-bench-raw:{}", names[i]);
+        Box::pin(async move {
+            let owner = owner();
+            let set: Option<String> = redis::cmd("SET")
+                .arg(&key)
+                .arg(&owner)
+                .arg("NX")
+                .arg("PX")
+                .arg(30_000)
+                .query_async(&mut conn)
+                .await?;
+            set.ok_or("raw: the key was busy")?;
+            let deleted: i64 = release
+                .key(&key)
+                .arg(&owner)
+                .invoke_async(&mut conn)
+                .await?;
+            if deleted != 1 {
+                return Err("raw: the key was not ours on release".into());
+            }
+            Ok(())
+        })
+    })
+}
+
+async fn redis_section(url: &str, rows: &mut Vec<Row>, notes: &mut Vec<String>) -> Res<()> {
+    const B: &str = "redis lease";
+    let lease = dblock::redis::Lease::open(url)
+        .await?
+        .with_prefix("dblock-bench:")?;
+    let conn = redis::Client::open(url)?
+        .get_multiplexed_async_connection()
+        .await?;
+    let info: String = redis::cmd("INFO")
+        .arg("server")
+        .query_async(&mut conn.clone())
+        .await?;
+    if let Some(v) = info.lines().find_map(|l| l.strip_prefix("redis_version:")) {
+        notes.push(format!(
+            "Redis server {}; raw: SET NX PX + a Lua owner DEL (EVALSHA) on one multiplexed \
+             connection, dblock: redis::Lease on its own",
+            v.trim()
+        ));
+    }
+    let n = names("rd", TASKS);
+    let ops = [
+        dblock_op(Locks::new(lease), n.clone()),
+        raw_redis_op(conn, n),
+    ];
+    ratio_rows(
+        B,
+        &ops,
+        &[("raw SET NX PX + Lua DEL", Some(("≥ 0.9 ×", 0.9)))],
+        rows,
+    )
+    .await
+}
+
 async fn run() {
     let var = |key: &str, default: &str| match std::env::var(key) {
         Ok(v) if !v.is_empty() => (v, format!("from {key}")),
@@ -2135,9 +2221,11 @@ async fn run() {
     };
     let (pg, pg_from) = var("DBLOCK_BENCH_POSTGRES_URL", PG_DEFAULT);
     let (my, my_from) = var("DBLOCK_BENCH_MYSQL_URL", MY_DEFAULT);
+    let (redis_url, redis_from) = var("DBLOCK_BENCH_REDIS_URL", REDIS_DEFAULT);
     println!("dblock compare: dblock against raw SQL on the same kind of pool");
     println!("  PostgreSQL: {} ({pg_from})", redact(&pg));
     println!("  MySQL:      {} ({my_from})", redact(&my));
+    println!("  Redis:      {} ({redis_from})", redact(&redis_url));
     let env = Env { pg, my };
     let dir = std::env::temp_dir().join(format!("dblock-bench-{}", std::process::id()));
     let _ = std::fs::create_dir_all(&dir);
@@ -2201,6 +2289,12 @@ async fn run() {
         stamp("sqlite lease");
         if let Err(e) = sqlite(&dir, &mut rows, &mut notes).await {
             rows.push(section("sqlite lease", e));
+        }
+    }
+    if wanted("redis") {
+        stamp("redis lease");
+        if let Err(e) = redis_section(&redis_url, &mut rows, &mut notes).await {
+            rows.push(section("redis lease", e));
         }
     }
     let _ = std::fs::remove_dir_all(&dir);

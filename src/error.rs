@@ -65,6 +65,11 @@ pub enum Error {
     /// An error from the database driver.
     #[error(transparent)]
     Database(#[from] sqlx::Error),
+    /// An error from the Redis client or server
+    /// ([`redis::Lease`](crate::redis::Lease)).
+    #[cfg(feature = "redis")]
+    #[error(transparent)]
+    Redis(#[from] redis::RedisError),
 }
 
 /// `Result` with [`Error`] as its default error type.

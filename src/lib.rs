@@ -3,7 +3,8 @@
 //! Distributed locks on the database you already run. PostgreSQL advisory
 //! locks, and lease rows on PostgreSQL, MySQL/MariaDB and embedded SQLite,
 //! behind one trait: no Redis, ZooKeeper or etcd needed for "only one of
-//! these at a time".
+//! these at a time". Where Redis runs anyway, [`redis::Lease`] is the
+//! correct version of its `SET NX PX` lock, behind the same trait.
 //!
 //! - **One facade**, [`Locks`], over any [`Backend`]: `acquire(name)` with
 //!   `.ttl()`, `.wait()`, `.shared()`, `.hold_at_least()`; `try_acquire`;
@@ -65,6 +66,8 @@ pub mod memory;
 pub mod mysql;
 #[cfg(feature = "postgres")]
 pub mod postgres;
+#[cfg(feature = "redis")]
+pub mod redis;
 pub mod schedule;
 #[cfg(feature = "sqlite")]
 pub mod sqlite;

@@ -30,6 +30,7 @@ enum Backend {
     PgLease,
     MysqlLease,
     SqliteLease,
+    RedisLease,
 }
 
 /// One backend's database, and a scratch directory for the test.
@@ -46,6 +47,7 @@ impl Db {
             Backend::PgAdvisory | Backend::PgLease => common::postgres_url().await,
             Backend::MysqlLease => common::mysql_url().await,
             Backend::SqliteLease => format!("sqlite:{}", dir.join("locks.db").display()),
+            Backend::RedisLease => common::redis_url(),
         };
         Db { backend, url, dir }
     }
@@ -79,6 +81,13 @@ impl Db {
             Backend::SqliteLease => {
                 format!("sqlite:{}", self.dir.join(format!("{name}.db")).display())
             }
+            // Redis has no schema: a logical database of its own, emptied.
+            // Only this scenario uses it.
+            Backend::RedisLease => {
+                let url = format!("{base}/{REDIS_FRESH_DB}");
+                flush_redis(&url).await;
+                url
+            }
         };
         Db {
             backend: self.backend,
@@ -110,6 +119,7 @@ impl Db {
                     .expect("drop database");
             }
             Backend::SqliteLease => {}
+            Backend::RedisLease => flush_redis(&self.url).await,
         }
     }
 
@@ -156,6 +166,21 @@ impl Db {
         wait_for_file(&ready).await;
         child
     }
+}
+
+/// The Redis logical database [`Db::fresh`] empties and uses.
+const REDIS_FRESH_DB: u32 = 9;
+
+async fn flush_redis(url: &str) {
+    let mut conn = redis::Client::open(url)
+        .expect("Redis URL")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect to Redis");
+    let _: () = redis::cmd("FLUSHDB")
+        .query_async(&mut conn)
+        .await
+        .expect("FLUSHDB");
 }
 
 /// A `dblock` command with no database in its environment.
@@ -266,7 +291,8 @@ macro_rules! per_backend {
             postgres_advisory PgAdvisory,
             postgres_lease PgLease,
             mysql_lease MysqlLease,
-            sqlite_lease SqliteLease
+            sqlite_lease SqliteLease,
+            redis_lease RedisLease
         ] $($scenario)*);
     };
     (@each $backends:tt $($scenario:ident)*) => {
@@ -776,7 +802,14 @@ async fn usage_errors_exit_64() {
         ],
         &["--backend", "advisory", "list"],
         &["--backend", "paxos", "list"],
-        &["--url", "redis://127.0.0.1:1/0", "list"],
+        &["--url", "memcached://127.0.0.1:1/0", "list"],
+        &[
+            "--url",
+            "redis://127.0.0.1:1/0",
+            "--backend",
+            "advisory",
+            "list",
+        ],
         &["--url", unreachable, "release", "x"],
         &["status"],
         &["run", "x", "-n", "-w", "1s", "--", "true"],
@@ -861,6 +894,7 @@ async fn unreachable_database_exits_69() {
         "postgres://app:Sup3rSecret@127.0.0.1:1/db",
         "mysql://app:Sup3rSecret@127.0.0.1:1/db",
         "postgres://127.0.0.1:1/db?user=app&password=Sup3rSecret",
+        "redis://app:Sup3rSecret@127.0.0.1:1/0",
     ] {
         for args in [
             &["run", "x", "--", "true"][..],
@@ -1508,6 +1542,7 @@ async fn list_and_status_show_waiters_and_backend(db: Db) {
         Backend::PgLease => "postgres-lease",
         Backend::MysqlLease => "mysql-lease",
         Backend::SqliteLease => "sqlite-lease",
+        Backend::RedisLease => "redis-lease",
     };
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {

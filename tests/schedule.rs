@@ -200,6 +200,17 @@ async fn sqlite_hosts(dir: &std::path::Path) -> Vec<Locks> {
     hosts
 }
 
+async fn redis_hosts() -> Vec<Locks> {
+    let mut hosts = Vec::new();
+    for _ in 0..3 {
+        let lease = dblock::redis::Lease::open(&common::redis_url())
+            .await
+            .expect("open Redis (DBLOCK_TEST_REDIS_URL)");
+        hosts.push(Locks::new(lease));
+    }
+    hosts
+}
+
 fn temp_dir(tag: &str) -> std::path::PathBuf {
     let dir = std::env::temp_dir().join(format!(
         "dblock-schedule-{tag}-{}-{}",
@@ -230,6 +241,11 @@ async fn fleet_runs_each_slot_once_sqlite_lease() {
     let dir = temp_dir("fleet");
     fleet(sqlite_hosts(&dir).await, &[]).await;
     let _ = std::fs::remove_dir_all(dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fleet_runs_each_slot_once_redis_lease() {
+    fleet(redis_hosts().await, &[]).await;
 }
 
 /// Hosts whose clocks are 7 s behind and 5 s (2.5 slots) ahead still agree

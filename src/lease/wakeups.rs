@@ -42,9 +42,15 @@ impl Wakeups {
     }
 
     /// Whether nobody in this process waits for any name.
-    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
+    #[cfg_attr(not(any(feature = "postgres", feature = "redis")), allow(dead_code))]
     pub(crate) fn is_idle(&self) -> bool {
         self.map.lock().unwrap().is_empty()
+    }
+
+    /// The names someone in this process waits for (or is about to).
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    pub(crate) fn names(&self) -> Vec<String> {
+        self.map.lock().unwrap().keys().cloned().collect()
     }
 
     /// Wakes every waiter (after a reconnect that may have missed releases).

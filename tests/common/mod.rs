@@ -4,6 +4,8 @@
 //! - `DBLOCK_TEST_POSTGRES_URL`, e.g. `postgres://postgres@127.0.0.1:5432/test`
 //! - `DBLOCK_TEST_MYSQL_URL`, e.g. `mysql://root@127.0.0.1:3306/test`
 //! - `DBLOCK_TEST_GALERA_URLS`: the nodes of a Galera cluster, no fallback
+//! - `DBLOCK_TEST_REDIS_URL`, e.g. `redis://127.0.0.1:6379/0` (required: no
+//!   container fallback)
 //!
 //! When a variable is unset, a container is started with testcontainers
 //! (this needs a Docker engine). When neither works, the test fails with a
@@ -122,4 +124,17 @@ pub async fn pg_pool(url: &str, max: u32) -> sqlx::PgPool {
         .connect(url)
         .await
         .unwrap_or_else(|e| panic!("connect to PostgreSQL at {url}: {e}"))
+}
+
+/// The Redis URL for tests, from `DBLOCK_TEST_REDIS_URL` (e.g.
+/// `redis://127.0.0.1:6379/0`; `scripts/test` sets it and starts the
+/// server). There is no container fallback: without it the test fails.
+pub fn redis_url() -> String {
+    std::env::var("DBLOCK_TEST_REDIS_URL").unwrap_or_else(|_| {
+        panic!(
+            "no Redis for the tests: set DBLOCK_TEST_REDIS_URL \
+             (e.g. redis://127.0.0.1:6379/0), or run them through scripts/test, \
+             which starts the local Redis"
+        )
+    })
 }

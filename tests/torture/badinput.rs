@@ -62,7 +62,7 @@ pub async fn run(kind: Kind) -> bool {
     match &db {
         Db::Pg(pool) => dblock::postgres::migrate(pool).await.expect("migrate"),
         Db::My(pool) => dblock::mysql::migrate(pool).await.expect("migrate"),
-        Db::Lite(_) => {}
+        Db::Lite(_) | Db::Redis { .. } => {}
     }
     let locks = ctl.locks().await;
     let mut c = Cases {
@@ -334,7 +334,11 @@ pub async fn run(kind: Kind) -> bool {
                         .map(|_| ())
                 }
             };
-            expect_err(r, |e| matches!(e, Error::Database(_)), "a Database error")?;
+            expect_err(
+                r,
+                |e| matches!(e, Error::Database(_) | Error::Redis(_)),
+                "a Database error",
+            )?;
             println!(
                 "  {}: a database down at start: error after {:.1?}",
                 kind.label(),
@@ -378,7 +382,23 @@ pub async fn run(kind: Kind) -> bool {
         if kind.lease() && info.token != Some(held.token()) {
             return Err(format!("the sentinel's token changed: {:?}", info.token));
         }
-        if kind.lease() {
+        if kind == Kind::RedisLease {
+            // Redis keeps a key only while a lease lives: once the mid-hold
+            // lease (ttl 1 s, cut off) has run out, only the sentinel's.
+            let mut rows = 0;
+            for _ in 0..30 {
+                rows = lease_rows(&db, &run).await;
+                if rows == rows_before {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            if rows != rows_before {
+                return Err(format!(
+                    "{rows} lease keys of this run, expected {rows_before}"
+                ));
+            }
+        } else if kind.lease() {
             let rows = lease_rows(&db, &run).await;
             // The odd names, the durations name and the mid-hold name.
             let expected = rows_before + accepted.len() as i64 + 2;
@@ -423,6 +443,29 @@ async fn lease_rows(db: &Db, run: &str) -> i64 {
             .fetch_one(p)
             .await
             .expect("count lease rows"),
+        // Live lease keys under the default prefix (Redis keeps no row of a
+        // free name).
+        Db::Redis { conn, .. } => {
+            let mut conn = conn.clone();
+            let mut cursor = 0u64;
+            let mut n = 0;
+            loop {
+                let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+                    .arg(cursor)
+                    .arg("MATCH")
+                    .arg(format!("dblock:lock:*{run}*"))
+                    .arg("COUNT")
+                    .arg(1000)
+                    .query_async(&mut conn)
+                    .await
+                    .expect("count lease keys");
+                n += keys.len() as i64;
+                if next == 0 {
+                    break n;
+                }
+                cursor = next;
+            }
+        }
     }
 }
 

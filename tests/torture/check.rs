@@ -46,6 +46,11 @@ impl FaultKind {
     fn excuses(self, kind: Kind) -> bool {
         match kind {
             Kind::Advisory => matches!(self, FaultKind::Terminate | FaultKind::Restart),
+            // A restart without saving loses every lease at once; the
+            // tokens, which go on increasing, fence the old holders off.
+            Kind::RedisLease => {
+                matches!(self, FaultKind::Stop | FaultKind::Cut | FaultKind::Restart)
+            }
             _ => matches!(self, FaultKind::Stop | FaultKind::Cut),
         }
     }

@@ -101,6 +101,7 @@ pub async fn direct(kind: Kind, dir: &std::path::Path, app: &str) -> Endpoint {
         Kind::MyLease => common::mysql_url().await,
         Kind::Galera => common::galera_urls().swap_remove(0),
         Kind::LiteLease => dir.join("locks.db").display().to_string(),
+        Kind::RedisLease => common::redis_url(),
     };
     Endpoint {
         kind,

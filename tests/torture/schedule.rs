@@ -121,7 +121,7 @@ pub async fn run(kind: Kind, secs: u64) -> bool {
     match ctl.pool(2).await {
         Db::Pg(pool) => dblock::postgres::migrate(&pool).await.expect("migrate"),
         Db::My(pool) => dblock::mysql::migrate(&pool).await.expect("migrate"),
-        Db::Lite(_) => {}
+        Db::Lite(_) | Db::Redis { .. } => {}
     }
     let ctl_locks = ctl.locks().await;
     let job = format!("torture:{run}");

@@ -51,7 +51,7 @@ async fn one(kind: Kind, total: usize) -> bool {
     match &ctl_db {
         Db::Pg(pool) => dblock::postgres::migrate(pool).await.expect("migrate"),
         Db::My(pool) => dblock::mysql::migrate(pool).await.expect("migrate"),
-        Db::Lite(_) => {}
+        Db::Lite(_) | Db::Redis { .. } => {}
     }
     let ctl_locks = ctl.locks().await;
     // The storm's connections go through a proxy slot, so that the server

@@ -20,14 +20,16 @@ pub enum Kind {
     /// `mysql::Lease` on the three-node Galera cluster
     /// (`DBLOCK_TEST_GALERA_URLS`), workers spread over the nodes.
     Galera,
+    RedisLease,
 }
 
-pub const ALL: [Kind; 5] = [
+pub const ALL: [Kind; 6] = [
     Kind::Advisory,
     Kind::PgLease,
     Kind::MyLease,
     Kind::LiteLease,
     Kind::Galera,
+    Kind::RedisLease,
 ];
 
 impl Kind {
@@ -38,6 +40,7 @@ impl Kind {
             Kind::MyLease => "mysql-lease",
             Kind::LiteLease => "sqlite-lease",
             Kind::Galera => "mysql-galera",
+            Kind::RedisLease => "redis-lease",
         }
     }
 
@@ -64,12 +67,33 @@ impl Kind {
 /// Flipped to true together with the `Kind::MyLease` arm of [`locks`].
 pub const MYSQL_BACKEND: bool = true;
 
-/// A pool on one of the three databases.
+/// A pool on one of the three databases; for Redis, a connection to it and
+/// the PostgreSQL database that holds the registers (the resource the locks
+/// protect lives apart from the lock service, and survives its restarts).
 #[derive(Debug, Clone)]
 pub enum Db {
     Pg(PgPool),
     My(MySqlPool),
     Lite(SqlitePool),
+    Redis {
+        conn: redis::aio::ConnectionManager,
+        registers: PgPool,
+    },
+}
+
+/// The registers of a Redis run are in PostgreSQL: this variable names it
+/// (`scripts/test` sets it; workers inherit it).
+fn registers_pg_url() -> String {
+    std::env::var("DBLOCK_TEST_POSTGRES_URL").unwrap_or_else(|_| {
+        panic!(
+            "the Redis torture run keeps its registers in PostgreSQL: set DBLOCK_TEST_POSTGRES_URL"
+        )
+    })
+}
+
+/// A client for a Redis URL.
+fn redis_client(url: &str) -> redis::Client {
+    redis::Client::open(url).expect("redis url")
 }
 
 /// How a worker (or the controller) reaches its database.
@@ -122,6 +146,26 @@ impl Endpoint {
                         .connect_lazy_with(opts),
                 )
             }
+            Kind::RedisLease => {
+                let config = redis::aio::ConnectionManagerConfig::new()
+                    .set_response_timeout(Some(Duration::from_secs(5)))
+                    .set_connection_timeout(Some(Duration::from_secs(5)));
+                let conn = redis::aio::ConnectionManager::new_lazy_with_config(
+                    redis_client(&self.url),
+                    config,
+                )
+                .expect("redis connection");
+                let opts = PgConnectOptions::from_str(&registers_pg_url())
+                    .expect("postgres url")
+                    .application_name(&self.app);
+                Db::Redis {
+                    conn,
+                    registers: PgPoolOptions::new()
+                        .max_connections(size)
+                        .acquire_timeout(Duration::from_secs(5))
+                        .connect_lazy_with(opts),
+                }
+            }
         }
     }
 
@@ -164,6 +208,12 @@ impl Endpoint {
                 dblock::sqlite::Lease::open(&self.url)
                     .await
                     .expect("open the SQLite file"),
+            ),
+            // Connects lazily: a worker may start while the server restarts.
+            Kind::RedisLease => Locks::new(
+                dblock::redis::Lease::new(redis_client(&self.url))
+                    .with_options(LeaseOptions::default())
+                    .expect("options"),
             ),
         }
     }
@@ -215,7 +265,8 @@ impl Db {
     /// Creates the register tables (once per database) and the rows of
     /// `names` for this run.
     pub async fn setup_registers(&self, run: &str, names: &[String]) {
-        let statements: &[&str] = match self {
+        let this = self.registers_db();
+        let statements: &[&str] = match &this {
             Db::Pg(_) => &[
                 "CREATE TABLE IF NOT EXISTS dblock_torture_fenced (
                     run text, name text, value bigint NOT NULL DEFAULT 0,
@@ -259,21 +310,31 @@ impl Db {
                     INSERT INTO dblock_torture_accepted (run, name, token, kind, worker)
                     VALUES (NEW.run, NEW.name, NEW.fence, NEW.last_kind, NEW.last_worker); END",
             ],
+            Db::Redis { .. } => unreachable!(),
         };
         for s in statements {
-            self.execute(s, &[]).await.expect("create register tables");
+            this.execute(s, &[]).await.expect("create register tables");
         }
         for name in names {
             for table in ["dblock_torture_fenced", "dblock_torture_unguarded"] {
                 let sql = format!(
                     "INSERT INTO {table} (run, name) VALUES ({}, {})",
-                    self.p(1),
-                    self.p(2)
+                    this.p(1),
+                    this.p(2)
                 );
-                self.execute(&sql, &[run, name])
+                this.execute(&sql, &[run, name])
                     .await
                     .expect("insert register row");
             }
+        }
+    }
+
+    /// Where the registers are: the database itself, or for Redis its
+    /// PostgreSQL register database.
+    fn registers_db(&self) -> Db {
+        match self {
+            Db::Redis { registers, .. } => Db::Pg(registers.clone()),
+            other => other.clone(),
         }
     }
 
@@ -299,6 +360,7 @@ impl Db {
             Db::Pg(p) => run!(p),
             Db::My(p) => run!(p),
             Db::Lite(p) => run!(p),
+            Db::Redis { .. } => Box::pin(self.registers_db().execute(sql, args)).await,
         }
     }
 
@@ -314,6 +376,10 @@ impl Db {
         worker: &str,
         fencing: bool,
     ) -> sqlx::Result<bool> {
+        if let Db::Redis { .. } = self {
+            let regs = self.registers_db();
+            return Box::pin(regs.fenced(run, name, token, write, worker, fencing)).await;
+        }
         let cond = match (fencing, write) {
             (false, _) => "TRUE",
             (true, Write::Entry) => "fence < {T}",
@@ -374,11 +440,15 @@ impl Db {
                     .await?;
                 Ok(r.rows_affected() == 1)
             }
+            Db::Redis { .. } => unreachable!("redirected to the registers"),
         }
     }
 
     /// Reads the unguarded register.
     pub async fn uread(&self, run: &str, name: &str) -> sqlx::Result<i64> {
+        if let Db::Redis { .. } = self {
+            return Box::pin(self.registers_db().uread(run, name)).await;
+        }
         let sql = format!(
             "SELECT value FROM dblock_torture_unguarded WHERE run = {} AND name = {}",
             self.p(1),
@@ -397,11 +467,15 @@ impl Db {
             Db::Pg(p) => get!(p),
             Db::My(p) => get!(p),
             Db::Lite(p) => get!(p),
+            Db::Redis { .. } => unreachable!("redirected to the registers"),
         }
     }
 
     /// Writes the unguarded register, whatever it holds now.
     pub async fn uwrite(&self, run: &str, name: &str, value: i64) -> sqlx::Result<()> {
+        if let Db::Redis { .. } = self {
+            return Box::pin(self.registers_db().uwrite(run, name, value)).await;
+        }
         let sql = format!(
             "UPDATE dblock_torture_unguarded SET value = {} WHERE run = {} AND name = {}",
             self.p(1),
@@ -423,11 +497,15 @@ impl Db {
             Db::Pg(p) => put!(p),
             Db::My(p) => put!(p),
             Db::Lite(p) => put!(p),
+            Db::Redis { .. } => unreachable!("redirected to the registers"),
         }
     }
 
     /// The registers of `name` and the fenced writes accepted, in order.
     pub async fn registers(&self, run: &str, name: &str) -> sqlx::Result<Registers> {
+        if let Db::Redis { .. } = self {
+            return Box::pin(self.registers_db().registers(run, name)).await;
+        }
         let (p1, p2) = (self.p(1), self.p(2));
         let fenced = format!(
             "SELECT value, fence FROM dblock_torture_fenced WHERE run = {p1} AND name = {p2}"
@@ -476,6 +554,7 @@ impl Db {
             Db::Pg(p) => read!(p),
             Db::My(p) => read!(p),
             Db::Lite(p) => read!(p),
+            Db::Redis { .. } => unreachable!("redirected to the registers"),
         }
     }
 
@@ -525,6 +604,23 @@ impl Db {
                 n
             }
             Db::Lite(_) => 0,
+            // CLIENT KILL by the client address Redis sees.
+            Db::Redis { conn, .. } => {
+                let mut conn = conn.clone();
+                let mut n = 0;
+                for port in ports {
+                    let killed: redis::RedisResult<i64> = redis::cmd("CLIENT")
+                        .arg("KILL")
+                        .arg("ADDR")
+                        .arg(format!("127.0.0.1:{port}"))
+                        .arg("SKIPME")
+                        .arg("yes")
+                        .query_async(&mut conn)
+                        .await;
+                    n += killed.unwrap_or(0) as usize;
+                }
+                n
+            }
         }
     }
 
@@ -552,7 +648,8 @@ impl Db {
                 .expect("INNODB_TRX");
                 trx.iter().filter(|t| ids.contains(t)).count() as i64
             }
-            Db::Lite(_) => 0,
+            // dblock runs no MULTI on Redis: each step is one script.
+            Db::Lite(_) | Db::Redis { .. } => 0,
         }
     }
 

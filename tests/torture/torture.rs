@@ -51,7 +51,9 @@ pub async fn normal(kind: Kind, s: &Settings) -> bool {
         fencing: true,
         watch_lost: true,
         faults,
-        restart: s.restart && kind.networked(),
+        // Redis is restarted (without saving) in every run: it is ours
+        // alone on this machine, and losing everything is its main fault.
+        restart: (s.restart && kind.networked()) || kind == Kind::RedisLease,
         every: Duration::from_millis(300),
     };
     let (report, dir) = run(&plan).await;
@@ -193,7 +195,7 @@ async fn run(plan: &Plan) -> (Report, PathBuf) {
     match &db {
         Db::Pg(pool) => dblock::postgres::migrate(pool).await.expect("migrate"),
         Db::My(pool) => dblock::mysql::migrate(pool).await.expect("migrate"),
-        Db::Lite(_) => {}
+        Db::Lite(_) | Db::Redis { .. } => {}
     }
     let locks = ctl.locks().await; // SQLite: creates the file and its table
     db.setup_registers(&run, &names).await;
@@ -271,7 +273,12 @@ async fn run(plan: &Plan) -> (Report, PathBuf) {
     let faults: Arc<Mutex<Vec<Fault>>> = Arc::default();
     let mut lifts = Vec::new();
     let hold_fault = TTL.mul_f64(1.5);
-    let mut next_restart = start_ns + 20_000_000_000;
+    let mut next_restart = start_ns
+        + if kind == Kind::RedisLease {
+            plan.secs as i64 * 500_000_000
+        } else {
+            20_000_000_000
+        };
     // Galera: one node SIGKILLed a third of the way in, restarted (it
     // rejoins by state transfer) while the faults go on.
     let mut node_kill = (kind == Kind::Galera).then(|| {
@@ -547,6 +554,28 @@ async fn restart_server(kind: Kind) {
         }
         // A Galera node is killed and restarted in every run.
         Kind::LiteLease | Kind::Galera => return,
+        Kind::RedisLease => {
+            let url = crate::common::redis_url();
+            let (hostport, _) = authority(&url);
+            if hostport != "127.0.0.1:6379" && hostport != "localhost:6379" {
+                println!("  redis-lease: {hostport} is not the local Redis; not restarted");
+                return;
+            }
+            let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/services.sh");
+            let cmd = format!(
+                "redis-cli -h 127.0.0.1 -p 6379 shutdown nosave; \
+                 for i in $(seq 100); do redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1 || break; sleep 0.1; done; \
+                 . '{script}' && start_redis >/dev/null"
+            );
+            let status = tokio::process::Command::new("bash")
+                .arg("-c")
+                .arg(cmd)
+                .status()
+                .await
+                .expect("run the restart command");
+            assert!(status.success(), "restarting Redis failed: {status}");
+            return;
+        }
     };
     let status = tokio::process::Command::new("sh")
         .arg("-c")

@@ -47,6 +47,8 @@ pub enum Kind {
     MysqlLease,
     /// The SQLite lease table.
     SqliteLease,
+    /// Redis keys.
+    RedisLease,
 }
 
 /// A resolved `--url`/`--backend` pair; nothing is connected yet.
@@ -75,6 +77,7 @@ impl Kind {
             Kind::PgLease => "postgres-lease",
             Kind::MysqlLease => "mysql-lease",
             Kind::SqliteLease => "sqlite-lease",
+            Kind::RedisLease => "redis-lease",
         }
     }
 }
@@ -113,11 +116,13 @@ pub fn resolve(url: Option<&str>, backend: Option<BackendKind>) -> CliResult<Tar
             Kind::MysqlLease
         } else if lower.starts_with("sqlite:") {
             Kind::SqliteLease
+        } else if lower.starts_with("redis://") {
+            Kind::RedisLease
         } else {
             let scheme = shown.split(':').next().unwrap_or_default();
             return Err(Failure::usage(format!(
                 "unsupported database URL scheme {scheme:?}: use postgres://, postgresql://, \
-                 mysql://, mariadb:// or sqlite:"
+                 mysql://, mariadb://, sqlite: or redis://"
             )));
         };
         if backend == Some(BackendKind::Advisory) {
@@ -144,6 +149,8 @@ pub enum Db {
     Mysql(MySqlPool),
     /// SQLite: the lease backend, opened (with its schema) on its file.
     Sqlite(Arc<dyn Backend>),
+    /// Redis: the lease backend, connected (it needs no schema).
+    Redis(Arc<dyn Backend>),
 }
 
 /// A target with its database connected.
@@ -228,6 +235,22 @@ pub async fn open(target: Target, app: &str, timeout: Duration) -> CliResult<Ses
                 }
             })?)
         }
+        Kind::RedisLease => {
+            let url = target.url.as_deref().unwrap_or_default();
+            let opened = tokio::time::timeout(timeout, lease::redis_open(url)).await;
+            Db::Redis(match opened {
+                Ok(Ok(backend)) => backend,
+                Ok(Err(f)) if f.code == crate::exit::USAGE => {
+                    return Err(Failure::usage(format!("invalid Redis URL {shown}")))
+                }
+                Ok(Err(f)) => return Err(f.context(format_args!("cannot connect to {shown}"))),
+                Err(_) => {
+                    return Err(Failure::unavailable(format!(
+                        "cannot connect to {shown}: no answer within {timeout:?}"
+                    )))
+                }
+            })
+        }
     };
     Ok(Session { target, db })
 }
@@ -238,8 +261,8 @@ impl Session {
         let r = match &self.db {
             Db::Pg(pool) => dblock::postgres::migrate(pool).await.map_err(Failure::from),
             Db::Mysql(pool) => lease::mysql_migrate(pool).await,
-            // Opening the file created the schema.
-            Db::Sqlite(_) => Ok(()),
+            // Opening the file created the schema; Redis needs none.
+            Db::Sqlite(_) | Db::Redis(_) => Ok(()),
         };
         r.map_err(|f| {
             f.context(format_args!(
@@ -263,6 +286,7 @@ impl Session {
             Kind::PgLease => &[Kind::PgLease, Kind::PgAdvisory],
             Kind::MysqlLease => &[Kind::MysqlLease],
             Kind::SqliteLease => &[Kind::SqliteLease],
+            Kind::RedisLease => &[Kind::RedisLease],
         };
         kinds
             .iter()
@@ -281,7 +305,7 @@ impl Session {
             }
             (Db::Pg(pool), _) => lease::postgres(pool.clone())?,
             (Db::Mysql(pool), _) => lease::mysql(pool.clone())?,
-            (Db::Sqlite(backend), _) => backend.clone(),
+            (Db::Sqlite(backend), _) | (Db::Redis(backend), _) => backend.clone(),
         };
         Ok(Locks::from_arc(backend))
     }
@@ -351,12 +375,15 @@ mod tests {
             Ok(Kind::SqliteLease)
         );
         assert_eq!(k(Some("sqlite:x.db"), Some(BackendKind::Advisory)), Err(64));
-        assert_eq!(k(Some("redis://h"), None), Err(64));
+        assert_eq!(k(Some("redis://h"), None), Ok(Kind::RedisLease));
+        assert_eq!(k(Some("REDIS://h:6379/0"), None), Ok(Kind::RedisLease));
+        assert_eq!(k(Some("redis://h"), Some(BackendKind::Advisory)), Err(64));
+        assert_eq!(k(Some("memcached://h"), None), Err(64));
     }
 
     #[test]
     fn unsupported_scheme_message_hides_password() {
-        let f = resolve(Some("redis://u:hunter22@h/0"), None).unwrap_err();
+        let f = resolve(Some("memcached://u:hunter22@h/0"), None).unwrap_err();
         assert!(!f.message.contains("hunter22"), "{}", f.message);
     }
 

@@ -17,8 +17,8 @@ use tokio::task::JoinHandle;
 
 use crate::args::CronArgs;
 use crate::connect::{self, Target};
-use crate::exit::{CliResult, Failure};
 use crate::exit::Exit;
+use crate::exit::{CliResult, Failure};
 use crate::guarded;
 use crate::run;
 use crate::{parse_duration, parse_name};

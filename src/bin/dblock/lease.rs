@@ -30,3 +30,11 @@ pub async fn sqlite_open(path: &Path) -> CliResult<Arc<dyn Backend>> {
         .map(|l| Arc::new(l) as Arc<dyn Backend>)
         .map_err(Failure::from)
 }
+
+/// `dblock::redis::Lease::open(url)`: connects and checks that Redis answers.
+pub async fn redis_open(url: &str) -> CliResult<Arc<dyn Backend>> {
+    dblock::redis::Lease::open(url)
+        .await
+        .map(|l| Arc::new(l) as Arc<dyn Backend>)
+        .map_err(Failure::from)
+}

@@ -1,0 +1,616 @@
+//! Leases as Redis keys, each step one Lua script run by the server.
+
+use std::fmt;
+use std::sync::{LazyLock, Mutex};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{Client, RedisError, Script, ScriptInvocation, Value};
+
+use super::listen::Listener;
+use crate::lease::{
+    lease_backend, Claim, Claimed, LeaseEngine, LeaseOptions, LeaseStore, Renewal, Renewed, Wakeups,
+};
+use crate::{Error, LockInfo, LockMode, Result};
+
+/// The key prefix unless [`Lease::with_prefix`] says otherwise.
+const DEFAULT_PREFIX: &str = "dblock:";
+
+/// The longest a prefix may be.
+const MAX_PREFIX_LEN: usize = 64;
+
+/// How long one request may go unanswered before the connection is
+/// considered black-holed and replaced. Every dblock request is a short
+/// script; a batch renewal of 100,000 leases takes well under a second.
+const RESPONSE_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// How long one connection attempt may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Keys asked for per `SCAN` page (and read per inspect script) by `list`.
+const SCAN_COUNT: usize = 1000;
+
+/// The server's clock in microseconds: every script that needs "now" reads
+/// it this way. Numbers in Redis' Lua are doubles, exact to 2^53 (the year
+/// 2255 in microseconds), and `%.0f` prints them without an exponent.
+macro_rules! lua_now {
+    () => {
+        "local t = redis.call('TIME')\n\
+         local now = tonumber(t[1]) * 1000000 + tonumber(t[2])\n"
+    };
+}
+
+/// KEYS: the lease, the token counter. ARGV: owner, holder, ttl in ms.
+/// The token is `max(counter + 1, now in µs)`: strictly above the last one
+/// while the counter lives, and above every earlier one after the counter is
+/// lost as long as the server's clock has not gone back (see the module
+/// docs). The counter is written only when the `SET NX` took the name.
+static CLAIM: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(concat!(
+        lua_now!(),
+        "local token = math.max((tonumber(redis.call('GET', KEYS[2])) or 0) + 1, now)
+local s = string.format('%.0f', token)
+local value = ARGV[1] .. ' ' .. s .. ' ' .. string.format('%.0f', now) .. ' x ' .. ARGV[2]
+if not redis.call('SET', KEYS[1], value, 'NX', 'PX', ARGV[3]) then
+  return false
+end
+redis.call('SET', KEYS[2], s)
+return {token, now + tonumber(ARGV[3]) * 1000}"
+    ))
+});
+
+/// KEYS: n leases. ARGV: owner, token, ttl in ms for each. Renews each lease
+/// whose value still starts with its owner and token (an expired key is
+/// gone, a released one deleted or marked `-`). Answers, per lease, its new
+/// expiry in µs, or 0 if it is no longer ours.
+static RENEW: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(concat!(
+        lua_now!(),
+        "local out = {}
+for i, key in ipairs(KEYS) do
+  local p = ARGV[3 * i - 2] .. ' ' .. ARGV[3 * i - 1] .. ' '
+  local v = redis.call('GET', key)
+  if v and string.sub(v, 1, #p) == p then
+    redis.call('PEXPIRE', key, ARGV[3 * i])
+    out[i] = now + tonumber(ARGV[3 * i]) * 1000
+  else
+    out[i] = 0
+  end
+end
+return out"
+    ))
+});
+
+/// KEYS: the lease. ARGV: owner, token, hold_at_least in ms (0 without),
+/// channel, name. Ends the lease if it is still ours: deletes it and
+/// publishes the name, or, while `acquired + hold` is still ahead, keeps the
+/// key until then with its owner replaced by `-`.
+static RELEASE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(concat!(
+        "local v = redis.call('GET', KEYS[1])
+local p = ARGV[1] .. ' ' .. ARGV[2] .. ' '
+if not v or string.sub(v, 1, #p) ~= p then
+  return 0
+end
+local hold = tonumber(ARGV[3])
+if hold > 0 then
+  local acquired = tonumber(string.match(v, '^%S+ %S+ (%d+) '))
+",
+        lua_now!(),
+        "  local left = math.ceil((acquired + hold * 1000 - now) / 1000)
+  if left > 0 then
+    redis.call('SET', KEYS[1], '-' .. string.sub(v, #ARGV[1] + 1), 'PX', string.format('%.0f', left))
+    return 1
+  end
+end
+redis.call('DEL', KEYS[1])
+redis.call('PUBLISH', ARGV[4], ARGV[5])
+return 1"
+    ))
+});
+
+/// KEYS: the lease. ARGV: channel, name. Ends it whoever holds it.
+static FORCE_RELEASE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        "if redis.call('DEL', KEYS[1]) == 0 then
+  return 0
+end
+redis.call('PUBLISH', ARGV[1], ARGV[2])
+return 1",
+    )
+});
+
+/// KEYS: n leases. Answers now (µs), then each lease's value (nil if gone)
+/// and its PTTL (ms).
+static INSPECT: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(concat!(
+        lua_now!(),
+        "local out = {now}
+for i, key in ipairs(KEYS) do
+  out[2 * i] = redis.call('GET', key)
+  out[2 * i + 1] = redis.call('PTTL', key)
+end
+return out"
+    ))
+});
+
+/// Leases in Redis: the correct version of the `SET NX PX` lock, with owner
+/// checks, renewal, fencing tokens that survive a restart without
+/// persistence, and waiters woken by pub/sub. See the [module
+/// docs](super) for the protocol and what Redis can promise.
+///
+/// Each lock is the key `dblock:lock:{name}` (the prefix is
+/// [configurable](Lease::with_prefix)); every expiry is Redis' own (`PX`,
+/// `PEXPIRE`, `TIME`). All requests go through one multiplexed connection
+/// (the `redis` crate's `ConnectionManager`, which reconnects after a
+/// dropped connection); a request unanswered for 3 s replaces the
+/// connection, so a black-holed one does not stall the backend.
+///
+/// ```no_run
+/// # async fn demo() -> dblock::Result<()> {
+/// use std::time::Duration;
+/// let locks = dblock::Locks::new(dblock::redis::Lease::open("redis://127.0.0.1:6379/0").await?);
+/// let guard = locks
+///     .acquire("reports:nightly")
+///     .ttl(Duration::from_secs(30))
+///     .await?;
+/// // ... pass guard.token() along with every write the lock protects ...
+/// guard.release().await?;
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct Lease {
+    engine: LeaseEngine<RedisStore>,
+    client: Client,
+    prefix: String,
+    options: LeaseOptions,
+}
+
+impl fmt::Debug for Lease {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Lease")
+            .field("prefix", &self.prefix)
+            .field("options", &self.options)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Lease {
+    /// Leases through `client`, under the key prefix `dblock:`, with default
+    /// options. Connects lazily, at the first request (and again after a
+    /// failure), so it needs no server and no runtime yet; the requests run
+    /// on the Tokio runtime they are made from.
+    pub fn new(client: Client) -> Self {
+        Lease::assemble(client, DEFAULT_PREFIX.to_owned(), LeaseOptions::default())
+            .expect("the default options are valid")
+    }
+
+    /// Connects to the Redis server at `url` (`redis://[user:password@]host[:port][/db]`)
+    /// and checks that it answers.
+    ///
+    /// A URL that cannot be parsed fails with [`Error::InvalidOption`]
+    /// (without repeating the URL, which may hold a password); an
+    /// unreachable server with [`Error::Redis`].
+    ///
+    /// # Cancel safety
+    /// Cancel safe: nothing is written, and a dropped call leaves no
+    /// connection behind.
+    pub async fn open(url: &str) -> Result<Lease> {
+        let client = Client::open(url)
+            .map_err(|e| Error::InvalidOption(format!("not a usable Redis URL: {e}")))?;
+        let lease = Lease::new(client);
+        let pong: String = lease.engine.store().conn.query(&redis::cmd("PING")).await?;
+        if pong != "PONG" {
+            return Err(Error::Redis(RedisError::from((
+                redis::ErrorKind::UnexpectedReturnType,
+                "PING did not answer PONG",
+                pong,
+            ))));
+        }
+        Ok(lease)
+    }
+
+    /// Uses another key prefix (default `dblock:`): up to 64 characters out
+    /// of `A-Z a-z 0-9 _ : . -`, so that it needs no escaping in a `SCAN`
+    /// pattern. Leases under different prefixes never meet.
+    pub fn with_prefix(self, prefix: impl Into<String>) -> Result<Self> {
+        let prefix = prefix.into();
+        let ok = !prefix.is_empty()
+            && prefix.len() <= MAX_PREFIX_LEN
+            && prefix
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b':' | b'.' | b'-'));
+        if !ok {
+            return Err(Error::InvalidOption(format!(
+                "a Redis key prefix must be 1 to {MAX_PREFIX_LEN} characters out of \
+                 A-Z a-z 0-9 _ : . - (got {prefix:?})"
+            )));
+        }
+        Lease::assemble(self.client, prefix, self.options)
+    }
+
+    /// Sets how waiting polls (see [`LeaseOptions`]). With pub/sub working,
+    /// `max_poll` bounds only how late an expiry (not a release) is noticed.
+    pub fn with_options(self, options: LeaseOptions) -> Result<Self> {
+        Lease::assemble(self.client, self.prefix, options)
+    }
+
+    /// The client the leases are taken through.
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    /// The key prefix.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    fn assemble(client: Client, prefix: String, options: LeaseOptions) -> Result<Self> {
+        let wakeups = Wakeups::new();
+        let keys = Keys {
+            prefix: prefix.clone(),
+        };
+        let store = RedisStore {
+            conn: Conn::new(client.clone()),
+            listener: Listener::new(client.clone(), keys.clone(), &wakeups),
+            keys,
+        };
+        let mut engine = LeaseEngine::new(store, wakeups);
+        engine.set_options(options.clone())?;
+        Ok(Lease {
+            engine,
+            client,
+            prefix,
+            options,
+        })
+    }
+}
+
+lease_backend!(Lease);
+
+/// Where a prefix puts things.
+#[derive(Debug, Clone)]
+pub(super) struct Keys {
+    prefix: String,
+}
+
+impl Keys {
+    const LOCK: &'static str = "lock:";
+
+    fn lock(&self, name: &str) -> String {
+        format!("{}{}{name}", self.prefix, Self::LOCK)
+    }
+
+    fn counter(&self) -> String {
+        format!("{}token", self.prefix)
+    }
+
+    /// The channel a release of `name` is published on.
+    pub(super) fn channel(&self, name: &str) -> String {
+        format!("{}released:{name}", self.prefix)
+    }
+
+    /// The `SCAN` pattern of every lease key (the prefix has no glob
+    /// characters: [`Lease::with_prefix`] checks).
+    fn pattern(&self) -> String {
+        format!("{}{}*", self.prefix, Self::LOCK)
+    }
+
+    fn name_of<'k>(&self, key: &'k str) -> Option<&'k str> {
+        key.strip_prefix(self.prefix.as_str())?
+            .strip_prefix(Self::LOCK)
+    }
+}
+
+/// One multiplexed connection, replaced when a request times out: the
+/// `ConnectionManager` reconnects by itself after a dropped connection, but
+/// not after a silent one.
+struct Conn {
+    client: Client,
+    current: Mutex<Option<(u64, ConnectionManager)>>,
+}
+
+impl fmt::Debug for Conn {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Conn").finish_non_exhaustive()
+    }
+}
+
+impl Conn {
+    fn new(client: Client) -> Self {
+        Conn {
+            client,
+            current: Mutex::new(None),
+        }
+    }
+
+    fn get(&self) -> Result<(u64, ConnectionManager)> {
+        let mut current = self.current.lock().unwrap();
+        if let Some((generation, manager)) = &*current {
+            return Ok((*generation, manager.clone()));
+        }
+        static GENERATION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let generation = GENERATION.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let config = ConnectionManagerConfig::new()
+            .set_response_timeout(Some(RESPONSE_TIMEOUT))
+            .set_connection_timeout(Some(CONNECT_TIMEOUT))
+            .set_number_of_retries(3)
+            .set_max_delay(Duration::from_secs(1));
+        let manager = ConnectionManager::new_lazy_with_config(self.client.clone(), config)?;
+        *current = Some((generation, manager.clone()));
+        Ok((generation, manager))
+    }
+
+    /// Notes how a request of `generation` ended: a timeout drops that
+    /// connection, so the next request makes a new one.
+    fn check<T>(&self, generation: u64, result: redis::RedisResult<T>) -> Result<T> {
+        result.map_err(|e| {
+            if e.is_timeout() {
+                let mut current = self.current.lock().unwrap();
+                if current.as_ref().is_some_and(|(g, _)| *g == generation) {
+                    tracing::warn!(error = %e,
+                        "dblock: a Redis request timed out; replacing the connection");
+                    *current = None;
+                }
+            }
+            Error::Redis(e)
+        })
+    }
+
+    async fn script<T: redis::FromRedisValue>(
+        &self,
+        invocation: &ScriptInvocation<'_>,
+    ) -> Result<T> {
+        let (generation, mut manager) = self.get()?;
+        let result = invocation.invoke_async(&mut manager).await;
+        self.check(generation, result)
+    }
+
+    async fn query<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> Result<T> {
+        let (generation, mut manager) = self.get()?;
+        let result = cmd.query_async(&mut manager).await;
+        self.check(generation, result)
+    }
+}
+
+/// The Redis dialect of the lease protocol.
+#[derive(Debug)]
+pub(crate) struct RedisStore {
+    conn: Conn,
+    keys: Keys,
+    listener: Listener,
+}
+
+/// A duration as whole milliseconds for `PX`, rounded up (and at least 1).
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_micros().div_ceil(1000))
+        .unwrap_or(u64::MAX)
+        .max(1)
+}
+
+fn bad_reply(what: &'static str, detail: String) -> Error {
+    Error::Redis(RedisError::from((
+        redis::ErrorKind::UnexpectedReturnType,
+        what,
+        detail,
+    )))
+}
+
+fn time(micros: i64) -> Result<DateTime<Utc>> {
+    DateTime::from_timestamp_micros(micros)
+        .ok_or_else(|| bad_reply("lease time out of range", micros.to_string()))
+}
+
+/// Reads a lease's value, `"{owner} {token} {acquired µs} {mode} {holder}"`,
+/// with its PTTL and the server's time.
+fn info(name: &str, value: &str, pttl_ms: i64, now_us: i64) -> Result<LockInfo> {
+    let mut parts = value.splitn(5, ' ');
+    let (Some(_owner), Some(token), Some(acquired), Some(mode), Some(holder)) = (
+        parts.next(),
+        parts.next(),
+        parts.next(),
+        parts.next(),
+        parts.next(),
+    ) else {
+        return Err(bad_reply("not a dblock lease value", value.to_owned()));
+    };
+    let number = |s: &str| {
+        s.parse::<i64>()
+            .map_err(|_| bad_reply("not a dblock lease value", value.to_owned()))
+    };
+    let mode = if mode == "s" {
+        LockMode::Shared
+    } else {
+        LockMode::Exclusive
+    };
+    let mut info = LockInfo::new(Some(name.to_owned()), holder.to_owned(), mode);
+    info.token = Some(number(token)? as u64);
+    info.acquired_at = Some(time(number(acquired)?)?);
+    info.expires_at = Some(time(now_us.saturating_add(pttl_ms.saturating_mul(1000)))?);
+    Ok(info)
+}
+
+impl RedisStore {
+    /// The live leases among `names`, by one script.
+    async fn inspect_many(&self, names: &[&str]) -> Result<Vec<LockInfo>> {
+        let mut invocation = INSPECT.prepare_invoke();
+        for name in names {
+            invocation.key(self.keys.lock(name));
+        }
+        let reply: Vec<Value> = self.conn.script(&invocation).await?;
+        let int = |v: &Value| match v {
+            Value::Int(n) => Ok(*n),
+            other => Err(bad_reply("expected an integer", format!("{other:?}"))),
+        };
+        let Some(now) = reply.first() else {
+            return Err(bad_reply("empty inspect reply", String::new()));
+        };
+        let now = int(now)?;
+        let mut out = Vec::new();
+        for (k, name) in names.iter().enumerate() {
+            let (Some(value), Some(pttl)) = (reply.get(2 * k + 1), reply.get(2 * k + 2)) else {
+                return Err(bad_reply("short inspect reply", format!("{reply:?}")));
+            };
+            let pttl = int(pttl)?;
+            match value {
+                Value::BulkString(bytes) if pttl >= 0 => {
+                    let value = String::from_utf8_lossy(bytes);
+                    out.push(info(name, &value, pttl, now)?);
+                }
+                // Gone (nil, PTTL -2), or without expiry (PTTL -1): not a
+                // lease dblock wrote.
+                _ => {}
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl LeaseStore for RedisStore {
+    fn kind(&self) -> &'static str {
+        "redis-lease"
+    }
+
+    async fn claim(&self, claim: &Claim<'_>) -> Result<Option<Claimed>> {
+        if (claim.abandoned)() {
+            return Ok(None);
+        }
+        let mut invocation = CLAIM.prepare_invoke();
+        invocation
+            .key(self.keys.lock(claim.name))
+            .key(self.keys.counter())
+            .arg(claim.owner)
+            .arg(claim.holder)
+            .arg(millis(claim.ttl));
+        let reply: Option<(i64, i64)> = self.conn.script(&invocation).await?;
+        reply
+            .map(|(token, expires_at)| {
+                Ok(Claimed {
+                    token: token as u64,
+                    expires_at: time(expires_at)?,
+                })
+            })
+            .transpose()
+    }
+
+    async fn renew(
+        &self,
+        name: &str,
+        owner: &str,
+        token: u64,
+        ttl: Duration,
+    ) -> Result<Option<DateTime<Utc>>> {
+        let one = [Renewal {
+            name: name.into(),
+            owner: owner.into(),
+            token,
+            ttl,
+        }];
+        Ok(match self.renew_many(&one).await?.first() {
+            Some(Renewed::Until(at)) => Some(*at),
+            _ => None,
+        })
+    }
+
+    async fn renew_many(&self, batch: &[Renewal]) -> Result<Vec<Renewed>> {
+        let mut invocation = RENEW.prepare_invoke();
+        for r in batch {
+            invocation
+                .key(self.keys.lock(&r.name))
+                .arg(&*r.owner)
+                .arg(r.token)
+                .arg(millis(r.ttl));
+        }
+        let reply: Vec<i64> = self.conn.script(&invocation).await?;
+        if reply.len() != batch.len() {
+            return Err(bad_reply(
+                "renewal answered for a different number of leases",
+                format!("{} for {}", reply.len(), batch.len()),
+            ));
+        }
+        reply
+            .into_iter()
+            .map(|at| {
+                Ok(if at > 0 {
+                    Renewed::Until(time(at)?)
+                } else {
+                    Renewed::Gone
+                })
+            })
+            .collect()
+    }
+
+    async fn release(
+        &self,
+        name: &str,
+        owner: &str,
+        token: u64,
+        hold: Option<Duration>,
+    ) -> Result<bool> {
+        let mut invocation = RELEASE.prepare_invoke();
+        invocation
+            .key(self.keys.lock(name))
+            .arg(owner)
+            .arg(token)
+            .arg(hold.map(millis).unwrap_or(0))
+            .arg(self.keys.channel(name))
+            .arg(name);
+        let released: i64 = self.conn.script(&invocation).await?;
+        Ok(released == 1)
+    }
+
+    async fn force_release(&self, name: &str) -> Result<bool> {
+        let mut invocation = FORCE_RELEASE.prepare_invoke();
+        invocation
+            .key(self.keys.lock(name))
+            .arg(self.keys.channel(name))
+            .arg(name);
+        let broken: i64 = self.conn.script(&invocation).await?;
+        Ok(broken == 1)
+    }
+
+    async fn inspect(&self, name: &str) -> Result<Option<LockInfo>> {
+        Ok(self.inspect_many(&[name]).await?.pop())
+    }
+
+    async fn now(&self) -> Result<DateTime<Utc>> {
+        // TIME answers seconds and microseconds, as strings.
+        let (secs, micros): (i64, i64) = self.conn.query(&redis::cmd("TIME")).await?;
+        time(secs.saturating_mul(1_000_000).saturating_add(micros))
+    }
+
+    async fn list(&self) -> Result<Vec<LockInfo>> {
+        let mut cursor: u64 = 0;
+        let mut out: Vec<LockInfo> = Vec::new();
+        loop {
+            let (next, keys): (u64, Vec<String>) = self
+                .conn
+                .query(
+                    redis::cmd("SCAN")
+                        .arg(cursor)
+                        .arg("MATCH")
+                        .arg(self.keys.pattern())
+                        .arg("COUNT")
+                        .arg(SCAN_COUNT),
+                )
+                .await?;
+            let names: Vec<&str> = keys.iter().filter_map(|k| self.keys.name_of(k)).collect();
+            if !names.is_empty() {
+                out.extend(self.inspect_many(&names).await?);
+            }
+            if next == 0 {
+                break;
+            }
+            cursor = next;
+        }
+        // SCAN may return a key more than once.
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        out.dedup_by(|a, b| a.name == b.name);
+        Ok(out)
+    }
+
+    fn waiting(&self) {
+        self.listener.ensure_running();
+    }
+}

@@ -1,0 +1,215 @@
+//! Cross-process wake-ups for [`Lease`](super::Lease) waiters through Redis
+//! pub/sub, one channel per name.
+//!
+//! A release (or a forced release) `PUBLISH`es the name on
+//! `{prefix}released:{name}` in the same script that frees the key. A
+//! backend with waiters runs one listener task on a pub/sub connection of
+//! its own, which subscribes to the channels of exactly the names waited
+//! for in this process, so a process receives the releases it waits for
+//! and no others.
+//!
+//! The listener is a convenience on top of polling, never a dependency:
+//! - each time an acquisition is about to wait, the task is nudged; it
+//!   subscribes to the names newly waited for, unsubscribes from those
+//!   nobody waits for any more, and then wakes the newly subscribed names'
+//!   waiters once, since a release published before the subscription took
+//!   effect was not seen;
+//! - it pings the connection every few seconds; a connection that fails or
+//!   does not answer is replaced, with backoff, and every name is
+//!   subscribed (and its waiters woken) again; meanwhile waiters poll,
+//!   bounded by `LeaseOptions::max_poll`;
+//! - it stops a minute after the last waiter, and when the backend is
+//!   dropped.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use redis::Client;
+use tokio::sync::Notify;
+use tokio::time::{interval, sleep, timeout, Instant, MissedTickBehavior};
+
+use super::lease::Keys;
+use crate::lease::Wakeups;
+
+/// How long the listener stays connected with nobody waiting.
+const IDLE_FOR: Duration = Duration::from_secs(60);
+/// How often the connection is pinged (and the backend checked for life).
+const TICK: Duration = Duration::from_secs(5);
+/// How long a connect, (un)subscribe or ping may take.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
+const RETRY_MIN: Duration = Duration::from_millis(100);
+const RETRY_MAX: Duration = Duration::from_secs(10);
+
+/// The nudge of the running listener task, if any.
+type Slot = Mutex<Option<Arc<Notify>>>;
+
+/// The backend's handle on its listener task. Dropping it stops the task.
+#[derive(Debug)]
+pub(crate) struct Listener {
+    client: Client,
+    keys: Keys,
+    wakeups: Weak<Wakeups>,
+    slot: Arc<Slot>,
+}
+
+impl Listener {
+    pub(crate) fn new(client: Client, keys: Keys, wakeups: &Arc<Wakeups>) -> Self {
+        Listener {
+            client,
+            keys,
+            wakeups: Arc::downgrade(wakeups),
+            slot: Arc::default(),
+        }
+    }
+
+    /// Starts the listener task unless it runs already, and has it bring its
+    /// subscriptions up to date. Never blocks.
+    pub(crate) fn ensure_running(&self) {
+        let mut slot = self.slot.lock().unwrap();
+        if let Some(nudge) = slot.as_ref() {
+            nudge.notify_one();
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let nudge = Arc::new(Notify::new());
+        *slot = Some(nudge.clone());
+        runtime.spawn(run(
+            Arc::downgrade(&self.slot),
+            self.client.clone(),
+            self.keys.clone(),
+            self.wakeups.clone(),
+            nudge,
+        ));
+    }
+}
+
+async fn run(
+    slot: Weak<Slot>,
+    client: Client,
+    keys: Keys,
+    wakeups: Weak<Wakeups>,
+    nudge: Arc<Notify>,
+) {
+    let mut retry = RETRY_MIN;
+    let mut busy_at = Instant::now();
+    'connect: loop {
+        let connected = match timeout(REQUEST_TIMEOUT, client.get_async_pubsub()).await {
+            Ok(Ok(pubsub)) => Ok(pubsub),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err("connecting timed out".to_owned()),
+        };
+        let (mut sink, mut stream) = match connected {
+            Ok(pubsub) => pubsub.split(),
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in = ?retry,
+                    "dblock: cannot subscribe to Redis lease releases; waiters poll meanwhile");
+                sleep(retry).await;
+                if stop_if_idle(&slot, &wakeups, &nudge) {
+                    return;
+                }
+                retry = (retry * 2).min(RETRY_MAX);
+                continue;
+            }
+        };
+        retry = RETRY_MIN;
+        let mut subscribed: HashSet<String> = HashSet::new();
+        let mut tick = interval(TICK);
+        tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        tick.tick().await;
+        loop {
+            // Bring the subscriptions in line with the names waited for.
+            let Some(w) = wakeups.upgrade() else {
+                return;
+            };
+            let wanted: HashSet<String> = w.names().into_iter().collect();
+            drop(w);
+            let new: Vec<String> = wanted.difference(&subscribed).cloned().collect();
+            let old: Vec<String> = subscribed.difference(&wanted).cloned().collect();
+            if !new.is_empty() {
+                let channels: Vec<String> = new.iter().map(|n| keys.channel(n)).collect();
+                if !matches!(
+                    timeout(REQUEST_TIMEOUT, sink.subscribe(&channels)).await,
+                    Ok(Ok(()))
+                ) {
+                    tracing::warn!("dblock: Redis SUBSCRIBE failed; reconnecting");
+                    continue 'connect;
+                }
+                subscribed.extend(new.iter().cloned());
+                // A release published before the subscription took effect
+                // was not seen: let these waiters look again.
+                if let Some(w) = wakeups.upgrade() {
+                    for name in &new {
+                        w.wake(name);
+                    }
+                }
+            }
+            if !old.is_empty() {
+                let channels: Vec<String> = old.iter().map(|n| keys.channel(n)).collect();
+                if !matches!(
+                    timeout(REQUEST_TIMEOUT, sink.unsubscribe(&channels)).await,
+                    Ok(Ok(()))
+                ) {
+                    tracing::warn!("dblock: Redis UNSUBSCRIBE failed; reconnecting");
+                    continue 'connect;
+                }
+                for name in &old {
+                    subscribed.remove(name);
+                }
+            }
+            if !wanted.is_empty() {
+                busy_at = Instant::now();
+            }
+            tokio::select! {
+                _ = nudge.notified() => {}
+                _ = tick.tick() => {
+                    if slot.upgrade().is_none() {
+                        return;
+                    }
+                    if busy_at.elapsed() >= IDLE_FOR && stop_if_idle(&slot, &wakeups, &nudge) {
+                        return;
+                    }
+                    let pong = timeout(REQUEST_TIMEOUT, sink.ping::<redis::Value>()).await;
+                    if !matches!(pong, Ok(Ok(_))) {
+                        tracing::warn!("dblock: the Redis pub/sub connection did not answer a PING; reconnecting");
+                        continue 'connect;
+                    }
+                }
+                message = stream.next() => match message {
+                    Some(message) => {
+                        let name: String = message.get_payload().unwrap_or_default();
+                        match wakeups.upgrade() {
+                            Some(w) => w.wake(&name),
+                            None => return,
+                        }
+                    }
+                    None => {
+                        tracing::warn!("dblock: lost the Redis pub/sub connection; reconnecting");
+                        continue 'connect;
+                    }
+                },
+            }
+        }
+    }
+}
+
+/// Gives up the slot if nobody waits; the next waiter starts a new task.
+/// Checked under the slot's lock, which waiters take after subscribing in
+/// [`Wakeups`], so a waiter either sees the slot cleared or is seen here.
+fn stop_if_idle(slot: &Weak<Slot>, wakeups: &Weak<Wakeups>, nudge: &Arc<Notify>) -> bool {
+    let Some(slot) = slot.upgrade() else {
+        return true;
+    };
+    let mut slot = slot.lock().unwrap();
+    if wakeups.upgrade().is_none_or(|w| w.is_idle()) {
+        if slot.as_ref().is_some_and(|n| Arc::ptr_eq(n, nudge)) {
+            *slot = None;
+        }
+        true
+    } else {
+        false
+    }
+}
