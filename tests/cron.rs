@@ -238,6 +238,11 @@ async fn three_hosts_mysql_lease() {
     three_hosts(&common::mysql_url().await, ["0s", "0s", "0s"]).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_hosts_redis_lease() {
+    three_hosts(&common::redis_url(), ["0s", "0s", "0s"]).await;
+}
+
 /// Hosts whose clocks are 7 s behind and 5 s ahead agree with the third.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shifted_clocks_agree_sqlite_lease() {
