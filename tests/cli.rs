@@ -1687,7 +1687,17 @@ fn count_lines(path: &Path) -> usize {
 /// 76. A plain SIGSTOP of the command does not stop dblock.
 async fn job_control_stops_and_resumes(db: Db) {
     let name = common::unique("jobs");
-    let holder = db.start_ticker(db.run(&name, &[], &ticker(false))).await;
+    // dblock in a process group of its own, whose parent (this test) is in
+    // another group of the same session, as a shell's job is: the kernel
+    // discards a job-control stop sent to an orphaned process group, and
+    // this test's own group may be one (a test runner started in the
+    // background of a shell that has exited).
+    let job = |db: &Db| {
+        let mut cmd = db.run(&name, &[], &ticker(false));
+        cmd.process_group(0);
+        cmd
+    };
+    let holder = db.start_ticker(job(&db)).await;
     let dblock = holder.child.id().unwrap() as i32;
     kill(Pid::from_raw(holder.pid), Signal::SIGTSTP).unwrap();
     wait_state(dblock, 'T').await;
@@ -1714,7 +1724,7 @@ async fn job_control_stops_and_resumes(db: Db) {
         return;
     }
     // Stopped for longer than the 3 s ttl.
-    let holder = db.start_ticker(db.run(&name, &[], &ticker(false))).await;
+    let holder = db.start_ticker(job(&db)).await;
     let dblock = holder.child.id().unwrap() as i32;
     kill(Pid::from_raw(holder.pid), Signal::SIGTSTP).unwrap();
     wait_state(dblock, 'T').await;
