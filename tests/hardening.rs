@@ -711,7 +711,32 @@ fn a_subscriber_that_calls_dblock_does_not_deadlock() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mysql_lease_rows_are_swept() {
-    let pool = my_pool(8).await;
+    mysql_rows_are_swept(my_pool(8).await).await;
+}
+
+/// The same under READ COMMITTED, where a locking read of a missing row
+/// locks nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mysql_lease_rows_are_swept_read_committed() {
+    let pool = sqlx::mysql::MySqlPoolOptions::new()
+        .max_connections(8)
+        .acquire_timeout(Duration::from_secs(20))
+        .after_connect(|conn, _| {
+            Box::pin(async move {
+                sqlx::raw_sql("SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED")
+                    .execute(conn)
+                    .await
+                    .map(drop)
+            })
+        })
+        .connect(&common::mysql_url().await)
+        .await
+        .expect("connect to MySQL/MariaDB (DBLOCK_TEST_MYSQL_URL)");
+    dblock::mysql::migrate(&pool).await.expect("migrate");
+    mysql_rows_are_swept(pool).await;
+}
+
+async fn mysql_rows_are_swept(pool: sqlx::MySqlPool) {
     let locks = Locks::new(dblock::mysql::Lease::new(pool.clone()));
     ended_rows_are_swept(locks, move |like| {
         let pool = pool.clone();
