@@ -55,9 +55,12 @@ use crate::{validate_table, LockInfo, LockMode, Result, Wait};
 /// release are single statements outside any transaction); a pool whose
 /// `after_connect` runs `SET autocommit = 0` would keep row locks open.
 ///
-/// Tokens are counted per name in its row, starting at 1. Rows are never
-/// deleted (a released lease only has its expiry moved to now), so do not
-/// prune the table: a name whose row is deleted starts again at 1.
+/// Tokens are counted per name in its row, starting at 1. A row whose
+/// lease ended is deleted by a background sweep about 2 s later; the
+/// highest token swept from the table is kept in `dblock_token_floor`
+/// (migration 2) and a new row starts above it, so a name's token never
+/// goes back. Do not prune the table yourself: a row deleted without
+/// raising the floor lets its name's tokens go back.
 ///
 /// ```no_run
 /// # async fn demo(pool: sqlx::MySqlPool) -> dblock::Result<()> {
@@ -102,7 +105,8 @@ impl Lease {
 
     /// Uses another lease table, `table` or `schema.table`, which must have
     /// the columns of `migrations/mysql/0001_dblock.sql` ([`migrate`](super::migrate)
-    /// creates only `dblock_leases`). Fails with
+    /// creates only `dblock_leases`). Its token floor is kept in the pool's
+    /// database's `dblock_token_floor` (migration 2) under `table` as given. Fails with
     /// [`Error::InvalidOption`](crate::Error::InvalidOption) unless the name
     /// is a plain identifier (see [`validate_table`]).
     pub fn with_table(self, table: &str) -> Result<Self> {
