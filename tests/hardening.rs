@@ -425,6 +425,24 @@ async fn waiters_leave_room_sqlite_lease() {
 
 /// 2,000 distinct names taken and released leave (almost) no rows a few
 /// seconds later; a name taken again gets a greater token.
+/// The closure [`ended_rows_are_swept`] counts rows with: `sql` (one
+/// placeholder, the LIKE pattern) on `pool`.
+macro_rules! rows_like {
+    ($pool:expr, $sql:expr) => {{
+        let pool = $pool.clone();
+        move |like: String| -> futures::future::BoxFuture<'static, i64> {
+            let pool = pool.clone();
+            Box::pin(async move {
+                sqlx::query_scalar($sql)
+                    .bind(like)
+                    .fetch_one(&pool)
+                    .await
+                    .unwrap()
+            })
+        }
+    }};
+}
+
 async fn ended_rows_are_swept(
     locks: Locks,
     rows: impl Fn(String) -> futures::future::BoxFuture<'static, i64>,
@@ -472,16 +490,13 @@ async fn ended_rows_are_swept(
 async fn postgres_lease_rows_are_swept() {
     let pool = admin(8).await;
     let locks = Locks::new(Lease::new(pool.clone()));
-    ended_rows_are_swept(locks, move |like| {
-        let pool = pool.clone();
-        Box::pin(async move {
-            sqlx::query_scalar("SELECT count(*) FROM dblock_leases WHERE name LIKE $1")
-                .bind(like)
-                .fetch_one(&pool)
-                .await
-                .unwrap()
-        })
-    })
+    ended_rows_are_swept(
+        locks,
+        rows_like!(
+            pool,
+            "SELECT count(*) FROM dblock_leases WHERE name LIKE $1"
+        ),
+    )
     .await;
 }
 
@@ -493,16 +508,13 @@ async fn sqlite_lease_rows_are_swept() {
         .await
         .unwrap();
     let pool = lease.pool().clone();
-    ended_rows_are_swept(Locks::new(lease), move |like| {
-        let pool = pool.clone();
-        Box::pin(async move {
-            sqlx::query_scalar("SELECT count(*) FROM dblock_leases WHERE name LIKE ?1")
-                .bind(like)
-                .fetch_one(&pool)
-                .await
-                .unwrap()
-        })
-    })
+    ended_rows_are_swept(
+        Locks::new(lease),
+        rows_like!(
+            pool,
+            "SELECT count(*) FROM dblock_leases WHERE name LIKE ?1"
+        ),
+    )
     .await;
     let _ = std::fs::remove_dir_all(dir);
 }
@@ -738,16 +750,10 @@ async fn mysql_lease_rows_are_swept_read_committed() {
 
 async fn mysql_rows_are_swept(pool: sqlx::MySqlPool) {
     let locks = Locks::new(dblock::mysql::Lease::new(pool.clone()));
-    ended_rows_are_swept(locks, move |like| {
-        let pool = pool.clone();
-        Box::pin(async move {
-            sqlx::query_scalar("SELECT count(*) FROM dblock_leases WHERE name LIKE ?")
-                .bind(like)
-                .fetch_one(&pool)
-                .await
-                .unwrap()
-        })
-    })
+    ended_rows_are_swept(
+        locks,
+        rows_like!(pool, "SELECT count(*) FROM dblock_leases WHERE name LIKE ?"),
+    )
     .await;
 }
 

@@ -67,7 +67,7 @@ async fn floor(pool: &MySqlPool) -> u64 {
 async fn assert_first_token(pool: &MySqlPool, before: u64, token: u64) {
     let after = floor(pool).await;
     assert!(
-        before + 1 <= token && token <= after + 1,
+        before < token && token <= after + 1,
         "a new name starts above the floor ({before}..={after}): got {token}"
     );
 }
