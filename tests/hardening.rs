@@ -425,6 +425,24 @@ async fn waiters_leave_room_sqlite_lease() {
 
 /// 2,000 distinct names taken and released leave (almost) no rows a few
 /// seconds later; a name taken again gets a greater token.
+/// The closure [`ended_rows_are_swept`] counts rows with: `sql` (one
+/// placeholder, the LIKE pattern) on `pool`.
+macro_rules! rows_like {
+    ($pool:expr, $sql:expr) => {{
+        let pool = $pool.clone();
+        move |like: String| -> futures::future::BoxFuture<'static, i64> {
+            let pool = pool.clone();
+            Box::pin(async move {
+                sqlx::query_scalar($sql)
+                    .bind(like)
+                    .fetch_one(&pool)
+                    .await
+                    .unwrap()
+            })
+        }
+    }};
+}
+
 async fn ended_rows_are_swept(
     locks: Locks,
     rows: impl Fn(String) -> futures::future::BoxFuture<'static, i64>,
@@ -472,16 +490,13 @@ async fn ended_rows_are_swept(
 async fn postgres_lease_rows_are_swept() {
     let pool = admin(8).await;
     let locks = Locks::new(Lease::new(pool.clone()));
-    ended_rows_are_swept(locks, move |like| {
-        let pool = pool.clone();
-        Box::pin(async move {
-            sqlx::query_scalar("SELECT count(*) FROM dblock_leases WHERE name LIKE $1")
-                .bind(like)
-                .fetch_one(&pool)
-                .await
-                .unwrap()
-        })
-    })
+    ended_rows_are_swept(
+        locks,
+        rows_like!(
+            pool,
+            "SELECT count(*) FROM dblock_leases WHERE name LIKE $1"
+        ),
+    )
     .await;
 }
 
@@ -493,16 +508,13 @@ async fn sqlite_lease_rows_are_swept() {
         .await
         .unwrap();
     let pool = lease.pool().clone();
-    ended_rows_are_swept(Locks::new(lease), move |like| {
-        let pool = pool.clone();
-        Box::pin(async move {
-            sqlx::query_scalar("SELECT count(*) FROM dblock_leases WHERE name LIKE ?1")
-                .bind(like)
-                .fetch_one(&pool)
-                .await
-                .unwrap()
-        })
-    })
+    ended_rows_are_swept(
+        Locks::new(lease),
+        rows_like!(
+            pool,
+            "SELECT count(*) FROM dblock_leases WHERE name LIKE ?1"
+        ),
+    )
     .await;
     let _ = std::fs::remove_dir_all(dir);
 }
@@ -707,4 +719,120 @@ fn a_subscriber_that_calls_dblock_does_not_deadlock() {
         events.load(std::sync::atomic::Ordering::Relaxed) > 0,
         "the warning was logged"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mysql_lease_rows_are_swept() {
+    mysql_rows_are_swept(my_pool(8).await).await;
+}
+
+/// The same under READ COMMITTED, where a locking read of a missing row
+/// locks nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mysql_lease_rows_are_swept_read_committed() {
+    let pool = sqlx::mysql::MySqlPoolOptions::new()
+        .max_connections(8)
+        .acquire_timeout(Duration::from_secs(20))
+        .after_connect(|conn, _| {
+            Box::pin(async move {
+                sqlx::raw_sql("SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED")
+                    .execute(conn)
+                    .await
+                    .map(drop)
+            })
+        })
+        .connect(&common::mysql_url().await)
+        .await
+        .expect("connect to MySQL/MariaDB (DBLOCK_TEST_MYSQL_URL)");
+    dblock::mysql::migrate(&pool).await.expect("migrate");
+    mysql_rows_are_swept(pool).await;
+}
+
+async fn mysql_rows_are_swept(pool: sqlx::MySqlPool) {
+    let locks = Locks::new(dblock::mysql::Lease::new(pool.clone()));
+    ended_rows_are_swept(
+        locks,
+        rows_like!(pool, "SELECT count(*) FROM dblock_leases WHERE name LIKE ?"),
+    )
+    .await;
+}
+
+/// A database on schema version 1 (rows never deleted), with rows and
+/// tokens, migrated to version 2: its names' tokens keep increasing,
+/// across a sweep too, and `lock_in_tx` of a swept name starts above it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mysql_migration_keeps_tokens_increasing() {
+    use sqlx::mysql::{MySqlConnectOptions, MySqlPoolOptions};
+    let options =
+        MySqlConnectOptions::from_str(&common::mysql_url().await).expect("DBLOCK_TEST_MYSQL_URL");
+    let db = common::unique("dblock_mig").replace([':', '-'], "_");
+    let db = &db[..db.len().min(64)];
+    let admin = MySqlPoolOptions::new()
+        .max_connections(1)
+        .connect_with(options.clone())
+        .await
+        .expect("connect to MySQL/MariaDB (DBLOCK_TEST_MYSQL_URL)");
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE `{db}`")))
+        .execute(&admin)
+        .await
+        .unwrap();
+    let pool = MySqlPoolOptions::new()
+        .max_connections(4)
+        .connect_with(options.database(db))
+        .await
+        .unwrap();
+    // Version 1, as an older dblock left it: ended rows with tokens.
+    sqlx::raw_sql(include_str!("../migrations/mysql/0001_dblock.sql"))
+        .execute(&pool)
+        .await
+        .unwrap();
+    sqlx::raw_sql(
+        "CREATE TABLE dblock_schema_migrations (
+            version BIGINT NOT NULL PRIMARY KEY, description VARCHAR(255) NOT NULL,
+            applied_at DATETIME(6) NOT NULL) ENGINE = InnoDB;
+         INSERT INTO dblock_schema_migrations VALUES (1, 'lease table', UTC_TIMESTAMP(6));
+         INSERT INTO dblock_leases (name, token, acquired_at, expires_at) VALUES
+            ('old:a', 41, UTC_TIMESTAMP(6) - INTERVAL 1 HOUR, UTC_TIMESTAMP(6) - INTERVAL 1 HOUR),
+            ('old:b', 7, UTC_TIMESTAMP(6) - INTERVAL 1 HOUR, UTC_TIMESTAMP(6) - INTERVAL 1 HOUR)",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    dblock::mysql::migrate(&pool).await.expect("migrate");
+
+    let locks = Locks::new(dblock::mysql::Lease::new(pool.clone()));
+    let a = locks.acquire("old:a").await.unwrap();
+    assert_eq!(a.token(), 42, "the migrated row's token goes on");
+    a.release().await.unwrap();
+    // The release schedules a sweep: both old rows go, the floor keeps 42.
+    let until = Instant::now() + Duration::from_secs(15);
+    let mut left: i64 = 2;
+    while left > 0 && Instant::now() < until {
+        sleep(Duration::from_millis(250)).await;
+        left = sqlx::query_scalar("SELECT count(*) FROM dblock_leases")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    }
+    assert_eq!(left, 0, "ended rows are swept");
+    let floor: u64 = sqlx::query_scalar(
+        "SELECT floor FROM dblock_token_floor WHERE lease_table = 'dblock_leases'",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(floor, 42, "the floor is the highest token swept");
+    let b = locks.acquire("old:b").await.unwrap();
+    assert_eq!(b.token(), 43, "a swept name starts above the floor");
+    b.release().await.unwrap();
+    let mut tx = pool.begin().await.unwrap();
+    let t = dblock::mysql::lock_in_tx(&mut tx, "old:a").await.unwrap();
+    assert_eq!(t, 43, "lock_in_tx of a swept name starts above the floor");
+    tx.rollback().await.unwrap();
+
+    pool.close().await;
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("DROP DATABASE `{db}`")))
+        .execute(&admin)
+        .await
+        .unwrap();
 }

@@ -53,6 +53,25 @@ async fn raw_conn() -> MySqlConnection {
         .expect("connect")
 }
 
+/// The token floor of `dblock_leases`: a new name's first token is one
+/// above it (sweeps of ended rows, in this or another test, raise it).
+async fn floor(pool: &MySqlPool) -> u64 {
+    sqlx::query_scalar("SELECT floor FROM dblock_token_floor WHERE lease_table = 'dblock_leases'")
+        .fetch_one(pool)
+        .await
+        .expect("migration 2 creates the floor row of dblock_leases")
+}
+
+/// `token` is a new name's first: one above the floor at some moment
+/// between `before` (read before the claim) and now.
+async fn assert_first_token(pool: &MySqlPool, before: u64, token: u64) {
+    let after = floor(pool).await;
+    assert!(
+        before < token && token <= after + 1,
+        "a new name starts above the floor ({before}..={after}): got {token}"
+    );
+}
+
 async fn db_now(pool: &MySqlPool) -> DateTime<Utc> {
     let now: NaiveDateTime = sqlx::query_scalar("SELECT UTC_TIMESTAMP(6)")
         .fetch_one(pool)
@@ -187,10 +206,11 @@ async fn tokens_strictly_increase() {
     let locks = Locks::new(Lease::new(pool.clone()));
     let name = common::unique("tokens");
     let mut last = 0;
+    let before = floor(&pool).await;
     for i in 0..6 {
         let guard = locks.acquire(&name).await.unwrap();
         if i == 0 {
-            assert_eq!(guard.token(), 1, "a new name starts at 1");
+            assert_first_token(&pool, before, guard.token()).await;
         }
         assert!(guard.token() > last, "{} after {last}", guard.token());
         last = guard.token();
@@ -381,6 +401,7 @@ async fn race(setup: &'static str, expect_isolation: &str) {
     for round in 0..3 {
         let name = common::unique(&format!("race{round}"));
         let barrier = Arc::new(tokio::sync::Barrier::new(32));
+        let before = floor(&pool).await;
         let mut tasks = Vec::new();
         for _ in 0..32 {
             // Separate backends: no in-process coordination at all.
@@ -402,7 +423,7 @@ async fn race(setup: &'static str, expect_isolation: &str) {
             }
         }
         assert_eq!(winners.len(), 1, "round {round}: winners {winners:?}");
-        assert_eq!(winners[0], 1);
+        assert_first_token(&pool, before, winners[0]).await;
     }
     // Everyone waiting instead: one at a time, all served, tokens unique.
     let name = common::unique("queue");
@@ -855,9 +876,11 @@ async fn lock_in_tx_excludes_leases_and_other_transactions() {
     let locks = Locks::new(Lease::new(pool.clone()));
     let name = common::unique("tx-excl");
 
+    let before = floor(&pool).await;
     let mut tx = pool.begin().await.unwrap();
     let t1 = lock_in_tx(&mut tx, &name).await.unwrap();
-    assert_eq!(t1, 1, "the row is created by the transaction");
+    // Created by the transaction, above the floor.
+    assert_first_token(&pool, before, t1).await;
     assert!(locks.try_acquire(&name).await.unwrap().is_none());
     assert!(is_timeout(
         &locks

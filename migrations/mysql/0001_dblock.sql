@@ -2,8 +2,8 @@
 -- Safe to copy into your own migrations; the statement is idempotent.
 --
 -- Lease rows, used by dblock::mysql::Lease and dblock::mysql::lock_in_tx.
--- Rows are never deleted on release, so a name's token never goes back:
--- do not prune this table (a deleted row restarts its name's tokens at 1).
+-- Ended rows are deleted by dblock's sweep, which keeps the highest token it
+-- deleted in dblock_token_floor (version 2): do not prune this table yourself.
 --
 -- Names and owner ids are VARBINARY so that they compare byte for byte (no
 -- collation folds 'A' into 'a' or ignores trailing spaces). Times are UTC in

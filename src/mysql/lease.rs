@@ -15,7 +15,8 @@ use sqlx::{AssertSqlSafe, MySql, MySqlPool, Row, Transaction};
 use super::engine::Engine;
 use super::{code, error_number, is_lock_busy, map_err, micros, quote_table, Conn, DEFAULT_TABLE};
 use crate::lease::{
-    lease_backend, Claim, Claimed, LeaseEngine, LeaseOptions, LeaseStore, Renewal, Renewed, Wakeups,
+    lease_backend, Claim, Claimed, LeaseEngine, LeaseOptions, LeaseStore, Renewal, Renewed,
+    Wakeups, SWEEP_BATCH,
 };
 use crate::{validate_table, LockInfo, LockMode, Result, Wait};
 
@@ -54,9 +55,12 @@ use crate::{validate_table, LockInfo, LockMode, Result, Wait};
 /// release are single statements outside any transaction); a pool whose
 /// `after_connect` runs `SET autocommit = 0` would keep row locks open.
 ///
-/// Tokens are counted per name in its row, starting at 1. Rows are never
-/// deleted (a released lease only has its expiry moved to now), so do not
-/// prune the table: a name whose row is deleted starts again at 1.
+/// Tokens are counted per name in its row, starting at 1. A row whose
+/// lease ended is deleted by a background sweep about 2 s later; the
+/// highest token swept from the table is kept in `dblock_token_floor`
+/// (migration 2) and a new row starts above it, so a name's token never
+/// goes back. Do not prune the table yourself: a row deleted without
+/// raising the floor lets its name's tokens go back.
 ///
 /// ```no_run
 /// # async fn demo(pool: sqlx::MySqlPool) -> dblock::Result<()> {
@@ -101,7 +105,8 @@ impl Lease {
 
     /// Uses another lease table, `table` or `schema.table`, which must have
     /// the columns of `migrations/mysql/0001_dblock.sql` ([`migrate`](super::migrate)
-    /// creates only `dblock_leases`). Fails with
+    /// creates only `dblock_leases`). Its token floor is kept in the pool's
+    /// database's `dblock_token_floor` (migration 2) under `table` as given. Fails with
     /// [`Error::InvalidOption`](crate::Error::InvalidOption) unless the name
     /// is a plain identifier (see [`validate_table`]).
     pub fn with_table(self, table: &str) -> Result<Self> {
@@ -181,6 +186,13 @@ pub(crate) struct Sql {
     list_causal: Arc<str>,
     claim_take: Arc<str>,
     create_row: Arc<str>,
+    pub floor_read: Arc<str>,
+    pub floor_ensure: Arc<str>,
+    sweep_floor: Arc<str>,
+    sweep_cutoff: Arc<str>,
+    sweep_rows: Arc<str>,
+    sweep_raise: Arc<str>,
+    sweep_delete: Arc<str>,
     renew: Arc<str>,
     renew_read: Arc<str>,
     renew_lock: Arc<str>,
@@ -216,6 +228,10 @@ const BATCH_ROWS: &str = "'$[*]' COLUMNS (i FOR ORDINALITY, \
 /// inside a transaction the server skips the wait: it has to be the
 /// transaction's start.
 const BEGIN_CAUSAL: &str = "SET STATEMENT wsrep_sync_wait = 1 FOR START TRANSACTION";
+
+/// The table of each lease table's token floor (see
+/// `migrations/mysql/0002_token_floor.sql`), in the pool's database.
+const FLOOR: &str = "dblock_token_floor";
 
 /// The epoch as a `DATETIME` literal: `TIMESTAMPDIFF` from it gives
 /// microseconds since 1970 in UTC without any time zone conversion.
@@ -259,11 +275,50 @@ impl Sql {
                         acquired_at = ?, expires_at = ? \
                   WHERE name = ? AND token = ? AND expires_at <= UTC_TIMESTAMP(6)"
             )),
-            // Autocommit, outside the claim's transaction: a free row with
-            // token 0, so the first holder gets token 1.
+            // Outside the claim's transaction: a free row whose token is
+            // the table's floor (bound, read under a share lock in the same
+            // short transaction), so the first holder gets a token above
+            // every token ever swept from the table.
             create_row: s(format!(
                 "INSERT IGNORE INTO {t} (name, owner, holder, mode, token, acquired_at, expires_at) \
-                 VALUES (?, NULL, NULL, 'x', 0, UTC_TIMESTAMP(6), UTC_TIMESTAMP(6))"
+                 VALUES (?, NULL, NULL, 'x', ?, UTC_TIMESTAMP(6), UTC_TIMESTAMP(6))"
+            )),
+            // The floor, under a share lock: a sweep holds the row's
+            // exclusive lock from before it deletes anything until it
+            // commits, so a new row starts at the floor that sweep left.
+            floor_read: s(format!(
+                "SELECT floor FROM {FLOOR} WHERE lease_table = ? LOCK IN SHARE MODE"
+            )),
+            // Autocommit, once per table: under READ COMMITTED a locking
+            // read of a missing row locks nothing, so the row must exist.
+            floor_ensure: s(format!(
+                "INSERT IGNORE INTO {FLOOR} (lease_table, floor) VALUES (?, 0)"
+            )),
+            // The sweep, in one transaction: the floor row's exclusive lock
+            // first (never waiting: creators hold it in share briefly, a
+            // transaction in lock_in_tx for as long as it runs), ...
+            sweep_floor: s(format!(
+                "SELECT floor FROM {FLOOR} WHERE lease_table = ? FOR UPDATE NOWAIT"
+            )),
+            // ... a cutoff fixed from the server clock (no write ever sets
+            // an expiry in the past, so no row enters the range below it
+            // later), ...
+            sweep_cutoff: s("SELECT UTC_TIMESTAMP(6) - INTERVAL ? MICROSECOND".to_owned()),
+            // ... the rows ended before it, locked (skipping rows another
+            // transaction holds: a claim deciding, a lock_in_tx), ...
+            sweep_rows: s(format!(
+                "SELECT HEX(name), token FROM {t} WHERE expires_at < ? \
+                  ORDER BY expires_at LIMIT {SWEEP_BATCH} FOR UPDATE SKIP LOCKED"
+            )),
+            // ... the floor raised to the highest of their tokens, ...
+            sweep_raise: s(format!(
+                "UPDATE {FLOOR} SET floor = GREATEST(floor, ?) WHERE lease_table = ?"
+            )),
+            // ... and exactly those rows deleted, found by primary key.
+            sweep_delete: s(format!(
+                "DELETE l FROM JSON_TABLE(?, '$[*]' COLUMNS (name VARCHAR(510) PATH '$')) AS j \
+                   STRAIGHT_JOIN {t} AS l FORCE INDEX (PRIMARY) ON l.name = UNHEX(j.name) \
+                  WHERE l.expires_at < ?"
             )),
             // The new expiry goes through LAST_INSERT_ID(µs since 1970), which
             // the server returns with the statement's OK: one round trip
@@ -327,10 +382,12 @@ impl Sql {
             list: s(list),
             // lock_in_tx: creates the row or takes its lock in one statement
             // (an X record lock on the primary key either way, never a gap
-            // lock), bumping the token if no lease is live.
+            // lock), bumping the token if no lease is live. A new row's
+            // token is one above the table's floor (bound: read under a
+            // share lock first, see `floor_read`).
             tx_lock: s(format!(
                 "INSERT INTO {t} (name, owner, holder, mode, token, acquired_at, expires_at) \
-                 VALUES (?, ?, ?, 'x', 1, UTC_TIMESTAMP(6), UTC_TIMESTAMP(6)) \
+                 VALUES (?, ?, ?, 'x', ?, UTC_TIMESTAMP(6), UTC_TIMESTAMP(6)) \
                  ON DUPLICATE KEY UPDATE \
                     token = IF(expires_at <= UTC_TIMESTAMP(6), token + 1, token), \
                     owner = IF(expires_at <= UTC_TIMESTAMP(6), ?, owner), \
@@ -545,15 +602,140 @@ impl MySqlStore {
         })))
     }
 
-    /// Creates the row of a new name, free, in autocommit.
+    /// Creates the row of a new name, free, its token at the table's
+    /// floor, in a short transaction of its own.
     async fn create_row(&self, name: &str) -> Result<(), sqlx::Error> {
         let mut conn = Conn::acquire(&self.pool).await?;
-        let outcome = q(&self.sql.create_row)
-            .bind(name.as_bytes())
-            .execute(&mut *conn.begin_use())
-            .await;
-        conn.settle(&outcome);
-        outcome.map(drop)
+        let c = conn.begin_use();
+        let outcome = async {
+            loop {
+                sqlx::raw_sql("BEGIN").execute(&mut *c).await?;
+                let floor =
+                    sqlx::query_scalar::<_, u64>(AssertSqlSafe(self.sql.floor_read.clone()))
+                        .bind(self.sql.table.as_bytes())
+                        .fetch_optional(&mut *c)
+                        .await;
+                let floor = match floor {
+                    Ok(Some(floor)) => floor,
+                    Ok(None) => {
+                        // First use of this table: create its floor row.
+                        sqlx::raw_sql("ROLLBACK").execute(&mut *c).await?;
+                        q(&self.sql.floor_ensure)
+                            .bind(self.sql.table.as_bytes())
+                            .execute(&mut *c)
+                            .await?;
+                        continue;
+                    }
+                    Err(e) => return Err(e),
+                };
+                let inserted = q(&self.sql.create_row)
+                    .bind(name.as_bytes())
+                    .bind(floor)
+                    .execute(&mut *c)
+                    .await;
+                return match inserted {
+                    Ok(_) => sqlx::raw_sql("COMMIT").execute(&mut *c).await.map(drop),
+                    Err(e) => Err(e),
+                };
+            }
+        }
+        .await;
+        if outcome.is_err() {
+            // Ends whatever is open; if that fails too, the connection
+            // stays dirty and is closed on drop.
+            if sqlx::raw_sql("ROLLBACK").execute(&mut *c).await.is_err() {
+                return outcome;
+            }
+        }
+        conn.done();
+        outcome
+    }
+
+    /// One sweep transaction (see [`Sql`]'s `sweep_*` statements); how many
+    /// rows it deleted. `Ok(None)` if another transaction holds the floor.
+    async fn sweep_transaction(&self, grace: Duration) -> Result<Option<u64>, sqlx::Error> {
+        let mut conn = Conn::acquire(&self.pool).await?;
+        let c = conn.begin_use();
+        let outcome = self.sweep_locked(c, grace).await;
+        let end = match outcome {
+            Ok(Some(n)) if n > 0 => "COMMIT",
+            _ => "ROLLBACK",
+        };
+        sqlx::raw_sql(end).execute(&mut *c).await?;
+        conn.done();
+        match outcome {
+            Err(e) if is_lock_busy(&e) => Ok(None),
+            outcome => outcome,
+        }
+    }
+
+    async fn sweep_locked(
+        &self,
+        c: &mut sqlx::MySqlConnection,
+        grace: Duration,
+    ) -> Result<Option<u64>, sqlx::Error> {
+        let table = self.sql.table.as_bytes();
+        // Outside the transaction: the floor row exists before it starts.
+        q(&self.sql.floor_ensure)
+            .bind(table)
+            .execute(&mut *c)
+            .await?;
+        sqlx::raw_sql("BEGIN").execute(&mut *c).await?;
+        q(&self.sql.sweep_floor)
+            .bind(table)
+            .fetch_one(&mut *c)
+            .await?;
+        let cutoff: NaiveDateTime =
+            sqlx::query_scalar(AssertSqlSafe(self.sql.sweep_cutoff.clone()))
+                .bind(micros(grace))
+                .fetch_one(&mut *c)
+                .await?;
+        let rows: Vec<(String, u64)> = sqlx::query_as(AssertSqlSafe(self.sql.sweep_rows.clone()))
+            .bind(cutoff)
+            .fetch_all(&mut *c)
+            .await?;
+        let Some(highest) = rows.iter().map(|(_, token)| *token).max() else {
+            return Ok(Some(0));
+        };
+        q(&self.sql.sweep_raise)
+            .bind(highest)
+            .bind(table)
+            .execute(&mut *c)
+            .await?;
+        let budget = match self.packet_budget.load(Ordering::Relaxed) {
+            0 => DEFAULT_PACKET_BUDGET,
+            known => known,
+        };
+        let mut deleted = 0;
+        let mut rest = &rows[..];
+        while !rest.is_empty() {
+            // As many names as fit the packet budget per statement.
+            let mut bytes = 2;
+            let n = rest
+                .iter()
+                .take_while(|(name, _)| {
+                    bytes += name.len() + 3;
+                    bytes <= budget
+                })
+                .count()
+                .max(1);
+            let mut json = String::from("[");
+            for (k, (name, _)) in rest[..n].iter().enumerate() {
+                if k > 0 {
+                    json.push(',');
+                }
+                let _ = write!(json, "\"{name}\"");
+            }
+            json.push(']');
+            let done = q(&self.sql.sweep_delete)
+                .bind(json)
+                .bind(cutoff)
+                .execute(&mut *c)
+                .await?;
+            deleted += done.rows_affected();
+            rest = &rest[n..];
+        }
+        Ok(Some(deleted))
     }
 
     /// The JSON budget of one batch statement; reads the server's
@@ -861,6 +1043,28 @@ impl LeaseStore for MySqlStore {
             .execute(|| q(&self.sql.force_release).bind(name.as_bytes()))
             .await?;
         Ok(done.last_insert_id() > 0 || done.rows_affected() > 0)
+    }
+
+    async fn sweep(&self, grace: Duration) -> Result<u64> {
+        // Asked here, never while the sweep holds the floor: that would
+        // take a second connection while creators wait for the floor on
+        // theirs.
+        self.packet_budget().await;
+        let mut retries = 0;
+        loop {
+            match self.sweep_transaction(grace).await {
+                Ok(Some(n)) => return Ok(n),
+                // The floor is held (a new name being created, a
+                // transaction in lock_in_tx): try again shortly, then leave
+                // the rows to a later sweep.
+                Ok(None) if retries < MAX_RETRIES => {}
+                Ok(None) => return Ok(0),
+                Err(e) if is_retryable(&e) && retries < MAX_RETRIES => {}
+                Err(e) => return Err(map_err(e)),
+            }
+            retries += 1;
+            retry_pause(retries).await;
+        }
     }
 
     async fn now(&self) -> Result<DateTime<Utc>> {

@@ -6,11 +6,18 @@ use super::Conn;
 use crate::migrate::Migration;
 use crate::{Error, Result};
 
-const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    description: "lease table",
-    sql: include_str!("../../migrations/mysql/0001_dblock.sql"),
-}];
+const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        description: "lease table",
+        sql: include_str!("../../migrations/mysql/0001_dblock.sql"),
+    },
+    Migration {
+        version: 2,
+        description: "token floor of swept lease rows",
+        sql: include_str!("../../migrations/mysql/0002_token_floor.sql"),
+    },
+];
 
 /// The named lock that serialises migrators of one database (names are
 /// server-wide and at most 64 characters, hence the hash of the database).

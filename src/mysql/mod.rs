@@ -15,8 +15,9 @@
 //!   `COMMIT`: four round trips. A row locked by someone else means the
 //!   name is busy right now (another claim is deciding, or a transaction
 //!   holds it through [`lock_in_tx`]); the claim never waits on the server.
-//!   The first claim of a name creates the row with an `INSERT IGNORE` in
-//!   autocommit, outside any transaction, so that no gap lock is ever held
+//!   The first claim of a name creates the row with an `INSERT IGNORE`
+//!   outside the claim's transaction, in a short one of its own that reads
+//!   the token floor first (see **Sweep**), so that no gap lock is ever held
 //!   while inserting (the usual source of deadlocks with "insert if
 //!   missing"). Deadlocks, snapshot conflicts and duplicate keys are retried
 //!   a few times with jitter, then reported as "busy".
@@ -36,8 +37,22 @@
 //! - **Extend** and **release**: one conditional `UPDATE` each, matching the
 //!   name, the owner id, the token and an unexpired lease. Release clears
 //!   the owner; with `hold_at_least` it keeps the lease until
-//!   `GREATEST(UTC_TIMESTAMP(6), acquired_at + hold)`. Rows are never
-//!   deleted, so a name's token never goes back.
+//!   `GREATEST(UTC_TIMESTAMP(6), acquired_at + hold)`.
+//! - **Sweep** (background, about 2 s after releases, at most one every
+//!   2 s per backend): rows whose lease ended more than 2 s ago are
+//!   deleted, in one short transaction: the exclusive lock of the table's
+//!   row in `dblock_token_floor` (migration 2; `NOWAIT`, retried briefly,
+//!   else left to the next sweep), a cutoff from `UTC_TIMESTAMP(6)`, a
+//!   locking read (`SKIP LOCKED`) of up to 10,000 rows ended before it, the
+//!   floor raised to the highest of their tokens, and a `DELETE` of exactly
+//!   those rows. A new name's row starts at the floor, read under a share
+//!   lock in the short transaction that inserts it (and in
+//!   [`lock_in_tx`], which therefore holds back sweeps of its table until
+//!   its transaction ends), so a name's token never goes back. The floor
+//!   table is `dblock_token_floor` of the pool's database, keyed by the
+//!   lease table's name as given. Tokens are never drawn from a counter
+//!   every claim updates (nor from `AUTO_INCREMENT`, which Galera
+//!   interleaves per node).
 //! - **Shared (reader) leases are not supported**: acquiring with
 //!   `.shared()` fails with [`Error::Unsupported`](crate::Error::Unsupported).
 //!   Use `dblock::postgres::Advisory` or [`Memory`](crate::memory::Memory)

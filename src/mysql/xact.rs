@@ -178,10 +178,33 @@ pub(crate) async fn lock(
         return Err(super::engine::lock_in_tx_on_galera());
     }
 
+    // 0. The table's token floor, under a share lock held to the end of the
+    //    transaction: a new row starts above every token a sweep deleted,
+    //    and no sweep of the table runs meanwhile.
+    let floor = loop {
+        let floor = sqlx::query_scalar::<_, u64>(AssertSqlSafe(sql.floor_read.clone()))
+            .bind(sql.table.as_bytes())
+            .fetch_optional(&mut *conn)
+            .await
+            .map_err(map_err)?;
+        match floor {
+            Some(floor) => break floor,
+            // First use of this table: its floor row, inside this
+            // transaction (it holds the new row until it ends).
+            None => {
+                q(&sql.floor_ensure)
+                    .bind(sql.table.as_bytes())
+                    .execute(&mut *conn)
+                    .await
+                    .map_err(map_err)?;
+            }
+        }
+    };
+
     // 1. The row lock, creating the row if needed; bumps the token unless a
     //    lease is live.
     loop {
-        match take_row(conn, sql, name, &marker, deadline).await {
+        match take_row(conn, sql, name, &marker, floor + 1, deadline).await {
             Ok(()) => break,
             Err(e) if is_lock_busy(&e) => {
                 // The statement was rolled back, and only the statement,
@@ -245,6 +268,7 @@ async fn take_row(
     sql: &Sql,
     name: &str,
     marker: &str,
+    first_token: u64,
     deadline: Option<Instant>,
 ) -> Result<(), sqlx::Error> {
     let mariadb: bool = sqlx::query_scalar(IS_MARIADB).fetch_one(&mut *conn).await?;
@@ -269,6 +293,7 @@ async fn take_row(
         .bind(name.as_bytes())
         .bind(marker.as_bytes())
         .bind(HOLDER.as_str())
+        .bind(first_token)
         .bind(marker.as_bytes())
         .bind(HOLDER.as_str());
     let Some(secs) = secs.filter(|_| !mariadb) else {
