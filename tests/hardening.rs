@@ -836,3 +836,116 @@ async fn mysql_migration_keeps_tokens_increasing() {
         .await
         .unwrap();
 }
+
+// ---- Dead peers and holder sessions that end abnormally. ----
+
+/// The server-side keepalive timer of the TCP connection whose client end
+/// is `client_port`, in seconds, as `ss` shows it (`timer:(keepalive,9.2sec,0)`):
+/// the time until the server's next probe on that socket.
+fn server_keepalive_secs(server_port: u16, client_port: i32) -> f64 {
+    let filter = format!("( sport = :{server_port} and dport = :{client_port} )");
+    // Right after a statement the socket may show its retransmission
+    // timer instead (`timer:(on,..)`, data not yet acknowledged): look again.
+    let mut text = String::new();
+    for _ in 0..100 {
+        let out = std::process::Command::new("ss")
+            .args(["-tnoH", "state", "established", &filter])
+            .output()
+            .expect("run `ss` (package iproute2) to read the server socket's keepalive timer");
+        text = String::from_utf8_lossy(&out.stdout).into_owned();
+        if text.contains("timer:(keepalive,") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let timer = text
+        .split("timer:(keepalive,")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no keepalive timer on the server's socket: `ss` said {text:?}"));
+    let spec = timer.split(',').next().unwrap_or_default();
+    // `ss` prints e.g. `9.2sec`, `1min59sec`, `119min` or `2h0min`.
+    let mut secs = 0.0;
+    let mut number = String::new();
+    let mut rest = spec;
+    while let Some(c) = rest.chars().next() {
+        if c.is_ascii_digit() || c == '.' {
+            number.push(c);
+            rest = &rest[1..];
+            continue;
+        }
+        let (unit, scale) = if let Some(r) = rest.strip_prefix("sec") {
+            (r, 1.0)
+        } else if let Some(r) = rest.strip_prefix("min") {
+            (r, 60.0)
+        } else if let Some(r) = rest.strip_prefix("ms") {
+            (r, 0.001)
+        } else if let Some(r) = rest.strip_prefix('h') {
+            (r, 3600.0)
+        } else if let Some(r) = rest.strip_prefix('d') {
+            (r, 86400.0)
+        } else {
+            panic!("unexpected timer {spec:?} in `ss` output {text:?}");
+        };
+        secs += number.parse::<f64>().expect("a number in the timer") * scale;
+        number.clear();
+        rest = unit;
+    }
+    secs
+}
+
+/// A holder session probes its peer after 10 s of silence (server-side
+/// `tcp_keepalives_idle`), so a holder whose host vanished loses its
+/// advisory locks within about 25 s rather than the kernel's two hours.
+/// Read on the server's own socket, beside an ordinary pooled connection
+/// of the same server, whose timer runs on the system default.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn holder_sessions_have_short_keepalives() {
+    let options = pg_options().await;
+    let server_port = options.get_port();
+    assert!(
+        options.get_host().parse::<std::net::IpAddr>().is_ok() || options.get_host() == "localhost",
+        "this test reads the TCP socket of the holder session: DBLOCK_TEST_POSTGRES_URL must \
+         name a TCP host, not {:?}",
+        options.get_host()
+    );
+    let pool = admin(4).await;
+    let locks = Locks::new(Advisory::new(pool.clone()));
+    let name = common::unique("keepalive");
+    let guard = locks.acquire(&name).await.unwrap();
+    let key = dblock::advisory_key(&name);
+
+    let port_of = |sql: &'static str| {
+        let pool = pool.clone();
+        async move {
+            sqlx::query_scalar::<_, i32>(sql)
+                .bind(key)
+                .fetch_one(&pool)
+                .await
+                .expect("the client port")
+        }
+    };
+    let holder_port = port_of(
+        "SELECT a.client_port FROM pg_locks l JOIN pg_stat_activity a USING (pid)
+          WHERE l.locktype = 'advisory' AND l.granted
+            AND ((l.classid::bigint << 32) | l.objid::bigint) = $1",
+    )
+    .await;
+    let ordinary_port = port_of(
+        "SELECT client_port FROM pg_stat_activity WHERE pid = pg_backend_pid() AND $1 = $1",
+    )
+    .await;
+
+    let holder = server_keepalive_secs(server_port, holder_port);
+    let ordinary = server_keepalive_secs(server_port, ordinary_port);
+    assert!(
+        ordinary > 60.0,
+        "an ordinary connection's keepalive timer is {ordinary} s: the machine's default \
+         (net.ipv4.tcp_keepalive_time) is too short for this test to tell anything"
+    );
+    assert!(
+        holder <= 10.5,
+        "the holder session's next keepalive probe is {holder} s away (ordinary \
+         connection: {ordinary} s): its tcp_keepalives_idle is not in force"
+    );
+    guard.release().await.unwrap();
+}
