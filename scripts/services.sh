@@ -3,7 +3,9 @@
 # Each function fails loudly (set -e in the caller) when its service cannot
 # be reached after starting it.
 
-say() { printf '\n=== %s\n' "$*"; }
+# Each step is stamped with the wall clock and the seconds since the calling
+# script started, so a slow CI run shows where its time went.
+say() { printf '\n=== [%s, %ss] %s\n' "$(date +%T)" "$SECONDS" "$*"; }
 
 start_postgres() {
     if ! pg_isready -q -h 127.0.0.1 -p 5432; then
