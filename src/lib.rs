@@ -51,11 +51,13 @@
 struct ReadmeDoctests;
 
 mod backend;
+mod election;
 mod error;
 mod guard;
 mod info;
 mod lease;
 mod locks;
+mod lost;
 mod name;
 mod request;
 
@@ -73,6 +75,7 @@ pub mod schedule;
 pub mod sqlite;
 
 pub use backend::{Backend, BoxFuture, Grant, HeldLock, LockStatus, PendingGrant};
+pub use election::{Election, Leader, Leadership, DEFAULT_ELECTION_TTL};
 pub use error::{Error, Result};
 pub use guard::LockGuard;
 pub use info::LockInfo;
@@ -80,6 +83,7 @@ pub use lease::LeaseOptions;
 #[doc(hidden)]
 pub use lease::RenewalStats;
 pub use locks::{Acquire, Locks};
+pub use lost::LostSignal;
 pub use name::{validate_name, validate_table, MAX_NAME_LEN};
 #[cfg(feature = "postgres")]
 pub use postgres::advisory_key;
