@@ -74,7 +74,9 @@ impl Leader {
 /// election's ttl), and its identity is recorded with the lock: in the
 /// lease row's or Redis value's holder field, or, for PostgreSQL advisory
 /// locks, in the table `dblock_advisory_holders` (run
-/// [`postgres::migrate`](crate::postgres::migrate)) beside the lock. Its
+/// [`postgres::migrate`](crate::postgres::migrate)) beside the lock (a
+/// role that observes needs `SELECT` on it, one that campaigns `INSERT`
+/// and `UPDATE`; without them an observer sees nobody lead). Its
 /// term is the lock's fencing token, so terms strictly increase and a
 /// resource that records the highest term it saw refuses a deposed leader.
 ///
@@ -276,15 +278,18 @@ impl Election {
         let (locks, name, changed) = (self.locks.clone(), self.name.clone(), self.changed.clone());
         let every = self.observe_every();
         tokio::spawn(async move {
+            let mut rung = Box::pin(changed.notified());
             loop {
-                let rung = changed.notified();
-                tokio::pin!(rung);
                 rung.as_mut().enable();
                 tokio::select! {
                     _ = tx.closed() => return,
                     _ = tokio::time::sleep(every) => {}
-                    _ = rung => {}
+                    _ = &mut rung => {}
                 }
+                // Armed before the read, so that a campaign or resignation
+                // during the read is read again.
+                rung = Box::pin(changed.notified());
+                rung.as_mut().enable();
                 match locks.leader(&name).await {
                     Ok(now) => {
                         tx.send_if_modified(|seen| {

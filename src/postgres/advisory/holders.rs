@@ -50,9 +50,13 @@ pub(super) async fn record(pool: &PgPool, name: &str, holder: &str, token: u64) 
     Ok(())
 }
 
+/// PostgreSQL's SQLSTATE for a table the role may not read.
+const INSUFFICIENT_PRIVILEGE: &str = "42501";
+
 /// The identity, token and start recorded for `name`, if the session that
 /// recorded them holds its key exclusively now. `None` without migration 4
-/// (nothing was recorded then).
+/// (nothing was recorded then), and for a role without `SELECT` on the
+/// table.
 pub(super) async fn recorded(
     pool: &PgPool,
     name: &str,
@@ -78,6 +82,14 @@ pub(super) async fn recorded(
     match row.map_err(map_err) {
         Ok(row) => Ok(row.map(|(holder, token, since)| (holder, token as u64, since))),
         Err(Error::SchemaMissing { .. }) => Ok(None),
+        // A role that may not read the table still inspects the lock itself
+        // (as a session's); it sees no identity, so no leader either.
+        Err(Error::Database(sqlx::Error::Database(db)))
+            if db.code().as_deref() == Some(INSUFFICIENT_PRIVILEGE) =>
+        {
+            tracing::debug!(error = %db, "dblock: advisory holder identities are out of reach");
+            Ok(None)
+        }
         Err(e) => Err(e),
     }
 }
