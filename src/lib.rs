@@ -17,6 +17,10 @@
 //! - **Database time only** for every expiry decision.
 //! - **No leaks**: dropped guards and cancelled acquisitions never leave a
 //!   lock held, nor hand a locked connection back to the pool.
+//! - **Leader election** ([`Locks::elect`]): campaign, resign, and observe
+//!   who leads (identity and term) on every backend; plus
+//!   [`Locks::with_lock`], which cancels its work when the lock is lost, and
+//!   [`LockGuard::lost_owned`] for spawned tasks.
 //! - **Scheduled jobs** ([`schedule`]): every process runs the same job,
 //!   each slot of its interval or cron schedule runs once across the fleet,
 //!   by the database clock.
