@@ -29,6 +29,12 @@ pub trait Backend: Send + Sync + fmt::Debug + 'static {
     /// Must be cancel safe: if the future is dropped, no lock may stay held
     /// that no guard owns (release it, close its connection, or let a short
     /// lease run out).
+    ///
+    /// A request with a [`holder`](AcquireRequest::holder) (a leader's
+    /// identity) must be granted only once that identity is recorded where
+    /// [`inspect`](Backend::inspect) reports it as
+    /// [`LockInfo::holder`], with the lock's token: leader election reads
+    /// the leader from there.
     fn acquire(&self, request: AcquireRequest) -> BoxFuture<'_, Result<Option<Grant>>>;
 
     /// Who holds `name` now, if anyone.

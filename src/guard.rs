@@ -1,13 +1,14 @@
 //! The guard that represents a held lock.
 
 use std::fmt;
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use tokio::sync::watch;
 
 use crate::backend::{HeldLock, State};
-use crate::{Error, Grant, LockMode, Result};
+use crate::{Error, Grant, LockMode, LostSignal, Result};
 
 /// A held lock. Dropping it releases the lock in the background;
 /// [`release`](LockGuard::release) does the same and reports errors.
@@ -23,6 +24,9 @@ pub struct LockGuard {
     token: u64,
     state: watch::Receiver<State>,
     held: Option<Box<dyn HeldLock>>,
+    /// The sender of [`lost_owned`](LockGuard::lost_owned)'s second
+    /// channel, made on first use; it closes when the guard goes.
+    ended: OnceLock<watch::Sender<State>>,
 }
 
 impl fmt::Debug for LockGuard {
@@ -45,6 +49,7 @@ impl LockGuard {
             token: grant.token,
             state: grant.state,
             held: Some(grant.held),
+            ended: OnceLock::new(),
         }
     }
 
@@ -87,6 +92,16 @@ impl LockGuard {
         // An error means the backend's keeper is gone: the lock can no
         // longer be vouched for, which is loss too.
         let _ = rx.wait_for(|s| s.lost.is_some()).await;
+    }
+
+    /// An owned handle on the lost signal, for a spawned task: it fires
+    /// when the lock is lost, and also once this guard is released or
+    /// dropped (the lock is then no longer held either).
+    pub fn lost_owned(&self) -> LostSignal {
+        let ended = self
+            .ended
+            .get_or_init(|| watch::channel(State::default()).0);
+        LostSignal::new(self.state.clone(), ended.subscribe())
     }
 
     /// The status channel, for watching loss without borrowing the guard.

@@ -19,7 +19,9 @@ pub struct LockInfo {
     /// The PostgreSQL advisory key (see [`advisory_key`](crate::advisory_key)), for advisory locks.
     pub key: Option<i64>,
     /// Who holds it: `host:pid` for a lease, the server backend (pid,
-    /// application, client address) for an advisory lock.
+    /// application, client address) for an advisory lock; or the identity
+    /// the holder gave ([`Acquire::holder`](crate::Acquire::holder), a
+    /// leader's identity).
     pub holder: String,
     /// The holder's fencing token, where the database records it.
     pub token: Option<u64>,

@@ -17,6 +17,10 @@
 //! - **Database time only** for every expiry decision.
 //! - **No leaks**: dropped guards and cancelled acquisitions never leave a
 //!   lock held, nor hand a locked connection back to the pool.
+//! - **Leader election** ([`Locks::elect`]): campaign, resign, and observe
+//!   who leads (identity and term) on every backend; plus
+//!   [`Locks::with_lock`], which cancels its work when the lock is lost, and
+//!   [`LockGuard::lost_owned`] for spawned tasks.
 //! - **Scheduled jobs** ([`schedule`]): every process runs the same job,
 //!   each slot of its interval or cron schedule runs once across the fleet,
 //!   by the database clock.
@@ -51,11 +55,13 @@
 struct ReadmeDoctests;
 
 mod backend;
+mod election;
 mod error;
 mod guard;
 mod info;
 mod lease;
 mod locks;
+mod lost;
 mod name;
 mod request;
 
@@ -73,6 +79,7 @@ pub mod schedule;
 pub mod sqlite;
 
 pub use backend::{Backend, BoxFuture, Grant, HeldLock, LockStatus, PendingGrant};
+pub use election::{Election, Leader, Leadership, DEFAULT_ELECTION_TTL};
 pub use error::{Error, Result};
 pub use guard::LockGuard;
 pub use info::LockInfo;
@@ -80,6 +87,7 @@ pub use lease::LeaseOptions;
 #[doc(hidden)]
 pub use lease::RenewalStats;
 pub use locks::{Acquire, Locks};
+pub use lost::LostSignal;
 pub use name::{validate_name, validate_table, MAX_NAME_LEN};
 #[cfg(feature = "postgres")]
 pub use postgres::advisory_key;

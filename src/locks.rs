@@ -65,7 +65,34 @@ impl Locks {
             ttl: None,
             mode: LockMode::Exclusive,
             hold_at_least: None,
+            holder: None,
         }
+    }
+
+    /// Takes `name` (waiting until it is free), runs `work` while the lock
+    /// is held, and releases it. If the lock is lost meanwhile, `work` is
+    /// cancelled (its future dropped, at its next `.await`) and the answer
+    /// is [`Error::Lost`]; a loss found by the final release also answers
+    /// `Lost`, since `work` may have finished after the lock was gone. For
+    /// a ttl or a bounded wait, use [`Acquire::with_lock`].
+    ///
+    /// ```
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// let locks = dblock::Locks::new(dblock::memory::Memory::new());
+    /// let token = locks.with_lock("reports", async |guard| guard.token()).await?;
+    /// assert!(token > 0);
+    /// # Ok::<(), dblock::Error>(()) }).unwrap();
+    /// ```
+    ///
+    /// # Cancel safety
+    /// Cancel safe: if dropped, `work` is dropped with it and the lock is
+    /// released in the background.
+    pub async fn with_lock<T>(
+        &self,
+        name: impl Into<String>,
+        work: impl AsyncFnOnce(&LockGuard) -> T,
+    ) -> Result<T> {
+        self.acquire(name).with_lock(work).await
     }
 
     /// Takes the lock if it is free right now; `Ok(None)` if it is held.
@@ -134,6 +161,7 @@ pub struct Acquire<'a> {
     ttl: Option<Duration>,
     mode: LockMode,
     hold_at_least: Option<Duration>,
+    holder: Option<String>,
 }
 
 impl fmt::Debug for Acquire<'_> {
@@ -175,6 +203,14 @@ impl<'a> Acquire<'a> {
         self
     }
 
+    /// Records `identity` as the lock's holder (what
+    /// [`LockInfo::holder`] shows) instead of this process's `host:pid`;
+    /// see [`AcquireRequest::with_holder`]. Leader election uses it.
+    pub fn holder(mut self, identity: impl Into<String>) -> Self {
+        self.holder = Some(identity.into());
+        self
+    }
+
     fn build(self, wait: Wait) -> Result<(&'a Locks, AcquireRequest)> {
         let mut request = self.request?.with_mode(self.mode).with_wait(wait)?;
         if let Some(ttl) = self.ttl {
@@ -182,6 +218,9 @@ impl<'a> Acquire<'a> {
         }
         if let Some(d) = self.hold_at_least {
             request = request.with_hold_at_least(d)?;
+        }
+        if let Some(holder) = self.holder {
+            request = request.with_holder(holder)?;
         }
         Ok((self.locks, request))
     }
@@ -194,8 +233,37 @@ impl<'a> Acquire<'a> {
         Ok(grant.map(|g| LockGuard::new(name, mode, g)))
     }
 
-    async fn try_now(self) -> Result<Option<LockGuard>> {
+    /// Takes the lock as set up if it is free right now; `Ok(None)` if it
+    /// is held (a `.wait(..)` set before is ignored). Never waits for the
+    /// lock (it does wait for the database).
+    ///
+    /// # Cancel safety
+    /// Cancel safe: if dropped, no lock is left held (see [`Acquire`]).
+    pub async fn try_now(self) -> Result<Option<LockGuard>> {
         self.run(Wait::No).await
+    }
+
+    /// Takes the lock as set up, runs `work` while it is held, and
+    /// releases it: [`Locks::with_lock`] with this acquisition's options.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: if dropped, `work` is dropped with it and the lock is
+    /// released in the background.
+    pub async fn with_lock<T>(self, work: impl AsyncFnOnce(&LockGuard) -> T) -> Result<T> {
+        let guard = self.await?;
+        let lost = guard.lost_owned();
+        let out = tokio::select! {
+            // A loss and an end of `work` seen together count as a loss.
+            biased;
+            _ = lost.lost() => None,
+            out = work(&guard) => Some(out),
+        };
+        let Some(out) = out else {
+            let reason = guard.lost_reason().unwrap_or_else(|| "lost".into());
+            return Err(Error::lost(guard.name(), reason));
+        };
+        guard.release().await?;
+        Ok(out)
     }
 }
 

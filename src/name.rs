@@ -27,6 +27,19 @@ pub fn validate_name(name: &str) -> Result<()> {
     Ok(())
 }
 
+/// Checks a holder identity (a leader's, see
+/// [`Locks::elect`](crate::Locks::elect)): the same rules as a name, 1 to
+/// 255 bytes of UTF-8 without NUL, reported as [`Error::InvalidOption`].
+pub(crate) fn validate_identity(identity: &str) -> Result<()> {
+    validate_name(identity).map_err(|e| match e {
+        Error::InvalidName(why) => Error::InvalidOption(format!(
+            "invalid holder identity: {}",
+            why.replace("a lock name", "an identity")
+        )),
+        other => other,
+    })
+}
+
 /// Checks a table name given to a lease backend: an optional schema and a
 /// table, each an ASCII letter or underscore followed by letters, digits or
 /// underscores, at most 63 bytes each (PostgreSQL's limit).

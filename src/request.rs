@@ -64,6 +64,7 @@ pub struct AcquireRequest {
     pub(crate) ttl_set: bool,
     pub(crate) wait: Wait,
     pub(crate) hold_at_least: Option<Duration>,
+    pub(crate) holder: Option<String>,
 }
 
 impl AcquireRequest {
@@ -79,6 +80,7 @@ impl AcquireRequest {
             ttl_set: false,
             wait: Wait::Forever,
             hold_at_least: None,
+            holder: None,
         })
     }
 
@@ -113,6 +115,18 @@ impl AcquireRequest {
         Ok(self)
     }
 
+    /// Records `holder` as who holds the lock, in place of the process's
+    /// `host:pid`: [`LockInfo::holder`](crate::LockInfo::holder) shows it.
+    /// A leader's identity travels this way (see
+    /// [`Election`](crate::Election)). The same rules as a name: 1 to 255
+    /// bytes of UTF-8, no NUL ([`Error::InvalidOption`] otherwise).
+    pub fn with_holder(mut self, holder: impl Into<String>) -> Result<Self> {
+        let holder = holder.into();
+        crate::name::validate_identity(&holder)?;
+        self.holder = Some(holder);
+        Ok(self)
+    }
+
     /// The lock's name.
     pub fn name(&self) -> &str {
         &self.name
@@ -136,6 +150,12 @@ impl AcquireRequest {
     /// The minimum time the lease is kept from acquisition, if any.
     pub fn hold_at_least(&self) -> Option<Duration> {
         self.hold_at_least
+    }
+    /// Who the request says holds the lock, if it says so
+    /// ([`with_holder`](Self::with_holder)); the backend records its own
+    /// description (`host:pid`) otherwise.
+    pub fn holder(&self) -> Option<&str> {
+        self.holder.as_deref()
     }
 }
 

@@ -327,6 +327,7 @@ per_backend!(
     signals_are_re_raised,
     list_and_status_show_waiters_and_backend,
     job_control_stops_and_resumes,
+    leader_shows_and_watches,
 );
 
 /// 8 concurrent `dblock run` on one name: the commands' start and end
@@ -1802,4 +1803,102 @@ async fn lease_table_out_of_reach_is_skipped() {
     assert_code(&output(&mut cmd).await, 69);
     signal(&holder, Signal::SIGTERM);
     assert_killed_by(&finish(holder).await, Signal::SIGTERM);
+}
+
+/// A `Locks` of the library on the same database and backend as `db`'s
+/// `dblock`, with dblock's schema in place.
+async fn library_locks(db: &Db) -> dblock::Locks {
+    match db.backend {
+        Backend::PgAdvisory | Backend::PgLease => {
+            let pool = sqlx::PgPool::connect(&db.url).await.expect("connect");
+            dblock::postgres::migrate(&pool).await.expect("migrate");
+            if db.backend == Backend::PgAdvisory {
+                dblock::Locks::new(dblock::postgres::Advisory::new(pool))
+            } else {
+                dblock::Locks::new(dblock::postgres::Lease::new(pool))
+            }
+        }
+        Backend::MysqlLease => {
+            let pool = sqlx::MySqlPool::connect(&db.url).await.expect("connect");
+            dblock::mysql::migrate(&pool).await.expect("migrate");
+            dblock::Locks::new(dblock::mysql::Lease::new(pool))
+        }
+        Backend::SqliteLease => {
+            let path = db.url.strip_prefix("sqlite:").expect("sqlite URL");
+            dblock::Locks::new(dblock::sqlite::Lease::open(path).await.expect("open"))
+        }
+        Backend::RedisLease => {
+            dblock::Locks::new(dblock::redis::Lease::open(&db.url).await.expect("open"))
+        }
+    }
+}
+
+/// `dblock leader` shows who leads an election run by the library (exit 0),
+/// or that nobody does (exit 1), as text and JSON; `--watch` prints one
+/// line per change: a new leader, a vacancy, a new term.
+async fn leader_shows_and_watches(db: Db) {
+    let name = common::unique("leader");
+    let out = output(db.dblock().args(["leader", &name])).await;
+    assert_code(&out, 1);
+    assert_eq!(stdout(&out).trim(), format!("{name}: no leader"));
+    let out = output(db.dblock().args(["leader", &name, "--json"])).await;
+    assert_code(&out, 1);
+    let v: serde_json::Value = serde_json::from_str(&stdout(&out)).expect("JSON");
+    assert_eq!(v["name"], name.as_str());
+    assert!(v["leader"].is_null(), "{v}");
+
+    let locks = library_locks(&db).await;
+    let first = locks.elect(&name, "host-a:1").unwrap();
+    let leading = first.campaign().await.unwrap();
+    let out = output(db.dblock().args(["leader", &name])).await;
+    assert_code(&out, 0);
+    let text = stdout(&out);
+    assert!(text.contains(&format!("{name}: led by host-a:1")), "{text}");
+    assert!(
+        text.contains(&format!("term:     {}", leading.term())),
+        "{text}"
+    );
+    let out = output(db.dblock().args(["leader", &name, "--json"])).await;
+    assert_code(&out, 0);
+    let v: serde_json::Value = serde_json::from_str(&stdout(&out)).expect("JSON");
+    assert_eq!(v["leader"]["identity"], "host-a:1");
+    assert_eq!(v["leader"]["term"], leading.term());
+
+    let mut watch = db.dblock();
+    watch
+        .args(["leader", &name, "--json", "--watch", "--every", "100ms"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut watcher = watch.spawn().expect("start dblock leader --watch");
+    let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(
+        watcher.stdout.take().unwrap(),
+    ));
+    let mut next = async || -> serde_json::Value {
+        let line = tokio::time::timeout(Duration::from_secs(20), lines.next_line())
+            .await
+            .expect("no line from --watch")
+            .expect("read")
+            .expect("--watch ended");
+        serde_json::from_str(&line).expect("a JSON line")
+    };
+    let v = next().await;
+    assert_eq!(v["leader"]["term"], leading.term(), "{v}");
+    let term = leading.term();
+    leading.resign().await.unwrap();
+    let v = next().await;
+    assert!(v["leader"].is_null(), "{v}");
+    let second = locks.elect(&name, "host-b:2").unwrap();
+    let leading = second.campaign().await.unwrap();
+    assert!(leading.term() > term);
+    let v = next().await;
+    assert_eq!(v["leader"]["identity"], "host-b:2", "{v}");
+    assert_eq!(v["leader"]["term"], leading.term(), "{v}");
+    leading.resign().await.unwrap();
+    assert!(next().await["leader"].is_null());
+    signal(&watcher, Signal::SIGTERM);
+    assert_killed_by(&finish(watcher).await, Signal::SIGTERM);
+
+    // --every belongs to --watch.
+    let out = output(db.dblock().args(["leader", &name, "--every", "1s"])).await;
+    assert_code(&out, 64);
 }

@@ -8,6 +8,7 @@
 //! dblock migrate
 //! dblock list [--json]
 //! dblock status NAME [--json]
+//! dblock leader NAME [--json] [--watch [--every DUR]]
 //! dblock release NAME --force
 //! ```
 //!
@@ -24,6 +25,8 @@ mod cron;
 mod exit;
 #[path = "dblock/guarded.rs"]
 mod guarded;
+#[path = "dblock/leader.rs"]
+mod leader;
 #[path = "dblock/lease.rs"]
 mod lease;
 #[path = "dblock/redact.rs"]
@@ -114,6 +117,12 @@ async fn dispatch(cli: Cli) -> CliResult<Exit> {
         Command::Migrate => report::migrate(target, timeout).await,
         Command::List { json } => report::list(target, timeout, json).await,
         Command::Status { name, json } => report::status(target, timeout, name, json).await,
+        Command::Leader {
+            name,
+            json,
+            watch,
+            every,
+        } => leader::leader(target, timeout, name, json, watch.then_some(every)).await,
         Command::Release { name, force } => report::release(target, timeout, name, force).await,
         Command::Supervise(_) => unreachable!("handled before the runtime starts"),
     };

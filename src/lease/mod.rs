@@ -482,7 +482,7 @@ async fn acquire_task<S: LeaseStore>(
         let claim = Claim {
             name,
             owner: &owner,
-            holder: &inner.holder,
+            holder: request.holder().unwrap_or(&inner.holder),
             mode: request.mode(),
             ttl: request.ttl(),
             abandoned: &abandoned,

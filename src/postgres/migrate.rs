@@ -16,6 +16,11 @@ const MIGRATIONS: &[Migration] = &[
         description: "lease tokens from the fencing sequence",
         sql: include_str!("../../migrations/postgres/0002_lease_tokens_from_sequence.sql"),
     },
+    Migration {
+        version: 4,
+        description: "holder identities of advisory locks",
+        sql: include_str!("../../migrations/postgres/0004_advisory_holders.sql"),
+    },
 ];
 
 /// Creates or updates dblock's schema in the pool's database: the fencing

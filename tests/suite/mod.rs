@@ -14,6 +14,9 @@ use tokio::time::{sleep, timeout, Instant};
 
 use crate::common::unique;
 
+mod election;
+pub use election::*;
+
 /// What the suite needs from a backend.
 pub trait Fixture: Send + Sync + 'static {
     /// A `Locks` with its own connections, as another process would have
@@ -531,7 +534,11 @@ macro_rules! behaviour_suite {
             tokens_strictly_increase, release_and_drop_leave_nothing,
             cancellation_leaves_nothing, lost_fires_when_broken, dead_holder_is_taken_over,
             bad_names_rejected_before_sql, inspect_and_list, not_reentrant,
-            extend_and_renewal, hold_at_least);
+            extend_and_renewal, hold_at_least,
+            // Leader election and the lock helpers (election.rs).
+            leader_unique_and_observed, broken_leader_is_replaced, dead_leader_is_replaced,
+            resign_hands_over, with_lock_cancels_on_loss, lost_owned_fires_in_a_task,
+            try_now_on_the_builder);
     };
     (@tests $fixture:expr; $($name:ident),*) => {
         $(

@@ -12,14 +12,15 @@
 //! server restarts), then checks the workers' logs and the registers. Then
 //! a negative control, a cancellation storm, bad input on every backend, and
 //! the scheduler (`dblock::schedule`) with workers killed and paused
-//! mid-slot on every lease backend.
+//! mid-slot on every lease backend, and leader election (`dblock::Election`)
+//! with workers killed and paused while leading, on every backend.
 //!
 //! Environment:
 //! - `DBLOCK_TORTURE_SECS` — fault phase per backend, default 20 (the soak: 600)
 //! - `DBLOCK_TORTURE_RESTART=1` — also restart the database servers (never
 //!   in CI: other engineers' tests share the servers)
 //! - `DBLOCK_TORTURE_BACKENDS` — a comma list of labels to run (default all)
-//! - `DBLOCK_TORTURE_PHASES` — a comma list of `torture,control,storm,input,schedule`
+//! - `DBLOCK_TORTURE_PHASES` — a comma list of `torture,control,storm,input,schedule,election`
 //! - `DBLOCK_TORTURE_WORKERS` — processes per backend, default 16
 //! - `DBLOCK_TEST_GALERA_URLS` — the Galera nodes of the `mysql-galera` run,
 //!   where one node is also SIGKILLed and restarted mid-run
@@ -31,6 +32,7 @@ mod common;
 
 mod badinput;
 mod check;
+mod election;
 mod events;
 mod proxy;
 mod schedule;
@@ -80,6 +82,7 @@ impl Settings {
                         "storm".into(),
                         "input".into(),
                         "schedule".into(),
+                        "election".into(),
                     ]
                 },
                 |p| p.split(',').map(|s| s.trim().to_owned()).collect(),
@@ -121,6 +124,7 @@ fn main() {
         worker::main(cfg);
     }
     schedule::worker_from_env();
+    election::worker_from_env();
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.iter().any(|a| a == "--list") {
         println!("torture: test");
@@ -223,8 +227,24 @@ async fn controller(settings: Settings) -> Vec<Outcome> {
             });
         }
     }
+    if settings.phase("election") {
+        for &kind in &kinds {
+            let ok = timed(
+                "election",
+                election::run(kind, settings.secs.min(ELECTION_SECS)),
+            )
+            .await;
+            outcomes.push(Outcome {
+                name: format!("election {}", kind.label()),
+                ok,
+            });
+        }
+    }
     outcomes
 }
+
+/// The longest leader-election phase per backend.
+const ELECTION_SECS: u64 = 12;
 
 /// The longest schedule phase per backend (the soak's long runs are for
 /// the lock phase).

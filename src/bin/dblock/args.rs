@@ -221,6 +221,35 @@ Exit status: 0 the lock is held, 1 it is free, 64/69 as for `dblock run`."
         #[arg(long)]
         json: bool,
     },
+    /// Show who leads a leader election (dblock::Election); exit 0 if
+    /// someone leads, 1 if nobody does.
+    #[command(
+        long_about = "\
+Show who leads the leader election NAME (a program's dblock::Election): the
+leader's identity, its term (its lock's fencing token, which only grows)
+and since when it leads. With --watch, follow the election: one line per
+change of leader or term, until interrupted.
+
+On PostgreSQL both advisory locks and leases are looked at, as by `dblock
+status`: the first that has a leader is shown.",
+        after_help = "\
+Exit status: 0 someone leads, 1 nobody does (without --watch); 64/69 as for
+`dblock run`, and 69 when a read fails while watching."
+    )]
+    Leader {
+        /// The election's name.
+        #[arg(value_name = "NAME")]
+        name: OsString,
+        /// Print JSON (one object per line with --watch) instead of text.
+        #[arg(long)]
+        json: bool,
+        /// Follow changes: one line per new leader, new term or vacancy.
+        #[arg(long)]
+        watch: bool,
+        /// With --watch, read this often; 100ms to 1h [default: 1s].
+        #[arg(long, value_name = "DUR", default_value = "1s", requires = "watch")]
+        every: String,
+    },
     /// Break a stuck lock (requires --force).
     #[command(
         long_about = "\

@@ -15,7 +15,7 @@ async fn open(target: Target, timeout: Duration) -> CliResult<Session> {
 }
 
 /// A read that finds no schema has found no locks: reads never create it.
-fn no_schema_is_empty<T: Default>(r: dblock::Result<T>) -> CliResult<T> {
+pub(crate) fn no_schema_is_empty<T: Default>(r: dblock::Result<T>) -> CliResult<T> {
     match r {
         Err(dblock::Error::SchemaMissing { .. }) => Ok(T::default()),
         r => r.map_err(Failure::from),
@@ -57,7 +57,7 @@ pub async fn list(target: Target, timeout: Duration, json: bool) -> CliResult<u8
 /// [`Session::all_locks`]: the chosen one's errors are the command's; the
 /// other one (the lease table beside advisory locks, say) may be out of
 /// the user's reach, which is said on stderr and skipped (`None`).
-fn also_look<T>(i: usize, backend: &str, r: CliResult<T>) -> CliResult<Option<T>> {
+pub(crate) fn also_look<T>(i: usize, backend: &str, r: CliResult<T>) -> CliResult<Option<T>> {
     match r {
         Ok(found) => Ok(Some(found)),
         Err(f) if i == 0 => Err(f),
@@ -79,7 +79,7 @@ struct Listed {
     info: LockInfo,
 }
 
-fn to_json<T: Serialize + ?Sized>(value: &T) -> CliResult<String> {
+pub(crate) fn to_json<T: Serialize + ?Sized>(value: &T) -> CliResult<String> {
     serde_json::to_string(value).map_err(|e| Failure::new(1, format!("cannot print JSON: {e}")))
 }
 

@@ -7,6 +7,7 @@
 //! - [`acquire`]: one acquisition, its polling or server-side wait.
 
 mod acquire;
+mod holders;
 mod registry;
 mod session;
 
@@ -502,23 +503,50 @@ impl Backend for Advisory {
             if let Some(refusal) = self.inner.refusal() {
                 return Err(refusal);
             }
+            // A holder identity is recorded beside an exclusive lock (see
+            // `holders`); dropping the grant on failure unlocks it.
+            let holder = (request.mode() == LockMode::Exclusive)
+                .then(|| {
+                    request
+                        .holder()
+                        .map(|h| (request.name().to_owned(), h.to_owned()))
+                })
+                .flatten();
             // The attempt runs in a task that owns the outcome, so dropping
             // this future can never strand a lock.
             let (tx, rx) = oneshot::channel();
             tokio::spawn(acquire::acquire_task(self.inner.clone(), request, tx));
-            rx.await
-                .unwrap_or_else(|_| Err(Error::Database(sqlx::Error::WorkerCrashed)))
+            let grant = rx
+                .await
+                .unwrap_or_else(|_| Err(Error::Database(sqlx::Error::WorkerCrashed)))?;
+            if let (Some(grant), Some((name, holder))) = (&grant, holder) {
+                holders::record(&self.inner.pool, &name, &holder, grant.token).await?;
+            }
+            Ok(grant)
         })
     }
 
     fn inspect<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<Option<LockInfo>>> {
         Box::pin(async move {
             let key = advisory_key(name);
-            let mut infos = self.inner.query_locks(Some(key)).await?;
-            Ok(infos.pop().map(|mut info| {
-                info.name = Some(name.to_owned());
-                info
-            }))
+            let Some(mut info) = self.inner.query_locks(Some(key)).await?.pop() else {
+                return Ok(None);
+            };
+            info.name = Some(name.to_owned());
+            if info.mode == LockMode::Exclusive {
+                // A recorded identity, unless it is an older holder's on the
+                // session this backend holds the lock on now.
+                if let Some((holder, token, since)) =
+                    holders::recorded(&self.inner.pool, name).await?
+                {
+                    if info.token.is_none_or(|t| t == token) {
+                        info.holder = holder;
+                        info.token = Some(token);
+                        info.acquired_at = Some(since);
+                    }
+                }
+            }
+            Ok(Some(info))
         })
     }
 
