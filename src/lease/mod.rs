@@ -44,6 +44,7 @@
 //!   lease, it is far less exposed than per-lease renewal was, but a pool
 //!   kept saturated for longer than a lease's margin still costs leases.
 
+mod detach;
 mod renewal;
 mod wakeups;
 
@@ -55,11 +56,11 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use rand::Rng;
-use tokio::sync::oneshot;
 use tokio::time::{sleep_until, Instant};
 
 use crate::backend::{BoxFuture, Grant};
 use crate::{AcquireRequest, Error, LockInfo, LockMode, Result, Wait};
+use detach::Detached;
 
 pub use renewal::RenewalStats;
 pub(crate) use wakeups::Wakeups;
@@ -408,25 +409,7 @@ impl<S: LeaseStore> LeaseEngine<S> {
     }
 
     pub(crate) fn acquire(&self, request: AcquireRequest) -> BoxFuture<'_, Result<Option<Grant>>> {
-        let inner = self.inner.clone();
-        Box::pin(async move {
-            if request.mode() == LockMode::Shared && !inner.store.supports_shared() {
-                return Err(Error::Unsupported {
-                    backend: inner.store.kind(),
-                    what:
-                        "shared (reader) leases; use postgres::Advisory or Memory for reader locks"
-                            .into(),
-                });
-            }
-            // The attempt runs in its own task, which owns the outcome: if
-            // this future is dropped, the task notices and releases whatever
-            // it was granted, even mid-statement.
-            let (reply_tx, reply_rx) = oneshot::channel();
-            tokio::spawn(acquire_task(inner, request, reply_tx));
-            reply_rx
-                .await
-                .unwrap_or_else(|_| Err(Error::Database(sqlx::Error::WorkerCrashed)))
-        })
+        Box::pin(acquire(self.inner.clone(), request))
     }
 
     pub(crate) fn inspect<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<Option<LockInfo>>> {
@@ -450,127 +433,181 @@ impl<S: LeaseStore> LeaseEngine<S> {
     }
 }
 
-type Reply = oneshot::Sender<Result<Option<Grant>>>;
+/// One claim attempt, awaited in the caller's task. If the acquisition is
+/// dropped while the claim is in flight, the claim finishes in a task of
+/// its own and gives back whatever it was granted (by owner and token: the
+/// owner id is random and unique to this acquisition).
+fn claim_attempt<S: LeaseStore>(
+    inner: &Arc<Inner<S>>,
+    request: &AcquireRequest,
+    owner: &Arc<str>,
+) -> Detached<Result<Option<Claimed>>> {
+    let inner = inner.clone();
+    let owner = owner.clone();
+    let name: Arc<str> = request.name().into();
+    let (mode, ttl) = (request.mode(), request.ttl());
+    Detached::with_flag(move |flag| async move {
+        let abandoned = || detach::gone(&flag);
+        let claim = Claim {
+            name: &name,
+            owner: &owner,
+            holder: &inner.holder,
+            mode,
+            ttl,
+            abandoned: &abandoned,
+        };
+        let outcome = inner.store.claim(&claim).await;
+        if detach::gone(&flag) {
+            // Nobody waits for this lease any more: give it back.
+            if let Ok(Some(claimed)) = &outcome {
+                let released = inner
+                    .store
+                    .release(&name, &owner, claimed.token, None)
+                    .await;
+                inner.wakeups.wake(&name);
+                tracing::debug!(released = ?released.as_ref().ok(),
+                    "dblock: a lease claimed for a cancelled acquisition was given back");
+            }
+        }
+        outcome
+    })
+}
 
-async fn acquire_task<S: LeaseStore>(
+/// Gives back, in the background, a lease claimed too late to be handed
+/// out (see [`acquire`]); by owner and token, so harmless if it is gone.
+fn give_back<S: LeaseStore>(inner: &Arc<Inner<S>>, name: &str, owner: &Arc<str>, token: u64) {
+    let inner = inner.clone();
+    let (name, owner): (Arc<str>, Arc<str>) = (name.into(), owner.clone());
+    // Dropped unpolled, a detached future runs in a task of its own.
+    drop(Detached::new(async move {
+        let released = inner.store.release(&name, &owner, token, None).await;
+        inner.wakeups.wake(&name);
+        tracing::debug!(released = ?released.as_ref().ok(),
+            "dblock: a lease claimed past its local deadline was given back");
+    }));
+}
+
+/// The acquisition loop, run in the caller's task: claim, and while the
+/// name is busy and the request allows, wait for a wake-up or the next
+/// poll and claim again.
+async fn acquire<S: LeaseStore>(
     inner: Arc<Inner<S>>,
     request: AcquireRequest,
-    mut reply: Reply,
-) {
-    let owner = new_owner();
+) -> Result<Option<Grant>> {
+    if request.mode() == LockMode::Shared && !inner.store.supports_shared() {
+        return Err(Error::Unsupported {
+            backend: inner.store.kind(),
+            what: "shared (reader) leases; use postgres::Advisory or Memory for reader locks"
+                .into(),
+        });
+    }
+    let owner: Arc<str> = new_owner().into();
     let name = request.name();
+    let ttl = request.ttl();
     let deadline = match request.wait() {
         Wait::For(d) => Some(Instant::now() + d),
         _ => None,
     };
-    let subscription = inner.wakeups.subscribe(name);
-    let cap = inner.options.max_poll.min(request.ttl());
+    // A try (`Wait::No`) never waits, so it needs no wake-ups.
+    let subscription = match request.wait() {
+        Wait::No => None,
+        _ => Some(inner.wakeups.subscribe(name)),
+    };
+    let cap = inner.options.max_poll.min(ttl);
     let mut pause = inner.options.min_poll.min(cap);
-    let (claimed, sent_at) = loop {
+    loop {
         // Armed before the attempt, so a release between the attempt and
         // the wait is not missed.
-        let notified = subscription.notified();
-        tokio::pin!(notified);
-        notified.as_mut().enable();
-
-        // The acquirer may have gone while this task waited to run or to
-        // retry: then claim nothing.
-        if reply.is_closed() {
-            return;
+        let notified = subscription.as_ref().map(|s| s.notified());
+        let mut notified = std::pin::pin!(notified);
+        if let Some(n) = notified.as_mut().as_pin_mut() {
+            n.enable();
         }
-        let abandoned = || reply.is_closed();
-        let claim = Claim {
-            name,
-            owner: &owner,
-            holder: &inner.holder,
-            mode: request.mode(),
-            ttl: request.ttl(),
-            abandoned: &abandoned,
-        };
+
         let sent_at = Instant::now();
-        match inner.store.claim(&claim).await {
-            Err(e) => {
-                let _ = reply.send(Err(e));
-                return;
-            }
-            Ok(Some(claimed)) => {
+        match claim_attempt(&inner, &request, &owner).await? {
+            Some(claimed) => {
                 // The claim (its wait for a connection and its retries
                 // included) took longer than the lease's safety margin: its
                 // local deadline has passed already, so it is no lease to
                 // hand out. Give it back and try again while the wait allows.
                 let took = sent_at.elapsed();
-                let ttl = request.ttl();
                 if took < ttl - safety_margin(ttl) {
-                    break (claimed, sent_at);
+                    // No await from the claim's answer to the grant: once
+                    // claimed, the lease is in the timetable and the grant's
+                    // guard owns it.
+                    return Ok(Some(grant(&inner, &request, owner, claimed, sent_at)));
                 }
-                let released = inner.store.release(name, &owner, claimed.token, None).await;
-                inner.wakeups.wake(name);
-                tracing::debug!(?took, ?ttl, released = ?released.as_ref().ok(),
-                    "dblock: a lease claimed past its local deadline was given back");
+                give_back(&inner, name, &owner, claimed.token);
+                tracing::debug!(
+                    ?took,
+                    ?ttl,
+                    "dblock: a lease claimed past its local deadline is being given back"
+                );
                 let out_of_time = match (request.wait(), deadline) {
                     (Wait::No, _) => true,
                     (_, Some(deadline)) => Instant::now() >= deadline,
                     (_, None) => false,
                 };
                 if out_of_time {
-                    let _ = reply.send(Err(Error::lost(
+                    return Err(Error::lost(
                         name,
                         format!(
                             "the claim took {took:?}, past the lease's local deadline \
                              (ttl {ttl:?} minus its safety margin); it was given back"
                         ),
-                    )));
-                    return;
+                    ));
                 }
                 continue;
             }
-            Ok(None) => {}
+            None => {}
         }
         let now = Instant::now();
         let wake_at = match (request.wait(), deadline) {
-            (Wait::No, _) => {
-                let _ = reply.send(Ok(None));
-                return;
-            }
+            (Wait::No, _) => return Ok(None),
             (_, Some(deadline)) if now >= deadline => {
-                let _ = reply.send(Err(Error::Timeout {
+                return Err(Error::Timeout {
                     name: name.to_owned(),
                     waited: match request.wait() {
                         Wait::For(d) => d,
                         _ => Duration::ZERO,
                     },
-                }));
-                return;
+                });
             }
             (_, Some(deadline)) => deadline.min(now + jitter(pause)),
             (_, None) => now + jitter(pause),
         };
         inner.store.waiting();
+        // The one place an acquisition waits: a release in this process (or
+        // one a store's push channel reports), or the next poll.
+        let woken = async {
+            match notified.as_mut().as_pin_mut() {
+                Some(notified) => notified.await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
-            _ = reply.closed() => return,
-            _ = &mut notified => {}
+            _ = woken => {}
             _ = sleep_until(wake_at) => {}
         }
         pause = (pause * 2).min(cap);
-    };
-    drop(subscription);
-    grant(inner, request, owner, claimed, sent_at, reply).await;
+    }
 }
 
-async fn grant<S: LeaseStore>(
-    inner: Arc<Inner<S>>,
-    request: AcquireRequest,
-    owner: String,
+/// Puts a claimed lease in the renewal timetable and builds its grant.
+fn grant<S: LeaseStore>(
+    inner: &Arc<Inner<S>>,
+    request: &AcquireRequest,
+    owner: Arc<str>,
     claimed: Claimed,
     sent_at: Instant,
-    reply: Reply,
-) {
+) -> Grant {
     let (status, pending) = Grant::status(Some(claimed.expires_at));
     let held = renewal::register(
-        &inner,
+        inner,
         renewal::NewLease {
             name: request.name().into(),
-            owner: owner.into(),
+            owner,
             token: claimed.token,
             hold: request.hold_at_least(),
             ttl: request.ttl(),
@@ -578,11 +615,7 @@ async fn grant<S: LeaseStore>(
         },
         sent_at,
     );
-    let grant = pending.grant(claimed.token, Box::new(held));
-    // If the acquirer went away while the claim was in flight, the grant
-    // comes back with the failed send and is dropped here: dropping its
-    // held lock releases the lease in the background.
-    let _ = reply.send(Ok(Some(grant)));
+    pending.grant(claimed.token, Box::new(held))
 }
 
 /// Implements [`Backend`](crate::Backend) for a public wrapper around a
