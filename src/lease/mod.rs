@@ -44,7 +44,6 @@
 //!   lease, it is far less exposed than per-lease renewal was, but a pool
 //!   kept saturated for longer than a lease's margin still costs leases.
 
-mod detach;
 mod renewal;
 mod wakeups;
 
@@ -59,8 +58,8 @@ use rand::Rng;
 use tokio::time::{sleep_until, Instant};
 
 use crate::backend::{BoxFuture, Grant};
+use crate::detach::Detached;
 use crate::{AcquireRequest, Error, LockInfo, LockMode, Result, Wait};
-use detach::Detached;
 
 pub use renewal::RenewalStats;
 pub(crate) use wakeups::Wakeups;
@@ -433,21 +432,67 @@ impl<S: LeaseStore> LeaseEngine<S> {
     }
 }
 
+/// A lease just claimed. Dropped without [`Taken::keep`] (its acquisition
+/// went away while the claim was in flight, or it came too late to hand
+/// out), it is given back in the background, by owner and token: the owner
+/// id is random and unique to the acquisition.
+struct Taken<S: LeaseStore> {
+    inner: Arc<Inner<S>>,
+    name: Arc<str>,
+    owner: Arc<str>,
+    claimed: Option<Claimed>,
+}
+
+impl<S: LeaseStore> Taken<S> {
+    fn keep(mut self) -> Claimed {
+        self.claimed.take().expect("a lease is kept once")
+    }
+}
+
+impl<S: LeaseStore> Drop for Taken<S> {
+    fn drop(&mut self) {
+        let Some(claimed) = self.claimed.take() else {
+            return;
+        };
+        let (inner, name, owner) = (self.inner.clone(), self.name.clone(), self.owner.clone());
+        // Dropped unpolled, a detached future runs in a task of its own.
+        drop(Detached::new(async move {
+            let released = inner
+                .store
+                .release(&name, &owner, claimed.token, None)
+                .await;
+            inner.wakeups.wake(&name);
+            tracing::debug!(released = ?released.as_ref().ok(),
+                "dblock: a lease claimed but not handed out was given back");
+        }));
+    }
+}
+
+/// Sets a flag when dropped: the acquisition has gone away.
+struct MarkGone(Arc<AtomicBool>);
+
+impl Drop for MarkGone {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Release);
+    }
+}
+
 /// One claim attempt, awaited in the caller's task. If the acquisition is
 /// dropped while the claim is in flight, the claim finishes in a task of
-/// its own and gives back whatever it was granted (by owner and token: the
-/// owner id is random and unique to this acquisition).
+/// its own (see [`Detached`]): a store that has not sent it yet sees `gone`
+/// and claims nothing, and a lease it did claim is given back when its
+/// [`Taken`] is dropped there.
 fn claim_attempt<S: LeaseStore>(
     inner: &Arc<Inner<S>>,
     request: &AcquireRequest,
     owner: &Arc<str>,
-) -> Detached<Result<Option<Claimed>>> {
-    let inner = inner.clone();
-    let owner = owner.clone();
+    gone: &Arc<AtomicBool>,
+) -> Detached<Result<Option<Taken<S>>>> {
+    let (inner, owner, gone) = (inner.clone(), owner.clone(), gone.clone());
     let name: Arc<str> = request.name().into();
     let (mode, ttl) = (request.mode(), request.ttl());
-    Detached::with_flag(move |flag| async move {
-        let abandoned = || detach::gone(&flag);
+    Detached::new(async move {
+        let abandoned = || gone.load(Ordering::Acquire);
         let claim = Claim {
             name: &name,
             owner: &owner,
@@ -456,35 +501,14 @@ fn claim_attempt<S: LeaseStore>(
             ttl,
             abandoned: &abandoned,
         };
-        let outcome = inner.store.claim(&claim).await;
-        if detach::gone(&flag) {
-            // Nobody waits for this lease any more: give it back.
-            if let Ok(Some(claimed)) = &outcome {
-                let released = inner
-                    .store
-                    .release(&name, &owner, claimed.token, None)
-                    .await;
-                inner.wakeups.wake(&name);
-                tracing::debug!(released = ?released.as_ref().ok(),
-                    "dblock: a lease claimed for a cancelled acquisition was given back");
-            }
-        }
-        outcome
+        let claimed = inner.store.claim(&claim).await?;
+        Ok(claimed.map(|claimed| Taken {
+            inner: inner.clone(),
+            name: name.clone(),
+            owner: owner.clone(),
+            claimed: Some(claimed),
+        }))
     })
-}
-
-/// Gives back, in the background, a lease claimed too late to be handed
-/// out (see [`acquire`]); by owner and token, so harmless if it is gone.
-fn give_back<S: LeaseStore>(inner: &Arc<Inner<S>>, name: &str, owner: &Arc<str>, token: u64) {
-    let inner = inner.clone();
-    let (name, owner): (Arc<str>, Arc<str>) = (name.into(), owner.clone());
-    // Dropped unpolled, a detached future runs in a task of its own.
-    drop(Detached::new(async move {
-        let released = inner.store.release(&name, &owner, token, None).await;
-        inner.wakeups.wake(&name);
-        tracing::debug!(released = ?released.as_ref().ok(),
-            "dblock: a lease claimed past its local deadline was given back");
-    }));
 }
 
 /// The acquisition loop, run in the caller's task: claim, and while the
@@ -502,6 +526,8 @@ async fn acquire<S: LeaseStore>(
         });
     }
     let owner: Arc<str> = new_owner().into();
+    let gone = Arc::new(AtomicBool::new(false));
+    let _mark_gone = MarkGone(gone.clone());
     let name = request.name();
     let ttl = request.ttl();
     let deadline = match request.wait() {
@@ -525,8 +551,8 @@ async fn acquire<S: LeaseStore>(
         }
 
         let sent_at = Instant::now();
-        match claim_attempt(&inner, &request, &owner).await? {
-            Some(claimed) => {
+        match claim_attempt(&inner, &request, &owner, &gone).await? {
+            Some(taken) => {
                 // The claim (its wait for a connection and its retries
                 // included) took longer than the lease's safety margin: its
                 // local deadline has passed already, so it is no lease to
@@ -536,9 +562,11 @@ async fn acquire<S: LeaseStore>(
                     // No await from the claim's answer to the grant: once
                     // claimed, the lease is in the timetable and the grant's
                     // guard owns it.
+                    let claimed = taken.keep();
                     return Ok(Some(grant(&inner, &request, owner, claimed, sent_at)));
                 }
-                give_back(&inner, name, &owner, claimed.token);
+                // Given back in the background.
+                drop(taken);
                 tracing::debug!(
                     ?took,
                     ?ttl,

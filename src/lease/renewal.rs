@@ -58,9 +58,9 @@ use tokio::runtime::Handle;
 use tokio::sync::Notify;
 use tokio::time::{error::Elapsed, sleep_until, timeout_at, Instant};
 
-use super::detach::Detached;
 use super::{renew_every, safety_margin, Inner, LeaseStore, Renewal, Renewed};
 use crate::backend::{BoxFuture, HeldLock, LockStatus};
+use crate::detach::Detached;
 use crate::{Error, Result};
 
 type Id = u64;
@@ -815,8 +815,17 @@ async fn release<S: LeaseStore>(inner: Arc<Inner<S>>, id: Id) -> Result<()> {
     // lease left the timetable when its release began: the task need not
     // look again for it (it lingers, then stops, when nothing is left).
     let forget = OnDrop(Some(|| {
-        renewals.lock().leases.remove(&id);
+        let wake = {
+            let mut reg = renewals.lock();
+            reg.leases.remove(&id);
+            // Unless the task waits to be woken (it had nothing scheduled):
+            // then it must see that nothing is left, to linger and stop.
+            reg.leases.is_empty() && reg.task_looks_at.is_none()
+        };
         renewals.settled.notify_waiters();
+        if wake {
+            renewals.wake.notify_one();
+        }
     }));
     // Bounded by the lease's local deadline (at least a second from now):
     // past it the lease counts as lost anyway, and a black-holed
