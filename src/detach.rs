@@ -32,7 +32,10 @@ impl<T: Send + 'static> Future for Detached<T> {
     type Output = T;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<T> {
-        let work = self.work.as_mut().expect("Detached polled after completion");
+        let work = self
+            .work
+            .as_mut()
+            .expect("Detached polled after completion");
         match work.as_mut().poll(cx) {
             Poll::Ready(out) => {
                 self.work = None;

@@ -18,8 +18,8 @@ use sqlx::{Connection, MySqlConnection, PgConnection, SqliteConnection};
 use tokio::sync::Mutex;
 
 use super::{
-    name, owner, rate, Op, Res, Row, MY_RELEASE, MY_UPSERT, PG_CLAIM, PG_RELEASE, PG_RELEASE_NOTIFY,
-    SQ_CLAIM, SQ_RELEASE, TASKS,
+    name, owner, rate, Op, Res, Row, MY_RELEASE, MY_UPSERT, PG_CLAIM, PG_RELEASE,
+    PG_RELEASE_NOTIFY, SQ_CLAIM, SQ_RELEASE, TASKS,
 };
 
 /// One connection per task index, each used by that task alone.
@@ -224,7 +224,10 @@ async fn scale_one(
     rows.push(
         Row::new(
             backend,
-            format!("renewal tick with {} leases held (release build)", rate(n as f64)),
+            format!(
+                "renewal tick with {} leases held (release build)",
+                rate(n as f64)
+            ),
         )
         .dblock(format!(
             "{} ms for {} leases",

@@ -33,9 +33,20 @@
 //!   still match, and every store's release clears the owner or ends the
 //!   lease, so a batch landing after a release cannot revive it.
 //! - No task per lease: a held lease is an entry in the task's timetable
-//!   (a few hundred bytes with its status channel). The task stops when
-//!   nothing is held through the backend, and starts again with the next
-//!   grant.
+//!   (a few hundred bytes with its status channel). The task stops 5 s
+//!   after the last grant once nothing is held through the backend, and
+//!   starts again with the next grant; an uncontended acquire and release
+//!   neither starts it nor wakes it.
+//!
+//! # No task hand-offs
+//!
+//! An acquisition claims from the caller's task, and a release or extend
+//! runs there too: no task is spawned per call and no answer crosses
+//! threads. Cancel safety is kept by [`Detached`]: if the caller's future
+//! is dropped while a statement is in flight, the rest of it runs in a task
+//! of its own, where a claim that went through is given back (by owner and
+//! token; the owner id is random and unique to the acquisition) and a
+//! release or extend is recorded in the timetable.
 //! - A huge batch is cut into a few statements only where the dialect
 //!   needs it ([`LeaseStore::batch_len`]): MySQL at half the server's
 //!   `max_allowed_packet`, the others at 250,000 leases.
@@ -447,16 +458,14 @@ impl<S: LeaseStore> Taken<S> {
     fn keep(mut self) -> Claimed {
         self.claimed.take().expect("a lease is kept once")
     }
-}
 
-impl<S: LeaseStore> Drop for Taken<S> {
-    fn drop(&mut self) {
-        let Some(claimed) = self.claimed.take() else {
-            return;
-        };
+    /// Gives the lease back (to be awaited; if dropped, it finishes in a
+    /// task of its own), and wakes this process's waiters for the name.
+    fn give_back(mut self) -> Detached<()> {
+        let claimed = self.claimed.take();
         let (inner, name, owner) = (self.inner.clone(), self.name.clone(), self.owner.clone());
-        // Dropped unpolled, a detached future runs in a task of its own.
-        drop(Detached::new(async move {
+        Detached::new(async move {
+            let Some(claimed) = claimed else { return };
             let released = inner
                 .store
                 .release(&name, &owner, claimed.token, None)
@@ -464,7 +473,22 @@ impl<S: LeaseStore> Drop for Taken<S> {
             inner.wakeups.wake(&name);
             tracing::debug!(released = ?released.as_ref().ok(),
                 "dblock: a lease claimed but not handed out was given back");
-        }));
+        })
+    }
+}
+
+impl<S: LeaseStore> Drop for Taken<S> {
+    fn drop(&mut self) {
+        if self.claimed.is_some() {
+            let take = Taken {
+                inner: self.inner.clone(),
+                name: self.name.clone(),
+                owner: self.owner.clone(),
+                claimed: self.claimed.take(),
+            };
+            // Dropped unpolled, a detached future runs in a task of its own.
+            drop(take.give_back());
+        }
     }
 }
 
@@ -525,6 +549,9 @@ async fn acquire<S: LeaseStore>(
                 .into(),
         });
     }
+    // An uncontended claim may answer without ever waiting (Memory): a
+    // loop of them must still let the runtime run other tasks.
+    tokio::task::coop::consume_budget().await;
     let owner: Arc<str> = new_owner().into();
     let gone = Arc::new(AtomicBool::new(false));
     let _mark_gone = MarkGone(gone.clone());
@@ -565,8 +592,7 @@ async fn acquire<S: LeaseStore>(
                     let claimed = taken.keep();
                     return Ok(Some(grant(&inner, &request, owner, claimed, sent_at)));
                 }
-                // Given back in the background.
-                drop(taken);
+                taken.give_back().await;
                 tracing::debug!(
                     ?took,
                     ?ttl,

@@ -922,6 +922,7 @@ impl<S: LeaseStore> HeldLock for Held<S> {
             // Until here, dropping this future drops `self`, which releases
             // in the background.
             self.taken = true;
+            tokio::task::coop::consume_budget().await;
             // In the caller's task; if dropped mid-statement, the release
             // finishes in a task of its own.
             Detached::new(release(self.inner.clone(), self.id)).await

@@ -248,9 +248,7 @@ impl Lease {
 
     fn assemble(client: Client, prefix: String, options: LeaseOptions) -> Result<Self> {
         let wakeups = Wakeups::new();
-        let keys = Keys {
-            prefix: prefix.clone(),
-        };
+        let keys = Keys::new(&prefix);
         let store = RedisStore {
             conn: Conn::new(client.clone()),
             listener: Listener::new(client.clone(), keys.clone(), &wakeups),
@@ -273,17 +271,26 @@ lease_backend!(Lease);
 #[derive(Debug, Clone)]
 pub(super) struct Keys {
     prefix: String,
+    /// The token counter's key, made once: every claim names it.
+    counter: String,
 }
 
 impl Keys {
     const LOCK: &'static str = "lock:";
 
+    fn new(prefix: &str) -> Keys {
+        Keys {
+            prefix: prefix.to_owned(),
+            counter: format!("{prefix}token"),
+        }
+    }
+
     fn lock(&self, name: &str) -> String {
         format!("{}{}{name}", self.prefix, Self::LOCK)
     }
 
-    fn counter(&self) -> String {
-        format!("{}token", self.prefix)
+    fn counter(&self) -> &str {
+        &self.counter
     }
 
     /// The channel a release of `name` is published on.
