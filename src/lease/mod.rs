@@ -578,43 +578,40 @@ async fn acquire<S: LeaseStore>(
         }
 
         let sent_at = Instant::now();
-        match claim_attempt(&inner, &request, &owner, &gone).await? {
-            Some(taken) => {
-                // The claim (its wait for a connection and its retries
-                // included) took longer than the lease's safety margin: its
-                // local deadline has passed already, so it is no lease to
-                // hand out. Give it back and try again while the wait allows.
-                let took = sent_at.elapsed();
-                if took < ttl - safety_margin(ttl) {
-                    // No await from the claim's answer to the grant: once
-                    // claimed, the lease is in the timetable and the grant's
-                    // guard owns it.
-                    let claimed = taken.keep();
-                    return Ok(Some(grant(&inner, &request, owner, claimed, sent_at)));
-                }
-                taken.give_back().await;
-                tracing::debug!(
-                    ?took,
-                    ?ttl,
-                    "dblock: a lease claimed past its local deadline is being given back"
-                );
-                let out_of_time = match (request.wait(), deadline) {
-                    (Wait::No, _) => true,
-                    (_, Some(deadline)) => Instant::now() >= deadline,
-                    (_, None) => false,
-                };
-                if out_of_time {
-                    return Err(Error::lost(
-                        name,
-                        format!(
-                            "the claim took {took:?}, past the lease's local deadline \
-                             (ttl {ttl:?} minus its safety margin); it was given back"
-                        ),
-                    ));
-                }
-                continue;
+        if let Some(taken) = claim_attempt(&inner, &request, &owner, &gone).await? {
+            // The claim (its wait for a connection and its retries
+            // included) took longer than the lease's safety margin: its
+            // local deadline has passed already, so it is no lease to
+            // hand out. Give it back and try again while the wait allows.
+            let took = sent_at.elapsed();
+            if took < ttl - safety_margin(ttl) {
+                // No await from the claim's answer to the grant: once
+                // claimed, the lease is in the timetable and the grant's
+                // guard owns it.
+                let claimed = taken.keep();
+                return Ok(Some(grant(&inner, &request, owner, claimed, sent_at)));
             }
-            None => {}
+            taken.give_back().await;
+            tracing::debug!(
+                ?took,
+                ?ttl,
+                "dblock: a lease claimed past its local deadline was given back"
+            );
+            let out_of_time = match (request.wait(), deadline) {
+                (Wait::No, _) => true,
+                (_, Some(deadline)) => Instant::now() >= deadline,
+                (_, None) => false,
+            };
+            if out_of_time {
+                return Err(Error::lost(
+                    name,
+                    format!(
+                        "the claim took {took:?}, past the lease's local deadline \
+                         (ttl {ttl:?} minus its safety margin); it was given back"
+                    ),
+                ));
+            }
+            continue;
         }
         let now = Instant::now();
         let wake_at = match (request.wait(), deadline) {
