@@ -31,10 +31,14 @@
 //!
 //! Every figure is printed in one table at the end. Options, by environment:
 //! `DBLOCK_BENCH_ONLY=advisory,pglease,mysql,sqlite,redis` runs only those
-//! sections; `DBLOCK_BENCH_BREAKDOWN=1` adds where the time of one pair goes
+//! sections (`leasescale`, 100,000 leases per lease backend, runs only when
+//! named; see `compare/limit.rs`); `DBLOCK_BENCH_BREAKDOWN=1` adds where the time of one pair goes
 //! (per statement, and for raw SQL run in dblock's task structure) and the
 //! phases of a handoff.
 #![forbid(unsafe_code)]
+
+#[path = "compare/limit.rs"]
+mod limit;
 
 use std::fmt::Write as _;
 use std::future::Future;
@@ -1697,6 +1701,8 @@ async fn pg_lease(env: &Env, raw_handoff: Option<&Latency>, rows: &mut Vec<Row>)
         raw_pg_lease_op(pool.clone(), n.clone(), PgRelease::Plain),
         raw_pg_lease_op(pool.clone(), n.clone(), PgRelease::Notify),
         raw_pg_lease_op(pool.clone(), n.clone(), PgRelease::NotifyAsync),
+        limit::pg_lease_op(&env.pg, n.clone(), false).await?,
+        limit::pg_lease_op(&env.pg, n.clone(), true).await?,
     ];
     throughput_rows(
         B,
@@ -1706,6 +1712,11 @@ async fn pg_lease(env: &Env, raw_handoff: Option<&Latency>, rows: &mut Vec<Row>)
             ("raw upsert + release with NOTIFY (dblock's SQL)", None),
             (
                 "raw upsert + release with NOTIFY, synchronous_commit off",
+                None,
+            ),
+            ("raw upsert + release, dedicated connection", None),
+            (
+                "raw upsert + release with NOTIFY (dblock's SQL), dedicated connection",
                 None,
             ),
         ],
@@ -1905,6 +1916,7 @@ async fn mysql(env: &Env, rows: &mut Vec<Row>, notes: &mut Vec<String>) -> Res<(
         dblock_op(locks.clone(), n.clone()),
         raw_my_tx_op(pool.clone(), n.clone()),
         raw_my_upsert_op(pool.clone(), n.clone()),
+        limit::my_upsert_op(&env.my, n.clone()).await?,
     ];
     throughput_rows(
         B,
@@ -1914,7 +1926,11 @@ async fn mysql(env: &Env, rows: &mut Vec<Row>, notes: &mut Vec<String>) -> Res<(
                 "raw FOR UPDATE transaction + release",
                 Some(("≥ 0.9 × raw", 0.9)),
             ),
-            ("raw upsert + release", None),
+            ("raw upsert + release", Some(("≥ 0.9 × raw", 0.9))),
+            (
+                "raw upsert + release, dedicated connection",
+                Some(("≥ 0.9 × raw", 0.9)),
+            ),
         ],
         Vec::new(),
         rows,
@@ -2049,6 +2065,7 @@ async fn sqlite(dir: &std::path::Path, rows: &mut Vec<Row>, notes: &mut Vec<Stri
     let ops = [
         dblock_op(locks.clone(), n.clone()),
         raw_sqlite_op(raw_pool.clone(), n.clone()),
+        limit::sqlite_op(&file, n.clone()).await?,
     ];
     let acquire: AcquireFn = {
         let (pool, n) = (raw_pool.clone(), n.clone());
@@ -2068,7 +2085,10 @@ async fn sqlite(dir: &std::path::Path, rows: &mut Vec<Row>, notes: &mut Vec<Stri
     throughput_rows(
         B,
         &ops,
-        &[("raw upsert + release", None)],
+        &[
+            ("raw upsert + release", None),
+            ("raw upsert + release, dedicated connection", None),
+        ],
         vec![("raw SQL in dblock's task structure", mimic_op(acquire))],
         rows,
     )
@@ -2208,7 +2228,10 @@ async fn redis_section(url: &str, rows: &mut Vec<Row>, notes: &mut Vec<String>) 
     ratio_rows(
         B,
         &ops,
-        &[("raw SET NX PX + Lua DEL", Some(("≥ 0.9 ×", 0.9)))],
+        &[(
+            "raw SET NX PX + Lua DEL, one dedicated connection",
+            Some(("≥ 0.9 ×", 0.9)),
+        )],
         rows,
     )
     .await
@@ -2296,6 +2319,10 @@ async fn run() {
         if let Err(e) = redis_section(&redis_url, &mut rows, &mut notes).await {
             rows.push(section("redis lease", e));
         }
+    }
+    if only.split(',').any(|s| s.trim() == "leasescale") {
+        stamp("lease scale");
+        limit::scale(&env.pg, &env.my, &redis_url, &dir, &mut rows).await;
     }
     let _ = std::fs::remove_dir_all(&dir);
 

@@ -55,6 +55,8 @@
 struct ReadmeDoctests;
 
 mod backend;
+#[cfg_attr(not(feature = "postgres"), allow(dead_code))]
+mod detach;
 mod election;
 mod error;
 mod guard;

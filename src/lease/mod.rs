@@ -33,9 +33,20 @@
 //!   still match, and every store's release clears the owner or ends the
 //!   lease, so a batch landing after a release cannot revive it.
 //! - No task per lease: a held lease is an entry in the task's timetable
-//!   (a few hundred bytes with its status channel). The task stops when
-//!   nothing is held through the backend, and starts again with the next
-//!   grant.
+//!   (a few hundred bytes with its status channel). The task stops 5 s
+//!   after the last grant once nothing is held through the backend, and
+//!   starts again with the next grant; an uncontended acquire and release
+//!   neither starts it nor wakes it.
+//!
+//! # No task hand-offs
+//!
+//! An acquisition claims from the caller's task, and a release or extend
+//! runs there too: no task is spawned per call and no answer crosses
+//! threads. Cancel safety is kept by [`Detached`]: if the caller's future
+//! is dropped while a statement is in flight, the rest of it runs in a task
+//! of its own, where a claim that went through is given back (by owner and
+//! token; the owner id is random and unique to the acquisition) and a
+//! release or extend is recorded in the timetable.
 //! - A huge batch is cut into a few statements only where the dialect
 //!   needs it ([`LeaseStore::batch_len`]): MySQL at half the server's
 //!   `max_allowed_packet`, the others at 250,000 leases.
@@ -55,10 +66,10 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use rand::Rng;
-use tokio::sync::oneshot;
 use tokio::time::{sleep_until, Instant};
 
 use crate::backend::{BoxFuture, Grant};
+use crate::detach::Detached;
 use crate::{AcquireRequest, Error, LockInfo, LockMode, Result, Wait};
 
 pub use renewal::RenewalStats;
@@ -408,25 +419,7 @@ impl<S: LeaseStore> LeaseEngine<S> {
     }
 
     pub(crate) fn acquire(&self, request: AcquireRequest) -> BoxFuture<'_, Result<Option<Grant>>> {
-        let inner = self.inner.clone();
-        Box::pin(async move {
-            if request.mode() == LockMode::Shared && !inner.store.supports_shared() {
-                return Err(Error::Unsupported {
-                    backend: inner.store.kind(),
-                    what:
-                        "shared (reader) leases; use postgres::Advisory or Memory for reader locks"
-                            .into(),
-                });
-            }
-            // The attempt runs in its own task, which owns the outcome: if
-            // this future is dropped, the task notices and releases whatever
-            // it was granted, even mid-statement.
-            let (reply_tx, reply_rx) = oneshot::channel();
-            tokio::spawn(acquire_task(inner, request, reply_tx));
-            reply_rx
-                .await
-                .unwrap_or_else(|_| Err(Error::Database(sqlx::Error::WorkerCrashed)))
-        })
+        Box::pin(acquire(self.inner.clone(), request))
     }
 
     pub(crate) fn inspect<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<Option<LockInfo>>> {
@@ -450,127 +443,225 @@ impl<S: LeaseStore> LeaseEngine<S> {
     }
 }
 
-type Reply = oneshot::Sender<Result<Option<Grant>>>;
+/// A lease just claimed. Dropped without [`Taken::keep`] (its acquisition
+/// went away while the claim was in flight, or it came too late to hand
+/// out), it is given back in the background, by owner and token: the owner
+/// id is random and unique to the acquisition.
+struct Taken<S: LeaseStore> {
+    inner: Arc<Inner<S>>,
+    name: Arc<str>,
+    owner: Arc<str>,
+    claimed: Option<Claimed>,
+}
 
-async fn acquire_task<S: LeaseStore>(
+impl<S: LeaseStore> Taken<S> {
+    fn keep(mut self) -> Claimed {
+        self.claimed.take().expect("a lease is kept once")
+    }
+
+    /// Gives the lease back (to be awaited; if dropped, it finishes in a
+    /// task of its own), and wakes this process's waiters for the name.
+    fn give_back(mut self) -> Detached<()> {
+        let claimed = self.claimed.take();
+        let (inner, name, owner) = (self.inner.clone(), self.name.clone(), self.owner.clone());
+        Detached::new(async move {
+            let Some(claimed) = claimed else { return };
+            let released = inner
+                .store
+                .release(&name, &owner, claimed.token, None)
+                .await;
+            inner.wakeups.wake(&name);
+            tracing::debug!(released = ?released.as_ref().ok(),
+                "dblock: a lease claimed but not handed out was given back");
+        })
+    }
+}
+
+impl<S: LeaseStore> Drop for Taken<S> {
+    fn drop(&mut self) {
+        if self.claimed.is_some() {
+            let take = Taken {
+                inner: self.inner.clone(),
+                name: self.name.clone(),
+                owner: self.owner.clone(),
+                claimed: self.claimed.take(),
+            };
+            // Dropped unpolled, a detached future runs in a task of its own.
+            drop(take.give_back());
+        }
+    }
+}
+
+/// Sets a flag when dropped: the acquisition has gone away.
+struct MarkGone(Arc<AtomicBool>);
+
+impl Drop for MarkGone {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Release);
+    }
+}
+
+/// One claim attempt, awaited in the caller's task. If the acquisition is
+/// dropped while the claim is in flight, the claim finishes in a task of
+/// its own (see [`Detached`]): a store that has not sent it yet sees `gone`
+/// and claims nothing, and a lease it did claim is given back when its
+/// [`Taken`] is dropped there.
+fn claim_attempt<S: LeaseStore>(
+    inner: &Arc<Inner<S>>,
+    request: &AcquireRequest,
+    owner: &Arc<str>,
+    gone: &Arc<AtomicBool>,
+) -> Detached<Result<Option<Taken<S>>>> {
+    let (inner, owner, gone) = (inner.clone(), owner.clone(), gone.clone());
+    let name: Arc<str> = request.name().into();
+    let (mode, ttl) = (request.mode(), request.ttl());
+    // The holder recorded with the lease: the request's identity (a leader
+    // election's candidate) or this process's `host:pid`.
+    let holder: Option<Arc<str>> = request.holder().map(Into::into);
+    Detached::new(async move {
+        let abandoned = || gone.load(Ordering::Acquire);
+        let claim = Claim {
+            name: &name,
+            owner: &owner,
+            holder: holder.as_deref().unwrap_or(&inner.holder),
+            mode,
+            ttl,
+            abandoned: &abandoned,
+        };
+        let claimed = inner.store.claim(&claim).await?;
+        Ok(claimed.map(|claimed| Taken {
+            inner: inner.clone(),
+            name: name.clone(),
+            owner: owner.clone(),
+            claimed: Some(claimed),
+        }))
+    })
+}
+
+/// The acquisition loop, run in the caller's task: claim, and while the
+/// name is busy and the request allows, wait for a wake-up or the next
+/// poll and claim again.
+async fn acquire<S: LeaseStore>(
     inner: Arc<Inner<S>>,
     request: AcquireRequest,
-    mut reply: Reply,
-) {
-    let owner = new_owner();
+) -> Result<Option<Grant>> {
+    if request.mode() == LockMode::Shared && !inner.store.supports_shared() {
+        return Err(Error::Unsupported {
+            backend: inner.store.kind(),
+            what: "shared (reader) leases; use postgres::Advisory or Memory for reader locks"
+                .into(),
+        });
+    }
+    // An uncontended claim may answer without ever waiting (Memory): a
+    // loop of them must still let the runtime run other tasks.
+    tokio::task::coop::consume_budget().await;
+    let owner: Arc<str> = new_owner().into();
+    let gone = Arc::new(AtomicBool::new(false));
+    let _mark_gone = MarkGone(gone.clone());
     let name = request.name();
+    let ttl = request.ttl();
     let deadline = match request.wait() {
         Wait::For(d) => Some(Instant::now() + d),
         _ => None,
     };
-    let subscription = inner.wakeups.subscribe(name);
-    let cap = inner.options.max_poll.min(request.ttl());
+    // A try (`Wait::No`) never waits, so it needs no wake-ups.
+    let subscription = match request.wait() {
+        Wait::No => None,
+        _ => Some(inner.wakeups.subscribe(name)),
+    };
+    let cap = inner.options.max_poll.min(ttl);
     let mut pause = inner.options.min_poll.min(cap);
-    let (claimed, sent_at) = loop {
+    loop {
         // Armed before the attempt, so a release between the attempt and
         // the wait is not missed.
-        let notified = subscription.notified();
-        tokio::pin!(notified);
-        notified.as_mut().enable();
-
-        // The acquirer may have gone while this task waited to run or to
-        // retry: then claim nothing.
-        if reply.is_closed() {
-            return;
+        let notified = subscription.as_ref().map(|s| s.notified());
+        let mut notified = std::pin::pin!(notified);
+        if let Some(n) = notified.as_mut().as_pin_mut() {
+            n.enable();
         }
-        let abandoned = || reply.is_closed();
-        let claim = Claim {
-            name,
-            owner: &owner,
-            holder: request.holder().unwrap_or(&inner.holder),
-            mode: request.mode(),
-            ttl: request.ttl(),
-            abandoned: &abandoned,
-        };
+
         let sent_at = Instant::now();
-        match inner.store.claim(&claim).await {
-            Err(e) => {
-                let _ = reply.send(Err(e));
-                return;
+        if let Some(taken) = claim_attempt(&inner, &request, &owner, &gone).await? {
+            // The claim (its wait for a connection and its retries
+            // included) took longer than the lease's safety margin: its
+            // local deadline has passed already, so it is no lease to
+            // hand out. Give it back and try again while the wait allows.
+            let took = sent_at.elapsed();
+            if took < ttl - safety_margin(ttl) {
+                // No await from the claim's answer to the grant: once
+                // claimed, the lease is in the timetable and the grant's
+                // guard owns it.
+                let claimed = taken.keep();
+                return Ok(Some(grant(&inner, &request, owner, claimed, sent_at)));
             }
-            Ok(Some(claimed)) => {
-                // The claim (its wait for a connection and its retries
-                // included) took longer than the lease's safety margin: its
-                // local deadline has passed already, so it is no lease to
-                // hand out. Give it back and try again while the wait allows.
-                let took = sent_at.elapsed();
-                let ttl = request.ttl();
-                if took < ttl - safety_margin(ttl) {
-                    break (claimed, sent_at);
-                }
-                let released = inner.store.release(name, &owner, claimed.token, None).await;
-                inner.wakeups.wake(name);
-                tracing::debug!(?took, ?ttl, released = ?released.as_ref().ok(),
-                    "dblock: a lease claimed past its local deadline was given back");
-                let out_of_time = match (request.wait(), deadline) {
-                    (Wait::No, _) => true,
-                    (_, Some(deadline)) => Instant::now() >= deadline,
-                    (_, None) => false,
-                };
-                if out_of_time {
-                    let _ = reply.send(Err(Error::lost(
-                        name,
-                        format!(
-                            "the claim took {took:?}, past the lease's local deadline \
-                             (ttl {ttl:?} minus its safety margin); it was given back"
-                        ),
-                    )));
-                    return;
-                }
-                continue;
+            taken.give_back().await;
+            tracing::debug!(
+                ?took,
+                ?ttl,
+                "dblock: a lease claimed past its local deadline was given back"
+            );
+            let out_of_time = match (request.wait(), deadline) {
+                (Wait::No, _) => true,
+                (_, Some(deadline)) => Instant::now() >= deadline,
+                (_, None) => false,
+            };
+            if out_of_time {
+                return Err(Error::lost(
+                    name,
+                    format!(
+                        "the claim took {took:?}, past the lease's local deadline \
+                         (ttl {ttl:?} minus its safety margin); it was given back"
+                    ),
+                ));
             }
-            Ok(None) => {}
+            continue;
         }
         let now = Instant::now();
         let wake_at = match (request.wait(), deadline) {
-            (Wait::No, _) => {
-                let _ = reply.send(Ok(None));
-                return;
-            }
+            (Wait::No, _) => return Ok(None),
             (_, Some(deadline)) if now >= deadline => {
-                let _ = reply.send(Err(Error::Timeout {
+                return Err(Error::Timeout {
                     name: name.to_owned(),
                     waited: match request.wait() {
                         Wait::For(d) => d,
                         _ => Duration::ZERO,
                     },
-                }));
-                return;
+                });
             }
             (_, Some(deadline)) => deadline.min(now + jitter(pause)),
             (_, None) => now + jitter(pause),
         };
         inner.store.waiting();
+        // The one place an acquisition waits: a release in this process (or
+        // one a store's push channel reports), or the next poll.
+        let woken = async {
+            match notified.as_mut().as_pin_mut() {
+                Some(notified) => notified.await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
-            _ = reply.closed() => return,
-            _ = &mut notified => {}
+            _ = woken => {}
             _ = sleep_until(wake_at) => {}
         }
         pause = (pause * 2).min(cap);
-    };
-    drop(subscription);
-    grant(inner, request, owner, claimed, sent_at, reply).await;
+    }
 }
 
-async fn grant<S: LeaseStore>(
-    inner: Arc<Inner<S>>,
-    request: AcquireRequest,
-    owner: String,
+/// Puts a claimed lease in the renewal timetable and builds its grant.
+fn grant<S: LeaseStore>(
+    inner: &Arc<Inner<S>>,
+    request: &AcquireRequest,
+    owner: Arc<str>,
     claimed: Claimed,
     sent_at: Instant,
-    reply: Reply,
-) {
+) -> Grant {
     let (status, pending) = Grant::status(Some(claimed.expires_at));
     let held = renewal::register(
-        &inner,
+        inner,
         renewal::NewLease {
             name: request.name().into(),
-            owner: owner.into(),
+            owner,
             token: claimed.token,
             hold: request.hold_at_least(),
             ttl: request.ttl(),
@@ -578,11 +669,7 @@ async fn grant<S: LeaseStore>(
         },
         sent_at,
     );
-    let grant = pending.grant(claimed.token, Box::new(held));
-    // If the acquirer went away while the claim was in flight, the grant
-    // comes back with the failed send and is dropped here: dropping its
-    // held lock releases the lease in the background.
-    let _ = reply.send(Ok(Some(grant)));
+    pending.grant(claimed.token, Box::new(held))
 }
 
 /// Implements [`Backend`](crate::Backend) for a public wrapper around a

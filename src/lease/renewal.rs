@@ -35,16 +35,22 @@
 //! batch, because every store's batch statement refuses a released row.
 //!
 //! Everything per lease lives in one entry of a map, guarded by one mutex
-//! that is never held across an `.await`. The task stops when the map is
-//! empty and starts again with the next grant, so a backend that holds
-//! nothing has no task. If the runtime running the task shuts down, every
-//! lease of the backend is marked lost (nothing renews them any more); a
-//! later grant starts a new task on its own runtime.
+//! that is never held across an `.await`. The task stops [`LINGER`] after
+//! the map was last left empty (with no grant since), and starts again with
+//! the next grant, so a backend that has held nothing for a while has no
+//! task, while one that takes and releases leases all the time does not
+//! start and stop a task for each. While it lingers it keeps only a weak
+//! reference to the backend, so dropping the backend is not delayed. A
+//! grant or a release wakes the task only if its timetable must change
+//! sooner than the task would look anyway, so an uncontended acquire and
+//! release costs no cross-thread wake-up. If the runtime running the task
+//! shuts down, every lease of the backend is marked lost (nothing renews
+//! them any more); a later grant starts a new task on its own runtime.
 
 use std::collections::{BTreeSet, HashMap};
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -54,6 +60,7 @@ use tokio::time::{error::Elapsed, sleep_until, timeout_at, Instant};
 
 use super::{renew_every, safety_margin, Inner, LeaseStore, Renewal, Renewed};
 use crate::backend::{BoxFuture, HeldLock, LockStatus};
+use crate::detach::Detached;
 use crate::{Error, Result};
 
 type Id = u64;
@@ -91,8 +98,9 @@ pub struct RenewalStats {
 #[derive(Default)]
 pub(super) struct Renewals {
     registry: Mutex<Registry>,
-    /// Wakes the renewal task: a lease came, changed or went.
-    wake: Notify,
+    /// Wakes the renewal task: its timetable changed (shared with the task,
+    /// which waits on it while it lingers without a strong reference).
+    wake: Arc<Notify>,
     /// Wakes extends and releases waiting for a lease to settle.
     settled: Notify,
     batches: AtomicU64,
@@ -172,6 +180,12 @@ impl Entry {
 #[derive(Default)]
 struct Registry {
     leases: HashMap<Id, Entry>,
+    /// When the renewal task looks at the timetable next by itself, as it
+    /// last computed (`None`: only when woken). A change that needs it
+    /// sooner wakes it; any other change waits for that look.
+    task_looks_at: Option<Instant>,
+    /// When the last lease was granted: the task lingers [`LINGER`] past it.
+    last_grant: Option<Instant>,
     /// Next renewal of each idle, live lease.
     due: BTreeSet<(Instant, Id)>,
     /// Local deadline of each live lease.
@@ -184,6 +198,11 @@ struct Registry {
     /// Leases whose guard was dropped: the task releases them.
     dropped: Vec<Id>,
 }
+
+/// How long the renewal task stays after the last grant once nothing is
+/// held: a backend that takes and releases leases all the time keeps one
+/// task rather than starting one per lease.
+const LINGER: Duration = Duration::from_secs(5);
 
 /// How early a lease may be renewed, to share a tick with others.
 fn slack(ttl: Duration) -> Duration {
@@ -321,7 +340,7 @@ pub(super) fn register<S: LeaseStore>(
     let renewals = &inner.renewals;
     let ttl = lease.ttl;
     let name = lease.name.clone();
-    let (id, start) = {
+    let (id, start, wake) = {
         let mut reg = renewals.lock();
         let id = reg.next_id;
         reg.next_id += 1;
@@ -341,17 +360,26 @@ pub(super) fn register<S: LeaseStore>(
                 status: lease.status,
             },
         );
-        reg.schedule(
-            id,
+        let (next_renew, deadline) = (
             sent_at + renew_every(ttl),
             sent_at + ttl - safety_margin(ttl),
         );
-        (id, !std::mem::replace(&mut reg.running, true))
+        reg.schedule(id, next_renew, deadline);
+        reg.last_grant = Some(reg.last_grant.map_or(sent_at, |at| at.max(sent_at)));
+        let start = !std::mem::replace(&mut reg.running, true);
+        // The task must look sooner than it means to only if this lease is
+        // due (or at its deadline) before then.
+        let wake = !start
+            && reg
+                .task_looks_at
+                .is_none_or(|at| next_renew.min(deadline) < at);
+        (id, start, wake)
     };
     if start {
-        start_task(inner.clone(), &Handle::current());
+        start_task(inner, &Handle::current());
+    } else if wake {
+        renewals.wake.notify_one();
     }
-    renewals.wake.notify_one();
     Held {
         inner: inner.clone(),
         id,
@@ -361,9 +389,10 @@ pub(super) fn register<S: LeaseStore>(
 }
 
 /// Spawns the renewal task; `running` is already set.
-fn start_task<S: LeaseStore>(inner: Arc<Inner<S>>, handle: &Handle) {
+fn start_task<S: LeaseStore>(inner: &Arc<Inner<S>>, handle: &Handle) {
     let task = Task {
-        inner,
+        inner: Arc::downgrade(inner),
+        wake: inner.renewals.wake.clone(),
         finished: false,
     };
     // The future owns `task` from here: dropped unpolled or mid-way (the
@@ -373,32 +402,69 @@ fn start_task<S: LeaseStore>(inner: Arc<Inner<S>>, handle: &Handle) {
 
 /// The renewal task of one engine.
 struct Task<S: LeaseStore> {
-    inner: Arc<Inner<S>>,
+    /// Upgraded for each look at the timetable; held strongly while
+    /// anything is held, so that leases whose guards were dropped are still
+    /// released if the backend is dropped too.
+    inner: Weak<Inner<S>>,
+    wake: Arc<Notify>,
     finished: bool,
 }
 
 impl<S: LeaseStore> Task<S> {
     async fn run(mut self) {
-        let inner = self.inner.clone();
-        let renewals = &inner.renewals;
+        let wake = self.wake.clone();
         loop {
-            let wake = renewals.wake.notified();
-            tokio::pin!(wake);
-            wake.as_mut().enable();
+            let woken = wake.notified();
+            tokio::pin!(woken);
+            woken.as_mut().enable();
+            let Some(inner) = self.inner.upgrade() else {
+                // The backend is gone, and its timetable with it.
+                self.finished = true;
+                return;
+            };
+            let renewals = &inner.renewals;
             let now = Instant::now();
-            let (batch, dropped, wake_at, lost_some) = {
+            let looked = {
                 let mut reg = renewals.lock();
                 let lost_some = reg.expire(now);
                 if reg.leases.is_empty() {
-                    reg.running = false;
                     reg.horizon = Duration::ZERO;
-                    self.finished = true;
-                    return;
+                    let until = reg.last_grant.map_or(now, |at| at + LINGER);
+                    if now >= until {
+                        reg.running = false;
+                        reg.task_looks_at = None;
+                        reg.last_grant = None;
+                        self.finished = true;
+                        None
+                    } else {
+                        reg.task_looks_at = Some(until);
+                        Some((true, Vec::new(), Vec::new(), Some(until), lost_some))
+                    }
+                } else {
+                    let dropped = std::mem::take(&mut reg.dropped);
+                    let batch = reg.take_due(now);
+                    let wake_at = reg.wake_at();
+                    reg.task_looks_at = wake_at;
+                    Some((false, batch, dropped, wake_at, lost_some))
                 }
-                let dropped = std::mem::take(&mut reg.dropped);
-                let batch = reg.take_due(now);
-                (batch, dropped, reg.wake_at(), lost_some)
             };
+            let Some((lingering, batch, dropped, wake_at, lost_some)) = looked else {
+                return;
+            };
+            if lingering {
+                if lost_some {
+                    renewals.settled.notify_waiters();
+                }
+                // Nothing held: linger with only a weak reference to the
+                // backend, until the last grant is LINGER old.
+                drop(inner);
+                let until = wake_at.unwrap_or(now);
+                tokio::select! {
+                    _ = &mut woken => {}
+                    _ = sleep_until(until) => {}
+                }
+                continue;
+            }
             if lost_some {
                 renewals.settled.notify_waiters();
             }
@@ -422,15 +488,17 @@ impl<S: LeaseStore> Task<S> {
                 };
                 tokio::spawn(pending.run(items, deadlines));
             }
+            // Held strongly while leases are (see `inner`).
             match wake_at {
                 Some(at) => {
                     tokio::select! {
-                        _ = &mut wake => {}
+                        _ = &mut woken => {}
                         _ = sleep_until(at) => {}
                     }
                 }
-                None => wake.await,
+                None => woken.await,
             }
+            drop(inner);
         }
     }
 }
@@ -443,9 +511,13 @@ impl<S: LeaseStore> Drop for Task<S> {
         // The runtime is shutting down (or the task panicked): nothing will
         // renew these leases any more, so their guards must not vouch for
         // them.
-        let renewals = &self.inner.renewals;
+        let Some(inner) = self.inner.upgrade() else {
+            return;
+        };
+        let renewals = &inner.renewals;
         let mut reg = renewals.lock();
         reg.running = false;
+        reg.task_looks_at = None;
         let ids: Vec<Id> = reg.leases.keys().copied().collect();
         for id in ids {
             reg.lose(
@@ -739,10 +811,21 @@ async fn release<S: LeaseStore>(inner: Arc<Inner<S>>, id: Id) -> Result<()> {
         }
         settled.await;
     };
-    // Forgotten whatever happens next, even if this task is dropped.
+    // Forgotten whatever happens next, even if this future is dropped. The
+    // lease left the timetable when its release began: the task need not
+    // look again for it (it lingers, then stops, when nothing is left).
     let forget = OnDrop(Some(|| {
-        renewals.lock().leases.remove(&id);
-        renewals.changed();
+        let wake = {
+            let mut reg = renewals.lock();
+            reg.leases.remove(&id);
+            // Unless the task waits to be woken (it had nothing scheduled):
+            // then it must see that nothing is left, to linger and stop.
+            reg.leases.is_empty() && reg.task_looks_at.is_none()
+        };
+        renewals.settled.notify_waiters();
+        if wake {
+            renewals.wake.notify_one();
+        }
     }));
     // Bounded by the lease's local deadline (at least a second from now):
     // past it the lease counts as lost anyway, and a black-holed
@@ -800,7 +883,7 @@ fn release_in_background<S: LeaseStore>(inner: &Arc<Inner<S>>, id: Id) {
     };
     if start {
         match Handle::try_current() {
-            Ok(handle) => start_task(inner.clone(), &handle),
+            Ok(handle) => start_task(inner, &handle),
             Err(_) => renewals.lock().running = false,
         }
     }
@@ -828,13 +911,10 @@ impl<S: LeaseStore> fmt::Debug for Held<S> {
 impl<S: LeaseStore> HeldLock for Held<S> {
     fn extend(&self, by: Duration) -> BoxFuture<'_, Result<Option<DateTime<Utc>>>> {
         let (inner, id, name) = (self.inner.clone(), self.id, self.name.clone());
-        Box::pin(async move {
-            // In a task of its own: dropping this future must not interrupt
-            // a renewal whose outcome the timetable has to learn.
-            tokio::spawn(extend(inner, id, name.clone(), by))
-                .await
-                .unwrap_or_else(|_| Err(Error::lost(&name, "the renewal task stopped")))
-        })
+        // In the caller's task; if this future is dropped mid-statement,
+        // the renewal finishes in a task of its own, since the timetable
+        // has to learn its outcome.
+        Box::pin(Detached::new(extend(inner, id, name, by)))
     }
 
     fn release(mut self: Box<Self>) -> BoxFuture<'static, Result<()>> {
@@ -842,10 +922,10 @@ impl<S: LeaseStore> HeldLock for Held<S> {
             // Until here, dropping this future drops `self`, which releases
             // in the background.
             self.taken = true;
-            let (inner, id, name) = (self.inner.clone(), self.id, self.name.clone());
-            tokio::spawn(release(inner, id))
-                .await
-                .unwrap_or_else(|_| Err(Error::lost(&name, "the release task stopped")))
+            tokio::task::coop::consume_budget().await;
+            // In the caller's task; if dropped mid-statement, the release
+            // finishes in a task of its own.
+            Detached::new(release(self.inner.clone(), self.id)).await
         })
     }
 

@@ -185,6 +185,7 @@ pub(crate) struct Sql {
     inspect_causal: Arc<str>,
     list_causal: Arc<str>,
     claim_take: Arc<str>,
+    claim_one: Arc<str>,
     create_row: Arc<str>,
     pub floor_read: Arc<str>,
     pub floor_ensure: Arc<str>,
@@ -274,6 +275,31 @@ impl Sql {
                 "UPDATE {t} SET owner = ?, holder = ?, mode = 'x', token = token + 1, \
                         acquired_at = ?, expires_at = ? \
                   WHERE name = ? AND token = ? AND expires_at <= UTC_TIMESTAMP(6)"
+            )),
+            // MariaDB, not Galera: the whole claim in one autocommit
+            // statement. The row is read with `FOR UPDATE NOWAIT` (busy at
+            // once if another transaction holds it, as in the transaction
+            // above), so it cannot be swept or changed before the upsert
+            // decides; a name without a row inserts nothing (the row is
+            // then created as below). The row is taken only if its lease
+            // has ended: every condition reads the old `expires_at`, which
+            // is assigned last, and `UTC_TIMESTAMP(6)` is one instant for
+            // the whole statement. `RETURNING` answers the row as it is
+            // afterwards: ours (owner) with its new token and expiry, or
+            // someone else's.
+            claim_one: s(format!(
+                "INSERT INTO {t} (name, owner, holder, mode, token, acquired_at, expires_at) \
+                 SELECT s.name, ?, ?, 'x', s.token + 1, UTC_TIMESTAMP(6), \
+                        UTC_TIMESTAMP(6) + INTERVAL ? MICROSECOND \
+                   FROM {t} AS s WHERE s.name = ? FOR UPDATE NOWAIT \
+                 ON DUPLICATE KEY UPDATE \
+                    owner = IF({t}.expires_at <= UTC_TIMESTAMP(6), VALUES(owner), {t}.owner), \
+                    holder = IF({t}.expires_at <= UTC_TIMESTAMP(6), VALUES(holder), {t}.holder), \
+                    mode = IF({t}.expires_at <= UTC_TIMESTAMP(6), 'x', {t}.mode), \
+                    token = IF({t}.expires_at <= UTC_TIMESTAMP(6), {t}.token + 1, {t}.token), \
+                    acquired_at = IF({t}.expires_at <= UTC_TIMESTAMP(6), VALUES(acquired_at), {t}.acquired_at), \
+                    expires_at = IF({t}.expires_at <= UTC_TIMESTAMP(6), VALUES(expires_at), {t}.expires_at) \
+                 RETURNING owner, token, expires_at"
             )),
             // Outside the claim's transaction: a free row whose token is
             // the table's floor (bound, read under a share lock in the same
@@ -523,6 +549,44 @@ impl MySqlStore {
         let engine = self.engine().await?;
         engine.check_leases()?;
         Ok(engine.causal_reads())
+    }
+
+    /// Whether claims run as one statement ([`Sql`]'s `claim_one`): on
+    /// MariaDB (`INSERT ... RETURNING`, 10.5 and later) that is not a
+    /// Galera node. Galera keeps the transaction, whose causal `BEGIN`
+    /// and guarded `UPDATE` it needs; MySQL and TiDB have no `RETURNING`.
+    async fn claims_in_one_statement(&self) -> Result<bool> {
+        let engine = self.engine().await?;
+        Ok(engine.flavor() == super::Flavor::MariaDb && !engine.is_galera())
+    }
+
+    /// One claim statement (MariaDB): the upsert of `claim_one`.
+    async fn attempt_one(&self, claim: &Claim<'_>, ttl_us: i64) -> Result<Attempt, sqlx::Error> {
+        let mut conn = Conn::acquire(&self.pool).await?;
+        // Waiting for a connection can take long when the pool is busy; an
+        // acquirer that left meanwhile gets nothing claimed for it.
+        if (claim.abandoned)() {
+            return Ok(Attempt::Done(None));
+        }
+        let outcome = q(&self.sql.claim_one)
+            .bind(claim.owner.as_bytes())
+            .bind(clip(claim.holder))
+            .bind(ttl_us)
+            .bind(claim.name.as_bytes())
+            .fetch_optional(&mut *conn.begin_use())
+            .await;
+        conn.settle(&outcome);
+        let Some(row) = outcome? else {
+            return Ok(Attempt::Missing);
+        };
+        let owner: Option<Vec<u8>> = row.try_get(0)?;
+        if owner.as_deref() != Some(claim.owner.as_bytes()) {
+            return Ok(Attempt::Done(None));
+        }
+        Ok(Attempt::Done(Some(Claimed {
+            token: row.try_get(1)?,
+            expires_at: utc(row.try_get(2)?),
+        })))
     }
 
     /// One claim transaction: BEGIN, locking read, UPDATE, COMMIT.
@@ -899,11 +963,17 @@ impl LeaseStore for MySqlStore {
 
     async fn claim(&self, claim: &Claim<'_>) -> Result<Option<Claimed>> {
         let causal = self.checked().await?;
+        let one = claim.mode == LockMode::Exclusive && self.claims_in_one_statement().await?;
         let ttl_us = micros(claim.ttl);
         let mut retries = 0;
         let mut created = 0;
         loop {
-            let outcome = match self.attempt(claim, ttl_us, causal).await {
+            let attempt = if one {
+                self.attempt_one(claim, ttl_us).await
+            } else {
+                self.attempt(claim, ttl_us, causal).await
+            };
+            let outcome = match attempt {
                 Ok(Attempt::Done(claimed)) => return Ok(claimed),
                 Ok(Attempt::Missing) if created < MAX_RETRIES => {
                     created += 1;

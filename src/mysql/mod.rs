@@ -10,11 +10,21 @@
 //! `UTC_TIMESTAMP(6)`. The session `time_zone` never matters and no client
 //! clock decides anything.
 //!
-//! - **Claim**: one short transaction, `BEGIN`, `SELECT ... FOR UPDATE
-//!   NOWAIT` on the row (which also reads the server's clock), `UPDATE`,
-//!   `COMMIT`: four round trips. A row locked by someone else means the
-//!   name is busy right now (another claim is deciding, or a transaction
-//!   holds it through [`lock_in_tx`]); the claim never waits on the server.
+//! - **Claim**: on MariaDB (not Galera), one autocommit statement, one
+//!   round trip: `INSERT INTO t ... SELECT ... FROM t WHERE name = ? FOR
+//!   UPDATE NOWAIT ON DUPLICATE KEY UPDATE ... RETURNING owner, token,
+//!   expires_at`. The locking read takes the name's existing row (`NOWAIT`),
+//!   the upsert then takes it over only if its lease has ended (each column
+//!   `IF(expires_at <= UTC_TIMESTAMP(6), new, old)`, `expires_at` assigned
+//!   last, one clock reading for the statement), and `RETURNING` tells
+//!   whether the row is now ours, with its token and expiry. A name without
+//!   a row inserts nothing, and its row is created as below. On MySQL
+//!   (no `RETURNING`), TiDB and Galera, one short transaction: `BEGIN` (on
+//!   MariaDB Galera a causal one), `SELECT ... FOR UPDATE NOWAIT` on the row
+//!   (which also reads the server's clock), `UPDATE`, `COMMIT`: four round
+//!   trips. Either way a row locked by someone else means the name is busy
+//!   right now (another claim is deciding, or a transaction holds it
+//!   through [`lock_in_tx`]); the claim never waits on the server.
 //!   The first claim of a name creates the row with an `INSERT IGNORE`
 //!   outside the claim's transaction, in a short one of its own that reads
 //!   the token floor first (see **Sweep**), so that no gap lock is ever held

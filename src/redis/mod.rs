@@ -14,7 +14,8 @@
 //! - **Renew** (background, batched): one script per renewal tick for every
 //!   lease the process holds that is due, each `PEXPIRE`d to its own ttl
 //!   only if its value still starts with its owner id and token. One round
-//!   trip renews them all.
+//!   trip renews up to 10,000 of them (a script holds the whole server
+//!   while it runs, so a larger tick sends one script per 10,000 leases).
 //! - **Extend** and **release**: one script each, checking the owner id and
 //!   the token the same way. Release deletes the key and `PUBLISH`es the
 //!   name; with `hold_at_least` the key is kept, its owner id replaced by

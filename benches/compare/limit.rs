@@ -1,0 +1,322 @@
+//! Lease throughput against the physical limit, and lease scale.
+//!
+//! - **Dedicated baselines**: raw SQL doing what a lease pair does, each
+//!   task on one connection of its own (no pool checkout, no health-check
+//!   ping), beside the pooled raw figures of the lease sections. With one
+//!   task that is one dedicated connection; with 8 tasks, 8 of them. Redis'
+//!   raw baseline is one multiplexed connection already (see `redis_section`).
+//! - **Scale** (`DBLOCK_BENCH_ONLY=leasescale`): one process holds
+//!   `DBLOCK_BENCH_SCALE_LEASES` leases (default 100,000) per backend and
+//!   the time of one batched renewal tick is read from the backend's
+//!   renewal counters.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::stream::{self, StreamExt};
+use sqlx::{Connection, MySqlConnection, PgConnection, SqliteConnection};
+use tokio::sync::Mutex;
+
+use super::{
+    name, owner, rate, Op, Res, Row, MY_RELEASE, MY_UPSERT, PG_CLAIM, PG_RELEASE,
+    PG_RELEASE_NOTIFY, SQ_CLAIM, SQ_RELEASE, TASKS,
+};
+
+/// One connection per task index, each used by that task alone.
+struct Dedicated<C>(Vec<Mutex<C>>);
+
+impl<C> Dedicated<C> {
+    fn new(conns: Vec<C>) -> Arc<Self> {
+        Arc::new(Dedicated(conns.into_iter().map(Mutex::new).collect()))
+    }
+}
+
+async fn connect_all<C: Connection>(url: &str) -> Res<Vec<C>> {
+    let mut out = Vec::with_capacity(TASKS);
+    for _ in 0..TASKS {
+        out.push(C::connect(url).await?);
+    }
+    Ok(out)
+}
+
+/// The pooled raw upsert + release of the pg lease section, on dedicated
+/// connections; `notify` releases with `pg_notify`, as dblock does.
+pub(super) async fn pg_lease_op(url: &str, names: Arc<Vec<String>>, notify: bool) -> Res<Op> {
+    let conns = Dedicated::new(connect_all::<PgConnection>(url).await?);
+    Ok(Arc::new(move |i| {
+        let (conns, name) = (conns.clone(), names[i].clone());
+        Box::pin(async move {
+            let mut c = conns.0[i].lock().await;
+            let owner = owner();
+            let token: i64 = sqlx::query_scalar(PG_CLAIM)
+                .bind(&name)
+                .bind(&owner)
+                .bind("bench")
+                .bind(30_000_000i64)
+                .fetch_optional(&mut *c)
+                .await?
+                .ok_or("raw: the lease was busy")?;
+            // With NOTIFY the statement answers one row per lease released.
+            let released = if notify {
+                sqlx::query(PG_RELEASE_NOTIFY)
+                    .bind(&name)
+                    .bind(&owner)
+                    .bind(token)
+                    .fetch_all(&mut *c)
+                    .await?
+                    .len() as u64
+            } else {
+                sqlx::query(PG_RELEASE)
+                    .bind(&name)
+                    .bind(&owner)
+                    .bind(token)
+                    .execute(&mut *c)
+                    .await?
+                    .rows_affected()
+            };
+            if released != 1 {
+                return Err("raw: the lease was not ours at release".into());
+            }
+            Ok(())
+        })
+    }))
+}
+
+/// The raw MySQL upsert + release (two statements) on dedicated connections.
+pub(super) async fn my_upsert_op(url: &str, names: Arc<Vec<String>>) -> Res<Op> {
+    let conns = Dedicated::new(connect_all::<MySqlConnection>(url).await?);
+    Ok(Arc::new(move |i| {
+        let (conns, name) = (conns.clone(), names[i].clone());
+        Box::pin(async move {
+            let mut c = conns.0[i].lock().await;
+            let owner = owner();
+            let done = sqlx::query(MY_UPSERT)
+                .bind(name.as_bytes())
+                .bind(owner.as_bytes())
+                .bind("bench")
+                .bind(30_000_000i64)
+                .execute(&mut *c)
+                .await?;
+            let token = done.last_insert_id();
+            if token == 0 {
+                return Err("raw: the lease was busy".into());
+            }
+            let done = sqlx::query(MY_RELEASE)
+                .bind(name.as_bytes())
+                .bind(owner.as_bytes())
+                .bind(token)
+                .execute(&mut *c)
+                .await?;
+            if done.rows_affected() != 1 {
+                return Err("raw: the lease was not ours at release".into());
+            }
+            Ok(())
+        })
+    }))
+}
+
+/// The raw SQLite upsert + release on dedicated connections to `file`.
+pub(super) async fn sqlite_op(file: &std::path::Path, names: Arc<Vec<String>>) -> Res<Op> {
+    let options = sqlx::sqlite::SqliteConnectOptions::new()
+        .filename(file)
+        .busy_timeout(Duration::from_secs(5));
+    let mut conns = Vec::with_capacity(TASKS);
+    for _ in 0..TASKS {
+        conns.push(SqliteConnection::connect_with(&options).await?);
+    }
+    let conns = Dedicated::new(conns);
+    Ok(Arc::new(move |i| {
+        let (conns, name) = (conns.clone(), names[i].clone());
+        Box::pin(async move {
+            let mut c = conns.0[i].lock().await;
+            let owner = owner();
+            let token: i64 = sqlx::query_scalar(SQ_CLAIM)
+                .bind(&name)
+                .bind(&owner)
+                .bind("bench")
+                .bind(30_000_000i64)
+                .fetch_optional(&mut *c)
+                .await?
+                .ok_or("raw: the lease was busy")?;
+            let done = sqlx::query(SQ_RELEASE)
+                .bind(&name)
+                .bind(&owner)
+                .bind(token)
+                .execute(&mut *c)
+                .await?;
+            if done.rows_affected() != 1 {
+                return Err("raw: the lease was not ours at release".into());
+            }
+            Ok(())
+        })
+    }))
+}
+
+// ---------------------------------------------------------------------------
+// Scale.
+
+/// Leases held at once by the scale rows, unless `DBLOCK_BENCH_SCALE_LEASES`
+/// says otherwise.
+const SCALE_LEASES: usize = 100_000;
+/// Their ttl: renewed every 20 s, so that leases taken within 10 s of each
+/// other share a tick, and every lease does from the second round on.
+const SCALE_TTL: Duration = Duration::from_secs(60);
+/// Acquisitions in flight while taking them.
+const SCALE_CONCURRENCY: usize = 64;
+
+/// One backend's renewal counters.
+type Stats = Box<dyn Fn() -> dblock::RenewalStats + Send + Sync>;
+
+/// Takes `n` leases through `locks`, then watches the renewal ticks until
+/// one renews all of them (or two renewal periods pass), and adds a row
+/// with the largest tick seen.
+async fn scale_one(
+    backend: &'static str,
+    locks: dblock::Locks,
+    stats: Stats,
+    n: usize,
+    rows: &mut Vec<Row>,
+) -> Res<()> {
+    let started = Instant::now();
+    let mut guards = Vec::with_capacity(n);
+    let mut pending = stream::iter(0..n)
+        .map(|i| {
+            let locks = locks.clone();
+            async move {
+                locks
+                    .acquire(name("scale", i))
+                    .ttl(SCALE_TTL)
+                    .wait(Duration::from_secs(30))
+                    .await
+            }
+        })
+        .buffer_unordered(SCALE_CONCURRENCY);
+    while let Some(guard) = pending.next().await {
+        guards.push(guard?);
+    }
+    drop(pending);
+    let took = started.elapsed();
+    // The largest tick: (leases, time).
+    let mut best = (0usize, Duration::ZERO);
+    let mut seen = stats().batches;
+    let end = Instant::now() + 2 * SCALE_TTL / 3 + Duration::from_secs(5);
+    while Instant::now() < end && best.0 < n {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let s = stats();
+        if s.batches != seen {
+            seen = s.batches;
+            if s.last_batch_len > best.0 {
+                best = (s.last_batch_len, s.last_batch_time);
+            }
+        }
+    }
+    let lost = guards.iter().filter(|g| g.is_lost()).count();
+    let statements = stats().statements;
+    drop(guards);
+    let per = if best.0 > 0 {
+        format!(
+            "; {:.1} µs per lease",
+            best.1.as_secs_f64() * 1e6 / best.0 as f64
+        )
+    } else {
+        String::new()
+    };
+    rows.push(
+        Row::new(
+            backend,
+            format!(
+                "renewal tick with {} leases held (release build)",
+                rate(n as f64)
+            ),
+        )
+        .dblock(format!(
+            "{} ms for {} leases",
+            (best.1.as_secs_f64() * 1000.0).round(),
+            rate(best.0 as f64)
+        ))
+        .note(format!(
+            "taking them: {:.1} s; {statements} renewal statements so far; {lost} lost{per}",
+            took.as_secs_f64()
+        )),
+    );
+    Ok(())
+}
+
+/// The scale rows of every lease backend reachable.
+pub(super) async fn scale(
+    pg: &str,
+    my: &str,
+    redis: &str,
+    dir: &std::path::Path,
+    rows: &mut Vec<Row>,
+) {
+    let n = std::env::var("DBLOCK_BENCH_SCALE_LEASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(SCALE_LEASES);
+    let failed = |backend: &'static str, e: super::E| {
+        Row::new(backend, "scale section failed").dblock(format!("error: {e}"))
+    };
+    let outcome: Res<()> = async {
+        let pool = super::pg_pool(pg, super::POOL).await?;
+        dblock::postgres::migrate(&pool).await?;
+        sqlx::raw_sql(
+            "CREATE TABLE IF NOT EXISTS dblock_bench_leases (LIKE dblock_leases INCLUDING ALL) \
+               WITH (fillfactor = 70); TRUNCATE dblock_bench_leases",
+        )
+        .execute(&pool)
+        .await?;
+        let lease = dblock::postgres::Lease::new(pool.clone()).with_table(super::TABLE)?;
+        let counted = lease.clone();
+        let stats: Stats = Box::new(move || counted.renewal_stats());
+        scale_one("pg lease", dblock::Locks::new(lease), stats, n, rows).await?;
+        pool.close().await;
+        Ok(())
+    }
+    .await;
+    if let Err(e) = outcome {
+        rows.push(failed("pg lease", e));
+    }
+    let outcome: Res<()> = async {
+        let pool = super::my_pool(my, super::POOL).await?;
+        dblock::mysql::migrate(&pool).await?;
+        sqlx::raw_sql(
+            "CREATE TABLE IF NOT EXISTS dblock_bench_leases LIKE dblock_leases; \
+             DELETE FROM dblock_bench_leases",
+        )
+        .execute(&pool)
+        .await?;
+        let lease = dblock::mysql::Lease::new(pool.clone()).with_table(super::TABLE)?;
+        let counted = lease.clone();
+        let stats: Stats = Box::new(move || counted.renewal_stats());
+        scale_one("mysql lease", dblock::Locks::new(lease), stats, n, rows).await?;
+        pool.close().await;
+        Ok(())
+    }
+    .await;
+    if let Err(e) = outcome {
+        rows.push(failed("mysql lease", e));
+    }
+    let outcome: Res<()> = async {
+        let lease = dblock::sqlite::Lease::open(dir.join("scale.db")).await?;
+        let counted = lease.clone();
+        let stats: Stats = Box::new(move || counted.renewal_stats());
+        scale_one("sqlite lease", dblock::Locks::new(lease), stats, n, rows).await
+    }
+    .await;
+    if let Err(e) = outcome {
+        rows.push(failed("sqlite lease", e));
+    }
+    let outcome: Res<()> = async {
+        let lease = dblock::redis::Lease::open(redis)
+            .await?
+            .with_prefix("dblock-bench-scale:")?;
+        let counted = lease.clone();
+        let stats: Stats = Box::new(move || counted.renewal_stats());
+        scale_one("redis lease", dblock::Locks::new(lease), stats, n, rows).await
+    }
+    .await;
+    if let Err(e) = outcome {
+        rows.push(failed("redis lease", e));
+    }
+}
