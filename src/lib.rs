@@ -83,4 +83,4 @@ pub use locks::{Acquire, Locks};
 pub use name::{validate_name, validate_table, MAX_NAME_LEN};
 #[cfg(feature = "postgres")]
 pub use postgres::advisory_key;
-pub use request::{AcquireRequest, LockMode, Wait, DEFAULT_TTL};
+pub use request::{AcquireRequest, LockMode, Wait, DEFAULT_TTL, MAX_HOLDERS};

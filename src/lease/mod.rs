@@ -44,6 +44,7 @@
 //!   lease, it is far less exposed than per-lease renewal was, but a pool
 //!   kept saturated for longer than a lease's margin still costs leases.
 
+pub(crate) mod permits;
 mod renewal;
 mod wakeups;
 
@@ -71,6 +72,9 @@ pub(crate) struct Claim<'a> {
     pub holder: &'a str,
     pub mode: LockMode,
     pub ttl: Duration,
+    /// How many holders the name admits: 1 for a plain (or reader or
+    /// writer) lease, `n` for a permit of a semaphore (see [`permits`]).
+    pub max_holders: u32,
     /// Whether the acquirer has gone away. A store that waits for a pooled
     /// connection checks it once it has one, and claims nothing (answers
     /// `None`) if so: a cancelled acquisition must not go on to take the
@@ -86,6 +90,7 @@ impl fmt::Debug for Claim<'_> {
             .field("holder", &self.holder)
             .field("mode", &self.mode)
             .field("ttl", &self.ttl)
+            .field("max_holders", &self.max_holders)
             .finish_non_exhaustive()
     }
 }
@@ -131,6 +136,13 @@ pub(crate) trait LeaseStore: Send + Sync + fmt::Debug + 'static {
 
     /// Whether shared (reader) leases are implemented.
     fn supports_shared(&self) -> bool {
+        false
+    }
+
+    /// Whether permits of semaphores are implemented (see [`permits`]):
+    /// claims with `max_holders > 1`, and owners of renewals and releases
+    /// that are permits.
+    fn supports_permits(&self) -> bool {
         false
     }
 
@@ -418,6 +430,12 @@ impl<S: LeaseStore> LeaseEngine<S> {
                             .into(),
                 });
             }
+            if request.is_permit() && !inner.store.supports_permits() {
+                return Err(Error::Unsupported {
+                    backend: inner.store.kind(),
+                    what: "semaphores (max_holders above 1)".into(),
+                });
+            }
             // The attempt runs in its own task, which owns the outcome: if
             // this future is dropped, the task notices and releases whatever
             // it was granted, even mid-statement.
@@ -457,8 +475,11 @@ async fn acquire_task<S: LeaseStore>(
     request: AcquireRequest,
     mut reply: Reply,
 ) {
-    let owner = new_owner();
+    let owner = permits::owner_for(request.max_holders());
     let name = request.name();
+    // A plain acquisition checks once, at its first miss, that the name is
+    // not held as a semaphore (a permit claim checks that itself).
+    let mut checked = request.is_permit();
     let deadline = match request.wait() {
         Wait::For(d) => Some(Instant::now() + d),
         _ => None,
@@ -485,6 +506,7 @@ async fn acquire_task<S: LeaseStore>(
             holder: &inner.holder,
             mode: request.mode(),
             ttl: request.ttl(),
+            max_holders: request.max_holders(),
             abandoned: &abandoned,
         };
         let sent_at = Instant::now();
@@ -525,6 +547,20 @@ async fn acquire_task<S: LeaseStore>(
                 continue;
             }
             Ok(None) => {}
+        }
+        if !checked {
+            checked = true;
+            let found = match inner.store.inspect(name).await {
+                Ok(found) => found,
+                Err(e) => {
+                    let _ = reply.send(Err(e));
+                    return;
+                }
+            };
+            if let Some(e) = permits::refusal(name, request.max_holders(), found.as_ref()) {
+                let _ = reply.send(Err(e));
+                return;
+            }
         }
         let now = Instant::now();
         let wake_at = match (request.wait(), deadline) {

@@ -13,12 +13,16 @@ use sqlx::query::Query;
 use sqlx::{AssertSqlSafe, MySql, MySqlPool, Row, Transaction};
 
 use super::engine::Engine;
+#[path = "lease_permits.rs"]
+mod permits;
 use super::{code, error_number, is_lock_busy, map_err, micros, quote_table, Conn, DEFAULT_TABLE};
+use crate::lease::permits::{holders_table, is_permit, merge_list};
 use crate::lease::{
     lease_backend, Claim, Claimed, LeaseEngine, LeaseOptions, LeaseStore, Renewal, Renewed,
     Wakeups, SWEEP_BATCH,
 };
 use crate::{validate_table, LockInfo, LockMode, Result, Wait};
+use permits::PermitSql;
 
 /// MySQL / MariaDB leases: one row per name in a lease table, claimed in a
 /// short transaction under a `SELECT ... FOR UPDATE` row lock, renewed in
@@ -95,6 +99,7 @@ impl Lease {
             MySqlStore {
                 pool,
                 sql: Arc::new(Sql::new(DEFAULT_TABLE)),
+                permits: permit_sql(DEFAULT_TABLE),
                 packet_budget: Arc::default(),
                 engine: Arc::default(),
             },
@@ -114,6 +119,7 @@ impl Lease {
         let store = MySqlStore {
             pool: self.engine.store().pool.clone(),
             sql: Arc::new(Sql::new(table)),
+            permits: permit_sql(table),
             packet_budget: self.engine.store().packet_budget.clone(),
             engine: self.engine.store().engine.clone(),
         };
@@ -419,11 +425,20 @@ pub(crate) fn q(sql: &Arc<str>) -> Query<'static, MySql, MySqlArguments> {
 pub(crate) struct MySqlStore {
     pool: MySqlPool,
     sql: Arc<Sql>,
+    /// The statements of semaphores' permits; `None` when the holders
+    /// table's name would be too long.
+    permits: Option<Arc<PermitSql>>,
     /// Bytes of JSON one batch statement may carry: half the server's
     /// `max_allowed_packet`, read at the first batch (0 until then).
     packet_budget: Arc<AtomicUsize>,
     /// The engine self-test's answer, once it has one.
     engine: Arc<tokio::sync::OnceCell<Engine>>,
+}
+
+/// The permit statements of lease table `table`, if its holders table has
+/// a valid name.
+fn permit_sql(table: &str) -> Option<Arc<PermitSql>> {
+    holders_table(table).map(|h| Arc::new(PermitSql::new(table, &h)))
 }
 
 impl fmt::Debug for MySqlStore {
@@ -897,7 +912,14 @@ impl LeaseStore for MySqlStore {
         "mysql-lease"
     }
 
+    fn supports_permits(&self) -> bool {
+        true
+    }
+
     async fn claim(&self, claim: &Claim<'_>) -> Result<Option<Claimed>> {
+        if claim.max_holders > 1 {
+            return self.claim_permit(claim).await;
+        }
         let causal = self.checked().await?;
         let ttl_us = micros(claim.ttl);
         let mut retries = 0;
@@ -939,6 +961,9 @@ impl LeaseStore for MySqlStore {
         token: u64,
         ttl: Duration,
     ) -> Result<Option<DateTime<Utc>>> {
+        if is_permit(owner) {
+            return self.renew_permit(name, owner, token, ttl).await;
+        }
         let done = self
             .execute(|| {
                 q(&self.sql.renew)
@@ -1026,6 +1051,9 @@ impl LeaseStore for MySqlStore {
         token: u64,
         hold: Option<Duration>,
     ) -> Result<bool> {
+        if is_permit(owner) {
+            return self.release_permit(name, owner, token, hold).await;
+        }
         let done = self
             .execute(|| {
                 q(&self.sql.release)
@@ -1042,7 +1070,8 @@ impl LeaseStore for MySqlStore {
         let done = self
             .execute(|| q(&self.sql.force_release).bind(name.as_bytes()))
             .await?;
-        Ok(done.last_insert_id() > 0 || done.rows_affected() > 0)
+        let permits = self.force_release_permits(name).await?;
+        Ok(done.last_insert_id() > 0 || done.rows_affected() > 0 || permits)
     }
 
     async fn sweep(&self, grace: Duration) -> Result<u64> {
@@ -1053,7 +1082,7 @@ impl LeaseStore for MySqlStore {
         let mut retries = 0;
         loop {
             match self.sweep_transaction(grace).await {
-                Ok(Some(n)) => return Ok(n),
+                Ok(Some(n)) => return Ok(n + self.sweep_permits(grace).await?),
                 // The floor is held (a new name being created, a
                 // transaction in lock_in_tx): try again shortly, then leave
                 // the rows to a later sweep.
@@ -1084,6 +1113,9 @@ impl LeaseStore for MySqlStore {
     }
 
     async fn inspect(&self, name: &str) -> Result<Option<LockInfo>> {
+        if let Some(info) = self.inspect_permits(name).await? {
+            return Ok(Some(info));
+        }
         let sql = match self.checked().await? {
             true => &self.sql.inspect_causal,
             false => &self.sql.inspect,
@@ -1107,14 +1139,16 @@ impl LeaseStore for MySqlStore {
         let outcome = q(sql).fetch_all(&mut *conn.begin_use()).await;
         conn.settle(&outcome);
         let rows = outcome.map_err(map_err)?;
-        rows.iter()
+        let plain = rows
+            .iter()
             .map(|row| {
                 let name: Vec<u8> = row.try_get(0)?;
                 let name = String::from_utf8(name)
                     .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned());
                 info(name, row, 1)
             })
-            .collect()
+            .collect::<Result<_>>()?;
+        Ok(merge_list(plain, self.list_permits().await?))
     }
 }
 

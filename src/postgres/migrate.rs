@@ -16,6 +16,11 @@ const MIGRATIONS: &[Migration] = &[
         description: "lease tokens from the fencing sequence",
         sql: include_str!("../../migrations/postgres/0002_lease_tokens_from_sequence.sql"),
     },
+    Migration {
+        version: 3,
+        description: "holders of semaphores",
+        sql: include_str!("../../migrations/postgres/0003_semaphore_holders.sql"),
+    },
 ];
 
 /// Creates or updates dblock's schema in the pool's database: the fencing

@@ -14,6 +14,9 @@ use tokio::time::{sleep, timeout, Instant};
 
 use crate::common::unique;
 
+mod semaphore;
+pub use semaphore::*;
+
 /// What the suite needs from a backend.
 pub trait Fixture: Send + Sync + 'static {
     /// A `Locks` with its own connections, as another process would have
@@ -25,6 +28,10 @@ pub trait Fixture: Send + Sync + 'static {
     fn shared(&self) -> bool;
     /// Whether locks are leases (expire by ttl; `expires_at` is set).
     fn lease(&self) -> bool;
+    /// Whether semaphores (`max_holders(n)` above 1) are implemented.
+    fn semaphores(&self) -> bool {
+        true
+    }
 }
 
 /// The longest any step of the suite may take before it counts as hung.
@@ -531,7 +538,9 @@ macro_rules! behaviour_suite {
             tokens_strictly_increase, release_and_drop_leave_nothing,
             cancellation_leaves_nothing, lost_fires_when_broken, dead_holder_is_taken_over,
             bad_names_rejected_before_sql, inspect_and_list, not_reentrant,
-            extend_and_renewal, hold_at_least);
+            extend_and_renewal, hold_at_least, semaphore_bounds_holders,
+            semaphore_permits_inspect_and_disagreement, semaphore_waiter_gets_a_freed_permit,
+            semaphore_renewal_and_loss);
     };
     (@tests $fixture:expr; $($name:ident),*) => {
         $(
