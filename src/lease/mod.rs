@@ -550,16 +550,16 @@ async fn acquire_task<S: LeaseStore>(
         }
         if !checked {
             checked = true;
-            let found = match inner.store.inspect(name).await {
-                Ok(found) => found,
-                Err(e) => {
-                    let _ = reply.send(Err(e));
-                    return;
+            // A holder the store cannot describe (a foreign value, a read
+            // that failed) is no semaphore it knows: wait as before.
+            match inner.store.inspect(name).await {
+                Ok(found) => {
+                    if let Some(e) = permits::refusal(name, request.max_holders(), found.as_ref()) {
+                        let _ = reply.send(Err(e));
+                        return;
+                    }
                 }
-            };
-            if let Some(e) = permits::refusal(name, request.max_holders(), found.as_ref()) {
-                let _ = reply.send(Err(e));
-                return;
+                Err(e) => tracing::debug!(error = %e, "dblock: could not inspect a held name"),
             }
         }
         let now = Instant::now();
