@@ -3,8 +3,8 @@
 //! `Memory` keeps leases in a map inside this process, with the same
 //! semantics as the database backends: fencing tokens, shared and exclusive
 //! modes, ttl and renewal on the monotonic clock (tokio's, so
-//! `tokio::time::pause` drives it in tests), the lost signal and
-//! `hold_at_least`. Use it in unit tests of code written against
+//! `tokio::time::pause` drives it in tests), the lost signal,
+//! `hold_at_least` and semaphores (`max_holders(n)`). Use it in unit tests of code written against
 //! [`Locks`](crate::Locks), and in single-process applications.
 
 use std::collections::HashMap;

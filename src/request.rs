@@ -182,7 +182,8 @@ impl AcquireRequest {
         self.hold_at_least
     }
     /// How many holders the name admits at once: 1 for a lock, `n` for a
-    /// permit of a semaphore.
+    /// permit of a semaphore. A [`Backend`](crate::Backend) without
+    /// semaphores must answer [`Error::Unsupported`] to a request above 1.
     pub fn max_holders(&self) -> u32 {
         self.max_holders
     }

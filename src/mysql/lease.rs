@@ -40,6 +40,14 @@ use permits::PermitSql;
 ///   [module docs](super)).
 /// - `.hold_at_least(d)` keeps the lease until `acquired_at + d` (database
 ///   clock) even when released sooner.
+/// - **Semaphores** (`max_holders(n)`): each permit is a row of
+///   `dblock_leases_holders` (migration 3; for a table of your own, the
+///   same name with `_holders` appended), its token the name's next; the
+///   name's lease row is the semaphore's marker while permits are live. A
+///   permit claim is one short transaction under the marker's row lock
+///   (`NOWAIT`, like a plain claim), so claims of one name never grant more
+///   than `n`. Permits renew one transaction each, beside the batch of
+///   plain leases.
 /// - Shared (reader) mode is **not supported**: `.shared()` fails with
 ///   [`Error::Unsupported`](crate::Error::Unsupported).
 /// - Waiting polls the row with backoff between

@@ -63,6 +63,13 @@ const DEFAULT_TABLE: &str = "dblock_leases";
 ///   waiters just poll; behind a transaction-pooling proxy, turn it off
 ///   with [`transaction_pooling`](Lease::transaction_pooling). A lease that runs out rather than being released is noticed at
 ///   the next poll.
+/// - **Semaphores** (`max_holders(n)`): each permit is a row of
+///   `dblock_leases_holders` (migration 3; for a table of your own, the
+///   same name with `_holders` appended), with its own token from the
+///   sequence; the name's `dblock_leases` row is the semaphore's marker
+///   while permits are live. A permit claim is one transaction under the
+///   marker's row lock, so claims of one name never grant more than `n`.
+///   Permits renew one statement each, beside the batch of plain leases.
 /// - **Shared (reader) leases are not supported**: `.shared()` fails with
 ///   [`Error::Unsupported`](crate::Error::Unsupported). Use
 ///   [`Advisory`](super::Advisory) for reader locks.

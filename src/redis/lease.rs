@@ -145,6 +145,11 @@ mod permits;
 /// persistence, and waiters woken by pub/sub. See the [module
 /// docs](super) for the protocol and what Redis can promise.
 ///
+/// Semaphores (`max_holders(n)`): the permits of a name are the fields of
+/// the hash `dblock:permits:{name}`, and its lock key is their marker while
+/// they are live; each step is one script, so a claim counts and takes
+/// atomically.
+///
 /// Each lock is the key `dblock:lock:{name}` (the prefix is
 /// [configurable](Lease::with_prefix)); every expiry is Redis' own (`PX`,
 /// `PEXPIRE`, `TIME`). All requests go through one multiplexed connection

@@ -54,6 +54,11 @@ const POOL_SIZE: u32 = 4;
 ///   now, not every name ever used. Commits are durable
 ///   (`synchronous = FULL`, SQLite's default) so a token survives a power
 ///   loss too.
+/// - **Semaphores** (`max_holders(n)`): each permit is a row of
+///   `dblock_leases_holders` (migration 3; for a table of your own, the
+///   same name with `_holders` appended), its token the name's next; the
+///   name's lease row is the semaphore's marker while permits are live.
+///   Every permit step is one `BEGIN IMMEDIATE` transaction.
 /// - **Busy files**: each statement is one autocommit write that takes the
 ///   write lock before it reads, so SQLite's busy timeout applies; if the
 ///   file stays locked past it, the statement is retried with backoff (for
