@@ -34,6 +34,11 @@ pub struct LockInfo {
     pub mode: LockMode,
     /// How many holders share it (1 for an exclusive lock).
     pub holders: u32,
+    /// How many holders the name admits at once: `Some(1)` for an
+    /// exclusive lock, `Some(n)` for a semaphore of `n` permits
+    /// ([`Acquire::max_holders`](crate::Acquire::max_holders)), `None` for
+    /// shared (reader) holders, who have no bound.
+    pub max_holders: Option<u32>,
     /// How many sessions are waiting for it, where the database shows them
     /// (PostgreSQL advisory locks: the ungranted `pg_locks` entries of
     /// sessions blocked in `pg_advisory_lock`); `None` where it cannot
@@ -53,6 +58,10 @@ impl LockInfo {
             expires_at: None,
             mode,
             holders: 1,
+            max_holders: match mode {
+                LockMode::Exclusive => Some(1),
+                LockMode::Shared => None,
+            },
             waiters: None,
         }
     }

@@ -93,4 +93,4 @@ pub use lost::LostSignal;
 pub use name::{validate_name, validate_table, MAX_NAME_LEN};
 #[cfg(feature = "postgres")]
 pub use postgres::advisory_key;
-pub use request::{AcquireRequest, LockMode, Wait, DEFAULT_TTL};
+pub use request::{AcquireRequest, LockMode, Wait, DEFAULT_TTL, MAX_HOLDERS};

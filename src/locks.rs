@@ -66,6 +66,7 @@ impl Locks {
             mode: LockMode::Exclusive,
             hold_at_least: None,
             holder: None,
+            max_holders: None,
         }
     }
 
@@ -162,6 +163,7 @@ pub struct Acquire<'a> {
     mode: LockMode,
     hold_at_least: Option<Duration>,
     holder: Option<String>,
+    max_holders: Option<u32>,
 }
 
 impl fmt::Debug for Acquire<'_> {
@@ -171,6 +173,7 @@ impl fmt::Debug for Acquire<'_> {
             .field("wait", &self.wait)
             .field("ttl", &self.ttl)
             .field("mode", &self.mode)
+            .field("max_holders", &self.max_holders)
             .finish()
     }
 }
@@ -211,8 +214,37 @@ impl<'a> Acquire<'a> {
         self
     }
 
+    /// Takes a permit of a semaphore: up to `n` holders of the name at
+    /// once, each with its own guard and fencing token, on every backend.
+    /// `n` must lie between 1 and [`MAX_HOLDERS`](crate::MAX_HOLDERS); `1`
+    /// is a plain lock. All holders of a name at one time must agree on
+    /// `n`: an acquisition that finds it held with another `n` (a plain
+    /// lock, or reader and writer locks, counting as 1) fails with
+    /// [`Error::InvalidOption`]; once nothing holds the name, any `n` may
+    /// take it. See [`AcquireRequest::with_max_holders`].
+    ///
+    /// ```
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// use std::time::Duration;
+    /// let locks = dblock::Locks::new(dblock::memory::Memory::new());
+    /// let a = locks.acquire("export:tenant-7").max_holders(2).await?;
+    /// let b = locks.acquire("export:tenant-7").max_holders(2).await?;
+    /// let third = locks.acquire("export:tenant-7").max_holders(2).wait(Duration::ZERO).await;
+    /// assert!(matches!(third, Err(dblock::Error::Timeout { .. })));
+    /// assert!(b.token() > a.token());
+    /// assert_eq!(locks.inspect("export:tenant-7").await?.unwrap().holders, 2);
+    /// # Ok::<(), dblock::Error>(()) }).unwrap();
+    /// ```
+    pub fn max_holders(mut self, n: u32) -> Self {
+        self.max_holders = Some(n);
+        self
+    }
+
     fn build(self, wait: Wait) -> Result<(&'a Locks, AcquireRequest)> {
         let mut request = self.request?.with_mode(self.mode).with_wait(wait)?;
+        if let Some(n) = self.max_holders {
+            request = request.with_max_holders(n)?;
+        }
         if let Some(ttl) = self.ttl {
             request = request.with_ttl(ttl)?;
         }
@@ -222,6 +254,7 @@ impl<'a> Acquire<'a> {
         if let Some(holder) = self.holder {
             request = request.with_holder(holder)?;
         }
+        request.check_mode()?;
         Ok((self.locks, request))
     }
 

@@ -3,8 +3,8 @@
 //! `Memory` keeps leases in a map inside this process, with the same
 //! semantics as the database backends: fencing tokens, shared and exclusive
 //! modes, ttl and renewal on the monotonic clock (tokio's, so
-//! `tokio::time::pause` drives it in tests), the lost signal and
-//! `hold_at_least`. Use it in unit tests of code written against
+//! `tokio::time::pause` drives it in tests), the lost signal,
+//! `hold_at_least` and semaphores (`max_holders(n)`). Use it in unit tests of code written against
 //! [`Locks`](crate::Locks), and in single-process applications.
 
 use std::collections::HashMap;
@@ -14,6 +14,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use tokio::time::Instant;
 
+use crate::lease::permits::{Decision, Found};
 use crate::lease::{
     lease_backend, Claim, Claimed, LeaseEngine, LeaseOptions, LeaseStore, Renewal, Renewed, Wakeups,
 };
@@ -174,6 +175,8 @@ struct Holder {
     owner: String,
     holder: String,
     mode: LockMode,
+    /// 1 for a lock, `n` for a permit of a semaphore of `n`.
+    max_holders: u32,
     token: u64,
     acquired: Instant,
     acquired_at: DateTime<Utc>,
@@ -192,6 +195,13 @@ impl Entry {
         info.acquired_at = Some(first.acquired_at);
         info.expires_at = Some(clock.wall(first.expires));
         info.holders = self.holders.len() as u32;
+        if first.max_holders > 1 {
+            // A semaphore, as the SQL stores report it: the newest token,
+            // the latest expiry.
+            info.max_holders = Some(first.max_holders);
+            info.token = self.holders.iter().map(|h| h.token).max();
+            info.expires_at = self.holders.iter().map(|h| clock.wall(h.expires)).max();
+        }
         Some(info)
     }
 }
@@ -205,15 +215,33 @@ impl LeaseStore for MemoryStore {
         true
     }
 
+    fn supports_permits(&self) -> bool {
+        true
+    }
+
     async fn claim(&self, claim: &Claim<'_>) -> Result<Option<Claimed>> {
         let now = Instant::now();
         let mut state = self.state.lock().unwrap();
         state.sweep_if_grown(now);
         if let Some(entry) = state.names.get_mut(claim.name) {
             entry.prune(now);
+            let permits = entry.holders.iter().filter(|h| h.max_holders > 1);
+            let found = Found {
+                plain_live: entry.holders.iter().any(|h| h.max_holders == 1),
+                permits: permits.clone().count() as u32,
+                capacity: permits.map(|h| h.max_holders).max(),
+            };
+            // A plain claim finding permits only misses: the engine then
+            // refuses it (see `permits`).
             let free = match claim.mode {
+                _ if claim.max_holders > 1 => {
+                    found.decide(claim.name, claim.max_holders)? == Decision::Take
+                }
                 LockMode::Exclusive => entry.holders.is_empty(),
-                LockMode::Shared => entry.holders.iter().all(|h| h.mode == LockMode::Shared),
+                LockMode::Shared => entry
+                    .holders
+                    .iter()
+                    .all(|h| h.mode == LockMode::Shared && h.max_holders == 1),
             };
             if !free {
                 return Ok(None);
@@ -226,6 +254,7 @@ impl LeaseStore for MemoryStore {
             owner: claim.owner.to_owned(),
             holder: claim.holder.to_owned(),
             mode: claim.mode,
+            max_holders: claim.max_holders,
             token,
             acquired: now,
             acquired_at: self.clock.wall(now),
@@ -374,6 +403,7 @@ mod tests {
             holder: "test:1",
             mode: LockMode::Exclusive,
             ttl: Duration::from_secs(30),
+            max_holders: 1,
             abandoned: &|| false,
         }
     }

@@ -49,6 +49,9 @@ pub const DEFAULT_TTL: Duration = Duration::from_secs(30);
 /// The shortest ttl accepted: renewal runs every ttl/3 and must fit a round
 /// trip to the database.
 pub const MIN_TTL: Duration = Duration::from_millis(100);
+/// The most holders a semaphore may admit
+/// ([`AcquireRequest::with_max_holders`]).
+pub const MAX_HOLDERS: u32 = 1000;
 /// The longest ttl, wait or `hold_at_least` accepted.
 pub const MAX_DURATION: Duration = Duration::from_secs(366 * 24 * 3600);
 
@@ -65,6 +68,7 @@ pub struct AcquireRequest {
     pub(crate) wait: Wait,
     pub(crate) hold_at_least: Option<Duration>,
     pub(crate) holder: Option<String>,
+    pub(crate) max_holders: u32,
 }
 
 impl AcquireRequest {
@@ -81,6 +85,7 @@ impl AcquireRequest {
             wait: Wait::Forever,
             hold_at_least: None,
             holder: None,
+            max_holders: 1,
         })
     }
 
@@ -102,9 +107,48 @@ impl AcquireRequest {
     }
 
     /// Sets the lock mode.
+    ///
+    /// A shared mode on a request for more than one holder is refused when
+    /// the request reaches [`Locks`](crate::Locks) or a backend (see
+    /// [`with_max_holders`](Self::with_max_holders)).
     pub fn with_mode(mut self, mode: LockMode) -> Self {
         self.mode = mode;
         self
+    }
+
+    /// Makes the request one for a permit of a semaphore: up to `n` holders
+    /// of the name at once, each with its own guard and fencing token. `1`
+    /// (the default) is a plain lock. Must lie between 1 and
+    /// [`MAX_HOLDERS`], and cannot be combined with a shared mode (readers
+    /// share a lock without a bound already): [`Error::InvalidOption`]
+    /// otherwise.
+    ///
+    /// All holders of a name at one time must agree on `n`: an acquisition
+    /// that finds the name held with another `n` (a plain lock counting as
+    /// `1`, reader and writer locks too) fails with
+    /// [`Error::InvalidOption`] instead of waiting. Once nothing holds the
+    /// name, the next acquisition may use any `n`.
+    pub fn with_max_holders(mut self, n: u32) -> Result<Self> {
+        if n == 0 || n > MAX_HOLDERS {
+            return Err(Error::InvalidOption(format!(
+                "max_holders({n}): a semaphore admits between 1 and {MAX_HOLDERS} holders"
+            )));
+        }
+        self.max_holders = n;
+        self.check_mode()?;
+        Ok(self)
+    }
+
+    /// Refuses a shared request for more than one holder.
+    pub(crate) fn check_mode(&self) -> Result<()> {
+        if self.mode == LockMode::Shared && self.max_holders > 1 {
+            return Err(Error::InvalidOption(format!(
+                "max_holders({}) with shared(): readers share a lock without a bound; \
+                 ask for one or the other",
+                self.max_holders
+            )));
+        }
+        Ok(())
     }
 
     /// Keeps the lease until at least `acquired_at + d` even when released
@@ -157,6 +201,16 @@ impl AcquireRequest {
     pub fn holder(&self) -> Option<&str> {
         self.holder.as_deref()
     }
+    /// How many holders the name admits at once: 1 for a lock, `n` for a
+    /// permit of a semaphore. A [`Backend`](crate::Backend) without
+    /// semaphores must answer [`Error::Unsupported`] to a request above 1.
+    pub fn max_holders(&self) -> u32 {
+        self.max_holders
+    }
+    /// Whether this is a permit of a semaphore of more than one holder.
+    pub(crate) fn is_permit(&self) -> bool {
+        self.max_holders > 1
+    }
 }
 
 fn check_duration(what: &str, d: Duration, min: Duration) -> Result<()> {
@@ -196,8 +250,20 @@ mod tests {
         assert!(r.clone().with_wait(Wait::For(Duration::ZERO)).is_ok());
         assert!(r.clone().with_ttl(Duration::from_millis(100)).is_ok());
         assert!(matches!(
-            r.with_hold_at_least(Duration::MAX),
+            r.clone().with_hold_at_least(Duration::MAX),
             Err(Error::InvalidOption(_))
         ));
+        for n in [0, MAX_HOLDERS + 1, u32::MAX] {
+            assert!(matches!(
+                r.clone().with_max_holders(n),
+                Err(Error::InvalidOption(_))
+            ));
+        }
+        assert_eq!(r.clone().with_max_holders(3).unwrap().max_holders(), 3);
+        assert!(matches!(
+            r.clone().with_mode(LockMode::Shared).with_max_holders(2),
+            Err(Error::InvalidOption(_))
+        ));
+        assert!(r.with_mode(LockMode::Shared).with_max_holders(1).is_ok());
     }
 }

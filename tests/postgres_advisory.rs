@@ -57,6 +57,9 @@ impl suite::Fixture for AdvisoryFixture {
     fn lease(&self) -> bool {
         false
     }
+    fn semaphores(&self) -> bool {
+        false
+    }
 }
 
 async fn fixture(wait: WaitStrategy) -> AdvisoryFixture {

@@ -67,7 +67,7 @@ async fn open_on_a_fresh_path_needs_no_setup() {
         .fetch_all(lease.pool())
         .await
         .unwrap();
-    assert_eq!(versions, [1, 2]);
+    assert_eq!(versions, [1, 2, 3]);
 
     let locks = Locks::new(lease);
     let guard = locks.acquire("jobs:nightly").await.unwrap();

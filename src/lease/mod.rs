@@ -55,6 +55,7 @@
 //!   lease, it is far less exposed than per-lease renewal was, but a pool
 //!   kept saturated for longer than a lease's margin still costs leases.
 
+pub(crate) mod permits;
 mod renewal;
 mod wakeups;
 
@@ -82,6 +83,9 @@ pub(crate) struct Claim<'a> {
     pub holder: &'a str,
     pub mode: LockMode,
     pub ttl: Duration,
+    /// How many holders the name admits: 1 for a plain (or reader or
+    /// writer) lease, `n` for a permit of a semaphore (see [`permits`]).
+    pub max_holders: u32,
     /// Whether the acquirer has gone away. A store that waits for a pooled
     /// connection checks it once it has one, and claims nothing (answers
     /// `None`) if so: a cancelled acquisition must not go on to take the
@@ -97,6 +101,7 @@ impl fmt::Debug for Claim<'_> {
             .field("holder", &self.holder)
             .field("mode", &self.mode)
             .field("ttl", &self.ttl)
+            .field("max_holders", &self.max_holders)
             .finish_non_exhaustive()
     }
 }
@@ -142,6 +147,13 @@ pub(crate) trait LeaseStore: Send + Sync + fmt::Debug + 'static {
 
     /// Whether shared (reader) leases are implemented.
     fn supports_shared(&self) -> bool {
+        false
+    }
+
+    /// Whether permits of semaphores are implemented (see [`permits`]):
+    /// claims with `max_holders > 1`, and owners of renewals and releases
+    /// that are permits.
+    fn supports_permits(&self) -> bool {
         false
     }
 
@@ -514,7 +526,7 @@ fn claim_attempt<S: LeaseStore>(
 ) -> Detached<Result<Option<Taken<S>>>> {
     let (inner, owner, gone) = (inner.clone(), owner.clone(), gone.clone());
     let name: Arc<str> = request.name().into();
-    let (mode, ttl) = (request.mode(), request.ttl());
+    let (mode, ttl, max_holders) = (request.mode(), request.ttl(), request.max_holders());
     // The holder recorded with the lease: the request's identity (a leader
     // election's candidate) or this process's `host:pid`.
     let holder: Option<Arc<str>> = request.holder().map(Into::into);
@@ -526,6 +538,7 @@ fn claim_attempt<S: LeaseStore>(
             holder: holder.as_deref().unwrap_or(&inner.holder),
             mode,
             ttl,
+            max_holders,
             abandoned: &abandoned,
         };
         let claimed = inner.store.claim(&claim).await?;
@@ -552,14 +565,23 @@ async fn acquire<S: LeaseStore>(
                 .into(),
         });
     }
+    if request.is_permit() && !inner.store.supports_permits() {
+        return Err(Error::Unsupported {
+            backend: inner.store.kind(),
+            what: "semaphores (max_holders above 1)".into(),
+        });
+    }
     // An uncontended claim may answer without ever waiting (Memory): a
     // loop of them must still let the runtime run other tasks.
     tokio::task::coop::consume_budget().await;
-    let owner: Arc<str> = new_owner().into();
+    let owner: Arc<str> = permits::owner_for(request.max_holders()).into();
     let gone = Arc::new(AtomicBool::new(false));
     let _mark_gone = MarkGone(gone.clone());
     let name = request.name();
     let ttl = request.ttl();
+    // A plain acquisition checks once, at its first miss, that the name is
+    // not held as a semaphore (a permit claim checks that itself).
+    let mut checked = request.is_permit();
     let deadline = match request.wait() {
         Wait::For(d) => Some(Instant::now() + d),
         _ => None,
@@ -615,6 +637,19 @@ async fn acquire<S: LeaseStore>(
                 ));
             }
             continue;
+        }
+        if !checked {
+            checked = true;
+            // A holder the store cannot describe (a foreign value, a read
+            // that failed) is no semaphore it knows: wait as before.
+            match inner.store.inspect(name).await {
+                Ok(found) => {
+                    if let Some(e) = permits::refusal(name, request.max_holders(), found.as_ref()) {
+                        return Err(e);
+                    }
+                }
+                Err(e) => tracing::debug!(error = %e, "dblock: could not inspect a held name"),
+            }
         }
         let now = Instant::now();
         let wake_at = match (request.wait(), deadline) {

@@ -556,7 +556,11 @@ impl<S: LeaseStore> Pending<S> {
                 .expect("a chunk is never empty");
             inner.renewals.statements.fetch_add(1, Relaxed);
             let sent_at = Instant::now();
-            let outcome = timeout_at(give_up, inner.store.renew_many(&items[range.clone()])).await;
+            let outcome = timeout_at(
+                give_up,
+                super::permits::renew_many(&inner.store, &items[range.clone()]),
+            )
+            .await;
             renewed += apply(
                 &inner,
                 &self.ids[range.clone()],

@@ -13,12 +13,16 @@ use sqlx::query::Query;
 use sqlx::{AssertSqlSafe, MySql, MySqlPool, Row, Transaction};
 
 use super::engine::Engine;
+#[path = "lease_permits.rs"]
+mod permits;
 use super::{code, error_number, is_lock_busy, map_err, micros, quote_table, Conn, DEFAULT_TABLE};
+use crate::lease::permits::{holders_table, is_permit, merge_list};
 use crate::lease::{
     lease_backend, Claim, Claimed, LeaseEngine, LeaseOptions, LeaseStore, Renewal, Renewed,
     Wakeups, SWEEP_BATCH,
 };
 use crate::{validate_table, LockInfo, LockMode, Result, Wait};
+use permits::PermitSql;
 
 /// MySQL / MariaDB leases: one row per name in a lease table, claimed in a
 /// short transaction under a `SELECT ... FOR UPDATE` row lock, renewed in
@@ -36,6 +40,14 @@ use crate::{validate_table, LockInfo, LockMode, Result, Wait};
 ///   [module docs](super)).
 /// - `.hold_at_least(d)` keeps the lease until `acquired_at + d` (database
 ///   clock) even when released sooner.
+/// - **Semaphores** (`max_holders(n)`): each permit is a row of
+///   `dblock_leases_holders` (migration 3; for a table of your own, the
+///   same name with `_holders` appended), its token the name's next; the
+///   name's lease row is the semaphore's marker while permits are live. A
+///   permit claim is one short transaction under the marker's row lock
+///   (`NOWAIT`, like a plain claim), so claims of one name never grant more
+///   than `n`. Permits renew one transaction each, beside the batch of
+///   plain leases.
 /// - Shared (reader) mode is **not supported**: `.shared()` fails with
 ///   [`Error::Unsupported`](crate::Error::Unsupported).
 /// - Waiting polls the row with backoff between
@@ -95,6 +107,7 @@ impl Lease {
             MySqlStore {
                 pool,
                 sql: Arc::new(Sql::new(DEFAULT_TABLE)),
+                permits: permit_sql(DEFAULT_TABLE),
                 packet_budget: Arc::default(),
                 engine: Arc::default(),
             },
@@ -114,6 +127,7 @@ impl Lease {
         let store = MySqlStore {
             pool: self.engine.store().pool.clone(),
             sql: Arc::new(Sql::new(table)),
+            permits: permit_sql(table),
             packet_budget: self.engine.store().packet_budget.clone(),
             engine: self.engine.store().engine.clone(),
         };
@@ -445,11 +459,20 @@ pub(crate) fn q(sql: &Arc<str>) -> Query<'static, MySql, MySqlArguments> {
 pub(crate) struct MySqlStore {
     pool: MySqlPool,
     sql: Arc<Sql>,
+    /// The statements of semaphores' permits; `None` when the holders
+    /// table's name would be too long.
+    permits: Option<Arc<PermitSql>>,
     /// Bytes of JSON one batch statement may carry: half the server's
     /// `max_allowed_packet`, read at the first batch (0 until then).
     packet_budget: Arc<AtomicUsize>,
     /// The engine self-test's answer, once it has one.
     engine: Arc<tokio::sync::OnceCell<Engine>>,
+}
+
+/// The permit statements of lease table `table`, if its holders table has
+/// a valid name.
+fn permit_sql(table: &str) -> Option<Arc<PermitSql>> {
+    holders_table(table).map(|h| Arc::new(PermitSql::new(table, &h)))
 }
 
 impl fmt::Debug for MySqlStore {
@@ -961,7 +984,14 @@ impl LeaseStore for MySqlStore {
         "mysql-lease"
     }
 
+    fn supports_permits(&self) -> bool {
+        true
+    }
+
     async fn claim(&self, claim: &Claim<'_>) -> Result<Option<Claimed>> {
+        if claim.max_holders > 1 {
+            return self.claim_permit(claim).await;
+        }
         let causal = self.checked().await?;
         let one = claim.mode == LockMode::Exclusive && self.claims_in_one_statement().await?;
         let ttl_us = micros(claim.ttl);
@@ -1009,6 +1039,9 @@ impl LeaseStore for MySqlStore {
         token: u64,
         ttl: Duration,
     ) -> Result<Option<DateTime<Utc>>> {
+        if is_permit(owner) {
+            return self.renew_permit(name, owner, token, ttl).await;
+        }
         let done = self
             .execute(|| {
                 q(&self.sql.renew)
@@ -1096,6 +1129,9 @@ impl LeaseStore for MySqlStore {
         token: u64,
         hold: Option<Duration>,
     ) -> Result<bool> {
+        if is_permit(owner) {
+            return self.release_permit(name, owner, token, hold).await;
+        }
         let done = self
             .execute(|| {
                 q(&self.sql.release)
@@ -1112,7 +1148,8 @@ impl LeaseStore for MySqlStore {
         let done = self
             .execute(|| q(&self.sql.force_release).bind(name.as_bytes()))
             .await?;
-        Ok(done.last_insert_id() > 0 || done.rows_affected() > 0)
+        let permits = self.force_release_permits(name).await?;
+        Ok(done.last_insert_id() > 0 || done.rows_affected() > 0 || permits)
     }
 
     async fn sweep(&self, grace: Duration) -> Result<u64> {
@@ -1123,7 +1160,7 @@ impl LeaseStore for MySqlStore {
         let mut retries = 0;
         loop {
             match self.sweep_transaction(grace).await {
-                Ok(Some(n)) => return Ok(n),
+                Ok(Some(n)) => return Ok(n + self.sweep_permits(grace).await?),
                 // The floor is held (a new name being created, a
                 // transaction in lock_in_tx): try again shortly, then leave
                 // the rows to a later sweep.
@@ -1154,6 +1191,9 @@ impl LeaseStore for MySqlStore {
     }
 
     async fn inspect(&self, name: &str) -> Result<Option<LockInfo>> {
+        if let Some(info) = self.inspect_permits(name).await? {
+            return Ok(Some(info));
+        }
         let sql = match self.checked().await? {
             true => &self.sql.inspect_causal,
             false => &self.sql.inspect,
@@ -1177,14 +1217,16 @@ impl LeaseStore for MySqlStore {
         let outcome = q(sql).fetch_all(&mut *conn.begin_use()).await;
         conn.settle(&outcome);
         let rows = outcome.map_err(map_err)?;
-        rows.iter()
+        let plain = rows
+            .iter()
             .map(|row| {
                 let name: Vec<u8> = row.try_get(0)?;
                 let name = String::from_utf8(name)
                     .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned());
                 info(name, row, 1)
             })
-            .collect()
+            .collect::<Result<_>>()?;
+        Ok(merge_list(plain, self.list_permits().await?))
     }
 }
 

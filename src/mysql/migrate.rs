@@ -17,6 +17,11 @@ const MIGRATIONS: &[Migration] = &[
         description: "token floor of swept lease rows",
         sql: include_str!("../../migrations/mysql/0002_token_floor.sql"),
     },
+    Migration {
+        version: 3,
+        description: "holders of semaphores",
+        sql: include_str!("../../migrations/mysql/0003_semaphore_holders.sql"),
+    },
 ];
 
 /// The named lock that serialises migrators of one database (names are

@@ -13,14 +13,18 @@ use sqlx::{AssertSqlSafe, PgConnection, PgPool, Postgres, Row, Transaction};
 use tokio::sync::OnceCell;
 
 use super::notify::{Listener, CHANNEL};
+#[path = "lease_permits.rs"]
+mod permits;
 use super::token::sequence_token;
 use super::{engine, map_err};
+use crate::lease::permits::{holders_table, is_permit, merge_list};
 use crate::lease::{
     lease_backend, Claim, Claimed, LeaseEngine, LeaseOptions, LeaseStore, Renewal, Renewed,
     Wakeups, SWEEP_BATCH,
 };
 use crate::name::{quote_table, validate_table};
 use crate::{LockInfo, LockMode, Result};
+use permits::PermitSql;
 
 /// The table [`migrate`](super::migrate) creates and [`Lease`] uses unless
 /// told otherwise.
@@ -59,6 +63,13 @@ const DEFAULT_TABLE: &str = "dblock_leases";
 ///   waiters just poll; behind a transaction-pooling proxy, turn it off
 ///   with [`transaction_pooling`](Lease::transaction_pooling). A lease that runs out rather than being released is noticed at
 ///   the next poll.
+/// - **Semaphores** (`max_holders(n)`): each permit is a row of
+///   `dblock_leases_holders` (migration 3; for a table of your own, the
+///   same name with `_holders` appended), with its own token from the
+///   sequence; the name's `dblock_leases` row is the semaphore's marker
+///   while permits are live. A permit claim is one transaction under the
+///   marker's row lock, so claims of one name never grant more than `n`.
+///   Permits renew one statement each, beside the batch of plain leases.
 /// - **Shared (reader) leases are not supported**: `.shared()` fails with
 ///   [`Error::Unsupported`](crate::Error::Unsupported). Use
 ///   [`Advisory`](super::Advisory) for reader locks.
@@ -172,6 +183,9 @@ impl Lease {
         let store = PgStore {
             pool: pool.clone(),
             sql: Sql::new(&quote_table(&table)),
+            permits: holders_table(&table)
+                .map(|h| PermitSql::new(&quote_table(&table), &quote_table(&h))),
+            table: table.clone(),
             listener: Listener::new(pool.clone(), &wakeups),
             pooled,
             engine: OnceCell::new(),
@@ -311,6 +325,11 @@ impl Sql {
 pub(crate) struct PgStore {
     pool: PgPool,
     sql: Sql,
+    /// The statements of semaphores' permits; `None` when the holders
+    /// table's name would be too long.
+    permits: Option<PermitSql>,
+    /// The lease table, as given.
+    table: String,
     listener: Listener,
     /// Whether statements run as unnamed ones in their own transaction
     /// (behind a transaction-pooling proxy).
@@ -465,7 +484,14 @@ impl LeaseStore for PgStore {
         super::clock_timestamp(&self.pool).await
     }
 
+    fn supports_permits(&self) -> bool {
+        true
+    }
+
     async fn claim(&self, claim: &Claim<'_>) -> Result<Option<Claimed>> {
+        if claim.max_holders > 1 {
+            return self.claim_permit(claim).await;
+        }
         self.check_engine().await?;
         let row: Option<PgRow> = retrying(|| async {
             // Waiting for a connection can take long when the pool is busy;
@@ -503,6 +529,9 @@ impl LeaseStore for PgStore {
         token: u64,
         ttl: Duration,
     ) -> Result<Option<DateTime<Utc>>> {
+        if is_permit(owner) {
+            return self.renew_permit(name, owner, token, ttl).await;
+        }
         let row = retrying(|| {
             self.fetch_optional(|| {
                 sqlx::query(AssertSqlSafe(self.sql.renew.clone()))
@@ -552,6 +581,9 @@ impl LeaseStore for PgStore {
         token: u64,
         hold: Option<Duration>,
     ) -> Result<bool> {
+        if is_permit(owner) {
+            return self.release_permit(name, owner, token, hold).await;
+        }
         let row = retrying(|| {
             self.fetch_optional(|| {
                 sqlx::query(AssertSqlSafe(self.sql.release.clone()))
@@ -572,10 +604,14 @@ impl LeaseStore for PgStore {
             })
         })
         .await?;
-        Ok(row.is_some())
+        let permits = self.force_release_permits(name).await?;
+        Ok(row.is_some() || permits)
     }
 
     async fn inspect(&self, name: &str) -> Result<Option<LockInfo>> {
+        if let Some(info) = self.inspect_permits(name).await? {
+            return Ok(Some(info));
+        }
         let row = self
             .fetch_optional(|| {
                 sqlx::query(AssertSqlSafe(self.sql.inspect.clone())).bind(name.to_owned())
@@ -590,10 +626,12 @@ impl LeaseStore for PgStore {
             .fetch_all(|| sqlx::query(AssertSqlSafe(self.sql.list.clone())))
             .await
             .map_err(lease_err)?;
-        rows.iter()
+        let plain = rows
+            .iter()
             .map(info)
             .collect::<sqlx::Result<_>>()
-            .map_err(map_err)
+            .map_err(map_err)?;
+        Ok(merge_list(plain, self.list_permits().await?))
     }
 
     async fn sweep(&self, grace: Duration) -> Result<u64> {
@@ -603,7 +641,7 @@ impl LeaseStore for PgStore {
                 .execute(&self.pool)
         })
         .await?;
-        Ok(done.rows_affected())
+        Ok(done.rows_affected() + self.sweep_permits(grace).await?)
     }
 
     fn waiting(&self) {

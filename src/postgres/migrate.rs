@@ -17,6 +17,11 @@ const MIGRATIONS: &[Migration] = &[
         sql: include_str!("../../migrations/postgres/0002_lease_tokens_from_sequence.sql"),
     },
     Migration {
+        version: 3,
+        description: "holders of semaphores",
+        sql: include_str!("../../migrations/postgres/0003_semaphore_holders.sql"),
+    },
+    Migration {
         version: 4,
         description: "holder identities of advisory locks",
         sql: include_str!("../../migrations/postgres/0004_advisory_holders.sql"),

@@ -9,6 +9,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{Client, RedisError, Script, ScriptInvocation, Value};
 
 use super::listen::Listener;
+use crate::lease::permits::is_permit;
 use crate::lease::{
     lease_backend, Claim, Claimed, LeaseEngine, LeaseOptions, LeaseStore, Renewal, Renewed, Wakeups,
 };
@@ -117,10 +118,11 @@ return 1"
     ))
 });
 
-/// KEYS: the lease. ARGV: channel, name. Ends it whoever holds it.
+/// KEYS: the lease, the name's permits. ARGV: channel, name. Ends them
+/// whoever holds them.
 static FORCE_RELEASE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
-        "if redis.call('DEL', KEYS[1]) == 0 then
+        "if redis.call('DEL', KEYS[1], KEYS[2]) == 0 then
   return 0
 end
 redis.call('PUBLISH', ARGV[1], ARGV[2])
@@ -142,10 +144,18 @@ return out"
     ))
 });
 
+#[path = "permits.rs"]
+mod permits;
+
 /// Leases in Redis: the correct version of the `SET NX PX` lock, with owner
 /// checks, renewal, fencing tokens that survive a restart without
 /// persistence, and waiters woken by pub/sub. See the [module
 /// docs](super) for the protocol and what Redis can promise.
+///
+/// Semaphores (`max_holders(n)`): the permits of a name are the fields of
+/// the hash `dblock:permits:{name}`, and its lock key is their marker while
+/// they are live; each step is one script, so a claim counts and takes
+/// atomically.
 ///
 /// Each lock is the key `dblock:lock:{name}` (the prefix is
 /// [configurable](Lease::with_prefix)); every expiry is Redis' own (`PX`,
@@ -296,6 +306,11 @@ impl Keys {
         format!("{}{}{name}", self.prefix, Self::LOCK)
     }
 
+    /// The hash of the permits of semaphore `name` (see [`permits`]).
+    fn permits(&self, name: &str) -> String {
+        format!("{}permits:{name}", self.prefix)
+    }
+
     fn counter(&self) -> &str {
         &self.counter
     }
@@ -433,12 +448,18 @@ fn info(name: &str, value: &str, pttl_ms: i64, now_us: i64) -> Result<LockInfo> 
         s.parse::<i64>()
             .map_err(|_| bad_reply("not a dblock lease value", value.to_owned()))
     };
+    let marker = mode == "n";
     let mode = if mode == "s" {
         LockMode::Shared
     } else {
         LockMode::Exclusive
     };
     let mut info = LockInfo::new(Some(name.to_owned()), holder.to_owned(), mode);
+    if marker {
+        // A semaphore's marker: no holder of its own; inspect and list
+        // report its permits instead.
+        info.holders = 0;
+    }
     info.token = Some(number(token)? as u64);
     info.acquired_at = Some(time(number(acquired)?)?);
     info.expires_at = Some(time(now_us.saturating_add(pttl_ms.saturating_mul(1000)))?);
@@ -446,6 +467,18 @@ fn info(name: &str, value: &str, pttl_ms: i64, now_us: i64) -> Result<LockInfo> 
 }
 
 impl RedisStore {
+    /// Replaces each semaphore's marker among `infos` by its permits.
+    async fn with_permits(&self, infos: Vec<LockInfo>) -> Result<Vec<LockInfo>> {
+        let mut out = Vec::with_capacity(infos.len());
+        for info in infos {
+            match (info.holders, &info.name) {
+                (0, Some(name)) => out.extend(self.inspect_permits(name).await?),
+                _ => out.push(info),
+            }
+        }
+        Ok(out)
+    }
+
     /// The live leases among `names`, by one script.
     async fn inspect_many(&self, names: &[&str]) -> Result<Vec<LockInfo>> {
         let mut invocation = INSPECT.prepare_invoke();
@@ -486,7 +519,14 @@ impl LeaseStore for RedisStore {
         "redis-lease"
     }
 
+    fn supports_permits(&self) -> bool {
+        true
+    }
+
     async fn claim(&self, claim: &Claim<'_>) -> Result<Option<Claimed>> {
+        if claim.max_holders > 1 {
+            return self.claim_permit(claim).await;
+        }
         if (claim.abandoned)() {
             return Ok(None);
         }
@@ -515,6 +555,9 @@ impl LeaseStore for RedisStore {
         token: u64,
         ttl: Duration,
     ) -> Result<Option<DateTime<Utc>>> {
+        if is_permit(owner) {
+            return self.renew_permit(name, owner, token, ttl).await;
+        }
         let one = [Renewal {
             name: name.into(),
             owner: owner.into(),
@@ -566,6 +609,9 @@ impl LeaseStore for RedisStore {
         token: u64,
         hold: Option<Duration>,
     ) -> Result<bool> {
+        if is_permit(owner) {
+            return self.release_permit(name, owner, token, hold).await;
+        }
         let mut invocation = RELEASE.prepare_invoke();
         invocation
             .key(self.keys.lock(name))
@@ -582,6 +628,7 @@ impl LeaseStore for RedisStore {
         let mut invocation = FORCE_RELEASE.prepare_invoke();
         invocation
             .key(self.keys.lock(name))
+            .key(self.keys.permits(name))
             .arg(self.keys.channel(name))
             .arg(name);
         let broken: i64 = self.conn.script(&invocation).await?;
@@ -589,7 +636,10 @@ impl LeaseStore for RedisStore {
     }
 
     async fn inspect(&self, name: &str) -> Result<Option<LockInfo>> {
-        Ok(self.inspect_many(&[name]).await?.pop())
+        Ok(self
+            .with_permits(self.inspect_many(&[name]).await?)
+            .await?
+            .pop())
     }
 
     async fn now(&self) -> Result<DateTime<Utc>> {
@@ -625,7 +675,7 @@ impl LeaseStore for RedisStore {
         // SCAN may return a key more than once.
         out.sort_by(|a, b| a.name.cmp(&b.name));
         out.dedup_by(|a, b| a.name == b.name);
-        Ok(out)
+        self.with_permits(out).await
     }
 
     fn waiting(&self) {

@@ -11,12 +11,16 @@ use sqlx::sqlite::{SqliteConnectOptions, SqlitePoolOptions, SqliteRow};
 use sqlx::{AssertSqlSafe, Row, SqlitePool};
 
 use super::{map_err, retry_busy};
+#[path = "lease_permits.rs"]
+mod permits;
+use crate::lease::permits::{holders_table, is_permit, merge_list};
 use crate::lease::{
     lease_backend, push_json_str, Claim, Claimed, LeaseEngine, LeaseOptions, LeaseStore, Renewal,
     Renewed, Wakeups, SWEEP_BATCH,
 };
 use crate::name::{quote_table, validate_table};
 use crate::{Error, LockInfo, LockMode, Result};
+use permits::PermitSql;
 
 const DEFAULT_TABLE: &str = "dblock_leases";
 
@@ -50,6 +54,11 @@ const POOL_SIZE: u32 = 4;
 ///   now, not every name ever used. Commits are durable
 ///   (`synchronous = FULL`, SQLite's default) so a token survives a power
 ///   loss too.
+/// - **Semaphores** (`max_holders(n)`): each permit is a row of
+///   `dblock_leases_holders` (migration 3; for a table of your own, the
+///   same name with `_holders` appended), its token the name's next; the
+///   name's lease row is the semaphore's marker while permits are live.
+///   Every permit step is one `BEGIN IMMEDIATE` transaction.
 /// - **Busy files**: each statement is one autocommit write that takes the
 ///   write lock before it reads, so SQLite's busy timeout applies; if the
 ///   file stays locked past it, the statement is retried with backoff (for
@@ -199,6 +208,8 @@ impl Lease {
         let store = SqliteStore {
             pool: pool.clone(),
             sql: Sql::new(&quote_table(&table)),
+            permits: holders_table(&table)
+                .map(|h| PermitSql::new(&quote_table(&table), &quote_table(&h))),
             table: table.clone(),
         };
         let mut engine = LeaseEngine::new(store, wakeups.clone());
@@ -333,6 +344,9 @@ impl Sql {
 pub(crate) struct SqliteStore {
     pool: SqlitePool,
     sql: Sql,
+    /// The statements of semaphores' permits; `None` when the holders
+    /// table's name would be too long.
+    permits: Option<PermitSql>,
     /// The lease table's name as given: its key in `dblock_token_floor`.
     table: String,
 }
@@ -375,7 +389,14 @@ impl LeaseStore for SqliteStore {
         time(at).map_err(Error::Database)
     }
 
+    fn supports_permits(&self) -> bool {
+        true
+    }
+
     async fn claim(&self, claim: &Claim<'_>) -> Result<Option<Claimed>> {
+        if claim.max_holders > 1 {
+            return self.claim_permit(claim).await;
+        }
         let row: Option<(i64, i64)> = retry_busy(|| async {
             // As for PostgreSQL: nothing is claimed for an acquirer that left
             // while this waited for a connection.
@@ -409,6 +430,9 @@ impl LeaseStore for SqliteStore {
         token: u64,
         ttl: Duration,
     ) -> Result<Option<DateTime<Utc>>> {
+        if is_permit(owner) {
+            return self.renew_permit(name, owner, token, ttl).await;
+        }
         let at: Option<i64> = retry_busy(|| {
             sqlx::query_scalar(AssertSqlSafe(self.sql.renew.clone()))
                 .bind(name)
@@ -462,6 +486,9 @@ impl LeaseStore for SqliteStore {
         token: u64,
         hold: Option<Duration>,
     ) -> Result<bool> {
+        if is_permit(owner) {
+            return self.release_permit(name, owner, token, hold).await;
+        }
         let done = retry_busy(|| {
             sqlx::query(AssertSqlSafe(self.sql.release.clone()))
                 .bind(name)
@@ -481,10 +508,14 @@ impl LeaseStore for SqliteStore {
                 .execute(&self.pool)
         })
         .await?;
-        Ok(done.rows_affected() > 0)
+        let permits = self.force_release_permits(name).await?;
+        Ok(done.rows_affected() > 0 || permits)
     }
 
     async fn inspect(&self, name: &str) -> Result<Option<LockInfo>> {
+        if let Some(info) = self.inspect_permits(name).await? {
+            return Ok(Some(info));
+        }
         let row = retry_busy(|| {
             sqlx::query(AssertSqlSafe(self.sql.inspect.clone()))
                 .bind(name)
@@ -495,7 +526,7 @@ impl LeaseStore for SqliteStore {
     }
 
     async fn sweep(&self, grace: Duration) -> Result<u64> {
-        retry_busy(|| async {
+        let swept = retry_busy(|| async {
             let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
             let tokens: Vec<i64> = sqlx::query_scalar(AssertSqlSafe(self.sql.sweep.clone()))
                 .bind(micros(grace))
@@ -511,16 +542,19 @@ impl LeaseStore for SqliteStore {
             tx.commit().await?;
             Ok(tokens.len() as u64)
         })
-        .await
+        .await?;
+        Ok(swept + self.sweep_permits(grace).await?)
     }
 
     async fn list(&self) -> Result<Vec<LockInfo>> {
         let rows =
             retry_busy(|| sqlx::query(AssertSqlSafe(self.sql.list.clone())).fetch_all(&self.pool))
                 .await?;
-        rows.iter()
+        let plain = rows
+            .iter()
             .map(info)
             .collect::<sqlx::Result<_>>()
-            .map_err(map_err)
+            .map_err(map_err)?;
+        Ok(merge_list(plain, self.list_permits().await?))
     }
 }

@@ -16,6 +16,11 @@ const MIGRATIONS: &[Migration] = &[
         description: "token floor of deleted lease rows",
         sql: include_str!("../../migrations/sqlite/0002_token_floor.sql"),
     },
+    Migration {
+        version: 3,
+        description: "holders of semaphores",
+        sql: include_str!("../../migrations/sqlite/0003_semaphore_holders.sql"),
+    },
 ];
 
 /// Creates or updates dblock's schema in the pool's database file: the lease

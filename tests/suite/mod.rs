@@ -16,6 +16,8 @@ use crate::common::unique;
 
 mod election;
 pub use election::*;
+mod semaphore;
+pub use semaphore::*;
 
 /// What the suite needs from a backend.
 pub trait Fixture: Send + Sync + 'static {
@@ -28,6 +30,10 @@ pub trait Fixture: Send + Sync + 'static {
     fn shared(&self) -> bool;
     /// Whether locks are leases (expire by ttl; `expires_at` is set).
     fn lease(&self) -> bool;
+    /// Whether semaphores (`max_holders(n)` above 1) are implemented.
+    fn semaphores(&self) -> bool {
+        true
+    }
 }
 
 /// The longest any step of the suite may take before it counts as hung.
@@ -538,7 +544,10 @@ macro_rules! behaviour_suite {
             // Leader election and the lock helpers (election.rs).
             leader_unique_and_observed, broken_leader_is_replaced, dead_leader_is_replaced,
             resign_hands_over, with_lock_cancels_on_loss, lost_owned_fires_in_a_task,
-            try_now_on_the_builder);
+            try_now_on_the_builder,
+            // Semaphores (semaphore.rs).
+            semaphore_bounds_holders, semaphore_permits_inspect_and_disagreement,
+            semaphore_waiter_gets_a_freed_permit, semaphore_renewal_and_loss);
     };
     (@tests $fixture:expr; $($name:ident),*) => {
         $(

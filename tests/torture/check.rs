@@ -99,6 +99,9 @@ pub struct Report {
     pub excused_overlaps: usize,
     /// Overlaps that no fault explains: mutual exclusion broken.
     pub overlaps: usize,
+    /// The semaphore mode: some name had all its permits taken at once
+    /// without a fault to explain it (checked one permit short).
+    pub permits_reached: bool,
     /// Fenced writes the register accepted out of token order.
     pub stale_accepted: usize,
     /// Fenced writes of a superseded holder that the fence refused.
@@ -164,6 +167,8 @@ pub struct Run<'a> {
     pub registers: &'a HashMap<String, Registers>,
     /// Whether the holders watched `lost()` (off in the negative control).
     pub watch_lost: bool,
+    /// Holders each name admits: 1, or `n` in the semaphore mode.
+    pub permits: u32,
 }
 
 pub fn check(run: &Run<'_>, report: &mut Report) {
@@ -194,7 +199,16 @@ pub fn check(run: &Run<'_>, report: &mut Report) {
     for list in by_name.values_mut() {
         list.sort_by_key(|h| h.ok);
         check_tokens(run, list, report);
-        check_overlaps(run, list, report);
+        if run.permits > 1 {
+            check_permits(run, list, run.permits, report);
+            // The same check one permit short must fail where the
+            // semaphore was full: n was reached, and the check can fail.
+            let mut short = Report::default();
+            check_permits(run, list, run.permits - 1, &mut short);
+            report.permits_reached |= short.overlaps > 0;
+        } else {
+            check_overlaps(run, list, report);
+        }
     }
     for (name, regs) in run.registers {
         let list = by_name.get(name.as_str()).map(Vec::as_slice).unwrap_or(&[]);
@@ -412,6 +426,44 @@ fn check_overlaps(run: &Run<'_>, list: &[&Holder], report: &mut Report) {
                     b.wid,
                     b.token,
                     fault.kind.label()
+                ));
+            }
+        }
+    }
+    report.losses_seen += list.iter().filter(|h| h.told_lost).count();
+}
+
+/// The semaphore mode: at no instant do more than `permits` holders
+/// believe they hold a name, unless a fault of one of them explains it.
+fn check_permits(run: &Run<'_>, list: &[&Holder], permits: u32, report: &mut Report) {
+    for later in list {
+        // Holders believing they held the name when `later` was granted.
+        let beside: Vec<&&Holder> = list
+            .iter()
+            .filter(|h| h.ok <= later.ok && h.end > later.ok && h.wid != later.wid)
+            .collect();
+        if beside.len() < permits as usize {
+            continue;
+        }
+        let excuse = run.faults.iter().find(|f| {
+            f.kind.excuses(run.kind)
+                && f.start <= later.ok
+                && beside
+                    .iter()
+                    .any(|h| f.wid.as_deref().is_none_or(|w| w == h.wid) && f.end >= h.invoked)
+        });
+        match excuse {
+            Some(_) => report.excused_overlaps += 1,
+            None => {
+                report.overlaps += 1;
+                report.violation(format!(
+                    "{}: {} (token {}) was granted while {} others believed they held a permit \
+                     of at most {}, and no fault of theirs explains it",
+                    later.name,
+                    later.wid,
+                    later.token,
+                    beside.len(),
+                    permits
                 ));
             }
         }

@@ -20,7 +20,10 @@
 //! - `DBLOCK_TORTURE_RESTART=1` — also restart the database servers (never
 //!   in CI: other engineers' tests share the servers)
 //! - `DBLOCK_TORTURE_BACKENDS` — a comma list of labels to run (default all)
-//! - `DBLOCK_TORTURE_PHASES` — a comma list of `torture,control,storm,input,schedule,election`
+//! - `DBLOCK_TORTURE_PHASES` — a comma list of
+//!   `torture,control,storm,input,schedule,election,semaphore` (`semaphore`:
+//!   permits of semaphores of 3 under the same faults, on every backend
+//!   that has them)
 //! - `DBLOCK_TORTURE_WORKERS` — processes per backend, default 16
 //! - `DBLOCK_TEST_GALERA_URLS` — the Galera nodes of the `mysql-galera` run,
 //!   where one node is also SIGKILLed and restarted mid-run
@@ -83,6 +86,7 @@ impl Settings {
                         "input".into(),
                         "schedule".into(),
                         "election".into(),
+                        "semaphore".into(),
                     ]
                 },
                 |p| p.split(',').map(|s| s.trim().to_owned()).collect(),
@@ -210,6 +214,19 @@ async fn controller(settings: Settings) -> Vec<Outcome> {
             let ok = timed("bad input", badinput::run(kind)).await;
             outcomes.push(Outcome {
                 name: format!("bad input {}", kind.label()),
+                ok,
+            });
+        }
+    }
+    if settings.phase("semaphore") {
+        // Advisory has no semaphores; Redis runs restart the server.
+        for &kind in kinds
+            .iter()
+            .filter(|&&k| k.lease() && (k != Kind::RedisLease || settings.restart))
+        {
+            let ok = timed("semaphore", torture::semaphore(kind, &settings)).await;
+            outcomes.push(Outcome {
+                name: format!("semaphore {}", kind.label()),
                 ok,
             });
         }

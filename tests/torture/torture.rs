@@ -36,6 +36,8 @@ struct Plan {
     restart: bool,
     /// Mean pause between two faults.
     every: Duration,
+    /// Holders each name admits: 1, or `n` in the semaphore mode.
+    permits: u32,
 }
 
 /// The torture run of one backend: every applicable fault, fencing on.
@@ -55,6 +57,7 @@ pub async fn normal(kind: Kind, s: &Settings) -> bool {
         // alone on this machine, and losing everything is its main fault.
         restart: (s.restart && kind.networked()) || kind == Kind::RedisLease,
         every: Duration::from_millis(300),
+        permits: 1,
     };
     let (report, dir) = run(&plan).await;
     println!("{}", report.summary(kind.label()));
@@ -65,6 +68,46 @@ pub async fn normal(kind: Kind, s: &Settings) -> bool {
     finish(dir, ok, s.keep);
     ok
 }
+
+/// The semaphore mode: the workers take permits of semaphores of
+/// [`SEMAPHORE_PERMITS`] under every applicable fault; at most that many
+/// holders may believe they hold a name at any instant (unless a fault
+/// explains it), and tokens increase as for a lock. Redis is left out
+/// unless `DBLOCK_TORTURE_RESTART=1`: its runs restart the server.
+pub async fn semaphore(kind: Kind, s: &Settings) -> bool {
+    let mut faults = vec![FaultKind::Kill, FaultKind::Stop];
+    if kind.networked() {
+        faults.extend([FaultKind::Terminate, FaultKind::Cut]);
+    }
+    let plan = Plan {
+        kind,
+        workers: s.workers,
+        secs: s.secs,
+        fencing: true,
+        watch_lost: true,
+        faults,
+        restart: s.restart && kind.networked(),
+        every: Duration::from_millis(300),
+        permits: SEMAPHORE_PERMITS,
+    };
+    let (report, dir) = run(&plan).await;
+    let label = format!("{} semaphore of {SEMAPHORE_PERMITS}", kind.label());
+    println!("{}", report.summary(&label));
+    if !report.permits_reached {
+        println!(
+            "  VIOLATION {label}: no name ever had its {SEMAPHORE_PERMITS} permits taken at once"
+        );
+    }
+    let ok = report.violations.is_empty() && report.permits_reached;
+    for v in &report.violations {
+        println!("  VIOLATION {label}: {v}");
+    }
+    finish(dir, ok, s.keep);
+    ok
+}
+
+/// The permits of each name in the semaphore mode.
+pub const SEMAPHORE_PERMITS: u32 = 3;
 
 /// The negative control: the same run with fencing off and naive holders
 /// (they do not watch `lost()`), under pauses. The checkers must report
@@ -81,6 +124,7 @@ pub async fn control(kind: Kind, s: &Settings) -> bool {
             faults: vec![FaultKind::Stop],
             restart: false,
             every: Duration::from_millis(250),
+            permits: 1,
         };
         let (report, dir) = run(&plan).await;
         println!(
@@ -147,6 +191,7 @@ impl Fleet {
             log: self.dir.join(format!("{wid}.log")),
             fencing: self.plan.fencing,
             watch_lost: self.plan.watch_lost,
+            permits: self.plan.permits,
             wid: wid.clone(),
             done: self.dir.join(format!("{wid}.done")),
             quit: self.dir.join("quit"),
@@ -519,6 +564,7 @@ async fn run(plan: &Plan) -> (Report, PathBuf) {
             faults: &faults,
             registers: &registers,
             watch_lost: plan.watch_lost,
+            permits: plan.permits,
         },
         &mut report,
     );

@@ -28,6 +28,11 @@ pub struct Config {
     /// The critical section is abandoned as soon as `lost()` fires (off: a
     /// naive holder, the negative control).
     pub watch_lost: bool,
+    /// Above 1: the semaphore mode, where each name admits this many
+    /// holders (`max_holders`) and the critical section only holds its
+    /// permit (the registers, made for one holder at a time, are left
+    /// alone).
+    pub permits: u32,
     /// This process's id in the logs, `s<slot>g<generation>`.
     pub wid: String,
     /// Created when the worker is done; the worker then waits for `quit`.
@@ -55,6 +60,7 @@ impl Config {
             v("LOG", self.log.display().to_string()),
             v("FENCING", u8::from(self.fencing).to_string()),
             v("WATCH", u8::from(self.watch_lost).to_string()),
+            v("PERMITS", self.permits.to_string()),
             v("WID", self.wid.clone()),
             v("DONE", self.done.display().to_string()),
             v("QUIT", self.quit.display().to_string()),
@@ -78,6 +84,7 @@ impl Config {
             log: get("LOG").into(),
             fencing: get("FENCING") == "1",
             watch_lost: get("WATCH") == "1",
+            permits: get("PERMITS").parse().unwrap(),
             wid: get("WID"),
             done: get("DONE").into(),
             quit: get("QUIT").into(),
@@ -121,7 +128,11 @@ async fn run(cfg: &Config) {
         log.event(Type::Invoke, "acquire", &name, None, None, "");
         let attempt = timeout(
             WAIT + Duration::from_secs(10),
-            locks.acquire(&name).ttl(cfg.ttl).wait(WAIT),
+            locks
+                .acquire(&name)
+                .ttl(cfg.ttl)
+                .wait(WAIT)
+                .max_holders(cfg.permits),
         )
         .await;
         let guard = match attempt {
@@ -142,7 +153,14 @@ async fn run(cfg: &Config) {
         };
         let token = guard.token();
         log.event(Type::Ok, "acquire", &name, Some(token), None, "");
-        let outcome = if cfg.watch_lost {
+        let outcome = if cfg.permits > 1 {
+            let hold = Duration::from_millis(rand::rng().random_range(0..60));
+            tokio::select! {
+                biased;
+                _ = guard.lost() => Section::Lost,
+                _ = sleep(hold) => Section::Done,
+            }
+        } else if cfg.watch_lost {
             tokio::select! {
                 biased;
                 _ = guard.lost() => Section::Lost,

@@ -140,6 +140,9 @@ const LOCK_TABLE_FULL: &str = "53200";
 ///   statement as the lock: run [`migrate`](super::migrate) once. Names map
 ///   to keys by [`advisory_key`], so other programs can take the same locks.
 /// - Shared (reader) locks are native.
+/// - **Semaphores** (`max_holders(n)` above 1) are not supported: they fail
+///   with [`Error::Unsupported`] before anything is taken. Use
+///   [`Lease`](super::Lease) on the same database for them.
 /// - `.ttl()` does not apply (the lock lives as long as its session);
 ///   [`LockGuard::expires_at`](crate::LockGuard::expires_at) is `None`.
 /// - `.hold_at_least()` is not supported: a lock that must outlive its
@@ -498,6 +501,14 @@ impl Backend for Advisory {
                     what:
                         "hold_at_least: an advisory lock ends with its session; use postgres::Lease"
                             .into(),
+                });
+            }
+            if request.is_permit() {
+                return Err(Error::Unsupported {
+                    backend: self.kind(),
+                    what: "semaphores (max_holders above 1); use postgres::Lease, on the same \
+                           database, for them"
+                        .into(),
                 });
             }
             if let Some(refusal) = self.inner.refusal() {

@@ -1,0 +1,457 @@
+//! Permits of semaphores on the MySQL/MariaDB lease table (see
+//! [`crate::lease::permits`]).
+//!
+//! Each live permit is a row of the holders table (`dblock_leases_holders`,
+//! migration 3). While permits of a name are live, the name's lease row is
+//! their marker: no owner, lasting as long as the latest permit, so a plain
+//! claim leaves the name alone; its token is the name's latest, so tokens
+//! go on increasing whoever takes the name next. A permit claim, renewal or
+//! release is one short transaction that first locks the marker row (the
+//! claim without waiting, like a plain claim), so permit claims of one name
+//! run one at a time, count the live permits under a locking read, and
+//! never grant more than `n`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, NaiveDateTime, Utc};
+use sqlx::mysql::MySqlRow;
+use sqlx::{MySqlConnection, Row};
+
+use super::{
+    is_retryable, q, quote_table, retry_pause, utc, MySqlStore, BEGIN_CAUSAL, MAX_RETRIES,
+};
+use crate::lease::permits::{self, Decision, Found};
+use crate::lease::{Claim, Claimed, SWEEP_BATCH};
+use crate::mysql::{code, error_number, is_lock_busy, map_err, micros, Conn};
+use crate::{Error, LockInfo, Result};
+
+/// The statements of permits for one lease table and its holders table.
+#[derive(Debug)]
+pub(super) struct PermitSql {
+    lock_marker: Arc<str>,
+    count: Arc<str>,
+    take: Arc<str>,
+    mark: Arc<str>,
+    extend_marker: Arc<str>,
+    renew: Arc<str>,
+    renew_read: Arc<str>,
+    release: Arc<str>,
+    settle_marker: Arc<str>,
+    force_release: Arc<str>,
+    sweep: Arc<str>,
+    inspect: Arc<str>,
+    list: Arc<str>,
+}
+
+/// Whether the marker row is locked by waiting (renewals and releases,
+/// which must not give up) or not at all (claims, which report busy).
+const NOWAIT: &str = "NOWAIT";
+
+impl PermitSql {
+    /// `table`: the lease table as given; `holders`: its holders table.
+    pub(super) fn new(table: &str, holders: &str) -> Self {
+        let (t, h) = (quote_table(table), quote_table(holders));
+        let s = |sql: String| -> Arc<str> { sql.into() };
+        const AGGREGATE: &str =
+            "SELECT name, COUNT(*) AS holders, MAX(max_holders) AS max_holders, \
+                    MAX(token) AS token, GROUP_CONCAT(DISTINCT holder SEPARATOR ', ') AS holder, \
+                    MIN(acquired_at) AS acquired_at, MAX(expires_at) AS expires_at";
+        PermitSql {
+            // The marker, locked; the server clock for a new permit in passing.
+            lock_marker: s(format!(
+                "SELECT token, expires_at > UTC_TIMESTAMP(6) AS live, UTC_TIMESTAMP(6) AS now, \
+                        UTC_TIMESTAMP(6) + INTERVAL ? MICROSECOND AS until \
+                   FROM {t} WHERE name = ? FOR UPDATE"
+            )),
+            count: s(format!(
+                "SELECT COUNT(*), MAX(max_holders) FROM {h} \
+                  WHERE name = ? AND expires_at > UTC_TIMESTAMP(6) LOCK IN SHARE MODE"
+            )),
+            take: s(format!(
+                "INSERT INTO {h} (name, token, owner, holder, max_holders, acquired_at, expires_at) \
+                 VALUES (?, ?, ?, ?, ?, ?, ?)"
+            )),
+            mark: s(format!(
+                "UPDATE {t} SET owner = NULL, holder = NULL, mode = 'x', token = ?, \
+                        acquired_at = ?, expires_at = GREATEST(expires_at, ?) \
+                  WHERE name = ?"
+            )),
+            extend_marker: s(format!(
+                "UPDATE {t} SET expires_at = GREATEST(expires_at, \
+                        UTC_TIMESTAMP(6) + INTERVAL ? MICROSECOND) \
+                  WHERE name = ? AND owner IS NULL"
+            )),
+            renew: s(format!(
+                "UPDATE {h} SET expires_at = UTC_TIMESTAMP(6) + INTERVAL ? MICROSECOND \
+                  WHERE name = ? AND owner = ? AND token = ? AND expires_at > UTC_TIMESTAMP(6)"
+            )),
+            renew_read: s(format!(
+                "SELECT expires_at FROM {h} WHERE name = ? AND owner = ? AND token = ?"
+            )),
+            release: s(format!(
+                "UPDATE {h} SET owner = NULL, \
+                        expires_at = GREATEST(UTC_TIMESTAMP(6), acquired_at + INTERVAL ? MICROSECOND) \
+                  WHERE name = ? AND owner = ? AND token = ? AND expires_at > UTC_TIMESTAMP(6)"
+            )),
+            settle_marker: s(format!(
+                "UPDATE {t} SET expires_at = COALESCE( \
+                        (SELECT MAX(expires_at) FROM {h} \
+                          WHERE name = ? AND expires_at > UTC_TIMESTAMP(6)), \
+                        UTC_TIMESTAMP(6)) \
+                  WHERE name = ? AND owner IS NULL"
+            )),
+            force_release: s(format!(
+                "UPDATE {h} SET owner = NULL, expires_at = UTC_TIMESTAMP(6) \
+                  WHERE name = ? AND expires_at > UTC_TIMESTAMP(6)"
+            )),
+            sweep: s(format!(
+                "DELETE FROM {h} WHERE expires_at < UTC_TIMESTAMP(6) - INTERVAL ? MICROSECOND \
+                  LIMIT {SWEEP_BATCH}"
+            )),
+            inspect: s(format!(
+                "{AGGREGATE} FROM {h} WHERE name = ? AND expires_at > UTC_TIMESTAMP(6) \
+                  GROUP BY name"
+            )),
+            list: s(format!(
+                "{AGGREGATE} FROM {h} WHERE expires_at > UTC_TIMESTAMP(6) GROUP BY name"
+            )),
+        }
+    }
+}
+
+fn permit_info(row: &MySqlRow) -> Result<LockInfo> {
+    let name: Vec<u8> = row.try_get("name")?;
+    let name =
+        String::from_utf8(name).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into());
+    Ok(permits::info(
+        name,
+        row.try_get::<i64, _>("holders")? as u32,
+        row.try_get::<u32, _>("max_holders")?,
+        row.try_get::<u64, _>("token")?,
+        row.try_get::<Option<String>, _>("holder")?
+            .unwrap_or_default(),
+        utc(row.try_get("acquired_at")?),
+        utc(row.try_get("expires_at")?),
+    ))
+}
+
+/// Whether `e` says the holders table does not exist (a database migrated
+/// before semaphores, or a lease table of one's own without one).
+fn no_table(e: &sqlx::Error) -> bool {
+    error_number(e) == Some(code::NO_SUCH_TABLE)
+}
+
+/// What one permit transaction came to.
+enum Step<T> {
+    /// Commit, and answer this.
+    Commit(T),
+    /// Roll back, and answer this.
+    Rollback(T),
+    /// The marker row does not exist yet: create it and try again.
+    NoMarker,
+}
+
+impl MySqlStore {
+    fn permit_sql(&self) -> Result<&PermitSql> {
+        self.permits
+            .as_deref()
+            .ok_or_else(|| permits::no_holders_table(&self.sql.table))
+    }
+
+    /// Runs a permit transaction again after deadlocks (and, for claims,
+    /// which lock the marker without waiting, a busy marker), a few times;
+    /// `Ok(None)` when the marker stayed busy or kept disappearing.
+    async fn permit_retrying<T, F, Fut>(
+        &self,
+        name: &str,
+        nowait: bool,
+        mut attempt: F,
+    ) -> Result<Option<T>>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<Step<T>, sqlx::Error>>,
+    {
+        let mut retries = 0;
+        let mut created = 0;
+        loop {
+            let e = match attempt().await {
+                Ok(Step::Commit(v) | Step::Rollback(v)) => return Ok(Some(v)),
+                Ok(Step::NoMarker) if created < MAX_RETRIES => {
+                    created += 1;
+                    match self.create_row(name).await {
+                        Ok(()) => continue,
+                        Err(e) => e,
+                    }
+                }
+                Ok(Step::NoMarker) => return Ok(None),
+                Err(e) => e,
+            };
+            let busy = nowait && is_lock_busy(&e);
+            if !(busy || is_retryable(&e)) || retries >= MAX_RETRIES {
+                return if busy { Ok(None) } else { Err(map_err(e)) };
+            }
+            retries += 1;
+            retry_pause(retries).await;
+        }
+    }
+
+    /// One permit claim.
+    pub(super) async fn claim_permit(&self, claim: &Claim<'_>) -> Result<Option<Claimed>> {
+        let sql = self.permit_sql()?;
+        let causal = self.checked().await?;
+        let lock: Arc<str> = format!("{} {NOWAIT}", sql.lock_marker).into();
+        let outcome = self
+            .permit_retrying(claim.name, true, || async {
+                let mut conn = Conn::acquire(&self.pool).await?;
+                if (claim.abandoned)() {
+                    return Ok(Step::Rollback(Ok(None)));
+                }
+                begin(conn.begin_use(), causal).await?;
+                let outcome = claim_body(sql, &lock, conn.begin_use(), claim).await;
+                end(conn, outcome).await
+            })
+            .await?;
+        outcome.unwrap_or(Ok(None))
+    }
+
+    pub(super) async fn renew_permit(
+        &self,
+        name: &str,
+        owner: &str,
+        token: u64,
+        ttl: Duration,
+    ) -> Result<Option<DateTime<Utc>>> {
+        let sql = self.permit_sql()?;
+        let at = self
+            .permit_retrying(name, false, || async {
+                let mut conn = Conn::acquire(&self.pool).await?;
+                begin(conn.begin_use(), false).await?;
+                let outcome = renew_body(sql, conn.begin_use(), name, owner, token, ttl).await;
+                end(conn, outcome).await
+            })
+            .await?;
+        Ok(at.flatten())
+    }
+
+    pub(super) async fn release_permit(
+        &self,
+        name: &str,
+        owner: &str,
+        token: u64,
+        hold: Option<Duration>,
+    ) -> Result<bool> {
+        let sql = self.permit_sql()?;
+        let mine = self
+            .permit_retrying(name, false, || async {
+                let mut conn = Conn::acquire(&self.pool).await?;
+                begin(conn.begin_use(), false).await?;
+                let outcome = release_body(sql, conn.begin_use(), name, owner, token, hold).await;
+                end(conn, outcome).await
+            })
+            .await?;
+        Ok(mine.unwrap_or(false))
+    }
+
+    /// Ends every permit of `name`; whether one was live.
+    pub(super) async fn force_release_permits(&self, name: &str) -> Result<bool> {
+        let Some(sql) = self.permits.as_ref() else {
+            return Ok(false);
+        };
+        match self
+            .execute(|| q(&sql.force_release).bind(name.as_bytes()))
+            .await
+        {
+            Ok(done) => Ok(done.rows_affected() > 0),
+            Err(Error::SchemaMissing { .. }) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn permit_rows(&self, sql: &Arc<str>, name: Option<&str>) -> Result<Vec<LockInfo>> {
+        let mut conn = Conn::acquire(&self.pool).await?;
+        let mut query = q(sql);
+        if let Some(name) = name {
+            query = query.bind(name.as_bytes().to_vec());
+        }
+        let outcome = query.fetch_all(&mut *conn.begin_use()).await;
+        conn.settle(&outcome);
+        match outcome {
+            Ok(rows) => rows.iter().map(permit_info).collect(),
+            Err(e) if no_table(&e) => Ok(Vec::new()),
+            Err(e) => Err(map_err(e)),
+        }
+    }
+
+    pub(super) async fn inspect_permits(&self, name: &str) -> Result<Option<LockInfo>> {
+        let Some(sql) = self.permits.as_ref() else {
+            return Ok(None);
+        };
+        Ok(self.permit_rows(&sql.inspect, Some(name)).await?.pop())
+    }
+
+    pub(super) async fn list_permits(&self) -> Result<Vec<LockInfo>> {
+        let Some(sql) = self.permits.as_ref() else {
+            return Ok(Vec::new());
+        };
+        self.permit_rows(&sql.list, None).await
+    }
+
+    pub(super) async fn sweep_permits(&self, grace: Duration) -> Result<u64> {
+        let Some(sql) = self.permits.as_ref() else {
+            return Ok(0);
+        };
+        match self.execute(|| q(&sql.sweep).bind(micros(grace))).await {
+            Ok(done) => Ok(done.rows_affected()),
+            Err(Error::SchemaMissing { .. }) => Ok(0),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+async fn begin(c: &mut MySqlConnection, causal: bool) -> Result<(), sqlx::Error> {
+    sqlx::raw_sql(if causal { BEGIN_CAUSAL } else { "BEGIN" })
+        .execute(c)
+        .await
+        .map(drop)
+}
+
+/// Ends the transaction as `outcome` says. If COMMIT or ROLLBACK fails, the
+/// connection stays dirty and is closed on drop, which rolls back whatever
+/// is still open.
+async fn end<T>(
+    mut conn: Conn,
+    outcome: Result<Step<T>, sqlx::Error>,
+) -> Result<Step<T>, sqlx::Error> {
+    let end = match outcome {
+        Ok(Step::Commit(_)) => "COMMIT",
+        _ => "ROLLBACK",
+    };
+    sqlx::raw_sql(end).execute(&mut *conn.begin_use()).await?;
+    conn.done();
+    outcome
+}
+
+/// Under the marker's lock: counts the live permits, decides, takes one.
+async fn claim_body(
+    sql: &PermitSql,
+    lock: &Arc<str>,
+    c: &mut MySqlConnection,
+    claim: &Claim<'_>,
+) -> Result<Step<Result<Option<Claimed>>>, sqlx::Error> {
+    let Some(row) = q(lock)
+        .bind(micros(claim.ttl))
+        .bind(claim.name.as_bytes())
+        .fetch_optional(&mut *c)
+        .await?
+    else {
+        return Ok(Step::NoMarker);
+    };
+    let last: u64 = row.try_get(0)?;
+    let live: i64 = row.try_get(1)?;
+    let now: NaiveDateTime = row.try_get(2)?;
+    let until: NaiveDateTime = row.try_get(3)?;
+    let counted = q(&sql.count)
+        .bind(claim.name.as_bytes())
+        .fetch_one(&mut *c)
+        .await?;
+    let found = Found {
+        plain_live: live != 0,
+        permits: counted.try_get::<i64, _>(0)? as u32,
+        capacity: counted.try_get::<Option<u32>, _>(1)?,
+    };
+    match found.decide(claim.name, claim.max_holders) {
+        Err(e) => return Ok(Step::Rollback(Err(e))),
+        Ok(Decision::Full) => return Ok(Step::Rollback(Ok(None))),
+        Ok(Decision::Take) => {}
+    }
+    let token = last + 1;
+    q(&sql.take)
+        .bind(claim.name.as_bytes())
+        .bind(token)
+        .bind(claim.owner.as_bytes())
+        .bind(super::clip(claim.holder))
+        .bind(claim.max_holders)
+        .bind(now)
+        .bind(until)
+        .execute(&mut *c)
+        .await?;
+    q(&sql.mark)
+        .bind(token)
+        .bind(now)
+        .bind(until)
+        .bind(claim.name.as_bytes())
+        .execute(&mut *c)
+        .await?;
+    Ok(Step::Commit(Ok(Some(Claimed {
+        token,
+        expires_at: utc(until),
+    }))))
+}
+
+/// The marker first (as claims and releases take it), then the permit.
+async fn renew_body(
+    sql: &PermitSql,
+    c: &mut MySqlConnection,
+    name: &str,
+    owner: &str,
+    token: u64,
+    ttl: Duration,
+) -> Result<Step<Option<DateTime<Utc>>>, sqlx::Error> {
+    q(&sql.extend_marker)
+        .bind(micros(ttl))
+        .bind(name.as_bytes())
+        .execute(&mut *c)
+        .await?;
+    let done = q(&sql.renew)
+        .bind(micros(ttl))
+        .bind(name.as_bytes())
+        .bind(owner.as_bytes())
+        .bind(token)
+        .execute(&mut *c)
+        .await?;
+    if done.rows_affected() == 0 {
+        return Ok(Step::Rollback(None));
+    }
+    let at: NaiveDateTime = q(&sql.renew_read)
+        .bind(name.as_bytes())
+        .bind(owner.as_bytes())
+        .bind(token)
+        .fetch_one(&mut *c)
+        .await?
+        .try_get(0)?;
+    Ok(Step::Commit(Some(utc(at))))
+}
+
+/// Under the marker's lock: ends the permit (or keeps it for `hold`) and
+/// makes the marker last as long as the latest permit left.
+async fn release_body(
+    sql: &PermitSql,
+    c: &mut MySqlConnection,
+    name: &str,
+    owner: &str,
+    token: u64,
+    hold: Option<Duration>,
+) -> Result<Step<bool>, sqlx::Error> {
+    q(&sql.lock_marker)
+        .bind(0i64)
+        .bind(name.as_bytes())
+        .fetch_optional(&mut *c)
+        .await?;
+    let done = q(&sql.release)
+        .bind(hold.map(micros).unwrap_or(0))
+        .bind(name.as_bytes())
+        .bind(owner.as_bytes())
+        .bind(token)
+        .execute(&mut *c)
+        .await?;
+    if done.rows_affected() == 0 {
+        return Ok(Step::Rollback(false));
+    }
+    q(&sql.settle_marker)
+        .bind(name.as_bytes())
+        .bind(name.as_bytes())
+        .execute(&mut *c)
+        .await?;
+    Ok(Step::Commit(true))
+}

@@ -1,0 +1,333 @@
+//! Permits of semaphores on the PostgreSQL lease table (see
+//! [`crate::lease::permits`]).
+//!
+//! Each live permit is a row of the holders table (`dblock_leases_holders`
+//! beside `dblock_leases`, migration 3), keyed by name and token. The
+//! name's row in the lease table is the semaphore's marker while permits
+//! are live: no owner, its expiry the latest of theirs, so a plain claim
+//! (which takes a row only once it has expired) never takes a name held by
+//! permits. A permit claim, a permit release and the recomputation of the
+//! marker's expiry all run in a transaction that first locks the marker
+//! row, so permit claims of one name run one at a time and never grant
+//! more than `n`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use sqlx::postgres::PgRow;
+use sqlx::{AssertSqlSafe, Row};
+
+use super::{micros, retrying, PgStore, Query};
+use crate::lease::permits::{self, Decision, Found};
+use crate::lease::{Claim, Claimed, SWEEP_BATCH};
+use crate::postgres::map_err;
+use crate::postgres::notify::CHANNEL;
+use crate::postgres::token::sequence_token;
+use crate::{LockInfo, Result};
+
+/// The statements of permits for one lease table and its holders table.
+#[derive(Debug)]
+pub(super) struct PermitSql {
+    lock_marker: Arc<str>,
+    count: Arc<str>,
+    take: Arc<str>,
+    renew: Arc<str>,
+    release: Arc<str>,
+    settle_marker: Arc<str>,
+    force_release: Arc<str>,
+    sweep: Arc<str>,
+    inspect: Arc<str>,
+    list: Arc<str>,
+}
+
+/// Whether `e` says the holders table does not exist (a database migrated
+/// before semaphores, or a lease table of one's own without one).
+fn no_table(e: &crate::Error) -> bool {
+    matches!(e, crate::Error::SchemaMissing { .. })
+}
+
+impl PermitSql {
+    /// `t` and `h`: the quoted lease and holders tables.
+    pub(super) fn new(t: &str, h: &str) -> Self {
+        const MICROS: &str = "$4::bigint * interval '1 microsecond'";
+        let token = sequence_token();
+        const AGGREGATE: &str = "SELECT name, count(*) AS holders, max(max_holders) AS max_holders,
+                    max(token) AS token, string_agg(DISTINCT holder, ', ') AS holder,
+                    min(acquired_at) AS acquired_at, max(expires_at) AS expires_at";
+        PermitSql {
+            // Creates the name's marker row (free) or locks the existing
+            // one; either way the row stays locked to the end of the
+            // transaction. `live` says whether it was held.
+            lock_marker: format!(
+                "INSERT INTO {t} AS l (name, owner, holder, mode, token, acquired_at, expires_at)
+                 VALUES ($1, NULL, NULL, 'x', 0, clock_timestamp(), clock_timestamp())
+                 ON CONFLICT (name) DO UPDATE SET name = excluded.name
+                 RETURNING l.expires_at > clock_timestamp() AS live"
+            )
+            .into(),
+            count: format!(
+                "SELECT count(*), max(max_holders) FROM {h}
+                  WHERE name = $1 AND expires_at > clock_timestamp()"
+            )
+            .into(),
+            // The permit, and the marker made to last as long as it.
+            take: format!(
+                "WITH p AS (
+                    INSERT INTO {h} (name, token, owner, holder, max_holders, acquired_at, expires_at)
+                    VALUES ($1, {token}, $2, $3, $5, clock_timestamp(), clock_timestamp() + {MICROS})
+                    RETURNING name, token, expires_at)
+                 UPDATE {t} AS l
+                    SET owner = NULL, holder = NULL, mode = 'x', token = p.token,
+                        acquired_at = clock_timestamp(),
+                        expires_at = greatest(l.expires_at, p.expires_at)
+                   FROM p WHERE l.name = p.name
+                 RETURNING p.token, p.expires_at"
+            )
+            .into(),
+            renew: format!(
+                "WITH r AS (
+                    UPDATE {h} SET expires_at = clock_timestamp() + {MICROS}
+                     WHERE name = $1 AND owner = $2 AND token = $3
+                       AND expires_at > clock_timestamp()
+                    RETURNING name, expires_at),
+                 m AS (
+                    UPDATE {t} AS l SET expires_at = greatest(l.expires_at, r.expires_at)
+                      FROM r WHERE l.name = r.name)
+                 SELECT expires_at FROM r"
+            )
+            .into(),
+            release: format!(
+                "UPDATE {h}
+                    SET owner = NULL, expires_at = greatest(clock_timestamp(), acquired_at + {MICROS})
+                  WHERE name = $1 AND owner = $2 AND token = $3 AND expires_at > clock_timestamp()
+                 RETURNING 1"
+            )
+            .into(),
+            // The marker lasts as long as the latest live permit, and ends
+            // now without one; waiters are told a permit is free.
+            settle_marker: format!(
+                "WITH m AS (
+                    UPDATE {t} SET expires_at = coalesce(
+                        (SELECT max(expires_at) FROM {h}
+                          WHERE name = $1 AND expires_at > clock_timestamp()),
+                        clock_timestamp())
+                     WHERE name = $1 AND owner IS NULL)
+                 SELECT pg_notify('{CHANNEL}', $1)"
+            )
+            .into(),
+            force_release: format!(
+                "UPDATE {h} SET owner = NULL, expires_at = clock_timestamp()
+                  WHERE name = $1 AND expires_at > clock_timestamp()"
+            )
+            .into(),
+            sweep: format!(
+                "DELETE FROM {h} WHERE (name, token) IN (
+                    SELECT name, token FROM {h}
+                     WHERE expires_at < clock_timestamp() - $1::bigint * interval '1 microsecond'
+                     LIMIT {SWEEP_BATCH} FOR UPDATE SKIP LOCKED)"
+            )
+            .into(),
+            inspect: format!(
+                "{AGGREGATE} FROM {h} WHERE name = $1 AND expires_at > clock_timestamp()
+                  GROUP BY name"
+            )
+            .into(),
+            list: format!(
+                "{AGGREGATE} FROM {h} WHERE expires_at > clock_timestamp() GROUP BY name"
+            )
+            .into(),
+        }
+    }
+}
+
+fn permit_info(row: &PgRow) -> sqlx::Result<LockInfo> {
+    Ok(permits::info(
+        row.try_get("name")?,
+        row.try_get::<i64, _>("holders")? as u32,
+        row.try_get::<i32, _>("max_holders")? as u32,
+        row.try_get::<i64, _>("token")? as u64,
+        row.try_get::<Option<String>, _>("holder")?
+            .unwrap_or_default(),
+        row.try_get::<DateTime<Utc>, _>("acquired_at")?,
+        row.try_get::<DateTime<Utc>, _>("expires_at")?,
+    ))
+}
+
+impl PgStore {
+    fn permit_sql(&self) -> Result<&PermitSql> {
+        self.permits
+            .as_ref()
+            .ok_or_else(|| permits::no_holders_table(&self.table))
+    }
+
+    fn q(&self, sql: &Arc<str>) -> Query {
+        sqlx::query(AssertSqlSafe(sql.clone())).persistent(!self.pooled)
+    }
+
+    /// One permit claim: one transaction under the marker row's lock.
+    pub(super) async fn claim_permit(&self, claim: &Claim<'_>) -> Result<Option<Claimed>> {
+        let sql = self.permit_sql()?;
+        self.check_engine().await?;
+        let n = claim.max_holders;
+        let outcome = retrying(|| async {
+            let mut tx = self.pool.begin().await?;
+            if (claim.abandoned)() {
+                return Ok(Ok(None));
+            }
+            let live: bool = self
+                .q(&sql.lock_marker)
+                .bind(claim.name)
+                .fetch_one(&mut *tx)
+                .await?
+                .try_get(0)?;
+            let row = self
+                .q(&sql.count)
+                .bind(claim.name)
+                .fetch_one(&mut *tx)
+                .await?;
+            let found = Found {
+                plain_live: live,
+                permits: row.try_get::<i64, _>(0)? as u32,
+                capacity: row.try_get::<Option<i32>, _>(1)?.map(|n| n as u32),
+            };
+            match found.decide(claim.name, n) {
+                Err(e) => return Ok(Err(e)),
+                Ok(Decision::Full) => return Ok(Ok(None)),
+                Ok(Decision::Take) => {}
+            }
+            let row = self
+                .q(&sql.take)
+                .bind(claim.name)
+                .bind(claim.owner)
+                .bind(claim.holder)
+                .bind(micros(claim.ttl))
+                .bind(n as i32)
+                .fetch_one(&mut *tx)
+                .await?;
+            let claimed = Claimed {
+                token: row.try_get::<i64, _>(0)? as u64,
+                expires_at: row.try_get(1)?,
+            };
+            tx.commit().await?;
+            Ok(Ok(Some(claimed)))
+        })
+        .await?;
+        outcome
+    }
+
+    pub(super) async fn renew_permit(
+        &self,
+        name: &str,
+        owner: &str,
+        token: u64,
+        ttl: Duration,
+    ) -> Result<Option<DateTime<Utc>>> {
+        let sql = self.permit_sql()?;
+        let row = retrying(|| {
+            self.fetch_optional(|| {
+                self.q(&sql.renew)
+                    .bind(name.to_owned())
+                    .bind(owner.to_owned())
+                    .bind(token as i64)
+                    .bind(micros(ttl))
+            })
+        })
+        .await?;
+        row.map(|row| row.try_get(0)).transpose().map_err(map_err)
+    }
+
+    /// Ends a permit (or keeps it to `acquired_at + hold`) and settles the
+    /// marker, under the marker's lock: a claim of the same name waits for
+    /// it and then sees the permit gone.
+    pub(super) async fn release_permit(
+        &self,
+        name: &str,
+        owner: &str,
+        token: u64,
+        hold: Option<Duration>,
+    ) -> Result<bool> {
+        let sql = self.permit_sql()?;
+        retrying(|| async {
+            let mut tx = self.pool.begin().await?;
+            self.q(&sql.lock_marker)
+                .bind(name)
+                .fetch_one(&mut *tx)
+                .await?;
+            let mine = self
+                .q(&sql.release)
+                .bind(name)
+                .bind(owner)
+                .bind(token as i64)
+                .bind(micros(hold.unwrap_or_default()))
+                .fetch_optional(&mut *tx)
+                .await?
+                .is_some();
+            if mine {
+                self.q(&sql.settle_marker)
+                    .bind(name)
+                    .fetch_all(&mut *tx)
+                    .await?;
+                tx.commit().await?;
+            }
+            Ok(mine)
+        })
+        .await
+    }
+
+    /// Ends every permit of `name`; whether one was live. A database
+    /// without the holders table has none.
+    pub(super) async fn force_release_permits(&self, name: &str) -> Result<bool> {
+        let Some(sql) = self.permits.as_ref() else {
+            return Ok(false);
+        };
+        let done = retrying(|| self.q(&sql.force_release).bind(name).execute(&self.pool)).await;
+        match done {
+            Ok(done) => Ok(done.rows_affected() > 0),
+            Err(e) if no_table(&e) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    pub(super) async fn inspect_permits(&self, name: &str) -> Result<Option<LockInfo>> {
+        let Some(sql) = self.permits.as_ref() else {
+            return Ok(None);
+        };
+        let row = self
+            .fetch_optional(|| self.q(&sql.inspect).bind(name.to_owned()))
+            .await
+            .map_err(map_err);
+        match row {
+            Ok(row) => row.as_ref().map(permit_info).transpose().map_err(map_err),
+            Err(e) if no_table(&e) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    pub(super) async fn list_permits(&self) -> Result<Vec<LockInfo>> {
+        let Some(sql) = self.permits.as_ref() else {
+            return Ok(Vec::new());
+        };
+        match self.fetch_all(|| self.q(&sql.list)).await.map_err(map_err) {
+            Ok(rows) => rows
+                .iter()
+                .map(permit_info)
+                .collect::<sqlx::Result<_>>()
+                .map_err(map_err),
+            Err(e) if no_table(&e) => Ok(Vec::new()),
+            Err(e) => Err(e),
+        }
+    }
+
+    pub(super) async fn sweep_permits(&self, grace: Duration) -> Result<u64> {
+        let Some(sql) = self.permits.as_ref() else {
+            return Ok(0);
+        };
+        let done = retrying(|| self.q(&sql.sweep).bind(micros(grace)).execute(&self.pool)).await;
+        match done {
+            Ok(done) => Ok(done.rows_affected()),
+            Err(e) if no_table(&e) => Ok(0),
+            Err(e) => Err(e),
+        }
+    }
+}

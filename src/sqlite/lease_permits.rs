@@ -1,0 +1,329 @@
+//! Permits of semaphores on the SQLite lease table (see
+//! [`crate::lease::permits`]).
+//!
+//! Each live permit is a row of the holders table (`dblock_leases_holders`,
+//! migration 3). While permits of a name are live, the name's lease row is
+//! their marker: no owner, lasting as long as the latest permit, so a
+//! plain claim leaves the name alone; its token is the name's latest, so
+//! tokens go on increasing whoever takes the name next. Every permit
+//! statement runs in a `BEGIN IMMEDIATE` transaction: SQLite's one writer
+//! orders them, and a claim counts the permits and takes one atomically.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use sqlx::sqlite::SqliteRow;
+use sqlx::{AssertSqlSafe, Row};
+
+use super::{micros, time, SqliteStore, NOW};
+use crate::lease::permits::{self, Decision, Found};
+use crate::lease::{Claim, Claimed};
+use crate::sqlite::{map_err, retry_busy};
+use crate::{Error, LockInfo, Result};
+
+/// The statements of permits for one lease table and its holders table.
+#[derive(Debug)]
+pub(super) struct PermitSql {
+    create_marker: Arc<str>,
+    read_marker: Arc<str>,
+    count: Arc<str>,
+    take: Arc<str>,
+    mark: Arc<str>,
+    renew: Arc<str>,
+    extend_marker: Arc<str>,
+    release: Arc<str>,
+    settle_marker: Arc<str>,
+    force_release: Arc<str>,
+    sweep: Arc<str>,
+    inspect: Arc<str>,
+    list: Arc<str>,
+}
+
+impl PermitSql {
+    /// `t` and `h`: the quoted lease and holders tables.
+    pub(super) fn new(t: &str, h: &str) -> Self {
+        const FLOOR: &str = "dblock_token_floor";
+        const AGGREGATE: &str = "SELECT name, count(*) AS holders, max(max_holders) AS max_holders,
+                    max(token) AS token, group_concat(DISTINCT holder) AS holder,
+                    min(acquired_at) AS acquired_at, max(expires_at) AS expires_at";
+        PermitSql {
+            // A new name's marker starts at the table's floor: the next
+            // token is above every token swept.
+            create_marker: format!(
+                "INSERT INTO {t} (name, owner, holder, mode, token, acquired_at, expires_at)
+                 VALUES (?1, NULL, NULL, 'x',
+                         coalesce((SELECT floor FROM {FLOOR} WHERE lease_table = ?2), 0),
+                         {NOW}, {NOW})
+                 ON CONFLICT (name) DO NOTHING"
+            )
+            .into(),
+            read_marker: format!("SELECT token, expires_at > {NOW} FROM {t} WHERE name = ?1")
+                .into(),
+            count: format!(
+                "SELECT count(*), max(max_holders) FROM {h} WHERE name = ?1 AND expires_at > {NOW}"
+            )
+            .into(),
+            take: format!(
+                "INSERT INTO {h} (name, token, owner, holder, max_holders, acquired_at, expires_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, {NOW}, {NOW} + ?6)
+                 RETURNING expires_at"
+            )
+            .into(),
+            mark: format!(
+                "UPDATE {t} SET owner = NULL, holder = NULL, mode = 'x', token = ?2,
+                        acquired_at = {NOW}, expires_at = max(expires_at, ?3)
+                  WHERE name = ?1"
+            )
+            .into(),
+            renew: format!(
+                "UPDATE {h} SET expires_at = {NOW} + ?4
+                  WHERE name = ?1 AND owner = ?2 AND token = ?3 AND expires_at > {NOW}
+                 RETURNING expires_at"
+            )
+            .into(),
+            extend_marker: format!(
+                "UPDATE {t} SET expires_at = max(expires_at, ?2) WHERE name = ?1 AND owner IS NULL"
+            )
+            .into(),
+            release: format!(
+                "UPDATE {h} SET owner = NULL, expires_at = max({NOW}, acquired_at + ?4)
+                  WHERE name = ?1 AND owner = ?2 AND token = ?3 AND expires_at > {NOW}"
+            )
+            .into(),
+            settle_marker: format!(
+                "UPDATE {t} SET expires_at = coalesce(
+                        (SELECT max(expires_at) FROM {h} WHERE name = ?1 AND expires_at > {NOW}),
+                        {NOW})
+                  WHERE name = ?1 AND owner IS NULL"
+            )
+            .into(),
+            force_release: format!(
+                "UPDATE {h} SET owner = NULL, expires_at = {NOW}
+                  WHERE name = ?1 AND expires_at > {NOW}"
+            )
+            .into(),
+            sweep: format!("DELETE FROM {h} WHERE expires_at < {NOW} - ?1").into(),
+            inspect: format!(
+                "{AGGREGATE} FROM {h} WHERE name = ?1 AND expires_at > {NOW} GROUP BY name"
+            )
+            .into(),
+            list: format!("{AGGREGATE} FROM {h} WHERE expires_at > {NOW} GROUP BY name").into(),
+        }
+    }
+}
+
+fn permit_info(row: &SqliteRow) -> sqlx::Result<LockInfo> {
+    Ok(permits::info(
+        row.try_get("name")?,
+        row.try_get::<i64, _>("holders")? as u32,
+        row.try_get::<i64, _>("max_holders")? as u32,
+        row.try_get::<i64, _>("token")? as u64,
+        row.try_get::<Option<String>, _>("holder")?
+            .unwrap_or_default(),
+        time(row.try_get("acquired_at")?)?,
+        time(row.try_get("expires_at")?)?,
+    ))
+}
+
+/// Whether `e` says the holders table does not exist (a database migrated
+/// before semaphores, or a lease table of one's own without one).
+fn no_table(e: &Error) -> bool {
+    matches!(e, Error::SchemaMissing { .. })
+}
+
+impl SqliteStore {
+    fn permit_sql(&self) -> Result<&PermitSql> {
+        self.permits
+            .as_ref()
+            .ok_or_else(|| permits::no_holders_table(&self.table))
+    }
+
+    /// One permit claim: one write transaction.
+    pub(super) async fn claim_permit(&self, claim: &Claim<'_>) -> Result<Option<Claimed>> {
+        let sql = self.permit_sql()?;
+        let n = claim.max_holders;
+        retry_busy(|| async {
+            let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+            if (claim.abandoned)() {
+                return Ok(Ok(None));
+            }
+            sqlx::query(AssertSqlSafe(sql.create_marker.clone()))
+                .bind(claim.name)
+                .bind(self.table.as_str())
+                .execute(&mut *tx)
+                .await?;
+            let (last, live): (i64, bool) = sqlx::query_as(AssertSqlSafe(sql.read_marker.clone()))
+                .bind(claim.name)
+                .fetch_one(&mut *tx)
+                .await?;
+            let (count, capacity): (i64, Option<i64>) =
+                sqlx::query_as(AssertSqlSafe(sql.count.clone()))
+                    .bind(claim.name)
+                    .fetch_one(&mut *tx)
+                    .await?;
+            let found = Found {
+                plain_live: live,
+                permits: count as u32,
+                capacity: capacity.map(|n| n as u32),
+            };
+            match found.decide(claim.name, n) {
+                Err(e) => return Ok(Err(e)),
+                Ok(Decision::Full) => return Ok(Ok(None)),
+                Ok(Decision::Take) => {}
+            }
+            let token = last + 1;
+            let expires_at: i64 = sqlx::query_scalar(AssertSqlSafe(sql.take.clone()))
+                .bind(claim.name)
+                .bind(token)
+                .bind(claim.owner)
+                .bind(claim.holder)
+                .bind(n as i64)
+                .bind(micros(claim.ttl))
+                .fetch_one(&mut *tx)
+                .await?;
+            sqlx::query(AssertSqlSafe(sql.mark.clone()))
+                .bind(claim.name)
+                .bind(token)
+                .bind(expires_at)
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            Ok(Ok(Some(Claimed {
+                token: token as u64,
+                expires_at: time(expires_at)?,
+            })))
+        })
+        .await?
+    }
+
+    pub(super) async fn renew_permit(
+        &self,
+        name: &str,
+        owner: &str,
+        token: u64,
+        ttl: Duration,
+    ) -> Result<Option<DateTime<Utc>>> {
+        let sql = self.permit_sql()?;
+        let at: Option<i64> = retry_busy(|| async {
+            let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+            let at: Option<i64> = sqlx::query_scalar(AssertSqlSafe(sql.renew.clone()))
+                .bind(name)
+                .bind(owner)
+                .bind(token as i64)
+                .bind(micros(ttl))
+                .fetch_optional(&mut *tx)
+                .await?;
+            if let Some(at) = at {
+                sqlx::query(AssertSqlSafe(sql.extend_marker.clone()))
+                    .bind(name)
+                    .bind(at)
+                    .execute(&mut *tx)
+                    .await?;
+                tx.commit().await?;
+            }
+            Ok(at)
+        })
+        .await?;
+        at.map(time).transpose().map_err(Error::Database)
+    }
+
+    pub(super) async fn release_permit(
+        &self,
+        name: &str,
+        owner: &str,
+        token: u64,
+        hold: Option<Duration>,
+    ) -> Result<bool> {
+        let sql = self.permit_sql()?;
+        retry_busy(|| async {
+            let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+            let done = sqlx::query(AssertSqlSafe(sql.release.clone()))
+                .bind(name)
+                .bind(owner)
+                .bind(token as i64)
+                .bind(micros(hold.unwrap_or_default()))
+                .execute(&mut *tx)
+                .await?;
+            let mine = done.rows_affected() > 0;
+            if mine {
+                sqlx::query(AssertSqlSafe(sql.settle_marker.clone()))
+                    .bind(name)
+                    .execute(&mut *tx)
+                    .await?;
+                tx.commit().await?;
+            }
+            Ok(mine)
+        })
+        .await
+    }
+
+    /// Ends every permit of `name`; whether one was live.
+    pub(super) async fn force_release_permits(&self, name: &str) -> Result<bool> {
+        let Some(sql) = self.permits.as_ref() else {
+            return Ok(false);
+        };
+        let done = retry_busy(|| {
+            sqlx::query(AssertSqlSafe(sql.force_release.clone()))
+                .bind(name)
+                .execute(&self.pool)
+        })
+        .await;
+        match done {
+            Ok(done) => Ok(done.rows_affected() > 0),
+            Err(e) if no_table(&e) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    pub(super) async fn inspect_permits(&self, name: &str) -> Result<Option<LockInfo>> {
+        let Some(sql) = self.permits.as_ref() else {
+            return Ok(None);
+        };
+        let row = retry_busy(|| {
+            sqlx::query(AssertSqlSafe(sql.inspect.clone()))
+                .bind(name)
+                .fetch_optional(&self.pool)
+        })
+        .await;
+        match row {
+            Ok(row) => row.as_ref().map(permit_info).transpose().map_err(map_err),
+            Err(e) if no_table(&e) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    pub(super) async fn list_permits(&self) -> Result<Vec<LockInfo>> {
+        let Some(sql) = self.permits.as_ref() else {
+            return Ok(Vec::new());
+        };
+        let rows =
+            retry_busy(|| sqlx::query(AssertSqlSafe(sql.list.clone())).fetch_all(&self.pool)).await;
+        match rows {
+            Ok(rows) => rows
+                .iter()
+                .map(permit_info)
+                .collect::<sqlx::Result<_>>()
+                .map_err(map_err),
+            Err(e) if no_table(&e) => Ok(Vec::new()),
+            Err(e) => Err(e),
+        }
+    }
+
+    pub(super) async fn sweep_permits(&self, grace: Duration) -> Result<u64> {
+        let Some(sql) = self.permits.as_ref() else {
+            return Ok(0);
+        };
+        let done = retry_busy(|| {
+            sqlx::query(AssertSqlSafe(sql.sweep.clone()))
+                .bind(micros(grace))
+                .execute(&self.pool)
+        })
+        .await;
+        match done {
+            Ok(done) => Ok(done.rows_affected()),
+            Err(e) if no_table(&e) => Ok(0),
+            Err(e) => Err(e),
+        }
+    }
+}

@@ -1,0 +1,248 @@
+//! Semaphores (`max_holders(n)`) in the behavioural suite: written once, run
+//! against every backend through [`Fixture`].
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use dblock::{Error, LockMode, Locks};
+use tokio::time::{sleep, timeout};
+
+use super::{eventually, Fixture, HUNG};
+use crate::common::unique;
+
+async fn holders(locks: &Locks, name: &str) -> u32 {
+    locks
+        .inspect(name)
+        .await
+        .expect("inspect")
+        .map_or(0, |i| i.holders)
+}
+
+/// Backends without semaphores refuse them with `Unsupported`, before
+/// anything is held. Returns whether the fixture has them.
+async fn has_semaphores<F: Fixture>(f: &F, locks: &Locks, name: &str) -> bool {
+    if f.semaphores() {
+        return true;
+    }
+    let err = locks.acquire(name).max_holders(2).await.unwrap_err();
+    assert!(matches!(err, Error::Unsupported { .. }), "{err:?}");
+    assert_eq!(holders(locks, name).await, 0);
+    false
+}
+
+/// Many tasks on several `Locks` never have more than `n` permits at once,
+/// and do have `n` at once at some point.
+pub async fn semaphore_bounds_holders<F: Fixture>(f: &F) {
+    let name = unique("sem-bound");
+    const N: u32 = 3;
+    if !has_semaphores(f, &f.locks().await, &name).await {
+        return;
+    }
+    let inside = Arc::new(AtomicU32::new(0));
+    let most = Arc::new(AtomicU32::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..3 {
+        let locks = f.locks().await;
+        for _ in 0..3 {
+            let (locks, name, inside, most) =
+                (locks.clone(), name.clone(), inside.clone(), most.clone());
+            tasks.push(tokio::spawn(async move {
+                for _ in 0..4 {
+                    let permit = locks
+                        .acquire(&name)
+                        .max_holders(N)
+                        .wait(HUNG)
+                        .await
+                        .expect("acquire a permit");
+                    let now = inside.fetch_add(1, Ordering::SeqCst) + 1;
+                    assert!(now <= N, "{now} holders of a semaphore of {N}");
+                    most.fetch_max(now, Ordering::SeqCst);
+                    sleep(Duration::from_millis(40)).await;
+                    inside.fetch_sub(1, Ordering::SeqCst);
+                    permit.release().await.expect("release a permit");
+                }
+            }));
+        }
+    }
+    for t in tasks {
+        timeout(HUNG * 2, t).await.expect("hung").expect("task");
+    }
+    assert_eq!(most.load(Ordering::SeqCst), N, "n was never reached");
+}
+
+/// Permits come with their own increasing tokens; the (n+1)th waits; a
+/// released permit goes to the next; `inspect` and `list` show the holders
+/// and their count; acquisitions that disagree on `n` are refused while the
+/// name is held, and any `n` may take it once it is free.
+pub async fn semaphore_permits_inspect_and_disagreement<F: Fixture>(f: &F) {
+    let (a, b) = (f.locks().await, f.locks().await);
+    let name = unique("sem-basics");
+    if !has_semaphores(f, &a, &name).await {
+        return;
+    }
+    // Absurd values are refused before anything is written.
+    for n in [0, dblock::MAX_HOLDERS + 1] {
+        let err = a.acquire(&name).max_holders(n).await.unwrap_err();
+        assert!(matches!(err, Error::InvalidOption(_)), "{err:?}");
+    }
+    let err = a.acquire(&name).shared().max_holders(2).await.unwrap_err();
+    assert!(matches!(err, Error::InvalidOption(_)), "{err:?}");
+    assert_eq!(holders(&b, &name).await, 0);
+
+    let p1 = a.acquire(&name).max_holders(3).await.unwrap();
+    let p2 = b.acquire(&name).max_holders(3).await.unwrap();
+    let p3 = a.acquire(&name).max_holders(3).await.unwrap();
+    assert!(p1.token() < p2.token() && p2.token() < p3.token());
+    assert_eq!(p1.mode(), LockMode::Exclusive);
+    let full = b
+        .acquire(&name)
+        .max_holders(3)
+        .wait(Duration::from_millis(200))
+        .await;
+    assert!(matches!(full, Err(Error::Timeout { .. })), "{full:?}");
+
+    let info = b.inspect(&name).await.unwrap().expect("held");
+    assert_eq!(info.holders, 3);
+    assert_eq!(info.max_holders, Some(3));
+    if f.lease() {
+        assert_eq!(info.token, Some(p3.token()));
+        assert!(info.expires_at.is_some());
+    }
+    let listed = b.list().await.unwrap();
+    let entry = listed
+        .iter()
+        .find(|i| i.name.as_deref() == Some(name.as_str()))
+        .expect("listed");
+    assert_eq!((entry.holders, entry.max_holders), (3, Some(3)));
+
+    // Disagreeing acquisitions: another n, a plain lock, a reader.
+    for n in [2, 4] {
+        let err = b.acquire(&name).max_holders(n).await.unwrap_err();
+        assert!(matches!(err, Error::InvalidOption(_)), "n = {n}: {err:?}");
+    }
+    let err = b.acquire(&name).wait(HUNG).await.unwrap_err();
+    assert!(matches!(err, Error::InvalidOption(_)), "plain: {err:?}");
+    let err = b.acquire(&name).shared().wait(HUNG).await.unwrap_err();
+    if f.shared() {
+        assert!(matches!(err, Error::InvalidOption(_)), "shared: {err:?}");
+    } else {
+        assert!(matches!(err, Error::Unsupported { .. }), "shared: {err:?}");
+    }
+    assert_eq!(holders(&a, &name).await, 3, "a refusal changed the holders");
+
+    // A released permit goes to the next holder, with a greater token.
+    let last = p3.token();
+    p2.release().await.unwrap();
+    let p4 = b.acquire(&name).max_holders(3).wait(HUNG).await.unwrap();
+    assert!(p4.token() > last);
+    assert_eq!(holders(&a, &name).await, 3);
+
+    for p in [p1, p3, p4] {
+        p.release().await.unwrap();
+    }
+    assert!(
+        a.inspect(&name).await.unwrap().is_none(),
+        "held after release"
+    );
+    assert!(!a
+        .list()
+        .await
+        .unwrap()
+        .iter()
+        .any(|i| i.name.as_deref() == Some(name.as_str())));
+
+    // Free again: any n may take it; then the others are refused.
+    let plain = a.acquire(&name).wait(HUNG).await.unwrap();
+    assert!(plain.token() > last);
+    let err = b.acquire(&name).max_holders(3).await.unwrap_err();
+    assert!(matches!(err, Error::InvalidOption(_)), "{err:?}");
+    // max_holders(1) is a plain lock: it waits, it is not refused.
+    let one = b
+        .acquire(&name)
+        .max_holders(1)
+        .wait(Duration::from_millis(100))
+        .await;
+    assert!(matches!(one, Err(Error::Timeout { .. })), "{one:?}");
+    plain.release().await.unwrap();
+    let one = b.acquire(&name).max_holders(1).await.unwrap();
+    let info = a.inspect(&name).await.unwrap().expect("held");
+    assert_eq!((info.holders, info.max_holders), (1, Some(1)));
+    one.release().await.unwrap();
+    let p = b.acquire(&name).max_holders(5).await.unwrap();
+    p.release().await.unwrap();
+}
+
+/// A waiter for a full semaphore gets the permit released by another
+/// process; a permit of a dropped guard comes back too.
+pub async fn semaphore_waiter_gets_a_freed_permit<F: Fixture>(f: &F) {
+    let (a, b) = (f.locks().await, f.locks().await);
+    let name = unique("sem-wait");
+    if !has_semaphores(f, &a, &name).await {
+        return;
+    }
+    let p1 = a.acquire(&name).max_holders(2).await.unwrap();
+    let p2 = a.acquire(&name).max_holders(2).await.unwrap();
+    let waiter = {
+        let (b, name) = (b.clone(), name.clone());
+        tokio::spawn(async move { b.acquire(&name).max_holders(2).wait(HUNG).await })
+    };
+    sleep(Duration::from_millis(150)).await;
+    assert!(!waiter.is_finished(), "a third permit of two was granted");
+    drop(p1);
+    let p3 = timeout(HUNG, waiter)
+        .await
+        .expect("waiter hung")
+        .unwrap()
+        .expect("a freed permit");
+    assert!(p3.token() > p2.token());
+    p2.release().await.unwrap();
+    p3.release().await.unwrap();
+    assert!(eventually(HUNG, || async { holders(&b, &name).await == 0 }).await);
+}
+
+/// Permits of a lease backend renew in the background and can be extended;
+/// breaking the name marks every permit lost and frees it.
+pub async fn semaphore_renewal_and_loss<F: Fixture>(f: &F) {
+    let (a, operator) = (f.locks().await, f.locks().await);
+    let name = unique("sem-renew");
+    if !has_semaphores(f, &a, &name).await {
+        return;
+    }
+    let ttl = Duration::from_millis(900);
+    let p1 = a.acquire(&name).max_holders(2).ttl(ttl).await.unwrap();
+    let p2 = a.acquire(&name).max_holders(2).ttl(ttl).await.unwrap();
+    if f.lease() {
+        sleep(ttl * 3).await;
+        assert!(!p1.is_lost(), "lost: {:?}", p1.lost_reason());
+        assert!(!p2.is_lost(), "lost: {:?}", p2.lost_reason());
+        assert_eq!(holders(&operator, &name).await, 2);
+        let first = p1.expires_at().unwrap();
+        let extended = p1
+            .extend(Duration::from_secs(20))
+            .await
+            .unwrap()
+            .expect("expiry");
+        assert!(extended > first + chrono::Duration::seconds(10));
+        let seen = operator.inspect(&name).await.unwrap().unwrap();
+        assert!(seen.expires_at.unwrap() >= extended - chrono::Duration::milliseconds(5));
+    }
+    assert!(
+        operator.force_release(&name).await.unwrap(),
+        "nothing broken"
+    );
+    for p in [&p1, &p2] {
+        timeout(Duration::from_secs(10), p.lost())
+            .await
+            .expect("lost() did not fire for a permit");
+    }
+    assert!(matches!(p1.release().await, Err(Error::Lost { .. })));
+    drop(p2);
+    let p = operator
+        .acquire(&name)
+        .max_holders(2)
+        .wait(HUNG)
+        .await
+        .unwrap();
+    p.release().await.unwrap();
+}
