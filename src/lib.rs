@@ -51,6 +51,8 @@
 struct ReadmeDoctests;
 
 mod backend;
+#[cfg_attr(not(feature = "postgres"), allow(dead_code))]
+mod detach;
 mod error;
 mod guard;
 mod info;
