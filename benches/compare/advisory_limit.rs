@@ -1,0 +1,429 @@
+//! PostgreSQL advisory locks against the physical limit (issue 14).
+//!
+//! - **pairs/s at the limit**: uncontended `try_acquire` + `release` on
+//!   `postgres::Advisory`, beside raw `pg_try_advisory_lock` +
+//!   `pg_advisory_unlock` on one dedicated connection per task (no pool
+//!   checkout), the same raw SQL on a pool of the same size, and sqlx's
+//!   `PgAdvisoryLock` (`acquire` + `release_now`) on a dedicated connection
+//!   per task; 1 task and 8 tasks. The ratio is dblock's against the
+//!   dedicated connection, per round, median of rounds.
+//! - **10,000 locks on a pool of 10**: time to take them, to hold them
+//!   (one heartbeat period) and to release them. The lock table of the
+//!   bench's server is only used if it has room for them with a wide
+//!   margin (others share it); otherwise a cluster of the bench's own is
+//!   started with a larger `max_locks_per_transaction`, or the server's
+//!   limit is reported.
+//!
+//! `DBLOCK_BENCH_PAIRS=<dblock|raw|pooled|sqlx>` runs only 5,000 pairs of one
+//! of them, one task, and prints their time: for counting system calls
+//! (`strace -f -c -e trace=write,futex,sendto`).
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use dblock::postgres::Advisory;
+use dblock::{Error as LockError, Locks};
+use futures::stream::{self, StreamExt};
+use sqlx::postgres::{PgAdvisoryLock, PgAdvisoryLockKey, PgConnection, PgPoolOptions};
+use sqlx::Connection;
+use tokio::sync::Mutex;
+
+use super::{compare, median, names, rate, Env, Op, Res, Row, PG_TRY, POOL, TASKS};
+
+const B: &str = "pg advisory";
+/// Locks held at once in the scale row.
+const SCALE_LOCKS: usize = 10_000;
+/// Tasks taking them.
+const SCALE_TASKS: usize = 64;
+/// `max_locks_per_transaction` of the bench's own cluster: 10,000 locks
+/// need more than the default 64 × (100 + 0) slots.
+const OWN_CLUSTER_LOCKS_PER_TX: u32 = 1024;
+const OWN_CLUSTER_PORT: u16 = 54_399;
+
+/// One dedicated connection per task.
+async fn dedicated(url: &str, n: usize) -> Res<Arc<Vec<Mutex<PgConnection>>>> {
+    let mut conns = Vec::with_capacity(n);
+    for _ in 0..n {
+        conns.push(Mutex::new(PgConnection::connect(url).await?));
+    }
+    Ok(Arc::new(conns))
+}
+
+fn dblock_try_op(locks: Locks, names: Arc<Vec<String>>) -> Op {
+    Arc::new(move |i| {
+        let locks = locks.clone();
+        let names = names.clone();
+        Box::pin(async move {
+            let guard = locks
+                .try_acquire(names[i].as_str())
+                .await?
+                .ok_or("dblock: the advisory lock was busy")?;
+            guard.release().await?;
+            Ok(())
+        })
+    })
+}
+
+fn raw_dedicated_op(conns: Arc<Vec<Mutex<PgConnection>>>, names: Arc<Vec<String>>) -> Op {
+    Arc::new(move |i| {
+        let conns = conns.clone();
+        let key = dblock::advisory_key(&names[i]);
+        Box::pin(async move {
+            let mut conn = conns[i].lock().await;
+            let got: bool = sqlx::query_scalar(PG_TRY)
+                .bind(key)
+                .fetch_one(&mut *conn)
+                .await?;
+            if !got {
+                return Err("raw: the advisory lock was busy".into());
+            }
+            let freed: bool = sqlx::query_scalar("SELECT pg_advisory_unlock($1)")
+                .bind(key)
+                .fetch_one(&mut *conn)
+                .await?;
+            if !freed {
+                return Err("raw: the advisory lock was not held".into());
+            }
+            Ok(())
+        })
+    })
+}
+
+fn sqlx_op(conns: Arc<Vec<Mutex<PgConnection>>>, names: Arc<Vec<String>>) -> Op {
+    let locks: Arc<Vec<PgAdvisoryLock>> = Arc::new(
+        names
+            .iter()
+            .map(|n| PgAdvisoryLock::with_key(PgAdvisoryLockKey::BigInt(dblock::advisory_key(n))))
+            .collect(),
+    );
+    Arc::new(move |i| {
+        let conns = conns.clone();
+        let locks = locks.clone();
+        Box::pin(async move {
+            let mut conn = conns[i].lock().await;
+            let guard = locks[i].acquire(&mut *conn).await?;
+            guard.release_now().await?;
+            Ok(())
+        })
+    })
+}
+
+/// The throughput rows (and, with `DBLOCK_BENCH_PAIRS`, only the pairs for
+/// counting system calls).
+pub(super) async fn advisory_limit(env: &Env, rows: &mut Vec<Row>) -> Res<()> {
+    let pool = super::pg_pool(&env.pg, POOL).await?;
+    dblock::postgres::migrate(&pool).await?;
+    let n = names("adv-limit", TASKS);
+    let dblock = dblock_try_op(Locks::new(Advisory::new(pool.clone())), n.clone());
+    let raw = raw_dedicated_op(dedicated(&env.pg, TASKS).await?, n.clone());
+    let pooled = super::raw_advisory_op(pool.clone(), n.clone(), PG_TRY);
+    let sqlx = sqlx_op(dedicated(&env.pg, TASKS).await?, n.clone());
+
+    if let Ok(which) = std::env::var("DBLOCK_BENCH_PAIRS") {
+        let op = match which.as_str() {
+            "dblock" => &dblock,
+            "raw" => &raw,
+            "pooled" => &pooled,
+            "sqlx" => &sqlx,
+            other => return Err(format!("DBLOCK_BENCH_PAIRS: unknown {other:?}").into()),
+        };
+        const PAIRS: usize = 5_000;
+        op(0).await?;
+        eprintln!("pairs: {PAIRS} of {which} start");
+        let t = Instant::now();
+        for _ in 0..PAIRS {
+            op(0).await?;
+        }
+        let took = t.elapsed();
+        eprintln!(
+            "pairs: {PAIRS} of {which} in {:.3} s ({:.1} µs each)",
+            took.as_secs_f64(),
+            took.as_secs_f64() * 1e6 / PAIRS as f64
+        );
+        return Ok(());
+    }
+
+    let ops = [dblock, raw, pooled, sqlx];
+    for tasks in [1, TASKS] {
+        let r = compare(&ops, tasks).await?;
+        let unit = if tasks == 1 { "1 task" } else { "8 tasks" };
+        let vs = |k: usize| median(r[0].iter().zip(&r[k]).map(|(d, x)| d / x).collect());
+        let (to_raw, to_pooled, to_sqlx) = (vs(1), vs(2), vs(3));
+        rows.push(
+            Row::new(
+                B,
+                format!("pairs/s at the limit, {unit}: try_acquire+release vs raw on dedicated connections"),
+            )
+            .dblock(rate(median(r[0].clone())))
+            .raw(format!(
+                "dedicated {} / pool {} / sqlx PgAdvisoryLock {}",
+                rate(median(r[1].clone())),
+                rate(median(r[2].clone())),
+                rate(median(r[3].clone())),
+            ))
+            .ratio(to_raw)
+            .target("≥ 0.95 × dedicated", to_raw >= 0.95),
+        );
+        rows.push(
+            Row::new(
+                B,
+                format!("pairs/s at the limit, {unit}: dblock vs sqlx PgAdvisoryLock"),
+            )
+            .dblock(format!("{to_pooled:.2} × pooled raw"))
+            .raw(rate(median(r[3].clone())))
+            .ratio(to_sqlx)
+            .target("ahead of sqlx (> 1.00)", to_sqlx > 1.0),
+        );
+    }
+    pool.close().await;
+    scale(env, rows).await
+}
+
+// ---------------------------------------------------------------------------
+// 10,000 locks on a pool of 10.
+
+/// A PostgreSQL cluster of the bench's own, stopped and removed on drop.
+struct OwnCluster {
+    bin: PathBuf,
+    dir: PathBuf,
+    url: String,
+}
+
+impl OwnCluster {
+    /// Starts one with room for `SCALE_LOCKS` advisory locks, if the
+    /// server's binaries are at hand. Runs as the `postgres` user when this
+    /// process is root (initdb refuses root).
+    fn start() -> Res<OwnCluster> {
+        let bin = std::env::var_os("DBLOCK_BENCH_PG_BIN")
+            .map(PathBuf::from)
+            .or_else(|| {
+                let mut found: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+                    .ok()?
+                    .filter_map(|e| Some(e.ok()?.path().join("bin")))
+                    .filter(|b| b.join("initdb").exists())
+                    .collect();
+                found.sort();
+                found.pop()
+            })
+            .ok_or("no PostgreSQL binaries (set DBLOCK_BENCH_PG_BIN)")?;
+        let dir = std::env::temp_dir().join(format!("dblock-bench-pg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let cluster = OwnCluster {
+            bin,
+            url: format!("postgres://postgres@127.0.0.1:{OWN_CLUSTER_PORT}/postgres"),
+            dir,
+        };
+        let root = Command::new("id").arg("-u").output()?.stdout == b"0\n";
+        if root {
+            let status = Command::new("chown")
+                .args(["-R", "postgres"])
+                .arg(&cluster.dir)
+                .status()?;
+            if !status.success() {
+                return Err("chown of the bench cluster's folder failed".into());
+            }
+        }
+        let data = cluster.dir.join("data");
+        cluster.run(
+            root,
+            &format!(
+                "{} -D {} -A trust -U postgres --no-sync >/dev/null",
+                cluster.bin.join("initdb").display(),
+                data.display()
+            ),
+        )?;
+        cluster.run(
+            root,
+            &format!(
+                "{} -D {} -w -l {} -o \"-p {OWN_CLUSTER_PORT} -c listen_addresses=127.0.0.1 \
+                 -k {} -c max_locks_per_transaction={OWN_CLUSTER_LOCKS_PER_TX} -c fsync=off\" start >/dev/null",
+                cluster.bin.join("pg_ctl").display(),
+                data.display(),
+                cluster.dir.join("log").display(),
+                cluster.dir.display(),
+            ),
+        )?;
+        Ok(cluster)
+    }
+
+    fn run(&self, root: bool, script: &str) -> Res<()> {
+        let status = if root {
+            Command::new("su")
+                .args(["postgres", "-s", "/bin/sh", "-c", script])
+                .status()?
+        } else {
+            Command::new("sh").args(["-c", script]).status()?
+        };
+        if status.success() {
+            Ok(())
+        } else {
+            Err(format!("the bench's own cluster: `{script}` failed").into())
+        }
+    }
+}
+
+impl Drop for OwnCluster {
+    fn drop(&mut self) {
+        let root = Command::new("id")
+            .arg("-u")
+            .output()
+            .is_ok_and(|o| o.stdout == b"0\n");
+        let _ = self.run(
+            root,
+            &format!(
+                "{} -D {} -m fast stop >/dev/null",
+                self.bin.join("pg_ctl").display(),
+                self.dir.join("data").display()
+            ),
+        );
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Lock-table slots of the server at `url`.
+async fn lock_slots(url: &str) -> Res<i64> {
+    let mut conn = PgConnection::connect(url).await?;
+    let slots: i64 = sqlx::query_scalar(
+        "SELECT current_setting('max_locks_per_transaction')::bigint \
+              * (current_setting('max_connections')::bigint \
+                 + current_setting('max_prepared_transactions')::bigint)",
+    )
+    .fetch_one(&mut conn)
+    .await?;
+    Ok(slots)
+}
+
+struct Held {
+    take: Duration,
+    hold: Duration,
+    release: Duration,
+    holder_sessions: i64,
+}
+
+/// Takes `SCALE_LOCKS` locks on a pool of 10, holds them for one heartbeat
+/// period (checking they are all still held), releases them.
+async fn hold_10k(url: &str) -> Res<Held> {
+    let pool = PgPoolOptions::new()
+        .max_connections(POOL)
+        .connect(url)
+        .await?;
+    dblock::postgres::migrate(&pool).await?;
+    let locks = Locks::new(Advisory::new(pool.clone()));
+    let base = format!("dblock-bench:{}:adv-10k", std::process::id());
+    let t = Instant::now();
+    let guards: Vec<_> = stream::iter(0..SCALE_LOCKS)
+        .map(|i| {
+            let locks = locks.clone();
+            let name = format!("{base}:{i}");
+            async move { locks.try_acquire(name).await }
+        })
+        .buffer_unordered(SCALE_TASKS)
+        .collect()
+        .await;
+    let take = t.elapsed();
+    let mut held = Vec::with_capacity(SCALE_LOCKS);
+    for g in guards {
+        match g {
+            Ok(Some(g)) => held.push(g),
+            Ok(None) => return Err("a scale lock was busy".into()),
+            Err(LockError::LockTableFull { detail }) => {
+                return Err(format!("LockTableFull after {} locks: {detail}", held.len()).into())
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let holder_sessions: i64 = sqlx::query_scalar(
+        "SELECT count(DISTINCT pid) FROM pg_locks WHERE locktype = 'advisory' AND granted",
+    )
+    .fetch_one(&pool)
+    .await?;
+    let t = Instant::now();
+    tokio::time::sleep(
+        dblock::postgres::AdvisoryOptions::default().heartbeat + Duration::from_millis(500),
+    )
+    .await;
+    if let Some(g) = held.iter().find(|g| g.is_lost()) {
+        return Err(format!("{} was lost while held", g.name()).into());
+    }
+    let hold = t.elapsed();
+    let t = Instant::now();
+    let released: Vec<_> = stream::iter(held)
+        .map(|g| g.release())
+        .buffer_unordered(SCALE_TASKS)
+        .collect()
+        .await;
+    let release = t.elapsed();
+    for r in released {
+        r?;
+    }
+    drop(locks);
+    pool.close().await;
+    Ok(Held {
+        take,
+        hold,
+        release,
+        holder_sessions,
+    })
+}
+
+async fn scale(env: &Env, rows: &mut Vec<Row>) -> Res<()> {
+    let what = format!(
+        "{} locks held on a pool of {POOL}: take / hold (checked) / release",
+        rate(SCALE_LOCKS as f64)
+    );
+    let slots = lock_slots(&env.pg).await?;
+    // Others share the bench server's lock table: use it only with room
+    // to spare for them.
+    let (outcome, server) = if slots >= 4 * SCALE_LOCKS as i64 {
+        (
+            hold_10k(&env.pg).await,
+            format!("bench server, {} lock slots", rate(slots as f64)),
+        )
+    } else {
+        match OwnCluster::start() {
+            Ok(cluster) => {
+                let own = lock_slots(&cluster.url).await?;
+                let outcome = hold_10k(&cluster.url).await;
+                drop(cluster);
+                (
+                    outcome,
+                    format!(
+                        "the bench's own cluster, max_locks_per_transaction = \
+                         {OWN_CLUSTER_LOCKS_PER_TX} ({} lock slots; the bench server has {}, \
+                         too few to use with others on it)",
+                        rate(own as f64),
+                        rate(slots as f64)
+                    ),
+                )
+            }
+            Err(e) => {
+                rows.push(Row::new(B, what).dblock(format!(
+                    "not run: the bench server's lock table has {} slots for all its sessions \
+                     (an acquisition past it fails with Error::LockTableFull), and no cluster \
+                     of the bench's own could be started: {e}",
+                    rate(slots as f64)
+                )));
+                return Ok(());
+            }
+        }
+    };
+    match outcome {
+        Ok(h) => rows.push(
+            Row::new(B, what)
+                .dblock(format!(
+                    "{:.2} s ({} locks/s) / {:.1} s / {:.2} s ({} /s); on {} holder sessions",
+                    h.take.as_secs_f64(),
+                    rate(SCALE_LOCKS as f64 / h.take.as_secs_f64()),
+                    h.hold.as_secs_f64(),
+                    h.release.as_secs_f64(),
+                    rate(SCALE_LOCKS as f64 / h.release.as_secs_f64()),
+                    h.holder_sessions
+                ))
+                .note(server),
+        ),
+        Err(e) => rows.push(Row::new(B, what).dblock(format!("error: {e}")).note(server)),
+    }
+    Ok(())
+}
