@@ -6,7 +6,9 @@
 //!   checkout), the same raw SQL on a pool of the same size, and sqlx's
 //!   `PgAdvisoryLock` (`acquire` + `release_now`) on a dedicated connection
 //!   per task; 1 task and 8 tasks. The ratio is dblock's against the
-//!   dedicated connection, per round, median of rounds.
+//!   dedicated connection, per round, median of rounds. Beside them, dblock's
+//!   own statements (session check, fencing token) on dedicated
+//!   connections: what the SQL costs apart from dblock.
 //! - **10,000 locks on a pool of 10**: time to take them, to hold them
 //!   (one heartbeat period) and to release them. The lock table of the
 //!   bench's server is only used if it has room for them with a wide
@@ -14,7 +16,7 @@
 //!   started with a larger `max_locks_per_transaction`, or the server's
 //!   limit is reported.
 //!
-//! `DBLOCK_BENCH_PAIRS=<dblock|raw|pooled|sqlx>` runs only 5,000 pairs of one
+//! `DBLOCK_BENCH_PAIRS=<dblock|raw|pooled|sqlx|dblock-sql>` runs only 5,000 pairs of one
 //! of them, one task, and prints their time: for counting system calls
 //! (`strace -f -c -e trace=write,futex,sendto`).
 
@@ -42,13 +44,68 @@ const SCALE_TASKS: usize = 64;
 const OWN_CLUSTER_LOCKS_PER_TX: u32 = 1024;
 const OWN_CLUSTER_PORT: u16 = 54_399;
 
+/// dblock's exclusive try-lock statement, as `postgres/advisory/session.rs`
+/// sends it (kept in step by hand): the holder-session check ($2 marker, $3
+/// pid), the lock, and the fencing token from `dblock_fencing_seq` with the
+/// server's timeline.
+const DBLOCK_TRY: &str = "SELECT ours, CASE WHEN NOT ours THEN NULL
+                           WHEN pg_try_advisory_lock($1) THEN (SELECT CASE WHEN tl < 32768 THEN greatest(r, (tl << 48) + (r & 281474976710655))
+                 ELSE ('dblock: the server''s timeline ' || tl || ' is above 32767, the most fencing tokens can carry')::bigint END
+            FROM (SELECT nextval('dblock_fencing_seq') AS r, ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::bigint AS tl OFFSET 0) dblock_token) END FROM (SELECT current_setting('dblock.session', true) IS NOT DISTINCT FROM $2
+                            AND pg_backend_pid() = $3 AS ours OFFSET 0) s";
+
+/// A dedicated connection, with the marker and pid dblock's statement checks.
+struct Dedicated {
+    conn: PgConnection,
+    marker: String,
+    pid: i32,
+}
+
 /// One dedicated connection per task.
-async fn dedicated(url: &str, n: usize) -> Res<Arc<Vec<Mutex<PgConnection>>>> {
+async fn dedicated(url: &str, n: usize) -> Res<Arc<Vec<Mutex<Dedicated>>>> {
     let mut conns = Vec::with_capacity(n);
-    for _ in 0..n {
-        conns.push(Mutex::new(PgConnection::connect(url).await?));
+    for i in 0..n {
+        let mut conn = PgConnection::connect(url).await?;
+        let marker = format!("bench-{}-{i}", std::process::id());
+        let pid: i32 = sqlx::query_scalar(
+            "SELECT pg_backend_pid() FROM (SELECT set_config('dblock.session', $1, false)) s",
+        )
+        .bind(&marker)
+        .fetch_one(&mut conn)
+        .await?;
+        conns.push(Mutex::new(Dedicated { conn, marker, pid }));
     }
     Ok(Arc::new(conns))
+}
+
+/// dblock's own statements on a dedicated connection: what the SQL costs
+/// without dblock around it.
+fn raw_dblock_sql_op(conns: Arc<Vec<Mutex<Dedicated>>>, names: Arc<Vec<String>>) -> Op {
+    Arc::new(move |i| {
+        let conns = conns.clone();
+        let key = dblock::advisory_key(&names[i]);
+        Box::pin(async move {
+            let mut d = conns[i].lock().await;
+            let d = &mut *d;
+            let (ours, token): (bool, Option<i64>) = sqlx::query_as(DBLOCK_TRY)
+                .bind(key)
+                .bind(&d.marker)
+                .bind(d.pid)
+                .fetch_one(&mut d.conn)
+                .await?;
+            if !ours || token.is_none() {
+                return Err("raw (dblock's SQL): the advisory lock was busy".into());
+            }
+            let freed: bool = sqlx::query_scalar("SELECT pg_advisory_unlock($1)")
+                .bind(key)
+                .fetch_one(&mut d.conn)
+                .await?;
+            if !freed {
+                return Err("raw (dblock's SQL): the advisory lock was not held".into());
+            }
+            Ok(())
+        })
+    })
 }
 
 fn dblock_try_op(locks: Locks, names: Arc<Vec<String>>) -> Op {
@@ -66,22 +123,22 @@ fn dblock_try_op(locks: Locks, names: Arc<Vec<String>>) -> Op {
     })
 }
 
-fn raw_dedicated_op(conns: Arc<Vec<Mutex<PgConnection>>>, names: Arc<Vec<String>>) -> Op {
+fn raw_dedicated_op(conns: Arc<Vec<Mutex<Dedicated>>>, names: Arc<Vec<String>>) -> Op {
     Arc::new(move |i| {
         let conns = conns.clone();
         let key = dblock::advisory_key(&names[i]);
         Box::pin(async move {
-            let mut conn = conns[i].lock().await;
+            let mut d = conns[i].lock().await;
             let got: bool = sqlx::query_scalar(PG_TRY)
                 .bind(key)
-                .fetch_one(&mut *conn)
+                .fetch_one(&mut d.conn)
                 .await?;
             if !got {
                 return Err("raw: the advisory lock was busy".into());
             }
             let freed: bool = sqlx::query_scalar("SELECT pg_advisory_unlock($1)")
                 .bind(key)
-                .fetch_one(&mut *conn)
+                .fetch_one(&mut d.conn)
                 .await?;
             if !freed {
                 return Err("raw: the advisory lock was not held".into());
@@ -91,7 +148,7 @@ fn raw_dedicated_op(conns: Arc<Vec<Mutex<PgConnection>>>, names: Arc<Vec<String>
     })
 }
 
-fn sqlx_op(conns: Arc<Vec<Mutex<PgConnection>>>, names: Arc<Vec<String>>) -> Op {
+fn sqlx_op(conns: Arc<Vec<Mutex<Dedicated>>>, names: Arc<Vec<String>>) -> Op {
     let locks: Arc<Vec<PgAdvisoryLock>> = Arc::new(
         names
             .iter()
@@ -102,8 +159,8 @@ fn sqlx_op(conns: Arc<Vec<Mutex<PgConnection>>>, names: Arc<Vec<String>>) -> Op 
         let conns = conns.clone();
         let locks = locks.clone();
         Box::pin(async move {
-            let mut conn = conns[i].lock().await;
-            let guard = locks[i].acquire(&mut *conn).await?;
+            let mut d = conns[i].lock().await;
+            let guard = locks[i].acquire(&mut d.conn).await?;
             guard.release_now().await?;
             Ok(())
         })
@@ -117,16 +174,22 @@ pub(super) async fn advisory_limit(env: &Env, rows: &mut Vec<Row>) -> Res<()> {
     dblock::postgres::migrate(&pool).await?;
     let n = names("adv-limit", TASKS);
     let dblock = dblock_try_op(Locks::new(Advisory::new(pool.clone())), n.clone());
+    // As many holder sessions as the raw side has connections with 8 tasks.
+    let wide = Advisory::new(super::pg_pool(&env.pg, POOL).await?).with_holder_sessions(TASKS)?;
+    let dblock_wide = dblock_try_op(Locks::new(wide), n.clone());
     let raw = raw_dedicated_op(dedicated(&env.pg, TASKS).await?, n.clone());
     let pooled = super::raw_advisory_op(pool.clone(), n.clone(), PG_TRY);
     let sqlx = sqlx_op(dedicated(&env.pg, TASKS).await?, n.clone());
+    let same_sql = raw_dblock_sql_op(dedicated(&env.pg, TASKS).await?, n.clone());
 
     if let Ok(which) = std::env::var("DBLOCK_BENCH_PAIRS") {
         let op = match which.as_str() {
             "dblock" => &dblock,
+            "dblock-wide" => &dblock_wide,
             "raw" => &raw,
             "pooled" => &pooled,
             "sqlx" => &sqlx,
+            "dblock-sql" => &same_sql,
             other => return Err(format!("DBLOCK_BENCH_PAIRS: unknown {other:?}").into()),
         };
         const PAIRS: usize = 5_000;
@@ -145,37 +208,83 @@ pub(super) async fn advisory_limit(env: &Env, rows: &mut Vec<Row>) -> Res<()> {
         return Ok(());
     }
 
-    let ops = [dblock, raw, pooled, sqlx];
     for tasks in [1, TASKS] {
+        // With 8 tasks dblock runs with 8 holder sessions, as many
+        // connections as the raw side's; the default (2) is reported too.
+        let main = if tasks == 1 { &dblock } else { &dblock_wide };
+        let mut ops = vec![
+            main.clone(),
+            raw.clone(),
+            pooled.clone(),
+            sqlx.clone(),
+            same_sql.clone(),
+        ];
+        if tasks > 1 {
+            ops.push(dblock.clone());
+        }
         let r = compare(&ops, tasks).await?;
-        let unit = if tasks == 1 { "1 task" } else { "8 tasks" };
-        let vs = |k: usize| median(r[0].iter().zip(&r[k]).map(|(d, x)| d / x).collect());
-        let (to_raw, to_pooled, to_sqlx) = (vs(1), vs(2), vs(3));
+        let unit = if tasks == 1 {
+            "1 task".to_owned()
+        } else {
+            format!("{TASKS} tasks, {TASKS} holder sessions")
+        };
+        let ratio =
+            |a: usize, k: usize| median(r[a].iter().zip(&r[k]).map(|(d, x)| d / x).collect());
+        let vs = |k: usize| ratio(0, k);
+        let figure = |k: usize| rate(median(r[k].clone()));
         rows.push(
             Row::new(
                 B,
-                format!("pairs/s at the limit, {unit}: try_acquire+release vs raw on dedicated connections"),
+                format!("pairs/s at the limit, {unit}: try_acquire+release vs raw try_lock+unlock, dedicated connections"),
             )
-            .dblock(rate(median(r[0].clone())))
+            .dblock(figure(0))
             .raw(format!(
-                "dedicated {} / pool {} / sqlx PgAdvisoryLock {}",
-                rate(median(r[1].clone())),
-                rate(median(r[2].clone())),
-                rate(median(r[3].clone())),
+                "dedicated {} (pool {}, sqlx PgAdvisoryLock {})",
+                figure(1),
+                figure(2),
+                figure(3)
             ))
-            .ratio(to_raw)
-            .target("≥ 0.95 × dedicated", to_raw >= 0.95),
+            .ratio(vs(1))
+            .target("≥ 0.95 × dedicated", vs(1) >= 0.95),
+        );
+        rows.push(
+            Row::new(B, format!("pairs/s at the limit, {unit}: vs sqlx PgAdvisoryLock acquire+release_now, dedicated"))
+                .dblock(figure(0))
+                .raw(figure(3))
+                .ratio(vs(3))
+                .target("ahead of sqlx (> 1.00)", vs(3) > 1.0),
         );
         rows.push(
             Row::new(
                 B,
-                format!("pairs/s at the limit, {unit}: dblock vs sqlx PgAdvisoryLock"),
+                format!("pairs/s at the limit, {unit}: vs raw try_lock+unlock on a pool of {POOL}"),
             )
-            .dblock(format!("{to_pooled:.2} × pooled raw"))
-            .raw(rate(median(r[3].clone())))
-            .ratio(to_sqlx)
-            .target("ahead of sqlx (> 1.00)", to_sqlx > 1.0),
+            .dblock(figure(0))
+            .raw(figure(2))
+            .ratio(vs(2)),
         );
+        rows.push(
+            Row::new(
+                B,
+                format!("pairs/s at the limit, {unit}: vs dblock's own SQL (session check, token) on dedicated connections"),
+            )
+            .dblock(figure(0))
+            .raw(figure(4))
+            .ratio(vs(4))
+            .note("reported: dblock's own cost beside its SQL's"),
+        );
+        if tasks > 1 {
+            rows.push(
+                Row::new(
+                    B,
+                    format!("pairs/s at the limit, {TASKS} tasks, default 2 holder sessions: vs raw, dedicated connections"),
+                )
+                .dblock(figure(5))
+                .raw(figure(1))
+                .ratio(ratio(5, 1))
+                .note("reported: 2 connections against raw's 8"),
+            );
+        }
     }
     pool.close().await;
     scale(env, rows).await

@@ -145,6 +145,15 @@ const LOCK_TABLE_FULL: &str = "53200";
 /// the pool is exhausted, a server-side waiter keeps trying on the holder
 /// sessions until a connection is free.
 ///
+/// An acquisition runs in the caller's task: an uncontended
+/// `try_acquire` is one statement on a holder session's connection (taken
+/// behind an async mutex, which the session's heartbeat takes too), and a
+/// `release` is one more; neither spawns a task nor messages one. If the
+/// caller's future is dropped while such a statement is under way, a task
+/// finishes it and releases a lock it took. Acquisitions on one holder
+/// session queue for its connection; more holder sessions
+/// ([`with_holder_sessions`]) let more of them run at once.
+///
 /// # Semantics
 ///
 /// - Fencing tokens come from the sequence `dblock_fencing_seq` in the same

@@ -28,7 +28,7 @@
 use std::fmt;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, LazyLock};
+use std::sync::{Arc, LazyLock, Weak};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -270,8 +270,10 @@ impl Drop for Conn {
     }
 }
 
-/// A holder session, shared by the acquisitions and guards that use it and
-/// by its keeper task.
+/// A holder session. Its keeper task owns it; statements under way hold it
+/// too, guards and the registry only weakly: when the keeper task ends
+/// abnormally (its runtime is dropped, as in a crash), the session is
+/// dropped, which closes its connection and reports its guards lost.
 pub(super) struct Session {
     inner: Arc<Inner>,
     id: SessionId,
@@ -459,18 +461,16 @@ pub(super) fn adopt(
         core,
         "dblock: advisory wait granted; its session holds the lock"
     );
-    tokio::spawn(session.clone().keep(chores));
-    pending.grant(
-        token,
-        Box::new(Held {
-            name: name.to_owned(),
-            key,
-            lock,
-            session,
-            status,
-            armed: true,
-        }),
-    )
+    let held = Box::new(Held {
+        name: name.to_owned(),
+        key,
+        lock,
+        session: Arc::downgrade(&session),
+        status,
+        armed: true,
+    });
+    tokio::spawn(session.keep(chores));
+    pending.grant(token, held)
 }
 
 impl Session {
@@ -689,7 +689,7 @@ impl Session {
                         name,
                         key,
                         lock,
-                        session: self.clone(),
+                        session: Arc::downgrade(&self),
                         status,
                         armed: true,
                     }),
@@ -937,7 +937,8 @@ pub(super) struct Held {
     name: String,
     key: i64,
     lock: LockId,
-    session: Arc<Session>,
+    /// Gone once the session ended abnormally (which ended the lock).
+    session: Weak<Session>,
     status: LockStatus,
     /// Whether dropping the handle should release the lock.
     armed: bool,
@@ -963,8 +964,9 @@ fn gone(name: &str, status: &LockStatus) -> Error {
 
 impl HeldLock for Held {
     fn extend(&self, _by: Duration) -> BoxFuture<'_, Result<Option<DateTime<Utc>>>> {
-        let session = self.session.clone();
+        let session = self.session.upgrade();
         Box::pin(async move {
+            let session = session.ok_or_else(|| gone(&self.name, &self.status))?;
             match Detached::new(async move { session.check().await }).await {
                 Ok(()) if !self.status.is_lost() => Ok(None),
                 Ok(()) => Err(gone(&self.name, &self.status)),
@@ -975,11 +977,14 @@ impl HeldLock for Held {
 
     fn release(mut self: Box<Self>) -> BoxFuture<'static, Result<()>> {
         self.armed = false;
-        let session = self.session.clone();
+        let session = self.session.upgrade();
         let (lock, key) = (self.lock, self.key);
         // The unlock runs in the caller's task and, if the caller stops
         // waiting, finishes in a task of its own.
         Box::pin(Detached::new(async move {
+            let Some(session) = session else {
+                return Err(gone(&self.name, &self.status));
+            };
             match session.unlock(lock, key, None).await {
                 Released::Yes => Ok(()),
                 Released::NotHeld(reason) => Err(Error::lost(&self.name, reason)),
@@ -998,10 +1003,12 @@ impl Drop for Held {
         if self.armed {
             // The session's keeper unlocks it. If the keeper is gone, so is
             // the session, and with it the lock.
-            let _ = self.session.keeper.send(Chore::Unlock {
-                lock: self.lock,
-                key: self.key,
-            });
+            if let Some(session) = self.session.upgrade() {
+                let _ = session.keeper.send(Chore::Unlock {
+                    lock: self.lock,
+                    key: self.key,
+                });
+            }
         }
     }
 }
