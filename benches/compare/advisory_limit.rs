@@ -16,7 +16,7 @@
 //!   started with a larger `max_locks_per_transaction`, or the server's
 //!   limit is reported.
 //!
-//! `DBLOCK_BENCH_PAIRS=<dblock|raw|pooled|sqlx|dblock-sql>` runs only 5,000 pairs of one
+//! `DBLOCK_BENCH_PAIRS=<dblock|dblock-wide|raw|pooled|sqlx|dblock-sql|nextval>` runs only 5,000 pairs of one
 //! of them, one task, and prints their time: for counting system calls
 //! (`strace -f -c -e trace=write,futex,sendto`).
 
@@ -32,7 +32,7 @@ use sqlx::postgres::{PgAdvisoryLock, PgAdvisoryLockKey, PgConnection, PgPoolOpti
 use sqlx::Connection;
 use tokio::sync::Mutex;
 
-use super::{compare, median, names, rate, Env, Op, Res, Row, PG_TRY, POOL, TASKS};
+use super::{compare, median, names, rate, Env, Op, Res, Row, PG_TRY, PG_TRY_NEXTVAL, POOL, TASKS};
 
 const B: &str = "pg advisory";
 /// Locks held at once in the scale row.
@@ -123,13 +123,17 @@ fn dblock_try_op(locks: Locks, names: Arc<Vec<String>>) -> Op {
     })
 }
 
-fn raw_dedicated_op(conns: Arc<Vec<Mutex<Dedicated>>>, names: Arc<Vec<String>>) -> Op {
+fn raw_dedicated_op(
+    conns: Arc<Vec<Mutex<Dedicated>>>,
+    names: Arc<Vec<String>>,
+    sql: &'static str,
+) -> Op {
     Arc::new(move |i| {
         let conns = conns.clone();
         let key = dblock::advisory_key(&names[i]);
         Box::pin(async move {
             let mut d = conns[i].lock().await;
-            let got: bool = sqlx::query_scalar(PG_TRY)
+            let got: bool = sqlx::query_scalar(sql)
                 .bind(key)
                 .fetch_one(&mut d.conn)
                 .await?;
@@ -177,7 +181,10 @@ pub(super) async fn advisory_limit(env: &Env, rows: &mut Vec<Row>) -> Res<()> {
     // As many holder sessions as the raw side has connections with 8 tasks.
     let wide = Advisory::new(super::pg_pool(&env.pg, POOL).await?).with_holder_sessions(TASKS)?;
     let dblock_wide = dblock_try_op(Locks::new(wide), n.clone());
-    let raw = raw_dedicated_op(dedicated(&env.pg, TASKS).await?, n.clone());
+    let raw = raw_dedicated_op(dedicated(&env.pg, TASKS).await?, n.clone(), PG_TRY);
+    // The lock and a bare nextval (no timeline, no session check): what the
+    // fencing sequence alone costs.
+    let nextval = raw_dedicated_op(dedicated(&env.pg, TASKS).await?, n.clone(), PG_TRY_NEXTVAL);
     let pooled = super::raw_advisory_op(pool.clone(), n.clone(), PG_TRY);
     let sqlx = sqlx_op(dedicated(&env.pg, TASKS).await?, n.clone());
     let same_sql = raw_dblock_sql_op(dedicated(&env.pg, TASKS).await?, n.clone());
@@ -190,6 +197,7 @@ pub(super) async fn advisory_limit(env: &Env, rows: &mut Vec<Row>) -> Res<()> {
             "pooled" => &pooled,
             "sqlx" => &sqlx,
             "dblock-sql" => &same_sql,
+            "nextval" => &nextval,
             other => return Err(format!("DBLOCK_BENCH_PAIRS: unknown {other:?}").into()),
         };
         const PAIRS: usize = 5_000;
@@ -218,6 +226,7 @@ pub(super) async fn advisory_limit(env: &Env, rows: &mut Vec<Row>) -> Res<()> {
             pooled.clone(),
             sqlx.clone(),
             same_sql.clone(),
+            nextval.clone(),
         ];
         if tasks > 1 {
             ops.push(dblock.clone());
@@ -273,15 +282,28 @@ pub(super) async fn advisory_limit(env: &Env, rows: &mut Vec<Row>) -> Res<()> {
             .ratio(vs(4))
             .note("reported: dblock's own cost beside its SQL's"),
         );
+        rows.push(
+            Row::new(
+                B,
+                format!("pairs/s at the limit, {unit}: raw try_lock+nextval+unlock vs raw try_lock+unlock, dedicated"),
+            )
+            .dblock("—")
+            .raw(format!("{} vs {}", figure(5), figure(1)))
+            .ratio(ratio(5, 1))
+            .note(format!(
+                "reported: the fencing sequence alone; dblock's full SQL is at {:.2} × raw",
+                ratio(4, 1)
+            )),
+        );
         if tasks > 1 {
             rows.push(
                 Row::new(
                     B,
                     format!("pairs/s at the limit, {TASKS} tasks, default 2 holder sessions: vs raw, dedicated connections"),
                 )
-                .dblock(figure(5))
+                .dblock(figure(6))
                 .raw(figure(1))
-                .ratio(ratio(5, 1))
+                .ratio(ratio(6, 1))
                 .note("reported: 2 connections against raw's 8"),
             );
         }

@@ -17,6 +17,7 @@
 //!   PostgreSQL.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 
 use super::session::Session;
@@ -57,8 +58,18 @@ pub(super) struct SessionEntry {
     pub(super) pid: Option<i32>,
     /// Locks held and being taken on it.
     pub(super) holds: usize,
-    /// Lock statements sent to it and not yet answered (its backlog).
+    /// Lock statements sent to it and not yet answered.
     pub(super) queued: usize,
+    /// Unlocks under way or waiting for its connection (the session
+    /// counts them).
+    pub(super) unlocking: Arc<AtomicUsize>,
+}
+
+impl SessionEntry {
+    /// Statements under way or waiting for the session's connection.
+    fn backlog(&self) -> usize {
+        self.queued + self.unlocking.load(Ordering::Relaxed)
+    }
 }
 
 /// Where to send a lock attempt.
@@ -122,8 +133,8 @@ impl Registry {
             .sessions
             .iter()
             .filter(|(id, s)| s.core && !has_key(id))
-            .min_by_key(|(id, s)| (s.queued, **id))
-            .map(|(id, s)| (*id, s.queued));
+            .min_by_key(|(id, s)| (s.backlog(), **id))
+            .map(|(id, s)| (*id, s.backlog()));
         let can_grow = grow && core < target;
         let chosen = match fresh {
             Some((_, queued)) if queued > 0 && can_grow => return Route::Grow,
@@ -135,7 +146,7 @@ impl Registry {
                 .sessions
                 .iter()
                 .filter(|(_, s)| s.core)
-                .min_by_key(|(id, s)| (s.queued, **id))
+                .min_by_key(|(id, s)| (s.backlog(), **id))
             {
                 Some((id, _)) => *id,
                 None => return Route::Open,

@@ -27,7 +27,7 @@
 
 use std::fmt;
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, LazyLock, Weak};
 use std::time::Duration;
 
@@ -285,6 +285,25 @@ pub(super) struct Session {
     last_ok: AtomicU64,
     epoch: Instant,
     keeper: mpsc::UnboundedSender<Chore>,
+    /// Unlocks under way or waiting for the connection, which the registry
+    /// counts in the session's backlog when it routes new locks.
+    unlocking: Arc<AtomicUsize>,
+}
+
+/// Counts one unlock in its session's backlog while it lives.
+struct Unlocking<'a>(&'a AtomicUsize);
+
+impl<'a> Unlocking<'a> {
+    fn new(count: &'a AtomicUsize) -> Self {
+        count.fetch_add(1, Ordering::Relaxed);
+        Unlocking(count)
+    }
+}
+
+impl Drop for Unlocking<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Drop for Session {
@@ -353,6 +372,7 @@ pub(super) async fn open(
                     pid: Some(pid),
                     holds: 0,
                     queued: 0,
+                    unlocking: session.unlocking.clone(),
                 },
             );
             true
@@ -438,6 +458,7 @@ pub(super) fn adopt(
                 pid: Some(pid),
                 holds: 1,
                 queued: 0,
+                unlocking: session.unlocking.clone(),
             },
         );
         registry.add_held(
@@ -483,6 +504,7 @@ impl Session {
             last_ok: AtomicU64::new(0),
             epoch: Instant::now(),
             keeper,
+            unlocking: Arc::default(),
         }
     }
 
@@ -775,6 +797,7 @@ impl Session {
     /// Releases the lock `lock` on `key`. With `broken`, its guard is
     /// reported lost for that reason (an operator broke it).
     pub(super) async fn unlock(&self, lock: LockId, key: i64, broken: Option<&str>) -> Released {
+        let _backlog = Unlocking::new(&self.unlocking);
         let mut c = match self.conn().await {
             Ok(c) => c,
             // The session's end ended the lock (and reported it lost).
