@@ -30,7 +30,7 @@
 //!   server's own counters beside it).
 //!
 //! Every figure is printed in one table at the end. Options, by environment:
-//! `DBLOCK_BENCH_ONLY=advisory,pglease,mysql,sqlite,redis` runs only those
+//! `DBLOCK_BENCH_ONLY=advisory,advisory-limit,pglease,mysql,sqlite,redis` runs only those
 //! sections (`leasescale`, 100,000 leases per lease backend, runs only when
 //! named; see `compare/limit.rs`); `DBLOCK_BENCH_BREAKDOWN=1` adds where the time of one pair goes
 //! (per statement, and for raw SQL run in dblock's task structure) and the
@@ -56,6 +56,9 @@ use sqlx::sqlite::{SqliteConnectOptions, SqlitePool, SqlitePoolOptions};
 use sqlx::Row as _;
 use tokio::sync::oneshot;
 use tokio::task::JoinSet;
+
+#[path = "compare/advisory_limit.rs"]
+mod advisory_limit;
 
 type E = Box<dyn std::error::Error + Send + Sync>;
 type Res<T> = Result<T, E>;
@@ -2294,6 +2297,12 @@ async fn run() {
         match advisory(&env, &mut rows).await {
             Ok(r) => raw = Some(r),
             Err(e) => rows.push(section("pg advisory", e)),
+        }
+    }
+    if wanted("advisory-limit") {
+        stamp("pg advisory at the limit");
+        if let Err(e) = advisory_limit::advisory_limit(&env, &mut rows).await {
+            rows.push(section("pg advisory", e));
         }
     }
     if wanted("pglease") {

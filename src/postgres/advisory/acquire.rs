@@ -1,28 +1,30 @@
 //! One acquisition: tries on a holder session, then waits by polling or on
 //! a connection of its own, blocked on the server.
 //!
-//! The whole attempt runs in a task of its own that owns its outcome, so
-//! dropping the caller's future never strands a lock: a grant that finds
-//! its caller gone is dropped, which queues its unlock on its session, and
-//! a server-side wait whose caller is gone has its connection closed.
+//! It runs in the caller's task: the uncontended path is one lock statement
+//! on a holder session's connection, with no task spawned and no message
+//! to another task. Dropping the caller's future never strands a lock: a
+//! lock statement under way is finished by a task of its own
+//! ([`Detached`]), which drops a grant nobody takes (queueing its unlock on
+//! its session), and a server-side wait whose caller is gone has its
+//! connection closed (see `WaitConn`).
 
 use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use sqlx::pool::PoolConnection;
 use sqlx::{Connection, Postgres};
-use tokio::sync::{oneshot, OwnedSemaphorePermit};
+use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::{sleep_until, Instant};
 
 use super::registry::Route;
-use super::session::{self, Cmd, LockReply};
+use super::session::{self, LockReply};
 use super::{lock_table_full, Inner, Refusal, WaitStrategy, LOCK_TABLE_FULL};
 use crate::backend::{BoxFuture, Grant};
+use crate::detach::Detached;
 use crate::postgres::token::sequence_token;
 use crate::postgres::{advisory_key, engine, map_err, LIFT_SERVER_TIMEOUTS};
 use crate::{AcquireRequest, Error, LockMode, Result, Wait};
-
-pub(super) type Reply = oneshot::Sender<Result<Option<Grant>>>;
 
 // The inner subqueries set a transaction-local lock_timeout before the lock
 // call runs (OFFSET 0 keeps the planner from flattening the order away); in
@@ -74,15 +76,33 @@ fn is_lock_table_full(e: &sqlx::Error) -> bool {
     matches!(e, sqlx::Error::Database(db) if db.code().as_deref() == Some(LOCK_TABLE_FULL))
 }
 
-pub(super) async fn acquire_task(inner: Arc<Inner>, request: AcquireRequest, mut reply: Reply) {
-    let name = request.name().to_owned();
-    let key = advisory_key(&name);
+/// Takes the lock as `request` says, in the caller's task.
+pub(super) async fn acquire(inner: &Arc<Inner>, request: AcquireRequest) -> Result<Option<Grant>> {
+    let name = request.name();
+    let key = advisory_key(name);
     let mode = request.mode();
     let deadline = match request.wait() {
         Wait::For(d) => Some(Instant::now() + d),
         _ => None,
     };
-    let subscription = inner.wakeups.subscribe(&name);
+    // The uncontended path: one attempt, nothing else set up.
+    if let Some(grant) = try_on_session(inner, key, mode, name).await? {
+        return Ok(Some(grant));
+    }
+    match (request.wait(), deadline) {
+        (Wait::No, _) => return Ok(None),
+        (Wait::For(waited), Some(deadline)) if Instant::now() >= deadline => {
+            return Err(Error::Timeout {
+                name: name.to_owned(),
+                waited,
+            })
+        }
+        _ => {}
+    }
+    // Waiting: releases in this process wake us. The loop tries again at
+    // once after subscribing, so a release since the first attempt is not
+    // missed.
+    let subscription = inner.wakeups.subscribe(name);
     let (mut pause, cap) = match inner.options.wait {
         WaitStrategy::Poll { min, max } => (min, max),
         WaitStrategy::Server => (POOL_RETRY_MIN, POOL_RETRY_MAX),
@@ -101,32 +121,17 @@ pub(super) async fn acquire_task(inner: Arc<Inner>, request: AcquireRequest, mut
         tokio::pin!(notified);
         notified.as_mut().enable();
 
-        let attempt = tokio::select! {
-            r = try_on_session(&inner, key, mode, &name) => r,
-            _ = reply.closed() => return,
-        };
-        match attempt {
-            Ok(Some(grant)) => {
-                let _ = reply.send(Ok(Some(grant)));
-                return;
-            }
-            Ok(None) => {}
-            Err(e) => {
-                let _ = reply.send(Err(e));
-                return;
-            }
+        if let Some(grant) = try_on_session(inner, key, mode, name).await? {
+            return Ok(Some(grant));
         }
         let now = Instant::now();
-        match (request.wait(), deadline) {
-            (Wait::No, _) => {
-                let _ = reply.send(Ok(None));
-                return;
+        if let (Wait::For(waited), Some(deadline)) = (request.wait(), deadline) {
+            if now >= deadline {
+                return Err(Error::Timeout {
+                    name: name.to_owned(),
+                    waited,
+                });
             }
-            (Wait::For(waited), Some(deadline)) if now >= deadline => {
-                let _ = reply.send(Err(Error::Timeout { name, waited }));
-                return;
-            }
-            _ => {}
         }
         let mut wake_at = now + pause.mul_f64(rand::random_range(0.5..=1.0));
         if let Some(deadline) = deadline {
@@ -140,11 +145,10 @@ pub(super) async fn acquire_task(inner: Arc<Inner>, request: AcquireRequest, mut
         // of the pool.
         let server_side = matches!(inner.options.wait, WaitStrategy::Server);
         if server_side && slot.is_none() {
-            slot = WaitSlot::take(&inner, key);
+            slot = WaitSlot::take(inner, key);
         }
         if slot.is_none() {
             tokio::select! {
-                _ = reply.closed() => return,
                 _ = &mut notified => {}
                 _ = sleep_until(wake_at) => {}
             }
@@ -156,7 +160,6 @@ pub(super) async fn acquire_task(inner: Arc<Inner>, request: AcquireRequest, mut
         if waiter.is_none() {
             let pending = from_pool.get_or_insert_with(|| Box::pin(inner.pool.acquire()));
             tokio::select! {
-                _ = reply.closed() => return,
                 conn = pending => {
                     from_pool = None;
                     match conn {
@@ -165,10 +168,7 @@ pub(super) async fn acquire_task(inner: Arc<Inner>, request: AcquireRequest, mut
                         // go on trying on the holder sessions meanwhile (a
                         // database that cannot be reached fails them).
                         Err(sqlx::Error::PoolTimedOut) => continue,
-                        Err(e) => {
-                            let _ = reply.send(Err(e.into()));
-                            return;
-                        }
+                        Err(e) => return Err(e.into()),
                     }
                 }
                 _ = &mut notified => continue,
@@ -179,26 +179,19 @@ pub(super) async fn acquire_task(inner: Arc<Inner>, request: AcquireRequest, mut
             }
         }
         let conn = waiter.as_mut().expect("a waiting connection");
-        match wait_on_server(&inner, conn, key, mode, deadline, &mut reply).await {
+        match wait_on_server(inner, conn, key, mode, deadline).await {
             Waited::Granted { token, pid, marker } => {
                 let conn = waiter
                     .take()
                     .and_then(|mut w| w.conn.take())
                     .expect("a waiting connection");
                 let permit = slot.as_mut().and_then(|s| s.permit.take());
-                let grant =
-                    session::adopt(&inner, conn, permit, pid, marker, key, mode, token, &name);
-                // If the acquirer is gone, the grant drops with the failed
-                // send and its session unlocks it.
-                let _ = reply.send(Ok(Some(grant)));
-                return;
+                return Ok(Some(session::adopt(
+                    inner, conn, permit, pid, marker, key, mode, token, name,
+                )));
             }
             Waited::Busy => {}
-            Waited::Failed(e) => {
-                let _ = reply.send(Err(e));
-                return;
-            }
-            Waited::Abandoned => return,
+            Waited::Failed(e) => return Err(e),
         }
     }
 }
@@ -227,33 +220,25 @@ async fn try_on_session(
             Route::Open => {
                 // Counted too: a session that dies as soon as it is opened
                 // must not be reopened forever.
-                open_session(inner).await?;
+                if let Err(reason) = open_session(inner).await? {
+                    failed = Some(reason);
+                }
                 gone += 1;
             }
             Route::Grow => {
                 grow = false;
                 inner.grow();
             }
-            Route::Send { session, tx } => {
-                let (reply, answer) = oneshot::channel();
-                let cmd = Cmd::Lock {
-                    lock,
-                    key,
-                    mode,
-                    name: name.to_owned(),
-                    reply,
-                };
-                if tx.send(cmd).is_err() {
-                    inner.session_gone(session, "the holder session's task ended");
-                    gone += 1;
-                    continue;
-                }
-                match answer.await {
-                    Ok(LockReply::Granted(grant)) => return Ok(Some(grant)),
-                    Ok(LockReply::Busy) => return Ok(None),
-                    Ok(LockReply::Failed(e)) => return Err(e),
-                    Ok(LockReply::Gone(reason)) => failed = Some(reason),
-                    Err(_) => inner.session_gone(session, "the holder session's task ended"),
+            Route::Send(session) => {
+                // The statement runs here, on the session's connection; if
+                // this future is dropped mid-statement, a task finishes it
+                // and releases a grant nobody takes.
+                let attempt = session.lock(lock, key, mode, name.to_owned());
+                match Detached::new(attempt).await {
+                    LockReply::Granted(grant) => return Ok(Some(grant)),
+                    LockReply::Busy => return Ok(None),
+                    LockReply::Failed(e) => return Err(e),
+                    LockReply::Gone(reason) => failed = Some(reason),
                 }
                 gone += 1;
             }
@@ -270,14 +255,16 @@ async fn try_on_session(
 
 /// Opens a core holder session when there is none, waiting for a
 /// connection from the pool (unless another task opens one meanwhile).
-async fn open_session(inner: &Arc<Inner>) -> Result<()> {
+/// The inner `Err` tells why the session failed to open.
+async fn open_session(inner: &Arc<Inner>) -> Result<std::result::Result<(), String>> {
     let _opening = inner.opening.lock().await;
     if inner.registry().core_count() > 0 {
-        return Ok(());
+        return Ok(Ok(()));
     }
     let conn = inner.pool.acquire().await?;
-    session::open(inner, conn);
-    Ok(())
+    // Finished even if this acquisition is dropped: a half-opened session
+    // would hand a marked connection back to the pool.
+    Ok(Detached::new(session::open(inner.clone(), conn)).await)
 }
 
 /// The right of one acquisition to wait on the server for `key`: the key's
@@ -343,7 +330,6 @@ enum Waited {
     },
     Busy,
     Failed(Error),
-    Abandoned,
 }
 
 /// One server-side wait, bounded by what is left of the deadline.
@@ -353,7 +339,6 @@ async fn wait_on_server(
     key: i64,
     mode: LockMode,
     deadline: Option<Instant>,
-    reply: &mut Reply,
 ) -> Waited {
     // lock_timeout takes whole milliseconds up to i32::MAX; a longer wait is
     // done in several rounds. "0" waits forever.
@@ -399,12 +384,10 @@ async fn wait_on_server(
             }
         }
     };
-    let outcome = tokio::select! {
-        r = waited => r,
-        // The acquirer is gone. The statement may yet be granted, so the
-        // connection stays dirty and is closed: its session's locks end.
-        _ = reply.closed() => return Waited::Abandoned,
-    };
+    // If the acquirer is dropped meanwhile, the statement may yet be
+    // granted: the connection stays dirty and is closed, which ends its
+    // session's locks.
+    let outcome = waited.await;
     match outcome {
         Ok((true, Some(token), pid)) => Waited::Granted {
             token: token as u64,

@@ -3,8 +3,19 @@
 //! - [`registry`]: which locks this backend holds on which session, and the
 //!   routing that keeps PostgreSQL's lock stacking from making them
 //!   re-entrant.
-//! - [`session`]: the holder sessions, one task per connection.
+//! - [`session`]: the holder sessions: a connection behind an async mutex,
+//!   used from the caller's task, and a keeper task for heartbeats.
 //! - [`acquire`]: one acquisition, its polling or server-side wait.
+//!
+//! An uncontended `try_acquire` + `release` reads, end to end:
+//! [`Backend::acquire`] → `acquire::acquire` (the caller's task) →
+//! `Registry::route` picks a holder session and records a pending hold →
+//! `Session::lock` takes the session's mutex and runs one lock statement
+//! on its connection → `Registry::granted` → the guard. Its release:
+//! `Held::release` → `Session::unlock` (mutex, one unlock statement,
+//! `Registry::release`). No task is spawned and no message goes to another
+//! task on that path; a statement whose caller is dropped mid-flight is
+//! finished by a task of its own ([`Detached`](crate::detach::Detached)).
 
 mod acquire;
 mod holders;
@@ -19,14 +30,15 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use sqlx::{PgPool, Row};
-use tokio::sync::{oneshot, Semaphore};
+use tokio::sync::Semaphore;
 
 use super::{advisory_key, engine};
 use crate::backend::{BoxFuture, Grant};
+use crate::detach::Detached;
 use crate::lease::Wakeups;
 use crate::{AcquireRequest, Backend, Error, LockInfo, LockMode, Result};
 use registry::{Registry, SessionId};
-use session::Cmd;
+use session::Released;
 
 /// How an [`Advisory`] acquisition waits for a held lock.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -133,6 +145,15 @@ const LOCK_TABLE_FULL: &str = "53200";
 /// number of holder sessions is capped at the pool's size minus one. If
 /// the pool is exhausted, a server-side waiter keeps trying on the holder
 /// sessions until a connection is free.
+///
+/// An acquisition runs in the caller's task: an uncontended
+/// `try_acquire` is one statement on a holder session's connection (taken
+/// behind an async mutex, which the session's heartbeat takes too), and a
+/// `release` is one more; neither spawns a task nor messages one. If the
+/// caller's future is dropped while such a statement is under way, a task
+/// finishes it and releases a lock it took. Acquisitions on one holder
+/// session queue for its connection; more holder sessions
+/// ([`with_holder_sessions`]) let more of them run at once.
 ///
 /// # Semantics
 ///
@@ -395,7 +416,7 @@ impl Inner {
     /// sessions there are have a backlog.
     fn grow(self: &Arc<Self>) {
         if let Some(conn) = self.pool.try_acquire() {
-            session::open(self, conn);
+            tokio::spawn(session::open(self.clone(), conn));
             return;
         }
         if self.pool.size() >= self.pool.options().get_max_connections()
@@ -408,7 +429,7 @@ impl Inner {
             let conn = inner.pool.acquire().await;
             inner.growing.store(false, Ordering::Release);
             if let Ok(conn) = conn {
-                session::open(&inner, conn);
+                let _ = session::open(inner, conn).await;
             }
         });
     }
@@ -523,13 +544,7 @@ impl Backend for Advisory {
                         .map(|h| (request.name().to_owned(), h.to_owned()))
                 })
                 .flatten();
-            // The attempt runs in a task that owns the outcome, so dropping
-            // this future can never strand a lock.
-            let (tx, rx) = oneshot::channel();
-            tokio::spawn(acquire::acquire_task(self.inner.clone(), request, tx));
-            let grant = rx
-                .await
-                .unwrap_or_else(|_| Err(Error::Database(sqlx::Error::WorkerCrashed)))?;
+            let grant = acquire::acquire(&self.inner, request).await?;
             if let (Some(grant), Some((name, holder))) = (&grant, holder) {
                 holders::record(&self.inner.pool, &name, &holder, grant.token).await?;
             }
@@ -577,11 +592,10 @@ impl Backend for Advisory {
             let key = advisory_key(name);
             let ours = self.inner.registry().held_on_key(key);
             let mut broke = false;
-            for (_, lock, tx) in ours {
-                let (reply, answer) = oneshot::channel();
-                if tx.send(Cmd::Break { lock, key, reply }).is_ok() {
-                    broke |= answer.await.unwrap_or(true);
-                }
+            for (lock, session) in ours {
+                let reason = "the lock was broken by force_release";
+                let unlock = async move { session.unlock(lock, key, Some(reason)).await };
+                broke |= !matches!(Detached::new(unlock).await, Released::NotHeld(_));
             }
             let (classid, objid) = split_key(key);
             let pids = self.inner.registry().pids();

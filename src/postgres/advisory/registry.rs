@@ -17,10 +17,10 @@
 //!   PostgreSQL.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Weak};
 
-use tokio::sync::mpsc::UnboundedSender;
-
-use super::session::Cmd;
+use super::session::Session;
 use crate::backend::LockStatus;
 use crate::LockMode;
 
@@ -48,7 +48,8 @@ pub(super) enum HoldState {
 
 /// An open holder session.
 pub(super) struct SessionEntry {
-    pub(super) tx: UnboundedSender<Cmd>,
+    /// The session; it lives as long as its keeper task or a guard on it.
+    pub(super) session: Weak<Session>,
     /// Whether new locks are routed to it. Sessions adopted from a
     /// server-side wait beyond the configured number are not: they carry
     /// the lock they waited for and go back to the pool once it is released.
@@ -57,8 +58,18 @@ pub(super) struct SessionEntry {
     pub(super) pid: Option<i32>,
     /// Locks held and being taken on it.
     pub(super) holds: usize,
-    /// Lock statements sent to it and not yet answered (its backlog).
+    /// Lock statements sent to it and not yet answered.
     pub(super) queued: usize,
+    /// Unlocks under way or waiting for its connection (the session
+    /// counts them).
+    pub(super) unlocking: Arc<AtomicUsize>,
+}
+
+impl SessionEntry {
+    /// Statements under way or waiting for the session's connection.
+    fn backlog(&self) -> usize {
+        self.queued + self.unlocking.load(Ordering::Relaxed)
+    }
 }
 
 /// Where to send a lock attempt.
@@ -70,11 +81,8 @@ pub(super) enum Route {
     /// The sessions there are all have a backlog (or all hold the key), and
     /// fewer than the configured number are open: another would help.
     Grow,
-    /// Send the attempt to this session; the pending hold is recorded.
-    Send {
-        session: SessionId,
-        tx: UnboundedSender<Cmd>,
-    },
+    /// Try on this session; the pending hold is recorded.
+    Send(Arc<Session>),
 }
 
 /// A lock of ours, as `inspect` and `list` report it.
@@ -125,8 +133,8 @@ impl Registry {
             .sessions
             .iter()
             .filter(|(id, s)| s.core && !has_key(id))
-            .min_by_key(|(id, s)| (s.queued, **id))
-            .map(|(id, s)| (*id, s.queued));
+            .min_by_key(|(id, s)| (s.backlog(), **id))
+            .map(|(id, s)| (*id, s.backlog()));
         let can_grow = grow && core < target;
         let chosen = match fresh {
             Some((_, queued)) if queued > 0 && can_grow => return Route::Grow,
@@ -138,26 +146,28 @@ impl Registry {
                 .sessions
                 .iter()
                 .filter(|(_, s)| s.core)
-                .min_by_key(|(id, s)| (s.queued, **id))
+                .min_by_key(|(id, s)| (s.backlog(), **id))
             {
                 Some((id, _)) => *id,
                 None => return Route::Open,
             },
         };
         let entry = self.sessions.get_mut(&chosen).expect("chosen session");
+        let Some(session) = entry.session.upgrade() else {
+            // Its last owner dropped it just now (an abnormal end, which
+            // is being reported): choose again without it.
+            self.remove_session(chosen);
+            return self.route(key, mode, lock, target, grow);
+        };
         entry.holds += 1;
         entry.queued += 1;
-        let tx = entry.tx.clone();
         self.keys.entry(key).or_default().push(Hold {
             lock,
             session: chosen,
             mode,
             state: HoldState::Pending,
         });
-        Route::Send {
-            session: chosen,
-            tx,
-        }
+        Route::Send(session)
     }
 
     /// Registers an open session.
@@ -169,13 +179,6 @@ impl Registry {
     /// wait, adopted together with its session).
     pub(super) fn add_held(&mut self, key: i64, hold: Hold) {
         self.keys.entry(key).or_default().push(hold);
-    }
-
-    /// The session's process id is known.
-    pub(super) fn set_pid(&mut self, id: SessionId, pid: i32) {
-        if let Some(s) = self.sessions.get_mut(&id) {
-            s.pid = Some(pid);
-        }
     }
 
     /// The pending attempt `hold.lock` was granted: it becomes `hold`.
@@ -239,14 +242,29 @@ impl Registry {
         Some(hold)
     }
 
+    /// A lock on `session` was unlocked: forgets its hold (returned), and
+    /// tells whether the session is now an idle one beyond the core ones.
+    pub(super) fn release(
+        &mut self,
+        session: SessionId,
+        key: i64,
+        lock: LockId,
+    ) -> (Option<Hold>, bool) {
+        let hold = self.remove(key, lock);
+        (hold, self.idle_extra(session))
+    }
+
+    /// Whether the session holds nothing and is not a core one (it was
+    /// adopted from a server-side wait): it goes back to the pool.
+    pub(super) fn idle_extra(&self, session: SessionId) -> bool {
+        self.sessions
+            .get(&session)
+            .is_some_and(|s| s.holds == 0 && !s.core)
+    }
+
     /// The session's holds (held and pending), if it is open.
     pub(super) fn holds_on(&self, session: SessionId) -> Option<usize> {
         self.sessions.get(&session).map(|s| s.holds)
-    }
-
-    /// Whether new locks are routed to the session.
-    pub(super) fn is_core(&self, session: SessionId) -> bool {
-        self.sessions.get(&session).is_some_and(|s| s.core)
     }
 
     /// Unregisters the session if it holds nothing, so that nothing more is
@@ -288,7 +306,7 @@ impl Registry {
     }
 
     /// Our held locks on `key`: where they are, to break them.
-    pub(super) fn held_on_key(&self, key: i64) -> Vec<(SessionId, LockId, UnboundedSender<Cmd>)> {
+    pub(super) fn held_on_key(&self, key: i64) -> Vec<(LockId, Arc<Session>)> {
         let Some(holds) = self.keys.get(&key) else {
             return Vec::new();
         };
@@ -297,7 +315,7 @@ impl Registry {
             .filter(|h| matches!(h.state, HoldState::Held { .. }))
             .filter_map(|h| {
                 let s = self.sessions.get(&h.session)?;
-                Some((h.session, h.lock, s.tx.clone()))
+                Some((h.lock, s.session.upgrade()?))
             })
             .collect()
     }

@@ -1,34 +1,47 @@
 //! Holder sessions: long-lived connections taken from the pool, each
 //! carrying many session-level advisory locks.
 //!
-//! Each session is run by one task that owns the connection and serves
-//! commands one at a time (lock, unlock, break, check), so statements on a
-//! session never interleave. The same task checks the session when it has
-//! been idle for a heartbeat; any statement that succeeds proves it alive.
+//! A session's connection sits behind an async mutex. Whoever needs it
+//! takes the mutex and runs the statement from their own task: an
+//! acquisition its lock statement, a release its unlock, the session's
+//! keeper task its heartbeat. Statements on a session therefore never
+//! interleave, and the uncontended path hands nothing to another task. A
+//! statement whose outcome matters (lock, unlock) runs inside
+//! [`Detached`](crate::detach::Detached): if its caller is dropped
+//! mid-statement, a task finishes it and resolves the outcome (a grant
+//! nobody takes is released).
+//!
+//! The keeper task checks the session when it has been idle for a
+//! heartbeat (any statement that succeeds proves it alive), unlocks the
+//! locks of guards that were dropped, and sends the session back to the
+//! pool once it holds nothing.
 //!
 //! When a statement fails in a way that leaves the session's state unknown
 //! (a connection error, no answer in time, an unlock whose outcome is
-//! unknown), the session is closed and every lock on it is reported lost:
-//! a connection that may hold a lock never goes back to the pool. A session
-//! that holds nothing goes back to the pool (core sessions after a heartbeat
-//! without locks, sessions adopted from a wait as soon as their lock is
-//! released), after a `pg_advisory_unlock_all()` for good measure.
+//! unknown, a statement abandoned without a runtime to finish it), the
+//! session is closed and every lock on it is reported lost: a connection
+//! that may hold a lock never goes back to the pool. A session that holds
+//! nothing goes back to the pool (core sessions after a heartbeat without
+//! locks, sessions adopted from a wait as soon as their lock is released),
+//! after a `pg_advisory_unlock_all()` for good measure.
 
 use std::fmt;
 use std::future::Future;
-use std::sync::{Arc, LazyLock};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, LazyLock, Weak};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use sqlx::pool::PoolConnection;
-use sqlx::postgres::PgRow;
+use sqlx::postgres::{PgConnection, PgRow};
 use sqlx::{Postgres, Row};
-use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit};
+use tokio::sync::{mpsc, MutexGuard, OwnedSemaphorePermit};
 use tokio::time::{sleep_until, timeout, Instant};
 
 use super::registry::{Hold, HoldState, LockId, SessionEntry, SessionId};
 use super::{lock_table_full, split_key, Inner, Refusal, LOCK_TABLE_FULL};
 use crate::backend::{BoxFuture, Grant, HeldLock, LockStatus};
+use crate::detach::Detached;
 use crate::postgres::engine::{self, is_statement_clash};
 use crate::postgres::map_err;
 use crate::postgres::token::sequence_token;
@@ -142,33 +155,7 @@ fn decode_open(row: &PgRow) -> sqlx::Result<(i32, String, Option<String>)> {
     Ok((row.try_get(0)?, row.try_get(1)?, row.try_get(2)?))
 }
 
-/// What a session is asked to do.
-pub(super) enum Cmd {
-    /// Try to take `key` (never waits on the server).
-    Lock {
-        lock: LockId,
-        key: i64,
-        mode: LockMode,
-        name: String,
-        reply: oneshot::Sender<LockReply>,
-    },
-    /// Release a held lock (no reply when its guard was dropped).
-    Unlock {
-        lock: LockId,
-        key: i64,
-        reply: Option<oneshot::Sender<Released>>,
-    },
-    /// Release a held lock on an operator's behalf; its guard reports lost.
-    Break {
-        lock: LockId,
-        key: i64,
-        reply: oneshot::Sender<bool>,
-    },
-    /// Check the session now (`extend` on an advisory guard).
-    Check { reply: oneshot::Sender<Result<()>> },
-}
-
-/// The answer to [`Cmd::Lock`].
+/// The answer to a lock attempt.
 pub(super) enum LockReply {
     Granted(Grant),
     Busy,
@@ -178,7 +165,7 @@ pub(super) enum LockReply {
     Gone(String),
 }
 
-/// The answer to [`Cmd::Unlock`].
+/// The outcome of an unlock.
 pub(super) enum Released {
     Yes,
     /// The lock was not held any more (lost or broken before): why.
@@ -186,6 +173,15 @@ pub(super) enum Released {
     /// The unlock's outcome is unknown; the session was closed, which ends
     /// the lock.
     Failed(sqlx::Error),
+}
+
+/// Work for a session's keeper task.
+enum Chore {
+    /// Release the lock of a guard that was dropped.
+    Unlock { lock: LockId, key: i64 },
+    /// A lock was released: a session adopted from a wait goes back to the
+    /// pool once it holds nothing.
+    Tidy,
 }
 
 /// How a statement on a session went wrong.
@@ -232,37 +228,195 @@ async fn bounded<T>(
     }
 }
 
-/// Starts a core session on `conn`, unless the configured number is open
-/// already (the connection goes back to the pool then). New locks are
-/// routed to it at once: they queue behind its first statement.
-pub(super) fn open(inner: &Arc<Inner>, conn: PoolConnection<Postgres>) {
-    let id = inner.next_id();
-    let (tx, rx) = mpsc::unbounded_channel();
-    {
-        let mut registry = inner.registry();
-        if registry.core_count() >= inner.target_sessions() {
-            return;
-        }
-        registry.add_session(
-            id,
-            SessionEntry {
-                tx: tx.clone(),
-                core: true,
-                pid: None,
-                holds: 0,
-                queued: 0,
-            },
-        );
-    }
-    tracing::debug!(session = id, "dblock: advisory holder session opened");
-    // The marker is set by the session's first statement.
-    tokio::spawn(Session::new(inner.clone(), id, conn, tx, rx, String::new(), None).run());
-}
-
 /// A new holder session's marker: random, so that no other holder (in
 /// this process or another) has the same.
 pub(super) fn new_marker() -> String {
     format!("{:016x}", rand::random::<u64>())
+}
+
+/// A holder session's connection and what is known of its server session.
+struct Conn {
+    /// `None` once the session went back to the pool or was closed.
+    conn: Option<PoolConnection<Postgres>>,
+    /// The marker this session set on its server session.
+    marker: String,
+    /// Its server session's pid.
+    pid: i32,
+    /// A lock or unlock statement was started and its outcome not yet
+    /// recorded: if the next user finds this set, that statement was
+    /// abandoned without a runtime to finish it, and the session's locks
+    /// are uncertain.
+    in_doubt: bool,
+    /// The wait slot of the server-side wait this session was adopted
+    /// from, freed when the session ends.
+    wait_slot: Option<OwnedSemaphorePermit>,
+}
+
+impl Conn {
+    fn pg(&mut self) -> &mut PgConnection {
+        self.conn
+            .as_mut()
+            .expect("an open session has its connection")
+    }
+}
+
+impl Drop for Conn {
+    /// A connection still here was not handed back by `retire`: it may
+    /// hold locks, so it is closed, never returned to the pool.
+    fn drop(&mut self) {
+        if let Some(conn) = self.conn.as_mut() {
+            conn.close_on_drop();
+        }
+    }
+}
+
+/// A holder session. Its keeper task owns it; statements under way hold it
+/// too, guards and the registry only weakly: when the keeper task ends
+/// abnormally (its runtime is dropped, as in a crash), the session is
+/// dropped, which closes its connection and reports its guards lost.
+pub(super) struct Session {
+    inner: Arc<Inner>,
+    id: SessionId,
+    conn: tokio::sync::Mutex<Conn>,
+    /// Set once the session went back to the pool or was closed.
+    ended: AtomicBool,
+    /// When a statement last succeeded (the session was alive then), as
+    /// nanoseconds since `epoch`.
+    last_ok: AtomicU64,
+    epoch: Instant,
+    keeper: mpsc::UnboundedSender<Chore>,
+    /// Unlocks under way or waiting for the connection, which the registry
+    /// counts in the session's backlog when it routes new locks.
+    unlocking: Arc<AtomicUsize>,
+}
+
+/// Counts one unlock in its session's backlog while it lives.
+struct Unlocking<'a>(&'a AtomicUsize);
+
+impl<'a> Unlocking<'a> {
+    fn new(count: &'a AtomicUsize) -> Self {
+        count.fetch_add(1, Ordering::Relaxed);
+        Unlocking(count)
+    }
+}
+
+impl Drop for Unlocking<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Drop for Session {
+    /// A session ends by going back to the pool clean (`retire`) or by
+    /// being closed (`die`), both of which take the connection. One that
+    /// still has it here ended abnormally (its keeper task was dropped with
+    /// its runtime, or panicked): its connection is closed and its guards
+    /// report lost.
+    fn drop(&mut self) {
+        if self.conn.get_mut().conn.is_some() {
+            self.inner
+                .session_gone(self.id, "the holder session's task ended abnormally");
+        }
+    }
+}
+
+/// Opens a core holder session on `conn` and registers it, unless the
+/// configured number is open already (the connection goes back to the pool
+/// then). `Err` tells why the session could not be opened; the backend
+/// refuses further acquisitions if the reason is the engine or a pooler.
+pub(super) async fn open(
+    inner: Arc<Inner>,
+    conn: PoolConnection<Postgres>,
+) -> std::result::Result<(), String> {
+    let limit = inner.answer_within();
+    let mut c = Conn {
+        conn: Some(conn),
+        marker: String::new(),
+        pid: 0,
+        in_doubt: false,
+        wait_slot: None,
+    };
+    let row = match bounded(limit, sqlx::raw_sql(OPEN).fetch_one(c.pg())).await {
+        Ok(row) => row,
+        Err(Failure::Server(e)) => return Err(format!("the holder session failed: {e}")),
+        Err(Failure::Broken(reason)) => return Err(reason),
+    };
+    let (pid, version, marker) =
+        decode_open(&row).map_err(|e| format!("the holder session failed: {e}"))?;
+    if let Some(why) = engine::refusal(&version) {
+        inner.refuse(Refusal::Engine(why));
+        return Err(why.to_owned());
+    }
+    let Some(marker) = marker else {
+        // Another holder's marker: this server session is shared. Nothing
+        // was set or taken.
+        inner.refuse(Refusal::Pooler);
+        return Err(POOLED.to_owned());
+    };
+    c.marker = marker;
+    c.pid = pid;
+    if shares_its_server_session(&inner, pid, &c.marker).await {
+        inner.refuse(Refusal::Pooler);
+        return Err(POOLED.to_owned());
+    }
+    let (keeper, chores) = mpsc::unbounded_channel();
+    let session = Arc::new(Session::new(inner.clone(), c, keeper));
+    let registered = {
+        let mut registry = inner.registry();
+        if registry.core_count() < inner.target_sessions() {
+            registry.add_session(
+                session.id,
+                SessionEntry {
+                    session: Arc::downgrade(&session),
+                    core: true,
+                    pid: Some(pid),
+                    holds: 0,
+                    queued: 0,
+                    unlocking: session.unlocking.clone(),
+                },
+            );
+            true
+        } else {
+            false
+        }
+    };
+    if !registered {
+        // Enough sessions opened meanwhile.
+        session.retire_unregistered().await;
+        return Ok(());
+    }
+    tracing::debug!(
+        session = session.id,
+        "dblock: advisory holder session opened"
+    );
+    tokio::spawn(session.keep(chores));
+    Ok(())
+}
+
+/// At the backend's first holder session: whether another connection of
+/// the pool runs its statements on this session's server session. Skipped
+/// when the pool has no second connection to spare at once.
+async fn shares_its_server_session(inner: &Inner, pid: i32, marker: &str) -> bool {
+    if inner.probed.swap(true, Ordering::AcqRel) {
+        return false;
+    }
+    if inner.pool.options().get_max_connections() < 2 {
+        return false;
+    }
+    let limit = inner.answer_within();
+    let wait = limit.min(Duration::from_millis(500));
+    let Ok(Ok(mut other)) = timeout(wait, inner.pool.acquire()).await else {
+        return false;
+    };
+    let statement = sqlx::raw_sql(PROBE).fetch_one(&mut *other);
+    let Ok(Ok(row)) = timeout(limit, statement).await else {
+        return false;
+    };
+    let (other_pid, other_marker): (i32, String) = match (row.try_get(0), row.try_get(1)) {
+        (Ok(pid), Ok(marker)) => (pid, marker),
+        _ => return false,
+    };
+    other_pid == pid || other_marker == marker
 }
 
 /// Makes the connection of a granted server-side wait a holder session
@@ -280,28 +434,38 @@ pub(super) fn adopt(
     token: u64,
     name: &str,
 ) -> Grant {
-    let id = inner.next_id();
     let lock = inner.next_id();
-    let (tx, rx) = mpsc::unbounded_channel();
     let (status, pending) = Grant::status(None);
-    let core = {
+    let (keeper, chores) = mpsc::unbounded_channel();
+    let (session, core) = {
         let mut registry = inner.registry();
         let core = registry.core_count() < inner.target_sessions();
+        // A session that joins the core ones is counted there; any other
+        // keeps its wait slot until it goes back to the pool.
+        let c = Conn {
+            conn: Some(conn),
+            marker,
+            pid,
+            in_doubt: false,
+            wait_slot: if core { None } else { permit },
+        };
+        let session = Arc::new(Session::new(inner.clone(), c, keeper));
         registry.add_session(
-            id,
+            session.id,
             SessionEntry {
-                tx: tx.clone(),
+                session: Arc::downgrade(&session),
                 core,
                 pid: Some(pid),
                 holds: 1,
                 queued: 0,
+                unlocking: session.unlocking.clone(),
             },
         );
         registry.add_held(
             key,
             Hold {
                 lock,
-                session: id,
+                session: session.id,
                 mode,
                 state: HoldState::Held {
                     token,
@@ -310,279 +474,189 @@ pub(super) fn adopt(
                 },
             },
         );
-        core
+        (session, core)
     };
     tracing::debug!(
-        session = id,
+        session = session.id,
         pid,
+        core,
         "dblock: advisory wait granted; its session holds the lock"
     );
-    let mut session = Session::new(inner.clone(), id, conn, tx.clone(), rx, marker, Some(pid));
-    // A session that joins the core ones is counted there; any other keeps
-    // its wait slot until it goes back to the pool.
-    if !core {
-        session.wait_slot = permit;
-    }
-    tokio::spawn(session.run());
-    pending.grant(
-        token,
-        Box::new(Held {
-            name: name.to_owned(),
-            key,
-            lock,
-            tx,
-            status,
-            armed: true,
-        }),
-    )
-}
-
-struct Session {
-    inner: Arc<Inner>,
-    id: SessionId,
-    conn: Option<PoolConnection<Postgres>>,
-    /// Our own address, for the handles of the locks granted here.
-    tx: mpsc::UnboundedSender<Cmd>,
-    rx: mpsc::UnboundedReceiver<Cmd>,
-    /// When a statement last succeeded: the session was alive then.
-    last_ok: Instant,
-    /// The marker this session set on its server session.
-    marker: String,
-    /// Its server session's pid, once known.
-    pid: Option<i32>,
-    /// The wait slot of the server-side wait this session was adopted
-    /// from, freed when the session ends.
-    wait_slot: Option<OwnedSemaphorePermit>,
-}
-
-impl Drop for Session {
-    /// A session ends by going back to the pool clean (`retire`) or by
-    /// being closed (`die`), both of which take the connection. One that
-    /// still has it here ended abnormally (its task panicked, or was dropped
-    /// with its runtime): it may hold locks, so the connection is closed,
-    /// never returned to the pool, and its guards report lost.
-    fn drop(&mut self) {
-        if let Some(conn) = self.conn.as_mut() {
-            conn.close_on_drop();
-            self.inner
-                .session_gone(self.id, "the holder session's task ended abnormally");
-        }
-    }
-}
-
-enum Next {
-    Cmd(Cmd),
-    Beat,
-    Closed,
+    let held = Box::new(Held {
+        name: name.to_owned(),
+        key,
+        lock,
+        session: Arc::downgrade(&session),
+        status,
+        armed: true,
+    });
+    tokio::spawn(session.keep(chores));
+    pending.grant(token, held)
 }
 
 impl Session {
-    fn new(
-        inner: Arc<Inner>,
-        id: SessionId,
-        conn: PoolConnection<Postgres>,
-        tx: mpsc::UnboundedSender<Cmd>,
-        rx: mpsc::UnboundedReceiver<Cmd>,
-        marker: String,
-        pid: Option<i32>,
-    ) -> Self {
+    fn new(inner: Arc<Inner>, conn: Conn, keeper: mpsc::UnboundedSender<Chore>) -> Self {
         Session {
+            id: inner.next_id(),
             inner,
-            id,
-            conn: Some(conn),
-            tx,
-            rx,
-            last_ok: Instant::now(),
-            wait_slot: None,
-            marker,
-            pid,
+            conn: tokio::sync::Mutex::new(conn),
+            ended: AtomicBool::new(false),
+            last_ok: AtomicU64::new(0),
+            epoch: Instant::now(),
+            keeper,
+            unlocking: Arc::default(),
         }
     }
 
-    fn conn(&mut self) -> &mut PoolConnection<Postgres> {
-        self.conn.as_mut().expect("connection present")
+    /// A statement just succeeded: the session is alive.
+    fn alive(&self) {
+        let nanos = self.epoch.elapsed().as_nanos() as u64;
+        self.last_ok.store(nanos, Ordering::Relaxed);
     }
 
-    async fn run(mut self) {
-        if self.pid.is_none() {
-            let limit = self.inner.answer_within();
-            let statement = sqlx::raw_sql(OPEN).fetch_one(&mut **self.conn());
-            match bounded(limit, statement).await {
-                Ok(row) => {
-                    let (pid, version, marker) = match decode_open(&row) {
-                        Ok(v) => v,
-                        Err(e) => return self.die(format!("the holder session failed: {e}")),
-                    };
-                    self.last_ok = Instant::now();
-                    if let Some(why) = engine::refusal(&version) {
-                        self.inner.refuse(Refusal::Engine(why));
-                        return self.die(why.to_owned());
-                    }
-                    let Some(marker) = marker else {
-                        // Another holder's marker: this server session is
-                        // shared. Nothing was set or taken.
-                        self.inner.refuse(Refusal::Pooler);
-                        return self.die(POOLED.to_owned());
-                    };
-                    self.marker = marker;
-                    self.pid = Some(pid);
-                    self.inner.registry().set_pid(self.id, pid);
-                    if self.shares_its_server_session().await {
-                        self.inner.refuse(Refusal::Pooler);
-                        return self.die(POOLED.to_owned());
-                    }
-                }
-                Err(Failure::Server(e)) => {
-                    return self.die(format!("the holder session failed: {e}"));
-                }
-                Err(Failure::Broken(reason)) => return self.die(reason),
-            }
+    fn last_ok(&self) -> Instant {
+        self.epoch + Duration::from_nanos(self.last_ok.load(Ordering::Relaxed))
+    }
+
+    /// The session's connection, for one use; `Err` (why) if the session
+    /// has ended. A statement found abandoned mid-flight closes it.
+    async fn conn(&self) -> std::result::Result<MutexGuard<'_, Conn>, String> {
+        if self.ended.load(Ordering::Acquire) {
+            return Err("the holder session has ended".to_owned());
         }
-        // Known to be our own server session now: its TCP settings.
-        {
-            let limit = self.inner.answer_within();
-            let statement =
-                sqlx::query_scalar::<_, i32>(KEEPALIVES_ON).fetch_one(&mut **self.conn());
-            match bounded(limit, statement).await {
-                Ok(_) => self.last_ok = Instant::now(),
-                Err(Failure::Server(e)) => {
-                    return self.die(format!("the holder session failed: {e}"));
-                }
-                Err(Failure::Broken(reason)) => return self.die(reason),
-            }
+        let mut c = self.conn.lock().await;
+        if c.conn.is_none() {
+            return Err("the holder session has ended".to_owned());
+        }
+        if c.in_doubt {
+            let reason = "a statement on the holder session was abandoned before its answer";
+            self.die(&mut c, reason);
+            return Err(reason.to_owned());
+        }
+        Ok(c)
+    }
+
+    /// Closes the session: every lock on it is reported lost, and its
+    /// connection is closed.
+    fn die(&self, c: &mut Conn, reason: &str) {
+        self.ended.store(true, Ordering::Release);
+        tracing::warn!(session = self.id, %reason, "dblock: advisory holder session closed");
+        self.inner.session_gone(self.id, reason);
+        c.in_doubt = false;
+        if let Some(mut conn) = c.conn.take() {
+            conn.close_on_drop();
+        }
+        c.wait_slot = None;
+    }
+
+    /// The keeper task: the TCP settings, then heartbeats, dropped guards'
+    /// unlocks, and the way back to the pool.
+    async fn keep(self: Arc<Self>, mut chores: mpsc::UnboundedReceiver<Chore>) {
+        if self.keepalives_on().await.is_err() {
+            return;
         }
         let heartbeat = self.inner.options.heartbeat;
         loop {
-            let next = tokio::select! {
+            let chore = tokio::select! {
                 biased;
-                cmd = self.rx.recv() => cmd.map_or(Next::Closed, Next::Cmd),
-                _ = sleep_until(self.last_ok + heartbeat) => Next::Beat,
+                chore = chores.recv() => chore,
+                _ = sleep_until(self.last_ok() + heartbeat) => None,
             };
-            let outcome = match next {
-                Next::Cmd(cmd) => self.serve(cmd).await,
-                Next::Beat => {
+            match chore {
+                Some(Chore::Unlock { lock, key }) => {
+                    self.unlock(lock, key, None).await;
+                }
+                Some(Chore::Tidy) => {}
+                None => {
+                    // Used meanwhile: that proved it alive.
+                    if self.last_ok() + heartbeat > Instant::now() {
+                        continue;
+                    }
                     let empty = self.inner.registry().holds_on(self.id) == Some(0);
                     if empty && self.retire().await {
                         return;
                     }
-                    self.ping().await
+                    let _ = self.check().await;
                 }
-                Next::Closed => Err("the holder session's channel closed".to_owned()),
-            };
-            if let Err(reason) = outcome {
-                return self.die(reason);
+            }
+            if self.ended.load(Ordering::Acquire) {
+                return;
             }
             // A session adopted from a wait goes back to the pool as soon
             // as it holds nothing; core sessions linger for a heartbeat.
-            let (empty, core) = {
-                let registry = self.inner.registry();
-                (
-                    registry.holds_on(self.id) == Some(0),
-                    registry.is_core(self.id),
-                )
-            };
-            if empty && !core && self.retire().await {
+            if self.inner.registry().idle_extra(self.id) && self.retire().await {
                 return;
             }
         }
     }
 
-    /// Serves one command. `Err` means the session must be closed.
-    async fn serve(&mut self, cmd: Cmd) -> std::result::Result<(), String> {
-        match cmd {
-            Cmd::Lock {
-                lock,
-                key,
-                mode,
-                name,
-                reply,
-            } => self.lock(lock, key, mode, name, reply).await,
-            Cmd::Unlock { lock, key, reply } => {
-                let (released, outcome) = self.unlock(lock, key, None).await;
-                if let Some(reply) = reply {
-                    let _ = reply.send(released);
-                }
-                outcome
-            }
-            Cmd::Break { lock, key, reply } => {
-                let reason = "the lock was broken by force_release";
-                let (released, outcome) = self.unlock(lock, key, Some(reason)).await;
-                let _ = reply.send(!matches!(released, Released::NotHeld(_)));
-                outcome
-            }
-            Cmd::Check { reply } => {
-                let outcome = self.ping().await;
-                let _ = reply.send(match &outcome {
-                    Ok(()) => Ok(()),
-                    Err(reason) => Err(Error::lost("", reason.clone())),
-                });
-                outcome
-            }
-        }
-    }
-
-    /// At the backend's first holder session: whether another connection
-    /// of the pool runs its statements on this session's server session.
-    /// Skipped when the pool has no second connection to spare at once.
-    async fn shares_its_server_session(&self) -> bool {
-        if self
-            .inner
-            .probed
-            .swap(true, std::sync::atomic::Ordering::AcqRel)
-        {
-            return false;
-        }
-        if self.inner.pool.options().get_max_connections() < 2 {
-            return false;
-        }
+    /// Sets the server-side TCP settings (see [`KEEPALIVES_ON`]).
+    async fn keepalives_on(&self) -> std::result::Result<(), String> {
+        let mut c = self.conn().await?;
         let limit = self.inner.answer_within();
-        let wait = limit.min(Duration::from_millis(500));
-        let Ok(Ok(mut other)) = timeout(wait, self.inner.pool.acquire()).await else {
-            return false;
-        };
-        let statement = sqlx::raw_sql(PROBE).fetch_one(&mut *other);
-        let Ok(Ok(row)) = timeout(limit, statement).await else {
-            return false;
-        };
-        let (pid, marker): (i32, String) = match (row.try_get(0), row.try_get(1)) {
-            (Ok(pid), Ok(marker)) => (pid, marker),
-            _ => return false,
-        };
-        Some(pid) == self.pid || marker == self.marker
+        let statement = sqlx::query_scalar::<_, i32>(KEEPALIVES_ON).fetch_one(c.pg());
+        match bounded(limit, statement).await {
+            Ok(_) => {
+                self.alive();
+                Ok(())
+            }
+            Err(Failure::Server(e)) => {
+                let reason = format!("the holder session failed: {e}");
+                self.die(&mut c, &reason);
+                Err(reason)
+            }
+            Err(Failure::Broken(reason)) => {
+                self.die(&mut c, &reason);
+                Err(reason)
+            }
+        }
     }
 
-    async fn ping(&mut self) -> std::result::Result<(), String> {
+    /// Checks that the session is alive and still our own server session;
+    /// closes it otherwise.
+    pub(super) async fn check(&self) -> std::result::Result<(), String> {
+        let mut c = self.conn().await?;
         let limit = self.inner.answer_within();
         let statement = sqlx::query_scalar::<_, bool>(PING)
-            .bind(self.marker.clone())
-            .bind(self.pid.unwrap_or_default())
-            .fetch_one(&mut **self.conn());
-        match bounded(limit, statement).await {
+            .bind(c.marker.clone())
+            .bind(c.pid)
+            .fetch_one(c.pg());
+        let reason = match bounded(limit, statement).await {
             Ok(true) => {
-                self.last_ok = Instant::now();
-                Ok(())
+                self.alive();
+                return Ok(());
             }
             Ok(false) => {
                 self.inner.refuse(Refusal::Pooler);
-                Err(POOLED.to_owned())
+                POOLED.to_owned()
             }
             Err(Failure::Server(e)) if is_statement_clash(&e) => {
                 self.inner.refuse(Refusal::Pooler);
-                Err(POOLED.to_owned())
+                POOLED.to_owned()
             }
-            Err(Failure::Server(e)) => Err(format!("the holder session failed: {e}")),
-            Err(Failure::Broken(reason)) => Err(reason),
-        }
+            Err(Failure::Server(e)) => format!("the holder session failed: {e}"),
+            Err(Failure::Broken(reason)) => reason,
+        };
+        self.die(&mut c, &reason);
+        Err(reason)
     }
 
-    async fn lock(
-        &mut self,
+    /// Tries to take `key` for the pending hold `lock` that the registry
+    /// routed here (never waits on the server).
+    pub(super) async fn lock(
+        self: Arc<Self>,
         lock: LockId,
         key: i64,
         mode: LockMode,
         name: String,
-        reply: oneshot::Sender<LockReply>,
-    ) -> std::result::Result<(), String> {
+    ) -> LockReply {
+        let mut c = match self.conn().await {
+            Ok(c) => c,
+            Err(reason) => {
+                self.inner.registry().not_granted(self.id, key, lock);
+                return LockReply::Gone(reason);
+            }
+        };
         let limit = self.inner.answer_within();
         let stacked =
             mode == LockMode::Shared && self.inner.registry().stacked(self.id, key, mode, lock);
@@ -593,25 +667,27 @@ impl Session {
         };
         let mut query = sqlx::query_as::<_, (bool, Option<i64>)>(sql.as_str())
             .bind(key)
-            .bind(self.marker.clone())
-            .bind(self.pid.unwrap_or_default());
+            .bind(c.marker.clone())
+            .bind(c.pid);
         if stacked {
             let (classid, objid) = split_key(key);
             query = query.bind(classid).bind(objid);
         }
-        let statement = query.fetch_one(&mut **self.conn());
-        match bounded(limit, statement).await {
+        c.in_doubt = true;
+        let outcome = bounded(limit, query.fetch_one(c.pg())).await;
+        c.in_doubt = false;
+        match outcome {
             Ok((false, _)) => {
                 // Not our server session: nothing was taken by this
                 // statement, and what this session took before may sit on
                 // a server connection other clients use. Close it.
                 self.inner.registry().not_granted(self.id, key, lock);
                 self.inner.refuse(Refusal::Pooler);
-                let _ = reply.send(LockReply::Failed(engine::transaction_pooler()));
-                Err(POOLED.to_owned())
+                self.die(&mut c, POOLED);
+                LockReply::Failed(engine::transaction_pooler())
             }
             Ok((true, Some(token))) => {
-                self.last_ok = Instant::now();
+                self.alive();
                 let token = token as u64;
                 let (status, pending) = Grant::status(None);
                 self.inner.registry().granted(
@@ -627,101 +703,115 @@ impl Session {
                         },
                     },
                 );
-                let grant = pending.grant(
+                // If the acquirer is gone, the grant is dropped where this
+                // finishes, which queues its unlock on this session.
+                LockReply::Granted(pending.grant(
                     token,
                     Box::new(Held {
                         name,
                         key,
                         lock,
-                        tx: self.tx.clone(),
+                        session: Arc::downgrade(&self),
                         status,
                         armed: true,
                     }),
-                );
-                // If the acquirer is gone, the grant comes back and drops
-                // here, which queues its unlock on this session.
-                let _ = reply.send(LockReply::Granted(grant));
-                Ok(())
+                ))
             }
             Ok((true, None)) => {
-                self.last_ok = Instant::now();
+                self.alive();
                 self.inner.registry().not_granted(self.id, key, lock);
-                let _ = reply.send(LockReply::Busy);
-                Ok(())
+                LockReply::Busy
             }
             Err(Failure::Server(e)) if is_statement_clash(&e) => {
                 // Not our server session (a named statement of ours is
                 // missing or taken there): nothing of this statement ran.
                 self.inner.registry().not_granted(self.id, key, lock);
                 self.inner.refuse(Refusal::Pooler);
-                let _ = reply.send(LockReply::Failed(engine::transaction_pooler()));
-                Err(POOLED.to_owned())
+                self.die(&mut c, POOLED);
+                LockReply::Failed(engine::transaction_pooler())
             }
-            Err(Failure::Server(e)) => {
-                // The statement failed, maybe after the lock was taken (the
-                // lock table fills up in the lock call, but nextval may fail
-                // after it). One unlock undoes it exactly if nothing else of
-                // ours holds the key in this mode on this session; beside a
-                // stacked shared hold, only "out of shared memory" is known
-                // to come after the lock (a stacked lock needs no new
-                // entry), so any other error leaves the session uncertain.
-                self.last_ok = Instant::now();
-                let full = is_lock_table_full(&e);
-                if !full && self.inner.registry().stacked(self.id, key, mode, lock) {
-                    let _ = reply.send(LockReply::Failed(map_err(e)));
-                    return Err(
-                        "a lock statement failed beside a stacked shared lock: the session's locks are uncertain"
-                            .to_owned(),
-                    );
-                }
-                let undo = match mode {
-                    LockMode::Exclusive => UNDO_EXCLUSIVE,
-                    LockMode::Shared => UNDO_SHARED,
-                };
-                let statement = sqlx::query(undo).bind(key).execute(&mut **self.conn());
-                let outcome = match bounded(limit, statement).await {
-                    Ok(_) => {
-                        self.last_ok = Instant::now();
-                        self.inner.registry().not_granted(self.id, key, lock);
-                        Ok(())
-                    }
-                    Err(Failure::Server(e)) => Err(format!("undoing a failed lock failed: {e}")),
-                    Err(Failure::Broken(reason)) => Err(reason),
-                };
-                let error = if full && outcome.is_ok() {
-                    lock_table_full(&self.lock_table_size().await)
-                } else if full {
-                    lock_table_full("")
-                } else {
-                    map_err(e)
-                };
-                let _ = reply.send(LockReply::Failed(error));
-                outcome
-            }
+            Err(Failure::Server(e)) => self.undo(&mut c, lock, key, mode, e).await,
             Err(Failure::Broken(reason)) => {
-                let _ = reply.send(LockReply::Gone(reason.clone()));
-                Err(reason)
+                self.die(&mut c, &reason);
+                LockReply::Gone(reason)
             }
         }
     }
 
-    /// Releases the lock `lock` on `key`. With `broken`, its guard is
-    /// reported lost for that reason (an operator broke it).
-    async fn unlock(
-        &mut self,
+    /// A lock statement failed, maybe after the lock was taken (the lock
+    /// table fills up in the lock call, but nextval may fail after it).
+    /// One unlock undoes it exactly if nothing else of ours holds the key
+    /// in this mode on this session; beside a stacked shared hold, only
+    /// "out of shared memory" is known to come after the lock (a stacked
+    /// lock needs no new entry), so any other error leaves the session
+    /// uncertain and closes it.
+    async fn undo(
+        &self,
+        c: &mut Conn,
         lock: LockId,
         key: i64,
-        broken: Option<&str>,
-    ) -> (Released, std::result::Result<(), String>) {
+        mode: LockMode,
+        e: sqlx::Error,
+    ) -> LockReply {
+        self.alive();
+        let limit = self.inner.answer_within();
+        let full = is_lock_table_full(&e);
+        if !full && self.inner.registry().stacked(self.id, key, mode, lock) {
+            self.die(
+                c,
+                "a lock statement failed beside a stacked shared lock: the session's locks are uncertain",
+            );
+            return LockReply::Failed(map_err(e));
+        }
+        let undo = match mode {
+            LockMode::Exclusive => UNDO_EXCLUSIVE,
+            LockMode::Shared => UNDO_SHARED,
+        };
+        c.in_doubt = true;
+        let outcome = bounded(limit, sqlx::query(undo).bind(key).execute(c.pg())).await;
+        c.in_doubt = false;
+        let undone = match outcome {
+            Ok(_) => {
+                self.alive();
+                self.inner.registry().not_granted(self.id, key, lock);
+                true
+            }
+            Err(Failure::Server(e)) => {
+                self.die(c, &format!("undoing a failed lock failed: {e}"));
+                false
+            }
+            Err(Failure::Broken(reason)) => {
+                self.die(c, &reason);
+                false
+            }
+        };
+        LockReply::Failed(if full && undone {
+            lock_table_full(&lock_table_size(self, c).await)
+        } else if full {
+            lock_table_full("")
+        } else {
+            map_err(e)
+        })
+    }
+
+    /// Releases the lock `lock` on `key`. With `broken`, its guard is
+    /// reported lost for that reason (an operator broke it).
+    pub(super) async fn unlock(&self, lock: LockId, key: i64, broken: Option<&str>) -> Released {
+        let _backlog = Unlocking::new(&self.unlocking);
+        let mut c = match self.conn().await {
+            Ok(c) => c,
+            // The session's end ended the lock (and reported it lost).
+            Err(reason) => return Released::NotHeld(reason),
+        };
+        // Looked up under the session's mutex: the registry changes this
+        // session's holds only while holding it, so the hold cannot be
+        // broken and the key taken again by another guard meanwhile.
         let mode = {
             let registry = self.inner.registry();
             match registry.hold(key, lock) {
                 Some(h) if h.session == self.id => h.mode,
                 _ => {
-                    return (
-                        Released::NotHeld("the advisory lock was lost or broken before".into()),
-                        Ok(()),
-                    )
+                    return Released::NotHeld("the advisory lock was lost or broken before".into())
                 }
             }
         };
@@ -730,106 +820,57 @@ impl Session {
             LockMode::Exclusive => UNLOCK_EXCLUSIVE,
             LockMode::Shared => UNLOCK_SHARED,
         };
-        let statement = sqlx::query_scalar::<_, bool>(sql)
-            .bind(key)
-            .fetch_one(&mut **self.conn());
-        match bounded(limit, statement).await {
-            Ok(true) => {
-                self.last_ok = Instant::now();
-                let hold = self.inner.registry().remove(key, lock);
-                if let Some(Hold {
-                    state: HoldState::Held { name, status, .. },
-                    ..
-                }) = hold
-                {
-                    if let Some(reason) = broken {
-                        status.mark_lost(reason);
-                    }
-                    self.inner.wakeups.wake(&name);
-                }
-                (Released::Yes, Ok(()))
-            }
-            Ok(false) => {
-                self.last_ok = Instant::now();
-                let reason = broken.unwrap_or("the session no longer held the advisory lock");
-                let hold = self.inner.registry().remove(key, lock);
-                if let Some(Hold {
-                    state: HoldState::Held { name, status, .. },
-                    ..
-                }) = hold
-                {
-                    status.mark_lost(reason);
-                    self.inner.wakeups.wake(&name);
-                }
-                (Released::NotHeld(reason.to_owned()), Ok(()))
-            }
+        c.in_doubt = true;
+        let outcome = bounded(
+            limit,
+            sqlx::query_scalar::<_, bool>(sql)
+                .bind(key)
+                .fetch_one(c.pg()),
+        )
+        .await;
+        c.in_doubt = false;
+        let unlocked = match outcome {
+            Ok(unlocked) => unlocked,
             // The unlock's outcome is unknown (or the server refused it,
             // which leaves the lock in doubt too): close the session, which
             // ends every lock on it.
             Err(Failure::Server(e)) => {
                 let reason = format!("an unlock failed on the holder session: {e}");
                 self.mark_lost(key, lock, &reason);
-                (Released::Failed(e), Err(reason))
+                self.die(&mut c, &reason);
+                return Released::Failed(e);
             }
             Err(Failure::Broken(reason)) => {
                 self.mark_lost(key, lock, &reason);
-                (
-                    Released::Failed(sqlx::Error::Io(std::io::Error::other(reason.clone()))),
-                    Err(reason),
-                )
+                self.die(&mut c, &reason);
+                return Released::Failed(sqlx::Error::Io(std::io::Error::other(reason)));
             }
+        };
+        self.alive();
+        let (hold, extra_idle) = self.inner.registry().release(self.id, key, lock);
+        drop(c);
+        if extra_idle {
+            let _ = self.keeper.send(Chore::Tidy);
         }
-    }
-
-    /// The lock table's size as configured, for the error message.
-    async fn lock_table_size(&mut self) -> String {
-        let limit = self.inner.answer_within();
-        let statement = sqlx::query_as::<_, (String, String, String)>(
-            "SELECT current_setting('max_locks_per_transaction'),
-                    current_setting('max_connections'),
-                    current_setting('max_prepared_transactions')",
-        )
-        .fetch_one(&mut **self.conn());
-        match bounded(limit, statement).await {
-            Ok((per_tx, conns, prepared)) => {
-                self.last_ok = Instant::now();
-                let total = per_tx.parse::<u64>().ok().and_then(|p| {
-                    Some(p * (conns.parse::<u64>().ok()? + prepared.parse::<u64>().ok()?))
-                });
-                match total {
-                    Some(total) => format!(
-                        " (here {per_tx} x ({conns} + {prepared}) = {total} entries, plus some slack)"
-                    ),
-                    None => String::new(),
-                }
+        let Some(Hold {
+            state: HoldState::Held { name, status, .. },
+            ..
+        }) = hold
+        else {
+            return Released::NotHeld("the advisory lock was lost or broken before".into());
+        };
+        let released = if unlocked {
+            if let Some(reason) = broken {
+                status.mark_lost(reason);
             }
-            Err(_) => String::new(),
-        }
-    }
-
-    /// Goes back to the pool if the session holds nothing; `false` if it
-    /// still has locks (or was given some meanwhile).
-    async fn retire(&mut self) -> bool {
-        if !self.inner.registry().retire(self.id) {
-            return false;
-        }
-        // Unregistered: nothing new can be routed here. Anything already
-        // sent (not expected when it held nothing) is answered as gone.
-        self.rx.close();
-        while let Ok(cmd) = self.rx.try_recv() {
-            answer_gone(cmd, "the holder session went back to the pool");
-        }
-        let limit = self.inner.answer_within();
-        let mut conn = self.conn.take().expect("connection present");
-        let statement = sqlx::query(RETIRE).execute(&mut *conn);
-        if bounded(limit, statement).await.is_err() {
-            conn.close_on_drop();
-        }
-        tracing::debug!(
-            session = self.id,
-            "dblock: advisory holder session went back to the pool"
-        );
-        true
+            Released::Yes
+        } else {
+            let reason = broken.unwrap_or("the session no longer held the advisory lock");
+            status.mark_lost(reason);
+            Released::NotHeld(reason.to_owned())
+        };
+        self.inner.wakeups.wake(&name);
+        released
     }
 
     /// Marks one lock lost before its release is answered, so the guard
@@ -845,46 +886,82 @@ impl Session {
         }
     }
 
-    /// Closes the session: every lock on it is reported lost.
-    fn die(mut self, reason: String) {
-        tracing::warn!(session = self.id, %reason, "dblock: advisory holder session closed");
-        self.inner.session_gone(self.id, &reason);
-        self.rx.close();
-        while let Ok(cmd) = self.rx.try_recv() {
-            answer_gone(cmd, &reason);
+    /// Goes back to the pool if the session holds nothing; `false` if it
+    /// still has locks (or was given some meanwhile).
+    async fn retire(&self) -> bool {
+        let Ok(mut c) = self.conn().await else {
+            return true;
+        };
+        // Unregistered under the registry's lock: nothing new can be
+        // routed here from now on.
+        if !self.inner.registry().retire(self.id) {
+            return false;
         }
-        if let Some(mut conn) = self.conn.take() {
+        self.hand_back(&mut c).await;
+        true
+    }
+
+    /// Goes back to the pool without ever having been registered.
+    async fn retire_unregistered(&self) {
+        let mut c = self.conn.lock().await;
+        self.hand_back(&mut c).await;
+    }
+
+    /// Cleans the connection and returns it to the pool (closes it if the
+    /// cleaning fails).
+    async fn hand_back(&self, c: &mut Conn) {
+        self.ended.store(true, Ordering::Release);
+        c.wait_slot = None;
+        let limit = self.inner.answer_within();
+        let Some(mut conn) = c.conn.take() else {
+            return;
+        };
+        if bounded(limit, sqlx::query(RETIRE).execute(&mut *conn))
+            .await
+            .is_err()
+        {
             conn.close_on_drop();
         }
+        tracing::debug!(
+            session = self.id,
+            "dblock: advisory holder session went back to the pool"
+        );
     }
 }
 
-fn answer_gone(cmd: Cmd, reason: &str) {
-    match cmd {
-        Cmd::Lock { reply, .. } => {
-            let _ = reply.send(LockReply::Gone(reason.to_owned()));
-        }
-        Cmd::Unlock { reply, .. } => {
-            if let Some(reply) = reply {
-                let _ = reply.send(Released::NotHeld(reason.to_owned()));
+/// The lock table's size as configured, for the error message.
+async fn lock_table_size(session: &Session, c: &mut Conn) -> String {
+    let limit = session.inner.answer_within();
+    let statement = sqlx::query_as::<_, (String, String, String)>(
+        "SELECT current_setting('max_locks_per_transaction'),
+                current_setting('max_connections'),
+                current_setting('max_prepared_transactions')",
+    )
+    .fetch_one(c.pg());
+    match bounded(limit, statement).await {
+        Ok((per_tx, conns, prepared)) => {
+            session.alive();
+            let total = per_tx.parse::<u64>().ok().and_then(|p| {
+                Some(p * (conns.parse::<u64>().ok()? + prepared.parse::<u64>().ok()?))
+            });
+            match total {
+                Some(total) => format!(
+                    " (here {per_tx} x ({conns} + {prepared}) = {total} entries, plus some slack)"
+                ),
+                None => String::new(),
             }
         }
-        // The session's end ended the lock.
-        Cmd::Break { reply, .. } => {
-            let _ = reply.send(true);
-        }
-        Cmd::Check { reply } => {
-            let _ = reply.send(Err(Error::lost("", reason)));
-        }
+        Err(_) => String::new(),
     }
 }
 
-/// A guard's handle on its lock: commands to the session that holds it.
+/// A guard's handle on its lock: the session that holds it.
 pub(super) struct Held {
     name: String,
     key: i64,
     lock: LockId,
-    tx: mpsc::UnboundedSender<Cmd>,
+    /// Gone once the session ended abnormally (which ended the lock).
+    session: Weak<Session>,
     status: LockStatus,
     /// Whether dropping the handle should release the lock.
     armed: bool,
@@ -899,52 +976,44 @@ impl fmt::Debug for Held {
     }
 }
 
-impl Held {
-    fn gone(&self) -> Error {
-        Error::lost(
-            &self.name,
-            self.status
-                .lost_reason()
-                .unwrap_or_else(|| "the advisory lock's holder session is gone".into()),
-        )
-    }
+fn gone(name: &str, status: &LockStatus) -> Error {
+    Error::lost(
+        name,
+        status
+            .lost_reason()
+            .unwrap_or_else(|| "the advisory lock's holder session is gone".into()),
+    )
 }
 
 impl HeldLock for Held {
     fn extend(&self, _by: Duration) -> BoxFuture<'_, Result<Option<DateTime<Utc>>>> {
+        let session = self.session.upgrade();
         Box::pin(async move {
-            let (tx, rx) = oneshot::channel();
-            self.tx
-                .send(Cmd::Check { reply: tx })
-                .map_err(|_| self.gone())?;
-            match rx.await {
-                Ok(Ok(())) if !self.status.is_lost() => Ok(None),
-                Ok(Ok(())) => Err(self.gone()),
-                Ok(Err(Error::Lost { reason, .. })) => Err(Error::lost(&self.name, reason)),
-                Ok(Err(e)) => Err(e),
-                Err(_) => Err(self.gone()),
+            let session = session.ok_or_else(|| gone(&self.name, &self.status))?;
+            match Detached::new(async move { session.check().await }).await {
+                Ok(()) if !self.status.is_lost() => Ok(None),
+                Ok(()) => Err(gone(&self.name, &self.status)),
+                Err(reason) => Err(Error::lost(&self.name, reason)),
             }
         })
     }
 
     fn release(mut self: Box<Self>) -> BoxFuture<'static, Result<()>> {
         self.armed = false;
-        Box::pin(async move {
-            let (tx, rx) = oneshot::channel();
-            self.tx
-                .send(Cmd::Unlock {
-                    lock: self.lock,
-                    key: self.key,
-                    reply: Some(tx),
-                })
-                .map_err(|_| self.gone())?;
-            match rx.await {
-                Ok(Released::Yes) => Ok(()),
-                Ok(Released::NotHeld(reason)) => Err(Error::lost(&self.name, reason)),
-                Ok(Released::Failed(e)) => Err(Error::Database(e)),
-                Err(_) => Err(self.gone()),
+        let session = self.session.upgrade();
+        let (lock, key) = (self.lock, self.key);
+        // The unlock runs in the caller's task and, if the caller stops
+        // waiting, finishes in a task of its own.
+        Box::pin(Detached::new(async move {
+            let Some(session) = session else {
+                return Err(gone(&self.name, &self.status));
+            };
+            match session.unlock(lock, key, None).await {
+                Released::Yes => Ok(()),
+                Released::NotHeld(reason) => Err(Error::lost(&self.name, reason)),
+                Released::Failed(e) => Err(Error::Database(e)),
             }
-        })
+        }))
     }
 
     fn release_on_drop(self: Box<Self>) {
@@ -955,11 +1024,14 @@ impl HeldLock for Held {
 impl Drop for Held {
     fn drop(&mut self) {
         if self.armed {
-            let _ = self.tx.send(Cmd::Unlock {
-                lock: self.lock,
-                key: self.key,
-                reply: None,
-            });
+            // The session's keeper unlocks it. If the keeper is gone, so is
+            // the session, and with it the lock.
+            if let Some(session) = self.session.upgrade() {
+                let _ = session.keeper.send(Chore::Unlock {
+                    lock: self.lock,
+                    key: self.key,
+                });
+            }
         }
     }
 }

@@ -1,0 +1,560 @@
+//! PostgreSQL advisory locks against the physical limit (issue 14).
+//!
+//! - **pairs/s at the limit**: uncontended `try_acquire` + `release` on
+//!   `postgres::Advisory`, beside raw `pg_try_advisory_lock` +
+//!   `pg_advisory_unlock` on one dedicated connection per task (no pool
+//!   checkout), the same raw SQL on a pool of the same size, and sqlx's
+//!   `PgAdvisoryLock` (`acquire` + `release_now`) on a dedicated connection
+//!   per task; 1 task and 8 tasks. The ratio is dblock's against the
+//!   dedicated connection, per round, median of rounds. Beside them, dblock's
+//!   own statements (session check, fencing token) on dedicated
+//!   connections: what the SQL costs apart from dblock.
+//! - **10,000 locks on a pool of 10**: time to take them, to hold them
+//!   (one heartbeat period) and to release them. The lock table of the
+//!   bench's server is only used if it has room for them with a wide
+//!   margin (others share it); otherwise a cluster of the bench's own is
+//!   started with a larger `max_locks_per_transaction`, or the server's
+//!   limit is reported.
+//!
+//! `DBLOCK_BENCH_PAIRS=<dblock|dblock-wide|raw|pooled|sqlx|dblock-sql|nextval>` runs only 5,000 pairs of one
+//! of them, one task, and prints their time: for counting system calls
+//! (`strace -f -c -e trace=write,futex,sendto`).
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use dblock::postgres::Advisory;
+use dblock::{Error as LockError, Locks};
+use futures::stream::{self, StreamExt};
+use sqlx::postgres::{PgAdvisoryLock, PgAdvisoryLockKey, PgConnection, PgPoolOptions};
+use sqlx::Connection;
+use tokio::sync::Mutex;
+
+use super::{compare, median, names, rate, Env, Op, Res, Row, PG_TRY, PG_TRY_NEXTVAL, POOL, TASKS};
+
+const B: &str = "pg advisory";
+/// Locks held at once in the scale row.
+const SCALE_LOCKS: usize = 10_000;
+/// Tasks taking them.
+const SCALE_TASKS: usize = 64;
+/// `max_locks_per_transaction` of the bench's own cluster: 10,000 locks
+/// need more than the default 64 × (100 + 0) slots.
+const OWN_CLUSTER_LOCKS_PER_TX: u32 = 1024;
+const OWN_CLUSTER_PORT: u16 = 54_399;
+
+/// dblock's exclusive try-lock statement, as `postgres/advisory/session.rs`
+/// sends it (kept in step by hand): the holder-session check ($2 marker, $3
+/// pid), the lock, and the fencing token from `dblock_fencing_seq` with the
+/// server's timeline.
+const DBLOCK_TRY: &str = "SELECT ours, CASE WHEN NOT ours THEN NULL
+                           WHEN pg_try_advisory_lock($1) THEN (SELECT CASE WHEN tl < 32768 THEN greatest(r, (tl << 48) + (r & 281474976710655))
+                 ELSE ('dblock: the server''s timeline ' || tl || ' is above 32767, the most fencing tokens can carry')::bigint END
+            FROM (SELECT nextval('dblock_fencing_seq') AS r, ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::bigint AS tl OFFSET 0) dblock_token) END FROM (SELECT current_setting('dblock.session', true) IS NOT DISTINCT FROM $2
+                            AND pg_backend_pid() = $3 AS ours OFFSET 0) s";
+
+/// A dedicated connection, with the marker and pid dblock's statement checks.
+struct Dedicated {
+    conn: PgConnection,
+    marker: String,
+    pid: i32,
+}
+
+/// One dedicated connection per task.
+async fn dedicated(url: &str, n: usize) -> Res<Arc<Vec<Mutex<Dedicated>>>> {
+    let mut conns = Vec::with_capacity(n);
+    for i in 0..n {
+        let mut conn = PgConnection::connect(url).await?;
+        let marker = format!("bench-{}-{i}", std::process::id());
+        let pid: i32 = sqlx::query_scalar(
+            "SELECT pg_backend_pid() FROM (SELECT set_config('dblock.session', $1, false)) s",
+        )
+        .bind(&marker)
+        .fetch_one(&mut conn)
+        .await?;
+        conns.push(Mutex::new(Dedicated { conn, marker, pid }));
+    }
+    Ok(Arc::new(conns))
+}
+
+/// dblock's own statements on a dedicated connection: what the SQL costs
+/// without dblock around it.
+fn raw_dblock_sql_op(conns: Arc<Vec<Mutex<Dedicated>>>, names: Arc<Vec<String>>) -> Op {
+    Arc::new(move |i| {
+        let conns = conns.clone();
+        let key = dblock::advisory_key(&names[i]);
+        Box::pin(async move {
+            let mut d = conns[i].lock().await;
+            let d = &mut *d;
+            let (ours, token): (bool, Option<i64>) = sqlx::query_as(DBLOCK_TRY)
+                .bind(key)
+                .bind(&d.marker)
+                .bind(d.pid)
+                .fetch_one(&mut d.conn)
+                .await?;
+            if !ours || token.is_none() {
+                return Err("raw (dblock's SQL): the advisory lock was busy".into());
+            }
+            let freed: bool = sqlx::query_scalar("SELECT pg_advisory_unlock($1)")
+                .bind(key)
+                .fetch_one(&mut d.conn)
+                .await?;
+            if !freed {
+                return Err("raw (dblock's SQL): the advisory lock was not held".into());
+            }
+            Ok(())
+        })
+    })
+}
+
+fn dblock_try_op(locks: Locks, names: Arc<Vec<String>>) -> Op {
+    Arc::new(move |i| {
+        let locks = locks.clone();
+        let names = names.clone();
+        Box::pin(async move {
+            let guard = locks
+                .try_acquire(names[i].as_str())
+                .await?
+                .ok_or("dblock: the advisory lock was busy")?;
+            guard.release().await?;
+            Ok(())
+        })
+    })
+}
+
+fn raw_dedicated_op(
+    conns: Arc<Vec<Mutex<Dedicated>>>,
+    names: Arc<Vec<String>>,
+    sql: &'static str,
+) -> Op {
+    Arc::new(move |i| {
+        let conns = conns.clone();
+        let key = dblock::advisory_key(&names[i]);
+        Box::pin(async move {
+            let mut d = conns[i].lock().await;
+            let got: bool = sqlx::query_scalar(sql)
+                .bind(key)
+                .fetch_one(&mut d.conn)
+                .await?;
+            if !got {
+                return Err("raw: the advisory lock was busy".into());
+            }
+            let freed: bool = sqlx::query_scalar("SELECT pg_advisory_unlock($1)")
+                .bind(key)
+                .fetch_one(&mut d.conn)
+                .await?;
+            if !freed {
+                return Err("raw: the advisory lock was not held".into());
+            }
+            Ok(())
+        })
+    })
+}
+
+fn sqlx_op(conns: Arc<Vec<Mutex<Dedicated>>>, names: Arc<Vec<String>>) -> Op {
+    let locks: Arc<Vec<PgAdvisoryLock>> = Arc::new(
+        names
+            .iter()
+            .map(|n| PgAdvisoryLock::with_key(PgAdvisoryLockKey::BigInt(dblock::advisory_key(n))))
+            .collect(),
+    );
+    Arc::new(move |i| {
+        let conns = conns.clone();
+        let locks = locks.clone();
+        Box::pin(async move {
+            let mut d = conns[i].lock().await;
+            let guard = locks[i].acquire(&mut d.conn).await?;
+            guard.release_now().await?;
+            Ok(())
+        })
+    })
+}
+
+/// The throughput rows (and, with `DBLOCK_BENCH_PAIRS`, only the pairs for
+/// counting system calls).
+pub(super) async fn advisory_limit(env: &Env, rows: &mut Vec<Row>) -> Res<()> {
+    let pool = super::pg_pool(&env.pg, POOL).await?;
+    dblock::postgres::migrate(&pool).await?;
+    let n = names("adv-limit", TASKS);
+    let dblock = dblock_try_op(Locks::new(Advisory::new(pool.clone())), n.clone());
+    // As many holder sessions as the raw side has connections with 8 tasks.
+    let wide = Advisory::new(super::pg_pool(&env.pg, POOL).await?).with_holder_sessions(TASKS)?;
+    let dblock_wide = dblock_try_op(Locks::new(wide), n.clone());
+    let raw = raw_dedicated_op(dedicated(&env.pg, TASKS).await?, n.clone(), PG_TRY);
+    // The lock and a bare nextval (no timeline, no session check): what the
+    // fencing sequence alone costs.
+    let nextval = raw_dedicated_op(dedicated(&env.pg, TASKS).await?, n.clone(), PG_TRY_NEXTVAL);
+    let pooled = super::raw_advisory_op(pool.clone(), n.clone(), PG_TRY);
+    let sqlx = sqlx_op(dedicated(&env.pg, TASKS).await?, n.clone());
+    let same_sql = raw_dblock_sql_op(dedicated(&env.pg, TASKS).await?, n.clone());
+
+    if let Ok(which) = std::env::var("DBLOCK_BENCH_PAIRS") {
+        let op = match which.as_str() {
+            "dblock" => &dblock,
+            "dblock-wide" => &dblock_wide,
+            "raw" => &raw,
+            "pooled" => &pooled,
+            "sqlx" => &sqlx,
+            "dblock-sql" => &same_sql,
+            "nextval" => &nextval,
+            other => return Err(format!("DBLOCK_BENCH_PAIRS: unknown {other:?}").into()),
+        };
+        const PAIRS: usize = 5_000;
+        op(0).await?;
+        eprintln!("pairs: {PAIRS} of {which} start");
+        let t = Instant::now();
+        for _ in 0..PAIRS {
+            op(0).await?;
+        }
+        let took = t.elapsed();
+        eprintln!(
+            "pairs: {PAIRS} of {which} in {:.3} s ({:.1} µs each)",
+            took.as_secs_f64(),
+            took.as_secs_f64() * 1e6 / PAIRS as f64
+        );
+        return Ok(());
+    }
+
+    for tasks in [1, TASKS] {
+        // With 8 tasks dblock runs with 8 holder sessions, as many
+        // connections as the raw side's; the default (2) is reported too.
+        let main = if tasks == 1 { &dblock } else { &dblock_wide };
+        let mut ops = vec![
+            main.clone(),
+            raw.clone(),
+            pooled.clone(),
+            sqlx.clone(),
+            same_sql.clone(),
+            nextval.clone(),
+        ];
+        if tasks > 1 {
+            ops.push(dblock.clone());
+        }
+        let r = compare(&ops, tasks).await?;
+        let unit = if tasks == 1 {
+            "1 task".to_owned()
+        } else {
+            format!("{TASKS} tasks, {TASKS} holder sessions")
+        };
+        let ratio =
+            |a: usize, k: usize| median(r[a].iter().zip(&r[k]).map(|(d, x)| d / x).collect());
+        let vs = |k: usize| ratio(0, k);
+        let figure = |k: usize| rate(median(r[k].clone()));
+        rows.push(
+            Row::new(
+                B,
+                format!("pairs/s at the limit, {unit}: try_acquire+release vs raw try_lock+unlock, dedicated connections"),
+            )
+            .dblock(figure(0))
+            .raw(format!(
+                "dedicated {} (pool {}, sqlx PgAdvisoryLock {})",
+                figure(1),
+                figure(2),
+                figure(3)
+            ))
+            .ratio(vs(1))
+            .target("≥ 0.95 × dedicated", vs(1) >= 0.95),
+        );
+        rows.push(
+            Row::new(B, format!("pairs/s at the limit, {unit}: vs sqlx PgAdvisoryLock acquire+release_now, dedicated"))
+                .dblock(figure(0))
+                .raw(figure(3))
+                .ratio(vs(3))
+                .target("ahead of sqlx (> 1.00)", vs(3) > 1.0),
+        );
+        rows.push(
+            Row::new(
+                B,
+                format!("pairs/s at the limit, {unit}: vs raw try_lock+unlock on a pool of {POOL}"),
+            )
+            .dblock(figure(0))
+            .raw(figure(2))
+            .ratio(vs(2)),
+        );
+        rows.push(
+            Row::new(
+                B,
+                format!("pairs/s at the limit, {unit}: vs dblock's own SQL (session check, token) on dedicated connections"),
+            )
+            .dblock(figure(0))
+            .raw(figure(4))
+            .ratio(vs(4))
+            .note("reported: dblock's own cost beside its SQL's"),
+        );
+        rows.push(
+            Row::new(
+                B,
+                format!("pairs/s at the limit, {unit}: raw try_lock+nextval+unlock vs raw try_lock+unlock, dedicated"),
+            )
+            .dblock("—")
+            .raw(format!("{} vs {}", figure(5), figure(1)))
+            .ratio(ratio(5, 1))
+            .note(format!(
+                "reported: the fencing sequence alone; dblock's full SQL is at {:.2} × raw",
+                ratio(4, 1)
+            )),
+        );
+        if tasks > 1 {
+            rows.push(
+                Row::new(
+                    B,
+                    format!("pairs/s at the limit, {TASKS} tasks, default 2 holder sessions: vs raw, dedicated connections"),
+                )
+                .dblock(figure(6))
+                .raw(figure(1))
+                .ratio(ratio(6, 1))
+                .note("reported: 2 connections against raw's 8"),
+            );
+        }
+    }
+    pool.close().await;
+    scale(env, rows).await
+}
+
+// ---------------------------------------------------------------------------
+// 10,000 locks on a pool of 10.
+
+/// A PostgreSQL cluster of the bench's own, stopped and removed on drop.
+struct OwnCluster {
+    bin: PathBuf,
+    dir: PathBuf,
+    url: String,
+}
+
+impl OwnCluster {
+    /// Starts one with room for `SCALE_LOCKS` advisory locks, if the
+    /// server's binaries are at hand. Runs as the `postgres` user when this
+    /// process is root (initdb refuses root).
+    fn start() -> Res<OwnCluster> {
+        let bin = std::env::var_os("DBLOCK_BENCH_PG_BIN")
+            .map(PathBuf::from)
+            .or_else(|| {
+                let mut found: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+                    .ok()?
+                    .filter_map(|e| Some(e.ok()?.path().join("bin")))
+                    .filter(|b| b.join("initdb").exists())
+                    .collect();
+                found.sort();
+                found.pop()
+            })
+            .ok_or("no PostgreSQL binaries (set DBLOCK_BENCH_PG_BIN)")?;
+        let dir = std::env::temp_dir().join(format!("dblock-bench-pg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let cluster = OwnCluster {
+            bin,
+            url: format!("postgres://postgres@127.0.0.1:{OWN_CLUSTER_PORT}/postgres"),
+            dir,
+        };
+        let root = Command::new("id").arg("-u").output()?.stdout == b"0\n";
+        if root {
+            let status = Command::new("chown")
+                .args(["-R", "postgres"])
+                .arg(&cluster.dir)
+                .status()?;
+            if !status.success() {
+                return Err("chown of the bench cluster's folder failed".into());
+            }
+        }
+        let data = cluster.dir.join("data");
+        cluster.run(
+            root,
+            &format!(
+                "{} -D {} -A trust -U postgres --no-sync >/dev/null",
+                cluster.bin.join("initdb").display(),
+                data.display()
+            ),
+        )?;
+        cluster.run(
+            root,
+            &format!(
+                "{} -D {} -w -l {} -o \"-p {OWN_CLUSTER_PORT} -c listen_addresses=127.0.0.1 \
+                 -k {} -c max_locks_per_transaction={OWN_CLUSTER_LOCKS_PER_TX} -c fsync=off\" start >/dev/null",
+                cluster.bin.join("pg_ctl").display(),
+                data.display(),
+                cluster.dir.join("log").display(),
+                cluster.dir.display(),
+            ),
+        )?;
+        Ok(cluster)
+    }
+
+    fn run(&self, root: bool, script: &str) -> Res<()> {
+        let status = if root {
+            Command::new("su")
+                .args(["postgres", "-s", "/bin/sh", "-c", script])
+                .status()?
+        } else {
+            Command::new("sh").args(["-c", script]).status()?
+        };
+        if status.success() {
+            Ok(())
+        } else {
+            Err(format!("the bench's own cluster: `{script}` failed").into())
+        }
+    }
+}
+
+impl Drop for OwnCluster {
+    fn drop(&mut self) {
+        let root = Command::new("id")
+            .arg("-u")
+            .output()
+            .is_ok_and(|o| o.stdout == b"0\n");
+        let _ = self.run(
+            root,
+            &format!(
+                "{} -D {} -m fast stop >/dev/null",
+                self.bin.join("pg_ctl").display(),
+                self.dir.join("data").display()
+            ),
+        );
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Lock-table slots of the server at `url`.
+async fn lock_slots(url: &str) -> Res<i64> {
+    let mut conn = PgConnection::connect(url).await?;
+    let slots: i64 = sqlx::query_scalar(
+        "SELECT current_setting('max_locks_per_transaction')::bigint \
+              * (current_setting('max_connections')::bigint \
+                 + current_setting('max_prepared_transactions')::bigint)",
+    )
+    .fetch_one(&mut conn)
+    .await?;
+    Ok(slots)
+}
+
+struct Held {
+    take: Duration,
+    hold: Duration,
+    release: Duration,
+    holder_sessions: i64,
+}
+
+/// Takes `SCALE_LOCKS` locks on a pool of 10, holds them for one heartbeat
+/// period (checking they are all still held), releases them.
+async fn hold_10k(url: &str) -> Res<Held> {
+    let pool = PgPoolOptions::new()
+        .max_connections(POOL)
+        .connect(url)
+        .await?;
+    dblock::postgres::migrate(&pool).await?;
+    let locks = Locks::new(Advisory::new(pool.clone()));
+    let base = format!("dblock-bench:{}:adv-10k", std::process::id());
+    let t = Instant::now();
+    let guards: Vec<_> = stream::iter(0..SCALE_LOCKS)
+        .map(|i| {
+            let locks = locks.clone();
+            let name = format!("{base}:{i}");
+            async move { locks.try_acquire(name).await }
+        })
+        .buffer_unordered(SCALE_TASKS)
+        .collect()
+        .await;
+    let take = t.elapsed();
+    let mut held = Vec::with_capacity(SCALE_LOCKS);
+    for g in guards {
+        match g {
+            Ok(Some(g)) => held.push(g),
+            Ok(None) => return Err("a scale lock was busy".into()),
+            Err(LockError::LockTableFull { detail }) => {
+                return Err(format!("LockTableFull after {} locks: {detail}", held.len()).into())
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let holder_sessions: i64 = sqlx::query_scalar(
+        "SELECT count(DISTINCT pid) FROM pg_locks WHERE locktype = 'advisory' AND granted",
+    )
+    .fetch_one(&pool)
+    .await?;
+    let t = Instant::now();
+    tokio::time::sleep(
+        dblock::postgres::AdvisoryOptions::default().heartbeat + Duration::from_millis(500),
+    )
+    .await;
+    if let Some(g) = held.iter().find(|g| g.is_lost()) {
+        return Err(format!("{} was lost while held", g.name()).into());
+    }
+    let hold = t.elapsed();
+    let t = Instant::now();
+    let released: Vec<_> = stream::iter(held)
+        .map(|g| g.release())
+        .buffer_unordered(SCALE_TASKS)
+        .collect()
+        .await;
+    let release = t.elapsed();
+    for r in released {
+        r?;
+    }
+    drop(locks);
+    pool.close().await;
+    Ok(Held {
+        take,
+        hold,
+        release,
+        holder_sessions,
+    })
+}
+
+async fn scale(env: &Env, rows: &mut Vec<Row>) -> Res<()> {
+    let what = format!(
+        "{} locks held on a pool of {POOL}: take / hold (checked) / release",
+        rate(SCALE_LOCKS as f64)
+    );
+    let slots = lock_slots(&env.pg).await?;
+    // Others share the bench server's lock table: use it only with room
+    // to spare for them.
+    let (outcome, server) = if slots >= 4 * SCALE_LOCKS as i64 {
+        (
+            hold_10k(&env.pg).await,
+            format!("bench server, {} lock slots", rate(slots as f64)),
+        )
+    } else {
+        match OwnCluster::start() {
+            Ok(cluster) => {
+                let own = lock_slots(&cluster.url).await?;
+                let outcome = hold_10k(&cluster.url).await;
+                drop(cluster);
+                (
+                    outcome,
+                    format!(
+                        "the bench's own cluster, max_locks_per_transaction = \
+                         {OWN_CLUSTER_LOCKS_PER_TX} ({} lock slots; the bench server has {}, \
+                         too few to use with others on it)",
+                        rate(own as f64),
+                        rate(slots as f64)
+                    ),
+                )
+            }
+            Err(e) => {
+                rows.push(Row::new(B, what).dblock(format!(
+                    "not run: the bench server's lock table has {} slots for all its sessions \
+                     (an acquisition past it fails with Error::LockTableFull), and no cluster \
+                     of the bench's own could be started: {e}",
+                    rate(slots as f64)
+                )));
+                return Ok(());
+            }
+        }
+    };
+    match outcome {
+        Ok(h) => rows.push(
+            Row::new(B, what)
+                .dblock(format!(
+                    "{:.2} s ({} locks/s) / {:.1} s / {:.2} s ({} /s); on {} holder sessions",
+                    h.take.as_secs_f64(),
+                    rate(SCALE_LOCKS as f64 / h.take.as_secs_f64()),
+                    h.hold.as_secs_f64(),
+                    h.release.as_secs_f64(),
+                    rate(SCALE_LOCKS as f64 / h.release.as_secs_f64()),
+                    h.holder_sessions
+                ))
+                .note(server),
+        ),
+        Err(e) => rows.push(Row::new(B, what).dblock(format!("error: {e}")).note(server)),
+    }
+    Ok(())
+}
