@@ -132,6 +132,9 @@ impl suite::Fixture for PoolerFixture {
     fn lease(&self) -> bool {
         !self.advisory
     }
+    fn semaphores(&self) -> bool {
+        !self.advisory
+    }
 }
 
 /// Transaction mode: the lease table, with `transaction_pooling(true)`.
