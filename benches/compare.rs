@@ -30,7 +30,7 @@
 //!   server's own counters beside it).
 //!
 //! Every figure is printed in one table at the end. Options, by environment:
-//! `DBLOCK_BENCH_ONLY=advisory,pglease,mysql,sqlite,redis` runs only those
+//! `DBLOCK_BENCH_ONLY=advisory,pglease,mysql,sqlite,redis,cross` runs only those
 //! sections; `DBLOCK_BENCH_BREAKDOWN=1` adds where the time of one pair goes
 //! (per statement, and for raw SQL run in dblock's task structure) and the
 //! phases of a handoff.
@@ -52,6 +52,9 @@ use sqlx::sqlite::{SqliteConnectOptions, SqlitePool, SqlitePoolOptions};
 use sqlx::Row as _;
 use tokio::sync::oneshot;
 use tokio::task::JoinSet;
+
+#[path = "compare/cross.rs"]
+mod cross;
 
 type E = Box<dyn std::error::Error + Send + Sync>;
 type Res<T> = Result<T, E>;
@@ -2297,6 +2300,10 @@ async fn run() {
             rows.push(section("redis lease", e));
         }
     }
+    if wanted("cross") {
+        stamp("across processes");
+        cross::section(&env.pg, &env.my, &redis_url, &dir, &mut rows).await;
+    }
     let _ = std::fs::remove_dir_all(&dir);
 
     let o = LeaseOptions::default();
@@ -2333,6 +2340,9 @@ async fn run() {
 }
 
 fn main() {
+    if cross::child() {
+        return;
+    }
     tracing::subscriber::set_global_default(count::Counter)
         .expect("no other tracing subscriber is installed");
     tokio::runtime::Builder::new_multi_thread()

@@ -44,6 +44,8 @@
 //!   lease, it is far less exposed than per-lease renewal was, but a pool
 //!   kept saturated for longer than a lease's margin still costs leases.
 
+#[cfg(any(feature = "mysql", feature = "sqlite"))]
+pub(crate) mod doorbell;
 mod renewal;
 mod wakeups;
 
@@ -204,6 +206,16 @@ pub(crate) trait LeaseStore: Send + Sync + fmt::Debug + 'static {
     /// elsewhere. A store with a push channel for releases (PostgreSQL's
     /// LISTEN/NOTIFY) makes sure it is listening; it must not block.
     fn waiting(&self) {}
+
+    /// Resolves when a release of `name` elsewhere (another process) may
+    /// have happened: a store without a push channel rings a doorbell (see
+    /// [`doorbell`]). Awaited beside the in-process wake-up and the poll
+    /// timer while waiting, created after a failed claim; dropping it stops
+    /// watching. Never resolves by default.
+    fn released(&self, name: &str) -> impl Future<Output = ()> + Send {
+        let _ = name;
+        std::future::pending()
+    }
 }
 
 /// How long a lease row is kept after its lease ended before a sweep may
@@ -549,6 +561,7 @@ async fn acquire_task<S: LeaseStore>(
         tokio::select! {
             _ = reply.closed() => return,
             _ = &mut notified => {}
+            _ = inner.store.released(name) => {}
             _ = sleep_until(wake_at) => {}
         }
         pause = (pause * 2).min(cap);

@@ -12,6 +12,7 @@ use sqlx::mysql::MySqlArguments;
 use sqlx::query::Query;
 use sqlx::{AssertSqlSafe, MySql, MySqlPool, Row, Transaction};
 
+use super::doorbell::Bells;
 use super::engine::Engine;
 use super::{code, error_number, is_lock_busy, map_err, micros, quote_table, Conn, DEFAULT_TABLE};
 use crate::lease::{
@@ -40,7 +41,15 @@ use crate::{validate_table, LockInfo, LockMode, Result, Wait};
 ///   [`Error::Unsupported`](crate::Error::Unsupported).
 /// - Waiting polls the row with backoff between
 ///   [`LeaseOptions::min_poll`] and [`LeaseOptions::max_poll`]; a release in
-///   this process wakes local waiters at once.
+///   this process wakes local waiters at once, and a release in another
+///   process wakes them through a doorbell: the holder's process holds the
+///   named lock `GET_LOCK('dblock:<hash of database, table and name>')` on
+///   a connection of its own (outside the pool) while it holds the lease,
+///   and a waiting process blocks in `GET_LOCK` for it on another
+///   connection of its own, one per waited name, at most 4 per backend
+///   (past that, waiters poll). Not on Galera, where `GET_LOCK` is local
+///   to one node: there waiters poll. Bell connections lift
+///   `max_statement_time` / `max_execution_time` for their own session.
 /// - Not re-entrant: a second acquisition of a held name waits.
 /// - A transaction holding the name through [`lock_in_tx`](super::lock_in_tx)
 ///   excludes leases of that name until it ends. While it holds the row, a
@@ -91,12 +100,14 @@ impl Lease {
     /// Leases in the table `dblock_leases` of the pool's database, with
     /// default [`LeaseOptions`].
     pub fn new(pool: MySqlPool) -> Lease {
+        let engine = Arc::default();
         Lease::build(
             MySqlStore {
+                bells: Arc::new(Bells::new(&pool, DEFAULT_TABLE, Arc::clone(&engine))),
                 pool,
                 sql: Arc::new(Sql::new(DEFAULT_TABLE)),
                 packet_budget: Arc::default(),
-                engine: Arc::default(),
+                engine,
             },
             LeaseOptions::default(),
         )
@@ -112,6 +123,11 @@ impl Lease {
     pub fn with_table(self, table: &str) -> Result<Self> {
         validate_table(table)?;
         let store = MySqlStore {
+            bells: Arc::new(Bells::new(
+                &self.engine.store().pool,
+                table,
+                self.engine.store().engine.clone(),
+            )),
             pool: self.engine.store().pool.clone(),
             sql: Arc::new(Sql::new(table)),
             packet_budget: self.engine.store().packet_budget.clone(),
@@ -424,6 +440,8 @@ pub(crate) struct MySqlStore {
     packet_budget: Arc<AtomicUsize>,
     /// The engine self-test's answer, once it has one.
     engine: Arc<tokio::sync::OnceCell<Engine>>,
+    /// Release doorbells for waiters in other processes.
+    bells: Arc<Bells>,
 }
 
 impl fmt::Debug for MySqlStore {
@@ -904,7 +922,12 @@ impl LeaseStore for MySqlStore {
         let mut created = 0;
         loop {
             let outcome = match self.attempt(claim, ttl_us, causal).await {
-                Ok(Attempt::Done(claimed)) => return Ok(claimed),
+                Ok(Attempt::Done(claimed)) => {
+                    if let Some(c) = &claimed {
+                        self.bells.arm(claim.name, c.token);
+                    }
+                    return Ok(claimed);
+                }
                 Ok(Attempt::Missing) if created < MAX_RETRIES => {
                     created += 1;
                     self.create_row(claim.name).await
@@ -953,6 +976,7 @@ impl LeaseStore for MySqlStore {
             return Ok(DateTime::from_timestamp_micros(us as i64));
         }
         if done.rows_affected() == 0 {
+            self.bells.disarm(name, token);
             return Ok(None);
         }
         // Matched, but the server did not pass LAST_INSERT_ID on (a proxy?):
@@ -990,7 +1014,7 @@ impl LeaseStore for MySqlStore {
             self.renew_check(batch, &skipped).await
         };
         let mut checked = skipped.iter().zip(checked);
-        Ok(answers
+        let answers: Vec<Renewed> = answers
             .into_iter()
             .enumerate()
             .map(|(k, answer)| match answer {
@@ -1000,7 +1024,13 @@ impl LeaseStore for MySqlStore {
                     _ => Renewed::Unknown,
                 },
             })
-            .collect())
+            .collect();
+        for (r, answer) in batch.iter().zip(&answers) {
+            if *answer == Renewed::Gone {
+                self.bells.disarm(&r.name, r.token);
+            }
+        }
+        Ok(answers)
     }
 
     fn batch_len(&self, batch: &[Renewal]) -> usize {
@@ -1026,6 +1056,8 @@ impl LeaseStore for MySqlStore {
         token: u64,
         hold: Option<Duration>,
     ) -> Result<bool> {
+        // The bell goes after the release statement (or if it is given up).
+        let _disarm = self.bells.disarm_on_drop(name, token);
         let done = self
             .execute(|| {
                 q(&self.sql.release)
@@ -1065,6 +1097,10 @@ impl LeaseStore for MySqlStore {
             retries += 1;
             retry_pause(retries).await;
         }
+    }
+
+    fn released(&self, name: &str) -> impl std::future::Future<Output = ()> + Send {
+        self.bells.released(name)
     }
 
     async fn now(&self) -> Result<DateTime<Utc>> {

@@ -10,6 +10,7 @@ use chrono::{DateTime, Utc};
 use sqlx::sqlite::{SqliteConnectOptions, SqlitePoolOptions, SqliteRow};
 use sqlx::{AssertSqlSafe, Row, SqlitePool};
 
+use super::doorbell::Bells;
 use super::{map_err, retry_busy};
 use crate::lease::{
     lease_backend, push_json_str, Claim, Claimed, LeaseEngine, LeaseOptions, LeaseStore, Renewal,
@@ -56,8 +57,15 @@ const POOL_SIZE: u32 = 4;
 ///   up to 10 s) instead of surfacing `SQLITE_BUSY`.
 /// - **Waiting** polls with backoff (see [`LeaseOptions`]). Releases wake
 ///   waiters at once within one process, also across `Lease`s that
-///   [`open`](Lease::open) the same file; another process notices within
-///   `max_poll`.
+///   [`open`](Lease::open) the same file, and in other processes on the
+///   machine through a doorbell file: while a process holds a lease it
+///   holds a shared file lock on one of 256 files in the folder
+///   `<database file>-dblock-bells` (created beside the file at the first
+///   grant; the file is picked by a hash of the table and the name), and a
+///   waiting process blocks for the exclusive lock in a thread, which it
+///   gets at the release. At most 8 names are watched per backend (8
+///   threads); past that, a read-only folder or an in-memory database,
+///   another process notices within `max_poll`.
 /// - **Shared (reader) leases are not supported**: `.shared()` fails with
 ///   [`Error::Unsupported`].
 /// - Without the table, calls fail with [`Error::SchemaMissing`].
@@ -197,6 +205,7 @@ impl Lease {
         wakeups: Arc<Wakeups>,
     ) -> Result<Self> {
         let store = SqliteStore {
+            bells: Bells::new(pool.connect_options().get_filename(), &table),
             pool: pool.clone(),
             sql: Sql::new(&quote_table(&table)),
             table: table.clone(),
@@ -335,6 +344,8 @@ pub(crate) struct SqliteStore {
     sql: Sql,
     /// The lease table's name as given: its key in `dblock_token_floor`.
     table: String,
+    /// Release doorbells for waiters in other processes.
+    bells: Bells,
 }
 
 fn micros(d: Duration) -> i64 {
@@ -367,6 +378,10 @@ impl LeaseStore for SqliteStore {
         "sqlite-lease"
     }
 
+    fn released(&self, name: &str) -> impl std::future::Future<Output = ()> + Send {
+        self.bells.released(name)
+    }
+
     async fn now(&self) -> Result<DateTime<Utc>> {
         let at: i64 = retry_busy(|| {
             sqlx::query_scalar(AssertSqlSafe(format!("SELECT {NOW}"))).fetch_one(&self.pool)
@@ -393,6 +408,9 @@ impl LeaseStore for SqliteStore {
                 .await
         })
         .await?;
+        if let Some((token, _)) = row {
+            self.bells.arm(claim.name, token as u64);
+        }
         row.map(|(token, expires_at)| {
             Ok(Claimed {
                 token: token as u64,
@@ -418,6 +436,9 @@ impl LeaseStore for SqliteStore {
                 .fetch_optional(&self.pool)
         })
         .await?;
+        if at.is_none() {
+            self.bells.disarm(name, token);
+        }
         at.map(time).transpose().map_err(Error::Database)
     }
 
@@ -452,6 +473,11 @@ impl LeaseStore for SqliteStore {
                 answers[k] = Renewed::Until(time(*at).map_err(Error::Database)?);
             }
         }
+        for (r, answer) in batch.iter().zip(&answers) {
+            if *answer == Renewed::Gone {
+                self.bells.disarm(&r.name, r.token);
+            }
+        }
         Ok(answers)
     }
 
@@ -462,6 +488,8 @@ impl LeaseStore for SqliteStore {
         token: u64,
         hold: Option<Duration>,
     ) -> Result<bool> {
+        // The bell goes after the release statement (or if it is given up).
+        let _disarm = self.bells.disarm_on_drop(name, token);
         let done = retry_busy(|| {
             sqlx::query(AssertSqlSafe(self.sql.release.clone()))
                 .bind(name)
