@@ -257,3 +257,77 @@ async fn redis_waiter_woken_by_a_release_in_another_process() {
     let prefix = common::unique("dblock-cross:");
     woken_across_processes("redis", &prefix).await;
 }
+
+/// MySQL doorbells stay bounded: 8 names waited on at once get at most 4
+/// watching connections (outside the pool: a pool of 2 still answers), and
+/// every waiter is granted, the unwatched ones by their poll.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mysql_doorbell_watches_are_capped() {
+    let url = common::mysql_url().await;
+    let pool = |max| {
+        sqlx::mysql::MySqlPoolOptions::new()
+            .max_connections(max)
+            .connect(&url)
+    };
+    let holder_pool = pool(4).await.expect("DBLOCK_TEST_MYSQL_URL reachable");
+    dblock::mysql::migrate(&holder_pool).await.unwrap();
+    let holder = Locks::new(dblock::mysql::Lease::new(holder_pool));
+    let waiter_pool = pool(2).await.unwrap();
+    let waiter = Locks::new(
+        dblock::mysql::Lease::new(waiter_pool.clone())
+            .with_options(LeaseOptions {
+                min_poll: Duration::from_secs(3),
+                max_poll: Duration::from_secs(3),
+            })
+            .unwrap(),
+    );
+    let names: Vec<String> = (0..8).map(|i| common::unique(&format!("cap{i}"))).collect();
+    let mut guards = Vec::new();
+    for n in &names {
+        guards.push(holder.acquire(n).await.unwrap());
+    }
+    let waiting: Vec<_> = names
+        .iter()
+        .map(|n| {
+            let (w, n) = (waiter.clone(), n.clone());
+            tokio::spawn(async move { w.acquire(&n).wait(Duration::from_secs(30)).await })
+        })
+        .collect();
+    sleep(Duration::from_millis(1500)).await;
+    let watching: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM information_schema.processlist \
+          WHERE db = DATABASE() AND info LIKE '%IS_USED_LOCK%' AND info NOT LIKE '%processlist%'",
+    )
+    .fetch_one(&waiter_pool)
+    .await
+    .unwrap();
+    assert!(
+        (1..=4).contains(&watching),
+        "{watching} connections wait on doorbells (expected 1 to 4)"
+    );
+    let answered = timeout(
+        Duration::from_secs(1),
+        sqlx::query_scalar::<_, i64>("SELECT 1").fetch_one(&waiter_pool),
+    )
+    .await;
+    assert!(
+        matches!(answered, Ok(Ok(1))),
+        "the waiters' pool answers an unrelated query"
+    );
+    let released = Instant::now();
+    for g in guards {
+        g.release().await.unwrap();
+    }
+    for w in waiting {
+        let g = timeout(Duration::from_secs(20), w)
+            .await
+            .expect("every waiter is granted")
+            .unwrap()
+            .unwrap();
+        g.release().await.unwrap();
+    }
+    assert!(
+        released.elapsed() < Duration::from_secs(10),
+        "waiters past the cap are granted by their 3 s poll"
+    );
+}

@@ -113,7 +113,7 @@ async fn play(role: &str) -> Res<()> {
     let name = std::env::var(NAME)?;
     let locks = backend(&kind, &place, CHILD_POOL).await?;
     let mut lines = BufReader::new(std::io::stdin()).lines();
-    let mut say = |line: String| {
+    let say = |line: String| {
         let mut out = std::io::stdout().lock();
         let _ = writeln!(out, "{line}");
         let _ = out.flush();

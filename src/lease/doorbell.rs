@@ -178,10 +178,9 @@ async fn run<B: Bell>(
     let mut session = bell.open().await;
     let mut last_user = Instant::now();
     let mut unarmed = 0u32;
-    loop {
-        // Leave (under the map's lock, so no one registers meanwhile) once
-        // nobody has waited for a while, or the session is gone.
-        let Some(map) = watches.upgrade() else { break };
+    // Leave (under the map's lock, so no one registers meanwhile) once
+    // nobody has waited for a while, or the session is gone.
+    while let Some(map) = watches.upgrade() {
         {
             let mut map = map.lock().unwrap();
             if watch.users.load(Ordering::Acquire) > 0 {

@@ -79,13 +79,16 @@ impl Folder {
     }
 }
 
+/// The leases (name, token) this process holds behind one bell file, and
+/// the file, locked (`None` if its lock could not be taken).
+type Armed = (HashSet<(String, u64)>, Option<File>);
+
 /// The bells of one backend.
 pub(crate) struct Bells {
     dir: Arc<Folder>,
     table: String,
-    /// Bell file → the leases this process holds behind it, and the file
-    /// (`None` if its lock could not be taken).
-    armed: Mutex<HashMap<PathBuf, (HashSet<(String, u64)>, Option<File>)>>,
+    /// Bell file → what this process holds behind it.
+    armed: Mutex<HashMap<PathBuf, Armed>>,
     watches: Doorbells<Watcher>,
 }
 
