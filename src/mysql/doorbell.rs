@@ -23,7 +23,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use sha2::{Digest, Sha256};
@@ -72,17 +72,11 @@ impl Bells {
         scope.push(0);
         scope.extend_from_slice(table.as_bytes());
         scope.push(0);
-        let own = MySqlPoolOptions::new()
-            .max_connections(WATCHES as u32)
-            .min_connections(0)
-            .idle_timeout(Some(Duration::from_secs(60)))
-            .acquire_timeout(Duration::from_secs(10))
-            .after_connect(|conn, _| Box::pin(async move { unbounded(conn).await }))
-            .connect_lazy_with(connect.clone());
         Bells {
             watches: Doorbells::new(
                 Watcher {
-                    pool: own,
+                    connect: connect.clone(),
+                    pool: OnceLock::new(),
                     engine: engine.clone(),
                     scope: scope.clone(),
                 },
@@ -317,7 +311,10 @@ async fn try_take(conn: &mut Option<MySqlConnection>, bell: &str) {
 
 /// The waiting side: `GET_LOCK` on a connection of its own per watch.
 pub(crate) struct Watcher {
-    pool: MySqlPool,
+    connect: MySqlConnectOptions,
+    /// The watches' own connections, made at the first watch (a pool
+    /// needs a runtime, which `Lease::new` does not).
+    pool: OnceLock<MySqlPool>,
     engine: Arc<OnceCell<Engine>>,
     scope: Vec<u8>,
 }
@@ -329,7 +326,16 @@ impl Bell for Watcher {
         if !usable(&self.engine) {
             return None;
         }
-        match self.pool.acquire().await {
+        let pool = self.pool.get_or_init(|| {
+            MySqlPoolOptions::new()
+                .max_connections(WATCHES as u32)
+                .min_connections(0)
+                .idle_timeout(Some(Duration::from_secs(60)))
+                .acquire_timeout(Duration::from_secs(10))
+                .after_connect(|conn, _| Box::pin(async move { unbounded(conn).await }))
+                .connect_lazy_with(self.connect.clone())
+        });
+        match pool.acquire().await {
             Ok(conn) => Some(conn),
             Err(e) => {
                 tracing::debug!(error = %e, "dblock: no connection to watch a doorbell; waiters poll");
