@@ -34,8 +34,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use sha2::{Digest, Sha256};
-use tokio::sync::Semaphore;
-use tokio::task::JoinHandle;
+use tokio::sync::{oneshot, Semaphore};
 
 use crate::lease::doorbell::{Bell, Doorbells, Ring};
 
@@ -234,8 +233,9 @@ pub(crate) struct Watcher {
 }
 
 impl Bell for Watcher {
-    /// The thread blocked on the bell, if one is.
-    type Session = Option<JoinHandle<()>>;
+    /// The thread blocked on the bell, if one is: it reports when it got
+    /// the lock.
+    type Session = Option<oneshot::Receiver<()>>;
 
     async fn open(&self) -> Option<Self::Session> {
         self.dir.get().map(|_| None)
@@ -261,12 +261,21 @@ impl Bell for Watcher {
                 .clone()
                 .try_acquire_owned()
                 .map_err(|_| "every doorbell thread is busy")?;
-            *blocked = Some(tokio::task::spawn_blocking(move || {
-                if file.lock().is_ok() {
-                    let _ = file.unlock();
-                }
-                drop(permit);
-            }));
+            // A thread of its own, not `spawn_blocking`: a runtime waits for
+            // its blocking tasks when it shuts down, and this one may block
+            // for as long as a holder keeps its lease.
+            let (rang, rung) = oneshot::channel();
+            std::thread::Builder::new()
+                .name("dblock-doorbell".into())
+                .spawn(move || {
+                    if file.lock().is_ok() {
+                        let _ = file.unlock();
+                    }
+                    drop(permit);
+                    let _ = rang.send(());
+                })
+                .map_err(|e| e.to_string())?;
+            *blocked = Some(rung);
         }
         let thread = blocked.as_mut().expect("set above");
         match tokio::time::timeout(WAIT, thread).await {
