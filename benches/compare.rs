@@ -30,7 +30,7 @@
 //!   server's own counters beside it).
 //!
 //! Every figure is printed in one table at the end. Options, by environment:
-//! `DBLOCK_BENCH_ONLY=advisory,advisory-limit,pglease,mysql,sqlite,redis` runs only those
+//! `DBLOCK_BENCH_ONLY=advisory,advisory-limit,pglease,mysql,sqlite,redis,cross` runs only those
 //! sections (`leasescale`, 100,000 leases per lease backend, runs only when
 //! named; see `compare/limit.rs`); `DBLOCK_BENCH_BREAKDOWN=1` adds where the time of one pair goes
 //! (per statement, and for raw SQL run in dblock's task structure) and the
@@ -59,6 +59,8 @@ use tokio::task::JoinSet;
 
 #[path = "compare/advisory_limit.rs"]
 mod advisory_limit;
+#[path = "compare/cross.rs"]
+mod cross;
 
 type E = Box<dyn std::error::Error + Send + Sync>;
 type Res<T> = Result<T, E>;
@@ -2333,6 +2335,10 @@ async fn run() {
         stamp("lease scale");
         limit::scale(&env.pg, &env.my, &redis_url, &dir, &mut rows).await;
     }
+    if wanted("cross") {
+        stamp("across processes");
+        cross::section(&env.pg, &env.my, &redis_url, &dir, &mut rows).await;
+    }
     let _ = std::fs::remove_dir_all(&dir);
 
     let o = LeaseOptions::default();
@@ -2369,6 +2375,9 @@ async fn run() {
 }
 
 fn main() {
+    if cross::child() {
+        return;
+    }
     tracing::subscriber::set_global_default(count::Counter)
         .expect("no other tracing subscriber is installed");
     tokio::runtime::Builder::new_multi_thread()

@@ -56,6 +56,8 @@
 //!   kept saturated for longer than a lease's margin still costs leases.
 
 pub(crate) mod permits;
+#[cfg(any(feature = "mysql", feature = "sqlite"))]
+pub(crate) mod doorbell;
 mod renewal;
 mod wakeups;
 
@@ -227,6 +229,16 @@ pub(crate) trait LeaseStore: Send + Sync + fmt::Debug + 'static {
     /// elsewhere. A store with a push channel for releases (PostgreSQL's
     /// LISTEN/NOTIFY) makes sure it is listening; it must not block.
     fn waiting(&self) {}
+
+    /// Resolves when a release of `name` elsewhere (another process) may
+    /// have happened: a store without a push channel rings a doorbell (see
+    /// [`doorbell`]). Awaited beside the in-process wake-up and the poll
+    /// timer while waiting, created after a failed claim; dropping it stops
+    /// watching. Never resolves by default.
+    fn released(&self, name: &str) -> impl Future<Output = ()> + Send {
+        let _ = name;
+        std::future::pending()
+    }
 }
 
 /// How long a lease row is kept after its lease ended before a sweep may
@@ -677,6 +689,7 @@ async fn acquire<S: LeaseStore>(
         };
         tokio::select! {
             _ = woken => {}
+            _ = inner.store.released(name) => {}
             _ = sleep_until(wake_at) => {}
         }
         pause = (pause * 2).min(cap);

@@ -12,6 +12,7 @@ use sqlx::mysql::MySqlArguments;
 use sqlx::query::Query;
 use sqlx::{AssertSqlSafe, MySql, MySqlPool, Row, Transaction};
 
+use super::doorbell::Bells;
 use super::engine::Engine;
 #[path = "lease_permits.rs"]
 mod permits;
@@ -52,7 +53,15 @@ use permits::PermitSql;
 ///   [`Error::Unsupported`](crate::Error::Unsupported).
 /// - Waiting polls the row with backoff between
 ///   [`LeaseOptions::min_poll`] and [`LeaseOptions::max_poll`]; a release in
-///   this process wakes local waiters at once.
+///   this process wakes local waiters at once, and a release in another
+///   process wakes them through a doorbell: the holder's process holds the
+///   named lock `GET_LOCK('dblock:<hash of database, table and name>')` on
+///   a connection of its own (outside the pool) while it holds the lease,
+///   and a waiting process blocks in `GET_LOCK` for it on another
+///   connection of its own, one per waited name, at most 4 per backend
+///   (past that, waiters poll). Not on Galera, where `GET_LOCK` is local
+///   to one node: there waiters poll. Bell connections lift
+///   `max_statement_time` / `max_execution_time` for their own session.
 /// - Not re-entrant: a second acquisition of a held name waits.
 /// - A transaction holding the name through [`lock_in_tx`](super::lock_in_tx)
 ///   excludes leases of that name until it ends. While it holds the row, a
@@ -103,13 +112,15 @@ impl Lease {
     /// Leases in the table `dblock_leases` of the pool's database, with
     /// default [`LeaseOptions`].
     pub fn new(pool: MySqlPool) -> Lease {
+        let engine = Arc::default();
         Lease::build(
             MySqlStore {
+                bells: Arc::new(Bells::new(&pool, DEFAULT_TABLE, Arc::clone(&engine))),
                 pool,
                 sql: Arc::new(Sql::new(DEFAULT_TABLE)),
                 permits: permit_sql(DEFAULT_TABLE),
                 packet_budget: Arc::default(),
-                engine: Arc::default(),
+                engine,
             },
             LeaseOptions::default(),
         )
@@ -125,6 +136,11 @@ impl Lease {
     pub fn with_table(self, table: &str) -> Result<Self> {
         validate_table(table)?;
         let store = MySqlStore {
+            bells: Arc::new(Bells::new(
+                &self.engine.store().pool,
+                table,
+                self.engine.store().engine.clone(),
+            )),
             pool: self.engine.store().pool.clone(),
             sql: Arc::new(Sql::new(table)),
             permits: permit_sql(table),
@@ -467,6 +483,8 @@ pub(crate) struct MySqlStore {
     packet_budget: Arc<AtomicUsize>,
     /// The engine self-test's answer, once it has one.
     engine: Arc<tokio::sync::OnceCell<Engine>>,
+    /// Release doorbells for waiters in other processes.
+    bells: Arc<Bells>,
 }
 
 /// The permit statements of lease table `table`, if its holders table has
@@ -1004,7 +1022,12 @@ impl LeaseStore for MySqlStore {
                 self.attempt(claim, ttl_us, causal).await
             };
             let outcome = match attempt {
-                Ok(Attempt::Done(claimed)) => return Ok(claimed),
+                Ok(Attempt::Done(claimed)) => {
+                    if let Some(c) = &claimed {
+                        self.bells.arm(claim.name, c.token);
+                    }
+                    return Ok(claimed);
+                }
                 Ok(Attempt::Missing) if created < MAX_RETRIES => {
                     created += 1;
                     self.create_row(claim.name).await
@@ -1056,6 +1079,7 @@ impl LeaseStore for MySqlStore {
             return Ok(DateTime::from_timestamp_micros(us as i64));
         }
         if done.rows_affected() == 0 {
+            self.bells.disarm(name, token);
             return Ok(None);
         }
         // Matched, but the server did not pass LAST_INSERT_ID on (a proxy?):
@@ -1093,7 +1117,7 @@ impl LeaseStore for MySqlStore {
             self.renew_check(batch, &skipped).await
         };
         let mut checked = skipped.iter().zip(checked);
-        Ok(answers
+        let answers: Vec<Renewed> = answers
             .into_iter()
             .enumerate()
             .map(|(k, answer)| match answer {
@@ -1103,7 +1127,13 @@ impl LeaseStore for MySqlStore {
                     _ => Renewed::Unknown,
                 },
             })
-            .collect())
+            .collect();
+        for (r, answer) in batch.iter().zip(&answers) {
+            if *answer == Renewed::Gone {
+                self.bells.disarm(&r.name, r.token);
+            }
+        }
+        Ok(answers)
     }
 
     fn batch_len(&self, batch: &[Renewal]) -> usize {
@@ -1132,6 +1162,8 @@ impl LeaseStore for MySqlStore {
         if is_permit(owner) {
             return self.release_permit(name, owner, token, hold).await;
         }
+        // The bell goes after the release statement (or if it is given up).
+        let _disarm = self.bells.disarm_on_drop(name, token);
         let done = self
             .execute(|| {
                 q(&self.sql.release)
@@ -1172,6 +1204,10 @@ impl LeaseStore for MySqlStore {
             retries += 1;
             retry_pause(retries).await;
         }
+    }
+
+    fn released(&self, name: &str) -> impl std::future::Future<Output = ()> + Send {
+        self.bells.released(name)
     }
 
     async fn now(&self) -> Result<DateTime<Utc>> {

@@ -105,7 +105,8 @@
 //!   after it, and the `COMMIT`, answered OK in 2-4 of 30 runs here, the
 //!   transaction's writes gone). [`Engine::check_named_locks`] refuses
 //!   `GET_LOCK`, which on Galera is local to one node; dblock's leases
-//!   never use it.
+//!   never rely on it (their release doorbells, which only wake waiters
+//!   in other processes, are turned off on Galera: waiters poll there).
 //! - Because of that unreported abort, a claim's `UPDATE` repeats the
 //!   token and the expiry its locking read found: run on its own after its
 //!   transaction was aborted, it matches nothing rather than overwrite the
@@ -120,6 +121,7 @@
 //! of an `UPDATE` is the number of rows it *matched*; dblock also reads the
 //! statement's `LAST_INSERT_ID(..)` so that its checks do not depend on it.
 
+mod doorbell;
 mod engine;
 mod lease;
 mod migrate;

@@ -10,6 +10,7 @@ use chrono::{DateTime, Utc};
 use sqlx::sqlite::{SqliteConnectOptions, SqlitePoolOptions, SqliteRow};
 use sqlx::{AssertSqlSafe, Row, SqlitePool};
 
+use super::doorbell::Bells;
 use super::{map_err, retry_busy};
 #[path = "lease_permits.rs"]
 mod permits;
@@ -65,8 +66,15 @@ const POOL_SIZE: u32 = 4;
 ///   up to 10 s) instead of surfacing `SQLITE_BUSY`.
 /// - **Waiting** polls with backoff (see [`LeaseOptions`]). Releases wake
 ///   waiters at once within one process, also across `Lease`s that
-///   [`open`](Lease::open) the same file; another process notices within
-///   `max_poll`.
+///   [`open`](Lease::open) the same file, and in other processes on the
+///   machine through a doorbell file: while a process holds a lease it
+///   holds a shared file lock on one of 256 files in the folder
+///   `<database file>-dblock-bells` (created beside the file at the first
+///   grant; the file is picked by a hash of the table and the name), and a
+///   waiting process blocks for the exclusive lock in a thread, which it
+///   gets at the release. At most 8 names are watched per backend (8
+///   threads); past that, a read-only folder or an in-memory database,
+///   another process notices within `max_poll`.
 /// - **Shared (reader) leases are not supported**: `.shared()` fails with
 ///   [`Error::Unsupported`].
 /// - Without the table, calls fail with [`Error::SchemaMissing`].
@@ -206,6 +214,7 @@ impl Lease {
         wakeups: Arc<Wakeups>,
     ) -> Result<Self> {
         let store = SqliteStore {
+            bells: Bells::new(pool.connect_options().get_filename(), &table),
             pool: pool.clone(),
             sql: Sql::new(&quote_table(&table)),
             permits: holders_table(&table)
@@ -349,6 +358,8 @@ pub(crate) struct SqliteStore {
     permits: Option<PermitSql>,
     /// The lease table's name as given: its key in `dblock_token_floor`.
     table: String,
+    /// Release doorbells for waiters in other processes.
+    bells: Bells,
 }
 
 fn micros(d: Duration) -> i64 {
@@ -379,6 +390,10 @@ fn info(row: &SqliteRow) -> sqlx::Result<LockInfo> {
 impl LeaseStore for SqliteStore {
     fn kind(&self) -> &'static str {
         "sqlite-lease"
+    }
+
+    fn released(&self, name: &str) -> impl std::future::Future<Output = ()> + Send {
+        self.bells.released(name)
     }
 
     async fn now(&self) -> Result<DateTime<Utc>> {
@@ -414,6 +429,9 @@ impl LeaseStore for SqliteStore {
                 .await
         })
         .await?;
+        if let Some((token, _)) = row {
+            self.bells.arm(claim.name, token as u64);
+        }
         row.map(|(token, expires_at)| {
             Ok(Claimed {
                 token: token as u64,
@@ -442,6 +460,9 @@ impl LeaseStore for SqliteStore {
                 .fetch_optional(&self.pool)
         })
         .await?;
+        if at.is_none() {
+            self.bells.disarm(name, token);
+        }
         at.map(time).transpose().map_err(Error::Database)
     }
 
@@ -476,6 +497,11 @@ impl LeaseStore for SqliteStore {
                 answers[k] = Renewed::Until(time(*at).map_err(Error::Database)?);
             }
         }
+        for (r, answer) in batch.iter().zip(&answers) {
+            if *answer == Renewed::Gone {
+                self.bells.disarm(&r.name, r.token);
+            }
+        }
         Ok(answers)
     }
 
@@ -489,6 +515,8 @@ impl LeaseStore for SqliteStore {
         if is_permit(owner) {
             return self.release_permit(name, owner, token, hold).await;
         }
+        // The bell goes after the release statement (or if it is given up).
+        let _disarm = self.bells.disarm_on_drop(name, token);
         let done = retry_busy(|| {
             sqlx::query(AssertSqlSafe(self.sql.release.clone()))
                 .bind(name)

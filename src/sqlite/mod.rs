@@ -3,6 +3,7 @@
 //! file and the table, and every process that opens the same file shares
 //! its locks.
 
+mod doorbell;
 mod lease;
 mod migrate;
 
