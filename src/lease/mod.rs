@@ -55,9 +55,9 @@
 //!   lease, it is far less exposed than per-lease renewal was, but a pool
 //!   kept saturated for longer than a lease's margin still costs leases.
 
-pub(crate) mod permits;
 #[cfg(any(feature = "mysql", feature = "sqlite"))]
 pub(crate) mod doorbell;
+pub(crate) mod permits;
 mod renewal;
 mod wakeups;
 
