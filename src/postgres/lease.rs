@@ -382,6 +382,19 @@ impl PgStore {
         Ok(rows)
     }
 
+    /// Runs one statement, built by `query`, for its effect: unnamed and in
+    /// a transaction of its own behind a transaction pooler, as every
+    /// statement of this store.
+    async fn execute(
+        &self,
+        query: impl Fn() -> Query,
+    ) -> sqlx::Result<sqlx::postgres::PgQueryResult> {
+        let mut conn = self.conn().await?;
+        let done = query().persistent(!self.pooled).execute(conn.get()).await?;
+        conn.done().await?;
+        Ok(done)
+    }
+
     /// [`fetch_all`](Self::fetch_all) for at most one row.
     async fn fetch_optional(&self, query: impl Fn() -> Query) -> sqlx::Result<Option<PgRow>> {
         Ok(self.fetch_all(query).await?.into_iter().next())
@@ -636,9 +649,7 @@ impl LeaseStore for PgStore {
 
     async fn sweep(&self, grace: Duration) -> Result<u64> {
         let done = retrying(|| {
-            sqlx::query(AssertSqlSafe(self.sql.sweep.clone()))
-                .bind(micros(grace))
-                .execute(&self.pool)
+            self.execute(|| sqlx::query(AssertSqlSafe(self.sql.sweep.clone())).bind(micros(grace)))
         })
         .await?;
         Ok(done.rows_affected() + self.sweep_permits(grace).await?)

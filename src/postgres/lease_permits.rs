@@ -281,7 +281,8 @@ impl PgStore {
         let Some(sql) = self.permits.as_ref() else {
             return Ok(false);
         };
-        let done = retrying(|| self.q(&sql.force_release).bind(name).execute(&self.pool)).await;
+        let done =
+            retrying(|| self.execute(|| self.q(&sql.force_release).bind(name.to_owned()))).await;
         match done {
             Ok(done) => Ok(done.rows_affected() > 0),
             Err(e) if no_table(&e) => Ok(false),
@@ -323,7 +324,7 @@ impl PgStore {
         let Some(sql) = self.permits.as_ref() else {
             return Ok(0);
         };
-        let done = retrying(|| self.q(&sql.sweep).bind(micros(grace)).execute(&self.pool)).await;
+        let done = retrying(|| self.execute(|| self.q(&sql.sweep).bind(micros(grace)))).await;
         match done {
             Ok(done) => Ok(done.rows_affected()),
             Err(e) if no_table(&e) => Ok(0),
