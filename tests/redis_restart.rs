@@ -95,20 +95,31 @@ async fn tokens_strictly_increase_across_a_restart_without_saving() {
     });
     sleep(Duration::from_millis(300)).await;
 
+    // A key nothing writes again: whether it survives tells whether the
+    // restart kept the data (the token counter cannot tell: the waiter may
+    // claim, and so create it again, before it is looked at).
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let _: () = redis::cmd("SET")
+        .arg(format!("{PREFIX}sentinel"))
+        .arg(1)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+
     let restarted_at = Instant::now();
     restart_local_redis();
     eprintln!("Redis restarted in {:?}", restarted_at.elapsed());
 
-    // Nothing survived: the counter is gone.
+    // Nothing survived: the sentinel (and with it the counter) is gone.
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-    let counter: bool = redis::cmd("EXISTS")
-        .arg(format!("{PREFIX}token"))
+    let kept: bool = redis::cmd("EXISTS")
+        .arg(format!("{PREFIX}sentinel"))
         .query_async(&mut conn)
         .await
         .unwrap();
     assert!(
-        !counter,
-        "the restart kept the token counter: not a restart without saving"
+        !kept,
+        "the restart kept the data: not a restart without saving"
     );
 
     // The held lease is gone with the data: its guard says so in time.
