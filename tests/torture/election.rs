@@ -316,9 +316,12 @@ pub async fn run(kind: Kind, secs: u64) -> bool {
         // leader's deadline has passed, so its renewal marks it lost as
         // soon as it runs.
         let ttl = TTL.as_nanos() as i64;
+        // The latest such pause: a process paused twice near one term is
+        // judged by the pause this belief followed, not the earlier one.
         let pause = paused
             .iter()
-            .find(|&&(p, from, to)| p == l.pid && from <= l.at && to >= since - ttl);
+            .filter(|&&(p, from, to)| p == l.pid && from <= l.at && to >= since - ttl)
+            .max_by_key(|&&(_, _, to)| to);
         let was_paused = match pause {
             Some(&(_, _, to)) => {
                 lag = lag.max(l.at - to);
