@@ -423,76 +423,13 @@ async fn waiters_leave_room_sqlite_lease() {
 
 // ---- Bounded lease tables. ----
 
-/// 2,000 distinct names taken and released leave (almost) no rows a few
-/// seconds later; a name taken again gets a greater token.
-/// The closure [`ended_rows_are_swept`] counts rows with: `sql` (one
-/// placeholder, the LIKE pattern) on `pool`.
-macro_rules! rows_like {
-    ($pool:expr, $sql:expr) => {{
-        let pool = $pool.clone();
-        move |like: String| -> futures::future::BoxFuture<'static, i64> {
-            let pool = pool.clone();
-            Box::pin(async move {
-                sqlx::query_scalar($sql)
-                    .bind(like)
-                    .fetch_one(&pool)
-                    .await
-                    .unwrap()
-            })
-        }
-    }};
-}
-
-async fn ended_rows_are_swept(
-    locks: Locks,
-    rows: impl Fn(String) -> futures::future::BoxFuture<'static, i64>,
-) {
-    let prefix = common::unique("swept");
-    let first = format!("{prefix}:first");
-    let token = {
-        let g = locks.acquire(&first).await.unwrap();
-        let t = g.token();
-        g.release().await.unwrap();
-        t
-    };
-    let streams: Vec<_> = (0..8)
-        .map(|s| {
-            let locks = locks.clone();
-            let prefix = prefix.clone();
-            tokio::spawn(async move {
-                for i in 0..250 {
-                    let g = locks.acquire(format!("{prefix}:{s}:{i}")).await.unwrap();
-                    g.release().await.unwrap();
-                }
-            })
-        })
-        .collect();
-    for s in streams {
-        s.await.unwrap();
-    }
-    let like = format!("{prefix}:%");
-    let until = Instant::now() + Duration::from_secs(15);
-    let mut left = rows(like.clone()).await;
-    while left > 10 && Instant::now() < until {
-        sleep(Duration::from_millis(250)).await;
-        left = rows(like.clone()).await;
-    }
-    assert!(left <= 10, "{left} rows of 2,001 released leases are left");
-    let again = locks.acquire(&first).await.unwrap();
-    assert!(
-        again.token() > token,
-        "a swept name's token went back: {} after {token}",
-        again.token()
-    );
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_lease_rows_are_swept() {
     let pool = admin(8).await;
     let locks = Locks::new(Lease::new(pool.clone()));
-    ended_rows_are_swept(
+    common::ended_rows_are_swept(
         locks,
-        rows_like!(
+        crate::rows_like!(
             pool,
             "SELECT count(*) FROM dblock_leases WHERE name LIKE $1"
         ),
@@ -508,9 +445,9 @@ async fn sqlite_lease_rows_are_swept() {
         .await
         .unwrap();
     let pool = lease.pool().clone();
-    ended_rows_are_swept(
+    common::ended_rows_are_swept(
         Locks::new(lease),
-        rows_like!(
+        crate::rows_like!(
             pool,
             "SELECT count(*) FROM dblock_leases WHERE name LIKE ?1"
         ),
@@ -750,9 +687,9 @@ async fn mysql_lease_rows_are_swept_read_committed() {
 
 async fn mysql_rows_are_swept(pool: sqlx::MySqlPool) {
     let locks = Locks::new(dblock::mysql::Lease::new(pool.clone()));
-    ended_rows_are_swept(
+    common::ended_rows_are_swept(
         locks,
-        rows_like!(pool, "SELECT count(*) FROM dblock_leases WHERE name LIKE ?"),
+        crate::rows_like!(pool, "SELECT count(*) FROM dblock_leases WHERE name LIKE ?"),
     )
     .await;
 }

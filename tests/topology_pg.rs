@@ -320,6 +320,54 @@ async fn advisory_refuses_a_transaction_pooler_at_first_use_and_leaves_no_lock()
     }
 }
 
+/// Through a transaction pooler, ended lease rows and semaphore permits are
+/// swept as on a direct connection (the sweeps run unnamed, each in its own
+/// transaction), and tokens keep increasing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn ended_rows_are_swept_through_a_transaction_pooler() {
+    let direct = pool(&common::postgres_url().await, 2).await;
+    let locks = Locks::new(Lease::new(tx_pool(8).await).transaction_pooling(true));
+    common::ended_rows_are_swept(
+        locks.clone(),
+        crate::rows_like!(
+            direct,
+            "SELECT count(*) FROM dblock_leases WHERE name LIKE $1"
+        ),
+    )
+    .await;
+    let prefix = unique("swept-permits");
+    for i in 0..100 {
+        let permit = locks
+            .acquire(format!("{prefix}:{i}"))
+            .max_holders(2)
+            .await
+            .expect("a permit through the pooler");
+        permit.release().await.expect("release a permit");
+    }
+    let like = format!("{prefix}:%");
+    let count = |sql: &'static str| {
+        let (direct, like) = (direct.clone(), like.clone());
+        async move {
+            sqlx::query_scalar::<_, i64>(sql)
+                .bind(like)
+                .fetch_one(&direct)
+                .await
+                .unwrap()
+        }
+    };
+    let swept = suite::eventually(Duration::from_secs(15), || async {
+        count("SELECT count(*) FROM dblock_leases_holders WHERE name LIKE $1").await <= 2
+            && count("SELECT count(*) FROM dblock_leases WHERE name LIKE $1").await <= 2
+    })
+    .await;
+    assert!(
+        swept,
+        "{} permit rows and {} marker rows of 100 released permits are left",
+        count("SELECT count(*) FROM dblock_leases_holders WHERE name LIKE $1").await,
+        count("SELECT count(*) FROM dblock_leases WHERE name LIKE $1").await
+    );
+}
+
 /// Two backends through the pooler, one lock each: the second cannot be
 /// granted the first one's lock through a shared server connection.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -138,3 +138,67 @@ pub fn redis_url() -> String {
         )
     })
 }
+
+/// 2,000 distinct names taken and released leave (almost) no rows a few
+/// seconds later; a name taken again gets a greater token.
+/// [`rows_like!`] makes the closure that counts rows with: `sql` (one
+/// placeholder, the LIKE pattern) on `pool`.
+#[macro_export]
+macro_rules! rows_like {
+    ($pool:expr, $sql:expr) => {{
+        let pool = $pool.clone();
+        move |like: String| -> futures::future::BoxFuture<'static, i64> {
+            let pool = pool.clone();
+            Box::pin(async move {
+                sqlx::query_scalar($sql)
+                    .bind(like)
+                    .fetch_one(&pool)
+                    .await
+                    .unwrap()
+            })
+        }
+    }};
+}
+
+pub async fn ended_rows_are_swept(
+    locks: dblock::Locks,
+    rows: impl Fn(String) -> futures::future::BoxFuture<'static, i64>,
+) {
+    let prefix = unique("swept");
+    let first = format!("{prefix}:first");
+    let token = {
+        let g = locks.acquire(&first).await.unwrap();
+        let t = g.token();
+        g.release().await.unwrap();
+        t
+    };
+    let streams: Vec<_> = (0..8)
+        .map(|s| {
+            let locks = locks.clone();
+            let prefix = prefix.clone();
+            tokio::spawn(async move {
+                for i in 0..250 {
+                    let g = locks.acquire(format!("{prefix}:{s}:{i}")).await.unwrap();
+                    g.release().await.unwrap();
+                }
+            })
+        })
+        .collect();
+    for s in streams {
+        s.await.unwrap();
+    }
+    let like = format!("{prefix}:%");
+    let until = tokio::time::Instant::now() + std::time::Duration::from_secs(15);
+    let mut left = rows(like.clone()).await;
+    while left > 10 && tokio::time::Instant::now() < until {
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+        left = rows(like.clone()).await;
+    }
+    assert!(left <= 10, "{left} rows of 2,001 released leases are left");
+    let again = locks.acquire(&first).await.unwrap();
+    assert!(
+        again.token() > token,
+        "a swept name's token went back: {} after {token}",
+        again.token()
+    );
+}
