@@ -273,12 +273,16 @@ impl Election {
     /// # Cancel safety
     /// Cancel safe: if dropped, no task is left running.
     pub async fn observe(&self) -> Result<watch::Receiver<Option<Leader>>> {
+        // Armed before the first read, so that a campaign or resignation
+        // through this handle during the read, or before the reading task
+        // first runs, is read again rather than left to the next period.
+        let mut rung = Box::pin(self.changed.clone().notified_owned());
+        rung.as_mut().enable();
         let first = self.leader().await?;
         let (tx, rx) = watch::channel(first);
         let (locks, name, changed) = (self.locks.clone(), self.name.clone(), self.changed.clone());
         let every = self.observe_every();
         tokio::spawn(async move {
-            let mut rung = Box::pin(changed.notified());
             loop {
                 rung.as_mut().enable();
                 tokio::select! {
@@ -288,7 +292,7 @@ impl Election {
                 }
                 // Armed before the read, so that a campaign or resignation
                 // during the read is read again.
-                rung = Box::pin(changed.notified());
+                rung = Box::pin(changed.clone().notified_owned());
                 rung.as_mut().enable();
                 match locks.leader(&name).await {
                     Ok(now) => {

@@ -85,3 +85,33 @@ async fn with_options_on_a_cloned_handle_shares_the_locks() {
     waiter.await.unwrap().expect("woken by the release");
     assert!(started.elapsed() < Duration::from_secs(5));
 }
+
+/// An observer made just before a campaign through the same handle sees
+/// the new leader at once, not a renewal period later: the wake-up is armed
+/// before the observer's first read. On a current-thread runtime the
+/// reading task cannot run before the campaign has notified.
+#[tokio::test]
+async fn an_observer_made_just_before_a_campaign_sees_it_at_once() {
+    use std::time::Duration;
+    let locks = Locks::new(Memory::new());
+    let election = locks
+        .elect(common::unique("observe-race"), "me")
+        .unwrap()
+        .ttl(Duration::from_secs(30))
+        .unwrap();
+    assert_eq!(election.observe_every(), Duration::from_secs(10));
+    let mut leaders = election.observe().await.unwrap();
+    assert!(leaders.borrow().is_none());
+    let leader = election.campaign().await.unwrap();
+    let term = leader.term();
+    let seen = tokio::time::timeout(
+        Duration::from_secs(2),
+        leaders.wait_for(|l| l.as_ref().is_some_and(|l| l.term == term)),
+    )
+    .await;
+    assert!(
+        seen.is_ok(),
+        "the observer did not see the campaign within 2 s (its period is 10 s)"
+    );
+    leader.resign().await.unwrap();
+}
