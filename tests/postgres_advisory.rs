@@ -58,7 +58,7 @@ impl suite::Fixture for AdvisoryFixture {
         false
     }
     fn semaphores(&self) -> bool {
-        false
+        true
     }
 }
 

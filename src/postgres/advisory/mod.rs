@@ -20,6 +20,7 @@
 mod acquire;
 mod holders;
 mod registry;
+mod semaphore;
 mod session;
 
 use std::collections::HashSet;
@@ -35,6 +36,7 @@ use tokio::sync::Semaphore;
 use super::{advisory_key, engine};
 use crate::backend::{BoxFuture, Grant};
 use crate::detach::Detached;
+use crate::lease::permits::disagreement;
 use crate::lease::Wakeups;
 use crate::{AcquireRequest, Backend, Error, LockInfo, LockMode, Result};
 use registry::{Registry, SessionId};
@@ -524,31 +526,43 @@ impl Backend for Advisory {
                             .into(),
                 });
             }
-            if request.is_permit() {
-                return Err(Error::Unsupported {
-                    backend: self.kind(),
-                    what: "semaphores (max_holders above 1); use postgres::Lease, on the same \
-                           database, for them"
-                        .into(),
-                });
-            }
             if let Some(refusal) = self.inner.refusal() {
                 return Err(refusal);
             }
             // A holder identity is recorded beside an exclusive lock (see
             // `holders`); dropping the grant on failure unlocks it.
-            let holder = (request.mode() == LockMode::Exclusive)
+            let holder = (request.mode() == LockMode::Exclusive && !request.is_permit())
                 .then(|| {
                     request
                         .holder()
                         .map(|h| (request.name().to_owned(), h.to_owned()))
                 })
                 .flatten();
+            let shared = request.mode() == LockMode::Shared;
+            let name = request.name().to_owned();
             let grant = acquire::acquire(&self.inner, request).await?;
             if let (Some(grant), Some((name, holder))) = (&grant, holder) {
                 holders::record(&self.inner.pool, &name, &holder, grant.token).await?;
             }
-            Ok(grant)
+            // Readers share the name's key with permits: a reader granted
+            // beside them looks for their semaphore marker (taken before
+            // the key by every permit) and gives way.
+            match grant {
+                Some(grant) if shared => {
+                    match semaphore::capacity_held(&self.inner.pool, &name).await {
+                        Ok(None) => Ok(Some(grant)),
+                        Ok(Some(found)) => {
+                            let _ = grant.held.release().await;
+                            Err(disagreement(&name, 1, found))
+                        }
+                        Err(e) => {
+                            let _ = grant.held.release().await;
+                            Err(e)
+                        }
+                    }
+                }
+                grant => Ok(grant),
+            }
         })
     }
 
@@ -559,7 +573,8 @@ impl Backend for Advisory {
                 return Ok(None);
             };
             info.name = Some(name.to_owned());
-            if info.mode == LockMode::Exclusive {
+            semaphore::inspect(&self.inner.pool, name, &mut info).await?;
+            if info.mode == LockMode::Exclusive && info.max_holders == Some(1) {
                 // A recorded identity, unless it is an older holder's on the
                 // session this backend holds the lock on now.
                 if let Some((holder, token, since)) =
@@ -577,7 +592,11 @@ impl Backend for Advisory {
     }
 
     fn list(&self) -> BoxFuture<'_, Result<Vec<LockInfo>>> {
-        Box::pin(self.inner.query_locks(None))
+        Box::pin(async move {
+            let all = self.inner.query_locks(None).await?;
+            let ours = self.inner.registry().semaphores();
+            semaphore::list(&self.inner.pool, all, ours).await
+        })
     }
 
     fn now(&self) -> BoxFuture<'_, Result<DateTime<Utc>>> {

@@ -38,7 +38,9 @@ use sqlx::{Postgres, Row};
 use tokio::sync::{mpsc, MutexGuard, OwnedSemaphorePermit};
 use tokio::time::{sleep_until, timeout, Instant};
 
-use super::registry::{Hold, HoldState, LockId, SessionEntry, SessionId};
+mod permit;
+
+use super::registry::{Hold, HoldState, LockId, Permit, SessionEntry, SessionId};
 use super::{lock_table_full, split_key, Inner, Refusal, LOCK_TABLE_FULL};
 use crate::backend::{BoxFuture, Grant, HeldLock, LockStatus};
 use crate::detach::Detached;
@@ -467,6 +469,7 @@ pub(super) fn adopt(
                 lock,
                 session: session.id,
                 mode,
+                permit: None,
                 state: HoldState::Held {
                     token,
                     name: name.to_owned(),
@@ -677,65 +680,77 @@ impl Session {
         let outcome = bounded(limit, query.fetch_one(c.pg())).await;
         c.in_doubt = false;
         match outcome {
-            Ok((false, _)) => {
-                // Not our server session: nothing was taken by this
-                // statement, and what this session took before may sit on
-                // a server connection other clients use. Close it.
-                self.inner.registry().not_granted(self.id, key, lock);
-                self.inner.refuse(Refusal::Pooler);
-                self.die(&mut c, POOLED);
-                LockReply::Failed(engine::transaction_pooler())
-            }
+            Ok((false, _)) => self.not_ours(&mut c, key, lock),
             Ok((true, Some(token))) => {
                 self.alive();
-                let token = token as u64;
-                let (status, pending) = Grant::status(None);
-                self.inner.registry().granted(
-                    key,
-                    Hold {
-                        lock,
-                        session: self.id,
-                        mode,
-                        state: HoldState::Held {
-                            token,
-                            name: name.clone(),
-                            status: status.clone(),
-                        },
-                    },
-                );
-                // If the acquirer is gone, the grant is dropped where this
-                // finishes, which queues its unlock on this session.
-                LockReply::Granted(pending.grant(
-                    token,
-                    Box::new(Held {
-                        name,
-                        key,
-                        lock,
-                        session: Arc::downgrade(&self),
-                        status,
-                        armed: true,
-                    }),
-                ))
+                self.granted(key, lock, mode, None, token as u64, name)
             }
             Ok((true, None)) => {
                 self.alive();
                 self.inner.registry().not_granted(self.id, key, lock);
                 LockReply::Busy
             }
-            Err(Failure::Server(e)) if is_statement_clash(&e) => {
-                // Not our server session (a named statement of ours is
-                // missing or taken there): nothing of this statement ran.
-                self.inner.registry().not_granted(self.id, key, lock);
-                self.inner.refuse(Refusal::Pooler);
-                self.die(&mut c, POOLED);
-                LockReply::Failed(engine::transaction_pooler())
-            }
+            // Not our server session (a named statement of ours is missing
+            // or taken there): nothing of this statement ran.
+            Err(Failure::Server(e)) if is_statement_clash(&e) => self.not_ours(&mut c, key, lock),
             Err(Failure::Server(e)) => self.undo(&mut c, lock, key, mode, e).await,
             Err(Failure::Broken(reason)) => {
                 self.die(&mut c, &reason);
                 LockReply::Gone(reason)
             }
         }
+    }
+
+    /// A lock statement found itself on another server session than this
+    /// session's own: nothing was taken by it, and what this session took
+    /// before may sit on a server connection other clients use. Closes it.
+    fn not_ours(&self, c: &mut Conn, key: i64, lock: LockId) -> LockReply {
+        self.inner.registry().not_granted(self.id, key, lock);
+        self.inner.refuse(Refusal::Pooler);
+        self.die(c, POOLED);
+        LockReply::Failed(engine::transaction_pooler())
+    }
+
+    /// The pending hold `lock` on `key` was granted: records it and makes
+    /// its grant. Called with the session's connection held, so that the
+    /// next statement on it knows of the hold.
+    fn granted(
+        self: &Arc<Self>,
+        key: i64,
+        lock: LockId,
+        mode: LockMode,
+        permit: Option<Permit>,
+        token: u64,
+        name: String,
+    ) -> LockReply {
+        let (status, pending) = Grant::status(None);
+        self.inner.registry().granted(
+            key,
+            Hold {
+                lock,
+                session: self.id,
+                mode,
+                permit,
+                state: HoldState::Held {
+                    token,
+                    name: name.clone(),
+                    status: status.clone(),
+                },
+            },
+        );
+        // If the acquirer is gone, the grant is dropped where this
+        // finishes, which queues its unlock on this session.
+        LockReply::Granted(pending.grant(
+            token,
+            Box::new(Held {
+                name,
+                key,
+                lock,
+                session: Arc::downgrade(self),
+                status,
+                armed: true,
+            }),
+        ))
     }
 
     /// A lock statement failed, maybe after the lock was taken (the lock
@@ -806,10 +821,10 @@ impl Session {
         // Looked up under the session's mutex: the registry changes this
         // session's holds only while holding it, so the hold cannot be
         // broken and the key taken again by another guard meanwhile.
-        let mode = {
+        let (mode, permit) = {
             let registry = self.inner.registry();
             match registry.hold(key, lock) {
-                Some(h) if h.session == self.id => h.mode,
+                Some(h) if h.session == self.id => (h.mode, h.permit.clone()),
                 _ => {
                     return Released::NotHeld("the advisory lock was lost or broken before".into())
                 }
@@ -821,13 +836,18 @@ impl Session {
             LockMode::Shared => UNLOCK_SHARED,
         };
         c.in_doubt = true;
-        let outcome = bounded(
-            limit,
-            sqlx::query_scalar::<_, bool>(sql)
-                .bind(key)
-                .fetch_one(c.pg()),
-        )
-        .await;
+        let outcome = match &permit {
+            Some(permit) => bounded(limit, permit::unlock(c.pg(), permit, permit::ALL)).await,
+            None => {
+                bounded(
+                    limit,
+                    sqlx::query_scalar::<_, bool>(sql)
+                        .bind(key)
+                        .fetch_one(c.pg()),
+                )
+                .await
+            }
+        };
         c.in_doubt = false;
         let unlocked = match outcome {
             Ok(unlocked) => unlocked,
