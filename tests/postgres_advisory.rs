@@ -1375,3 +1375,283 @@ mod multiplexed {
         }
     }
 }
+
+/// Semaphores on advisory locks: what only they have (their keys in
+/// `pg_locks`, sessions many permits share, disagreement between processes
+/// as a race). The suite's semaphore behaviours run above.
+mod semaphores {
+    use super::*;
+
+    /// A permit's key in SQL, as the README shows it: the SHA-256 of the
+    /// name, a NUL byte and `suffix`.
+    async fn key_in_sql(pool: &PgPool, name: &str, suffix: &str) -> i64 {
+        sqlx::query_scalar(
+            "SELECT ('x' || left(encode(sha256(convert_to($1, 'UTF8') || '\\x00'::bytea
+                     || convert_to($2, 'UTF8')), 'hex'), 16))::bit(64)::bigint",
+        )
+        .bind(name)
+        .bind(suffix)
+        .fetch_one(pool)
+        .await
+        .unwrap()
+    }
+
+    /// How the key is held in `pg_locks`: by how many sessions, in which modes.
+    async fn held_as(pool: &PgPool, key: i64) -> Vec<String> {
+        sqlx::query_scalar(
+            "SELECT mode FROM pg_locks WHERE locktype = 'advisory' AND objsubid = 1 AND granted
+               AND ((classid::bigint << 32) | objid::bigint) = $1 ORDER BY mode",
+        )
+        .bind(key)
+        .fetch_all(pool)
+        .await
+        .unwrap()
+    }
+
+    async fn backend(url: &str, size: u32, sessions: usize, heartbeat: Duration) -> Locks {
+        Locks::new(
+            Advisory::new(pool(url, size).await)
+                .with_options(AdvisoryOptions {
+                    wait: WaitStrategy::Server,
+                    heartbeat,
+                })
+                .unwrap()
+                .with_holder_sessions(sessions)
+                .unwrap(),
+        )
+    }
+
+    /// The keys the README documents are the ones held: each permit its
+    /// own slot (exclusive), and the name's key, the semaphore marker and
+    /// the capacity marker shared.
+    #[tokio::test]
+    async fn permits_hold_the_documented_keys() {
+        let f = fixture(WaitStrategy::Server).await;
+        let admin = pool(&f.url, 1).await;
+        let name = common::unique("sem-keys 🔒");
+        let a = suite::Fixture::locks(&f).await;
+        let b = suite::Fixture::locks(&f).await;
+        let p1 = a.acquire(&name).max_holders(3).await.unwrap();
+        let p2 = b.acquire(&name).max_holders(3).await.unwrap();
+        let exclusive = vec!["ExclusiveLock".to_owned()];
+        let shared = vec!["ShareLock".to_owned(); 2];
+        assert_eq!(
+            held_as(&admin, key_in_sql(&admin, &name, "slot:0").await).await,
+            exclusive
+        );
+        assert_eq!(
+            held_as(&admin, key_in_sql(&admin, &name, "slot:1").await).await,
+            exclusive
+        );
+        assert!(held_as(&admin, key_in_sql(&admin, &name, "slot:2").await)
+            .await
+            .is_empty());
+        assert_eq!(held_as(&admin, advisory_key(&name)).await, shared);
+        assert_eq!(
+            held_as(&admin, key_in_sql(&admin, &name, "semaphore").await).await,
+            shared
+        );
+        assert_eq!(
+            held_as(&admin, key_in_sql(&admin, &name, "max_holders:3").await).await,
+            shared
+        );
+        // Another process's inspect sees the semaphore by its keys alone.
+        let c = suite::Fixture::locks(&f).await;
+        let info = c.inspect(&name).await.unwrap().expect("held");
+        assert_eq!((info.holders, info.max_holders), (2, Some(3)));
+        assert_eq!(info.mode, dblock::LockMode::Exclusive);
+        p1.release().await.unwrap();
+        p2.release().await.unwrap();
+        for suffix in ["slot:0", "slot:1", "semaphore", "max_holders:3"] {
+            assert!(held_as(&admin, key_in_sql(&admin, &name, suffix).await)
+                .await
+                .is_empty());
+        }
+        assert!(held_as(&admin, advisory_key(&name)).await.is_empty());
+    }
+
+    /// Acquisitions that disagree, racing from two backends with pools of
+    /// their own: never granted together, and each refusal is
+    /// `InvalidOption`.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn disagreeing_acquisitions_race_across_processes() {
+        let f = fixture(WaitStrategy::Server).await;
+        let a = suite::Fixture::locks(&f).await;
+        let b = suite::Fixture::locks(&f).await;
+        // (a's n, b's n); 1 is a plain lock, 0 a reader.
+        let pairs = [(2, 3), (2, 1), (3, 0), (1, 4)];
+        let mut refused = 0;
+        for round in 0..60 {
+            let (na, nb) = pairs[round % pairs.len()];
+            let name = common::unique("sem-race");
+            let take = |locks: Locks, n: u32, name: String| async move {
+                let acquire = locks.acquire(&name).wait(Duration::from_millis(300));
+                let acquire = match n {
+                    0 => acquire.shared(),
+                    n => acquire.max_holders(n),
+                };
+                acquire.await
+            };
+            let (ra, rb) = tokio::join!(
+                take(a.clone(), na, name.clone()),
+                take(b.clone(), nb, name.clone())
+            );
+            match (&ra, &rb) {
+                (Ok(_), Ok(_)) => panic!("{na} and {nb} holders granted together on {name}"),
+                (Err(e), _) | (_, Err(e)) => {
+                    assert!(matches!(e, Error::InvalidOption(_)), "{e:?}");
+                    refused += 1;
+                }
+            }
+            for g in [ra, rb].into_iter().flatten() {
+                g.release().await.unwrap();
+            }
+            assert!(
+                a.inspect(&name).await.unwrap().is_none(),
+                "{name} still held"
+            );
+        }
+        assert_eq!(refused, 60);
+    }
+
+    /// An operator's exclusive lock on the name, taken in psql, is a lock:
+    /// a permit is refused rather than waiting.
+    #[tokio::test]
+    async fn an_operators_lock_refuses_permits() {
+        let f = fixture(WaitStrategy::Server).await;
+        let operator = pool(&f.url, 1).await;
+        let mut op = operator.acquire().await.unwrap();
+        let name = common::unique("sem-psql");
+        let took: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+            .bind(advisory_key(&name))
+            .fetch_one(&mut *op)
+            .await
+            .unwrap();
+        assert!(took);
+        let locks = suite::Fixture::locks(&f).await;
+        let err = locks
+            .acquire(&name)
+            .max_holders(2)
+            .wait(Duration::from_secs(5))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::InvalidOption(_)), "{err:?}");
+        let _: bool = sqlx::query_scalar("SELECT pg_advisory_unlock_all() IS NULL")
+            .fetch_one(&mut *op)
+            .await
+            .unwrap();
+        let p = locks.acquire(&name).max_holders(2).await.unwrap();
+        p.release().await.unwrap();
+    }
+
+    /// Many permits on one holder session (of one name, stacked, and of
+    /// others): terminating it reports every one lost, and frees them.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn terminating_the_session_loses_every_permit_on_it() {
+        let _share = share_lock_table().await;
+        let url = common::postgres_url().await;
+        let heartbeat = Duration::from_millis(300);
+        let locks = backend(&url, 3, 1, heartbeat).await;
+        let name = common::unique("sem-victim");
+        let other = common::unique("sem-victim-2");
+        let mut permits = Vec::new();
+        for _ in 0..3 {
+            permits.push(locks.acquire(&name).max_holders(3).await.unwrap());
+        }
+        permits.push(locks.acquire(&other).max_holders(2).await.unwrap());
+        let plain = locks
+            .acquire(common::unique("sem-victim-plain"))
+            .await
+            .unwrap();
+        let admin = pool(&url, 1).await;
+        let pids: Vec<i32> = sqlx::query_scalar(
+            "SELECT DISTINCT pid FROM pg_locks WHERE locktype = 'advisory' AND objsubid = 1
+               AND granted AND ((classid::bigint << 32) | objid::bigint) = ANY($1)",
+        )
+        .bind(vec![advisory_key(&name), advisory_key(&other)])
+        .fetch_all(&admin)
+        .await
+        .unwrap();
+        assert_eq!(pids.len(), 1, "the permits are on one session");
+        let killed: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1)")
+            .bind(pids[0])
+            .fetch_one(&admin)
+            .await
+            .unwrap();
+        assert!(killed);
+        timeout(
+            heartbeat * 2 + Duration::from_secs(1),
+            futures::future::join_all(permits.iter().chain([&plain]).map(|g| g.lost())),
+        )
+        .await
+        .expect("a permit on the terminated session did not report lost");
+        for p in permits {
+            assert!(matches!(p.release().await, Err(Error::Lost { .. })));
+        }
+        let again = backend(&url, 2, 1, heartbeat).await;
+        let mut fresh = Vec::new();
+        for _ in 0..3 {
+            let p = again.acquire(&name).max_holders(3).wait(Duration::ZERO);
+            fresh.push(p.await.expect("a freed permit"));
+        }
+        for p in fresh {
+            p.release().await.unwrap();
+        }
+    }
+
+    /// Permits taken, released, dropped and cancelled mid-acquire on a
+    /// small pool: afterwards no session holds any of the semaphore's keys
+    /// and pooled connections hold nothing.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn cancelled_permits_leave_nothing_held() {
+        let _share = share_lock_table().await;
+        let url = common::postgres_url().await;
+        let pg = pool(&url, 3).await;
+        let locks = Locks::new(Advisory::new(pg.clone()));
+        let name = common::unique("sem-clean");
+        let mut keep = Vec::new();
+        for i in 0..90u64 {
+            match i % 3 {
+                0 => keep.push(locks.acquire(&name).max_holders(3).await.unwrap()),
+                1 => drop(locks.acquire(&name).max_holders(3).await.unwrap()),
+                _ => {
+                    let _ = timeout(
+                        Duration::from_micros(i * 211 % 3000),
+                        locks.acquire(&name).max_holders(3),
+                    )
+                    .await;
+                }
+            }
+            if keep.len() == 2 {
+                for p in keep.drain(..) {
+                    p.release().await.unwrap();
+                }
+            }
+        }
+        for p in keep {
+            p.release().await.unwrap();
+        }
+        let admin = pool(&url, 1).await;
+        let mut keys = vec![
+            advisory_key(&name),
+            key_in_sql(&admin, &name, "semaphore").await,
+            key_in_sql(&admin, &name, "max_holders:3").await,
+        ];
+        for i in 0..3 {
+            keys.push(key_in_sql(&admin, &name, &format!("slot:{i}")).await);
+        }
+        for key in keys {
+            assert!(
+                suite::eventually(Duration::from_secs(10), || async {
+                    sessions_holding(&admin, key).await == 0
+                })
+                .await,
+                "a session still holds key {key}"
+            );
+        }
+        let info = locks.inspect(&name).await.unwrap();
+        assert!(info.is_none(), "{info:?}");
+    }
+
+    use tokio::time::timeout;
+}
