@@ -219,10 +219,10 @@ async fn controller(settings: Settings) -> Vec<Outcome> {
         }
     }
     if settings.phase("semaphore") {
-        // Advisory has no semaphores; Redis runs restart the server.
+        // Redis runs restart the server.
         for &kind in kinds
             .iter()
-            .filter(|&&k| k.lease() && (k != Kind::RedisLease || settings.restart))
+            .filter(|&&k| k != Kind::RedisLease || settings.restart)
         {
             let ok = timed("semaphore", torture::semaphore(kind, &settings)).await;
             outcomes.push(Outcome {
