@@ -446,6 +446,8 @@ fn check_overlaps(run: &Run<'_>, list: &[&Holder], report: &mut Report) {
 /// The semaphore mode: at no instant do more than `permits` holders
 /// believe they hold a name, unless a fault of one of them explains it.
 fn check_permits(run: &Run<'_>, list: &[&Holder], permits: u32, report: &mut Report) {
+    // Holders found not to heed their loss, each reported once.
+    let mut unheeded = HashSet::new();
     for later in list {
         // Holders believing they held the name when `later` was granted.
         let beside: Vec<&&Holder> = list
@@ -466,7 +468,7 @@ fn check_permits(run: &Run<'_>, list: &[&Holder], permits: u32, report: &mut Rep
             Some(_) => {
                 report.excused_overlaps += 1;
                 if run.watch_lost {
-                    check_heeded(run, &beside, later, report);
+                    check_heeded(run, &beside, later, &mut unheeded, report);
                 }
             }
             None => {
@@ -498,9 +500,15 @@ const GRACE_NS: i64 = 1_000_000_000;
 /// explains the overflow must stop believing within [`GRACE_NS`] of its
 /// end, unless killed: they heed `lost()`. A holder that ignores its loss
 /// goes on past it (the negative control, `IGNORE_LOSS` in `worker`).
-fn check_heeded(run: &Run<'_>, beside: &[&&Holder], later: &Holder, report: &mut Report) {
+fn check_heeded(
+    run: &Run<'_>,
+    beside: &[&&Holder],
+    later: &Holder,
+    unheeded: &mut HashSet<(String, u64)>,
+    report: &mut Report,
+) {
     for h in beside {
-        if h.how == End::Killed {
+        if h.how == End::Killed || unheeded.contains(&(h.wid.clone(), h.token)) {
             continue;
         }
         let fault = run
@@ -515,6 +523,7 @@ fn check_heeded(run: &Run<'_>, beside: &[&&Holder], later: &Holder, report: &mut
             .max_by_key(|f| f.end);
         let Some(f) = fault else { continue };
         if h.end > f.end + GRACE_NS {
+            unheeded.insert((h.wid.clone(), h.token));
             report.violation(format!(
                 "{}: {} (token {}) went on believing it held a permit {:.0} ms after its {} \
                  ended, while {} (token {}) held one: it did not heed lost()",

@@ -293,7 +293,8 @@ impl Window {
         match write {
             Write::Entry => {
                 !self.tokens.contains(&token)
-                    && (self.tokens.len() < self.n || self.tokens.first().is_some_and(|&t| token > t))
+                    && (self.tokens.len() < self.n
+                        || self.tokens.first().is_some_and(|&t| token > t))
             }
             Write::Exit => self.tokens.contains(&token),
         }
