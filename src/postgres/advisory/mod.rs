@@ -163,9 +163,21 @@ const LOCK_TABLE_FULL: &str = "53200";
 ///   statement as the lock: run [`migrate`](super::migrate) once. Names map
 ///   to keys by [`advisory_key`], so other programs can take the same locks.
 /// - Shared (reader) locks are native.
-/// - **Semaphores** (`max_holders(n)` above 1) are not supported: they fail
-///   with [`Error::Unsupported`] before anything is taken. Use
-///   [`Lease`](super::Lease) on the same database for them.
+/// - **Semaphores** (`max_holders(n)`): a permit is an exclusive advisory
+///   lock on one of `n` slot keys derived from the name, tried in turn,
+///   with its own token; it also holds, shared, the name's own key (so a
+///   plain lock and permits exclude each other on the server), a semaphore
+///   marker and a marker of its `n` (keys in the README, beside the
+///   name's). A permit, plain lock or reader that finds the name held with
+///   another `n` sees it by these markers in `pg_locks`, in any process,
+///   and fails with [`Error::InvalidOption`]; two such acquisitions racing
+///   may both fail, never both succeed. A permit takes four entries of the
+///   lock table. Permits wait by polling (the poll bounds of
+///   [`WaitStrategy::Poll`], or 10 to 250 ms with
+///   [`WaitStrategy::Server`]), woken at once by releases in this process:
+///   a wait on one slot would miss the others' releases. `inspect` counts
+///   the slots held; `list` shows the semaphores this backend holds permits
+///   of by name, others' as the bare keys they hold.
 /// - `.ttl()` does not apply (the lock lives as long as its session);
 ///   [`LockGuard::expires_at`](crate::LockGuard::expires_at) is `None`.
 /// - `.hold_at_least()` is not supported: a lock that must outlive its
