@@ -37,6 +37,43 @@ fn options(wait: WaitStrategy) -> AdvisoryOptions {
     }
 }
 
+/// Terminates the server session `pid`; every one of `guards` (on it)
+/// must report lost within two heartbeats and a second.
+async fn terminate_and_see_lost(
+    admin: &PgPool,
+    pid: i32,
+    guards: &[&dblock::LockGuard],
+    heartbeat: Duration,
+) {
+    let killed: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1)")
+        .bind(pid)
+        .fetch_one(admin)
+        .await
+        .unwrap();
+    assert!(killed);
+    tokio::time::timeout(
+        heartbeat * 2 + Duration::from_secs(1),
+        futures::future::join_all(guards.iter().map(|g| g.lost())),
+    )
+    .await
+    .expect("a guard on the terminated session did not report lost within a heartbeat");
+}
+
+/// Advisory locks on `pg` with server-side waits, `sessions` holder
+/// sessions and `heartbeat`.
+fn server_waits(pg: PgPool, sessions: usize, heartbeat: Duration) -> Locks {
+    Locks::new(
+        Advisory::new(pg)
+            .with_options(AdvisoryOptions {
+                wait: WaitStrategy::Server,
+                heartbeat,
+            })
+            .unwrap()
+            .with_holder_sessions(sessions)
+            .unwrap(),
+    )
+}
+
 impl suite::Fixture for AdvisoryFixture {
     async fn locks(&self) -> Locks {
         let backend = Advisory::new(pool(&self.url, 6).await)
@@ -138,6 +175,14 @@ async fn psql_operator_and_dblock_exclude_each_other() {
     assert!(took);
     let locks = suite::Fixture::locks(&f).await;
     assert!(locks.try_acquire(&name).await.unwrap().is_none());
+    // The operator's lock is a lock: a semaphore's permit is refused
+    // rather than waiting.
+    let permit = locks
+        .acquire(&name)
+        .max_holders(2)
+        .wait(Duration::from_secs(5));
+    let err = permit.await.unwrap_err();
+    assert!(matches!(err, Error::InvalidOption(_)), "{err:?}");
     let info = locks
         .inspect(&name)
         .await
@@ -148,7 +193,10 @@ async fn psql_operator_and_dblock_exclude_each_other() {
         .fetch_one(&mut *op)
         .await
         .unwrap();
-    assert!(locks.try_acquire(&name).await.unwrap().is_some());
+    let guard = locks.try_acquire(&name).await.unwrap().expect("free again");
+    guard.release().await.unwrap();
+    let permit = locks.acquire(&name).max_holders(2).await.unwrap();
+    permit.release().await.unwrap();
 }
 
 /// `inspect` and `list` count the sessions waiting for an advisory lock
@@ -766,15 +814,7 @@ mod multiplexed {
         let _share = share_lock_table().await;
         let (url, pg) = setup(10).await;
         let heartbeat = Duration::from_millis(300);
-        let backend = Advisory::new(pg.clone())
-            .with_options(AdvisoryOptions {
-                wait: WaitStrategy::Server,
-                heartbeat,
-            })
-            .unwrap()
-            .with_holder_sessions(3)
-            .unwrap();
-        let locks = Locks::new(backend);
+        let locks = server_waits(pg.clone(), 3, heartbeat);
         let names = names(&common::unique("victims"), 300);
         let keys = keys(&names);
         let guards = take_all(&locks, &names, 50).await;
@@ -794,18 +834,8 @@ mod multiplexed {
             .partition(|g| pid_of[&advisory_key(g.name())] == victim);
         assert!(!doomed.is_empty() && !spared.is_empty());
 
-        let killed: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1)")
-            .bind(victim)
-            .fetch_one(&admin)
-            .await
-            .unwrap();
-        assert!(killed);
-        timeout(
-            heartbeat * 2 + Duration::from_secs(1),
-            futures::future::join_all(doomed.iter().map(|g| g.lost())),
-        )
-        .await
-        .expect("a guard on the terminated session did not report lost within a heartbeat");
+        let doomed_ref: Vec<&LockGuard> = doomed.iter().collect();
+        terminate_and_see_lost(&admin, victim, &doomed_ref, heartbeat).await;
         sleep(heartbeat * 3).await;
         let lost: Vec<_> = spared.iter().filter(|g| g.is_lost()).collect();
         assert!(
@@ -1178,16 +1208,7 @@ mod multiplexed {
     async fn a_failed_unlock_closes_the_session_and_loses_its_guards() {
         let _share = share_lock_table().await;
         let (url, pg) = setup(3).await;
-        let locks = Locks::new(
-            Advisory::new(pg.clone())
-                .with_options(AdvisoryOptions {
-                    wait: WaitStrategy::Server,
-                    heartbeat: Duration::from_secs(600),
-                })
-                .unwrap()
-                .with_holder_sessions(1)
-                .unwrap(),
-        );
+        let locks = server_waits(pg.clone(), 1, Duration::from_secs(600));
         let names = names(&common::unique("unlock"), 20);
         let mut guards = take_all(&locks, &names, 10).await;
         let admin = pool(&url, 1).await;
@@ -1318,16 +1339,7 @@ mod multiplexed {
         let heartbeat = Duration::from_millis(500);
         for sessions in [1, 2, 4, 8] {
             let pg = pool(&url, 10).await;
-            let locks = Locks::new(
-                Advisory::new(pg.clone())
-                    .with_options(AdvisoryOptions {
-                        wait: WaitStrategy::Server,
-                        heartbeat,
-                    })
-                    .unwrap()
-                    .with_holder_sessions(sessions)
-                    .unwrap(),
-            );
+            let locks = server_waits(pg.clone(), sessions, heartbeat);
             let names = names(&common::unique("measure"), 5000);
             let started = Instant::now();
             let guards = take_all(&locks, &names, 100).await;
@@ -1409,16 +1421,7 @@ mod semaphores {
     }
 
     async fn backend(url: &str, size: u32, sessions: usize, heartbeat: Duration) -> Locks {
-        Locks::new(
-            Advisory::new(pool(url, size).await)
-                .with_options(AdvisoryOptions {
-                    wait: WaitStrategy::Server,
-                    heartbeat,
-                })
-                .unwrap()
-                .with_holder_sessions(sessions)
-                .unwrap(),
-        )
+        server_waits(pool(url, size).await, sessions, heartbeat)
     }
 
     /// The keys the README documents are the ones held: each permit its
@@ -1435,26 +1438,17 @@ mod semaphores {
         let p2 = b.acquire(&name).max_holders(3).await.unwrap();
         let exclusive = vec!["ExclusiveLock".to_owned()];
         let shared = vec!["ShareLock".to_owned(); 2];
-        assert_eq!(
-            held_as(&admin, key_in_sql(&admin, &name, "slot:0").await).await,
-            exclusive
-        );
-        assert_eq!(
-            held_as(&admin, key_in_sql(&admin, &name, "slot:1").await).await,
-            exclusive
-        );
-        assert!(held_as(&admin, key_in_sql(&admin, &name, "slot:2").await)
-            .await
-            .is_empty());
+        for (suffix, expected) in [
+            ("slot:0", &exclusive),
+            ("slot:1", &exclusive),
+            ("slot:2", &vec![]),
+            ("semaphore", &shared),
+            ("max_holders:3", &shared),
+        ] {
+            let key = key_in_sql(&admin, &name, suffix).await;
+            assert_eq!(&held_as(&admin, key).await, expected, "{suffix}");
+        }
         assert_eq!(held_as(&admin, advisory_key(&name)).await, shared);
-        assert_eq!(
-            held_as(&admin, key_in_sql(&admin, &name, "semaphore").await).await,
-            shared
-        );
-        assert_eq!(
-            held_as(&admin, key_in_sql(&admin, &name, "max_holders:3").await).await,
-            shared
-        );
         // Another process's inspect sees the semaphore by its keys alone.
         let c = suite::Fixture::locks(&f).await;
         let info = c.inspect(&name).await.unwrap().expect("held");
@@ -1514,36 +1508,6 @@ mod semaphores {
         assert_eq!(refused, 60);
     }
 
-    /// An operator's exclusive lock on the name, taken in psql, is a lock:
-    /// a permit is refused rather than waiting.
-    #[tokio::test]
-    async fn an_operators_lock_refuses_permits() {
-        let f = fixture(WaitStrategy::Server).await;
-        let operator = pool(&f.url, 1).await;
-        let mut op = operator.acquire().await.unwrap();
-        let name = common::unique("sem-psql");
-        let took: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
-            .bind(advisory_key(&name))
-            .fetch_one(&mut *op)
-            .await
-            .unwrap();
-        assert!(took);
-        let locks = suite::Fixture::locks(&f).await;
-        let err = locks
-            .acquire(&name)
-            .max_holders(2)
-            .wait(Duration::from_secs(5))
-            .await
-            .unwrap_err();
-        assert!(matches!(err, Error::InvalidOption(_)), "{err:?}");
-        let _: bool = sqlx::query_scalar("SELECT pg_advisory_unlock_all() IS NULL")
-            .fetch_one(&mut *op)
-            .await
-            .unwrap();
-        let p = locks.acquire(&name).max_holders(2).await.unwrap();
-        p.release().await.unwrap();
-    }
-
     /// Many permits on one holder session (of one name, stacked, and of
     /// others): terminating it reports every one lost, and frees them.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1573,18 +1537,8 @@ mod semaphores {
         .await
         .unwrap();
         assert_eq!(pids.len(), 1, "the permits are on one session");
-        let killed: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1)")
-            .bind(pids[0])
-            .fetch_one(&admin)
-            .await
-            .unwrap();
-        assert!(killed);
-        timeout(
-            heartbeat * 2 + Duration::from_secs(1),
-            futures::future::join_all(permits.iter().chain([&plain]).map(|g| g.lost())),
-        )
-        .await
-        .expect("a permit on the terminated session did not report lost");
+        let all: Vec<&dblock::LockGuard> = permits.iter().chain([&plain]).collect();
+        terminate_and_see_lost(&admin, pids[0], &all, heartbeat).await;
         for p in permits {
             assert!(matches!(p.release().await, Err(Error::Lost { .. })));
         }

@@ -360,7 +360,7 @@ impl Db {
                     run VARCHAR(64), name VARCHAR(255), value BIGINT NOT NULL DEFAULT 0,
                     PRIMARY KEY (run, name)) ENGINE = InnoDB",
                 "CREATE TABLE IF NOT EXISTS dblock_torture_window (
-                    run VARCHAR(64), name VARCHAR(255), tokens TEXT NOT NULL,
+                    run VARCHAR(64), name VARCHAR(255), tokens VARCHAR(4000) NOT NULL DEFAULT '',
                     PRIMARY KEY (run, name)) ENGINE = InnoDB",
                 // The accepted write is recorded by the same statement.
                 "CREATE TRIGGER IF NOT EXISTS dblock_torture_accept
@@ -391,7 +391,11 @@ impl Db {
             this.execute(s, &[]).await.expect("create register tables");
         }
         for name in names {
-            for table in ["dblock_torture_fenced", "dblock_torture_unguarded"] {
+            for table in [
+                "dblock_torture_fenced",
+                "dblock_torture_unguarded",
+                "dblock_torture_window",
+            ] {
                 let sql = format!(
                     "INSERT INTO {table} (run, name) VALUES ({}, {})",
                     this.p(1),
@@ -401,14 +405,6 @@ impl Db {
                     .await
                     .expect("insert register row");
             }
-            let sql = format!(
-                "INSERT INTO dblock_torture_window (run, name, tokens) VALUES ({}, {}, '')",
-                this.p(1),
-                this.p(2)
-            );
-            this.execute(&sql, &[run, name])
-                .await
-                .expect("insert window row");
         }
     }
 
@@ -450,6 +446,12 @@ impl Db {
     /// A fenced read-modify-write: `value + 1` and the fence set to `token`,
     /// accepted only if the fence allows it (unless `fencing` is off, the
     /// negative control). Returns whether it was accepted.
+    ///
+    /// With a `window` of `n` (the semaphore mode), the fence is the name's
+    /// [`Window`] instead, in one transaction that first locks the name's
+    /// window row; an accepted write is recorded in `dblock_torture_accepted`
+    /// by the same transaction.
+    #[allow(clippy::too_many_arguments)]
     pub async fn fenced(
         &self,
         run: &str,
@@ -458,10 +460,84 @@ impl Db {
         write: Write,
         worker: &str,
         fencing: bool,
+        window: Option<u32>,
     ) -> sqlx::Result<bool> {
         if let Db::Redis { .. } = self {
             let regs = self.registers_db();
-            return Box::pin(regs.fenced(run, name, token, write, worker, fencing)).await;
+            let write = regs.fenced(run, name, token, write, worker, fencing, window);
+            return Box::pin(write).await;
+        }
+        if let Some(n) = window {
+            let p = |i| self.p(i);
+            // A write first, so that SQLite takes its write lock at once (a
+            // read first would make two writers deadlock on the upgrade).
+            let lock = format!(
+                "UPDATE dblock_torture_window SET tokens = tokens WHERE run = {} AND name = {}",
+                p(1),
+                p(2)
+            );
+            let read = format!(
+                "SELECT tokens FROM dblock_torture_window WHERE run = {} AND name = {}",
+                p(1),
+                p(2)
+            );
+            let store = format!(
+                "UPDATE dblock_torture_window SET tokens = {} WHERE run = {} AND name = {}",
+                p(1),
+                p(2),
+                p(3)
+            );
+            let accepted = format!(
+                "INSERT INTO dblock_torture_accepted (run, name, token, kind, worker)
+                 VALUES ({}, {}, {}, {}, {})",
+                p(1),
+                p(2),
+                p(3),
+                p(4),
+                p(5)
+            );
+            macro_rules! txn {
+                ($pool:expr) => {{
+                    let mut tx = $pool.begin().await?;
+                    sqlx::query(sqlx::AssertSqlSafe(lock))
+                        .bind(run)
+                        .bind(name)
+                        .execute(&mut *tx)
+                        .await?;
+                    let stored: String = sqlx::query_scalar(sqlx::AssertSqlSafe(read))
+                        .bind(run)
+                        .bind(name)
+                        .fetch_one(&mut *tx)
+                        .await?;
+                    let mut window = Window::parse(n, &stored);
+                    let ok = window.admits(token, write) || !fencing;
+                    if ok {
+                        window.accept(token, write);
+                        sqlx::query(sqlx::AssertSqlSafe(store))
+                            .bind(window.stored())
+                            .bind(run)
+                            .bind(name)
+                            .execute(&mut *tx)
+                            .await?;
+                        sqlx::query(sqlx::AssertSqlSafe(accepted))
+                            .bind(run)
+                            .bind(name)
+                            .bind(token as i64)
+                            .bind(write.as_str())
+                            .bind(worker)
+                            .execute(&mut *tx)
+                            .await?;
+                    }
+                    tx.commit().await?;
+                    Ok(ok)
+                }};
+            }
+            return match self {
+                Db::Pg(pool) => txn!(pool),
+                Db::My(pool) => txn!(pool),
+                Db::Lite(pool) => txn!(pool),
+                Db::Redis { .. } => unreachable!("redirected to the registers"),
+            };
         }
         let cond = match (fencing, write) {
             (false, _) => "TRUE",
@@ -523,98 +599,6 @@ impl Db {
                     .await?;
                 Ok(r.rows_affected() == 1)
             }
-            Db::Redis { .. } => unreachable!("redirected to the registers"),
-        }
-    }
-
-    /// The semaphore mode's fenced write through [`Window`], the window of
-    /// `n` (admitted regardless with `fencing` off, the negative control),
-    /// in one transaction that first locks the name's window row. Returns
-    /// whether it was accepted; an accepted write is recorded in
-    /// `dblock_torture_accepted` by the same transaction.
-    #[allow(clippy::too_many_arguments)]
-    pub async fn fenced_window(
-        &self,
-        run: &str,
-        name: &str,
-        token: u64,
-        write: Write,
-        worker: &str,
-        fencing: bool,
-        n: u32,
-    ) -> sqlx::Result<bool> {
-        if let Db::Redis { .. } = self {
-            let regs = self.registers_db();
-            return Box::pin(regs.fenced_window(run, name, token, write, worker, fencing, n)).await;
-        }
-        let p = |i| self.p(i);
-        // A write first, so that SQLite takes its write lock at once (a
-        // read first would make two writers deadlock on the upgrade).
-        let lock = format!(
-            "UPDATE dblock_torture_window SET tokens = tokens WHERE run = {} AND name = {}",
-            p(1),
-            p(2)
-        );
-        let read = format!(
-            "SELECT tokens FROM dblock_torture_window WHERE run = {} AND name = {}",
-            p(1),
-            p(2)
-        );
-        let store = format!(
-            "UPDATE dblock_torture_window SET tokens = {} WHERE run = {} AND name = {}",
-            p(1),
-            p(2),
-            p(3)
-        );
-        let accepted = format!(
-            "INSERT INTO dblock_torture_accepted (run, name, token, kind, worker)
-             VALUES ({}, {}, {}, {}, {})",
-            p(1),
-            p(2),
-            p(3),
-            p(4),
-            p(5)
-        );
-        macro_rules! txn {
-            ($pool:expr) => {{
-                let mut tx = $pool.begin().await?;
-                sqlx::query(sqlx::AssertSqlSafe(lock))
-                    .bind(run)
-                    .bind(name)
-                    .execute(&mut *tx)
-                    .await?;
-                let stored: String = sqlx::query_scalar(sqlx::AssertSqlSafe(read))
-                    .bind(run)
-                    .bind(name)
-                    .fetch_one(&mut *tx)
-                    .await?;
-                let mut window = Window::parse(n, &stored);
-                let ok = window.admits(token, write) || !fencing;
-                if ok {
-                    window.accept(token, write);
-                    sqlx::query(sqlx::AssertSqlSafe(store))
-                        .bind(window.stored())
-                        .bind(run)
-                        .bind(name)
-                        .execute(&mut *tx)
-                        .await?;
-                    sqlx::query(sqlx::AssertSqlSafe(accepted))
-                        .bind(run)
-                        .bind(name)
-                        .bind(token as i64)
-                        .bind(write.as_str())
-                        .bind(worker)
-                        .execute(&mut *tx)
-                        .await?;
-                }
-                tx.commit().await?;
-                Ok(ok)
-            }};
-        }
-        match self {
-            Db::Pg(pool) => txn!(pool),
-            Db::My(pool) => txn!(pool),
-            Db::Lite(pool) => txn!(pool),
             Db::Redis { .. } => unreachable!("redirected to the registers"),
         }
     }

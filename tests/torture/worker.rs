@@ -322,15 +322,11 @@ async fn fenced(
 ) -> Option<bool> {
     let op = format!("fenced-{}", write.as_str());
     log.event(Type::Invoke, &op, name, Some(token), None, "");
-    let outcome = if cfg.permits > 1 {
-        let n = cfg.permits;
-        db.fenced_window(&cfg.run, name, token, write, &cfg.wid, cfg.fencing, n)
-            .await
-    } else {
-        db.fenced(&cfg.run, name, token, write, &cfg.wid, cfg.fencing)
-            .await
-    };
-    match outcome {
+    let window = (cfg.permits > 1).then_some(cfg.permits);
+    match db
+        .fenced(&cfg.run, name, token, write, &cfg.wid, cfg.fencing, window)
+        .await
+    {
         Ok(true) => {
             log.event(Type::Ok, &op, name, Some(token), None, "accepted");
             Some(true)

@@ -653,12 +653,9 @@ impl Session {
         mode: LockMode,
         name: String,
     ) -> LockReply {
-        let mut c = match self.conn().await {
+        let mut c = match self.conn_for(key, lock).await {
             Ok(c) => c,
-            Err(reason) => {
-                self.inner.registry().not_granted(self.id, key, lock);
-                return LockReply::Gone(reason);
-            }
+            Err(gone) => return gone,
         };
         let limit = self.inner.answer_within();
         let stacked =
@@ -699,6 +696,20 @@ impl Session {
                 LockReply::Gone(reason)
             }
         }
+    }
+
+    /// The connection, for an attempt on the pending hold `lock` on `key`;
+    /// if the session has ended, the hold goes and the attempt is to be
+    /// made elsewhere (the `Err`).
+    async fn conn_for(
+        &self,
+        key: i64,
+        lock: LockId,
+    ) -> std::result::Result<MutexGuard<'_, Conn>, LockReply> {
+        self.conn().await.map_err(|reason| {
+            self.inner.registry().not_granted(self.id, key, lock);
+            LockReply::Gone(reason)
+        })
     }
 
     /// A lock statement found itself on another server session than this

@@ -134,12 +134,9 @@ impl Session {
         name: String,
     ) -> LockReply {
         let key = keys.name;
-        let mut c = match self.conn().await {
+        let mut c = match self.conn_for(key, lock).await {
             Ok(c) => c,
-            Err(reason) => {
-                self.inner.registry().not_granted(self.id, key, lock);
-                return LockReply::Gone(reason);
-            }
+            Err(gone) => return gone,
         };
         let limit = self.inner.answer_within();
         // The slots our permits hold are not tried: on their own session
