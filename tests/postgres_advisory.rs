@@ -1609,3 +1609,99 @@ mod semaphores {
 
     use tokio::time::timeout;
 }
+
+mod semaphore_waits {
+    use super::*;
+    use tokio::time::{sleep, timeout, Instant};
+
+    /// A release in this process hands the permit to a local waiter at
+    /// once: with polls 10 s apart, only the wake-up can be that prompt.
+    #[tokio::test]
+    async fn a_local_release_wakes_a_permit_waiter_at_once() {
+        let _share = share_lock_table().await;
+        let url = common::postgres_url().await;
+        let slow = Duration::from_secs(10);
+        let locks = Locks::new(
+            Advisory::new(pool(&url, 4).await)
+                .with_options(AdvisoryOptions {
+                    wait: WaitStrategy::Poll {
+                        min: slow,
+                        max: slow,
+                    },
+                    heartbeat: Duration::from_secs(5),
+                })
+                .unwrap(),
+        );
+        let name = common::unique("sem-wake");
+        let p1 = locks.acquire(&name).max_holders(2).await.unwrap();
+        let p2 = locks.acquire(&name).max_holders(2).await.unwrap();
+        let waiter = {
+            let (locks, name) = (locks.clone(), name.clone());
+            tokio::spawn(async move {
+                let p = locks.acquire(&name).max_holders(2).wait(slow * 3).await;
+                (p, Instant::now())
+            })
+        };
+        sleep(Duration::from_millis(300)).await;
+        assert!(!waiter.is_finished(), "a third permit of two was granted");
+        let released = Instant::now();
+        p1.release().await.unwrap();
+        let (p3, granted) = timeout(slow, waiter).await.expect("not woken").unwrap();
+        let p3 = p3.expect("the freed permit");
+        let after = granted - released;
+        assert!(
+            after < Duration::from_secs(2),
+            "handed over after {after:?}"
+        );
+        p2.release().await.unwrap();
+        p3.release().await.unwrap();
+    }
+
+    /// Permit waiters take no connection of the pool (they poll): with many
+    /// of them waiting, the application still gets one at once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn permit_waiters_leave_the_pool_to_the_application() {
+        let _share = share_lock_table().await;
+        let url = common::postgres_url().await;
+        let pg = pool(&url, 4).await;
+        let locks = Locks::new(Advisory::new(pg.clone()));
+        let name = common::unique("sem-pool");
+        let p1 = locks.acquire(&name).max_holders(2).await.unwrap();
+        let p2 = locks.acquire(&name).max_holders(2).await.unwrap();
+        let mut waiters = Vec::new();
+        for _ in 0..30 {
+            let (locks, name) = (locks.clone(), name.clone());
+            waiters.push(tokio::spawn(async move {
+                let p = locks
+                    .acquire(&name)
+                    .max_holders(2)
+                    .wait(Duration::from_secs(30))
+                    .await
+                    .expect("a permit in the end");
+                sleep(Duration::from_millis(5)).await;
+                p.release().await.unwrap();
+            }));
+        }
+        sleep(Duration::from_millis(500)).await;
+        for _ in 0..3 {
+            let mut conn = timeout(Duration::from_secs(1), pg.acquire())
+                .await
+                .expect("the waiters hold the pool")
+                .unwrap();
+            let one: i32 = sqlx::query_scalar("SELECT 1")
+                .fetch_one(&mut *conn)
+                .await
+                .unwrap();
+            assert_eq!(one, 1);
+        }
+        p1.release().await.unwrap();
+        p2.release().await.unwrap();
+        for w in waiters {
+            timeout(Duration::from_secs(60), w)
+                .await
+                .expect("a waiter hung")
+                .unwrap();
+        }
+        assert!(locks.inspect(&name).await.unwrap().is_none());
+    }
+}
