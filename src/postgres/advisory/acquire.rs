@@ -216,9 +216,12 @@ pub(super) async fn acquire(inner: &Arc<Inner>, request: AcquireRequest) -> Resu
                     .and_then(|mut w| w.conn.take())
                     .expect("a waiting connection");
                 let permit = slot.as_mut().and_then(|s| s.permit.take());
-                return Ok(Some(session::adopt(
-                    inner, conn, permit, pid, marker, key, mode, token, name,
-                )));
+                let grant =
+                    session::adopt(inner, conn, permit, pid, marker, key, mode, token, name);
+                if mode == LockMode::Shared {
+                    return reader_beside_permits(inner, name, grant).await;
+                }
+                return Ok(Some(grant));
             }
             Waited::Busy => {}
             Waited::Failed(e) => return Err(e),
@@ -233,6 +236,20 @@ struct Attempt<'a> {
     /// The semaphore's keys, for a permit.
     permit: Option<&'a Arc<PermitKeys>>,
     name: &'a str,
+}
+
+/// A reader granted by a server-side wait, which shares the name's key
+/// with a semaphore's permits: it looks for their marker, as a reader
+/// granted on a holder session does in its statement (see `session`), and
+/// gives way if it finds it.
+async fn reader_beside_permits(inner: &Inner, name: &str, grant: Grant) -> Result<Option<Grant>> {
+    let refusal = match semaphore::capacity_held(&inner.pool, name).await {
+        Ok(None) => return Ok(Some(grant)),
+        Ok(Some(found)) => disagreement(name, 1, found),
+        Err(e) => e,
+    };
+    let _ = grant.held.release().await;
+    Err(refusal)
 }
 
 /// One attempt on a holder session, opening one if needed. `Ok(None)` if

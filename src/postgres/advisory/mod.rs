@@ -36,7 +36,6 @@ use tokio::sync::Semaphore;
 use super::{advisory_key, engine};
 use crate::backend::{BoxFuture, Grant};
 use crate::detach::Detached;
-use crate::lease::permits::disagreement;
 use crate::lease::Wakeups;
 use crate::{AcquireRequest, Backend, Error, LockInfo, LockMode, Result};
 use registry::{Registry, SessionId};
@@ -550,31 +549,11 @@ impl Backend for Advisory {
                         .map(|h| (request.name().to_owned(), h.to_owned()))
                 })
                 .flatten();
-            let shared = request.mode() == LockMode::Shared;
-            let name = request.name().to_owned();
             let grant = acquire::acquire(&self.inner, request).await?;
             if let (Some(grant), Some((name, holder))) = (&grant, holder) {
                 holders::record(&self.inner.pool, &name, &holder, grant.token).await?;
             }
-            // Readers share the name's key with permits: a reader granted
-            // beside them looks for their semaphore marker (taken before
-            // the key by every permit) and gives way.
-            match grant {
-                Some(grant) if shared => {
-                    match semaphore::capacity_held(&self.inner.pool, &name).await {
-                        Ok(None) => Ok(Some(grant)),
-                        Ok(Some(found)) => {
-                            let _ = grant.held.release().await;
-                            Err(disagreement(&name, 1, found))
-                        }
-                        Err(e) => {
-                            let _ = grant.held.release().await;
-                            Err(e)
-                        }
-                    }
-                }
-                grant => Ok(grant),
-            }
+            Ok(grant)
         })
     }
 

@@ -41,10 +41,12 @@ use tokio::time::{sleep_until, timeout, Instant};
 mod permit;
 
 use super::registry::{Hold, HoldState, LockId, Permit, SessionEntry, SessionId};
-use super::{lock_table_full, split_key, Inner, Refusal, LOCK_TABLE_FULL};
+use super::{lock_table_full, semaphore, split_key, Inner, Refusal, LOCK_TABLE_FULL};
 use crate::backend::{BoxFuture, Grant, HeldLock, LockStatus};
 use crate::detach::Detached;
+use crate::lease::permits::disagreement;
 use crate::postgres::engine::{self, is_statement_clash};
+use crate::postgres::key::semaphore_key;
 use crate::postgres::map_err;
 use crate::postgres::token::sequence_token;
 use crate::{Error, LockMode, Result};
@@ -62,33 +64,48 @@ const OURS: &str = "(SELECT current_setting('dblock.session', true) IS NOT DISTI
 static TRY_EXCLUSIVE: LazyLock<String> = LazyLock::new(|| {
     format!(
         "SELECT ours, CASE WHEN NOT ours THEN NULL
-                           WHEN pg_try_advisory_lock($1) THEN {} END FROM {OURS}",
+                           WHEN pg_try_advisory_lock($1) THEN {} END, NULL::boolean FROM {OURS}",
         sequence_token()
     )
 });
-static TRY_SHARED: LazyLock<String> = LazyLock::new(|| {
+// A reader shares the name's key with a semaphore's permits, which hold it
+// shared too: once granted, the statement looks (in `pg_locks`, after the
+// lock, as a permit looks after its own) for the semaphore marker ($4 and
+// $5, its key's halves), which every permit takes before the name's key.
+// Found, the reader gives way (see `Session::lock`).
+fn reader(sql: String) -> String {
     format!(
-        "SELECT ours, CASE WHEN NOT ours THEN NULL
-                           WHEN pg_try_advisory_lock_shared($1) THEN {} END FROM {OURS}",
-        sequence_token()
+        "SELECT ours, token, CASE WHEN token IS NOT NULL THEN EXISTS (
+             SELECT 1 FROM pg_locks
+              WHERE locktype = 'advisory' AND objsubid = 1 AND granted
+                AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
+                AND classid::bigint = $4 AND objid::bigint = $5 AND t.token IS NOT NULL) END
+           FROM ({sql} OFFSET 0) t"
     )
+}
+static TRY_SHARED: LazyLock<String> = LazyLock::new(|| {
+    reader(format!(
+        "SELECT ours, CASE WHEN NOT ours THEN NULL
+                           WHEN pg_try_advisory_lock_shared($1) THEN {} END AS token FROM {OURS}",
+        sequence_token()
+    ))
 });
 // A shared lock stacked on a session that holds the key shared already: the
 // server would grant it at once, ahead of any waiter queued for the key (a
 // session never waits for a lock it holds), so a stream of readers in this
 // process could starve a writer queued on the server. It is taken only if
-// nobody waits for the key.
+// nobody waits for the key ($6 and $7, its halves).
 static TRY_SHARED_STACKED: LazyLock<String> = LazyLock::new(|| {
-    format!(
+    reader(format!(
         "SELECT ours, CASE
     WHEN NOT ours THEN NULL
     WHEN EXISTS (SELECT 1 FROM pg_locks
                   WHERE locktype = 'advisory' AND objsubid = 1 AND NOT granted
                     AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
-                    AND classid::bigint = $4 AND objid::bigint = $5) THEN NULL
-    WHEN pg_try_advisory_lock_shared($1) THEN {} END FROM {OURS}",
+                    AND classid::bigint = $6 AND objid::bigint = $7) THEN NULL
+    WHEN pg_try_advisory_lock_shared($1) THEN {} END AS token FROM {OURS}",
         sequence_token()
-    )
+    ))
 });
 // A session's first statement: its pid, the engine, and its marker (a random
 // one made by the server), set only if the server session carries none yet.
@@ -665,10 +682,14 @@ impl Session {
             LockMode::Shared if stacked => &*TRY_SHARED_STACKED,
             LockMode::Shared => &*TRY_SHARED,
         };
-        let mut query = sqlx::query_as::<_, (bool, Option<i64>)>(sql.as_str())
+        let mut query = sqlx::query_as::<_, (bool, Option<i64>, Option<bool>)>(sql.as_str())
             .bind(key)
             .bind(c.marker.clone())
             .bind(c.pid);
+        if mode == LockMode::Shared {
+            let (classid, objid) = split_key(semaphore_key(&name));
+            query = query.bind(classid).bind(objid);
+        }
         if stacked {
             let (classid, objid) = split_key(key);
             query = query.bind(classid).bind(objid);
@@ -677,12 +698,16 @@ impl Session {
         let outcome = bounded(limit, query.fetch_one(c.pg())).await;
         c.in_doubt = false;
         match outcome {
-            Ok((false, _)) => self.not_ours(&mut c, key, lock),
-            Ok((true, Some(token))) => {
+            Ok((false, ..)) => self.not_ours(&mut c, key, lock),
+            Ok((true, Some(_), Some(true))) => {
+                self.alive();
+                self.give_way(c, key, lock, name).await
+            }
+            Ok((true, Some(token), _)) => {
                 self.alive();
                 self.granted(key, lock, mode, None, token as u64, name)
             }
-            Ok((true, None)) => {
+            Ok((true, None, _)) => {
                 self.alive();
                 self.inner.registry().not_granted(self.id, key, lock);
                 LockReply::Busy
@@ -710,6 +735,43 @@ impl Session {
             self.inner.registry().not_granted(self.id, key, lock);
             LockReply::Gone(reason)
         })
+    }
+
+    /// A reader was granted beside a semaphore's permits: it gives its
+    /// lock back (one level of a stacked shared lock) and is refused.
+    async fn give_way(
+        &self,
+        mut c: MutexGuard<'_, Conn>,
+        key: i64,
+        lock: LockId,
+        name: String,
+    ) -> LockReply {
+        let limit = self.inner.answer_within();
+        c.in_doubt = true;
+        let undone = bounded(limit, sqlx::query(UNLOCK_SHARED).bind(key).execute(c.pg())).await;
+        c.in_doubt = false;
+        match undone {
+            Ok(_) => {
+                self.alive();
+                self.inner.registry().not_granted(self.id, key, lock);
+            }
+            Err(Failure::Server(e)) => {
+                let reason = format!("giving back a reader's lock failed: {e}");
+                self.die(&mut c, &reason);
+                return LockReply::Gone(reason);
+            }
+            Err(Failure::Broken(reason)) => {
+                self.die(&mut c, &reason);
+                return LockReply::Gone(reason);
+            }
+        }
+        drop(c);
+        match semaphore::capacity_held(&self.inner.pool, &name).await {
+            Ok(Some(found)) => LockReply::Failed(disagreement(&name, 1, found)),
+            // Gone meanwhile: try again.
+            Ok(None) => LockReply::Busy,
+            Err(e) => LockReply::Failed(e),
+        }
     }
 
     /// A lock statement found itself on another server session than this
