@@ -176,7 +176,10 @@ const LOCK_TABLE_FULL: &str = "53200";
 ///   [`WaitStrategy::Server`]), woken at once by releases in this process:
 ///   a wait on one slot would miss the others' releases. `inspect` counts
 ///   the slots held; `list` shows the semaphores this backend holds permits
-///   of by name, others' as the bare keys they hold.
+///   of by name, others' as the bare keys they hold. A reader's lock
+///   statement reads `pg_locks` for the semaphore marker after it takes
+///   the name's key (a reader beside permits gives way): the price of
+///   readers and permits sharing that key.
 /// - `.ttl()` does not apply (the lock lives as long as its session);
 ///   [`LockGuard::expires_at`](crate::LockGuard::expires_at) is `None`.
 /// - `.hold_at_least()` is not supported: a lock that must outlive its
