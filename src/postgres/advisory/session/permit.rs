@@ -44,40 +44,49 @@ pub(crate) const ALL: i32 = 3;
 // calls the lock function row by row: no ORDER BY, which would call it for
 // every row first). The OFFSET 0 layers keep the planner from merging them,
 // so each runs after the one it reads.
+//
+// Then, once both markers are held (the lateral join runs after the row it
+// joins), the check, in one pass over `pg_locks`: whether another session
+// holds the name's key without the semaphore marker (a lock or readers),
+// and whether another holds the semaphore marker without the capacity
+// marker (permits of another n). Our own session passes both.
 static TAKE: LazyLock<String> = LazyLock::new(|| {
     format!(
-        "SELECT ours, got, slot, CASE WHEN slot IS NOT NULL THEN {} END
-           FROM (SELECT ours, got,
-                        CASE WHEN got = 3 THEN
-                            (SELECT k FROM unnest($4::bigint[]) AS u(k)
-                              WHERE CASE WHEN got = 3 THEN pg_try_advisory_lock(k) ELSE false END
-                              LIMIT 1)
-                        END AS slot
-                   FROM (SELECT ours, CASE WHEN NOT ours THEN 0
-                                           WHEN NOT pg_try_advisory_lock_shared($5) THEN 0
-                                           WHEN NOT pg_try_advisory_lock_shared($6) THEN 1
-                                           WHEN NOT pg_try_advisory_lock_shared($1) THEN 2
-                                           ELSE 3 END AS got
-                           FROM {OURS} OFFSET 0) a
-                 OFFSET 0) b",
+        "SELECT t.ours, t.got, t.slot, t.token, c.lock_beside, c.other_capacity
+           FROM (SELECT ours, got, slot, CASE WHEN slot IS NOT NULL THEN {} END AS token
+                   FROM (SELECT ours, got,
+                                CASE WHEN got = 3 THEN
+                                    (SELECT k FROM unnest($4::bigint[]) AS u(k)
+                                      WHERE CASE WHEN got = 3 THEN pg_try_advisory_lock(k)
+                                                 ELSE false END
+                                      LIMIT 1)
+                                END AS slot
+                           FROM (SELECT ours, CASE WHEN NOT ours THEN 0
+                                                   WHEN NOT pg_try_advisory_lock_shared($5) THEN 0
+                                                   WHEN NOT pg_try_advisory_lock_shared($6) THEN 1
+                                                   WHEN NOT pg_try_advisory_lock_shared($1) THEN 2
+                                                   ELSE 3 END AS got
+                                   FROM {OURS} OFFSET 0) a
+                         OFFSET 0) b
+                 OFFSET 0) t
+           LEFT JOIN LATERAL (
+               SELECT coalesce(bool_or(has_name AND NOT has_semaphore), false) AS lock_beside,
+                      coalesce(bool_or(has_semaphore AND NOT has_capacity), false)
+                          AS other_capacity
+                 FROM (SELECT pid, bool_or(key = $1) AS has_name,
+                              bool_or(key = $6) AS has_semaphore, bool_or(key = $5) AS has_capacity
+                         FROM (SELECT pid, ((classid::bigint << 32) | objid::bigint) AS key
+                                 FROM pg_locks
+                                WHERE t.got >= 2 AND locktype = 'advisory' AND objsubid = 1
+                                  AND granted
+                                  AND database = (SELECT oid FROM pg_database
+                                                   WHERE datname = current_database())) l
+                        WHERE key IN ($1, $5, $6)
+                        GROUP BY pid) s
+           ) c ON true",
         sequence_token()
     )
 });
-
-// After a take: whether another session holds the name's key ($1) without
-// the semaphore marker ($2) (a lock or readers), and whether another holds
-// the semaphore marker without the capacity marker ($3) (permits of another
-// n). Our own session passes both.
-const CHECK: &str = "WITH l AS (
-    SELECT pid, ((classid::bigint << 32) | objid::bigint) AS key
-      FROM pg_locks
-     WHERE locktype = 'advisory' AND objsubid = 1 AND granted
-       AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
-       AND ((classid::bigint << 32) | objid::bigint) IN ($1, $2, $3))
-SELECT EXISTS (SELECT 1 FROM l a WHERE a.key = $1
-                  AND NOT EXISTS (SELECT 1 FROM l b WHERE b.pid = a.pid AND b.key = $2)),
-       EXISTS (SELECT 1 FROM l a WHERE a.key = $2
-                  AND NOT EXISTS (SELECT 1 FROM l b WHERE b.pid = a.pid AND b.key = $3))";
 
 // Gives back the slot ($1, if any) and the first $5 markers taken (see
 // TAKE), in the reverse order: whether the slot was held (true without one).
@@ -163,7 +172,7 @@ impl Session {
         c.in_doubt = true;
         let taken = bounded(
             limit,
-            sqlx::query_as::<_, (bool, i32, Option<i64>, Option<i64>)>(TAKE.as_str())
+            sqlx::query_as::<_, (bool, i32, Option<i64>, Option<i64>, bool, bool)>(TAKE.as_str())
                 .bind(key)
                 .bind(c.marker.clone())
                 .bind(c.pid)
@@ -173,8 +182,15 @@ impl Session {
                 .fetch_one(c.pg()),
         )
         .await;
-        let (got, slot, token) = match taken {
-            Ok((true, got, slot, token)) => (got, slot, token),
+        let (got, slot, token, verdict) = match taken {
+            Ok((true, got, slot, token, lock_beside, other_capacity)) => {
+                let verdict = match (lock_beside, other_capacity) {
+                    (true, _) => Verdict::Lock,
+                    (false, true) => Verdict::OtherCapacity,
+                    (false, false) => Verdict::Agree,
+                };
+                (got, slot, token, verdict)
+            }
             Ok((false, ..)) => return self.not_ours(&mut c, key, lock),
             Err(Failure::Server(e)) if is_statement_clash(&e) => {
                 return self.not_ours(&mut c, key, lock)
@@ -188,30 +204,6 @@ impl Session {
             }
         };
         self.alive();
-        let mut verdict = Verdict::Agree;
-        if got >= 2 {
-            let checked = bounded(
-                limit,
-                sqlx::query_as::<_, (bool, bool)>(CHECK)
-                    .bind(keys.name)
-                    .bind(keys.semaphore)
-                    .bind(keys.capacity)
-                    .fetch_one(c.pg()),
-            )
-            .await;
-            verdict = match checked {
-                Ok((true, _)) => Verdict::Lock,
-                Ok((false, true)) => Verdict::OtherCapacity,
-                Ok((false, false)) => Verdict::Agree,
-                Err(Failure::Server(e)) => {
-                    return self.undo_permit(&mut c, lock, &keys, stacked, e).await
-                }
-                Err(Failure::Broken(reason)) => {
-                    self.die(&mut c, &reason);
-                    return LockReply::Gone(reason);
-                }
-            };
-        }
         let permit = Permit {
             keys: keys.clone(),
             slot,
