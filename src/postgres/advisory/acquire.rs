@@ -104,17 +104,12 @@ pub(super) async fn acquire(inner: &Arc<Inner>, request: AcquireRequest) -> Resu
         Wait::For(d) => Some(Instant::now() + d),
         _ => None,
     };
-    // The uncontended path: one attempt, nothing else set up.
-    if let Some(grant) = try_on_session(inner, &attempt).await? {
-        return Ok(Some(grant));
-    }
-    // A lock or a reader lock that finds the name held by permits is
-    // refused, once, at its first miss (a permit checks for itself, see
+    // The uncontended path: one attempt, nothing else set up. A lock or a
+    // reader lock that finds the name held by permits at this first miss is
+    // refused (its statement looks; a permit checks for itself, see
     // `session::permit`).
-    if permit.is_none() {
-        if let Some(found) = semaphore::capacity_held(&inner.pool, name).await? {
-            return Err(disagreement(name, 1, found));
-        }
+    if let Some(grant) = try_on_session(inner, &attempt, true).await? {
+        return Ok(Some(grant));
     }
     match (request.wait(), deadline) {
         (Wait::No, _) => return Ok(None),
@@ -149,7 +144,7 @@ pub(super) async fn acquire(inner: &Arc<Inner>, request: AcquireRequest) -> Resu
         tokio::pin!(notified);
         notified.as_mut().enable();
 
-        if let Some(grant) = try_on_session(inner, &attempt).await? {
+        if let Some(grant) = try_on_session(inner, &attempt, false).await? {
             return Ok(Some(grant));
         }
         let now = Instant::now();
@@ -211,17 +206,18 @@ pub(super) async fn acquire(inner: &Arc<Inner>, request: AcquireRequest) -> Resu
         let conn = waiter.as_mut().expect("a waiting connection");
         match wait_on_server(inner, conn, key, mode, deadline).await {
             Waited::Granted { token, pid, marker } => {
+                if mode == LockMode::Shared {
+                    let conn = waiter.as_mut().expect("a waiting connection");
+                    reader_beside_permits(conn, name).await?;
+                }
                 let conn = waiter
                     .take()
                     .and_then(|mut w| w.conn.take())
                     .expect("a waiting connection");
                 let permit = slot.as_mut().and_then(|s| s.permit.take());
-                let grant =
-                    session::adopt(inner, conn, permit, pid, marker, key, mode, token, name);
-                if mode == LockMode::Shared {
-                    return reader_beside_permits(inner, name, grant).await;
-                }
-                return Ok(Some(grant));
+                return Ok(Some(session::adopt(
+                    inner, conn, permit, pid, marker, key, mode, token, name,
+                )));
             }
             Waited::Busy => {}
             Waited::Failed(e) => return Err(e),
@@ -239,22 +235,27 @@ struct Attempt<'a> {
 }
 
 /// A reader granted by a server-side wait, which shares the name's key
-/// with a semaphore's permits: it looks for their marker, as a reader
-/// granted on a holder session does in its statement (see `session`), and
-/// gives way if it finds it.
-async fn reader_beside_permits(inner: &Inner, name: &str, grant: Grant) -> Result<Option<Grant>> {
-    let refusal = match semaphore::capacity_held(&inner.pool, name).await {
-        Ok(None) => return Ok(Some(grant)),
-        Ok(Some(found)) => disagreement(name, 1, found),
-        Err(e) => e,
-    };
-    let _ = grant.held.release().await;
-    Err(refusal)
+/// with a semaphore's permits: it looks for their marker on its wait's
+/// connection, as a reader granted on a holder session does in its
+/// statement (see `session`), and if it finds it is refused. The
+/// connection, which holds the lock and carries a holder session's marker,
+/// stays dirty: it is closed, which ends the lock.
+async fn reader_beside_permits(conn: &mut WaitConn, name: &str) -> Result<()> {
+    let raw = &mut **conn.conn.as_mut().expect("connection present");
+    match semaphore::capacity_held(raw, name).await? {
+        None => Ok(()),
+        Some(found) => Err(disagreement(name, 1, found)),
+    }
 }
 
 /// One attempt on a holder session, opening one if needed. `Ok(None)` if
-/// the lock is held (by us or anyone), or every permit is.
-async fn try_on_session(inner: &Arc<Inner>, attempt: &Attempt<'_>) -> Result<Option<Grant>> {
+/// the lock is held (by us or anyone), or every permit is. With `first`, a
+/// lock's miss looks for a semaphore's permits (see `Session::lock`).
+async fn try_on_session(
+    inner: &Arc<Inner>,
+    attempt: &Attempt<'_>,
+    first: bool,
+) -> Result<Option<Grant>> {
     let Attempt {
         key,
         mode,
@@ -306,7 +307,10 @@ async fn try_on_session(inner: &Arc<Inner>, attempt: &Attempt<'_>) -> Result<Opt
                         let attempt = session.lock_permit(lock, keys.clone(), name.to_owned());
                         Detached::new(attempt).await
                     }
-                    None => Detached::new(session.lock(lock, key, mode, name.to_owned())).await,
+                    None => {
+                        let attempt = session.lock(lock, key, mode, name.to_owned(), first);
+                        Detached::new(attempt).await
+                    }
                 };
                 match reply {
                     LockReply::Granted(grant) => return Ok(Some(grant)),

@@ -20,29 +20,35 @@ const HELD: &str = "SELECT u.i
  ORDER BY u.i";
 
 /// Which of `keys` are held now, by their index.
-async fn held(pool: &PgPool, keys: &[i64]) -> Result<Vec<usize>> {
+async fn held<'e, E>(on: E, keys: &[i64]) -> Result<Vec<usize>>
+where
+    E: sqlx::Executor<'e, Database = sqlx::Postgres>,
+{
     let at: Vec<i64> = sqlx::query_scalar(HELD)
         .bind(keys)
-        .fetch_all(pool)
+        .fetch_all(on)
         .await
         .map_err(map_err)?;
     Ok(at.into_iter().map(|i| (i - 1) as usize).collect())
 }
 
 /// The capacity of the semaphore `name` if permits of it are held now
-/// (its semaphore marker is): the `n` of the capacity marker held with it.
-/// A name held as a lock, by readers, or not at all answers `None`.
-pub(super) async fn capacity_held(pool: &PgPool, name: &str) -> Result<Option<u32>> {
-    if held(pool, &[semaphore_key(name)]).await?.is_empty() {
+/// (its semaphore marker is): the `n` of the capacity marker held with it
+/// (a permit takes its capacity marker before the semaphore marker and
+/// gives it back after). A name held as a lock, by readers, or not at all
+/// answers `None`. One statement, on `on`: the pool, or a holder session's
+/// connection when the pool may have none to spare.
+pub(super) async fn capacity_held<'e, E>(on: E, name: &str) -> Result<Option<u32>>
+where
+    E: sqlx::Executor<'e, Database = sqlx::Postgres>,
+{
+    let mut keys = vec![semaphore_key(name)];
+    keys.extend((2..=MAX_HOLDERS).map(|n| capacity_key(name, n)));
+    let at = held(on, &keys).await?;
+    if at.first() != Some(&0) {
         return Ok(None);
     }
-    // A permit takes its capacity marker before the semaphore marker and
-    // gives it back after: one is held while the semaphore marker is.
-    let capacities: Vec<i64> = (2..=MAX_HOLDERS).map(|n| capacity_key(name, n)).collect();
-    Ok(held(pool, &capacities)
-        .await?
-        .first()
-        .map(|&i| i as u32 + 2))
+    Ok(at.get(1).map(|&i| i as u32 + 1))
 }
 
 /// How many of the semaphore's slots are held now: its holders.

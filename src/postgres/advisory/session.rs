@@ -61,30 +61,36 @@ use crate::{Error, LockMode, Result};
 // the order of evaluation.
 const OURS: &str = "(SELECT current_setting('dblock.session', true) IS NOT DISTINCT FROM $2
                             AND pg_backend_pid() = $3 AS ours OFFSET 0) s";
-static TRY_EXCLUSIVE: LazyLock<String> = LazyLock::new(|| {
+// After its lock call, a lock statement may look for a semaphore's marker
+// ($4 and $5, its key's halves), which every permit takes before the name's
+// key (see `permit`): a reader that was granted looks when $7 is set (it
+// shares the name's key with permits, and gives way if it finds them), and
+// one that missed when $6 is set (an acquisition's first attempt: a lock or
+// reader lock that finds the name held by permits is refused rather than
+// wait). It looks in `pg_locks` after the lock call, as a permit looks after
+// its own.
+fn looking(sql: String) -> String {
     format!(
-        "SELECT ours, CASE WHEN NOT ours THEN NULL
-                           WHEN pg_try_advisory_lock($1) THEN {} END, NULL::boolean FROM {OURS}",
-        sequence_token()
-    )
-});
-// A reader shares the name's key with a semaphore's permits, which hold it
-// shared too: once granted, the statement looks (in `pg_locks`, after the
-// lock, as a permit looks after its own) for the semaphore marker ($4 and
-// $5, its key's halves), which every permit takes before the name's key.
-// Found, the reader gives way (see `Session::lock`).
-fn reader(sql: String) -> String {
-    format!(
-        "SELECT ours, token, CASE WHEN token IS NOT NULL THEN EXISTS (
-             SELECT 1 FROM pg_locks
-              WHERE locktype = 'advisory' AND objsubid = 1 AND granted
-                AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
-                AND classid::bigint = $4 AND objid::bigint = $5 AND t.token IS NOT NULL) END
+        "SELECT ours, token,
+                CASE WHEN (token IS NOT NULL AND $7) OR (token IS NULL AND ours AND $6) THEN
+                    EXISTS (SELECT 1 FROM pg_locks
+                             WHERE locktype = 'advisory' AND objsubid = 1 AND granted
+                               AND database = (SELECT oid FROM pg_database
+                                                WHERE datname = current_database())
+                               AND classid::bigint = $4 AND objid::bigint = $5 AND t.ours)
+                END
            FROM ({sql} OFFSET 0) t"
     )
 }
+static TRY_EXCLUSIVE: LazyLock<String> = LazyLock::new(|| {
+    looking(format!(
+        "SELECT ours, CASE WHEN NOT ours THEN NULL
+                           WHEN pg_try_advisory_lock($1) THEN {} END AS token FROM {OURS}",
+        sequence_token()
+    ))
+});
 static TRY_SHARED: LazyLock<String> = LazyLock::new(|| {
-    reader(format!(
+    looking(format!(
         "SELECT ours, CASE WHEN NOT ours THEN NULL
                            WHEN pg_try_advisory_lock_shared($1) THEN {} END AS token FROM {OURS}",
         sequence_token()
@@ -94,15 +100,15 @@ static TRY_SHARED: LazyLock<String> = LazyLock::new(|| {
 // server would grant it at once, ahead of any waiter queued for the key (a
 // session never waits for a lock it holds), so a stream of readers in this
 // process could starve a writer queued on the server. It is taken only if
-// nobody waits for the key ($6 and $7, its halves).
+// nobody waits for the key ($8 and $9, its halves).
 static TRY_SHARED_STACKED: LazyLock<String> = LazyLock::new(|| {
-    reader(format!(
+    looking(format!(
         "SELECT ours, CASE
     WHEN NOT ours THEN NULL
     WHEN EXISTS (SELECT 1 FROM pg_locks
                   WHERE locktype = 'advisory' AND objsubid = 1 AND NOT granted
                     AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
-                    AND classid::bigint = $6 AND objid::bigint = $7) THEN NULL
+                    AND classid::bigint = $8 AND objid::bigint = $9) THEN NULL
     WHEN pg_try_advisory_lock_shared($1) THEN {} END AS token FROM {OURS}",
         sequence_token()
     ))
@@ -662,13 +668,16 @@ impl Session {
     }
 
     /// Tries to take `key` for the pending hold `lock` that the registry
-    /// routed here (never waits on the server).
+    /// routed here (never waits on the server). With `look`, a miss looks
+    /// for a semaphore's permits on the name (and is refused if it finds
+    /// them).
     pub(super) async fn lock(
         self: Arc<Self>,
         lock: LockId,
         key: i64,
         mode: LockMode,
         name: String,
+        look: bool,
     ) -> LockReply {
         let mut c = match self.conn_for(key, lock).await {
             Ok(c) => c,
@@ -686,10 +695,12 @@ impl Session {
             .bind(key)
             .bind(c.marker.clone())
             .bind(c.pid);
-        if mode == LockMode::Shared {
-            let (classid, objid) = split_key(semaphore_key(&name));
-            query = query.bind(classid).bind(objid);
-        }
+        let (classid, objid) = split_key(semaphore_key(&name));
+        query = query
+            .bind(classid)
+            .bind(objid)
+            .bind(look)
+            .bind(mode == LockMode::Shared);
         if stacked {
             let (classid, objid) = split_key(key);
             query = query.bind(classid).bind(objid);
@@ -702,6 +713,11 @@ impl Session {
             Ok((true, Some(_), Some(true))) => {
                 self.alive();
                 self.give_way(c, key, lock, name).await
+            }
+            Ok((true, None, Some(true))) => {
+                self.alive();
+                self.inner.registry().not_granted(self.id, key, lock);
+                refused_beside_permits(c.pg(), &name).await
             }
             Ok((true, Some(token), _)) => {
                 self.alive();
@@ -765,13 +781,7 @@ impl Session {
                 return LockReply::Gone(reason);
             }
         }
-        drop(c);
-        match semaphore::capacity_held(&self.inner.pool, &name).await {
-            Ok(Some(found)) => LockReply::Failed(disagreement(&name, 1, found)),
-            // Gone meanwhile: try again.
-            Ok(None) => LockReply::Busy,
-            Err(e) => LockReply::Failed(e),
-        }
+        refused_beside_permits(c.pg(), &name).await
     }
 
     /// A lock statement found itself on another server session than this
@@ -1019,6 +1029,18 @@ impl Session {
             session = self.id,
             "dblock: advisory holder session went back to the pool"
         );
+    }
+}
+
+/// The answer to a lock or reader lock of `name` that found permits of a
+/// semaphore on it: refused, with their capacity (read on `conn`, a holder
+/// session's, so as not to wait for the pool); busy if they are gone.
+async fn refused_beside_permits(conn: &mut PgConnection, name: &str) -> LockReply {
+    match semaphore::capacity_held(conn, name).await {
+        Ok(Some(found)) => LockReply::Failed(disagreement(name, 1, found)),
+        // Gone meanwhile: try again.
+        Ok(None) => LockReply::Busy,
+        Err(e) => LockReply::Failed(e),
     }
 }
 

@@ -233,13 +233,13 @@ impl Session {
         }
         self.alive();
         self.inner.registry().not_granted(self.id, key, lock);
-        drop(c);
         let n = keys.slots.len() as u32;
         match verdict {
             Verdict::Agree => LockReply::Busy,
             Verdict::Lock => LockReply::Failed(disagreement(&name, n, 1)),
             Verdict::OtherCapacity => {
-                match semaphore::capacity_held(&self.inner.pool, &name).await {
+                // On this session: the pool may have no connection to spare.
+                match semaphore::capacity_held(c.pg(), &name).await {
                     Ok(Some(found)) if found != n => {
                         LockReply::Failed(disagreement(&name, n, found))
                     }
