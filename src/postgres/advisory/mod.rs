@@ -178,8 +178,9 @@ const LOCK_TABLE_FULL: &str = "53200";
 ///   the slots held; `list` shows the semaphores this backend holds permits
 ///   of by name, others' as the bare keys they hold. A reader's lock
 ///   statement reads `pg_locks` for the semaphore marker after it takes
-///   the name's key (a reader beside permits gives way): the price of
-///   readers and permits sharing that key.
+///   the name's key (a reader beside permits gives way), as does the first
+///   attempt of any lock that misses: the price of locks and permits
+///   sharing that key.
 /// - `.ttl()` does not apply (the lock lives as long as its session);
 ///   [`LockGuard::expires_at`](crate::LockGuard::expires_at) is `None`.
 /// - `.hold_at_least()` is not supported: a lock that must outlive its
