@@ -5,6 +5,8 @@
 //! ```text
 //! cargo run --example semaphore                     # an embedded SQLite file
 //! DATABASE_URL=postgres://postgres@127.0.0.1/db cargo run --example semaphore
+//! # the same on PostgreSQL advisory locks (permits live with their session):
+//! ADVISORY=1 DATABASE_URL=postgres://postgres@127.0.0.1/db cargo run --example semaphore
 //! DATABASE_URL=mysql://root@127.0.0.1/db cargo run --example semaphore
 //! DATABASE_URL=redis://127.0.0.1:6379/0 cargo run --example semaphore
 //! ```
@@ -70,7 +72,11 @@ async fn connect() -> Result<Locks> {
         "postgres" | "postgresql" => {
             let pool = sqlx::PgPool::connect(&url).await?;
             dblock::postgres::migrate(&pool).await?;
-            Locks::new(dblock::postgres::Lease::new(pool))
+            if std::env::var_os("ADVISORY").is_some_and(|v| v == "1") {
+                Locks::new(dblock::postgres::Advisory::new(pool))
+            } else {
+                Locks::new(dblock::postgres::Lease::new(pool))
+            }
         }
         "mysql" | "mariadb" => {
             let pool = sqlx::MySqlPool::connect(&url.replacen("mariadb:", "mysql:", 1)).await?;

@@ -37,6 +37,43 @@ fn options(wait: WaitStrategy) -> AdvisoryOptions {
     }
 }
 
+/// Terminates the server session `pid`; every one of `guards` (on it)
+/// must report lost within two heartbeats and a second.
+async fn terminate_and_see_lost(
+    admin: &PgPool,
+    pid: i32,
+    guards: &[&dblock::LockGuard],
+    heartbeat: Duration,
+) {
+    let killed: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1)")
+        .bind(pid)
+        .fetch_one(admin)
+        .await
+        .unwrap();
+    assert!(killed);
+    tokio::time::timeout(
+        heartbeat * 2 + Duration::from_secs(1),
+        futures::future::join_all(guards.iter().map(|g| g.lost())),
+    )
+    .await
+    .expect("a guard on the terminated session did not report lost within a heartbeat");
+}
+
+/// Advisory locks on `pg` with server-side waits, `sessions` holder
+/// sessions and `heartbeat`.
+fn server_waits(pg: PgPool, sessions: usize, heartbeat: Duration) -> Locks {
+    Locks::new(
+        Advisory::new(pg)
+            .with_options(AdvisoryOptions {
+                wait: WaitStrategy::Server,
+                heartbeat,
+            })
+            .unwrap()
+            .with_holder_sessions(sessions)
+            .unwrap(),
+    )
+}
+
 impl suite::Fixture for AdvisoryFixture {
     async fn locks(&self) -> Locks {
         let backend = Advisory::new(pool(&self.url, 6).await)
@@ -58,7 +95,7 @@ impl suite::Fixture for AdvisoryFixture {
         false
     }
     fn semaphores(&self) -> bool {
-        false
+        true
     }
 }
 
@@ -138,6 +175,14 @@ async fn psql_operator_and_dblock_exclude_each_other() {
     assert!(took);
     let locks = suite::Fixture::locks(&f).await;
     assert!(locks.try_acquire(&name).await.unwrap().is_none());
+    // The operator's lock is a lock: a semaphore's permit is refused
+    // rather than waiting.
+    let permit = locks
+        .acquire(&name)
+        .max_holders(2)
+        .wait(Duration::from_secs(5));
+    let err = permit.await.unwrap_err();
+    assert!(matches!(err, Error::InvalidOption(_)), "{err:?}");
     let info = locks
         .inspect(&name)
         .await
@@ -148,7 +193,10 @@ async fn psql_operator_and_dblock_exclude_each_other() {
         .fetch_one(&mut *op)
         .await
         .unwrap();
-    assert!(locks.try_acquire(&name).await.unwrap().is_some());
+    let guard = locks.try_acquire(&name).await.unwrap().expect("free again");
+    guard.release().await.unwrap();
+    let permit = locks.acquire(&name).max_holders(2).await.unwrap();
+    permit.release().await.unwrap();
 }
 
 /// `inspect` and `list` count the sessions waiting for an advisory lock
@@ -766,15 +814,7 @@ mod multiplexed {
         let _share = share_lock_table().await;
         let (url, pg) = setup(10).await;
         let heartbeat = Duration::from_millis(300);
-        let backend = Advisory::new(pg.clone())
-            .with_options(AdvisoryOptions {
-                wait: WaitStrategy::Server,
-                heartbeat,
-            })
-            .unwrap()
-            .with_holder_sessions(3)
-            .unwrap();
-        let locks = Locks::new(backend);
+        let locks = server_waits(pg.clone(), 3, heartbeat);
         let names = names(&common::unique("victims"), 300);
         let keys = keys(&names);
         let guards = take_all(&locks, &names, 50).await;
@@ -794,18 +834,8 @@ mod multiplexed {
             .partition(|g| pid_of[&advisory_key(g.name())] == victim);
         assert!(!doomed.is_empty() && !spared.is_empty());
 
-        let killed: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1)")
-            .bind(victim)
-            .fetch_one(&admin)
-            .await
-            .unwrap();
-        assert!(killed);
-        timeout(
-            heartbeat * 2 + Duration::from_secs(1),
-            futures::future::join_all(doomed.iter().map(|g| g.lost())),
-        )
-        .await
-        .expect("a guard on the terminated session did not report lost within a heartbeat");
+        let doomed_ref: Vec<&LockGuard> = doomed.iter().collect();
+        terminate_and_see_lost(&admin, victim, &doomed_ref, heartbeat).await;
         sleep(heartbeat * 3).await;
         let lost: Vec<_> = spared.iter().filter(|g| g.is_lost()).collect();
         assert!(
@@ -1178,16 +1208,7 @@ mod multiplexed {
     async fn a_failed_unlock_closes_the_session_and_loses_its_guards() {
         let _share = share_lock_table().await;
         let (url, pg) = setup(3).await;
-        let locks = Locks::new(
-            Advisory::new(pg.clone())
-                .with_options(AdvisoryOptions {
-                    wait: WaitStrategy::Server,
-                    heartbeat: Duration::from_secs(600),
-                })
-                .unwrap()
-                .with_holder_sessions(1)
-                .unwrap(),
-        );
+        let locks = server_waits(pg.clone(), 1, Duration::from_secs(600));
         let names = names(&common::unique("unlock"), 20);
         let mut guards = take_all(&locks, &names, 10).await;
         let admin = pool(&url, 1).await;
@@ -1318,16 +1339,7 @@ mod multiplexed {
         let heartbeat = Duration::from_millis(500);
         for sessions in [1, 2, 4, 8] {
             let pg = pool(&url, 10).await;
-            let locks = Locks::new(
-                Advisory::new(pg.clone())
-                    .with_options(AdvisoryOptions {
-                        wait: WaitStrategy::Server,
-                        heartbeat,
-                    })
-                    .unwrap()
-                    .with_holder_sessions(sessions)
-                    .unwrap(),
-            );
+            let locks = server_waits(pg.clone(), sessions, heartbeat);
             let names = names(&common::unique("measure"), 5000);
             let started = Instant::now();
             let guards = take_all(&locks, &names, 100).await;
@@ -1373,5 +1385,323 @@ mod multiplexed {
             );
             pg.close().await;
         }
+    }
+}
+
+/// Semaphores on advisory locks: what only they have (their keys in
+/// `pg_locks`, sessions many permits share, disagreement between processes
+/// as a race). The suite's semaphore behaviours run above.
+mod semaphores {
+    use super::*;
+
+    /// A permit's key in SQL, as the README shows it: the SHA-256 of the
+    /// name, a NUL byte and `suffix`.
+    async fn key_in_sql(pool: &PgPool, name: &str, suffix: &str) -> i64 {
+        sqlx::query_scalar(
+            "SELECT ('x' || left(encode(sha256(convert_to($1, 'UTF8') || '\\x00'::bytea
+                     || convert_to($2, 'UTF8')), 'hex'), 16))::bit(64)::bigint",
+        )
+        .bind(name)
+        .bind(suffix)
+        .fetch_one(pool)
+        .await
+        .unwrap()
+    }
+
+    /// How the key is held in `pg_locks`: by how many sessions, in which modes.
+    async fn held_as(pool: &PgPool, key: i64) -> Vec<String> {
+        sqlx::query_scalar(
+            "SELECT mode FROM pg_locks WHERE locktype = 'advisory' AND objsubid = 1 AND granted
+               AND ((classid::bigint << 32) | objid::bigint) = $1 ORDER BY mode",
+        )
+        .bind(key)
+        .fetch_all(pool)
+        .await
+        .unwrap()
+    }
+
+    async fn backend(url: &str, size: u32, sessions: usize, heartbeat: Duration) -> Locks {
+        server_waits(pool(url, size).await, sessions, heartbeat)
+    }
+
+    /// The keys the README documents are the ones held: each permit its
+    /// own slot (exclusive), and the name's key, the semaphore marker and
+    /// the capacity marker shared.
+    #[tokio::test]
+    async fn permits_hold_the_documented_keys() {
+        let f = fixture(WaitStrategy::Server).await;
+        let admin = pool(&f.url, 1).await;
+        let name = common::unique("sem-keys 🔒");
+        let a = suite::Fixture::locks(&f).await;
+        let b = suite::Fixture::locks(&f).await;
+        let p1 = a.acquire(&name).max_holders(3).await.unwrap();
+        let p2 = b.acquire(&name).max_holders(3).await.unwrap();
+        let exclusive = vec!["ExclusiveLock".to_owned()];
+        let shared = vec!["ShareLock".to_owned(); 2];
+        for (suffix, expected) in [
+            ("slot:0", &exclusive),
+            ("slot:1", &exclusive),
+            ("slot:2", &vec![]),
+            ("semaphore", &shared),
+            ("max_holders:3", &shared),
+        ] {
+            let key = key_in_sql(&admin, &name, suffix).await;
+            assert_eq!(&held_as(&admin, key).await, expected, "{suffix}");
+        }
+        assert_eq!(held_as(&admin, advisory_key(&name)).await, shared);
+        // Another process's inspect sees the semaphore by its keys alone.
+        let c = suite::Fixture::locks(&f).await;
+        let info = c.inspect(&name).await.unwrap().expect("held");
+        assert_eq!((info.holders, info.max_holders), (2, Some(3)));
+        assert_eq!(info.mode, dblock::LockMode::Exclusive);
+        p1.release().await.unwrap();
+        p2.release().await.unwrap();
+        for suffix in ["slot:0", "slot:1", "semaphore", "max_holders:3"] {
+            assert!(held_as(&admin, key_in_sql(&admin, &name, suffix).await)
+                .await
+                .is_empty());
+        }
+        assert!(held_as(&admin, advisory_key(&name)).await.is_empty());
+    }
+
+    /// Acquisitions that disagree, racing from two backends with pools of
+    /// their own: never granted together, and each refusal is
+    /// `InvalidOption`.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn disagreeing_acquisitions_race_across_processes() {
+        let f = fixture(WaitStrategy::Server).await;
+        let a = suite::Fixture::locks(&f).await;
+        let b = suite::Fixture::locks(&f).await;
+        // (a's n, b's n); 1 is a plain lock, 0 a reader.
+        let pairs = [(2, 3), (2, 1), (3, 0), (1, 4)];
+        let mut refused = 0;
+        for round in 0..60 {
+            let (na, nb) = pairs[round % pairs.len()];
+            let name = common::unique("sem-race");
+            let take = |locks: Locks, n: u32, name: String| async move {
+                let acquire = locks.acquire(&name).wait(Duration::from_millis(300));
+                let acquire = match n {
+                    0 => acquire.shared(),
+                    n => acquire.max_holders(n),
+                };
+                acquire.await
+            };
+            let (ra, rb) = tokio::join!(
+                take(a.clone(), na, name.clone()),
+                take(b.clone(), nb, name.clone())
+            );
+            match (&ra, &rb) {
+                (Ok(_), Ok(_)) => panic!("{na} and {nb} holders granted together on {name}"),
+                (Err(e), _) | (_, Err(e)) => {
+                    assert!(matches!(e, Error::InvalidOption(_)), "{e:?}");
+                    refused += 1;
+                }
+            }
+            for g in [ra, rb].into_iter().flatten() {
+                g.release().await.unwrap();
+            }
+            assert!(
+                a.inspect(&name).await.unwrap().is_none(),
+                "{name} still held"
+            );
+        }
+        assert_eq!(refused, 60);
+    }
+
+    /// Many permits on one holder session (of one name, stacked, and of
+    /// others): terminating it reports every one lost, and frees them.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn terminating_the_session_loses_every_permit_on_it() {
+        let _share = share_lock_table().await;
+        let url = common::postgres_url().await;
+        let heartbeat = Duration::from_millis(300);
+        let locks = backend(&url, 3, 1, heartbeat).await;
+        let name = common::unique("sem-victim");
+        let other = common::unique("sem-victim-2");
+        let mut permits = Vec::new();
+        for _ in 0..3 {
+            permits.push(locks.acquire(&name).max_holders(3).await.unwrap());
+        }
+        permits.push(locks.acquire(&other).max_holders(2).await.unwrap());
+        let plain = locks
+            .acquire(common::unique("sem-victim-plain"))
+            .await
+            .unwrap();
+        let admin = pool(&url, 1).await;
+        let pids: Vec<i32> = sqlx::query_scalar(
+            "SELECT DISTINCT pid FROM pg_locks WHERE locktype = 'advisory' AND objsubid = 1
+               AND granted AND ((classid::bigint << 32) | objid::bigint) = ANY($1)",
+        )
+        .bind(vec![advisory_key(&name), advisory_key(&other)])
+        .fetch_all(&admin)
+        .await
+        .unwrap();
+        assert_eq!(pids.len(), 1, "the permits are on one session");
+        let all: Vec<&dblock::LockGuard> = permits.iter().chain([&plain]).collect();
+        terminate_and_see_lost(&admin, pids[0], &all, heartbeat).await;
+        for p in permits {
+            assert!(matches!(p.release().await, Err(Error::Lost { .. })));
+        }
+        let again = backend(&url, 2, 1, heartbeat).await;
+        let mut fresh = Vec::new();
+        for _ in 0..3 {
+            let p = again.acquire(&name).max_holders(3).wait(Duration::ZERO);
+            fresh.push(p.await.expect("a freed permit"));
+        }
+        for p in fresh {
+            p.release().await.unwrap();
+        }
+    }
+
+    /// Permits taken, released, dropped and cancelled mid-acquire on a
+    /// small pool: afterwards no session holds any of the semaphore's keys
+    /// and pooled connections hold nothing.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn cancelled_permits_leave_nothing_held() {
+        let _share = share_lock_table().await;
+        let url = common::postgres_url().await;
+        let pg = pool(&url, 3).await;
+        let locks = Locks::new(Advisory::new(pg.clone()));
+        let name = common::unique("sem-clean");
+        let mut keep = Vec::new();
+        for i in 0..90u64 {
+            match i % 3 {
+                0 => keep.push(locks.acquire(&name).max_holders(3).await.unwrap()),
+                1 => drop(locks.acquire(&name).max_holders(3).await.unwrap()),
+                _ => {
+                    let _ = timeout(
+                        Duration::from_micros(i * 211 % 3000),
+                        locks.acquire(&name).max_holders(3),
+                    )
+                    .await;
+                }
+            }
+            if keep.len() == 2 {
+                for p in keep.drain(..) {
+                    p.release().await.unwrap();
+                }
+            }
+        }
+        for p in keep {
+            p.release().await.unwrap();
+        }
+        let admin = pool(&url, 1).await;
+        let mut keys = vec![
+            advisory_key(&name),
+            key_in_sql(&admin, &name, "semaphore").await,
+            key_in_sql(&admin, &name, "max_holders:3").await,
+        ];
+        for i in 0..3 {
+            keys.push(key_in_sql(&admin, &name, &format!("slot:{i}")).await);
+        }
+        for key in keys {
+            assert!(
+                suite::eventually(Duration::from_secs(10), || async {
+                    sessions_holding(&admin, key).await == 0
+                })
+                .await,
+                "a session still holds key {key}"
+            );
+        }
+        let info = locks.inspect(&name).await.unwrap();
+        assert!(info.is_none(), "{info:?}");
+    }
+
+    use tokio::time::timeout;
+}
+
+mod semaphore_waits {
+    use super::*;
+    use tokio::time::{sleep, timeout, Instant};
+
+    /// A release in this process hands the permit to a local waiter at
+    /// once: with polls 10 s apart, only the wake-up can be that prompt.
+    #[tokio::test]
+    async fn a_local_release_wakes_a_permit_waiter_at_once() {
+        let _share = share_lock_table().await;
+        let url = common::postgres_url().await;
+        let slow = Duration::from_secs(10);
+        let locks = Locks::new(
+            Advisory::new(pool(&url, 4).await)
+                .with_options(AdvisoryOptions {
+                    wait: WaitStrategy::Poll {
+                        min: slow,
+                        max: slow,
+                    },
+                    heartbeat: Duration::from_secs(5),
+                })
+                .unwrap(),
+        );
+        let name = common::unique("sem-wake");
+        let p1 = locks.acquire(&name).max_holders(2).await.unwrap();
+        let p2 = locks.acquire(&name).max_holders(2).await.unwrap();
+        let waiter = {
+            let (locks, name) = (locks.clone(), name.clone());
+            tokio::spawn(async move {
+                let p = locks.acquire(&name).max_holders(2).wait(slow * 3).await;
+                (p, Instant::now())
+            })
+        };
+        sleep(Duration::from_millis(300)).await;
+        assert!(!waiter.is_finished(), "a third permit of two was granted");
+        let released = Instant::now();
+        p1.release().await.unwrap();
+        let (p3, granted) = timeout(slow, waiter).await.expect("not woken").unwrap();
+        let p3 = p3.expect("the freed permit");
+        let after = granted - released;
+        assert!(
+            after < Duration::from_secs(2),
+            "handed over after {after:?}"
+        );
+        p2.release().await.unwrap();
+        p3.release().await.unwrap();
+    }
+
+    /// Permit waiters take no connection of the pool (they poll): with many
+    /// of them waiting, the application still gets one at once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn permit_waiters_leave_the_pool_to_the_application() {
+        let _share = share_lock_table().await;
+        let url = common::postgres_url().await;
+        let pg = pool(&url, 4).await;
+        let locks = Locks::new(Advisory::new(pg.clone()));
+        let name = common::unique("sem-pool");
+        let p1 = locks.acquire(&name).max_holders(2).await.unwrap();
+        let p2 = locks.acquire(&name).max_holders(2).await.unwrap();
+        let mut waiters = Vec::new();
+        for _ in 0..30 {
+            let (locks, name) = (locks.clone(), name.clone());
+            waiters.push(tokio::spawn(async move {
+                let p = locks
+                    .acquire(&name)
+                    .max_holders(2)
+                    .wait(Duration::from_secs(30))
+                    .await
+                    .expect("a permit in the end");
+                sleep(Duration::from_millis(5)).await;
+                p.release().await.unwrap();
+            }));
+        }
+        sleep(Duration::from_millis(500)).await;
+        for _ in 0..3 {
+            let mut conn = timeout(Duration::from_secs(1), pg.acquire())
+                .await
+                .expect("the waiters hold the pool")
+                .unwrap();
+            let one: i32 = sqlx::query_scalar("SELECT 1")
+                .fetch_one(&mut *conn)
+                .await
+                .unwrap();
+            assert_eq!(one, 1);
+        }
+        p1.release().await.unwrap();
+        p2.release().await.unwrap();
+        for w in waiters {
+            timeout(Duration::from_secs(60), w)
+                .await
+                .expect("a waiter hung")
+                .unwrap();
+        }
+        assert!(locks.inspect(&name).await.unwrap().is_none());
     }
 }

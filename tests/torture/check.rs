@@ -3,7 +3,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use crate::events::{Event, Type};
-use crate::target::{Kind, Registers, Write};
+use crate::target::{Kind, Registers, Window, Write};
 
 /// A fault the controller injected, in CLOCK_MONOTONIC nanoseconds.
 #[derive(Debug, Clone)]
@@ -212,7 +212,17 @@ pub fn check(run: &Run<'_>, report: &mut Report) {
     }
     for (name, regs) in run.registers {
         let list = by_name.get(name.as_str()).map(Vec::as_slice).unwrap_or(&[]);
-        check_registers(name, regs, list, report);
+        if run.permits > 1 {
+            check_window(name, regs, run.permits, report);
+            report.stale_rejected += list
+                .iter()
+                .flat_map(|h| &h.writes)
+                .filter(|w| w.outcome == Some(false))
+                .count();
+        } else {
+            check_registers(name, regs, report);
+        }
+        check_history(name, regs, list, report);
     }
     if report.unguarded_lost > 0 && report.excused_overlaps == 0 && report.overlaps == 0 {
         report.violation(format!(
@@ -436,6 +446,8 @@ fn check_overlaps(run: &Run<'_>, list: &[&Holder], report: &mut Report) {
 /// The semaphore mode: at no instant do more than `permits` holders
 /// believe they hold a name, unless a fault of one of them explains it.
 fn check_permits(run: &Run<'_>, list: &[&Holder], permits: u32, report: &mut Report) {
+    // Holders found not to heed their loss, each reported once.
+    let mut unheeded = HashSet::new();
     for later in list {
         // Holders believing they held the name when `later` was granted.
         let beside: Vec<&&Holder> = list
@@ -453,7 +465,12 @@ fn check_permits(run: &Run<'_>, list: &[&Holder], permits: u32, report: &mut Rep
                     .any(|h| f.wid.as_deref().is_none_or(|w| w == h.wid) && f.end >= h.invoked)
         });
         match excuse {
-            Some(_) => report.excused_overlaps += 1,
+            Some(_) => {
+                report.excused_overlaps += 1;
+                if run.watch_lost {
+                    check_heeded(run, &beside, later, &mut unheeded, report);
+                }
+            }
             None => {
                 report.overlaps += 1;
                 report.violation(format!(
@@ -471,10 +488,84 @@ fn check_permits(run: &Run<'_>, list: &[&Holder], permits: u32, report: &mut Rep
     report.losses_seen += list.iter().filter(|h| h.told_lost).count();
 }
 
+/// How long after the fault that cost it its permit a holder may go on
+/// believing it holds one: the wake-up of its renewal (a lease's local
+/// deadline has passed by then) or its heartbeat (an advisory session
+/// terminated), and the worker's next look at `lost()`, on a loaded
+/// machine.
+const GRACE_NS: i64 = 1_000_000_000;
+
+/// The semaphore mode: the holders beside `later` whose own fault (a pause
+/// or cut, a terminated session, begun while they held their permit)
+/// explains the overflow must stop believing within [`GRACE_NS`] of its
+/// end, unless killed: they heed `lost()`. A holder that ignores its loss
+/// goes on past it (the negative control, `IGNORE_LOSS` in `worker`).
+fn check_heeded(
+    run: &Run<'_>,
+    beside: &[&&Holder],
+    later: &Holder,
+    unheeded: &mut HashSet<(String, u64)>,
+    report: &mut Report,
+) {
+    for h in beside {
+        if h.how == End::Killed || unheeded.contains(&(h.wid.clone(), h.token)) {
+            continue;
+        }
+        let fault = run
+            .faults
+            .iter()
+            .filter(|f| {
+                f.kind.excuses(run.kind)
+                    && f.wid.as_deref() == Some(h.wid.as_str())
+                    && f.start >= h.ok
+                    && f.start <= later.ok
+            })
+            .max_by_key(|f| f.end);
+        let Some(f) = fault else { continue };
+        if h.end > f.end + GRACE_NS {
+            unheeded.insert((h.wid.clone(), h.token));
+            report.violation(format!(
+                "{}: {} (token {}) went on believing it held a permit {:.0} ms after its {} \
+                 ended, while {} (token {}) held one: it did not heed lost()",
+                h.name,
+                h.wid,
+                h.token,
+                (h.end - f.end) as f64 / 1e6,
+                f.kind.label(),
+                later.wid,
+                later.token
+            ));
+        }
+    }
+}
+
+/// The semaphore mode's fenced register (a [`Window`] of `n` tokens):
+/// replayed in the order it accepted them, every accepted write was one
+/// the window admitted then. With the fence on, a write it accepted out of
+/// turn is a stale write accepted.
+fn check_window(name: &str, regs: &Registers, n: u32, report: &mut Report) {
+    report.accepted_writes += regs.accepted.len();
+    let mut window = Window::new(n);
+    for (i, a) in regs.accepted.iter().enumerate() {
+        if !window.admits(a.token, a.write) {
+            report.stale_accepted += 1;
+            report.violation(format!(
+                "{name}: the fenced window accepted {} write #{i} with token {} from {} while \
+                 it held {:?}",
+                a.write.as_str(),
+                a.token,
+                a.worker,
+                window.tokens
+            ));
+        }
+        window.accept(a.token, a.write);
+    }
+}
+
 /// The fenced register: accepted tokens in strictly increasing order (an
 /// exit write carries the token of the latest entry), its value the number
-/// of accepted writes, every acknowledged write present, none unexplained.
-fn check_registers(name: &str, regs: &Registers, holders: &[&Holder], report: &mut Report) {
+/// of accepted writes.
+fn check_registers(name: &str, regs: &Registers, report: &mut Report) {
     report.accepted_writes += regs.accepted.len();
     let mut highest: Option<u64> = None;
     for (i, a) in regs.accepted.iter().enumerate() {
@@ -508,6 +599,11 @@ fn check_registers(name: &str, regs: &Registers, holders: &[&Holder], report: &m
             regs.fence, highest
         ));
     }
+}
+
+/// The fenced register holds every acknowledged write, and none that no
+/// holder made.
+fn check_history(name: &str, regs: &Registers, holders: &[&Holder], report: &mut Report) {
     let history: HashSet<(u64, Write, &str)> = regs
         .accepted
         .iter()

@@ -110,7 +110,7 @@ pub fn worker_from_env() {
             // The win counts from the end of its first fenced write: from
             // then on every older leader's write is refused.
             let entry = db
-                .fenced(&run, &name, term, Write::Entry, &worker, true)
+                .fenced(&run, &name, term, Write::Entry, &worker, true, None)
                 .await;
             line("won", mono_ns(), term, entry.unwrap_or(false));
             // The tenure counts ticks, not time: a leader paused mid-term
@@ -129,7 +129,7 @@ pub fn worker_from_env() {
                     break;
                 }
                 let accepted = db
-                    .fenced(&run, &name, term, Write::Exit, &worker, true)
+                    .fenced(&run, &name, term, Write::Exit, &worker, true, None)
                     .await;
                 line("tick", believed, term, accepted.unwrap_or(false));
                 sleep(Duration::from_millis(20)).await;

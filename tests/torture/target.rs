@@ -244,6 +244,74 @@ impl Write {
     }
 }
 
+/// The fence of the semaphore mode, where up to `n` holders write at
+/// once: it keeps the `n` highest entry tokens it accepted (its window).
+/// An entry is admitted if the window has room or its token is above the
+/// window's lowest (it then joins, and the lowest leaves if the window
+/// overflows); any later write only while its token is in the window. So
+/// at most `n` holders can have writes admitted at any time, and a holder
+/// paused past its lease is refused once `n` newer holders have entered.
+/// A long holder may be refused too (`n` newer ones entered, not all
+/// beside it): the price of fencing without knowing the permits' slots;
+/// it then ends its section.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Window {
+    pub n: usize,
+    /// Ascending.
+    pub tokens: Vec<u64>,
+}
+
+impl Window {
+    pub fn new(n: u32) -> Window {
+        Window {
+            n: n as usize,
+            tokens: Vec::new(),
+        }
+    }
+
+    /// The stored form: the tokens, comma-separated.
+    pub fn parse(n: u32, stored: &str) -> Window {
+        let mut w = Window::new(n);
+        w.tokens = stored
+            .split(',')
+            .filter(|t| !t.is_empty())
+            .map(|t| t.parse().expect("a window token"))
+            .collect();
+        w.tokens.sort_unstable();
+        w
+    }
+
+    pub fn stored(&self) -> String {
+        self.tokens
+            .iter()
+            .map(u64::to_string)
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    pub fn admits(&self, token: u64, write: Write) -> bool {
+        match write {
+            Write::Entry => {
+                !self.tokens.contains(&token)
+                    && (self.tokens.len() < self.n
+                        || self.tokens.first().is_some_and(|&t| token > t))
+            }
+            Write::Exit => self.tokens.contains(&token),
+        }
+    }
+
+    /// Records an accepted write.
+    pub fn accept(&mut self, token: u64, write: Write) {
+        if write == Write::Entry && !self.tokens.contains(&token) {
+            self.tokens.push(token);
+            self.tokens.sort_unstable();
+            while self.tokens.len() > self.n {
+                self.tokens.remove(0);
+            }
+        }
+    }
+}
+
 /// One fenced write the register accepted, in the order it accepted them.
 #[derive(Debug, Clone)]
 pub struct Accepted {
@@ -276,6 +344,8 @@ impl Db {
                     token bigint NOT NULL, kind text NOT NULL, worker text NOT NULL)",
                 "CREATE TABLE IF NOT EXISTS dblock_torture_unguarded (
                     run text, name text, value bigint NOT NULL DEFAULT 0, PRIMARY KEY (run, name))",
+                "CREATE TABLE IF NOT EXISTS dblock_torture_window (
+                    run text, name text, tokens text NOT NULL DEFAULT '', PRIMARY KEY (run, name))",
             ],
             Db::My(_) => &[
                 "CREATE TABLE IF NOT EXISTS dblock_torture_fenced (
@@ -288,6 +358,9 @@ impl Db {
                     worker VARCHAR(32) NOT NULL, KEY (run, name)) ENGINE = InnoDB",
                 "CREATE TABLE IF NOT EXISTS dblock_torture_unguarded (
                     run VARCHAR(64), name VARCHAR(255), value BIGINT NOT NULL DEFAULT 0,
+                    PRIMARY KEY (run, name)) ENGINE = InnoDB",
+                "CREATE TABLE IF NOT EXISTS dblock_torture_window (
+                    run VARCHAR(64), name VARCHAR(255), tokens VARCHAR(4000) NOT NULL DEFAULT '',
                     PRIMARY KEY (run, name)) ENGINE = InnoDB",
                 // The accepted write is recorded by the same statement.
                 "CREATE TRIGGER IF NOT EXISTS dblock_torture_accept
@@ -305,6 +378,8 @@ impl Db {
                     token INTEGER NOT NULL, kind TEXT NOT NULL, worker TEXT NOT NULL)",
                 "CREATE TABLE IF NOT EXISTS dblock_torture_unguarded (
                     run TEXT, name TEXT, value INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (run, name))",
+                "CREATE TABLE IF NOT EXISTS dblock_torture_window (
+                    run TEXT, name TEXT, tokens TEXT NOT NULL DEFAULT '', PRIMARY KEY (run, name))",
                 "CREATE TRIGGER IF NOT EXISTS dblock_torture_accept
                     AFTER UPDATE ON dblock_torture_fenced FOR EACH ROW BEGIN
                     INSERT INTO dblock_torture_accepted (run, name, token, kind, worker)
@@ -316,7 +391,11 @@ impl Db {
             this.execute(s, &[]).await.expect("create register tables");
         }
         for name in names {
-            for table in ["dblock_torture_fenced", "dblock_torture_unguarded"] {
+            for table in [
+                "dblock_torture_fenced",
+                "dblock_torture_unguarded",
+                "dblock_torture_window",
+            ] {
                 let sql = format!(
                     "INSERT INTO {table} (run, name) VALUES ({}, {})",
                     this.p(1),
@@ -367,6 +446,12 @@ impl Db {
     /// A fenced read-modify-write: `value + 1` and the fence set to `token`,
     /// accepted only if the fence allows it (unless `fencing` is off, the
     /// negative control). Returns whether it was accepted.
+    ///
+    /// With a `window` of `n` (the semaphore mode), the fence is the name's
+    /// [`Window`] instead, in one transaction that first locks the name's
+    /// window row; an accepted write is recorded in `dblock_torture_accepted`
+    /// by the same transaction.
+    #[allow(clippy::too_many_arguments)]
     pub async fn fenced(
         &self,
         run: &str,
@@ -375,10 +460,84 @@ impl Db {
         write: Write,
         worker: &str,
         fencing: bool,
+        window: Option<u32>,
     ) -> sqlx::Result<bool> {
         if let Db::Redis { .. } = self {
             let regs = self.registers_db();
-            return Box::pin(regs.fenced(run, name, token, write, worker, fencing)).await;
+            let write = regs.fenced(run, name, token, write, worker, fencing, window);
+            return Box::pin(write).await;
+        }
+        if let Some(n) = window {
+            let p = |i| self.p(i);
+            // A write first, so that SQLite takes its write lock at once (a
+            // read first would make two writers deadlock on the upgrade).
+            let lock = format!(
+                "UPDATE dblock_torture_window SET tokens = tokens WHERE run = {} AND name = {}",
+                p(1),
+                p(2)
+            );
+            let read = format!(
+                "SELECT tokens FROM dblock_torture_window WHERE run = {} AND name = {}",
+                p(1),
+                p(2)
+            );
+            let store = format!(
+                "UPDATE dblock_torture_window SET tokens = {} WHERE run = {} AND name = {}",
+                p(1),
+                p(2),
+                p(3)
+            );
+            let accepted = format!(
+                "INSERT INTO dblock_torture_accepted (run, name, token, kind, worker)
+                 VALUES ({}, {}, {}, {}, {})",
+                p(1),
+                p(2),
+                p(3),
+                p(4),
+                p(5)
+            );
+            macro_rules! txn {
+                ($pool:expr) => {{
+                    let mut tx = $pool.begin().await?;
+                    sqlx::query(sqlx::AssertSqlSafe(lock))
+                        .bind(run)
+                        .bind(name)
+                        .execute(&mut *tx)
+                        .await?;
+                    let stored: String = sqlx::query_scalar(sqlx::AssertSqlSafe(read))
+                        .bind(run)
+                        .bind(name)
+                        .fetch_one(&mut *tx)
+                        .await?;
+                    let mut window = Window::parse(n, &stored);
+                    let ok = window.admits(token, write) || !fencing;
+                    if ok {
+                        window.accept(token, write);
+                        sqlx::query(sqlx::AssertSqlSafe(store))
+                            .bind(window.stored())
+                            .bind(run)
+                            .bind(name)
+                            .execute(&mut *tx)
+                            .await?;
+                        sqlx::query(sqlx::AssertSqlSafe(accepted))
+                            .bind(run)
+                            .bind(name)
+                            .bind(token as i64)
+                            .bind(write.as_str())
+                            .bind(worker)
+                            .execute(&mut *tx)
+                            .await?;
+                    }
+                    tx.commit().await?;
+                    Ok(ok)
+                }};
+            }
+            return match self {
+                Db::Pg(pool) => txn!(pool),
+                Db::My(pool) => txn!(pool),
+                Db::Lite(pool) => txn!(pool),
+                Db::Redis { .. } => unreachable!("redirected to the registers"),
+            };
         }
         let cond = match (fencing, write) {
             (false, _) => "TRUE",
@@ -564,6 +723,7 @@ impl Db {
             "dblock_torture_fenced",
             "dblock_torture_unguarded",
             "dblock_torture_accepted",
+            "dblock_torture_window",
         ] {
             let sql = format!("DELETE FROM {table} WHERE run = {}", self.p(1));
             let _ = self.execute(&sql, &[run]).await;

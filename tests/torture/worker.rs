@@ -29,9 +29,10 @@ pub struct Config {
     /// naive holder, the negative control).
     pub watch_lost: bool,
     /// Above 1: the semaphore mode, where each name admits this many
-    /// holders (`max_holders`) and the critical section only holds its
-    /// permit (the registers, made for one holder at a time, are left
-    /// alone).
+    /// holders (`max_holders`) and the critical section is
+    /// [`permit_section`]: fenced writes through the name's window of this
+    /// many tokens (the unguarded register, made for one holder at a time,
+    /// is left alone).
     pub permits: u32,
     /// This process's id in the logs, `s<slot>g<generation>`.
     pub wid: String,
@@ -44,6 +45,19 @@ pub struct Config {
 pub const WAIT: Duration = Duration::from_secs(3);
 
 const ENV: &str = "DBLOCK_TORTURE_WORKER";
+
+/// Set (by hand, for the semaphore phase) to make the permit holders ignore
+/// their lost signal and the fence's refusals, as naive holders: the
+/// semaphore checks must then fail, which shows they can.
+pub const IGNORE_LOSS: &str = "DBLOCK_TORTURE_SEMAPHORE_IGNORE_LOSS";
+
+fn ignore_loss() -> bool {
+    std::env::var_os(IGNORE_LOSS).is_some_and(|v| v == "1")
+}
+
+/// Ticks of a permit's section: each a fenced write, [`TICK`] apart.
+const PERMIT_TICKS: std::ops::Range<u32> = 5..60;
+const TICK: Duration = Duration::from_millis(20);
 
 impl Config {
     pub fn to_env(&self) -> Vec<(String, String)> {
@@ -153,13 +167,15 @@ async fn run(cfg: &Config) {
         };
         let token = guard.token();
         log.event(Type::Ok, "acquire", &name, Some(token), None, "");
-        let outcome = if cfg.permits > 1 {
-            let hold = Duration::from_millis(rand::rng().random_range(0..60));
+        let heed = cfg.watch_lost && !(cfg.permits > 1 && ignore_loss());
+        let outcome = if cfg.permits > 1 && heed {
             tokio::select! {
                 biased;
                 _ = guard.lost() => Section::Lost,
-                _ = sleep(hold) => Section::Done,
+                s = permit_section(cfg, &db, &mut log, &name, token, true) => s,
             }
+        } else if cfg.permits > 1 {
+            permit_section(cfg, &db, &mut log, &name, token, false).await
         } else if cfg.watch_lost {
             tokio::select! {
                 biased;
@@ -169,7 +185,7 @@ async fn run(cfg: &Config) {
         } else {
             critical(cfg, &db, &mut log, &name, token).await
         };
-        if cfg.watch_lost && (matches!(outcome, Section::Lost) || guard.is_lost()) {
+        if heed && (matches!(outcome, Section::Lost) || guard.is_lost()) {
             let reason = guard.lost_reason().unwrap_or_default();
             log.event(Type::Ok, "lost", &name, Some(token), None, &reason);
         }
@@ -214,6 +230,38 @@ async fn release(cfg: &Config, log: &mut Log, guard: LockGuard) {
         ),
         Err(_) => log.event(Type::Unknown, "release", &name, Some(token), None, "hung"),
     }
+}
+
+/// A permit's section: an entry write through the name's window, then
+/// ticks, each a write that the window admits only while this permit is
+/// among the `n` newest (see `target::Window`). The ticks are counted, not
+/// timed: a holder paused mid-section goes on ticking when it resumes,
+/// unless it `heed`s its loss (the caller drops this future when `lost()`
+/// fires) and the fence's refusals.
+async fn permit_section(
+    cfg: &Config,
+    db: &Db,
+    log: &mut Log,
+    name: &str,
+    token: u64,
+    heed: bool,
+) -> Section {
+    match fenced(cfg, db, log, name, token, Write::Entry).await {
+        Some(true) => {}
+        Some(false) if heed => return Section::Fenced,
+        Some(false) => {}
+        None => return Section::Error,
+    }
+    for _ in 0..rand::rng().random_range(PERMIT_TICKS) {
+        sleep(TICK).await;
+        match fenced(cfg, db, log, name, token, Write::Exit).await {
+            Some(true) => {}
+            Some(false) if heed => return Section::Fenced,
+            Some(false) => {}
+            None => return Section::Error,
+        }
+    }
+    Section::Done
 }
 
 /// The critical section: a fenced write, an unguarded read-sleep-write, a
@@ -274,8 +322,9 @@ async fn fenced(
 ) -> Option<bool> {
     let op = format!("fenced-{}", write.as_str());
     log.event(Type::Invoke, &op, name, Some(token), None, "");
+    let window = (cfg.permits > 1).then_some(cfg.permits);
     match db
-        .fenced(&cfg.run, name, token, write, &cfg.wid, cfg.fencing)
+        .fenced(&cfg.run, name, token, write, &cfg.wid, cfg.fencing, window)
         .await
     {
         Ok(true) => {

@@ -18,10 +18,13 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::{sleep_until, Instant};
 
 use super::registry::Route;
+use super::semaphore;
 use super::session::{self, LockReply};
 use super::{lock_table_full, Inner, Refusal, WaitStrategy, LOCK_TABLE_FULL};
 use crate::backend::{BoxFuture, Grant};
 use crate::detach::Detached;
+use crate::lease::permits::disagreement;
+use crate::postgres::key::PermitKeys;
 use crate::postgres::token::sequence_token;
 use crate::postgres::{advisory_key, engine, map_err, LIFT_SERVER_TIMEOUTS};
 use crate::{AcquireRequest, Error, LockMode, Result, Wait};
@@ -55,6 +58,13 @@ static WAIT_SHARED: LazyLock<String> = LazyLock::new(|| wait_sql("pg_advisory_lo
 const POOL_RETRY_MIN: Duration = Duration::from_millis(20);
 const POOL_RETRY_MAX: Duration = Duration::from_secs(1);
 
+/// How a permit waits with [`WaitStrategy::Server`]: it polls, between
+/// these pauses (with jitter), and releases in this process wake it at
+/// once. A semaphore has `n` keys, and a wait on one of them would miss
+/// the others' releases.
+const PERMIT_POLL_MIN: Duration = Duration::from_millis(10);
+const PERMIT_POLL_MAX: Duration = Duration::from_millis(250);
+
 /// How many holder sessions may fail (or be opened) under one attempt
 /// before it gives up.
 const SESSION_RETRIES: usize = 4;
@@ -81,12 +91,24 @@ pub(super) async fn acquire(inner: &Arc<Inner>, request: AcquireRequest) -> Resu
     let name = request.name();
     let key = advisory_key(name);
     let mode = request.mode();
+    let permit = request
+        .is_permit()
+        .then(|| Arc::new(PermitKeys::new(name, request.max_holders())));
+    let attempt = Attempt {
+        key,
+        mode,
+        permit: permit.as_ref(),
+        name,
+    };
     let deadline = match request.wait() {
         Wait::For(d) => Some(Instant::now() + d),
         _ => None,
     };
-    // The uncontended path: one attempt, nothing else set up.
-    if let Some(grant) = try_on_session(inner, key, mode, name).await? {
+    // The uncontended path: one attempt, nothing else set up. A lock or a
+    // reader lock that finds the name held by permits at this first miss is
+    // refused (its statement looks; a permit checks for itself, see
+    // `session::permit`).
+    if let Some(grant) = try_on_session(inner, &attempt, true).await? {
         return Ok(Some(grant));
     }
     match (request.wait(), deadline) {
@@ -105,6 +127,7 @@ pub(super) async fn acquire(inner: &Arc<Inner>, request: AcquireRequest) -> Resu
     let subscription = inner.wakeups.subscribe(name);
     let (mut pause, cap) = match inner.options.wait {
         WaitStrategy::Poll { min, max } => (min, max),
+        WaitStrategy::Server if permit.is_some() => (PERMIT_POLL_MIN, PERMIT_POLL_MAX),
         WaitStrategy::Server => (POOL_RETRY_MIN, POOL_RETRY_MAX),
     };
     // The connection of a server-side wait, and its acquisition from the
@@ -121,7 +144,7 @@ pub(super) async fn acquire(inner: &Arc<Inner>, request: AcquireRequest) -> Resu
         tokio::pin!(notified);
         notified.as_mut().enable();
 
-        if let Some(grant) = try_on_session(inner, key, mode, name).await? {
+        if let Some(grant) = try_on_session(inner, &attempt, false).await? {
             return Ok(Some(grant));
         }
         let now = Instant::now();
@@ -143,7 +166,9 @@ pub(super) async fn acquire(inner: &Arc<Inner>, request: AcquireRequest) -> Resu
         // the others poll here like `WaitStrategy::Poll`, woken by releases
         // in this process, so waiters never take more than a bounded share
         // of the pool.
-        let server_side = matches!(inner.options.wait, WaitStrategy::Server);
+        // A permit has no one key to wait on: it polls (see
+        // `PERMIT_POLL_MIN`).
+        let server_side = matches!(inner.options.wait, WaitStrategy::Server) && permit.is_none();
         if server_side && slot.is_none() {
             slot = WaitSlot::take(inner, key);
         }
@@ -181,6 +206,10 @@ pub(super) async fn acquire(inner: &Arc<Inner>, request: AcquireRequest) -> Resu
         let conn = waiter.as_mut().expect("a waiting connection");
         match wait_on_server(inner, conn, key, mode, deadline).await {
             Waited::Granted { token, pid, marker } => {
+                if mode == LockMode::Shared {
+                    let conn = waiter.as_mut().expect("a waiting connection");
+                    reader_beside_permits(conn, name).await?;
+                }
                 let conn = waiter
                     .take()
                     .and_then(|mut w| w.conn.take())
@@ -196,14 +225,49 @@ pub(super) async fn acquire(inner: &Arc<Inner>, request: AcquireRequest) -> Resu
     }
 }
 
-/// One attempt on a holder session, opening one if needed. `Ok(None)` if
-/// the lock is held (by us or anyone).
-async fn try_on_session(
-    inner: &Arc<Inner>,
+/// What one acquisition tries to take.
+struct Attempt<'a> {
     key: i64,
     mode: LockMode,
-    name: &str,
+    /// The semaphore's keys, for a permit.
+    permit: Option<&'a Arc<PermitKeys>>,
+    name: &'a str,
+}
+
+/// A reader granted by a server-side wait, which shares the name's key
+/// with a semaphore's permits: it looks for their marker on its wait's
+/// connection, as a reader granted on a holder session does in its
+/// statement (see `session`), and if it finds it is refused. The
+/// connection, which holds the lock and carries a holder session's marker,
+/// stays dirty: it is closed, which ends the lock.
+async fn reader_beside_permits(conn: &mut WaitConn, name: &str) -> Result<()> {
+    let raw = &mut **conn.conn.as_mut().expect("connection present");
+    match semaphore::capacity_held(raw, name).await? {
+        None => Ok(()),
+        Some(found) => Err(disagreement(name, 1, found)),
+    }
+}
+
+/// One attempt on a holder session, opening one if needed. `Ok(None)` if
+/// the lock is held (by us or anyone), or every permit is. With `first`, a
+/// lock's miss looks for a semaphore's permits (see `Session::lock`).
+async fn try_on_session(
+    inner: &Arc<Inner>,
+    attempt: &Attempt<'_>,
+    first: bool,
 ) -> Result<Option<Grant>> {
+    let Attempt {
+        key,
+        mode,
+        permit,
+        name,
+    } = *attempt;
+    // A permit is a shared hold on the name's key (see `registry`).
+    let hold_mode = if permit.is_some() {
+        LockMode::Shared
+    } else {
+        mode
+    };
     let mut grow = true;
     let mut failed = None;
     let mut gone = 0;
@@ -212,11 +276,16 @@ async fn try_on_session(
             return Err(refusal);
         }
         let lock = inner.next_id();
-        let route = inner
-            .registry()
-            .route(key, mode, lock, inner.target_sessions(), grow);
+        let route =
+            inner
+                .registry()
+                .route(key, hold_mode, permit, lock, inner.target_sessions(), grow);
         match route {
             Route::Busy => return Ok(None),
+            Route::Disagree(found) => {
+                let asked = permit.map_or(1, |k| k.slots.len() as u32);
+                return Err(disagreement(name, asked, found));
+            }
             Route::Open => {
                 // Counted too: a session that dies as soon as it is opened
                 // must not be reopened forever.
@@ -233,8 +302,17 @@ async fn try_on_session(
                 // The statement runs here, on the session's connection; if
                 // this future is dropped mid-statement, a task finishes it
                 // and releases a grant nobody takes.
-                let attempt = session.lock(lock, key, mode, name.to_owned());
-                match Detached::new(attempt).await {
+                let reply = match permit {
+                    Some(keys) => {
+                        let attempt = session.lock_permit(lock, keys.clone(), name.to_owned());
+                        Detached::new(attempt).await
+                    }
+                    None => {
+                        let attempt = session.lock(lock, key, mode, name.to_owned(), first);
+                        Detached::new(attempt).await
+                    }
+                };
+                match reply {
                     LockReply::Granted(grant) => return Ok(Some(grant)),
                     LockReply::Busy => return Ok(None),
                     LockReply::Failed(e) => return Err(e),

@@ -20,6 +20,7 @@
 mod acquire;
 mod holders;
 mod registry;
+mod semaphore;
 mod session;
 
 use std::collections::HashSet;
@@ -161,9 +162,25 @@ const LOCK_TABLE_FULL: &str = "53200";
 ///   statement as the lock: run [`migrate`](super::migrate) once. Names map
 ///   to keys by [`advisory_key`], so other programs can take the same locks.
 /// - Shared (reader) locks are native.
-/// - **Semaphores** (`max_holders(n)` above 1) are not supported: they fail
-///   with [`Error::Unsupported`] before anything is taken. Use
-///   [`Lease`](super::Lease) on the same database for them.
+/// - **Semaphores** (`max_holders(n)`): a permit is an exclusive advisory
+///   lock on one of `n` slot keys derived from the name, tried in turn,
+///   with its own token; it also holds, shared, the name's own key (so a
+///   plain lock and permits exclude each other on the server), a semaphore
+///   marker and a marker of its `n` (keys in the README, beside the
+///   name's). A permit, plain lock or reader that finds the name held with
+///   another `n` sees it by these markers in `pg_locks`, in any process,
+///   and fails with [`Error::InvalidOption`]; two such acquisitions racing
+///   may both fail, never both succeed. A permit takes four entries of the
+///   lock table. Permits wait by polling (the poll bounds of
+///   [`WaitStrategy::Poll`], or 10 to 250 ms with
+///   [`WaitStrategy::Server`]), woken at once by releases in this process:
+///   a wait on one slot would miss the others' releases. `inspect` counts
+///   the slots held; `list` shows the semaphores this backend holds permits
+///   of by name, others' as the bare keys they hold. A reader's lock
+///   statement reads `pg_locks` for the semaphore marker after it takes
+///   the name's key (a reader beside permits gives way), as does the first
+///   attempt of any lock that misses: the price of locks and permits
+///   sharing that key.
 /// - `.ttl()` does not apply (the lock lives as long as its session);
 ///   [`LockGuard::expires_at`](crate::LockGuard::expires_at) is `None`.
 /// - `.hold_at_least()` is not supported: a lock that must outlive its
@@ -524,20 +541,12 @@ impl Backend for Advisory {
                             .into(),
                 });
             }
-            if request.is_permit() {
-                return Err(Error::Unsupported {
-                    backend: self.kind(),
-                    what: "semaphores (max_holders above 1); use postgres::Lease, on the same \
-                           database, for them"
-                        .into(),
-                });
-            }
             if let Some(refusal) = self.inner.refusal() {
                 return Err(refusal);
             }
             // A holder identity is recorded beside an exclusive lock (see
             // `holders`); dropping the grant on failure unlocks it.
-            let holder = (request.mode() == LockMode::Exclusive)
+            let holder = (request.mode() == LockMode::Exclusive && !request.is_permit())
                 .then(|| {
                     request
                         .holder()
@@ -559,7 +568,8 @@ impl Backend for Advisory {
                 return Ok(None);
             };
             info.name = Some(name.to_owned());
-            if info.mode == LockMode::Exclusive {
+            semaphore::inspect(&self.inner.pool, name, &mut info).await?;
+            if info.mode == LockMode::Exclusive && info.max_holders == Some(1) {
                 // A recorded identity, unless it is an older holder's on the
                 // session this backend holds the lock on now.
                 if let Some((holder, token, since)) =
@@ -577,7 +587,11 @@ impl Backend for Advisory {
     }
 
     fn list(&self) -> BoxFuture<'_, Result<Vec<LockInfo>>> {
-        Box::pin(self.inner.query_locks(None))
+        Box::pin(async move {
+            let all = self.inner.query_locks(None).await?;
+            let ours = self.inner.registry().semaphores();
+            semaphore::list(&self.inner.pool, all, ours).await
+        })
     }
 
     fn now(&self) -> BoxFuture<'_, Result<DateTime<Utc>>> {

@@ -15,6 +15,13 @@
 //!   `pg_advisory_unlock_shared` per guard undoes the stack);
 //! - conflicts between different sessions, ours or anyone's, are left to
 //!   PostgreSQL.
+//!
+//! A permit of a semaphore is recorded as a shared hold on the name's key
+//! that knows its semaphore's keys and, once granted, its slot: permits of
+//! one name and capacity go beside each other like shared holds (stacked on
+//! one session if need be, their slots kept apart by the session, see
+//! `Session::lock_permit`); anything else of ours on the name meets them as
+//! a disagreement ([`Route::Disagree`]).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -22,6 +29,7 @@ use std::sync::{Arc, Weak};
 
 use super::session::Session;
 use crate::backend::LockStatus;
+use crate::postgres::key::PermitKeys;
 use crate::LockMode;
 
 pub(super) type SessionId = u64;
@@ -32,7 +40,32 @@ pub(super) struct Hold {
     pub(super) lock: LockId,
     pub(super) session: SessionId,
     pub(super) mode: LockMode,
+    /// A permit of a semaphore (its mode is `Shared`): its keys and slot.
+    pub(super) permit: Option<Permit>,
     pub(super) state: HoldState,
+}
+
+/// What a permit hold knows besides the name's key.
+#[derive(Clone)]
+pub(super) struct Permit {
+    /// Its semaphore's capacity and keys.
+    pub(super) keys: Arc<PermitKeys>,
+    /// The slot key it holds, once granted.
+    pub(super) slot: Option<i64>,
+}
+
+impl Permit {
+    pub(super) fn capacity(&self) -> u32 {
+        self.keys.slots.len() as u32
+    }
+}
+
+impl Hold {
+    /// How many holders the hold's name admits: 1 for a lock (reader or
+    /// writer), `n` for a permit.
+    fn capacity(&self) -> u32 {
+        self.permit.as_ref().map_or(1, Permit::capacity)
+    }
 }
 
 pub(super) enum HoldState {
@@ -83,6 +116,9 @@ pub(super) enum Route {
     Grow,
     /// Try on this session; the pending hold is recorded.
     Send(Arc<Session>),
+    /// This backend holds the name with another capacity (a permit beside
+    /// a lock, or permits of another `n`): the capacity it holds it with.
+    Disagree(u32),
 }
 
 /// A lock of ours, as `inspect` and `list` report it.
@@ -107,16 +143,34 @@ impl Registry {
     }
 
     /// Decides where a lock attempt goes, and records it as pending there.
+    /// `permit` holds the semaphore's keys for a permit.
     pub(super) fn route(
         &mut self,
         key: i64,
         mode: LockMode,
+        permit: Option<&Arc<PermitKeys>>,
         lock: LockId,
         target: usize,
         grow: bool,
     ) -> Route {
         let holds = self.keys.get(&key).map(Vec::as_slice).unwrap_or_default();
-        if !holds.is_empty()
+        let capacity = permit.map_or(1, |k| k.slots.len() as u32);
+        // A granted hold that disagrees on the capacity is refused; a
+        // pending one may yet fail, so it is waited for.
+        for h in holds {
+            if h.capacity() != capacity && (h.permit.is_some() || permit.is_some()) {
+                return match h.state {
+                    HoldState::Held { .. } => Route::Disagree(h.capacity()),
+                    HoldState::Pending => Route::Busy,
+                };
+            }
+        }
+        if let Some(keys) = permit {
+            // Every slot is held or being taken here.
+            if holds.len() >= keys.slots.len() {
+                return Route::Busy;
+            }
+        } else if !holds.is_empty()
             && (mode == LockMode::Exclusive || holds.iter().any(|h| h.mode == LockMode::Exclusive))
         {
             return Route::Busy;
@@ -157,7 +211,7 @@ impl Registry {
             // Its last owner dropped it just now (an abnormal end, which
             // is being reported): choose again without it.
             self.remove_session(chosen);
-            return self.route(key, mode, lock, target, grow);
+            return self.route(key, mode, permit, lock, target, grow);
         };
         entry.holds += 1;
         entry.queued += 1;
@@ -165,6 +219,10 @@ impl Registry {
             lock,
             session: chosen,
             mode,
+            permit: permit.map(|keys| Permit {
+                keys: keys.clone(),
+                slot: None,
+            }),
             state: HoldState::Pending,
         });
         Route::Send(session)
@@ -211,6 +269,29 @@ impl Registry {
     /// The hold `lock` on `key`, if it is still recorded.
     pub(super) fn hold(&self, key: i64, lock: LockId) -> Option<&Hold> {
         self.keys.get(&key)?.iter().find(|h| h.lock == lock)
+    }
+
+    /// The slots held by granted permits on `key`.
+    pub(super) fn slots_held(&self, key: i64) -> Vec<i64> {
+        self.keys.get(&key).map_or_else(Vec::new, |holds| {
+            holds
+                .iter()
+                .filter_map(|h| h.permit.as_ref()?.slot)
+                .collect()
+        })
+    }
+
+    /// The semaphores this backend holds permits of: their keys.
+    pub(super) fn semaphores(&self) -> Vec<Arc<PermitKeys>> {
+        self.keys
+            .values()
+            .filter_map(|holds| {
+                holds.iter().find_map(|h| match (&h.permit, &h.state) {
+                    (Some(p), HoldState::Held { .. }) => Some(p.keys.clone()),
+                    _ => None,
+                })
+            })
+            .collect()
     }
 
     /// Whether `session` has another hold on `key` in `mode` besides `lock`.

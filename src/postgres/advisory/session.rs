@@ -38,11 +38,15 @@ use sqlx::{Postgres, Row};
 use tokio::sync::{mpsc, MutexGuard, OwnedSemaphorePermit};
 use tokio::time::{sleep_until, timeout, Instant};
 
-use super::registry::{Hold, HoldState, LockId, SessionEntry, SessionId};
-use super::{lock_table_full, split_key, Inner, Refusal, LOCK_TABLE_FULL};
+mod permit;
+
+use super::registry::{Hold, HoldState, LockId, Permit, SessionEntry, SessionId};
+use super::{lock_table_full, semaphore, split_key, Inner, Refusal, LOCK_TABLE_FULL};
 use crate::backend::{BoxFuture, Grant, HeldLock, LockStatus};
 use crate::detach::Detached;
+use crate::lease::permits::disagreement;
 use crate::postgres::engine::{self, is_statement_clash};
+use crate::postgres::key::semaphore_key;
 use crate::postgres::map_err;
 use crate::postgres::token::sequence_token;
 use crate::{Error, LockMode, Result};
@@ -57,36 +61,57 @@ use crate::{Error, LockMode, Result};
 // the order of evaluation.
 const OURS: &str = "(SELECT current_setting('dblock.session', true) IS NOT DISTINCT FROM $2
                             AND pg_backend_pid() = $3 AS ours OFFSET 0) s";
-static TRY_EXCLUSIVE: LazyLock<String> = LazyLock::new(|| {
+// After its lock call, a lock statement may look for a semaphore's marker
+// ($4 and $5, its key's halves), which every permit takes before the name's
+// key (see `permit`): a reader that was granted looks when $7 is set (it
+// shares the name's key with permits, and gives way if it finds them), and
+// one that missed when $6 is set (an acquisition's first attempt: a lock or
+// reader lock that finds the name held by permits is refused rather than
+// wait). It looks in `pg_locks` after the lock call, as a permit looks after
+// its own.
+fn looking(sql: String) -> String {
     format!(
-        "SELECT ours, CASE WHEN NOT ours THEN NULL
-                           WHEN pg_try_advisory_lock($1) THEN {} END FROM {OURS}",
-        sequence_token()
+        "SELECT ours, token,
+                CASE WHEN (token IS NOT NULL AND $7) OR (token IS NULL AND ours AND $6) THEN
+                    EXISTS (SELECT 1 FROM pg_locks
+                             WHERE locktype = 'advisory' AND objsubid = 1 AND granted
+                               AND database = (SELECT oid FROM pg_database
+                                                WHERE datname = current_database())
+                               AND classid::bigint = $4 AND objid::bigint = $5 AND t.ours)
+                END
+           FROM ({sql} OFFSET 0) t"
     )
+}
+static TRY_EXCLUSIVE: LazyLock<String> = LazyLock::new(|| {
+    looking(format!(
+        "SELECT ours, CASE WHEN NOT ours THEN NULL
+                           WHEN pg_try_advisory_lock($1) THEN {} END AS token FROM {OURS}",
+        sequence_token()
+    ))
 });
 static TRY_SHARED: LazyLock<String> = LazyLock::new(|| {
-    format!(
+    looking(format!(
         "SELECT ours, CASE WHEN NOT ours THEN NULL
-                           WHEN pg_try_advisory_lock_shared($1) THEN {} END FROM {OURS}",
+                           WHEN pg_try_advisory_lock_shared($1) THEN {} END AS token FROM {OURS}",
         sequence_token()
-    )
+    ))
 });
 // A shared lock stacked on a session that holds the key shared already: the
 // server would grant it at once, ahead of any waiter queued for the key (a
 // session never waits for a lock it holds), so a stream of readers in this
 // process could starve a writer queued on the server. It is taken only if
-// nobody waits for the key.
+// nobody waits for the key ($8 and $9, its halves).
 static TRY_SHARED_STACKED: LazyLock<String> = LazyLock::new(|| {
-    format!(
+    looking(format!(
         "SELECT ours, CASE
     WHEN NOT ours THEN NULL
     WHEN EXISTS (SELECT 1 FROM pg_locks
                   WHERE locktype = 'advisory' AND objsubid = 1 AND NOT granted
                     AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
-                    AND classid::bigint = $4 AND objid::bigint = $5) THEN NULL
-    WHEN pg_try_advisory_lock_shared($1) THEN {} END FROM {OURS}",
+                    AND classid::bigint = $8 AND objid::bigint = $9) THEN NULL
+    WHEN pg_try_advisory_lock_shared($1) THEN {} END AS token FROM {OURS}",
         sequence_token()
-    )
+    ))
 });
 // A session's first statement: its pid, the engine, and its marker (a random
 // one made by the server), set only if the server session carries none yet.
@@ -467,6 +492,7 @@ pub(super) fn adopt(
                 lock,
                 session: session.id,
                 mode,
+                permit: None,
                 state: HoldState::Held {
                     token,
                     name: name.to_owned(),
@@ -642,20 +668,20 @@ impl Session {
     }
 
     /// Tries to take `key` for the pending hold `lock` that the registry
-    /// routed here (never waits on the server).
+    /// routed here (never waits on the server). With `look`, a miss looks
+    /// for a semaphore's permits on the name (and is refused if it finds
+    /// them).
     pub(super) async fn lock(
         self: Arc<Self>,
         lock: LockId,
         key: i64,
         mode: LockMode,
         name: String,
+        look: bool,
     ) -> LockReply {
-        let mut c = match self.conn().await {
+        let mut c = match self.conn_for(key, lock).await {
             Ok(c) => c,
-            Err(reason) => {
-                self.inner.registry().not_granted(self.id, key, lock);
-                return LockReply::Gone(reason);
-            }
+            Err(gone) => return gone,
         };
         let limit = self.inner.answer_within();
         let stacked =
@@ -665,10 +691,16 @@ impl Session {
             LockMode::Shared if stacked => &*TRY_SHARED_STACKED,
             LockMode::Shared => &*TRY_SHARED,
         };
-        let mut query = sqlx::query_as::<_, (bool, Option<i64>)>(sql.as_str())
+        let mut query = sqlx::query_as::<_, (bool, Option<i64>, Option<bool>)>(sql.as_str())
             .bind(key)
             .bind(c.marker.clone())
             .bind(c.pid);
+        let (classid, objid) = split_key(semaphore_key(&name));
+        query = query
+            .bind(classid)
+            .bind(objid)
+            .bind(look)
+            .bind(mode == LockMode::Shared);
         if stacked {
             let (classid, objid) = split_key(key);
             query = query.bind(classid).bind(objid);
@@ -677,65 +709,131 @@ impl Session {
         let outcome = bounded(limit, query.fetch_one(c.pg())).await;
         c.in_doubt = false;
         match outcome {
-            Ok((false, _)) => {
-                // Not our server session: nothing was taken by this
-                // statement, and what this session took before may sit on
-                // a server connection other clients use. Close it.
-                self.inner.registry().not_granted(self.id, key, lock);
-                self.inner.refuse(Refusal::Pooler);
-                self.die(&mut c, POOLED);
-                LockReply::Failed(engine::transaction_pooler())
-            }
-            Ok((true, Some(token))) => {
+            Ok((false, ..)) => self.not_ours(&mut c, key, lock),
+            Ok((true, Some(_), Some(true))) => {
                 self.alive();
-                let token = token as u64;
-                let (status, pending) = Grant::status(None);
-                self.inner.registry().granted(
-                    key,
-                    Hold {
-                        lock,
-                        session: self.id,
-                        mode,
-                        state: HoldState::Held {
-                            token,
-                            name: name.clone(),
-                            status: status.clone(),
-                        },
-                    },
-                );
-                // If the acquirer is gone, the grant is dropped where this
-                // finishes, which queues its unlock on this session.
-                LockReply::Granted(pending.grant(
-                    token,
-                    Box::new(Held {
-                        name,
-                        key,
-                        lock,
-                        session: Arc::downgrade(&self),
-                        status,
-                        armed: true,
-                    }),
-                ))
+                self.give_way(c, key, lock, name).await
             }
-            Ok((true, None)) => {
+            Ok((true, None, Some(true))) => {
+                self.alive();
+                self.inner.registry().not_granted(self.id, key, lock);
+                refused_beside_permits(c.pg(), &name).await
+            }
+            Ok((true, Some(token), _)) => {
+                self.alive();
+                self.granted(key, lock, mode, None, token as u64, name)
+            }
+            Ok((true, None, _)) => {
                 self.alive();
                 self.inner.registry().not_granted(self.id, key, lock);
                 LockReply::Busy
             }
-            Err(Failure::Server(e)) if is_statement_clash(&e) => {
-                // Not our server session (a named statement of ours is
-                // missing or taken there): nothing of this statement ran.
-                self.inner.registry().not_granted(self.id, key, lock);
-                self.inner.refuse(Refusal::Pooler);
-                self.die(&mut c, POOLED);
-                LockReply::Failed(engine::transaction_pooler())
-            }
+            // Not our server session (a named statement of ours is missing
+            // or taken there): nothing of this statement ran.
+            Err(Failure::Server(e)) if is_statement_clash(&e) => self.not_ours(&mut c, key, lock),
             Err(Failure::Server(e)) => self.undo(&mut c, lock, key, mode, e).await,
             Err(Failure::Broken(reason)) => {
                 self.die(&mut c, &reason);
                 LockReply::Gone(reason)
             }
         }
+    }
+
+    /// The connection, for an attempt on the pending hold `lock` on `key`;
+    /// if the session has ended, the hold goes and the attempt is to be
+    /// made elsewhere (the `Err`).
+    async fn conn_for(
+        &self,
+        key: i64,
+        lock: LockId,
+    ) -> std::result::Result<MutexGuard<'_, Conn>, LockReply> {
+        self.conn().await.map_err(|reason| {
+            self.inner.registry().not_granted(self.id, key, lock);
+            LockReply::Gone(reason)
+        })
+    }
+
+    /// A reader was granted beside a semaphore's permits: it gives its
+    /// lock back (one level of a stacked shared lock) and is refused.
+    async fn give_way(
+        &self,
+        mut c: MutexGuard<'_, Conn>,
+        key: i64,
+        lock: LockId,
+        name: String,
+    ) -> LockReply {
+        let limit = self.inner.answer_within();
+        c.in_doubt = true;
+        let undone = bounded(limit, sqlx::query(UNLOCK_SHARED).bind(key).execute(c.pg())).await;
+        c.in_doubt = false;
+        match undone {
+            Ok(_) => {
+                self.alive();
+                self.inner.registry().not_granted(self.id, key, lock);
+            }
+            Err(Failure::Server(e)) => {
+                let reason = format!("giving back a reader's lock failed: {e}");
+                self.die(&mut c, &reason);
+                return LockReply::Gone(reason);
+            }
+            Err(Failure::Broken(reason)) => {
+                self.die(&mut c, &reason);
+                return LockReply::Gone(reason);
+            }
+        }
+        refused_beside_permits(c.pg(), &name).await
+    }
+
+    /// A lock statement found itself on another server session than this
+    /// session's own: nothing was taken by it, and what this session took
+    /// before may sit on a server connection other clients use. Closes it.
+    fn not_ours(&self, c: &mut Conn, key: i64, lock: LockId) -> LockReply {
+        self.inner.registry().not_granted(self.id, key, lock);
+        self.inner.refuse(Refusal::Pooler);
+        self.die(c, POOLED);
+        LockReply::Failed(engine::transaction_pooler())
+    }
+
+    /// The pending hold `lock` on `key` was granted: records it and makes
+    /// its grant. Called with the session's connection held, so that the
+    /// next statement on it knows of the hold.
+    fn granted(
+        self: &Arc<Self>,
+        key: i64,
+        lock: LockId,
+        mode: LockMode,
+        permit: Option<Permit>,
+        token: u64,
+        name: String,
+    ) -> LockReply {
+        let (status, pending) = Grant::status(None);
+        self.inner.registry().granted(
+            key,
+            Hold {
+                lock,
+                session: self.id,
+                mode,
+                permit,
+                state: HoldState::Held {
+                    token,
+                    name: name.clone(),
+                    status: status.clone(),
+                },
+            },
+        );
+        // If the acquirer is gone, the grant is dropped where this
+        // finishes, which queues its unlock on this session.
+        LockReply::Granted(pending.grant(
+            token,
+            Box::new(Held {
+                name,
+                key,
+                lock,
+                session: Arc::downgrade(self),
+                status,
+                armed: true,
+            }),
+        ))
     }
 
     /// A lock statement failed, maybe after the lock was taken (the lock
@@ -806,10 +904,10 @@ impl Session {
         // Looked up under the session's mutex: the registry changes this
         // session's holds only while holding it, so the hold cannot be
         // broken and the key taken again by another guard meanwhile.
-        let mode = {
+        let (mode, permit) = {
             let registry = self.inner.registry();
             match registry.hold(key, lock) {
-                Some(h) if h.session == self.id => h.mode,
+                Some(h) if h.session == self.id => (h.mode, h.permit.clone()),
                 _ => {
                     return Released::NotHeld("the advisory lock was lost or broken before".into())
                 }
@@ -821,13 +919,18 @@ impl Session {
             LockMode::Shared => UNLOCK_SHARED,
         };
         c.in_doubt = true;
-        let outcome = bounded(
-            limit,
-            sqlx::query_scalar::<_, bool>(sql)
-                .bind(key)
-                .fetch_one(c.pg()),
-        )
-        .await;
+        let outcome = match &permit {
+            Some(permit) => bounded(limit, permit::unlock(c.pg(), permit, permit::ALL)).await,
+            None => {
+                bounded(
+                    limit,
+                    sqlx::query_scalar::<_, bool>(sql)
+                        .bind(key)
+                        .fetch_one(c.pg()),
+                )
+                .await
+            }
+        };
         c.in_doubt = false;
         let unlocked = match outcome {
             Ok(unlocked) => unlocked,
@@ -926,6 +1029,18 @@ impl Session {
             session = self.id,
             "dblock: advisory holder session went back to the pool"
         );
+    }
+}
+
+/// The answer to a lock or reader lock of `name` that found permits of a
+/// semaphore on it: refused, with their capacity (read on `conn`, a holder
+/// session's, so as not to wait for the pool); busy if they are gone.
+async fn refused_beside_permits(conn: &mut PgConnection, name: &str) -> LockReply {
+    match semaphore::capacity_held(conn, name).await {
+        Ok(Some(found)) => LockReply::Failed(disagreement(name, 1, found)),
+        // Gone meanwhile: try again.
+        Ok(None) => LockReply::Busy,
+        Err(e) => LockReply::Failed(e),
     }
 }
 
