@@ -132,9 +132,6 @@ impl suite::Fixture for PoolerFixture {
     fn lease(&self) -> bool {
         !self.advisory
     }
-    fn semaphores(&self) -> bool {
-        !self.advisory
-    }
 }
 
 /// Transaction mode: the lease table, with `transaction_pooling(true)`.
