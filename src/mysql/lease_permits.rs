@@ -61,7 +61,8 @@ impl PermitSql {
             // The marker, locked; the server clock for a new permit in passing.
             lock_marker: s(format!(
                 "SELECT token, expires_at > UTC_TIMESTAMP(6) AS live, UTC_TIMESTAMP(6) AS now, \
-                        UTC_TIMESTAMP(6) + INTERVAL ? MICROSECOND AS until \
+                        UTC_TIMESTAMP(6) + INTERVAL ? MICROSECOND AS until, \
+                        COALESCE(writer_waiting_until > UTC_TIMESTAMP(6), 0) AS writer_waiting \
                    FROM {t} WHERE name = ? FOR UPDATE"
             )),
             count: s(format!(
@@ -73,7 +74,7 @@ impl PermitSql {
                  VALUES (?, ?, ?, ?, ?, ?, ?)"
             )),
             mark: s(format!(
-                "UPDATE {t} SET owner = NULL, holder = NULL, mode = 'x', token = ?, \
+                "UPDATE {t} SET owner = NULL, holder = NULL, mode = ?, token = ?, \
                         acquired_at = ?, expires_at = GREATEST(expires_at, ?) \
                   WHERE name = ?"
             )),
@@ -351,6 +352,7 @@ async fn claim_body(
     let live: i64 = row.try_get(1)?;
     let now: NaiveDateTime = row.try_get(2)?;
     let until: NaiveDateTime = row.try_get(3)?;
+    let writer_waiting: i64 = row.try_get(4)?;
     let counted = q(&sql.count)
         .bind(claim.name.as_bytes())
         .fetch_one(&mut *c)
@@ -359,8 +361,9 @@ async fn claim_body(
         plain_live: live != 0,
         permits: counted.try_get::<i64, _>(0)? as u32,
         capacity: counted.try_get::<Option<u32>, _>(1)?,
+        writer_waiting: writer_waiting != 0,
     };
-    match found.decide(claim.name, claim.max_holders) {
+    match found.decide(claim.name, claim.max_holders, claim.mode) {
         Err(e) => return Ok(Step::Rollback(Err(e))),
         Ok(Decision::Full) => return Ok(Step::Rollback(Ok(None))),
         Ok(Decision::Take) => {}
@@ -377,6 +380,7 @@ async fn claim_body(
         .execute(&mut *c)
         .await?;
     q(&sql.mark)
+        .bind(permits::marker_mode(claim))
         .bind(token)
         .bind(now)
         .bind(until)

@@ -229,15 +229,33 @@ impl Sql {
             // no row. Tokens come from the database's fencing sequence
             // (drawn again, after the row is locked, for a takeover), so a
             // name whose row was swept still gets a greater token.
+            //
+            // A writer that misses a name held by readers and is going to
+            // wait ($5, the mark's length in µs, not NULL) marks it in the
+            // same statement, so that new readers stay out (see
+            // `lease::permits`, "Readers"); a claim that takes the name
+            // clears the mark. The mark updates only a row the claim left
+            // unchanged (locked, not modified, by the upsert), never a
+            // row it took or inserted.
             claim: format!(
-                "INSERT INTO {t} AS l (name, owner, holder, mode, token, acquired_at, expires_at)
-                 VALUES ($1, $2, $3, 'x', {token}, clock_timestamp(), clock_timestamp() + {MICROS})
-                 ON CONFLICT (name) DO UPDATE
-                    SET owner = excluded.owner, holder = excluded.holder, mode = excluded.mode,
-                        token = {token}, acquired_at = clock_timestamp(),
-                        expires_at = clock_timestamp() + {MICROS}
-                  WHERE l.expires_at <= clock_timestamp()
-                 RETURNING token, expires_at"
+                "WITH claimed AS (
+                    INSERT INTO {t} AS l (name, owner, holder, mode, token, acquired_at, expires_at)
+                    VALUES ($1, $2, $3, 'x', {token}, clock_timestamp(),
+                            clock_timestamp() + {MICROS})
+                    ON CONFLICT (name) DO UPDATE
+                       SET owner = excluded.owner, holder = excluded.holder, mode = excluded.mode,
+                           token = {token}, acquired_at = clock_timestamp(),
+                           expires_at = clock_timestamp() + {MICROS},
+                           writer_waiting_until = NULL
+                     WHERE l.expires_at <= clock_timestamp()
+                    RETURNING token, expires_at),
+                 marked AS (
+                    UPDATE {t} SET writer_waiting_until =
+                           clock_timestamp() + $5::bigint * interval '1 microsecond'
+                     WHERE $5::bigint IS NOT NULL AND name = $1 AND mode = 's'
+                       AND expires_at > clock_timestamp()
+                       AND NOT EXISTS (SELECT 1 FROM claimed))
+                 SELECT token, expires_at FROM claimed"
             )
             .into(),
             renew: format!(
@@ -501,8 +519,12 @@ impl LeaseStore for PgStore {
         true
     }
 
+    fn supports_shared(&self) -> bool {
+        true
+    }
+
     async fn claim(&self, claim: &Claim<'_>) -> Result<Option<Claimed>> {
-        if claim.max_holders > 1 {
+        if claim.is_holder() {
             return self.claim_permit(claim).await;
         }
         self.check_engine().await?;
@@ -519,6 +541,7 @@ impl LeaseStore for PgStore {
                 .bind(claim.owner)
                 .bind(claim.holder)
                 .bind(micros(claim.ttl))
+                .bind(claim.writer_waits.map(micros))
                 .fetch_optional(conn.get())
                 .await?;
             conn.done().await?;

@@ -63,7 +63,9 @@ impl PermitSql {
                 "INSERT INTO {t} AS l (name, owner, holder, mode, token, acquired_at, expires_at)
                  VALUES ($1, NULL, NULL, 'x', 0, clock_timestamp(), clock_timestamp())
                  ON CONFLICT (name) DO UPDATE SET name = excluded.name
-                 RETURNING l.expires_at > clock_timestamp() AS live"
+                 RETURNING l.expires_at > clock_timestamp() AS live,
+                           coalesce(l.writer_waiting_until > clock_timestamp(), false)
+                               AS writer_waiting"
             )
             .into(),
             count: format!(
@@ -78,7 +80,7 @@ impl PermitSql {
                     VALUES ($1, {token}, $2, $3, $5, clock_timestamp(), clock_timestamp() + {MICROS})
                     RETURNING name, token, expires_at)
                  UPDATE {t} AS l
-                    SET owner = NULL, holder = NULL, mode = 'x', token = p.token,
+                    SET owner = NULL, holder = NULL, mode = $6, token = p.token,
                         acquired_at = clock_timestamp(),
                         expires_at = greatest(l.expires_at, p.expires_at)
                    FROM p WHERE l.name = p.name
@@ -165,7 +167,8 @@ impl PgStore {
         sqlx::query(AssertSqlSafe(sql.clone())).persistent(!self.pooled)
     }
 
-    /// One permit claim: one transaction under the marker row's lock.
+    /// One permit (or reader) claim: one transaction under the marker
+    /// row's lock.
     pub(super) async fn claim_permit(&self, claim: &Claim<'_>) -> Result<Option<Claimed>> {
         let sql = self.permit_sql()?;
         self.check_engine().await?;
@@ -175,23 +178,23 @@ impl PgStore {
             if (claim.abandoned)() {
                 return Ok(Ok(None));
             }
-            let live: bool = self
+            let marker = self
                 .q(&sql.lock_marker)
                 .bind(claim.name)
                 .fetch_one(&mut *tx)
-                .await?
-                .try_get(0)?;
+                .await?;
             let row = self
                 .q(&sql.count)
                 .bind(claim.name)
                 .fetch_one(&mut *tx)
                 .await?;
             let found = Found {
-                plain_live: live,
+                plain_live: marker.try_get(0)?,
                 permits: row.try_get::<i64, _>(0)? as u32,
                 capacity: row.try_get::<Option<i32>, _>(1)?.map(|n| n as u32),
+                writer_waiting: marker.try_get(1)?,
             };
-            match found.decide(claim.name, n) {
+            match found.decide(claim.name, n, claim.mode) {
                 Err(e) => return Ok(Err(e)),
                 Ok(Decision::Full) => return Ok(Ok(None)),
                 Ok(Decision::Take) => {}
@@ -203,6 +206,7 @@ impl PgStore {
                 .bind(claim.holder)
                 .bind(micros(claim.ttl))
                 .bind(n as i32)
+                .bind(permits::marker_mode(claim))
                 .fetch_one(&mut *tx)
                 .await?;
             let claimed = Claimed {

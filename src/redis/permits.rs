@@ -9,6 +9,12 @@
 //! match it. Each step is one Lua script, so a claim counts the live
 //! permits and takes one atomically; tokens come from the same counter as
 //! plain leases.
+//!
+//! Readers are permits of capacity 1 without an upper bound. A writer
+//! that misses a name whose key is such a marker and is going to wait
+//! sets `{prefix}writer:{name}` (with `PX`: it lapses by itself if the
+//! writer goes away) in its claim script; a reader claim refuses while it
+//! exists, and a writer's successful claim deletes it.
 
 use std::sync::LazyLock;
 use std::time::Duration;
@@ -55,24 +61,28 @@ end
     };
 }
 
-/// KEYS: the lock key, the permits hash, the token counter. ARGV: owner,
-/// holder, ttl in ms, n. Answers `{token, expires µs}`, `{-1, n found}`
-/// when the name is held with another n (a plain lease counting as 1), or
-/// false when every permit is taken.
+/// KEYS: the lock key, the permits hash, the token counter, the waiting
+/// writer's mark. ARGV: owner, holder, ttl in ms, n (1 for a reader).
+/// Answers `{token, expires µs}`, `{-1, n found}` when the name is held
+/// with another n (a plain lease counting as 1), or false when every
+/// permit is taken (for a reader: when a writer holds the name or waits
+/// for it, see [`crate::lease::permits`], "Readers").
 static CLAIM: LazyLock<Script> = LazyLock::new(|| {
     Script::new(concat!(
         lua_now!(),
-        "local marker = redis.call('GET', KEYS[1])
+        "local n = tonumber(ARGV[4])
+local marker = redis.call('GET', KEYS[1])
 if marker and not string.match(marker, '^%- %S+ %S+ n ') then
+  if n == 1 then return false end
   return {-1, 1}
 end
+if n == 1 and redis.call('EXISTS', KEYS[4]) == 1 then return false end
 ",
         lua_live!(),
-        "local n = tonumber(ARGV[4])
-if #live > 0 then
+        "if #live > 0 then
   local found = tonumber(string.match(live[1], '^%S+ %S+ %S+ %S+ (%d+) '))
   if found ~= n then return {-1, found} end
-  if #live >= n then return false end
+  if n > 1 and #live >= n then return false end
 end
 local token = math.max((tonumber(redis.call('GET', KEYS[3])) or 0) + 1, now)
 local s = string.format('%.0f', token)
@@ -158,6 +168,7 @@ impl RedisStore {
             .key(self.keys.lock(claim.name))
             .key(self.keys.permits(claim.name))
             .key(self.keys.counter())
+            .key(self.keys.writer(claim.name))
             .arg(claim.owner)
             .arg(claim.holder)
             .arg(millis(claim.ttl))

@@ -273,22 +273,37 @@ impl Sql {
     fn new(t: &str) -> Self {
         const COLUMNS: &str = "name, holder, mode, token, acquired_at, expires_at";
         const FLOOR: &str = "dblock_token_floor";
+        // Whether a claim finds the row's lease ended.
+        const FREE: &str = "l.expires_at <= excluded.acquired_at";
         Sql {
             // ?4 is the ttl in microseconds. A held name returns no row. A
             // name without a row starts above the highest token ever swept
             // from the table (?5 is its name), so it never goes back;
             // SQLite's single writer orders this against the sweep.
+            //
+            // A name held by readers is not taken, but a writer that is
+            // going to wait (?6, the mark's length in µs, not NULL) marks
+            // it in the same statement, so that new readers stay out (see
+            // `lease::permits`, "Readers"); a claim that takes the name
+            // clears the mark. Every condition reads the old row and
+            // `excluded.acquired_at`, SQLite's one instant for the whole
+            // statement. The owner returned says whether the row is ours.
             claim: format!(
                 "INSERT INTO {t} AS l (name, owner, holder, mode, token, acquired_at, expires_at)
                  VALUES (?1, ?2, ?3, 'x',
                          coalesce((SELECT floor FROM {FLOOR} WHERE lease_table = ?5), 0) + 1,
                          {NOW}, {NOW} + ?4)
                  ON CONFLICT (name) DO UPDATE
-                    SET owner = excluded.owner, holder = excluded.holder, mode = excluded.mode,
-                        token = l.token + 1, acquired_at = excluded.acquired_at,
-                        expires_at = excluded.expires_at
-                  WHERE l.expires_at <= excluded.acquired_at
-                 RETURNING token, expires_at"
+                    SET owner = CASE WHEN {FREE} THEN excluded.owner ELSE l.owner END,
+                        holder = CASE WHEN {FREE} THEN excluded.holder ELSE l.holder END,
+                        mode = CASE WHEN {FREE} THEN excluded.mode ELSE l.mode END,
+                        token = CASE WHEN {FREE} THEN l.token + 1 ELSE l.token END,
+                        acquired_at = CASE WHEN {FREE} THEN excluded.acquired_at ELSE l.acquired_at END,
+                        expires_at = CASE WHEN {FREE} THEN excluded.expires_at ELSE l.expires_at END,
+                        writer_waiting_until = CASE WHEN {FREE} THEN NULL
+                            ELSE excluded.acquired_at + ?6 END
+                  WHERE {FREE} OR (?6 IS NOT NULL AND l.mode = 's')
+                 RETURNING owner, token, expires_at"
             )
             .into(),
             renew: format!(
@@ -408,11 +423,15 @@ impl LeaseStore for SqliteStore {
         true
     }
 
+    fn supports_shared(&self) -> bool {
+        true
+    }
+
     async fn claim(&self, claim: &Claim<'_>) -> Result<Option<Claimed>> {
-        if claim.max_holders > 1 {
+        if claim.is_holder() {
             return self.claim_permit(claim).await;
         }
-        let row: Option<(i64, i64)> = retry_busy(|| async {
+        let row: Option<(Option<String>, i64, i64)> = retry_busy(|| async {
             // As for PostgreSQL: nothing is claimed for an acquirer that left
             // while this waited for a connection.
             let mut conn = self.pool.acquire().await?;
@@ -425,10 +444,15 @@ impl LeaseStore for SqliteStore {
                 .bind(claim.holder)
                 .bind(micros(claim.ttl))
                 .bind(self.table.as_str())
+                .bind(claim.writer_waits.map(micros))
                 .fetch_optional(&mut *conn)
                 .await
         })
         .await?;
+        // A row that is not ours: held, perhaps marked by this writer.
+        let row = row
+            .filter(|(owner, _, _)| owner.as_deref() == Some(claim.owner))
+            .map(|(_, token, expires_at)| (token, expires_at));
         if let Some((token, _)) = row {
             self.bells.arm(claim.name, token as u64);
         }

@@ -58,8 +58,11 @@ impl PermitSql {
                  ON CONFLICT (name) DO NOTHING"
             )
             .into(),
-            read_marker: format!("SELECT token, expires_at > {NOW} FROM {t} WHERE name = ?1")
-                .into(),
+            read_marker: format!(
+                "SELECT token, expires_at > {NOW}, coalesce(writer_waiting_until > {NOW}, 0)
+                   FROM {t} WHERE name = ?1"
+            )
+            .into(),
             count: format!(
                 "SELECT count(*), max(max_holders) FROM {h} WHERE name = ?1 AND expires_at > {NOW}"
             )
@@ -71,7 +74,7 @@ impl PermitSql {
             )
             .into(),
             mark: format!(
-                "UPDATE {t} SET owner = NULL, holder = NULL, mode = 'x', token = ?2,
+                "UPDATE {t} SET owner = NULL, holder = NULL, mode = ?4, token = ?2,
                         acquired_at = {NOW}, expires_at = max(expires_at, ?3)
                   WHERE name = ?1"
             )
@@ -153,7 +156,7 @@ impl SqliteStore {
                 .bind(self.table.as_str())
                 .execute(&mut *tx)
                 .await?;
-            let (last, live): (i64, bool) = sqlx::query_as(AssertSqlSafe(sql.read_marker.clone()))
+            let (last, live, writer_waiting): (i64, bool, bool) = sqlx::query_as(AssertSqlSafe(sql.read_marker.clone()))
                 .bind(claim.name)
                 .fetch_one(&mut *tx)
                 .await?;
@@ -166,8 +169,9 @@ impl SqliteStore {
                 plain_live: live,
                 permits: count as u32,
                 capacity: capacity.map(|n| n as u32),
+                writer_waiting,
             };
-            match found.decide(claim.name, n) {
+            match found.decide(claim.name, n, claim.mode) {
                 Err(e) => return Ok(Err(e)),
                 Ok(Decision::Full) => return Ok(Ok(None)),
                 Ok(Decision::Take) => {}
@@ -186,6 +190,7 @@ impl SqliteStore {
                 .bind(claim.name)
                 .bind(token)
                 .bind(expires_at)
+                .bind(permits::marker_mode(claim))
                 .execute(&mut *tx)
                 .await?;
             tx.commit().await?;
