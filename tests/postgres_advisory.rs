@@ -60,6 +60,9 @@ impl suite::Fixture for AdvisoryFixture {
     fn semaphores(&self) -> bool {
         false
     }
+    fn writer_first(&self) -> bool {
+        self.wait == WaitStrategy::Server
+    }
 }
 
 async fn fixture(wait: WaitStrategy) -> AdvisoryFixture {

@@ -107,17 +107,6 @@ async fn acquire_try_timeout_release_inspect() {
 }
 
 #[tokio::test]
-async fn shared_is_unsupported() {
-    let locks = new_locks().await;
-    let err = locks
-        .acquire(common::unique("pg-lease-shared"))
-        .shared()
-        .await
-        .unwrap_err();
-    assert!(matches!(err, Error::Unsupported { .. }), "{err:?}");
-}
-
-#[tokio::test]
 async fn tokens_increase_and_survive_a_new_pool() {
     let name = common::unique("pg-lease-tokens");
     let mut last = 0;
@@ -557,7 +546,7 @@ impl suite::Fixture for LeaseFixture {
         Locks::new(Lease::new(pool))
     }
     fn shared(&self) -> bool {
-        false
+        true
     }
     fn lease(&self) -> bool {
         true
