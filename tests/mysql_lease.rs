@@ -1454,3 +1454,101 @@ async fn engine_self_test_on_a_single_server() {
     assert!(engine.check_named_locks().is_ok());
     assert!(engine.check_lock_in_tx().is_ok());
 }
+
+/// A database migrated to version 3 (before shared leases), with a lease
+/// held in it, is brought to version 4 by `migrate`: the held lease and its
+/// token are kept, the name's next token continues from it, and readers
+/// work.
+#[tokio::test]
+async fn migrating_from_version_3_keeps_held_leases_and_tokens() {
+    let admin = pool().await;
+    let db = format!(
+        "dblock_upgrade_{}_{}",
+        std::process::id(),
+        Utc::now().timestamp_micros()
+    );
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE `{db}`")))
+        .execute(&admin)
+        .await
+        .unwrap();
+    let url = common::mysql_url().await;
+    let base = url.rsplit_once('/').map(|(b, _)| b).unwrap();
+    let pool = MySqlPoolOptions::new()
+        .max_connections(4)
+        .connect(&format!("{base}/{db}"))
+        .await
+        .unwrap();
+    sqlx::raw_sql(
+        "CREATE TABLE dblock_schema_migrations (
+            version     BIGINT       NOT NULL PRIMARY KEY,
+            description VARCHAR(255) NOT NULL,
+            applied_at  DATETIME(6)  NOT NULL
+        ) ENGINE = InnoDB",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    for (version, sql) in [
+        (1i64, include_str!("../migrations/mysql/0001_dblock.sql")),
+        (2, include_str!("../migrations/mysql/0002_token_floor.sql")),
+        (3, include_str!("../migrations/mysql/0003_semaphore_holders.sql")),
+    ] {
+        sqlx::raw_sql(sql).execute(&pool).await.unwrap();
+        sqlx::query(
+            "INSERT INTO dblock_schema_migrations (version, description, applied_at) \
+             VALUES (?, 'old', UTC_TIMESTAMP(6))",
+        )
+        .bind(version)
+        .execute(&pool)
+        .await
+        .unwrap();
+    }
+    // Held by a process of the previous version, and an ended lease.
+    sqlx::raw_sql(
+        "INSERT INTO dblock_leases (name, owner, holder, mode, token, acquired_at, expires_at) VALUES
+           ('held', '0123456789abcdef0123456789abcdef', 'old:1', 'x', 41,
+            UTC_TIMESTAMP(6), UTC_TIMESTAMP(6) + INTERVAL 60 SECOND),
+           ('ended', NULL, NULL, 'x', 77, UTC_TIMESTAMP(6) - INTERVAL 1 SECOND,
+            UTC_TIMESTAMP(6) - INTERVAL 1 SECOND)",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+
+    migrate(&pool).await.unwrap();
+    // Idempotent, as every step must be (MySQL cannot roll DDL back).
+    sqlx::raw_sql(include_str!("../migrations/mysql/0004_shared_leases.sql"))
+        .execute(&pool)
+        .await
+        .unwrap();
+    let versions: Vec<i64> =
+        sqlx::query_scalar("SELECT version FROM dblock_schema_migrations ORDER BY version")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert_eq!(versions, [1, 2, 3, 4]);
+    let locks = Locks::new(Lease::new(pool.clone()));
+    let info = locks.inspect("held").await.unwrap().expect("still held");
+    assert_eq!((info.token, info.holder.as_str()), (Some(41), "old:1"));
+    assert!(locks.try_acquire("held").await.unwrap().is_none());
+    assert!(locks
+        .acquire("held")
+        .shared()
+        .wait(Duration::ZERO)
+        .await
+        .is_err());
+    let g = locks.acquire("ended").await.unwrap();
+    assert_eq!(g.token(), 78, "a name's token continues from its row");
+    g.release().await.unwrap();
+    let r1 = locks.acquire("ended").shared().await.unwrap();
+    let r2 = locks.acquire("ended").shared().await.unwrap();
+    assert!(r1.token() > 78 && r2.token() > r1.token());
+    r1.release().await.unwrap();
+    r2.release().await.unwrap();
+    drop(locks);
+    pool.close().await;
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("DROP DATABASE `{db}`")))
+        .execute(&admin)
+        .await
+        .unwrap();
+}

@@ -659,3 +659,96 @@ mod batched {
     use super::*;
     batch_suite!(PgHarness);
 }
+
+/// A database migrated to version 4 (before shared leases), with a lease
+/// held in it, is brought to version 5 by `migrate`: the held lease and its
+/// token are kept, later tokens are greater, and readers work.
+#[tokio::test]
+async fn migrating_from_version_4_keeps_held_leases_and_tokens() {
+    let admin = pool().await;
+    let db = format!(
+        "dblock_upgrade_{}_{}",
+        std::process::id(),
+        Utc::now().timestamp_micros()
+    );
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {db}")))
+        .execute(&admin)
+        .await
+        .unwrap();
+    let pool = PgPoolOptions::new()
+        .max_connections(4)
+        .connect_with(options().await.database(&db))
+        .await
+        .unwrap();
+    sqlx::raw_sql(
+        "CREATE TABLE dblock_schema_migrations (
+            version     bigint      PRIMARY KEY,
+            description text        NOT NULL,
+            applied_at  timestamptz NOT NULL DEFAULT clock_timestamp())",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    for (version, sql) in [
+        (1i64, include_str!("../migrations/postgres/0001_dblock.sql")),
+        (2, include_str!("../migrations/postgres/0002_lease_tokens_from_sequence.sql")),
+        (3, include_str!("../migrations/postgres/0003_semaphore_holders.sql")),
+        (4, include_str!("../migrations/postgres/0004_advisory_holders.sql")),
+    ] {
+        sqlx::raw_sql(sql).execute(&pool).await.unwrap();
+        sqlx::query("INSERT INTO dblock_schema_migrations (version, description) VALUES ($1, 'old')")
+            .bind(version)
+            .execute(&pool)
+            .await
+            .unwrap();
+    }
+    // Held by a process of the previous version.
+    let held: i64 = sqlx::query_scalar(
+        "INSERT INTO dblock_leases (name, owner, holder, mode, token, acquired_at, expires_at)
+         VALUES ('held', '0123456789abcdef0123456789abcdef', 'old:1', 'x',
+                 nextval('dblock_fencing_seq') + 1000000, clock_timestamp(),
+                 clock_timestamp() + interval '60 seconds')
+         RETURNING token",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    sqlx::query("SELECT setval('dblock_fencing_seq', $1)")
+        .bind(held)
+        .execute(&pool)
+        .await
+        .unwrap();
+
+    dblock::postgres::migrate(&pool).await.unwrap();
+    let versions: Vec<i64> =
+        sqlx::query_scalar("SELECT version FROM dblock_schema_migrations ORDER BY version")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert_eq!(versions, [1, 2, 3, 4, 5]);
+    let locks = Locks::new(Lease::new(pool.clone()));
+    let info = locks.inspect("held").await.unwrap().expect("still held");
+    assert_eq!((info.token, info.holder.as_str()), (Some(held as u64), "old:1"));
+    assert!(locks.try_acquire("held").await.unwrap().is_none());
+    assert!(locks
+        .acquire("held")
+        .shared()
+        .wait(Duration::ZERO)
+        .await
+        .is_err());
+    let r1 = locks.acquire("fresh").shared().await.unwrap();
+    let r2 = locks.acquire("fresh").shared().await.unwrap();
+    assert!(r1.token() > held as u64 && r2.token() > r1.token());
+    let last = r2.token();
+    r1.release().await.unwrap();
+    r2.release().await.unwrap();
+    let g = locks.acquire("fresh").await.unwrap();
+    assert!(g.token() > last);
+    g.release().await.unwrap();
+    drop(locks);
+    pool.close().await;
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("DROP DATABASE {db} WITH (FORCE)")))
+        .execute(&admin)
+        .await
+        .unwrap();
+}

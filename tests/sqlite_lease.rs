@@ -67,7 +67,7 @@ async fn open_on_a_fresh_path_needs_no_setup() {
         .fetch_all(lease.pool())
         .await
         .unwrap();
-    assert_eq!(versions, [1, 2, 3]);
+    assert_eq!(versions, [1, 2, 3, 4]);
 
     let locks = Locks::new(lease);
     let guard = locks.acquire("jobs:nightly").await.unwrap();
@@ -628,4 +628,86 @@ impl batch::Harness for SqliteHarness {
 mod batched {
     use super::*;
     batch_suite!(SqliteHarness);
+}
+
+/// A database file migrated to version 3 (before shared leases), with a
+/// lease held in it, is brought to version 4 by `open`: the held lease and
+/// its token are kept, the name's next token continues from it, and
+/// readers work.
+#[tokio::test]
+async fn migrating_from_version_3_keeps_held_leases_and_tokens() {
+    let dir = TempDir::new("sqlite-upgrade");
+    let path = dir.db();
+    {
+        let pool = SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect_with(SqliteConnectOptions::new().filename(&path).create_if_missing(true))
+            .await
+            .unwrap();
+        sqlx::raw_sql(
+            "CREATE TABLE dblock_schema_migrations (
+                version     INTEGER PRIMARY KEY NOT NULL,
+                description TEXT    NOT NULL,
+                applied_at  TEXT    NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')))",
+        )
+        .execute(&pool)
+        .await
+        .unwrap();
+        for (version, sql) in [
+            (1, include_str!("../migrations/sqlite/0001_dblock.sql")),
+            (2, include_str!("../migrations/sqlite/0002_token_floor.sql")),
+            (3, include_str!("../migrations/sqlite/0003_semaphore_holders.sql")),
+        ] {
+            sqlx::raw_sql(sql).execute(&pool).await.unwrap();
+            sqlx::query("INSERT INTO dblock_schema_migrations (version, description) VALUES (?1, 'old')")
+                .bind(version)
+                .execute(&pool)
+                .await
+                .unwrap();
+        }
+        // Held by a process of the previous version, and an ended lease.
+        let now = db_now(&pool).await;
+        for (name, owner, token, expires) in [
+            ("held", Some("0123456789abcdef0123456789abcdef"), 41, now + 60_000_000),
+            ("ended", None, 77, now - 1_000_000),
+        ] {
+            sqlx::query(
+                "INSERT INTO dblock_leases (name, owner, holder, mode, token, acquired_at, expires_at)
+                 VALUES (?1, ?2, 'old:1', 'x', ?3, ?4, ?5)",
+            )
+            .bind(name)
+            .bind(owner)
+            .bind(token)
+            .bind(now)
+            .bind(expires)
+            .execute(&pool)
+            .await
+            .unwrap();
+        }
+        pool.close().await;
+    }
+    let lease = Lease::open(&path).await.unwrap();
+    let versions: Vec<i64> = sqlx::query_scalar("SELECT version FROM dblock_schema_migrations")
+        .fetch_all(lease.pool())
+        .await
+        .unwrap();
+    assert_eq!(versions, [1, 2, 3, 4]);
+    let locks = Locks::new(lease);
+    let info = locks.inspect("held").await.unwrap().expect("still held");
+    assert_eq!((info.token, info.holder.as_str()), (Some(41), "old:1"));
+    assert!(locks.try_acquire("held").await.unwrap().is_none());
+    assert!(locks
+        .acquire("held")
+        .shared()
+        .wait(Duration::ZERO)
+        .await
+        .is_err());
+    let g = locks.acquire("ended").await.unwrap();
+    assert_eq!(g.token(), 78, "a name's token continues from its row");
+    g.release().await.unwrap();
+    let r1 = locks.acquire("ended").shared().await.unwrap();
+    let r2 = locks.acquire("ended").shared().await.unwrap();
+    assert!(r1.token() > 78 && r2.token() > r1.token());
+    r1.release().await.unwrap();
+    r2.release().await.unwrap();
 }
