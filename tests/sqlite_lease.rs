@@ -513,7 +513,8 @@ async fn with_table_rejects_injection_and_quotes_identifiers() {
     sqlx::raw_sql(
         "CREATE TABLE \"Custom\" (name TEXT PRIMARY KEY NOT NULL, owner TEXT, holder TEXT,
             mode TEXT NOT NULL DEFAULT 'x', token INTEGER NOT NULL,
-            acquired_at INTEGER NOT NULL, expires_at INTEGER NOT NULL) WITHOUT ROWID",
+            acquired_at INTEGER NOT NULL, expires_at INTEGER NOT NULL,
+            writer_waiting_until INTEGER) WITHOUT ROWID",
     )
     .execute(lease.pool())
     .await

@@ -197,6 +197,26 @@ pub(crate) trait LeaseStore: Send + Sync + fmt::Debug + 'static {
     /// conditions here refuse it.
     fn renew_many(&self, batch: &[Renewal]) -> impl Future<Output = Result<Vec<Renewed>>> + Send;
 
+    /// [`renew_many`](Self::renew_many) for holder rows (permits of
+    /// semaphores and readers, see [`permits`]): every owner in `batch` is
+    /// one. By default one [`renew`](Self::renew) each; a store that can
+    /// renews them in one statement.
+    fn renew_holders(
+        &self,
+        batch: &[Renewal],
+    ) -> impl Future<Output = Result<Vec<Renewed>>> + Send {
+        async move {
+            let mut answers = Vec::with_capacity(batch.len());
+            for r in batch {
+                answers.push(match self.renew(&r.name, &r.owner, r.token, r.ttl).await? {
+                    Some(at) => Renewed::Until(at),
+                    None => Renewed::Gone,
+                });
+            }
+            Ok(answers)
+        }
+    }
+
     /// How many of the leading leases of `batch` (never empty) one
     /// `renew_many` call should take: all of them unless the dialect limits
     /// the size of one statement. At least 1.

@@ -83,10 +83,11 @@ pub(crate) fn refusal(name: &str, asked: u32, info: Option<&LockInfo>) -> Option
     (found != asked).then(|| disagreement(name, asked, found))
 }
 
-/// [`LeaseStore::renew_many`] for a batch that may hold permits: the plain
-/// leases in one `renew_many`, each permit with its own `renew` (a process
-/// holds few permits; their stores keep them in another table). Answers in
-/// the batch's order; an error means nothing is known, as for `renew_many`.
+/// [`LeaseStore::renew_many`] for a batch that may hold permits and
+/// readers: the plain leases in one `renew_many`, the holder rows in one
+/// [`LeaseStore::renew_holders`] (their stores keep them in another
+/// table). Answers in the batch's order; an error means nothing is known,
+/// as for `renew_many`.
 pub(crate) async fn renew_many<S: LeaseStore>(
     store: &S,
     batch: &[Renewal],
@@ -94,21 +95,22 @@ pub(crate) async fn renew_many<S: LeaseStore>(
     if !batch.iter().any(|r| is_permit(&r.owner)) {
         return store.renew_many(batch).await;
     }
-    let (permits, plain): (Vec<usize>, Vec<usize>) =
+    let (holders, plain): (Vec<usize>, Vec<usize>) =
         (0..batch.len()).partition(|&i| is_permit(&batch[i].owner));
     let mut answers = vec![Renewed::Unknown; batch.len()];
-    if !plain.is_empty() {
-        let leases: Vec<Renewal> = plain.iter().map(|&i| batch[i].clone()).collect();
-        for (&i, answer) in plain.iter().zip(store.renew_many(&leases).await?) {
+    for (part, holders) in [(plain, false), (holders, true)] {
+        if part.is_empty() {
+            continue;
+        }
+        let leases: Vec<Renewal> = part.iter().map(|&i| batch[i].clone()).collect();
+        let renewed = if holders {
+            store.renew_holders(&leases).await?
+        } else {
+            store.renew_many(&leases).await?
+        };
+        for (&i, answer) in part.iter().zip(renewed) {
             answers[i] = answer;
         }
-    }
-    for i in permits {
-        let r = &batch[i];
-        answers[i] = match store.renew(&r.name, &r.owner, r.token, r.ttl).await? {
-            Some(at) => Renewed::Until(at),
-            None => Renewed::Gone,
-        };
     }
     Ok(answers)
 }

@@ -491,6 +491,23 @@ fn micros(d: Duration) -> i64 {
     i64::try_from(d.as_micros()).unwrap_or(i64::MAX)
 }
 
+/// The answers of a batch renewal of `n` leases whose rows came back as
+/// `(ordinal, new expiry)`: renewed if returned, gone otherwise.
+fn ordinal_answers(n: usize, rows: &[PgRow]) -> Result<Vec<Renewed>> {
+    let mut answers = vec![Renewed::Gone; n];
+    for row in rows {
+        let (i, at): (i64, DateTime<Utc>) = (
+            row.try_get(0).map_err(map_err)?,
+            row.try_get(1).map_err(map_err)?,
+        );
+        // WITH ORDINALITY counts from 1.
+        if let Some(answer) = usize::try_from(i - 1).ok().and_then(|i| answers.get_mut(i)) {
+            *answer = Renewed::Until(at);
+        }
+    }
+    Ok(answers)
+}
+
 fn info(row: &PgRow) -> sqlx::Result<LockInfo> {
     let mode: String = row.try_get("mode")?;
     let mode = if mode.trim() == "s" {
@@ -596,18 +613,11 @@ impl LeaseStore for PgStore {
             })
         })
         .await?;
-        let mut answers = vec![Renewed::Gone; batch.len()];
-        for row in rows {
-            let (i, at): (i64, DateTime<Utc>) = (
-                row.try_get(0).map_err(map_err)?,
-                row.try_get(1).map_err(map_err)?,
-            );
-            // WITH ORDINALITY counts from 1.
-            if let Some(answer) = usize::try_from(i - 1).ok().and_then(|i| answers.get_mut(i)) {
-                *answer = Renewed::Until(at);
-            }
-        }
-        Ok(answers)
+        ordinal_answers(batch.len(), &rows)
+    }
+
+    async fn renew_holders(&self, batch: &[Renewal]) -> Result<Vec<Renewed>> {
+        self.renew_holders_batch(batch).await
     }
 
     async fn release(

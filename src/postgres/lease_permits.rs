@@ -20,7 +20,7 @@ use sqlx::{AssertSqlSafe, Row};
 
 use super::{micros, retrying, PgStore, Query};
 use crate::lease::permits::{self, Decision, Found};
-use crate::lease::{Claim, Claimed, SWEEP_BATCH};
+use crate::lease::{Claim, Claimed, Renewal, Renewed, SWEEP_BATCH};
 use crate::postgres::map_err;
 use crate::postgres::notify::CHANNEL;
 use crate::postgres::token::sequence_token;
@@ -33,6 +33,7 @@ pub(super) struct PermitSql {
     count: Arc<str>,
     take: Arc<str>,
     renew: Arc<str>,
+    renew_many: Arc<str>,
     release: Arc<str>,
     settle_marker: Arc<str>,
     force_release: Arc<str>,
@@ -97,6 +98,25 @@ impl PermitSql {
                     UPDATE {t} AS l SET expires_at = greatest(l.expires_at, r.expires_at)
                       FROM r WHERE l.name = r.name)
                  SELECT expires_at FROM r"
+            )
+            .into(),
+            // Every holder row of a batch in one statement, as the plain
+            // leases' `renew_many`; each name's marker then lasts as long
+            // as its latest holder.
+            renew_many: format!(
+                "WITH r AS (
+                    UPDATE {h} AS p
+                       SET expires_at = clock_timestamp() + x.ttl * interval '1 microsecond'
+                      FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[])
+                           WITH ORDINALITY AS x(name, owner, token, ttl, i)
+                     WHERE p.name = x.name AND p.owner = x.owner AND p.token = x.token
+                       AND p.expires_at > clock_timestamp()
+                    RETURNING x.i, p.name, p.expires_at),
+                 m AS (
+                    UPDATE {t} AS l SET expires_at = greatest(l.expires_at, e.expires_at)
+                      FROM (SELECT name, max(expires_at) AS expires_at FROM r GROUP BY name) AS e
+                     WHERE l.name = e.name)
+                 SELECT i, expires_at FROM r"
             )
             .into(),
             release: format!(
@@ -239,6 +259,22 @@ impl PgStore {
         })
         .await?;
         row.map(|row| row.try_get(0)).transpose().map_err(map_err)
+    }
+
+    /// Renews the holder rows of `batch` in one statement.
+    pub(super) async fn renew_holders_batch(&self, batch: &[Renewal]) -> Result<Vec<Renewed>> {
+        let sql = self.permit_sql()?;
+        let rows = retrying(|| {
+            self.fetch_all(|| {
+                self.q(&sql.renew_many)
+                    .bind(batch.iter().map(|r| &*r.name).collect::<Vec<_>>())
+                    .bind(batch.iter().map(|r| &*r.owner).collect::<Vec<_>>())
+                    .bind(batch.iter().map(|r| r.token as i64).collect::<Vec<_>>())
+                    .bind(batch.iter().map(|r| micros(r.ttl)).collect::<Vec<_>>())
+            })
+        })
+        .await?;
+        super::ordinal_answers(batch.len(), &rows)
     }
 
     /// Ends a permit (or keeps it to `acquired_at + hold`) and settles the

@@ -90,6 +90,51 @@ pub async fn readers_together_writer_alone<F: Fixture>(f: &F) {
     r.release().await.unwrap();
 }
 
+/// Readers renew in the background like every lease (PostgreSQL: all the
+/// holder rows of a tick in one statement): several readers of two names,
+/// on two `Locks`, stay held for several ttls, and the name stays closed
+/// to writers.
+pub async fn readers_are_renewed<F: Fixture>(f: &F) {
+    if !f.shared() {
+        return;
+    }
+    let names = [unique("readers-renewed"), unique("readers-renewed")];
+    let (a, b, observer) = (f.locks().await, f.locks().await, f.locks().await);
+    let ttl = Duration::from_millis(700);
+    let mut readers = Vec::new();
+    for locks in [&a, &b] {
+        for name in &names {
+            readers.push(locks.acquire(name).shared().ttl(ttl).await.unwrap());
+        }
+    }
+    sleep(ttl * 4).await;
+    for r in &readers {
+        assert!(!r.is_lost(), "a reader was lost: {:?}", r.lost_reason());
+    }
+    for name in &names {
+        assert_eq!(holders(&observer, name).await, 2);
+        assert!(observer.try_acquire(name).await.unwrap().is_none());
+    }
+    let extended = readers[0]
+        .extend(Duration::from_secs(20))
+        .await
+        .unwrap();
+    if f.lease() {
+        let extended = extended.expect("a lease's expiry");
+        let seen = observer.inspect(&names[0]).await.unwrap().unwrap();
+        assert!(seen.expires_at.unwrap() >= extended - chrono::Duration::milliseconds(5));
+    }
+    for r in readers {
+        r.release().await.unwrap();
+    }
+    for name in &names {
+        assert!(
+            eventually(HUNG, || async { holders(&observer, name).await == 0 }).await,
+            "readers still shown after release"
+        );
+    }
+}
+
 /// No writer starvation: readers keep arriving (each holding a moment,
 /// always one of them holding), a writer arrives, and from then on no new
 /// reader gets in; the writer is granted once the readers it found have
@@ -291,9 +336,11 @@ pub async fn force_release_frees_all_readers<F: Fixture>(f: &F) {
     let name = unique("readers-broken");
     let (a, b, c) = (f.locks().await, f.locks().await, f.locks().await);
     let operator = f.locks().await;
-    let r1 = a.acquire(&name).shared().await.unwrap();
-    let r2 = b.acquire(&name).shared().await.unwrap();
-    let r3 = c.acquire(&name).shared().await.unwrap();
+    // A short ttl: a lease guard learns of the break at its next renewal.
+    let ttl = Duration::from_millis(900);
+    let r1 = a.acquire(&name).shared().ttl(ttl).await.unwrap();
+    let r2 = b.acquire(&name).shared().ttl(ttl).await.unwrap();
+    let r3 = c.acquire(&name).shared().ttl(ttl).await.unwrap();
     assert_eq!(holders(&operator, &name).await, 3);
     assert!(
         operator.force_release(&name).await.unwrap(),
