@@ -145,9 +145,8 @@ impl State {
     /// Removes `name`'s entry if nothing holds it any more.
     fn forget_if_free(&mut self, name: &str) {
         let now = Instant::now();
-        let free = |e: &Entry| {
-            e.holders.is_empty() && !e.writer_waiting.is_some_and(|until| until > now)
-        };
+        let free =
+            |e: &Entry| e.holders.is_empty() && e.writer_waiting.is_none_or(|until| until <= now);
         if self.names.get(name).is_some_and(free) {
             self.names.remove(name);
         }
@@ -238,9 +237,10 @@ impl LeaseStore for MemoryStore {
                 .iter()
                 .filter(|h| h.max_holders > 1 || h.mode == LockMode::Shared);
             let found = Found {
-                plain_live: entry.holders.iter().any(|h| {
-                    h.max_holders == 1 && h.mode == LockMode::Exclusive
-                }),
+                plain_live: entry
+                    .holders
+                    .iter()
+                    .any(|h| h.max_holders == 1 && h.mode == LockMode::Exclusive),
                 permits: holders.clone().count() as u32,
                 capacity: holders.map(|h| h.max_holders).max(),
                 writer_waiting: entry.writer_waiting.is_some_and(|until| until > now),

@@ -1496,7 +1496,10 @@ async fn migrating_from_version_3_keeps_held_leases_and_tokens() {
     for (version, sql) in [
         (1i64, include_str!("../migrations/mysql/0001_dblock.sql")),
         (2, include_str!("../migrations/mysql/0002_token_floor.sql")),
-        (3, include_str!("../migrations/mysql/0003_semaphore_holders.sql")),
+        (
+            3,
+            include_str!("../migrations/mysql/0003_semaphore_holders.sql"),
+        ),
     ] {
         sqlx::raw_sql(sql).execute(&pool).await.unwrap();
         sqlx::query(

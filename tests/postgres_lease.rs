@@ -694,16 +694,27 @@ async fn migrating_from_version_4_keeps_held_leases_and_tokens() {
     .unwrap();
     for (version, sql) in [
         (1i64, include_str!("../migrations/postgres/0001_dblock.sql")),
-        (2, include_str!("../migrations/postgres/0002_lease_tokens_from_sequence.sql")),
-        (3, include_str!("../migrations/postgres/0003_semaphore_holders.sql")),
-        (4, include_str!("../migrations/postgres/0004_advisory_holders.sql")),
+        (
+            2,
+            include_str!("../migrations/postgres/0002_lease_tokens_from_sequence.sql"),
+        ),
+        (
+            3,
+            include_str!("../migrations/postgres/0003_semaphore_holders.sql"),
+        ),
+        (
+            4,
+            include_str!("../migrations/postgres/0004_advisory_holders.sql"),
+        ),
     ] {
         sqlx::raw_sql(sql).execute(&pool).await.unwrap();
-        sqlx::query("INSERT INTO dblock_schema_migrations (version, description) VALUES ($1, 'old')")
-            .bind(version)
-            .execute(&pool)
-            .await
-            .unwrap();
+        sqlx::query(
+            "INSERT INTO dblock_schema_migrations (version, description) VALUES ($1, 'old')",
+        )
+        .bind(version)
+        .execute(&pool)
+        .await
+        .unwrap();
     }
     // Held by a process of the previous version.
     let held: i64 = sqlx::query_scalar(
@@ -731,7 +742,10 @@ async fn migrating_from_version_4_keeps_held_leases_and_tokens() {
     assert_eq!(versions, [1, 2, 3, 4, 5]);
     let locks = Locks::new(Lease::new(pool.clone()));
     let info = locks.inspect("held").await.unwrap().expect("still held");
-    assert_eq!((info.token, info.holder.as_str()), (Some(held as u64), "old:1"));
+    assert_eq!(
+        (info.token, info.holder.as_str()),
+        (Some(held as u64), "old:1")
+    );
     assert!(locks.try_acquire("held").await.unwrap().is_none());
     assert!(locks
         .acquire("held")
@@ -750,8 +764,10 @@ async fn migrating_from_version_4_keeps_held_leases_and_tokens() {
     g.release().await.unwrap();
     drop(locks);
     pool.close().await;
-    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("DROP DATABASE {db} WITH (FORCE)")))
-        .execute(&admin)
-        .await
-        .unwrap();
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "DROP DATABASE {db} WITH (FORCE)"
+    )))
+    .execute(&admin)
+    .await
+    .unwrap();
 }

@@ -642,7 +642,11 @@ async fn migrating_from_version_3_keeps_held_leases_and_tokens() {
     {
         let pool = SqlitePoolOptions::new()
             .max_connections(1)
-            .connect_with(SqliteConnectOptions::new().filename(&path).create_if_missing(true))
+            .connect_with(
+                SqliteConnectOptions::new()
+                    .filename(&path)
+                    .create_if_missing(true),
+            )
             .await
             .unwrap();
         sqlx::raw_sql(
@@ -657,19 +661,29 @@ async fn migrating_from_version_3_keeps_held_leases_and_tokens() {
         for (version, sql) in [
             (1, include_str!("../migrations/sqlite/0001_dblock.sql")),
             (2, include_str!("../migrations/sqlite/0002_token_floor.sql")),
-            (3, include_str!("../migrations/sqlite/0003_semaphore_holders.sql")),
+            (
+                3,
+                include_str!("../migrations/sqlite/0003_semaphore_holders.sql"),
+            ),
         ] {
             sqlx::raw_sql(sql).execute(&pool).await.unwrap();
-            sqlx::query("INSERT INTO dblock_schema_migrations (version, description) VALUES (?1, 'old')")
-                .bind(version)
-                .execute(&pool)
-                .await
-                .unwrap();
+            sqlx::query(
+                "INSERT INTO dblock_schema_migrations (version, description) VALUES (?1, 'old')",
+            )
+            .bind(version)
+            .execute(&pool)
+            .await
+            .unwrap();
         }
         // Held by a process of the previous version, and an ended lease.
         let now = db_now(&pool).await;
         for (name, owner, token, expires) in [
-            ("held", Some("0123456789abcdef0123456789abcdef"), 41, now + 60_000_000),
+            (
+                "held",
+                Some("0123456789abcdef0123456789abcdef"),
+                41,
+                now + 60_000_000,
+            ),
             ("ended", None, 77, now - 1_000_000),
         ] {
             sqlx::query(

@@ -580,10 +580,9 @@ fn claim_attempt<S: LeaseStore>(
     let (inner, owner, gone) = (inner.clone(), owner.clone(), gone.clone());
     let name: Arc<str> = request.name().into();
     let (mode, ttl, max_holders) = (request.mode(), request.ttl(), request.max_holders());
-    let writer_waits = (mode == LockMode::Exclusive
-        && max_holders == 1
-        && !matches!(request.wait(), Wait::No))
-    .then(|| writer_mark(&inner.options, ttl));
+    let writer_waits =
+        (mode == LockMode::Exclusive && max_holders == 1 && !matches!(request.wait(), Wait::No))
+            .then(|| writer_mark(&inner.options, ttl));
     // The holder recorded with the lease: the request's identity (a leader
     // election's candidate) or this process's `host:pid`.
     let holder: Option<Arc<str>> = request.holder().map(Into::into);

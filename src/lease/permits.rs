@@ -322,7 +322,10 @@ mod tests {
             plain_live: true,
             ..Found::default()
         };
-        assert!(matches!(plain.decide("a", 3, x), Err(Error::InvalidOption(_))));
+        assert!(matches!(
+            plain.decide("a", 3, x),
+            Err(Error::InvalidOption(_))
+        ));
         let two = Found {
             plain_live: true,
             permits: 2,
@@ -330,7 +333,10 @@ mod tests {
             ..Found::default()
         };
         assert_eq!(two.decide("a", 3, x).unwrap(), Decision::Take);
-        assert!(matches!(two.decide("a", 4, x), Err(Error::InvalidOption(_))));
+        assert!(matches!(
+            two.decide("a", 4, x),
+            Err(Error::InvalidOption(_))
+        ));
         let full = Found {
             permits: 3,
             capacity: Some(3),

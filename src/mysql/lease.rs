@@ -49,8 +49,13 @@ use permits::PermitSql;
 ///   (`NOWAIT`, like a plain claim), so claims of one name never grant more
 ///   than `n`. Permits renew one transaction each, beside the batch of
 ///   plain leases.
-/// - Shared (reader) mode is **not supported**: `.shared()` fails with
-///   [`Error::Unsupported`](crate::Error::Unsupported).
+/// - **Shared (reader) leases** (`.shared()`): readers are rows of the
+///   holders table, taken like permits; a waiting writer keeps new readers
+///   out (see the [module docs](super)). Readers and permits ring release
+///   doorbells too, so a writer waiting in another process wakes when the
+///   last reader's process lets go (if readers of one name live in several
+///   processes, only the first one's bell rings; the others' releases are
+///   noticed within `max_poll`).
 /// - Waiting polls the row with backoff between
 ///   [`LeaseOptions::min_poll`] and [`LeaseOptions::max_poll`]; a release in
 ///   this process wakes local waiters at once, and a release in another
@@ -1040,7 +1045,14 @@ impl LeaseStore for MySqlStore {
 
     async fn claim(&self, claim: &Claim<'_>) -> Result<Option<Claimed>> {
         if claim.is_holder() {
-            return self.claim_permit(claim).await;
+            // Permits and readers ring their bell like plain leases: a
+            // waiter elsewhere (a writer waiting for the last reader) wakes
+            // when this process lets its share go.
+            let claimed = self.claim_permit(claim).await?;
+            if let Some(c) = &claimed {
+                self.bells.arm(claim.name, c.token);
+            }
+            return Ok(claimed);
         }
         let causal = self.checked().await?;
         let one = claim.mode == LockMode::Exclusive && self.claims_in_one_statement().await?;
@@ -1096,7 +1108,11 @@ impl LeaseStore for MySqlStore {
         ttl: Duration,
     ) -> Result<Option<DateTime<Utc>>> {
         if is_permit(owner) {
-            return self.renew_permit(name, owner, token, ttl).await;
+            let at = self.renew_permit(name, owner, token, ttl).await?;
+            if at.is_none() {
+                self.bells.disarm(name, token);
+            }
+            return Ok(at);
         }
         let done = self
             .execute(|| {
@@ -1192,11 +1208,11 @@ impl LeaseStore for MySqlStore {
         token: u64,
         hold: Option<Duration>,
     ) -> Result<bool> {
+        // The bell goes after the release statement (or if it is given up).
+        let _disarm = self.bells.disarm_on_drop(name, token);
         if is_permit(owner) {
             return self.release_permit(name, owner, token, hold).await;
         }
-        // The bell goes after the release statement (or if it is given up).
-        let _disarm = self.bells.disarm_on_drop(name, token);
         let done = self
             .execute(|| {
                 q(&self.sql.release)

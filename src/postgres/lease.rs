@@ -70,9 +70,17 @@ const DEFAULT_TABLE: &str = "dblock_leases";
 ///   while permits are live. A permit claim is one transaction under the
 ///   marker's row lock, so claims of one name never grant more than `n`.
 ///   Permits renew one statement each, beside the batch of plain leases.
-/// - **Shared (reader) leases are not supported**: `.shared()` fails with
-///   [`Error::Unsupported`](crate::Error::Unsupported). Use
-///   [`Advisory`](super::Advisory) for reader locks.
+/// - **Shared (reader) leases** (`.shared()`): each reader is a row of the
+///   holders table with `max_holders = 1` and its own token, the name's row
+///   their marker (mode `s`); a reader claim is one transaction under the
+///   marker's row lock, like a permit's, and every holder row due at a
+///   renewal tick is renewed by one statement. A writer is a plain claim:
+///   it takes the name once the last reader is gone. A writer that finds
+///   readers and will wait sets the marker's `writer_waiting_until`
+///   (migration 5) in the same claim statement, at each try, a little past
+///   its next try; reader claims wait while it lies ahead, so readers
+///   cannot starve a writer, and a writer's claim clears it. The release of
+///   the last reader notifies waiters, the writer included.
 /// - **Isolation levels**: statements run in autocommit, so a pool whose
 ///   `default_transaction_isolation` is REPEATABLE READ or SERIALIZABLE
 ///   works too; serialization failures are retried.

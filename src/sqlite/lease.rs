@@ -75,8 +75,16 @@ const POOL_SIZE: u32 = 4;
 ///   gets at the release. At most 8 names are watched per backend (8
 ///   threads); past that, a read-only folder or an in-memory database,
 ///   another process notices within `max_poll`.
-/// - **Shared (reader) leases are not supported**: `.shared()` fails with
-///   [`Error::Unsupported`].
+/// - **Shared (reader) leases** (`.shared()`): each reader is a row of the
+///   holders table (`max_holders = 1`, its own token), taken like a permit
+///   in one `BEGIN IMMEDIATE` transaction; the name's row is their marker
+///   (mode `s`). A writer that finds readers and will wait marks the row
+///   (`writer_waiting_until`, migration 4) in its one claim statement, at
+///   each try, a little past its next one; new readers wait while the mark
+///   lies ahead, so readers cannot starve a writer. A writer's claim clears
+///   it, and it lapses by itself if the writer goes away. Readers ring the
+///   release doorbell like plain leases (the first reader's process of a
+///   name holds it).
 /// - Without the table, calls fail with [`Error::SchemaMissing`].
 ///
 /// ```
@@ -429,7 +437,14 @@ impl LeaseStore for SqliteStore {
 
     async fn claim(&self, claim: &Claim<'_>) -> Result<Option<Claimed>> {
         if claim.is_holder() {
-            return self.claim_permit(claim).await;
+            // Permits and readers ring their bell like plain leases: a
+            // waiter elsewhere (a writer waiting for the last reader) wakes
+            // when this process lets its share go.
+            let claimed = self.claim_permit(claim).await?;
+            if let Some(c) = &claimed {
+                self.bells.arm(claim.name, c.token);
+            }
+            return Ok(claimed);
         }
         let row: Option<(Option<String>, i64, i64)> = retry_busy(|| async {
             // As for PostgreSQL: nothing is claimed for an acquirer that left
@@ -473,7 +488,11 @@ impl LeaseStore for SqliteStore {
         ttl: Duration,
     ) -> Result<Option<DateTime<Utc>>> {
         if is_permit(owner) {
-            return self.renew_permit(name, owner, token, ttl).await;
+            let at = self.renew_permit(name, owner, token, ttl).await?;
+            if at.is_none() {
+                self.bells.disarm(name, token);
+            }
+            return Ok(at);
         }
         let at: Option<i64> = retry_busy(|| {
             sqlx::query_scalar(AssertSqlSafe(self.sql.renew.clone()))
@@ -536,11 +555,11 @@ impl LeaseStore for SqliteStore {
         token: u64,
         hold: Option<Duration>,
     ) -> Result<bool> {
+        // The bell goes after the release statement (or if it is given up).
+        let _disarm = self.bells.disarm_on_drop(name, token);
         if is_permit(owner) {
             return self.release_permit(name, owner, token, hold).await;
         }
-        // The bell goes after the release statement (or if it is given up).
-        let _disarm = self.bells.disarm_on_drop(name, token);
         let done = retry_busy(|| {
             sqlx::query(AssertSqlSafe(self.sql.release.clone()))
                 .bind(name)

@@ -156,10 +156,11 @@ impl SqliteStore {
                 .bind(self.table.as_str())
                 .execute(&mut *tx)
                 .await?;
-            let (last, live, writer_waiting): (i64, bool, bool) = sqlx::query_as(AssertSqlSafe(sql.read_marker.clone()))
-                .bind(claim.name)
-                .fetch_one(&mut *tx)
-                .await?;
+            let (last, live, writer_waiting): (i64, bool, bool) =
+                sqlx::query_as(AssertSqlSafe(sql.read_marker.clone()))
+                    .bind(claim.name)
+                    .fetch_one(&mut *tx)
+                    .await?;
             let (count, capacity): (i64, Option<i64>) =
                 sqlx::query_as(AssertSqlSafe(sql.count.clone()))
                     .bind(claim.name)

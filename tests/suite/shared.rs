@@ -115,10 +115,7 @@ pub async fn readers_are_renewed<F: Fixture>(f: &F) {
         assert_eq!(holders(&observer, name).await, 2);
         assert!(observer.try_acquire(name).await.unwrap().is_none());
     }
-    let extended = readers[0]
-        .extend(Duration::from_secs(20))
-        .await
-        .unwrap();
+    let extended = readers[0].extend(Duration::from_secs(20)).await.unwrap();
     if f.lease() {
         let extended = extended.expect("a lease's expiry");
         let seen = observer.inspect(&names[0]).await.unwrap().unwrap();
@@ -230,7 +227,10 @@ pub async fn waiting_writer_blocks_new_readers<F: Fixture>(f: &F) {
         .unwrap()
         .expect("the writer's acquisition failed");
     assert!(w.token() > first_token);
-    assert_eq!(readers_inside, 0, "a reader was inside when the writer got in");
+    assert_eq!(
+        readers_inside, 0,
+        "a reader was inside when the writer got in"
+    );
     assert!(
         at.duration_since(released) < Duration::from_secs(5),
         "the writer came {:?} after the last reader left",
@@ -239,7 +239,11 @@ pub async fn waiting_writer_blocks_new_readers<F: Fixture>(f: &F) {
     let info = late.inspect(&name).await.unwrap().expect("held");
     assert_eq!((info.mode, info.holders), (LockMode::Exclusive, 1));
     sleep(Duration::from_millis(150)).await;
-    assert_eq!(inside.load(Ordering::SeqCst), 0, "a reader beside the writer");
+    assert_eq!(
+        inside.load(Ordering::SeqCst),
+        0,
+        "a reader beside the writer"
+    );
     let during = granted.load(Ordering::SeqCst);
     w.release().await.unwrap();
     // The readers come back once the writer is gone.
