@@ -33,12 +33,19 @@ pub struct Config {
     /// permit (the registers, made for one holder at a time, are left
     /// alone).
     pub permits: u32,
+    /// The shared mode: two acquisitions in three are readers
+    /// (`.shared()`), which only hold the name; the others are writers, which
+    /// run the critical section with its registers.
+    pub shared: bool,
     /// This process's id in the logs, `s<slot>g<generation>`.
     pub wid: String,
     /// Created when the worker is done; the worker then waits for `quit`.
     pub done: PathBuf,
     pub quit: PathBuf,
 }
+
+/// The note of a reader's `acquire` in the logs.
+pub const SHARED: &str = "shared";
 
 /// How long a worker waits for a lock before it gives up on that attempt.
 pub const WAIT: Duration = Duration::from_secs(3);
@@ -61,6 +68,7 @@ impl Config {
             v("FENCING", u8::from(self.fencing).to_string()),
             v("WATCH", u8::from(self.watch_lost).to_string()),
             v("PERMITS", self.permits.to_string()),
+            v("SHARED", u8::from(self.shared).to_string()),
             v("WID", self.wid.clone()),
             v("DONE", self.done.display().to_string()),
             v("QUIT", self.quit.display().to_string()),
@@ -85,6 +93,7 @@ impl Config {
             fencing: get("FENCING") == "1",
             watch_lost: get("WATCH") == "1",
             permits: get("PERMITS").parse().unwrap(),
+            shared: get("SHARED") == "1",
             wid: get("WID"),
             done: get("DONE").into(),
             quit: get("QUIT").into(),
@@ -126,15 +135,16 @@ async fn run(cfg: &Config) {
     while mono_ns() < cfg.end_ns {
         let name = cfg.names.choose(&mut rand::rng()).unwrap().clone();
         log.event(Type::Invoke, "acquire", &name, None, None, "");
-        let attempt = timeout(
-            WAIT + Duration::from_secs(10),
-            locks
-                .acquire(&name)
-                .ttl(cfg.ttl)
-                .wait(WAIT)
-                .max_holders(cfg.permits),
-        )
-        .await;
+        let reader = cfg.shared && rand::rng().random_range(0..3) > 0;
+        let mut acquire = locks
+            .acquire(&name)
+            .ttl(cfg.ttl)
+            .wait(WAIT)
+            .max_holders(cfg.permits);
+        if reader {
+            acquire = acquire.shared();
+        }
+        let attempt = timeout(WAIT + Duration::from_secs(10), acquire).await;
         let guard = match attempt {
             Ok(Ok(g)) => g,
             Ok(Err(Error::Timeout { .. })) => {
@@ -152,8 +162,9 @@ async fn run(cfg: &Config) {
             }
         };
         let token = guard.token();
-        log.event(Type::Ok, "acquire", &name, Some(token), None, "");
-        let outcome = if cfg.permits > 1 {
+        let mode = if reader { SHARED } else { "" };
+        log.event(Type::Ok, "acquire", &name, Some(token), None, mode);
+        let outcome = if cfg.permits > 1 || reader {
             let hold = Duration::from_millis(rand::rng().random_range(0..60));
             tokio::select! {
                 biased;
