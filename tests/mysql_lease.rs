@@ -1068,11 +1068,12 @@ async fn lock_in_tx_rejects_bad_input_before_sending_anything() {
     tx.rollback().await.unwrap();
 }
 
-#[tokio::test]
-async fn migrate_raced_by_eight_tasks() {
+/// A new, empty database named after `prefix` (to be dropped by the
+/// caller through the first pool), and a pool of `size` on it.
+async fn fresh_database(prefix: &str, size: u32) -> (MySqlPool, String, MySqlPool) {
     let admin = pool().await;
     let db = format!(
-        "dblock_migrate_{}_{}",
+        "{prefix}_{}_{}",
         std::process::id(),
         Utc::now().timestamp_micros()
     );
@@ -1083,10 +1084,16 @@ async fn migrate_raced_by_eight_tasks() {
     let url = common::mysql_url().await;
     let base = url.rsplit_once('/').map(|(b, _)| b).unwrap();
     let pool = MySqlPoolOptions::new()
-        .max_connections(16)
+        .max_connections(size)
         .connect(&format!("{base}/{db}"))
         .await
         .unwrap();
+    (admin, db, pool)
+}
+
+#[tokio::test]
+async fn migrate_raced_by_eight_tasks() {
+    let (admin, db, pool) = fresh_database("dblock_migrate", 16).await;
     let mut tasks = Vec::new();
     for _ in 0..8 {
         let pool = pool.clone();
@@ -1466,23 +1473,7 @@ async fn engine_self_test_on_a_single_server() {
 /// work.
 #[tokio::test]
 async fn migrating_from_version_3_keeps_held_leases_and_tokens() {
-    let admin = pool().await;
-    let db = format!(
-        "dblock_upgrade_{}_{}",
-        std::process::id(),
-        Utc::now().timestamp_micros()
-    );
-    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE `{db}`")))
-        .execute(&admin)
-        .await
-        .unwrap();
-    let url = common::mysql_url().await;
-    let base = url.rsplit_once('/').map(|(b, _)| b).unwrap();
-    let pool = MySqlPoolOptions::new()
-        .max_connections(4)
-        .connect(&format!("{base}/{db}"))
-        .await
-        .unwrap();
+    let (admin, db, pool) = fresh_database("dblock_upgrade", 4).await;
     sqlx::raw_sql(
         "CREATE TABLE dblock_schema_migrations (
             version     BIGINT       NOT NULL PRIMARY KEY,
@@ -1536,23 +1527,10 @@ async fn migrating_from_version_3_keeps_held_leases_and_tokens() {
             .unwrap();
     assert_eq!(versions, [1, 2, 3, 4]);
     let locks = Locks::new(Lease::new(pool.clone()));
-    let info = locks.inspect("held").await.unwrap().expect("still held");
-    assert_eq!((info.token, info.holder.as_str()), (Some(41), "old:1"));
-    assert!(locks.try_acquire("held").await.unwrap().is_none());
-    assert!(locks
-        .acquire("held")
-        .shared()
-        .wait(Duration::ZERO)
-        .await
-        .is_err());
     let g = locks.acquire("ended").await.unwrap();
     assert_eq!(g.token(), 78, "a name's token continues from its row");
     g.release().await.unwrap();
-    let r1 = locks.acquire("ended").shared().await.unwrap();
-    let r2 = locks.acquire("ended").shared().await.unwrap();
-    assert!(r1.token() > 78 && r2.token() > r1.token());
-    r1.release().await.unwrap();
-    r2.release().await.unwrap();
+    common::check_upgraded(&locks, 41, "ended", 78).await;
     drop(locks);
     pool.close().await;
     sqlx::raw_sql(sqlx::AssertSqlSafe(format!("DROP DATABASE `{db}`")))

@@ -741,27 +741,7 @@ async fn migrating_from_version_4_keeps_held_leases_and_tokens() {
             .unwrap();
     assert_eq!(versions, [1, 2, 3, 4, 5]);
     let locks = Locks::new(Lease::new(pool.clone()));
-    let info = locks.inspect("held").await.unwrap().expect("still held");
-    assert_eq!(
-        (info.token, info.holder.as_str()),
-        (Some(held as u64), "old:1")
-    );
-    assert!(locks.try_acquire("held").await.unwrap().is_none());
-    assert!(locks
-        .acquire("held")
-        .shared()
-        .wait(Duration::ZERO)
-        .await
-        .is_err());
-    let r1 = locks.acquire("fresh").shared().await.unwrap();
-    let r2 = locks.acquire("fresh").shared().await.unwrap();
-    assert!(r1.token() > held as u64 && r2.token() > r1.token());
-    let last = r2.token();
-    r1.release().await.unwrap();
-    r2.release().await.unwrap();
-    let g = locks.acquire("fresh").await.unwrap();
-    assert!(g.token() > last);
-    g.release().await.unwrap();
+    common::check_upgraded(&locks, held as u64, "fresh", held as u64).await;
     drop(locks);
     pool.close().await;
     sqlx::raw_sql(sqlx::AssertSqlSafe(format!(

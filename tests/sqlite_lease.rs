@@ -39,6 +39,14 @@ async fn open(path: &Path) -> Locks {
     Locks::new(Lease::open(path).await.expect("open"))
 }
 
+/// The schema versions `migrate` recorded.
+async fn versions(pool: &SqlitePool) -> Vec<i64> {
+    sqlx::query_scalar("SELECT version FROM dblock_schema_migrations ORDER BY version")
+        .fetch_all(pool)
+        .await
+        .unwrap()
+}
+
 /// SQLite's clock in microseconds, as the lease table stores it.
 async fn db_now(pool: &SqlitePool) -> i64 {
     sqlx::query_scalar(
@@ -63,11 +71,7 @@ async fn open_on_a_fresh_path_needs_no_setup() {
     assert_eq!(mode, "wal");
     // migrate is idempotent: open already ran it, and so may anyone again.
     dblock::sqlite::migrate(lease.pool()).await.unwrap();
-    let versions: Vec<i64> = sqlx::query_scalar("SELECT version FROM dblock_schema_migrations")
-        .fetch_all(lease.pool())
-        .await
-        .unwrap();
-    assert_eq!(versions, [1, 2, 3, 4]);
+    assert_eq!(versions(lease.pool()).await, [1, 2, 3, 4]);
 
     let locks = Locks::new(lease);
     let guard = locks.acquire("jobs:nightly").await.unwrap();
@@ -702,27 +706,10 @@ async fn migrating_from_version_3_keeps_held_leases_and_tokens() {
         pool.close().await;
     }
     let lease = Lease::open(&path).await.unwrap();
-    let versions: Vec<i64> = sqlx::query_scalar("SELECT version FROM dblock_schema_migrations")
-        .fetch_all(lease.pool())
-        .await
-        .unwrap();
-    assert_eq!(versions, [1, 2, 3, 4]);
+    assert_eq!(versions(lease.pool()).await, [1, 2, 3, 4]);
     let locks = Locks::new(lease);
-    let info = locks.inspect("held").await.unwrap().expect("still held");
-    assert_eq!((info.token, info.holder.as_str()), (Some(41), "old:1"));
-    assert!(locks.try_acquire("held").await.unwrap().is_none());
-    assert!(locks
-        .acquire("held")
-        .shared()
-        .wait(Duration::ZERO)
-        .await
-        .is_err());
     let g = locks.acquire("ended").await.unwrap();
     assert_eq!(g.token(), 78, "a name's token continues from its row");
     g.release().await.unwrap();
-    let r1 = locks.acquire("ended").shared().await.unwrap();
-    let r2 = locks.acquire("ended").shared().await.unwrap();
-    assert!(r1.token() > 78 && r2.token() > r1.token());
-    r1.release().await.unwrap();
-    r2.release().await.unwrap();
+    common::check_upgraded(&locks, 41, "ended", 78).await;
 }

@@ -7,19 +7,12 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use dblock::{Error, LockMode, Locks};
+use dblock::{Error, LockMode};
 use tokio::time::{sleep, timeout, Instant};
 
+use super::semaphore::holders;
 use super::{eventually, Fixture, HUNG};
 use crate::common::unique;
-
-async fn holders(locks: &Locks, name: &str) -> u32 {
-    locks
-        .inspect(name)
-        .await
-        .expect("inspect")
-        .map_or(0, |i| i.holders)
-}
 
 /// Several readers on independent `Locks` hold the name at once, each with
 /// its own, increasing token; `inspect` and `list` show them as one shared

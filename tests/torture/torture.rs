@@ -78,22 +78,7 @@ pub async fn normal(kind: Kind, s: &Settings) -> bool {
 /// explains it), and tokens increase as for a lock. Redis is left out
 /// unless `DBLOCK_TORTURE_RESTART=1`: its runs restart the server.
 pub async fn semaphore(kind: Kind, s: &Settings) -> bool {
-    let mut faults = vec![FaultKind::Kill, FaultKind::Stop];
-    if kind.networked() {
-        faults.extend([FaultKind::Terminate, FaultKind::Cut]);
-    }
-    let plan = Plan {
-        kind,
-        workers: s.workers,
-        secs: s.secs,
-        fencing: true,
-        watch_lost: true,
-        faults,
-        restart: s.restart && kind.networked(),
-        every: Duration::from_millis(300),
-        permits: SEMAPHORE_PERMITS,
-        shared: false,
-    };
+    let plan = holders_plan(kind, s, SEMAPHORE_PERMITS, false);
     let (report, dir) = run(&plan).await;
     let label = format!("{} semaphore of {SEMAPHORE_PERMITS}", kind.label());
     println!("{}", report.summary(&label));
@@ -117,22 +102,7 @@ pub async fn semaphore(kind: Kind, s: &Settings) -> bool {
 /// order, and some readers must actually have shared a name. Redis is left
 /// out unless `DBLOCK_TORTURE_RESTART=1`: its runs restart the server.
 pub async fn shared(kind: Kind, s: &Settings) -> bool {
-    let mut faults = vec![FaultKind::Kill, FaultKind::Stop];
-    if kind.networked() {
-        faults.extend([FaultKind::Terminate, FaultKind::Cut]);
-    }
-    let plan = Plan {
-        kind,
-        workers: s.workers,
-        secs: s.secs,
-        fencing: true,
-        watch_lost: true,
-        faults,
-        restart: s.restart && kind.networked(),
-        every: Duration::from_millis(300),
-        permits: 1,
-        shared: true,
-    };
+    let plan = holders_plan(kind, s, 1, true);
     let (report, dir) = run(&plan).await;
     let label = format!("{} readers and writers", kind.label());
     println!("{}", report.summary(&label));
@@ -145,6 +115,27 @@ pub async fn shared(kind: Kind, s: &Settings) -> bool {
     }
     finish(dir, ok, s.keep);
     ok
+}
+
+/// The run of the semaphore and shared modes: every applicable fault,
+/// fencing on, the server restarted only when asked.
+fn holders_plan(kind: Kind, s: &Settings, permits: u32, shared: bool) -> Plan {
+    let mut faults = vec![FaultKind::Kill, FaultKind::Stop];
+    if kind.networked() {
+        faults.extend([FaultKind::Terminate, FaultKind::Cut]);
+    }
+    Plan {
+        kind,
+        workers: s.workers,
+        secs: s.secs,
+        fencing: true,
+        watch_lost: true,
+        faults,
+        restart: s.restart && kind.networked(),
+        every: Duration::from_millis(300),
+        permits,
+        shared,
+    }
 }
 
 /// The permits of each name in the semaphore mode.
