@@ -243,6 +243,50 @@ impl Lease {
 
 lease_backend!(Lease);
 
+/// The JSON document of a batch renewal: `[[name, owner, token, ttl µs], ...]`,
+/// read by `json_each` in the statement.
+fn batch_json(batch: &[Renewal]) -> String {
+    let mut json = String::with_capacity(batch.len() * 96 + 2);
+    json.push('[');
+    for (k, r) in batch.iter().enumerate() {
+        if k > 0 {
+            json.push(',');
+        }
+        json.push('[');
+        push_json_str(&mut json, &r.name);
+        json.push(',');
+        push_json_str(&mut json, &r.owner);
+        json.push_str(&format!(",{},{}]", r.token as i64, micros(r.ttl)));
+    }
+    json.push(']');
+    json
+}
+
+impl SqliteStore {
+    /// The answers of a batch renewal whose renewed rows came back as
+    /// `(name, token, new expiry)`: renewed if returned, gone (and its bell
+    /// let go) otherwise.
+    fn answers(&self, batch: &[Renewal], rows: &[(String, i64, i64)]) -> Result<Vec<Renewed>> {
+        let index: HashMap<(&str, i64), usize> = batch
+            .iter()
+            .enumerate()
+            .map(|(k, r)| ((&*r.name, r.token as i64), k))
+            .collect();
+        let mut answers = vec![Renewed::Gone; batch.len()];
+        for (name, token, at) in rows {
+            if let Some(&k) = index.get(&(name.as_str(), *token)) {
+                answers[k] = Renewed::Until(time(*at).map_err(Error::Database)?);
+            }
+        }
+        for (r, answer) in batch.iter().zip(&answers) {
+            if *answer == Renewed::Gone {
+                self.bells.disarm(&r.name, r.token);
+            }
+        }
+        Ok(answers)
+    }
+}
+
 /// One set of in-process wake-ups per database file, shared by the
 /// [`Lease::open`]s of that file while any of them lives.
 fn shared_wakeups(file: PathBuf) -> Arc<Wakeups> {
@@ -510,42 +554,19 @@ impl LeaseStore for SqliteStore {
     }
 
     async fn renew_many(&self, batch: &[Renewal]) -> Result<Vec<Renewed>> {
-        let mut json = String::with_capacity(batch.len() * 96 + 2);
-        json.push('[');
-        for (k, r) in batch.iter().enumerate() {
-            if k > 0 {
-                json.push(',');
-            }
-            json.push('[');
-            push_json_str(&mut json, &r.name);
-            json.push(',');
-            push_json_str(&mut json, &r.owner);
-            json.push_str(&format!(",{},{}]", r.token as i64, micros(r.ttl)));
-        }
-        json.push(']');
+        let json = batch_json(batch);
         let rows: Vec<(String, i64, i64)> = retry_busy(|| {
             sqlx::query_as(AssertSqlSafe(self.sql.renew_many.clone()))
                 .bind(json.as_str())
                 .fetch_all(&self.pool)
         })
         .await?;
-        let index: HashMap<(&str, i64), usize> = batch
-            .iter()
-            .enumerate()
-            .map(|(k, r)| ((&*r.name, r.token as i64), k))
-            .collect();
-        let mut answers = vec![Renewed::Gone; batch.len()];
-        for (name, token, at) in &rows {
-            if let Some(&k) = index.get(&(name.as_str(), *token)) {
-                answers[k] = Renewed::Until(time(*at).map_err(Error::Database)?);
-            }
-        }
-        for (r, answer) in batch.iter().zip(&answers) {
-            if *answer == Renewed::Gone {
-                self.bells.disarm(&r.name, r.token);
-            }
-        }
-        Ok(answers)
+        self.answers(batch, &rows)
+    }
+
+    async fn renew_holders(&self, batch: &[Renewal]) -> Result<Vec<Renewed>> {
+        let rows = self.renew_holders_batch(batch).await?;
+        self.answers(batch, &rows)
     }
 
     async fn release(
