@@ -443,6 +443,27 @@ fn bad_reply(what: &'static str, detail: String) -> Error {
     )))
 }
 
+/// A renewal script's answer for `batch`: per lease, its new expiry in µs,
+/// or 0 if it is no longer ours.
+fn renewal_answers(batch: &[Renewal], reply: Vec<i64>) -> Result<Vec<Renewed>> {
+    if reply.len() != batch.len() {
+        return Err(bad_reply(
+            "renewal answered for a different number of leases",
+            format!("{} for {}", reply.len(), batch.len()),
+        ));
+    }
+    reply
+        .into_iter()
+        .map(|at| {
+            Ok(if at > 0 {
+                Renewed::Until(time(at)?)
+            } else {
+                Renewed::Gone
+            })
+        })
+        .collect()
+}
+
 fn time(micros: i64) -> Result<DateTime<Utc>> {
     DateTime::from_timestamp_micros(micros)
         .ok_or_else(|| bad_reply("lease time out of range", micros.to_string()))
@@ -603,22 +624,11 @@ impl LeaseStore for RedisStore {
                 .arg(millis(r.ttl));
         }
         let reply: Vec<i64> = self.conn.script(&invocation).await?;
-        if reply.len() != batch.len() {
-            return Err(bad_reply(
-                "renewal answered for a different number of leases",
-                format!("{} for {}", reply.len(), batch.len()),
-            ));
-        }
-        reply
-            .into_iter()
-            .map(|at| {
-                Ok(if at > 0 {
-                    Renewed::Until(time(at)?)
-                } else {
-                    Renewed::Gone
-                })
-            })
-            .collect()
+        renewal_answers(batch, reply)
+    }
+
+    async fn renew_holders(&self, batch: &[Renewal]) -> Result<Vec<Renewed>> {
+        self.renew_permits(batch).await
     }
 
     fn batch_len(&self, batch: &[Renewal]) -> usize {
