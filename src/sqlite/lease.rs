@@ -243,6 +243,26 @@ impl Lease {
 
 lease_backend!(Lease);
 
+/// The batch renewal of table `t` (quoted): ?1 is the JSON document of
+/// [`batch_json`], read by `json_each` and joined to the table by primary
+/// key. A released row has no owner, so a batch landing after a release
+/// cannot revive it. RETURNING may name only the table's columns: (name,
+/// token) says which lease each row is.
+pub(super) fn renew_batch(t: &str) -> Arc<str> {
+    format!(
+        "UPDATE {t} AS l SET expires_at = {NOW} + r.ttl
+           FROM (SELECT json_extract(value, '$[0]') AS name,
+                        json_extract(value, '$[1]') AS owner,
+                        json_extract(value, '$[2]') AS token,
+                        json_extract(value, '$[3]') AS ttl
+                   FROM json_each(?1)) AS r
+          WHERE l.name = r.name AND l.owner = r.owner AND l.token = r.token
+            AND l.expires_at > {NOW}
+         RETURNING name, token, expires_at"
+    )
+    .into()
+}
+
 /// The JSON document of a batch renewal: `[[name, owner, token, ttl µs], ...]`,
 /// read by `json_each` in the statement.
 fn batch_json(batch: &[Renewal]) -> String {
@@ -364,24 +384,8 @@ impl Sql {
                  RETURNING expires_at"
             )
             .into(),
-            // Every lease of a batch in one statement: ?1 is a JSON array
-            // of [name, owner, token, ttl µs], read by json_each and joined
-            // to the table by primary key. A released row has no owner, so
-            // a batch landing after a release cannot revive it. RETURNING
-            // may name only the table's columns: (name, token) says which
-            // lease each row is.
-            renew_many: format!(
-                "UPDATE {t} AS l SET expires_at = {NOW} + r.ttl
-                   FROM (SELECT json_extract(value, '$[0]') AS name,
-                                json_extract(value, '$[1]') AS owner,
-                                json_extract(value, '$[2]') AS token,
-                                json_extract(value, '$[3]') AS ttl
-                           FROM json_each(?1)) AS r
-                  WHERE l.name = r.name AND l.owner = r.owner AND l.token = r.token
-                    AND l.expires_at > {NOW}
-                 RETURNING name, token, expires_at"
-            )
-            .into(),
+            // Every lease of a batch in one statement.
+            renew_many: renew_batch(t),
             // ?4 is hold_at_least in microseconds (0 without).
             release: format!(
                 "UPDATE {t} SET owner = NULL, expires_at = max({NOW}, acquired_at + ?4)

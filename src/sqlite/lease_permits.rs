@@ -89,18 +89,7 @@ impl PermitSql {
             .into(),
             // Every holder row of a batch, as the plain leases' `renew_many`
             // (?1 the same JSON document), and then their markers.
-            renew_many: format!(
-                "UPDATE {h} AS p SET expires_at = {NOW} + r.ttl
-                   FROM (SELECT json_extract(value, '$[0]') AS name,
-                                json_extract(value, '$[1]') AS owner,
-                                json_extract(value, '$[2]') AS token,
-                                json_extract(value, '$[3]') AS ttl
-                           FROM json_each(?1)) AS r
-                  WHERE p.name = r.name AND p.owner = r.owner AND p.token = r.token
-                    AND p.expires_at > {NOW}
-                 RETURNING name, token, expires_at"
-            )
-            .into(),
+            renew_many: super::renew_batch(h),
             // ?1: `[[name, latest expiry], ...]`.
             extend_markers: format!(
                 "UPDATE {t} AS l SET expires_at = max(l.expires_at, m.until)
