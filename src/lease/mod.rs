@@ -200,7 +200,7 @@ pub(crate) trait LeaseStore: Send + Sync + fmt::Debug + 'static {
     /// [`renew_many`](Self::renew_many) for holder rows (permits of
     /// semaphores and readers, see [`permits`]): every owner in `batch` is
     /// one. By default one [`renew`](Self::renew) each; a store that can
-    /// renews them in one statement.
+    /// renew them together overrides it.
     fn renew_holders(
         &self,
         batch: &[Renewal],

@@ -31,11 +31,12 @@
 use super::{LeaseStore, Renewal, Renewed};
 use crate::{Error, LockInfo, LockMode};
 
-/// The first character of a permit's owner id (a plain owner id is 32
-/// lowercase hex digits, so it never starts with it).
+/// The first character of a permit's (and a reader's) owner id (a plain
+/// owner id is 32 lowercase hex digits, so it never starts with it).
 pub(crate) const PERMIT_PREFIX: char = 'p';
 
-/// Whether the lease of owner id `owner` is a permit of a semaphore.
+/// Whether the lease of owner id `owner` is a permit of a semaphore or a
+/// reader: a holder row, not a plain lease.
 pub(crate) fn is_permit(owner: &str) -> bool {
     owner.starts_with(PERMIT_PREFIX)
 }
