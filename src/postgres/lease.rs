@@ -69,7 +69,8 @@ const DEFAULT_TABLE: &str = "dblock_leases";
 ///   sequence; the name's `dblock_leases` row is the semaphore's marker
 ///   while permits are live. A permit claim is one transaction under the
 ///   marker's row lock, so claims of one name never grant more than `n`.
-///   Permits renew one statement each, beside the batch of plain leases.
+///   The permits (and readers) due at a renewal tick renew in one
+///   statement of their own, beside the batch of plain leases.
 /// - **Shared (reader) leases** (`.shared()`): each reader is a row of the
 ///   holders table with `max_holders = 1` and its own token, the name's row
 ///   their marker (mode `s`); a reader claim is one transaction under the
