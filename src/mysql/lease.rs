@@ -1185,6 +1185,16 @@ impl LeaseStore for MySqlStore {
         Ok(answers)
     }
 
+    async fn renew_holders(&self, batch: &[Renewal]) -> Result<Vec<Renewed>> {
+        let answers = self.renew_holders_batch(batch).await?;
+        for (r, answer) in batch.iter().zip(&answers) {
+            if *answer == Renewed::Gone {
+                self.bells.disarm(&r.name, r.token);
+            }
+        }
+        Ok(answers)
+    }
+
     fn batch_len(&self, batch: &[Renewal]) -> usize {
         let budget = match self.packet_budget.load(Ordering::Relaxed) {
             0 => DEFAULT_PACKET_BUDGET,
