@@ -47,7 +47,9 @@ use permits::PermitSql;
 ///   name's lease row is the semaphore's marker while permits are live. A
 ///   permit claim is one short transaction under the marker's row lock
 ///   (`NOWAIT`, like a plain claim), so claims of one name never grant more
-///   than `n`. Permits (and readers) renew one transaction each, beside the batch of
+///   than `n`. The permits (and readers) due at a renewal tick renew in one
+///   transaction of their own (their markers locked first, in key order),
+///   beside the batch of
 ///   plain leases.
 /// - **Shared (reader) leases** (`.shared()`): readers are rows of the
 ///   holders table, taken like permits; a waiting writer keeps new readers
