@@ -73,6 +73,18 @@ const MY_DEFAULT: &str = "mysql://root@127.0.0.1:3306/test";
 const REDIS_DEFAULT: &str = "redis://127.0.0.1:6379/0";
 const TABLE: &str = "dblock_bench_leases";
 
+/// Gives a PostgreSQL bench table made before shared leases (migration 5)
+/// their column, as a lease table of one's own needs.
+const PG_TABLE_UPGRADE: &str =
+    "ALTER TABLE dblock_bench_leases ADD COLUMN IF NOT EXISTS writer_waiting_until timestamptz";
+
+/// The same for MySQL / MariaDB: migration 4, on the bench table.
+fn my_table_upgrade() -> sqlx::AssertSqlSafe<String> {
+    sqlx::AssertSqlSafe(
+        include_str!("../migrations/mysql/0004_shared_leases.sql").replace("dblock_leases", TABLE),
+    )
+}
+
 /// Connections per pool, dblock's and raw's alike.
 const POOL: u32 = 10;
 /// `sqlite::Lease::open` makes a pool of 4; raw SQLite gets the same.
@@ -1693,6 +1705,7 @@ async fn pg_lease(env: &Env, raw_handoff: Option<&Latency>, rows: &mut Vec<Row>)
     )
     .execute(&pool)
     .await?;
+    sqlx::raw_sql(PG_TABLE_UPGRADE).execute(&pool).await?;
     let lease = |pool: &PgPool| -> Res<Locks> {
         Ok(Locks::new(
             dblock::postgres::Lease::new(pool.clone()).with_table(TABLE)?,
@@ -1909,6 +1922,7 @@ async fn mysql(env: &Env, rows: &mut Vec<Row>, notes: &mut Vec<String>) -> Res<(
     )
     .execute(&pool)
     .await?;
+    sqlx::raw_sql(my_table_upgrade()).execute(&pool).await?;
     let lease = |pool: &MySqlPool| -> Res<Locks> {
         Ok(Locks::new(
             dblock::mysql::Lease::new(pool.clone()).with_table(TABLE)?,

@@ -193,7 +193,14 @@ impl<'a> Acquire<'a> {
         self
     }
 
-    /// Asks for a shared (reader) lock.
+    /// Asks for a shared (reader) lock: any number of readers hold the name
+    /// together, each with its own guard and fencing token, and exclude a
+    /// writer (an ordinary, exclusive acquisition). A writer waiting for
+    /// readers keeps new readers out until it has had its turn, so readers
+    /// cannot starve it (on every backend except
+    /// [`postgres::Advisory`](crate::postgres::Advisory) waiting by
+    /// polling). With [`hold_at_least`](Self::hold_at_least), a released
+    /// reader keeps its share (writers out) until then.
     pub fn shared(mut self) -> Self {
         self.mode = LockMode::Shared;
         self

@@ -14,7 +14,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use tokio::time::Instant;
 
-use crate::lease::permits::{Decision, Found};
+use crate::lease::permits::{Decision, Found, READER};
 use crate::lease::{
     lease_backend, Claim, Claimed, LeaseEngine, LeaseOptions, LeaseStore, Renewal, Renewed, Wakeups,
 };
@@ -144,7 +144,10 @@ impl State {
 
     /// Removes `name`'s entry if nothing holds it any more.
     fn forget_if_free(&mut self, name: &str) {
-        if self.names.get(name).is_some_and(|e| e.holders.is_empty()) {
+        let now = Instant::now();
+        let free =
+            |e: &Entry| e.holders.is_empty() && e.writer_waiting.is_none_or(|until| until <= now);
+        if self.names.get(name).is_some_and(free) {
             self.names.remove(name);
         }
     }
@@ -166,6 +169,9 @@ impl State {
 #[derive(Debug, Default)]
 struct Entry {
     holders: Vec<Holder>,
+    /// Until when a writer waiting for readers to leave keeps new readers
+    /// out (see [`permits`](crate::lease::permits), "Readers").
+    writer_waiting: Option<Instant>,
 }
 
 #[derive(Debug)]
@@ -225,26 +231,37 @@ impl LeaseStore for MemoryStore {
         state.sweep_if_grown(now);
         if let Some(entry) = state.names.get_mut(claim.name) {
             entry.prune(now);
-            let permits = entry.holders.iter().filter(|h| h.max_holders > 1);
+            // Permits and readers, as the SQL stores keep them apart.
+            let holders = entry
+                .holders
+                .iter()
+                .filter(|h| h.max_holders > 1 || h.mode == LockMode::Shared);
             let found = Found {
-                plain_live: entry.holders.iter().any(|h| h.max_holders == 1),
-                permits: permits.clone().count() as u32,
-                capacity: permits.map(|h| h.max_holders).max(),
+                plain_live: entry
+                    .holders
+                    .iter()
+                    .any(|h| h.max_holders == 1 && h.mode == LockMode::Exclusive),
+                permits: holders.clone().count() as u32,
+                capacity: holders.map(|h| h.max_holders).max(),
+                writer_waiting: entry.writer_waiting.is_some_and(|until| until > now),
             };
             // A plain claim finding permits only misses: the engine then
             // refuses it (see `permits`).
-            let free = match claim.mode {
-                _ if claim.max_holders > 1 => {
-                    found.decide(claim.name, claim.max_holders)? == Decision::Take
-                }
-                LockMode::Exclusive => entry.holders.is_empty(),
-                LockMode::Shared => entry
-                    .holders
-                    .iter()
-                    .all(|h| h.mode == LockMode::Shared && h.max_holders == 1),
+            let free = if claim.is_holder() {
+                found.decide(claim.name, claim.max_holders, claim.mode)? == Decision::Take
+            } else {
+                entry.holders.is_empty()
             };
             if !free {
+                if let Some(mark) = claim.writer_waits {
+                    if found.permits > 0 && found.capacity == Some(READER) {
+                        entry.writer_waiting = Some(now + mark);
+                    }
+                }
                 return Ok(None);
+            }
+            if !claim.is_holder() {
+                entry.writer_waiting = None;
             }
         }
         let token = state.next_token();
@@ -404,6 +421,7 @@ mod tests {
             mode: LockMode::Exclusive,
             ttl: Duration::from_secs(30),
             max_holders: 1,
+            writer_waits: None,
             abandoned: &|| false,
         }
     }

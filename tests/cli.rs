@@ -1395,16 +1395,6 @@ async fn flock_flags(db: Db) {
         assert!(started.elapsed() >= Duration::from_millis(800), "{opts:?}");
         assert!(!stdout(&out).contains("ran"));
     }
-    if db.is_lease() {
-        // Leases are exclusive only: -s is refused, and nothing runs.
-        let out = output(&mut db.run(&name, &["-s"], "echo ran")).await;
-        assert_code(&out, 64);
-        assert!(stderr(&out).contains("shared"), "{}", stderr(&out));
-        assert!(!stdout(&out).contains("ran"));
-        signal(&holder, Signal::SIGTERM);
-        assert_killed_by(&finish(holder).await, Signal::SIGTERM);
-        return;
-    }
     // -s: an exclusive holder keeps shared ones out too.
     assert_code(
         &output(&mut db.run(&name, &["-s", "-n"], "exit 0")).await,

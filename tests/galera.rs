@@ -87,7 +87,7 @@ impl suite::Fixture for GaleraFixture {
         Locks::new(Lease::new(pool))
     }
     fn shared(&self) -> bool {
-        false
+        true
     }
     fn lease(&self) -> bool {
         true

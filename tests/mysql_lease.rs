@@ -743,8 +743,10 @@ async fn names_are_bytes_and_shared_mode_is_unsupported() {
             Some(g.token())
         );
     }
-    let err = locks.acquire(&base).shared().await.unwrap_err();
-    assert!(matches!(err, Error::Unsupported { .. }), "{err:?}");
+    // Readers are leases too (the suite covers them in depth).
+    let reader = locks.acquire(&base).shared().await.unwrap();
+    assert_eq!(reader.mode(), dblock::LockMode::Shared);
+    reader.release().await.unwrap();
 }
 
 #[tokio::test]
@@ -798,11 +800,16 @@ async fn a_custom_table_qualified_by_its_schema_works() {
         .await
         .unwrap();
     let table = "dblock_custom_leases";
-    let ddl = include_str!("../migrations/mysql/0001_dblock.sql").replace("dblock_leases", table);
-    sqlx::raw_sql(sqlx::AssertSqlSafe(ddl))
-        .execute(&pool)
-        .await
-        .unwrap();
+    // A lease table of one's own: the steps of the lease table, with its name.
+    for step in [
+        include_str!("../migrations/mysql/0001_dblock.sql"),
+        include_str!("../migrations/mysql/0004_shared_leases.sql"),
+    ] {
+        sqlx::raw_sql(sqlx::AssertSqlSafe(step.replace("dblock_leases", table)))
+            .execute(&pool)
+            .await
+            .unwrap();
+    }
     let lease = Lease::new(pool.clone())
         .with_table(&format!("{db}.{table}"))
         .unwrap()
@@ -1061,11 +1068,12 @@ async fn lock_in_tx_rejects_bad_input_before_sending_anything() {
     tx.rollback().await.unwrap();
 }
 
-#[tokio::test]
-async fn migrate_raced_by_eight_tasks() {
+/// A new, empty database named after `prefix` (to be dropped by the
+/// caller through the first pool), and a pool of `size` on it.
+async fn fresh_database(prefix: &str, size: u32) -> (MySqlPool, String, MySqlPool) {
     let admin = pool().await;
     let db = format!(
-        "dblock_migrate_{}_{}",
+        "{prefix}_{}_{}",
         std::process::id(),
         Utc::now().timestamp_micros()
     );
@@ -1076,10 +1084,16 @@ async fn migrate_raced_by_eight_tasks() {
     let url = common::mysql_url().await;
     let base = url.rsplit_once('/').map(|(b, _)| b).unwrap();
     let pool = MySqlPoolOptions::new()
-        .max_connections(16)
+        .max_connections(size)
         .connect(&format!("{base}/{db}"))
         .await
         .unwrap();
+    (admin, db, pool)
+}
+
+#[tokio::test]
+async fn migrate_raced_by_eight_tasks() {
+    let (admin, db, pool) = fresh_database("dblock_migrate", 16).await;
     let mut tasks = Vec::new();
     for _ in 0..8 {
         let pool = pool.clone();
@@ -1215,7 +1229,7 @@ impl suite::Fixture for MysqlFixture {
         Locks::new(Lease::new(pool))
     }
     fn shared(&self) -> bool {
-        false
+        true
     }
     fn lease(&self) -> bool {
         true
@@ -1451,4 +1465,76 @@ async fn engine_self_test_on_a_single_server() {
     assert!(engine.check_leases().is_ok());
     assert!(engine.check_named_locks().is_ok());
     assert!(engine.check_lock_in_tx().is_ok());
+}
+
+/// A database migrated to version 3 (before shared leases), with a lease
+/// held in it, is brought to version 4 by `migrate`: the held lease and its
+/// token are kept, the name's next token continues from it, and readers
+/// work.
+#[tokio::test]
+async fn migrating_from_version_3_keeps_held_leases_and_tokens() {
+    let (admin, db, pool) = fresh_database("dblock_upgrade", 4).await;
+    sqlx::raw_sql(
+        "CREATE TABLE dblock_schema_migrations (
+            version     BIGINT       NOT NULL PRIMARY KEY,
+            description VARCHAR(255) NOT NULL,
+            applied_at  DATETIME(6)  NOT NULL
+        ) ENGINE = InnoDB",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    for (version, sql) in [
+        (1i64, include_str!("../migrations/mysql/0001_dblock.sql")),
+        (2, include_str!("../migrations/mysql/0002_token_floor.sql")),
+        (
+            3,
+            include_str!("../migrations/mysql/0003_semaphore_holders.sql"),
+        ),
+    ] {
+        sqlx::raw_sql(sql).execute(&pool).await.unwrap();
+        sqlx::query(
+            "INSERT INTO dblock_schema_migrations (version, description, applied_at) \
+             VALUES (?, 'old', UTC_TIMESTAMP(6))",
+        )
+        .bind(version)
+        .execute(&pool)
+        .await
+        .unwrap();
+    }
+    // Held by a process of the previous version, and an ended lease.
+    sqlx::raw_sql(
+        "INSERT INTO dblock_leases (name, owner, holder, mode, token, acquired_at, expires_at) VALUES
+           ('held', '0123456789abcdef0123456789abcdef', 'old:1', 'x', 41,
+            UTC_TIMESTAMP(6), UTC_TIMESTAMP(6) + INTERVAL 60 SECOND),
+           ('ended', NULL, NULL, 'x', 77, UTC_TIMESTAMP(6) - INTERVAL 1 SECOND,
+            UTC_TIMESTAMP(6) - INTERVAL 1 SECOND)",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+
+    migrate(&pool).await.unwrap();
+    // Idempotent, as every step must be (MySQL cannot roll DDL back).
+    sqlx::raw_sql(include_str!("../migrations/mysql/0004_shared_leases.sql"))
+        .execute(&pool)
+        .await
+        .unwrap();
+    let versions: Vec<i64> =
+        sqlx::query_scalar("SELECT version FROM dblock_schema_migrations ORDER BY version")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert_eq!(versions, [1, 2, 3, 4]);
+    let locks = Locks::new(Lease::new(pool.clone()));
+    let g = locks.acquire("ended").await.unwrap();
+    assert_eq!(g.token(), 78, "a name's token continues from its row");
+    g.release().await.unwrap();
+    common::check_upgraded(&locks, 41, "ended", 78).await;
+    drop(locks);
+    pool.close().await;
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("DROP DATABASE `{db}`")))
+        .execute(&admin)
+        .await
+        .unwrap();
 }

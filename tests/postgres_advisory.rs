@@ -97,6 +97,9 @@ impl suite::Fixture for AdvisoryFixture {
     fn semaphores(&self) -> bool {
         true
     }
+    fn writer_first(&self) -> bool {
+        self.wait == WaitStrategy::Server
+    }
 }
 
 async fn fixture(wait: WaitStrategy) -> AdvisoryFixture {

@@ -107,17 +107,6 @@ async fn acquire_try_timeout_release_inspect() {
 }
 
 #[tokio::test]
-async fn shared_is_unsupported() {
-    let locks = new_locks().await;
-    let err = locks
-        .acquire(common::unique("pg-lease-shared"))
-        .shared()
-        .await
-        .unwrap_err();
-    assert!(matches!(err, Error::Unsupported { .. }), "{err:?}");
-}
-
-#[tokio::test]
 async fn tokens_increase_and_survive_a_new_pool() {
     let name = common::unique("pg-lease-tokens");
     let mut last = 0;
@@ -520,8 +509,11 @@ async fn with_table_rejects_injection_and_quotes_identifiers() {
         assert!(matches!(err, Error::InvalidOption(_)), "{bad:?}: {err:?}");
     }
     // A mixed-case table in a schema is found only because it is quoted.
+    // (A table made before migration 5 gets that migration's column.)
     sqlx::raw_sql(
-        "CREATE TABLE IF NOT EXISTS public.\"dblock_Custom_test\" (LIKE dblock_leases INCLUDING ALL)",
+        "CREATE TABLE IF NOT EXISTS public.\"dblock_Custom_test\" (LIKE dblock_leases INCLUDING ALL);
+         ALTER TABLE public.\"dblock_Custom_test\"
+           ADD COLUMN IF NOT EXISTS writer_waiting_until timestamptz",
     )
     .execute(&pool)
     .await
@@ -557,7 +549,7 @@ impl suite::Fixture for LeaseFixture {
         Locks::new(Lease::new(pool))
     }
     fn shared(&self) -> bool {
-        false
+        true
     }
     fn lease(&self) -> bool {
         true
@@ -669,4 +661,93 @@ impl batch::Harness for PgHarness {
 mod batched {
     use super::*;
     batch_suite!(PgHarness);
+}
+
+/// A database migrated to version 4 (before shared leases), with a lease
+/// held in it, is brought to version 5 by `migrate`: the held lease and its
+/// token are kept, later tokens are greater, and readers work.
+#[tokio::test]
+async fn migrating_from_version_4_keeps_held_leases_and_tokens() {
+    let admin = pool().await;
+    let db = format!(
+        "dblock_upgrade_{}_{}",
+        std::process::id(),
+        Utc::now().timestamp_micros()
+    );
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {db}")))
+        .execute(&admin)
+        .await
+        .unwrap();
+    let pool = PgPoolOptions::new()
+        .max_connections(4)
+        .connect_with(options().await.database(&db))
+        .await
+        .unwrap();
+    sqlx::raw_sql(
+        "CREATE TABLE dblock_schema_migrations (
+            version     bigint      PRIMARY KEY,
+            description text        NOT NULL,
+            applied_at  timestamptz NOT NULL DEFAULT clock_timestamp())",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    for (version, sql) in [
+        (1i64, include_str!("../migrations/postgres/0001_dblock.sql")),
+        (
+            2,
+            include_str!("../migrations/postgres/0002_lease_tokens_from_sequence.sql"),
+        ),
+        (
+            3,
+            include_str!("../migrations/postgres/0003_semaphore_holders.sql"),
+        ),
+        (
+            4,
+            include_str!("../migrations/postgres/0004_advisory_holders.sql"),
+        ),
+    ] {
+        sqlx::raw_sql(sql).execute(&pool).await.unwrap();
+        sqlx::query(
+            "INSERT INTO dblock_schema_migrations (version, description) VALUES ($1, 'old')",
+        )
+        .bind(version)
+        .execute(&pool)
+        .await
+        .unwrap();
+    }
+    // Held by a process of the previous version.
+    let held: i64 = sqlx::query_scalar(
+        "INSERT INTO dblock_leases (name, owner, holder, mode, token, acquired_at, expires_at)
+         VALUES ('held', '0123456789abcdef0123456789abcdef', 'old:1', 'x',
+                 nextval('dblock_fencing_seq') + 1000000, clock_timestamp(),
+                 clock_timestamp() + interval '60 seconds')
+         RETURNING token",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    sqlx::query("SELECT setval('dblock_fencing_seq', $1)")
+        .bind(held)
+        .execute(&pool)
+        .await
+        .unwrap();
+
+    dblock::postgres::migrate(&pool).await.unwrap();
+    let versions: Vec<i64> =
+        sqlx::query_scalar("SELECT version FROM dblock_schema_migrations ORDER BY version")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert_eq!(versions, [1, 2, 3, 4, 5]);
+    let locks = Locks::new(Lease::new(pool.clone()));
+    common::check_upgraded(&locks, held as u64, "fresh", held as u64).await;
+    drop(locks);
+    pool.close().await;
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "DROP DATABASE {db} WITH (FORCE)"
+    )))
+    .execute(&admin)
+    .await
+    .unwrap();
 }

@@ -39,6 +39,14 @@ async fn open(path: &Path) -> Locks {
     Locks::new(Lease::open(path).await.expect("open"))
 }
 
+/// The schema versions `migrate` recorded.
+async fn versions(pool: &SqlitePool) -> Vec<i64> {
+    sqlx::query_scalar("SELECT version FROM dblock_schema_migrations ORDER BY version")
+        .fetch_all(pool)
+        .await
+        .unwrap()
+}
+
 /// SQLite's clock in microseconds, as the lease table stores it.
 async fn db_now(pool: &SqlitePool) -> i64 {
     sqlx::query_scalar(
@@ -63,11 +71,7 @@ async fn open_on_a_fresh_path_needs_no_setup() {
     assert_eq!(mode, "wal");
     // migrate is idempotent: open already ran it, and so may anyone again.
     dblock::sqlite::migrate(lease.pool()).await.unwrap();
-    let versions: Vec<i64> = sqlx::query_scalar("SELECT version FROM dblock_schema_migrations")
-        .fetch_all(lease.pool())
-        .await
-        .unwrap();
-    assert_eq!(versions, [1, 2, 3]);
+    assert_eq!(versions(lease.pool()).await, [1, 2, 3, 4]);
 
     let locks = Locks::new(lease);
     let guard = locks.acquire("jobs:nightly").await.unwrap();
@@ -143,8 +147,10 @@ async fn acquire_try_timeout_release_inspect() {
     guard.release().await.unwrap();
     assert!(locks.inspect(name).await.unwrap().is_none());
     assert!(locks.try_acquire(name).await.unwrap().is_some());
-    let err = locks.acquire("x").shared().await.unwrap_err();
-    assert!(matches!(err, Error::Unsupported { .. }), "{err:?}");
+    // Readers are leases too (the suite covers them in depth).
+    let reader = locks.acquire("x").shared().await.unwrap();
+    assert_eq!(reader.mode(), dblock::LockMode::Shared);
+    reader.release().await.unwrap();
 }
 
 #[tokio::test]
@@ -511,7 +517,8 @@ async fn with_table_rejects_injection_and_quotes_identifiers() {
     sqlx::raw_sql(
         "CREATE TABLE \"Custom\" (name TEXT PRIMARY KEY NOT NULL, owner TEXT, holder TEXT,
             mode TEXT NOT NULL DEFAULT 'x', token INTEGER NOT NULL,
-            acquired_at INTEGER NOT NULL, expires_at INTEGER NOT NULL) WITHOUT ROWID",
+            acquired_at INTEGER NOT NULL, expires_at INTEGER NOT NULL,
+            writer_waiting_until INTEGER) WITHOUT ROWID",
     )
     .execute(lease.pool())
     .await
@@ -580,7 +587,7 @@ impl suite::Fixture for SqliteFixture {
         Locks::new(Lease::new(pool))
     }
     fn shared(&self) -> bool {
-        false
+        true
     }
     fn lease(&self) -> bool {
         true
@@ -626,4 +633,83 @@ impl batch::Harness for SqliteHarness {
 mod batched {
     use super::*;
     batch_suite!(SqliteHarness);
+}
+
+/// A database file migrated to version 3 (before shared leases), with a
+/// lease held in it, is brought to version 4 by `open`: the held lease and
+/// its token are kept, the name's next token continues from it, and
+/// readers work.
+#[tokio::test]
+async fn migrating_from_version_3_keeps_held_leases_and_tokens() {
+    let dir = TempDir::new("sqlite-upgrade");
+    let path = dir.db();
+    {
+        let pool = SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect_with(
+                SqliteConnectOptions::new()
+                    .filename(&path)
+                    .create_if_missing(true),
+            )
+            .await
+            .unwrap();
+        sqlx::raw_sql(
+            "CREATE TABLE dblock_schema_migrations (
+                version     INTEGER PRIMARY KEY NOT NULL,
+                description TEXT    NOT NULL,
+                applied_at  TEXT    NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')))",
+        )
+        .execute(&pool)
+        .await
+        .unwrap();
+        for (version, sql) in [
+            (1, include_str!("../migrations/sqlite/0001_dblock.sql")),
+            (2, include_str!("../migrations/sqlite/0002_token_floor.sql")),
+            (
+                3,
+                include_str!("../migrations/sqlite/0003_semaphore_holders.sql"),
+            ),
+        ] {
+            sqlx::raw_sql(sql).execute(&pool).await.unwrap();
+            sqlx::query(
+                "INSERT INTO dblock_schema_migrations (version, description) VALUES (?1, 'old')",
+            )
+            .bind(version)
+            .execute(&pool)
+            .await
+            .unwrap();
+        }
+        // Held by a process of the previous version, and an ended lease.
+        let now = db_now(&pool).await;
+        for (name, owner, token, expires) in [
+            (
+                "held",
+                Some("0123456789abcdef0123456789abcdef"),
+                41,
+                now + 60_000_000,
+            ),
+            ("ended", None, 77, now - 1_000_000),
+        ] {
+            sqlx::query(
+                "INSERT INTO dblock_leases (name, owner, holder, mode, token, acquired_at, expires_at)
+                 VALUES (?1, ?2, 'old:1', 'x', ?3, ?4, ?5)",
+            )
+            .bind(name)
+            .bind(owner)
+            .bind(token)
+            .bind(now)
+            .bind(expires)
+            .execute(&pool)
+            .await
+            .unwrap();
+        }
+        pool.close().await;
+    }
+    let lease = Lease::open(&path).await.unwrap();
+    assert_eq!(versions(lease.pool()).await, [1, 2, 3, 4]);
+    let locks = Locks::new(lease);
+    let g = locks.acquire("ended").await.unwrap();
+    assert_eq!(g.token(), 78, "a name's token continues from its row");
+    g.release().await.unwrap();
+    common::check_upgraded(&locks, 41, "ended", 78).await;
 }

@@ -127,7 +127,7 @@ impl suite::Fixture for PoolerFixture {
         self.backend(unreachable_pool())
     }
     fn shared(&self) -> bool {
-        self.advisory
+        true
     }
     fn lease(&self) -> bool {
         !self.advisory

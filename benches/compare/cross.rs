@@ -420,12 +420,18 @@ async fn prepare(kind: &str, place: &str) -> Res<()> {
             )
             .execute(&pool)
             .await?;
+            sqlx::raw_sql(super::PG_TABLE_UPGRADE)
+                .execute(&pool)
+                .await?;
             pool.close().await;
         }
         "mysql" => {
             let pool = super::my_pool(place, 1).await?;
             dblock::mysql::migrate(&pool).await?;
             sqlx::raw_sql("CREATE TABLE IF NOT EXISTS dblock_bench_leases LIKE dblock_leases")
+                .execute(&pool)
+                .await?;
+            sqlx::raw_sql(super::my_table_upgrade())
                 .execute(&pool)
                 .await?;
             pool.close().await;

@@ -266,6 +266,9 @@ pub(super) async fn scale(
         )
         .execute(&pool)
         .await?;
+        sqlx::raw_sql(super::PG_TABLE_UPGRADE)
+            .execute(&pool)
+            .await?;
         let lease = dblock::postgres::Lease::new(pool.clone()).with_table(super::TABLE)?;
         let counted = lease.clone();
         let stats: Stats = Box::new(move || counted.renewal_stats());
@@ -286,6 +289,9 @@ pub(super) async fn scale(
         )
         .execute(&pool)
         .await?;
+        sqlx::raw_sql(super::my_table_upgrade())
+            .execute(&pool)
+            .await?;
         let lease = dblock::mysql::Lease::new(pool.clone()).with_table(super::TABLE)?;
         let counted = lease.clone();
         let stats: Stats = Box::new(move || counted.renewal_stats());

@@ -88,6 +88,10 @@ pub(crate) struct Claim<'a> {
     /// How many holders the name admits: 1 for a plain (or reader or
     /// writer) lease, `n` for a permit of a semaphore (see [`permits`]).
     pub max_holders: u32,
+    /// For a writer (a plain exclusive claim) that will wait if it misses:
+    /// how long the mark it leaves on a name held by readers lasts (see
+    /// [`permits`], "Readers"). `None` for a try, a reader or a permit.
+    pub writer_waits: Option<Duration>,
     /// Whether the acquirer has gone away. A store that waits for a pooled
     /// connection checks it once it has one, and claims nothing (answers
     /// `None`) if so: a cancelled acquisition must not go on to take the
@@ -104,7 +108,16 @@ impl fmt::Debug for Claim<'_> {
             .field("mode", &self.mode)
             .field("ttl", &self.ttl)
             .field("max_holders", &self.max_holders)
+            .field("writer_waits", &self.writer_waits)
             .finish_non_exhaustive()
+    }
+}
+
+impl Claim<'_> {
+    /// Whether the claim is for a holder row (a permit of a semaphore, or a
+    /// reader) rather than a plain lease.
+    pub(crate) fn is_holder(&self) -> bool {
+        self.max_holders > 1 || self.mode == LockMode::Shared
     }
 }
 
@@ -183,6 +196,26 @@ pub(crate) trait LeaseStore: Send + Sync + fmt::Debug + 'static {
     /// row with no owner, or expired, or (with `hold`) marked so that the
     /// conditions here refuse it.
     fn renew_many(&self, batch: &[Renewal]) -> impl Future<Output = Result<Vec<Renewed>>> + Send;
+
+    /// [`renew_many`](Self::renew_many) for holder rows (permits of
+    /// semaphores and readers, see [`permits`]): every owner in `batch` is
+    /// one. By default one [`renew`](Self::renew) each; a store that can
+    /// renew them together overrides it.
+    fn renew_holders(
+        &self,
+        batch: &[Renewal],
+    ) -> impl Future<Output = Result<Vec<Renewed>>> + Send {
+        async move {
+            let mut answers = Vec::with_capacity(batch.len());
+            for r in batch {
+                answers.push(match self.renew(&r.name, &r.owner, r.token, r.ttl).await? {
+                    Some(at) => Renewed::Until(at),
+                    None => Renewed::Gone,
+                });
+            }
+            Ok(answers)
+        }
+    }
 
     /// How many of the leading leases of `batch` (never empty) one
     /// `renew_many` call should take: all of them unless the dialect limits
@@ -301,6 +334,14 @@ pub(crate) fn renew_every(ttl: Duration) -> Duration {
 /// differ, before the database may hand the name to someone else.
 pub(crate) fn safety_margin(ttl: Duration) -> Duration {
     ttl / 5
+}
+
+/// How long a waiting writer's mark lasts (see [`Claim::writer_waits`]):
+/// past its next try, which comes at most `max_poll` (or the ttl) later,
+/// with room for a slow claim; a writer that went away stops blocking
+/// readers this long after its last try.
+fn writer_mark(options: &LeaseOptions, ttl: Duration) -> Duration {
+    2 * options.max_poll.min(ttl) + Duration::from_secs(1)
 }
 
 /// A fresh random owner id: 128 bits, hex.
@@ -539,6 +580,9 @@ fn claim_attempt<S: LeaseStore>(
     let (inner, owner, gone) = (inner.clone(), owner.clone(), gone.clone());
     let name: Arc<str> = request.name().into();
     let (mode, ttl, max_holders) = (request.mode(), request.ttl(), request.max_holders());
+    let writer_waits =
+        (mode == LockMode::Exclusive && max_holders == 1 && !matches!(request.wait(), Wait::No))
+            .then(|| writer_mark(&inner.options, ttl));
     // The holder recorded with the lease: the request's identity (a leader
     // election's candidate) or this process's `host:pid`.
     let holder: Option<Arc<str>> = request.holder().map(Into::into);
@@ -551,6 +595,7 @@ fn claim_attempt<S: LeaseStore>(
             mode,
             ttl,
             max_holders,
+            writer_waits,
             abandoned: &abandoned,
         };
         let claimed = inner.store.claim(&claim).await?;
@@ -573,8 +618,7 @@ async fn acquire<S: LeaseStore>(
     if request.mode() == LockMode::Shared && !inner.store.supports_shared() {
         return Err(Error::Unsupported {
             backend: inner.store.kind(),
-            what: "shared (reader) leases; use postgres::Advisory or Memory for reader locks"
-                .into(),
+            what: "shared (reader) leases".into(),
         });
     }
     if request.is_permit() && !inner.store.supports_permits() {
@@ -586,7 +630,7 @@ async fn acquire<S: LeaseStore>(
     // An uncontended claim may answer without ever waiting (Memory): a
     // loop of them must still let the runtime run other tasks.
     tokio::task::coop::consume_budget().await;
-    let owner: Arc<str> = permits::owner_for(request.max_holders()).into();
+    let owner: Arc<str> = permits::owner_for(request.max_holders(), request.mode()).into();
     let gone = Arc::new(AtomicBool::new(false));
     let _mark_gone = MarkGone(gone.clone());
     let name = request.name();

@@ -13,23 +13,40 @@
 //! reader and writer locks). A permit claim checks that atomically with
 //! the claim itself; a plain claim that misses checks it once, at its first
 //! miss (see [`refusal`]).
+//!
+//! # Readers
+//!
+//! Shared (reader) leases ride on the same machinery: a reader is a holder
+//! row like a permit (owner id with [`PERMIT_PREFIX`], its own token, its
+//! own renewal), recorded with capacity 1 and without an upper bound on
+//! their number; the name's marker carries mode `s`. The writer is a plain
+//! lease: it takes the name once the marker has run out (the last reader
+//! gone). To keep readers arriving in a row from starving it, a writer
+//! that misses while readers hold the name *marks* it (the marker's
+//! `writer_waiting_until`, by the store's clock, renewed at each of its
+//! tries, lapsing by itself if the writer goes away, cleared when a writer
+//! takes the name), and reader claims refuse while the mark is live (see
+//! [`Found::decide`]).
 
 use super::{LeaseStore, Renewal, Renewed};
 use crate::{Error, LockInfo, LockMode};
 
-/// The first character of a permit's owner id (a plain owner id is 32
-/// lowercase hex digits, so it never starts with it).
+/// The first character of a permit's (and a reader's) owner id (a plain
+/// owner id is 32 lowercase hex digits, so it never starts with it).
 pub(crate) const PERMIT_PREFIX: char = 'p';
 
-/// Whether the lease of owner id `owner` is a permit of a semaphore.
+/// Whether the lease of owner id `owner` is a permit of a semaphore or a
+/// reader: a holder row, not a plain lease.
 pub(crate) fn is_permit(owner: &str) -> bool {
     owner.starts_with(PERMIT_PREFIX)
 }
 
-/// A fresh owner id for a request of `max_holders`.
-pub(crate) fn owner_for(max_holders: u32) -> String {
+/// A fresh owner id for a request of `max_holders` in `mode`: a permit's
+/// and a reader's are told apart from a plain lease's (both are holder
+/// rows of the stores that keep a holders table).
+pub(crate) fn owner_for(max_holders: u32, mode: LockMode) -> String {
     let owner = super::new_owner();
-    if max_holders > 1 {
+    if max_holders > 1 || mode == LockMode::Shared {
         format!("{PERMIT_PREFIX}{owner}")
     } else {
         owner
@@ -67,10 +84,11 @@ pub(crate) fn refusal(name: &str, asked: u32, info: Option<&LockInfo>) -> Option
     (found != asked).then(|| disagreement(name, asked, found))
 }
 
-/// [`LeaseStore::renew_many`] for a batch that may hold permits: the plain
-/// leases in one `renew_many`, each permit with its own `renew` (a process
-/// holds few permits; their stores keep them in another table). Answers in
-/// the batch's order; an error means nothing is known, as for `renew_many`.
+/// [`LeaseStore::renew_many`] for a batch that may hold permits and
+/// readers: the plain leases in one `renew_many`, the holder rows in one
+/// [`LeaseStore::renew_holders`] (their stores keep them in another
+/// table). Answers in the batch's order; an error means nothing is known,
+/// as for `renew_many`.
 pub(crate) async fn renew_many<S: LeaseStore>(
     store: &S,
     batch: &[Renewal],
@@ -78,21 +96,22 @@ pub(crate) async fn renew_many<S: LeaseStore>(
     if !batch.iter().any(|r| is_permit(&r.owner)) {
         return store.renew_many(batch).await;
     }
-    let (permits, plain): (Vec<usize>, Vec<usize>) =
+    let (holders, plain): (Vec<usize>, Vec<usize>) =
         (0..batch.len()).partition(|&i| is_permit(&batch[i].owner));
     let mut answers = vec![Renewed::Unknown; batch.len()];
-    if !plain.is_empty() {
-        let leases: Vec<Renewal> = plain.iter().map(|&i| batch[i].clone()).collect();
-        for (&i, answer) in plain.iter().zip(store.renew_many(&leases).await?) {
+    for (part, holders) in [(plain, false), (holders, true)] {
+        if part.is_empty() {
+            continue;
+        }
+        let leases: Vec<Renewal> = part.iter().map(|&i| batch[i].clone()).collect();
+        let renewed = if holders {
+            store.renew_holders(&leases).await?
+        } else {
+            store.renew_many(&leases).await?
+        };
+        for (&i, answer) in part.iter().zip(renewed) {
             answers[i] = answer;
         }
-    }
-    for i in permits {
-        let r = &batch[i];
-        answers[i] = match store.renew(&r.name, &r.owner, r.token, r.ttl).await? {
-            Some(at) => Renewed::Until(at),
-            None => Renewed::Gone,
-        };
     }
     Ok(answers)
 }
@@ -124,7 +143,8 @@ pub(crate) fn no_holders_table(table: &str) -> Error {
 
 /// The `LockInfo` of a name held by permits: `holders` live permits of a
 /// semaphore of `max_holders`, the newest token, the earliest acquisition,
-/// the latest expiry, and the holders' `host:pid`s.
+/// the latest expiry, and the holders' `host:pid`s. Holder rows of
+/// capacity 1 are readers: mode shared, no bound.
 #[cfg_attr(
     not(any(feature = "postgres", feature = "mysql", feature = "sqlite")),
     allow(dead_code)
@@ -138,9 +158,16 @@ pub(crate) fn info(
     acquired_at: chrono::DateTime<chrono::Utc>,
     expires_at: chrono::DateTime<chrono::Utc>,
 ) -> LockInfo {
-    let mut info = LockInfo::new(Some(name), who, LockMode::Exclusive);
+    let mode = if max_holders == READER {
+        LockMode::Shared
+    } else {
+        LockMode::Exclusive
+    };
+    let mut info = LockInfo::new(Some(name), who, mode);
     info.holders = holders;
-    info.max_holders = Some(max_holders);
+    if mode == LockMode::Exclusive {
+        info.max_holders = Some(max_holders);
+    }
     info.token = Some(token);
     info.acquired_at = Some(acquired_at);
     info.expires_at = Some(expires_at);
@@ -166,16 +193,34 @@ pub(crate) fn merge_list(plain: Vec<LockInfo>, permits: Vec<LockInfo>) -> Vec<Lo
     all
 }
 
-/// What a permit claim found under the name's lock, and what it decides.
+/// The capacity recorded with a reader's holder row: its claim's
+/// `max_holders` (a permit's is its `n`, always above 1).
+pub(crate) const READER: u32 = 1;
+
+/// The mode a store records on the marker for a holder claim: `s` for
+/// readers, `x` for permits.
+pub(crate) fn marker_mode(claim: &super::Claim<'_>) -> &'static str {
+    match claim.mode {
+        LockMode::Shared => "s",
+        LockMode::Exclusive => "x",
+    }
+}
+
+/// What a permit (or reader) claim found under the name's lock, and what
+/// it decides.
 #[derive(Debug, Clone, Copy, Default)]
 pub(crate) struct Found {
-    /// A plain lease (or reader or writer lease) on the name is live.
+    /// The name's marker (or a plain lease: a writer, or a lease kept by
+    /// `hold_at_least`) is live.
     pub plain_live: bool,
     /// How many permits of the name are live.
     pub permits: u32,
     /// The capacity the live permits were taken with (the largest, should
     /// they ever differ).
     pub capacity: Option<u32>,
+    /// A writer waiting for the name has marked it, and the mark has not
+    /// lapsed by the store's clock: readers stay out.
+    pub writer_waiting: bool,
 }
 
 /// The decision of a permit claim of `asked` holders on `name`.
@@ -188,14 +233,32 @@ pub(crate) enum Decision {
 }
 
 impl Found {
-    /// Takes, waits, or refuses (holders that disagree on the capacity).
-    pub(crate) fn decide(&self, name: &str, asked: u32) -> crate::Result<Decision> {
+    /// Takes, waits, or refuses (holders that disagree on the capacity) for
+    /// a claim of `asked` holders in `mode`.
+    pub(crate) fn decide(&self, name: &str, asked: u32, mode: LockMode) -> crate::Result<Decision> {
+        if mode == LockMode::Shared {
+            return self.decide_reader(name);
+        }
         if self.permits == 0 && self.plain_live {
             return Err(disagreement(name, asked, 1));
         }
         match self.capacity {
             Some(found) if found != asked => Err(disagreement(name, asked, found)),
             _ if self.permits >= asked => Ok(Decision::Full),
+            _ => Ok(Decision::Take),
+        }
+    }
+
+    /// A reader joins live readers, or takes a free name, unless a writer
+    /// holds it or waits for it; permits of a semaphore refuse it.
+    fn decide_reader(&self, name: &str) -> crate::Result<Decision> {
+        match self.capacity {
+            Some(found) if self.permits > 0 && found != READER => {
+                Err(disagreement(name, READER, found))
+            }
+            // A writer (a plain lease) holds the name.
+            _ if self.permits == 0 && self.plain_live => Ok(Decision::Full),
+            _ if self.writer_waiting => Ok(Decision::Full),
             _ => Ok(Decision::Take),
         }
     }
@@ -207,32 +270,79 @@ mod tests {
 
     #[test]
     fn permit_owners_are_told_apart() {
-        assert!(is_permit(&owner_for(3)));
-        assert!(!is_permit(&owner_for(1)));
-        assert_eq!(owner_for(1).len(), 32);
+        assert!(is_permit(&owner_for(3, LockMode::Exclusive)));
+        assert!(is_permit(&owner_for(1, LockMode::Shared)));
+        assert!(!is_permit(&owner_for(1, LockMode::Exclusive)));
+        assert_eq!(owner_for(1, LockMode::Exclusive).len(), 32);
+    }
+
+    #[test]
+    fn reader_decisions() {
+        let s = LockMode::Shared;
+        assert_eq!(Found::default().decide("a", 1, s).unwrap(), Decision::Take);
+        let readers = Found {
+            plain_live: true,
+            permits: 4,
+            capacity: Some(READER),
+            ..Found::default()
+        };
+        assert_eq!(readers.decide("a", 1, s).unwrap(), Decision::Take);
+        let writer = Found {
+            plain_live: true,
+            ..Found::default()
+        };
+        assert_eq!(writer.decide("a", 1, s).unwrap(), Decision::Full);
+        let waiting = Found {
+            writer_waiting: true,
+            ..readers
+        };
+        assert_eq!(waiting.decide("a", 1, s).unwrap(), Decision::Full);
+        let semaphore = Found {
+            plain_live: true,
+            permits: 1,
+            capacity: Some(3),
+            ..Found::default()
+        };
+        assert!(matches!(
+            semaphore.decide("a", 1, s),
+            Err(Error::InvalidOption(_))
+        ));
+        // A permit claim finding readers is refused.
+        assert!(matches!(
+            readers.decide("a", 3, LockMode::Exclusive),
+            Err(Error::InvalidOption(_))
+        ));
     }
 
     #[test]
     fn decisions() {
+        let x = LockMode::Exclusive;
         let free = Found::default();
-        assert_eq!(free.decide("a", 3).unwrap(), Decision::Take);
+        assert_eq!(free.decide("a", 3, x).unwrap(), Decision::Take);
         let plain = Found {
             plain_live: true,
             ..Found::default()
         };
-        assert!(matches!(plain.decide("a", 3), Err(Error::InvalidOption(_))));
+        assert!(matches!(
+            plain.decide("a", 3, x),
+            Err(Error::InvalidOption(_))
+        ));
         let two = Found {
             plain_live: true,
             permits: 2,
             capacity: Some(3),
+            ..Found::default()
         };
-        assert_eq!(two.decide("a", 3).unwrap(), Decision::Take);
-        assert!(matches!(two.decide("a", 4), Err(Error::InvalidOption(_))));
+        assert_eq!(two.decide("a", 3, x).unwrap(), Decision::Take);
+        assert!(matches!(
+            two.decide("a", 4, x),
+            Err(Error::InvalidOption(_))
+        ));
         let full = Found {
             permits: 3,
             capacity: Some(3),
             ..Found::default()
         };
-        assert_eq!(full.decide("a", 3).unwrap(), Decision::Full);
+        assert_eq!(full.decide("a", 3, x).unwrap(), Decision::Full);
     }
 }

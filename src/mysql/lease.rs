@@ -47,10 +47,17 @@ use permits::PermitSql;
 ///   name's lease row is the semaphore's marker while permits are live. A
 ///   permit claim is one short transaction under the marker's row lock
 ///   (`NOWAIT`, like a plain claim), so claims of one name never grant more
-///   than `n`. Permits renew one transaction each, beside the batch of
+///   than `n`. The permits (and readers) due at a renewal tick renew in one
+///   transaction of their own (their markers locked first, in key order),
+///   beside the batch of
 ///   plain leases.
-/// - Shared (reader) mode is **not supported**: `.shared()` fails with
-///   [`Error::Unsupported`](crate::Error::Unsupported).
+/// - **Shared (reader) leases** (`.shared()`): readers are rows of the
+///   holders table, taken like permits; a waiting writer keeps new readers
+///   out (see the [module docs](super)). Readers and permits ring release
+///   doorbells too, so a writer waiting in another process wakes when the
+///   last reader's process lets go (if readers of one name live in several
+///   processes, only the first one's bell rings; the others' releases are
+///   noticed within `max_poll`).
 /// - Waiting polls the row with backoff between
 ///   [`LeaseOptions::min_poll`] and [`LeaseOptions::max_poll`]; a release in
 ///   this process wakes local waiters at once, and a release in another
@@ -215,6 +222,7 @@ pub(crate) struct Sql {
     inspect_causal: Arc<str>,
     list_causal: Arc<str>,
     claim_take: Arc<str>,
+    claim_mark: Arc<str>,
     claim_one: Arc<str>,
     create_row: Arc<str>,
     pub floor_read: Arc<str>,
@@ -277,7 +285,8 @@ impl Sql {
         let claim_lock = format!(
             "SELECT token, expires_at > UTC_TIMESTAMP(6) AS live, \
                     UTC_TIMESTAMP(6) AS now, \
-                    UTC_TIMESTAMP(6) + INTERVAL ? MICROSECOND AS until \
+                    UTC_TIMESTAMP(6) + INTERVAL ? MICROSECOND AS until, \
+                    mode = 's' AS readers \
                FROM {t} WHERE name = ? FOR UPDATE NOWAIT"
         );
         let inspect = format!(
@@ -303,8 +312,15 @@ impl Sql {
             // overwrite the lease that other node just granted.
             claim_take: s(format!(
                 "UPDATE {t} SET owner = ?, holder = ?, mode = 'x', token = token + 1, \
-                        acquired_at = ?, expires_at = ? \
+                        acquired_at = ?, expires_at = ?, writer_waiting_until = NULL \
                   WHERE name = ? AND token = ? AND expires_at <= UTC_TIMESTAMP(6)"
+            )),
+            // Under the claim's row lock, on a name held by readers: a
+            // writer that is going to wait keeps new readers out (see
+            // `lease::permits`, "Readers").
+            claim_mark: s(format!(
+                "UPDATE {t} SET writer_waiting_until = UTC_TIMESTAMP(6) + INTERVAL ? MICROSECOND \
+                  WHERE name = ? AND mode = 's' AND expires_at > UTC_TIMESTAMP(6)"
             )),
             // MariaDB, not Galera: the whole claim in one autocommit
             // statement. The row is read with `FOR UPDATE NOWAIT` (busy at
@@ -316,13 +332,19 @@ impl Sql {
             // is assigned last, and `UTC_TIMESTAMP(6)` is one instant for
             // the whole statement. `RETURNING` answers the row as it is
             // afterwards: ours (owner) with its new token and expiry, or
-            // someone else's.
+            // someone else's. A writer that is going to wait (the mark's
+            // length in µs, bound twice, not NULL) marks a name held by
+            // readers (see `claim_mark`); a take clears the mark. It is
+            // assigned first, while `mode` is still the old one.
             claim_one: s(format!(
                 "INSERT INTO {t} (name, owner, holder, mode, token, acquired_at, expires_at) \
                  SELECT s.name, ?, ?, 'x', s.token + 1, UTC_TIMESTAMP(6), \
                         UTC_TIMESTAMP(6) + INTERVAL ? MICROSECOND \
                    FROM {t} AS s WHERE s.name = ? FOR UPDATE NOWAIT \
                  ON DUPLICATE KEY UPDATE \
+                    writer_waiting_until = IF({t}.expires_at <= UTC_TIMESTAMP(6), NULL, \
+                        IF(? IS NOT NULL AND {t}.mode = 's', \
+                           UTC_TIMESTAMP(6) + INTERVAL ? MICROSECOND, {t}.writer_waiting_until)), \
                     owner = IF({t}.expires_at <= UTC_TIMESTAMP(6), VALUES(owner), {t}.owner), \
                     holder = IF({t}.expires_at <= UTC_TIMESTAMP(6), VALUES(holder), {t}.holder), \
                     mode = IF({t}.expires_at <= UTC_TIMESTAMP(6), 'x', {t}.mode), \
@@ -508,6 +530,8 @@ const MAX_RETRIES: u32 = 8;
 /// What one claim transaction found.
 enum Attempt {
     Done(Option<Claimed>),
+    /// Held by readers, and marked by this waiting writer: commit the mark.
+    Marked,
     Missing,
 }
 
@@ -614,6 +638,8 @@ impl MySqlStore {
             .bind(clip(claim.holder))
             .bind(ttl_us)
             .bind(claim.name.as_bytes())
+            .bind(claim.writer_waits.map(micros))
+            .bind(claim.writer_waits.map(micros))
             .fetch_optional(&mut *conn.begin_use())
             .await;
         conn.settle(&outcome);
@@ -648,7 +674,7 @@ impl MySqlStore {
         sqlx::raw_sql(begin).execute(&mut *c).await?;
         let outcome = self.in_transaction(c, claim, ttl_us).await;
         let end = match outcome {
-            Ok(Attempt::Done(Some(_))) => "COMMIT",
+            Ok(Attempt::Done(Some(_)) | Attempt::Marked) => "COMMIT",
             _ => "ROLLBACK",
         };
         // If COMMIT or ROLLBACK fails, the state of the transaction is
@@ -685,6 +711,15 @@ impl MySqlStore {
         let token: u64 = row.try_get(0)?;
         let live: i64 = row.try_get(1)?;
         if live != 0 {
+            let readers: i64 = row.try_get(4)?;
+            if let (Some(mark), true) = (claim.writer_waits, readers != 0) {
+                q(&self.sql.claim_mark)
+                    .bind(micros(mark))
+                    .bind(claim.name.as_bytes())
+                    .execute(&mut *c)
+                    .await?;
+                return Ok(Attempt::Marked);
+            }
             return Ok(Attempt::Done(None));
         }
         let now: NaiveDateTime = row.try_get(2)?;
@@ -1006,9 +1041,20 @@ impl LeaseStore for MySqlStore {
         true
     }
 
+    fn supports_shared(&self) -> bool {
+        true
+    }
+
     async fn claim(&self, claim: &Claim<'_>) -> Result<Option<Claimed>> {
-        if claim.max_holders > 1 {
-            return self.claim_permit(claim).await;
+        if claim.is_holder() {
+            // Permits and readers ring their bell like plain leases: a
+            // waiter elsewhere (a writer waiting for the last reader) wakes
+            // when this process lets its share go.
+            let claimed = self.claim_permit(claim).await?;
+            if let Some(c) = &claimed {
+                self.bells.arm(claim.name, c.token);
+            }
+            return Ok(claimed);
         }
         let causal = self.checked().await?;
         let one = claim.mode == LockMode::Exclusive && self.claims_in_one_statement().await?;
@@ -1028,6 +1074,7 @@ impl LeaseStore for MySqlStore {
                     }
                     return Ok(claimed);
                 }
+                Ok(Attempt::Marked) => return Ok(None),
                 Ok(Attempt::Missing) if created < MAX_RETRIES => {
                     created += 1;
                     self.create_row(claim.name).await
@@ -1063,7 +1110,11 @@ impl LeaseStore for MySqlStore {
         ttl: Duration,
     ) -> Result<Option<DateTime<Utc>>> {
         if is_permit(owner) {
-            return self.renew_permit(name, owner, token, ttl).await;
+            let at = self.renew_permit(name, owner, token, ttl).await?;
+            if at.is_none() {
+                self.bells.disarm(name, token);
+            }
+            return Ok(at);
         }
         let done = self
             .execute(|| {
@@ -1136,6 +1187,16 @@ impl LeaseStore for MySqlStore {
         Ok(answers)
     }
 
+    async fn renew_holders(&self, batch: &[Renewal]) -> Result<Vec<Renewed>> {
+        let answers = self.renew_holders_batch(batch).await?;
+        for (r, answer) in batch.iter().zip(&answers) {
+            if *answer == Renewed::Gone {
+                self.bells.disarm(&r.name, r.token);
+            }
+        }
+        Ok(answers)
+    }
+
     fn batch_len(&self, batch: &[Renewal]) -> usize {
         let budget = match self.packet_budget.load(Ordering::Relaxed) {
             0 => DEFAULT_PACKET_BUDGET,
@@ -1159,11 +1220,11 @@ impl LeaseStore for MySqlStore {
         token: u64,
         hold: Option<Duration>,
     ) -> Result<bool> {
+        // The bell goes after the release statement (or if it is given up).
+        let _disarm = self.bells.disarm_on_drop(name, token);
         if is_permit(owner) {
             return self.release_permit(name, owner, token, hold).await;
         }
-        // The bell goes after the release statement (or if it is given up).
-        let _disarm = self.bells.disarm_on_drop(name, token);
         let done = self
             .execute(|| {
                 q(&self.sql.release)

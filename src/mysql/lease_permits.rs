@@ -19,10 +19,11 @@ use sqlx::mysql::MySqlRow;
 use sqlx::{MySqlConnection, Row};
 
 use super::{
-    is_retryable, q, quote_table, retry_pause, utc, MySqlStore, BEGIN_CAUSAL, MAX_RETRIES,
+    batch_json, is_retryable, push_hex, q, quote_table, retry_pause, utc, MySqlStore, BATCH_ROWS,
+    BEGIN_CAUSAL, EPOCH, MAX_RETRIES,
 };
 use crate::lease::permits::{self, Decision, Found};
-use crate::lease::{Claim, Claimed, SWEEP_BATCH};
+use crate::lease::{Claim, Claimed, Renewal, Renewed, SWEEP_BATCH};
 use crate::mysql::{code, error_number, is_lock_busy, map_err, micros, Conn};
 use crate::{Error, LockInfo, Result};
 
@@ -36,6 +37,11 @@ pub(super) struct PermitSql {
     extend_marker: Arc<str>,
     renew: Arc<str>,
     renew_read: Arc<str>,
+    batch_lock_markers: Arc<str>,
+    batch_now: Arc<str>,
+    batch_renew: Arc<str>,
+    batch_read: Arc<str>,
+    batch_extend_markers: Arc<str>,
     release: Arc<str>,
     settle_marker: Arc<str>,
     force_release: Arc<str>,
@@ -61,7 +67,8 @@ impl PermitSql {
             // The marker, locked; the server clock for a new permit in passing.
             lock_marker: s(format!(
                 "SELECT token, expires_at > UTC_TIMESTAMP(6) AS live, UTC_TIMESTAMP(6) AS now, \
-                        UTC_TIMESTAMP(6) + INTERVAL ? MICROSECOND AS until \
+                        UTC_TIMESTAMP(6) + INTERVAL ? MICROSECOND AS until, \
+                        COALESCE(writer_waiting_until > UTC_TIMESTAMP(6), 0) AS writer_waiting \
                    FROM {t} WHERE name = ? FOR UPDATE"
             )),
             count: s(format!(
@@ -73,7 +80,7 @@ impl PermitSql {
                  VALUES (?, ?, ?, ?, ?, ?, ?)"
             )),
             mark: s(format!(
-                "UPDATE {t} SET owner = NULL, holder = NULL, mode = 'x', token = ?, \
+                "UPDATE {t} SET owner = NULL, holder = NULL, mode = ?, token = ?, \
                         acquired_at = ?, expires_at = GREATEST(expires_at, ?) \
                   WHERE name = ?"
             )),
@@ -88,6 +95,47 @@ impl PermitSql {
             )),
             renew_read: s(format!(
                 "SELECT expires_at FROM {h} WHERE name = ? AND owner = ? AND token = ?"
+            )),
+            // A batch of holder rows, in one transaction: first the markers
+            // of its names, locked in primary-key order (the document lists
+            // them sorted, and drives the join), as every other permit
+            // transaction takes a marker before a holder row; ...
+            batch_lock_markers: s(format!(
+                "SELECT 1 FROM JSON_TABLE(?, '$[*]' COLUMNS (name VARCHAR(510) PATH '$')) AS j \
+                   STRAIGHT_JOIN {t} AS l FORCE INDEX (PRIMARY) ON l.name = UNHEX(j.name) \
+                    FOR UPDATE"
+            )),
+            // ... the server clock once, in µs since 1970, ...
+            batch_now: s(format!(
+                "SELECT TIMESTAMPDIFF(MICROSECOND, {EPOCH}, UTC_TIMESTAMP(6))"
+            )),
+            // ... every holder row still ours and live renewed to that
+            // clock plus its ttl, ...
+            batch_renew: s(format!(
+                "UPDATE JSON_TABLE(?, {BATCH_ROWS}) AS j \
+                   STRAIGHT_JOIN {h} AS p FORCE INDEX (PRIMARY) \
+                     ON p.name = UNHEX(j.name) AND p.token = j.token \
+                    SET p.expires_at = {EPOCH} + INTERVAL (? + j.ttl) MICROSECOND \
+                  WHERE p.owner = CAST(j.owner AS BINARY) AND p.expires_at > UTC_TIMESTAMP(6)"
+            )),
+            // ... read back: the rows at their new expiry are the renewed
+            // ones (a row not renewed had run out before that clock) ...
+            batch_read: s(format!(
+                "SELECT CAST(j.i AS SIGNED) FROM JSON_TABLE(?, {BATCH_ROWS}) AS j \
+                   STRAIGHT_JOIN {h} AS p FORCE INDEX (PRIMARY) \
+                     ON p.name = UNHEX(j.name) AND p.token = j.token \
+                  WHERE p.owner = CAST(j.owner AS BINARY) \
+                    AND p.expires_at = {EPOCH} + INTERVAL (? + j.ttl) MICROSECOND"
+            )),
+            // ... and each marker made to last as long as its latest holder
+            // (`[[name in hex, µs since 1970], ...]`).
+            batch_extend_markers: s(format!(
+                "UPDATE JSON_TABLE(?, '$[*]' COLUMNS (name VARCHAR(510) PATH '$[0]', \
+                        until BIGINT PATH '$[1]')) AS m \
+                   STRAIGHT_JOIN {t} AS l FORCE INDEX (PRIMARY) ON l.name = UNHEX(m.name) \
+                    SET l.expires_at = GREATEST(l.expires_at, \
+                        {EPOCH} + INTERVAL m.until MICROSECOND) \
+                  WHERE l.owner IS NULL"
             )),
             release: s(format!(
                 "UPDATE {h} SET owner = NULL, \
@@ -234,6 +282,35 @@ impl MySqlStore {
         Ok(at.flatten())
     }
 
+    /// Renews the holder rows of `batch` in one transaction (see the
+    /// `batch_*` statements).
+    pub(super) async fn renew_holders_batch(&self, batch: &[Renewal]) -> Result<Vec<Renewed>> {
+        let sql = self.permit_sql()?;
+        let json = batch_json(batch.iter());
+        let mut names: Vec<&[u8]> = batch.iter().map(|r| r.name.as_bytes()).collect();
+        names.sort_unstable();
+        names.dedup();
+        let mut markers = String::from("[");
+        for (k, name) in names.iter().enumerate() {
+            if k > 0 {
+                markers.push(',');
+            }
+            markers.push('"');
+            push_hex(&mut markers, name);
+            markers.push('"');
+        }
+        markers.push(']');
+        let answers = self
+            .permit_retrying("", false, || async {
+                let mut conn = Conn::acquire(&self.pool).await?;
+                begin(conn.begin_use(), false).await?;
+                let outcome = renew_many_body(sql, conn.begin_use(), batch, &json, &markers).await;
+                end(conn, outcome).await
+            })
+            .await?;
+        Ok(answers.unwrap_or_else(|| vec![Renewed::Unknown; batch.len()]))
+    }
+
     pub(super) async fn release_permit(
         &self,
         name: &str,
@@ -351,6 +428,7 @@ async fn claim_body(
     let live: i64 = row.try_get(1)?;
     let now: NaiveDateTime = row.try_get(2)?;
     let until: NaiveDateTime = row.try_get(3)?;
+    let writer_waiting: i64 = row.try_get(4)?;
     let counted = q(&sql.count)
         .bind(claim.name.as_bytes())
         .fetch_one(&mut *c)
@@ -359,8 +437,9 @@ async fn claim_body(
         plain_live: live != 0,
         permits: counted.try_get::<i64, _>(0)? as u32,
         capacity: counted.try_get::<Option<u32>, _>(1)?,
+        writer_waiting: writer_waiting != 0,
     };
-    match found.decide(claim.name, claim.max_holders) {
+    match found.decide(claim.name, claim.max_holders, claim.mode) {
         Err(e) => return Ok(Step::Rollback(Err(e))),
         Ok(Decision::Full) => return Ok(Step::Rollback(Ok(None))),
         Ok(Decision::Take) => {}
@@ -377,6 +456,7 @@ async fn claim_body(
         .execute(&mut *c)
         .await?;
     q(&sql.mark)
+        .bind(permits::marker_mode(claim))
         .bind(token)
         .bind(now)
         .bind(until)
@@ -421,6 +501,66 @@ async fn renew_body(
         .await?
         .try_get(0)?;
     Ok(Step::Commit(Some(utc(at))))
+}
+
+/// Under the markers' locks: renews the holder rows of a batch and extends
+/// their markers.
+async fn renew_many_body(
+    sql: &PermitSql,
+    c: &mut MySqlConnection,
+    batch: &[Renewal],
+    json: &str,
+    markers: &str,
+) -> Result<Step<Vec<Renewed>>, sqlx::Error> {
+    q(&sql.batch_lock_markers)
+        .bind(markers)
+        .fetch_all(&mut *c)
+        .await?;
+    let now: i64 = q(&sql.batch_now).fetch_one(&mut *c).await?.try_get(0)?;
+    q(&sql.batch_renew)
+        .bind(json)
+        .bind(now)
+        .execute(&mut *c)
+        .await?;
+    let renewed = q(&sql.batch_read)
+        .bind(json)
+        .bind(now)
+        .fetch_all(&mut *c)
+        .await?;
+    let mut answers = vec![Renewed::Gone; batch.len()];
+    let mut until: std::collections::BTreeMap<&str, i64> = std::collections::BTreeMap::new();
+    for row in renewed {
+        // JSON_TABLE's ordinality counts from 1.
+        let i: i64 = row.try_get(0)?;
+        let Some(r) = usize::try_from(i - 1).ok().and_then(|k| batch.get(k)) else {
+            continue;
+        };
+        let at = now.saturating_add(micros(r.ttl));
+        let Some(at_utc) = DateTime::from_timestamp_micros(at) else {
+            continue;
+        };
+        answers[(i - 1) as usize] = Renewed::Until(at_utc);
+        let latest = until.entry(&r.name).or_insert(at);
+        *latest = (*latest).max(at);
+    }
+    if until.is_empty() {
+        return Ok(Step::Rollback(answers));
+    }
+    let mut extend = String::from("[");
+    for (k, (name, at)) in until.iter().enumerate() {
+        if k > 0 {
+            extend.push(',');
+        }
+        extend.push_str("[\"");
+        push_hex(&mut extend, name.as_bytes());
+        extend.push_str(&format!("\",{at}]"));
+    }
+    extend.push(']');
+    q(&sql.batch_extend_markers)
+        .bind(extend)
+        .execute(&mut *c)
+        .await?;
+    Ok(Step::Commit(answers))
 }
 
 /// Under the marker's lock: ends the permit (or keeps it for `hold`) and

@@ -22,6 +22,11 @@ const MIGRATIONS: &[Migration] = &[
         description: "holders of semaphores",
         sql: include_str!("../../migrations/mysql/0003_semaphore_holders.sql"),
     },
+    Migration {
+        version: 4,
+        description: "shared (reader) leases: the waiting writer's mark",
+        sql: include_str!("../../migrations/mysql/0004_shared_leases.sql"),
+    },
 ];
 
 /// The named lock that serialises migrators of one database (names are

@@ -63,10 +63,14 @@
 //!   lease table's name as given. Tokens are never drawn from a counter
 //!   every claim updates (nor from `AUTO_INCREMENT`, which Galera
 //!   interleaves per node).
-//! - **Shared (reader) leases are not supported**: acquiring with
-//!   `.shared()` fails with [`Error::Unsupported`](crate::Error::Unsupported).
-//!   Use `dblock::postgres::Advisory` or [`Memory`](crate::memory::Memory)
-//!   for reader locks.
+//! - **Shared (reader) leases** (`.shared()`): each reader is a row of the
+//!   holders table (`max_holders = 1`, its own token), taken like a permit
+//!   of a semaphore; while readers live, the name's lease row is their
+//!   marker (mode `s`). A writer that finds readers and will wait marks
+//!   the row (`writer_waiting_until`, migration 4) under the claim's row
+//!   lock at each try, a little past its next one; new readers wait while
+//!   the mark lies ahead, so readers cannot starve a writer. A writer's
+//!   claim clears it, and it lapses by itself if the writer goes away.
 //!
 //! # Engine self-test and Galera
 //!

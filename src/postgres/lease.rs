@@ -69,10 +69,19 @@ const DEFAULT_TABLE: &str = "dblock_leases";
 ///   sequence; the name's `dblock_leases` row is the semaphore's marker
 ///   while permits are live. A permit claim is one transaction under the
 ///   marker's row lock, so claims of one name never grant more than `n`.
-///   Permits renew one statement each, beside the batch of plain leases.
-/// - **Shared (reader) leases are not supported**: `.shared()` fails with
-///   [`Error::Unsupported`](crate::Error::Unsupported). Use
-///   [`Advisory`](super::Advisory) for reader locks.
+///   The permits (and readers) due at a renewal tick renew in one
+///   statement of their own, beside the batch of plain leases.
+/// - **Shared (reader) leases** (`.shared()`): each reader is a row of the
+///   holders table with `max_holders = 1` and its own token, the name's row
+///   their marker (mode `s`); a reader claim is one transaction under the
+///   marker's row lock, like a permit's, and every holder row due at a
+///   renewal tick is renewed by one statement. A writer is a plain claim:
+///   it takes the name once the last reader is gone. A writer that finds
+///   readers and will wait sets the marker's `writer_waiting_until`
+///   (migration 5) in the same claim statement, at each try, a little past
+///   its next try; reader claims wait while it lies ahead, so readers
+///   cannot starve a writer, and a writer's claim clears it. The release of
+///   the last reader notifies waiters, the writer included.
 /// - **Isolation levels**: statements run in autocommit, so a pool whose
 ///   `default_transaction_isolation` is REPEATABLE READ or SERIALIZABLE
 ///   works too; serialization failures are retried.
@@ -229,15 +238,33 @@ impl Sql {
             // no row. Tokens come from the database's fencing sequence
             // (drawn again, after the row is locked, for a takeover), so a
             // name whose row was swept still gets a greater token.
+            //
+            // A writer that misses a name held by readers and is going to
+            // wait ($5, the mark's length in µs, not NULL) marks it in the
+            // same statement, so that new readers stay out (see
+            // `lease::permits`, "Readers"); a claim that takes the name
+            // clears the mark. The mark updates only a row the claim left
+            // unchanged (locked, not modified, by the upsert), never a
+            // row it took or inserted.
             claim: format!(
-                "INSERT INTO {t} AS l (name, owner, holder, mode, token, acquired_at, expires_at)
-                 VALUES ($1, $2, $3, 'x', {token}, clock_timestamp(), clock_timestamp() + {MICROS})
-                 ON CONFLICT (name) DO UPDATE
-                    SET owner = excluded.owner, holder = excluded.holder, mode = excluded.mode,
-                        token = {token}, acquired_at = clock_timestamp(),
-                        expires_at = clock_timestamp() + {MICROS}
-                  WHERE l.expires_at <= clock_timestamp()
-                 RETURNING token, expires_at"
+                "WITH claimed AS (
+                    INSERT INTO {t} AS l (name, owner, holder, mode, token, acquired_at, expires_at)
+                    VALUES ($1, $2, $3, 'x', {token}, clock_timestamp(),
+                            clock_timestamp() + {MICROS})
+                    ON CONFLICT (name) DO UPDATE
+                       SET owner = excluded.owner, holder = excluded.holder, mode = excluded.mode,
+                           token = {token}, acquired_at = clock_timestamp(),
+                           expires_at = clock_timestamp() + {MICROS},
+                           writer_waiting_until = NULL
+                     WHERE l.expires_at <= clock_timestamp()
+                    RETURNING token, expires_at),
+                 marked AS (
+                    UPDATE {t} SET writer_waiting_until =
+                           clock_timestamp() + $5::bigint * interval '1 microsecond'
+                     WHERE $5::bigint IS NOT NULL AND name = $1 AND mode = 's'
+                       AND expires_at > clock_timestamp()
+                       AND NOT EXISTS (SELECT 1 FROM claimed))
+                 SELECT token, expires_at FROM claimed"
             )
             .into(),
             renew: format!(
@@ -473,6 +500,23 @@ fn micros(d: Duration) -> i64 {
     i64::try_from(d.as_micros()).unwrap_or(i64::MAX)
 }
 
+/// The answers of a batch renewal of `n` leases whose rows came back as
+/// `(ordinal, new expiry)`: renewed if returned, gone otherwise.
+fn ordinal_answers(n: usize, rows: &[PgRow]) -> Result<Vec<Renewed>> {
+    let mut answers = vec![Renewed::Gone; n];
+    for row in rows {
+        let (i, at): (i64, DateTime<Utc>) = (
+            row.try_get(0).map_err(map_err)?,
+            row.try_get(1).map_err(map_err)?,
+        );
+        // WITH ORDINALITY counts from 1.
+        if let Some(answer) = usize::try_from(i - 1).ok().and_then(|i| answers.get_mut(i)) {
+            *answer = Renewed::Until(at);
+        }
+    }
+    Ok(answers)
+}
+
 fn info(row: &PgRow) -> sqlx::Result<LockInfo> {
     let mode: String = row.try_get("mode")?;
     let mode = if mode.trim() == "s" {
@@ -501,8 +545,12 @@ impl LeaseStore for PgStore {
         true
     }
 
+    fn supports_shared(&self) -> bool {
+        true
+    }
+
     async fn claim(&self, claim: &Claim<'_>) -> Result<Option<Claimed>> {
-        if claim.max_holders > 1 {
+        if claim.is_holder() {
             return self.claim_permit(claim).await;
         }
         self.check_engine().await?;
@@ -519,6 +567,7 @@ impl LeaseStore for PgStore {
                 .bind(claim.owner)
                 .bind(claim.holder)
                 .bind(micros(claim.ttl))
+                .bind(claim.writer_waits.map(micros))
                 .fetch_optional(conn.get())
                 .await?;
             conn.done().await?;
@@ -573,18 +622,11 @@ impl LeaseStore for PgStore {
             })
         })
         .await?;
-        let mut answers = vec![Renewed::Gone; batch.len()];
-        for row in rows {
-            let (i, at): (i64, DateTime<Utc>) = (
-                row.try_get(0).map_err(map_err)?,
-                row.try_get(1).map_err(map_err)?,
-            );
-            // WITH ORDINALITY counts from 1.
-            if let Some(answer) = usize::try_from(i - 1).ok().and_then(|i| answers.get_mut(i)) {
-                *answer = Renewed::Until(at);
-            }
-        }
-        Ok(answers)
+        ordinal_answers(batch.len(), &rows)
+    }
+
+    async fn renew_holders(&self, batch: &[Renewal]) -> Result<Vec<Renewed>> {
+        self.renew_holders_batch(batch).await
     }
 
     async fn release(

@@ -20,7 +20,7 @@ use sqlx::{AssertSqlSafe, Row};
 
 use super::{micros, retrying, PgStore, Query};
 use crate::lease::permits::{self, Decision, Found};
-use crate::lease::{Claim, Claimed, SWEEP_BATCH};
+use crate::lease::{Claim, Claimed, Renewal, Renewed, SWEEP_BATCH};
 use crate::postgres::map_err;
 use crate::postgres::notify::CHANNEL;
 use crate::postgres::token::sequence_token;
@@ -33,6 +33,7 @@ pub(super) struct PermitSql {
     count: Arc<str>,
     take: Arc<str>,
     renew: Arc<str>,
+    renew_many: Arc<str>,
     release: Arc<str>,
     settle_marker: Arc<str>,
     force_release: Arc<str>,
@@ -63,7 +64,9 @@ impl PermitSql {
                 "INSERT INTO {t} AS l (name, owner, holder, mode, token, acquired_at, expires_at)
                  VALUES ($1, NULL, NULL, 'x', 0, clock_timestamp(), clock_timestamp())
                  ON CONFLICT (name) DO UPDATE SET name = excluded.name
-                 RETURNING l.expires_at > clock_timestamp() AS live"
+                 RETURNING l.expires_at > clock_timestamp() AS live,
+                           coalesce(l.writer_waiting_until > clock_timestamp(), false)
+                               AS writer_waiting"
             )
             .into(),
             count: format!(
@@ -78,7 +81,7 @@ impl PermitSql {
                     VALUES ($1, {token}, $2, $3, $5, clock_timestamp(), clock_timestamp() + {MICROS})
                     RETURNING name, token, expires_at)
                  UPDATE {t} AS l
-                    SET owner = NULL, holder = NULL, mode = 'x', token = p.token,
+                    SET owner = NULL, holder = NULL, mode = $6, token = p.token,
                         acquired_at = clock_timestamp(),
                         expires_at = greatest(l.expires_at, p.expires_at)
                    FROM p WHERE l.name = p.name
@@ -95,6 +98,25 @@ impl PermitSql {
                     UPDATE {t} AS l SET expires_at = greatest(l.expires_at, r.expires_at)
                       FROM r WHERE l.name = r.name)
                  SELECT expires_at FROM r"
+            )
+            .into(),
+            // Every holder row of a batch in one statement, as the plain
+            // leases' `renew_many`; each name's marker then lasts as long
+            // as its latest holder.
+            renew_many: format!(
+                "WITH r AS (
+                    UPDATE {h} AS p
+                       SET expires_at = clock_timestamp() + x.ttl * interval '1 microsecond'
+                      FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[])
+                           WITH ORDINALITY AS x(name, owner, token, ttl, i)
+                     WHERE p.name = x.name AND p.owner = x.owner AND p.token = x.token
+                       AND p.expires_at > clock_timestamp()
+                    RETURNING x.i, p.name, p.expires_at),
+                 m AS (
+                    UPDATE {t} AS l SET expires_at = greatest(l.expires_at, e.expires_at)
+                      FROM (SELECT name, max(expires_at) AS expires_at FROM r GROUP BY name) AS e
+                     WHERE l.name = e.name)
+                 SELECT i, expires_at FROM r"
             )
             .into(),
             release: format!(
@@ -165,7 +187,8 @@ impl PgStore {
         sqlx::query(AssertSqlSafe(sql.clone())).persistent(!self.pooled)
     }
 
-    /// One permit claim: one transaction under the marker row's lock.
+    /// One permit (or reader) claim: one transaction under the marker
+    /// row's lock.
     pub(super) async fn claim_permit(&self, claim: &Claim<'_>) -> Result<Option<Claimed>> {
         let sql = self.permit_sql()?;
         self.check_engine().await?;
@@ -175,23 +198,23 @@ impl PgStore {
             if (claim.abandoned)() {
                 return Ok(Ok(None));
             }
-            let live: bool = self
+            let marker = self
                 .q(&sql.lock_marker)
                 .bind(claim.name)
                 .fetch_one(&mut *tx)
-                .await?
-                .try_get(0)?;
+                .await?;
             let row = self
                 .q(&sql.count)
                 .bind(claim.name)
                 .fetch_one(&mut *tx)
                 .await?;
             let found = Found {
-                plain_live: live,
+                plain_live: marker.try_get(0)?,
                 permits: row.try_get::<i64, _>(0)? as u32,
                 capacity: row.try_get::<Option<i32>, _>(1)?.map(|n| n as u32),
+                writer_waiting: marker.try_get(1)?,
             };
-            match found.decide(claim.name, n) {
+            match found.decide(claim.name, n, claim.mode) {
                 Err(e) => return Ok(Err(e)),
                 Ok(Decision::Full) => return Ok(Ok(None)),
                 Ok(Decision::Take) => {}
@@ -203,6 +226,7 @@ impl PgStore {
                 .bind(claim.holder)
                 .bind(micros(claim.ttl))
                 .bind(n as i32)
+                .bind(permits::marker_mode(claim))
                 .fetch_one(&mut *tx)
                 .await?;
             let claimed = Claimed {
@@ -235,6 +259,22 @@ impl PgStore {
         })
         .await?;
         row.map(|row| row.try_get(0)).transpose().map_err(map_err)
+    }
+
+    /// Renews the holder rows of `batch` in one statement.
+    pub(super) async fn renew_holders_batch(&self, batch: &[Renewal]) -> Result<Vec<Renewed>> {
+        let sql = self.permit_sql()?;
+        let rows = retrying(|| {
+            self.fetch_all(|| {
+                self.q(&sql.renew_many)
+                    .bind(batch.iter().map(|r| &*r.name).collect::<Vec<_>>())
+                    .bind(batch.iter().map(|r| &*r.owner).collect::<Vec<_>>())
+                    .bind(batch.iter().map(|r| r.token as i64).collect::<Vec<_>>())
+                    .bind(batch.iter().map(|r| micros(r.ttl)).collect::<Vec<_>>())
+            })
+        })
+        .await?;
+        super::ordinal_answers(batch.len(), &rows)
     }
 
     /// Ends a permit (or keeps it to `acquired_at + hold`) and settles the

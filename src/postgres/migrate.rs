@@ -26,6 +26,11 @@ const MIGRATIONS: &[Migration] = &[
         description: "holder identities of advisory locks",
         sql: include_str!("../../migrations/postgres/0004_advisory_holders.sql"),
     },
+    Migration {
+        version: 5,
+        description: "shared (reader) leases: the waiting writer's mark",
+        sql: include_str!("../../migrations/postgres/0005_shared_leases.sql"),
+    },
 ];
 
 /// Creates or updates dblock's schema in the pool's database: the fencing

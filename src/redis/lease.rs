@@ -49,11 +49,15 @@ macro_rules! lua_now {
     };
 }
 
-/// KEYS: the lease, the token counter. ARGV: owner, holder, ttl in ms.
+/// KEYS: the lease, the token counter, the waiting writer's mark. ARGV:
+/// owner, holder, ttl in ms, the mark's length in ms (0: none).
 /// The token is `max(counter + 1, now in µs)`: strictly above the last one
 /// while the counter lives, and above every earlier one after the counter is
 /// lost as long as the server's clock has not gone back (see the module
-/// docs). The counter is written only when the `SET NX` took the name.
+/// docs). The counter is written only when the `SET NX` took the name. A
+/// claim that misses a name held by readers (or permits: their marker)
+/// and is going to wait sets the mark, which keeps new readers out; a
+/// claim that takes the name deletes it.
 static CLAIM: LazyLock<Script> = LazyLock::new(|| {
     Script::new(concat!(
         lua_now!(),
@@ -61,9 +65,16 @@ static CLAIM: LazyLock<Script> = LazyLock::new(|| {
 local s = string.format('%.0f', token)
 local value = ARGV[1] .. ' ' .. s .. ' ' .. string.format('%.0f', now) .. ' x ' .. ARGV[2]
 if not redis.call('SET', KEYS[1], value, 'NX', 'PX', ARGV[3]) then
+  if ARGV[4] ~= '0' then
+    local held = redis.call('GET', KEYS[1])
+    if held and string.match(held, '^%- %S+ %S+ n ') then
+      redis.call('SET', KEYS[3], '1', 'PX', ARGV[4])
+    end
+  end
   return false
 end
 redis.call('SET', KEYS[2], s)
+redis.call('DEL', KEYS[3])
 return {token, now + tonumber(ARGV[3]) * 1000}"
     ))
 });
@@ -311,6 +322,12 @@ impl Keys {
         format!("{}permits:{name}", self.prefix)
     }
 
+    /// The mark of a writer waiting for the readers of `name` to leave
+    /// (see [`permits`]).
+    fn writer(&self, name: &str) -> String {
+        format!("{}writer:{name}", self.prefix)
+    }
+
     fn counter(&self) -> &str {
         &self.counter
     }
@@ -426,6 +443,27 @@ fn bad_reply(what: &'static str, detail: String) -> Error {
     )))
 }
 
+/// A renewal script's answer for `batch`: per lease, its new expiry in µs,
+/// or 0 if it is no longer ours.
+fn renewal_answers(batch: &[Renewal], reply: Vec<i64>) -> Result<Vec<Renewed>> {
+    if reply.len() != batch.len() {
+        return Err(bad_reply(
+            "renewal answered for a different number of leases",
+            format!("{} for {}", reply.len(), batch.len()),
+        ));
+    }
+    reply
+        .into_iter()
+        .map(|at| {
+            Ok(if at > 0 {
+                Renewed::Until(time(at)?)
+            } else {
+                Renewed::Gone
+            })
+        })
+        .collect()
+}
+
 fn time(micros: i64) -> Result<DateTime<Utc>> {
     DateTime::from_timestamp_micros(micros)
         .ok_or_else(|| bad_reply("lease time out of range", micros.to_string()))
@@ -523,8 +561,12 @@ impl LeaseStore for RedisStore {
         true
     }
 
+    fn supports_shared(&self) -> bool {
+        true
+    }
+
     async fn claim(&self, claim: &Claim<'_>) -> Result<Option<Claimed>> {
-        if claim.max_holders > 1 {
+        if claim.is_holder() {
             return self.claim_permit(claim).await;
         }
         if (claim.abandoned)() {
@@ -534,9 +576,11 @@ impl LeaseStore for RedisStore {
         invocation
             .key(self.keys.lock(claim.name))
             .key(self.keys.counter())
+            .key(self.keys.writer(claim.name))
             .arg(claim.owner)
             .arg(claim.holder)
-            .arg(millis(claim.ttl));
+            .arg(millis(claim.ttl))
+            .arg(claim.writer_waits.map_or(0, millis));
         let reply: Option<(i64, i64)> = self.conn.script(&invocation).await?;
         reply
             .map(|(token, expires_at)| {
@@ -580,22 +624,11 @@ impl LeaseStore for RedisStore {
                 .arg(millis(r.ttl));
         }
         let reply: Vec<i64> = self.conn.script(&invocation).await?;
-        if reply.len() != batch.len() {
-            return Err(bad_reply(
-                "renewal answered for a different number of leases",
-                format!("{} for {}", reply.len(), batch.len()),
-            ));
-        }
-        reply
-            .into_iter()
-            .map(|at| {
-                Ok(if at > 0 {
-                    Renewed::Until(time(at)?)
-                } else {
-                    Renewed::Gone
-                })
-            })
-            .collect()
+        renewal_answers(batch, reply)
+    }
+
+    async fn renew_holders(&self, batch: &[Renewal]) -> Result<Vec<Renewed>> {
+        self.renew_permits(batch).await
     }
 
     fn batch_len(&self, batch: &[Renewal]) -> usize {

@@ -83,8 +83,14 @@
 //! live in different slots). Redis 5.0 or later is needed, for scripts that
 //! read `TIME` before writing (tested on Redis 7).
 //!
-//! **Shared (reader) leases are not supported**: `.shared()` fails with
-//! [`Error::Unsupported`](crate::Error::Unsupported), as on the lease tables.
+//! **Shared (reader) leases** (`.shared()`): readers are permits of
+//! capacity 1 without an upper bound, fields of the hash
+//! `{prefix}permits:{name}`, each with its own token. A writer that finds
+//! readers and will wait sets `{prefix}writer:{name}` (`PX`: a little past
+//! its next try) in its claim script; reader claims wait while it exists,
+//! so readers cannot starve a writer, and a writer's claim deletes it. The
+//! last reader's release publishes on the name's channel, waking the
+//! writer.
 
 mod lease;
 mod listen;

@@ -9,6 +9,12 @@
 //! match it. Each step is one Lua script, so a claim counts the live
 //! permits and takes one atomically; tokens come from the same counter as
 //! plain leases.
+//!
+//! Readers are permits of capacity 1 without an upper bound. A writer
+//! that misses a name whose key is such a marker and is going to wait
+//! sets `{prefix}writer:{name}` (with `PX`: it lapses by itself if the
+//! writer goes away) in its claim script; a reader claim refuses while it
+//! exists, and a writer's successful claim deletes it.
 
 use std::sync::LazyLock;
 use std::time::Duration;
@@ -18,61 +24,68 @@ use redis::Script;
 
 use super::{bad_reply, millis, time, RedisStore};
 use crate::lease::permits::{self, disagreement};
-use crate::lease::{Claim, Claimed};
+use crate::lease::{Claim, Claimed, Renewal, Renewed};
 use crate::{LockInfo, Result};
 
-/// Lua that drops the expired permits of hash `KEYS[2]` and leaves, in
-/// `live`, the values of the others and, in `latest`, the latest expiry.
+/// Lua that drops the expired permits of hash `hk` (a local: `KEYS[2]` in
+/// the scripts of one name) and leaves, in `live`, the values of the others
+/// and, in `latest`, the latest expiry.
 macro_rules! lua_live {
     () => {
         "local live, latest = {}, 0
-local all = redis.call('HGETALL', KEYS[2])
+local all = redis.call('HGETALL', hk)
 for i = 1, #all, 2 do
   local expires = tonumber(string.match(all[i + 1], '^%S+ %S+ %S+ (%d+) '))
   if expires > now then
     live[#live + 1] = all[i + 1]
     if expires > latest then latest = expires end
   else
-    redis.call('HDEL', KEYS[2], all[i])
+    redis.call('HDEL', hk, all[i])
   end
 end
 "
     };
 }
 
-/// Lua that makes the marker `KEYS[1]` and the hash `KEYS[2]` last until
-/// `latest` (µs), or deletes both when no permit is live.
+/// Lua that makes the marker `lk` and the hash `hk` (locals: `KEYS[1]` and
+/// `KEYS[2]` in the scripts of one name) last until `latest` (µs), or
+/// deletes both when no permit is live.
 macro_rules! lua_settle {
     () => {
         "if latest > now then
   local ms = string.format('%.0f', math.ceil((latest - now) / 1000))
-  redis.call('PEXPIRE', KEYS[1], ms)
-  redis.call('PEXPIRE', KEYS[2], ms)
+  redis.call('PEXPIRE', lk, ms)
+  redis.call('PEXPIRE', hk, ms)
 else
-  redis.call('DEL', KEYS[1], KEYS[2])
+  redis.call('DEL', lk, hk)
 end
 "
     };
 }
 
-/// KEYS: the lock key, the permits hash, the token counter. ARGV: owner,
-/// holder, ttl in ms, n. Answers `{token, expires µs}`, `{-1, n found}`
-/// when the name is held with another n (a plain lease counting as 1), or
-/// false when every permit is taken.
+/// KEYS: the lock key, the permits hash, the token counter, the waiting
+/// writer's mark. ARGV: owner, holder, ttl in ms, n (1 for a reader).
+/// Answers `{token, expires µs}`, `{-1, n found}` when the name is held
+/// with another n (a plain lease counting as 1), or false when every
+/// permit is taken (for a reader: when a writer holds the name or waits
+/// for it, see [`crate::lease::permits`], "Readers").
 static CLAIM: LazyLock<Script> = LazyLock::new(|| {
     Script::new(concat!(
         lua_now!(),
-        "local marker = redis.call('GET', KEYS[1])
+        "local lk, hk = KEYS[1], KEYS[2]\n",
+        "local n = tonumber(ARGV[4])
+local marker = redis.call('GET', KEYS[1])
 if marker and not string.match(marker, '^%- %S+ %S+ n ') then
+  if n == 1 then return false end
   return {-1, 1}
 end
+if n == 1 and redis.call('EXISTS', KEYS[4]) == 1 then return false end
 ",
         lua_live!(),
-        "local n = tonumber(ARGV[4])
-if #live > 0 then
+        "if #live > 0 then
   local found = tonumber(string.match(live[1], '^%S+ %S+ %S+ %S+ (%d+) '))
   if found ~= n then return {-1, found} end
-  if #live >= n then return false end
+  if n > 1 and #live >= n then return false end
 end
 local token = math.max((tonumber(redis.call('GET', KEYS[3])) or 0) + 1, now)
 local s = string.format('%.0f', token)
@@ -93,6 +106,7 @@ redis.call('SET', KEYS[1], '- ' .. s .. ' ' .. string.format('%.0f', now) .. ' n
 static RENEW: LazyLock<Script> = LazyLock::new(|| {
     Script::new(concat!(
         lua_now!(),
+        "local lk, hk = KEYS[1], KEYS[2]\n",
         "local v = redis.call('HGET', KEYS[2], ARGV[2])
 local p = ARGV[1] .. ' ' .. ARGV[2] .. ' '
 if not v or string.sub(v, 1, #p) ~= p then return 0 end
@@ -107,6 +121,40 @@ redis.call('HSET', KEYS[2], ARGV[2], p .. acquired .. ' ' .. string.format('%.0f
     ))
 });
 
+/// KEYS: per lease, its lock key and its permits hash. ARGV: per lease,
+/// owner, token, ttl in ms. Renews each permit (or reader) still ours and
+/// live, then settles each name touched once. Answers, per lease, its new
+/// expiry in µs, or 0 if it is no longer ours.
+static RENEW_MANY: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(concat!(
+        lua_now!(),
+        "local out, touched = {}, {}
+for i = 1, #KEYS / 2 do
+  local lk, hk = KEYS[2 * i - 1], KEYS[2 * i]
+  local token = ARGV[3 * i - 1]
+  local p = ARGV[3 * i - 2] .. ' ' .. token .. ' '
+  local v = redis.call('HGET', hk, token)
+  out[i] = 0
+  if v and string.sub(v, 1, #p) == p then
+    local acquired, expires, rest = string.match(v, '^%S+ %S+ (%S+) (%d+) (.*)$')
+    if tonumber(expires) > now then
+      local until_ = now + tonumber(ARGV[3 * i]) * 1000
+      redis.call('HSET', hk, token,
+        p .. acquired .. ' ' .. string.format('%.0f', until_) .. ' ' .. rest)
+      out[i] = until_
+      touched[hk] = lk
+    end
+  end
+end
+for hk, lk in pairs(touched) do
+",
+        lua_live!(),
+        lua_settle!(),
+        "end
+return out"
+    ))
+});
+
 /// KEYS: the lock key, the permits hash. ARGV: owner, token,
 /// hold_at_least in ms (0 without), channel, name. Ends the permit if
 /// still ours (or keeps it, owner `-`, until `acquired + hold`), settles
@@ -114,6 +162,7 @@ redis.call('HSET', KEYS[2], ARGV[2], p .. acquired .. ' ' .. string.format('%.0f
 static RELEASE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(concat!(
         lua_now!(),
+        "local lk, hk = KEYS[1], KEYS[2]\n",
         "local v = redis.call('HGET', KEYS[2], ARGV[2])
 local p = ARGV[1] .. ' ' .. ARGV[2] .. ' '
 if not v or string.sub(v, 1, #p) ~= p then return 0 end
@@ -139,6 +188,7 @@ return 1"
 static INSPECT: LazyLock<Script> = LazyLock::new(|| {
     Script::new(concat!(
         lua_now!(),
+        "local lk, hk = KEYS[1], KEYS[2]\n",
         "local marker = redis.call('GET', KEYS[1])
 if not marker or not string.match(marker, '^%- %S+ %S+ n ') then return {now} end
 ",
@@ -158,6 +208,7 @@ impl RedisStore {
             .key(self.keys.lock(claim.name))
             .key(self.keys.permits(claim.name))
             .key(self.keys.counter())
+            .key(self.keys.writer(claim.name))
             .arg(claim.owner)
             .arg(claim.holder)
             .arg(millis(claim.ttl))
@@ -193,6 +244,21 @@ impl RedisStore {
             .arg(millis(ttl));
         let at: i64 = self.conn.script(&invocation).await?;
         (at > 0).then(|| time(at)).transpose()
+    }
+
+    /// Renews the permits (and readers) of `batch` by one script.
+    pub(super) async fn renew_permits(&self, batch: &[Renewal]) -> Result<Vec<Renewed>> {
+        let mut invocation = RENEW_MANY.prepare_invoke();
+        for r in batch {
+            invocation
+                .key(self.keys.lock(&r.name))
+                .key(self.keys.permits(&r.name))
+                .arg(&*r.owner)
+                .arg(r.token)
+                .arg(millis(r.ttl));
+        }
+        let reply: Vec<i64> = self.conn.script(&invocation).await?;
+        super::renewal_answers(batch, reply)
     }
 
     pub(super) async fn release_permit(

@@ -75,8 +75,16 @@ const POOL_SIZE: u32 = 4;
 ///   gets at the release. At most 8 names are watched per backend (8
 ///   threads); past that, a read-only folder or an in-memory database,
 ///   another process notices within `max_poll`.
-/// - **Shared (reader) leases are not supported**: `.shared()` fails with
-///   [`Error::Unsupported`].
+/// - **Shared (reader) leases** (`.shared()`): each reader is a row of the
+///   holders table (`max_holders = 1`, its own token), taken like a permit
+///   in one `BEGIN IMMEDIATE` transaction; the name's row is their marker
+///   (mode `s`). A writer that finds readers and will wait marks the row
+///   (`writer_waiting_until`, migration 4) in its one claim statement, at
+///   each try, a little past its next one; new readers wait while the mark
+///   lies ahead, so readers cannot starve a writer. A writer's claim clears
+///   it, and it lapses by itself if the writer goes away. Readers ring the
+///   release doorbell like plain leases (the first reader's process of a
+///   name holds it).
 /// - Without the table, calls fail with [`Error::SchemaMissing`].
 ///
 /// ```
@@ -235,6 +243,70 @@ impl Lease {
 
 lease_backend!(Lease);
 
+/// The batch renewal of table `t` (quoted): ?1 is the JSON document of
+/// [`batch_json`], read by `json_each` and joined to the table by primary
+/// key. A released row has no owner, so a batch landing after a release
+/// cannot revive it. RETURNING may name only the table's columns: (name,
+/// token) says which lease each row is.
+pub(super) fn renew_batch(t: &str) -> Arc<str> {
+    format!(
+        "UPDATE {t} AS l SET expires_at = {NOW} + r.ttl
+           FROM (SELECT json_extract(value, '$[0]') AS name,
+                        json_extract(value, '$[1]') AS owner,
+                        json_extract(value, '$[2]') AS token,
+                        json_extract(value, '$[3]') AS ttl
+                   FROM json_each(?1)) AS r
+          WHERE l.name = r.name AND l.owner = r.owner AND l.token = r.token
+            AND l.expires_at > {NOW}
+         RETURNING name, token, expires_at"
+    )
+    .into()
+}
+
+/// The JSON document of a batch renewal: `[[name, owner, token, ttl µs], ...]`,
+/// read by `json_each` in the statement.
+fn batch_json(batch: &[Renewal]) -> String {
+    let mut json = String::with_capacity(batch.len() * 96 + 2);
+    json.push('[');
+    for (k, r) in batch.iter().enumerate() {
+        if k > 0 {
+            json.push(',');
+        }
+        json.push('[');
+        push_json_str(&mut json, &r.name);
+        json.push(',');
+        push_json_str(&mut json, &r.owner);
+        json.push_str(&format!(",{},{}]", r.token as i64, micros(r.ttl)));
+    }
+    json.push(']');
+    json
+}
+
+impl SqliteStore {
+    /// The answers of a batch renewal whose renewed rows came back as
+    /// `(name, token, new expiry)`: renewed if returned, gone (and its bell
+    /// let go) otherwise.
+    fn answers(&self, batch: &[Renewal], rows: &[(String, i64, i64)]) -> Result<Vec<Renewed>> {
+        let index: HashMap<(&str, i64), usize> = batch
+            .iter()
+            .enumerate()
+            .map(|(k, r)| ((&*r.name, r.token as i64), k))
+            .collect();
+        let mut answers = vec![Renewed::Gone; batch.len()];
+        for (name, token, at) in rows {
+            if let Some(&k) = index.get(&(name.as_str(), *token)) {
+                answers[k] = Renewed::Until(time(*at).map_err(Error::Database)?);
+            }
+        }
+        for (r, answer) in batch.iter().zip(&answers) {
+            if *answer == Renewed::Gone {
+                self.bells.disarm(&r.name, r.token);
+            }
+        }
+        Ok(answers)
+    }
+}
+
 /// One set of in-process wake-ups per database file, shared by the
 /// [`Lease::open`]s of that file while any of them lives.
 fn shared_wakeups(file: PathBuf) -> Arc<Wakeups> {
@@ -273,22 +345,37 @@ impl Sql {
     fn new(t: &str) -> Self {
         const COLUMNS: &str = "name, holder, mode, token, acquired_at, expires_at";
         const FLOOR: &str = "dblock_token_floor";
+        // Whether a claim finds the row's lease ended.
+        const FREE: &str = "l.expires_at <= excluded.acquired_at";
         Sql {
             // ?4 is the ttl in microseconds. A held name returns no row. A
             // name without a row starts above the highest token ever swept
             // from the table (?5 is its name), so it never goes back;
             // SQLite's single writer orders this against the sweep.
+            //
+            // A name held by readers is not taken, but a writer that is
+            // going to wait (?6, the mark's length in µs, not NULL) marks
+            // it in the same statement, so that new readers stay out (see
+            // `lease::permits`, "Readers"); a claim that takes the name
+            // clears the mark. Every condition reads the old row and
+            // `excluded.acquired_at`, SQLite's one instant for the whole
+            // statement. The owner returned says whether the row is ours.
             claim: format!(
                 "INSERT INTO {t} AS l (name, owner, holder, mode, token, acquired_at, expires_at)
                  VALUES (?1, ?2, ?3, 'x',
                          coalesce((SELECT floor FROM {FLOOR} WHERE lease_table = ?5), 0) + 1,
                          {NOW}, {NOW} + ?4)
                  ON CONFLICT (name) DO UPDATE
-                    SET owner = excluded.owner, holder = excluded.holder, mode = excluded.mode,
-                        token = l.token + 1, acquired_at = excluded.acquired_at,
-                        expires_at = excluded.expires_at
-                  WHERE l.expires_at <= excluded.acquired_at
-                 RETURNING token, expires_at"
+                    SET owner = CASE WHEN {FREE} THEN excluded.owner ELSE l.owner END,
+                        holder = CASE WHEN {FREE} THEN excluded.holder ELSE l.holder END,
+                        mode = CASE WHEN {FREE} THEN excluded.mode ELSE l.mode END,
+                        token = CASE WHEN {FREE} THEN l.token + 1 ELSE l.token END,
+                        acquired_at = CASE WHEN {FREE} THEN excluded.acquired_at ELSE l.acquired_at END,
+                        expires_at = CASE WHEN {FREE} THEN excluded.expires_at ELSE l.expires_at END,
+                        writer_waiting_until = CASE WHEN {FREE} THEN NULL
+                            ELSE excluded.acquired_at + ?6 END
+                  WHERE {FREE} OR (?6 IS NOT NULL AND l.mode = 's')
+                 RETURNING owner, token, expires_at"
             )
             .into(),
             renew: format!(
@@ -297,24 +384,8 @@ impl Sql {
                  RETURNING expires_at"
             )
             .into(),
-            // Every lease of a batch in one statement: ?1 is a JSON array
-            // of [name, owner, token, ttl µs], read by json_each and joined
-            // to the table by primary key. A released row has no owner, so
-            // a batch landing after a release cannot revive it. RETURNING
-            // may name only the table's columns: (name, token) says which
-            // lease each row is.
-            renew_many: format!(
-                "UPDATE {t} AS l SET expires_at = {NOW} + r.ttl
-                   FROM (SELECT json_extract(value, '$[0]') AS name,
-                                json_extract(value, '$[1]') AS owner,
-                                json_extract(value, '$[2]') AS token,
-                                json_extract(value, '$[3]') AS ttl
-                           FROM json_each(?1)) AS r
-                  WHERE l.name = r.name AND l.owner = r.owner AND l.token = r.token
-                    AND l.expires_at > {NOW}
-                 RETURNING name, token, expires_at"
-            )
-            .into(),
+            // Every lease of a batch in one statement.
+            renew_many: renew_batch(t),
             // ?4 is hold_at_least in microseconds (0 without).
             release: format!(
                 "UPDATE {t} SET owner = NULL, expires_at = max({NOW}, acquired_at + ?4)
@@ -408,11 +479,22 @@ impl LeaseStore for SqliteStore {
         true
     }
 
+    fn supports_shared(&self) -> bool {
+        true
+    }
+
     async fn claim(&self, claim: &Claim<'_>) -> Result<Option<Claimed>> {
-        if claim.max_holders > 1 {
-            return self.claim_permit(claim).await;
+        if claim.is_holder() {
+            // Permits and readers ring their bell like plain leases: a
+            // waiter elsewhere (a writer waiting for the last reader) wakes
+            // when this process lets its share go.
+            let claimed = self.claim_permit(claim).await?;
+            if let Some(c) = &claimed {
+                self.bells.arm(claim.name, c.token);
+            }
+            return Ok(claimed);
         }
-        let row: Option<(i64, i64)> = retry_busy(|| async {
+        let row: Option<(Option<String>, i64, i64)> = retry_busy(|| async {
             // As for PostgreSQL: nothing is claimed for an acquirer that left
             // while this waited for a connection.
             let mut conn = self.pool.acquire().await?;
@@ -425,10 +507,15 @@ impl LeaseStore for SqliteStore {
                 .bind(claim.holder)
                 .bind(micros(claim.ttl))
                 .bind(self.table.as_str())
+                .bind(claim.writer_waits.map(micros))
                 .fetch_optional(&mut *conn)
                 .await
         })
         .await?;
+        // A row that is not ours: held, perhaps marked by this writer.
+        let row = row
+            .filter(|(owner, _, _)| owner.as_deref() == Some(claim.owner))
+            .map(|(_, token, expires_at)| (token, expires_at));
         if let Some((token, _)) = row {
             self.bells.arm(claim.name, token as u64);
         }
@@ -449,7 +536,11 @@ impl LeaseStore for SqliteStore {
         ttl: Duration,
     ) -> Result<Option<DateTime<Utc>>> {
         if is_permit(owner) {
-            return self.renew_permit(name, owner, token, ttl).await;
+            let at = self.renew_permit(name, owner, token, ttl).await?;
+            if at.is_none() {
+                self.bells.disarm(name, token);
+            }
+            return Ok(at);
         }
         let at: Option<i64> = retry_busy(|| {
             sqlx::query_scalar(AssertSqlSafe(self.sql.renew.clone()))
@@ -467,42 +558,19 @@ impl LeaseStore for SqliteStore {
     }
 
     async fn renew_many(&self, batch: &[Renewal]) -> Result<Vec<Renewed>> {
-        let mut json = String::with_capacity(batch.len() * 96 + 2);
-        json.push('[');
-        for (k, r) in batch.iter().enumerate() {
-            if k > 0 {
-                json.push(',');
-            }
-            json.push('[');
-            push_json_str(&mut json, &r.name);
-            json.push(',');
-            push_json_str(&mut json, &r.owner);
-            json.push_str(&format!(",{},{}]", r.token as i64, micros(r.ttl)));
-        }
-        json.push(']');
+        let json = batch_json(batch);
         let rows: Vec<(String, i64, i64)> = retry_busy(|| {
             sqlx::query_as(AssertSqlSafe(self.sql.renew_many.clone()))
                 .bind(json.as_str())
                 .fetch_all(&self.pool)
         })
         .await?;
-        let index: HashMap<(&str, i64), usize> = batch
-            .iter()
-            .enumerate()
-            .map(|(k, r)| ((&*r.name, r.token as i64), k))
-            .collect();
-        let mut answers = vec![Renewed::Gone; batch.len()];
-        for (name, token, at) in &rows {
-            if let Some(&k) = index.get(&(name.as_str(), *token)) {
-                answers[k] = Renewed::Until(time(*at).map_err(Error::Database)?);
-            }
-        }
-        for (r, answer) in batch.iter().zip(&answers) {
-            if *answer == Renewed::Gone {
-                self.bells.disarm(&r.name, r.token);
-            }
-        }
-        Ok(answers)
+        self.answers(batch, &rows)
+    }
+
+    async fn renew_holders(&self, batch: &[Renewal]) -> Result<Vec<Renewed>> {
+        let rows = self.renew_holders_batch(batch).await?;
+        self.answers(batch, &rows)
     }
 
     async fn release(
@@ -512,11 +580,11 @@ impl LeaseStore for SqliteStore {
         token: u64,
         hold: Option<Duration>,
     ) -> Result<bool> {
+        // The bell goes after the release statement (or if it is given up).
+        let _disarm = self.bells.disarm_on_drop(name, token);
         if is_permit(owner) {
             return self.release_permit(name, owner, token, hold).await;
         }
-        // The bell goes after the release statement (or if it is given up).
-        let _disarm = self.bells.disarm_on_drop(name, token);
         let done = retry_busy(|| {
             sqlx::query(AssertSqlSafe(self.sql.release.clone()))
                 .bind(name)

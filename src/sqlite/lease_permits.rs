@@ -18,7 +18,7 @@ use sqlx::{AssertSqlSafe, Row};
 
 use super::{micros, time, SqliteStore, NOW};
 use crate::lease::permits::{self, Decision, Found};
-use crate::lease::{Claim, Claimed};
+use crate::lease::{push_json_str, Claim, Claimed, Renewal};
 use crate::sqlite::{map_err, retry_busy};
 use crate::{Error, LockInfo, Result};
 
@@ -31,7 +31,9 @@ pub(super) struct PermitSql {
     take: Arc<str>,
     mark: Arc<str>,
     renew: Arc<str>,
+    renew_many: Arc<str>,
     extend_marker: Arc<str>,
+    extend_markers: Arc<str>,
     release: Arc<str>,
     settle_marker: Arc<str>,
     force_release: Arc<str>,
@@ -58,8 +60,11 @@ impl PermitSql {
                  ON CONFLICT (name) DO NOTHING"
             )
             .into(),
-            read_marker: format!("SELECT token, expires_at > {NOW} FROM {t} WHERE name = ?1")
-                .into(),
+            read_marker: format!(
+                "SELECT token, expires_at > {NOW}, coalesce(writer_waiting_until > {NOW}, 0)
+                   FROM {t} WHERE name = ?1"
+            )
+            .into(),
             count: format!(
                 "SELECT count(*), max(max_holders) FROM {h} WHERE name = ?1 AND expires_at > {NOW}"
             )
@@ -71,7 +76,7 @@ impl PermitSql {
             )
             .into(),
             mark: format!(
-                "UPDATE {t} SET owner = NULL, holder = NULL, mode = 'x', token = ?2,
+                "UPDATE {t} SET owner = NULL, holder = NULL, mode = ?4, token = ?2,
                         acquired_at = {NOW}, expires_at = max(expires_at, ?3)
                   WHERE name = ?1"
             )
@@ -80,6 +85,18 @@ impl PermitSql {
                 "UPDATE {h} SET expires_at = {NOW} + ?4
                   WHERE name = ?1 AND owner = ?2 AND token = ?3 AND expires_at > {NOW}
                  RETURNING expires_at"
+            )
+            .into(),
+            // Every holder row of a batch, as the plain leases' `renew_many`
+            // (?1 the same JSON document), and then their markers.
+            renew_many: super::renew_batch(h),
+            // ?1: `[[name, latest expiry], ...]`.
+            extend_markers: format!(
+                "UPDATE {t} AS l SET expires_at = max(l.expires_at, m.until)
+                   FROM (SELECT json_extract(value, '$[0]') AS name,
+                                max(json_extract(value, '$[1]')) AS until
+                           FROM json_each(?1) GROUP BY 1) AS m
+                  WHERE l.name = m.name AND l.owner IS NULL"
             )
             .into(),
             extend_marker: format!(
@@ -153,10 +170,11 @@ impl SqliteStore {
                 .bind(self.table.as_str())
                 .execute(&mut *tx)
                 .await?;
-            let (last, live): (i64, bool) = sqlx::query_as(AssertSqlSafe(sql.read_marker.clone()))
-                .bind(claim.name)
-                .fetch_one(&mut *tx)
-                .await?;
+            let (last, live, writer_waiting): (i64, bool, bool) =
+                sqlx::query_as(AssertSqlSafe(sql.read_marker.clone()))
+                    .bind(claim.name)
+                    .fetch_one(&mut *tx)
+                    .await?;
             let (count, capacity): (i64, Option<i64>) =
                 sqlx::query_as(AssertSqlSafe(sql.count.clone()))
                     .bind(claim.name)
@@ -166,8 +184,9 @@ impl SqliteStore {
                 plain_live: live,
                 permits: count as u32,
                 capacity: capacity.map(|n| n as u32),
+                writer_waiting,
             };
-            match found.decide(claim.name, n) {
+            match found.decide(claim.name, n, claim.mode) {
                 Err(e) => return Ok(Err(e)),
                 Ok(Decision::Full) => return Ok(Ok(None)),
                 Ok(Decision::Take) => {}
@@ -186,6 +205,7 @@ impl SqliteStore {
                 .bind(claim.name)
                 .bind(token)
                 .bind(expires_at)
+                .bind(permits::marker_mode(claim))
                 .execute(&mut *tx)
                 .await?;
             tx.commit().await?;
@@ -226,6 +246,43 @@ impl SqliteStore {
         })
         .await?;
         at.map(time).transpose().map_err(Error::Database)
+    }
+
+    /// Renews the holder rows of `batch` and their markers in one write
+    /// transaction: the renewed rows as `(name, token, new expiry)`.
+    pub(super) async fn renew_holders_batch(
+        &self,
+        batch: &[Renewal],
+    ) -> Result<Vec<(String, i64, i64)>> {
+        let sql = self.permit_sql()?;
+        let json = super::batch_json(batch);
+        retry_busy(|| async {
+            let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+            let rows: Vec<(String, i64, i64)> =
+                sqlx::query_as(AssertSqlSafe(sql.renew_many.clone()))
+                    .bind(json.as_str())
+                    .fetch_all(&mut *tx)
+                    .await?;
+            if !rows.is_empty() {
+                let mut until = String::from("[");
+                for (k, (name, _, at)) in rows.iter().enumerate() {
+                    if k > 0 {
+                        until.push(',');
+                    }
+                    until.push('[');
+                    push_json_str(&mut until, name);
+                    until.push_str(&format!(",{at}]"));
+                }
+                until.push(']');
+                sqlx::query(AssertSqlSafe(sql.extend_markers.clone()))
+                    .bind(until)
+                    .execute(&mut *tx)
+                    .await?;
+                tx.commit().await?;
+            }
+            Ok(rows)
+        })
+        .await
     }
 
     pub(super) async fn release_permit(

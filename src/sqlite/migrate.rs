@@ -21,6 +21,11 @@ const MIGRATIONS: &[Migration] = &[
         description: "holders of semaphores",
         sql: include_str!("../../migrations/sqlite/0003_semaphore_holders.sql"),
     },
+    Migration {
+        version: 4,
+        description: "shared (reader) leases: the waiting writer's mark",
+        sql: include_str!("../../migrations/sqlite/0004_shared_leases.sql"),
+    },
 ];
 
 /// Creates or updates dblock's schema in the pool's database file: the lease

@@ -202,3 +202,32 @@ pub async fn ended_rows_are_swept(
         again.token()
     );
 }
+
+/// After a schema upgrade: the lease `held` that a process of the previous
+/// version took (token `held_token`, holder `old:1`) is still held, and
+/// neither a writer nor a reader gets it; readers and then a writer take the
+/// free name `free`, with tokens above `above`.
+#[cfg(any(feature = "postgres", feature = "mysql", feature = "sqlite"))]
+pub async fn check_upgraded(locks: &dblock::Locks, held_token: u64, free: &str, above: u64) {
+    let info = locks.inspect("held").await.unwrap().expect("still held");
+    assert_eq!(
+        (info.token, info.holder.as_str()),
+        (Some(held_token), "old:1")
+    );
+    assert!(locks.try_acquire("held").await.unwrap().is_none());
+    let reader = locks
+        .acquire("held")
+        .shared()
+        .wait(std::time::Duration::ZERO)
+        .await;
+    assert!(reader.is_err(), "a reader beside an old writer: {reader:?}");
+    let r1 = locks.acquire(free).shared().await.unwrap();
+    let r2 = locks.acquire(free).shared().await.unwrap();
+    assert!(r1.token() > above && r2.token() > r1.token());
+    let last = r2.token();
+    r1.release().await.unwrap();
+    r2.release().await.unwrap();
+    let g = locks.acquire(free).await.unwrap();
+    assert!(g.token() > last);
+    g.release().await.unwrap();
+}

@@ -18,6 +18,8 @@ mod election;
 pub use election::*;
 mod semaphore;
 pub use semaphore::*;
+mod shared;
+pub use shared::*;
 
 /// What the suite needs from a backend.
 pub trait Fixture: Send + Sync + 'static {
@@ -32,6 +34,13 @@ pub trait Fixture: Send + Sync + 'static {
     fn lease(&self) -> bool;
     /// Whether semaphores (`max_holders(n)` above 1) are implemented.
     fn semaphores(&self) -> bool {
+        true
+    }
+    /// Whether a waiting writer keeps new readers out (no writer
+    /// starvation). Only PostgreSQL advisory locks waited for by polling
+    /// lack it: a polling writer is not queued on the server, so nothing
+    /// tells new readers that it waits.
+    fn writer_first(&self) -> bool {
         true
     }
 }
@@ -547,7 +556,11 @@ macro_rules! behaviour_suite {
             try_now_on_the_builder,
             // Semaphores (semaphore.rs).
             semaphore_bounds_holders, semaphore_permits_inspect_and_disagreement,
-            semaphore_waiter_gets_a_freed_permit, semaphore_renewal_and_loss);
+            semaphore_waiter_gets_a_freed_permit, semaphore_renewal_and_loss,
+            // Shared (reader) locks (shared.rs).
+            readers_together_writer_alone, readers_are_renewed, waiting_writer_blocks_new_readers,
+            reader_lost_at_its_deadline, force_release_frees_all_readers,
+            reader_hold_at_least);
     };
     (@tests $fixture:expr; $($name:ident),*) => {
         $(

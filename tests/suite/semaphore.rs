@@ -11,7 +11,8 @@ use tokio::time::{sleep, timeout};
 use super::{eventually, Fixture, HUNG};
 use crate::common::unique;
 
-async fn holders(locks: &Locks, name: &str) -> u32 {
+/// How many holders `inspect` shows for `name` (0 when free).
+pub(super) async fn holders(locks: &Locks, name: &str) -> u32 {
     locks
         .inspect(name)
         .await

@@ -85,6 +85,8 @@ struct Holder {
     how: End,
     /// `lost()` fired (or `is_lost()`), or `release` reported `Error::Lost`.
     told_lost: bool,
+    /// A reader (the shared mode).
+    shared: bool,
     writes: Vec<FencedWrite>,
 }
 
@@ -102,6 +104,8 @@ pub struct Report {
     /// The semaphore mode: some name had all its permits taken at once
     /// without a fault to explain it (checked one permit short).
     pub permits_reached: bool,
+    /// The shared mode: two readers believed they held a name together.
+    pub readers_shared: bool,
     /// Fenced writes the register accepted out of token order.
     pub stale_accepted: usize,
     /// Fenced writes of a superseded holder that the fence refused.
@@ -269,6 +273,7 @@ fn parse_holders(
                     end: i64::MAX,
                     how: End::LogEnds,
                     told_lost: false,
+                    shared: e.text == crate::worker::SHARED,
                     writes: Vec::new(),
                 });
             }
@@ -385,6 +390,11 @@ fn check_overlaps(run: &Run<'_>, list: &[&Holder], report: &mut Report) {
     for (j, later) in list.iter().enumerate() {
         for earlier in &list[..j] {
             if earlier.end <= later.ok || earlier.wid == later.wid {
+                continue;
+            }
+            if earlier.shared && later.shared {
+                // Readers share (the shared mode).
+                report.readers_shared = true;
                 continue;
             }
             // The superseded holder is the one with the older token: usually

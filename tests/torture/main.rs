@@ -21,12 +21,13 @@
 //!   in CI: other engineers' tests share the servers)
 //! - `DBLOCK_TORTURE_BACKENDS` — a comma list of labels to run (default all)
 //! - `DBLOCK_TORTURE_PHASES` — a comma list of
-//!   `torture,control,storm,input,schedule,election,semaphore` (`semaphore`:
-//!   permits of semaphores of 3 under the same faults, on every backend,
-//!   Redis only with restarts; each permit's writes go through a fenced
-//!   window of the 3 newest tokens; negative control, by hand:
-//!   `DBLOCK_TORTURE_SEMAPHORE_IGNORE_LOSS=1` makes the holders ignore
-//!   their loss, and the phase must fail)
+//!   `torture,control,storm,input,schedule,election,semaphore,shared`
+//!   (`semaphore`: permits of semaphores of 3 under the same faults, on
+//!   every backend, Redis only with restarts; each permit's writes go
+//!   through a fenced window of the 3 newest tokens; negative control, by
+//!   hand: `DBLOCK_TORTURE_SEMAPHORE_IGNORE_LOSS=1` makes the holders ignore
+//!   their loss, and the phase must fail; `shared`: readers beside writers
+//!   under the same faults, on every backend)
 //! - `DBLOCK_TORTURE_WORKERS` — processes per backend, default 16
 //! - `DBLOCK_TEST_GALERA_URLS` — the Galera nodes of the `mysql-galera` run,
 //!   where one node is also SIGKILLed and restarted mid-run
@@ -90,6 +91,7 @@ impl Settings {
                         "schedule".into(),
                         "election".into(),
                         "semaphore".into(),
+                        "shared".into(),
                     ]
                 },
                 |p| p.split(',').map(|s| s.trim().to_owned()).collect(),
@@ -230,6 +232,19 @@ async fn controller(settings: Settings) -> Vec<Outcome> {
             let ok = timed("semaphore", torture::semaphore(kind, &settings)).await;
             outcomes.push(Outcome {
                 name: format!("semaphore {}", kind.label()),
+                ok,
+            });
+        }
+    }
+    if settings.phase("shared") {
+        // Every backend has readers; Redis runs restart the server.
+        for &kind in kinds
+            .iter()
+            .filter(|&&k| k != Kind::RedisLease || settings.restart)
+        {
+            let ok = timed("shared", torture::shared(kind, &settings)).await;
+            outcomes.push(Outcome {
+                name: format!("shared {}", kind.label()),
                 ok,
             });
         }

@@ -38,6 +38,8 @@ struct Plan {
     every: Duration,
     /// Holders each name admits: 1, or `n` in the semaphore mode.
     permits: u32,
+    /// The shared mode: readers beside the writers.
+    shared: bool,
 }
 
 /// The torture run of one backend: every applicable fault, fencing on.
@@ -58,6 +60,7 @@ pub async fn normal(kind: Kind, s: &Settings) -> bool {
         restart: (s.restart && kind.networked()) || kind == Kind::RedisLease,
         every: Duration::from_millis(300),
         permits: 1,
+        shared: false,
     };
     let (report, dir) = run(&plan).await;
     println!("{}", report.summary(kind.label()));
@@ -75,21 +78,7 @@ pub async fn normal(kind: Kind, s: &Settings) -> bool {
 /// explains it), and tokens increase as for a lock. Redis is left out
 /// unless `DBLOCK_TORTURE_RESTART=1`: its runs restart the server.
 pub async fn semaphore(kind: Kind, s: &Settings) -> bool {
-    let mut faults = vec![FaultKind::Kill, FaultKind::Stop];
-    if kind.networked() {
-        faults.extend([FaultKind::Terminate, FaultKind::Cut]);
-    }
-    let plan = Plan {
-        kind,
-        workers: s.workers,
-        secs: s.secs,
-        fencing: true,
-        watch_lost: true,
-        faults,
-        restart: s.restart && kind.networked(),
-        every: Duration::from_millis(300),
-        permits: SEMAPHORE_PERMITS,
-    };
+    let plan = holders_plan(kind, s, SEMAPHORE_PERMITS, false);
     let (report, dir) = run(&plan).await;
     let label = format!("{} semaphore of {SEMAPHORE_PERMITS}", kind.label());
     println!("{}", report.summary(&label));
@@ -104,6 +93,49 @@ pub async fn semaphore(kind: Kind, s: &Settings) -> bool {
     }
     finish(dir, ok, s.keep);
     ok
+}
+
+/// The shared mode: two acquisitions in three are readers, the others
+/// writers, under every applicable fault; a writer may overlap nobody (as
+/// the holders believed it, unless a fault explains it), readers only each
+/// other, tokens increase as for a lock, the writers' fenced writes stay in
+/// order, and some readers must actually have shared a name. Redis is left
+/// out unless `DBLOCK_TORTURE_RESTART=1`: its runs restart the server.
+pub async fn shared(kind: Kind, s: &Settings) -> bool {
+    let plan = holders_plan(kind, s, 1, true);
+    let (report, dir) = run(&plan).await;
+    let label = format!("{} readers and writers", kind.label());
+    println!("{}", report.summary(&label));
+    if !report.readers_shared {
+        println!("  VIOLATION {label}: no two readers ever held a name together");
+    }
+    let ok = report.violations.is_empty() && report.readers_shared;
+    for v in &report.violations {
+        println!("  VIOLATION {label}: {v}");
+    }
+    finish(dir, ok, s.keep);
+    ok
+}
+
+/// The run of the semaphore and shared modes: every applicable fault,
+/// fencing on, the server restarted only when asked.
+fn holders_plan(kind: Kind, s: &Settings, permits: u32, shared: bool) -> Plan {
+    let mut faults = vec![FaultKind::Kill, FaultKind::Stop];
+    if kind.networked() {
+        faults.extend([FaultKind::Terminate, FaultKind::Cut]);
+    }
+    Plan {
+        kind,
+        workers: s.workers,
+        secs: s.secs,
+        fencing: true,
+        watch_lost: true,
+        faults,
+        restart: s.restart && kind.networked(),
+        every: Duration::from_millis(300),
+        permits,
+        shared,
+    }
 }
 
 /// The permits of each name in the semaphore mode.
@@ -125,6 +157,7 @@ pub async fn control(kind: Kind, s: &Settings) -> bool {
             restart: false,
             every: Duration::from_millis(250),
             permits: 1,
+            shared: false,
         };
         let (report, dir) = run(&plan).await;
         println!(
@@ -192,6 +225,7 @@ impl Fleet {
             fencing: self.plan.fencing,
             watch_lost: self.plan.watch_lost,
             permits: self.plan.permits,
+            shared: self.plan.shared,
             wid: wid.clone(),
             done: self.dir.join(format!("{wid}.done")),
             quit: self.dir.join("quit"),

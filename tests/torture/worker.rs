@@ -34,12 +34,19 @@ pub struct Config {
     /// many tokens (the unguarded register, made for one holder at a time,
     /// is left alone).
     pub permits: u32,
+    /// The shared mode: two acquisitions in three are readers
+    /// (`.shared()`), which only hold the name; the others are writers, which
+    /// run the critical section with its registers.
+    pub shared: bool,
     /// This process's id in the logs, `s<slot>g<generation>`.
     pub wid: String,
     /// Created when the worker is done; the worker then waits for `quit`.
     pub done: PathBuf,
     pub quit: PathBuf,
 }
+
+/// The note of a reader's `acquire` in the logs.
+pub const SHARED: &str = "shared";
 
 /// How long a worker waits for a lock before it gives up on that attempt.
 pub const WAIT: Duration = Duration::from_secs(3);
@@ -75,6 +82,7 @@ impl Config {
             v("FENCING", u8::from(self.fencing).to_string()),
             v("WATCH", u8::from(self.watch_lost).to_string()),
             v("PERMITS", self.permits.to_string()),
+            v("SHARED", u8::from(self.shared).to_string()),
             v("WID", self.wid.clone()),
             v("DONE", self.done.display().to_string()),
             v("QUIT", self.quit.display().to_string()),
@@ -99,6 +107,7 @@ impl Config {
             fencing: get("FENCING") == "1",
             watch_lost: get("WATCH") == "1",
             permits: get("PERMITS").parse().unwrap(),
+            shared: get("SHARED") == "1",
             wid: get("WID"),
             done: get("DONE").into(),
             quit: get("QUIT").into(),
@@ -140,15 +149,16 @@ async fn run(cfg: &Config) {
     while mono_ns() < cfg.end_ns {
         let name = cfg.names.choose(&mut rand::rng()).unwrap().clone();
         log.event(Type::Invoke, "acquire", &name, None, None, "");
-        let attempt = timeout(
-            WAIT + Duration::from_secs(10),
-            locks
-                .acquire(&name)
-                .ttl(cfg.ttl)
-                .wait(WAIT)
-                .max_holders(cfg.permits),
-        )
-        .await;
+        let reader = cfg.shared && rand::rng().random_range(0..3) > 0;
+        let mut acquire = locks
+            .acquire(&name)
+            .ttl(cfg.ttl)
+            .wait(WAIT)
+            .max_holders(cfg.permits);
+        if reader {
+            acquire = acquire.shared();
+        }
+        let attempt = timeout(WAIT + Duration::from_secs(10), acquire).await;
         let guard = match attempt {
             Ok(Ok(g)) => g,
             Ok(Err(Error::Timeout { .. })) => {
@@ -166,9 +176,19 @@ async fn run(cfg: &Config) {
             }
         };
         let token = guard.token();
-        log.event(Type::Ok, "acquire", &name, Some(token), None, "");
+        let mode = if reader { SHARED } else { "" };
+        log.event(Type::Ok, "acquire", &name, Some(token), None, mode);
         let heed = cfg.watch_lost && !(cfg.permits > 1 && ignore_loss());
-        let outcome = if cfg.permits > 1 && heed {
+        let outcome = if reader {
+            // Readers make no fenced writes: they hold the name a moment,
+            // watching their loss.
+            let hold = Duration::from_millis(rand::rng().random_range(0..60));
+            tokio::select! {
+                biased;
+                _ = guard.lost() => Section::Lost,
+                _ = sleep(hold) => Section::Done,
+            }
+        } else if cfg.permits > 1 && heed {
             tokio::select! {
                 biased;
                 _ = guard.lost() => Section::Lost,

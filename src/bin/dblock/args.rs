@@ -325,8 +325,8 @@ pub struct RunArgs {
     pub conflict_exit_code: Option<String>,
 
     /// Take a shared (reader) lock: other shared holders may run at the same
-    /// time, exclusive ones may not. PostgreSQL advisory locks only: leases
-    /// are exclusive (exit 64).
+    /// time, exclusive ones may not; a waiting exclusive holder keeps new
+    /// shared ones out. Every backend.
     #[arg(short = 's', long)]
     pub shared: bool,
 

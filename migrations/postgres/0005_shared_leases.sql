@@ -1,0 +1,16 @@
+-- dblock schema for PostgreSQL, version 5: shared (reader) leases of
+-- dblock::postgres::Lease. Existing lease rows, holder rows and tokens are
+-- untouched (the new column starts NULL, which adds it without rewriting
+-- the table). Safe to copy into your own migrations; it is idempotent. (A
+-- lease table of your own, made with Lease::with_table, needs the same
+-- column: run this statement with its name.)
+--
+-- Readers are rows of dblock_leases_holders (migration 3) with
+-- max_holders = 1, each with its own token; while readers are live, the
+-- name's dblock_leases row is their marker with mode 's'. A writer that
+-- finds readers there and is going to wait sets writer_waiting_until (by
+-- the database clock, a little past its next try) at each of its tries;
+-- new readers stay out while it lies ahead, so readers arriving in a row
+-- never keep a writer out. It lapses by itself if the writer goes away,
+-- and a writer's claim clears it.
+ALTER TABLE dblock_leases ADD COLUMN IF NOT EXISTS writer_waiting_until timestamptz;

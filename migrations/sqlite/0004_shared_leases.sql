@@ -1,0 +1,16 @@
+-- dblock schema for SQLite, version 4: shared (reader) leases of
+-- dblock::sqlite::Lease. Existing lease rows, holder rows and tokens are
+-- untouched. Safe to copy into your own migrations, to be run once
+-- (SQLite has no ADD COLUMN IF NOT EXISTS; dblock's migrate records it).
+-- A lease table of your own, made with Lease::with_table, needs the same
+-- column.
+--
+-- Readers are rows of dblock_leases_holders (version 3) with
+-- max_holders = 1, each with its own token; while readers are live, the
+-- name's dblock_leases row is their marker with mode 's'. A writer that
+-- finds readers there and is going to wait sets writer_waiting_until
+-- (microseconds, SQLite's clock, a little past its next try) at each of
+-- its tries; new readers stay out while it lies ahead, so readers arriving
+-- in a row never keep a writer out. It lapses by itself if the writer goes
+-- away, and a writer's claim clears it.
+ALTER TABLE dblock_leases ADD COLUMN writer_waiting_until INTEGER;
