@@ -65,11 +65,15 @@ mod lease;
 mod locks;
 mod lost;
 mod name;
+mod observe;
 mod request;
 
 mod migrate;
 
 pub mod memory;
+#[cfg(feature = "metrics")]
+#[cfg_attr(docsrs, doc(cfg(feature = "metrics")))]
+pub mod metrics;
 #[cfg(feature = "mysql")]
 pub mod mysql;
 #[cfg(feature = "postgres")]
