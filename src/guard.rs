@@ -92,14 +92,25 @@ impl LockGuard {
         }
     }
 
-    /// The guard ends (released or dropped): records how long it was held.
-    fn end(&self) -> Option<Duration> {
+    /// The guard ends (released or dropped): records how long it was held,
+    /// and opens the `debug` span `release` (one per guard's end) for the
+    /// caller to record the outcome in.
+    fn end(&self) -> tracing::Span {
         self.uncount();
-        let held = self.acquired.map(|at| at.elapsed());
-        if let Some(held) = held {
+        let span = tracing::debug_span!(
+            "release",
+            name = %self.name,
+            backend = self.backend,
+            token = self.token,
+            outcome = Empty,
+            held_s = Empty,
+            error = Empty,
+        );
+        if let Some(held) = self.acquired.map(|at| at.elapsed()) {
             observe::hold(self.backend, held);
+            span.record("held_s", held.as_secs_f64());
         }
-        held
+        span
     }
 
     /// The lock's name.
@@ -194,15 +205,11 @@ impl LockGuard {
     /// even if this future is dropped.
     pub async fn release(mut self) -> Result<()> {
         let held = self.held.take().expect("held until release");
-        let span = self.release_span();
-        let held_for = self.end();
+        let span = self.end();
         let lost = self.lost_reason();
         let outcome = held.release().instrument(span.clone()).await;
         let result = self.release_result(lost, outcome);
         if !span.is_disabled() {
-            if let Some(d) = held_for {
-                span.record("held_s", d.as_secs_f64());
-            }
             let outcome = match &result {
                 Ok(()) => "released",
                 Err(Error::Lost { .. }) => "lost",
@@ -215,19 +222,6 @@ impl LockGuard {
             tracing::debug!(parent: &span, outcome, "dblock: release ended");
         }
         result
-    }
-
-    /// A `debug` span `release`, one per guard's end.
-    fn release_span(&self) -> tracing::Span {
-        tracing::debug_span!(
-            "release",
-            name = %self.name,
-            backend = self.backend,
-            token = self.token,
-            outcome = Empty,
-            held_s = Empty,
-            error = Empty,
-        )
     }
 
     fn release_result(&self, lost: Option<String>, outcome: Result<()>) -> Result<()> {
@@ -249,12 +243,8 @@ impl LockGuard {
 impl Drop for LockGuard {
     fn drop(&mut self) {
         if let Some(held) = self.held.take() {
-            let span = self.release_span();
-            let held_for = self.end();
+            let span = self.end();
             if !span.is_disabled() {
-                if let Some(d) = held_for {
-                    span.record("held_s", d.as_secs_f64());
-                }
                 span.record("outcome", "dropped");
                 tracing::debug!(parent: &span, "dblock: guard dropped; releasing in the background");
             }
