@@ -58,9 +58,9 @@ impl LockGuard {
         backend: &'static str,
         acquired: Option<Instant>,
     ) -> Self {
-        // The loss warning names the lock only if it would be logged.
-        let named = tracing::enabled!(target: "dblock::backend", tracing::Level::WARN);
-        let lost_already = {
+        let lost_already = observe::holder_wanted() && {
+            // The loss warning names the lock only if it would be logged.
+            let named = tracing::enabled!(target: "dblock::backend", tracing::Level::WARN);
             let state = grant.state.borrow();
             state
                 .seen
@@ -97,7 +97,7 @@ impl LockGuard {
     /// caller to record the outcome in.
     fn end(&self) -> tracing::Span {
         self.uncount();
-        let span = tracing::debug_span!(
+        let span = observe::debug_span!(
             "release",
             name = %self.name,
             backend = self.backend,
@@ -190,7 +190,7 @@ impl LockGuard {
             )));
         }
         if let Some(reason) = self.lost_reason() {
-            return Err(Error::lost(&self.name, reason));
+            return Err(Error::lost(self.name(), reason));
         }
         let held = self.held.as_ref().expect("held until release");
         held.extend(by).await
@@ -207,7 +207,12 @@ impl LockGuard {
         let held = self.held.take().expect("held until release");
         let span = self.end();
         let lost = self.lost_reason();
-        let outcome = held.release().instrument(span.clone()).await;
+        let releasing = held.release();
+        let outcome = if span.is_none() {
+            releasing.await
+        } else {
+            releasing.instrument(span.clone()).await
+        };
         let result = self.release_result(lost, outcome);
         if !span.is_disabled() {
             let outcome = match &result {
@@ -226,14 +231,14 @@ impl LockGuard {
 
     fn release_result(&self, lost: Option<String>, outcome: Result<()>) -> Result<()> {
         match (lost, outcome) {
-            (Some(reason), _) => Err(Error::lost(&self.name, reason)),
+            (Some(reason), _) => Err(Error::lost(self.name(), reason)),
             (None, Ok(())) => Ok(()),
             // A release that failed because the lock was already gone (its
             // session terminated between two heartbeats, say) reports the
             // loss, not a bare database error: someone else may have held
             // the lock meanwhile.
             (None, Err(e)) => match self.lost_reason() {
-                Some(reason) => Err(Error::lost(&self.name, reason)),
+                Some(reason) => Err(Error::lost(self.name(), reason)),
                 None => Err(e),
             },
         }

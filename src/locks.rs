@@ -271,7 +271,7 @@ impl<'a> Acquire<'a> {
         let name = request.name.clone();
         let mode = request.mode;
         let backend = locks.backend.kind();
-        let span = tracing::debug_span!(
+        let span = observe::debug_span!(
             "acquire",
             name = %name,
             backend,
@@ -288,11 +288,12 @@ impl<'a> Acquire<'a> {
         }
         // No clock read unless a span or the metrics want one.
         let started = observe::timing(&span).then(Instant::now);
-        let result = locks
-            .backend
-            .acquire(request)
-            .instrument(span.clone())
-            .await;
+        let acquiring = locks.backend.acquire(request);
+        let result = if span.is_none() {
+            acquiring.await
+        } else {
+            acquiring.instrument(span.clone()).await
+        };
         let ended = started.map(|at| (at, Instant::now()));
         let waited = ended.map_or(Duration::ZERO, |(at, now)| now - at);
         let outcome = Outcome::of(&result);

@@ -107,8 +107,8 @@ impl Clone for Seen {
 }
 
 impl Seen {
-    /// Records the guard's backend and token (and name, if `name` is
-    /// given); the first call wins. The holder is counted held.
+    /// Records the guard's backend and token (and name, if given); the
+    /// first call wins. The holder is counted held.
     pub(crate) fn set(&self, backend: &'static str, token: u64, name: Option<&str>) {
         let _ = self.0.set(Holder {
             backend,
@@ -129,6 +129,28 @@ impl Seen {
             .get()
             .is_some_and(|h| h.counted.swap(false, Ordering::AcqRel))
     }
+}
+
+/// `tracing::debug_span!`, or no span at all when `debug` is off for the
+/// calling module. A disabled span is not free: with tracing's `log`
+/// feature (which sqlx turns on) and no subscriber, creating, entering,
+/// leaving, recording and dropping one each ask the `log` crate whether it
+/// wants it. `Span::none()` costs nothing, and `enabled!` one check.
+macro_rules! debug_span {
+    ($($span:tt)*) => {
+        if tracing::enabled!(tracing::Level::DEBUG) {
+            tracing::debug_span!($($span)*)
+        } else {
+            tracing::Span::none()
+        }
+    };
+}
+pub(crate) use debug_span;
+
+/// Whether a lost lock's status needs its holder recorded: for the
+/// `dblock_locks_held` gauge, or to name the lock in the loss warning.
+pub(crate) fn holder_wanted() -> bool {
+    cfg!(feature = "metrics") || tracing::enabled!(target: "dblock::backend", tracing::Level::WARN)
 }
 
 /// Whether acquisitions must read the clock: a recorder may want wait and

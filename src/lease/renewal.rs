@@ -488,7 +488,7 @@ impl<S: LeaseStore> Task<S> {
                     ids,
                     next: 0,
                 };
-                let span = tracing::debug_span!(
+                let span = crate::observe::debug_span!(
                     "renewal_batch",
                     backend = inner.store.kind(),
                     leases = items.len(),
