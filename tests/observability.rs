@@ -8,14 +8,12 @@ mod common;
 
 use std::collections::hash_map::Entry;
 use std::collections::HashMap;
-use std::str::FromStr;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use dblock::postgres::{advisory_key, Advisory, AdvisoryOptions};
 use dblock::{Error, Locks};
 use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::PgPool;
 use tokio::time::{sleep, timeout};
 use tracing::field::{Field, Visit};
@@ -241,42 +239,53 @@ fn delta(before: &Metrics, after: &Metrics, name: &str, labels: &[(&str, &str)])
 // ---- Backends. ----
 
 async fn pg_pool(size: u32) -> PgPool {
-    let options = PgConnectOptions::from_str(&common::postgres_url().await).expect("a valid URL");
-    let pool = PgPoolOptions::new()
-        .max_connections(size)
-        .connect_with(options)
-        .await
-        .expect("connect to PostgreSQL");
+    let pool = common::pg_pool(&common::postgres_url().await, size).await;
     dblock::postgres::migrate(&pool).await.expect("migrate");
     pool
 }
 
-async fn sqlite_locks() -> (Locks, tempdir::Dir) {
-    let dir = tempdir::Dir::new("obs");
-    let lease = dblock::sqlite::Lease::open(dir.0.join("locks.db"))
-        .await
-        .expect("open");
-    (Locks::new(lease), dir)
+async fn sqlite_locks(dir: &common::TempDir) -> Locks {
+    Locks::new(dblock::sqlite::Lease::open(dir.db()).await.expect("open"))
 }
 
-mod tempdir {
-    /// A directory removed when dropped.
-    pub struct Dir(pub std::path::PathBuf);
-    impl Dir {
-        pub fn new(prefix: &str) -> Dir {
-            let path = std::env::temp_dir().join(super::common::unique(prefix));
-            std::fs::create_dir_all(&path).unwrap();
-            Dir(path)
-        }
-    }
-    impl Drop for Dir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
+/// Breaks a lock behind its holder's back by `breaking` it, and waits
+/// until `guard` has reported the loss. The loss's own report (event,
+/// metrics) runs in a task of its own, a moment later: waited for too.
+async fn lose(guard: &dblock::LockGuard, breaking: impl std::future::Future<Output = ()>) {
+    breaking.await;
+    timeout(Duration::from_secs(5), guard.lost())
+        .await
+        .expect("the guard reports the loss");
+    sleep(Duration::from_millis(50)).await;
+}
+
+/// Breaks `name` with `force_release`: the next renewal finds it gone.
+async fn force_release(locks: &Locks, name: &str) {
+    assert!(locks.force_release(name).await.unwrap());
+}
+
+/// With `name` held: a try finds it busy, and a 50 ms wait times out.
+async fn busy_then_timeout(locks: &Locks, name: &str) {
+    assert!(locks.try_acquire(name).await.unwrap().is_none());
+    let late = locks
+        .acquire(name)
+        .wait(Duration::from_millis(50))
+        .await
+        .unwrap_err();
+    assert!(matches!(late, Error::Timeout { .. }), "{late:?}");
 }
 
 // ---- Metrics. ----
+
+/// Acquisitions counted between two snapshots, by outcome: granted, busy,
+/// timeout, error.
+fn assert_outcomes(before: &Metrics, after: &Metrics, backend: &str, expected: [u64; 4]) {
+    let counted = ["granted", "busy", "timeout", "error"].map(|outcome| {
+        let labels = [("backend", backend), ("outcome", outcome)];
+        delta(before, after, dblock::metrics::ACQUISITIONS, &labels)
+    });
+    assert_eq!(counted, expected, "granted, busy, timeout, error");
+}
 
 /// A granted acquisition held across a renewal, a busy try, a timeout, a
 /// release, then a lease broken behind its holder's back: every metric
@@ -294,25 +303,14 @@ async fn lease_cycle_metrics(locks: Locks, backend: &str) {
         .unwrap();
     let held = Metrics::take();
     assert_eq!(held.gauge(dblock::metrics::LOCKS_HELD, &b), 1.0);
-    assert!(locks.try_acquire(&name).await.unwrap().is_none());
-    let late = locks
-        .acquire(&name)
-        .wait(Duration::from_millis(50))
-        .await
-        .unwrap_err();
-    assert!(matches!(late, Error::Timeout { .. }), "{late:?}");
+    busy_then_timeout(&locks, &name).await;
     // Past a renewal (every ttl/3).
     sleep(Duration::from_millis(450)).await;
     assert!(!guard.is_lost());
     guard.release().await.unwrap();
 
     let after = Metrics::take();
-    let outcome = |o| [("backend", backend), ("outcome", o)];
-    let acq = dblock::metrics::ACQUISITIONS;
-    assert_eq!(delta(&before, &after, acq, &outcome("granted")), 1);
-    assert_eq!(delta(&before, &after, acq, &outcome("busy")), 1);
-    assert_eq!(delta(&before, &after, acq, &outcome("timeout")), 1);
-    assert_eq!(delta(&before, &after, acq, &outcome("error")), 0);
+    assert_outcomes(&before, &after, backend, [1, 1, 1, 0]);
     assert_eq!(after.gauge(dblock::metrics::LOCKS_HELD, &b), 0.0);
     let waits = recorded(&before, &held, dblock::metrics::WAIT_SECONDS, &b);
     assert_eq!(waits.len(), 1, "one granted acquisition: {waits:?}");
@@ -325,18 +323,12 @@ async fn lease_cycle_metrics(locks: Locks, backend: &str) {
     let took = recorded(&before, &after, dblock::metrics::RENEWAL_BATCH_SECONDS, &b);
     assert_eq!(took.len(), sizes.len());
 
-    // Broken behind its back: the next renewal finds it gone.
     let guard = locks
         .acquire(&name)
         .ttl(Duration::from_millis(300))
         .await
         .unwrap();
-    assert!(locks.force_release(&name).await.unwrap());
-    timeout(Duration::from_secs(5), guard.lost())
-        .await
-        .expect("the guard reports the loss");
-    // The loss is reported by a task of its own.
-    sleep(Duration::from_millis(50)).await;
+    lose(&guard, force_release(&locks, &name)).await;
     let lost = Metrics::take();
     let reason = [("backend", backend), ("reason", "renewal_failed")];
     assert_eq!(delta(&after, &lost, dblock::metrics::LOSSES, &reason), 1);
@@ -355,8 +347,8 @@ async fn lease_cycle_metrics(locks: Locks, backend: &str) {
 
 #[tokio::test]
 async fn sqlite_lease_metrics() {
-    let (locks, _dir) = sqlite_locks().await;
-    lease_cycle_metrics(locks, "sqlite-lease").await;
+    let dir = common::TempDir::new("obs");
+    lease_cycle_metrics(sqlite_locks(&dir).await, "sqlite-lease").await;
 }
 
 #[tokio::test]
@@ -403,19 +395,11 @@ async fn postgres_advisory_metrics() {
     let _one = METRICS.lock().await;
     let backend = "postgres-advisory";
     let b = [("backend", backend)];
-    let outcome = |o| [("backend", backend), ("outcome", o)];
-    let acq = dblock::metrics::ACQUISITIONS;
     let before = Metrics::take();
     let name = common::unique("obs-advisory");
 
     let guard = locks.acquire(&name).await.unwrap();
-    assert!(locks.try_acquire(&name).await.unwrap().is_none());
-    let late = locks
-        .acquire(&name)
-        .wait(Duration::from_millis(50))
-        .await
-        .unwrap_err();
-    assert!(matches!(late, Error::Timeout { .. }), "{late:?}");
+    busy_then_timeout(&locks, &name).await;
     // An option advisory locks cannot honour: an error outcome.
     let refused = locks
         .acquire(common::unique("obs-refused"))
@@ -426,16 +410,9 @@ async fn postgres_advisory_metrics() {
     let mid = Metrics::take();
     assert_eq!(mid.gauge(dblock::metrics::LOCKS_HELD, &b), 1.0);
 
-    terminate_holder(&admin, &name).await;
-    timeout(Duration::from_secs(5), guard.lost())
-        .await
-        .expect("the guard reports the loss");
-    sleep(Duration::from_millis(50)).await;
+    lose(&guard, terminate_holder(&admin, &name)).await;
     let after = Metrics::take();
-    assert_eq!(delta(&before, &after, acq, &outcome("granted")), 1);
-    assert_eq!(delta(&before, &after, acq, &outcome("busy")), 1);
-    assert_eq!(delta(&before, &after, acq, &outcome("timeout")), 1);
-    assert_eq!(delta(&before, &after, acq, &outcome("error")), 1);
+    assert_outcomes(&before, &after, backend, [1, 1, 1, 1]);
     let losses: Vec<_> = after
         .0
         .iter()
@@ -471,12 +448,7 @@ async fn lease_cycle_spans(locks: Locks) {
         .ttl(Duration::from_millis(300))
         .await
         .unwrap();
-    assert!(locks.try_acquire(&name).await.unwrap().is_none());
-    let _ = locks
-        .acquire(&name)
-        .wait(Duration::from_millis(50))
-        .await
-        .unwrap_err();
+    busy_then_timeout(&locks, &name).await;
     sleep(Duration::from_millis(250)).await;
     guard.release().await.unwrap();
 
@@ -486,11 +458,7 @@ async fn lease_cycle_spans(locks: Locks) {
         .max_holders(3)
         .await
         .unwrap();
-    assert!(locks.force_release(&name).await.unwrap());
-    timeout(Duration::from_secs(5), permit.lost())
-        .await
-        .expect("the permit reports the loss");
-    sleep(Duration::from_millis(50)).await;
+    lose(&permit, force_release(&locks, &name)).await;
     drop(permit);
 }
 
@@ -577,11 +545,9 @@ fn check_spans(capture: &Capture, backend: &str) {
 
 #[test]
 fn sqlite_lease_spans() {
-    let dir = tempdir::Dir::new("obs-spans");
-    let path = dir.0.join("locks.db");
-    let capture = traced(|_| async move {
-        let locks = Locks::new(dblock::sqlite::Lease::open(path).await.unwrap());
-        lease_cycle_spans(locks).await;
+    let dir = common::TempDir::new("obs-spans");
+    let capture = traced(|_| async {
+        lease_cycle_spans(sqlite_locks(&dir).await).await;
     });
     check_spans(&capture, "sqlite-lease");
 }
@@ -603,11 +569,7 @@ fn postgres_advisory_loss_event() {
         let admin = pg_pool(1).await;
         let name = common::unique("obs-advisory-span");
         let guard = locks.acquire(&name).await.unwrap();
-        terminate_holder(&admin, &name).await;
-        timeout(Duration::from_secs(5), guard.lost())
-            .await
-            .expect("the guard reports the loss");
-        sleep(Duration::from_millis(50)).await;
+        lose(&guard, terminate_holder(&admin, &name)).await;
         drop(guard);
     });
     let acquires = capture.spans("acquire");
