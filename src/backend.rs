@@ -90,6 +90,9 @@ pub trait HeldLock: Send + Sync + fmt::Debug {
 pub(crate) struct State {
     pub(crate) expires_at: Option<DateTime<Utc>>,
     pub(crate) lost: Option<String>,
+    /// The guard holding the lock, as the facade told it, for reporting a
+    /// loss.
+    pub(crate) seen: crate::observe::Seen,
 }
 
 /// The backend's handle on a guard's status: it records renewals and loss.
@@ -107,9 +110,11 @@ impl LockStatus {
     /// Marks the lock lost; the first reason given is kept.
     ///
     /// Callers often hold an internal lock (a backend's registry) while
-    /// they mark a loss, so the warning is not logged here: a subscriber
-    /// that calls back into dblock would deadlock. It is logged by a task
-    /// of its own (or at once when no runtime is at hand).
+    /// they mark a loss, so the loss is not reported here (a `warn` event
+    /// with the reason, and the `dblock_losses_total` metric): a subscriber
+    /// or recorder that calls back into dblock would deadlock. It is
+    /// reported by a task of its own (or at once when no runtime is at
+    /// hand).
     pub fn mark_lost(&self, reason: impl Into<String>) {
         let reason = reason.into();
         let mut first = None;
@@ -122,12 +127,37 @@ impl LockStatus {
                 false
             }
         });
-        if let Some(reason) = first {
-            let warn = move || tracing::warn!(%reason, "dblock: lock lost");
-            match tokio::runtime::Handle::try_current() {
-                Ok(runtime) => drop(runtime.spawn(async move { warn() })),
-                Err(_) => warn(),
+        let Some(reason) = first else {
+            return;
+        };
+        let (backend, token, name, uncount) = {
+            let state = self.tx.borrow();
+            let holder = state.seen.holder();
+            (
+                holder.map_or("unknown", |h| h.backend),
+                holder.map(|h| h.token),
+                holder.and_then(|h| h.name.clone()),
+                state.seen.uncount(),
+            )
+        };
+        let report = move || {
+            let cause = crate::observe::loss_cause(&reason);
+            tracing::warn!(
+                backend,
+                name = name.as_deref(),
+                token,
+                cause,
+                %reason,
+                "dblock: lock lost"
+            );
+            crate::observe::loss(backend, cause);
+            if uncount {
+                crate::observe::not_held(backend);
             }
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => drop(runtime.spawn(async move { report() })),
+            Err(_) => report(),
         }
     }
 
@@ -160,7 +190,7 @@ impl Grant {
     ) -> (Grant, LockStatus) {
         let (tx, rx) = watch::channel(State {
             expires_at,
-            lost: None,
+            ..State::default()
         });
         (
             Grant {
@@ -177,7 +207,7 @@ impl Grant {
     pub fn status(expires_at: Option<DateTime<Utc>>) -> (LockStatus, PendingGrant) {
         let (tx, rx) = watch::channel(State {
             expires_at,
-            lost: None,
+            ..State::default()
         });
         (LockStatus { tx }, PendingGrant { rx })
     }

@@ -2,13 +2,15 @@
 
 use std::fmt;
 use std::sync::OnceLock;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use tokio::sync::watch;
+use tracing::field::Empty;
+use tracing::Instrument;
 
 use crate::backend::{HeldLock, State};
-use crate::{Error, Grant, LockMode, LostSignal, Result};
+use crate::{observe, Error, Grant, LockMode, LostSignal, Result};
 
 /// A held lock. Dropping it releases the lock in the background;
 /// [`release`](LockGuard::release) does the same and reports errors.
@@ -22,6 +24,10 @@ pub struct LockGuard {
     name: String,
     mode: LockMode,
     token: u64,
+    /// [`Backend::kind`](crate::Backend::kind), for spans and metrics.
+    backend: &'static str,
+    /// When it was granted, if the clock was read for spans or metrics.
+    acquired: Option<Instant>,
     state: watch::Receiver<State>,
     held: Option<Box<dyn HeldLock>>,
     /// The sender of [`lost_owned`](LockGuard::lost_owned)'s second
@@ -42,15 +48,69 @@ impl fmt::Debug for LockGuard {
 }
 
 impl LockGuard {
-    pub(crate) fn new(name: String, mode: LockMode, grant: Grant) -> Self {
-        LockGuard {
+    /// Wraps a grant. `acquired` is when it was granted, if the clock was
+    /// read; a granted acquisition was counted held already (see
+    /// [`observe::acquisition`]).
+    pub(crate) fn new(
+        name: String,
+        mode: LockMode,
+        grant: Grant,
+        backend: &'static str,
+        acquired: Option<Instant>,
+    ) -> Self {
+        let lost_already = observe::holder_wanted() && {
+            // The loss warning names the lock only if it would be logged.
+            let named = tracing::enabled!(target: "dblock::backend", tracing::Level::WARN);
+            let state = grant.state.borrow();
+            state
+                .seen
+                .set(backend, grant.token, named.then_some(name.as_str()));
+            state.lost.is_some()
+        };
+        let guard = LockGuard {
             name,
             mode,
             token: grant.token,
+            backend,
+            acquired,
             state: grant.state,
             held: Some(grant.held),
             ended: OnceLock::new(),
+        };
+        // Lost before the holder was recorded: the loss could not take it
+        // off the held count.
+        if lost_already {
+            guard.uncount();
         }
+        guard
+    }
+
+    /// Takes the guard off the held count, unless a loss did.
+    fn uncount(&self) {
+        if cfg!(feature = "metrics") && self.state.borrow().seen.uncount() {
+            observe::not_held(self.backend);
+        }
+    }
+
+    /// The guard ends (released or dropped): records how long it was held,
+    /// and opens the `debug` span `release` (one per guard's end) for the
+    /// caller to record the outcome in.
+    fn end(&self) -> tracing::Span {
+        self.uncount();
+        let span = observe::debug_span!(
+            "release",
+            name = %self.name,
+            backend = self.backend,
+            token = self.token,
+            outcome = Empty,
+            held_s = Empty,
+            error = Empty,
+        );
+        if let Some(held) = self.acquired.map(|at| at.elapsed()) {
+            observe::hold(self.backend, held);
+            span.record("held_s", held.as_secs_f64());
+        }
+        span
     }
 
     /// The lock's name.
@@ -130,7 +190,7 @@ impl LockGuard {
             )));
         }
         if let Some(reason) = self.lost_reason() {
-            return Err(Error::lost(&self.name, reason));
+            return Err(Error::lost(self.name(), reason));
         }
         let held = self.held.as_ref().expect("held until release");
         held.extend(by).await
@@ -145,17 +205,40 @@ impl LockGuard {
     /// even if this future is dropped.
     pub async fn release(mut self) -> Result<()> {
         let held = self.held.take().expect("held until release");
+        let span = self.end();
         let lost = self.lost_reason();
-        let outcome = held.release().await;
+        let releasing = held.release();
+        let outcome = if span.is_none() {
+            releasing.await
+        } else {
+            releasing.instrument(span.clone()).await
+        };
+        let result = self.release_result(lost, outcome);
+        if !span.is_disabled() {
+            let outcome = match &result {
+                Ok(()) => "released",
+                Err(Error::Lost { .. }) => "lost",
+                Err(e) => {
+                    span.record("error", tracing::field::display(e));
+                    "error"
+                }
+            };
+            span.record("outcome", outcome);
+            tracing::debug!(parent: &span, outcome, "dblock: release ended");
+        }
+        result
+    }
+
+    fn release_result(&self, lost: Option<String>, outcome: Result<()>) -> Result<()> {
         match (lost, outcome) {
-            (Some(reason), _) => Err(Error::lost(&self.name, reason)),
+            (Some(reason), _) => Err(Error::lost(self.name(), reason)),
             (None, Ok(())) => Ok(()),
             // A release that failed because the lock was already gone (its
             // session terminated between two heartbeats, say) reports the
             // loss, not a bare database error: someone else may have held
             // the lock meanwhile.
             (None, Err(e)) => match self.lost_reason() {
-                Some(reason) => Err(Error::lost(&self.name, reason)),
+                Some(reason) => Err(Error::lost(self.name(), reason)),
                 None => Err(e),
             },
         }
@@ -165,6 +248,12 @@ impl LockGuard {
 impl Drop for LockGuard {
     fn drop(&mut self) {
         if let Some(held) = self.held.take() {
+            let span = self.end();
+            if !span.is_disabled() {
+                span.record("outcome", "dropped");
+                tracing::debug!(parent: &span, "dblock: guard dropped; releasing in the background");
+            }
+            let _in = span.enter();
             held.release_on_drop();
         }
     }

@@ -24,6 +24,11 @@
 //! - **Scheduled jobs** ([`schedule`]): every process runs the same job,
 //!   each slot of its interval or cron schedule runs once across the fleet,
 //!   by the database clock.
+//! - **Observable**: every acquisition, release and lease renewal batch is
+//!   a `tracing` span at `debug` (targets `dblock::…`), a lost lock a
+//!   `warn` event with its cause; with the `metrics` feature, counters,
+//!   gauges and histograms through the `metrics` facade (`dblock::metrics`
+//!   lists them). See `docs/observability.md`.
 //!
 //! ```
 //! # tokio::runtime::Runtime::new().unwrap().block_on(async {
@@ -65,11 +70,15 @@ mod lease;
 mod locks;
 mod lost;
 mod name;
+mod observe;
 mod request;
 
 mod migrate;
 
 pub mod memory;
+#[cfg(feature = "metrics")]
+#[cfg_attr(docsrs, doc(cfg(feature = "metrics")))]
+pub mod metrics;
 #[cfg(feature = "mysql")]
 pub mod mysql;
 #[cfg(feature = "postgres")]

@@ -3,10 +3,14 @@
 use std::fmt;
 use std::future::IntoFuture;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use tracing::field::Empty;
+use tracing::Instrument;
 
 use crate::backend::BoxFuture;
 use crate::name::validate_name;
+use crate::observe::{self, Outcome};
 use crate::{AcquireRequest, Backend, Error, LockGuard, LockInfo, LockMode, Result, Wait};
 
 /// The entry point: a cheap, cloneable handle on one lock [`Backend`].
@@ -267,12 +271,56 @@ impl<'a> Acquire<'a> {
         Ok((self.locks, request))
     }
 
+    /// The one acquisition path: every acquisition is a `debug` span
+    /// `acquire` here, and counted in the metrics.
     async fn run(self, wait: Wait) -> Result<Option<LockGuard>> {
         let (locks, request) = self.build(wait)?;
         let name = request.name.clone();
         let mode = request.mode;
-        let grant = locks.backend.acquire(request).await?;
-        Ok(grant.map(|g| LockGuard::new(name, mode, g)))
+        let backend = locks.backend.kind();
+        let span = observe::debug_span!(
+            "acquire",
+            name = %name,
+            backend,
+            mode = mode.as_str(),
+            max_holders = Empty,
+            wait = ?request.wait,
+            outcome = Empty,
+            waited_s = Empty,
+            token = Empty,
+            error = Empty,
+        );
+        if request.max_holders > 1 {
+            span.record("max_holders", request.max_holders);
+        }
+        // No clock read unless a span or the metrics want one.
+        let started = observe::timing(&span).then(Instant::now);
+        let acquiring = locks.backend.acquire(request);
+        let result = if span.is_none() {
+            acquiring.await
+        } else {
+            acquiring.instrument(span.clone()).await
+        };
+        let ended = started.map(|at| (at, Instant::now()));
+        let waited = ended.map_or(Duration::ZERO, |(at, now)| now - at);
+        let outcome = Outcome::of(&result);
+        if !span.is_disabled() {
+            span.record("outcome", outcome.as_str());
+            span.record("waited_s", waited.as_secs_f64());
+            match &result {
+                Ok(Some(grant)) => {
+                    span.record("token", grant.token);
+                }
+                Err(e) => {
+                    span.record("error", tracing::field::display(e));
+                }
+                Ok(None) => {}
+            }
+            tracing::debug!(parent: &span, outcome = outcome.as_str(), "dblock: acquisition ended");
+        }
+        observe::acquisition(backend, outcome, waited);
+        let grant = result?;
+        Ok(grant.map(|g| LockGuard::new(name, mode, g, backend, ended.map(|(_, now)| now))))
     }
 
     /// Takes the lock as set up if it is free right now; `Ok(None)` if it

@@ -595,36 +595,53 @@ async fn max_statement_time_does_not_cut_lock_in_tx_short() {
 
 // ---- No tracing under an internal lock. ----
 
-/// A subscriber that calls back into dblock on every event, as a metrics
-/// or audit layer might.
+/// A subscriber that calls back into dblock on every event and on every
+/// span opened, recorded, entered or left, as a metrics or audit layer
+/// might.
 struct CallsBack(
     dblock::memory::Memory,
     std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
 );
+
+impl CallsBack {
+    /// Takes the backend's renewal registry lock.
+    fn call_back(&self) {
+        let _ = self.0.renewal_stats();
+    }
+}
 
 impl tracing::Subscriber for CallsBack {
     fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
         true
     }
     fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+        self.call_back();
+        self.2.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         tracing::span::Id::from_u64(1)
     }
-    fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+    fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {
+        self.call_back();
+    }
     fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
     fn event(&self, _: &tracing::Event<'_>) {
-        // Takes the backend's renewal registry lock.
-        let _ = self.0.renewal_stats();
+        self.call_back();
         self.1.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
-    fn enter(&self, _: &tracing::span::Id) {}
-    fn exit(&self, _: &tracing::span::Id) {}
+    fn enter(&self, _: &tracing::span::Id) {
+        self.call_back();
+    }
+    fn exit(&self, _: &tracing::span::Id) {
+        self.call_back();
+    }
 }
 
 #[test]
 fn a_subscriber_that_calls_dblock_does_not_deadlock() {
     let memory = dblock::memory::Memory::new();
     let events = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let subscriber = CallsBack(memory.clone(), events.clone());
+    let spans = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let subscriber = CallsBack(memory.clone(), events.clone(), spans.clone());
     let (done_tx, done_rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         let _default = tracing::subscriber::set_default(subscriber);
@@ -639,12 +656,22 @@ fn a_subscriber_that_calls_dblock_does_not_deadlock() {
                 .ttl(Duration::from_millis(300))
                 .await
                 .unwrap();
+            // Held past renewal batches (spans of their own).
+            sleep(Duration::from_millis(250)).await;
             // Broken behind its back: the next renewal finds it gone and
             // marks it lost, which logs a warning.
             assert!(locks.force_release("callback").await.unwrap());
             tokio::time::timeout(Duration::from_secs(5), guard.lost())
                 .await
                 .expect("the guard reports lost");
+            drop(guard);
+            locks
+                .acquire("callback")
+                .await
+                .unwrap()
+                .release()
+                .await
+                .unwrap();
             sleep(Duration::from_millis(100)).await;
         });
         done_tx.send(()).unwrap();
@@ -655,6 +682,11 @@ fn a_subscriber_that_calls_dblock_does_not_deadlock() {
     assert!(
         events.load(std::sync::atomic::Ordering::Relaxed) > 0,
         "the warning was logged"
+    );
+    // Two acquisitions, two releases and at least one renewal batch.
+    assert!(
+        spans.load(std::sync::atomic::Ordering::Relaxed) >= 5,
+        "the spans were opened"
     );
 }
 

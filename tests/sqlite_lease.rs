@@ -8,32 +8,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::TempDir;
 use dblock::sqlite::Lease;
 use dblock::{Error, LeaseOptions, Locks};
 use sqlx::sqlite::{SqliteConnectOptions, SqlitePoolOptions};
 use sqlx::SqlitePool;
 use tokio::time::{sleep, timeout, Instant};
-
-/// A fresh folder for one test's database file, removed afterwards.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(prefix: &str) -> Self {
-        let dir = std::env::temp_dir().join(common::unique(prefix).replace(':', "-"));
-        std::fs::create_dir_all(&dir).unwrap();
-        TempDir(dir)
-    }
-
-    fn db(&self) -> PathBuf {
-        self.0.join("locks.db")
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 async fn open(path: &Path) -> Locks {
     Locks::new(Lease::open(path).await.expect("open"))

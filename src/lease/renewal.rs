@@ -57,6 +57,8 @@ use chrono::{DateTime, Utc};
 use tokio::runtime::Handle;
 use tokio::sync::Notify;
 use tokio::time::{error::Elapsed, sleep_until, timeout_at, Instant};
+use tracing::field::Empty;
+use tracing::Instrument;
 
 use super::{renew_every, safety_margin, Inner, LeaseStore, Renewal, Renewed};
 use crate::backend::{BoxFuture, HeldLock, LockStatus};
@@ -486,7 +488,15 @@ impl<S: LeaseStore> Task<S> {
                     ids,
                     next: 0,
                 };
-                tokio::spawn(pending.run(items, deadlines));
+                let span = crate::observe::debug_span!(
+                    "renewal_batch",
+                    backend = inner.store.kind(),
+                    leases = items.len(),
+                    statements = Empty,
+                    renewed = Empty,
+                    took_s = Empty,
+                );
+                tokio::spawn(pending.run(items, deadlines).instrument(span));
             }
             // Held strongly while leases are (see `inner`).
             match wake_at {
@@ -543,6 +553,7 @@ impl<S: LeaseStore> Pending<S> {
         let inner = self.inner.clone();
         let started = Instant::now();
         let mut renewed = 0;
+        let mut statements = 0u64;
         while self.next < items.len() {
             let rest = &items[self.next..];
             let n = inner.store.batch_len(rest).clamp(1, rest.len());
@@ -555,6 +566,7 @@ impl<S: LeaseStore> Pending<S> {
                 .max()
                 .expect("a chunk is never empty");
             inner.renewals.statements.fetch_add(1, Relaxed);
+            statements += 1;
             let sent_at = Instant::now();
             let outcome = timeout_at(
                 give_up,
@@ -570,14 +582,22 @@ impl<S: LeaseStore> Pending<S> {
             );
             self.next += n;
         }
+        let took = started.elapsed();
         // The batch's size and time first, so that a reader who sees the
         // renewals counted sees this batch's figures.
         *inner
             .renewals
             .last_batch
             .lock()
-            .unwrap_or_else(PoisonError::into_inner) = (items.len(), started.elapsed());
+            .unwrap_or_else(PoisonError::into_inner) = (items.len(), took);
         inner.renewals.renewed.fetch_add(renewed, Relaxed);
+        let span = tracing::Span::current();
+        if !span.is_disabled() {
+            span.record("statements", statements);
+            span.record("renewed", renewed);
+            span.record("took_s", took.as_secs_f64());
+        }
+        crate::observe::renewal_batch(inner.store.kind(), items.len(), took);
     }
 }
 

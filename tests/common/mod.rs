@@ -231,3 +231,25 @@ pub async fn check_upgraded(locks: &dblock::Locks, held_token: u64, free: &str, 
     assert!(g.token() > last);
     g.release().await.unwrap();
 }
+
+/// A fresh folder for one test's database file, removed afterwards.
+pub struct TempDir(pub std::path::PathBuf);
+
+impl TempDir {
+    pub fn new(prefix: &str) -> Self {
+        let dir = std::env::temp_dir().join(unique(prefix).replace(':', "-"));
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+
+    /// The SQLite database file in it.
+    pub fn db(&self) -> std::path::PathBuf {
+        self.0.join("locks.db")
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}

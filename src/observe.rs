@@ -1,0 +1,270 @@
+//! What dblock tells an observer, in one place: the outcome of an
+//! acquisition, why a lock was lost (as a label), and the metrics (behind
+//! the `metrics` feature; without it every recording here is an empty
+//! function).
+//!
+//! The spans themselves are opened where the work happens (`locks.rs`,
+//! `guard.rs`, `lease/renewal.rs`) so that their targets name the module;
+//! loss is reported by [`LockStatus::mark_lost`](crate::LockStatus::mark_lost).
+//!
+//! Nothing here may be called while an internal lock is held: a tracing
+//! subscriber or a metrics recorder may call back into dblock.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::OnceLock;
+
+use crate::backend::Grant;
+use crate::{Error, Result};
+
+/// How an acquisition ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Outcome {
+    Granted,
+    /// Held elsewhere, and the caller asked not to wait.
+    Busy,
+    Timeout,
+    Error,
+}
+
+impl Outcome {
+    pub(crate) fn of(result: &Result<Option<Grant>>) -> Self {
+        match result {
+            Ok(Some(_)) => Outcome::Granted,
+            Ok(None) => Outcome::Busy,
+            Err(Error::Timeout { .. }) => Outcome::Timeout,
+            Err(_) => Outcome::Error,
+        }
+    }
+
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Granted => "granted",
+            Outcome::Busy => "busy",
+            Outcome::Timeout => "timeout",
+            Outcome::Error => "error",
+        }
+    }
+}
+
+/// Why a lock was lost, as one of a small fixed set of labels, from the
+/// reason a backend gave [`LockStatus::mark_lost`](crate::LockStatus::mark_lost).
+/// The one place that maps loss messages to causes; a message it does not
+/// know is `other` (a unit test pins the known ones).
+pub(crate) fn loss_cause(reason: &str) -> &'static str {
+    let has = |s: &str| reason.contains(s);
+    if has("force_release") {
+        "force_released"
+    } else if has("runtime") && has("shut down") {
+        "runtime_shutdown"
+    } else if has("terminating connection") || has("57P01") || has("terminated") {
+        "terminated"
+    } else if has("taken over or broken") || has("no longer held") || has("lost or broken") {
+        // Renewal (or the heartbeat) found the lock no longer ours: it ran
+        // out and was taken, or an operator broke it.
+        "renewal_failed"
+    } else if has("deadline") || has("expired") {
+        "expired"
+    } else if has("holder session") || has("connection") || has("pooler") || has("Redis") {
+        "connection_lost"
+    } else {
+        "other"
+    }
+}
+
+/// What the facade tells a lock's status about the guard that holds it,
+/// so that a loss, reported by the backend, can be labelled and counted.
+/// Lives in the status channel (`backend::State`): no allocation of its own.
+#[derive(Debug, Default)]
+pub(crate) struct Seen(OnceLock<Holder>);
+
+/// The guard behind a status channel.
+#[derive(Debug)]
+pub(crate) struct Holder {
+    pub(crate) backend: &'static str,
+    pub(crate) token: u64,
+    /// The lock's name, kept only when the loss warning would be logged.
+    pub(crate) name: Option<Box<str>>,
+    /// Counted in `dblock_locks_held` and not yet taken off: whoever swaps
+    /// it to false (loss or the guard's end, whichever comes first) takes
+    /// it off, exactly once.
+    counted: AtomicBool,
+}
+
+impl Clone for Seen {
+    fn clone(&self) -> Self {
+        // A copy of a status is never counted: the original is.
+        let seen = Seen::default();
+        if let Some(h) = self.0.get() {
+            let _ = seen.0.set(Holder {
+                backend: h.backend,
+                token: h.token,
+                name: h.name.clone(),
+                counted: AtomicBool::new(false),
+            });
+        }
+        seen
+    }
+}
+
+impl Seen {
+    /// Records the guard's backend and token (and name, if given); the
+    /// first call wins. The holder is counted held.
+    pub(crate) fn set(&self, backend: &'static str, token: u64, name: Option<&str>) {
+        let _ = self.0.set(Holder {
+            backend,
+            token,
+            name: name.map(Box::from),
+            counted: AtomicBool::new(true),
+        });
+    }
+
+    pub(crate) fn holder(&self) -> Option<&Holder> {
+        self.0.get()
+    }
+
+    /// Takes the holder off the held count if it still is on it; true
+    /// exactly once.
+    pub(crate) fn uncount(&self) -> bool {
+        self.0
+            .get()
+            .is_some_and(|h| h.counted.swap(false, Ordering::AcqRel))
+    }
+}
+
+/// `tracing::debug_span!`, or no span at all when `debug` is off for the
+/// calling module. A disabled span is not free: with tracing's `log`
+/// feature (which sqlx turns on) and no subscriber, creating, entering,
+/// leaving, recording and dropping one each ask the `log` crate whether it
+/// wants it. `Span::none()` costs nothing, and `enabled!` one check.
+macro_rules! debug_span {
+    ($($span:tt)*) => {
+        if tracing::enabled!(tracing::Level::DEBUG) {
+            tracing::debug_span!($($span)*)
+        } else {
+            tracing::Span::none()
+        }
+    };
+}
+pub(crate) use debug_span;
+
+/// Whether a lost lock's status needs its holder recorded: for the
+/// `dblock_locks_held` gauge, or to name the lock in the loss warning.
+pub(crate) fn holder_wanted() -> bool {
+    cfg!(feature = "metrics") || tracing::enabled!(target: "dblock::backend", tracing::Level::WARN)
+}
+
+/// Whether acquisitions must read the clock: a recorder may want wait and
+/// hold times (with the `metrics` feature), or a span is on.
+pub(crate) fn timing(span: &tracing::Span) -> bool {
+    cfg!(feature = "metrics") || !span.is_disabled()
+}
+
+#[cfg(feature = "metrics")]
+mod record {
+    use std::time::Duration;
+
+    use crate::metrics::*;
+
+    pub(crate) fn acquisition(backend: &'static str, outcome: super::Outcome, waited: Duration) {
+        ::metrics::counter!(ACQUISITIONS, "backend" => backend, "outcome" => outcome.as_str())
+            .increment(1);
+        if outcome == super::Outcome::Granted {
+            ::metrics::histogram!(WAIT_SECONDS, "backend" => backend).record(waited);
+            ::metrics::gauge!(LOCKS_HELD, "backend" => backend).increment(1.0);
+        }
+    }
+
+    pub(crate) fn not_held(backend: &'static str) {
+        ::metrics::gauge!(LOCKS_HELD, "backend" => backend).decrement(1.0);
+    }
+
+    pub(crate) fn hold(backend: &'static str, held: Duration) {
+        ::metrics::histogram!(HOLD_SECONDS, "backend" => backend).record(held);
+    }
+
+    pub(crate) fn loss(backend: &'static str, cause: &'static str) {
+        ::metrics::counter!(LOSSES, "backend" => backend, "reason" => cause).increment(1);
+    }
+
+    pub(crate) fn renewal_batch(backend: &'static str, size: usize, took: Duration) {
+        ::metrics::histogram!(RENEWAL_BATCH_SIZE, "backend" => backend).record(size as f64);
+        ::metrics::histogram!(RENEWAL_BATCH_SECONDS, "backend" => backend).record(took);
+    }
+}
+
+#[cfg(not(feature = "metrics"))]
+mod record {
+    use std::time::Duration;
+
+    #[inline(always)]
+    pub(crate) fn acquisition(_: &'static str, _: super::Outcome, _: Duration) {}
+    #[inline(always)]
+    pub(crate) fn not_held(_: &'static str) {}
+    #[inline(always)]
+    pub(crate) fn hold(_: &'static str, _: Duration) {}
+    #[inline(always)]
+    pub(crate) fn loss(_: &'static str, _: &'static str) {}
+    #[inline(always)]
+    pub(crate) fn renewal_batch(_: &'static str, _: usize, _: Duration) {}
+}
+
+pub(crate) use record::{acquisition, hold, loss, not_held, renewal_batch};
+
+#[cfg(test)]
+mod tests {
+    use super::loss_cause;
+
+    /// Every loss message the backends give today, with its label. A new
+    /// message that lands on `other` shows up here.
+    #[test]
+    fn loss_messages_map_to_causes() {
+        let cases = [
+            ("the lock was broken by force_release", "force_released"),
+            (
+                "the runtime that ran this backend's lease renewal shut down",
+                "runtime_shutdown",
+            ),
+            (
+                "the holder session failed: error returned from database: \
+                 terminating connection due to administrator command",
+                "terminated",
+            ),
+            (
+                "the lease was taken over or broken: renewal found it no longer ours",
+                "renewal_failed",
+            ),
+            ("the session no longer held the advisory lock", "renewal_failed"),
+            ("the advisory lock was lost or broken before", "renewal_failed"),
+            (
+                "renewal did not complete before the local deadline",
+                "expired",
+            ),
+            (
+                "the lease was not renewed before its local deadline (ttl 1s minus a margin of 100ms)",
+                "expired",
+            ),
+            ("the lease had already expired or been taken over", "expired"),
+            (
+                "the release did not complete before the lease's local deadline; the lease runs out by its ttl",
+                "expired",
+            ),
+            (
+                "the holder session failed: pool timed out while waiting for an open connection",
+                "connection_lost",
+            ),
+            (
+                "the holder session of the advisory lock did not answer within 2s",
+                "connection_lost",
+            ),
+            (
+                "a statement on the holder session was abandoned before its answer",
+                "connection_lost",
+            ),
+            ("the holder session's task ended abnormally", "connection_lost"),
+            ("something new", "other"),
+        ];
+        for (reason, cause) in cases {
+            assert_eq!(loss_cause(reason), cause, "{reason}");
+        }
+    }
+}
