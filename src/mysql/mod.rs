@@ -296,9 +296,9 @@ const WARM_MAX: usize = 8;
 /// by default) and again, in a task of its own, when it is given back, so
 /// a one-statement claim or release costs three round trips through the
 /// pool and one here. A connection goes back to the pool once unused for
-/// [`WARM_IDLE`], and at once if the pool has no other connection to give
-/// out (so an application waiting on the pool is never kept waiting by
-/// this); at most [`WARM_MAX`] are kept.
+/// [`WARM_IDLE`], and at once if the pool has no other connection idle (so
+/// keeping one never makes an application wait on the pool, nor the pool
+/// open a connection more); at most [`WARM_MAX`] are kept.
 pub(crate) struct Warm {
     pool: MySqlPool,
     idle: std::sync::Mutex<Vec<(PoolConnection<MySql>, Instant)>>,
@@ -328,9 +328,9 @@ impl Warm {
 
     /// Keeps `conn` warm, or hands it back to the pool.
     fn put(self: &Arc<Self>, conn: PoolConnection<MySql>) {
-        let pool = &self.pool;
-        let pool_short = pool.is_closed()
-            || (pool.num_idle() == 0 && pool.size() >= pool.options().get_max_connections());
+        // Kept only while the pool has another connection idle: keeping it
+        // never leaves the pool short of one, nor makes it open one more.
+        let pool_short = self.pool.is_closed() || self.pool.num_idle() == 0;
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
