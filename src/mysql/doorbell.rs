@@ -325,12 +325,10 @@ async fn ring(connect: MySqlConnectOptions, mut rx: mpsc::UnboundedReceiver<Cmd>
                     }
                 }
             }
-            // RINGER_IDLE without a command.
-            None if next_due.is_none() => {
-                if ledger.held.is_empty() {
-                    if let Some(c) = conn.take() {
-                        let _ = c.close().await;
-                    }
+            // RINGER_IDLE without a command, and no bell held.
+            None if next_due.is_none() && ledger.held.is_empty() => {
+                if let Some(c) = conn.take() {
+                    let _ = c.close().await;
                 }
             }
             None => {}
