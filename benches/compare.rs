@@ -2340,21 +2340,28 @@ async fn redis_section(url: &str, rows: &mut Vec<Row>, notes: &mut Vec<String>) 
     Ok(())
 }
 
-/// Runs only pairs of `op` (`DBLOCK_BENCH_PAIRS`): 20,000 with 1 task,
-/// then 2 s with 8 tasks, and prints their rates.
-async fn pairs_only(op: &Op, which: &str) -> Res<()> {
-    const PAIRS: usize = 20_000;
+/// Runs `pairs` calls of `op` one after another (after one to warm up) and
+/// prints their time (`DBLOCK_BENCH_PAIRS`, for `strace` / `perf`).
+async fn timed_pairs(op: &Op, which: &str, pairs: usize) -> Res<()> {
     op(0).await?;
+    eprintln!("pairs: {pairs} of {which} start");
     let t = Instant::now();
-    for _ in 0..PAIRS {
+    for _ in 0..pairs {
         op(0).await?;
     }
     let took = t.elapsed();
     eprintln!(
-        "pairs: {PAIRS} of {which}, 1 task, in {:.3} s ({:.1} µs each)",
+        "pairs: {pairs} of {which}, 1 task, in {:.3} s ({:.1} µs each)",
         took.as_secs_f64(),
-        took.as_secs_f64() * 1e6 / PAIRS as f64
+        took.as_secs_f64() * 1e6 / pairs as f64
     );
+    Ok(())
+}
+
+/// Runs only pairs of `op` (`DBLOCK_BENCH_PAIRS`): 20,000 with 1 task,
+/// then 2 s with 8 tasks, and prints their rates.
+async fn pairs_only(op: &Op, which: &str) -> Res<()> {
+    timed_pairs(op, which, 20_000).await?;
     let rate8 = run_window(op, TASKS, Duration::from_secs(2)).await?;
     eprintln!("pairs: {which}, {TASKS} tasks: {} /s", rate(rate8));
     Ok(())

@@ -200,20 +200,7 @@ pub(super) async fn advisory_limit(env: &Env, rows: &mut Vec<Row>) -> Res<()> {
             "nextval" => &nextval,
             other => return Err(format!("DBLOCK_BENCH_PAIRS: unknown {other:?}").into()),
         };
-        const PAIRS: usize = 5_000;
-        op(0).await?;
-        eprintln!("pairs: {PAIRS} of {which} start");
-        let t = Instant::now();
-        for _ in 0..PAIRS {
-            op(0).await?;
-        }
-        let took = t.elapsed();
-        eprintln!(
-            "pairs: {PAIRS} of {which} in {:.3} s ({:.1} µs each)",
-            took.as_secs_f64(),
-            took.as_secs_f64() * 1e6 / PAIRS as f64
-        );
-        return Ok(());
+        return super::timed_pairs(op, &which, 5_000).await;
     }
 
     for tasks in [1, TASKS] {
