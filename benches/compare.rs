@@ -554,6 +554,12 @@ fn breakdown_wanted() -> bool {
     std::env::var_os("DBLOCK_BENCH_BREAKDOWN").is_some()
 }
 
+/// `DBLOCK_BENCH_QUICK=1`: the throughput rows only (no handoff or scale
+/// rows in the mysql and advisory-limit sections), for repeated runs.
+fn quick() -> bool {
+    std::env::var_os("DBLOCK_BENCH_QUICK").is_some()
+}
+
 async fn breakdown(backend: &str, labels: &[&str], ops: &[Op]) -> Res<()> {
     if !breakdown_wanted() {
         return Ok(());
@@ -660,8 +666,8 @@ async fn throughput_rows(
     raws: &[(&str, Option<(&str, f64)>)],
     extra: Vec<(&'static str, Op)>,
     rows: &mut Vec<Row>,
-) -> Res<()> {
-    ratio_rows(backend, ops, raws, rows).await?;
+) -> Res<Vec<(usize, Vec<Vec<f64>>)>> {
+    let results = ratio_rows(backend, ops, raws, rows).await?;
     let mut labels = vec!["dblock"];
     labels.extend(raws.iter().map(|r| r.0));
     let mut all = ops.to_vec();
@@ -680,7 +686,7 @@ async fn throughput_rows(
             .dblock(format!("{:.1}", d[0]))
             .raw(raw.join(" / ")),
     );
-    Ok(())
+    Ok(results)
 }
 
 /// The pairs/s rows: dblock (`ops[0]`) against each raw op, with 1 and with
@@ -690,7 +696,8 @@ async fn ratio_rows(
     ops: &[Op],
     raws: &[(&str, Option<(&str, f64)>)],
     rows: &mut Vec<Row>,
-) -> Res<()> {
+) -> Res<Vec<(usize, Vec<Vec<f64>>)>> {
+    let mut all = Vec::new();
     for tasks in [1, TASKS] {
         let r = compare(ops, tasks).await?;
         let unit = if tasks == 1 { "1 task" } else { "8 tasks" };
@@ -707,8 +714,31 @@ async fn ratio_rows(
             }
             rows.push(row);
         }
+        all.push((tasks, r));
     }
-    Ok(())
+    Ok(all)
+}
+
+/// A row comparing two raw ops of one `compare` run (`a` against `b`),
+/// per round, median of rounds: what some work costs the database itself.
+fn raw_ratio_row(
+    backend: &'static str,
+    measure: String,
+    r: &[Vec<f64>],
+    a: usize,
+    b: usize,
+    note: &str,
+) -> Row {
+    let ratio = median(r[a].iter().zip(&r[b]).map(|(x, y)| x / y).collect());
+    Row::new(backend, measure)
+        .dblock("—")
+        .raw(format!(
+            "{} vs {}",
+            rate(median(r[a].clone())),
+            rate(median(r[b].clone()))
+        ))
+        .ratio(ratio)
+        .note(note)
 }
 
 // ---------------------------------------------------------------------------
@@ -1931,13 +1961,17 @@ async fn mysql(env: &Env, rows: &mut Vec<Row>, notes: &mut Vec<String>) -> Res<(
     let locks = lease(&pool)?;
 
     let n = names("my", TASKS);
+    let dedicated = limit::my_conns(&env.my).await?;
+    let bells = limit::my_conns(&env.my).await?;
     let ops = [
         dblock_op(locks.clone(), n.clone()),
         raw_my_tx_op(pool.clone(), n.clone()),
         raw_my_upsert_op(pool.clone(), n.clone()),
-        limit::my_upsert_op(&env.my, n.clone()).await?,
+        limit::my_upsert_op(dedicated.clone(), n.clone()),
+        limit::my_same_work_op(dedicated.clone(), None, TABLE, n.clone())?,
+        limit::my_same_work_op(dedicated, Some(bells), TABLE, n.clone())?,
     ];
-    throughput_rows(
+    let results = throughput_rows(
         B,
         &ops,
         &[
@@ -1950,11 +1984,42 @@ async fn mysql(env: &Env, rows: &mut Vec<Row>, notes: &mut Vec<String>) -> Res<(
                 "raw upsert + release, dedicated connection",
                 Some(("≥ 0.9 × raw", 0.9)),
             ),
+            (
+                "raw, same work (dblock's claim + release SQL), dedicated connection",
+                Some(("≥ 0.9 × same work", 0.9)),
+            ),
+            (
+                "raw, same work + a doorbell GET_LOCK/RELEASE_LOCK per pair, dedicated",
+                None,
+            ),
         ],
         Vec::new(),
         rows,
     )
     .await?;
+    for (tasks, r) in &results {
+        rows.push(raw_ratio_row(
+            B,
+            format!("pairs/s, {tasks} task(s): raw same work vs raw upsert + release, dedicated"),
+            r,
+            4,
+            3,
+            "reported: the price of dblock's SQL (one-statement claim with NOWAIT)",
+        ));
+        rows.push(raw_ratio_row(
+            B,
+            format!(
+                "pairs/s, {tasks} task(s): raw same work + doorbell vs raw same work, dedicated"
+            ),
+            r,
+            5,
+            4,
+            "reported: the price of a doorbell taken and let go per pair",
+        ));
+    }
+    if quick() {
+        return Ok(());
+    }
 
     let other_pool = my_pool(&env.my, POOL).await?;
     let other = lease(&other_pool)?;
@@ -2240,20 +2305,125 @@ async fn redis_section(url: &str, rows: &mut Vec<Row>, notes: &mut Vec<String>) 
         ));
     }
     let n = names("rd", TASKS);
+    let manager = redis::Client::open(url)?.get_connection_manager().await?;
     let ops = [
         dblock_op(Locks::new(lease), n.clone()),
-        raw_redis_op(conn, n),
+        raw_redis_op(conn.clone(), n.clone()),
+        raw_redis_same_op(conn, n.clone()),
+        raw_redis_same_op(manager, n),
     ];
-    ratio_rows(
+    // DBLOCK_BENCH_PAIRS=dblock|raw|same|same-manager: only pairs of one of
+    // them, for profiling (`perf record`, `strace -c`).
+    if let Ok(which) = std::env::var("DBLOCK_BENCH_PAIRS") {
+        let k = ["dblock", "raw", "same", "same-manager"]
+            .iter()
+            .position(|w| *w == which)
+            .ok_or_else(|| format!("DBLOCK_BENCH_PAIRS: unknown {which:?}"))?;
+        return pairs_only(&ops[k], &which).await;
+    }
+    let results = ratio_rows(
         B,
         &ops,
-        &[(
-            "raw SET NX PX + Lua DEL, one dedicated connection",
-            Some(("≥ 0.9 ×", 0.9)),
-        )],
+        &[
+            (
+                "raw SET NX PX + Lua DEL, one dedicated connection",
+                Some(("≥ 0.9 ×", 0.9)),
+            ),
+            (
+                "raw, same work (dblock's claim + release scripts, EVALSHA), one multiplexed connection",
+                Some(("≥ 0.9 × same work", 0.9)),
+            ),
+            (
+                "raw, same work, on a ConnectionManager (dblock's connection kind)",
+                None,
+            ),
+        ],
         rows,
     )
-    .await
+    .await?;
+    for (tasks, r) in &results {
+        rows.push(raw_ratio_row(
+            B,
+            format!("pairs/s, {tasks} task(s): raw same work vs raw SET NX PX + Lua DEL"),
+            r,
+            2,
+            1,
+            "reported: the price of the work (token draw, owner-checked release, PUBLISH)",
+        ));
+    }
+    Ok(())
+}
+
+/// Runs `pairs` calls of `op` one after another (after one to warm up) and
+/// prints their time (`DBLOCK_BENCH_PAIRS`, for `strace` / `perf`).
+async fn timed_pairs(op: &Op, which: &str, pairs: usize) -> Res<()> {
+    op(0).await?;
+    eprintln!("pairs: {pairs} of {which} start");
+    let t = Instant::now();
+    for _ in 0..pairs {
+        op(0).await?;
+    }
+    let took = t.elapsed();
+    eprintln!(
+        "pairs: {pairs} of {which}, 1 task, in {:.3} s ({:.1} µs each)",
+        took.as_secs_f64(),
+        took.as_secs_f64() * 1e6 / pairs as f64
+    );
+    Ok(())
+}
+
+/// Runs only pairs of `op` (`DBLOCK_BENCH_PAIRS`): 20,000 with 1 task,
+/// then 2 s with 8 tasks, and prints their rates.
+async fn pairs_only(op: &Op, which: &str) -> Res<()> {
+    timed_pairs(op, which, 20_000).await?;
+    let rate8 = run_window(op, TASKS, Duration::from_secs(2)).await?;
+    eprintln!("pairs: {which}, {TASKS} tasks: {} /s", rate(rate8));
+    Ok(())
+}
+
+/// dblock's own lease pair sent by hand: its claim and release scripts
+/// (EVALSHA, loading them if needed), with the keys and arguments
+/// `redis::Lease` gives them, on `conn` ("raw, same work"). Keys under
+/// `dblock-bench-same:`.
+fn raw_redis_same_op<C>(conn: C, names: Arc<Vec<String>>) -> Op
+where
+    C: redis::aio::ConnectionLike + Clone + Send + Sync + 'static,
+{
+    const PREFIX: &str = "dblock-bench-same:";
+    let [claim, release] = dblock::redis::bench_scripts();
+    let holder = Arc::new(format!("bench-host:{}", std::process::id()));
+    Arc::new(move |i| {
+        let (mut conn, holder) = (conn.clone(), holder.clone());
+        let name = names[i].clone();
+        Box::pin(async move {
+            let owner = owner();
+            let key = format!("{PREFIX}lock:{name}");
+            let claimed: Option<(i64, i64)> = claim
+                .prepare_invoke()
+                .key(&key)
+                .key(format!("{PREFIX}token"))
+                .arg(&owner)
+                .arg(&*holder)
+                .arg(30_000u64)
+                .invoke_async(&mut conn)
+                .await?;
+            let (token, _expires) = claimed.ok_or("raw (same work): the key was busy")?;
+            let released: i64 = release
+                .prepare_invoke()
+                .key(&key)
+                .arg(&owner)
+                .arg(token as u64)
+                .arg(0u64)
+                .arg(format!("{PREFIX}released:{name}"))
+                .arg(&name)
+                .invoke_async(&mut conn)
+                .await?;
+            if released != 1 {
+                return Err("raw (same work): the key was not ours on release".into());
+            }
+            Ok(())
+        })
+    })
 }
 
 async fn run() {

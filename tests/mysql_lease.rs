@@ -1538,3 +1538,75 @@ async fn migrating_from_version_3_keeps_held_leases_and_tokens() {
         .await
         .unwrap();
 }
+
+/// Kills every session the pool has opened so far (ignoring those gone).
+async fn kill_all(killer: &mut MySqlConnection, ids: &Ids) {
+    let ids: Vec<u64> = ids.lock().unwrap().iter().copied().collect();
+    for id in ids {
+        // An id from the server, not input: formatted, as KILL takes no
+        // placeholder.
+        let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(format!("KILL {id}")))
+            .execute(&mut *killer)
+            .await;
+    }
+}
+
+/// A lease keeps its connection between a claim and a release instead of
+/// handing it back to the pool (which pings it on the way in and out); a
+/// kept connection killed meanwhile is not pinged, so the claim or release
+/// sent on it fails, and is sent again on a connection from the pool: the
+/// caller sees no error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kept_connection_killed_meanwhile_costs_no_error() {
+    let (pool, ids) = pool_with("").await;
+    let locks = Locks::new(Lease::new(pool.clone()));
+    let name = common::unique("mysql-kept-killed");
+    let mut killer = raw_conn().await;
+    for round in 0..5 {
+        locks.acquire(&name).await.unwrap().release().await.unwrap();
+        kill_all(&mut killer, &ids).await;
+        let guard = locks
+            .try_acquire(&name)
+            .await
+            .unwrap_or_else(|e| panic!("round {round}: the claim after a KILL failed: {e}"))
+            .expect("the name is free");
+        kill_all(&mut killer, &ids).await;
+        guard
+            .release()
+            .await
+            .unwrap_or_else(|e| panic!("round {round}: the release after a KILL failed: {e}"));
+    }
+}
+
+/// The connections a lease keeps go back to the pool soon after the last
+/// claim or release.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kept_connections_go_back_to_the_pool() {
+    let pool = pool().await;
+    let locks = Locks::new(Lease::new(pool.clone()));
+    let names: Vec<String> = (0..4)
+        .map(|i| common::unique(&format!("mysql-kept-{i}")))
+        .collect();
+    let pairs = names.iter().map(|n| {
+        let locks = locks.clone();
+        async move {
+            for _ in 0..20 {
+                locks.acquire(n).await.unwrap().release().await.unwrap();
+            }
+        }
+    });
+    futures::future::join_all(pairs).await;
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        let (idle, size) = (pool.num_idle(), pool.size());
+        if idle as u32 == size {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} of the pool's {size} connections still out 2 s after the last release",
+            size - idle as u32
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::stream::{self, StreamExt};
-use sqlx::{Connection, MySqlConnection, PgConnection, SqliteConnection};
+use sqlx::{Connection, MySqlConnection, PgConnection, Row as _, SqliteConnection};
 use tokio::sync::Mutex;
 
 use super::{
@@ -23,7 +23,7 @@ use super::{
 };
 
 /// One connection per task index, each used by that task alone.
-struct Dedicated<C>(Vec<Mutex<C>>);
+pub(super) struct Dedicated<C>(Vec<Mutex<C>>);
 
 impl<C> Dedicated<C> {
     fn new(conns: Vec<C>) -> Arc<Self> {
@@ -82,10 +82,18 @@ pub(super) async fn pg_lease_op(url: &str, names: Arc<Vec<String>>, notify: bool
     }))
 }
 
+/// One MySQL connection per task, shared by the dedicated-connection ops
+/// of the section (they run in turns, never at once): the server's
+/// connection limit is shared with others.
+pub(super) type MyConns = Arc<Dedicated<MySqlConnection>>;
+
+pub(super) async fn my_conns(url: &str) -> Res<MyConns> {
+    Ok(Dedicated::new(connect_all::<MySqlConnection>(url).await?))
+}
+
 /// The raw MySQL upsert + release (two statements) on dedicated connections.
-pub(super) async fn my_upsert_op(url: &str, names: Arc<Vec<String>>) -> Res<Op> {
-    let conns = Dedicated::new(connect_all::<MySqlConnection>(url).await?);
-    Ok(Arc::new(move |i| {
+pub(super) fn my_upsert_op(conns: MyConns, names: Arc<Vec<String>>) -> Op {
+    Arc::new(move |i| {
         let (conns, name) = (conns.clone(), names[i].clone());
         Box::pin(async move {
             let mut c = conns.0[i].lock().await;
@@ -109,6 +117,97 @@ pub(super) async fn my_upsert_op(url: &str, names: Arc<Vec<String>>) -> Res<Op> 
                 .await?;
             if done.rows_affected() != 1 {
                 return Err("raw: the lease was not ours at release".into());
+            }
+            Ok(())
+        })
+    })
+}
+
+/// dblock's own MariaDB lease pair (its one-statement claim and its
+/// release, the same SQL text, binds and checks; a missing row created as
+/// dblock creates it) on dedicated connections: "raw, same work". With
+/// `bell`, each task also takes and lets go of a doorbell (`GET_LOCK(bell,
+/// 0)` after the claim, `DO RELEASE_LOCK(bell)` after the release) on a
+/// second connection of its own (`bells`), as dblock's ringer did for every
+/// lease.
+pub(super) fn my_same_work_op(
+    conns: MyConns,
+    bells: Option<MyConns>,
+    table: &str,
+    names: Arc<Vec<String>>,
+) -> Res<Op> {
+    let [claim, release] = dblock::mysql::bench_claim_release_sql(table)?;
+    let (claim, release): (Arc<str>, Arc<str>) = (claim.into(), release.into());
+    let create: Arc<str> = format!(
+        "INSERT IGNORE INTO {table} (name, owner, holder, mode, token, acquired_at, expires_at) \
+         VALUES (?, NULL, NULL, 'x', 0, UTC_TIMESTAMP(6), UTC_TIMESTAMP(6))"
+    )
+    .into();
+    Ok(Arc::new(move |i| {
+        let (conns, bells, name) = (conns.clone(), bells.clone(), names[i].clone());
+        let (claim, release, create) = (claim.clone(), release.clone(), create.clone());
+        Box::pin(async move {
+            let mut c = conns.0[i].lock().await;
+            let owner = owner();
+            let bell_name = format!("dblock-bench:{}:bell:{i}", std::process::id());
+            let row = loop {
+                let row = sqlx::query(sqlx::AssertSqlSafe(claim.clone()))
+                    .bind(owner.as_bytes())
+                    .bind("bench-host:0")
+                    .bind(30_000_000i64)
+                    .bind(name.as_bytes())
+                    .fetch_optional(&mut *c)
+                    .await;
+                match row {
+                    Ok(Some(row)) => break row,
+                    // NOWAIT found the row locked: dblock's sweep of ended
+                    // rows (it locks them in a transaction, `SKIP LOCKED`)
+                    // takes these rows now and then. dblock answers "busy"
+                    // and tries again; so does this.
+                    Err(sqlx::Error::Database(e))
+                        if matches!(e.code().as_deref(), Some("HY000" | "40001"))
+                            && e.message().contains("Lock wait timeout") =>
+                    {
+                        tokio::time::sleep(Duration::from_millis(1)).await;
+                    }
+                    Err(e) => return Err(e.into()),
+                    Ok(None) => {
+                        sqlx::query(sqlx::AssertSqlSafe(create.clone()))
+                            .bind(name.as_bytes())
+                            .execute(&mut *c)
+                            .await?;
+                    }
+                }
+            };
+            let mine: Option<Vec<u8>> = row.try_get(0)?;
+            if mine.as_deref() != Some(owner.as_bytes()) {
+                return Err("raw (same work): the lease was busy".into());
+            }
+            let token: u64 = row.try_get(1)?;
+            if let Some(bells) = &bells {
+                let got: Option<i64> = sqlx::query_scalar("SELECT GET_LOCK(?, 0)")
+                    .bind(&bell_name)
+                    .fetch_one(&mut *bells.0[i].lock().await)
+                    .await?;
+                if got != Some(1) {
+                    return Err("raw (same work): the bell was busy".into());
+                }
+            }
+            let done = sqlx::query(sqlx::AssertSqlSafe(release.clone()))
+                .bind(0i64)
+                .bind(name.as_bytes())
+                .bind(owner.as_bytes())
+                .bind(token)
+                .execute(&mut *c)
+                .await?;
+            if done.last_insert_id() == 0 && done.rows_affected() == 0 {
+                return Err("raw (same work): the lease was not ours at release".into());
+            }
+            if let Some(bells) = &bells {
+                sqlx::query("DO RELEASE_LOCK(?)")
+                    .bind(&bell_name)
+                    .execute(&mut *bells.0[i].lock().await)
+                    .await?;
             }
             Ok(())
         })

@@ -6,7 +6,8 @@
 //!   (the *ringer*, outside the application's pool) holds the named lock
 //!   `dblock:<hash>`, derived from the database, the table and the lease's
 //!   name (MySQL limits lock names to 64 characters). It takes the lock
-//!   right after a claim commits, never waiting (`GET_LOCK(.., 0)`, retried
+//!   once the lease has been held for [`ARM_AFTER`] (1 ms; a lease whose
+//!   release begins sooner never takes it), never waiting (`GET_LOCK(.., 0)`, retried
 //!   briefly), and lets it go right after the release statement (or when a
 //!   renewal finds the lease gone).
 //! - **Waiter**: a watch blocks in `GET_LOCK(bell, 1)` on a connection of
@@ -21,7 +22,7 @@
 //!   Bell connections lift `max_statement_time` / `max_execution_time` for
 //!   their session so that a server setting never cuts a wait short.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::fmt;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
@@ -31,6 +32,7 @@ use sqlx::mysql::{MySqlConnectOptions, MySqlPoolOptions};
 use sqlx::pool::PoolConnection;
 use sqlx::{Connection, MySql, MySqlConnection, MySqlPool};
 use tokio::sync::{mpsc, OnceCell};
+use tokio::time::Instant;
 
 use super::engine::Engine;
 use crate::lease::doorbell::{Bell, Doorbells, Ring};
@@ -40,6 +42,16 @@ pub(crate) const WATCHES: usize = 4;
 
 /// How long the ringer keeps its connection with no bell held.
 const RINGER_IDLE: Duration = Duration::from_secs(60);
+
+/// How long a lease is held before its bell is taken. Most uncontended
+/// leases are released sooner, and their bell then costs no statement at
+/// all (a `GET_LOCK` and a `RELEASE_LOCK` per pair otherwise, on the
+/// ringer's connection: as much server work as the lease's own claim and
+/// release). A waiter elsewhere that finds the bell not yet taken looks at
+/// the lease again and re-checks the bell with backoff (1 ms doubling), so
+/// it waits on the bell from about this long into a hold; a lease released
+/// sooner reaches it by its poll.
+const ARM_AFTER: Duration = Duration::from_millis(1);
 
 /// Waits up to a second for the bell, and lets go of it in the same
 /// statement: -1 nobody holds it, 1 it was let go, 0 still held.
@@ -112,7 +124,13 @@ impl Bells {
 
     /// A guard that disarms when dropped: after the release statement, or
     /// when the release is given up mid-way (the lease then runs out).
+    /// Made as the release begins: a bell not taken yet is then never
+    /// taken (a release statement that waits for the disk can take longer
+    /// than [`ARM_AFTER`]).
     pub(crate) fn disarm_on_drop<'a>(&'a self, name: &'a str, token: u64) -> DisarmOnDrop<'a> {
+        if self.usable() {
+            self.send(Cmd::Releasing(bell_name(&self.scope, name), token));
+        }
         DisarmOnDrop {
             bells: self,
             name,
@@ -201,45 +219,98 @@ async fn unbounded(conn: &mut MySqlConnection) -> Result<(), sqlx::Error> {
 
 enum Cmd {
     Arm(String, u64),
+    Releasing(String, u64),
     Disarm(String, u64),
 }
 
-/// The ringer task: holds the bell of every lease this backend holds, on
-/// one connection of its own; ends when the backend is dropped.
+/// What the ringer knows: the leases behind each bell, the bells taken,
+/// and the bells to take once their lease has been held for
+/// [`ARM_AFTER`].
+#[derive(Debug, Default)]
+struct Ledger {
+    /// Bell → the tokens of this process's leases behind it.
+    held: HashMap<String, HashSet<u64>>,
+    /// The bells taken on the ringer's connection.
+    taken: HashSet<String>,
+    /// Bells to take once due, in the order they were armed.
+    due: VecDeque<(Instant, String)>,
+}
+
+impl Ledger {
+    fn arm(&mut self, bell: String, token: u64, now: Instant) {
+        self.held.entry(bell.clone()).or_default().insert(token);
+        if !self.taken.contains(&bell) {
+            self.due.push_back((now + ARM_AFTER, bell));
+        }
+    }
+
+    /// The release of a lease has begun: if its bell is not taken yet, it
+    /// is not taken for this lease any more (nor let go after it).
+    fn releasing(&mut self, bell: &str, token: u64) {
+        if self.taken.contains(bell) {
+            return;
+        }
+        if let Some(tokens) = self.held.get_mut(bell) {
+            tokens.remove(&token);
+            if tokens.is_empty() {
+                self.held.remove(bell);
+            }
+        }
+    }
+
+    /// Whether the bell must be let go now (it was taken, and its last
+    /// lease here ended). A bell never taken (its lease ended within
+    /// [`ARM_AFTER`]) costs nothing; its entry in `due` is skipped.
+    fn disarm(&mut self, bell: &str, token: u64) -> bool {
+        let Some(tokens) = self.held.get_mut(bell) else {
+            return false;
+        };
+        if !tokens.remove(&token) || !tokens.is_empty() {
+            return false;
+        }
+        self.held.remove(bell);
+        self.taken.remove(bell)
+    }
+
+    /// When the next bell falls due, if any.
+    fn next_due(&self) -> Option<Instant> {
+        self.due.front().map(|(at, _)| *at)
+    }
+
+    /// The next bell due by `now` whose lease is still held, now counted
+    /// as taken.
+    fn take_due(&mut self, now: Instant) -> Option<String> {
+        while self.due.front().is_some_and(|(at, _)| *at <= now) {
+            let (_, bell) = self.due.pop_front()?;
+            if self.held.contains_key(&bell) && self.taken.insert(bell.clone()) {
+                return Some(bell);
+            }
+        }
+        None
+    }
+}
+
+/// The ringer task: holds the bell of every lease this backend has held
+/// for [`ARM_AFTER`], on one connection of its own; ends when the backend
+/// is dropped.
 async fn ring(connect: MySqlConnectOptions, mut rx: mpsc::UnboundedReceiver<Cmd>) {
-    // Bell → the tokens of this process's leases behind it.
-    let mut held: HashMap<String, HashSet<u64>> = HashMap::new();
+    let mut ledger = Ledger::default();
     let mut conn: Option<MySqlConnection> = None;
     loop {
-        let cmd = match tokio::time::timeout(RINGER_IDLE, rx.recv()).await {
-            Ok(Some(cmd)) => cmd,
+        let next_due = ledger.next_due();
+        let wake_at = next_due.unwrap_or_else(|| Instant::now() + RINGER_IDLE);
+        let cmd = match tokio::time::timeout_at(wake_at, rx.recv()).await {
+            Ok(Some(cmd)) => Some(cmd),
             Ok(None) => break,
-            Err(_) => {
-                if held.is_empty() {
-                    if let Some(c) = conn.take() {
-                        let _ = c.close().await;
-                    }
-                }
-                continue;
-            }
+            Err(_) => None,
         };
         match cmd {
-            Cmd::Arm(bell, token) => {
-                let tokens = held.entry(bell.clone()).or_default();
-                let first = tokens.is_empty();
-                tokens.insert(token);
-                if first {
-                    take(&connect, &mut conn, &held, &bell).await;
-                }
-            }
-            Cmd::Disarm(bell, token) => {
-                let Some(tokens) = held.get_mut(&bell) else {
-                    continue;
-                };
-                if !tokens.remove(&token) || !tokens.is_empty() {
+            Some(Cmd::Arm(bell, token)) => ledger.arm(bell, token, Instant::now()),
+            Some(Cmd::Releasing(bell, token)) => ledger.releasing(&bell, token),
+            Some(Cmd::Disarm(bell, token)) => {
+                if !ledger.disarm(&bell, token) {
                     continue;
                 }
-                held.remove(&bell);
                 if let Some(c) = conn.as_mut() {
                     let done = sqlx::query("DO RELEASE_LOCK(?)")
                         .bind(&bell)
@@ -254,6 +325,17 @@ async fn ring(connect: MySqlConnectOptions, mut rx: mpsc::UnboundedReceiver<Cmd>
                     }
                 }
             }
+            // RINGER_IDLE without a command, and no bell held.
+            None if next_due.is_none() && ledger.held.is_empty() => {
+                if let Some(c) = conn.take() {
+                    let _ = c.close().await;
+                }
+            }
+            None => {}
+        }
+        // Take the bells whose leases are still held once due.
+        while let Some(bell) = ledger.take_due(Instant::now()) {
+            take(&connect, &mut conn, &ledger.taken, &bell).await;
         }
     }
     if let Some(c) = conn {
@@ -268,7 +350,7 @@ async fn ring(connect: MySqlConnectOptions, mut rx: mpsc::UnboundedReceiver<Cmd>
 async fn take(
     connect: &MySqlConnectOptions,
     conn: &mut Option<MySqlConnection>,
-    held: &HashMap<String, HashSet<u64>>,
+    taken: &HashSet<String>,
     bell: &str,
 ) {
     if conn.is_none() {
@@ -277,7 +359,7 @@ async fn take(
                 let _ = unbounded(&mut c).await;
                 *conn = Some(c);
                 // A new connection holds nothing: take every bell again.
-                for other in held.keys().filter(|b| *b != bell) {
+                for other in taken.iter().filter(|b| *b != bell) {
                     try_take(conn, other).await;
                 }
             }
@@ -373,5 +455,42 @@ mod tests {
         assert_ne!(a, bell_name(b"db2\0t\0", "x"));
         assert_ne!(a, bell_name(b"db\0t\0", "y"));
         assert_eq!(bell_name(b"db\0t\0", &"é".repeat(200)).len(), 64);
+    }
+
+    #[test]
+    fn a_bell_is_taken_only_for_a_lease_held_past_arm_after() {
+        let t0 = Instant::now();
+        let mut ledger = Ledger::default();
+        // Released within ARM_AFTER: never taken, nothing to let go.
+        ledger.arm("a".into(), 1, t0);
+        assert_eq!(ledger.take_due(t0), None);
+        assert!(!ledger.disarm("a", 1));
+        assert_eq!(ledger.take_due(t0 + ARM_AFTER), None);
+        // Held past it: taken once, let go at its release.
+        ledger.arm("b".into(), 2, t0);
+        assert_eq!(ledger.next_due(), Some(t0 + ARM_AFTER));
+        assert_eq!(ledger.take_due(t0 + ARM_AFTER), Some("b".to_owned()));
+        assert_eq!(ledger.take_due(t0 + ARM_AFTER * 2), None);
+        assert!(ledger.disarm("b", 2));
+        // Two leases behind one bell (a token change): let go after both.
+        ledger.arm("c".into(), 3, t0);
+        ledger.arm("c".into(), 4, t0);
+        assert_eq!(ledger.take_due(t0 + ARM_AFTER), Some("c".to_owned()));
+        assert_eq!(ledger.take_due(t0 + ARM_AFTER), None);
+        assert!(!ledger.disarm("c", 3));
+        assert!(ledger.disarm("c", 4));
+        assert!(ledger.held.is_empty() && ledger.taken.is_empty());
+        // A release begun before the bell was due: never taken, even if
+        // the release statement outlasts ARM_AFTER.
+        ledger.arm("d".into(), 5, t0);
+        ledger.releasing("d", 5);
+        assert_eq!(ledger.take_due(t0 + ARM_AFTER * 10), None);
+        assert!(!ledger.disarm("d", 5));
+        // Begun after it was taken: let go after the release.
+        ledger.arm("e".into(), 6, t0);
+        assert_eq!(ledger.take_due(t0 + ARM_AFTER), Some("e".to_owned()));
+        ledger.releasing("e", 6);
+        assert!(ledger.disarm("e", 6));
+        assert!(ledger.held.is_empty() && ledger.taken.is_empty());
     }
 }

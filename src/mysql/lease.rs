@@ -16,7 +16,9 @@ use super::doorbell::Bells;
 use super::engine::Engine;
 #[path = "lease_permits.rs"]
 mod permits;
-use super::{code, error_number, is_lock_busy, map_err, micros, quote_table, Conn, DEFAULT_TABLE};
+use super::{
+    code, error_number, is_lock_busy, map_err, micros, quote_table, Conn, Warm, DEFAULT_TABLE,
+};
 use crate::lease::permits::{holders_table, is_permit, merge_list};
 use crate::lease::{
     lease_backend, Claim, Claimed, LeaseEngine, LeaseOptions, LeaseStore, Renewal, Renewed,
@@ -123,6 +125,7 @@ impl Lease {
         Lease::build(
             MySqlStore {
                 bells: Arc::new(Bells::new(&pool, DEFAULT_TABLE, Arc::clone(&engine))),
+                warm: Warm::new(pool.clone()),
                 pool,
                 sql: Arc::new(Sql::new(DEFAULT_TABLE)),
                 permits: permit_sql(DEFAULT_TABLE),
@@ -153,6 +156,7 @@ impl Lease {
             permits: permit_sql(table),
             packet_budget: self.engine.store().packet_budget.clone(),
             engine: self.engine.store().engine.clone(),
+            warm: self.engine.store().warm.clone(),
         };
         Lease::build(store, self.options)
     }
@@ -248,6 +252,17 @@ pub(crate) struct Sql {
 
 /// The statements on `dblock_leases`, for the free functions.
 pub(crate) static DEFAULT_SQL: LazyLock<Sql> = LazyLock::new(|| Sql::new(DEFAULT_TABLE));
+
+/// The one-statement MariaDB claim and the release on `table`, exactly as
+/// a lease pair sends them, for the benchmark's "raw, same work" baseline
+/// (`benches/compare.rs`). Binds: claim (owner, holder, ttl µs, name),
+/// release (hold µs, name, owner, token). Not a stable interface.
+#[doc(hidden)]
+pub fn bench_claim_release_sql(table: &str) -> Result<[String; 2]> {
+    validate_table(table)?;
+    let sql = Sql::new(table);
+    Ok([sql.claim_one.to_string(), sql.release.to_string()])
+}
 
 /// The columns of a batch's JSON document, `[[name in hex, owner, token,
 /// ttl µs], ...]`, numbered from 1. Names go in hex so that they reach the
@@ -507,6 +522,8 @@ pub(crate) struct MySqlStore {
     engine: Arc<tokio::sync::OnceCell<Engine>>,
     /// Release doorbells for waiters in other processes.
     bells: Arc<Bells>,
+    /// Connections kept between claims and releases (see [`Warm`]).
+    warm: Arc<Warm>,
 }
 
 /// The permit statements of lease table `table`, if its holders table has
@@ -627,22 +644,35 @@ impl MySqlStore {
 
     /// One claim statement (MariaDB): the upsert of `claim_one`.
     async fn attempt_one(&self, claim: &Claim<'_>, ttl_us: i64) -> Result<Attempt, sqlx::Error> {
-        let mut conn = Conn::acquire(&self.pool).await?;
-        // Waiting for a connection can take long when the pool is busy; an
-        // acquirer that left meanwhile gets nothing claimed for it.
-        if (claim.abandoned)() {
-            return Ok(Attempt::Done(None));
-        }
-        let outcome = q(&self.sql.claim_one)
-            .bind(claim.owner.as_bytes())
-            .bind(clip(claim.holder))
-            .bind(ttl_us)
-            .bind(claim.name.as_bytes())
-            .bind(claim.writer_waits.map(micros))
-            .bind(claim.writer_waits.map(micros))
-            .fetch_optional(&mut *conn.begin_use())
-            .await;
-        conn.settle(&outcome);
+        let mut reuse = true;
+        let outcome = loop {
+            let mut conn = Conn::acquire_warm(&self.warm, reuse).await?;
+            // Waiting for a connection can take long when the pool is busy; an
+            // acquirer that left meanwhile gets nothing claimed for it.
+            if (claim.abandoned)() {
+                return Ok(Attempt::Done(None));
+            }
+            let outcome = q(&self.sql.claim_one)
+                .bind(claim.owner.as_bytes())
+                .bind(clip(claim.holder))
+                .bind(ttl_us)
+                .bind(claim.name.as_bytes())
+                .bind(claim.writer_waits.map(micros))
+                .bind(claim.writer_waits.map(micros))
+                .fetch_optional(&mut *conn.begin_use())
+                .await;
+            conn.settle(&outcome);
+            match outcome {
+                // Safe to repeat: a claim that went through left the row
+                // ours and live, and the same claim then answers it as it
+                // is (our owner, token and expiry).
+                Err(e) if reuse && conn.retry_elsewhere(&e) => {
+                    tracing::debug!(error = %e, "dblock: a kept connection failed; claiming on a fresh one");
+                    reuse = false;
+                }
+                outcome => break outcome,
+            }
+        };
         let Some(row) = outcome? else {
             return Ok(Attempt::Missing);
         };
@@ -1007,24 +1037,33 @@ impl MySqlStore {
         }
     }
 
-    /// One conditional statement in autocommit on a guarded connection,
-    /// retried after a deadlock. On Galera that is a certification
-    /// conflict the server's own `wsrep_retry_autocommit` did not absorb:
-    /// the statement did nothing, and its conditions (owner, token, live
-    /// lease) make running it again safe.
+    /// One conditional statement in autocommit on a guarded connection
+    /// (kept warm between statements, see [`Warm`]), retried after a
+    /// deadlock. On Galera that is a certification conflict the server's
+    /// own `wsrep_retry_autocommit` did not absorb: the statement did
+    /// nothing, and its conditions (owner, token, live lease) make running
+    /// it again safe. Sent once more on a connection from the pool if a
+    /// kept one failed without an answer (it died while kept).
     async fn execute(
         &self,
         query: impl Fn() -> Query<'static, MySql, MySqlArguments>,
     ) -> Result<sqlx::mysql::MySqlQueryResult> {
         let mut retries = 0;
+        let mut reuse = true;
         loop {
-            let mut conn = Conn::acquire(&self.pool).await?;
+            let mut conn = Conn::acquire_warm(&self.warm, reuse).await?;
             let outcome = query().execute(&mut *conn.begin_use()).await;
             conn.settle(&outcome);
             match outcome {
                 Err(e) if error_number(&e) == Some(code::DEADLOCK) && retries < MAX_RETRIES => {
                     retries += 1;
                     retry_pause(retries).await;
+                }
+                // A kept connection that died while kept (it was not
+                // pinged): once more on one from the pool.
+                Err(e) if reuse && conn.retry_elsewhere(&e) => {
+                    tracing::debug!(error = %e, "dblock: a kept connection failed; sending again on a fresh one");
+                    reuse = false;
                 }
                 outcome => return outcome.map_err(map_err),
             }

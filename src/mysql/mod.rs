@@ -116,6 +116,14 @@
 //!   transaction was aborted, it matches nothing rather than overwrite the
 //!   lease another node granted.
 //!
+//! A lease backend keeps the pooled connection of its last claim or
+//! release for the next one (up to 8 per backend, each for at most 20 ms
+//! unused, and only while the pool has another connection idle) instead of
+//! handing it back after every statement: sqlx pings a connection when it
+//! leaves the pool and again when it comes back, three round trips for a
+//! one-statement claim. A statement that fails without an answer on such a
+//! kept connection (it died meanwhile) is sent once more on a fresh one.
+//!
 //! No transaction is ever left open on a pooled connection: a connection is
 //! closed rather than returned to the pool whenever a statement or a
 //! transaction of dblock was interrupted (the future dropped, or `COMMIT` /
@@ -132,13 +140,20 @@ mod migrate;
 mod xact;
 
 pub use engine::{engine, Engine, Flavor};
+#[doc(hidden)]
+pub use lease::bench_claim_release_sql;
 pub use lease::Lease;
 pub use migrate::migrate;
 pub use xact::{lock_in_tx, lock_in_tx_with};
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
 use sqlx::mysql::MySqlDatabaseError;
 use sqlx::pool::PoolConnection;
 use sqlx::{MySql, MySqlPool};
+use tokio::time::Instant;
 
 /// The lease table created by [`migrate`].
 pub(crate) const DEFAULT_TABLE: &str = "dblock_leases";
@@ -197,23 +212,60 @@ pub(crate) fn is_lock_busy(e: &sqlx::Error) -> bool {
 /// future was dropped mid-statement, or `COMMIT`/`ROLLBACK` failed) it is
 /// closed, and the server rolls back whatever was open.
 pub(crate) struct Conn {
-    conn: PoolConnection<MySql>,
+    conn: Option<PoolConnection<MySql>>,
     clean: bool,
+    /// Where it goes back when clean, if it is a lease's hot connection
+    /// (see [`Warm`]).
+    warm: Option<Arc<Warm>>,
+    /// Taken from `warm` rather than from the pool (so not pinged since it
+    /// was last used).
+    rewarmed: bool,
 }
 
 impl Conn {
     pub(crate) async fn acquire(pool: &MySqlPool) -> Result<Conn, sqlx::Error> {
         Ok(Conn {
-            conn: pool.acquire().await?,
+            conn: Some(pool.acquire().await?),
             clean: true,
+            warm: None,
+            rewarmed: false,
         })
+    }
+
+    /// A connection for one of a lease's own statements: one kept warm by
+    /// `warm` if there is one, else one from the pool; it goes back to
+    /// `warm` when clean.
+    /// With `reuse` false, always one from the pool (for a statement sent
+    /// again after [`Conn::retry_elsewhere`]).
+    pub(crate) async fn acquire_warm(warm: &Arc<Warm>, reuse: bool) -> Result<Conn, sqlx::Error> {
+        let kept = if reuse { warm.take() } else { None };
+        let (conn, rewarmed) = match kept {
+            Some(conn) => (conn, true),
+            None => (warm.pool.acquire().await?, false),
+        };
+        Ok(Conn {
+            conn: Some(conn),
+            clean: true,
+            warm: Some(warm.clone()),
+            rewarmed,
+        })
+    }
+
+    /// Whether a statement that failed with `e` on this connection may be
+    /// sent again on another: it came from [`Warm`] (unpinged) and failed
+    /// without an answer from the server, as on a connection that died
+    /// while it was kept warm. Only for statements that are safe to repeat.
+    pub(crate) fn retry_elsewhere(&self, e: &sqlx::Error) -> bool {
+        self.rewarmed && !matches!(e, sqlx::Error::Database(_))
     }
 
     /// The connection, for one statement or a transaction; marks it dirty
     /// until [`Conn::done`] is called.
     pub(crate) fn begin_use(&mut self) -> &mut sqlx::MySqlConnection {
         self.clean = false;
-        &mut self.conn
+        self.conn
+            .as_mut()
+            .expect("a Conn holds its connection until dropped")
     }
 
     /// The connection is known to be idle, outside any transaction.
@@ -232,9 +284,104 @@ impl Conn {
 
 impl Drop for Conn {
     fn drop(&mut self) {
+        let Some(mut conn) = self.conn.take() else {
+            return;
+        };
         if !self.clean {
-            self.conn.close_on_drop();
+            conn.close_on_drop();
+        } else if let Some(warm) = &self.warm {
+            warm.put(conn);
         }
+    }
+}
+
+/// How long a lease's connection stays out of the pool unused before it
+/// goes back.
+const WARM_IDLE: Duration = Duration::from_millis(20);
+
+/// The most connections one lease backend keeps out of the pool.
+const WARM_MAX: usize = 8;
+
+/// The connections a lease backend keeps between its own claims and
+/// releases instead of handing them back to the pool after each: sqlx pings
+/// a connection when it is taken from the pool (`test_before_acquire`, on
+/// by default) and again, in a task of its own, when it is given back, so
+/// a one-statement claim or release costs three round trips through the
+/// pool and one here. A connection goes back to the pool once unused for
+/// [`WARM_IDLE`], and at once if the pool has no other connection idle (so
+/// keeping one never makes an application wait on the pool, nor the pool
+/// open a connection more); at most [`WARM_MAX`] are kept.
+pub(crate) struct Warm {
+    pool: MySqlPool,
+    idle: std::sync::Mutex<Vec<(PoolConnection<MySql>, Instant)>>,
+    /// A task gives back connections unused for [`WARM_IDLE`].
+    reaping: AtomicBool,
+}
+
+impl std::fmt::Debug for Warm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Warm").finish_non_exhaustive()
+    }
+}
+
+impl Warm {
+    pub(crate) fn new(pool: MySqlPool) -> Arc<Warm> {
+        Arc::new(Warm {
+            pool,
+            idle: std::sync::Mutex::default(),
+            reaping: AtomicBool::new(false),
+        })
+    }
+
+    /// The connection used last, if one is kept.
+    fn take(&self) -> Option<PoolConnection<MySql>> {
+        self.idle.lock().unwrap().pop().map(|(conn, _)| conn)
+    }
+
+    /// Keeps `conn` warm, or hands it back to the pool.
+    fn put(self: &Arc<Self>, conn: PoolConnection<MySql>) {
+        // Kept only while the pool has another connection idle: keeping it
+        // never leaves the pool short of one, nor makes it open one more.
+        let pool_short = self.pool.is_closed() || self.pool.num_idle() == 0;
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        {
+            let mut idle = self.idle.lock().unwrap();
+            if pool_short || idle.len() >= WARM_MAX {
+                drop(idle);
+                drop(conn);
+                return;
+            }
+            idle.push((conn, Instant::now()));
+        }
+        if self.reaping.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let weak = Arc::downgrade(self);
+        runtime.spawn(async move {
+            loop {
+                tokio::time::sleep(WARM_IDLE).await;
+                let Some(warm) = weak.upgrade() else { return };
+                let stale: Vec<_> = {
+                    let mut idle = warm.idle.lock().unwrap();
+                    let keep = idle.iter().position(|(_, at)| at.elapsed() < WARM_IDLE);
+                    // Oldest first: the ones before `keep` are stale.
+                    let stale = keep.unwrap_or(idle.len());
+                    idle.drain(..stale).collect()
+                };
+                drop(stale);
+                if !warm.idle.lock().unwrap().is_empty() {
+                    continue;
+                }
+                warm.reaping.store(false, Ordering::Release);
+                // A connection put back meanwhile found the flag still set.
+                if warm.idle.lock().unwrap().is_empty() || warm.reaping.swap(true, Ordering::AcqRel)
+                {
+                    return;
+                }
+            }
+        });
     }
 }
 

@@ -155,6 +155,15 @@ return out"
     ))
 });
 
+/// dblock's claim and release scripts, for the benchmark's "raw, same
+/// work" baseline (`benches/compare.rs`): the bench sends them by hand
+/// (EVALSHA) with the keys and arguments [`RedisStore`] gives them. Not a
+/// stable interface.
+#[doc(hidden)]
+pub fn bench_scripts() -> [&'static Script; 2] {
+    [&CLAIM, &RELEASE]
+}
+
 #[path = "permits.rs"]
 mod permits;
 

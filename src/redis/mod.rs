@@ -95,4 +95,6 @@
 mod lease;
 mod listen;
 
+#[doc(hidden)]
+pub use lease::bench_scripts;
 pub use lease::Lease;
