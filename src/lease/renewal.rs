@@ -496,7 +496,7 @@ impl<S: LeaseStore> Task<S> {
                     renewed = Empty,
                     took_s = Empty,
                 );
-                tokio::spawn(pending.run(items, deadlines).instrument(span));
+                tokio::spawn(pending.run(items, deadlines, span.clone()).instrument(span));
             }
             // Held strongly while leases are (see `inner`).
             match wake_at {
@@ -549,7 +549,9 @@ struct Pending<S: LeaseStore> {
 }
 
 impl<S: LeaseStore> Pending<S> {
-    async fn run(mut self, items: Vec<Renewal>, deadlines: Vec<Instant>) {
+    /// Renews the batch; `span` is its `renewal_batch` span (or none),
+    /// which gets the batch's figures.
+    async fn run(mut self, items: Vec<Renewal>, deadlines: Vec<Instant>, span: tracing::Span) {
         let inner = self.inner.clone();
         let started = Instant::now();
         let mut renewed = 0;
@@ -591,7 +593,6 @@ impl<S: LeaseStore> Pending<S> {
             .lock()
             .unwrap_or_else(PoisonError::into_inner) = (items.len(), took);
         inner.renewals.renewed.fetch_add(renewed, Relaxed);
-        let span = tracing::Span::current();
         if !span.is_disabled() {
             span.record("statements", statements);
             span.record("renewed", renewed);
