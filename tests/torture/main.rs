@@ -23,7 +23,7 @@
 //! - `DBLOCK_TORTURE_PHASES` — a comma list of
 //!   `torture,control,storm,input,schedule,election,semaphore,shared`
 //!   (`semaphore`: permits of semaphores of 3 under the same faults, on
-//!   every backend, Redis only with restarts; each permit's writes go
+//!   every backend, Redis restarted as in the lock run; each permit's writes go
 //!   through a fenced window of the 3 newest tokens; negative control, by
 //!   hand: `DBLOCK_TORTURE_SEMAPHORE_IGNORE_LOSS=1` makes the holders ignore
 //!   their loss, and the phase must fail; `shared`: readers beside writers
@@ -224,11 +224,7 @@ async fn controller(settings: Settings) -> Vec<Outcome> {
         }
     }
     if settings.phase("semaphore") {
-        // Redis runs restart the server.
-        for &kind in kinds
-            .iter()
-            .filter(|&&k| k != Kind::RedisLease || settings.restart)
-        {
+        for &kind in &kinds {
             let ok = timed("semaphore", torture::semaphore(kind, &settings)).await;
             outcomes.push(Outcome {
                 name: format!("semaphore {}", kind.label()),
@@ -237,11 +233,8 @@ async fn controller(settings: Settings) -> Vec<Outcome> {
         }
     }
     if settings.phase("shared") {
-        // Every backend has readers; Redis runs restart the server.
-        for &kind in kinds
-            .iter()
-            .filter(|&&k| k != Kind::RedisLease || settings.restart)
-        {
+        // Every backend has readers.
+        for &kind in &kinds {
             let ok = timed("shared", torture::shared(kind, &settings)).await;
             outcomes.push(Outcome {
                 name: format!("shared {}", kind.label()),

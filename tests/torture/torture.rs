@@ -75,8 +75,7 @@ pub async fn normal(kind: Kind, s: &Settings) -> bool {
 /// The semaphore mode: the workers take permits of semaphores of
 /// [`SEMAPHORE_PERMITS`] under every applicable fault; at most that many
 /// holders may believe they hold a name at any instant (unless a fault
-/// explains it), and tokens increase as for a lock. Redis is left out
-/// unless `DBLOCK_TORTURE_RESTART=1`: its runs restart the server.
+/// explains it), and tokens increase as for a lock.
 pub async fn semaphore(kind: Kind, s: &Settings) -> bool {
     let plan = holders_plan(kind, s, SEMAPHORE_PERMITS, false);
     let (report, dir) = run(&plan).await;
@@ -99,8 +98,7 @@ pub async fn semaphore(kind: Kind, s: &Settings) -> bool {
 /// writers, under every applicable fault; a writer may overlap nobody (as
 /// the holders believed it, unless a fault explains it), readers only each
 /// other, tokens increase as for a lock, the writers' fenced writes stay in
-/// order, and some readers must actually have shared a name. Redis is left
-/// out unless `DBLOCK_TORTURE_RESTART=1`: its runs restart the server.
+/// order, and some readers must actually have shared a name.
 pub async fn shared(kind: Kind, s: &Settings) -> bool {
     let plan = holders_plan(kind, s, 1, true);
     let (report, dir) = run(&plan).await;
@@ -118,7 +116,8 @@ pub async fn shared(kind: Kind, s: &Settings) -> bool {
 }
 
 /// The run of the semaphore and shared modes: every applicable fault,
-/// fencing on, the server restarted only when asked.
+/// fencing on, the server restarted only when asked (Redis always, as in
+/// the lock run: it is ours, and keeps nothing).
 fn holders_plan(kind: Kind, s: &Settings, permits: u32, shared: bool) -> Plan {
     let mut faults = vec![FaultKind::Kill, FaultKind::Stop];
     if kind.networked() {
@@ -131,7 +130,7 @@ fn holders_plan(kind: Kind, s: &Settings, permits: u32, shared: bool) -> Plan {
         fencing: true,
         watch_lost: true,
         faults,
-        restart: s.restart && kind.networked(),
+        restart: (s.restart && kind.networked()) || kind == Kind::RedisLease,
         every: Duration::from_millis(300),
         permits,
         shared,
