@@ -35,8 +35,9 @@ pub enum Error {
     /// that is not a plain identifier, ...).
     #[error("invalid option: {0}")]
     InvalidOption(String),
-    /// The database has no dblock schema yet.
-    #[error("the dblock schema is missing in this database: call `{migrate}` (or apply the SQL files in `migrations/{dir}/`) first")]
+    /// The database has no dblock schema yet, or one older than this
+    /// version of dblock (a table or column it needs is missing).
+    #[error("the dblock schema is missing or out of date in this database: call `{migrate}` (or apply the SQL files in `migrations/{dir}/`) first")]
     SchemaMissing {
         /// The function that creates the schema, e.g. `dblock::postgres::migrate`.
         migrate: &'static str,

@@ -1514,6 +1514,15 @@ async fn migrating_from_version_3_keeps_held_leases_and_tokens() {
     .await
     .unwrap();
 
+    // Before the upgrade, this version's claims name the migration to run
+    // rather than failing with a bare database error.
+    let before = Locks::new(Lease::new(pool.clone()))
+        .try_acquire("fresh")
+        .await;
+    assert!(
+        matches!(before, Err(dblock::Error::SchemaMissing { .. })),
+        "a claim on the old schema: {before:?}"
+    );
     migrate(&pool).await.unwrap();
     // Idempotent, as every step must be (MySQL cannot roll DDL back).
     sqlx::raw_sql(include_str!("../migrations/mysql/0004_shared_leases.sql"))

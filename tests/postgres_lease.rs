@@ -733,6 +733,15 @@ async fn migrating_from_version_4_keeps_held_leases_and_tokens() {
         .await
         .unwrap();
 
+    // Before the upgrade, this version's claims name the migration to run
+    // rather than failing with a bare database error.
+    let before = Locks::new(Lease::new(pool.clone()))
+        .try_acquire("fresh")
+        .await;
+    assert!(
+        matches!(before, Err(dblock::Error::SchemaMissing { .. })),
+        "a claim on the old schema: {before:?}"
+    );
     dblock::postgres::migrate(&pool).await.unwrap();
     let versions: Vec<i64> =
         sqlx::query_scalar("SELECT version FROM dblock_schema_migrations ORDER BY version")

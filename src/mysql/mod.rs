@@ -172,6 +172,8 @@ pub(crate) mod code {
     pub const DUP_ENTRY: u16 = 1062;
     /// `ER_NO_SUCH_TABLE`.
     pub const NO_SUCH_TABLE: u16 = 1146;
+    /// `ER_BAD_FIELD_ERROR`: an unknown column.
+    pub const BAD_FIELD: u16 = 1054;
     /// `ER_LOCK_WAIT_TIMEOUT`; also what MariaDB answers to `NOWAIT`.
     pub const LOCK_WAIT_TIMEOUT: u16 = 1205;
     /// `ER_LOCK_DEADLOCK`.
@@ -190,9 +192,14 @@ pub(crate) fn error_number(e: &sqlx::Error) -> Option<u16> {
     }
 }
 
-/// Maps "table doesn't exist" (1146) to [`Error::SchemaMissing`](crate::Error::SchemaMissing).
+/// Maps "table doesn't exist" (1146) and "unknown column" (1054: a schema
+/// older than this version of dblock) to
+/// [`Error::SchemaMissing`](crate::Error::SchemaMissing).
 pub(crate) fn map_err(e: sqlx::Error) -> crate::Error {
-    if error_number(&e) == Some(code::NO_SUCH_TABLE) {
+    if matches!(
+        error_number(&e),
+        Some(code::NO_SUCH_TABLE | code::BAD_FIELD)
+    ) {
         return SCHEMA_MISSING;
     }
     crate::Error::Database(e)

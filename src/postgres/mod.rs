@@ -49,10 +49,12 @@ pub(crate) async fn clock_timestamp(
         .map_err(map_err)
 }
 
-/// Maps "relation does not exist" (42P01) to [`Error::SchemaMissing`](crate::Error::SchemaMissing).
+/// Maps "relation does not exist" (42P01) and "column does not exist"
+/// (42703: a schema older than this version of dblock) to
+/// [`Error::SchemaMissing`](crate::Error::SchemaMissing).
 pub(crate) fn map_err(e: sqlx::Error) -> crate::Error {
     if let sqlx::Error::Database(db) = &e {
-        if db.code().as_deref() == Some("42P01") {
+        if matches!(db.code().as_deref(), Some("42P01" | "42703")) {
             return SCHEMA_MISSING;
         }
     }

@@ -15,10 +15,12 @@ pub(crate) const SCHEMA_MISSING: crate::Error = crate::Error::SchemaMissing {
     dir: "sqlite",
 };
 
-/// Maps "no such table" to [`Error::SchemaMissing`](crate::Error::SchemaMissing).
+/// Maps "no such table" and "no such column" (a schema older than this
+/// version of dblock) to [`Error::SchemaMissing`](crate::Error::SchemaMissing).
 pub(crate) fn map_err(e: sqlx::Error) -> crate::Error {
     if let sqlx::Error::Database(db) = &e {
-        if db.message().starts_with("no such table") {
+        let message = db.message();
+        if message.starts_with("no such table") || message.starts_with("no such column") {
             return SCHEMA_MISSING;
         }
     }
