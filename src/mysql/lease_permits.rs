@@ -48,6 +48,11 @@ pub(super) struct PermitSql {
     sweep: Arc<str>,
     inspect: Arc<str>,
     list: Arc<str>,
+    /// `inspect` and `list` as causal reads on Galera (`wsrep_sync_wait`):
+    /// they see every permit, extension and release committed on another
+    /// node before them, as the plain lease's reads do.
+    inspect_causal: Arc<str>,
+    list_causal: Arc<str>,
 }
 
 /// Whether the marker row is locked by waiting (renewals and releases,
@@ -59,10 +64,16 @@ impl PermitSql {
     pub(super) fn new(table: &str, holders: &str) -> Self {
         let (t, h) = (quote_table(table), quote_table(holders));
         let s = |sql: String| -> Arc<str> { sql.into() };
+        const CAUSAL: &str = "SET STATEMENT wsrep_sync_wait = 1 FOR";
         const AGGREGATE: &str =
             "SELECT name, COUNT(*) AS holders, MAX(max_holders) AS max_holders, \
                     MAX(token) AS token, GROUP_CONCAT(DISTINCT holder SEPARATOR ', ') AS holder, \
                     MIN(acquired_at) AS acquired_at, MAX(expires_at) AS expires_at";
+        let inspect = format!(
+            "{AGGREGATE} FROM {h} WHERE name = ? AND expires_at > UTC_TIMESTAMP(6) GROUP BY name"
+        );
+        let list =
+            format!("{AGGREGATE} FROM {h} WHERE expires_at > UTC_TIMESTAMP(6) GROUP BY name");
         PermitSql {
             // The marker, locked; the server clock for a new permit in passing.
             lock_marker: s(format!(
@@ -157,13 +168,10 @@ impl PermitSql {
                 "DELETE FROM {h} WHERE expires_at < UTC_TIMESTAMP(6) - INTERVAL ? MICROSECOND \
                   LIMIT {SWEEP_BATCH}"
             )),
-            inspect: s(format!(
-                "{AGGREGATE} FROM {h} WHERE name = ? AND expires_at > UTC_TIMESTAMP(6) \
-                  GROUP BY name"
-            )),
-            list: s(format!(
-                "{AGGREGATE} FROM {h} WHERE expires_at > UTC_TIMESTAMP(6) GROUP BY name"
-            )),
+            inspect: s(inspect.clone()),
+            list: s(list.clone()),
+            inspect_causal: s(format!("{CAUSAL} {inspect}")),
+            list_causal: s(format!("{CAUSAL} {list}")),
         }
     }
 }
@@ -364,14 +372,22 @@ impl MySqlStore {
         let Some(sql) = self.permits.as_ref() else {
             return Ok(None);
         };
-        Ok(self.permit_rows(&sql.inspect, Some(name)).await?.pop())
+        let sql = match self.checked().await? {
+            true => &sql.inspect_causal,
+            false => &sql.inspect,
+        };
+        Ok(self.permit_rows(sql, Some(name)).await?.pop())
     }
 
     pub(super) async fn list_permits(&self) -> Result<Vec<LockInfo>> {
         let Some(sql) = self.permits.as_ref() else {
             return Ok(Vec::new());
         };
-        self.permit_rows(&sql.list, None).await
+        let sql = match self.checked().await? {
+            true => &sql.list_causal,
+            false => &sql.list,
+        };
+        self.permit_rows(sql, None).await
     }
 
     pub(super) async fn sweep_permits(&self, grace: Duration) -> Result<u64> {
