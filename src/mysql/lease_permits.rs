@@ -84,7 +84,7 @@ impl PermitSql {
             )),
             count: s(format!(
                 "SELECT COUNT(*), MAX(max_holders) FROM {h} \
-                  WHERE name = ? AND expires_at > UTC_TIMESTAMP(6) LOCK IN SHARE MODE"
+                  WHERE name = ? AND expires_at > ? LOCK IN SHARE MODE"
             )),
             take: s(format!(
                 "INSERT INTO {h} (name, token, owner, holder, max_holders, acquired_at, expires_at) \
@@ -445,8 +445,12 @@ async fn claim_body(
     let now: NaiveDateTime = row.try_get(2)?;
     let until: NaiveDateTime = row.try_get(3)?;
     let writer_waiting: i64 = row.try_get(4)?;
+    // Counted at the marker's instant: judged a moment later, a permit
+    // that expires in between would leave the marker live with no permit
+    // counted, which reads as a plain lock.
     let counted = q(&sql.count)
         .bind(claim.name.as_bytes())
+        .bind(now)
         .fetch_one(&mut *c)
         .await?;
     let found = Found {
