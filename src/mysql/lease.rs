@@ -544,6 +544,10 @@ impl fmt::Debug for MySqlStore {
 /// duplicate key before it reports the name as busy.
 const MAX_RETRIES: u32 = 8;
 
+/// How many times a claim on a Galera node looks again at a row another
+/// transaction has locked (2 to 12 ms in all) before answering busy.
+const GALERA_BUSY_RETRIES: u32 = 2;
+
 /// What one claim transaction found.
 enum Attempt {
     Done(Option<Claimed>),
@@ -1099,6 +1103,7 @@ impl LeaseStore for MySqlStore {
         let one = claim.mode == LockMode::Exclusive && self.claims_in_one_statement().await?;
         let ttl_us = micros(claim.ttl);
         let mut retries = 0;
+        let mut busy_retries = 0;
         let mut created = 0;
         loop {
             let attempt = if one {
@@ -1125,6 +1130,15 @@ impl LeaseStore for MySqlStore {
             };
             match outcome {
                 Ok(()) => {}
+                // On Galera the row lock may be the applier's, applying a
+                // write set (a release, a sweep) that committed elsewhere
+                // just before: the causal BEGIN waits for it to be applied,
+                // not always for its locks to be gone. Look again briefly
+                // (a few ms in all) before answering busy.
+                Err(e) if is_lock_busy(&e) && causal && busy_retries < GALERA_BUSY_RETRIES => {
+                    busy_retries += 1;
+                    retry_pause(busy_retries).await;
+                }
                 // Another transaction holds the row lock: a concurrent claim
                 // deciding, a renewal, or a transaction in lock_in_tx.
                 Err(e) if is_lock_busy(&e) => return Ok(None),
