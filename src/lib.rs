@@ -59,7 +59,7 @@
 #[doc = include_str!("../README.md")]
 struct ReadmeDoctests;
 
-mod backend;
+pub mod backend;
 #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
 mod detach;
 mod election;
@@ -89,17 +89,28 @@ pub mod schedule;
 #[cfg(feature = "sqlite")]
 pub mod sqlite;
 
-pub use backend::{Backend, BoxFuture, Grant, HeldLock, LockStatus, PendingGrant};
+pub use backend::Backend;
+// Backend-author plumbing lives in `dblock::backend`; these keep the
+// crate's internal paths (`crate::Grant`, ...) working.
+#[allow(unused_imports)]
+pub(crate) use backend::{BoxFuture, Grant, HeldLock, LockStatus, PendingGrant};
 pub use election::{Election, Leader, Leadership, DEFAULT_ELECTION_TTL};
-pub use error::{Error, Result};
+pub use error::{Error, LostReason, Result};
 pub use guard::LockGuard;
 pub use info::LockInfo;
 pub use lease::LeaseOptions;
-#[doc(hidden)]
-pub use lease::RenewalStats;
+#[allow(unused_imports)]
+pub(crate) use lease::RenewalStats;
 pub use locks::{Acquire, Locks};
 pub use lost::LostSignal;
 pub use name::{validate_name, validate_table, MAX_NAME_LEN};
 #[cfg(feature = "postgres")]
 pub use postgres::advisory_key;
 pub use request::{AcquireRequest, LockMode, Wait, DEFAULT_TTL, MAX_HOLDERS};
+
+/// Hooks for dblock's own tests and benchmarks. **Not a public API**: no
+/// semver guarantee, may change or vanish in any release.
+#[doc(hidden)]
+pub mod __unstable {
+    pub use crate::lease::RenewalStats;
+}

@@ -199,8 +199,14 @@ impl Lease {
         Lease::assemble(self.pool, table, self.options, self.wakeups)
     }
 
-    /// Sets how waiting polls (see [`LeaseOptions`]): `max_poll` bounds how
-    /// late a waiter notices a release in another process.
+    /// Replaces the options (see [`LeaseOptions`]) after checking them:
+    /// [`Error::InvalidOption`](crate::Error::InvalidOption) unless
+    /// `0 < min_poll <= max_poll`. Like `with_options` on every backend, it
+    /// returns a new backend over the same pool and table: locks held through `self`
+    /// stay with `self` (configure the backend before taking locks).
+    ///
+    /// `max_poll` bounds how late a waiter notices a release in another
+    /// process.
     pub fn with_options(self, options: LeaseOptions) -> Result<Self> {
         Lease::assemble(self.pool, self.table, options, self.wakeups)
     }
