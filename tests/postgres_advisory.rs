@@ -8,7 +8,7 @@ mod suite;
 use std::time::Duration;
 
 use dblock::postgres::{advisory_key, Advisory, AdvisoryOptions, WaitStrategy};
-use dblock::{Error, Locks};
+use dblock::{Error, Locks, LostReason};
 use sqlx::postgres::PgPoolOptions;
 use sqlx::PgPool;
 use tokio::sync::{RwLock, RwLockReadGuard};
@@ -1125,7 +1125,14 @@ mod multiplexed {
         assert!(!gy.is_lost() && !gz.is_lost(), "collateral damage");
         let other = Locks::new(Advisory::new(pool(&url, 2).await));
         assert!(other.try_acquire(&x).await.unwrap().is_some());
-        assert!(matches!(gx.release().await, Err(Error::Lost { .. })));
+        assert_eq!(gx.lost_reason(), Some(LostReason::ForceReleased));
+        assert!(matches!(
+            gx.release().await,
+            Err(Error::Lost {
+                reason: LostReason::ForceReleased,
+                ..
+            })
+        ));
 
         // From another backend: the session holding y is terminated, and z
         // (on the same session) goes with it.
@@ -1134,6 +1141,12 @@ mod multiplexed {
             timeout(heartbeat * 2 + Duration::from_secs(1), g.lost())
                 .await
                 .expect("not lost within a heartbeat");
+            assert_eq!(
+                g.lost_reason(),
+                Some(LostReason::Terminated),
+                "{:?}",
+                g.lost_detail()
+            );
         }
         assert!(
             !locks.force_release(&y).await.unwrap(),
