@@ -150,11 +150,11 @@ async fn run(cfg: &Config) {
         let name = cfg.names.choose(&mut rand::rng()).unwrap().clone();
         log.event(Type::Invoke, "acquire", &name, None, None, "");
         let reader = cfg.shared && rand::rng().random_range(0..3) > 0;
-        let mut acquire = locks
-            .acquire(&name)
-            .ttl(cfg.ttl)
-            .wait(WAIT)
-            .max_holders(cfg.permits);
+        let mut acquire = locks.acquire(&name).wait(WAIT).max_holders(cfg.permits);
+        if cfg.endpoint.kind.lease() {
+            // Advisory locks have no lease length (and refuse one).
+            acquire = acquire.ttl(cfg.ttl);
+        }
         if reader {
             acquire = acquire.shared();
         }
