@@ -13,7 +13,8 @@
 //!   restarts ([`LockGuard::token`]).
 //! - **Loss is reported**: leases renew in the background and advisory
 //!   guards watch their connection; [`LockGuard::lost`] resolves when the
-//!   lock can no longer be vouched for.
+//!   lock can no longer be vouched for, and [`LockGuard::lost_reason`]
+//!   (like [`Error::Lost`]) says why, as a [`LostReason`] to match.
 //! - **Database time only** for every expiry decision.
 //! - **No leaks**: dropped guards and cancelled acquisitions never leave a
 //!   lock held, nor hand a locked connection back to the pool.
@@ -50,6 +51,7 @@
 //! ```
 //!
 //! See the README for the backends, the schema and the command-line tool.
+//! Writing a backend of your own: the [`backend`] module.
 #![forbid(unsafe_code)]
 #![deny(missing_docs, missing_debug_implementations)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
