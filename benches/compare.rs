@@ -1422,13 +1422,10 @@ async fn advisory(env: &Env, rows: &mut Vec<Row>) -> Res<Latency> {
         .ratio(raw_hops.p50.as_secs_f64() / raw.p50.as_secs_f64()),
     );
 
-    let poll = AdvisoryOptions {
-        wait: WaitStrategy::Poll {
-            min: LeaseOptions::default().min_poll,
-            max: LeaseOptions::default().max_poll,
-        },
-        ..AdvisoryOptions::default()
-    };
+    let poll = AdvisoryOptions::default().wait(WaitStrategy::Poll {
+        min: LeaseOptions::default().min_poll,
+        max: LeaseOptions::default().max_poll,
+    });
     let poll_holder = Locks::new(Advisory::new(pool.clone()).with_options(poll.clone())?);
     let poll_other = Locks::new(Advisory::new(other_pool.clone()).with_options(poll)?);
     let poll_cross = handoff(

@@ -19,7 +19,7 @@
 
 use std::time::Duration;
 
-use dblock::postgres::{lock_xact, Lease};
+use dblock::postgres::{lock_in_transaction, Lease};
 use dblock::schedule::{Job, Schedule, Slot};
 use dblock::{LockGuard, Locks};
 use sqlx::postgres::PgPoolOptions;
@@ -104,7 +104,7 @@ async fn run_job(
     let key = format!("{}@{}", slot.job(), slot.rfc3339());
     let mut tx = pool.begin().await?;
     // Serialise the ledger's writers for the length of this transaction.
-    lock_xact(&mut tx, "billing:ledger").await?;
+    lock_in_transaction(&mut tx, "billing:ledger").await?;
     sqlx::query("INSERT INTO example_ledger VALUES ($1, 100)")
         .bind(&key)
         .execute(&mut *tx)

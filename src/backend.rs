@@ -1,5 +1,14 @@
-//! The one trait every backend implements, and what a backend hands back
-//! for a granted lock.
+//! For backend authors: the trait every backend implements, and what a
+//! backend hands back for a granted lock.
+//!
+//! An application needs none of this beyond naming [`Backend`] (also at the
+//! crate root, since `Locks::new` takes one): it uses
+//! [`Locks`](crate::Locks), [`LockGuard`](crate::LockGuard) and the
+//! backends' own types. A new backend implements [`Backend`], answers an
+//! acquisition with a [`Grant`] built by [`Grant::new`] (or
+//! [`Grant::status`] and [`PendingGrant::grant`]) over its own
+//! [`HeldLock`], and reports renewals and loss through the [`LockStatus`]
+//! it keeps.
 
 use std::fmt;
 use std::future::Future;
@@ -9,7 +18,8 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use tokio::sync::watch;
 
-use crate::{AcquireRequest, LockInfo, Result};
+use crate::error::Loss;
+use crate::{AcquireRequest, LockInfo, LostReason, Result};
 
 /// A boxed, sendable future: what the object-safe traits return.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -89,7 +99,7 @@ pub trait HeldLock: Send + Sync + fmt::Debug {
 #[derive(Debug, Clone, Default)]
 pub(crate) struct State {
     pub(crate) expires_at: Option<DateTime<Utc>>,
-    pub(crate) lost: Option<String>,
+    pub(crate) lost: Option<Loss>,
     /// The guard holding the lock, as the facade told it, for reporting a
     /// loss.
     pub(crate) seen: crate::observe::Seen,
@@ -107,7 +117,8 @@ impl LockStatus {
         self.tx.send_modify(|s| s.expires_at = at);
     }
 
-    /// Marks the lock lost; the first reason given is kept.
+    /// Marks the lock lost, with its cause and what happened in words; the
+    /// first loss recorded is kept.
     ///
     /// Callers often hold an internal lock (a backend's registry) while
     /// they mark a loss, so the loss is not reported here (a `warn` event
@@ -115,19 +126,26 @@ impl LockStatus {
     /// or recorder that calls back into dblock would deadlock. It is
     /// reported by a task of its own (or at once when no runtime is at
     /// hand).
-    pub fn mark_lost(&self, reason: impl Into<String>) {
-        let reason = reason.into();
+    pub fn mark_lost(&self, reason: LostReason, detail: impl Into<String>) {
+        self.mark(Loss::new(reason, detail));
+    }
+
+    pub(crate) fn mark(&self, loss: Loss) {
         let mut first = None;
         self.tx.send_if_modified(|s| {
             if s.lost.is_none() {
-                s.lost = Some(reason.clone());
-                first = Some(reason);
+                s.lost = Some(loss.clone());
+                first = Some(loss);
                 true
             } else {
                 false
             }
         });
-        let Some(reason) = first else {
+        let Some(Loss {
+            reason: cause,
+            detail: reason,
+        }) = first
+        else {
             return;
         };
         let (backend, token, name, uncount) = {
@@ -141,16 +159,15 @@ impl LockStatus {
             )
         };
         let report = move || {
-            let cause = crate::observe::loss_cause(&reason);
             tracing::warn!(
                 backend,
                 name = name.as_deref(),
                 token,
-                cause,
+                cause = cause.as_str(),
                 %reason,
                 "dblock: lock lost"
             );
-            crate::observe::loss(backend, cause);
+            crate::observe::loss(backend, cause.as_str());
             if uncount {
                 crate::observe::not_held(backend);
             }
@@ -166,8 +183,18 @@ impl LockStatus {
         self.tx.borrow().lost.is_some()
     }
 
-    /// The reason the lock was marked lost, if it was.
-    pub fn lost_reason(&self) -> Option<String> {
+    /// Why the lock was marked lost, if it was.
+    pub fn lost_reason(&self) -> Option<LostReason> {
+        self.tx.borrow().lost.as_ref().map(|l| l.reason)
+    }
+
+    /// What happened, in words, if the lock was marked lost.
+    pub fn lost_detail(&self) -> Option<String> {
+        self.tx.borrow().lost.as_ref().map(|l| l.detail.clone())
+    }
+
+    /// The loss recorded, if any.
+    pub(crate) fn loss(&self) -> Option<Loss> {
         self.tx.borrow().lost.clone()
     }
 }

@@ -11,7 +11,7 @@ use tokio::sync::{watch, Notify};
 use crate::lease::renew_every;
 use crate::name::{validate_identity, validate_name};
 use crate::request::{MAX_DURATION, MIN_TTL};
-use crate::{Error, LockGuard, LockInfo, LockMode, Locks, LostSignal, Result};
+use crate::{Error, LockGuard, LockInfo, LockMode, Locks, LostReason, LostSignal, Result};
 
 /// The default lease length of an election's lock: a dead leader is
 /// replaced within about this long.
@@ -215,7 +215,7 @@ impl Election {
         let guard = self
             .locks
             .acquire(&*self.name)
-            .ttl(self.ttl)
+            .default_ttl(self.ttl)
             .holder(&*self.identity)
             .await?;
         let term = guard.token();
@@ -405,8 +405,14 @@ impl Leadership {
     }
 
     /// Why the lock was lost, once it is (`None` after a resignation).
-    pub fn lost_reason(&self) -> Option<String> {
+    pub fn lost_reason(&self) -> Option<LostReason> {
         self.seat.lost.reason()
+    }
+
+    /// What happened when the lock was lost, in words, once it is (`None`
+    /// after a resignation).
+    pub fn lost_detail(&self) -> Option<String> {
+        self.seat.lost.detail()
     }
 
     /// Resolves once this participant no longer leads (see

@@ -10,7 +10,8 @@ use tracing::field::Empty;
 use tracing::Instrument;
 
 use crate::backend::{HeldLock, State};
-use crate::{observe, Error, Grant, LockMode, LostSignal, Result};
+use crate::error::Loss;
+use crate::{observe, Error, Grant, LockMode, LostReason, LostSignal, Result};
 
 /// A held lock. Dropping it releases the lock in the background;
 /// [`release`](LockGuard::release) does the same and reports errors.
@@ -169,8 +170,19 @@ impl LockGuard {
         self.state.clone()
     }
 
-    /// Why the lock was lost, once it is.
-    pub fn lost_reason(&self) -> Option<String> {
+    /// Why the lock was lost, once it is: a cause to match on.
+    pub fn lost_reason(&self) -> Option<LostReason> {
+        self.state.borrow().lost.as_ref().map(|l| l.reason)
+    }
+
+    /// What happened when the lock was lost, in words, once it is (for
+    /// logs: the wording may change in any release).
+    pub fn lost_detail(&self) -> Option<String> {
+        self.state.borrow().lost.as_ref().map(|l| l.detail.clone())
+    }
+
+    /// The loss recorded, if any.
+    pub(crate) fn loss(&self) -> Option<Loss> {
         self.state.borrow().lost.clone()
     }
 
@@ -189,8 +201,8 @@ impl LockGuard {
                 "extend({by:?}): a lease length must lie between 100 ms and 366 days"
             )));
         }
-        if let Some(reason) = self.lost_reason() {
-            return Err(Error::lost(self.name(), reason));
+        if let Some(loss) = self.loss() {
+            return Err(Error::from_loss(self.name(), loss));
         }
         let held = self.held.as_ref().expect("held until release");
         held.extend(by).await
@@ -206,7 +218,7 @@ impl LockGuard {
     pub async fn release(mut self) -> Result<()> {
         let held = self.held.take().expect("held until release");
         let span = self.end();
-        let lost = self.lost_reason();
+        let lost = self.loss();
         let releasing = held.release();
         let outcome = if span.is_none() {
             releasing.await
@@ -229,16 +241,16 @@ impl LockGuard {
         result
     }
 
-    fn release_result(&self, lost: Option<String>, outcome: Result<()>) -> Result<()> {
+    fn release_result(&self, lost: Option<Loss>, outcome: Result<()>) -> Result<()> {
         match (lost, outcome) {
-            (Some(reason), _) => Err(Error::lost(self.name(), reason)),
+            (Some(loss), _) => Err(Error::from_loss(self.name(), loss)),
             (None, Ok(())) => Ok(()),
             // A release that failed because the lock was already gone (its
             // session terminated between two heartbeats, say) reports the
             // loss, not a bare database error: someone else may have held
             // the lock meanwhile.
-            (None, Err(e)) => match self.lost_reason() {
-                Some(reason) => Err(Error::lost(self.name(), reason)),
+            (None, Err(e)) => match self.loss() {
+                Some(loss) => Err(Error::from_loss(self.name(), loss)),
                 None => Err(e),
             },
         }

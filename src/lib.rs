@@ -13,7 +13,8 @@
 //!   restarts ([`LockGuard::token`]).
 //! - **Loss is reported**: leases renew in the background and advisory
 //!   guards watch their connection; [`LockGuard::lost`] resolves when the
-//!   lock can no longer be vouched for.
+//!   lock can no longer be vouched for, and [`LockGuard::lost_reason`]
+//!   (like [`Error::Lost`]) says why, as a [`LostReason`] to match.
 //! - **Database time only** for every expiry decision.
 //! - **No leaks**: dropped guards and cancelled acquisitions never leave a
 //!   lock held, nor hand a locked connection back to the pool.
@@ -50,6 +51,7 @@
 //! ```
 //!
 //! See the README for the backends, the schema and the command-line tool.
+//! Writing a backend of your own: the [`backend`] module.
 #![forbid(unsafe_code)]
 #![deny(missing_docs, missing_debug_implementations)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
@@ -59,7 +61,7 @@
 #[doc = include_str!("../README.md")]
 struct ReadmeDoctests;
 
-mod backend;
+pub mod backend;
 #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
 mod detach;
 mod election;
@@ -89,17 +91,28 @@ pub mod schedule;
 #[cfg(feature = "sqlite")]
 pub mod sqlite;
 
-pub use backend::{Backend, BoxFuture, Grant, HeldLock, LockStatus, PendingGrant};
+pub use backend::Backend;
+// Backend-author plumbing lives in `dblock::backend`; these keep the
+// crate's internal paths (`crate::Grant`, ...) working.
+#[allow(unused_imports)]
+pub(crate) use backend::{BoxFuture, Grant, HeldLock, LockStatus, PendingGrant};
 pub use election::{Election, Leader, Leadership, DEFAULT_ELECTION_TTL};
-pub use error::{Error, Result};
+pub use error::{Error, LostReason, Result};
 pub use guard::LockGuard;
 pub use info::LockInfo;
 pub use lease::LeaseOptions;
-#[doc(hidden)]
-pub use lease::RenewalStats;
+#[allow(unused_imports)]
+pub(crate) use lease::RenewalStats;
 pub use locks::{Acquire, Locks};
 pub use lost::LostSignal;
 pub use name::{validate_name, validate_table, MAX_NAME_LEN};
 #[cfg(feature = "postgres")]
 pub use postgres::advisory_key;
 pub use request::{AcquireRequest, LockMode, Wait, DEFAULT_TTL, MAX_HOLDERS};
+
+/// Hooks for dblock's own tests and benchmarks. **Not a public API**: no
+/// semver guarantee, may change or vanish in any release.
+#[doc(hidden)]
+pub mod __unstable {
+    pub use crate::lease::RenewalStats;
+}

@@ -9,9 +9,12 @@ use tracing::field::Empty;
 use tracing::Instrument;
 
 use crate::backend::BoxFuture;
+use crate::error::Loss;
 use crate::name::validate_name;
 use crate::observe::{self, Outcome};
-use crate::{AcquireRequest, Backend, Error, LockGuard, LockInfo, LockMode, Result, Wait};
+use crate::{
+    AcquireRequest, Backend, Error, LockGuard, LockInfo, LockMode, LostReason, Result, Wait,
+};
 
 /// The entry point: a cheap, cloneable handle on one lock [`Backend`].
 ///
@@ -67,6 +70,7 @@ impl Locks {
             request: AcquireRequest::new(name),
             wait: Wait::Forever,
             ttl: None,
+            default_ttl: None,
             mode: LockMode::Exclusive,
             hold_at_least: None,
             holder: None,
@@ -164,6 +168,9 @@ pub struct Acquire<'a> {
     request: Result<AcquireRequest>,
     wait: Wait,
     ttl: Option<Duration>,
+    /// A ttl set by dblock itself (elections): not refused where there are
+    /// no leases.
+    default_ttl: Option<Duration>,
     mode: LockMode,
     hold_at_least: Option<Duration>,
     holder: Option<String>,
@@ -183,10 +190,22 @@ impl fmt::Debug for Acquire<'_> {
 }
 
 impl<'a> Acquire<'a> {
-    /// The lease length (lease backends; default 30 s). Advisory locks last
-    /// as long as their connection and ignore it.
+    /// The lease length (lease backends; default 30 s): a holder that stops
+    /// renewing loses the lock this long after its last renewal. Must lie
+    /// between 100 ms and 366 days.
+    ///
+    /// A backend without leases (`postgres::Advisory`, whose locks last as
+    /// long as their session) cannot keep that promise and refuses an
+    /// explicit ttl with [`Error::Unsupported`], before anything is sent to
+    /// the database, as it refuses [`hold_at_least`](Self::hold_at_least).
     pub fn ttl(mut self, ttl: Duration) -> Self {
         self.ttl = Some(ttl);
+        self
+    }
+
+    /// A lease length that a backend without leases ignores (elections).
+    pub(crate) fn default_ttl(mut self, ttl: Duration) -> Self {
+        self.default_ttl = Some(ttl);
         self
     }
 
@@ -260,6 +279,8 @@ impl<'a> Acquire<'a> {
         }
         if let Some(ttl) = self.ttl {
             request = request.with_ttl(ttl)?;
+        } else if let Some(ttl) = self.default_ttl {
+            request = request.with_default_ttl(ttl)?;
         }
         if let Some(d) = self.hold_at_least {
             request = request.with_hold_at_least(d)?;
@@ -349,8 +370,11 @@ impl<'a> Acquire<'a> {
             out = work(&guard) => Some(out),
         };
         let Some(out) = out else {
-            let reason = guard.lost_reason().unwrap_or_else(|| "lost".into());
-            return Err(Error::lost(guard.name(), reason));
+            let loss = guard.loss().unwrap_or_else(|| {
+                // Not marked lost: its backend's keeper of the lock is gone.
+                Loss::new(LostReason::Other, "the lock's keeper ended")
+            });
+            return Err(Error::from_loss(guard.name(), loss));
         };
         guard.release().await?;
         Ok(out)

@@ -6,6 +6,7 @@ use std::fmt;
 use tokio::sync::watch;
 
 use crate::backend::State;
+use crate::LostReason;
 
 /// Fires once a lock is no longer held: lost (renewal failed or came too
 /// late, the connection died, the lock was broken), or released (its guard
@@ -66,10 +67,16 @@ impl LostSignal {
         gone(&self.lock) || gone(&self.guard)
     }
 
-    /// Why the lock was lost, where a reason was recorded (`None` while
+    /// Why the lock was lost, where a cause was recorded (`None` while
     /// held, and after a plain release).
-    pub fn reason(&self) -> Option<String> {
-        self.lock.borrow().lost.clone()
+    pub fn reason(&self) -> Option<LostReason> {
+        self.lock.borrow().lost.as_ref().map(|l| l.reason)
+    }
+
+    /// What happened when the lock was lost, in words, where it was
+    /// recorded (`None` while held, and after a plain release).
+    pub fn detail(&self) -> Option<String> {
+        self.lock.borrow().lost.as_ref().map(|l| l.detail.clone())
     }
 
     /// Resolves once the lock is no longer held; at once if it is not.

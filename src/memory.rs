@@ -50,8 +50,14 @@ impl Memory {
         }
     }
 
-    /// Sets how waiting polls (see [`LeaseOptions`]). In memory a release
-    /// wakes waiters at once, so this matters only for expiries.
+    /// Replaces the options (see [`LeaseOptions`]) after checking them:
+    /// [`Error::InvalidOption`](crate::Error::InvalidOption) unless
+    /// `0 < min_poll <= max_poll`. Like `with_options` on every backend, it
+    /// returns a new backend over the same locks (its clones and the new backend see the same names): locks held through `self`
+    /// stay with `self` (configure the backend before taking locks).
+    ///
+    /// In memory a release wakes waiters at once, so this matters only for
+    /// expiries.
     pub fn with_options(self, options: LeaseOptions) -> Result<Self> {
         // A fresh engine over the same locks, so that this works on a handle
         // that has been cloned (the engine's options cannot change under

@@ -18,13 +18,14 @@
 //! | `dblock_renewal_batch_size` | histogram | `backend` | leases renewed together in one background renewal batch |
 //! | `dblock_renewal_batch_seconds` | histogram | `backend` | how long a renewal batch took, all its statements together |
 //!
-//! Loss causes (`reason`), a fixed set:
+//! Loss causes (`reason`), a fixed set: [`LostReason::as_str`](crate::LostReason::as_str)
+//! of the cause the backend recorded.
 //!
 //! | reason | the lock was lost because |
 //! |---|---|
 //! | `expired` | the lease ran out before a renewal was confirmed (local deadline passed, or a release found it expired) |
 //! | `renewal_failed` | a renewal or heartbeat found the lock no longer ours: taken over after it ran out, or broken elsewhere |
-//! | `force_released` | it was broken by [`Locks::force_release`](crate::Locks::force_release) through the same backend |
+//! | `force_released` | it was broken by [`Locks::force_release`](crate::Locks::force_release) through the same advisory backend |
 //! | `terminated` | its advisory session was terminated (`pg_terminate_backend`) |
 //! | `connection_lost` | the connection that held it failed or stopped answering |
 //! | `runtime_shutdown` | the Tokio runtime that renewed it shut down |

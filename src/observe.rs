@@ -1,5 +1,5 @@
 //! What dblock tells an observer, in one place: the outcome of an
-//! acquisition, why a lock was lost (as a label), and the metrics (behind
+//! acquisition, and the metrics (behind
 //! the `metrics` feature; without it every recording here is an empty
 //! function).
 //!
@@ -43,31 +43,6 @@ impl Outcome {
             Outcome::Timeout => "timeout",
             Outcome::Error => "error",
         }
-    }
-}
-
-/// Why a lock was lost, as one of a small fixed set of labels, from the
-/// reason a backend gave [`LockStatus::mark_lost`](crate::LockStatus::mark_lost).
-/// The one place that maps loss messages to causes; a message it does not
-/// know is `other` (a unit test pins the known ones).
-pub(crate) fn loss_cause(reason: &str) -> &'static str {
-    let has = |s: &str| reason.contains(s);
-    if has("force_release") {
-        "force_released"
-    } else if has("runtime") && has("shut down") {
-        "runtime_shutdown"
-    } else if has("terminating connection") || has("57P01") || has("terminated") {
-        "terminated"
-    } else if has("taken over or broken") || has("no longer held") || has("lost or broken") {
-        // Renewal (or the heartbeat) found the lock no longer ours: it ran
-        // out and was taken, or an operator broke it.
-        "renewal_failed"
-    } else if has("deadline") || has("expired") {
-        "expired"
-    } else if has("holder session") || has("connection") || has("pooler") || has("Redis") {
-        "connection_lost"
-    } else {
-        "other"
     }
 }
 
@@ -209,62 +184,3 @@ mod record {
 }
 
 pub(crate) use record::{acquisition, hold, loss, not_held, renewal_batch};
-
-#[cfg(test)]
-mod tests {
-    use super::loss_cause;
-
-    /// Every loss message the backends give today, with its label. A new
-    /// message that lands on `other` shows up here.
-    #[test]
-    fn loss_messages_map_to_causes() {
-        let cases = [
-            ("the lock was broken by force_release", "force_released"),
-            (
-                "the runtime that ran this backend's lease renewal shut down",
-                "runtime_shutdown",
-            ),
-            (
-                "the holder session failed: error returned from database: \
-                 terminating connection due to administrator command",
-                "terminated",
-            ),
-            (
-                "the lease was taken over or broken: renewal found it no longer ours",
-                "renewal_failed",
-            ),
-            ("the session no longer held the advisory lock", "renewal_failed"),
-            ("the advisory lock was lost or broken before", "renewal_failed"),
-            (
-                "renewal did not complete before the local deadline",
-                "expired",
-            ),
-            (
-                "the lease was not renewed before its local deadline (ttl 1s minus a margin of 100ms)",
-                "expired",
-            ),
-            ("the lease had already expired or been taken over", "expired"),
-            (
-                "the release did not complete before the lease's local deadline; the lease runs out by its ttl",
-                "expired",
-            ),
-            (
-                "the holder session failed: pool timed out while waiting for an open connection",
-                "connection_lost",
-            ),
-            (
-                "the holder session of the advisory lock did not answer within 2s",
-                "connection_lost",
-            ),
-            (
-                "a statement on the holder session was abandoned before its answer",
-                "connection_lost",
-            ),
-            ("the holder session's task ended abnormally", "connection_lost"),
-            ("something new", "other"),
-        ];
-        for (reason, cause) in cases {
-            assert_eq!(loss_cause(reason), cause, "{reason}");
-        }
-    }
-}

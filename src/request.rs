@@ -97,6 +97,15 @@ impl AcquireRequest {
         Ok(self)
     }
 
+    /// Sets the lease length without marking it explicit: for dblock's own
+    /// callers (elections) that run on every backend, where a backend
+    /// without leases ignores it instead of refusing it.
+    pub(crate) fn with_default_ttl(self, ttl: Duration) -> Result<Self> {
+        let mut request = self.with_ttl(ttl)?;
+        request.ttl_set = false;
+        Ok(request)
+    }
+
     /// Sets how long to wait. A `Wait::For` longer than 366 days is refused.
     pub fn with_wait(mut self, wait: Wait) -> Result<Self> {
         if let Wait::For(d) = wait {

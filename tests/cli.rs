@@ -771,6 +771,42 @@ async fn in_terminal(dir: &Path, line: &str) -> String {
     format!("{}{}", stdout(&out), stderr(&out))
 }
 
+/// `--ttl` on an advisory lock, which has no lease length, is refused
+/// (exit 64, naming the lease backend) and the command does not run; the
+/// same command without it runs.
+#[tokio::test]
+async fn ttl_on_an_advisory_lock_exits_64() {
+    let db = Db::new(Backend::PgAdvisory).await;
+    let name = common::unique("advisory-ttl");
+    let ran = db.path(&format!("ran-{}", rand_suffix()));
+    let out = output(
+        db.dblock()
+            .args([
+                "run",
+                &name,
+                "--ttl",
+                "3s",
+                "--",
+                "sh",
+                "-c",
+                "echo > \"$RAN\"",
+            ])
+            .env("RAN", &ran),
+    )
+    .await;
+    assert_code(&out, 64);
+    assert!(stderr(&out).contains("ttl"), "{}", stderr(&out));
+    assert!(!ran.exists(), "the command ran");
+    let out = output(
+        db.dblock()
+            .args(["run", &name, "--", "sh", "-c", "echo > \"$RAN\""])
+            .env("RAN", &ran),
+    )
+    .await;
+    assert_code(&out, 0);
+    assert!(ran.exists(), "the command did not run");
+}
+
 /// Usage errors exit 64 without touching a database.
 #[tokio::test]
 async fn usage_errors_exit_64() {

@@ -25,10 +25,9 @@ const WHERE: &str = "DBLOCK_CROSS_WHERE";
 
 /// Polling far slower than the one-second bound the tests assert.
 fn slow() -> LeaseOptions {
-    LeaseOptions {
-        min_poll: Duration::from_secs(10),
-        max_poll: Duration::from_secs(10),
-    }
+    LeaseOptions::default()
+        .min_poll(Duration::from_secs(10))
+        .max_poll(Duration::from_secs(10))
 }
 
 async fn backend(kind: &str, place: &str, options: LeaseOptions) -> Locks {
@@ -281,10 +280,11 @@ async fn mysql_doorbell_watches_are_capped() {
     let waiter_pool = pool(2).await.unwrap();
     let waiter = Locks::new(
         dblock::mysql::Lease::new(waiter_pool.clone())
-            .with_options(LeaseOptions {
-                min_poll: Duration::from_secs(3),
-                max_poll: Duration::from_secs(3),
-            })
+            .with_options(
+                LeaseOptions::default()
+                    .min_poll(Duration::from_secs(3))
+                    .max_poll(Duration::from_secs(3)),
+            )
             .unwrap(),
     );
     // The watches of a test that just ended linger for a second.

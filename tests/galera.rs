@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use dblock::mysql::{lock_in_tx, migrate, Flavor, Lease};
+use dblock::mysql::{lock_in_transaction, migrate, Flavor, Lease};
 use dblock::{Error, Locks};
 use sqlx::mysql::MySqlPoolOptions;
 use sqlx::MySqlPool;
@@ -321,7 +321,7 @@ async fn abandoned_claim(pool: MySqlPool, name: &str) -> u64 {
     .unwrap()
 }
 
-/// `lock_in_tx` is refused on Galera (its row lock holds on one node only;
+/// `lock_in_transaction` is refused on Galera (its row lock holds on one node only;
 /// see `Engine::check_lock_in_tx`): `Unsupported`, nothing written, and the
 /// caller's transaction still usable.
 #[tokio::test]
@@ -329,13 +329,13 @@ async fn lock_in_tx_is_refused() {
     let pool = pool_on(0).await;
     let name = common::unique("tx-refused");
     let mut tx = pool.begin().await.unwrap();
-    let err = lock_in_tx(&mut tx, &name).await.unwrap_err();
+    let err = lock_in_transaction(&mut tx, &name).await.unwrap_err();
     assert!(
-        matches!(&err, Error::Unsupported { what, .. } if what.contains("lock_in_tx") && what.contains("Galera")),
+        matches!(&err, Error::Unsupported { what, .. } if what.contains("lock_in_transaction") && what.contains("Galera")),
         "{err:?}"
     );
     let err = Lease::new(pool.clone())
-        .lock_in_tx(&mut tx, &name, dblock::Wait::No)
+        .lock_in_transaction_with(&mut tx, &name, dblock::Wait::No)
         .await
         .unwrap_err();
     assert!(matches!(err, Error::Unsupported { .. }), "{err:?}");
@@ -350,7 +350,7 @@ async fn lock_in_tx_is_refused() {
         .fetch_one(&pool)
         .await
         .unwrap();
-    assert_eq!(rows, 0, "a refused lock_in_tx wrote its row");
+    assert_eq!(rows, 0, "a refused lock_in_transaction wrote its row");
 }
 
 /// Pauses the applier of `pool`'s node (`FLUSH TABLES WITH READ LOCK` on a

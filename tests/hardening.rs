@@ -140,8 +140,12 @@ async fn role_statement_timeout_lock_xact() {
     });
     let mut tx = app.begin().await.unwrap();
     let started = Instant::now();
-    let token =
-        dblock::postgres::lock_xact_with(&mut tx, &name, Wait::For(Duration::from_secs(3))).await;
+    let token = dblock::postgres::lock_in_transaction_with(
+        &mut tx,
+        &name,
+        Wait::For(Duration::from_secs(3)),
+    )
+    .await;
     assert!(
         matches!(token, Ok(Some(_))),
         "expected the lock, got {token:?}"
@@ -164,8 +168,12 @@ async fn role_statement_timeout_lock_xact() {
     let _held = holder.acquire(&name).await.unwrap();
     let mut tx = app.begin().await.unwrap();
     let started = Instant::now();
-    let late =
-        dblock::postgres::lock_xact_with(&mut tx, &name, Wait::For(Duration::from_secs(1))).await;
+    let late = dblock::postgres::lock_in_transaction_with(
+        &mut tx,
+        &name,
+        Wait::For(Duration::from_secs(1)),
+    )
+    .await;
     assert!(is_timeout(&late), "expected Error::Timeout, got {late:?}");
     assert!(started.elapsed() >= Duration::from_millis(950));
     let statement: String = sqlx::query_scalar("SELECT current_setting('statement_timeout')")
@@ -517,7 +525,7 @@ async fn a_claim_slower_than_the_margin_is_given_back() {
     assert!(locks.inspect(&name).await.unwrap().is_none());
 }
 
-// ---- MySQL/MariaDB: lock_in_tx leaves no settings behind. ----
+// ---- MySQL/MariaDB: lock_in_transaction leaves no settings behind. ----
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cancelled_lock_in_tx_leaves_the_connection_as_it_was() {
@@ -530,12 +538,14 @@ async fn a_cancelled_lock_in_tx_leaves_the_connection_as_it_was() {
         .unwrap();
     // Another transaction holds the name.
     let mut holder = other.begin().await.unwrap();
-    dblock::mysql::lock_in_tx(&mut holder, &name).await.unwrap();
+    dblock::mysql::lock_in_transaction(&mut holder, &name)
+        .await
+        .unwrap();
     // A bounded wait, dropped half-way.
     let mut tx = one.begin().await.unwrap();
     let cut = tokio::time::timeout(
         Duration::from_millis(500),
-        dblock::mysql::lock_in_tx_with(&mut tx, &name, Wait::For(Duration::from_secs(3))),
+        dblock::mysql::lock_in_transaction_with(&mut tx, &name, Wait::For(Duration::from_secs(3))),
     )
     .await;
     assert!(cut.is_err(), "the wait was cut short by the test");
@@ -575,7 +585,9 @@ async fn max_statement_time_does_not_cut_lock_in_tx_short() {
     let other = my_pool(2).await;
     let name = common::unique("lock-in-tx-statement-time");
     let mut holder = other.begin().await.unwrap();
-    dblock::mysql::lock_in_tx(&mut holder, &name).await.unwrap();
+    dblock::mysql::lock_in_transaction(&mut holder, &name)
+        .await
+        .unwrap();
     let commit = tokio::spawn(async move {
         sleep(Duration::from_secs(1)).await;
         holder.commit().await.unwrap();
@@ -583,7 +595,8 @@ async fn max_statement_time_does_not_cut_lock_in_tx_short() {
     let mut tx = limited.begin().await.unwrap();
     let started = Instant::now();
     let token =
-        dblock::mysql::lock_in_tx_with(&mut tx, &name, Wait::For(Duration::from_secs(3))).await;
+        dblock::mysql::lock_in_transaction_with(&mut tx, &name, Wait::For(Duration::from_secs(3)))
+            .await;
     assert!(
         matches!(token, Ok(Some(_))),
         "expected the lock, got {token:?}"
@@ -728,7 +741,7 @@ async fn mysql_rows_are_swept(pool: sqlx::MySqlPool) {
 
 /// A database on schema version 1 (rows never deleted), with rows and
 /// tokens, migrated to version 2: its names' tokens keep increasing,
-/// across a sweep too, and `lock_in_tx` of a swept name starts above it.
+/// across a sweep too, and `lock_in_transaction` of a swept name starts above it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mysql_migration_keeps_tokens_increasing() {
     use sqlx::mysql::{MySqlConnectOptions, MySqlPoolOptions};
@@ -795,8 +808,13 @@ async fn mysql_migration_keeps_tokens_increasing() {
     assert_eq!(b.token(), 43, "a swept name starts above the floor");
     b.release().await.unwrap();
     let mut tx = pool.begin().await.unwrap();
-    let t = dblock::mysql::lock_in_tx(&mut tx, "old:a").await.unwrap();
-    assert_eq!(t, 43, "lock_in_tx of a swept name starts above the floor");
+    let t = dblock::mysql::lock_in_transaction(&mut tx, "old:a")
+        .await
+        .unwrap();
+    assert_eq!(
+        t, 43,
+        "lock_in_transaction of a swept name starts above the floor"
+    );
     tx.rollback().await.unwrap();
 
     pool.close().await;

@@ -64,10 +64,11 @@ async fn with_options_on_a_cloned_handle_shares_the_locks() {
     let original = Memory::new();
     let clone = original.clone();
     let tuned = clone
-        .with_options(dblock::LeaseOptions {
-            min_poll: Duration::from_secs(30),
-            max_poll: Duration::from_secs(30),
-        })
+        .with_options(
+            dblock::LeaseOptions::default()
+                .min_poll(Duration::from_secs(30))
+                .max_poll(Duration::from_secs(30)),
+        )
         .expect("options on a cloned handle");
     let (a, b) = (Locks::new(original), Locks::new(tuned));
     let g = a.acquire("shared-state").await.unwrap();

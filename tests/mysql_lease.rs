@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::{DateTime, NaiveDateTime, Utc};
-use dblock::mysql::{lock_in_tx, lock_in_tx_with, migrate, Lease};
+use dblock::mysql::{lock_in_transaction, lock_in_transaction_with, migrate, Lease};
 use dblock::{Error, LeaseOptions, Locks, Wait};
 use sqlx::mysql::{MySqlConnection, MySqlPoolOptions};
 use sqlx::{Connection, MySqlPool, Row};
@@ -538,7 +538,7 @@ async fn a_deadlock_in_lock_in_tx_is_reported_and_leaves_nothing_open() {
     // Rows exist for both names.
     for n in [&a, &b] {
         let mut tx = pool.begin().await.unwrap();
-        lock_in_tx(&mut tx, n).await.unwrap();
+        lock_in_transaction(&mut tx, n).await.unwrap();
         tx.commit().await.unwrap();
     }
     let mut blocker = raw_conn().await;
@@ -563,9 +563,9 @@ async fn a_deadlock_in_lock_in_tx_is_reported_and_leaves_nothing_open() {
     }
 
     let mut tx = pool.begin().await.unwrap();
-    lock_in_tx(&mut tx, &a).await.unwrap();
+    lock_in_transaction(&mut tx, &a).await.unwrap();
     let ours = tokio::spawn(async move {
-        let r = lock_in_tx(&mut tx, &b).await;
+        let r = lock_in_transaction(&mut tx, &b).await;
         (r, tx)
     });
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -773,7 +773,10 @@ async fn schema_missing_and_bad_table_names() {
     assert!(is_missing(&locks.list().await.unwrap_err()));
     assert!(is_missing(&locks.force_release("x").await.unwrap_err()));
     let mut tx = pool.begin().await.unwrap();
-    let err = lease.lock_in_tx(&mut tx, "x", Wait::No).await.unwrap_err();
+    let err = lease
+        .lock_in_transaction_with(&mut tx, "x", Wait::No)
+        .await
+        .unwrap_err();
     assert!(is_missing(&err), "{err:?}");
     // The statement failed, not the transaction.
     sqlx::query("SELECT 1").execute(&mut *tx).await.unwrap();
@@ -784,10 +787,11 @@ async fn schema_missing_and_bad_table_names() {
         assert!(matches!(err, Error::InvalidOption(_)), "{bad:?}: {err:?}");
     }
     let err = Lease::new(pool.clone())
-        .with_options(LeaseOptions {
-            min_poll: Duration::from_millis(10),
-            max_poll: Duration::from_millis(1),
-        })
+        .with_options(
+            LeaseOptions::default()
+                .min_poll(Duration::from_millis(10))
+                .max_poll(Duration::from_millis(1)),
+        )
         .unwrap_err();
     assert!(matches!(err, Error::InvalidOption(_)));
 }
@@ -811,12 +815,13 @@ async fn a_custom_table_qualified_by_its_schema_works() {
             .unwrap();
     }
     let lease = Lease::new(pool.clone())
-        .with_table(&format!("{db}.{table}"))
+        .with_table(format!("{db}.{table}"))
         .unwrap()
-        .with_options(LeaseOptions {
-            min_poll: Duration::from_millis(2),
-            max_poll: Duration::from_millis(50),
-        })
+        .with_options(
+            LeaseOptions::default()
+                .min_poll(Duration::from_millis(2))
+                .max_poll(Duration::from_millis(50)),
+        )
         .unwrap();
     let locks = Locks::new(lease.clone());
     let name = common::unique("custom");
@@ -825,14 +830,17 @@ async fn a_custom_table_qualified_by_its_schema_works() {
     assert!(in_default.try_acquire(&name).await.unwrap().is_some());
     let mut tx = pool.begin().await.unwrap();
     assert_eq!(
-        lease.lock_in_tx(&mut tx, &name, Wait::No).await.unwrap(),
+        lease
+            .lock_in_transaction_with(&mut tx, &name, Wait::No)
+            .await
+            .unwrap(),
         None
     );
     tx.rollback().await.unwrap();
     guard.release().await.unwrap();
     let mut tx = pool.begin().await.unwrap();
     let token = lease
-        .lock_in_tx(&mut tx, &name, Wait::No)
+        .lock_in_transaction_with(&mut tx, &name, Wait::No)
         .await
         .unwrap()
         .expect("free");
@@ -848,7 +856,7 @@ async fn lock_in_tx_tokens_increase_with_leases() {
     let mut last = 0;
     for _ in 0..3 {
         let mut tx = pool.begin().await.unwrap();
-        let t = lock_in_tx(&mut tx, &name).await.unwrap();
+        let t = lock_in_transaction(&mut tx, &name).await.unwrap();
         assert!(t > last, "{t} after {last}");
         tx.commit().await.unwrap();
         last = t;
@@ -859,8 +867,8 @@ async fn lock_in_tx_tokens_increase_with_leases() {
     }
     // Re-entrant within a transaction, with a new token each time.
     let mut tx = pool.begin().await.unwrap();
-    let t1 = lock_in_tx(&mut tx, &name).await.unwrap();
-    let t2 = lock_in_tx_with(&mut tx, &name, Wait::No)
+    let t1 = lock_in_transaction(&mut tx, &name).await.unwrap();
+    let t2 = lock_in_transaction_with(&mut tx, &name, Wait::No)
         .await
         .unwrap()
         .unwrap();
@@ -869,11 +877,11 @@ async fn lock_in_tx_tokens_increase_with_leases() {
     last = t2;
     // Documented: a rolled-back transaction takes its increment with it.
     let mut tx = pool.begin().await.unwrap();
-    let t = lock_in_tx(&mut tx, &name).await.unwrap();
+    let t = lock_in_transaction(&mut tx, &name).await.unwrap();
     assert_eq!(t, last + 1);
     tx.rollback().await.unwrap();
     let mut tx = pool.begin().await.unwrap();
-    assert_eq!(lock_in_tx(&mut tx, &name).await.unwrap(), last + 1);
+    assert_eq!(lock_in_transaction(&mut tx, &name).await.unwrap(), last + 1);
     tx.commit().await.unwrap();
 }
 
@@ -885,7 +893,7 @@ async fn lock_in_tx_excludes_leases_and_other_transactions() {
 
     let before = floor(&pool).await;
     let mut tx = pool.begin().await.unwrap();
-    let t1 = lock_in_tx(&mut tx, &name).await.unwrap();
+    let t1 = lock_in_transaction(&mut tx, &name).await.unwrap();
     // Created by the transaction, above the floor.
     assert_first_token(&pool, before, t1).await;
     assert!(locks.try_acquire(&name).await.unwrap().is_none());
@@ -904,7 +912,7 @@ async fn lock_in_tx_excludes_leases_and_other_transactions() {
         tokio::spawn(async move {
             let mut tx2 = pool.begin().await.unwrap();
             let started = Instant::now();
-            let t = lock_in_tx_with(&mut tx2, &name, Wait::For(Duration::from_secs(10)))
+            let t = lock_in_transaction_with(&mut tx2, &name, Wait::For(Duration::from_secs(10)))
                 .await
                 .unwrap()
                 .unwrap();
@@ -951,7 +959,7 @@ async fn lock_in_tx_timeout_leaves_the_transaction_usable() {
         .execute(&mut *tx)
         .await
         .unwrap();
-    let err = lock_in_tx_with(&mut tx, &name, Wait::For(Duration::from_millis(300)))
+    let err = lock_in_transaction_with(&mut tx, &name, Wait::For(Duration::from_millis(300)))
         .await
         .unwrap_err();
     assert!(is_timeout(&err), "{err:?}");
@@ -973,7 +981,7 @@ async fn lock_in_tx_timeout_leaves_the_transaction_usable() {
     // 2. Held by another transaction: the server-side wait times out.
     let name = common::unique("tx-timeout-tx");
     let mut holder = pool.begin().await.unwrap();
-    lock_in_tx(&mut holder, &name).await.unwrap();
+    lock_in_transaction(&mut holder, &name).await.unwrap();
     let mut tx = pool.begin().await.unwrap();
     let before: u64 = sqlx::query_scalar("SELECT @@SESSION.innodb_lock_wait_timeout")
         .fetch_one(&mut *tx)
@@ -986,7 +994,7 @@ async fn lock_in_tx_timeout_leaves_the_transaction_usable() {
         .await
         .unwrap();
     let started = Instant::now();
-    let err = lock_in_tx_with(&mut tx, &name, Wait::For(Duration::from_millis(500)))
+    let err = lock_in_transaction_with(&mut tx, &name, Wait::For(Duration::from_millis(500)))
         .await
         .unwrap_err();
     assert!(is_timeout(&err), "{err:?}");
@@ -997,7 +1005,9 @@ async fn lock_in_tx_timeout_leaves_the_transaction_usable() {
     );
     let started = Instant::now();
     assert_eq!(
-        lock_in_tx_with(&mut tx, &name, Wait::No).await.unwrap(),
+        lock_in_transaction_with(&mut tx, &name, Wait::No)
+            .await
+            .unwrap(),
         None
     );
     // MariaDB does not wait at all; MySQL 8 waits its minimum of 1 s.
@@ -1038,7 +1048,7 @@ async fn lock_in_tx_outwaits_a_short_lease() {
         .unwrap();
     let mut tx = pool.begin().await.unwrap();
     let started = Instant::now();
-    let t = lock_in_tx_with(&mut tx, &name, Wait::For(Duration::from_secs(5)))
+    let t = lock_in_transaction_with(&mut tx, &name, Wait::For(Duration::from_secs(5)))
         .await
         .unwrap()
         .unwrap();
@@ -1058,11 +1068,11 @@ async fn lock_in_tx_rejects_bad_input_before_sending_anything() {
     let pool = pool().await;
     let mut tx = pool.begin().await.unwrap();
     assert!(matches!(
-        lock_in_tx(&mut tx, "").await,
+        lock_in_transaction(&mut tx, "").await,
         Err(Error::InvalidName(_))
     ));
     assert!(matches!(
-        lock_in_tx_with(&mut tx, "x", Wait::For(Duration::from_secs(u64::MAX / 4))).await,
+        lock_in_transaction_with(&mut tx, "x", Wait::For(Duration::from_secs(u64::MAX / 4))).await,
         Err(Error::InvalidOption(_))
     ));
     tx.rollback().await.unwrap();
@@ -1132,7 +1142,7 @@ async fn migrate_raced_by_eight_tasks() {
 /// MariaDB's `innodb_snapshot_isolation` (the default from 11.6) makes a
 /// locking read of a row changed since the transaction's snapshot fail with
 /// 1020 and roll the whole transaction back. dblock's own transactions and
-/// `lock_in_tx` called before any read never meet it.
+/// `lock_in_transaction` called before any read never meet it.
 #[tokio::test]
 async fn snapshot_isolation_is_never_tripped() {
     let mut probe = raw_conn().await;
@@ -1164,7 +1174,7 @@ async fn snapshot_isolation_is_never_tripped() {
                     .wait(Duration::from_secs(30))
                     .await
                     .unwrap();
-                // A transaction in lock_in_tx may outwait this lease (it
+                // A transaction in lock_in_transaction may outwait this lease (it
                 // cannot be renewed or released while the transaction holds
                 // the row): Lost is expected then, a database error never.
                 for outcome in [
@@ -1178,10 +1188,10 @@ async fn snapshot_isolation_is_never_tripped() {
             }
         }));
     }
-    // Transactions taking the name meanwhile, calling lock_in_tx first.
+    // Transactions taking the name meanwhile, calling lock_in_transaction first.
     for _ in 0..5 {
         let mut tx = pool.begin().await.unwrap();
-        lock_in_tx_with(&mut tx, &name, Wait::For(Duration::from_secs(30)))
+        lock_in_transaction_with(&mut tx, &name, Wait::For(Duration::from_secs(30)))
             .await
             .unwrap()
             .unwrap();
@@ -1194,7 +1204,7 @@ async fn snapshot_isolation_is_never_tripped() {
     assert_no_open_transactions(&ids).await;
 
     if supported {
-        // Documented: a read before lock_in_tx, then a change of the row,
+        // Documented: a read before lock_in_transaction, then a change of the row,
         // is the server's snapshot conflict, reported as such.
         let locks = Locks::new(Lease::new(pool.clone()));
         let mut tx = pool.begin().await.unwrap();
@@ -1204,7 +1214,7 @@ async fn snapshot_isolation_is_never_tripped() {
             .await
             .unwrap();
         locks.acquire(&name).await.unwrap().release().await.unwrap();
-        let err = lock_in_tx(&mut tx, &name).await.unwrap_err();
+        let err = lock_in_transaction(&mut tx, &name).await.unwrap_err();
         assert_eq!(db_code(&err), Some(1020), "{err:?}");
         drop(tx);
         assert_no_open_transactions(&ids).await;
@@ -1392,7 +1402,7 @@ mod batched {
     batch_suite!(MysqlHarness);
 }
 
-/// A transaction in `lock_in_tx` sitting on one lease's row does not hold
+/// A transaction in `lock_in_transaction` sitting on one lease's row does not hold
 /// up the batch: the locked row is skipped (that lease runs out and is
 /// reported lost), its neighbours go on being renewed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1404,12 +1414,12 @@ async fn a_row_locked_by_lock_in_tx_does_not_hold_up_the_batch() {
     let victim = 25;
     let before = (s.stats)();
     let pool = pool().await;
-    // lock_in_tx on the subject's own table: takes the row lock at once,
+    // lock_in_transaction on the subject's own table: takes the row lock at once,
     // then waits for the live lease to run out, and takes it over.
     let observer = Lease::new(pool.clone()).with_table(&s.table).unwrap();
     let mut tx = pool.begin().await.unwrap();
     let taken = observer
-        .lock_in_tx(
+        .lock_in_transaction_with(
             &mut tx,
             guards[victim].name(),
             Wait::For(Duration::from_secs(10)),

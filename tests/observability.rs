@@ -378,10 +378,7 @@ async fn terminate_holder(admin: &PgPool, name: &str) {
 fn advisory(pool: PgPool) -> Locks {
     Locks::new(
         Advisory::new(pool)
-            .with_options(AdvisoryOptions {
-                heartbeat: Duration::from_millis(300),
-                ..Default::default()
-            })
+            .with_options(AdvisoryOptions::default().heartbeat(Duration::from_millis(300)))
             .expect("valid options"),
     )
 }

@@ -8,7 +8,7 @@ mod suite;
 use std::time::Duration;
 
 use dblock::postgres::{advisory_key, Advisory, AdvisoryOptions, WaitStrategy};
-use dblock::{Error, Locks};
+use dblock::{Error, Locks, LostReason};
 use sqlx::postgres::PgPoolOptions;
 use sqlx::PgPool;
 use tokio::sync::{RwLock, RwLockReadGuard};
@@ -31,10 +31,9 @@ async fn share_lock_table() -> LockTableShare {
 use common::pg_pool as pool;
 
 fn options(wait: WaitStrategy) -> AdvisoryOptions {
-    AdvisoryOptions {
-        wait,
-        heartbeat: Duration::from_millis(200),
-    }
+    AdvisoryOptions::default()
+        .wait(wait)
+        .heartbeat(Duration::from_millis(200))
 }
 
 /// Terminates the server session `pid`; every one of `guards` (on it)
@@ -64,10 +63,11 @@ async fn terminate_and_see_lost(
 fn server_waits(pg: PgPool, sessions: usize, heartbeat: Duration) -> Locks {
     Locks::new(
         Advisory::new(pg)
-            .with_options(AdvisoryOptions {
-                wait: WaitStrategy::Server,
-                heartbeat,
-            })
+            .with_options(
+                AdvisoryOptions::default()
+                    .wait(WaitStrategy::Server)
+                    .heartbeat(heartbeat),
+            )
             .unwrap()
             .with_holder_sessions(sessions)
             .unwrap(),
@@ -309,10 +309,7 @@ async fn terminated_session_fires_lost_within_a_heartbeat() {
     let url = common::postgres_url().await;
     let heartbeat = Duration::from_millis(500);
     let backend = Advisory::new(pool(&url, 2).await)
-        .with_options(AdvisoryOptions {
-            heartbeat,
-            ..Default::default()
-        })
+        .with_options(AdvisoryOptions::default().heartbeat(heartbeat))
         .unwrap();
     let locks = Locks::new(backend);
     let name = common::unique("terminate");
@@ -344,10 +341,7 @@ async fn terminated_session_fires_lost_within_a_heartbeat() {
 async fn release_after_termination_reports_lost() {
     let url = common::postgres_url().await;
     let backend = Advisory::new(pool(&url, 2).await)
-        .with_options(AdvisoryOptions {
-            heartbeat: Duration::from_secs(3600),
-            ..Default::default()
-        })
+        .with_options(AdvisoryOptions::default().heartbeat(Duration::from_secs(3600)))
         .unwrap();
     let locks = Locks::new(backend);
     let name = common::unique("terminate-release");
@@ -447,7 +441,7 @@ async fn migrate_is_idempotent_and_safe_to_race() {
 
 mod xact {
     use super::*;
-    use dblock::postgres::{lock_xact, lock_xact_with};
+    use dblock::postgres::{lock_in_transaction, lock_in_transaction_with};
     use dblock::Wait;
 
     async fn setup() -> (PgPool, String, LockTableShare) {
@@ -471,18 +465,20 @@ mod xact {
         let (pg, name, _share) = setup().await;
         let locks = Locks::new(Advisory::new(pg.clone()));
         let mut tx = pg.begin().await.unwrap();
-        let t1 = lock_xact(&mut tx, &name).await.unwrap();
+        let t1 = lock_in_transaction(&mut tx, &name).await.unwrap();
         assert!(
             locks.try_acquire(&name).await.unwrap().is_none(),
             "session lock got in"
         );
         let mut other = pg.begin().await.unwrap();
         assert_eq!(
-            lock_xact_with(&mut other, &name, Wait::No).await.unwrap(),
+            lock_in_transaction_with(&mut other, &name, Wait::No)
+                .await
+                .unwrap(),
             None
         );
         tx.commit().await.unwrap();
-        let t2 = lock_xact_with(&mut other, &name, Wait::No)
+        let t2 = lock_in_transaction_with(&mut other, &name, Wait::No)
             .await
             .unwrap()
             .expect("free after commit");
@@ -507,7 +503,7 @@ mod xact {
             .await
             .unwrap();
         let started = tokio::time::Instant::now();
-        let e = lock_xact_with(&mut tx, &name, Wait::For(Duration::from_millis(300)))
+        let e = lock_in_transaction_with(&mut tx, &name, Wait::For(Duration::from_millis(300)))
             .await
             .unwrap_err();
         assert!(matches!(e, Error::Timeout { .. }), "{e:?}");
@@ -525,11 +521,11 @@ mod xact {
             .unwrap();
         // A bad name is refused without touching the transaction either.
         assert!(matches!(
-            lock_xact(&mut tx, "").await,
+            lock_in_transaction(&mut tx, "").await,
             Err(Error::InvalidName(_))
         ));
         g.release().await.unwrap();
-        let token = lock_xact_with(&mut tx, &name, Wait::For(Duration::from_secs(5)))
+        let token = lock_in_transaction_with(&mut tx, &name, Wait::For(Duration::from_secs(5)))
             .await
             .unwrap()
             .unwrap();
@@ -539,7 +535,7 @@ mod xact {
             .unwrap();
         assert_eq!(
             setting, "7s",
-            "lock_xact leaked its lock_timeout into the transaction"
+            "lock_in_transaction leaked its lock_timeout into the transaction"
         );
         sqlx::query("INSERT INTO dblock_test_xact VALUES ($1, $2, 'locked')")
             .bind(&name)
@@ -560,12 +556,12 @@ mod xact {
     async fn a_waiter_gets_the_lock_when_the_holder_commits() {
         let (pg, name, _share) = setup().await;
         let mut holder = pg.begin().await.unwrap();
-        lock_xact(&mut holder, &name).await.unwrap();
+        lock_in_transaction(&mut holder, &name).await.unwrap();
         let waiter = {
             let (pg, name) = (pg.clone(), name.clone());
             tokio::spawn(async move {
                 let mut tx = pg.begin().await.unwrap();
-                let t = lock_xact(&mut tx, &name).await.unwrap();
+                let t = lock_in_transaction(&mut tx, &name).await.unwrap();
                 tx.commit().await.unwrap();
                 t
             })
@@ -1129,7 +1125,14 @@ mod multiplexed {
         assert!(!gy.is_lost() && !gz.is_lost(), "collateral damage");
         let other = Locks::new(Advisory::new(pool(&url, 2).await));
         assert!(other.try_acquire(&x).await.unwrap().is_some());
-        assert!(matches!(gx.release().await, Err(Error::Lost { .. })));
+        assert_eq!(gx.lost_reason(), Some(LostReason::ForceReleased));
+        assert!(matches!(
+            gx.release().await,
+            Err(Error::Lost {
+                reason: LostReason::ForceReleased,
+                ..
+            })
+        ));
 
         // From another backend: the session holding y is terminated, and z
         // (on the same session) goes with it.
@@ -1138,6 +1141,12 @@ mod multiplexed {
             timeout(heartbeat * 2 + Duration::from_secs(1), g.lost())
                 .await
                 .expect("not lost within a heartbeat");
+            assert_eq!(
+                g.lost_reason(),
+                Some(LostReason::Terminated),
+                "{:?}",
+                g.lost_detail()
+            );
         }
         assert!(
             !locks.force_release(&y).await.unwrap(),
@@ -1626,13 +1635,14 @@ mod semaphore_waits {
         let slow = Duration::from_secs(10);
         let locks = Locks::new(
             Advisory::new(pool(&url, 4).await)
-                .with_options(AdvisoryOptions {
-                    wait: WaitStrategy::Poll {
-                        min: slow,
-                        max: slow,
-                    },
-                    heartbeat: Duration::from_secs(5),
-                })
+                .with_options(
+                    AdvisoryOptions::default()
+                        .wait(WaitStrategy::Poll {
+                            min: slow,
+                            max: slow,
+                        })
+                        .heartbeat(Duration::from_secs(5)),
+                )
                 .unwrap(),
         );
         let name = common::unique("sem-wake");

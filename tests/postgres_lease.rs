@@ -394,10 +394,11 @@ async fn notify_wakes_a_waiter_in_another_backend() {
     let waiter_pool = connect_with(options().await, 1).await;
     let waiter = Locks::new(
         Lease::new(waiter_pool)
-            .with_options(LeaseOptions {
-                min_poll: Duration::from_secs(5),
-                max_poll: Duration::from_secs(5),
-            })
+            .with_options(
+                LeaseOptions::default()
+                    .min_poll(Duration::from_secs(5))
+                    .max_poll(Duration::from_secs(5)),
+            )
             .unwrap(),
     );
     let name = common::unique("pg-lease-notify");

@@ -303,10 +303,9 @@ async fn a_stale_holder_can_neither_release_nor_extend_the_next_lease() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_release_wakes_a_waiter_in_another_process_at_once() {
     let p = prefix("wake");
-    let slow_poll = LeaseOptions {
-        min_poll: Duration::from_secs(20),
-        max_poll: Duration::from_secs(20),
-    };
+    let slow_poll = LeaseOptions::default()
+        .min_poll(Duration::from_secs(20))
+        .max_poll(Duration::from_secs(20));
     let holder = open(&p).await;
     let waiter = Locks::new(lease(&p).await.with_options(slow_poll).unwrap());
     for round in 0..3 {
@@ -337,10 +336,9 @@ async fn a_release_wakes_a_waiter_in_another_process_at_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn waiters_survive_a_killed_pubsub_connection() {
     let p = prefix("wake-kill");
-    let options = LeaseOptions {
-        min_poll: Duration::from_millis(50),
-        max_poll: Duration::from_secs(2),
-    };
+    let options = LeaseOptions::default()
+        .min_poll(Duration::from_millis(50))
+        .max_poll(Duration::from_secs(2));
     let holder = open(&p).await;
     let waiter = lease(&p).await.with_options(options).unwrap();
     let pubsub_name = format!("{}:sub", waiter.connection_name());
@@ -503,10 +501,11 @@ async fn bad_input_is_refused_before_anything_is_written() {
     // Options.
     let err = base
         .clone()
-        .with_options(LeaseOptions {
-            min_poll: Duration::ZERO,
-            max_poll: Duration::from_secs(1),
-        })
+        .with_options(
+            LeaseOptions::default()
+                .min_poll(Duration::ZERO)
+                .max_poll(Duration::from_secs(1)),
+        )
         .unwrap_err();
     assert!(matches!(err, Error::InvalidOption(_)), "{err:?}");
 

@@ -598,7 +598,7 @@ impl dblock::Backend for SlowClaims {
     fn acquire(
         &self,
         request: dblock::AcquireRequest,
-    ) -> dblock::BoxFuture<'_, dblock::Result<Option<dblock::Grant>>> {
+    ) -> dblock::backend::BoxFuture<'_, dblock::Result<Option<dblock::backend::Grant>>> {
         Box::pin(async move {
             // Slot claims only (`schedule:<job>@<slot>`), not the probe.
             if request.name().contains('@') {
@@ -610,13 +610,13 @@ impl dblock::Backend for SlowClaims {
     fn inspect<'a>(
         &'a self,
         name: &'a str,
-    ) -> dblock::BoxFuture<'a, dblock::Result<Option<dblock::LockInfo>>> {
+    ) -> dblock::backend::BoxFuture<'a, dblock::Result<Option<dblock::LockInfo>>> {
         self.0.inspect(name)
     }
-    fn list(&self) -> dblock::BoxFuture<'_, dblock::Result<Vec<dblock::LockInfo>>> {
+    fn list(&self) -> dblock::backend::BoxFuture<'_, dblock::Result<Vec<dblock::LockInfo>>> {
         self.0.list()
     }
-    fn now(&self) -> dblock::BoxFuture<'_, dblock::Result<DateTime<Utc>>> {
+    fn now(&self) -> dblock::backend::BoxFuture<'_, dblock::Result<DateTime<Utc>>> {
         self.0.now()
     }
 }

@@ -401,10 +401,9 @@ async fn lost_fires_before_the_file_expires_the_lease() {
 #[tokio::test]
 async fn two_opens_of_one_file_exclude_each_other_and_hand_over_at_once() {
     let dir = TempDir::new("sqlite-two");
-    let slow = LeaseOptions {
-        min_poll: Duration::from_secs(5),
-        max_poll: Duration::from_secs(5),
-    };
+    let slow = LeaseOptions::default()
+        .min_poll(Duration::from_secs(5))
+        .max_poll(Duration::from_secs(5));
     let a = Locks::new(Lease::open(dir.db()).await.unwrap());
     let b = Locks::new(
         Lease::open(dir.db())

@@ -3,11 +3,11 @@
 //!
 //! - PgBouncer in transaction pooling mode (`DBLOCK_TEST_PGBOUNCER_TX_URL`):
 //!   the behavioural suite on `postgres::Lease` with
-//!   `transaction_pooling(true)`, `lock_xact`, and `postgres::Advisory`
+//!   `transaction_pooling(true)`, `lock_in_transaction`, and `postgres::Advisory`
 //!   refusing with `Error::Unsupported` and leaving no lock behind;
 //! - PgBouncer in session pooling mode (`DBLOCK_TEST_PGBOUNCER_SESSION_URL`):
 //!   the behavioural suite on `postgres::Advisory` and `postgres::Lease`
-//!   (default settings), and `lock_xact`;
+//!   (default settings), and `lock_in_transaction`;
 //! - a primary and an asynchronous standby (`DBLOCK_TEST_PG_FAILOVER`, the
 //!   path of `pg.sh`): the standby is promoted after the primary made
 //!   commits it never shipped, and every token after the promotion is
@@ -26,7 +26,9 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use dblock::postgres::{advisory_key, lock_xact, lock_xact_with, Advisory, AdvisoryOptions, Lease};
+use dblock::postgres::{
+    advisory_key, lock_in_transaction, lock_in_transaction_with, Advisory, AdvisoryOptions, Lease,
+};
 use dblock::{Error, Locks, Wait};
 use sqlx::postgres::PgPoolOptions;
 use sqlx::PgPool;
@@ -74,10 +76,7 @@ fn unreachable_pool() -> PgPool {
 /// A backend with the settings the suite uses: a short heartbeat for
 /// advisory locks.
 fn advisory(pool: PgPool) -> Locks {
-    let options = AdvisoryOptions {
-        heartbeat: Duration::from_millis(200),
-        ..AdvisoryOptions::default()
-    };
+    let options = AdvisoryOptions::default().heartbeat(Duration::from_millis(200));
     Locks::new(Advisory::new(pool).with_options(options).unwrap())
 }
 
@@ -199,7 +198,7 @@ async fn named_statements_fail_through_a_transaction_pooler() {
     );
 }
 
-// ---- PgBouncer, transaction mode: lock_xact. ----
+// ---- PgBouncer, transaction mode: lock_in_transaction. ----
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn lock_xact_excludes_and_fences_through_a_transaction_pooler() {
@@ -214,14 +213,18 @@ async fn lock_xact_excludes_and_fences_through_a_session_pooler() {
 async fn lock_xact_excludes_and_fences(pool: PgPool) {
     let name = unique("xact-tx");
     let mut a = pool.begin().await.unwrap();
-    let t1 = lock_xact(&mut a, &name).await.expect("lock_xact");
+    let t1 = lock_in_transaction(&mut a, &name)
+        .await
+        .expect("lock_in_transaction");
     let mut b = pool.begin().await.unwrap();
     assert_eq!(
-        lock_xact_with(&mut b, &name, Wait::No).await.unwrap(),
+        lock_in_transaction_with(&mut b, &name, Wait::No)
+            .await
+            .unwrap(),
         None,
         "a second transaction got the lock"
     );
-    let err = lock_xact_with(&mut b, &name, Wait::For(Duration::from_millis(100)))
+    let err = lock_in_transaction_with(&mut b, &name, Wait::For(Duration::from_millis(100)))
         .await
         .unwrap_err();
     assert!(matches!(err, Error::Timeout { .. }), "{err:?}");
@@ -232,9 +235,9 @@ async fn lock_xact_excludes_and_fences(pool: PgPool) {
         .await
         .unwrap();
     a.commit().await.unwrap();
-    let t2 = lock_xact(&mut b, &name)
+    let t2 = lock_in_transaction(&mut b, &name)
         .await
-        .expect("lock_xact after commit");
+        .expect("lock_in_transaction after commit");
     assert!(t2 > t1, "{t2} <= {t1}");
     b.rollback().await.unwrap();
 
@@ -247,7 +250,7 @@ async fn lock_xact_excludes_and_fences(pool: PgPool) {
             let mut last = 0;
             for _ in 0..10 {
                 let mut tx = pool.begin().await.unwrap();
-                let token = lock_xact(&mut tx, &name).await.unwrap();
+                let token = lock_in_transaction(&mut tx, &name).await.unwrap();
                 assert!(token > last);
                 last = token;
                 assert!(!inside.swap(true, Ordering::SeqCst));
@@ -285,7 +288,7 @@ fn assert_refused(err: &Error) {
             for word in [
                 "transaction",
                 "postgres::Lease",
-                "lock_xact",
+                "lock_in_transaction",
                 "pool_mode=session",
             ] {
                 assert!(what.contains(word), "{word:?} not in {what:?}");
@@ -419,7 +422,7 @@ fn topology(verb: &str) {
 const PRIMARY: &str = "postgres://postgres@127.0.0.1:5433/postgres";
 const STANDBY: &str = "postgres://postgres@127.0.0.1:5434/postgres";
 
-/// Takes `n` tokens of each kind (advisory, lock_xact, lease) on `url`,
+/// Takes `n` tokens of each kind (advisory, lock_in_transaction, lease) on `url`,
 /// each kind on its own name; returns them all.
 async fn take_tokens(url: &str, names: &[String; 3], n: usize) -> Vec<u64> {
     let pool = pool(url, 4).await;
@@ -431,7 +434,11 @@ async fn take_tokens(url: &str, names: &[String; 3], n: usize) -> Vec<u64> {
         tokens.push(g.token());
         g.release().await.unwrap();
         let mut tx = pool.begin().await.unwrap();
-        tokens.push(lock_xact(&mut tx, &names[1]).await.expect("lock_xact"));
+        tokens.push(
+            lock_in_transaction(&mut tx, &names[1])
+                .await
+                .expect("lock_in_transaction"),
+        );
         tx.commit().await.unwrap();
         let g = lease
             .acquire(&names[2])
@@ -578,6 +585,7 @@ struct Write {
 /// fail over: the resource the locks protect).
 async fn contend(
     locks: Locks,
+    lease: bool,
     name: String,
     register: PgPool,
     reg: String,
@@ -585,12 +593,12 @@ async fn contend(
 ) -> Vec<Write> {
     let mut writes = Vec::new();
     while !stop.load(Ordering::SeqCst) {
-        let guard = match locks
-            .acquire(&name)
-            .ttl(Duration::from_secs(2))
-            .wait(Duration::from_secs(1))
-            .await
-        {
+        let mut acquire = locks.acquire(&name).wait(Duration::from_secs(1));
+        if lease {
+            // Advisory locks have no lease length (and refuse one).
+            acquire = acquire.ttl(Duration::from_secs(2));
+        }
+        let guard = match acquire.await {
             Ok(g) => g,
             Err(_) => {
                 tokio::time::sleep(Duration::from_millis(50)).await;
@@ -661,6 +669,7 @@ async fn failover_under_contention_accepts_no_stale_token() {
         };
         workers.push(tokio::spawn(contend(
             locks,
+            w % 2 == 1,
             run.clone(),
             register.clone(),
             reg,

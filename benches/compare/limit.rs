@@ -264,7 +264,7 @@ const SCALE_TTL: Duration = Duration::from_secs(60);
 const SCALE_CONCURRENCY: usize = 64;
 
 /// One backend's renewal counters.
-type Stats = Box<dyn Fn() -> dblock::RenewalStats + Send + Sync>;
+type Stats = Box<dyn Fn() -> dblock::__unstable::RenewalStats + Send + Sync>;
 
 /// Takes `n` leases through `locks`, then watches the renewal ticks until
 /// one renews all of them (or two renewal periods pass), and adds a row

@@ -286,7 +286,23 @@ pub(crate) const SWEEP_GRACE: Duration = Duration::from_secs(2);
 pub(crate) const SWEEP_BATCH: u64 = 10_000;
 
 /// How the lease machinery waits and renews; the defaults suit most uses.
+///
+/// Built from [`Default`] with the builder methods, so that options added
+/// later do not break existing code; given to `with_options` of any lease
+/// backend ([`memory::Memory`](crate::memory::Memory), `postgres::Lease`,
+/// `mysql::Lease`, `sqlite::Lease`, `redis::Lease`), which checks it.
+///
+/// ```
+/// use std::time::Duration;
+/// let options = dblock::LeaseOptions::default()
+///     .min_poll(Duration::from_millis(10))
+///     .max_poll(Duration::from_secs(1));
+/// let backend = dblock::memory::Memory::new().with_options(options)?;
+/// # let _ = backend;
+/// # Ok::<(), dblock::Error>(())
+/// ```
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct LeaseOptions {
     /// The first pause between two claim attempts while waiting; it doubles
     /// on each miss up to `max_poll` (and never beyond the ttl), with jitter.
@@ -294,6 +310,23 @@ pub struct LeaseOptions {
     /// The longest pause between two claim attempts while waiting: the
     /// bound on how late a waiter in another process notices a release.
     pub max_poll: Duration,
+}
+
+impl LeaseOptions {
+    /// Sets [`min_poll`](Self::min_poll): the first pause between two claim
+    /// attempts while waiting. Must be positive and at most `max_poll`
+    /// (checked by `with_options`).
+    pub fn min_poll(mut self, d: Duration) -> Self {
+        self.min_poll = d;
+        self
+    }
+
+    /// Sets [`max_poll`](Self::max_poll): the longest pause between two
+    /// claim attempts while waiting.
+    pub fn max_poll(mut self, d: Duration) -> Self {
+        self.max_poll = d;
+        self
+    }
 }
 
 impl Default for LeaseOptions {
@@ -686,6 +719,7 @@ async fn acquire<S: LeaseStore>(
             if out_of_time {
                 return Err(Error::lost(
                     name,
+                    crate::LostReason::Expired,
                     format!(
                         "the claim took {took:?}, past the lease's local deadline \
                          (ttl {ttl:?} minus its safety margin); it was given back"
@@ -773,7 +807,7 @@ macro_rules! lease_backend {
             /// statements, leases renewed. For tests and measurements; not
             /// a stable interface.
             #[doc(hidden)]
-            pub fn renewal_stats(&self) -> $crate::RenewalStats {
+            pub fn renewal_stats(&self) -> $crate::__unstable::RenewalStats {
                 self.engine.renewal_stats()
             }
         }

@@ -63,13 +63,19 @@ use tracing::Instrument;
 use super::{renew_every, safety_margin, Inner, LeaseStore, Renewal, Renewed};
 use crate::backend::{BoxFuture, HeldLock, LockStatus};
 use crate::detach::Detached;
-use crate::{Error, Result};
+use crate::error::Loss;
+use crate::{Error, LostReason, Result};
 
 type Id = u64;
 
 const GONE: &str = "the lease was taken over or broken: renewal found it no longer ours";
 const LATE: &str = "renewal did not complete before the local deadline";
 const RELEASED: &str = "the lease was released";
+
+/// Extending a lease that its guard released (or whose release began).
+fn released(name: &str) -> Error {
+    Error::lost(name, LostReason::Other, RELEASED)
+}
 
 /// Counters of a backend's batched background renewal: how many ticks and
 /// statements renewed how many leases. For tests and measurements.
@@ -244,11 +250,11 @@ impl Registry {
     }
 
     /// Marks a lease lost (unless it is being released) and unschedules it.
-    fn lose(&mut self, id: Id, reason: &str) {
+    fn lose(&mut self, id: Id, reason: LostReason, detail: &str) {
         self.unschedule(id);
         if let Some(e) = self.leases.get(&id) {
             if !e.released {
-                e.status.mark_lost(reason);
+                e.status.mark_lost(reason, detail);
             }
         }
     }
@@ -264,7 +270,7 @@ impl Registry {
             self.deadlines.pop_first();
             if let Some(e) = self.leases.get(&id) {
                 self.due.remove(&(e.next_renew, id));
-                e.status.mark_lost(format!(
+                e.status.mark_lost(LostReason::Expired, format!(
                     "the lease was not renewed before its local deadline (ttl {:?} minus a margin of {:?})",
                     e.ttl,
                     safety_margin(e.ttl)
@@ -532,6 +538,7 @@ impl<S: LeaseStore> Drop for Task<S> {
         for id in ids {
             reg.lose(
                 id,
+                LostReason::RuntimeShutdown,
                 "the runtime that ran this backend's lease renewal shut down",
             );
         }
@@ -689,8 +696,8 @@ fn apply<S: LeaseStore>(
                     );
                     renewed += 1;
                 }
-                Renewed::Gone => reg.lose(id, GONE),
-                Renewed::Unknown if deadline <= now => reg.lose(id, LATE),
+                Renewed::Gone => reg.lose(id, LostReason::RenewalFailed, GONE),
+                Renewed::Unknown if deadline <= now => reg.lose(id, LostReason::Expired, LATE),
                 Renewed::Unknown => reg.schedule(id, now + retry_pause(item.ttl), deadline),
             }
         }
@@ -735,13 +742,13 @@ async fn extend<S: LeaseStore>(
         {
             let mut reg = renewals.lock();
             let Some(e) = reg.leases.get_mut(&id) else {
-                return Err(Error::lost(&name, RELEASED));
+                return Err(released(&name));
             };
-            if let Some(reason) = e.status.lost_reason() {
-                return Err(Error::lost(&name, reason));
+            if let Some(loss) = e.status.loss() {
+                return Err(Error::from_loss(&name, loss));
             }
             if e.released {
-                return Err(Error::lost(&name, RELEASED));
+                return Err(released(&name));
             }
             if e.busy == Busy::Idle {
                 e.busy = Busy::Extend;
@@ -773,13 +780,13 @@ async fn extend<S: LeaseStore>(
 
     let mut reg = renewals.lock();
     let result = match reg.leases.get_mut(&id) {
-        None => Err(Error::lost(&name, RELEASED)),
+        None => Err(released(&name)),
         Some(e) => {
             e.busy = Busy::Idle;
-            let (next_renew, deadline, lost) = (e.next_renew, e.deadline, e.status.lost_reason());
+            let (next_renew, deadline, lost) = (e.next_renew, e.deadline, e.status.loss());
             match outcome {
                 Ok(Ok(Some(at))) => match lost {
-                    Some(reason) => Err(Error::lost(&name, reason)),
+                    Some(loss) => Err(Error::from_loss(&name, loss)),
                     None => {
                         e.ttl = by;
                         e.status.set_expires_at(Some(at));
@@ -793,16 +800,22 @@ async fn extend<S: LeaseStore>(
                     }
                 },
                 Ok(Ok(None)) => {
-                    reg.lose(id, GONE);
-                    Err(Error::lost(&name, lost.as_deref().unwrap_or(GONE)))
+                    reg.lose(id, LostReason::RenewalFailed, GONE);
+                    Err(Error::from_loss(
+                        &name,
+                        lost.unwrap_or_else(|| Loss::new(LostReason::RenewalFailed, GONE)),
+                    ))
                 }
                 Ok(Err(e)) => {
                     reg.schedule(id, next_renew, deadline);
                     Err(e)
                 }
                 Err(_) => {
-                    reg.lose(id, LATE);
-                    Err(Error::lost(&name, lost.as_deref().unwrap_or(LATE)))
+                    reg.lose(id, LostReason::Expired, LATE);
+                    Err(Error::from_loss(
+                        &name,
+                        lost.unwrap_or_else(|| Loss::new(LostReason::Expired, LATE)),
+                    ))
                 }
             }
         }
@@ -866,9 +879,9 @@ async fn release<S: LeaseStore>(inner: Arc<Inner<S>>, id: Id) -> Result<()> {
         Err(_) => {
             let reason = "the release did not complete before the lease's local deadline; the lease runs out by its ttl";
             if let Some(e) = renewals.lock().leases.get(&id) {
-                e.status.mark_lost(reason);
+                e.status.mark_lost(LostReason::Expired, reason);
             }
-            return Err(Error::lost(&name, reason));
+            return Err(Error::lost(&name, LostReason::Expired, reason));
         }
     };
     inner.wakeups.wake(&name);
@@ -878,9 +891,9 @@ async fn release<S: LeaseStore>(inner: Arc<Inner<S>>, id: Id) -> Result<()> {
         Ok(false) => {
             let reason = "the lease had already expired or been taken over";
             if let Some(e) = renewals.lock().leases.get(&id) {
-                e.status.mark_lost(reason);
+                e.status.mark_lost(LostReason::Expired, reason);
             }
-            Err(Error::lost(&name, reason))
+            Err(Error::lost(&name, LostReason::Expired, reason))
         }
         Err(e) => Err(e),
     };

@@ -107,7 +107,7 @@ impl Engine {
         Ok(())
     }
 
-    /// Whether [`lock_in_tx`](super::lock_in_tx) can keep its promise
+    /// Whether [`lock_in_transaction`](super::lock_in_transaction) can keep its promise
     /// here, or [`Error::Unsupported`] saying why not. Refused on Galera:
     /// the row lock it takes is local to one node, so a lease claim through
     /// another node is not excluded, and the cluster then aborts the
@@ -133,7 +133,7 @@ impl Engine {
 
 pub(crate) fn lock_in_tx_on_galera() -> Error {
     unsupported(
-        "lock_in_tx on a Galera cluster: its row lock holds on one node only, so a lease \
+        "lock_in_transaction on a Galera cluster: its row lock holds on one node only, so a lease \
          granted through another node is not excluded; use dblock::mysql::Lease (leases are \
          certified cluster-wide) and fence your writes with its token",
     )
@@ -237,7 +237,7 @@ mod tests {
                 assert!(e.check_leases().is_ok());
                 let err = e.check_lock_in_tx().unwrap_err();
                 assert!(
-                    matches!(&err, Error::Unsupported { what, .. } if what.contains("lock_in_tx")),
+                    matches!(&err, Error::Unsupported { what, .. } if what.contains("lock_in_transaction")),
                     "{err:?}"
                 );
                 let err = e.check_named_locks().unwrap_err();

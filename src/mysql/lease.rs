@@ -72,7 +72,7 @@ use permits::PermitSql;
 ///   to one node: there waiters poll. Bell connections lift
 ///   `max_statement_time` / `max_execution_time` for their own session.
 /// - Not re-entrant: a second acquisition of a held name waits.
-/// - A transaction holding the name through [`lock_in_tx`](super::lock_in_tx)
+/// - A transaction holding the name through [`lock_in_transaction`](super::lock_in_transaction)
 ///   excludes leases of that name until it ends. While it holds the row, a
 ///   lease of the name that was live before cannot be renewed (the batch
 ///   renewal skips the locked row; `extend` and release wait for the row
@@ -143,7 +143,9 @@ impl Lease {
     /// database's `dblock_token_floor` (migration 2) under `table` as given. Fails with
     /// [`Error::InvalidOption`](crate::Error::InvalidOption) unless the name
     /// is a plain identifier (see [`validate_table`]).
-    pub fn with_table(self, table: &str) -> Result<Self> {
+    pub fn with_table(self, table: impl Into<String>) -> Result<Self> {
+        let table = table.into();
+        let table = table.as_str();
         validate_table(table)?;
         let store = MySqlStore {
             bells: Arc::new(Bells::new(
@@ -161,9 +163,11 @@ impl Lease {
         Lease::build(store, self.options)
     }
 
-    /// Sets how waiting polls (see [`LeaseOptions`]). Fails with
+    /// Replaces the options (see [`LeaseOptions`]) after checking them:
     /// [`Error::InvalidOption`](crate::Error::InvalidOption) unless
-    /// `0 < min_poll <= max_poll`.
+    /// `0 < min_poll <= max_poll`. Like `with_options` on every backend, it
+    /// returns a new backend over the same pool and table: locks held through `self`
+    /// stay with `self` (configure the backend before taking locks).
     pub fn with_options(self, options: LeaseOptions) -> Result<Self> {
         Lease::build(self.engine.store().clone(), options)
     }
@@ -196,21 +200,36 @@ impl Lease {
         self.engine.store().engine().await.cloned()
     }
 
-    /// [`lock_in_tx_with`](super::lock_in_tx_with) on this backend's table:
+    /// [`lock_in_transaction_with`](super::lock_in_transaction_with) on this backend's table:
     /// locks `name` for the rest of `tx`, excluding this backend's leases of
     /// the same name, and returns a fencing token (`Ok(None)` for
     /// [`Wait::No`] when the name is held elsewhere).
     ///
     /// # Cancel safety
-    /// As for [`lock_in_tx_with`](super::lock_in_tx_with): if dropped, roll
+    /// As for [`lock_in_transaction_with`](super::lock_in_transaction_with): if dropped, roll
     /// the transaction back.
-    pub async fn lock_in_tx(
+    pub async fn lock_in_transaction_with(
         &self,
         tx: &mut Transaction<'_, MySql>,
         name: &str,
         wait: Wait,
     ) -> Result<Option<u64>> {
         super::xact::lock(tx, &self.engine.store().sql, name, wait).await
+    }
+
+    /// Renamed [`lock_in_transaction_with`](Self::lock_in_transaction_with),
+    /// after the free function it mirrors.
+    ///
+    /// # Cancel safety
+    /// As for [`lock_in_transaction_with`](Self::lock_in_transaction_with).
+    #[deprecated(since = "0.2.0", note = "renamed `lock_in_transaction_with`")]
+    pub async fn lock_in_tx(
+        &self,
+        tx: &mut Transaction<'_, MySql>,
+        name: &str,
+        wait: Wait,
+    ) -> Result<Option<u64>> {
+        self.lock_in_transaction_with(tx, name, wait).await
     }
 }
 
@@ -1334,9 +1353,7 @@ impl LeaseStore for MySqlStore {
         .await
         .map_err(map_err)?;
         DateTime::from_timestamp_micros(micros).ok_or_else(|| {
-            crate::Error::Database(sqlx::Error::Decode(
-                format!("database time {micros} µs is out of range").into(),
-            ))
+            crate::Error::internal(format!("database time {micros} µs is out of range"))
         })
     }
 

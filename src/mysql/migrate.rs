@@ -35,7 +35,7 @@ const LOCK_NAME: &str = "CONCAT('dblock:migrate:', SHA1(COALESCE(DATABASE(), '')
 
 /// Creates or updates dblock's schema in the pool's database: the lease
 /// table `dblock_leases` of [`Lease`](super::Lease) and
-/// [`lock_in_tx`](super::lock_in_tx).
+/// [`lock_in_transaction`](super::lock_in_transaction).
 ///
 /// Idempotent, and safe when many processes call it at once. MySQL cannot
 /// roll back DDL, so the steps are serialised with a named lock
@@ -63,9 +63,9 @@ pub async fn migrate(pool: &MySqlPool) -> Result<()> {
             // Another migrator has held it for a minute: keep waiting.
             Some(_) => tracing::info!("dblock: waiting for another process migrating the schema"),
             None => {
-                return Err(Error::Database(sqlx::Error::Protocol(
-                    "GET_LOCK returned NULL while serialising dblock::mysql::migrate".into(),
-                )))
+                return Err(Error::internal(
+                    "GET_LOCK returned NULL while serialising dblock::mysql::migrate",
+                ))
             }
         }
     }

@@ -1,5 +1,5 @@
 //! MySQL 8 and MariaDB 10.6+: the lease table ([`Lease`]), locks scoped to
-//! a transaction ([`lock_in_tx`], [`lock_in_tx_with`]) and the schema
+//! a transaction ([`lock_in_transaction`], [`lock_in_transaction_with`]) and the schema
 //! ([`migrate`]).
 //!
 //! # How a lease is kept
@@ -24,7 +24,7 @@
 //!   (which also reads the server's clock), `UPDATE`, `COMMIT`: four round
 //!   trips. Either way a row locked by someone else means the name is busy
 //!   right now (another claim is deciding, or a transaction holds it
-//!   through [`lock_in_tx`]); the claim never waits on the server.
+//!   through [`lock_in_transaction`]); the claim never waits on the server.
 //!   The first claim of a name creates the row with an `INSERT IGNORE`
 //!   outside the claim's transaction, in a short one of its own that reads
 //!   the token floor first (see **Sweep**), so that no gap lock is ever held
@@ -39,7 +39,7 @@
 //!   byte) with each row found by primary key; an `UPDATE` of exactly the
 //!   rows it locked, each to the clock read under the locks plus its own
 //!   ttl; `COMMIT`. Skipping locked rows matters: a transaction in
-//!   [`lock_in_tx`] may hold a lease's row for long, and waiting for it
+//!   [`lock_in_transaction`] may hold a lease's row for long, and waiting for it
 //!   would stall every lease of the batch; the skipped lease is simply not
 //!   renewed (a plain read after the transaction tells it from a lease that
 //!   is gone), and runs out as before. A batch larger than half the
@@ -57,7 +57,7 @@
 //!   floor raised to the highest of their tokens, and a `DELETE` of exactly
 //!   those rows. A new name's row starts at the floor, read under a share
 //!   lock in the short transaction that inserts it (and in
-//!   [`lock_in_tx`], which therefore holds back sweeps of its table until
+//!   [`lock_in_transaction`], which therefore holds back sweeps of its table until
 //!   its transaction ends), so a name's token never goes back. The floor
 //!   table is `dblock_token_floor` of the pool's database, keyed by the
 //!   lease table's name as given. Tokens are never drawn from a counter
@@ -102,7 +102,7 @@
 //!   tokens still refuse the superseded holder's writes.
 //! - Refused with [`Error::Unsupported`](crate::Error::Unsupported): a
 //!   pool whose sessions run `SET wsrep_on = OFF` (its lease rows would not
-//!   replicate), and [`lock_in_tx`] (see [`Engine::check_lock_in_tx`]):
+//!   replicate), and [`lock_in_transaction`] (see [`Engine::check_lock_in_tx`]):
 //!   its row lock holds on one node only, so a lease claim through another
 //!   node is not excluded; the cluster then aborts the transaction, and
 //!   MariaDB 10.11 does not always report that abort (a prepared statement
@@ -144,6 +144,8 @@ pub use engine::{engine, Engine, Flavor};
 pub use lease::bench_claim_release_sql;
 pub use lease::Lease;
 pub use migrate::migrate;
+pub use xact::{lock_in_transaction, lock_in_transaction_with};
+#[allow(deprecated)]
 pub use xact::{lock_in_tx, lock_in_tx_with};
 
 use std::sync::atomic::{AtomicBool, Ordering};

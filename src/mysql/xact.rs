@@ -1,4 +1,4 @@
-//! Locks held by the caller's transaction: [`lock_in_tx`].
+//! Locks held by the caller's transaction: [`lock_in_transaction`].
 
 use std::sync::LazyLock;
 use std::time::Duration;
@@ -35,13 +35,13 @@ static HOLDER: LazyLock<String> = LazyLock::new(|| {
 
 /// Locks `name` until the end of `tx` (its `COMMIT` or `ROLLBACK`) and
 /// returns a fencing token; waits as long as it takes. See
-/// [`lock_in_tx_with`] for the details and a bounded wait.
+/// [`lock_in_transaction_with`] for the details and a bounded wait.
 ///
 /// # Cancel safety
 /// Not cancel safe: if dropped, the transaction may or may not hold the
 /// lock; roll it back (dropping a `Transaction` does) to be sure it holds
 /// nothing.
-pub async fn lock_in_tx(tx: &mut Transaction<'_, MySql>, name: &str) -> Result<u64> {
+pub async fn lock_in_transaction(tx: &mut Transaction<'_, MySql>, name: &str) -> Result<u64> {
     match lock(tx, &DEFAULT_SQL, name, Wait::Forever).await? {
         Some(token) => Ok(token),
         None => unreachable!("a lock waited for forever is granted or fails"),
@@ -65,7 +65,7 @@ pub async fn lock_in_tx(tx: &mut Transaction<'_, MySql>, name: &str) -> Result<u
 /// name's row in `dblock_leases`, so it shares names, and tokens, with
 /// [`Lease`](super::Lease): while the transaction holds the row, lease
 /// acquisitions of the name see it as held; a live lease of the name makes
-/// this function wait. Use [`Lease::lock_in_tx`](super::Lease::lock_in_tx)
+/// this function wait. Use [`Lease::lock_in_transaction_with`](super::Lease::lock_in_transaction_with)
 /// for a lease table other than `dblock_leases`.
 ///
 /// - **Token.** The returned token is greater than every token handed out
@@ -118,7 +118,7 @@ pub async fn lock_in_tx(tx: &mut Transaction<'_, MySql>, name: &str) -> Result<u
 /// # async fn demo(pool: sqlx::MySqlPool) -> dblock::Result<()> {
 /// use std::time::Duration;
 /// let mut tx = pool.begin().await?;
-/// let token = dblock::mysql::lock_in_tx_with(&mut tx, "invoice:42", dblock::Wait::For(Duration::from_secs(5)))
+/// let token = dblock::mysql::lock_in_transaction_with(&mut tx, "invoice:42", dblock::Wait::For(Duration::from_secs(5)))
 ///     .await?
 ///     .expect("a bounded wait either locks or fails with Error::Timeout");
 /// sqlx::query("UPDATE invoices SET fence = ? WHERE id = 42").bind(token).execute(&mut *tx).await?;
@@ -136,7 +136,7 @@ pub async fn lock_in_tx(tx: &mut Transaction<'_, MySql>, name: &str) -> Result<u
 /// bounded wait for another transaction may leave the session's
 /// `innodb_lock_wait_timeout` shortened (and `@dblock_lock_wait` set):
 /// close such a connection rather than reuse it.
-pub async fn lock_in_tx_with(
+pub async fn lock_in_transaction_with(
     tx: &mut Transaction<'_, MySql>,
     name: &str,
     wait: Wait,
@@ -312,4 +312,27 @@ async fn take_row(
     outcome?;
     restored?;
     Ok(())
+}
+
+/// Renamed [`lock_in_transaction`]: the same name on PostgreSQL and MySQL.
+///
+/// # Cancel safety
+/// As for [`lock_in_transaction`].
+#[deprecated(since = "0.2.0", note = "renamed `lock_in_transaction`")]
+pub async fn lock_in_tx(tx: &mut Transaction<'_, MySql>, name: &str) -> Result<u64> {
+    lock_in_transaction(tx, name).await
+}
+
+/// Renamed [`lock_in_transaction_with`]: the same name on PostgreSQL and
+/// MySQL.
+///
+/// # Cancel safety
+/// As for [`lock_in_transaction_with`].
+#[deprecated(since = "0.2.0", note = "renamed `lock_in_transaction_with`")]
+pub async fn lock_in_tx_with(
+    tx: &mut Transaction<'_, MySql>,
+    name: &str,
+    wait: Wait,
+) -> Result<Option<u64>> {
+    lock_in_transaction_with(tx, name, wait).await
 }

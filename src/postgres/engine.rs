@@ -50,7 +50,7 @@ pub(crate) fn transaction_pooler() -> Error {
                (PgBouncer pool_mode=transaction, Supavisor, RDS Proxy): this connection's \
                statements do not all run on one server session, so a lock would stay on a \
                server connection other clients use. Use postgres::Lease (with \
-               transaction_pooling(true)), postgres::lock_xact inside a transaction, or a \
+               transaction_pooling(true)), postgres::lock_in_transaction inside a transaction, or a \
                session-pooling port (pool_mode=session) or a direct connection"
             .to_owned(),
     }

@@ -45,7 +45,7 @@ const DEFAULT_TABLE: &str = "dblock_leases";
 /// statement: client clocks never decide who holds a lock.
 ///
 /// - **Fencing tokens** come from the sequence `dblock_fencing_seq`, shared
-///   with [`Advisory`](super::Advisory) and [`lock_xact`](super::lock_xact),
+///   with [`Advisory`](super::Advisory) and [`lock_in_transaction`](super::lock_in_transaction),
 ///   with the server's timeline in the high bits (failover-safe: see the
 ///   crate's failover notes): each grant's token is greater than every token
 ///   handed out before it in the database, so it increases per name whatever
@@ -147,9 +147,14 @@ impl Lease {
         Lease::assemble(self.pool, table, self.options, self.pooled)
     }
 
-    /// Sets how waiting polls (see [`LeaseOptions`]). With LISTEN/NOTIFY
-    /// working, `max_poll` bounds only how late an expiry (not a release)
-    /// is noticed.
+    /// Replaces the options (see [`LeaseOptions`]) after checking them:
+    /// [`Error::InvalidOption`](crate::Error::InvalidOption) unless
+    /// `0 < min_poll <= max_poll`. Like `with_options` on every backend, it
+    /// returns a new backend over the same pool and table: locks held through `self`
+    /// stay with `self` (configure the backend before taking locks).
+    ///
+    /// With LISTEN/NOTIFY working, `max_poll` bounds only how late an
+    /// expiry (not a release) is noticed.
     pub fn with_options(self, options: LeaseOptions) -> Result<Self> {
         Lease::assemble(self.pool, self.table, options, self.pooled)
     }

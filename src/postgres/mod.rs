@@ -1,5 +1,5 @@
 //! PostgreSQL: session-level advisory locks ([`Advisory`]), the lease table
-//! ([`Lease`]), transaction-scoped locks ([`lock_xact`]) and the schema
+//! ([`Lease`]), transaction-scoped locks ([`lock_in_transaction`]) and the schema
 //! ([`migrate`]).
 
 mod advisory;
@@ -15,6 +15,8 @@ pub use advisory::{Advisory, AdvisoryOptions, WaitStrategy};
 pub use key::advisory_key;
 pub use lease::Lease;
 pub use migrate::migrate;
+pub use xact::{lock_in_transaction, lock_in_transaction_with};
+#[allow(deprecated)]
 pub use xact::{lock_xact, lock_xact_with};
 
 pub(crate) const SCHEMA_MISSING: crate::Error = crate::Error::SchemaMissing {

@@ -1,9 +1,9 @@
 //! Failover-safe fencing tokens: the one place where PostgreSQL tokens are
-//! made, for the advisory locks, `lock_xact` and the lease table alike.
+//! made, for the advisory locks, `lock_in_transaction` and the lease table alike.
 //!
 //! A token is computed in SQL, in the statement that takes the lock, from a
 //! *raw* value (the next value of `dblock_fencing_seq`, which advisory locks,
-//! `lock_xact` and leases all draw from, so the tokens of a name increase
+//! `lock_in_transaction` and leases all draw from, so the tokens of a name increase
 //! whichever kind of holder came before, and a lease row can be deleted
 //! without its name's tokens starting over) and the server's current
 //! **timeline**:
@@ -46,7 +46,7 @@ pub(crate) fn token_sql(raw: &str) -> String {
     )
 }
 
-/// The token of the shared fencing sequence (advisory locks and `lock_xact`).
+/// The token of the shared fencing sequence (advisory locks and `lock_in_transaction`).
 pub(crate) fn sequence_token() -> String {
     token_sql("nextval('dblock_fencing_seq')")
 }

@@ -68,7 +68,7 @@ fn is_undefined_function(e: &sqlx::Error) -> bool {
 /// ```no_run
 /// # async fn job(pool: sqlx::PgPool) -> dblock::Result<()> {
 /// let mut tx = pool.begin().await?;
-/// let token = dblock::postgres::lock_xact(&mut tx, "billing:2026-11-24").await?;
+/// let token = dblock::postgres::lock_in_transaction(&mut tx, "billing:2026-11-24").await?;
 /// sqlx::query("UPDATE invoices SET fence = $1 WHERE fence < $1").bind(token as i64).execute(&mut *tx).await?;
 /// tx.commit().await?; // releases the lock
 /// # Ok(()) }
@@ -79,21 +79,21 @@ fn is_undefined_function(e: &sqlx::Error) -> bool {
 /// time the transaction is used (sqlx first waits for the pending
 /// statement), which releases the lock if it was granted meanwhile. The
 /// caller's transaction stays usable.
-pub async fn lock_xact(tx: &mut Transaction<'_, Postgres>, name: &str) -> Result<u64> {
-    match lock_xact_with(tx, name, Wait::Forever).await? {
+pub async fn lock_in_transaction(tx: &mut Transaction<'_, Postgres>, name: &str) -> Result<u64> {
+    match lock_in_transaction_with(tx, name, Wait::Forever).await? {
         Some(token) => Ok(token),
         None => unreachable!("a lock waited for forever is granted or fails"),
     }
 }
 
-/// [`lock_xact`] with a bound on the wait: [`Wait::No`] answers `Ok(None)`
+/// [`lock_in_transaction`] with a bound on the wait: [`Wait::No`] answers `Ok(None)`
 /// when the lock is held elsewhere, [`Wait::For`] fails with
 /// [`Error::Timeout`] when the time runs out. Neither outcome, nor any error,
 /// aborts the caller's transaction.
 ///
 /// # Cancel safety
-/// As for [`lock_xact`].
-pub async fn lock_xact_with(
+/// As for [`lock_in_transaction`].
+pub async fn lock_in_transaction_with(
     tx: &mut Transaction<'_, Postgres>,
     name: &str,
     wait: Wait,
@@ -187,4 +187,27 @@ pub async fn lock_xact_with(
             }
         }
     }
+}
+
+/// Renamed [`lock_in_transaction`]: the same name on PostgreSQL and MySQL.
+///
+/// # Cancel safety
+/// As for [`lock_in_transaction`].
+#[deprecated(since = "0.2.0", note = "renamed `lock_in_transaction`")]
+pub async fn lock_xact(tx: &mut Transaction<'_, Postgres>, name: &str) -> Result<u64> {
+    lock_in_transaction(tx, name).await
+}
+
+/// Renamed [`lock_in_transaction_with`]: the same name on PostgreSQL and
+/// MySQL.
+///
+/// # Cancel safety
+/// As for [`lock_in_transaction_with`].
+#[deprecated(since = "0.2.0", note = "renamed `lock_in_transaction_with`")]
+pub async fn lock_xact_with(
+    tx: &mut Transaction<'_, Postgres>,
+    name: &str,
+    wait: Wait,
+) -> Result<Option<u64>> {
+    lock_in_transaction_with(tx, name, wait).await
 }

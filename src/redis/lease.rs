@@ -284,8 +284,14 @@ impl Lease {
         Lease::assemble(self.client, self.name, prefix, self.options)
     }
 
-    /// Sets how waiting polls (see [`LeaseOptions`]). With pub/sub working,
-    /// `max_poll` bounds only how late an expiry (not a release) is noticed.
+    /// Replaces the options (see [`LeaseOptions`]) after checking them:
+    /// [`Error::InvalidOption`](crate::Error::InvalidOption) unless
+    /// `0 < min_poll <= max_poll`. Like `with_options` on every backend, it
+    /// returns a new backend over the same client and key prefix: locks held through `self`
+    /// stay with `self` (configure the backend before taking locks).
+    ///
+    /// With pub/sub working, `max_poll` bounds only how late an expiry (not
+    /// a release) is noticed.
     pub fn with_options(self, options: LeaseOptions) -> Result<Self> {
         Lease::assemble(self.client, self.name, self.prefix, options)
     }

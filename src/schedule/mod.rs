@@ -779,10 +779,12 @@ async fn any_lost(states: Vec<watch::Receiver<State>>) -> String {
         .into_iter()
         .map(|mut rx| -> BoxFuture<'static, String> {
             Box::pin(async move {
-                let lost = rx
-                    .wait_for(|s| s.lost.is_some())
-                    .await
-                    .map(|s| s.lost.clone().unwrap_or_default());
+                let lost = rx.wait_for(|s| s.lost.is_some()).await.map(|s| {
+                    s.lost
+                        .as_ref()
+                        .map(|l| l.detail.clone())
+                        .unwrap_or_default()
+                });
                 match lost {
                     Ok(reason) => reason,
                     Err(_) => std::future::pending().await,

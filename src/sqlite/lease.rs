@@ -11,7 +11,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqlitePoolOptions, SqliteRow};
 use sqlx::{AssertSqlSafe, Row, SqlitePool};
 
 use super::doorbell::Bells;
-use super::{map_err, retry_busy};
+use super::retry_busy;
 #[path = "lease_permits.rs"]
 mod permits;
 use crate::lease::permits::{holders_table, is_permit, merge_list};
@@ -199,8 +199,14 @@ impl Lease {
         Lease::assemble(self.pool, table, self.options, self.wakeups)
     }
 
-    /// Sets how waiting polls (see [`LeaseOptions`]): `max_poll` bounds how
-    /// late a waiter notices a release in another process.
+    /// Replaces the options (see [`LeaseOptions`]) after checking them:
+    /// [`Error::InvalidOption`](crate::Error::InvalidOption) unless
+    /// `0 < min_poll <= max_poll`. Like `with_options` on every backend, it
+    /// returns a new backend over the same pool and table: locks held through `self`
+    /// stay with `self` (configure the backend before taking locks).
+    ///
+    /// `max_poll` bounds how late a waiter notices a release in another
+    /// process.
     pub fn with_options(self, options: LeaseOptions) -> Result<Self> {
         Lease::assemble(self.pool, self.table, options, self.wakeups)
     }
@@ -295,7 +301,7 @@ impl SqliteStore {
         let mut answers = vec![Renewed::Gone; batch.len()];
         for (name, token, at) in rows {
             if let Some(&k) = index.get(&(name.as_str(), *token)) {
-                answers[k] = Renewed::Until(time(*at).map_err(Error::Database)?);
+                answers[k] = Renewed::Until(time(*at)?);
             }
         }
         for (r, answer) in batch.iter().zip(&answers) {
@@ -437,13 +443,12 @@ fn micros(d: Duration) -> i64 {
     i64::try_from(d.as_micros()).unwrap_or(i64::MAX)
 }
 
-fn time(micros: i64) -> sqlx::Result<DateTime<Utc>> {
-    DateTime::from_timestamp_micros(micros).ok_or_else(|| {
-        sqlx::Error::Decode(format!("lease time {micros} µs is out of range").into())
-    })
+fn time(micros: i64) -> Result<DateTime<Utc>> {
+    DateTime::from_timestamp_micros(micros)
+        .ok_or_else(|| Error::internal(format!("lease time {micros} µs is out of range")))
 }
 
-fn info(row: &SqliteRow) -> sqlx::Result<LockInfo> {
+fn info(row: &SqliteRow) -> Result<LockInfo> {
     let mode: String = row.try_get("mode")?;
     let mode = if mode == "s" {
         LockMode::Shared
@@ -472,7 +477,7 @@ impl LeaseStore for SqliteStore {
             sqlx::query_scalar(AssertSqlSafe(format!("SELECT {NOW}"))).fetch_one(&self.pool)
         })
         .await?;
-        time(at).map_err(Error::Database)
+        time(at)
     }
 
     fn supports_permits(&self) -> bool {
@@ -522,7 +527,7 @@ impl LeaseStore for SqliteStore {
         row.map(|(token, expires_at)| {
             Ok(Claimed {
                 token: token as u64,
-                expires_at: time(expires_at).map_err(Error::Database)?,
+                expires_at: time(expires_at)?,
             })
         })
         .transpose()
@@ -554,7 +559,7 @@ impl LeaseStore for SqliteStore {
         if at.is_none() {
             self.bells.disarm(name, token);
         }
-        at.map(time).transpose().map_err(Error::Database)
+        at.map(time).transpose()
     }
 
     async fn renew_many(&self, batch: &[Renewal]) -> Result<Vec<Renewed>> {
@@ -618,7 +623,7 @@ impl LeaseStore for SqliteStore {
                 .fetch_optional(&self.pool)
         })
         .await?;
-        row.as_ref().map(info).transpose().map_err(map_err)
+        row.as_ref().map(info).transpose()
     }
 
     async fn sweep(&self, grace: Duration) -> Result<u64> {
@@ -646,11 +651,7 @@ impl LeaseStore for SqliteStore {
         let rows =
             retry_busy(|| sqlx::query(AssertSqlSafe(self.sql.list.clone())).fetch_all(&self.pool))
                 .await?;
-        let plain = rows
-            .iter()
-            .map(info)
-            .collect::<sqlx::Result<_>>()
-            .map_err(map_err)?;
+        let plain = rows.iter().map(info).collect::<Result<_>>()?;
         Ok(merge_list(plain, self.list_permits().await?))
     }
 }

@@ -19,7 +19,7 @@ use sqlx::{AssertSqlSafe, Row};
 use super::{micros, time, SqliteStore, NOW};
 use crate::lease::permits::{self, Decision, Found};
 use crate::lease::{push_json_str, Claim, Claimed, Renewal};
-use crate::sqlite::{map_err, retry_busy};
+use crate::sqlite::retry_busy;
 use crate::{Error, LockInfo, Result};
 
 /// The statements of permits for one lease table and its holders table.
@@ -130,7 +130,7 @@ impl PermitSql {
     }
 }
 
-fn permit_info(row: &SqliteRow) -> sqlx::Result<LockInfo> {
+fn permit_info(row: &SqliteRow) -> Result<LockInfo> {
     Ok(permits::info(
         row.try_get("name")?,
         row.try_get::<i64, _>("holders")? as u32,
@@ -209,10 +209,12 @@ impl SqliteStore {
                 .execute(&mut *tx)
                 .await?;
             tx.commit().await?;
-            Ok(Ok(Some(Claimed {
-                token: token as u64,
-                expires_at: time(expires_at)?,
-            })))
+            Ok(time(expires_at).map(|expires_at| {
+                Some(Claimed {
+                    token: token as u64,
+                    expires_at,
+                })
+            }))
         })
         .await?
     }
@@ -245,7 +247,7 @@ impl SqliteStore {
             Ok(at)
         })
         .await?;
-        at.map(time).transpose().map_err(Error::Database)
+        at.map(time).transpose()
     }
 
     /// Renews the holder rows of `batch` and their markers in one write
@@ -344,7 +346,7 @@ impl SqliteStore {
         })
         .await;
         match row {
-            Ok(row) => row.as_ref().map(permit_info).transpose().map_err(map_err),
+            Ok(row) => row.as_ref().map(permit_info).transpose(),
             Err(e) if no_table(&e) => Ok(None),
             Err(e) => Err(e),
         }
@@ -357,11 +359,7 @@ impl SqliteStore {
         let rows =
             retry_busy(|| sqlx::query(AssertSqlSafe(sql.list.clone())).fetch_all(&self.pool)).await;
         match rows {
-            Ok(rows) => rows
-                .iter()
-                .map(permit_info)
-                .collect::<sqlx::Result<_>>()
-                .map_err(map_err),
+            Ok(rows) => rows.iter().map(permit_info).collect::<Result<_>>(),
             Err(e) if no_table(&e) => Ok(Vec::new()),
             Err(e) => Err(e),
         }

@@ -11,7 +11,8 @@ use std::future::Future;
 use std::pin::Pin;
 use std::time::Duration;
 
-use dblock::{LockGuard, Locks, RenewalStats};
+use dblock::__unstable::RenewalStats;
+use dblock::{LockGuard, Locks};
 use futures::stream::{self, StreamExt};
 use tokio::time::{sleep, timeout, Instant};
 
@@ -224,8 +225,12 @@ pub async fn broken_lease_lost_alone(h: &impl Harness, n: usize) {
             "{k}: not renewed after its neighbour broke"
         );
     }
+    assert_eq!(
+        guards[victim].lost_reason(),
+        Some(dblock::LostReason::RenewalFailed)
+    );
     assert!(guards[victim]
-        .lost_reason()
+        .lost_detail()
         .unwrap()
         .contains("no longer ours"));
     assert_eq!(s.observer.list().await.unwrap().len(), n - 1);
@@ -301,7 +306,8 @@ pub async fn failed_batches_lose_each_lease_at_its_deadline(h: &impl Harness, n:
         );
         worst[k % 3] = worst[k % 3].max(*after);
         best[k % 3] = best[k % 3].min(*after);
-        assert!(guards[k].lost_reason().unwrap().contains("deadline"));
+        assert_eq!(guards[k].lost_reason(), Some(dblock::LostReason::Expired));
+        assert!(guards[k].lost_detail().unwrap().contains("deadline"));
     }
     eprintln!("lost after the cut, per ttl {ttls:?}: earliest {best:?}, latest {worst:?}");
     assert!(worst[0] < best[2], "{worst:?} vs {best:?}");

@@ -9,7 +9,7 @@ use dblock::{Election, Error, Leader};
 use tokio::sync::watch;
 use tokio::time::{sleep, timeout, Instant};
 
-use super::{eventually, held, Fixture, HUNG};
+use super::{eventually, held, Fixture, TtlIf, HUNG};
 use crate::common::unique;
 
 /// The election ttl of these tests: renewals and observers' reads every
@@ -287,12 +287,13 @@ pub async fn with_lock_cancels_on_loss<F: Fixture>(f: &F) {
     }
     let dropped = Arc::new(AtomicBool::new(false));
     let started = Arc::new(tokio::sync::Notify::new());
+    let lease = f.lease();
     let work = {
         let (a, name, dropped, started) =
             (a.clone(), name.clone(), dropped.clone(), started.clone());
         tokio::spawn(async move {
             a.acquire(&name)
-                .ttl(Duration::from_millis(900))
+                .ttl_if(lease, Duration::from_millis(900))
                 .with_lock(async |_guard| {
                     let _flag = Flag(dropped);
                     started.notify_one();
@@ -320,7 +321,7 @@ pub async fn lost_owned_fires_in_a_task<F: Fixture>(f: &F) {
     let name = unique("lost-owned");
     let g = a
         .acquire(&name)
-        .ttl(Duration::from_millis(900))
+        .ttl_if(f.lease(), Duration::from_millis(900))
         .await
         .unwrap();
     let signal = g.lost_owned();

@@ -9,10 +9,27 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use dblock::{Error, LockMode, Locks};
+use dblock::{Error, LockMode, Locks, LostReason};
 use tokio::time::{sleep, timeout, Instant};
 
 use crate::common::unique;
+
+/// `.ttl()` only where the backend has leases: a backend without them
+/// (PostgreSQL advisory locks) refuses an explicit ttl.
+pub trait TtlIf {
+    /// `self.ttl(ttl)` if `lease`, else `self`.
+    fn ttl_if(self, lease: bool, ttl: Duration) -> Self;
+}
+
+impl TtlIf for dblock::Acquire<'_> {
+    fn ttl_if(self, lease: bool, ttl: Duration) -> Self {
+        if lease {
+            self.ttl(ttl)
+        } else {
+            self
+        }
+    }
+}
 
 mod election;
 pub use election::*;
@@ -295,7 +312,7 @@ pub async fn lost_fires_when_broken<F: Fixture>(f: &F) {
     let name = unique("lost");
     let g = a
         .acquire(&name)
-        .ttl(Duration::from_millis(900))
+        .ttl_if(f.lease(), Duration::from_millis(900))
         .await
         .unwrap();
     assert!(!g.is_lost());
@@ -307,12 +324,26 @@ pub async fn lost_fires_when_broken<F: Fixture>(f: &F) {
         .await
         .expect("lost() did not fire");
     assert!(g.is_lost());
-    assert!(g.lost_reason().is_some());
-    assert!(matches!(
-        g.extend(Duration::from_secs(1)).await,
-        Err(Error::Lost { .. })
-    ));
-    assert!(matches!(g.release().await, Err(Error::Lost { .. })));
+    // Broken through another backend: a lease finds it at its next
+    // renewal, an advisory holder finds its session terminated.
+    let reason = g.lost_reason().expect("a cause");
+    assert!(
+        matches!(reason, LostReason::RenewalFailed | LostReason::Terminated),
+        "{reason:?}: {:?}",
+        g.lost_detail()
+    );
+    assert!(!g.lost_detail().unwrap().is_empty());
+    // The errors carry the same cause.
+    let extended = g.extend(Duration::from_secs(1)).await;
+    assert!(
+        matches!(&extended, Err(Error::Lost { reason: r, .. }) if *r == reason),
+        "{extended:?}"
+    );
+    let released = g.release().await;
+    assert!(
+        matches!(&released, Err(Error::Lost { reason: r, .. }) if *r == reason),
+        "{released:?}"
+    );
     // The name is free for others.
     assert!(operator.try_acquire(&name).await.unwrap().is_some());
 }
@@ -324,6 +355,7 @@ pub async fn lost_fires_when_broken<F: Fixture>(f: &F) {
 pub async fn dead_holder_is_taken_over<F: Fixture>(f: &F) {
     let name = unique("dead");
     let ttl = Duration::from_millis(1500);
+    let lease = f.lease();
     let locks = f.locks().await;
     let taken = Instant::now();
     {
@@ -333,7 +365,7 @@ pub async fn dead_holder_is_taken_over<F: Fixture>(f: &F) {
                 .enable_all()
                 .build()
                 .unwrap();
-            let g = rt.block_on(async { locks.acquire(&name).ttl(ttl).await.unwrap() });
+            let g = rt.block_on(async { locks.acquire(&name).ttl_if(lease, ttl).await.unwrap() });
             std::mem::forget(g);
             // Dropping the runtime kills the keeper mid-flight, like a crash.
             rt.shutdown_background();
@@ -421,7 +453,11 @@ pub async fn inspect_and_list<F: Fixture>(f: &F) {
     let (a, observer) = (f.locks().await, f.locks().await);
     let name = unique("inspect");
     assert!(observer.inspect(&name).await.unwrap().is_none());
-    let g = a.acquire(&name).ttl(Duration::from_secs(20)).await.unwrap();
+    let g = a
+        .acquire(&name)
+        .ttl_if(f.lease(), Duration::from_secs(20))
+        .await
+        .unwrap();
     let info = observer.inspect(&name).await.unwrap().expect("held");
     assert_eq!(info.mode, LockMode::Exclusive);
     assert_eq!(info.holders, 1);
@@ -472,7 +508,7 @@ pub async fn extend_and_renewal<F: Fixture>(f: &F) {
     let (a, observer) = (f.locks().await, f.locks().await);
     let name = unique("extend");
     let ttl = Duration::from_millis(600);
-    let g = a.acquire(&name).ttl(ttl).await.unwrap();
+    let g = a.acquire(&name).ttl_if(f.lease(), ttl).await.unwrap();
     if f.lease() {
         let first = g.expires_at().unwrap();
         let extended = g
@@ -495,7 +531,7 @@ pub async fn extend_and_renewal<F: Fixture>(f: &F) {
         );
         g.release().await.unwrap();
         // Background renewal: held for several ttls without a word.
-        let g = a.acquire(&name).ttl(ttl).await.unwrap();
+        let g = a.acquire(&name).ttl_if(f.lease(), ttl).await.unwrap();
         sleep(ttl * 4).await;
         assert!(!g.is_lost(), "lost: {:?}", g.lost_reason());
         assert!(observer.try_acquire(&name).await.unwrap().is_none());
@@ -540,6 +576,46 @@ pub async fn hold_at_least<F: Fixture>(f: &F) {
     g2.release().await.unwrap();
 }
 
+/// Options a backend cannot keep are refused the same way everywhere:
+/// `.ttl()` and `.hold_at_least()` on a backend without leases answer
+/// `Unsupported` before anything is sent to the database (an unreachable
+/// one answers the same), and take nothing. A lease backend keeps the ttl
+/// as its lease length.
+pub async fn unhonoured_options_refused<F: Fixture>(f: &F) {
+    let name = unique("unhonoured");
+    let ttl = Duration::from_secs(7);
+    let a = f.locks().await;
+    if !f.lease() {
+        let down = f.unreachable();
+        for locks in [&down, &a] {
+            let r = locks.acquire(&name).ttl(ttl).wait(Duration::ZERO).await;
+            assert!(matches!(r, Err(Error::Unsupported { .. })), "ttl: {r:?}");
+            let r = locks
+                .acquire(&name)
+                .hold_at_least(ttl)
+                .wait(Duration::ZERO)
+                .await;
+            assert!(matches!(r, Err(Error::Unsupported { .. })), "hold: {r:?}");
+        }
+        assert!(!held(&a, &name).await);
+        // The same acquisition without them is granted.
+        let g = a.acquire(&name).wait(HUNG).await.unwrap();
+        assert_eq!(g.expires_at(), None);
+        g.release().await.unwrap();
+        return;
+    }
+    let g = a.acquire(&name).ttl(ttl).wait(HUNG).await.unwrap();
+    let now = a.now().await.unwrap();
+    let left = (g.expires_at().expect("a lease expires") - now)
+        .to_std()
+        .unwrap();
+    assert!(
+        left <= ttl && left > ttl - Duration::from_secs(3),
+        "expires in {left:?} with a ttl of {ttl:?}"
+    );
+    g.release().await.unwrap();
+}
+
 /// Expands the whole suite into tests for one fixture.
 #[macro_export]
 macro_rules! behaviour_suite {
@@ -549,7 +625,7 @@ macro_rules! behaviour_suite {
             tokens_strictly_increase, release_and_drop_leave_nothing,
             cancellation_leaves_nothing, lost_fires_when_broken, dead_holder_is_taken_over,
             bad_names_rejected_before_sql, inspect_and_list, not_reentrant,
-            extend_and_renewal, hold_at_least,
+            extend_and_renewal, hold_at_least, unhonoured_options_refused,
             // Leader election and the lock helpers (election.rs).
             leader_unique_and_observed, broken_leader_is_replaced, dead_leader_is_replaced,
             resign_hands_over, with_lock_cancels_on_loss, lost_owned_fires_in_a_task,

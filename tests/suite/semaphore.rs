@@ -8,7 +8,7 @@ use std::time::Duration;
 use dblock::{Error, LockMode, Locks};
 use tokio::time::{sleep, timeout};
 
-use super::{eventually, Fixture, HUNG};
+use super::{eventually, Fixture, TtlIf, HUNG};
 use crate::common::unique;
 
 /// How many holders `inspect` shows for `name` (0 when free).
@@ -211,8 +211,18 @@ pub async fn semaphore_renewal_and_loss<F: Fixture>(f: &F) {
         return;
     }
     let ttl = Duration::from_millis(900);
-    let p1 = a.acquire(&name).max_holders(2).ttl(ttl).await.unwrap();
-    let p2 = a.acquire(&name).max_holders(2).ttl(ttl).await.unwrap();
+    let p1 = a
+        .acquire(&name)
+        .max_holders(2)
+        .ttl_if(f.lease(), ttl)
+        .await
+        .unwrap();
+    let p2 = a
+        .acquire(&name)
+        .max_holders(2)
+        .ttl_if(f.lease(), ttl)
+        .await
+        .unwrap();
     if f.lease() {
         sleep(ttl * 3).await;
         assert!(!p1.is_lost(), "lost: {:?}", p1.lost_reason());

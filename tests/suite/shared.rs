@@ -11,7 +11,7 @@ use dblock::{Error, LockMode};
 use tokio::time::{sleep, timeout, Instant};
 
 use super::semaphore::holders;
-use super::{eventually, Fixture, HUNG};
+use super::{eventually, Fixture, TtlIf, HUNG};
 use crate::common::unique;
 
 /// Several readers on independent `Locks` hold the name at once, each with
@@ -97,7 +97,14 @@ pub async fn readers_are_renewed<F: Fixture>(f: &F) {
     let mut readers = Vec::new();
     for locks in [&a, &b] {
         for name in &names {
-            readers.push(locks.acquire(name).shared().ttl(ttl).await.unwrap());
+            readers.push(
+                locks
+                    .acquire(name)
+                    .shared()
+                    .ttl_if(f.lease(), ttl)
+                    .await
+                    .unwrap(),
+            );
         }
     }
     sleep(ttl * 4).await;
@@ -268,6 +275,7 @@ pub async fn reader_lost_at_its_deadline<F: Fixture>(f: &F) {
         return;
     }
     let ttl = Duration::from_millis(1200);
+    let lease = f.lease();
     let locks = f.locks().await;
     let (taken_tx, taken_rx) = tokio::sync::oneshot::channel();
     let (checked_tx, checked_rx) = tokio::sync::oneshot::channel();
@@ -280,7 +288,12 @@ pub async fn reader_lost_at_its_deadline<F: Fixture>(f: &F) {
                 .build()
                 .unwrap();
             rt.block_on(async move {
-                let r = locks.acquire(&name).shared().ttl(ttl).await.unwrap();
+                let r = locks
+                    .acquire(&name)
+                    .shared()
+                    .ttl_if(lease, ttl)
+                    .await
+                    .unwrap();
                 let _ = taken_tx.send(r.token());
                 // The whole runtime stalls, its renewals with it.
                 std::thread::sleep(ttl * 3);
@@ -335,9 +348,24 @@ pub async fn force_release_frees_all_readers<F: Fixture>(f: &F) {
     let operator = f.locks().await;
     // A short ttl: a lease guard learns of the break at its next renewal.
     let ttl = Duration::from_millis(900);
-    let r1 = a.acquire(&name).shared().ttl(ttl).await.unwrap();
-    let r2 = b.acquire(&name).shared().ttl(ttl).await.unwrap();
-    let r3 = c.acquire(&name).shared().ttl(ttl).await.unwrap();
+    let r1 = a
+        .acquire(&name)
+        .shared()
+        .ttl_if(f.lease(), ttl)
+        .await
+        .unwrap();
+    let r2 = b
+        .acquire(&name)
+        .shared()
+        .ttl_if(f.lease(), ttl)
+        .await
+        .unwrap();
+    let r3 = c
+        .acquire(&name)
+        .shared()
+        .ttl_if(f.lease(), ttl)
+        .await
+        .unwrap();
     assert_eq!(holders(&operator, &name).await, 3);
     assert!(
         operator.force_release(&name).await.unwrap(),

@@ -73,9 +73,7 @@ pub async fn run(kind: Kind) -> bool {
 
     // A known lease, held through everything below.
     let sentinel = format!("input:{run}:sentinel");
-    let held = locks
-        .acquire(&sentinel)
-        .ttl(Duration::from_secs(120))
+    let held = lease_ttl(locks.acquire(&sentinel), kind, Duration::from_secs(120))
         .await
         .expect("take the sentinel");
     let rows_before = lease_rows(&db, &run).await;
@@ -137,9 +135,7 @@ pub async fn run(kind: Kind) -> bool {
     ];
     for (what, name) in &accepted {
         c.case(what, BOUND, || async {
-            let g = locks
-                .acquire(name.as_str())
-                .ttl(Duration::from_secs(10))
+            let g = lease_ttl(locks.acquire(name.as_str()), kind, Duration::from_secs(10))
                 .wait(Duration::from_secs(5))
                 .await
                 .map_err(|e| format!("acquire: {e}"))?;
@@ -249,12 +245,26 @@ pub async fn run(kind: Kind) -> bool {
         "a wait of zero on a free name, and the longest ttl",
         BOUND,
         || async {
-            let g = locks
+            let longest = locks
                 .acquire(name.as_str())
                 .wait(Duration::ZERO)
                 .ttl(Duration::from_secs(366 * 24 * 3600))
-                .await
-                .map_err(|e| e.to_string())?;
+                .await;
+            let g = if kind.lease() {
+                longest.map_err(|e| e.to_string())?
+            } else {
+                // No lease length on an advisory lock: refused, and the
+                // same acquisition without it is granted.
+                match longest {
+                    Err(dblock::Error::Unsupported { .. }) => {}
+                    other => return Err(format!("a ttl on an advisory lock answered {other:?}")),
+                }
+                locks
+                    .acquire(name.as_str())
+                    .wait(Duration::ZERO)
+                    .await
+                    .map_err(|e| e.to_string())?
+            };
             if kind.lease() {
                 let left = g.expires_at().ok_or("no expiry")? - chrono::Utc::now();
                 if left < chrono::Duration::days(365) {
@@ -483,6 +493,15 @@ async fn closed_port() -> u16 {
 
 /// Holds a lock through a proxy, then closes or black-holes the proxy: the
 /// guard must report itself lost, and release must answer, in bounded time.
+/// `.ttl(ttl)` on a lease backend; an advisory lock refuses a ttl.
+fn lease_ttl(acquire: dblock::Acquire<'_>, kind: Kind, ttl: Duration) -> dblock::Acquire<'_> {
+    if kind.lease() {
+        acquire.ttl(ttl)
+    } else {
+        acquire
+    }
+}
+
 async fn mid_hold(ctl: &Endpoint, kind: Kind, run: &str, black_hole: bool) -> Result<(), String> {
     let (proxy, url) = Proxy::in_front_of(&ctl.url).await;
     let locks: Locks = Endpoint {
@@ -494,9 +513,7 @@ async fn mid_hold(ctl: &Endpoint, kind: Kind, run: &str, black_hole: bool) -> Re
     .await;
     let ttl = Duration::from_secs(1);
     let name = format!("input:{run}:midhold");
-    let g = locks
-        .acquire(&name)
-        .ttl(ttl)
+    let g = lease_ttl(locks.acquire(&name), kind, ttl)
         .wait(Duration::from_secs(5))
         .await
         .map_err(|e| format!("acquire: {e}"))?;

@@ -177,10 +177,7 @@ impl Endpoint {
                     unreachable!()
                 };
                 let backend = dblock::postgres::Advisory::new(pool)
-                    .with_options(dblock::postgres::AdvisoryOptions {
-                        heartbeat: HEARTBEAT,
-                        ..Default::default()
-                    })
+                    .with_options(dblock::postgres::AdvisoryOptions::default().heartbeat(HEARTBEAT))
                     .expect("options");
                 Locks::new(backend)
             }

@@ -150,11 +150,11 @@ async fn run(cfg: &Config) {
         let name = cfg.names.choose(&mut rand::rng()).unwrap().clone();
         log.event(Type::Invoke, "acquire", &name, None, None, "");
         let reader = cfg.shared && rand::rng().random_range(0..3) > 0;
-        let mut acquire = locks
-            .acquire(&name)
-            .ttl(cfg.ttl)
-            .wait(WAIT)
-            .max_holders(cfg.permits);
+        let mut acquire = locks.acquire(&name).wait(WAIT).max_holders(cfg.permits);
+        if cfg.endpoint.kind.lease() {
+            // Advisory locks have no lease length (and refuse one).
+            acquire = acquire.ttl(cfg.ttl);
+        }
         if reader {
             acquire = acquire.shared();
         }
@@ -206,7 +206,7 @@ async fn run(cfg: &Config) {
             critical(cfg, &db, &mut log, &name, token).await
         };
         if heed && (matches!(outcome, Section::Lost) || guard.is_lost()) {
-            let reason = guard.lost_reason().unwrap_or_default();
+            let reason = guard.lost_detail().unwrap_or_default();
             log.event(Type::Ok, "lost", &name, Some(token), None, &reason);
         }
         if matches!(outcome, Section::Fenced | Section::Error) {
@@ -232,13 +232,13 @@ async fn release(cfg: &Config, log: &mut Log, guard: LockGuard) {
     let bound = (cfg.ttl * 10).max(Duration::from_secs(5));
     match timeout(bound, guard.release()).await {
         Ok(Ok(())) => log.event(Type::Ok, "release", &name, Some(token), None, ""),
-        Ok(Err(Error::Lost { reason, .. })) => log.event(
+        Ok(Err(Error::Lost { detail, .. })) => log.event(
             Type::Fail,
             "release",
             &name,
             Some(token),
             None,
-            &format!("lost: {reason}"),
+            &format!("lost: {detail}"),
         ),
         Ok(Err(e)) => log.event(
             Type::Unknown,

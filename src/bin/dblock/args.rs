@@ -299,7 +299,7 @@ pub struct RunArgs {
 
     /// Lease length for lease backends, renewed every third of it while CMD
     /// runs; e.g. 30s, 5m, 1h30m; 100ms to 366 days [default: 30s].
-    /// Advisory locks last as long as dblock's connection and ignore it.
+    /// Refused for advisory locks, which last as long as dblock's connection.
     #[arg(long, value_name = "DUR")]
     pub ttl: Option<String>,
 

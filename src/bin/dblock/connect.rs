@@ -297,10 +297,7 @@ impl Session {
     fn locks_of(&self, kind: Kind) -> CliResult<Locks> {
         let backend: Arc<dyn Backend> = match (&self.db, kind) {
             (Db::Pg(pool), Kind::PgAdvisory) => {
-                let options = AdvisoryOptions {
-                    heartbeat: ADVISORY_HEARTBEAT,
-                    ..AdvisoryOptions::default()
-                };
+                let options = AdvisoryOptions::default().heartbeat(ADVISORY_HEARTBEAT);
                 Arc::new(Advisory::new(pool.clone()).with_options(options)?)
             }
             (Db::Pg(pool), _) => lease::postgres(pool.clone())?,

@@ -260,7 +260,7 @@ pub async fn run(guard: &LockGuard, job: &Job, signals: &mut Signals) -> Ended {
             _ = guard.lost(), if !lost => {
                 lost = true;
                 resuming = None;
-                let reason = guard.lost_reason().unwrap_or_else(|| "unknown reason".into());
+                let reason = guard.lost_detail().unwrap_or_else(|| "unknown reason".into());
                 eprintln!(
                     "{}",
                     crate::message(&format!(

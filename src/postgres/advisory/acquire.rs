@@ -316,7 +316,7 @@ async fn try_on_session(
                     LockReply::Granted(grant) => return Ok(Some(grant)),
                     LockReply::Busy => return Ok(None),
                     LockReply::Failed(e) => return Err(e),
-                    LockReply::Gone(reason) => failed = Some(reason),
+                    LockReply::Gone(loss) => failed = Some(loss.detail),
                 }
                 gone += 1;
             }
@@ -326,9 +326,9 @@ async fn try_on_session(
         return Err(refusal);
     }
     let reason = failed.unwrap_or_else(|| "their tasks ended".into());
-    Err(Error::Database(sqlx::Error::Io(std::io::Error::other(
-        format!("the advisory lock's holder sessions kept failing: {reason}"),
-    ))))
+    Err(Error::Unavailable(format!(
+        "the advisory lock's holder sessions kept failing: {reason}"
+    )))
 }
 
 /// Opens a core holder session when there is none, waiting for a
@@ -479,7 +479,9 @@ async fn wait_on_server(
             Waited::Failed(engine::transaction_pooler())
         }
         // A granted wait always has a token; the connection stays dirty.
-        Ok((true, None, _)) => Waited::Failed(Error::Database(sqlx::Error::RowNotFound)),
+        Ok((true, None, _)) => Waited::Failed(Error::internal(
+            "a granted advisory lock wait answered no fencing token",
+        )),
         Err(e) if is_lock_timeout(&e) => {
             // A grant can race the timeout: PostgreSQL then keeps the
             // session-level lock (LockErrorCleanup remembers a lock granted

@@ -44,6 +44,7 @@ pub(super) async fn record(pool: &PgPool, name: &str, holder: &str, token: u64) 
     if done.rows_affected() == 0 {
         return Err(Error::lost(
             name,
+            crate::LostReason::RenewalFailed,
             "the advisory lock was no longer held when its holder identity was to be recorded",
         ));
     }

@@ -69,7 +69,21 @@ pub enum WaitStrategy {
 }
 
 /// Settings of an [`Advisory`] backend.
+///
+/// Built from [`Default`] with the builder methods, so that options added
+/// later do not break existing code; checked by
+/// [`Advisory::with_options`].
+///
+/// ```
+/// use std::time::Duration;
+/// use dblock::postgres::{AdvisoryOptions, WaitStrategy};
+/// let options = AdvisoryOptions::default()
+///     .heartbeat(Duration::from_secs(2))
+///     .wait(WaitStrategy::Server);
+/// # let _ = options;
+/// ```
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct AdvisoryOptions {
     /// How to wait for a held lock. Default: [`WaitStrategy::Server`].
     pub wait: WaitStrategy,
@@ -85,6 +99,21 @@ pub struct AdvisoryOptions {
     /// bounds how long an empty session lingers before it goes back to the
     /// pool. Default 5 s.
     pub heartbeat: Duration,
+}
+
+impl AdvisoryOptions {
+    /// Sets how to wait for a held lock (see [`WaitStrategy`]).
+    pub fn wait(mut self, wait: WaitStrategy) -> Self {
+        self.wait = wait;
+        self
+    }
+
+    /// Sets the heartbeat (see [`heartbeat`](Self::heartbeat)): 10 ms ..= 1 h
+    /// (checked by [`Advisory::with_options`]).
+    pub fn heartbeat(mut self, heartbeat: Duration) -> Self {
+        self.heartbeat = heartbeat;
+        self
+    }
 }
 
 impl Default for AdvisoryOptions {
@@ -181,10 +210,14 @@ const LOCK_TABLE_FULL: &str = "53200";
 ///   the name's key (a reader beside permits gives way), as does the first
 ///   attempt of any lock that misses: the price of locks and permits
 ///   sharing that key.
-/// - `.ttl()` does not apply (the lock lives as long as its session);
+/// - `.ttl()` and `.hold_at_least()` are refused with
+///   [`Error::Unsupported`] before anything is sent to the database: the
+///   lock lives as long as its session, so neither a lease length nor a
+///   minimum hold can be kept (a lock that must expire by itself, or
+///   outlive its process, needs a lease: [`Lease`](super::Lease)).
 ///   [`LockGuard::expires_at`](crate::LockGuard::expires_at) is `None`.
-/// - `.hold_at_least()` is not supported: a lock that must outlive its
-///   process needs a lease ([`Lease`](super::Lease)).
+///   An election's ttl ([`Election::ttl`](crate::Election::ttl)) only paces
+///   its observers here.
 /// - Not re-entrant, although PostgreSQL stacks session locks: the backend
 ///   records which locks it holds on which session, and a second
 ///   acquisition of a name it holds waits like any other contender (shared
@@ -214,7 +247,7 @@ const LOCK_TABLE_FULL: &str = "53200";
 /// free, the backend refuses with [`Error::Unsupported`] naming the
 /// alternatives ([`Lease`](super::Lease) with
 /// [`transaction_pooling`](super::Lease::transaction_pooling),
-/// [`lock_xact`](super::lock_xact), a session-pooling port). Each holder
+/// [`lock_in_transaction`](super::lock_in_transaction), a session-pooling port). Each holder
 /// session marks its server session (a random value in the session setting
 /// `dblock.session`, set by its first statement only if no other holder's
 /// mark is there) and every lock statement and heartbeat checks that mark
@@ -320,11 +353,11 @@ impl Advisory {
         }
     }
 
-    /// Replaces the options. Fails with [`Error::InvalidOption`] for a
-    /// heartbeat outside 10 ms ..= 1 h or poll bounds out of order.
-    ///
-    /// The result is a new backend: locks held through `self` are not seen
-    /// by it (configure the backend before taking locks).
+    /// Replaces the options (see [`AdvisoryOptions`]) after checking them:
+    /// [`Error::InvalidOption`] for a heartbeat outside 10 ms ..= 1 h or
+    /// poll bounds out of order. Like `with_options` on every backend, it
+    /// returns a new backend over the same pool: locks held through `self`
+    /// stay with `self` (configure the backend before taking locks).
     pub fn with_options(self, options: AdvisoryOptions) -> Result<Self> {
         let hb = options.heartbeat;
         if hb < Duration::from_millis(10) || hb > Duration::from_secs(3600) {
@@ -459,10 +492,10 @@ impl Inner {
 
     /// The session is gone (or being closed): forget it, report its locks
     /// lost and wake whoever waits for them here. Idempotent.
-    fn session_gone(&self, session: SessionId, reason: &str) {
+    fn session_gone(&self, session: SessionId, loss: &crate::error::Loss) {
         let lost = self.registry().remove_session(session);
         for (name, status) in lost.into_iter().flatten() {
-            status.mark_lost(reason);
+            status.mark(loss.clone());
             self.wakeups.wake(&name);
         }
     }
@@ -541,6 +574,14 @@ impl Backend for Advisory {
                             .into(),
                 });
             }
+            if request.ttl_is_explicit() {
+                return Err(Error::Unsupported {
+                    backend: self.kind(),
+                    what: "ttl: an advisory lock lasts as long as its session, it has no lease \
+                           length; leave .ttl() unset, or use postgres::Lease"
+                        .into(),
+                });
+            }
             if let Some(refusal) = self.inner.refusal() {
                 return Err(refusal);
             }
@@ -607,8 +648,11 @@ impl Backend for Advisory {
             let ours = self.inner.registry().held_on_key(key);
             let mut broke = false;
             for (lock, session) in ours {
-                let reason = "the lock was broken by force_release";
-                let unlock = async move { session.unlock(lock, key, Some(reason)).await };
+                let loss = crate::error::Loss::new(
+                    crate::LostReason::ForceReleased,
+                    "the lock was broken by force_release",
+                );
+                let unlock = async move { session.unlock(lock, key, Some(&loss)).await };
                 broke |= !matches!(Detached::new(unlock).await, Released::NotHeld(_));
             }
             let (classid, objid) = split_key(key);

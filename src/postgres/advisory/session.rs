@@ -44,12 +44,13 @@ use super::registry::{Hold, HoldState, LockId, Permit, SessionEntry, SessionId};
 use super::{lock_table_full, semaphore, split_key, Inner, Refusal, LOCK_TABLE_FULL};
 use crate::backend::{BoxFuture, Grant, HeldLock, LockStatus};
 use crate::detach::Detached;
+use crate::error::Loss;
 use crate::lease::permits::disagreement;
 use crate::postgres::engine::{self, is_statement_clash};
 use crate::postgres::key::semaphore_key;
 use crate::postgres::map_err;
 use crate::postgres::token::sequence_token;
-use crate::{Error, LockMode, Result};
+use crate::{Error, LockMode, LostReason, Result};
 
 // Every lock statement first checks that it runs on this holder session's
 // own server session: the marker the session set when it started (a
@@ -187,17 +188,17 @@ pub(super) enum LockReply {
     Failed(Error),
     /// The session failed before or while trying (why); nothing is held
     /// (the session is closed). Try elsewhere.
-    Gone(String),
+    Gone(Loss),
 }
 
 /// The outcome of an unlock.
 pub(super) enum Released {
     Yes,
     /// The lock was not held any more (lost or broken before): why.
-    NotHeld(String),
+    NotHeld(Loss),
     /// The unlock's outcome is unknown; the session was closed, which ends
     /// the lock.
-    Failed(sqlx::Error),
+    Failed(Error),
 }
 
 /// Work for a session's keeper task.
@@ -214,7 +215,7 @@ enum Failure {
     /// The server refused the statement; the session is fine.
     Server(sqlx::Error),
     /// The session is suspect: it must be closed.
-    Broken(String),
+    Broken(Loss),
 }
 
 /// Error classes after which a session is not to be trusted: connection
@@ -231,6 +232,32 @@ fn fatal(e: &sqlx::Error) -> bool {
     }
 }
 
+/// Why a session whose statement failed with `e` (a [`fatal`] error) is
+/// lost: terminated by an operator (`pg_terminate_backend`: SQLSTATE 57P01),
+/// or a failed connection.
+fn fatal_reason(e: &sqlx::Error) -> LostReason {
+    match e {
+        sqlx::Error::Database(db) if db.code().as_deref() == Some("57P01") => {
+            LostReason::Terminated
+        }
+        _ => LostReason::ConnectionLost,
+    }
+}
+
+/// A session closed because it turned out to be shared ([`POOLED`]).
+fn pooled() -> Loss {
+    Loss::new(LostReason::ConnectionLost, POOLED)
+}
+
+/// A session whose statement the server refused in a way that leaves its
+/// locks uncertain.
+fn failed(e: &sqlx::Error) -> Loss {
+    Loss::new(
+        LostReason::ConnectionLost,
+        format!("the holder session failed: {e}"),
+    )
+}
+
 fn is_lock_table_full(e: &sqlx::Error) -> bool {
     matches!(e, sqlx::Error::Database(db) if db.code().as_deref() == Some(LOCK_TABLE_FULL))
 }
@@ -243,12 +270,14 @@ async fn bounded<T>(
 ) -> std::result::Result<T, Failure> {
     match timeout(limit, statement).await {
         Ok(Ok(v)) => Ok(v),
-        Ok(Err(e)) if fatal(&e) => Err(Failure::Broken(format!(
-            "the holder session of the advisory lock failed: {e}"
+        Ok(Err(e)) if fatal(&e) => Err(Failure::Broken(Loss::new(
+            fatal_reason(&e),
+            format!("the holder session of the advisory lock failed: {e}"),
         ))),
         Ok(Err(e)) => Err(Failure::Server(e)),
-        Err(_) => Err(Failure::Broken(format!(
-            "the holder session of the advisory lock did not answer within {limit:?}"
+        Err(_) => Err(Failure::Broken(Loss::new(
+            LostReason::ConnectionLost,
+            format!("the holder session of the advisory lock did not answer within {limit:?}"),
         ))),
     }
 }
@@ -339,8 +368,13 @@ impl Drop for Session {
     /// report lost.
     fn drop(&mut self) {
         if self.conn.get_mut().conn.is_some() {
-            self.inner
-                .session_gone(self.id, "the holder session's task ended abnormally");
+            self.inner.session_gone(
+                self.id,
+                &Loss::new(
+                    LostReason::ConnectionLost,
+                    "the holder session's task ended abnormally",
+                ),
+            );
         }
     }
 }
@@ -364,7 +398,7 @@ pub(super) async fn open(
     let row = match bounded(limit, sqlx::raw_sql(OPEN).fetch_one(c.pg())).await {
         Ok(row) => row,
         Err(Failure::Server(e)) => return Err(format!("the holder session failed: {e}")),
-        Err(Failure::Broken(reason)) => return Err(reason),
+        Err(Failure::Broken(loss)) => return Err(loss.detail),
     };
     let (pid, version, marker) =
         decode_open(&row).map_err(|e| format!("the holder session failed: {e}"))?;
@@ -546,28 +580,37 @@ impl Session {
 
     /// The session's connection, for one use; `Err` (why) if the session
     /// has ended. A statement found abandoned mid-flight closes it.
-    async fn conn(&self) -> std::result::Result<MutexGuard<'_, Conn>, String> {
+    async fn conn(&self) -> std::result::Result<MutexGuard<'_, Conn>, Loss> {
+        let ended = || Loss::new(LostReason::ConnectionLost, "the holder session has ended");
         if self.ended.load(Ordering::Acquire) {
-            return Err("the holder session has ended".to_owned());
+            return Err(ended());
         }
         let mut c = self.conn.lock().await;
         if c.conn.is_none() {
-            return Err("the holder session has ended".to_owned());
+            return Err(ended());
         }
         if c.in_doubt {
-            let reason = "a statement on the holder session was abandoned before its answer";
-            self.die(&mut c, reason);
-            return Err(reason.to_owned());
+            let loss = Loss::new(
+                LostReason::ConnectionLost,
+                "a statement on the holder session was abandoned before its answer",
+            );
+            self.die(&mut c, &loss);
+            return Err(loss);
         }
         Ok(c)
     }
 
     /// Closes the session: every lock on it is reported lost, and its
     /// connection is closed.
-    fn die(&self, c: &mut Conn, reason: &str) {
+    fn die(&self, c: &mut Conn, loss: &Loss) {
         self.ended.store(true, Ordering::Release);
-        tracing::warn!(session = self.id, %reason, "dblock: advisory holder session closed");
-        self.inner.session_gone(self.id, reason);
+        tracing::warn!(
+            session = self.id,
+            cause = loss.reason.as_str(),
+            reason = %loss.detail,
+            "dblock: advisory holder session closed"
+        );
+        self.inner.session_gone(self.id, loss);
         c.in_doubt = false;
         if let Some(mut conn) = c.conn.take() {
             conn.close_on_drop();
@@ -617,7 +660,7 @@ impl Session {
     }
 
     /// Sets the server-side TCP settings (see [`KEEPALIVES_ON`]).
-    async fn keepalives_on(&self) -> std::result::Result<(), String> {
+    async fn keepalives_on(&self) -> std::result::Result<(), Loss> {
         let mut c = self.conn().await?;
         let limit = self.inner.answer_within();
         let statement = sqlx::query_scalar::<_, i32>(KEEPALIVES_ON).fetch_one(c.pg());
@@ -627,20 +670,20 @@ impl Session {
                 Ok(())
             }
             Err(Failure::Server(e)) => {
-                let reason = format!("the holder session failed: {e}");
-                self.die(&mut c, &reason);
-                Err(reason)
+                let loss = failed(&e);
+                self.die(&mut c, &loss);
+                Err(loss)
             }
-            Err(Failure::Broken(reason)) => {
-                self.die(&mut c, &reason);
-                Err(reason)
+            Err(Failure::Broken(loss)) => {
+                self.die(&mut c, &loss);
+                Err(loss)
             }
         }
     }
 
     /// Checks that the session is alive and still our own server session;
     /// closes it otherwise.
-    pub(super) async fn check(&self) -> std::result::Result<(), String> {
+    pub(super) async fn check(&self) -> std::result::Result<(), Loss> {
         let mut c = self.conn().await?;
         let limit = self.inner.answer_within();
         let statement = sqlx::query_scalar::<_, bool>(PING)
@@ -654,14 +697,14 @@ impl Session {
             }
             Ok(false) => {
                 self.inner.refuse(Refusal::Pooler);
-                POOLED.to_owned()
+                pooled()
             }
             Err(Failure::Server(e)) if is_statement_clash(&e) => {
                 self.inner.refuse(Refusal::Pooler);
-                POOLED.to_owned()
+                pooled()
             }
-            Err(Failure::Server(e)) => format!("the holder session failed: {e}"),
-            Err(Failure::Broken(reason)) => reason,
+            Err(Failure::Server(e)) => failed(&e),
+            Err(Failure::Broken(loss)) => loss,
         };
         self.die(&mut c, &reason);
         Err(reason)
@@ -772,9 +815,12 @@ impl Session {
                 self.inner.registry().not_granted(self.id, key, lock);
             }
             Err(Failure::Server(e)) => {
-                let reason = format!("giving back a reader's lock failed: {e}");
-                self.die(&mut c, &reason);
-                return LockReply::Gone(reason);
+                let loss = Loss::new(
+                    LostReason::Other,
+                    format!("giving back a reader's lock failed: {e}"),
+                );
+                self.die(&mut c, &loss);
+                return LockReply::Gone(loss);
             }
             Err(Failure::Broken(reason)) => {
                 self.die(&mut c, &reason);
@@ -790,7 +836,7 @@ impl Session {
     fn not_ours(&self, c: &mut Conn, key: i64, lock: LockId) -> LockReply {
         self.inner.registry().not_granted(self.id, key, lock);
         self.inner.refuse(Refusal::Pooler);
-        self.die(c, POOLED);
+        self.die(c, &pooled());
         LockReply::Failed(engine::transaction_pooler())
     }
 
@@ -857,7 +903,10 @@ impl Session {
         if !full && self.inner.registry().stacked(self.id, key, mode, lock) {
             self.die(
                 c,
-                "a lock statement failed beside a stacked shared lock: the session's locks are uncertain",
+                &Loss::new(
+                    LostReason::Other,
+                    "a lock statement failed beside a stacked shared lock: the session's locks are uncertain",
+                ),
             );
             return LockReply::Failed(map_err(e));
         }
@@ -875,7 +924,13 @@ impl Session {
                 true
             }
             Err(Failure::Server(e)) => {
-                self.die(c, &format!("undoing a failed lock failed: {e}"));
+                self.die(
+                    c,
+                    &Loss::new(
+                        LostReason::Other,
+                        format!("undoing a failed lock failed: {e}"),
+                    ),
+                );
                 false
             }
             Err(Failure::Broken(reason)) => {
@@ -894,7 +949,7 @@ impl Session {
 
     /// Releases the lock `lock` on `key`. With `broken`, its guard is
     /// reported lost for that reason (an operator broke it).
-    pub(super) async fn unlock(&self, lock: LockId, key: i64, broken: Option<&str>) -> Released {
+    pub(super) async fn unlock(&self, lock: LockId, key: i64, broken: Option<&Loss>) -> Released {
         let _backlog = Unlocking::new(&self.unlocking);
         let mut c = match self.conn().await {
             Ok(c) => c,
@@ -908,9 +963,7 @@ impl Session {
             let registry = self.inner.registry();
             match registry.hold(key, lock) {
                 Some(h) if h.session == self.id => (h.mode, h.permit.clone()),
-                _ => {
-                    return Released::NotHeld("the advisory lock was lost or broken before".into())
-                }
+                _ => return Released::NotHeld(lost_before()),
             }
         };
         let limit = self.inner.answer_within();
@@ -938,15 +991,18 @@ impl Session {
             // which leaves the lock in doubt too): close the session, which
             // ends every lock on it.
             Err(Failure::Server(e)) => {
-                let reason = format!("an unlock failed on the holder session: {e}");
-                self.mark_lost(key, lock, &reason);
-                self.die(&mut c, &reason);
-                return Released::Failed(e);
+                let loss = Loss::new(
+                    LostReason::Other,
+                    format!("an unlock failed on the holder session: {e}"),
+                );
+                self.mark_lost(key, lock, &loss);
+                self.die(&mut c, &loss);
+                return Released::Failed(map_err(e));
             }
-            Err(Failure::Broken(reason)) => {
-                self.mark_lost(key, lock, &reason);
-                self.die(&mut c, &reason);
-                return Released::Failed(sqlx::Error::Io(std::io::Error::other(reason)));
+            Err(Failure::Broken(loss)) => {
+                self.mark_lost(key, lock, &loss);
+                self.die(&mut c, &loss);
+                return Released::Failed(Error::Unavailable(loss.detail));
             }
         };
         self.alive();
@@ -960,17 +1016,22 @@ impl Session {
             ..
         }) = hold
         else {
-            return Released::NotHeld("the advisory lock was lost or broken before".into());
+            return Released::NotHeld(lost_before());
         };
         let released = if unlocked {
-            if let Some(reason) = broken {
-                status.mark_lost(reason);
+            if let Some(loss) = broken {
+                status.mark(loss.clone());
             }
             Released::Yes
         } else {
-            let reason = broken.unwrap_or("the session no longer held the advisory lock");
-            status.mark_lost(reason);
-            Released::NotHeld(reason.to_owned())
+            let loss = broken.cloned().unwrap_or_else(|| {
+                Loss::new(
+                    LostReason::RenewalFailed,
+                    "the session no longer held the advisory lock",
+                )
+            });
+            status.mark(loss.clone());
+            Released::NotHeld(loss)
         };
         self.inner.wakeups.wake(&name);
         released
@@ -979,13 +1040,13 @@ impl Session {
     /// Marks one lock lost before its release is answered, so the guard
     /// reports the loss (the session is about to be closed, which ends the
     /// lock; it may have ended earlier, when another holder could take it).
-    fn mark_lost(&self, key: i64, lock: LockId, reason: &str) {
+    fn mark_lost(&self, key: i64, lock: LockId, loss: &Loss) {
         if let Some(Hold {
             state: HoldState::Held { status, .. },
             ..
         }) = self.inner.registry().hold(key, lock)
         {
-            status.mark_lost(reason);
+            status.mark(loss.clone());
         }
     }
 
@@ -1092,11 +1153,22 @@ impl fmt::Debug for Held {
 }
 
 fn gone(name: &str, status: &LockStatus) -> Error {
-    Error::lost(
+    Error::from_loss(
         name,
-        status
-            .lost_reason()
-            .unwrap_or_else(|| "the advisory lock's holder session is gone".into()),
+        status.loss().unwrap_or_else(|| {
+            Loss::new(
+                LostReason::ConnectionLost,
+                "the advisory lock's holder session is gone",
+            )
+        }),
+    )
+}
+
+/// An unlock of a lock the registry no longer records as held here.
+fn lost_before() -> Loss {
+    Loss::new(
+        LostReason::RenewalFailed,
+        "the advisory lock was lost or broken before",
     )
 }
 
@@ -1108,7 +1180,7 @@ impl HeldLock for Held {
             match Detached::new(async move { session.check().await }).await {
                 Ok(()) if !self.status.is_lost() => Ok(None),
                 Ok(()) => Err(gone(&self.name, &self.status)),
-                Err(reason) => Err(Error::lost(&self.name, reason)),
+                Err(loss) => Err(Error::from_loss(&self.name, loss)),
             }
         })
     }
@@ -1125,8 +1197,8 @@ impl HeldLock for Held {
             };
             match session.unlock(lock, key, None).await {
                 Released::Yes => Ok(()),
-                Released::NotHeld(reason) => Err(Error::lost(&self.name, reason)),
-                Released::Failed(e) => Err(Error::Database(e)),
+                Released::NotHeld(loss) => Err(Error::from_loss(&self.name, loss)),
+                Released::Failed(e) => Err(e),
             }
         }))
     }

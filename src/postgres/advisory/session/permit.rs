@@ -24,6 +24,7 @@ use std::sync::{Arc, LazyLock};
 use sqlx::postgres::PgConnection;
 
 use super::{bounded, Failure, LockReply, Session, OURS};
+use crate::error::Loss;
 use crate::lease::permits::disagreement;
 use crate::postgres::advisory::registry::{LockId, Permit};
 use crate::postgres::advisory::{lock_table_full, semaphore};
@@ -31,7 +32,7 @@ use crate::postgres::engine::is_statement_clash;
 use crate::postgres::key::PermitKeys;
 use crate::postgres::map_err;
 use crate::postgres::token::sequence_token;
-use crate::LockMode;
+use crate::{LockMode, LostReason};
 
 /// `got` of a permit that took all three markers.
 pub(crate) const ALL: i32 = 3;
@@ -223,9 +224,12 @@ impl Session {
         let undone = bounded(limit, unlock(c.pg(), &permit, got)).await;
         c.in_doubt = false;
         if let Err(Failure::Server(e)) = undone {
-            let reason = format!("giving back an untaken permit failed: {e}");
-            self.die(&mut c, &reason);
-            return LockReply::Gone(reason);
+            let loss = Loss::new(
+                LostReason::Other,
+                format!("giving back an untaken permit failed: {e}"),
+            );
+            self.die(&mut c, &loss);
+            return LockReply::Gone(loss);
         }
         if let Err(Failure::Broken(reason)) = undone {
             self.die(&mut c, &reason);
@@ -276,8 +280,11 @@ impl Session {
         if stacked {
             self.die(
                 c,
-                "a permit's statement failed beside another permit of its name: the session's \
-                 locks are uncertain",
+                &Loss::new(
+                    LostReason::Other,
+                    "a permit's statement failed beside another permit of its name: the \
+                     session's locks are uncertain",
+                ),
             );
             return LockReply::Failed(error());
         }
@@ -291,7 +298,13 @@ impl Session {
                 self.alive();
                 self.inner.registry().not_granted(self.id, keys.name, lock);
             }
-            Err(Failure::Server(e)) => self.die(c, &format!("undoing a failed permit failed: {e}")),
+            Err(Failure::Server(e)) => self.die(
+                c,
+                &Loss::new(
+                    LostReason::Other,
+                    format!("undoing a failed permit failed: {e}"),
+                ),
+            ),
             Err(Failure::Broken(reason)) => self.die(c, &reason),
         }
         LockReply::Failed(error())
