@@ -154,25 +154,6 @@ async fn list_pages_through_scan() {
     assert!(locks.list().await.unwrap().is_empty());
 }
 
-/// A holder whose process dies: its runtime (and renewal task) is torn
-/// down without a release. Returns its token.
-fn die_holding(prefix: String, name: &'static str, ttl: Duration) -> u64 {
-    std::thread::spawn(move || {
-        let runtime = tokio::runtime::Runtime::new().unwrap();
-        let token = runtime.block_on(async {
-            let locks = open(&prefix).await;
-            let guard = locks.acquire(name).ttl(ttl).await.unwrap();
-            let token = guard.token();
-            std::mem::forget(guard);
-            token
-        });
-        drop(runtime);
-        token
-    })
-    .join()
-    .unwrap()
-}
-
 #[tokio::test]
 async fn tokens_increase_across_names_expiry_and_a_lost_counter() {
     let p = prefix("tokens");
@@ -191,7 +172,8 @@ async fn tokens_increase_across_names_expiry_and_a_lost_counter() {
     assert!(last >= before, "{last} < server time {before}");
 
     // A lease that runs out and is claimed again: the counter survived.
-    let expired = die_holding(p.clone(), "a", Duration::from_millis(300));
+    let expired =
+        suite::lease::die_holding(&RedisFixture(p.clone()), "a", Duration::from_millis(300));
     let g = locks
         .acquire("a")
         .wait(Duration::from_secs(10))
@@ -224,47 +206,6 @@ async fn tokens_increase_across_names_expiry_and_a_lost_counter() {
     let g = locks.acquire("a").await.unwrap();
     assert!(g.token() > last, "{} after {last}", g.token());
     g.release().await.unwrap();
-}
-
-#[tokio::test]
-async fn a_stale_holder_can_neither_release_nor_extend_the_next_lease() {
-    let p = prefix("stale");
-    let a = open(&p).await;
-    let b = open(&p).await;
-    let mut conn = raw().await;
-
-    let stale = a.acquire("s").ttl(Duration::from_secs(60)).await.unwrap();
-    // A pauses past its lease: Redis lets the key run out.
-    let _: () = redis::cmd("PEXPIRE")
-        .arg(format!("{p}lock:s"))
-        .arg(1)
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    let next = b
-        .acquire("s")
-        .ttl(Duration::from_secs(60))
-        .wait(Duration::from_secs(5))
-        .await
-        .unwrap();
-    assert!(next.token() > stale.token());
-
-    let err = stale.extend(Duration::from_secs(60)).await.unwrap_err();
-    assert!(matches!(err, Error::Lost { .. }), "{err:?}");
-    let err = stale.release().await.unwrap_err();
-    assert!(matches!(err, Error::Lost { .. }), "{err:?}");
-
-    assert_eq!(
-        b.inspect("s").await.unwrap().expect("still B's").token,
-        Some(next.token())
-    );
-    assert!(b.try_acquire("s").await.unwrap().is_none());
-    assert!(next
-        .extend(Duration::from_secs(30))
-        .await
-        .unwrap()
-        .is_some());
-    next.release().await.unwrap();
 }
 
 /// A waiter in another process (another `Lease`: no shared in-process
@@ -555,6 +496,30 @@ impl suite::Fixture for RedisFixture {
 mod behaviour {
     use super::*;
     behaviour_suite!(async { RedisFixture(prefix("suite")) });
+}
+
+impl suite::lease::LeaseFixture for RedisFixture {
+    async fn db_now(&self) -> chrono::DateTime<chrono::Utc> {
+        let micros = server_micros(&mut raw().await).await;
+        chrono::DateTime::from_timestamp_micros(micros as i64).unwrap()
+    }
+    async fn expire_now(&self, name: &str) {
+        // Redis lets the key run out.
+        let _: () = redis::cmd("PEXPIRE")
+            .arg(format!("{}lock:{name}", self.0))
+            .arg(1)
+            .query_async(&mut raw().await)
+            .await
+            .unwrap();
+    }
+    fn exact_expiry(&self) -> bool {
+        false
+    }
+}
+
+mod lease {
+    use super::*;
+    lease_suite!(async { RedisFixture(prefix("lease")) });
 }
 
 // ---- Batched renewal: one script per tick. ----

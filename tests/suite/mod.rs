@@ -16,6 +16,7 @@ use crate::common::unique;
 
 mod election;
 pub use election::*;
+pub mod lease;
 mod semaphore;
 pub use semaphore::*;
 mod shared;
