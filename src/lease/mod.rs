@@ -347,8 +347,9 @@ pub(crate) fn this_holder() -> String {
     format!("{host}:{}", std::process::id())
 }
 
+/// A poll's pause, jittered: 50-100 % of `d`.
 fn jitter(d: Duration) -> Duration {
-    d.mul_f64(rand::rng().random_range(0.5..=1.0))
+    crate::retry::jitter(d, 0.5)
 }
 
 /// The generic lease backend over one store.

@@ -433,9 +433,7 @@ pub(crate) struct SqliteStore {
     bells: Bells,
 }
 
-fn micros(d: Duration) -> i64 {
-    i64::try_from(d.as_micros()).unwrap_or(i64::MAX)
-}
+pub(super) use crate::time::micros;
 
 fn time(micros: i64) -> sqlx::Result<DateTime<Utc>> {
     DateTime::from_timestamp_micros(micros).ok_or_else(|| {
