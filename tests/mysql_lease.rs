@@ -122,62 +122,6 @@ fn is_timeout(e: &Error) -> bool {
 }
 
 #[tokio::test]
-async fn acquire_release_try_and_timeout() {
-    let pool = pool().await;
-    let locks = Locks::new(Lease::new(pool.clone()));
-    let name = common::unique("basic");
-
-    let guard = locks
-        .acquire(&name)
-        .ttl(Duration::from_secs(10))
-        .wait(Duration::from_secs(5))
-        .await
-        .unwrap();
-    assert_eq!(guard.name(), name);
-    assert!(!guard.is_lost());
-
-    assert!(locks.try_acquire(&name).await.unwrap().is_none());
-    let started = Instant::now();
-    let err = locks
-        .acquire(&name)
-        .wait(Duration::from_millis(300))
-        .await
-        .unwrap_err();
-    assert!(is_timeout(&err), "{err:?}");
-    assert!(started.elapsed() >= Duration::from_millis(300));
-
-    let info = locks.inspect(&name).await.unwrap().expect("held");
-    assert_eq!(info.name.as_deref(), Some(name.as_str()));
-    assert_eq!(info.token, Some(guard.token()));
-    assert!(info.holder.contains(&format!(":{}", std::process::id())));
-    assert!(info.acquired_at.unwrap() < info.expires_at.unwrap());
-    assert_eq!(info.expires_at, guard.expires_at());
-    let listed = locks.list().await.unwrap();
-    assert!(listed
-        .iter()
-        .any(|i| i.name.as_deref() == Some(name.as_str()) && i.token == Some(guard.token())));
-
-    guard.release().await.unwrap();
-    assert!(locks.inspect(&name).await.unwrap().is_none());
-    assert!(!locks
-        .list()
-        .await
-        .unwrap()
-        .iter()
-        .any(|i| i.name.as_deref() == Some(name.as_str())));
-    let again = locks.try_acquire(&name).await.unwrap().expect("free again");
-    drop(again);
-
-    // A dropped guard is released in the background; a waiter gets it.
-    let next = locks
-        .acquire(&name)
-        .wait(Duration::from_secs(5))
-        .await
-        .unwrap();
-    next.release().await.unwrap();
-}
-
-#[tokio::test]
 async fn waiter_gets_the_lock_when_it_is_released() {
     let pool = pool().await;
     let locks = Locks::new(Lease::new(pool.clone()));

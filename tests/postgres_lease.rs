@@ -45,67 +45,6 @@ async fn db_now(pool: &PgPool) -> DateTime<Utc> {
 }
 
 #[tokio::test]
-async fn acquire_try_timeout_release_inspect() {
-    let locks = new_locks().await;
-    let name = common::unique("pg-lease-basic");
-
-    let guard = locks
-        .acquire(&name)
-        .ttl(Duration::from_secs(10))
-        .await
-        .unwrap();
-    assert_eq!(guard.name(), name);
-    assert!(!guard.is_lost());
-    let expires = guard.expires_at().expect("a lease has an expiry");
-    let left = expires - Utc::now();
-    assert!(
-        left > chrono::Duration::seconds(8) && left <= chrono::Duration::seconds(11),
-        "{left}"
-    );
-
-    assert!(locks.try_acquire(&name).await.unwrap().is_none());
-    let started = Instant::now();
-    let err = locks
-        .acquire(&name)
-        .wait(Duration::from_millis(300))
-        .await
-        .unwrap_err();
-    assert!(matches!(err, Error::Timeout { .. }), "{err:?}");
-    assert!(started.elapsed() >= Duration::from_millis(300));
-
-    let info = locks.inspect(&name).await.unwrap().expect("held");
-    assert_eq!(info.name.as_deref(), Some(name.as_str()));
-    assert_eq!(info.token, Some(guard.token()));
-    assert!(info.holder.ends_with(&format!(":{}", std::process::id())));
-    assert!(locks
-        .list()
-        .await
-        .unwrap()
-        .iter()
-        .any(|i| i.name.as_deref() == Some(name.as_str())));
-
-    guard.release().await.unwrap();
-    assert!(locks.inspect(&name).await.unwrap().is_none());
-    assert!(!locks
-        .list()
-        .await
-        .unwrap()
-        .iter()
-        .any(|i| i.name.as_deref() == Some(name.as_str())));
-    let again = locks.try_acquire(&name).await.unwrap().expect("free again");
-    drop(again);
-    // Dropping releases in the background.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while locks.inspect(&name).await.unwrap().is_some() {
-        assert!(
-            Instant::now() < deadline,
-            "a dropped guard was not released"
-        );
-        sleep(Duration::from_millis(10)).await;
-    }
-}
-
-#[tokio::test]
 async fn tokens_increase_and_survive_a_new_pool() {
     let name = common::unique("pg-lease-tokens");
     let mut last = 0;

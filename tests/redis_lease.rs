@@ -72,6 +72,9 @@ async fn server_micros(conn: &mut redis::aio::MultiplexedConnection) -> u64 {
     s * 1_000_000 + us
 }
 
+/// The key is what the docs say, with Redis' own expiry on it, gone once
+/// released; `list` is in name order; readers are leases too. (The lease
+/// suite's acquire_try_timeout_release_inspect covers the rest.)
 #[tokio::test]
 async fn acquire_try_timeout_release_inspect_list() {
     let p = prefix("basic");
@@ -83,22 +86,6 @@ async fn acquire_try_timeout_release_inspect_list() {
         .ttl(Duration::from_secs(10))
         .await
         .unwrap();
-    let left = guard.expires_at().unwrap() - chrono::Utc::now();
-    assert!(
-        left > chrono::Duration::seconds(8) && left <= chrono::Duration::seconds(11),
-        "{left}"
-    );
-    assert!(locks.try_acquire(name).await.unwrap().is_none());
-    let started = Instant::now();
-    let err = locks
-        .acquire(name)
-        .wait(Duration::from_millis(300))
-        .await
-        .unwrap_err();
-    assert!(matches!(err, Error::Timeout { .. }), "{err:?}");
-    assert!(started.elapsed() >= Duration::from_millis(300));
-
-    // The key is what the docs say, with Redis' own expiry on it.
     let mut conn = raw().await;
     let pttl: i64 = redis::cmd("PTTL")
         .arg(format!("{p}lock:{name}"))
@@ -107,10 +94,6 @@ async fn acquire_try_timeout_release_inspect_list() {
         .unwrap();
     assert!(pttl > 8_000 && pttl <= 10_000, "{pttl}");
 
-    let info = locks.inspect(name).await.unwrap().expect("held");
-    assert_eq!(info.token, Some(guard.token()));
-    assert!(info.holder.ends_with(&format!(":{}", std::process::id())));
-    assert!(info.acquired_at.unwrap() < info.expires_at.unwrap());
     let other = locks.acquire("another").await.unwrap();
     let listed: Vec<_> = locks
         .list()
@@ -123,7 +106,6 @@ async fn acquire_try_timeout_release_inspect_list() {
     other.release().await.unwrap();
 
     guard.release().await.unwrap();
-    assert!(locks.inspect(name).await.unwrap().is_none());
     let exists: bool = redis::cmd("EXISTS")
         .arg(format!("{p}lock:{name}"))
         .query_async(&mut conn)

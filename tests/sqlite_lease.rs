@@ -84,36 +84,14 @@ async fn racing_opens_of_one_fresh_file_all_succeed() {
     }
 }
 
+/// `list` of a file's leases is in name order, and readers are leases too
+/// (the lease suite's acquire_try_timeout_release_inspect covers the rest).
 #[tokio::test]
-async fn acquire_try_timeout_release_inspect() {
+async fn list_is_in_name_order_and_readers_are_leases() {
     let dir = TempDir::new("sqlite-basic");
     let locks = open(&dir.db()).await;
     let name = "reports:nightly";
-
-    let guard = locks
-        .acquire(name)
-        .ttl(Duration::from_secs(10))
-        .await
-        .unwrap();
-    let left = guard.expires_at().unwrap() - chrono::Utc::now();
-    assert!(
-        left > chrono::Duration::seconds(8) && left <= chrono::Duration::seconds(11),
-        "{left}"
-    );
-    assert!(locks.try_acquire(name).await.unwrap().is_none());
-    let started = Instant::now();
-    let err = locks
-        .acquire(name)
-        .wait(Duration::from_millis(300))
-        .await
-        .unwrap_err();
-    assert!(matches!(err, Error::Timeout { .. }), "{err:?}");
-    assert!(started.elapsed() >= Duration::from_millis(300));
-
-    let info = locks.inspect(name).await.unwrap().expect("held");
-    assert_eq!(info.token, Some(guard.token()));
-    assert!(info.holder.ends_with(&format!(":{}", std::process::id())));
-    assert!(info.acquired_at.unwrap() < info.expires_at.unwrap());
+    let guard = locks.acquire(name).await.unwrap();
     let other = locks.acquire("another").await.unwrap();
     let listed: Vec<_> = locks
         .list()
@@ -124,10 +102,7 @@ async fn acquire_try_timeout_release_inspect() {
         .collect();
     assert_eq!(listed, ["another", name]);
     drop(other);
-
     guard.release().await.unwrap();
-    assert!(locks.inspect(name).await.unwrap().is_none());
-    assert!(locks.try_acquire(name).await.unwrap().is_some());
     // Readers are leases too (the suite covers them in depth).
     let reader = locks.acquire("x").shared().await.unwrap();
     assert_eq!(reader.mode(), dblock::LockMode::Shared);

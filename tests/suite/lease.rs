@@ -117,6 +117,71 @@ pub async fn one_winner(backends: &[Locks], name: &str) -> u64 {
     token
 }
 
+/// The basics of a lease: its expiry, `try_acquire` and a timed-out wait
+/// while it is held, `inspect` and `list` while it is and after it is not,
+/// and a dropped guard's lease released in the background.
+pub async fn acquire_try_timeout_release_inspect<F: LeaseFixture>(f: &F) {
+    let locks = f.locks().await;
+    let name = unique("lease-basic");
+    let has = |all: &[dblock::LockInfo], token: Option<u64>| {
+        all.iter().any(|i| {
+            i.name.as_deref() == Some(name.as_str()) && token.is_none_or(|t| i.token == Some(t))
+        })
+    };
+
+    let guard = locks
+        .acquire(&name)
+        .ttl(Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert_eq!(guard.name(), name);
+    assert!(!guard.is_lost());
+    let left = guard.expires_at().expect("a lease has an expiry") - f.db_now().await;
+    assert!(
+        left > chrono::Duration::seconds(8) && left <= chrono::Duration::seconds(10),
+        "{left}"
+    );
+
+    assert!(locks.try_acquire(&name).await.unwrap().is_none());
+    let started = Instant::now();
+    let err = locks
+        .acquire(&name)
+        .wait(Duration::from_millis(300))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Timeout { .. }), "{err:?}");
+    assert!(started.elapsed() >= Duration::from_millis(300));
+
+    let info = locks.inspect(&name).await.unwrap().expect("held");
+    assert_eq!(info.name.as_deref(), Some(name.as_str()));
+    assert_eq!(info.token, Some(guard.token()));
+    assert!(info.holder.ends_with(&format!(":{}", std::process::id())));
+    assert!(info.acquired_at.unwrap() < info.expires_at.unwrap());
+    same_expiry(f, info.expires_at, guard.expires_at());
+    assert!(has(&locks.list().await.unwrap(), Some(guard.token())));
+
+    guard.release().await.unwrap();
+    assert!(locks.inspect(&name).await.unwrap().is_none());
+    assert!(!has(&locks.list().await.unwrap(), None));
+    let again = locks.try_acquire(&name).await.unwrap().expect("free again");
+    drop(again);
+    // Dropping releases in the background.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while locks.inspect(&name).await.unwrap().is_some() {
+        assert!(
+            Instant::now() < deadline,
+            "a dropped guard was not released"
+        );
+        sleep(Duration::from_millis(10)).await;
+    }
+    let next = locks
+        .acquire(&name)
+        .wait(Duration::from_secs(5))
+        .await
+        .unwrap();
+    next.release().await.unwrap();
+}
+
 /// A lease whose holder died is granted again once the database's clock has
 /// passed its expiry, not before.
 pub async fn a_dead_holders_lease_is_taken_over_after_its_ttl<F: LeaseFixture>(f: &F) {
@@ -417,6 +482,7 @@ macro_rules! lease_suite {
     };
     ($fixture:expr) => {
         $crate::lease_suite!(@tests $fixture;
+            acquire_try_timeout_release_inspect,
             a_dead_holders_lease_is_taken_over_after_its_ttl,
             a_stale_holder_can_neither_release_nor_extend_the_next_lease,
             hold_at_least_keeps_the_lease_after_release,
