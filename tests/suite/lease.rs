@@ -282,13 +282,7 @@ pub async fn hold_at_least_keeps_the_lease_after_release<F: LeaseFixture>(f: &F)
         .await
         .unwrap();
     let token = guard.token();
-    let acquired_at = locks
-        .inspect(&name)
-        .await
-        .unwrap()
-        .unwrap()
-        .acquired_at
-        .unwrap();
+    let acquired_at = granted_at(&locks, &name).await;
     guard.release().await.unwrap();
 
     assert!(locks.try_acquire(&name).await.unwrap().is_none());
@@ -303,14 +297,7 @@ pub async fn hold_at_least_keeps_the_lease_after_release<F: LeaseFixture>(f: &F)
         .await
         .unwrap();
     assert!(next.token() > token);
-    let next_at = locks
-        .inspect(&name)
-        .await
-        .unwrap()
-        .unwrap()
-        .acquired_at
-        .unwrap();
-    assert!(next_at >= acquired_at + hold);
+    assert!(granted_at(&locks, &name).await >= acquired_at + hold);
     next.release().await.unwrap();
 
     // A hold already past does not delay the release.
@@ -324,6 +311,12 @@ pub async fn hold_at_least_keeps_the_lease_after_release<F: LeaseFixture>(f: &F)
     guard.release().await.unwrap();
     assert!(locks.inspect(&name).await.unwrap().is_none());
     assert!(locks.try_acquire(&name).await.unwrap().is_some());
+}
+
+/// When the lease on `name` was granted.
+async fn granted_at(locks: &Locks, name: &str) -> DateTime<Utc> {
+    let info = locks.inspect(name).await.unwrap().expect("held");
+    info.acquired_at.expect("a lease's grant time")
 }
 
 /// A lease broken by an operator is seen as lost at the next renewal.
