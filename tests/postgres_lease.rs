@@ -205,6 +205,7 @@ async fn the_listener_stops_with_its_backend() {
 
 mod suite;
 
+#[derive(Clone)]
 struct LeaseFixture;
 
 impl suite::Fixture for LeaseFixture {

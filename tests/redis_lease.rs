@@ -456,6 +456,7 @@ async fn a_foreign_value_is_an_error_not_a_lease() {
 
 mod suite;
 
+#[derive(Clone)]
 struct RedisFixture(String);
 
 impl suite::Fixture for RedisFixture {

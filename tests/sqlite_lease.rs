@@ -252,6 +252,7 @@ async fn lease_new_on_an_unmigrated_pool_reports_schema_missing() {
 
 mod suite;
 
+#[derive(Clone)]
 struct SqliteFixture(PathBuf);
 
 impl suite::Fixture for SqliteFixture {

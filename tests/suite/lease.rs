@@ -21,8 +21,10 @@ use crate::common::unique;
 /// connection).
 pub type Cut = Pin<Box<dyn Future<Output = ()> + Send>>;
 
-/// What the lease behaviours need from a backend beyond [`Fixture`].
-pub trait LeaseFixture: Fixture {
+/// What the lease behaviours need from a backend beyond [`Fixture`] (a
+/// clone serves a holder in another "process": a thread and runtime of its
+/// own).
+pub trait LeaseFixture: Fixture + Clone {
     /// The database's clock now.
     fn db_now(&self) -> impl Future<Output = DateTime<Utc>> + Send;
     /// Makes the lease on `name` run out now, as the database counts it
@@ -241,6 +243,54 @@ pub async fn a_stale_holder_can_neither_release_nor_extend_the_next_lease<F: Lea
     let next = b.acquire(&name).ttl(Duration::from_secs(30)).await.unwrap();
     assert!(next.token() > stale.token());
     stale_is_refused(f, &b, stale, next).await;
+}
+
+/// A holder whose whole process stops (no renewal can run) past its lease:
+/// another takes the lease, and the paused holder's release, once it
+/// resumes, fails and leaves the new lease alone.
+pub async fn a_paused_holder_cannot_release_the_next_lease<F: LeaseFixture>(f: &F) {
+    let locks = f.locks().await;
+    let name = unique("lease-paused");
+    let (taken_tx, taken_rx) = std::sync::mpsc::channel();
+    let (resume_tx, resume_rx) = std::sync::mpsc::channel::<()>();
+    let paused = {
+        let (f, name) = (f.clone(), name.clone());
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let locks = f.locks().await;
+                let guard = locks
+                    .acquire(name)
+                    .ttl(Duration::from_millis(600))
+                    .await
+                    .unwrap();
+                taken_tx.send(guard.token()).unwrap();
+                // The whole "process" stops: no renewal can run.
+                resume_rx.recv().unwrap();
+                guard.release().await
+            })
+        })
+    };
+    let old = taken_rx.recv().unwrap();
+    let next = locks
+        .acquire(&name)
+        .wait(Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert!(next.token() > old);
+    resume_tx.send(()).unwrap();
+    let released = paused.join().unwrap();
+    assert!(
+        matches!(released, Err(Error::Lost { .. })),
+        "the stale release must fail: {released:?}"
+    );
+    let info = locks.inspect(&name).await.unwrap().expect("still held");
+    assert_eq!(info.token, Some(next.token()));
+    assert!(!next.is_lost());
+    next.release().await.unwrap();
 }
 
 /// `stale`'s extend and release fail as lost and change nothing of `next`,
@@ -478,6 +528,7 @@ macro_rules! lease_suite {
             acquire_try_timeout_release_inspect,
             a_dead_holders_lease_is_taken_over_after_its_ttl,
             a_stale_holder_can_neither_release_nor_extend_the_next_lease,
+            a_paused_holder_cannot_release_the_next_lease,
             hold_at_least_keeps_the_lease_after_release,
             lost_fires_when_the_lease_is_broken);
     };
