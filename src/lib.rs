@@ -74,6 +74,8 @@ mod lost;
 mod name;
 mod observe;
 mod request;
+mod retry;
+mod time;
 
 mod migrate;
 

@@ -112,8 +112,7 @@ impl Default for Clock {
 impl Clock {
     /// The wall-clock reading of a monotonic instant.
     fn wall(&self, at: Instant) -> DateTime<Utc> {
-        let since =
-            |d: std::time::Duration| chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX);
+        let since = crate::time::chrono_duration;
         if at >= self.base {
             self.base_wall + since(at - self.base)
         } else {

@@ -122,62 +122,6 @@ fn is_timeout(e: &Error) -> bool {
 }
 
 #[tokio::test]
-async fn acquire_release_try_and_timeout() {
-    let pool = pool().await;
-    let locks = Locks::new(Lease::new(pool.clone()));
-    let name = common::unique("basic");
-
-    let guard = locks
-        .acquire(&name)
-        .ttl(Duration::from_secs(10))
-        .wait(Duration::from_secs(5))
-        .await
-        .unwrap();
-    assert_eq!(guard.name(), name);
-    assert!(!guard.is_lost());
-
-    assert!(locks.try_acquire(&name).await.unwrap().is_none());
-    let started = Instant::now();
-    let err = locks
-        .acquire(&name)
-        .wait(Duration::from_millis(300))
-        .await
-        .unwrap_err();
-    assert!(is_timeout(&err), "{err:?}");
-    assert!(started.elapsed() >= Duration::from_millis(300));
-
-    let info = locks.inspect(&name).await.unwrap().expect("held");
-    assert_eq!(info.name.as_deref(), Some(name.as_str()));
-    assert_eq!(info.token, Some(guard.token()));
-    assert!(info.holder.contains(&format!(":{}", std::process::id())));
-    assert!(info.acquired_at.unwrap() < info.expires_at.unwrap());
-    assert_eq!(info.expires_at, guard.expires_at());
-    let listed = locks.list().await.unwrap();
-    assert!(listed
-        .iter()
-        .any(|i| i.name.as_deref() == Some(name.as_str()) && i.token == Some(guard.token())));
-
-    guard.release().await.unwrap();
-    assert!(locks.inspect(&name).await.unwrap().is_none());
-    assert!(!locks
-        .list()
-        .await
-        .unwrap()
-        .iter()
-        .any(|i| i.name.as_deref() == Some(name.as_str())));
-    let again = locks.try_acquire(&name).await.unwrap().expect("free again");
-    drop(again);
-
-    // A dropped guard is released in the background; a waiter gets it.
-    let next = locks
-        .acquire(&name)
-        .wait(Duration::from_secs(5))
-        .await
-        .unwrap();
-    next.release().await.unwrap();
-}
-
-#[tokio::test]
 async fn waiter_gets_the_lock_when_it_is_released() {
     let pool = pool().await;
     let locks = Locks::new(Lease::new(pool.clone()));
@@ -228,59 +172,6 @@ async fn tokens_strictly_increase() {
 }
 
 #[tokio::test]
-async fn a_dead_holder_is_taken_over_after_its_ttl() {
-    let pool = pool().await;
-    let locks = Locks::new(Lease::new(pool.clone()));
-    let name = common::unique("dead");
-
-    // A "process" that takes the lease and dies: its runtime is dropped,
-    // which kills the keeper without releasing anything.
-    let dead_token = {
-        let url = common::mysql_url().await;
-        let name = name.clone();
-        std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async move {
-                let pool = MySqlPool::connect(&url).await.unwrap();
-                let locks = Locks::new(Lease::new(pool));
-                let guard = locks
-                    .acquire(name)
-                    .ttl(Duration::from_millis(1500))
-                    .await
-                    .unwrap();
-                let token = guard.token();
-                std::mem::forget(guard);
-                token
-            })
-        })
-        .join()
-        .unwrap()
-    };
-    let died = Instant::now();
-
-    let info = locks.inspect(&name).await.unwrap().expect("still held");
-    assert_eq!(info.token, Some(dead_token));
-    assert!(locks.try_acquire(&name).await.unwrap().is_none());
-
-    let guard = locks
-        .acquire(&name)
-        .wait(Duration::from_secs(10))
-        .await
-        .unwrap();
-    let took = died.elapsed();
-    assert!(guard.token() > dead_token);
-    // Taken once the database says the old lease expired, not before.
-    assert!(
-        took >= Duration::from_millis(1000),
-        "taken over after only {took:?}"
-    );
-    assert!(guard.expires_at().unwrap() > db_now(&pool).await);
-}
-
-#[tokio::test]
 async fn expiry_follows_the_database_clock() {
     let pool = pool().await;
     let locks = Locks::new(Lease::new(pool.clone()));
@@ -303,87 +194,6 @@ async fn expiry_follows_the_database_clock() {
     assert_eq!(guard.token(), 42);
 }
 
-#[tokio::test]
-async fn a_stale_holder_cannot_release_or_extend_the_next_lease() {
-    let pool = pool().await;
-    let locks = Locks::new(Lease::new(pool.clone()));
-    let name = common::unique("stale");
-    let stale = locks
-        .acquire(&name)
-        .ttl(Duration::from_secs(30))
-        .await
-        .unwrap();
-    // The lease is broken behind its holder's back and someone else takes it.
-    assert!(locks.force_release(&name).await.unwrap());
-    assert!(!locks.force_release(&name).await.unwrap());
-    let next = locks
-        .acquire(&name)
-        .ttl(Duration::from_secs(30))
-        .await
-        .unwrap();
-    assert!(next.token() > stale.token());
-    let before = locks.inspect(&name).await.unwrap().unwrap();
-
-    // extend reaches the database (the stale guard does not know yet).
-    assert!(!stale.is_lost());
-    let err = stale.extend(Duration::from_secs(60)).await.unwrap_err();
-    assert!(matches!(err, Error::Lost { .. }), "{err:?}");
-    assert!(stale.is_lost());
-    let err = stale.release().await.unwrap_err();
-    assert!(matches!(err, Error::Lost { .. }), "{err:?}");
-
-    let after = locks.inspect(&name).await.unwrap().expect("still held");
-    assert_eq!(after.token, Some(next.token()));
-    assert_eq!(after.expires_at, before.expires_at);
-    assert!(locks.try_acquire(&name).await.unwrap().is_none());
-    next.release().await.unwrap();
-}
-
-#[tokio::test]
-async fn a_paused_holder_cannot_release_the_next_lease() {
-    let pool = pool().await;
-    let locks = Locks::new(Lease::new(pool.clone()));
-    let name = common::unique("paused");
-    let url = common::mysql_url().await;
-    let (taken_tx, taken_rx) = std::sync::mpsc::channel();
-    let (resume_tx, resume_rx) = std::sync::mpsc::channel::<()>();
-    let paused = {
-        let name = name.clone();
-        std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async move {
-                let pool = MySqlPool::connect(&url).await.unwrap();
-                let locks = Locks::new(Lease::new(pool));
-                let guard = locks
-                    .acquire(name)
-                    .ttl(Duration::from_millis(600))
-                    .await
-                    .unwrap();
-                taken_tx.send(guard.token()).unwrap();
-                // The whole "process" stops: no renewal can run.
-                resume_rx.recv().unwrap();
-                guard.release().await
-            })
-        })
-    };
-    let old = taken_rx.recv().unwrap();
-    let next = locks
-        .acquire(&name)
-        .wait(Duration::from_secs(10))
-        .await
-        .unwrap();
-    assert!(next.token() > old);
-    resume_tx.send(()).unwrap();
-    let released = paused.join().unwrap();
-    assert!(released.is_err(), "the stale release must fail");
-    let info = locks.inspect(&name).await.unwrap().expect("still held");
-    assert_eq!(info.token, Some(next.token()));
-    assert!(!next.is_lost());
-}
-
 async fn race(setup: &'static str, expect_isolation: &str) {
     let (pool, ids) = pool_with(setup).await;
     // MySQL 8 calls it transaction_isolation; MariaDB before 11.1 tx_isolation.
@@ -400,30 +210,13 @@ async fn race(setup: &'static str, expect_isolation: &str) {
     assert_eq!(isolation, expect_isolation);
     for round in 0..3 {
         let name = common::unique(&format!("race{round}"));
-        let barrier = Arc::new(tokio::sync::Barrier::new(32));
         let before = floor(&pool).await;
-        let mut tasks = Vec::new();
-        for _ in 0..32 {
-            // Separate backends: no in-process coordination at all.
-            let locks = Locks::new(Lease::new(pool.clone()));
-            let barrier = barrier.clone();
-            let name = name.clone();
-            tasks.push(tokio::spawn(async move {
-                barrier.wait().await;
-                let guard = locks.try_acquire(&name).await.unwrap();
-                // Keep it until everyone has tried.
-                tokio::time::sleep(Duration::from_millis(500)).await;
-                guard.map(|g| g.token())
-            }));
-        }
-        let mut winners = Vec::new();
-        for t in tasks {
-            if let Some(token) = t.await.unwrap() {
-                winners.push(token);
-            }
-        }
-        assert_eq!(winners.len(), 1, "round {round}: winners {winners:?}");
-        assert_first_token(&pool, before, winners[0]).await;
+        // Separate backends: no in-process coordination at all.
+        let backends: Vec<_> = (0..32)
+            .map(|_| Locks::new(Lease::new(pool.clone())))
+            .collect();
+        let winner = suite::lease::one_winner(&backends, &name).await;
+        assert_first_token(&pool, before, winner).await;
     }
     // Everyone waiting instead: one at a time, all served, tokens unique.
     let name = common::unique("queue");
@@ -691,37 +484,6 @@ async fn renewals_in_the_same_millisecond_both_succeed() {
 }
 
 #[tokio::test]
-async fn hold_at_least_keeps_the_lease_after_release() {
-    let pool = pool().await;
-    let locks = Locks::new(Lease::new(pool.clone()));
-    let name = common::unique("hold");
-    let guard = locks
-        .acquire(&name)
-        .hold_at_least(Duration::from_millis(1200))
-        .await
-        .unwrap();
-    let token = guard.token();
-    guard.release().await.unwrap();
-    let info = locks.inspect(&name).await.unwrap().expect("held over");
-    let left = (info.expires_at.unwrap() - db_now(&pool).await).num_milliseconds();
-    assert!((500..=1200).contains(&left), "{left} ms");
-    assert!(locks.try_acquire(&name).await.unwrap().is_none());
-    tokio::time::sleep(Duration::from_millis(1400)).await;
-    let next = locks.try_acquire(&name).await.unwrap().expect("free");
-    assert!(next.token() > token);
-    // A hold shorter than the time already held ends the lease at once.
-    let short = locks
-        .acquire(common::unique("hold-short"))
-        .hold_at_least(Duration::from_millis(1))
-        .await
-        .unwrap();
-    let short_name = short.name().to_owned();
-    tokio::time::sleep(Duration::from_millis(5)).await;
-    short.release().await.unwrap();
-    assert!(locks.inspect(&short_name).await.unwrap().is_none());
-}
-
-#[tokio::test]
 async fn names_are_bytes_and_shared_mode_is_unsupported() {
     let pool = pool().await;
     let locks = Locks::new(Lease::new(pool));
@@ -756,7 +518,6 @@ async fn schema_missing_and_bad_table_names() {
         .with_table("dblock_missing_xyz")
         .unwrap();
     assert_eq!(lease.table(), "dblock_missing_xyz");
-    let locks = Locks::new(lease.clone());
     let is_missing = |e: &Error| {
         matches!(
             e,
@@ -766,12 +527,7 @@ async fn schema_missing_and_bad_table_names() {
             }
         )
     };
-    let err = locks.try_acquire("x").await.unwrap_err();
-    assert!(is_missing(&err), "{err:?}");
-    assert!(err.to_string().contains("dblock::mysql::migrate(&pool)"));
-    assert!(is_missing(&locks.inspect("x").await.unwrap_err()));
-    assert!(is_missing(&locks.list().await.unwrap_err()));
-    assert!(is_missing(&locks.force_release("x").await.unwrap_err()));
+    // (The other operations: the lease suite's a_missing_table_reports_schema_missing.)
     let mut tx = pool.begin().await.unwrap();
     let err = lease
         .lock_in_transaction_with(&mut tx, "x", Wait::No)
@@ -782,10 +538,7 @@ async fn schema_missing_and_bad_table_names() {
     sqlx::query("SELECT 1").execute(&mut *tx).await.unwrap();
     tx.rollback().await.unwrap();
 
-    for bad in ["x; DROP TABLE y", "a-b", "`x`", "a.b.c", ""] {
-        let err = Lease::new(pool.clone()).with_table(bad).unwrap_err();
-        assert!(matches!(err, Error::InvalidOption(_)), "{bad:?}: {err:?}");
-    }
+    // (Bad table names: the lease suite's with_table_rejects_injection_and_quotes_identifiers.)
     let err = Lease::new(pool.clone())
         .with_options(
             LeaseOptions::default()
@@ -799,23 +552,9 @@ async fn schema_missing_and_bad_table_names() {
 #[tokio::test]
 async fn a_custom_table_qualified_by_its_schema_works() {
     let pool = pool().await;
-    let db: String = sqlx::query_scalar("SELECT DATABASE()")
-        .fetch_one(&pool)
-        .await
-        .unwrap();
-    let table = "dblock_custom_leases";
-    // A lease table of one's own: the steps of the lease table, with its name.
-    for step in [
-        include_str!("../migrations/mysql/0001_dblock.sql"),
-        include_str!("../migrations/mysql/0004_shared_leases.sql"),
-    ] {
-        sqlx::raw_sql(sqlx::AssertSqlSafe(step.replace("dblock_leases", table)))
-            .execute(&pool)
-            .await
-            .unwrap();
-    }
+    let table = suite::lease::TableFixture::custom_table(&MysqlFixture).await;
     let lease = Lease::new(pool.clone())
-        .with_table(format!("{db}.{table}"))
+        .with_table(&table)
         .unwrap()
         .with_options(
             LeaseOptions::default()
@@ -1225,6 +964,7 @@ async fn snapshot_isolation_is_never_tripped() {
 
 mod suite;
 
+#[derive(Clone)]
 struct MysqlFixture;
 
 impl suite::Fixture for MysqlFixture {
@@ -1249,6 +989,74 @@ impl suite::Fixture for MysqlFixture {
 mod behaviour {
     use super::*;
     behaviour_suite!(async { MysqlFixture });
+}
+
+impl suite::lease::LeaseFixture for MysqlFixture {
+    async fn db_now(&self) -> DateTime<Utc> {
+        db_now(&pool().await).await
+    }
+    async fn expire_now(&self, name: &str) {
+        sqlx::query("UPDATE dblock_leases SET expires_at = UTC_TIMESTAMP(6) WHERE name = ?")
+            .bind(name.as_bytes())
+            .execute(&pool().await)
+            .await
+            .unwrap();
+    }
+}
+
+impl suite::lease::TableFixture for MysqlFixture {
+    fn schema_missing(&self) -> (&'static str, &'static str) {
+        ("dblock::mysql::migrate(&pool)", "mysql")
+    }
+    async fn with_table(&self, table: &str) -> Result<Locks, Error> {
+        Lease::new(pool().await).with_table(table).map(Locks::new)
+    }
+    /// `dblock_custom_leases` qualified by its schema (the database).
+    async fn custom_table(&self) -> String {
+        let pool = pool().await;
+        let db: String = sqlx::query_scalar("SELECT DATABASE()")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        let table = "dblock_custom_leases";
+        // A lease table of one's own: the steps of the lease table, with its name.
+        for step in [
+            include_str!("../migrations/mysql/0001_dblock.sql"),
+            include_str!("../migrations/mysql/0004_shared_leases.sql"),
+        ] {
+            sqlx::raw_sql(sqlx::AssertSqlSafe(step.replace("dblock_leases", table)))
+                .execute(&pool)
+                .await
+                .unwrap();
+        }
+        format!("{db}.{table}")
+    }
+    async fn doomed(&self) -> (Locks, suite::lease::Cut) {
+        let doomed = pool().await;
+        let locks = Locks::new(Lease::new(doomed.clone()));
+        (locks, Box::pin(async move { doomed.close().await }))
+    }
+    async fn starved(&self) -> (Locks, Box<dyn std::any::Any + Send>) {
+        let pool = MySqlPoolOptions::new()
+            .max_connections(1)
+            .connect(&common::mysql_url().await)
+            .await
+            .unwrap();
+        let busy = pool.acquire().await.unwrap();
+        (Locks::new(Lease::new(pool)), Box::new(busy))
+    }
+    async fn lease_rows(&self, prefix: &str) -> i64 {
+        sqlx::query_scalar("SELECT count(*) FROM dblock_leases WHERE name LIKE ?")
+            .bind(format!("{prefix}:%").into_bytes())
+            .fetch_one(&pool().await)
+            .await
+            .unwrap()
+    }
+}
+
+mod lease {
+    use super::*;
+    lease_suite!(tables async { MysqlFixture });
 }
 
 /// Not a test: compares the hot path (claim + release through `Locks`)
@@ -1320,38 +1128,6 @@ async fn raw_rounds(pool: &MySqlPool, name: &str, rounds: u32) -> Duration {
         assert_eq!(done.rows_affected(), 1);
     }
     started.elapsed()
-}
-
-/// When renewals cannot reach the database, the guard reports itself lost at
-/// its local deadline, while the database still counts the lease as held:
-/// the holder learns of the loss before anyone else can be granted the lock.
-#[tokio::test]
-async fn lost_fires_before_the_database_expires_the_lease() {
-    let doomed = pool().await;
-    let observer = pool().await;
-    let locks = Locks::new(Lease::new(doomed.clone()));
-    let name = common::unique("my-lease-closed");
-    let guard = locks
-        .acquire(&name)
-        .ttl(Duration::from_secs(2))
-        .await
-        .unwrap();
-    doomed.close().await;
-    tokio::time::timeout(Duration::from_secs(3), guard.lost())
-        .await
-        .expect("lost() resolves at the local deadline");
-    let now = db_now(&observer).await;
-    let expires_at: NaiveDateTime =
-        sqlx::query_scalar("SELECT expires_at FROM dblock_leases WHERE name = ?")
-            .bind(&name)
-            .fetch_one(&observer)
-            .await
-            .unwrap();
-    assert!(
-        expires_at.and_utc() > now,
-        "lost only at {now}, lease ran out at {expires_at}"
-    );
-    assert!(guard.is_lost());
 }
 
 // ---- Batched renewal, on a table of its own per test. ----

@@ -5,7 +5,6 @@
 mod common;
 
 use std::str::FromStr;
-use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -13,7 +12,7 @@ use dblock::postgres::Lease;
 use dblock::{Error, LeaseOptions, Locks};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::PgPool;
-use tokio::time::{sleep, timeout, Instant};
+use tokio::time::{sleep, Instant};
 
 async fn connect_with(options: PgConnectOptions, size: u32) -> PgPool {
     let pool = PgPoolOptions::new()
@@ -46,67 +45,6 @@ async fn db_now(pool: &PgPool) -> DateTime<Utc> {
 }
 
 #[tokio::test]
-async fn acquire_try_timeout_release_inspect() {
-    let locks = new_locks().await;
-    let name = common::unique("pg-lease-basic");
-
-    let guard = locks
-        .acquire(&name)
-        .ttl(Duration::from_secs(10))
-        .await
-        .unwrap();
-    assert_eq!(guard.name(), name);
-    assert!(!guard.is_lost());
-    let expires = guard.expires_at().expect("a lease has an expiry");
-    let left = expires - Utc::now();
-    assert!(
-        left > chrono::Duration::seconds(8) && left <= chrono::Duration::seconds(11),
-        "{left}"
-    );
-
-    assert!(locks.try_acquire(&name).await.unwrap().is_none());
-    let started = Instant::now();
-    let err = locks
-        .acquire(&name)
-        .wait(Duration::from_millis(300))
-        .await
-        .unwrap_err();
-    assert!(matches!(err, Error::Timeout { .. }), "{err:?}");
-    assert!(started.elapsed() >= Duration::from_millis(300));
-
-    let info = locks.inspect(&name).await.unwrap().expect("held");
-    assert_eq!(info.name.as_deref(), Some(name.as_str()));
-    assert_eq!(info.token, Some(guard.token()));
-    assert!(info.holder.ends_with(&format!(":{}", std::process::id())));
-    assert!(locks
-        .list()
-        .await
-        .unwrap()
-        .iter()
-        .any(|i| i.name.as_deref() == Some(name.as_str())));
-
-    guard.release().await.unwrap();
-    assert!(locks.inspect(&name).await.unwrap().is_none());
-    assert!(!locks
-        .list()
-        .await
-        .unwrap()
-        .iter()
-        .any(|i| i.name.as_deref() == Some(name.as_str())));
-    let again = locks.try_acquire(&name).await.unwrap().expect("free again");
-    drop(again);
-    // Dropping releases in the background.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while locks.inspect(&name).await.unwrap().is_some() {
-        assert!(
-            Instant::now() < deadline,
-            "a dropped guard was not released"
-        );
-        sleep(Duration::from_millis(10)).await;
-    }
-}
-
-#[tokio::test]
 async fn tokens_increase_and_survive_a_new_pool() {
     let name = common::unique("pg-lease-tokens");
     let mut last = 0;
@@ -126,116 +64,12 @@ async fn tokens_increase_and_survive_a_new_pool() {
     g.release().await.unwrap();
 }
 
-/// A holder whose process dies: its runtime (and keeper task) is torn down
-/// without a release.
-fn die_holding(url: String, name: String, ttl: Duration) -> u64 {
-    std::thread::spawn(move || {
-        let runtime = tokio::runtime::Runtime::new().unwrap();
-        let token = runtime.block_on(async {
-            let pool = PgPool::connect(&url).await.unwrap();
-            let locks = Locks::new(Lease::new(pool));
-            let guard = locks.acquire(&name).ttl(ttl).await.unwrap();
-            let token = guard.token();
-            std::mem::forget(guard);
-            token
-        });
-        drop(runtime);
-        token
-    })
-    .join()
-    .unwrap()
-}
-
-#[tokio::test]
-async fn a_dead_holders_lease_is_taken_over_after_its_ttl() {
-    let url = common::postgres_url().await;
-    let pool = pool().await;
-    let locks = Locks::new(Lease::new(pool.clone()));
-    let name = common::unique("pg-lease-dead");
-    let dead = die_holding(url, name.clone(), Duration::from_millis(1500));
-
-    let before = locks.inspect(&name).await.unwrap().expect("still leased");
-    assert_eq!(before.token, Some(dead));
-    assert!(locks.try_acquire(&name).await.unwrap().is_none());
-
-    let guard = locks
-        .acquire(&name)
-        .wait(Duration::from_secs(10))
-        .await
-        .unwrap();
-    assert!(guard.token() > dead);
-    // Granted only once the database clock passed the dead lease's expiry.
-    let after = locks.inspect(&name).await.unwrap().expect("held");
-    assert!(
-        after.acquired_at.unwrap() >= before.expires_at.unwrap(),
-        "{after:?} vs {before:?}"
-    );
-    guard.release().await.unwrap();
-}
-
-#[tokio::test]
-async fn a_stale_holder_can_neither_release_nor_extend_the_next_lease() {
-    let pool = pool().await;
-    let a = Locks::new(Lease::new(pool.clone()));
-    let b = Locks::new(Lease::new(pool.clone()));
-    let name = common::unique("pg-lease-stale");
-
-    let stale = a.acquire(&name).ttl(Duration::from_secs(60)).await.unwrap();
-    // A pauses past its lease: the database lets it run out.
-    sqlx::query("UPDATE dblock_leases SET expires_at = clock_timestamp() WHERE name = $1")
-        .bind(&name)
-        .execute(&pool)
-        .await
-        .unwrap();
-    let next = b
-        .acquire(&name)
-        .ttl(Duration::from_secs(60))
-        .wait(Duration::from_secs(5))
-        .await
-        .unwrap();
-    assert!(next.token() > stale.token());
-
-    let err = stale.extend(Duration::from_secs(60)).await.unwrap_err();
-    assert!(matches!(err, Error::Lost { .. }), "{err:?}");
-    assert!(stale.is_lost());
-    let err = stale.release().await.unwrap_err();
-    assert!(matches!(err, Error::Lost { .. }), "{err:?}");
-
-    let info = b.inspect(&name).await.unwrap().expect("still held by B");
-    assert_eq!(info.token, Some(next.token()));
-    assert!(b.try_acquire(&name).await.unwrap().is_none());
-    assert!(next
-        .extend(Duration::from_secs(30))
-        .await
-        .unwrap()
-        .is_some());
-    assert!(!next.is_lost());
-    next.release().await.unwrap();
-}
-
 async fn race(options: PgConnectOptions) {
     let pool = connect_with(options, 32).await;
     let locks = Locks::new(Lease::new(pool));
     for round in 0..3 {
         let name = common::unique(&format!("pg-lease-race-{round}"));
-        let barrier = Arc::new(tokio::sync::Barrier::new(32));
-        let tasks: Vec<_> = (0..32)
-            .map(|_| {
-                let (locks, name, barrier) = (locks.clone(), name.clone(), barrier.clone());
-                tokio::spawn(async move {
-                    barrier.wait().await;
-                    locks.try_acquire(name).await
-                })
-            })
-            .collect();
-        let mut winners = Vec::new();
-        for task in tasks {
-            // Every contender gets an answer, none an error.
-            if let Some(g) = task.await.unwrap().expect("no error in the race") {
-                winners.push(g);
-            }
-        }
-        assert_eq!(winners.len(), 1, "round {round}");
+        suite::lease::one_winner(std::slice::from_ref(&locks), &name).await;
     }
 }
 
@@ -258,60 +92,6 @@ async fn thirty_two_racers_one_winner_repeatable_read() {
     race(options).await;
 }
 
-#[tokio::test]
-async fn hold_at_least_keeps_the_lease_after_release() {
-    let pool = pool().await;
-    let locks = Locks::new(Lease::new(pool.clone()));
-    let name = common::unique("pg-lease-hold");
-
-    let guard = locks
-        .acquire(&name)
-        .hold_at_least(Duration::from_secs(2))
-        .await
-        .unwrap();
-    let acquired_at = locks
-        .inspect(&name)
-        .await
-        .unwrap()
-        .unwrap()
-        .acquired_at
-        .unwrap();
-    guard.release().await.unwrap();
-
-    assert!(locks.try_acquire(&name).await.unwrap().is_none());
-    let info = locks.inspect(&name).await.unwrap().expect("kept");
-    assert_eq!(
-        info.expires_at,
-        Some(acquired_at + chrono::Duration::seconds(2))
-    );
-
-    let next = locks
-        .acquire(&name)
-        .wait(Duration::from_secs(10))
-        .await
-        .unwrap();
-    let next_at = locks
-        .inspect(&name)
-        .await
-        .unwrap()
-        .unwrap()
-        .acquired_at
-        .unwrap();
-    assert!(next_at >= acquired_at + chrono::Duration::seconds(2));
-    next.release().await.unwrap();
-
-    // A hold already past does not delay the release.
-    let name = common::unique("pg-lease-hold-past");
-    let guard = locks
-        .acquire(&name)
-        .hold_at_least(Duration::from_millis(200))
-        .await
-        .unwrap();
-    sleep(Duration::from_millis(400)).await;
-    guard.release().await.unwrap();
-    assert!(locks.try_acquire(&name).await.unwrap().is_some());
-}
-
 /// A release commits without waiting for the WAL flush; that setting is
 /// local to the release's own transaction and never sticks to the pooled
 /// session that ran it.
@@ -332,58 +112,6 @@ async fn release_leaves_the_session_synchronous() {
         .await
         .unwrap();
     assert_eq!(setting, "on");
-}
-
-#[tokio::test]
-async fn lost_fires_when_the_lease_is_broken() {
-    let locks = new_locks().await;
-    let operator = new_locks().await;
-    let name = common::unique("pg-lease-broken");
-    let guard = locks
-        .acquire(&name)
-        .ttl(Duration::from_millis(1500))
-        .await
-        .unwrap();
-    assert!(operator.force_release(&name).await.unwrap());
-    assert!(!operator.force_release(&name).await.unwrap());
-    // The next renewal (within ttl/3) finds the lease no longer ours.
-    timeout(Duration::from_millis(1500), guard.lost())
-        .await
-        .expect("lost() resolves after the next renewal");
-    assert!(guard.is_lost());
-    assert!(matches!(guard.release().await, Err(Error::Lost { .. })));
-}
-
-#[tokio::test]
-async fn lost_fires_before_the_database_expires_the_lease() {
-    let doomed = pool().await;
-    let observer = connect_with(options().await, 1).await;
-    let locks = Locks::new(Lease::new(doomed.clone()));
-    let name = common::unique("pg-lease-closed");
-    let guard = locks
-        .acquire(&name)
-        .ttl(Duration::from_secs(2))
-        .await
-        .unwrap();
-    // Renewals can no longer reach the database.
-    doomed.close().await;
-    timeout(Duration::from_secs(3), guard.lost())
-        .await
-        .expect("lost() resolves at the local deadline");
-    // ... while the database still counts the lease as held: the holder
-    // learns of the loss before anyone else can be granted the lock.
-    let expires_at: DateTime<Utc> =
-        sqlx::query_scalar("SELECT expires_at FROM dblock_leases WHERE name = $1")
-            .bind(&name)
-            .fetch_one(&observer)
-            .await
-            .unwrap();
-    let now = db_now(&observer).await;
-    assert!(
-        expires_at > now,
-        "lost only at {now}, lease ran out at {expires_at}"
-    );
-    assert!(guard.is_lost());
 }
 
 #[tokio::test]
@@ -474,68 +202,11 @@ async fn the_listener_stops_with_its_backend() {
     guard.release().await.unwrap();
 }
 
-#[tokio::test]
-async fn a_missing_table_reports_schema_missing() {
-    let lease = Lease::new(pool().await)
-        .with_table("dblock_missing_xyz")
-        .unwrap();
-    let locks = Locks::new(lease);
-    let name = common::unique("pg-lease-missing");
-    for err in [
-        locks.try_acquire(&name).await.map(|_| ()).unwrap_err(),
-        locks.inspect(&name).await.map(|_| ()).unwrap_err(),
-        locks.list().await.map(|_| ()).unwrap_err(),
-    ] {
-        match err {
-            Error::SchemaMissing { migrate, dir } => {
-                assert_eq!(migrate, "dblock::postgres::migrate(&pool)");
-                assert_eq!(dir, "postgres");
-            }
-            other => panic!("{other:?}"),
-        }
-    }
-}
-
-#[tokio::test]
-async fn with_table_rejects_injection_and_quotes_identifiers() {
-    let pool = pool().await;
-    for bad in [
-        "dblock_leases; DROP TABLE dblock_leases",
-        "dblock_leases --",
-        "\"dblock_leases\"",
-        "a.b.c",
-        "",
-    ] {
-        let err = Lease::new(pool.clone()).with_table(bad).unwrap_err();
-        assert!(matches!(err, Error::InvalidOption(_)), "{bad:?}: {err:?}");
-    }
-    // A mixed-case table in a schema is found only because it is quoted.
-    // (A table made before migration 5 gets that migration's column.)
-    sqlx::raw_sql(
-        "CREATE TABLE IF NOT EXISTS public.\"dblock_Custom_test\" (LIKE dblock_leases INCLUDING ALL);
-         ALTER TABLE public.\"dblock_Custom_test\"
-           ADD COLUMN IF NOT EXISTS writer_waiting_until timestamptz",
-    )
-    .execute(&pool)
-    .await
-    .unwrap();
-    let custom = Locks::new(
-        Lease::new(pool.clone())
-            .with_table("public.dblock_Custom_test")
-            .unwrap(),
-    );
-    let default = Locks::new(Lease::new(pool));
-    let name = common::unique("pg-lease-custom");
-    let guard = custom.acquire(&name).await.unwrap();
-    assert!(custom.try_acquire(&name).await.unwrap().is_none());
-    assert!(default.inspect(&name).await.unwrap().is_none());
-    guard.release().await.unwrap();
-}
-
 // ---- The behavioural suite on the PostgreSQL lease table. ----
 
 mod suite;
 
+#[derive(Clone)]
 struct LeaseFixture;
 
 impl suite::Fixture for LeaseFixture {
@@ -562,41 +233,60 @@ mod behaviour {
     behaviour_suite!(async { LeaseFixture });
 }
 
-/// Acquisitions cancelled while they wait for a pooled connection claim
-/// nothing once they get one. (Found by the torture test's cancellation
-/// storm: queued claims of cancelled acquisitions went on taking leases
-/// after their callers had gone, starving the pool and blocking real
-/// acquirers.) A claim leaves a row behind, so no row may exist.
-#[tokio::test]
-async fn acquisitions_cancelled_while_waiting_for_a_connection_claim_nothing() {
-    let pool = connect_with(options().await, 1).await;
-    let locks = Locks::new(Lease::new(pool.clone()));
-    let prefix = common::unique("queued-cancel");
-    let busy = pool.acquire().await.unwrap();
-    for i in 0..10 {
-        let name = format!("{prefix}:{i}");
-        assert!(timeout(Duration::from_millis(20), locks.acquire(&name))
-            .await
-            .is_err());
+impl suite::lease::LeaseFixture for LeaseFixture {
+    async fn db_now(&self) -> DateTime<Utc> {
+        db_now(&pool().await).await
     }
-    drop(busy);
-    // Let every queued attempt get the connection in turn.
-    sleep(Duration::from_millis(500)).await;
-    let observer = connect_with(options().await, 1).await;
-    let rows: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM dblock_leases WHERE name LIKE $1 || ':%'")
-            .bind(&prefix)
-            .fetch_one(&observer)
+    async fn expire_now(&self, name: &str) {
+        sqlx::query("UPDATE dblock_leases SET expires_at = clock_timestamp() WHERE name = $1")
+            .bind(name)
+            .execute(&pool().await)
             .await
             .unwrap();
-    assert_eq!(rows, 0, "cancelled acquisitions claimed leases");
-    // The pool still serves.
-    let g = locks
-        .acquire(format!("{prefix}:after"))
-        .wait(Duration::from_secs(5))
+    }
+}
+
+impl suite::lease::TableFixture for LeaseFixture {
+    fn schema_missing(&self) -> (&'static str, &'static str) {
+        ("dblock::postgres::migrate(&pool)", "postgres")
+    }
+    async fn with_table(&self, table: &str) -> Result<Locks, Error> {
+        Lease::new(pool().await).with_table(table).map(Locks::new)
+    }
+    async fn custom_table(&self) -> String {
+        // A table made before migration 5 gets that migration's column.
+        sqlx::raw_sql(
+            "CREATE TABLE IF NOT EXISTS public.\"dblock_Custom_test\" (LIKE dblock_leases INCLUDING ALL);
+             ALTER TABLE public.\"dblock_Custom_test\"
+               ADD COLUMN IF NOT EXISTS writer_waiting_until timestamptz",
+        )
+        .execute(&pool().await)
         .await
         .unwrap();
-    g.release().await.unwrap();
+        "public.dblock_Custom_test".to_owned()
+    }
+    async fn doomed(&self) -> (Locks, suite::lease::Cut) {
+        let doomed = pool().await;
+        let locks = Locks::new(Lease::new(doomed.clone()));
+        (locks, Box::pin(async move { doomed.close().await }))
+    }
+    async fn starved(&self) -> (Locks, Box<dyn std::any::Any + Send>) {
+        let pool = connect_with(options().await, 1).await;
+        let busy = pool.acquire().await.unwrap();
+        (Locks::new(Lease::new(pool)), Box::new(busy))
+    }
+    async fn lease_rows(&self, prefix: &str) -> i64 {
+        sqlx::query_scalar("SELECT count(*) FROM dblock_leases WHERE name LIKE $1 || ':%'")
+            .bind(prefix)
+            .fetch_one(&pool().await)
+            .await
+            .unwrap()
+    }
+}
+
+mod lease {
+    use super::*;
+    lease_suite!(tables async { LeaseFixture });
 }
 
 // ---- Batched renewal, on a table of its own per test. ----

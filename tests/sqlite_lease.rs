@@ -8,12 +8,13 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
 use common::TempDir;
 use dblock::sqlite::Lease;
 use dblock::{Error, LeaseOptions, Locks};
 use sqlx::sqlite::{SqliteConnectOptions, SqlitePoolOptions};
 use sqlx::SqlitePool;
-use tokio::time::{sleep, timeout, Instant};
+use tokio::time::{sleep, Instant};
 
 async fn open(path: &Path) -> Locks {
     Locks::new(Lease::open(path).await.expect("open"))
@@ -83,36 +84,14 @@ async fn racing_opens_of_one_fresh_file_all_succeed() {
     }
 }
 
+/// `list` of a file's leases is in name order, and readers are leases too
+/// (the lease suite's acquire_try_timeout_release_inspect covers the rest).
 #[tokio::test]
-async fn acquire_try_timeout_release_inspect() {
+async fn list_is_in_name_order_and_readers_are_leases() {
     let dir = TempDir::new("sqlite-basic");
     let locks = open(&dir.db()).await;
     let name = "reports:nightly";
-
-    let guard = locks
-        .acquire(name)
-        .ttl(Duration::from_secs(10))
-        .await
-        .unwrap();
-    let left = guard.expires_at().unwrap() - chrono::Utc::now();
-    assert!(
-        left > chrono::Duration::seconds(8) && left <= chrono::Duration::seconds(11),
-        "{left}"
-    );
-    assert!(locks.try_acquire(name).await.unwrap().is_none());
-    let started = Instant::now();
-    let err = locks
-        .acquire(name)
-        .wait(Duration::from_millis(300))
-        .await
-        .unwrap_err();
-    assert!(matches!(err, Error::Timeout { .. }), "{err:?}");
-    assert!(started.elapsed() >= Duration::from_millis(300));
-
-    let info = locks.inspect(name).await.unwrap().expect("held");
-    assert_eq!(info.token, Some(guard.token()));
-    assert!(info.holder.ends_with(&format!(":{}", std::process::id())));
-    assert!(info.acquired_at.unwrap() < info.expires_at.unwrap());
+    let guard = locks.acquire(name).await.unwrap();
     let other = locks.acquire("another").await.unwrap();
     let listed: Vec<_> = locks
         .list()
@@ -123,10 +102,7 @@ async fn acquire_try_timeout_release_inspect() {
         .collect();
     assert_eq!(listed, ["another", name]);
     drop(other);
-
     guard.release().await.unwrap();
-    assert!(locks.inspect(name).await.unwrap().is_none());
-    assert!(locks.try_acquire(name).await.unwrap().is_some());
     // Readers are leases too (the suite covers them in depth).
     let reader = locks.acquire("x").shared().await.unwrap();
     assert_eq!(reader.mode(), dblock::LockMode::Shared);
@@ -152,84 +128,6 @@ async fn tokens_increase_and_survive_reopening() {
     assert_eq!(g.token(), 4);
 }
 
-/// A holder whose process dies: its runtime (and keeper task) is torn down
-/// without a release.
-fn die_holding(path: PathBuf, name: &'static str, ttl: Duration) -> u64 {
-    std::thread::spawn(move || {
-        let runtime = tokio::runtime::Runtime::new().unwrap();
-        let token = runtime.block_on(async {
-            let locks = open(&path).await;
-            let guard = locks.acquire(name).ttl(ttl).await.unwrap();
-            let token = guard.token();
-            std::mem::forget(guard);
-            token
-        });
-        drop(runtime);
-        token
-    })
-    .join()
-    .unwrap()
-}
-
-#[tokio::test]
-async fn a_dead_holders_lease_is_taken_over_after_its_ttl() {
-    let dir = TempDir::new("sqlite-dead");
-    let dead = die_holding(dir.db(), "dead", Duration::from_millis(1500));
-    let locks = open(&dir.db()).await;
-    let before = locks.inspect("dead").await.unwrap().expect("still leased");
-    assert_eq!(before.token, Some(dead));
-    assert!(locks.try_acquire("dead").await.unwrap().is_none());
-
-    let guard = locks
-        .acquire("dead")
-        .wait(Duration::from_secs(10))
-        .await
-        .unwrap();
-    assert!(guard.token() > dead);
-    let after = locks.inspect("dead").await.unwrap().unwrap();
-    assert!(after.acquired_at.unwrap() >= before.expires_at.unwrap());
-}
-
-#[tokio::test]
-async fn a_stale_holder_can_neither_release_nor_extend_the_next_lease() {
-    let dir = TempDir::new("sqlite-stale");
-    let a_lease = Lease::open(dir.db()).await.unwrap();
-    let pool = a_lease.pool().clone();
-    let a = Locks::new(a_lease);
-    let b = open(&dir.db()).await;
-
-    let stale = a.acquire("s").ttl(Duration::from_secs(60)).await.unwrap();
-    // A pauses past its lease: the file's clock lets it run out.
-    sqlx::query("UPDATE dblock_leases SET expires_at = 0 WHERE name = 's'")
-        .execute(&pool)
-        .await
-        .unwrap();
-    let next = b
-        .acquire("s")
-        .ttl(Duration::from_secs(60))
-        .wait(Duration::from_secs(5))
-        .await
-        .unwrap();
-    assert!(next.token() > stale.token());
-
-    let err = stale.extend(Duration::from_secs(60)).await.unwrap_err();
-    assert!(matches!(err, Error::Lost { .. }), "{err:?}");
-    let err = stale.release().await.unwrap_err();
-    assert!(matches!(err, Error::Lost { .. }), "{err:?}");
-
-    assert_eq!(
-        b.inspect("s").await.unwrap().expect("still B's").token,
-        Some(next.token())
-    );
-    assert!(b.try_acquire("s").await.unwrap().is_none());
-    assert!(next
-        .extend(Duration::from_secs(30))
-        .await
-        .unwrap()
-        .is_some());
-    next.release().await.unwrap();
-}
-
 #[tokio::test]
 async fn thirty_two_racers_in_four_backends_one_winner() {
     let dir = TempDir::new("sqlite-race");
@@ -238,25 +136,7 @@ async fn thirty_two_racers_in_four_backends_one_winner() {
         backends.push(open(&dir.db()).await);
     }
     for round in 0..3 {
-        let name = format!("race-{round}");
-        let barrier = Arc::new(tokio::sync::Barrier::new(32));
-        let tasks: Vec<_> = (0..32)
-            .map(|i| {
-                let locks = backends[i % 4].clone();
-                let (name, barrier) = (name.clone(), barrier.clone());
-                tokio::spawn(async move {
-                    barrier.wait().await;
-                    locks.try_acquire(name).await
-                })
-            })
-            .collect();
-        let mut winners = Vec::new();
-        for task in tasks {
-            if let Some(g) = task.await.unwrap().expect("no error in the race") {
-                winners.push(g);
-            }
-        }
-        assert_eq!(winners.len(), 1, "round {round}");
+        suite::lease::one_winner(&backends, &format!("race-{round}")).await;
     }
 }
 
@@ -304,101 +184,6 @@ async fn busy_files_do_not_surface_errors_or_break_exclusion() {
 }
 
 #[tokio::test]
-async fn hold_at_least_keeps_the_lease_after_release() {
-    let dir = TempDir::new("sqlite-hold");
-    let locks = open(&dir.db()).await;
-    let guard = locks
-        .acquire("h")
-        .hold_at_least(Duration::from_secs(2))
-        .await
-        .unwrap();
-    let acquired_at = locks
-        .inspect("h")
-        .await
-        .unwrap()
-        .unwrap()
-        .acquired_at
-        .unwrap();
-    guard.release().await.unwrap();
-
-    assert!(locks.try_acquire("h").await.unwrap().is_none());
-    let info = locks.inspect("h").await.unwrap().expect("kept");
-    assert_eq!(
-        info.expires_at,
-        Some(acquired_at + chrono::Duration::seconds(2))
-    );
-    let next = locks
-        .acquire("h")
-        .wait(Duration::from_secs(10))
-        .await
-        .unwrap();
-    let next_at = locks
-        .inspect("h")
-        .await
-        .unwrap()
-        .unwrap()
-        .acquired_at
-        .unwrap();
-    assert!(next_at >= acquired_at + chrono::Duration::seconds(2));
-    next.release().await.unwrap();
-
-    let guard = locks
-        .acquire("h-past")
-        .hold_at_least(Duration::from_millis(200))
-        .await
-        .unwrap();
-    sleep(Duration::from_millis(400)).await;
-    guard.release().await.unwrap();
-    assert!(locks.try_acquire("h-past").await.unwrap().is_some());
-}
-
-#[tokio::test]
-async fn lost_fires_when_the_lease_is_broken() {
-    let dir = TempDir::new("sqlite-broken");
-    let locks = open(&dir.db()).await;
-    let operator = open(&dir.db()).await;
-    let guard = locks
-        .acquire("b")
-        .ttl(Duration::from_millis(1500))
-        .await
-        .unwrap();
-    assert!(operator.force_release("b").await.unwrap());
-    assert!(!operator.force_release("b").await.unwrap());
-    timeout(Duration::from_millis(1500), guard.lost())
-        .await
-        .expect("lost() resolves after the next renewal");
-    assert!(matches!(guard.release().await, Err(Error::Lost { .. })));
-}
-
-#[tokio::test]
-async fn lost_fires_before_the_file_expires_the_lease() {
-    let dir = TempDir::new("sqlite-closed");
-    let lease = Lease::open(dir.db()).await.unwrap();
-    let doomed = lease.pool().clone();
-    let observer = Lease::open(dir.db()).await.unwrap().pool().clone();
-    let locks = Locks::new(lease);
-    let guard = locks
-        .acquire("c")
-        .ttl(Duration::from_secs(2))
-        .await
-        .unwrap();
-    doomed.close().await;
-    timeout(Duration::from_secs(3), guard.lost())
-        .await
-        .expect("lost() resolves at the local deadline");
-    let expires_at: i64 =
-        sqlx::query_scalar("SELECT expires_at FROM dblock_leases WHERE name = 'c'")
-            .fetch_one(&observer)
-            .await
-            .unwrap();
-    let now = db_now(&observer).await;
-    assert!(
-        expires_at > now,
-        "lost only at {now}, lease ran out at {expires_at}"
-    );
-}
-
-#[tokio::test]
 async fn two_opens_of_one_file_exclude_each_other_and_hand_over_at_once() {
     let dir = TempDir::new("sqlite-two");
     let slow = LeaseOptions::default()
@@ -435,29 +220,12 @@ async fn two_opens_of_one_file_exclude_each_other_and_hand_over_at_once() {
     assert!(granted - released < Duration::from_millis(750));
 }
 
+/// `Lease::new` on a pool that was never migrated reports the schema
+/// missing (the lease suite's a_missing_table_reports_schema_missing covers
+/// a table that does not exist).
 #[tokio::test]
-async fn a_missing_table_reports_schema_missing() {
+async fn lease_new_on_an_unmigrated_pool_reports_schema_missing() {
     let dir = TempDir::new("sqlite-missing");
-    let lease = Lease::open(dir.db())
-        .await
-        .unwrap()
-        .with_table("dblock_missing_xyz")
-        .unwrap();
-    let locks = Locks::new(lease);
-    for err in [
-        locks.try_acquire("m").await.map(|_| ()).unwrap_err(),
-        locks.inspect("m").await.map(|_| ()).unwrap_err(),
-        locks.list().await.map(|_| ()).unwrap_err(),
-    ] {
-        match err {
-            Error::SchemaMissing { migrate, dir } => {
-                assert_eq!(migrate, "dblock::sqlite::migrate(&pool)");
-                assert_eq!(dir, "sqlite");
-            }
-            other => panic!("{other:?}"),
-        }
-    }
-    // Lease::new on a pool that was never migrated says the same.
     let pool = SqlitePoolOptions::new()
         .connect_with(
             SqliteConnectOptions::new()
@@ -479,77 +247,11 @@ async fn a_missing_table_reports_schema_missing() {
         .is_some());
 }
 
-#[tokio::test]
-async fn with_table_rejects_injection_and_quotes_identifiers() {
-    let dir = TempDir::new("sqlite-table");
-    let lease = Lease::open(dir.db()).await.unwrap();
-    for bad in [
-        "dblock_leases; DROP TABLE dblock_leases",
-        "dblock_leases --",
-        "\"dblock_leases\"",
-        "a.b.c",
-        "",
-    ] {
-        let err = lease.clone().with_table(bad).unwrap_err();
-        assert!(matches!(err, Error::InvalidOption(_)), "{bad:?}: {err:?}");
-    }
-    sqlx::raw_sql(
-        "CREATE TABLE \"Custom\" (name TEXT PRIMARY KEY NOT NULL, owner TEXT, holder TEXT,
-            mode TEXT NOT NULL DEFAULT 'x', token INTEGER NOT NULL,
-            acquired_at INTEGER NOT NULL, expires_at INTEGER NOT NULL,
-            writer_waiting_until INTEGER) WITHOUT ROWID",
-    )
-    .execute(lease.pool())
-    .await
-    .unwrap();
-    let custom = Locks::new(lease.clone().with_table("main.Custom").unwrap());
-    let default = Locks::new(lease);
-    let guard = custom.acquire("c").await.unwrap();
-    assert!(custom.try_acquire("c").await.unwrap().is_none());
-    assert!(default.inspect("c").await.unwrap().is_none());
-    guard.release().await.unwrap();
-}
-
 // ---- The behavioural suite on an SQLite file. ----
-
-/// Acquisitions cancelled while they wait for a pooled connection claim
-/// nothing once they get one (see the PostgreSQL test of the same name).
-#[tokio::test]
-async fn acquisitions_cancelled_while_waiting_for_a_connection_claim_nothing() {
-    let dir = TempDir::new("sqlite-queued-cancel");
-    drop(open(&dir.db()).await); // creates the file and its table
-    let pool = SqlitePoolOptions::new()
-        .max_connections(1)
-        .connect_with(SqliteConnectOptions::new().filename(dir.db()))
-        .await
-        .unwrap();
-    let locks = Locks::new(Lease::new(pool.clone()));
-    let busy = pool.acquire().await.unwrap();
-    for i in 0..10 {
-        assert!(timeout(
-            Duration::from_millis(20),
-            locks.acquire(format!("queued:{i}"))
-        )
-        .await
-        .is_err());
-    }
-    drop(busy);
-    sleep(Duration::from_millis(500)).await;
-    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM dblock_leases")
-        .fetch_one(&pool)
-        .await
-        .unwrap();
-    assert_eq!(rows, 0, "cancelled acquisitions claimed leases");
-    let g = locks
-        .acquire("queued:after")
-        .wait(Duration::from_secs(5))
-        .await
-        .unwrap();
-    g.release().await.unwrap();
-}
 
 mod suite;
 
+#[derive(Clone)]
 struct SqliteFixture(PathBuf);
 
 impl suite::Fixture for SqliteFixture {
@@ -575,11 +277,87 @@ impl suite::Fixture for SqliteFixture {
 
 mod behaviour {
     use super::*;
-    behaviour_suite!(async {
+    behaviour_suite!(async { SqliteFixture::new() });
+}
+
+impl SqliteFixture {
+    /// A new file in a directory of its own.
+    fn new() -> Self {
         let dir = std::env::temp_dir().join(common::unique("suite").replace(':', "_"));
         std::fs::create_dir_all(&dir).unwrap();
         SqliteFixture(dir.join("locks.db"))
-    });
+    }
+
+    async fn pool(&self) -> SqlitePool {
+        Lease::open(&self.0).await.unwrap().pool().clone()
+    }
+}
+
+impl suite::lease::LeaseFixture for SqliteFixture {
+    async fn db_now(&self) -> DateTime<Utc> {
+        DateTime::from_timestamp_micros(db_now(&self.pool().await).await).unwrap()
+    }
+    async fn expire_now(&self, name: &str) {
+        sqlx::query("UPDATE dblock_leases SET expires_at = 0 WHERE name = ?")
+            .bind(name)
+            .execute(&self.pool().await)
+            .await
+            .unwrap();
+    }
+}
+
+impl suite::lease::TableFixture for SqliteFixture {
+    fn schema_missing(&self) -> (&'static str, &'static str) {
+        ("dblock::sqlite::migrate(&pool)", "sqlite")
+    }
+    async fn with_table(&self, table: &str) -> Result<Locks, Error> {
+        Lease::open(&self.0)
+            .await?
+            .with_table(table)
+            .map(Locks::new)
+    }
+    async fn custom_table(&self) -> String {
+        sqlx::raw_sql(
+            "CREATE TABLE \"Custom\" (name TEXT PRIMARY KEY NOT NULL, owner TEXT, holder TEXT,
+                mode TEXT NOT NULL DEFAULT 'x', token INTEGER NOT NULL,
+                acquired_at INTEGER NOT NULL, expires_at INTEGER NOT NULL,
+                writer_waiting_until INTEGER) WITHOUT ROWID",
+        )
+        .execute(&self.pool().await)
+        .await
+        .unwrap();
+        "main.Custom".to_owned()
+    }
+    async fn doomed(&self) -> (Locks, suite::lease::Cut) {
+        let lease = Lease::open(&self.0).await.unwrap();
+        let doomed = lease.pool().clone();
+        (
+            Locks::new(lease),
+            Box::pin(async move { doomed.close().await }),
+        )
+    }
+    async fn starved(&self) -> (Locks, Box<dyn std::any::Any + Send>) {
+        drop(self.pool().await); // creates the file and its table
+        let pool = SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect_with(SqliteConnectOptions::new().filename(&self.0))
+            .await
+            .unwrap();
+        let busy = pool.acquire().await.unwrap();
+        (Locks::new(Lease::new(pool)), Box::new(busy))
+    }
+    async fn lease_rows(&self, prefix: &str) -> i64 {
+        sqlx::query_scalar("SELECT count(*) FROM dblock_leases WHERE name LIKE ? || ':%'")
+            .bind(prefix)
+            .fetch_one(&self.pool().await)
+            .await
+            .unwrap()
+    }
+}
+
+mod lease {
+    use super::*;
+    lease_suite!(tables async { SqliteFixture::new() });
 }
 
 // ---- Batched renewal, on a file of its own per test. ----

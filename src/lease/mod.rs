@@ -340,21 +340,9 @@ impl Default for LeaseOptions {
 
 /// Appends `s` to `out` as a JSON string literal (quoted and escaped), for
 /// the stores that bind a batch as one JSON document.
-#[cfg_attr(not(any(feature = "sqlite", feature = "mysql")), allow(dead_code))]
+#[cfg(any(feature = "sqlite", feature = "mysql"))]
 pub(crate) fn push_json_str(out: &mut String, s: &str) {
-    use std::fmt::Write;
-    out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            c if (c as u32) < 0x20 || c == '\u{7f}' => {
-                let _ = write!(out, "\\u{:04x}", c as u32);
-            }
-            c => out.push(c),
-        }
-    }
-    out.push('"');
+    out.push_str(&serde_json::to_string(s).expect("a string is always valid JSON"));
 }
 
 /// The background renewal period for a lease of `ttl`.
@@ -384,17 +372,17 @@ pub(crate) fn new_owner() -> String {
 
 /// `host:pid`, recorded with each lease so an operator can see who holds it.
 pub(crate) fn this_holder() -> String {
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+    let host = hostname::get()
         .ok()
-        .or_else(|| std::env::var("HOSTNAME").ok())
-        .map(|h| h.trim().to_owned())
+        .map(|h| h.to_string_lossy().trim().to_owned())
         .filter(|h| !h.is_empty())
         .unwrap_or_else(|| "localhost".to_owned());
     format!("{host}:{}", std::process::id())
 }
 
+/// A poll's pause, jittered: 50-100 % of `d`.
 fn jitter(d: Duration) -> Duration {
-    d.mul_f64(rand::rng().random_range(0.5..=1.0))
+    crate::retry::jitter(d, 0.5)
 }
 
 /// The generic lease backend over one store.
@@ -849,14 +837,18 @@ macro_rules! lease_backend {
 }
 pub(crate) use lease_backend;
 
-#[cfg(test)]
+#[cfg(all(test, any(feature = "sqlite", feature = "mysql")))]
 mod tests {
     use super::push_json_str;
 
     #[test]
     fn json_strings_are_quoted_and_escaped() {
-        let mut out = String::new();
-        push_json_str(&mut out, "a\"b\\c\n\u{1}\u{7f}é🔒'");
-        assert_eq!(out, r#""a\"b\\c\u000a\u0001\u007fé🔒'""#);
+        let text = "a\"b\\c\n\u{1}\u{7f}é🔒'";
+        let mut out = String::from("[");
+        push_json_str(&mut out, text);
+        out.push(']');
+        assert_eq!(out, "[\"a\\\"b\\\\c\\n\\u0001\u{7f}é🔒'\"]");
+        let back: Vec<String> = serde_json::from_str(&out).unwrap();
+        assert_eq!(back, [text]);
     }
 }

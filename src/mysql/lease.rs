@@ -7,7 +7,6 @@ use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use chrono::{DateTime, NaiveDateTime, Utc};
-use rand::Rng;
 use sqlx::mysql::MySqlArguments;
 use sqlx::query::Query;
 use sqlx::{AssertSqlSafe, MySql, MySqlPool, Row, Transaction};
@@ -587,9 +586,8 @@ fn is_retryable(e: &sqlx::Error) -> bool {
 /// A short random pause before retry `attempt` (1-based): 2-4 ms, doubling
 /// up to 32-64 ms.
 async fn retry_pause(attempt: u32) {
-    let base = Duration::from_millis(1 << attempt.min(5));
-    let pause = base.mul_f64(rand::rng().random_range(1.0..2.0));
-    tokio::time::sleep(pause).await;
+    let cap = Duration::from_millis(2 << attempt.min(5));
+    tokio::time::sleep(crate::retry::jitter(cap, 0.5)).await;
 }
 
 /// JSON bytes per batch statement until the server's `max_allowed_packet`

@@ -401,10 +401,7 @@ impl std::fmt::Debug for Conn {
 }
 
 /// A duration in whole microseconds, as bound to `INTERVAL ? MICROSECOND`.
-/// Durations are validated (at most 366 days) before they get here.
-pub(crate) fn micros(d: std::time::Duration) -> i64 {
-    i64::try_from(d.as_micros()).unwrap_or(i64::MAX)
-}
+pub(crate) use crate::time::micros;
 
 /// Quotes a table name already checked by [`crate::validate_table`]:
 /// `schema.table` becomes `` `schema`.`table` ``.

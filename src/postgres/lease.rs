@@ -6,7 +6,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use rand::Rng;
 use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgArguments, PgRow};
 use sqlx::{AssertSqlSafe, PgConnection, PgPool, Postgres, Row, Transaction};
@@ -23,6 +22,7 @@ use crate::lease::{
     Wakeups, SWEEP_BATCH,
 };
 use crate::name::{quote_table, validate_table};
+use crate::retry::Backoff;
 use crate::{LockInfo, LockMode, Result};
 use permits::PermitSql;
 
@@ -471,25 +471,22 @@ fn is_transient(e: &sqlx::Error) -> bool {
 }
 
 /// Runs `op` again after transient failures, with jittered backoff.
-async fn retrying<T, F, Fut>(mut op: F) -> Result<T>
+async fn retrying<T, F, Fut>(op: F) -> Result<T>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = sqlx::Result<T>>,
 {
-    let mut attempt = 1;
-    loop {
-        match op().await {
-            Ok(v) => return Ok(v),
-            Err(e) if attempt < MAX_ATTEMPTS && is_transient(&e) => {
-                let cap = Duration::from_millis(2 << attempt.min(6));
-                let pause = cap.mul_f64(rand::rng().random_range(0.1..=1.0));
-                tracing::debug!(error = %e, attempt, "dblock: retrying a lease statement");
-                tokio::time::sleep(pause).await;
-                attempt += 1;
-            }
-            Err(e) => return Err(lease_err(e)),
+    let backoff = Backoff::new(Duration::from_millis(4), Duration::from_millis(128));
+    let again = |e: &sqlx::Error, attempt| {
+        let again = attempt < MAX_ATTEMPTS && is_transient(e);
+        if again {
+            tracing::debug!(error = %e, attempt, "dblock: retrying a lease statement");
         }
-    }
+        again
+    };
+    crate::retry::retrying(backoff, again, op)
+        .await
+        .map_err(lease_err)
 }
 
 /// [`map_err`], and a clear error for named statements that clashed on a
@@ -501,9 +498,7 @@ fn lease_err(e: sqlx::Error) -> crate::Error {
     map_err(e)
 }
 
-fn micros(d: Duration) -> i64 {
-    i64::try_from(d.as_micros()).unwrap_or(i64::MAX)
-}
+use crate::time::micros;
 
 /// The answers of a batch renewal of `n` leases whose rows came back as
 /// `(ordinal, new expiry)`: renewed if returned, gone otherwise.

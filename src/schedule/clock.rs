@@ -51,7 +51,7 @@ impl DbClock {
 
     /// The local wall clock at `at`.
     fn local(&self, at: Instant) -> DateTime<Utc> {
-        self.base_wall + chrono::Duration::from_std(at - self.base).unwrap_or(chrono::Duration::MAX)
+        self.base_wall + crate::time::chrono_duration(at - self.base)
     }
 
     /// Measures the offset again, around one round trip.

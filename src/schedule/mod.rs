@@ -588,8 +588,7 @@ impl Scheduler {
             let grace = job
                 .grace
                 .unwrap_or_else(|| (len / 2).min(Duration::from_secs(60)));
-            (bounds.start + chrono::Duration::from_std(grace).unwrap_or(chrono::Duration::MAX))
-                .min(next.end)
+            (bounds.start + crate::time::chrono_duration(grace)).min(next.end)
         };
         let lock = Job::slot_lock(&self.name, bounds.start);
         let now = clock.now();

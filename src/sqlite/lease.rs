@@ -439,9 +439,7 @@ pub(crate) struct SqliteStore {
     bells: Bells,
 }
 
-fn micros(d: Duration) -> i64 {
-    i64::try_from(d.as_micros()).unwrap_or(i64::MAX)
-}
+pub(super) use crate::time::micros;
 
 fn time(micros: i64) -> Result<DateTime<Utc>> {
     DateTime::from_timestamp_micros(micros)

@@ -46,24 +46,22 @@ pub(crate) const BUSY_RETRY_FOR: std::time::Duration = std::time::Duration::from
 /// Runs `op` again while it fails with [`is_busy`], with jittered backoff,
 /// for at most [`BUSY_RETRY_FOR`]. Each `op` is one statement or one whole
 /// transaction, so running it again is safe.
-pub(crate) async fn retry_busy<T, F, Fut>(mut op: F) -> crate::Result<T>
+pub(crate) async fn retry_busy<T, F, Fut>(op: F) -> crate::Result<T>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = sqlx::Result<T>>,
 {
-    use rand::Rng;
+    use std::time::Duration;
     let give_up = tokio::time::Instant::now() + BUSY_RETRY_FOR;
-    let mut cap = std::time::Duration::from_millis(2);
-    loop {
-        match op().await {
-            Ok(v) => return Ok(v),
-            Err(e) if is_busy(&e) && tokio::time::Instant::now() < give_up => {
-                tracing::debug!(error = %e, "dblock: SQLite file busy; retrying");
-                let pause = cap.mul_f64(rand::rng().random_range(0.1..=1.0));
-                tokio::time::sleep(pause).await;
-                cap = (cap * 2).min(std::time::Duration::from_millis(100));
-            }
-            Err(e) => return Err(map_err(e)),
+    let backoff = crate::retry::Backoff::new(Duration::from_millis(2), Duration::from_millis(100));
+    let again = |e: &sqlx::Error, _| {
+        let again = is_busy(e) && tokio::time::Instant::now() < give_up;
+        if again {
+            tracing::debug!(error = %e, "dblock: SQLite file busy; retrying");
         }
-    }
+        again
+    };
+    crate::retry::retrying(backoff, again, op)
+        .await
+        .map_err(map_err)
 }

@@ -33,6 +33,7 @@ impl TtlIf for dblock::Acquire<'_> {
 
 mod election;
 pub use election::*;
+pub mod lease;
 mod semaphore;
 pub use semaphore::*;
 mod shared;

@@ -204,43 +204,55 @@ fn print_status(name: &str, listed: &Listed) {
 }
 
 fn print_table(all: &[Listed]) {
-    let rows: Vec<[String; 8]> = all
-        .iter()
-        .map(|Listed { backend, info: i }| {
-            [
-                label(i),
-                (*backend).to_owned(),
-                i.mode.to_string(),
-                i.holders.to_string(),
-                opt(i.waiters),
-                opt(i.token),
-                opt(i.expires_at.map(|t| t.to_rfc3339())),
-                i.holder.clone(),
-            ]
-        })
-        .collect();
-    let header = [
-        "NAME", "BACKEND", "MODE", "HOLDERS", "WAITERS", "TOKEN", "EXPIRES", "HOLDER",
-    ];
-    let mut widths = header.map(str::len);
-    for row in &rows {
-        for (w, cell) in widths.iter_mut().zip(row) {
-            *w = (*w).max(cell.chars().count());
-        }
+    let rows = all.iter().map(|Listed { backend, info: i }| {
+        [
+            label(i),
+            (*backend).to_owned(),
+            i.mode.to_string(),
+            i.holders.to_string(),
+            opt(i.waiters),
+            opt(i.token),
+            opt(i.expires_at.map(|t| t.to_rfc3339())),
+            i.holder.clone(),
+        ]
+    });
+    println!("{}", table(rows));
+}
+
+/// Plain columns, left-aligned, two spaces apart, under a header line;
+/// no borders, no trailing spaces.
+fn table(rows: impl IntoIterator<Item = [String; 8]>) -> String {
+    let mut table = comfy_table::Table::new();
+    table
+        .load_style(comfy_table::presets::NOTHING)
+        .set_header([
+            "NAME", "BACKEND", "MODE", "HOLDERS", "WAITERS", "TOKEN", "EXPIRES", "HOLDER",
+        ])
+        .add_rows(rows);
+    for column in table.column_iter_mut() {
+        column.set_padding((0, 2));
     }
-    let line = |cells: [&str; 8]| {
-        let mut out = String::new();
-        for (i, cell) in cells.iter().enumerate() {
-            if i + 1 == cells.len() {
-                out.push_str(cell);
-            } else {
-                out.push_str(&format!("{cell:<w$}  ", w = widths[i]));
-            }
-        }
-        out
-    };
-    println!("{}", line(header));
-    for row in &rows {
-        println!("{}", line(row.each_ref().map(String::as_str)));
+    table.trim_fmt()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::table;
+
+    #[test]
+    fn tables_are_plain_aligned_columns() {
+        let row = |name: &str, holder: &str| {
+            [name, "lease", "exclusive", "1", "-", "7", "-", holder].map(str::to_owned)
+        };
+        let out = table([row("a-long-name", "h:1"), row("b", "host:22")]);
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(
+            lines,
+            [
+                "NAME         BACKEND  MODE       HOLDERS  WAITERS  TOKEN  EXPIRES  HOLDER",
+                "a-long-name  lease    exclusive  1        -        7      -        h:1",
+                "b            lease    exclusive  1        -        7      -        host:22",
+            ]
+        );
     }
 }
