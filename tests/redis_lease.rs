@@ -46,6 +46,36 @@ async fn raw() -> redis::aio::MultiplexedConnection {
         .expect("connect to DBLOCK_TEST_REDIS_URL")
 }
 
+/// Kills (`CLIENT KILL ID`) the connections named exactly `name` (see
+/// `Lease::connection_name`), and only those: other tests share the
+/// server. Answers how many were killed.
+async fn kill_named(conn: &mut redis::aio::MultiplexedConnection, name: &str) -> usize {
+    let list: String = redis::cmd("CLIENT")
+        .arg("LIST")
+        .query_async(conn)
+        .await
+        .unwrap();
+    let wanted = format!("name={name}");
+    let ids: Vec<String> = list
+        .lines()
+        .filter(|line| line.split(' ').any(|field| field == wanted))
+        .filter_map(|line| line.split(' ').find_map(|f| f.strip_prefix("id=")))
+        .map(str::to_owned)
+        .collect();
+    let mut killed = 0;
+    for id in ids {
+        let n: i64 = redis::cmd("CLIENT")
+            .arg("KILL")
+            .arg("ID")
+            .arg(&id)
+            .query_async(conn)
+            .await
+            .unwrap();
+        killed += n as usize;
+    }
+    killed
+}
+
 /// A backend under `prefix` whose connections go through a proxy on
 /// 127.0.0.1 that can black-hole them (same server and logical database as
 /// `DBLOCK_TEST_REDIS_URL`; a password in it is not carried over).
@@ -312,22 +342,18 @@ async fn waiters_survive_a_killed_pubsub_connection() {
         max_poll: Duration::from_secs(2),
     };
     let holder = open(&p).await;
-    let waiter = Locks::new(lease(&p).await.with_options(options).unwrap());
+    let waiter = lease(&p).await.with_options(options).unwrap();
+    let pubsub_name = format!("{}:sub", waiter.connection_name());
+    let waiter = Locks::new(waiter);
     let g = holder.acquire("k").await.unwrap();
     let w = waiter.clone();
     let waiting =
         tokio::spawn(async move { w.acquire("k").wait(Duration::from_secs(60)).await.is_ok() });
     sleep(Duration::from_millis(500)).await;
     let mut conn = raw().await;
-    // Every pub/sub connection of this server: only our tests use it.
-    let killed: i64 = redis::cmd("CLIENT")
-        .arg("KILL")
-        .arg("TYPE")
-        .arg("pubsub")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    assert!(killed >= 1, "the waiter had no pub/sub connection");
+    // The waiter's pub/sub connection, and no one else's.
+    let killed = kill_named(&mut conn, &pubsub_name).await;
+    assert_eq!(killed, 1, "the waiter had no pub/sub connection");
     g.release().await.unwrap();
     assert!(timeout(Duration::from_secs(10), waiting)
         .await
@@ -335,30 +361,28 @@ async fn waiters_survive_a_killed_pubsub_connection() {
         .unwrap());
 }
 
-/// `CLIENT KILL` of the backend's connection: the connection manager
+/// `CLIENT KILL` of the backend's connection: the backend
 /// reconnects, renewal goes on, the lease is kept.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_connection_is_replaced_and_the_lease_kept() {
     let p = prefix("kill");
-    let locks = open(&p).await;
+    let lease = lease(&p).await;
+    let name = lease.connection_name().to_owned();
+    let locks = Locks::new(lease);
     let g = locks
         .acquire("k")
         .ttl(Duration::from_millis(1500))
         .await
         .unwrap();
     let mut conn = raw().await;
+    let mut killed = Vec::new();
     for _ in 0..3 {
-        let _: i64 = redis::cmd("CLIENT")
-            .arg("KILL")
-            .arg("TYPE")
-            .arg("normal")
-            .arg("SKIPME")
-            .arg("yes")
-            .query_async(&mut conn)
-            .await
-            .unwrap();
+        // The backend's own connection, and no one else's.
+        killed.push(kill_named(&mut conn, &name).await);
         sleep(Duration::from_millis(700)).await;
     }
+    eprintln!("connections of {name} killed, per round: {killed:?}");
+    assert_eq!(killed[0], 1, "the backend's connection was not found");
     assert!(!g.is_lost(), "the lease was lost after CLIENT KILL");
     assert_eq!(
         locks.inspect("k").await.unwrap().expect("held").token,

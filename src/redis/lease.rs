@@ -1,12 +1,13 @@
 //! Leases as Redis keys, each step one Lua script run by the server.
 
 use std::fmt;
-use std::sync::{LazyLock, Mutex};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{Client, RedisError, Script, ScriptInvocation, Value};
+use redis::aio::MultiplexedConnection;
+use redis::{AsyncConnectionConfig, Client, RedisError, Script, ScriptInvocation, Value};
 
 use super::listen::Listener;
 use crate::lease::permits::is_permit;
@@ -179,10 +180,13 @@ mod permits;
 ///
 /// Each lock is the key `dblock:lock:{name}` (the prefix is
 /// [configurable](Lease::with_prefix)); every expiry is Redis' own (`PX`,
-/// `PEXPIRE`, `TIME`). All requests go through one multiplexed connection
-/// (the `redis` crate's `ConnectionManager`, which reconnects after a
-/// dropped connection); a request unanswered for 3 s replaces the
-/// connection, so a black-holed one does not stall the backend.
+/// `PEXPIRE`, `TIME`). All requests go through one multiplexed connection,
+/// replaced after a failure that leaves it unusable (dropped, reset, or a
+/// request unanswered for 3 s, so a black-holed connection does not stall
+/// the backend); waiters share one more connection for pub/sub (RESP3,
+/// Redis 6 or later). Both are named `dblock:{pid}:{n}` (`CLIENT SETNAME`;
+/// the pub/sub one with `:sub` after it), `n` counting the `Lease`s the
+/// process made, so `CLIENT LIST` shows whose connections they are.
 ///
 /// ```no_run
 /// # async fn demo() -> dblock::Result<()> {
@@ -200,6 +204,8 @@ mod permits;
 pub struct Lease {
     engine: LeaseEngine<RedisStore>,
     client: Client,
+    /// The name of its connections (`CLIENT SETNAME`).
+    name: Arc<str>,
     prefix: String,
     options: LeaseOptions,
 }
@@ -219,8 +225,19 @@ impl Lease {
     /// failure), so it needs no server and no runtime yet; the requests run
     /// on the Tokio runtime they are made from.
     pub fn new(client: Client) -> Self {
-        Lease::assemble(client, DEFAULT_PREFIX.to_owned(), LeaseOptions::default())
-            .expect("the default options are valid")
+        static LEASES: AtomicU64 = AtomicU64::new(0);
+        let name = format!(
+            "dblock:{}:{}",
+            std::process::id(),
+            LEASES.fetch_add(1, Ordering::Relaxed)
+        );
+        Lease::assemble(
+            client,
+            name.into(),
+            DEFAULT_PREFIX.to_owned(),
+            LeaseOptions::default(),
+        )
+        .expect("the default options are valid")
     }
 
     /// Connects to the Redis server at `url` (`redis://[user:password@]host[:port][/db]`)
@@ -264,13 +281,13 @@ impl Lease {
                  A-Z a-z 0-9 _ : . - (got {prefix:?})"
             )));
         }
-        Lease::assemble(self.client, prefix, self.options)
+        Lease::assemble(self.client, self.name, prefix, self.options)
     }
 
     /// Sets how waiting polls (see [`LeaseOptions`]). With pub/sub working,
     /// `max_poll` bounds only how late an expiry (not a release) is noticed.
     pub fn with_options(self, options: LeaseOptions) -> Result<Self> {
-        Lease::assemble(self.client, self.prefix, options)
+        Lease::assemble(self.client, self.name, self.prefix, options)
     }
 
     /// The client the leases are taken through.
@@ -283,12 +300,31 @@ impl Lease {
         &self.prefix
     }
 
-    fn assemble(client: Client, prefix: String, options: LeaseOptions) -> Result<Self> {
+    /// The name (`CLIENT SETNAME`) of this backend's connections,
+    /// `dblock:{pid}:{n}`; its pub/sub connection's is this with `:sub`
+    /// after it. For tests that kill only their own connections; not a
+    /// stable interface.
+    #[doc(hidden)]
+    pub fn connection_name(&self) -> &str {
+        &self.name
+    }
+
+    fn assemble(
+        client: Client,
+        name: Arc<str>,
+        prefix: String,
+        options: LeaseOptions,
+    ) -> Result<Self> {
         let wakeups = Wakeups::new();
         let keys = Keys::new(&prefix);
         let store = RedisStore {
-            conn: Conn::new(client.clone()),
-            listener: Listener::new(client.clone(), keys.clone(), &wakeups),
+            conn: Conn::new(client.clone(), name.clone()),
+            listener: Listener::new(
+                client.clone(),
+                format!("{name}:sub"),
+                keys.clone(),
+                &wakeups,
+            ),
             keys,
         };
         let mut engine = LeaseEngine::new(store, wakeups);
@@ -296,6 +332,7 @@ impl Lease {
         Ok(Lease {
             engine,
             client,
+            name,
             prefix,
             options,
         })
@@ -358,54 +395,79 @@ impl Keys {
     }
 }
 
-/// One multiplexed connection, replaced when a request times out: the
-/// `ConnectionManager` reconnects by itself after a dropped connection, but
-/// not after a silent one.
+/// One multiplexed connection, named (`CLIENT SETNAME`) after its
+/// [`Lease`], and replaced after a request fails in a way that leaves it
+/// unusable: dropped or reset by the server (`CLIENT KILL`, a restart), or
+/// silent past [`RESPONSE_TIMEOUT`] (black-holed). The next request after
+/// such a failure connects anew; concurrent requests share that connect.
 struct Conn {
     client: Client,
-    current: Mutex<Option<(u64, ConnectionManager)>>,
+    /// `CLIENT SETNAME` of every connection it makes (see [`Lease`]).
+    name: Arc<str>,
+    current: Mutex<Option<(u64, MultiplexedConnection)>>,
+    /// Held while connecting, so that one connect serves every request
+    /// that finds no connection.
+    connecting: tokio::sync::Mutex<()>,
 }
 
 impl fmt::Debug for Conn {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Conn").finish_non_exhaustive()
+        f.debug_struct("Conn")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
     }
 }
 
 impl Conn {
-    fn new(client: Client) -> Self {
+    fn new(client: Client, name: Arc<str>) -> Self {
         Conn {
             client,
+            name,
             current: Mutex::new(None),
+            connecting: tokio::sync::Mutex::new(()),
         }
     }
 
-    fn get(&self) -> Result<(u64, ConnectionManager)> {
-        let mut current = self.current.lock().unwrap();
-        if let Some((generation, manager)) = &*current {
-            return Ok((*generation, manager.clone()));
+    fn current(&self) -> Option<(u64, MultiplexedConnection)> {
+        self.current.lock().unwrap().clone()
+    }
+
+    async fn get(&self) -> Result<(u64, MultiplexedConnection)> {
+        if let Some(current) = self.current() {
+            return Ok(current);
         }
-        static GENERATION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-        let generation = GENERATION.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let config = ConnectionManagerConfig::new()
+        let _connecting = self.connecting.lock().await;
+        if let Some(current) = self.current() {
+            return Ok(current);
+        }
+        let config = AsyncConnectionConfig::new()
             .set_response_timeout(Some(RESPONSE_TIMEOUT))
-            .set_connection_timeout(Some(CONNECT_TIMEOUT))
-            .set_number_of_retries(3)
-            .set_max_delay(Duration::from_secs(1));
-        let manager = ConnectionManager::new_lazy_with_config(self.client.clone(), config)?;
-        *current = Some((generation, manager.clone()));
-        Ok((generation, manager))
+            .set_connection_timeout(Some(CONNECT_TIMEOUT));
+        let mut conn = self
+            .client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await?;
+        name_connection(&mut conn, &self.name).await?;
+        static GENERATION: AtomicU64 = AtomicU64::new(0);
+        let generation = GENERATION.fetch_add(1, Ordering::Relaxed);
+        *self.current.lock().unwrap() = Some((generation, conn.clone()));
+        Ok((generation, conn))
     }
 
-    /// Notes how a request of `generation` ended: a timeout drops that
-    /// connection, so the next request makes a new one.
+    /// Notes how a request of `generation` ended: a failure that leaves the
+    /// connection unusable drops it, so the next request makes a new one.
     fn check<T>(&self, generation: u64, result: redis::RedisResult<T>) -> Result<T> {
         result.map_err(|e| {
-            if e.is_timeout() {
+            if e.is_timeout() || e.is_unrecoverable_error() || e.is_connection_dropped() {
                 let mut current = self.current.lock().unwrap();
                 if current.as_ref().is_some_and(|(g, _)| *g == generation) {
-                    tracing::warn!(error = %e,
-                        "dblock: a Redis request timed out; replacing the connection");
+                    if e.is_timeout() {
+                        tracing::warn!(error = %e,
+                            "dblock: a Redis request timed out; replacing the connection");
+                    } else {
+                        tracing::debug!(error = %e,
+                            "dblock: the Redis connection failed; the next request reconnects");
+                    }
                     *current = None;
                 }
             }
@@ -417,15 +479,39 @@ impl Conn {
         &self,
         invocation: &ScriptInvocation<'_>,
     ) -> Result<T> {
-        let (generation, mut manager) = self.get()?;
-        let result = invocation.invoke_async(&mut manager).await;
+        let (generation, mut conn) = self.get().await?;
+        let result = invocation.invoke_async(&mut conn).await;
         self.check(generation, result)
     }
 
     async fn query<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> Result<T> {
-        let (generation, mut manager) = self.get()?;
-        let result = cmd.query_async(&mut manager).await;
+        let (generation, mut conn) = self.get().await?;
+        let result = cmd.query_async(&mut conn).await;
         self.check(generation, result)
+    }
+}
+
+/// Names a new connection `name` (`CLIENT SETNAME`), so that `CLIENT LIST`
+/// shows whose it is. A server that refuses (an ACL without `CLIENT`) keeps
+/// it unnamed; a connection that fails here fails the connect.
+pub(super) async fn name_connection(
+    conn: &mut MultiplexedConnection,
+    name: &str,
+) -> redis::RedisResult<()> {
+    let named: redis::RedisResult<()> = redis::cmd("CLIENT")
+        .arg("SETNAME")
+        .arg(name)
+        .exec_async(conn)
+        .await;
+    match named {
+        Err(e) if e.is_timeout() || e.is_unrecoverable_error() || e.is_connection_dropped() => {
+            Err(e)
+        }
+        Err(e) => {
+            tracing::debug!(error = %e, "dblock: CLIENT SETNAME refused; the connection stays unnamed");
+            Ok(())
+        }
+        Ok(()) => Ok(()),
     }
 }
 

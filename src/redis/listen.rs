@@ -8,6 +8,12 @@
 //! for in this process, so a process receives the releases it waits for
 //! and no others.
 //!
+//! The listener's connection speaks RESP3 (Redis 6 or later), where a
+//! subscribed connection still takes other commands: it is named
+//! `dblock:{pid}:{n}:sub` (`CLIENT SETNAME`) like the backend's own, and
+//! pinged like any other. On a server without RESP3 the listener cannot
+//! connect, and waiters poll.
+//!
 //! The listener is a convenience on top of polling, never a dependency:
 //! - each time an acquisition is about to wait, the task is nudged; it
 //!   subscribes to the names newly waited for, unsubscribes from those
@@ -25,12 +31,13 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
-use futures_util::StreamExt;
-use redis::Client;
+use redis::aio::MultiplexedConnection;
+use redis::{AsyncConnectionConfig, Client, ProtocolVersion, PushInfo, PushKind, Value};
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 use tokio::sync::Notify;
 use tokio::time::{interval, sleep, timeout, Instant, MissedTickBehavior};
 
-use super::lease::Keys;
+use super::lease::{name_connection, Keys};
 use crate::lease::Wakeups;
 
 /// How long the listener stays connected with nobody waiting.
@@ -48,16 +55,26 @@ type Slot = Mutex<Option<Arc<Notify>>>;
 /// The backend's handle on its listener task. Dropping it stops the task.
 #[derive(Debug)]
 pub(crate) struct Listener {
+    /// The backend's client, made to speak RESP3.
     client: Client,
+    /// `CLIENT SETNAME` of its connections.
+    name: Arc<str>,
     keys: Keys,
     wakeups: Weak<Wakeups>,
     slot: Arc<Slot>,
 }
 
 impl Listener {
-    pub(crate) fn new(client: Client, keys: Keys, wakeups: &Arc<Wakeups>) -> Self {
+    pub(crate) fn new(client: Client, name: String, keys: Keys, wakeups: &Arc<Wakeups>) -> Self {
+        let info = client.get_connection_info().clone();
+        let resp3 = info
+            .redis_settings()
+            .clone()
+            .set_protocol(ProtocolVersion::RESP3);
+        let client = Client::open(info.set_redis_settings(resp3)).unwrap_or(client);
         Listener {
             client,
+            name: name.into(),
             keys,
             wakeups: Arc::downgrade(wakeups),
             slot: Arc::default(),
@@ -80,6 +97,7 @@ impl Listener {
         runtime.spawn(run(
             Arc::downgrade(&self.slot),
             self.client.clone(),
+            self.name.clone(),
             self.keys.clone(),
             self.wakeups.clone(),
             nudge,
@@ -87,9 +105,28 @@ impl Listener {
     }
 }
 
+/// A connection for pub/sub, named, its pushes (messages, and the
+/// library's notice of a disconnection) arriving on the receiver.
+async fn connect(
+    client: &Client,
+    name: &str,
+) -> redis::RedisResult<(MultiplexedConnection, UnboundedReceiver<PushInfo>)> {
+    let (tx, rx) = unbounded_channel();
+    let config = AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(REQUEST_TIMEOUT))
+        .set_response_timeout(Some(REQUEST_TIMEOUT))
+        .set_push_sender(tx);
+    let mut conn = client
+        .get_multiplexed_async_connection_with_config(&config)
+        .await?;
+    name_connection(&mut conn, name).await?;
+    Ok((conn, rx))
+}
+
 async fn run(
     slot: Weak<Slot>,
     client: Client,
+    name: Arc<str>,
     keys: Keys,
     wakeups: Weak<Wakeups>,
     nudge: Arc<Notify>,
@@ -97,13 +134,13 @@ async fn run(
     let mut retry = RETRY_MIN;
     let mut busy_at = Instant::now();
     'connect: loop {
-        let connected = match timeout(REQUEST_TIMEOUT, client.get_async_pubsub()).await {
-            Ok(Ok(pubsub)) => Ok(pubsub),
+        let connected = match timeout(REQUEST_TIMEOUT * 2, connect(&client, &name)).await {
+            Ok(Ok(connected)) => Ok(connected),
             Ok(Err(e)) => Err(e.to_string()),
             Err(_) => Err("connecting timed out".to_owned()),
         };
-        let (mut sink, mut stream) = match connected {
-            Ok(pubsub) => pubsub.split(),
+        let (mut conn, mut pushes) = match connected {
+            Ok(connected) => connected,
             Err(e) => {
                 tracing::warn!(error = %e, retry_in = ?retry,
                     "dblock: cannot subscribe to Redis lease releases; waiters poll meanwhile");
@@ -132,7 +169,7 @@ async fn run(
             if !new.is_empty() {
                 let channels: Vec<String> = new.iter().map(|n| keys.channel(n)).collect();
                 if !matches!(
-                    timeout(REQUEST_TIMEOUT, sink.subscribe(&channels)).await,
+                    timeout(REQUEST_TIMEOUT, conn.subscribe(&channels)).await,
                     Ok(Ok(()))
                 ) {
                     tracing::warn!("dblock: Redis SUBSCRIBE failed; reconnecting");
@@ -150,7 +187,7 @@ async fn run(
             if !old.is_empty() {
                 let channels: Vec<String> = old.iter().map(|n| keys.channel(n)).collect();
                 if !matches!(
-                    timeout(REQUEST_TIMEOUT, sink.unsubscribe(&channels)).await,
+                    timeout(REQUEST_TIMEOUT, conn.unsubscribe(&channels)).await,
                     Ok(Ok(()))
                 ) {
                     tracing::warn!("dblock: Redis UNSUBSCRIBE failed; reconnecting");
@@ -172,21 +209,31 @@ async fn run(
                     if busy_at.elapsed() >= IDLE_FOR && stop_if_idle(&slot, &wakeups, &nudge) {
                         return;
                     }
-                    let pong = timeout(REQUEST_TIMEOUT, sink.ping::<redis::Value>()).await;
+                    let pong = timeout(
+                        REQUEST_TIMEOUT,
+                        redis::cmd("PING").query_async::<Value>(&mut conn),
+                    )
+                    .await;
                     if !matches!(pong, Ok(Ok(_))) {
                         tracing::warn!("dblock: the Redis pub/sub connection did not answer a PING; reconnecting");
                         continue 'connect;
                     }
                 }
-                message = stream.next() => match message {
-                    Some(message) => {
-                        let name: String = message.get_payload().unwrap_or_default();
+                push = pushes.recv() => match push {
+                    Some(PushInfo { kind: PushKind::Message, data }) => {
+                        // [channel, payload]: the payload is the name.
+                        let released = match data.get(1) {
+                            Some(Value::BulkString(bytes)) => String::from_utf8_lossy(bytes),
+                            _ => continue,
+                        };
                         match wakeups.upgrade() {
-                            Some(w) => w.wake(&name),
+                            Some(w) => w.wake(&released),
                             None => return,
                         }
                     }
-                    None => {
+                    // Confirmations of (un)subscribing, and anything else.
+                    Some(PushInfo { kind, .. }) if kind != PushKind::Disconnection => {}
+                    _ => {
                         tracing::warn!("dblock: lost the Redis pub/sub connection; reconnecting");
                         continue 'connect;
                     }
