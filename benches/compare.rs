@@ -2402,9 +2402,12 @@ where
                 .prepare_invoke()
                 .key(&key)
                 .key(format!("{PREFIX}token"))
+                .key(format!("{PREFIX}writer:{name}"))
                 .arg(&owner)
                 .arg(&*holder)
                 .arg(30_000u64)
+                .arg(0u64)
+                .arg("0")
                 .invoke_async(&mut conn)
                 .await?;
             let (token, _expires) = claimed.ok_or("raw (same work): the key was busy")?;

@@ -76,7 +76,14 @@ static CLAIM: LazyLock<Script> = LazyLock::new(|| {
         "local n = tonumber(ARGV[4])
 local marker = redis.call('GET', KEYS[1])
 if marker and not string.match(marker, '^%- %S+ %S+ n ') then
-  if n == 1 then return false end
+  if n == 1 then
+    -- A reader waits for a writer: its release is to publish (mode `w`).
+    local head, tail = string.match(marker, '^(%S+ %S+ %S+ )x( .*)$')
+    if head then
+      redis.call('SET', KEYS[1], head .. 'w' .. tail, 'KEEPTTL')
+    end
+    return false
+  end
   return {-1, 1}
 end
 if n == 1 and redis.call('EXISTS', KEYS[4]) == 1 then return false end
