@@ -2300,7 +2300,7 @@ async fn redis_section(url: &str, rows: &mut Vec<Row>, notes: &mut Vec<String>) 
     if let Some(v) = info.lines().find_map(|l| l.strip_prefix("redis_version:")) {
         notes.push(format!(
             "Redis server {}; raw: SET NX PX + a Lua owner DEL (EVALSHA) on one multiplexed \
-             connection, dblock: redis::Lease on its own",
+             connection, dblock: redis::Lease on its own (also one multiplexed connection)",
             v.trim()
         ));
     }
@@ -2334,7 +2334,7 @@ async fn redis_section(url: &str, rows: &mut Vec<Row>, notes: &mut Vec<String>) 
                 Some(("≥ 0.9 × same work", 0.9)),
             ),
             (
-                "raw, same work, on a ConnectionManager (dblock's connection kind)",
+                "raw, same work, on a ConnectionManager (the redis crate's reconnecting connection)",
                 None,
             ),
         ],
@@ -2348,7 +2348,7 @@ async fn redis_section(url: &str, rows: &mut Vec<Row>, notes: &mut Vec<String>) 
             r,
             2,
             1,
-            "reported: the price of the work (token draw, owner-checked release, PUBLISH)",
+            "reported: the price of the work (token draw, owner-checked release)",
         ));
     }
     Ok(())
