@@ -30,6 +30,10 @@ const RESPONSE_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long one connection attempt may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 
+/// A refused connection is tried again after 100, 200 and 400 ms (then the
+/// request fails).
+const CONNECT_RETRY_UP_TO: Duration = Duration::from_millis(400);
+
 /// The most leases one renewal script renews. Redis runs a script alone,
 /// holding every other client: one script renewing 84,000 leases took
 /// 5.3 s in the scale benchmark on a loaded 2-core machine (past
@@ -471,10 +475,22 @@ impl Conn {
         let config = AsyncConnectionConfig::new()
             .set_response_timeout(Some(RESPONSE_TIMEOUT))
             .set_connection_timeout(Some(CONNECT_TIMEOUT));
-        let mut conn = self
-            .client
-            .get_multiplexed_async_connection_with_config(&config)
-            .await?;
+        // A refused connection (a server restarting) is tried again a few
+        // times, 100 ms apart and doubling, as the `ConnectionManager` did.
+        let mut pause = Duration::from_millis(100);
+        let mut conn = loop {
+            match self
+                .client
+                .get_multiplexed_async_connection_with_config(&config)
+                .await
+            {
+                Err(e) if e.is_connection_refusal() && pause <= CONNECT_RETRY_UP_TO => {
+                    tokio::time::sleep(pause).await;
+                    pause *= 2;
+                }
+                connected => break connected?,
+            }
+        };
         name_connection(&mut conn, &self.name).await?;
         static GENERATION: AtomicU64 = AtomicU64::new(0);
         let generation = GENERATION.fetch_add(1, Ordering::Relaxed);
@@ -510,6 +526,33 @@ impl Conn {
         let (generation, mut conn) = self.get().await?;
         let result = invocation.invoke_async(&mut conn).await;
         self.check(generation, result)
+    }
+
+    /// Like [`Conn::script`], for a script that may run twice (renewals,
+    /// releases and reads: a second run of a release that did land finds
+    /// the lease gone and answers "not ours", which reports it lost, never
+    /// the other way round). A request that failed because its connection
+    /// was found dropped or reset (a restarted server, `CLIENT KILL`:
+    /// the first request after it fails) is sent once more on a new
+    /// connection, so that it answers what the server holds rather than
+    /// the broken pipe. A timeout is not retried.
+    async fn script_again<T: redis::FromRedisValue>(
+        &self,
+        invocation: &ScriptInvocation<'_>,
+    ) -> Result<T> {
+        let (generation, mut conn) = self.get().await?;
+        match invocation.invoke_async(&mut conn).await {
+            Err(e)
+                if !e.is_timeout() && (e.is_connection_dropped() || e.is_unrecoverable_error()) =>
+            {
+                tracing::debug!(error = %e, "dblock: the Redis connection was dropped; sending again");
+                let _ = self.check::<()>(generation, Err(e));
+                let (generation, mut conn) = self.get().await?;
+                let result = invocation.invoke_async(&mut conn).await;
+                self.check(generation, result)
+            }
+            result => self.check(generation, result),
+        }
     }
 
     async fn query<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> Result<T> {
@@ -678,7 +721,7 @@ impl RedisStore {
         for name in names {
             invocation.key(self.keys.lock(name));
         }
-        let reply: Vec<Value> = self.conn.script(&invocation).await?;
+        let reply: Vec<Value> = self.conn.script_again(&invocation).await?;
         let int = |v: &Value| match v {
             Value::Int(n) => Ok(*n),
             other => Err(bad_reply("expected an integer", format!("{other:?}"))),
@@ -792,7 +835,7 @@ impl LeaseStore for RedisStore {
                 .arg(r.token)
                 .arg(millis(r.ttl));
         }
-        let reply: Vec<i64> = self.conn.script(&invocation).await?;
+        let reply: Vec<i64> = self.conn.script_again(&invocation).await?;
         renewal_answers(batch, reply)
     }
 
@@ -822,7 +865,7 @@ impl LeaseStore for RedisStore {
             .arg(hold.map(millis).unwrap_or(0))
             .arg(self.keys.channel(name))
             .arg(name);
-        let released: i64 = self.conn.script(&invocation).await?;
+        let released: i64 = self.conn.script_again(&invocation).await?;
         Ok(released == 1)
     }
 

@@ -249,7 +249,7 @@ impl RedisStore {
             .arg(owner)
             .arg(token)
             .arg(millis(ttl));
-        let at: i64 = self.conn.script(&invocation).await?;
+        let at: i64 = self.conn.script_again(&invocation).await?;
         (at > 0).then(|| time(at)).transpose()
     }
 
@@ -264,7 +264,7 @@ impl RedisStore {
                 .arg(r.token)
                 .arg(millis(r.ttl));
         }
-        let reply: Vec<i64> = self.conn.script(&invocation).await?;
+        let reply: Vec<i64> = self.conn.script_again(&invocation).await?;
         super::renewal_answers(batch, reply)
     }
 
@@ -284,7 +284,7 @@ impl RedisStore {
             .arg(hold.map(millis).unwrap_or(0))
             .arg(self.keys.channel(name))
             .arg(name);
-        let released: i64 = self.conn.script(&invocation).await?;
+        let released: i64 = self.conn.script_again(&invocation).await?;
         Ok(released == 1)
     }
 
@@ -294,7 +294,7 @@ impl RedisStore {
         invocation
             .key(self.keys.lock(name))
             .key(self.keys.permits(name));
-        let reply: Vec<redis::Value> = self.conn.script(&invocation).await?;
+        let reply: Vec<redis::Value> = self.conn.script_again(&invocation).await?;
         let mut values = reply.into_iter();
         let _now = values.next();
         let mut permits: Vec<Permit> = Vec::new();
