@@ -2297,7 +2297,7 @@ async fn redis_section(url: &str, rows: &mut Vec<Row>, notes: &mut Vec<String>) 
     if let Some(v) = info.lines().find_map(|l| l.strip_prefix("redis_version:")) {
         notes.push(format!(
             "Redis server {}; raw: SET NX PX + a Lua owner DEL (EVALSHA) on one multiplexed \
-             connection, dblock: redis::Lease on its own",
+             connection, dblock: redis::Lease on its own (also one multiplexed connection)",
             v.trim()
         ));
     }
@@ -2331,7 +2331,7 @@ async fn redis_section(url: &str, rows: &mut Vec<Row>, notes: &mut Vec<String>) 
                 Some(("≥ 0.9 × same work", 0.9)),
             ),
             (
-                "raw, same work, on a ConnectionManager (dblock's connection kind)",
+                "raw, same work, on a ConnectionManager (the redis crate's reconnecting connection)",
                 None,
             ),
         ],
@@ -2345,7 +2345,7 @@ async fn redis_section(url: &str, rows: &mut Vec<Row>, notes: &mut Vec<String>) 
             r,
             2,
             1,
-            "reported: the price of the work (token draw, owner-checked release, PUBLISH)",
+            "reported: the price of the work (token draw, owner-checked release)",
         ));
     }
     Ok(())
@@ -2399,9 +2399,12 @@ where
                 .prepare_invoke()
                 .key(&key)
                 .key(format!("{PREFIX}token"))
+                .key(format!("{PREFIX}writer:{name}"))
                 .arg(&owner)
                 .arg(&*holder)
                 .arg(30_000u64)
+                .arg(0u64)
+                .arg("0")
                 .invoke_async(&mut conn)
                 .await?;
             let (token, _expires) = claimed.ok_or("raw (same work): the key was busy")?;

@@ -220,6 +220,64 @@ async fn tokens_increase_across_names_expiry_and_a_lost_counter() {
     g.release().await.unwrap();
 }
 
+/// A release publishes only when a waiter marked the lease: the release of
+/// a lease nobody waited for sends nothing on the name's channel; once a
+/// claim that will wait has missed it, its release does. Its reader
+/// (`inspect`) still sees an exclusive lease with the same token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_publishes_only_when_waited_for() {
+    use futures::StreamExt;
+    let p = prefix("publish");
+    let locks = open(&p).await;
+    let client = redis::Client::open(common::redis_url()).unwrap();
+    let mut pubsub = client.get_async_pubsub().await.unwrap();
+    pubsub.subscribe(format!("{p}released:n")).await.unwrap();
+    let mut messages = pubsub.into_on_message();
+
+    // Nobody waits: no message.
+    let g = locks.acquire("n").await.unwrap();
+    assert!(locks.try_acquire("n").await.unwrap().is_none(), "held");
+    g.release().await.unwrap();
+    let quiet = timeout(Duration::from_millis(300), messages.next()).await;
+    assert!(quiet.is_err(), "published without a waiter: {quiet:?}");
+
+    // A waiter misses, then the release publishes the name.
+    let g = locks.acquire("n").await.unwrap();
+    let w = locks.clone();
+    let waiting = tokio::spawn(async move {
+        let g = w.acquire("n").wait(Duration::from_secs(30)).await.unwrap();
+        g.release().await.unwrap();
+    });
+    let mut conn = raw().await;
+    let key = format!("{p}lock:n");
+    let give_up = Instant::now() + Duration::from_secs(10);
+    loop {
+        let v: String = redis::cmd("GET")
+            .arg(&key)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        if v.split(' ').nth(3) == Some("w") {
+            break;
+        }
+        assert!(Instant::now() < give_up, "the waiter never marked {v:?}");
+        sleep(Duration::from_millis(10)).await;
+    }
+    let seen = locks.inspect("n").await.unwrap().expect("held");
+    assert_eq!(seen.token, Some(g.token()));
+    assert_eq!(seen.mode, dblock::LockMode::Exclusive);
+    g.release().await.unwrap();
+    let message = timeout(Duration::from_secs(5), messages.next())
+        .await
+        .expect("the release of a waited-for lease published nothing")
+        .expect("subscription ended");
+    assert_eq!(message.get_payload::<String>().unwrap(), "n");
+    timeout(Duration::from_secs(10), waiting)
+        .await
+        .expect("the waiter did not get the lock")
+        .unwrap();
+}
+
 /// A waiter in another process (another `Lease`: no shared in-process
 /// wake-ups) that would poll only every 20 s gets the lock at once on
 /// release: through pub/sub.

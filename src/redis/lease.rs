@@ -30,6 +30,10 @@ const RESPONSE_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long one connection attempt may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 
+/// A refused connection is tried again after 100, 200 and 400 ms (then the
+/// request fails).
+const CONNECT_RETRY_UP_TO: Duration = Duration::from_millis(400);
+
 /// The most leases one renewal script renews. Redis runs a script alone,
 /// holding every other client: one script renewing 84,000 leases took
 /// 5.3 s in the scale benchmark on a loaded 2-core machine (past
@@ -51,31 +55,53 @@ macro_rules! lua_now {
 }
 
 /// KEYS: the lease, the token counter, the waiting writer's mark. ARGV:
-/// owner, holder, ttl in ms, the mark's length in ms (0: none).
+/// owner, holder, ttl in ms, the mark's length in ms (0: a claim that will
+/// not wait), whether this claimer left the mark before (`1`) and deletes
+/// it when it takes the name.
+///
 /// The token is `max(counter + 1, now in µs)`: strictly above the last one
 /// while the counter lives, and above every earlier one after the counter is
 /// lost as long as the server's clock has not gone back (see the module
-/// docs). The counter is written only when the `SET NX` took the name. A
-/// claim that misses a name held by readers (or permits: their marker)
-/// and is going to wait sets the mark, which keeps new readers out; a
-/// claim that takes the name deletes it.
+/// docs). It is drawn by one `SET ... GET` of the counter to now, and set
+/// again only when the counter was ahead of the clock (claims within one
+/// microsecond, a clock stepped back): the counter never goes down, and a
+/// claim that misses leaves it higher, which only skips tokens.
+///
+/// A claim that misses and will wait marks what it found: a name held by
+/// readers (or permits: their marker) gets the waiting writer's mark,
+/// which keeps new readers out (the answer is then 0 rather than nil, and
+/// the claimer's next claim deletes the mark if it takes the name); a
+/// lease gets its mode `x` turned into `w`, "waited for", so that its
+/// release publishes. A release nobody waits for publishes nothing.
 static CLAIM: LazyLock<Script> = LazyLock::new(|| {
     Script::new(concat!(
         lua_now!(),
-        "local token = math.max((tonumber(redis.call('GET', KEYS[2])) or 0) + 1, now)
-local s = string.format('%.0f', token)
-local value = ARGV[1] .. ' ' .. s .. ' ' .. string.format('%.0f', now) .. ' x ' .. ARGV[2]
+        "local ns = string.format('%.0f', now)
+local s, token = ns, now
+local last = tonumber(redis.call('SET', KEYS[2], s, 'GET'))
+if last and last >= now then
+  token = last + 1
+  s = string.format('%.0f', token)
+  redis.call('SET', KEYS[2], s)
+end
+local value = ARGV[1] .. ' ' .. s .. ' ' .. ns .. ' x ' .. ARGV[2]
 if not redis.call('SET', KEYS[1], value, 'NX', 'PX', ARGV[3]) then
   if ARGV[4] ~= '0' then
     local held = redis.call('GET', KEYS[1])
     if held and string.match(held, '^%- %S+ %S+ n ') then
       redis.call('SET', KEYS[3], '1', 'PX', ARGV[4])
+      return 0
+    end
+    local head, tail = string.match(held or '', '^(%S+ %S+ %S+ )x( .*)$')
+    if head then
+      redis.call('SET', KEYS[1], head .. 'w' .. tail, 'KEEPTTL')
     end
   end
   return false
 end
-redis.call('SET', KEYS[2], s)
-redis.call('DEL', KEYS[3])
+if ARGV[5] == '1' then
+  redis.call('DEL', KEYS[3])
+end
 return {token, now + tonumber(ARGV[3]) * 1000}"
     ))
 });
@@ -103,9 +129,10 @@ return out"
 });
 
 /// KEYS: the lease. ARGV: owner, token, hold_at_least in ms (0 without),
-/// channel, name. Ends the lease if it is still ours: deletes it and
-/// publishes the name, or, while `acquired + hold` is still ahead, keeps the
-/// key until then with its owner replaced by `-`.
+/// channel, name. Ends the lease if it is still ours: deletes it and, if a
+/// waiter marked it (mode `w`, see [`CLAIM`]), publishes the name; or,
+/// while `acquired + hold` is still ahead, keeps the key until then with
+/// its owner replaced by `-`.
 static RELEASE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(concat!(
         "local v = redis.call('GET', KEYS[1])
@@ -125,7 +152,11 @@ if hold > 0 then
   end
 end
 redis.call('DEL', KEYS[1])
-redis.call('PUBLISH', ARGV[4], ARGV[5])
+-- The mode follows the time after the owner and token: the first ' w '
+-- past them (a holder containing ' w ' only costs a PUBLISH).
+if string.find(v, ' w ', #p + 1, true) then
+  redis.call('PUBLISH', ARGV[4], ARGV[5])
+end
 return 1"
     ))
 });
@@ -332,6 +363,7 @@ impl Lease {
                 &wakeups,
             ),
             keys,
+            marks: Marks::default(),
         };
         let mut engine = LeaseEngine::new(store, wakeups);
         engine.set_options(options.clone())?;
@@ -449,10 +481,22 @@ impl Conn {
         let config = AsyncConnectionConfig::new()
             .set_response_timeout(Some(RESPONSE_TIMEOUT))
             .set_connection_timeout(Some(CONNECT_TIMEOUT));
-        let mut conn = self
-            .client
-            .get_multiplexed_async_connection_with_config(&config)
-            .await?;
+        // A refused connection (a server restarting) is tried again a few
+        // times, 100 ms apart and doubling, as the `ConnectionManager` did.
+        let mut pause = Duration::from_millis(100);
+        let mut conn = loop {
+            match self
+                .client
+                .get_multiplexed_async_connection_with_config(&config)
+                .await
+            {
+                Err(e) if e.is_connection_refusal() && pause <= CONNECT_RETRY_UP_TO => {
+                    tokio::time::sleep(pause).await;
+                    pause *= 2;
+                }
+                connected => break connected?,
+            }
+        };
         name_connection(&mut conn, &self.name).await?;
         static GENERATION: AtomicU64 = AtomicU64::new(0);
         let generation = GENERATION.fetch_add(1, Ordering::Relaxed);
@@ -488,6 +532,33 @@ impl Conn {
         let (generation, mut conn) = self.get().await?;
         let result = invocation.invoke_async(&mut conn).await;
         self.check(generation, result)
+    }
+
+    /// Like [`Conn::script`], for a script that may run twice (renewals,
+    /// releases and reads: a second run of a release that did land finds
+    /// the lease gone and answers "not ours", which reports it lost, never
+    /// the other way round). A request that failed because its connection
+    /// was found dropped or reset (a restarted server, `CLIENT KILL`:
+    /// the first request after it fails) is sent once more on a new
+    /// connection, so that it answers what the server holds rather than
+    /// the broken pipe. A timeout is not retried.
+    async fn script_again<T: redis::FromRedisValue>(
+        &self,
+        invocation: &ScriptInvocation<'_>,
+    ) -> Result<T> {
+        let (generation, mut conn) = self.get().await?;
+        match invocation.invoke_async(&mut conn).await {
+            Err(e)
+                if !e.is_timeout() && (e.is_connection_dropped() || e.is_unrecoverable_error()) =>
+            {
+                tracing::debug!(error = %e, "dblock: the Redis connection was dropped; sending again");
+                let _ = self.check::<()>(generation, Err(e));
+                let (generation, mut conn) = self.get().await?;
+                let result = invocation.invoke_async(&mut conn).await;
+                self.check(generation, result)
+            }
+            result => self.check(generation, result),
+        }
     }
 
     async fn query<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> Result<T> {
@@ -527,6 +598,38 @@ pub(crate) struct RedisStore {
     conn: Conn,
     keys: Keys,
     listener: Listener,
+    marks: Marks,
+}
+
+/// The owners (acquisitions) whose claim left a waiting writer's mark: their
+/// claim that takes the name deletes it. Nobody else's claim touches the
+/// mark, so the uncontended claim writes no third key.
+///
+/// An acquisition that gives up stays listed; past [`Marks::MAX`] the list
+/// is cleared. A mark nobody deletes lapses by itself (its `PX` is a little
+/// past its writer's next try), so forgetting one costs readers at most
+/// that wait, never correctness.
+#[derive(Debug, Default)]
+struct Marks(Mutex<std::collections::HashSet<Box<str>>>);
+
+impl Marks {
+    const MAX: usize = 4096;
+
+    fn left(&self, owner: &str) -> bool {
+        self.0.lock().unwrap().contains(owner)
+    }
+
+    fn leave(&self, owner: &str) {
+        let mut marks = self.0.lock().unwrap();
+        if marks.len() >= Self::MAX {
+            marks.clear();
+        }
+        marks.insert(owner.into());
+    }
+
+    fn forget(&self, owner: &str) {
+        self.0.lock().unwrap().remove(owner);
+    }
 }
 
 /// A duration as whole milliseconds for `PX`, rounded up (and at least 1).
@@ -624,7 +727,7 @@ impl RedisStore {
         for name in names {
             invocation.key(self.keys.lock(name));
         }
-        let reply: Vec<Value> = self.conn.script(&invocation).await?;
+        let reply: Vec<Value> = self.conn.script_again(&invocation).await?;
         let int = |v: &Value| match v {
             Value::Int(n) => Ok(*n),
             other => Err(bad_reply("expected an integer", format!("{other:?}"))),
@@ -673,6 +776,7 @@ impl LeaseStore for RedisStore {
         if (claim.abandoned)() {
             return Ok(None);
         }
+        let marked = claim.writer_waits.is_some() && self.marks.left(claim.owner);
         let mut invocation = CLAIM.prepare_invoke();
         invocation
             .key(self.keys.lock(claim.name))
@@ -681,16 +785,29 @@ impl LeaseStore for RedisStore {
             .arg(claim.owner)
             .arg(claim.holder)
             .arg(millis(claim.ttl))
-            .arg(claim.writer_waits.map_or(0, millis));
-        let reply: Option<(i64, i64)> = self.conn.script(&invocation).await?;
-        reply
-            .map(|(token, expires_at)| {
-                Ok(Claimed {
-                    token: token as u64,
-                    expires_at: time(expires_at)?,
-                })
-            })
-            .transpose()
+            .arg(claim.writer_waits.map_or(0, millis))
+            .arg(if marked { "1" } else { "0" });
+        let reply: Value = self.conn.script(&invocation).await?;
+        match reply {
+            Value::Nil => Ok(None),
+            Value::Int(0) => {
+                self.marks.leave(claim.owner);
+                Ok(None)
+            }
+            Value::Array(ref pair) => match pair.as_slice() {
+                [Value::Int(token), Value::Int(expires_at)] => {
+                    if marked {
+                        self.marks.forget(claim.owner);
+                    }
+                    Ok(Some(Claimed {
+                        token: *token as u64,
+                        expires_at: time(*expires_at)?,
+                    }))
+                }
+                _ => Err(bad_reply("unexpected claim reply", format!("{reply:?}"))),
+            },
+            other => Err(bad_reply("unexpected claim reply", format!("{other:?}"))),
+        }
     }
 
     async fn renew(
@@ -724,7 +841,7 @@ impl LeaseStore for RedisStore {
                 .arg(r.token)
                 .arg(millis(r.ttl));
         }
-        let reply: Vec<i64> = self.conn.script(&invocation).await?;
+        let reply: Vec<i64> = self.conn.script_again(&invocation).await?;
         renewal_answers(batch, reply)
     }
 
@@ -754,7 +871,7 @@ impl LeaseStore for RedisStore {
             .arg(hold.map(millis).unwrap_or(0))
             .arg(self.keys.channel(name))
             .arg(name);
-        let released: i64 = self.conn.script(&invocation).await?;
+        let released: i64 = self.conn.script_again(&invocation).await?;
         Ok(released == 1)
     }
 

@@ -10,15 +10,16 @@
 //!
 //! - **Claim**: `SET {prefix}lock:{name} "{owner} {token} {acquired µs} x
 //!   {holder}" NX PX ttl`, and in the same script the fencing token (below)
-//!   is drawn and stored. A held name answers "busy" at once.
+//!   is drawn and stored. A held name answers "busy" at once (and is
+//!   marked waited for if the claimer will wait, see "Waiting").
 //! - **Renew** (background, batched): one script per renewal tick for every
 //!   lease the process holds that is due, each `PEXPIRE`d to its own ttl
 //!   only if its value still starts with its owner id and token. One round
 //!   trip renews up to 10,000 of them (a script holds the whole server
 //!   while it runs, so a larger tick sends one script per 10,000 leases).
 //! - **Extend** and **release**: one script each, checking the owner id and
-//!   the token the same way. Release deletes the key and `PUBLISH`es the
-//!   name; with `hold_at_least` the key is kept, its owner id replaced by
+//!   the token the same way. Release deletes the key and, if a waiter
+//!   marked it, `PUBLISH`es the name; with `hold_at_least` the key is kept, its owner id replaced by
 //!   `-` (so no renewal or release can match it any more), until
 //!   `acquired_at + hold` by the server's clock.
 //! - **Force release** deletes the key whoever holds it, and publishes.
@@ -60,8 +61,16 @@
 //!
 //! # Waiting
 //!
-//! A release publishes the name on the channel `{prefix}released:{name}`.
-//! A backend with waiters keeps one extra pub/sub connection that
+//! A release publishes the name on the channel `{prefix}released:{name}`
+//! when someone may be waiting for it: a claim that misses and will wait
+//! turns the lease's mode `x` into `w` ("waited for") in the same script,
+//! and only the release of a lease so marked publishes (the release of a
+//! lease nobody waited for, the common case, costs the server no
+//! `PUBLISH`). Since the mark and the miss are one atomic step, a release
+//! after a waiter's miss always publishes; one before the waiter's
+//! subscription takes effect is covered by the wake-up each new
+//! subscription gives its waiters. The release of permits and readers,
+//! and `force_release`, always publish. A backend with waiters keeps one extra pub/sub connection that
 //! subscribes to exactly the names its waiters wait for, wakes them when
 //! a release arrives, and stops a minute after the last waiter. Polling
 //! with backoff (bounded by [`LeaseOptions::max_poll`](crate::LeaseOptions))
@@ -80,8 +89,10 @@
 //! lock on failover is not acceptable at all.
 //!
 //! Redis Cluster is not supported (a claim touches two keys that would
-//! live in different slots). Redis 5.0 or later is needed, for scripts that
-//! read `TIME` before writing (tested on Redis 7).
+//! live in different slots). Redis 6.2 or later is needed: scripts read
+//! `TIME` before writing, the claim draws its token by `SET ... GET` and
+//! marks a lease waited for with `SET ... KEEPTTL`, and the pub/sub
+//! connection speaks RESP3 (tested on Redis 7).
 //!
 //! **Shared (reader) leases** (`.shared()`): readers are permits of
 //! capacity 1 without an upper bound, fields of the hash

@@ -76,7 +76,14 @@ static CLAIM: LazyLock<Script> = LazyLock::new(|| {
         "local n = tonumber(ARGV[4])
 local marker = redis.call('GET', KEYS[1])
 if marker and not string.match(marker, '^%- %S+ %S+ n ') then
-  if n == 1 then return false end
+  if n == 1 then
+    -- A reader waits for a writer: its release is to publish (mode `w`).
+    local head, tail = string.match(marker, '^(%S+ %S+ %S+ )x( .*)$')
+    if head then
+      redis.call('SET', KEYS[1], head .. 'w' .. tail, 'KEEPTTL')
+    end
+    return false
+  end
   return {-1, 1}
 end
 if n == 1 and redis.call('EXISTS', KEYS[4]) == 1 then return false end
@@ -242,7 +249,7 @@ impl RedisStore {
             .arg(owner)
             .arg(token)
             .arg(millis(ttl));
-        let at: i64 = self.conn.script(&invocation).await?;
+        let at: i64 = self.conn.script_again(&invocation).await?;
         (at > 0).then(|| time(at)).transpose()
     }
 
@@ -257,7 +264,7 @@ impl RedisStore {
                 .arg(r.token)
                 .arg(millis(r.ttl));
         }
-        let reply: Vec<i64> = self.conn.script(&invocation).await?;
+        let reply: Vec<i64> = self.conn.script_again(&invocation).await?;
         super::renewal_answers(batch, reply)
     }
 
@@ -277,7 +284,7 @@ impl RedisStore {
             .arg(hold.map(millis).unwrap_or(0))
             .arg(self.keys.channel(name))
             .arg(name);
-        let released: i64 = self.conn.script(&invocation).await?;
+        let released: i64 = self.conn.script_again(&invocation).await?;
         Ok(released == 1)
     }
 
@@ -287,7 +294,7 @@ impl RedisStore {
         invocation
             .key(self.keys.lock(name))
             .key(self.keys.permits(name));
-        let reply: Vec<redis::Value> = self.conn.script(&invocation).await?;
+        let reply: Vec<redis::Value> = self.conn.script_again(&invocation).await?;
         let mut values = reply.into_iter();
         let _now = values.next();
         let mut permits: Vec<Permit> = Vec::new();
