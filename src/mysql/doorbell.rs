@@ -24,10 +24,11 @@
 //!   A watch that finds the bell free rings once, then re-checks it after
 //!   1 ms, doubling up to 250 ms between checks, without ringing, until
 //!   it sees it held (`crate::lease::doorbell`). So a release rings the
-//!   waiter whenever the hold outlasted `ARM_AFTER` + the ringer's latency
-//!   + the watch's current re-check gap (1 ms after a ring or a wait that
-//!   timed out, at most 250 ms); a shorter hold, or one taken and let go
-//!   between two re-checks, reaches the waiter by its own poll: within
+//!   waiter whenever the hold outlasted the sum of `ARM_AFTER`, the
+//!   ringer's latency and the watch's current re-check gap (1 ms after a
+//!   ring or a wait that timed out, at most 250 ms); a shorter hold, or
+//!   one taken and let go between two re-checks, reaches the waiter by its
+//!   own poll: within
 //!   its current pause, which starts at `min_poll` and doubles at every
 //!   wake-up up to `max_poll` (250 ms by default). Such a waiter can
 //!   therefore sleep up to one full `max_poll` for the release of a lease
