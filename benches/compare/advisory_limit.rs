@@ -172,12 +172,12 @@ fn sqlx_op(conns: Arc<Vec<Mutex<Dedicated>>>, names: Arc<Vec<String>>) -> Op {
 
 /// Like `compare` with one task, but each turn calls the implementations
 /// in a random order rather than a rotating one. Three of them draw from
-/// the one fencing sequence, and every 32nd draw makes its statement wait
+/// the one fencing sequence, and one draw in 33 makes its statement wait
 /// for a WAL flush (see docs/performance.md). In a fixed rotation the draws
 /// follow a cycle of 18, so which implementation pays the flushes is
-/// decided by the cycle's phase against the sequence's: one can pay twice
-/// as many as another for a whole run (dblock / its own SQL scattered
-/// from 0.52 to 1.39 between runs). A random order shares them out alike.
+/// decided by the cycle's phase against the sequence's: one can pay 2/3 of
+/// them for a whole run (dblock / its own SQL scattered from 0.52 to 1.39
+/// between runs). A random order shares them out alike.
 async fn compare_shuffled(ops: &[Op]) -> Res<Vec<Vec<f64>>> {
     use rand::seq::SliceRandom;
     for op in ops {
