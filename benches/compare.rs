@@ -1968,6 +1968,19 @@ async fn mysql(env: &Env, rows: &mut Vec<Row>, notes: &mut Vec<String>) -> Res<(
         limit::my_same_work_op(dedicated.clone(), None, TABLE, n.clone())?,
         limit::my_same_work_op(dedicated, Some(bells), TABLE, n.clone())?,
     ];
+    // DBLOCK_BENCH_PAIRS=dblock|same: only 3 s of pairs of one of them with
+    // 8 tasks, for counting system calls (`strace -f -c`).
+    if let Ok(which) = std::env::var("DBLOCK_BENCH_PAIRS") {
+        let k = match which.as_str() {
+            "dblock" => 0,
+            "same" => 4,
+            other => return Err(format!("DBLOCK_BENCH_PAIRS: unknown {other:?}").into()),
+        };
+        run_window(&ops[k], TASKS, WARMUP).await?;
+        let pairs = run_window(&ops[k], TASKS, Duration::from_secs(3)).await?;
+        eprintln!("pairs: {which}, {TASKS} tasks: {} /s", rate(pairs));
+        return Ok(());
+    }
     let results = throughput_rows(
         B,
         &ops,

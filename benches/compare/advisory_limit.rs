@@ -44,16 +44,6 @@ const SCALE_TASKS: usize = 64;
 const OWN_CLUSTER_LOCKS_PER_TX: u32 = 1024;
 const OWN_CLUSTER_PORT: u16 = 54_399;
 
-/// dblock's exclusive try-lock statement, as `postgres/advisory/session.rs`
-/// sends it (kept in step by hand): the holder-session check ($2 marker, $3
-/// pid), the lock, and the fencing token from `dblock_fencing_seq` with the
-/// server's timeline.
-const DBLOCK_TRY: &str = "SELECT ours, CASE WHEN NOT ours THEN NULL
-                           WHEN pg_try_advisory_lock($1) THEN (SELECT CASE WHEN tl < 32768 THEN greatest(r, (tl << 48) + (r & 281474976710655))
-                 ELSE ('dblock: the server''s timeline ' || tl || ' is above 32767, the most fencing tokens can carry')::bigint END
-            FROM (SELECT nextval('dblock_fencing_seq') AS r, ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::bigint AS tl OFFSET 0) dblock_token) END FROM (SELECT current_setting('dblock.session', true) IS NOT DISTINCT FROM $2
-                            AND pg_backend_pid() = $3 AS ours OFFSET 0) s";
-
 /// A dedicated connection, with the marker and pid dblock's statement checks.
 struct Dedicated {
     conn: PgConnection,
@@ -87,12 +77,21 @@ fn raw_dblock_sql_op(conns: Arc<Vec<Mutex<Dedicated>>>, names: Arc<Vec<String>>)
         Box::pin(async move {
             let mut d = conns[i].lock().await;
             let d = &mut *d;
-            let (ours, token): (bool, Option<i64>) = sqlx::query_as(DBLOCK_TRY)
-                .bind(key)
-                .bind(&d.marker)
-                .bind(d.pid)
-                .fetch_one(&mut d.conn)
-                .await?;
+            // dblock's own statement (`bench_try_exclusive_sql`), with the
+            // parameters a holder session's first attempt gives it: the
+            // semaphore marker's key halves ($4, $5; looked up only on a
+            // miss, $6) and no look on a grant ($7).
+            let (ours, token, _): (bool, Option<i64>, Option<bool>) =
+                sqlx::query_as(dblock::postgres::bench_try_exclusive_sql())
+                    .bind(key)
+                    .bind(&d.marker)
+                    .bind(d.pid)
+                    .bind(key >> 32)
+                    .bind(key & 0xffff_ffff)
+                    .bind(true)
+                    .bind(false)
+                    .fetch_one(&mut d.conn)
+                    .await?;
             if !ours || token.is_none() {
                 return Err("raw (dblock's SQL): the advisory lock was busy".into());
             }
@@ -171,6 +170,41 @@ fn sqlx_op(conns: Arc<Vec<Mutex<Dedicated>>>, names: Arc<Vec<String>>) -> Op {
     })
 }
 
+/// Like `compare` with one task, but each turn calls the implementations
+/// in a random order rather than a rotating one. Three of them draw from
+/// the one fencing sequence, and one draw in 33 makes its statement wait
+/// for a WAL flush (see docs/performance.md). In a fixed rotation the draws
+/// follow a cycle of 18, so which implementation pays the flushes is
+/// decided by the cycle's phase against the sequence's: one can pay 2/3 of
+/// them for a whole run (dblock / its own SQL scattered from 0.52 to 1.39
+/// between runs). A random order shares them out alike.
+async fn compare_shuffled(ops: &[Op]) -> Res<Vec<Vec<f64>>> {
+    use rand::seq::SliceRandom;
+    for op in ops {
+        super::run_window(op, 1, super::WARMUP).await?;
+    }
+    let mut results = vec![Vec::new(); ops.len()];
+    let mut order: Vec<usize> = (0..ops.len()).collect();
+    for _ in 0..super::ROUNDS {
+        let mut spent = vec![Duration::ZERO; ops.len()];
+        let mut calls = vec![0u32; ops.len()];
+        let end = Instant::now() + super::WINDOW * ops.len() as u32;
+        while Instant::now() < end {
+            order.shuffle(&mut rand::rng());
+            for &i in &order {
+                let t = Instant::now();
+                ops[i](0).await?;
+                spent[i] += t.elapsed();
+                calls[i] += 1;
+            }
+        }
+        for (i, r) in results.iter_mut().enumerate() {
+            r.push(f64::from(calls[i]) / spent[i].as_secs_f64());
+        }
+    }
+    Ok(results)
+}
+
 /// The throughput rows (and, with `DBLOCK_BENCH_PAIRS`, only the pairs for
 /// counting system calls).
 pub(super) async fn advisory_limit(env: &Env, rows: &mut Vec<Row>) -> Res<()> {
@@ -218,7 +252,11 @@ pub(super) async fn advisory_limit(env: &Env, rows: &mut Vec<Row>) -> Res<()> {
         if tasks > 1 {
             ops.push(dblock.clone());
         }
-        let r = compare(&ops, tasks).await?;
+        let r = if tasks == 1 {
+            compare_shuffled(&ops).await?
+        } else {
+            compare(&ops, tasks).await?
+        };
         let unit = if tasks == 1 {
             "1 task".to_owned()
         } else {

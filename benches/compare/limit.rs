@@ -156,6 +156,9 @@ pub(super) fn my_same_work_op(
                     .bind("bench-host:0")
                     .bind(30_000_000i64)
                     .bind(name.as_bytes())
+                    // No writer waiting (a plain claim's `writer_waits`).
+                    .bind(None::<i64>)
+                    .bind(None::<i64>)
                     .fetch_optional(&mut *c)
                     .await;
                 match row {

@@ -16,6 +16,25 @@
 //!   [`WATCHES`] at once (each occupies a connection of its own while it
 //!   waits: `GET_LOCK` waits for one name per session); past that, waiters
 //!   poll.
+//! - **What a waiter elsewhere can miss** (the precise bound): a waiter is
+//!   woken by a release at once only if its watch saw the bell held, i.e.
+//!   its `GET_LOCK` was waiting when the holder let the bell go. The bell
+//!   is taken [`ARM_AFTER`] into a hold plus the ringer's latency (one
+//!   `GET_LOCK` round trip; an idle ringer opens its connection first).
+//!   A watch that finds the bell free rings once, then re-checks it after
+//!   1 ms, doubling up to 250 ms between checks, without ringing, until
+//!   it sees it held (`crate::lease::doorbell`). So a release rings the
+//!   waiter whenever the hold outlasted the sum of `ARM_AFTER`, the
+//!   ringer's latency and the watch's current re-check gap (1 ms after a
+//!   ring or a wait that timed out, at most 250 ms); a shorter hold, or
+//!   one taken and let go between two re-checks, reaches the waiter by its
+//!   own poll: within
+//!   its current pause, which starts at `min_poll` and doubles at every
+//!   wake-up up to `max_poll` (250 ms by default). Such a waiter can
+//!   therefore sleep up to one full `max_poll` for the release of a lease
+//!   held for more than 1 ms (but less than 1 ms + latency + 250 ms): the
+//!   bound is `max_poll`, as without doorbells, not the doorbell's round
+//!   trip.
 //! - **Never a dependency**: on a Galera cluster (where `GET_LOCK` is local
 //!   to one node) no bell is rung or watched; any error of a bell
 //!   connection is logged at debug level and leaves waiters polling.
@@ -24,14 +43,14 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::fmt;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 use sqlx::mysql::{MySqlConnectOptions, MySqlPoolOptions};
 use sqlx::pool::PoolConnection;
 use sqlx::{Connection, MySql, MySqlConnection, MySqlPool};
-use tokio::sync::{mpsc, OnceCell};
+use tokio::sync::{Notify, OnceCell};
 use tokio::time::Instant;
 
 use super::engine::Engine;
@@ -64,9 +83,33 @@ pub(crate) struct Bells {
     /// `database \0 table \0`, the prefix of every bell's hash.
     scope: Vec<u8>,
     engine: Arc<OnceCell<Engine>>,
-    ringer: Mutex<Option<mpsc::UnboundedSender<Cmd>>>,
+    ringer: Arc<Ringer>,
     connect: MySqlConnectOptions,
     watches: Doorbells<Watcher>,
+}
+
+/// What the holder's side shares with its ringer task. Claims and releases
+/// update the ledger in the caller's task, under a plain mutex; the ringer
+/// task is woken only when it must act sooner than it meant to (a bell due
+/// before its next look, a bell to let go), so an uncontended pair whose
+/// lease is released within [`ARM_AFTER`] sends it no message at all.
+#[derive(Debug, Default)]
+struct Ringer {
+    state: Mutex<RingerState>,
+    wake: Notify,
+}
+
+#[derive(Debug, Default)]
+struct RingerState {
+    ledger: Ledger,
+    /// Whether the ringer task runs.
+    running: bool,
+    /// When the ringer task looks at the ledger next on its own (`None`
+    /// while it is not running).
+    looks_at: Option<Instant>,
+    /// Set when the backend is dropped: the ringer ends, and its
+    /// connection with the bells on it.
+    closed: bool,
 }
 
 impl fmt::Debug for Bells {
@@ -74,6 +117,13 @@ impl fmt::Debug for Bells {
         f.debug_struct("Bells")
             .field("watches", &self.watches)
             .finish_non_exhaustive()
+    }
+}
+
+impl Drop for Bells {
+    fn drop(&mut self) {
+        self.ringer.state.lock().unwrap().closed = true;
+        self.ringer.wake.notify_one();
     }
 }
 
@@ -96,7 +146,7 @@ impl Bells {
             ),
             scope,
             engine,
-            ringer: Mutex::new(None),
+            ringer: Arc::default(),
             connect,
         }
     }
@@ -107,18 +157,51 @@ impl Bells {
         usable(&self.engine)
     }
 
-    /// The lease `name` / `token` was granted to this process.
+    /// The lease `name` / `token` was granted to this process: its bell is
+    /// taken once it has been held for [`ARM_AFTER`].
     pub(crate) fn arm(&self, name: &str, token: u64) {
-        if self.usable() {
-            self.send(Cmd::Arm(bell_name(&self.scope, name), token));
+        if !self.usable() {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let now = Instant::now();
+        let due = now + ARM_AFTER;
+        let mut state = self.ringer.state.lock().unwrap();
+        state.ledger.arm(name.to_owned(), token, now);
+        if !state.running {
+            state.running = true;
+            state.looks_at = Some(now);
+            drop(state);
+            runtime.spawn(ring(
+                Arc::downgrade(&self.ringer),
+                self.connect.clone(),
+                self.scope.clone(),
+            ));
+        } else if state.looks_at.is_none_or(|at| at > due) {
+            state.looks_at = Some(due);
+            drop(state);
+            self.ringer.wake.notify_one();
         }
     }
 
     /// This process is done with the lease `name` / `token` (released, or
-    /// found gone).
+    /// found gone): its bell is let go if it was taken.
     pub(crate) fn disarm(&self, name: &str, token: u64) {
-        if self.usable() {
-            self.send(Cmd::Disarm(bell_name(&self.scope, name), token));
+        if !self.usable() {
+            return;
+        }
+        let mut state = self.ringer.state.lock().unwrap();
+        if !state.ledger.disarm(name, token) {
+            return;
+        }
+        state.ledger.to_let_go.push(name.to_owned());
+        let now = Instant::now();
+        if state.running && state.looks_at.is_none_or(|at| at > now) {
+            state.looks_at = Some(now);
+            drop(state);
+            self.ringer.wake.notify_one();
         }
     }
 
@@ -129,7 +212,12 @@ impl Bells {
     /// than [`ARM_AFTER`]).
     pub(crate) fn disarm_on_drop<'a>(&'a self, name: &'a str, token: u64) -> DisarmOnDrop<'a> {
         if self.usable() {
-            self.send(Cmd::Releasing(bell_name(&self.scope, name), token));
+            self.ringer
+                .state
+                .lock()
+                .unwrap()
+                .ledger
+                .releasing(name, token);
         }
         DisarmOnDrop {
             bells: self,
@@ -149,25 +237,6 @@ impl Bells {
                 None => std::future::pending().await,
             }
         }
-    }
-
-    fn send(&self, cmd: Cmd) {
-        let mut ringer = self.ringer.lock().unwrap();
-        if let Some(tx) = ringer.as_ref() {
-            if let Err(mpsc::error::SendError(cmd)) = tx.send(cmd) {
-                *ringer = None;
-                drop(ringer);
-                return self.send(cmd);
-            }
-            return;
-        }
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        let (tx, rx) = mpsc::unbounded_channel();
-        let _ = tx.send(cmd);
-        *ringer = Some(tx);
-        runtime.spawn(ring(self.connect.clone(), rx));
     }
 }
 
@@ -217,23 +286,20 @@ async fn unbounded(conn: &mut MySqlConnection) -> Result<(), sqlx::Error> {
     Ok(())
 }
 
-enum Cmd {
-    Arm(String, u64),
-    Releasing(String, u64),
-    Disarm(String, u64),
-}
-
-/// What the ringer knows: the leases behind each bell, the bells taken,
-/// and the bells to take once their lease has been held for
-/// [`ARM_AFTER`].
+/// What the ringer knows, by lease name (a bell's name is derived from it
+/// only when a statement needs it): the leases behind each bell, the bells
+/// taken, the bells to take once their lease has been held for
+/// [`ARM_AFTER`], and those to let go.
 #[derive(Debug, Default)]
 struct Ledger {
-    /// Bell → the tokens of this process's leases behind it.
+    /// Name → the tokens of this process's leases behind its bell.
     held: HashMap<String, HashSet<u64>>,
     /// The bells taken on the ringer's connection.
     taken: HashSet<String>,
     /// Bells to take once due, in the order they were armed.
     due: VecDeque<(Instant, String)>,
+    /// Bells to let go (their last lease here ended), in order.
+    to_let_go: Vec<String>,
 }
 
 impl Ledger {
@@ -292,54 +358,108 @@ impl Ledger {
 
 /// The ringer task: holds the bell of every lease this backend has held
 /// for [`ARM_AFTER`], on one connection of its own; ends when the backend
-/// is dropped.
-async fn ring(connect: MySqlConnectOptions, mut rx: mpsc::UnboundedReceiver<Cmd>) {
-    let mut ledger = Ledger::default();
+/// is dropped. It looks at the ledger when a bell falls due, when woken
+/// (a bell to let go, or one due sooner than it meant to look), and after
+/// [`RINGER_IDLE`] with nothing to do, when it closes its connection.
+async fn ring(ringer: Weak<Ringer>, connect: MySqlConnectOptions, scope: Vec<u8>) {
+    // However the task ends (its runtime may be dropped under it), the
+    // next bell armed starts another.
+    let _stopped = Stopped(ringer.clone());
     let mut conn: Option<MySqlConnection> = None;
+    let mut idle_since = Instant::now();
     loop {
-        let next_due = ledger.next_due();
-        let wake_at = next_due.unwrap_or_else(|| Instant::now() + RINGER_IDLE);
-        let cmd = match tokio::time::timeout_at(wake_at, rx.recv()).await {
-            Ok(Some(cmd)) => Some(cmd),
-            Ok(None) => break,
-            Err(_) => None,
+        let Some(shared) = ringer.upgrade() else {
+            break;
         };
-        match cmd {
-            Some(Cmd::Arm(bell, token)) => ledger.arm(bell, token, Instant::now()),
-            Some(Cmd::Releasing(bell, token)) => ledger.releasing(&bell, token),
-            Some(Cmd::Disarm(bell, token)) => {
-                if !ledger.disarm(&bell, token) {
-                    continue;
-                }
-                if let Some(c) = conn.as_mut() {
-                    let done = sqlx::query("DO RELEASE_LOCK(?)")
-                        .bind(&bell)
-                        .execute(&mut *c)
-                        .await;
-                    if let Err(e) = done {
-                        // The connection is gone, and with it every bell
-                        // it held; the others are taken again on the next
-                        // connection.
-                        tracing::debug!(error = %e, "dblock: releasing a doorbell failed");
-                        conn = None;
-                    }
-                }
+        let now = Instant::now();
+        let (let_go, take_now, wake_at) = {
+            let mut state = shared.state.lock().unwrap();
+            if state.closed {
+                state.running = false;
+                state.looks_at = None;
+                break;
             }
-            // RINGER_IDLE without a command, and no bell held.
-            None if next_due.is_none() && ledger.held.is_empty() => {
+            let ledger = &mut state.ledger;
+            let let_go = std::mem::take(&mut ledger.to_let_go);
+            let mut take_now = Vec::new();
+            while let Some(name) = ledger.take_due(now) {
+                take_now.push(name);
+            }
+            let busy = !let_go.is_empty() || !take_now.is_empty();
+            if busy || !ledger.held.is_empty() || ledger.next_due().is_some() {
+                idle_since = now;
+            }
+            let wake_at = match ledger.next_due() {
+                _ if busy => now,
+                Some(at) => at,
+                None => idle_since + RINGER_IDLE,
+            };
+            state.looks_at = Some(wake_at);
+            (let_go, take_now, wake_at)
+        };
+        if let_go.is_empty() && take_now.is_empty() {
+            if wake_at <= now {
+                // RINGER_IDLE with no bell held: the connection goes.
                 if let Some(c) = conn.take() {
                     let _ = c.close().await;
                 }
+                idle_since = now;
+                continue;
             }
-            None => {}
+            // Dropping the backend wakes it too (`closed`).
+            let woken = shared.wake.notified();
+            tokio::select! {
+                _ = woken => {}
+                _ = tokio::time::sleep_until(wake_at) => {}
+            }
+            continue;
         }
-        // Take the bells whose leases are still held once due.
-        while let Some(bell) = ledger.take_due(Instant::now()) {
-            take(&connect, &mut conn, &ledger.taken, &bell).await;
+        for name in &let_go {
+            let Some(c) = conn.as_mut() else { break };
+            let done = sqlx::query("DO RELEASE_LOCK(?)")
+                .bind(bell_name(&scope, name))
+                .execute(&mut *c)
+                .await;
+            if let Err(e) = done {
+                // The connection is gone, and with it every bell it held;
+                // the others are taken again on the next connection.
+                tracing::debug!(error = %e, "dblock: releasing a doorbell failed");
+                conn = None;
+            }
+        }
+        for name in &take_now {
+            // A new connection holds nothing: every other bell taken is
+            // taken again on it.
+            let others: Vec<String> = if conn.is_none() {
+                let state = shared.state.lock().unwrap();
+                state
+                    .ledger
+                    .taken
+                    .iter()
+                    .filter(|n| *n != name)
+                    .cloned()
+                    .collect()
+            } else {
+                Vec::new()
+            };
+            take(&connect, &mut conn, &scope, &others, name).await;
         }
     }
     if let Some(c) = conn {
         let _ = c.close().await;
+    }
+}
+
+/// Marks the ringer task not running when it ends.
+struct Stopped(Weak<Ringer>);
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        if let Some(ringer) = self.0.upgrade() {
+            let mut state = ringer.state.lock().unwrap_or_else(|e| e.into_inner());
+            state.running = false;
+            state.looks_at = None;
+        }
     }
 }
 
@@ -350,8 +470,9 @@ async fn ring(connect: MySqlConnectOptions, mut rx: mpsc::UnboundedReceiver<Cmd>
 async fn take(
     connect: &MySqlConnectOptions,
     conn: &mut Option<MySqlConnection>,
-    taken: &HashSet<String>,
-    bell: &str,
+    scope: &[u8],
+    taken: &[String],
+    name: &str,
 ) {
     if conn.is_none() {
         match MySqlConnection::connect_with(connect).await {
@@ -359,8 +480,8 @@ async fn take(
                 let _ = unbounded(&mut c).await;
                 *conn = Some(c);
                 // A new connection holds nothing: take every bell again.
-                for other in taken.iter().filter(|b| *b != bell) {
-                    try_take(conn, other).await;
+                for other in taken {
+                    try_take(conn, &bell_name(scope, other)).await;
                 }
             }
             Err(e) => {
@@ -369,7 +490,7 @@ async fn take(
             }
         }
     }
-    try_take(conn, bell).await;
+    try_take(conn, &bell_name(scope, name)).await;
 }
 
 async fn try_take(conn: &mut Option<MySqlConnection>, bell: &str) {

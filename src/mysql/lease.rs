@@ -273,8 +273,9 @@ pub(crate) static DEFAULT_SQL: LazyLock<Sql> = LazyLock::new(|| Sql::new(DEFAULT
 
 /// The one-statement MariaDB claim and the release on `table`, exactly as
 /// a lease pair sends them, for the benchmark's "raw, same work" baseline
-/// (`benches/compare.rs`). Binds: claim (owner, holder, ttl µs, name),
-/// release (hold µs, name, owner, token). Not a stable interface.
+/// (`benches/compare.rs`). Binds: claim (owner, holder, ttl µs, name,
+/// and twice the writer's wait in µs, `NULL` for a plain claim), release
+/// (hold µs, name, owner, token). Not a stable interface.
 #[doc(hidden)]
 pub fn bench_claim_release_sql(table: &str) -> Result<[String; 2]> {
     validate_table(table)?;

@@ -90,6 +90,15 @@ static TRY_EXCLUSIVE: LazyLock<String> = LazyLock::new(|| {
         sequence_token()
     ))
 });
+/// dblock's exclusive try-lock statement, for the benchmark's "raw, same
+/// work" baseline (`benches/compare/advisory_limit.rs`), which sends it by
+/// hand with the parameters `Session::lock` gives it: `$1` the key, `$2`
+/// the session's marker, `$3` its pid, `$4`/`$5` the semaphore marker's
+/// key halves, `$6` look on a miss, `$7` look on a grant. Not a stable
+/// interface.
+pub(super) fn try_exclusive_sql() -> &'static str {
+    TRY_EXCLUSIVE.as_str()
+}
 static TRY_SHARED: LazyLock<String> = LazyLock::new(|| {
     looking(format!(
         "SELECT ours, CASE WHEN NOT ours THEN NULL
