@@ -269,11 +269,7 @@ pub async fn failed_batches_lose_each_lease_at_its_deadline(h: &impl Harness, n:
         s.finish().await;
         return;
     };
-    let ttls = [
-        ms(1000),
-        ms(2000),
-        ms(4000),
-    ];
+    let ttls = [ms(1000), ms(2000), ms(4000)];
     let guards = take(&s.locks, "batch-cut", n, |k| ttls[k % 3]).await;
     sleep(ms(1500)).await;
     assert!(guards.iter().all(|g| !g.is_lost()));
@@ -388,10 +384,7 @@ pub async fn releases_racing_batches_revive_nothing(h: &impl Harness, n: usize) 
 /// old ttl never lands after the extend.
 pub async fn extends_racing_batches_keep_their_length(h: &impl Harness, n: usize) {
     let s = h.subject(16).await;
-    let guards = take(&s.locks, "batch-extend-race", n, |_| {
-        ms(1500)
-    })
-    .await;
+    let guards = take(&s.locks, "batch-extend-race", n, |_| ms(1500)).await;
     sleep(ms(1200)).await;
     let by = Duration::from_secs(20);
     // Extended over a second and a half while batches come every 500 ms.
