@@ -756,10 +756,22 @@ async fn default_database_is_sqlite_in_the_state_directory() {
     );
 }
 
+/// A command started with SIGINT and SIGQUIT at their default actions
+/// (`env --default-signal`), as in a terminal. A shell started by a
+/// script's `&` without job control (as CI runners may start the tests)
+/// ignores both, every process below it inherits that, and a shell that
+/// ignored SIGINT on entry cannot undo it: a ^C test would then watch a
+/// loop go on that a terminal would stop.
+fn with_default_signals(program: &str) -> Command {
+    let mut cmd = Command::new("env");
+    cmd.args(["--default-signal=INT,QUIT", program]);
+    cmd
+}
+
 /// Runs a shell command line with a terminal (a pseudo-terminal from
 /// script(1)) as its stdin, stdout and stderr, and returns what it printed.
 async fn in_terminal(dir: &Path, line: &str) -> String {
-    let mut cmd = Command::new("script");
+    let mut cmd = with_default_signals("script");
     cmd.args(["-qec", line, "/dev/null"])
         .env_remove("DATABASE_URL")
         .env_remove("DBLOCK_URL")
@@ -1485,7 +1497,7 @@ async fn signals_are_re_raised(db: Db) {
     let script = format!(
         r#"for i in 1 2 3; do echo "run $i"; "{BIN}" {backend} run "{name}" -- sh -c 'echo > "$READY"; exec sleep 60'; done; echo "loop went on""#
     );
-    let mut bash = Command::new("bash");
+    let mut bash = with_default_signals("bash");
     bash.arg("-c")
         .arg(&script)
         .env("DATABASE_URL", &db.url)
@@ -1529,7 +1541,7 @@ async fn ctrl_c_in_a_terminal_stops_a_calling_loop() {
         ),
     )
     .unwrap();
-    let mut cmd = Command::new("script");
+    let mut cmd = with_default_signals("script");
     cmd.args(["-qec", "bash loop.sh", "/dev/null"])
         .env_remove("DATABASE_URL")
         .env_remove("DBLOCK_URL")
