@@ -46,7 +46,12 @@ impl Memory {
     /// A new, empty lock service.
     pub fn new() -> Self {
         Memory {
-            engine: LeaseEngine::new(MemoryStore::default(), Wakeups::new()),
+            engine: LeaseEngine::new(
+                MemoryStore::default(),
+                Wakeups::new(),
+                LeaseOptions::default(),
+            )
+            .expect("the default options are valid"),
         }
     }
 
@@ -66,9 +71,9 @@ impl Memory {
             state: self.engine.store().state.clone(),
             clock: self.engine.store().clock,
         };
-        let mut engine = LeaseEngine::new(store, self.engine.wakeups());
-        engine.set_options(options)?;
-        Ok(Memory { engine })
+        Ok(Memory {
+            engine: LeaseEngine::new(store, self.engine.wakeups(), options)?,
+        })
     }
 }
 

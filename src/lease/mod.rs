@@ -462,18 +462,28 @@ fn schedule_sweep<S: LeaseStore>(inner: &Arc<Inner<S>>) {
 }
 
 impl<S: LeaseStore> LeaseEngine<S> {
-    pub(crate) fn new(store: S, wakeups: Arc<Wakeups>) -> Self {
-        LeaseEngine {
+    /// A fresh engine over `store` with `options`, after checking them:
+    /// [`Error::InvalidOption`] unless `0 < min_poll <= max_poll`. Every
+    /// backend's constructors and `with_options` build their engine here, so
+    /// options never change under a clone already in use.
+    pub(crate) fn new(store: S, wakeups: Arc<Wakeups>, options: LeaseOptions) -> Result<Self> {
+        if options.min_poll.is_zero() || options.min_poll > options.max_poll {
+            return Err(Error::InvalidOption(format!(
+                "poll bounds must satisfy 0 < min_poll <= max_poll (got {:?} and {:?})",
+                options.min_poll, options.max_poll
+            )));
+        }
+        Ok(LeaseEngine {
             inner: Arc::new(Inner {
                 store,
                 wakeups,
                 holder: this_holder(),
-                options: LeaseOptions::default(),
+                options,
                 renewals: renewal::Renewals::default(),
                 sweeping: AtomicBool::new(false),
                 sweep_due: AtomicBool::new(false),
             }),
-        }
+        })
     }
 
     /// The in-process wake-ups this engine's releases ring.
@@ -485,18 +495,9 @@ impl<S: LeaseStore> LeaseEngine<S> {
         &self.inner.store
     }
 
-    /// Replaces the options. Must be called before the engine is shared.
-    pub(crate) fn set_options(&mut self, options: LeaseOptions) -> Result<()> {
-        if options.min_poll.is_zero() || options.min_poll > options.max_poll {
-            return Err(Error::InvalidOption(format!(
-                "poll bounds must satisfy 0 < min_poll <= max_poll (got {:?} and {:?})",
-                options.min_poll, options.max_poll
-            )));
-        }
-        Arc::get_mut(&mut self.inner)
-            .expect("options are set before the backend is shared")
-            .options = options;
-        Ok(())
+    /// The options the engine was built with.
+    pub(crate) fn options(&self) -> &LeaseOptions {
+        &self.inner.options
     }
 
     /// Counters of the background renewal, for tests and measurements.
