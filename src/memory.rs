@@ -227,14 +227,6 @@ impl LeaseStore for MemoryStore {
         "memory"
     }
 
-    fn supports_shared(&self) -> bool {
-        true
-    }
-
-    fn supports_permits(&self) -> bool {
-        true
-    }
-
     async fn claim(&self, claim: &Claim<'_>) -> Result<Option<Claimed>> {
         let now = Instant::now();
         let mut state = self.state.lock().unwrap();

@@ -160,18 +160,6 @@ pub(crate) trait LeaseStore: Send + Sync + fmt::Debug + 'static {
     /// The backend's name for messages.
     fn kind(&self) -> &'static str;
 
-    /// Whether shared (reader) leases are implemented.
-    fn supports_shared(&self) -> bool {
-        false
-    }
-
-    /// Whether permits of semaphores are implemented (see [`permits`]):
-    /// claims with `max_holders > 1`, and owners of renewals and releases
-    /// that are permits.
-    fn supports_permits(&self) -> bool {
-        false
-    }
-
     /// Takes the lease if it is free (never held, released, or expired by
     /// the store's clock). `None` if someone else holds it.
     fn claim(&self, claim: &Claim<'_>) -> impl Future<Output = Result<Option<Claimed>>> + Send;
@@ -637,18 +625,6 @@ async fn acquire<S: LeaseStore>(
     inner: Arc<Inner<S>>,
     request: AcquireRequest,
 ) -> Result<Option<Grant>> {
-    if request.mode() == LockMode::Shared && !inner.store.supports_shared() {
-        return Err(Error::Unsupported {
-            backend: inner.store.kind(),
-            what: "shared (reader) leases".into(),
-        });
-    }
-    if request.is_permit() && !inner.store.supports_permits() {
-        return Err(Error::Unsupported {
-            backend: inner.store.kind(),
-            what: "semaphores (max_holders above 1)".into(),
-        });
-    }
     // An uncontended claim may answer without ever waiting (Memory): a
     // loop of them must still let the runtime run other tasks.
     tokio::task::coop::consume_budget().await;

@@ -538,14 +538,6 @@ impl LeaseStore for PgStore {
         super::clock_timestamp(&self.pool).await
     }
 
-    fn supports_permits(&self) -> bool {
-        true
-    }
-
-    fn supports_shared(&self) -> bool {
-        true
-    }
-
     async fn claim(&self, claim: &Claim<'_>) -> Result<Option<Claimed>> {
         if claim.is_holder() {
             return self.claim_permit(claim).await;

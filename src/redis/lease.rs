@@ -758,14 +758,6 @@ impl LeaseStore for RedisStore {
         "redis-lease"
     }
 
-    fn supports_permits(&self) -> bool {
-        true
-    }
-
-    fn supports_shared(&self) -> bool {
-        true
-    }
-
     async fn claim(&self, claim: &Claim<'_>) -> Result<Option<Claimed>> {
         if claim.is_holder() {
             return self.claim_permit(claim).await;

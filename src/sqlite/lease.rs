@@ -475,14 +475,6 @@ impl LeaseStore for SqliteStore {
         time(at)
     }
 
-    fn supports_permits(&self) -> bool {
-        true
-    }
-
-    fn supports_shared(&self) -> bool {
-        true
-    }
-
     async fn claim(&self, claim: &Claim<'_>) -> Result<Option<Claimed>> {
         if claim.is_holder() {
             // Permits and readers ring their bell like plain leases: a
