@@ -155,7 +155,10 @@ pub(crate) enum Renewed {
 pub(crate) const DEFAULT_MAX_BATCH: usize = 250_000;
 
 /// The dialect of one database: each operation is atomic on its own and
-/// decides expiry by the store's clock, never the caller's.
+/// decides expiry by the store's clock, never the caller's. Every store
+/// implements shared (reader) leases and the permits of semaphores (see
+/// [`permits`]): claims with `max_holders > 1`, and owners of renewals and
+/// releases that are permits.
 pub(crate) trait LeaseStore: Send + Sync + fmt::Debug + 'static {
     /// The backend's name for messages.
     fn kind(&self) -> &'static str;
