@@ -487,6 +487,15 @@ impl<S: LeaseStore> LeaseEngine<S> {
     }
 
     /// The options the engine was built with.
+    #[cfg_attr(
+        not(any(
+            feature = "postgres",
+            feature = "mysql",
+            feature = "sqlite",
+            feature = "redis"
+        )),
+        allow(dead_code)
+    )]
     pub(crate) fn options(&self) -> &LeaseOptions {
         &self.inner.options
     }
