@@ -46,7 +46,12 @@ impl Memory {
     /// A new, empty lock service.
     pub fn new() -> Self {
         Memory {
-            engine: LeaseEngine::new(MemoryStore::default(), Wakeups::new()),
+            engine: LeaseEngine::new(
+                MemoryStore::default(),
+                Wakeups::new(),
+                LeaseOptions::default(),
+            )
+            .expect("the default options are valid"),
         }
     }
 
@@ -66,9 +71,9 @@ impl Memory {
             state: self.engine.store().state.clone(),
             clock: self.engine.store().clock,
         };
-        let mut engine = LeaseEngine::new(store, self.engine.wakeups());
-        engine.set_options(options)?;
-        Ok(Memory { engine })
+        Ok(Memory {
+            engine: LeaseEngine::new(store, self.engine.wakeups(), options)?,
+        })
     }
 }
 
@@ -220,14 +225,6 @@ impl Entry {
 impl LeaseStore for MemoryStore {
     fn kind(&self) -> &'static str {
         "memory"
-    }
-
-    fn supports_shared(&self) -> bool {
-        true
-    }
-
-    fn supports_permits(&self) -> bool {
-        true
     }
 
     async fn claim(&self, claim: &Claim<'_>) -> Result<Option<Claimed>> {

@@ -155,22 +155,13 @@ pub(crate) enum Renewed {
 pub(crate) const DEFAULT_MAX_BATCH: usize = 250_000;
 
 /// The dialect of one database: each operation is atomic on its own and
-/// decides expiry by the store's clock, never the caller's.
+/// decides expiry by the store's clock, never the caller's. Every store
+/// implements shared (reader) leases and the permits of semaphores (see
+/// [`permits`]): claims with `max_holders > 1`, and owners of renewals and
+/// releases that are permits.
 pub(crate) trait LeaseStore: Send + Sync + fmt::Debug + 'static {
     /// The backend's name for messages.
     fn kind(&self) -> &'static str;
-
-    /// Whether shared (reader) leases are implemented.
-    fn supports_shared(&self) -> bool {
-        false
-    }
-
-    /// Whether permits of semaphores are implemented (see [`permits`]):
-    /// claims with `max_holders > 1`, and owners of renewals and releases
-    /// that are permits.
-    fn supports_permits(&self) -> bool {
-        false
-    }
 
     /// Takes the lease if it is free (never held, released, or expired by
     /// the store's clock). `None` if someone else holds it.
@@ -462,18 +453,28 @@ fn schedule_sweep<S: LeaseStore>(inner: &Arc<Inner<S>>) {
 }
 
 impl<S: LeaseStore> LeaseEngine<S> {
-    pub(crate) fn new(store: S, wakeups: Arc<Wakeups>) -> Self {
-        LeaseEngine {
+    /// A fresh engine over `store` with `options`, after checking them:
+    /// [`Error::InvalidOption`] unless `0 < min_poll <= max_poll`. Every
+    /// backend's constructors and `with_options` build their engine here, so
+    /// options never change under a clone already in use.
+    pub(crate) fn new(store: S, wakeups: Arc<Wakeups>, options: LeaseOptions) -> Result<Self> {
+        if options.min_poll.is_zero() || options.min_poll > options.max_poll {
+            return Err(Error::InvalidOption(format!(
+                "poll bounds must satisfy 0 < min_poll <= max_poll (got {:?} and {:?})",
+                options.min_poll, options.max_poll
+            )));
+        }
+        Ok(LeaseEngine {
             inner: Arc::new(Inner {
                 store,
                 wakeups,
                 holder: this_holder(),
-                options: LeaseOptions::default(),
+                options,
                 renewals: renewal::Renewals::default(),
                 sweeping: AtomicBool::new(false),
                 sweep_due: AtomicBool::new(false),
             }),
-        }
+        })
     }
 
     /// The in-process wake-ups this engine's releases ring.
@@ -485,18 +486,18 @@ impl<S: LeaseStore> LeaseEngine<S> {
         &self.inner.store
     }
 
-    /// Replaces the options. Must be called before the engine is shared.
-    pub(crate) fn set_options(&mut self, options: LeaseOptions) -> Result<()> {
-        if options.min_poll.is_zero() || options.min_poll > options.max_poll {
-            return Err(Error::InvalidOption(format!(
-                "poll bounds must satisfy 0 < min_poll <= max_poll (got {:?} and {:?})",
-                options.min_poll, options.max_poll
-            )));
-        }
-        Arc::get_mut(&mut self.inner)
-            .expect("options are set before the backend is shared")
-            .options = options;
-        Ok(())
+    /// The options the engine was built with.
+    #[cfg_attr(
+        not(any(
+            feature = "postgres",
+            feature = "mysql",
+            feature = "sqlite",
+            feature = "redis"
+        )),
+        allow(dead_code)
+    )]
+    pub(crate) fn options(&self) -> &LeaseOptions {
+        &self.inner.options
     }
 
     /// Counters of the background renewal, for tests and measurements.
@@ -636,18 +637,6 @@ async fn acquire<S: LeaseStore>(
     inner: Arc<Inner<S>>,
     request: AcquireRequest,
 ) -> Result<Option<Grant>> {
-    if request.mode() == LockMode::Shared && !inner.store.supports_shared() {
-        return Err(Error::Unsupported {
-            backend: inner.store.kind(),
-            what: "shared (reader) leases".into(),
-        });
-    }
-    if request.is_permit() && !inner.store.supports_permits() {
-        return Err(Error::Unsupported {
-            backend: inner.store.kind(),
-            what: "semaphores (max_holders above 1)".into(),
-        });
-    }
     // An uncontended claim may answer without ever waiting (Memory): a
     // loop of them must still let the runtime run other tasks.
     tokio::task::coop::consume_budget().await;

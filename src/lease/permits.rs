@@ -141,6 +141,34 @@ pub(crate) fn no_holders_table(table: &str) -> Error {
     ))
 }
 
+/// Runs `op` over a store's permit statements, for the operations that
+/// also visit the permits of stores and databases that have none: without
+/// the statements (the holders table's name would be too long, see
+/// [`holders_table`]) `op` is not run, and a database without the holders
+/// table ([`Error::SchemaMissing`]: migrated before semaphores, or a lease
+/// table of one's own without one) answers the same, `T::default()` (no
+/// permit: `false`, `0`, `None`, nothing).
+#[cfg_attr(
+    not(any(feature = "postgres", feature = "mysql", feature = "sqlite")),
+    allow(dead_code)
+)]
+pub(crate) async fn unless_no_holders<'s, P, T, Fut>(
+    sql: Option<&'s P>,
+    op: impl FnOnce(&'s P) -> Fut,
+) -> crate::Result<T>
+where
+    T: Default,
+    Fut: std::future::Future<Output = crate::Result<T>>,
+{
+    let Some(sql) = sql else {
+        return Ok(T::default());
+    };
+    match op(sql).await {
+        Err(Error::SchemaMissing { .. }) => Ok(T::default()),
+        outcome => outcome,
+    }
+}
+
 /// The `LockInfo` of a name held by permits: `holders` live permits of a
 /// semaphore of `max_holders`, the newest token, the earliest acquisition,
 /// the latest expiry, and the holders' `host:pid`s. Holder rows of

@@ -104,14 +104,13 @@ use permits::PermitSql;
 #[derive(Clone)]
 pub struct Lease {
     engine: LeaseEngine<MySqlStore>,
-    options: LeaseOptions,
 }
 
 impl fmt::Debug for Lease {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Lease")
             .field("table", &self.engine.store().sql.table)
-            .field("options", &self.options)
+            .field("options", self.engine.options())
             .finish()
     }
 }
@@ -159,7 +158,7 @@ impl Lease {
             engine: self.engine.store().engine.clone(),
             warm: self.engine.store().warm.clone(),
         };
-        Lease::build(store, self.options)
+        Lease::build(store, self.engine.options().clone())
     }
 
     /// Replaces the options (see [`LeaseOptions`]) after checking them:
@@ -174,9 +173,9 @@ impl Lease {
     fn build(store: MySqlStore, options: LeaseOptions) -> Result<Self> {
         // A fresh engine, so that settings never change under a clone that
         // is already in use.
-        let mut engine = LeaseEngine::new(store, Wakeups::new());
-        engine.set_options(options.clone())?;
-        Ok(Lease { engine, options })
+        Ok(Lease {
+            engine: LeaseEngine::new(store, Wakeups::new(), options)?,
+        })
     }
 
     /// The pool this backend uses.
@@ -1096,14 +1095,6 @@ impl MySqlStore {
 impl LeaseStore for MySqlStore {
     fn kind(&self) -> &'static str {
         "mysql-lease"
-    }
-
-    fn supports_permits(&self) -> bool {
-        true
-    }
-
-    fn supports_shared(&self) -> bool {
-        true
     }
 
     async fn claim(&self, claim: &Claim<'_>) -> Result<Option<Claimed>> {

@@ -22,10 +22,10 @@ use super::{
     batch_json, is_retryable, push_hex, q, quote_table, retry_pause, utc, MySqlStore, BATCH_ROWS,
     BEGIN_CAUSAL, EPOCH, MAX_RETRIES,
 };
-use crate::lease::permits::{self, Decision, Found};
+use crate::lease::permits::{self, unless_no_holders, Decision, Found};
 use crate::lease::{Claim, Claimed, Renewal, Renewed, SWEEP_BATCH};
 use crate::mysql::{code, error_number, is_lock_busy, map_err, micros, Conn};
-use crate::{Error, LockInfo, Result};
+use crate::{LockInfo, Result};
 
 /// The statements of permits for one lease table and its holders table.
 #[derive(Debug)]
@@ -340,17 +340,13 @@ impl MySqlStore {
 
     /// Ends every permit of `name`; whether one was live.
     pub(super) async fn force_release_permits(&self, name: &str) -> Result<bool> {
-        let Some(sql) = self.permits.as_ref() else {
-            return Ok(false);
-        };
-        match self
-            .execute(|| q(&sql.force_release).bind(name.as_bytes()))
-            .await
-        {
-            Ok(done) => Ok(done.rows_affected() > 0),
-            Err(Error::SchemaMissing { .. }) => Ok(false),
-            Err(e) => Err(e),
-        }
+        unless_no_holders(self.permits.as_ref(), |sql| async move {
+            let done = self
+                .execute(|| q(&sql.force_release).bind(name.as_bytes()))
+                .await?;
+            Ok(done.rows_affected() > 0)
+        })
+        .await
     }
 
     async fn permit_rows(&self, sql: &Arc<str>, name: Option<&str>) -> Result<Vec<LockInfo>> {
@@ -391,14 +387,11 @@ impl MySqlStore {
     }
 
     pub(super) async fn sweep_permits(&self, grace: Duration) -> Result<u64> {
-        let Some(sql) = self.permits.as_ref() else {
-            return Ok(0);
-        };
-        match self.execute(|| q(&sql.sweep).bind(micros(grace))).await {
-            Ok(done) => Ok(done.rows_affected()),
-            Err(Error::SchemaMissing { .. }) => Ok(0),
-            Err(e) => Err(e),
-        }
+        unless_no_holders(self.permits.as_ref(), |sql| async move {
+            let done = self.execute(|| q(&sql.sweep).bind(micros(grace))).await?;
+            Ok(done.rows_affected())
+        })
+        .await
     }
 }
 

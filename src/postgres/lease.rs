@@ -107,7 +107,6 @@ pub struct Lease {
     engine: LeaseEngine<PgStore>,
     pool: PgPool,
     table: String,
-    options: LeaseOptions,
     pooled: bool,
 }
 
@@ -115,7 +114,7 @@ impl fmt::Debug for Lease {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Lease")
             .field("table", &self.table)
-            .field("options", &self.options)
+            .field("options", self.engine.options())
             .field("transaction_pooling", &self.pooled)
             .finish_non_exhaustive()
     }
@@ -144,7 +143,8 @@ impl Lease {
     pub fn with_table(self, table: impl Into<String>) -> Result<Self> {
         let table = table.into();
         validate_table(&table)?;
-        Lease::assemble(self.pool, table, self.options, self.pooled)
+        let options = self.engine.options().clone();
+        Lease::assemble(self.pool, table, options, self.pooled)
     }
 
     /// Replaces the options (see [`LeaseOptions`]) after checking them:
@@ -178,8 +178,8 @@ impl Lease {
     /// The result is a new backend: leases held through `self` are not
     /// seen by it (configure the backend before taking leases).
     pub fn transaction_pooling(self, on: bool) -> Self {
-        Lease::assemble(self.pool, self.table, self.options, on)
-            .expect("the options were valid already")
+        let options = self.engine.options().clone();
+        Lease::assemble(self.pool, self.table, options, on).expect("the options were valid already")
     }
 
     /// The pool the leases are taken through.
@@ -204,13 +204,10 @@ impl Lease {
             pooled,
             engine: OnceCell::new(),
         };
-        let mut engine = LeaseEngine::new(store, wakeups);
-        engine.set_options(options.clone())?;
         Ok(Lease {
-            engine,
+            engine: LeaseEngine::new(store, wakeups, options)?,
             pool,
             table,
-            options,
             pooled,
         })
     }
@@ -539,14 +536,6 @@ impl LeaseStore for PgStore {
 
     async fn now(&self) -> Result<DateTime<Utc>> {
         super::clock_timestamp(&self.pool).await
-    }
-
-    fn supports_permits(&self) -> bool {
-        true
-    }
-
-    fn supports_shared(&self) -> bool {
-        true
     }
 
     async fn claim(&self, claim: &Claim<'_>) -> Result<Option<Claimed>> {

@@ -19,7 +19,7 @@ use sqlx::postgres::PgRow;
 use sqlx::{AssertSqlSafe, Row};
 
 use super::{micros, retrying, PgStore, Query};
-use crate::lease::permits::{self, Decision, Found};
+use crate::lease::permits::{self, unless_no_holders, Decision, Found};
 use crate::lease::{Claim, Claimed, Renewal, Renewed, SWEEP_BATCH};
 use crate::postgres::map_err;
 use crate::postgres::notify::CHANNEL;
@@ -40,12 +40,6 @@ pub(super) struct PermitSql {
     sweep: Arc<str>,
     inspect: Arc<str>,
     list: Arc<str>,
-}
-
-/// Whether `e` says the holders table does not exist (a database migrated
-/// before semaphores, or a lease table of one's own without one).
-fn no_table(e: &crate::Error) -> bool {
-    matches!(e, crate::Error::SchemaMissing { .. })
 }
 
 impl PermitSql {
@@ -318,57 +312,41 @@ impl PgStore {
     /// Ends every permit of `name`; whether one was live. A database
     /// without the holders table has none.
     pub(super) async fn force_release_permits(&self, name: &str) -> Result<bool> {
-        let Some(sql) = self.permits.as_ref() else {
-            return Ok(false);
-        };
-        let done =
-            retrying(|| self.execute(|| self.q(&sql.force_release).bind(name.to_owned()))).await;
-        match done {
-            Ok(done) => Ok(done.rows_affected() > 0),
-            Err(e) if no_table(&e) => Ok(false),
-            Err(e) => Err(e),
-        }
+        unless_no_holders(self.permits.as_ref(), |sql| async move {
+            let done =
+                retrying(|| self.execute(|| self.q(&sql.force_release).bind(name.to_owned())))
+                    .await?;
+            Ok(done.rows_affected() > 0)
+        })
+        .await
     }
 
     pub(super) async fn inspect_permits(&self, name: &str) -> Result<Option<LockInfo>> {
-        let Some(sql) = self.permits.as_ref() else {
-            return Ok(None);
-        };
-        let row = self
-            .fetch_optional(|| self.q(&sql.inspect).bind(name.to_owned()))
-            .await
-            .map_err(map_err);
-        match row {
-            Ok(row) => row.as_ref().map(permit_info).transpose().map_err(map_err),
-            Err(e) if no_table(&e) => Ok(None),
-            Err(e) => Err(e),
-        }
+        let row = unless_no_holders(self.permits.as_ref(), |sql| async move {
+            self.fetch_optional(|| self.q(&sql.inspect).bind(name.to_owned()))
+                .await
+                .map_err(map_err)
+        })
+        .await?;
+        row.as_ref().map(permit_info).transpose().map_err(map_err)
     }
 
     pub(super) async fn list_permits(&self) -> Result<Vec<LockInfo>> {
-        let Some(sql) = self.permits.as_ref() else {
-            return Ok(Vec::new());
-        };
-        match self.fetch_all(|| self.q(&sql.list)).await.map_err(map_err) {
-            Ok(rows) => rows
-                .iter()
-                .map(permit_info)
-                .collect::<sqlx::Result<_>>()
-                .map_err(map_err),
-            Err(e) if no_table(&e) => Ok(Vec::new()),
-            Err(e) => Err(e),
-        }
+        let rows = unless_no_holders(self.permits.as_ref(), |sql| async move {
+            self.fetch_all(|| self.q(&sql.list)).await.map_err(map_err)
+        })
+        .await?;
+        rows.iter()
+            .map(permit_info)
+            .collect::<sqlx::Result<_>>()
+            .map_err(map_err)
     }
 
     pub(super) async fn sweep_permits(&self, grace: Duration) -> Result<u64> {
-        let Some(sql) = self.permits.as_ref() else {
-            return Ok(0);
-        };
-        let done = retrying(|| self.execute(|| self.q(&sql.sweep).bind(micros(grace)))).await;
-        match done {
-            Ok(done) => Ok(done.rows_affected()),
-            Err(e) if no_table(&e) => Ok(0),
-            Err(e) => Err(e),
-        }
+        unless_no_holders(self.permits.as_ref(), |sql| async move {
+            let done = retrying(|| self.execute(|| self.q(&sql.sweep).bind(micros(grace)))).await?;
+            Ok(done.rows_affected())
+        })
+        .await
     }
 }

@@ -238,14 +238,13 @@ pub struct Lease {
     /// The name of its connections (`CLIENT SETNAME`).
     name: Arc<str>,
     prefix: String,
-    options: LeaseOptions,
 }
 
 impl fmt::Debug for Lease {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Lease")
             .field("prefix", &self.prefix)
-            .field("options", &self.options)
+            .field("options", self.engine.options())
             .finish_non_exhaustive()
     }
 }
@@ -312,7 +311,8 @@ impl Lease {
                  A-Z a-z 0-9 _ : . - (got {prefix:?})"
             )));
         }
-        Lease::assemble(self.client, self.name, prefix, self.options)
+        let options = self.engine.options().clone();
+        Lease::assemble(self.client, self.name, prefix, options)
     }
 
     /// Replaces the options (see [`LeaseOptions`]) after checking them:
@@ -365,14 +365,11 @@ impl Lease {
             keys,
             marks: Marks::default(),
         };
-        let mut engine = LeaseEngine::new(store, wakeups);
-        engine.set_options(options.clone())?;
         Ok(Lease {
-            engine,
+            engine: LeaseEngine::new(store, wakeups, options)?,
             client,
             name,
             prefix,
-            options,
         })
     }
 }
@@ -759,14 +756,6 @@ impl RedisStore {
 impl LeaseStore for RedisStore {
     fn kind(&self) -> &'static str {
         "redis-lease"
-    }
-
-    fn supports_permits(&self) -> bool {
-        true
-    }
-
-    fn supports_shared(&self) -> bool {
-        true
     }
 
     async fn claim(&self, claim: &Claim<'_>) -> Result<Option<Claimed>> {

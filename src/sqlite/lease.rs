@@ -103,7 +103,6 @@ pub struct Lease {
     engine: LeaseEngine<SqliteStore>,
     pool: SqlitePool,
     table: String,
-    options: LeaseOptions,
     wakeups: Arc<Wakeups>,
 }
 
@@ -111,7 +110,7 @@ impl fmt::Debug for Lease {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Lease")
             .field("table", &self.table)
-            .field("options", &self.options)
+            .field("options", self.engine.options())
             .finish_non_exhaustive()
     }
 }
@@ -196,7 +195,8 @@ impl Lease {
     pub fn with_table(self, table: impl Into<String>) -> Result<Self> {
         let table = table.into();
         validate_table(&table)?;
-        Lease::assemble(self.pool, table, self.options, self.wakeups)
+        let options = self.engine.options().clone();
+        Lease::assemble(self.pool, table, options, self.wakeups)
     }
 
     /// Replaces the options (see [`LeaseOptions`]) after checking them:
@@ -235,13 +235,10 @@ impl Lease {
                 .map(|h| PermitSql::new(&quote_table(&table), &quote_table(&h))),
             table: table.clone(),
         };
-        let mut engine = LeaseEngine::new(store, wakeups.clone());
-        engine.set_options(options.clone())?;
         Ok(Lease {
-            engine,
+            engine: LeaseEngine::new(store, wakeups.clone(), options)?,
             pool,
             table,
-            options,
             wakeups,
         })
     }
@@ -476,14 +473,6 @@ impl LeaseStore for SqliteStore {
         })
         .await?;
         time(at)
-    }
-
-    fn supports_permits(&self) -> bool {
-        true
-    }
-
-    fn supports_shared(&self) -> bool {
-        true
     }
 
     async fn claim(&self, claim: &Claim<'_>) -> Result<Option<Claimed>> {

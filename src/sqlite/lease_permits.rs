@@ -17,10 +17,10 @@ use sqlx::sqlite::SqliteRow;
 use sqlx::{AssertSqlSafe, Row};
 
 use super::{micros, time, SqliteStore, NOW};
-use crate::lease::permits::{self, Decision, Found};
+use crate::lease::permits::{self, unless_no_holders, Decision, Found};
 use crate::lease::{push_json_str, Claim, Claimed, Renewal};
 use crate::sqlite::retry_busy;
-use crate::{Error, LockInfo, Result};
+use crate::{LockInfo, Result};
 
 /// The statements of permits for one lease table and its holders table.
 #[derive(Debug)]
@@ -141,12 +141,6 @@ fn permit_info(row: &SqliteRow) -> Result<LockInfo> {
         time(row.try_get("acquired_at")?)?,
         time(row.try_get("expires_at")?)?,
     ))
-}
-
-/// Whether `e` says the holders table does not exist (a database migrated
-/// before semaphores, or a lease table of one's own without one).
-fn no_table(e: &Error) -> bool {
-    matches!(e, Error::SchemaMissing { .. })
 }
 
 impl SqliteStore {
@@ -319,66 +313,48 @@ impl SqliteStore {
 
     /// Ends every permit of `name`; whether one was live.
     pub(super) async fn force_release_permits(&self, name: &str) -> Result<bool> {
-        let Some(sql) = self.permits.as_ref() else {
-            return Ok(false);
-        };
-        let done = retry_busy(|| {
-            sqlx::query(AssertSqlSafe(sql.force_release.clone()))
-                .bind(name)
-                .execute(&self.pool)
+        unless_no_holders(self.permits.as_ref(), |sql| async move {
+            let done = retry_busy(|| {
+                sqlx::query(AssertSqlSafe(sql.force_release.clone()))
+                    .bind(name)
+                    .execute(&self.pool)
+            })
+            .await?;
+            Ok(done.rows_affected() > 0)
         })
-        .await;
-        match done {
-            Ok(done) => Ok(done.rows_affected() > 0),
-            Err(e) if no_table(&e) => Ok(false),
-            Err(e) => Err(e),
-        }
+        .await
     }
 
     pub(super) async fn inspect_permits(&self, name: &str) -> Result<Option<LockInfo>> {
-        let Some(sql) = self.permits.as_ref() else {
-            return Ok(None);
-        };
-        let row = retry_busy(|| {
-            sqlx::query(AssertSqlSafe(sql.inspect.clone()))
-                .bind(name)
-                .fetch_optional(&self.pool)
+        let row = unless_no_holders(self.permits.as_ref(), |sql| {
+            retry_busy(|| {
+                sqlx::query(AssertSqlSafe(sql.inspect.clone()))
+                    .bind(name)
+                    .fetch_optional(&self.pool)
+            })
         })
-        .await;
-        match row {
-            Ok(row) => row.as_ref().map(permit_info).transpose(),
-            Err(e) if no_table(&e) => Ok(None),
-            Err(e) => Err(e),
-        }
+        .await?;
+        row.as_ref().map(permit_info).transpose()
     }
 
     pub(super) async fn list_permits(&self) -> Result<Vec<LockInfo>> {
-        let Some(sql) = self.permits.as_ref() else {
-            return Ok(Vec::new());
-        };
-        let rows =
-            retry_busy(|| sqlx::query(AssertSqlSafe(sql.list.clone())).fetch_all(&self.pool)).await;
-        match rows {
-            Ok(rows) => rows.iter().map(permit_info).collect::<Result<_>>(),
-            Err(e) if no_table(&e) => Ok(Vec::new()),
-            Err(e) => Err(e),
-        }
+        let rows = unless_no_holders(self.permits.as_ref(), |sql| {
+            retry_busy(|| sqlx::query(AssertSqlSafe(sql.list.clone())).fetch_all(&self.pool))
+        })
+        .await?;
+        rows.iter().map(permit_info).collect()
     }
 
     pub(super) async fn sweep_permits(&self, grace: Duration) -> Result<u64> {
-        let Some(sql) = self.permits.as_ref() else {
-            return Ok(0);
-        };
-        let done = retry_busy(|| {
-            sqlx::query(AssertSqlSafe(sql.sweep.clone()))
-                .bind(micros(grace))
-                .execute(&self.pool)
+        unless_no_holders(self.permits.as_ref(), |sql| async move {
+            let done = retry_busy(|| {
+                sqlx::query(AssertSqlSafe(sql.sweep.clone()))
+                    .bind(micros(grace))
+                    .execute(&self.pool)
+            })
+            .await?;
+            Ok(done.rows_affected())
         })
-        .await;
-        match done {
-            Ok(done) => Ok(done.rows_affected()),
-            Err(e) if no_table(&e) => Ok(0),
-            Err(e) => Err(e),
-        }
+        .await
     }
 }
