@@ -183,26 +183,9 @@ pub(super) async fn advisory(env: &Env, rows: &mut Vec<Row>) -> Res<Latency> {
     });
     let poll_holder = Locks::new(Advisory::new(pool.clone()).with_options(poll.clone())?);
     let poll_other = Locks::new(Advisory::new(other_pool.clone()).with_options(poll)?);
-    let poll_cross = handoff(
-        &poll_holder,
-        &poll_other,
-        "adv-poll",
-        POLL_PAIRS,
-        POLL_PER_PAIR,
-        Blocked::Hold(POLL_HOLD_MS.0, POLL_HOLD_MS.1),
-        None,
-    )
-    .await?;
-    let poll_local = handoff(
-        &poll_holder,
-        &poll_holder,
-        "adv-poll",
-        1,
-        SEQ_SAMPLES,
-        Blocked::Hold(LOCAL_HOLD_MS.0, LOCAL_HOLD_MS.1),
-        Some("SELECT pg_advisory_unlock($1)"),
-    )
-    .await?;
+    let poll_cross = polling_handoff(&poll_holder, &poll_other, "adv-poll").await?;
+    let poll_local =
+        local_handoff(&poll_holder, "adv-poll", "SELECT pg_advisory_unlock($1)").await?;
     rows.push(poll_row(
         B,
         "handoff, polling 5–250 ms, other instance",

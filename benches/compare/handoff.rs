@@ -258,3 +258,48 @@ pub(super) async fn raw_advisory_handoff(
     out.remove(0);
     Ok(Latency::of(out))
 }
+
+/// A handoff to a polling waiter on `waiter` (another instance): 8 pairs
+/// side by side, the holder keeping each waiter 200–500 ms.
+pub(super) async fn polling_handoff(holder: &Locks, waiter: &Locks, kind: &str) -> Res<Handoff> {
+    handoff(
+        holder,
+        waiter,
+        kind,
+        POLL_PAIRS,
+        POLL_PER_PAIR,
+        Blocked::Hold(POLL_HOLD_MS.0, POLL_HOLD_MS.1),
+        None,
+    )
+    .await
+}
+
+/// Handoffs one at a time between tasks of the same `locks`, the holder
+/// keeping the waiter 5–15 ms; `release_sql` starts the holder's release
+/// statement in the statement log (for the wake-up).
+pub(super) async fn local_handoff(
+    locks: &Locks,
+    kind: &str,
+    release_sql: &'static str,
+) -> Res<Handoff> {
+    handoff(
+        locks,
+        locks,
+        kind,
+        1,
+        SEQ_SAMPLES,
+        Blocked::Hold(LOCAL_HOLD_MS.0, LOCAL_HOLD_MS.1),
+        Some(release_sql),
+    )
+    .await
+}
+
+/// The rows of a lease backend's handoffs within the same `Locks`: the
+/// latency, its phases (with `DBLOCK_BENCH_BREAKDOWN`) and the wake-up.
+pub(super) fn same_locks_rows(backend: &'static str, local: &Handoff, rows: &mut Vec<Row>) {
+    rows.push(latency_row(backend, "handoff, same Locks", &local.call));
+    local.explain(&format!("{backend}, handoff, same Locks"));
+    if let Some(wake) = &local.wake {
+        rows.push(wake_row(backend, "lease", wake));
+    }
+}

@@ -203,24 +203,11 @@ pub(super) async fn mysql(env: &Env, rows: &mut Vec<Row>, notes: &mut Vec<String
 
     let other_pool = my_pool(&env.my, POOL).await?;
     let other = lease(&other_pool)?;
-    let cross = handoff(
-        &locks,
-        &other,
-        "my-hand",
-        POLL_PAIRS,
-        POLL_PER_PAIR,
-        Blocked::Hold(POLL_HOLD_MS.0, POLL_HOLD_MS.1),
-        None,
-    )
-    .await?;
-    let local = handoff(
-        &locks,
+    let cross = polling_handoff(&locks, &other, "my-hand").await?;
+    let local = local_handoff(
         &locks,
         "my-local",
-        1,
-        SEQ_SAMPLES,
-        Blocked::Hold(LOCAL_HOLD_MS.0, LOCAL_HOLD_MS.1),
-        Some("UPDATE `dblock_bench_leases` SET expires_at"),
+        "UPDATE `dblock_bench_leases` SET expires_at",
     )
     .await?;
     rows.push(poll_row(
@@ -229,11 +216,7 @@ pub(super) async fn mysql(env: &Env, rows: &mut Vec<Row>, notes: &mut Vec<String
         &cross.call,
         &local.call,
     ));
-    rows.push(latency_row(B, "handoff, same Locks", &local.call));
-    local.explain(&format!("{B}, handoff, same Locks"));
-    if let Some(wake) = &local.wake {
-        rows.push(wake_row(B, "lease", wake));
-    }
+    same_locks_rows(B, &local, rows);
     drop(other);
     other_pool.close().await;
 

@@ -206,16 +206,7 @@ pub(super) async fn pg_lease(
 
     let other_pool = pg_pool(&env.pg, POOL).await?;
     let other = lease(&other_pool)?;
-    let cross = handoff(
-        &locks,
-        &other,
-        "pgl-hand",
-        POLL_PAIRS,
-        POLL_PER_PAIR,
-        Blocked::Hold(POLL_HOLD_MS.0, POLL_HOLD_MS.1),
-        None,
-    )
-    .await?;
+    let cross = polling_handoff(&locks, &other, "pgl-hand").await?;
     let raw_notify = raw_notify_handoff(&pool, POLL_PAIRS, POLL_PER_PAIR).await?;
     let mut row = latency_row(B, "handoff, LISTEN/NOTIFY, other instance", &cross.call);
     if let Some(raw) = raw_handoff {
@@ -235,21 +226,8 @@ pub(super) async fn pg_lease(
         .raw(raw_notify.show())
         .ratio(cross.call.p50.as_secs_f64() / raw_notify.p50.as_secs_f64()),
     );
-    let local = handoff(
-        &locks,
-        &locks,
-        "pgl-local",
-        1,
-        SEQ_SAMPLES,
-        Blocked::Hold(LOCAL_HOLD_MS.0, LOCAL_HOLD_MS.1),
-        Some("WITH released AS"),
-    )
-    .await?;
-    rows.push(latency_row(B, "handoff, same Locks", &local.call));
-    local.explain(&format!("{B}, handoff, same Locks"));
-    if let Some(wake) = &local.wake {
-        rows.push(wake_row(B, "lease", wake));
-    }
+    let local = local_handoff(&locks, "pgl-local", "WITH released AS").await?;
+    same_locks_rows(B, &local, rows);
     drop(other);
     other_pool.close().await;
 

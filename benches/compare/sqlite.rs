@@ -122,37 +122,15 @@ pub(super) async fn sqlite(
     .await?;
 
     let other = Locks::new(dblock::sqlite::Lease::new(raw_pool.clone()));
-    let cross = handoff(
-        &locks,
-        &other,
-        "sq-hand",
-        POLL_PAIRS,
-        POLL_PER_PAIR,
-        Blocked::Hold(POLL_HOLD_MS.0, POLL_HOLD_MS.1),
-        None,
-    )
-    .await?;
-    let local = handoff(
-        &locks,
-        &locks,
-        "sq-local",
-        1,
-        SEQ_SAMPLES,
-        Blocked::Hold(LOCAL_HOLD_MS.0, LOCAL_HOLD_MS.1),
-        Some("UPDATE \"dblock_leases\" SET owner"),
-    )
-    .await?;
+    let cross = polling_handoff(&locks, &other, "sq-hand").await?;
+    let local = local_handoff(&locks, "sq-local", "UPDATE \"dblock_leases\" SET owner").await?;
     rows.push(poll_row(
         B,
         "handoff, polling, other pool (another process's view)",
         &cross.call,
         &local.call,
     ));
-    rows.push(latency_row(B, "handoff, same Locks", &local.call));
-    local.explain(&format!("{B}, handoff, same Locks"));
-    if let Some(wake) = &local.wake {
-        rows.push(wake_row(B, "lease", wake));
-    }
+    same_locks_rows(B, &local, rows);
     drop(other);
 
     let s = hold_many(
