@@ -77,6 +77,34 @@ fn my_table_upgrade() -> sqlx::AssertSqlSafe<String> {
     )
 }
 
+/// Migrates dblock's schema on `pool`, makes the PostgreSQL bench table
+/// (fillfactor 70) if need be, empties it and upgrades it.
+async fn pg_bench_table(pool: &PgPool) -> Res<()> {
+    dblock::postgres::migrate(pool).await?;
+    sqlx::raw_sql(
+        "CREATE TABLE IF NOT EXISTS dblock_bench_leases (LIKE dblock_leases INCLUDING ALL) \
+           WITH (fillfactor = 70); \
+         TRUNCATE dblock_bench_leases",
+    )
+    .execute(pool)
+    .await?;
+    sqlx::raw_sql(PG_TABLE_UPGRADE).execute(pool).await?;
+    Ok(())
+}
+
+/// The same for MySQL / MariaDB.
+async fn my_bench_table(pool: &MySqlPool) -> Res<()> {
+    dblock::mysql::migrate(pool).await?;
+    sqlx::raw_sql(
+        "CREATE TABLE IF NOT EXISTS dblock_bench_leases LIKE dblock_leases; \
+         DELETE FROM dblock_bench_leases",
+    )
+    .execute(pool)
+    .await?;
+    sqlx::raw_sql(my_table_upgrade()).execute(pool).await?;
+    Ok(())
+}
+
 /// Connections per pool, dblock's and raw's alike.
 const POOL: u32 = 10;
 /// `sqlite::Lease::open` makes a pool of 4; raw SQLite gets the same.

@@ -112,14 +112,7 @@ pub(super) async fn mysql(env: &Env, rows: &mut Vec<Row>, notes: &mut Vec<String
         .fetch_one(&pool)
         .await?;
     notes.push(format!("MySQL/MariaDB server {version}"));
-    dblock::mysql::migrate(&pool).await?;
-    sqlx::raw_sql(
-        "CREATE TABLE IF NOT EXISTS dblock_bench_leases LIKE dblock_leases; \
-         DELETE FROM dblock_bench_leases",
-    )
-    .execute(&pool)
-    .await?;
-    sqlx::raw_sql(my_table_upgrade()).execute(&pool).await?;
+    my_bench_table(&pool).await?;
     let lease = |pool: &MySqlPool| -> Res<Locks> {
         Ok(Locks::new(
             dblock::mysql::Lease::new(pool.clone()).with_table(TABLE)?,

@@ -158,15 +158,7 @@ pub(super) async fn pg_lease(
 ) -> Res<()> {
     const B: &str = "pg lease";
     let pool = pg_pool(&env.pg, POOL).await?;
-    dblock::postgres::migrate(&pool).await?;
-    sqlx::raw_sql(
-        "CREATE TABLE IF NOT EXISTS dblock_bench_leases (LIKE dblock_leases INCLUDING ALL) \
-           WITH (fillfactor = 70); \
-         TRUNCATE dblock_bench_leases",
-    )
-    .execute(&pool)
-    .await?;
-    sqlx::raw_sql(PG_TABLE_UPGRADE).execute(&pool).await?;
+    pg_bench_table(&pool).await?;
     let lease = |pool: &PgPool| -> Res<Locks> {
         Ok(Locks::new(
             dblock::postgres::Lease::new(pool.clone()).with_table(TABLE)?,
