@@ -361,16 +361,7 @@ pub(super) async fn scale(
     };
     let outcome: Res<()> = async {
         let pool = super::pg_pool(pg, super::POOL).await?;
-        dblock::postgres::migrate(&pool).await?;
-        sqlx::raw_sql(
-            "CREATE TABLE IF NOT EXISTS dblock_bench_leases (LIKE dblock_leases INCLUDING ALL) \
-               WITH (fillfactor = 70); TRUNCATE dblock_bench_leases",
-        )
-        .execute(&pool)
-        .await?;
-        sqlx::raw_sql(super::PG_TABLE_UPGRADE)
-            .execute(&pool)
-            .await?;
+        super::pg_bench_table(&pool).await?;
         let lease = dblock::postgres::Lease::new(pool.clone()).with_table(super::TABLE)?;
         let counted = lease.clone();
         let stats: Stats = Box::new(move || counted.renewal_stats());
@@ -384,16 +375,7 @@ pub(super) async fn scale(
     }
     let outcome: Res<()> = async {
         let pool = super::my_pool(my, super::POOL).await?;
-        dblock::mysql::migrate(&pool).await?;
-        sqlx::raw_sql(
-            "CREATE TABLE IF NOT EXISTS dblock_bench_leases LIKE dblock_leases; \
-             DELETE FROM dblock_bench_leases",
-        )
-        .execute(&pool)
-        .await?;
-        sqlx::raw_sql(super::my_table_upgrade())
-            .execute(&pool)
-            .await?;
+        super::my_bench_table(&pool).await?;
         let lease = dblock::mysql::Lease::new(pool.clone()).with_table(super::TABLE)?;
         let counted = lease.clone();
         let stats: Stats = Box::new(move || counted.renewal_stats());

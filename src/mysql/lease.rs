@@ -272,7 +272,7 @@ pub(crate) static DEFAULT_SQL: LazyLock<Sql> = LazyLock::new(|| Sql::new(DEFAULT
 
 /// The one-statement MariaDB claim and the release on `table`, exactly as
 /// a lease pair sends them, for the benchmark's "raw, same work" baseline
-/// (`benches/compare.rs`). Binds: claim (owner, holder, ttl µs, name,
+/// (`benches/compare/limit.rs`). Binds: claim (owner, holder, ttl µs, name,
 /// and twice the writer's wait in µs, `NULL` for a plain claim), release
 /// (hold µs, name, owner, token). Not a stable interface.
 #[doc(hidden)]

@@ -188,7 +188,7 @@ return out"
 });
 
 /// dblock's claim and release scripts, for the benchmark's "raw, same
-/// work" baseline (`benches/compare.rs`): the bench sends them by hand
+/// work" baseline (`benches/compare/redis.rs`): the bench sends them by hand
 /// (EVALSHA) with the keys and arguments [`RedisStore`] gives them. Not a
 /// stable interface.
 #[doc(hidden)]
