@@ -107,7 +107,7 @@ pub(super) fn apply<S: LeaseStore>(
             answers
         }
         Ok(Err(e)) => {
-            tracing::debug!(leases = ids.len(), error = %e, "dblock: batch renewal failed; retrying");
+            tracing::debug!(target: "dblock::lease::renewal", leases = ids.len(), error = %e, "dblock: batch renewal failed; retrying");
             &[]
         }
         Err(_) => &[],

@@ -170,7 +170,10 @@ impl<S: LeaseStore> Task<S> {
                     ids,
                     next: 0,
                 };
+                // The target documented in docs/observability.md (the
+                // module's path before it was split into files).
                 let span = crate::observe::debug_span!(
+                    target: "dblock::lease::renewal",
                     "renewal_batch",
                     backend = inner.store.kind(),
                     leases = items.len(),
