@@ -386,7 +386,7 @@ pub async fn extends_racing_batches_keep_their_length(h: &impl Harness, n: usize
     let s = h.subject(16).await;
     let guards = take(&s.locks, "batch-extend-race", n, |_| ms(1500)).await;
     sleep(ms(1200)).await;
-    let by = Duration::from_secs(20);
+    let by = ms(20_000);
     // Extended over a second and a half while batches come every 500 ms.
     let extended: Vec<_> = stream::iter(guards.iter().enumerate())
         .map(|(k, g)| async move {
