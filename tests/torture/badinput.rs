@@ -8,7 +8,7 @@ use dblock::{Error, Locks};
 use tokio::time::timeout;
 
 use crate::proxy::Proxy;
-use crate::target::{Db, Endpoint, Kind, HEARTBEAT};
+use crate::target::{lease_ttl, Db, Endpoint, Kind, HEARTBEAT};
 use crate::{authority, direct, run_id};
 
 /// The longest any single case may take.
@@ -493,15 +493,6 @@ async fn closed_port() -> u16 {
 
 /// Holds a lock through a proxy, then closes or black-holes the proxy: the
 /// guard must report itself lost, and release must answer, in bounded time.
-/// `.ttl(ttl)` on a lease backend; an advisory lock refuses a ttl.
-fn lease_ttl(acquire: dblock::Acquire<'_>, kind: Kind, ttl: Duration) -> dblock::Acquire<'_> {
-    if kind.lease() {
-        acquire.ttl(ttl)
-    } else {
-        acquire
-    }
-}
-
 async fn mid_hold(ctl: &Endpoint, kind: Kind, run: &str, black_hole: bool) -> Result<(), String> {
     let (proxy, url) = Proxy::in_front_of(&ctl.url).await;
     let locks: Locks = Endpoint {

@@ -11,7 +11,7 @@ use tokio::time::{sleep, timeout};
 
 use crate::check::thousands;
 use crate::proxy::Proxy;
-use crate::target::{Db, Endpoint, Kind};
+use crate::target::{lease_ttl, Db, Endpoint, Kind};
 use crate::{authority, direct, eventually, run_id};
 
 /// A session holding a leaked advisory lock: pid, state, application, last query, granted.
@@ -100,7 +100,8 @@ async fn one(kind: Kind, total: usize) -> bool {
                         r.random_range(0..4u8),
                     )
                 };
-                let acquire = locks.acquire(&name).ttl(Duration::from_secs(2)).wait(wait);
+                let acquire =
+                    lease_ttl(locks.acquire(&name), kind, Duration::from_secs(2)).wait(wait);
                 let outcome = if style == 0 {
                     // select! against a random sleep
                     tokio::select! {
@@ -210,9 +211,7 @@ async fn one(kind: Kind, total: usize) -> bool {
     // The pool serves new work: every name can be taken and released.
     for name in &names {
         let r = timeout(Duration::from_secs(10), async {
-            let g = locks
-                .acquire(name)
-                .ttl(Duration::from_secs(2))
+            let g = lease_ttl(locks.acquire(name), kind, Duration::from_secs(2))
                 .wait(Duration::from_secs(5))
                 .await?;
             g.release().await

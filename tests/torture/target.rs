@@ -857,3 +857,12 @@ async fn mysql_sessions(pool: &MySqlPool, ports: &[i32]) -> Vec<u64> {
         .map(|(id, _)| id)
         .collect()
 }
+
+/// `.ttl(ttl)` on a lease backend; an advisory lock refuses a ttl.
+pub fn lease_ttl(acquire: dblock::Acquire<'_>, kind: Kind, ttl: Duration) -> dblock::Acquire<'_> {
+    if kind.lease() {
+        acquire.ttl(ttl)
+    } else {
+        acquire
+    }
+}
