@@ -35,7 +35,6 @@ async fn main() -> Result<()> {
                 let permit = locks
                     .acquire(format!("export:tenant-{tenant}"))
                     .max_holders(PER_TENANT)
-                    .ttl(Duration::from_secs(10))
                     .wait(Duration::from_secs(60))
                     .await?;
                 let now = running.fetch_add(1, Ordering::SeqCst) + 1;
