@@ -32,6 +32,8 @@ use std::time::Duration;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
+use super::{Claimed, Renewal, Renewed};
+
 /// What one wait on a bell found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Ring {
@@ -59,6 +61,145 @@ pub(crate) trait Bell: Send + Sync + 'static {
         session: &mut Self::Session,
         name: &str,
     ) -> impl Future<Output = Result<Ring, String>> + Send;
+}
+
+/// The holding side of one kind of bell: what a process does with the
+/// bell of each lease it holds.
+pub(crate) trait Holder: Send + Sync + 'static {
+    /// The waiting side of the same bells.
+    type Watcher: Bell;
+
+    /// Whether bells may be used now. If not, arming and disarming do
+    /// nothing, and waiters poll.
+    fn usable(&self) -> bool;
+
+    /// The lease `name` / `token` was granted to this process.
+    fn arm(&self, name: &str, token: u64);
+
+    /// This process is done with the lease `name` / `token` (released, or
+    /// found gone).
+    fn disarm(&self, name: &str, token: u64);
+
+    /// The release of the lease `name` / `token` has begun (see
+    /// [`Bells::disarm_on_drop`]). Nothing by default.
+    fn releasing(&self, _name: &str, _token: u64) {}
+
+    /// The fields [`Bells`] shows of it in its `Debug` form. None by
+    /// default.
+    fn debug_fields(&self, _f: &mut fmt::DebugStruct<'_, '_>) {}
+}
+
+/// The bells of one backend: the holding side for the leases it holds,
+/// the watches for its waiters.
+pub(crate) struct Bells<H: Holder> {
+    holder: H,
+    watches: Doorbells<H::Watcher>,
+}
+
+impl<H: Holder> fmt::Debug for Bells<H> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut d = f.debug_struct("Bells");
+        self.holder.debug_fields(&mut d);
+        d.field("watches", &self.watches).finish_non_exhaustive()
+    }
+}
+
+impl<H: Holder> Bells<H> {
+    /// Bells held through `holder` and watched through `watcher`, at most
+    /// `cap` names at once.
+    pub(crate) fn new(holder: H, watcher: H::Watcher, cap: usize) -> Self {
+        Bells {
+            holder,
+            watches: Doorbells::new(watcher, cap),
+        }
+    }
+
+    /// The holding side.
+    #[cfg_attr(not(test), allow(dead_code))]
+    pub(crate) fn holder(&self) -> &H {
+        &self.holder
+    }
+
+    /// The lease `name` / `token` was granted to this process.
+    pub(crate) fn arm(&self, name: &str, token: u64) {
+        if self.holder.usable() {
+            self.holder.arm(name, token);
+        }
+    }
+
+    /// This process is done with the lease `name` / `token` (released, or
+    /// found gone): its bell is let go if it was taken.
+    pub(crate) fn disarm(&self, name: &str, token: u64) {
+        if self.holder.usable() {
+            self.holder.disarm(name, token);
+        }
+    }
+
+    /// What a claim of `name` granted, its bell armed if it was granted.
+    pub(crate) fn armed(&self, name: &str, claimed: Option<Claimed>) -> Option<Claimed> {
+        if let Some(c) = &claimed {
+            self.arm(name, c.token);
+        }
+        claimed
+    }
+
+    /// What a renewal of `name` / `token` found, its bell disarmed if the
+    /// lease is gone (`None`).
+    pub(crate) fn renewed<T>(&self, name: &str, token: u64, renewed: Option<T>) -> Option<T> {
+        if renewed.is_none() {
+            self.disarm(name, token);
+        }
+        renewed
+    }
+
+    /// Disarms the bell of every lease of `batch` that `answers` (one per
+    /// lease, in order) found gone.
+    pub(crate) fn disarm_gone(&self, batch: &[Renewal], answers: &[Renewed]) {
+        for (r, answer) in batch.iter().zip(answers) {
+            if *answer == Renewed::Gone {
+                self.disarm(&r.name, r.token);
+            }
+        }
+    }
+
+    /// A guard that disarms when dropped: after the release statement, or
+    /// when the release is given up mid-way (the lease then runs out).
+    /// Made as the release begins (see [`Holder::releasing`]).
+    pub(crate) fn disarm_on_drop<'a>(&'a self, name: &'a str, token: u64) -> DisarmOnDrop<'a, H> {
+        if self.holder.usable() {
+            self.holder.releasing(name, token);
+        }
+        DisarmOnDrop {
+            bells: self,
+            name,
+            token,
+        }
+    }
+
+    /// Resolves when the holder of `name` in another process may have
+    /// released it; never, while bells are not usable.
+    pub(crate) fn released(&self, name: &str) -> impl Future<Output = ()> + Send {
+        let watch = self.holder.usable().then(|| self.watches.released(name));
+        async move {
+            match watch {
+                Some(watch) => watch.await,
+                None => std::future::pending().await,
+            }
+        }
+    }
+}
+
+/// See [`Bells::disarm_on_drop`].
+pub(crate) struct DisarmOnDrop<'a, H: Holder> {
+    bells: &'a Bells<H>,
+    name: &'a str,
+    token: u64,
+}
+
+impl<H: Holder> Drop for DisarmOnDrop<'_, H> {
+    fn drop(&mut self) {
+        self.bells.disarm(self.name, self.token);
+    }
 }
 
 /// How long a watch lives on without anyone waiting: a waiter between two

@@ -42,7 +42,6 @@
 //!   their session so that a server setting never cuts a wait short.
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::fmt;
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
@@ -54,7 +53,7 @@ use tokio::sync::{Notify, OnceCell};
 use tokio::time::Instant;
 
 use super::engine::Engine;
-use crate::lease::doorbell::{Bell, Doorbells, Ring};
+use crate::lease::doorbell::{self, Bell, Holder, Ring};
 
 /// The most names one backend watches at once (one connection each).
 pub(crate) const WATCHES: usize = 4;
@@ -77,15 +76,40 @@ const ARM_AFTER: Duration = Duration::from_millis(1);
 const WAIT: &str = "SELECT CAST(CASE WHEN IS_USED_LOCK(?) IS NULL THEN -1 \
                       WHEN GET_LOCK(?, 1) = 1 THEN RELEASE_LOCK(?) ELSE 0 END AS SIGNED)";
 
-/// The bells of one backend: the ringer for the leases it holds, the
-/// watches for its waiters.
-pub(crate) struct Bells {
+/// The bells of one backend (see [`Holding`]).
+pub(crate) type Bells = doorbell::Bells<Holding>;
+
+/// Bells for the leases of `table` in the pool's database.
+pub(crate) fn bells(pool: &MySqlPool, table: &str, engine: Arc<OnceCell<Engine>>) -> Bells {
+    let connect = (*pool.connect_options()).clone();
+    let mut scope = connect.get_database().unwrap_or("").as_bytes().to_vec();
+    scope.push(0);
+    scope.extend_from_slice(table.as_bytes());
+    scope.push(0);
+    Bells::new(
+        Holding {
+            scope: scope.clone(),
+            engine: engine.clone(),
+            ringer: Arc::default(),
+            connect: connect.clone(),
+        },
+        Watcher {
+            connect,
+            pool: OnceLock::new(),
+            engine,
+            scope,
+        },
+        WATCHES,
+    )
+}
+
+/// The holding side: the ringer, for the leases this backend holds.
+pub(crate) struct Holding {
     /// `database \0 table \0`, the prefix of every bell's hash.
     scope: Vec<u8>,
     engine: Arc<OnceCell<Engine>>,
     ringer: Arc<Ringer>,
     connect: MySqlConnectOptions,
-    watches: Doorbells<Watcher>,
 }
 
 /// What the holder's side shares with its ringer task. Claims and releases
@@ -112,57 +136,23 @@ struct RingerState {
     closed: bool,
 }
 
-impl fmt::Debug for Bells {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Bells")
-            .field("watches", &self.watches)
-            .finish_non_exhaustive()
-    }
-}
-
-impl Drop for Bells {
+impl Drop for Holding {
     fn drop(&mut self) {
         self.ringer.state.lock().unwrap().closed = true;
         self.ringer.wake.notify_one();
     }
 }
 
-impl Bells {
-    pub(crate) fn new(pool: &MySqlPool, table: &str, engine: Arc<OnceCell<Engine>>) -> Self {
-        let connect = (*pool.connect_options()).clone();
-        let mut scope = connect.get_database().unwrap_or("").as_bytes().to_vec();
-        scope.push(0);
-        scope.extend_from_slice(table.as_bytes());
-        scope.push(0);
-        Bells {
-            watches: Doorbells::new(
-                Watcher {
-                    connect: connect.clone(),
-                    pool: OnceLock::new(),
-                    engine: engine.clone(),
-                    scope: scope.clone(),
-                },
-                WATCHES,
-            ),
-            scope,
-            engine,
-            ringer: Arc::default(),
-            connect,
-        }
-    }
+impl Holder for Holding {
+    type Watcher = Watcher;
 
-    /// Whether bells may be used: not on Galera, and not before the engine
-    /// self-test has answered.
+    /// Not on Galera, and not before the engine self-test has answered.
     fn usable(&self) -> bool {
         usable(&self.engine)
     }
 
-    /// The lease `name` / `token` was granted to this process: its bell is
-    /// taken once it has been held for [`ARM_AFTER`].
-    pub(crate) fn arm(&self, name: &str, token: u64) {
-        if !self.usable() {
-            return;
-        }
+    /// The bell is taken once the lease has been held for [`ARM_AFTER`].
+    fn arm(&self, name: &str, token: u64) {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
@@ -186,12 +176,7 @@ impl Bells {
         }
     }
 
-    /// This process is done with the lease `name` / `token` (released, or
-    /// found gone): its bell is let go if it was taken.
-    pub(crate) fn disarm(&self, name: &str, token: u64) {
-        if !self.usable() {
-            return;
-        }
+    fn disarm(&self, name: &str, token: u64) {
         let mut state = self.ringer.state.lock().unwrap();
         if !state.ledger.disarm(name, token) {
             return;
@@ -205,51 +190,15 @@ impl Bells {
         }
     }
 
-    /// A guard that disarms when dropped: after the release statement, or
-    /// when the release is given up mid-way (the lease then runs out).
-    /// Made as the release begins: a bell not taken yet is then never
-    /// taken (a release statement that waits for the disk can take longer
-    /// than [`ARM_AFTER`]).
-    pub(crate) fn disarm_on_drop<'a>(&'a self, name: &'a str, token: u64) -> DisarmOnDrop<'a> {
-        if self.usable() {
-            self.ringer
-                .state
-                .lock()
-                .unwrap()
-                .ledger
-                .releasing(name, token);
-        }
-        DisarmOnDrop {
-            bells: self,
-            name,
-            token,
-        }
-    }
-
-    /// Resolves when the holder of `name` in another process may have
-    /// released it.
-    pub(crate) fn released(&self, name: &str) -> impl std::future::Future<Output = ()> + Send {
-        let usable = self.usable();
-        let watch = usable.then(|| self.watches.released(name));
-        async move {
-            match watch {
-                Some(watch) => watch.await,
-                None => std::future::pending().await,
-            }
-        }
-    }
-}
-
-/// See [`Bells::disarm_on_drop`].
-pub(crate) struct DisarmOnDrop<'a> {
-    bells: &'a Bells,
-    name: &'a str,
-    token: u64,
-}
-
-impl Drop for DisarmOnDrop<'_> {
-    fn drop(&mut self) {
-        self.bells.disarm(self.name, self.token);
+    /// A bell not taken yet is then never taken (a release statement that
+    /// waits for the disk can take longer than [`ARM_AFTER`]).
+    fn releasing(&self, name: &str, token: u64) {
+        self.ringer
+            .state
+            .lock()
+            .unwrap()
+            .ledger
+            .releasing(name, token);
     }
 }
 

@@ -11,7 +11,7 @@ use sqlx::mysql::MySqlArguments;
 use sqlx::query::Query;
 use sqlx::{AssertSqlSafe, MySql, MySqlPool, Row, Transaction};
 
-use super::doorbell::Bells;
+use super::doorbell::{bells, Bells};
 use super::engine::Engine;
 #[path = "lease_permits.rs"]
 mod permits;
@@ -122,7 +122,7 @@ impl Lease {
         let engine = Arc::default();
         Lease::build(
             MySqlStore {
-                bells: Arc::new(Bells::new(&pool, DEFAULT_TABLE, Arc::clone(&engine))),
+                bells: Arc::new(bells(&pool, DEFAULT_TABLE, Arc::clone(&engine))),
                 warm: Warm::new(pool.clone()),
                 pool,
                 sql: Arc::new(Sql::new(DEFAULT_TABLE)),
@@ -146,7 +146,7 @@ impl Lease {
         let table = table.as_str();
         validate_table(table)?;
         let store = MySqlStore {
-            bells: Arc::new(Bells::new(
+            bells: Arc::new(bells(
                 &self.engine.store().pool,
                 table,
                 self.engine.store().engine.clone(),
@@ -1103,10 +1103,7 @@ impl LeaseStore for MySqlStore {
             // waiter elsewhere (a writer waiting for the last reader) wakes
             // when this process lets its share go.
             let claimed = self.claim_permit(claim).await?;
-            if let Some(c) = &claimed {
-                self.bells.arm(claim.name, c.token);
-            }
-            return Ok(claimed);
+            return Ok(self.bells.armed(claim.name, claimed));
         }
         let causal = self.checked().await?;
         let one = claim.mode == LockMode::Exclusive && self.claims_in_one_statement().await?;
@@ -1121,12 +1118,7 @@ impl LeaseStore for MySqlStore {
                 self.attempt(claim, ttl_us, causal).await
             };
             let outcome = match attempt {
-                Ok(Attempt::Done(claimed)) => {
-                    if let Some(c) = &claimed {
-                        self.bells.arm(claim.name, c.token);
-                    }
-                    return Ok(claimed);
-                }
+                Ok(Attempt::Done(claimed)) => return Ok(self.bells.armed(claim.name, claimed)),
                 Ok(Attempt::Marked) => return Ok(None),
                 Ok(Attempt::Missing) if created < MAX_RETRIES => {
                     created += 1;
@@ -1173,10 +1165,7 @@ impl LeaseStore for MySqlStore {
     ) -> Result<Option<DateTime<Utc>>> {
         if is_permit(owner) {
             let at = self.renew_permit(name, owner, token, ttl).await?;
-            if at.is_none() {
-                self.bells.disarm(name, token);
-            }
-            return Ok(at);
+            return Ok(self.bells.renewed(name, token, at));
         }
         let done = self
             .execute(|| {
@@ -1241,21 +1230,13 @@ impl LeaseStore for MySqlStore {
                 },
             })
             .collect();
-        for (r, answer) in batch.iter().zip(&answers) {
-            if *answer == Renewed::Gone {
-                self.bells.disarm(&r.name, r.token);
-            }
-        }
+        self.bells.disarm_gone(batch, &answers);
         Ok(answers)
     }
 
     async fn renew_holders(&self, batch: &[Renewal]) -> Result<Vec<Renewed>> {
         let answers = self.renew_holders_batch(batch).await?;
-        for (r, answer) in batch.iter().zip(&answers) {
-            if *answer == Renewed::Gone {
-                self.bells.disarm(&r.name, r.token);
-            }
-        }
+        self.bells.disarm_gone(batch, &answers);
         Ok(answers)
     }
 

@@ -208,6 +208,21 @@ enum Step<T> {
     NoMarker,
 }
 
+/// One permit transaction (not causal) on a connection of `$store`'s pool,
+/// retried as [`MySqlStore::permit_retrying`] says: `$body`, a future of
+/// `Result<Step<T>, sqlx::Error>`, runs in it on the connection `$c`.
+macro_rules! permit_transaction {
+    ($store:expr, $name:expr, |$c:ident| $body:expr) => {
+        $store.permit_retrying($name, false, || async {
+            let mut conn = Conn::acquire(&$store.pool).await?;
+            begin(conn.begin_use(), false).await?;
+            let $c = conn.begin_use();
+            let outcome = $body.await;
+            end(conn, outcome).await
+        })
+    };
+}
+
 impl MySqlStore {
     fn permit_sql(&self) -> Result<&PermitSql> {
         self.permits
@@ -279,13 +294,7 @@ impl MySqlStore {
         ttl: Duration,
     ) -> Result<Option<DateTime<Utc>>> {
         let sql = self.permit_sql()?;
-        let at = self
-            .permit_retrying(name, false, || async {
-                let mut conn = Conn::acquire(&self.pool).await?;
-                begin(conn.begin_use(), false).await?;
-                let outcome = renew_body(sql, conn.begin_use(), name, owner, token, ttl).await;
-                end(conn, outcome).await
-            })
+        let at = permit_transaction!(self, name, |c| renew_body(sql, c, name, owner, token, ttl))
             .await?;
         Ok(at.flatten())
     }
@@ -308,14 +317,10 @@ impl MySqlStore {
             markers.push('"');
         }
         markers.push(']');
-        let answers = self
-            .permit_retrying("", false, || async {
-                let mut conn = Conn::acquire(&self.pool).await?;
-                begin(conn.begin_use(), false).await?;
-                let outcome = renew_many_body(sql, conn.begin_use(), batch, &json, &markers).await;
-                end(conn, outcome).await
-            })
-            .await?;
+        let answers = permit_transaction!(self, "", |c| renew_many_body(
+            sql, c, batch, &json, &markers
+        ))
+        .await?;
         Ok(answers.unwrap_or_else(|| vec![Renewed::Unknown; batch.len()]))
     }
 
@@ -327,14 +332,10 @@ impl MySqlStore {
         hold: Option<Duration>,
     ) -> Result<bool> {
         let sql = self.permit_sql()?;
-        let mine = self
-            .permit_retrying(name, false, || async {
-                let mut conn = Conn::acquire(&self.pool).await?;
-                begin(conn.begin_use(), false).await?;
-                let outcome = release_body(sql, conn.begin_use(), name, owner, token, hold).await;
-                end(conn, outcome).await
-            })
-            .await?;
+        let mine = permit_transaction!(self, name, |c| release_body(
+            sql, c, name, owner, token, hold
+        ))
+        .await?;
         Ok(mine.unwrap_or(false))
     }
 

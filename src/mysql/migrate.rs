@@ -3,31 +3,27 @@
 use sqlx::MySqlPool;
 
 use super::Conn;
-use crate::migrate::Migration;
+use crate::migrate::{apply, migrations, Bookkeeping, Migration};
 use crate::{Error, Result};
 
-const MIGRATIONS: &[Migration] = &[
-    Migration {
-        version: 1,
-        description: "lease table",
-        sql: include_str!("../../migrations/mysql/0001_dblock.sql"),
-    },
-    Migration {
-        version: 2,
-        description: "token floor of swept lease rows",
-        sql: include_str!("../../migrations/mysql/0002_token_floor.sql"),
-    },
-    Migration {
-        version: 3,
-        description: "holders of semaphores",
-        sql: include_str!("../../migrations/mysql/0003_semaphore_holders.sql"),
-    },
-    Migration {
-        version: 4,
-        description: "shared (reader) leases: the waiting writer's mark",
-        sql: include_str!("../../migrations/mysql/0004_shared_leases.sql"),
-    },
-];
+const MIGRATIONS: &[Migration] = migrations!("mysql";
+    1, "lease table", "0001_dblock.sql";
+    2, "token floor of swept lease rows", "0002_token_floor.sql";
+    3, "holders of semaphores", "0003_semaphore_holders.sql";
+    4, "shared (reader) leases: the waiting writer's mark", "0004_shared_leases.sql";
+);
+
+/// dblock's bookkeeping table in MySQL/MariaDB.
+const BOOKKEEPING: Bookkeeping = Bookkeeping {
+    create: "CREATE TABLE IF NOT EXISTS dblock_schema_migrations (
+            version     BIGINT       NOT NULL PRIMARY KEY,
+            description VARCHAR(255) NOT NULL,
+            applied_at  DATETIME(6)  NOT NULL
+        ) ENGINE = InnoDB",
+    record: "INSERT INTO dblock_schema_migrations (version, description, applied_at) \
+             VALUES (?, ?, UTC_TIMESTAMP(6))",
+    persistent: true,
+};
 
 /// The named lock that serialises migrators of one database (names are
 /// server-wide and at most 64 characters, hence the hash of the database).
@@ -69,7 +65,7 @@ pub async fn migrate(pool: &MySqlPool) -> Result<()> {
             }
         }
     }
-    let applied = apply(c).await;
+    let applied = apply_steps(c).await;
     let released = sqlx::query(sqlx::AssertSqlSafe(format!(
         "SELECT RELEASE_LOCK({LOCK_NAME})"
     )))
@@ -81,30 +77,10 @@ pub async fn migrate(pool: &MySqlPool) -> Result<()> {
     Ok(())
 }
 
-async fn apply(c: &mut sqlx::MySqlConnection) -> Result<()> {
-    sqlx::raw_sql(
-        "CREATE TABLE IF NOT EXISTS dblock_schema_migrations (
-            version     BIGINT       NOT NULL PRIMARY KEY,
-            description VARCHAR(255) NOT NULL,
-            applied_at  DATETIME(6)  NOT NULL
-        ) ENGINE = InnoDB",
-    )
-    .execute(&mut *c)
+async fn apply_steps(c: &mut sqlx::MySqlConnection) -> Result<()> {
+    apply::<sqlx::MySql>(c, MIGRATIONS, &BOOKKEEPING, |version| {
+        tracing::info!(version, "dblock: applied MySQL schema step");
+    })
     .await?;
-    let applied: Vec<i64> = sqlx::query_scalar("SELECT version FROM dblock_schema_migrations")
-        .fetch_all(&mut *c)
-        .await?;
-    for m in MIGRATIONS.iter().filter(|m| !applied.contains(&m.version)) {
-        sqlx::raw_sql(m.sql).execute(&mut *c).await?;
-        sqlx::query(
-            "INSERT INTO dblock_schema_migrations (version, description, applied_at) \
-             VALUES (?, ?, UTC_TIMESTAMP(6))",
-        )
-        .bind(m.version)
-        .bind(m.description)
-        .execute(&mut *c)
-        .await?;
-        tracing::info!(version = m.version, "dblock: applied MySQL schema step");
-    }
     Ok(())
 }

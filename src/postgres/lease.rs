@@ -429,6 +429,30 @@ impl PgStore {
         Ok(self.fetch_all(query).await?.into_iter().next())
     }
 
+    /// Runs the renewal statement `sql` of one lease or permit ($1 name,
+    /// $2 owner, $3 token, $4 ttl in microseconds): its new expiry, or
+    /// `None` if it is no longer theirs.
+    async fn renew_one(
+        &self,
+        sql: &Arc<str>,
+        name: &str,
+        owner: &str,
+        token: u64,
+        ttl: Duration,
+    ) -> Result<Option<DateTime<Utc>>> {
+        let row = retrying(|| {
+            self.fetch_optional(|| {
+                sqlx::query(AssertSqlSafe(sql.clone()))
+                    .bind(name.to_owned())
+                    .bind(owner.to_owned())
+                    .bind(token as i64)
+                    .bind(micros(ttl))
+            })
+        })
+        .await?;
+        row.map(|row| row.try_get(0)).transpose().map_err(map_err)
+    }
+
     /// Refuses engines that cannot carry leases safely; asks once.
     async fn check_engine(&self) -> Result<()> {
         let verdict = self
@@ -583,17 +607,8 @@ impl LeaseStore for PgStore {
         if is_permit(owner) {
             return self.renew_permit(name, owner, token, ttl).await;
         }
-        let row = retrying(|| {
-            self.fetch_optional(|| {
-                sqlx::query(AssertSqlSafe(self.sql.renew.clone()))
-                    .bind(name.to_owned())
-                    .bind(owner.to_owned())
-                    .bind(token as i64)
-                    .bind(micros(ttl))
-            })
-        })
-        .await?;
-        row.map(|row| row.try_get(0)).transpose().map_err(map_err)
+        self.renew_one(&self.sql.renew, name, owner, token, ttl)
+            .await
     }
 
     async fn renew_many(&self, batch: &[Renewal]) -> Result<Vec<Renewed>> {

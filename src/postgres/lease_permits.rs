@@ -242,17 +242,7 @@ impl PgStore {
         ttl: Duration,
     ) -> Result<Option<DateTime<Utc>>> {
         let sql = self.permit_sql()?;
-        let row = retrying(|| {
-            self.fetch_optional(|| {
-                self.q(&sql.renew)
-                    .bind(name.to_owned())
-                    .bind(owner.to_owned())
-                    .bind(token as i64)
-                    .bind(micros(ttl))
-            })
-        })
-        .await?;
-        row.map(|row| row.try_get(0)).transpose().map_err(map_err)
+        self.renew_one(&sql.renew, name, owner, token, ttl).await
     }
 
     /// Renews the holder rows of `batch` in one statement.

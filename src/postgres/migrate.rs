@@ -2,36 +2,28 @@
 
 use sqlx::PgPool;
 
-use crate::migrate::Migration;
+use crate::migrate::{apply, migrations, Bookkeeping, Migration};
 use crate::Result;
 
-const MIGRATIONS: &[Migration] = &[
-    Migration {
-        version: 1,
-        description: "fencing sequence and lease table",
-        sql: include_str!("../../migrations/postgres/0001_dblock.sql"),
-    },
-    Migration {
-        version: 2,
-        description: "lease tokens from the fencing sequence",
-        sql: include_str!("../../migrations/postgres/0002_lease_tokens_from_sequence.sql"),
-    },
-    Migration {
-        version: 3,
-        description: "holders of semaphores",
-        sql: include_str!("../../migrations/postgres/0003_semaphore_holders.sql"),
-    },
-    Migration {
-        version: 4,
-        description: "holder identities of advisory locks",
-        sql: include_str!("../../migrations/postgres/0004_advisory_holders.sql"),
-    },
-    Migration {
-        version: 5,
-        description: "shared (reader) leases: the waiting writer's mark",
-        sql: include_str!("../../migrations/postgres/0005_shared_leases.sql"),
-    },
-];
+const MIGRATIONS: &[Migration] = migrations!("postgres";
+    1, "fencing sequence and lease table", "0001_dblock.sql";
+    2, "lease tokens from the fencing sequence", "0002_lease_tokens_from_sequence.sql";
+    3, "holders of semaphores", "0003_semaphore_holders.sql";
+    4, "holder identities of advisory locks", "0004_advisory_holders.sql";
+    5, "shared (reader) leases: the waiting writer's mark", "0005_shared_leases.sql";
+);
+
+/// dblock's bookkeeping table in PostgreSQL. Unnamed statements: they also
+/// work through a transaction-pooling proxy.
+const BOOKKEEPING: Bookkeeping = Bookkeeping {
+    create: "CREATE TABLE IF NOT EXISTS dblock_schema_migrations (
+            version     bigint      PRIMARY KEY,
+            description text        NOT NULL,
+            applied_at  timestamptz NOT NULL DEFAULT clock_timestamp()
+        )",
+    record: "INSERT INTO dblock_schema_migrations (version, description) VALUES ($1, $2)",
+    persistent: false,
+};
 
 /// Creates or updates dblock's schema in the pool's database: the fencing
 /// sequence of [`Advisory`](super::Advisory) and the lease table of
@@ -57,32 +49,10 @@ pub async fn migrate(pool: &PgPool) -> Result<()> {
         .bind(super::advisory_key("dblock:migrate"))
         .execute(&mut *tx)
         .await?;
-    sqlx::raw_sql(
-        "CREATE TABLE IF NOT EXISTS dblock_schema_migrations (
-            version     bigint      PRIMARY KEY,
-            description text        NOT NULL,
-            applied_at  timestamptz NOT NULL DEFAULT clock_timestamp()
-        )",
-    )
-    .execute(&mut *tx)
+    apply::<sqlx::Postgres>(&mut tx, MIGRATIONS, &BOOKKEEPING, |version| {
+        tracing::info!(version, "dblock: applied PostgreSQL schema step");
+    })
     .await?;
-    let applied: Vec<i64> = sqlx::query_scalar("SELECT version FROM dblock_schema_migrations")
-        .persistent(false)
-        .fetch_all(&mut *tx)
-        .await?;
-    for m in MIGRATIONS.iter().filter(|m| !applied.contains(&m.version)) {
-        sqlx::raw_sql(m.sql).execute(&mut *tx).await?;
-        sqlx::query("INSERT INTO dblock_schema_migrations (version, description) VALUES ($1, $2)")
-            .persistent(false)
-            .bind(m.version)
-            .bind(m.description)
-            .execute(&mut *tx)
-            .await?;
-        tracing::info!(
-            version = m.version,
-            "dblock: applied PostgreSQL schema step"
-        );
-    }
     tx.commit().await?;
     Ok(())
 }

@@ -36,7 +36,7 @@ use std::time::Duration;
 use sha2::{Digest, Sha256};
 use tokio::sync::{oneshot, Semaphore};
 
-use crate::lease::doorbell::{Bell, Doorbells, Ring};
+use crate::lease::doorbell::{self, Bell, Holder, Ring};
 
 /// The most names one backend watches at once.
 pub(crate) const WATCHES: usize = 8;
@@ -82,48 +82,47 @@ impl Folder {
 /// the file, locked (`None` if its lock could not be taken).
 type Armed = (HashSet<(String, u64)>, Option<File>);
 
-/// The bells of one backend.
-pub(crate) struct Bells {
+/// The bells of one backend (see [`Holding`]).
+pub(crate) type Bells = doorbell::Bells<Holding>;
+
+/// Bells for the database file `db` (as the connect options name it).
+pub(crate) fn bells(db: &Path, table: &str) -> Bells {
+    let dir = Arc::new(Folder {
+        db: db.to_owned(),
+        dir: OnceLock::new(),
+    });
+    Bells::new(
+        Holding {
+            dir: dir.clone(),
+            table: table.to_owned(),
+            armed: Mutex::default(),
+        },
+        Watcher {
+            dir,
+            table: table.to_owned(),
+            threads: Arc::new(Semaphore::new(THREADS)),
+        },
+        WATCHES,
+    )
+}
+
+/// The holding side: a shared lock on the bell file of each lease held.
+pub(crate) struct Holding {
     dir: Arc<Folder>,
     table: String,
     /// Bell file → what this process holds behind it.
     armed: Mutex<HashMap<PathBuf, Armed>>,
-    watches: Doorbells<Watcher>,
 }
 
-impl fmt::Debug for Bells {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Bells")
-            .field("dir", &self.dir)
-            .field("watches", &self.watches)
-            .finish_non_exhaustive()
-    }
-}
+impl Holder for Holding {
+    type Watcher = Watcher;
 
-impl Bells {
-    /// Bells for the database file `db` (as the connect options name it).
-    pub(crate) fn new(db: &Path, table: &str) -> Self {
-        let dir = Arc::new(Folder {
-            db: db.to_owned(),
-            dir: OnceLock::new(),
-        });
-        Bells {
-            watches: Doorbells::new(
-                Watcher {
-                    dir: dir.clone(),
-                    table: table.to_owned(),
-                    threads: Arc::new(Semaphore::new(THREADS)),
-                },
-                WATCHES,
-            ),
-            dir,
-            table: table.to_owned(),
-            armed: Mutex::default(),
-        }
+    /// Not for an in-memory database (no file, so no folder for bells).
+    fn usable(&self) -> bool {
+        self.dir.get().is_some()
     }
 
-    /// The lease `name` / `token` was granted to this process.
-    pub(crate) fn arm(&self, name: &str, token: u64) {
+    fn arm(&self, name: &str, token: u64) {
         let Some(dir) = self.dir.get() else { return };
         let path = bell_file(dir, &self.table, name);
         let mut armed = self.armed.lock().unwrap();
@@ -135,8 +134,7 @@ impl Bells {
         }
     }
 
-    /// This process is done with the lease `name` / `token`.
-    pub(crate) fn disarm(&self, name: &str, token: u64) {
+    fn disarm(&self, name: &str, token: u64) {
         let Some(dir) = self.dir.get() else { return };
         let path = bell_file(dir, &self.table, name);
         let mut armed = self.armed.lock().unwrap();
@@ -151,42 +149,8 @@ impl Bells {
         }
     }
 
-    /// A guard that disarms when dropped (see the MySQL twin).
-    pub(crate) fn disarm_on_drop<'a>(&'a self, name: &'a str, token: u64) -> DisarmOnDrop<'a> {
-        DisarmOnDrop {
-            bells: self,
-            name,
-            token,
-        }
-    }
-
-    /// Resolves when the holder of `name` in another process may have
-    /// released it.
-    pub(crate) fn released(&self, name: &str) -> impl std::future::Future<Output = ()> + Send {
-        let watch = self
-            .dir
-            .get()
-            .is_some()
-            .then(|| self.watches.released(name));
-        async move {
-            match watch {
-                Some(watch) => watch.await,
-                None => std::future::pending().await,
-            }
-        }
-    }
-}
-
-/// See [`Bells::disarm_on_drop`].
-pub(crate) struct DisarmOnDrop<'a> {
-    bells: &'a Bells,
-    name: &'a str,
-    token: u64,
-}
-
-impl Drop for DisarmOnDrop<'_> {
-    fn drop(&mut self) {
-        self.bells.disarm(self.name, self.token);
+    fn debug_fields(&self, f: &mut fmt::DebugStruct<'_, '_>) {
+        f.field("dir", &self.dir);
     }
 }
 
@@ -301,8 +265,8 @@ mod tests {
         std::fs::write(&db, b"").unwrap();
         // Two backends: the holder's and the waiter's (bells are per open
         // file, so this is what another process sees).
-        let holder = Bells::new(&db, "t");
-        let waiter = Bells::new(&db, "t");
+        let holder = bells(&db, "t");
+        let waiter = bells(&db, "t");
         holder.arm("n", 1);
         // An unarmed-looking first ring is allowed; after it, the watch
         // must wait for the holder.
@@ -325,10 +289,10 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let db = dir.join("x.db");
         std::fs::write(&db, b"").unwrap();
-        let bells = Bells::new(&db, "t");
+        let bells = bells(&db, "t");
         bells.arm("n", 1);
         bells.arm("n", 2);
-        let path = bell_file(bells.dir.get().unwrap(), "t", "n");
+        let path = bell_file(bells.holder().dir.get().unwrap(), "t", "n");
         let probe = File::open(&path).unwrap();
         assert!(probe.try_lock().is_err(), "the bell is held");
         bells.disarm("n", 1);

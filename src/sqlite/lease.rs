@@ -10,7 +10,7 @@ use chrono::{DateTime, Utc};
 use sqlx::sqlite::{SqliteConnectOptions, SqlitePoolOptions, SqliteRow};
 use sqlx::{AssertSqlSafe, Row, SqlitePool};
 
-use super::doorbell::Bells;
+use super::doorbell::{bells, Bells};
 use super::retry_busy;
 #[path = "lease_permits.rs"]
 mod permits;
@@ -228,7 +228,7 @@ impl Lease {
         wakeups: Arc<Wakeups>,
     ) -> Result<Self> {
         let store = SqliteStore {
-            bells: Bells::new(pool.connect_options().get_filename(), &table),
+            bells: bells(pool.connect_options().get_filename(), &table),
             pool: pool.clone(),
             sql: Sql::new(&quote_table(&table)),
             permits: holders_table(&table)
@@ -245,6 +245,18 @@ impl Lease {
 }
 
 lease_backend!(Lease);
+
+/// The renewal of one row of table `t` (quoted): ?1 name, ?2 owner, ?3
+/// token, ?4 ttl in microseconds; the new expiry if the row was still
+/// theirs and live.
+pub(super) fn renew_one(t: &str) -> Arc<str> {
+    format!(
+        "UPDATE {t} SET expires_at = {NOW} + ?4
+          WHERE name = ?1 AND owner = ?2 AND token = ?3 AND expires_at > {NOW}
+         RETURNING expires_at"
+    )
+    .into()
+}
 
 /// The batch renewal of table `t` (quoted): ?1 is the JSON document of
 /// [`batch_json`], read by `json_each` and joined to the table by primary
@@ -301,11 +313,7 @@ impl SqliteStore {
                 answers[k] = Renewed::Until(time(*at)?);
             }
         }
-        for (r, answer) in batch.iter().zip(&answers) {
-            if *answer == Renewed::Gone {
-                self.bells.disarm(&r.name, r.token);
-            }
-        }
+        self.bells.disarm_gone(batch, &answers);
         Ok(answers)
     }
 }
@@ -381,12 +389,7 @@ impl Sql {
                  RETURNING owner, token, expires_at"
             )
             .into(),
-            renew: format!(
-                "UPDATE {t} SET expires_at = {NOW} + ?4
-                  WHERE name = ?1 AND owner = ?2 AND token = ?3 AND expires_at > {NOW}
-                 RETURNING expires_at"
-            )
-            .into(),
+            renew: renew_one(t),
             // Every lease of a batch in one statement.
             renew_many: renew_batch(t),
             // ?4 is hold_at_least in microseconds (0 without).
@@ -481,10 +484,7 @@ impl LeaseStore for SqliteStore {
             // waiter elsewhere (a writer waiting for the last reader) wakes
             // when this process lets its share go.
             let claimed = self.claim_permit(claim).await?;
-            if let Some(c) = &claimed {
-                self.bells.arm(claim.name, c.token);
-            }
-            return Ok(claimed);
+            return Ok(self.bells.armed(claim.name, claimed));
         }
         let row: Option<(Option<String>, i64, i64)> = retry_busy(|| async {
             // As for PostgreSQL: nothing is claimed for an acquirer that left
@@ -529,10 +529,7 @@ impl LeaseStore for SqliteStore {
     ) -> Result<Option<DateTime<Utc>>> {
         if is_permit(owner) {
             let at = self.renew_permit(name, owner, token, ttl).await?;
-            if at.is_none() {
-                self.bells.disarm(name, token);
-            }
-            return Ok(at);
+            return Ok(self.bells.renewed(name, token, at));
         }
         let at: Option<i64> = retry_busy(|| {
             sqlx::query_scalar(AssertSqlSafe(self.sql.renew.clone()))
@@ -543,10 +540,7 @@ impl LeaseStore for SqliteStore {
                 .fetch_optional(&self.pool)
         })
         .await?;
-        if at.is_none() {
-            self.bells.disarm(name, token);
-        }
-        at.map(time).transpose()
+        self.bells.renewed(name, token, at).map(time).transpose()
     }
 
     async fn renew_many(&self, batch: &[Renewal]) -> Result<Vec<Renewed>> {

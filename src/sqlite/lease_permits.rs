@@ -81,12 +81,7 @@ impl PermitSql {
                   WHERE name = ?1"
             )
             .into(),
-            renew: format!(
-                "UPDATE {h} SET expires_at = {NOW} + ?4
-                  WHERE name = ?1 AND owner = ?2 AND token = ?3 AND expires_at > {NOW}
-                 RETURNING expires_at"
-            )
-            .into(),
+            renew: super::renew_one(h),
             // Every holder row of a batch, as the plain leases' `renew_many`
             // (?1 the same JSON document), and then their markers.
             renew_many: super::renew_batch(h),

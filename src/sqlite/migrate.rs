@@ -2,31 +2,26 @@
 
 use sqlx::SqlitePool;
 
-use crate::migrate::{Migration, BOOKKEEPING};
+use crate::migrate::{apply, migrations, Bookkeeping, Migration, BOOKKEEPING};
 use crate::Result;
 
-const MIGRATIONS: &[Migration] = &[
-    Migration {
-        version: 1,
-        description: "lease table",
-        sql: include_str!("../../migrations/sqlite/0001_dblock.sql"),
-    },
-    Migration {
-        version: 2,
-        description: "token floor of deleted lease rows",
-        sql: include_str!("../../migrations/sqlite/0002_token_floor.sql"),
-    },
-    Migration {
-        version: 3,
-        description: "holders of semaphores",
-        sql: include_str!("../../migrations/sqlite/0003_semaphore_holders.sql"),
-    },
-    Migration {
-        version: 4,
-        description: "shared (reader) leases: the waiting writer's mark",
-        sql: include_str!("../../migrations/sqlite/0004_shared_leases.sql"),
-    },
-];
+const MIGRATIONS: &[Migration] = migrations!("sqlite";
+    1, "lease table", "0001_dblock.sql";
+    2, "token floor of deleted lease rows", "0002_token_floor.sql";
+    3, "holders of semaphores", "0003_semaphore_holders.sql";
+    4, "shared (reader) leases: the waiting writer's mark", "0004_shared_leases.sql";
+);
+
+/// dblock's bookkeeping table in SQLite.
+const TABLE: Bookkeeping = Bookkeeping {
+    create: "CREATE TABLE IF NOT EXISTS dblock_schema_migrations (
+            version     INTEGER PRIMARY KEY NOT NULL,
+            description TEXT    NOT NULL,
+            applied_at  TEXT    NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))
+        )",
+    record: "INSERT INTO dblock_schema_migrations (version, description) VALUES (?1, ?2)",
+    persistent: true,
+};
 
 /// Creates or updates dblock's schema in the pool's database file: the lease
 /// table `dblock_leases` of [`Lease`](super::Lease).
@@ -48,30 +43,13 @@ pub async fn migrate(pool: &SqlitePool) -> Result<()> {
 
 async fn migrate_once(pool: &SqlitePool) -> sqlx::Result<()> {
     let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
-    sqlx::raw_sql(
-        "CREATE TABLE IF NOT EXISTS dblock_schema_migrations (
-            version     INTEGER PRIMARY KEY NOT NULL,
-            description TEXT    NOT NULL,
-            applied_at  TEXT    NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))
-        )",
-    )
-    .execute(&mut *tx)
-    .await?;
-    let applied: Vec<i64> = sqlx::query_scalar("SELECT version FROM dblock_schema_migrations")
-        .fetch_all(&mut *tx)
-        .await?;
-    for m in MIGRATIONS.iter().filter(|m| !applied.contains(&m.version)) {
-        sqlx::raw_sql(m.sql).execute(&mut *tx).await?;
-        sqlx::query("INSERT INTO dblock_schema_migrations (version, description) VALUES (?1, ?2)")
-            .bind(m.version)
-            .bind(m.description)
-            .execute(&mut *tx)
-            .await?;
+    apply::<sqlx::Sqlite>(&mut tx, MIGRATIONS, &TABLE, |version| {
         tracing::info!(
-            version = m.version,
+            version,
             table = BOOKKEEPING,
             "dblock: applied SQLite schema step"
         );
-    }
+    })
+    .await?;
     tx.commit().await
 }
