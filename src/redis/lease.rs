@@ -706,6 +706,34 @@ fn info(name: &str, value: &str, pttl_ms: i64, now_us: i64) -> Result<LockInfo> 
 }
 
 impl RedisStore {
+    /// Runs the release script `script` of a lease, or of a permit (whose
+    /// permits hash is its second key): KEYS the lock key (and the permits
+    /// hash), ARGV owner, token, hold_at_least in ms (0 without), channel,
+    /// name. Whether it was ours.
+    pub(super) async fn release_by(
+        &self,
+        script: &Script,
+        permit: bool,
+        name: &str,
+        owner: &str,
+        token: u64,
+        hold: Option<Duration>,
+    ) -> Result<bool> {
+        let mut invocation = script.prepare_invoke();
+        invocation.key(self.keys.lock(name));
+        if permit {
+            invocation.key(self.keys.permits(name));
+        }
+        invocation
+            .arg(owner)
+            .arg(token)
+            .arg(hold.map(millis).unwrap_or(0))
+            .arg(self.keys.channel(name))
+            .arg(name);
+        let released: i64 = self.conn.script_again(&invocation).await?;
+        Ok(released == 1)
+    }
+
     /// Replaces each semaphore's marker among `infos` by its permits.
     async fn with_permits(&self, infos: Vec<LockInfo>) -> Result<Vec<LockInfo>> {
         let mut out = Vec::with_capacity(infos.len());
@@ -852,16 +880,8 @@ impl LeaseStore for RedisStore {
         if is_permit(owner) {
             return self.release_permit(name, owner, token, hold).await;
         }
-        let mut invocation = RELEASE.prepare_invoke();
-        invocation
-            .key(self.keys.lock(name))
-            .arg(owner)
-            .arg(token)
-            .arg(hold.map(millis).unwrap_or(0))
-            .arg(self.keys.channel(name))
-            .arg(name);
-        let released: i64 = self.conn.script_again(&invocation).await?;
-        Ok(released == 1)
+        self.release_by(&RELEASE, false, name, owner, token, hold)
+            .await
     }
 
     async fn force_release(&self, name: &str) -> Result<bool> {

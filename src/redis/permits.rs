@@ -63,6 +63,25 @@ end
     };
 }
 
+/// Lua that finds the permit of owner `ARGV[1]` and token `ARGV[2]` in
+/// the hash `KEYS[2]`, answering 0 unless it is there and live, and leaves
+/// its value's parts in `v`, `p` (`owner token `), `acquired` (matched by
+/// the pattern given), `expires` and `rest`.
+macro_rules! lua_own_permit {
+    ($acquired:literal) => {
+        concat!(
+            "local v = redis.call('HGET', KEYS[2], ARGV[2])
+local p = ARGV[1] .. ' ' .. ARGV[2] .. ' '
+if not v or string.sub(v, 1, #p) ~= p then return 0 end
+local acquired, expires, rest = string.match(v, '^%S+ %S+ (",
+            $acquired,
+            ") (%d+) (.*)$')
+if tonumber(expires) <= now then return 0 end
+"
+        )
+    };
+}
+
 /// KEYS: the lock key, the permits hash, the token counter, the waiting
 /// writer's mark. ARGV: owner, holder, ttl in ms, n (1 for a reader).
 /// Answers `{token, expires µs}`, `{-1, n found}` when the name is held
@@ -114,12 +133,8 @@ static RENEW: LazyLock<Script> = LazyLock::new(|| {
     Script::new(concat!(
         lua_now!(),
         "local lk, hk = KEYS[1], KEYS[2]\n",
-        "local v = redis.call('HGET', KEYS[2], ARGV[2])
-local p = ARGV[1] .. ' ' .. ARGV[2] .. ' '
-if not v or string.sub(v, 1, #p) ~= p then return 0 end
-local acquired, expires, rest = string.match(v, '^%S+ %S+ (%S+) (%d+) (.*)$')
-if tonumber(expires) <= now then return 0 end
-local until_ = now + tonumber(ARGV[3]) * 1000
+        lua_own_permit!("%S+"),
+        "local until_ = now + tonumber(ARGV[3]) * 1000
 redis.call('HSET', KEYS[2], ARGV[2], p .. acquired .. ' ' .. string.format('%.0f', until_) .. ' ' .. rest)
 ",
         lua_live!(),
@@ -170,12 +185,8 @@ static RELEASE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(concat!(
         lua_now!(),
         "local lk, hk = KEYS[1], KEYS[2]\n",
-        "local v = redis.call('HGET', KEYS[2], ARGV[2])
-local p = ARGV[1] .. ' ' .. ARGV[2] .. ' '
-if not v or string.sub(v, 1, #p) ~= p then return 0 end
-local acquired, expires, rest = string.match(v, '^%S+ %S+ (%d+) (%d+) (.*)$')
-if tonumber(expires) <= now then return 0 end
-local hold_until = tonumber(acquired) + tonumber(ARGV[3]) * 1000
+        lua_own_permit!("%d+"),
+        "local hold_until = tonumber(acquired) + tonumber(ARGV[3]) * 1000
 if hold_until > now then
   redis.call('HSET', KEYS[2], ARGV[2], '- ' .. ARGV[2] .. ' ' .. acquired .. ' '
     .. string.format('%.0f', hold_until) .. ' ' .. rest)
@@ -275,17 +286,8 @@ impl RedisStore {
         token: u64,
         hold: Option<Duration>,
     ) -> Result<bool> {
-        let mut invocation = RELEASE.prepare_invoke();
-        invocation
-            .key(self.keys.lock(name))
-            .key(self.keys.permits(name))
-            .arg(owner)
-            .arg(token)
-            .arg(hold.map(millis).unwrap_or(0))
-            .arg(self.keys.channel(name))
-            .arg(name);
-        let released: i64 = self.conn.script_again(&invocation).await?;
-        Ok(released == 1)
+        self.release_by(&RELEASE, true, name, owner, token, hold)
+            .await
     }
 
     /// The live permits of `name`, if its lock key is a semaphore's marker.
