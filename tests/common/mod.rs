@@ -103,6 +103,43 @@ pub fn galera_urls() -> Vec<String> {
     urls
 }
 
+/// Polls `check` every `every` until it holds (true) or `within` passes
+/// (false).
+pub async fn poll_until<F, Fut>(
+    within: std::time::Duration,
+    every: std::time::Duration,
+    mut check: F,
+) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let end = tokio::time::Instant::now() + within;
+    loop {
+        if check().await {
+            return true;
+        }
+        if tokio::time::Instant::now() >= end {
+            return false;
+        }
+        tokio::time::sleep(every).await;
+    }
+}
+
+/// Runs `fut` on a thread of its own, on a current-thread runtime of its
+/// own: a process apart, which can stall (block its thread) as a whole.
+pub fn on_own_runtime<T: Send + 'static>(
+    fut: impl std::future::Future<Output = T> + Send + 'static,
+) -> std::thread::JoinHandle<T> {
+    std::thread::spawn(move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(fut)
+    })
+}
+
 /// A lock name no other test (or earlier run) uses.
 pub fn unique(prefix: &str) -> String {
     static N: AtomicU64 = AtomicU64::new(0);
