@@ -82,20 +82,10 @@ impl suite::Fixture for AdvisoryFixture {
         Locks::new(backend)
     }
     fn unreachable(&self) -> Locks {
-        let pool = PgPoolOptions::new()
-            .acquire_timeout(Duration::from_secs(2))
-            .connect_lazy("postgres://postgres@127.0.0.1:1/nowhere")
-            .unwrap();
-        Locks::new(Advisory::new(pool))
-    }
-    fn shared(&self) -> bool {
-        true
+        Locks::new(Advisory::new(common::lazy_pool(common::NOWHERE_PG)))
     }
     fn lease(&self) -> bool {
         false
-    }
-    fn semaphores(&self) -> bool {
-        true
     }
     fn writer_first(&self) -> bool {
         self.wait == WaitStrategy::Server

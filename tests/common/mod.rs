@@ -140,6 +140,21 @@ pub fn on_own_runtime<T: Send + 'static>(
     })
 }
 
+/// With `name` held (and nothing else on `locks`' store), takes "another"
+/// beside it: `list` shows the two in name order. Releases "another".
+pub async fn listed_in_name_order(locks: &dblock::Locks, name: &str) {
+    let other = locks.acquire("another").await.unwrap();
+    let listed: Vec<_> = locks
+        .list()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|i| i.name.unwrap())
+        .collect();
+    assert_eq!(listed, ["another", name]);
+    other.release().await.unwrap();
+}
+
 /// A lock name no other test (or earlier run) uses.
 pub fn unique(prefix: &str) -> String {
     static N: AtomicU64 = AtomicU64::new(0);
@@ -161,6 +176,20 @@ pub async fn pg_pool(url: &str, max: u32) -> sqlx::PgPool {
         .connect(url)
         .await
         .unwrap_or_else(|e| panic!("connect to PostgreSQL at {url}: {e}"))
+}
+
+/// PostgreSQL and MySQL URLs where no server listens (port 1).
+pub const NOWHERE_PG: &str = "postgres://postgres@127.0.0.1:1/nowhere";
+pub const NOWHERE_MY: &str = "mysql://root@127.0.0.1:1/nowhere";
+
+/// A pool on `url` that connects lazily and gives up acquiring after 2 s:
+/// with [`NOWHERE_PG`] or [`NOWHERE_MY`], one whose every statement fails.
+#[cfg(any(feature = "postgres", feature = "mysql"))]
+pub fn lazy_pool<DB: sqlx::Database>(url: &str) -> sqlx::Pool<DB> {
+    sqlx::pool::PoolOptions::<DB>::new()
+        .acquire_timeout(std::time::Duration::from_secs(2))
+        .connect_lazy(url)
+        .unwrap()
 }
 
 /// The Redis URL for tests, from `DBLOCK_TEST_REDIS_URL` (e.g.

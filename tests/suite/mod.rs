@@ -46,10 +46,15 @@ pub trait Fixture: Send + Sync + 'static {
     fn locks(&self) -> impl std::future::Future<Output = Locks> + Send;
     /// A `Locks` whose database cannot be reached: any SQL would fail.
     fn unreachable(&self) -> Locks;
-    /// Whether shared (reader) locks are implemented.
-    fn shared(&self) -> bool;
-    /// Whether locks are leases (expire by ttl; `expires_at` is set).
-    fn lease(&self) -> bool;
+    /// Whether shared (reader) locks are implemented (by default, yes).
+    fn shared(&self) -> bool {
+        true
+    }
+    /// Whether locks are leases (expire by ttl; `expires_at` is set); by
+    /// default, yes.
+    fn lease(&self) -> bool {
+        true
+    }
     /// Whether semaphores (`max_holders(n)` above 1) are implemented.
     fn semaphores(&self) -> bool {
         true
