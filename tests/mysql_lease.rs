@@ -1208,15 +1208,7 @@ async fn a_row_locked_by_lock_in_tx_does_not_hold_up_the_batch() {
         "the batch was held up: {before:?} -> {after:?}"
     );
     tx.commit().await.unwrap();
-    batch::release_all(
-        guards
-            .into_iter()
-            .enumerate()
-            .filter(|(k, _)| *k != victim)
-            .map(|(_, g)| g)
-            .collect(),
-    )
-    .await;
+    batch::release_all_but(guards, victim).await;
     s.finish().await;
 }
 

@@ -112,6 +112,19 @@ pub async fn release_all(guards: Vec<LockGuard>) {
         .await;
 }
 
+/// Releases every guard but the `victim`-th (lost: its release would fail).
+pub async fn release_all_but(guards: Vec<LockGuard>, victim: usize) {
+    release_all(
+        guards
+            .into_iter()
+            .enumerate()
+            .filter(|(k, _)| *k != victim)
+            .map(|(_, g)| g)
+            .collect(),
+    )
+    .await;
+}
+
 /// Waits until the backend holds nothing and its renewal task has stopped.
 async fn task_stops(stats: &(dyn Fn() -> RenewalStats + Send + Sync)) {
     let end = Instant::now() + HUNG;
@@ -246,15 +259,7 @@ pub async fn broken_lease_lost_alone(h: &impl Harness, n: usize) {
         .unwrap()
         .contains("no longer ours"));
     assert_eq!(s.observer.list().await.unwrap().len(), n - 1);
-    release_all(
-        guards
-            .into_iter()
-            .enumerate()
-            .filter(|(k, _)| *k != victim)
-            .map(|(_, g)| g)
-            .collect(),
-    )
-    .await;
+    release_all_but(guards, victim).await;
     task_stops(&*s.stats).await;
     s.finish().await;
 }
