@@ -540,39 +540,32 @@ fn rss_kib() -> u64 {
         .unwrap_or(0)
 }
 
-/// Expands the batch suite into tests for one harness.
+/// Expands the batch suite into tests for one harness: each behaviour
+/// above with its number of leases, as a test of the same name.
 #[macro_export]
 macro_rules! batch_suite {
     ($harness:expr) => {
-        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-        async fn one_statement_per_tick() {
-            batch::one_statement_per_tick(&$harness, 2000).await;
-        }
-        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-        async fn broken_lease_lost_alone() {
-            batch::broken_lease_lost_alone(&$harness, 2000).await;
-        }
-        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-        async fn failed_batches_lose_each_lease_at_its_deadline() {
-            batch::failed_batches_lose_each_lease_at_its_deadline(&$harness, 600).await;
-        }
-        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-        async fn releases_racing_batches_revive_nothing() {
-            batch::releases_racing_batches_revive_nothing(&$harness, 300).await;
-        }
-        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-        async fn extends_racing_batches_keep_their_length() {
-            batch::extends_racing_batches_keep_their_length(&$harness, 300).await;
-        }
-        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-        async fn task_runs_only_while_held() {
-            batch::task_runs_only_while_held(&$harness).await;
-        }
+        $crate::batch_suite!(@tests $harness;
+            one_statement_per_tick(2000),
+            broken_lease_lost_alone(2000),
+            failed_batches_lose_each_lease_at_its_deadline(600),
+            releases_racing_batches_revive_nothing(300),
+            extends_racing_batches_keep_their_length(300),
+            task_runs_only_while_held(),
+        );
         /// The 100,000-lease measurement: see [`batch::scale`].
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
         #[ignore]
         async fn scale() {
             batch::scale(&$harness).await;
         }
+    };
+    (@tests $harness:expr; $($name:ident($($n:expr)?),)*) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                batch::$name(&$harness $(, $n)?).await;
+            }
+        )*
     };
 }
