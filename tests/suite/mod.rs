@@ -524,6 +524,19 @@ pub async fn not_reentrant<F: Fixture>(f: &F) {
     assert!(a.try_acquire(&name).await.unwrap().is_some());
 }
 
+/// Extends the lease `g` to 20 s from now, well past its expiry before;
+/// returns the new expiry.
+pub(crate) async fn extend_by_20s(g: &dblock::LockGuard) -> chrono::DateTime<chrono::Utc> {
+    let first = g.expires_at().unwrap();
+    let extended = g
+        .extend(Duration::from_secs(20))
+        .await
+        .unwrap()
+        .expect("expiry");
+    assert!(extended > first + chrono::Duration::seconds(10));
+    extended
+}
+
 /// `extend` pushes a lease's expiry out (and checks an advisory lock's
 /// session), and renewal keeps a lease alive well past its first ttl.
 pub async fn extend_and_renewal<F: Fixture>(f: &F) {
@@ -532,13 +545,7 @@ pub async fn extend_and_renewal<F: Fixture>(f: &F) {
     let ttl = Duration::from_millis(600);
     let g = a.acquire(&name).ttl_if(f.lease(), ttl).await.unwrap();
     if f.lease() {
-        let first = g.expires_at().unwrap();
-        let extended = g
-            .extend(Duration::from_secs(20))
-            .await
-            .unwrap()
-            .expect("expiry");
-        assert!(extended > first + chrono::Duration::seconds(10));
+        let extended = extend_by_20s(&g).await;
         assert_eq!(g.expires_at(), Some(extended));
         let seen = observer
             .inspect(&name)
