@@ -130,19 +130,6 @@ async fn sessions_holding(pool: &PgPool, key: i64) -> i64 {
     .unwrap()
 }
 
-/// Terminates the one session holding `name`'s advisory lock.
-async fn terminate_the_holder(admin: &PgPool, name: &str) {
-    let killed: Vec<bool> = sqlx::query_scalar(
-        "SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory' AND objsubid = 1
-           AND ((classid::bigint << 32) | objid::bigint) = $1",
-    )
-    .bind(advisory_key(name))
-    .fetch_all(admin)
-    .await
-    .unwrap();
-    assert_eq!(killed, vec![true]);
-}
-
 #[tokio::test]
 async fn key_function_matches_its_sql_twin() {
     let pool = pool(&common::postgres_url().await, 1).await;
@@ -317,7 +304,7 @@ async fn terminated_session_fires_lost_within_a_heartbeat() {
     let locks = Locks::new(backend);
     let name = common::unique("terminate");
     let g = locks.acquire(&name).await.unwrap();
-    terminate_the_holder(&pool(&url, 1).await, &name).await;
+    common::terminate_advisory_holder(&pool(&url, 1).await, &name).await;
     let started = tokio::time::Instant::now();
     tokio::time::timeout(heartbeat * 2 + Duration::from_secs(1), g.lost())
         .await
@@ -340,7 +327,7 @@ async fn release_after_termination_reports_lost() {
     let locks = Locks::new(backend);
     let name = common::unique("terminate-release");
     let g = locks.acquire(&name).await.unwrap();
-    terminate_the_holder(&pool(&url, 1).await, &name).await;
+    common::terminate_advisory_holder(&pool(&url, 1).await, &name).await;
     // Someone else takes the lock before the holder notices.
     let other = Locks::new(Advisory::new(pool(&url, 1).await));
     let next = other

@@ -178,6 +178,20 @@ pub async fn pg_pool(url: &str, max: u32) -> sqlx::PgPool {
         .unwrap_or_else(|e| panic!("connect to PostgreSQL at {url}: {e}"))
 }
 
+/// Terminates the one PostgreSQL session holding `name`'s advisory lock.
+#[cfg(feature = "postgres")]
+pub async fn terminate_advisory_holder(admin: &sqlx::PgPool, name: &str) {
+    let killed: Vec<bool> = sqlx::query_scalar(
+        "SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory' AND objsubid = 1
+           AND ((classid::bigint << 32) | objid::bigint) = $1",
+    )
+    .bind(dblock::postgres::advisory_key(name))
+    .fetch_all(admin)
+    .await
+    .unwrap();
+    assert_eq!(killed, vec![true]);
+}
+
 /// PostgreSQL and MySQL URLs where no server listens (port 1).
 pub const NOWHERE_PG: &str = "postgres://postgres@127.0.0.1:1/nowhere";
 pub const NOWHERE_MY: &str = "mysql://root@127.0.0.1:1/nowhere";
