@@ -80,17 +80,7 @@ impl suite::Fixture for GaleraFixture {
         Locks::new(Lease::new(pool_on(k).await))
     }
     fn unreachable(&self) -> Locks {
-        let pool = MySqlPoolOptions::new()
-            .acquire_timeout(Duration::from_secs(2))
-            .connect_lazy("mysql://root@127.0.0.1:1/nowhere")
-            .unwrap();
-        Locks::new(Lease::new(pool))
-    }
-    fn shared(&self) -> bool {
-        true
-    }
-    fn lease(&self) -> bool {
-        true
+        Locks::new(Lease::new(common::lazy_pool(common::NOWHERE_MY)))
     }
 }
 

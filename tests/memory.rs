@@ -15,12 +15,6 @@ impl suite::Fixture for MemoryFixture {
     fn unreachable(&self) -> Locks {
         Locks::new(self.0.clone())
     }
-    fn shared(&self) -> bool {
-        true
-    }
-    fn lease(&self) -> bool {
-        true
-    }
 }
 
 async fn fixture() -> MemoryFixture {

@@ -972,17 +972,7 @@ impl suite::Fixture for MysqlFixture {
         Locks::new(Lease::new(pool().await))
     }
     fn unreachable(&self) -> Locks {
-        let pool = MySqlPoolOptions::new()
-            .acquire_timeout(Duration::from_secs(2))
-            .connect_lazy("mysql://root@127.0.0.1:1/nowhere")
-            .unwrap();
-        Locks::new(Lease::new(pool))
-    }
-    fn shared(&self) -> bool {
-        true
-    }
-    fn lease(&self) -> bool {
-        true
+        Locks::new(Lease::new(common::lazy_pool(common::NOWHERE_MY)))
     }
 }
 
@@ -1218,15 +1208,7 @@ async fn a_row_locked_by_lock_in_tx_does_not_hold_up_the_batch() {
         "the batch was held up: {before:?} -> {after:?}"
     );
     tx.commit().await.unwrap();
-    batch::release_all(
-        guards
-            .into_iter()
-            .enumerate()
-            .filter(|(k, _)| *k != victim)
-            .map(|(_, g)| g)
-            .collect(),
-    )
-    .await;
+    batch::release_all_but(guards, victim).await;
     s.finish().await;
 }
 

@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use dblock::postgres::{advisory_key, Advisory, AdvisoryOptions};
+use dblock::postgres::{Advisory, AdvisoryOptions};
 use dblock::{Error, Locks};
 use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
 use sqlx::PgPool;
@@ -362,19 +362,6 @@ async fn memory_metrics() {
     lease_cycle_metrics(Locks::new(dblock::memory::Memory::new()), "memory").await;
 }
 
-/// Terminates the PostgreSQL session that holds `name`'s advisory lock.
-async fn terminate_holder(admin: &PgPool, name: &str) {
-    let killed: Vec<bool> = sqlx::query_scalar(
-        "SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory' AND objsubid = 1
-           AND ((classid::bigint << 32) | objid::bigint) = $1",
-    )
-    .bind(advisory_key(name))
-    .fetch_all(admin)
-    .await
-    .unwrap();
-    assert_eq!(killed, vec![true]);
-}
-
 fn advisory(pool: PgPool) -> Locks {
     Locks::new(
         Advisory::new(pool)
@@ -407,7 +394,7 @@ async fn postgres_advisory_metrics() {
     let mid = Metrics::take();
     assert_eq!(mid.gauge(dblock::metrics::LOCKS_HELD, &b), 1.0);
 
-    lose(&guard, terminate_holder(&admin, &name)).await;
+    lose(&guard, common::terminate_advisory_holder(&admin, &name)).await;
     let after = Metrics::take();
     assert_outcomes(&before, &after, backend, [1, 1, 1, 1]);
     let losses: Vec<_> = after
@@ -566,7 +553,7 @@ fn postgres_advisory_loss_event() {
         let admin = pg_pool(1).await;
         let name = common::unique("obs-advisory-span");
         let guard = locks.acquire(&name).await.unwrap();
-        lose(&guard, terminate_holder(&admin, &name)).await;
+        lose(&guard, common::terminate_advisory_holder(&admin, &name)).await;
         drop(guard);
     });
     let acquires = capture.spans("acquire");

@@ -82,20 +82,10 @@ impl suite::Fixture for AdvisoryFixture {
         Locks::new(backend)
     }
     fn unreachable(&self) -> Locks {
-        let pool = PgPoolOptions::new()
-            .acquire_timeout(Duration::from_secs(2))
-            .connect_lazy("postgres://postgres@127.0.0.1:1/nowhere")
-            .unwrap();
-        Locks::new(Advisory::new(pool))
-    }
-    fn shared(&self) -> bool {
-        true
+        Locks::new(Advisory::new(common::lazy_pool(common::NOWHERE_PG)))
     }
     fn lease(&self) -> bool {
         false
-    }
-    fn semaphores(&self) -> bool {
-        true
     }
     fn writer_first(&self) -> bool {
         self.wait == WaitStrategy::Server
@@ -314,16 +304,7 @@ async fn terminated_session_fires_lost_within_a_heartbeat() {
     let locks = Locks::new(backend);
     let name = common::unique("terminate");
     let g = locks.acquire(&name).await.unwrap();
-    let admin = pool(&url, 1).await;
-    let killed: Vec<bool> = sqlx::query_scalar(
-        "SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory' AND objsubid = 1
-           AND ((classid::bigint << 32) | objid::bigint) = $1",
-    )
-    .bind(advisory_key(&name))
-    .fetch_all(&admin)
-    .await
-    .unwrap();
-    assert_eq!(killed, vec![true]);
+    common::terminate_advisory_holder(&pool(&url, 1).await, &name).await;
     let started = tokio::time::Instant::now();
     tokio::time::timeout(heartbeat * 2 + Duration::from_secs(1), g.lost())
         .await
@@ -346,16 +327,7 @@ async fn release_after_termination_reports_lost() {
     let locks = Locks::new(backend);
     let name = common::unique("terminate-release");
     let g = locks.acquire(&name).await.unwrap();
-    let admin = pool(&url, 1).await;
-    let killed: Vec<bool> = sqlx::query_scalar(
-        "SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory' AND objsubid = 1
-           AND ((classid::bigint << 32) | objid::bigint) = $1",
-    )
-    .bind(advisory_key(&name))
-    .fetch_all(&admin)
-    .await
-    .unwrap();
-    assert_eq!(killed, vec![true]);
+    common::terminate_advisory_holder(&pool(&url, 1).await, &name).await;
     // Someone else takes the lock before the holder notices.
     let other = Locks::new(Advisory::new(pool(&url, 1).await));
     let next = other
@@ -629,6 +601,22 @@ mod multiplexed {
             .await;
     }
 
+    /// Whether one session waits on the server for `name` (within 5 s).
+    async fn one_waits_on_server(observer: &PgPool, name: &str) -> bool {
+        suite::eventually(Duration::from_secs(5), || async {
+            let waiting: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted
+                   AND ((classid::bigint << 32) | objid::bigint) = $1",
+            )
+            .bind(advisory_key(name))
+            .fetch_one(observer)
+            .await
+            .unwrap();
+            waiting == 1
+        })
+        .await
+    }
+
     /// Once every lock is released, the holder sessions go back to the pool
     /// and no pooled connection holds an advisory lock.
     async fn idle_connections_hold_nothing(pg: &PgPool) {
@@ -656,6 +644,27 @@ mod multiplexed {
         }
     }
 
+    /// Advisory locks on `pg` as the suite sets them, waiting on the server.
+    fn server_locks(pg: PgPool) -> Locks {
+        Locks::new(
+            Advisory::new(pg)
+                .with_options(options(WaitStrategy::Server))
+                .unwrap(),
+        )
+    }
+
+    /// Advisory locks on `pg` as the suite sets them, waiting by `wait`, on
+    /// `sessions` holder sessions.
+    fn sessions_locks(pg: PgPool, wait: WaitStrategy, sessions: usize) -> Locks {
+        Locks::new(
+            Advisory::new(pg)
+                .with_options(options(wait))
+                .unwrap()
+                .with_holder_sessions(sessions)
+                .unwrap(),
+        )
+    }
+
     async fn setup(max: u32) -> (String, PgPool) {
         let url = common::postgres_url().await;
         dblock::postgres::migrate(&pool(&url, 1).await)
@@ -671,11 +680,7 @@ mod multiplexed {
     async fn five_thousand_locks_on_a_pool_of_ten() {
         let _share = share_lock_table().await;
         let (url, pg) = setup(10).await;
-        let locks = Locks::new(
-            Advisory::new(pg.clone())
-                .with_options(options(WaitStrategy::Server))
-                .unwrap(),
-        );
+        let locks = server_locks(pg.clone());
         let prefix = common::unique("many");
         let names = names(&prefix, 5000);
         let keys = keys(&names);
@@ -723,13 +728,7 @@ mod multiplexed {
         let _alone = LOCK_TABLE.write().await;
         let (url, pg) = setup(10).await;
         // More holder sessions fill the table sooner.
-        let locks = Locks::new(
-            Advisory::new(pg.clone())
-                .with_options(options(WaitStrategy::Server))
-                .unwrap()
-                .with_holder_sessions(8)
-                .unwrap(),
-        );
+        let locks = sessions_locks(pg.clone(), WaitStrategy::Server, 8);
         let prefix = common::unique("full");
         let mut guards = Vec::new();
         let started = Instant::now();
@@ -867,11 +866,7 @@ mod multiplexed {
     async fn a_release_does_not_wait_behind_a_blocked_server_side_waiter() {
         let _share = share_lock_table().await;
         let (url, pg) = setup(4).await;
-        let locks = Locks::new(
-            Advisory::new(pg.clone())
-                .with_options(options(WaitStrategy::Server))
-                .unwrap(),
-        );
+        let locks = server_locks(pg.clone());
         let prefix = common::unique("behind");
         let (a, b, c) = (
             format!("{prefix}:a"),
@@ -887,18 +882,7 @@ mod multiplexed {
         // The waiter is blocked on the server.
         let observer = pool(&url, 1).await;
         assert!(
-            suite::eventually(Duration::from_secs(5), || async {
-                let waiting: i64 = sqlx::query_scalar(
-                    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted
-                       AND ((classid::bigint << 32) | objid::bigint) = $1",
-                )
-                .bind(advisory_key(&a))
-                .fetch_one(&observer)
-                .await
-                .unwrap();
-                waiting == 1
-            })
-            .await,
+            one_waits_on_server(&observer, &a).await,
             "the waiter never blocked on the server"
         );
         let bound = Duration::from_secs(5);
@@ -940,13 +924,7 @@ mod multiplexed {
             },
         ] {
             let (url, pg) = setup(4).await;
-            let locks = Locks::new(
-                Advisory::new(pg.clone())
-                    .with_options(options(wait))
-                    .unwrap()
-                    .with_holder_sessions(1)
-                    .unwrap(),
-            );
+            let locks = sessions_locks(pg.clone(), wait, 1);
             let prefix = common::unique("reentrant");
             let ex_names = names(&format!("{prefix}:x"), 50);
             let sh_names = names(&format!("{prefix}:s"), 50);
@@ -1038,13 +1016,7 @@ mod multiplexed {
     async fn a_stacked_shared_lock_does_not_jump_a_queued_writer() {
         let _share = share_lock_table().await;
         let (url, pg) = setup(4).await;
-        let locks = Locks::new(
-            Advisory::new(pg.clone())
-                .with_options(options(WaitStrategy::Server))
-                .unwrap()
-                .with_holder_sessions(1)
-                .unwrap(),
-        );
+        let locks = sessions_locks(pg.clone(), WaitStrategy::Server, 1);
         let name = common::unique("queued");
         let reader = locks.acquire(&name).shared().await.unwrap();
         // Without a writer queued, a second reader is stacked at once.
@@ -1063,18 +1035,7 @@ mod multiplexed {
         };
         let observer = pool(&url, 1).await;
         assert!(
-            suite::eventually(Duration::from_secs(5), || async {
-                let waiting: i64 = sqlx::query_scalar(
-                    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted
-                       AND ((classid::bigint << 32) | objid::bigint) = $1",
-                )
-                .bind(advisory_key(&name))
-                .fetch_one(&observer)
-                .await
-                .unwrap();
-                waiting == 1
-            })
-            .await,
+            one_waits_on_server(&observer, &name).await,
             "the writer never queued"
         );
         let r = locks
@@ -1104,13 +1065,7 @@ mod multiplexed {
         let _share = share_lock_table().await;
         let (url, pg) = setup(4).await;
         let heartbeat = Duration::from_millis(200);
-        let locks = Locks::new(
-            Advisory::new(pg.clone())
-                .with_options(options(WaitStrategy::Server))
-                .unwrap()
-                .with_holder_sessions(1)
-                .unwrap(),
-        );
+        let locks = sessions_locks(pg.clone(), WaitStrategy::Server, 1);
         let prefix = common::unique("force");
         let [x, y, z] = ["x", "y", "z"].map(|s| format!("{prefix}:{s}"));
         let gx = locks.acquire(&x).await.unwrap();
@@ -1163,11 +1118,7 @@ mod multiplexed {
     async fn connections_come_back_clean_after_a_mix() {
         let _share = share_lock_table().await;
         let (url, pg) = setup(5).await;
-        let locks = Locks::new(
-            Advisory::new(pg.clone())
-                .with_options(options(WaitStrategy::Server))
-                .unwrap(),
-        );
+        let locks = server_locks(pg.clone());
         let prefix = common::unique("mix");
         let names = names(&prefix, 40);
         let guards = take_all(&locks, &names, 20).await;
@@ -1286,13 +1237,7 @@ mod multiplexed {
             .connect_with(as_role.username(&role).password("noseq"))
             .await
             .unwrap();
-        let locks = Locks::new(
-            Advisory::new(pg.clone())
-                .with_options(options(WaitStrategy::Server))
-                .unwrap()
-                .with_holder_sessions(1)
-                .unwrap(),
-        );
+        let locks = sessions_locks(pg.clone(), WaitStrategy::Server, 1);
         let prefix = common::unique("undo");
         let [a, b, s] = ["a", "b", "s"].map(|x| format!("{prefix}:{x}"));
         let ga = locks.acquire(&a).await.unwrap();

@@ -214,17 +214,7 @@ impl suite::Fixture for LeaseFixture {
         new_locks().await
     }
     fn unreachable(&self) -> Locks {
-        let pool = PgPoolOptions::new()
-            .acquire_timeout(Duration::from_secs(2))
-            .connect_lazy("postgres://postgres@127.0.0.1:1/nowhere")
-            .unwrap();
-        Locks::new(Lease::new(pool))
-    }
-    fn shared(&self) -> bool {
-        true
-    }
-    fn lease(&self) -> bool {
-        true
+        Locks::new(Lease::new(common::lazy_pool(common::NOWHERE_PG)))
     }
 }
 

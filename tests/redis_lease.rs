@@ -124,16 +124,7 @@ async fn acquire_try_timeout_release_inspect_list() {
         .unwrap();
     assert!(pttl > 8_000 && pttl <= 10_000, "{pttl}");
 
-    let other = locks.acquire("another").await.unwrap();
-    let listed: Vec<_> = locks
-        .list()
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|i| i.name.unwrap())
-        .collect();
-    assert_eq!(listed, ["another", name]);
-    other.release().await.unwrap();
+    common::listed_in_name_order(&locks, name).await;
 
     guard.release().await.unwrap();
     let exists: bool = redis::cmd("EXISTS")
@@ -548,12 +539,6 @@ impl suite::Fixture for RedisFixture {
         Locks::new(Lease::new(
             redis::Client::open("redis://127.0.0.1:1/0").unwrap(),
         ))
-    }
-    fn shared(&self) -> bool {
-        true
-    }
-    fn lease(&self) -> bool {
-        true
     }
 }
 

@@ -65,10 +65,7 @@ async fn session_pool(max: u32) -> PgPool {
 }
 
 fn unreachable_pool() -> PgPool {
-    PgPoolOptions::new()
-        .acquire_timeout(Duration::from_secs(2))
-        .connect_lazy("postgres://postgres@127.0.0.1:1/nowhere")
-        .unwrap()
+    common::lazy_pool(common::NOWHERE_PG)
 }
 
 // ---- The behavioural suite through PgBouncer. ----
@@ -124,9 +121,6 @@ impl suite::Fixture for PoolerFixture {
     }
     fn unreachable(&self) -> Locks {
         self.backend(unreachable_pool())
-    }
-    fn shared(&self) -> bool {
-        true
     }
     fn lease(&self) -> bool {
         !self.advisory

@@ -112,6 +112,19 @@ pub async fn release_all(guards: Vec<LockGuard>) {
         .await;
 }
 
+/// Releases every guard but the `victim`-th (lost: its release would fail).
+pub async fn release_all_but(guards: Vec<LockGuard>, victim: usize) {
+    release_all(
+        guards
+            .into_iter()
+            .enumerate()
+            .filter(|(k, _)| *k != victim)
+            .map(|(_, g)| g)
+            .collect(),
+    )
+    .await;
+}
+
 /// Waits until the backend holds nothing and its renewal task has stopped.
 async fn task_stops(stats: &(dyn Fn() -> RenewalStats + Send + Sync)) {
     let end = Instant::now() + HUNG;
@@ -246,15 +259,7 @@ pub async fn broken_lease_lost_alone(h: &impl Harness, n: usize) {
         .unwrap()
         .contains("no longer ours"));
     assert_eq!(s.observer.list().await.unwrap().len(), n - 1);
-    release_all(
-        guards
-            .into_iter()
-            .enumerate()
-            .filter(|(k, _)| *k != victim)
-            .map(|(_, g)| g)
-            .collect(),
-    )
-    .await;
+    release_all_but(guards, victim).await;
     task_stops(&*s.stats).await;
     s.finish().await;
 }
@@ -535,39 +540,32 @@ fn rss_kib() -> u64 {
         .unwrap_or(0)
 }
 
-/// Expands the batch suite into tests for one harness.
+/// Expands the batch suite into tests for one harness: each behaviour
+/// above with its number of leases, as a test of the same name.
 #[macro_export]
 macro_rules! batch_suite {
     ($harness:expr) => {
-        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-        async fn one_statement_per_tick() {
-            batch::one_statement_per_tick(&$harness, 2000).await;
-        }
-        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-        async fn broken_lease_lost_alone() {
-            batch::broken_lease_lost_alone(&$harness, 2000).await;
-        }
-        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-        async fn failed_batches_lose_each_lease_at_its_deadline() {
-            batch::failed_batches_lose_each_lease_at_its_deadline(&$harness, 600).await;
-        }
-        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-        async fn releases_racing_batches_revive_nothing() {
-            batch::releases_racing_batches_revive_nothing(&$harness, 300).await;
-        }
-        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-        async fn extends_racing_batches_keep_their_length() {
-            batch::extends_racing_batches_keep_their_length(&$harness, 300).await;
-        }
-        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-        async fn task_runs_only_while_held() {
-            batch::task_runs_only_while_held(&$harness).await;
-        }
+        $crate::batch_suite!(@tests $harness;
+            one_statement_per_tick(2000),
+            broken_lease_lost_alone(2000),
+            failed_batches_lose_each_lease_at_its_deadline(600),
+            releases_racing_batches_revive_nothing(300),
+            extends_racing_batches_keep_their_length(300),
+            task_runs_only_while_held(),
+        );
         /// The 100,000-lease measurement: see [`batch::scale`].
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
         #[ignore]
         async fn scale() {
             batch::scale(&$harness).await;
         }
+    };
+    (@tests $harness:expr; $($name:ident($($n:expr)?),)*) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                batch::$name(&$harness $(, $n)?).await;
+            }
+        )*
     };
 }

@@ -103,6 +103,58 @@ pub fn galera_urls() -> Vec<String> {
     urls
 }
 
+/// Polls `check` every `every` until it holds (true) or `within` passes
+/// (false).
+pub async fn poll_until<F, Fut>(
+    within: std::time::Duration,
+    every: std::time::Duration,
+    mut check: F,
+) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let end = tokio::time::Instant::now() + within;
+    loop {
+        if check().await {
+            return true;
+        }
+        if tokio::time::Instant::now() >= end {
+            return false;
+        }
+        tokio::time::sleep(every).await;
+    }
+}
+
+/// Runs `fut` on a thread of its own, on a current-thread runtime of its
+/// own: a process apart, which can stall (block its thread) as a whole.
+pub fn on_own_runtime<T: Send + 'static>(
+    fut: impl std::future::Future<Output = T> + Send + 'static,
+) -> std::thread::JoinHandle<T> {
+    std::thread::spawn(move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(fut)
+    })
+}
+
+/// With `name` held (and nothing else on `locks`' store), takes "another"
+/// beside it: `list` shows the two in name order. Releases "another".
+pub async fn listed_in_name_order(locks: &dblock::Locks, name: &str) {
+    let other = locks.acquire("another").await.unwrap();
+    let listed: Vec<_> = locks
+        .list()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|i| i.name.unwrap())
+        .collect();
+    assert_eq!(listed, ["another", name]);
+    other.release().await.unwrap();
+}
+
 /// A lock name no other test (or earlier run) uses.
 pub fn unique(prefix: &str) -> String {
     static N: AtomicU64 = AtomicU64::new(0);
@@ -124,6 +176,34 @@ pub async fn pg_pool(url: &str, max: u32) -> sqlx::PgPool {
         .connect(url)
         .await
         .unwrap_or_else(|e| panic!("connect to PostgreSQL at {url}: {e}"))
+}
+
+/// Terminates the one PostgreSQL session holding `name`'s advisory lock.
+#[cfg(feature = "postgres")]
+pub async fn terminate_advisory_holder(admin: &sqlx::PgPool, name: &str) {
+    let killed: Vec<bool> = sqlx::query_scalar(
+        "SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory' AND objsubid = 1
+           AND ((classid::bigint << 32) | objid::bigint) = $1",
+    )
+    .bind(dblock::postgres::advisory_key(name))
+    .fetch_all(admin)
+    .await
+    .unwrap();
+    assert_eq!(killed, vec![true]);
+}
+
+/// PostgreSQL and MySQL URLs where no server listens (port 1).
+pub const NOWHERE_PG: &str = "postgres://postgres@127.0.0.1:1/nowhere";
+pub const NOWHERE_MY: &str = "mysql://root@127.0.0.1:1/nowhere";
+
+/// A pool on `url` that connects lazily and gives up acquiring after 2 s:
+/// with [`NOWHERE_PG`] or [`NOWHERE_MY`], one whose every statement fails.
+#[cfg(any(feature = "postgres", feature = "mysql"))]
+pub fn lazy_pool<DB: sqlx::Database>(url: &str) -> sqlx::Pool<DB> {
+    sqlx::pool::PoolOptions::<DB>::new()
+        .acquire_timeout(std::time::Duration::from_secs(2))
+        .connect_lazy(url)
+        .unwrap()
 }
 
 /// The Redis URL for tests, from `DBLOCK_TEST_REDIS_URL` (e.g.

@@ -255,23 +255,17 @@ pub async fn a_paused_holder_cannot_release_the_next_lease<F: LeaseFixture>(f: &
     let (resume_tx, resume_rx) = std::sync::mpsc::channel::<()>();
     let paused = {
         let (f, name) = (f.clone(), name.clone());
-        std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
+        crate::common::on_own_runtime(async move {
+            let locks = f.locks().await;
+            let guard = locks
+                .acquire(name)
+                .ttl(Duration::from_millis(600))
+                .await
                 .unwrap();
-            rt.block_on(async move {
-                let locks = f.locks().await;
-                let guard = locks
-                    .acquire(name)
-                    .ttl(Duration::from_millis(600))
-                    .await
-                    .unwrap();
-                taken_tx.send(guard.token()).unwrap();
-                // The whole "process" stops: no renewal can run.
-                resume_rx.recv().unwrap();
-                guard.release().await
-            })
+            taken_tx.send(guard.token()).unwrap();
+            // The whole "process" stops: no renewal can run.
+            resume_rx.recv().unwrap();
+            guard.release().await
         })
     };
     let old = taken_rx.recv().unwrap();

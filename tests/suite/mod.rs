@@ -5,7 +5,7 @@
 //! backend is done when the whole suite passes on it.
 #![allow(dead_code)]
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -46,10 +46,15 @@ pub trait Fixture: Send + Sync + 'static {
     fn locks(&self) -> impl std::future::Future<Output = Locks> + Send;
     /// A `Locks` whose database cannot be reached: any SQL would fail.
     fn unreachable(&self) -> Locks;
-    /// Whether shared (reader) locks are implemented.
-    fn shared(&self) -> bool;
-    /// Whether locks are leases (expire by ttl; `expires_at` is set).
-    fn lease(&self) -> bool;
+    /// Whether shared (reader) locks are implemented (by default, yes).
+    fn shared(&self) -> bool {
+        true
+    }
+    /// Whether locks are leases (expire by ttl; `expires_at` is set); by
+    /// default, yes.
+    fn lease(&self) -> bool {
+        true
+    }
     /// Whether semaphores (`max_holders(n)` above 1) are implemented.
     fn semaphores(&self) -> bool {
         true
@@ -67,21 +72,12 @@ pub trait Fixture: Send + Sync + 'static {
 pub const HUNG: Duration = Duration::from_secs(30);
 
 /// Polls `check` until it holds or `within` passes.
-pub async fn eventually<F, Fut>(within: Duration, mut check: F) -> bool
+pub async fn eventually<F, Fut>(within: Duration, check: F) -> bool
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
-    let end = Instant::now() + within;
-    loop {
-        if check().await {
-            return true;
-        }
-        if Instant::now() >= end {
-            return false;
-        }
-        sleep(Duration::from_millis(20)).await;
-    }
+    crate::common::poll_until(within, Duration::from_millis(20), check).await
 }
 
 async fn held(locks: &Locks, name: &str) -> bool {
@@ -92,33 +88,58 @@ async fn held(locks: &Locks, name: &str) -> bool {
 /// section, and every one of them gets its turn.
 pub async fn exclusion_among_many_tasks<F: Fixture>(f: &F) {
     let name = unique("exclusion");
-    let inside = Arc::new(AtomicBool::new(false));
+    let (_, done) = contend(f, &name, [4, 4, 5], 1, || rand_ms(3)).await;
+    assert_eq!(done, 80);
+}
+
+/// `handles` independent `Locks`, `tasks` tasks on each, each taking `name`
+/// `rounds` times (`[handles, tasks, rounds]`), as a semaphore of
+/// `max_holders` when above 1, holding it for `hold()` ms: never more than
+/// `max_holders` inside at once. Returns the most that were inside at once
+/// and how many turns were taken.
+pub(crate) async fn contend<F: Fixture>(
+    f: &F,
+    name: &str,
+    [handles, tasks, rounds]: [usize; 3],
+    max_holders: u32,
+    hold: fn() -> u64,
+) -> (u32, usize) {
+    let inside = Arc::new(AtomicU32::new(0));
+    let most = Arc::new(AtomicU32::new(0));
     let done = Arc::new(AtomicUsize::new(0));
-    let mut tasks = Vec::new();
-    for _ in 0..4 {
+    let mut running = Vec::new();
+    for _ in 0..handles {
         let locks = f.locks().await;
-        for _ in 0..4 {
-            let (locks, name, inside, done) =
-                (locks.clone(), name.clone(), inside.clone(), done.clone());
-            tasks.push(tokio::spawn(async move {
-                for _ in 0..5 {
-                    let guard = locks.acquire(&name).wait(HUNG).await.expect("acquire");
+        for _ in 0..tasks {
+            let (locks, name) = (locks.clone(), name.to_owned());
+            let (inside, most, done) = (inside.clone(), most.clone(), done.clone());
+            running.push(tokio::spawn(async move {
+                for _ in 0..rounds {
+                    let acquire = locks.acquire(&name).wait(HUNG);
+                    let acquire = if max_holders > 1 {
+                        acquire.max_holders(max_holders)
+                    } else {
+                        acquire
+                    };
+                    let guard = acquire.await.expect("acquire");
+                    let now = inside.fetch_add(1, Ordering::SeqCst) + 1;
                     assert!(
-                        !inside.swap(true, Ordering::SeqCst),
-                        "two holders inside the critical section"
+                        now <= max_holders,
+                        "{now} holders inside at once, of at most {max_holders}"
                     );
-                    sleep(Duration::from_millis(rand_ms(3))).await;
-                    inside.store(false, Ordering::SeqCst);
+                    most.fetch_max(now, Ordering::SeqCst);
+                    sleep(Duration::from_millis(hold())).await;
+                    inside.fetch_sub(1, Ordering::SeqCst);
                     done.fetch_add(1, Ordering::SeqCst);
                     guard.release().await.expect("release");
                 }
             }));
         }
     }
-    for t in tasks {
-        t.await.expect("task");
+    for t in running {
+        timeout(HUNG * 2, t).await.expect("hung").expect("task");
     }
-    assert_eq!(done.load(Ordering::SeqCst), 80);
+    (most.load(Ordering::SeqCst), done.load(Ordering::SeqCst))
 }
 
 fn rand_ms(max: u64) -> u64 {
@@ -503,6 +524,19 @@ pub async fn not_reentrant<F: Fixture>(f: &F) {
     assert!(a.try_acquire(&name).await.unwrap().is_some());
 }
 
+/// Extends the lease `g` to 20 s from now, well past its expiry before;
+/// returns the new expiry.
+pub(crate) async fn extend_by_20s(g: &dblock::LockGuard) -> chrono::DateTime<chrono::Utc> {
+    let first = g.expires_at().unwrap();
+    let extended = g
+        .extend(Duration::from_secs(20))
+        .await
+        .unwrap()
+        .expect("expiry");
+    assert!(extended > first + chrono::Duration::seconds(10));
+    extended
+}
+
 /// `extend` pushes a lease's expiry out (and checks an advisory lock's
 /// session), and renewal keeps a lease alive well past its first ttl.
 pub async fn extend_and_renewal<F: Fixture>(f: &F) {
@@ -511,13 +545,7 @@ pub async fn extend_and_renewal<F: Fixture>(f: &F) {
     let ttl = Duration::from_millis(600);
     let g = a.acquire(&name).ttl_if(f.lease(), ttl).await.unwrap();
     if f.lease() {
-        let first = g.expires_at().unwrap();
-        let extended = g
-            .extend(Duration::from_secs(20))
-            .await
-            .unwrap()
-            .expect("expiry");
-        assert!(extended > first + chrono::Duration::seconds(10));
+        let extended = extend_by_20s(&g).await;
         assert_eq!(g.expires_at(), Some(extended));
         let seen = observer
             .inspect(&name)

@@ -1,8 +1,6 @@
 //! Semaphores (`max_holders(n)`) in the behavioural suite: written once, run
 //! against every backend through [`Fixture`].
 
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 use dblock::{Error, LockMode, Locks};
@@ -40,36 +38,8 @@ pub async fn semaphore_bounds_holders<F: Fixture>(f: &F) {
     if !has_semaphores(f, &f.locks().await, &name).await {
         return;
     }
-    let inside = Arc::new(AtomicU32::new(0));
-    let most = Arc::new(AtomicU32::new(0));
-    let mut tasks = Vec::new();
-    for _ in 0..3 {
-        let locks = f.locks().await;
-        for _ in 0..3 {
-            let (locks, name, inside, most) =
-                (locks.clone(), name.clone(), inside.clone(), most.clone());
-            tasks.push(tokio::spawn(async move {
-                for _ in 0..4 {
-                    let permit = locks
-                        .acquire(&name)
-                        .max_holders(N)
-                        .wait(HUNG)
-                        .await
-                        .expect("acquire a permit");
-                    let now = inside.fetch_add(1, Ordering::SeqCst) + 1;
-                    assert!(now <= N, "{now} holders of a semaphore of {N}");
-                    most.fetch_max(now, Ordering::SeqCst);
-                    sleep(Duration::from_millis(40)).await;
-                    inside.fetch_sub(1, Ordering::SeqCst);
-                    permit.release().await.expect("release a permit");
-                }
-            }));
-        }
-    }
-    for t in tasks {
-        timeout(HUNG * 2, t).await.expect("hung").expect("task");
-    }
-    assert_eq!(most.load(Ordering::SeqCst), N, "n was never reached");
+    let (most, _) = super::contend(f, &name, [3, 3, 4], N, || 40).await;
+    assert_eq!(most, N, "n was never reached");
 }
 
 /// Permits come with their own increasing tokens; the (n+1)th waits; a
@@ -228,13 +198,7 @@ pub async fn semaphore_renewal_and_loss<F: Fixture>(f: &F) {
         assert!(!p1.is_lost(), "lost: {:?}", p1.lost_reason());
         assert!(!p2.is_lost(), "lost: {:?}", p2.lost_reason());
         assert_eq!(holders(&operator, &name).await, 2);
-        let first = p1.expires_at().unwrap();
-        let extended = p1
-            .extend(Duration::from_secs(20))
-            .await
-            .unwrap()
-            .expect("expiry");
-        assert!(extended > first + chrono::Duration::seconds(10));
+        let extended = super::extend_by_20s(&p1).await;
         let seen = operator.inspect(&name).await.unwrap().unwrap();
         assert!(seen.expires_at.unwrap() >= extended - chrono::Duration::milliseconds(5));
     }

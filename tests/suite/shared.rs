@@ -282,29 +282,23 @@ pub async fn reader_lost_at_its_deadline<F: Fixture>(f: &F) {
     let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
     let stalled = {
         let name = name.clone();
-        std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
+        crate::common::on_own_runtime(async move {
+            let r = locks
+                .acquire(&name)
+                .shared()
+                .ttl_if(lease, ttl)
+                .await
                 .unwrap();
-            rt.block_on(async move {
-                let r = locks
-                    .acquire(&name)
-                    .shared()
-                    .ttl_if(lease, ttl)
-                    .await
-                    .unwrap();
-                let _ = taken_tx.send(r.token());
-                // The whole runtime stalls, its renewals with it.
-                std::thread::sleep(ttl * 3);
-                let lost = timeout(Duration::from_secs(10), r.lost()).await.is_ok();
-                let refused = matches!(r.release().await, Err(Error::Lost { .. }));
-                let _ = checked_tx.send((lost, refused));
-                // Runs on until the test is done: a backend shared with
-                // the test's other handles (Memory) may renew their leases
-                // from this runtime.
-                let _ = done_rx.await;
-            })
+            let _ = taken_tx.send(r.token());
+            // The whole runtime stalls, its renewals with it.
+            std::thread::sleep(ttl * 3);
+            let lost = timeout(Duration::from_secs(10), r.lost()).await.is_ok();
+            let refused = matches!(r.release().await, Err(Error::Lost { .. }));
+            let _ = checked_tx.send((lost, refused));
+            // Runs on until the test is done: a backend shared with
+            // the test's other handles (Memory) may renew their leases
+            // from this runtime.
+            let _ = done_rx.await;
         })
     };
     let token = taken_rx.await.expect("the reader was not granted");

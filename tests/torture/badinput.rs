@@ -59,11 +59,7 @@ pub async fn run(kind: Kind) -> bool {
     std::fs::create_dir_all(&dir).unwrap();
     let ctl = direct(kind, &dir, &format!("dblock-torture-input-{run}")).await;
     let db = ctl.pool(2).await;
-    match &db {
-        Db::Pg(pool) => dblock::postgres::migrate(pool).await.expect("migrate"),
-        Db::My(pool) => dblock::mysql::migrate(pool).await.expect("migrate"),
-        Db::Lite(_) | Db::Redis { .. } => {}
-    }
+    db.migrate().await;
     let locks = ctl.locks().await;
     let mut c = Cases {
         label: kind.label(),

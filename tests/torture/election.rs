@@ -22,20 +22,18 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use dblock::Locks;
 use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
 use rand::Rng;
-use tokio::process::{Child, Command};
+use tokio::process::Child;
 use tokio::time::sleep;
 
 use crate::events::mono_ns;
-use crate::target::{Db, Endpoint, Kind, Write};
-use crate::{direct, run_id};
+use crate::target::{Endpoint, Kind, Write};
+use crate::{direct, pid, run_id, spawn_self};
 
 const ENV: &str = "DBLOCK_TORTURE_ELECTION";
 const TTL: Duration = Duration::from_secs(1);
@@ -146,17 +144,7 @@ fn spawn(kind: Kind, url: &str, run: &str, name: &str, log: &Path, quit: &Path) 
         log.display(),
         quit.display()
     );
-    Command::new(std::env::current_exe().expect("current_exe"))
-        .env(ENV, spec)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("spawn an election worker")
-}
-
-fn pid(child: &Child) -> Pid {
-    Pid::from_raw(child.id().expect("running") as i32)
+    spawn_self(ENV, &spec, "an election worker")
 }
 
 /// What the observer showed, and when: (monotonic ns, the leader's term).
@@ -200,11 +188,7 @@ pub async fn run(kind: Kind, secs: u64) -> bool {
     // First: `sqlite::Lease::open` creates the SQLite file.
     let locks: Locks = ctl.locks().await;
     let db = ctl.pool(2).await;
-    match &db {
-        Db::Pg(pool) => dblock::postgres::migrate(pool).await.expect("migrate"),
-        Db::My(pool) => dblock::mysql::migrate(pool).await.expect("migrate"),
-        Db::Lite(_) | Db::Redis { .. } => {}
-    }
+    db.migrate().await;
     let name = format!("torture-elect-{run}");
     db.setup_registers(&run, std::slice::from_ref(&name)).await;
     let observer = locks.elect(&name, "observer").unwrap().ttl(TTL).unwrap();

@@ -286,21 +286,30 @@ async fn timed(what: &str, f: impl Future<Output = bool>) -> bool {
 }
 
 /// Polls `check` until it holds or `within` passes.
-pub async fn eventually<F, Fut>(within: Duration, mut check: F) -> bool
+pub async fn eventually<F, Fut>(within: Duration, check: F) -> bool
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = bool>,
 {
-    let end = Instant::now() + within;
-    loop {
-        if check().await {
-            return true;
-        }
-        if Instant::now() >= end {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    common::poll_until(within, Duration::from_millis(50), check).await
+}
+
+/// This binary started again as a worker process (`env` set to `spec`,
+/// no stdin or stdout), killed when its handle is dropped; `what` names it
+/// in the panic if it cannot start.
+pub fn spawn_self(env: &str, spec: &str, what: &str) -> tokio::process::Child {
+    tokio::process::Command::new(std::env::current_exe().expect("current_exe"))
+        .env(env, spec)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {what}: {e}"))
+}
+
+/// The pid of a worker process started by [`spawn_self`] (still running).
+pub fn pid(child: &tokio::process::Child) -> nix::unistd::Pid {
+    nix::unistd::Pid::from_raw(child.id().expect("running") as i32)
 }
 
 /// A fresh id for this run's names and rows.

@@ -9,20 +9,18 @@
 use std::collections::BTreeMap;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use dblock::schedule::{Job, Overlap, Schedule, Slot};
 use dblock::LockGuard;
 use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
 use rand::Rng;
-use tokio::process::{Child, Command};
+use tokio::process::Child;
 use tokio::time::sleep;
 
-use crate::target::{Db, Endpoint, Kind};
-use crate::{direct, run_id};
+use crate::target::{Endpoint, Kind};
+use crate::{direct, pid, run_id, spawn_self};
 
 const ENV: &str = "DBLOCK_TORTURE_SCHEDULE";
 const SLOT: Duration = Duration::from_secs(2);
@@ -99,17 +97,7 @@ fn spawn(kind: Kind, url: &str, job: &str, log: &Path, quit: &Path) -> Child {
         log.display(),
         quit.display()
     );
-    Command::new(std::env::current_exe().expect("current_exe"))
-        .env(ENV, spec)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("spawn a schedule worker")
-}
-
-fn pid(child: &Child) -> Pid {
-    Pid::from_raw(child.id().expect("running") as i32)
+    spawn_self(ENV, &spec, "a schedule worker")
 }
 
 /// One backend for `secs` seconds; true if the checks hold.
@@ -118,11 +106,7 @@ pub async fn run(kind: Kind, secs: u64) -> bool {
     let dir = std::env::temp_dir().join(format!("dblock-torture-schedule-{run}"));
     std::fs::create_dir_all(&dir).unwrap();
     let ctl = direct(kind, &dir, &format!("dblock-torture-ctl-{run}")).await;
-    match ctl.pool(2).await {
-        Db::Pg(pool) => dblock::postgres::migrate(&pool).await.expect("migrate"),
-        Db::My(pool) => dblock::mysql::migrate(&pool).await.expect("migrate"),
-        Db::Lite(_) | Db::Redis { .. } => {}
-    }
+    ctl.pool(2).await.migrate().await;
     let ctl_locks = ctl.locks().await;
     let job = format!("torture:{run}");
     let log = dir.join("runs.txt");

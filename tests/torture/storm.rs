@@ -48,11 +48,7 @@ async fn one(kind: Kind, total: usize) -> bool {
     let app = format!("dblock-torture-storm-{run}");
     let ctl = direct(kind, &dir, &format!("dblock-torture-ctl-{run}")).await;
     let ctl_db = ctl.pool(2).await;
-    match &ctl_db {
-        Db::Pg(pool) => dblock::postgres::migrate(pool).await.expect("migrate"),
-        Db::My(pool) => dblock::mysql::migrate(pool).await.expect("migrate"),
-        Db::Lite(_) | Db::Redis { .. } => {}
-    }
+    ctl_db.migrate().await;
     let ctl_locks = ctl.locks().await;
     // The storm's connections go through a proxy slot, so that the server
     // side of each is known (MySQL shows no application name).

@@ -327,6 +327,16 @@ pub struct Registers {
 }
 
 impl Db {
+    /// Creates dblock's tables where the backend has a migration
+    /// (PostgreSQL, MySQL/MariaDB); SQLite and Redis need none here.
+    pub async fn migrate(&self) {
+        match self {
+            Db::Pg(pool) => dblock::postgres::migrate(pool).await.expect("migrate"),
+            Db::My(pool) => dblock::mysql::migrate(pool).await.expect("migrate"),
+            Db::Lite(_) | Db::Redis { .. } => {}
+        }
+    }
+
     /// Creates the register tables (once per database) and the rows of
     /// `names` for this run.
     pub async fn setup_registers(&self, run: &str, names: &[String]) {

@@ -16,7 +16,7 @@ use tokio::time::sleep;
 use crate::check::{self, Fault, FaultKind, Report};
 use crate::events::{self, mono_ns};
 use crate::proxy::Proxy;
-use crate::target::{Db, Endpoint, Kind};
+use crate::target::{Endpoint, Kind};
 use crate::worker::{self, Config};
 use crate::{authority, direct, eventually, run_id, Settings};
 
@@ -44,32 +44,8 @@ struct Plan {
 
 /// The torture run of one backend: every applicable fault, fencing on.
 pub async fn normal(kind: Kind, s: &Settings) -> bool {
-    let mut faults = vec![FaultKind::Kill, FaultKind::Stop];
-    if kind.networked() {
-        faults.extend([FaultKind::Terminate, FaultKind::Cut]);
-    }
-    let plan = Plan {
-        kind,
-        workers: s.workers,
-        secs: s.secs,
-        fencing: true,
-        watch_lost: true,
-        faults,
-        // Redis is restarted (without saving) in every run: it is ours
-        // alone on this machine, and losing everything is its main fault.
-        restart: (s.restart && kind.networked()) || kind == Kind::RedisLease,
-        every: Duration::from_millis(300),
-        permits: 1,
-        shared: false,
-    };
-    let (report, dir) = run(&plan).await;
-    println!("{}", report.summary(kind.label()));
-    let ok = report.violations.is_empty();
-    for v in &report.violations {
-        println!("  VIOLATION {}: {v}", kind.label());
-    }
-    finish(dir, ok, s.keep);
-    ok
+    let (report, dir) = run(&full_plan(kind, s, 1, false)).await;
+    conclude(&report, dir, kind.label(), None, s.keep)
 }
 
 /// The semaphore mode: the workers take permits of semaphores of
@@ -77,21 +53,11 @@ pub async fn normal(kind: Kind, s: &Settings) -> bool {
 /// holders may believe they hold a name at any instant (unless a fault
 /// explains it), and tokens increase as for a lock.
 pub async fn semaphore(kind: Kind, s: &Settings) -> bool {
-    let plan = holders_plan(kind, s, SEMAPHORE_PERMITS, false);
-    let (report, dir) = run(&plan).await;
+    let (report, dir) = run(&full_plan(kind, s, SEMAPHORE_PERMITS, false)).await;
     let label = format!("{} semaphore of {SEMAPHORE_PERMITS}", kind.label());
-    println!("{}", report.summary(&label));
-    if !report.permits_reached {
-        println!(
-            "  VIOLATION {label}: no name ever had its {SEMAPHORE_PERMITS} permits taken at once"
-        );
-    }
-    let ok = report.violations.is_empty() && report.permits_reached;
-    for v in &report.violations {
-        println!("  VIOLATION {label}: {v}");
-    }
-    finish(dir, ok, s.keep);
-    ok
+    let missing = (!report.permits_reached)
+        .then(|| format!("no name ever had its {SEMAPHORE_PERMITS} permits taken at once"));
+    conclude(&report, dir, &label, missing, s.keep)
 }
 
 /// The shared mode: two acquisitions in three are readers, the others
@@ -100,25 +66,41 @@ pub async fn semaphore(kind: Kind, s: &Settings) -> bool {
 /// other, tokens increase as for a lock, the writers' fenced writes stay in
 /// order, and some readers must actually have shared a name.
 pub async fn shared(kind: Kind, s: &Settings) -> bool {
-    let plan = holders_plan(kind, s, 1, true);
-    let (report, dir) = run(&plan).await;
+    let (report, dir) = run(&full_plan(kind, s, 1, true)).await;
     let label = format!("{} readers and writers", kind.label());
-    println!("{}", report.summary(&label));
-    if !report.readers_shared {
-        println!("  VIOLATION {label}: no two readers ever held a name together");
+    let missing =
+        (!report.readers_shared).then(|| "no two readers ever held a name together".to_owned());
+    conclude(&report, dir, &label, missing, s.keep)
+}
+
+/// Prints the report under `label`, and `missing` (what the run should
+/// have shown and did not) as one more violation; keeps or removes the
+/// logs. True if nothing was violated.
+fn conclude(
+    report: &Report,
+    dir: PathBuf,
+    label: &str,
+    missing: Option<String>,
+    keep: bool,
+) -> bool {
+    println!("{}", report.summary(label));
+    if let Some(m) = &missing {
+        println!("  VIOLATION {label}: {m}");
     }
-    let ok = report.violations.is_empty() && report.readers_shared;
+    let ok = report.violations.is_empty() && missing.is_none();
     for v in &report.violations {
         println!("  VIOLATION {label}: {v}");
     }
-    finish(dir, ok, s.keep);
+    finish(dir, ok, keep);
     ok
 }
 
-/// The run of the semaphore and shared modes: every applicable fault,
-/// fencing on, the server restarted only when asked (Redis always, as in
-/// the lock run: it is ours, and keeps nothing).
-fn holders_plan(kind: Kind, s: &Settings, permits: u32, shared: bool) -> Plan {
+/// The run of every mode (`permits` of each name, readers if `shared`):
+/// every applicable fault, fencing on, the server restarted only when
+/// asked, except Redis: it is restarted (without saving) in every run, as
+/// it is ours alone on this machine and losing everything is its main
+/// fault.
+fn full_plan(kind: Kind, s: &Settings, permits: u32, shared: bool) -> Plan {
     let mut faults = vec![FaultKind::Kill, FaultKind::Stop];
     if kind.networked() {
         faults.extend([FaultKind::Terminate, FaultKind::Cut]);
@@ -270,11 +252,7 @@ async fn run(plan: &Plan) -> (Report, PathBuf) {
     // The controller's own, direct connections.
     let ctl = direct(kind, &dir, &format!("dblock-torture-ctl-{run}")).await;
     let db = ctl.pool(4).await;
-    match &db {
-        Db::Pg(pool) => dblock::postgres::migrate(pool).await.expect("migrate"),
-        Db::My(pool) => dblock::mysql::migrate(pool).await.expect("migrate"),
-        Db::Lite(_) | Db::Redis { .. } => {}
-    }
+    db.migrate().await;
     let locks = ctl.locks().await; // SQLite: creates the file and its table
     db.setup_registers(&run, &names).await;
 
