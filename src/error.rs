@@ -114,6 +114,10 @@ impl Error {
     }
 
     /// An internal failure of dblock's own (see [`Error::Internal`]).
+    #[cfg_attr(
+        not(any(feature = "postgres", feature = "mysql", feature = "sqlite")),
+        allow(dead_code)
+    )]
     pub(crate) fn internal(what: impl Into<String>) -> Self {
         Error::Internal(what.into())
     }

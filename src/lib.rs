@@ -77,6 +77,7 @@ mod request;
 mod retry;
 mod time;
 
+#[cfg(any(feature = "postgres", feature = "mysql", feature = "sqlite"))]
 mod migrate;
 
 pub mod memory;

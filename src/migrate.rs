@@ -20,10 +20,6 @@ pub(crate) const BOOKKEEPING: &str = "dblock_schema_migrations";
 
 /// The steps of one database, from its folder of `migrations/`:
 /// `migrations!("postgres"; 1, "what it does", "0001_file.sql"; ...)`.
-#[cfg_attr(
-    not(any(feature = "postgres", feature = "mysql", feature = "sqlite")),
-    allow(unused_macros)
-)]
 macro_rules! migrations {
     ($dir:literal; $($version:literal, $description:literal, $file:literal;)*) => {
         &[$($crate::migrate::Migration {
@@ -35,17 +31,12 @@ macro_rules! migrations {
         }),*]
     };
 }
-#[cfg_attr(
-    not(any(feature = "postgres", feature = "mysql", feature = "sqlite")),
-    allow(unused_imports)
-)]
 pub(crate) use migrations;
 
 /// How one database keeps its bookkeeping table: the statement that
 /// creates it, the one that records a step (`version`, `description`
 /// bound in that order), and whether sqlx may keep the recording
 /// statement prepared (not through a transaction-pooling proxy).
-#[cfg(any(feature = "postgres", feature = "mysql", feature = "sqlite"))]
 pub(crate) struct Bookkeeping {
     pub create: &'static str,
     pub record: &'static str,
@@ -56,7 +47,6 @@ pub(crate) struct Bookkeeping {
 /// caller's transaction or under its lock), every step of `steps` it does
 /// not record yet, recording each; `applied` is told each version as it is
 /// applied (the caller logs it).
-#[cfg(any(feature = "postgres", feature = "mysql", feature = "sqlite"))]
 pub(crate) async fn apply<DB>(
     conn: &mut DB::Connection,
     steps: &[Migration],

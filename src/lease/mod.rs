@@ -96,6 +96,15 @@ pub(crate) struct Claim<'a> {
     /// connection checks it once it has one, and claims nothing (answers
     /// `None`) if so: a cancelled acquisition must not go on to take the
     /// lease after waiting its turn for a connection.
+    #[cfg_attr(
+        not(any(
+            feature = "postgres",
+            feature = "mysql",
+            feature = "sqlite",
+            feature = "redis"
+        )),
+        allow(dead_code)
+    )]
     pub abandoned: &'a (dyn Fn() -> bool + Send + Sync),
 }
 

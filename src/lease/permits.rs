@@ -227,6 +227,10 @@ pub(crate) const READER: u32 = 1;
 
 /// The mode a store records on the marker for a holder claim: `s` for
 /// readers, `x` for permits.
+#[cfg_attr(
+    not(any(feature = "postgres", feature = "mysql", feature = "sqlite")),
+    allow(dead_code)
+)]
 pub(crate) fn marker_mode(claim: &super::Claim<'_>) -> &'static str {
     match claim.mode {
         LockMode::Shared => "s",
