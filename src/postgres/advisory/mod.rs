@@ -20,6 +20,7 @@
 mod acquire;
 mod holders;
 mod registry;
+mod release;
 mod semaphore;
 mod session;
 
@@ -39,7 +40,7 @@ use crate::detach::Detached;
 use crate::lease::Wakeups;
 use crate::{AcquireRequest, Backend, Error, LockInfo, LockMode, Result};
 use registry::{Registry, SessionId};
-use session::Released;
+use release::Released;
 
 /// dblock's exclusive advisory try-lock statement, for the benchmark's
 /// "raw, same work" baseline: the bench sends it by hand with the
@@ -663,7 +664,7 @@ impl Backend for Advisory {
                     crate::LostReason::ForceReleased,
                     "the lock was broken by force_release",
                 );
-                let unlock = async move { session.unlock(lock, key, Some(&loss)).await };
+                let unlock = async move { release::unlock(&session, lock, key, Some(&loss)).await };
                 broke |= !matches!(Detached::new(unlock).await, Released::NotHeld(_));
             }
             let (classid, objid) = split_key(key);
