@@ -1,13 +1,17 @@
 //! One acquisition: tries on a holder session, then waits by polling or on
 //! a connection of its own, blocked on the server.
 //!
-//! It runs in the caller's task: the uncontended path is one lock statement
-//! on a holder session's connection, with no task spawned and no message
-//! to another task. Dropping the caller's future never strands a lock: a
-//! lock statement under way is finished by a task of its own
-//! ([`Detached`]), which drops a grant nobody takes (queueing its unlock on
-//! its session), and a server-side wait whose caller is gone has its
-//! connection closed (see `WaitConn`).
+//! It runs in the caller's task and reads top to bottom: [`acquire`] makes
+//! a first attempt ([`try_on_session`]: the registry routes it to a holder
+//! session, then [`lock_on`] or [`permit_on`] takes the session's
+//! connection, sends the one statement and records its outcome in the
+//! registry), and only if that misses and the request waits, sets up the
+//! wait. The uncontended path is that one statement, with no task spawned
+//! and no message to another task. Dropping the caller's future never
+//! strands a lock: an attempt under way is finished by a task of its own
+//! ([`Detached`]), which records its outcome and drops a grant nobody takes
+//! (queueing its unlock on its session), and a server-side wait whose
+//! caller is gone has its connection closed (see `WaitConn`).
 
 use std::sync::{Arc, LazyLock};
 use std::time::Duration;
@@ -254,7 +258,7 @@ async fn reader_beside_permits(conn: &mut WaitConn, name: &str) -> Result<()> {
 
 /// One attempt on a holder session, opening one if needed. `Ok(None)` if
 /// the lock is held (by us or anyone), or every permit is. With `first`, a
-/// lock's miss looks for a semaphore's permits (see `Session::lock`).
+/// lock's miss looks for a semaphore's permits (see `Session::try_lock`).
 async fn try_on_session(
     inner: &Arc<Inner>,
     attempt: &Attempt<'_>,
@@ -494,7 +498,7 @@ async fn permit_on(
 }
 
 /// The pending hold `lock` on `key` was granted: records it as held and
-/// makes its grant, whose guard releases it through [`release`].
+/// makes its grant, whose guard releases it through `release::unlock`.
 fn granted(
     session: &Arc<Session>,
     key: i64,

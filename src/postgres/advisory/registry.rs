@@ -19,8 +19,8 @@
 //! A permit of a semaphore is recorded as a shared hold on the name's key
 //! that knows its semaphore's keys and, once granted, its slot: permits of
 //! one name and capacity go beside each other like shared holds (stacked on
-//! one session if need be, their slots kept apart by the session, see
-//! `Session::lock_permit`); anything else of ours on the name meets them as
+//! one session if need be, their slots kept apart by the acquisition, see
+//! `acquire::permit_on`); anything else of ours on the name meets them as
 //! a disagreement ([`Route::Disagree`]).
 
 use std::collections::HashMap;

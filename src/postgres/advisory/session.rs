@@ -3,11 +3,14 @@
 //!
 //! A session's connection sits behind an async mutex. Whoever needs it
 //! takes the mutex and runs the statement from their own task: an
-//! acquisition its lock statement, a release its unlock, the session's
-//! keeper task its heartbeat. Statements on a session therefore never
-//! interleave, and the uncontended path hands nothing to another task. A
-//! statement whose outcome matters (lock, unlock) runs inside
-//! [`Detached`](crate::detach::Detached): if its caller is dropped
+//! acquisition its lock statement (`acquire::lock_on`), a release its
+//! unlock (`release::unlock`), the session's keeper task its heartbeat.
+//! Statements on a session therefore never interleave, and the uncontended
+//! path hands nothing to another task. The lock and unlock statements here
+//! ([`Session::try_lock`], [`Session::unlock`], `Session::try_permit`)
+//! answer what the server said and leave the registry to their callers,
+//! which record the outcome while they still hold the connection, inside
+//! [`Detached`](crate::detach::Detached): if the caller is dropped
 //! mid-statement, a task finishes it and resolves the outcome (a grant
 //! nobody takes is released).
 //!
@@ -88,7 +91,7 @@ static TRY_EXCLUSIVE: LazyLock<String> = LazyLock::new(|| {
 });
 /// dblock's exclusive try-lock statement, for the benchmark's "raw, same
 /// work" baseline (`benches/compare/advisory_limit.rs`), which sends it by
-/// hand with the parameters `Session::lock` gives it: `$1` the key, `$2`
+/// hand with the parameters `Session::try_lock` gives it: `$1` the key, `$2`
 /// the session's marker, `$3` its pid, `$4`/`$5` the semaphore marker's
 /// key halves, `$6` look on a miss, `$7` look on a grant. Not a stable
 /// interface.
