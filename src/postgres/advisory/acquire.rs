@@ -22,7 +22,7 @@ use sqlx::{Connection, Postgres};
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::{sleep_until, Instant};
 
-use super::registry::{Hold, HoldState, LockId, Permit, Route};
+use super::registry::{Hold, LockId, Permit, Route};
 use super::release::Held;
 use super::semaphore;
 use super::session::permit::{PermitTried, Verdict};
@@ -509,20 +509,16 @@ fn granted(
     name: String,
 ) -> LockReply {
     let (status, pending) = Grant::status(None);
-    session.inner.registry().granted(
-        key,
-        Hold {
-            lock,
-            session: session.id,
-            mode,
-            permit,
-            state: HoldState::Held {
-                token,
-                name: name.clone(),
-                status: status.clone(),
-            },
-        },
+    let hold = Hold::held(
+        lock,
+        session.id,
+        mode,
+        permit,
+        token,
+        name.clone(),
+        status.clone(),
     );
+    session.inner.registry().granted(key, hold);
     let held = Held::new(name, key, lock, session, status);
     LockReply::Granted(pending.grant(token, Box::new(held)))
 }

@@ -61,6 +61,30 @@ impl Permit {
 }
 
 impl Hold {
+    /// The hold `lock` on `session`, granted with `token` and owned by a
+    /// guard of `name` whose status is `status`.
+    pub(super) fn held(
+        lock: LockId,
+        session: SessionId,
+        mode: LockMode,
+        permit: Option<Permit>,
+        token: u64,
+        name: String,
+        status: LockStatus,
+    ) -> Hold {
+        Hold {
+            lock,
+            session,
+            mode,
+            permit,
+            state: HoldState::Held {
+                token,
+                name,
+                status,
+            },
+        }
+    }
+
     /// How many holders the hold's name admits: 1 for a lock (reader or
     /// writer), `n` for a permit.
     fn capacity(&self) -> u32 {

@@ -41,7 +41,7 @@ use tokio::time::{sleep_until, timeout, Instant};
 
 pub(super) mod permit;
 
-use super::registry::{Hold, HoldState, LockId, Permit, SessionEntry, SessionId};
+use super::registry::{Hold, LockId, Permit, SessionEntry, SessionId};
 use super::release::{self, Held};
 use super::{split_key, Inner, Refusal};
 use crate::backend::Grant;
@@ -525,20 +525,16 @@ pub(super) fn adopt(
                 unlocking: session.unlocking.clone(),
             },
         );
-        registry.add_held(
-            key,
-            Hold {
-                lock,
-                session: session.id,
-                mode,
-                permit: None,
-                state: HoldState::Held {
-                    token,
-                    name: name.to_owned(),
-                    status: status.clone(),
-                },
-            },
+        let hold = Hold::held(
+            lock,
+            session.id,
+            mode,
+            None,
+            token,
+            name.to_owned(),
+            status.clone(),
         );
+        registry.add_held(key, hold);
         (session, core)
     };
     tracing::debug!(
