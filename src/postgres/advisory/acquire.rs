@@ -1,33 +1,41 @@
 //! One acquisition: tries on a holder session, then waits by polling or on
 //! a connection of its own, blocked on the server.
 //!
-//! It runs in the caller's task: the uncontended path is one lock statement
-//! on a holder session's connection, with no task spawned and no message
-//! to another task. Dropping the caller's future never strands a lock: a
-//! lock statement under way is finished by a task of its own
-//! ([`Detached`]), which drops a grant nobody takes (queueing its unlock on
-//! its session), and a server-side wait whose caller is gone has its
-//! connection closed (see `WaitConn`).
+//! It runs in the caller's task and reads top to bottom: [`acquire`] makes
+//! a first attempt ([`try_on_session`]: the registry routes it to a holder
+//! session, then [`lock_on`] or [`permit_on`] takes the session's
+//! connection, sends the one statement and records its outcome in the
+//! registry), and only if that misses and the request waits, sets up the
+//! wait. The uncontended path is that one statement, with no task spawned
+//! and no message to another task. Dropping the caller's future never
+//! strands a lock: an attempt under way is finished by a task of its own
+//! ([`Detached`]), which records its outcome and drops a grant nobody takes
+//! (queueing its unlock on its session), and a server-side wait whose
+//! caller is gone has its connection closed (see `WaitConn`).
 
 use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use sqlx::pool::PoolConnection;
+use sqlx::postgres::PgConnection;
 use sqlx::{Connection, Postgres};
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::{sleep_until, Instant};
 
-use super::registry::Route;
+use super::registry::{Hold, LockId, Permit, Route};
+use super::release::Held;
 use super::semaphore;
-use super::session::{self, LockReply};
+use super::session::permit::{PermitTried, Verdict};
+use super::session::{self, Conn, Session, Tried};
 use super::{lock_table_full, Inner, Refusal, WaitStrategy, LOCK_TABLE_FULL};
 use crate::backend::{BoxFuture, Grant};
 use crate::detach::Detached;
+use crate::error::Loss;
 use crate::lease::permits::disagreement;
 use crate::postgres::key::PermitKeys;
 use crate::postgres::token::sequence_token;
 use crate::postgres::{advisory_key, engine, map_err, LIFT_SERVER_TIMEOUTS};
-use crate::{AcquireRequest, Error, LockMode, Result, Wait};
+use crate::{AcquireRequest, Error, LockMode, LostReason, Result, Wait};
 
 // The inner subqueries set a transaction-local lock_timeout before the lock
 // call runs (OFFSET 0 keeps the planner from flattening the order away); in
@@ -250,7 +258,7 @@ async fn reader_beside_permits(conn: &mut WaitConn, name: &str) -> Result<()> {
 
 /// One attempt on a holder session, opening one if needed. `Ok(None)` if
 /// the lock is held (by us or anyone), or every permit is. With `first`, a
-/// lock's miss looks for a semaphore's permits (see `Session::lock`).
+/// lock's miss looks for a semaphore's permits (see `Session::try_lock`).
 async fn try_on_session(
     inner: &Arc<Inner>,
     attempt: &Attempt<'_>,
@@ -299,16 +307,16 @@ async fn try_on_session(
                 inner.grow();
             }
             Route::Send(session) => {
-                // The statement runs here, on the session's connection; if
+                // The attempt runs here, on the session's connection; if
                 // this future is dropped mid-statement, a task finishes it
                 // and releases a grant nobody takes.
                 let reply = match permit {
                     Some(keys) => {
-                        let attempt = session.lock_permit(lock, keys.clone(), name.to_owned());
+                        let attempt = permit_on(session, lock, keys.clone(), name.to_owned());
                         Detached::new(attempt).await
                     }
                     None => {
-                        let attempt = session.lock(lock, key, mode, name.to_owned(), first);
+                        let attempt = lock_on(session, lock, key, mode, name.to_owned(), first);
                         Detached::new(attempt).await
                     }
                 };
@@ -329,6 +337,285 @@ async fn try_on_session(
     Err(Error::Unavailable(format!(
         "the advisory lock's holder sessions kept failing: {reason}"
     )))
+}
+
+/// The answer to one attempt on a holder session.
+enum LockReply {
+    Granted(Grant),
+    Busy,
+    Failed(Error),
+    /// The session failed before or while trying (why); nothing is held
+    /// (the session is closed). Try elsewhere.
+    Gone(Loss),
+}
+
+/// One lock attempt on the holder session the registry routed it to, for
+/// the pending hold `lock` it recorded there. Runs in the caller's task,
+/// inside [`Detached`]: if the caller's future is dropped mid-statement, a
+/// task finishes it, records its outcome, and drops a grant nobody takes
+/// (which queues its unlock on the session). With `look`, a miss looks for
+/// a semaphore's permits on the name (and is refused if it finds them).
+async fn lock_on(
+    session: Arc<Session>,
+    lock: LockId,
+    key: i64,
+    mode: LockMode,
+    name: String,
+    look: bool,
+) -> LockReply {
+    // 1. The session's connection, behind its async mutex. A session that
+    //    ended took the pending hold with it: the attempt goes elsewhere.
+    let mut c = match session.conn().await {
+        Ok(c) => c,
+        Err(loss) => {
+            not_granted(&session, key, lock);
+            return LockReply::Gone(loss);
+        }
+    };
+    // 2. The lock statement. A reader beside a shared hold of ours on this
+    //    session stacks on it (the statement then gives way to waiters).
+    let stacked = mode == LockMode::Shared
+        && session
+            .inner
+            .registry()
+            .stacked(session.id, key, mode, lock);
+    let tried = session
+        .try_lock(&mut c, key, mode, stacked, &name, look)
+        .await;
+    // 3. Its outcome, recorded in the registry while the connection is
+    //    still held, so that the next statement on the session finds the
+    //    registry as the server has it.
+    match tried {
+        Tried::Granted(token) => granted(&session, key, lock, mode, None, token, name),
+        Tried::Missed => {
+            not_granted(&session, key, lock);
+            LockReply::Busy
+        }
+        Tried::MissedBesidePermits => {
+            not_granted(&session, key, lock);
+            refused_beside_permits(c.pg(), &name).await
+        }
+        Tried::GrantedBesidePermits => match session.give_back_shared(&mut c, key).await {
+            Ok(()) => {
+                not_granted(&session, key, lock);
+                refused_beside_permits(c.pg(), &name).await
+            }
+            Err(loss) => LockReply::Gone(loss),
+        },
+        Tried::NotOurs => {
+            not_granted(&session, key, lock);
+            session.close_pooled(&mut c);
+            LockReply::Failed(engine::transaction_pooler())
+        }
+        Tried::Refused(e) => undo_lock(&session, &mut c, lock, key, mode, e).await,
+        // The session's end took the pending hold with it.
+        Tried::Closed(loss) => LockReply::Gone(loss),
+    }
+}
+
+/// One permit attempt on the holder session the registry routed it to, as
+/// [`lock_on`] for a lock. The pending hold `lock` is a shared hold on the
+/// name's key (`keys.name`).
+async fn permit_on(
+    session: Arc<Session>,
+    lock: LockId,
+    keys: Arc<PermitKeys>,
+    name: String,
+) -> LockReply {
+    let key = keys.name;
+    // 1. The session's connection, as for a lock.
+    let mut c = match session.conn().await {
+        Ok(c) => c,
+        Err(loss) => {
+            not_granted(&session, key, lock);
+            return LockReply::Gone(loss);
+        }
+    };
+    // 2. The slots to try: not those our permits hold (on their own
+    //    session PostgreSQL would grant them again, as locks stack;
+    //    elsewhere they are known to be taken).
+    let (stacked, slots) = {
+        let registry = session.inner.registry();
+        let held = registry.slots_held(key);
+        let slots: Vec<i64> = keys
+            .slots
+            .iter()
+            .filter(|s| !held.contains(s))
+            .copied()
+            .collect();
+        let stacked = registry.stacked(session.id, key, LockMode::Shared, lock);
+        (stacked, slots)
+    };
+    if slots.is_empty() {
+        not_granted(&session, key, lock);
+        return LockReply::Busy;
+    }
+    // 3. The permit's statement.
+    let tried = session.try_permit(&mut c, &keys, &slots).await;
+    // 4. Its outcome, recorded while the connection is held.
+    let n = keys.slots.len() as u32;
+    match tried {
+        PermitTried::Granted { slot, token } => {
+            let permit = Permit {
+                keys: keys.clone(),
+                slot: Some(slot),
+            };
+            granted(
+                &session,
+                key,
+                lock,
+                LockMode::Shared,
+                Some(permit),
+                token,
+                name,
+            )
+        }
+        PermitTried::Missed(verdict) => {
+            not_granted(&session, key, lock);
+            match verdict {
+                Verdict::Agree => LockReply::Busy,
+                Verdict::Lock => LockReply::Failed(disagreement(&name, n, 1)),
+                // Read on this session: the pool may have no connection to
+                // spare.
+                Verdict::OtherCapacity => match semaphore::capacity_held(c.pg(), &name).await {
+                    Ok(Some(found)) if found != n => {
+                        LockReply::Failed(disagreement(&name, n, found))
+                    }
+                    // Gone meanwhile: try again.
+                    Ok(_) => LockReply::Busy,
+                    Err(e) => LockReply::Failed(e),
+                },
+            }
+        }
+        PermitTried::NotOurs => {
+            not_granted(&session, key, lock);
+            session.close_pooled(&mut c);
+            LockReply::Failed(engine::transaction_pooler())
+        }
+        PermitTried::Refused(e) => undo_permit(&session, &mut c, lock, &keys, stacked, e).await,
+        PermitTried::Closed(loss) => LockReply::Gone(loss),
+    }
+}
+
+/// The pending hold `lock` on `key` was granted: records it as held and
+/// makes its grant, whose guard releases it through `release::unlock`.
+fn granted(
+    session: &Arc<Session>,
+    key: i64,
+    lock: LockId,
+    mode: LockMode,
+    permit: Option<Permit>,
+    token: u64,
+    name: String,
+) -> LockReply {
+    let (status, pending) = Grant::status(None);
+    let hold = Hold::held(
+        lock,
+        session.id,
+        mode,
+        permit,
+        token,
+        name.clone(),
+        status.clone(),
+    );
+    session.inner.registry().granted(key, hold);
+    let held = Held::new(name, key, lock, session, status);
+    LockReply::Granted(pending.grant(token, Box::new(held)))
+}
+
+/// The attempt was answered without a grant: its pending hold goes.
+fn not_granted(session: &Session, key: i64, lock: LockId) {
+    session.inner.registry().not_granted(session.id, key, lock);
+}
+
+/// The answer to a lock or reader lock of `name` that found permits of a
+/// semaphore on it: refused, with their capacity (read on `conn`, a holder
+/// session's, so as not to wait for the pool); busy if they are gone.
+async fn refused_beside_permits(conn: &mut PgConnection, name: &str) -> LockReply {
+    match semaphore::capacity_held(conn, name).await {
+        Ok(Some(found)) => LockReply::Failed(disagreement(name, 1, found)),
+        // Gone meanwhile: try again.
+        Ok(None) => LockReply::Busy,
+        Err(e) => LockReply::Failed(e),
+    }
+}
+
+/// A lock statement failed, maybe after the lock was taken (the lock
+/// table fills up in the lock call, but nextval may fail after it). One
+/// unlock undoes it exactly if nothing else of ours holds the key in this
+/// mode on this session; beside a stacked shared hold, only "out of shared
+/// memory" is known to come after the lock (a stacked lock needs no new
+/// entry), so any other error leaves the session uncertain and closes it.
+async fn undo_lock(
+    session: &Session,
+    c: &mut Conn,
+    lock: LockId,
+    key: i64,
+    mode: LockMode,
+    e: sqlx::Error,
+) -> LockReply {
+    let full = is_lock_table_full(&e);
+    if !full
+        && session
+            .inner
+            .registry()
+            .stacked(session.id, key, mode, lock)
+    {
+        session.die(
+            c,
+            &Loss::new(
+                LostReason::Other,
+                "a lock statement failed beside a stacked shared lock: the session's locks are uncertain",
+            ),
+        );
+        return LockReply::Failed(map_err(e));
+    }
+    let undone = session.undo_lock(c, key, mode).await.is_ok();
+    if undone {
+        not_granted(session, key, lock);
+    }
+    LockReply::Failed(if full && undone {
+        lock_table_full(&session::lock_table_size(session, c).await)
+    } else if full {
+        lock_table_full("")
+    } else {
+        map_err(e)
+    })
+}
+
+/// A permit's statement failed after it may have taken some of its locks
+/// (the lock table fills up in a lock call). Alone on its session the
+/// permit's locks are given back as `pg_locks` shows them; beside another
+/// permit of the name (`stacked`), whose locks stack with them, the
+/// session is uncertain and closed.
+async fn undo_permit(
+    session: &Session,
+    c: &mut Conn,
+    lock: LockId,
+    keys: &PermitKeys,
+    stacked: bool,
+    e: sqlx::Error,
+) -> LockReply {
+    let error = if is_lock_table_full(&e) {
+        lock_table_full("")
+    } else {
+        map_err(e)
+    };
+    if stacked {
+        session.die(
+            c,
+            &Loss::new(
+                LostReason::Other,
+                "a permit's statement failed beside another permit of its name: the \
+                 session's locks are uncertain",
+            ),
+        );
+        return LockReply::Failed(error);
+    }
+    if session.undo_permit(c, keys).await.is_ok() {
+        not_granted(session, keys.name, lock);
+    }
+    LockReply::Failed(error)
 }
 
 /// Opens a core holder session when there is none, waiting for a

@@ -1,25 +1,33 @@
 //! Session-level PostgreSQL advisory locks, many to a connection.
 //!
+//! - [`acquire`]: one acquisition, top to bottom: its attempts on holder
+//!   sessions, then its polling or server-side wait.
+//! - [`release`]: one release: the guard's handle and its unlock.
 //! - [`registry`]: which locks this backend holds on which session, and the
 //!   routing that keeps PostgreSQL's lock stacking from making them
 //!   re-entrant.
 //! - [`session`]: the holder sessions: a connection behind an async mutex,
-//!   used from the caller's task, and a keeper task for heartbeats.
-//! - [`acquire`]: one acquisition, its polling or server-side wait.
+//!   the statements sent on it (from the caller's task), and a keeper task
+//!   for heartbeats.
 //!
-//! An uncontended `try_acquire` + `release` reads, end to end:
-//! [`Backend::acquire`] → `acquire::acquire` (the caller's task) →
-//! `Registry::route` picks a holder session and records a pending hold →
-//! `Session::lock` takes the session's mutex and runs one lock statement
-//! on its connection → `Registry::granted` → the guard. Its release:
-//! `Held::release` → `Session::unlock` (mutex, one unlock statement,
-//! `Registry::release`). No task is spawned and no message goes to another
-//! task on that path; a statement whose caller is dropped mid-flight is
-//! finished by a task of its own ([`Detached`](crate::detach::Detached)).
+//! An uncontended `try_acquire` + `release` reads, end to end, in two
+//! files: [`Backend::acquire`] → `acquire::acquire` (the caller's task) →
+//! `try_on_session`: `Registry::route` picks a holder session and records a
+//! pending hold → `lock_on`: the session's connection (its mutex), one
+//! lock statement (`Session::try_lock`), then `granted` records the hold
+//! (`Registry::granted`) and makes the guard. Its release, in `release`:
+//! `Held::release` → `unlock`: the same mutex, one unlock statement
+//! (`Session::unlock`), `Registry::release`. The session's lock and
+//! unlock methods only send statements; the locks' records in the registry
+//! are kept by those two files. No task is
+//! spawned and no message goes to another task on that path; an attempt
+//! or release whose caller is dropped mid-statement is finished by a task
+//! of its own ([`Detached`](crate::detach::Detached)).
 
 mod acquire;
 mod holders;
 mod registry;
+mod release;
 mod semaphore;
 mod session;
 
@@ -39,7 +47,7 @@ use crate::detach::Detached;
 use crate::lease::Wakeups;
 use crate::{AcquireRequest, Backend, Error, LockInfo, LockMode, Result};
 use registry::{Registry, SessionId};
-use session::Released;
+use release::Released;
 
 /// dblock's exclusive advisory try-lock statement, for the benchmark's
 /// "raw, same work" baseline: the bench sends it by hand with the
@@ -663,7 +671,7 @@ impl Backend for Advisory {
                     crate::LostReason::ForceReleased,
                     "the lock was broken by force_release",
                 );
-                let unlock = async move { session.unlock(lock, key, Some(&loss)).await };
+                let unlock = async move { release::unlock(&session, lock, key, Some(&loss)).await };
                 broke |= !matches!(Detached::new(unlock).await, Released::NotHeld(_));
             }
             let (classid, objid) = split_key(key);

@@ -19,8 +19,8 @@
 //! A permit of a semaphore is recorded as a shared hold on the name's key
 //! that knows its semaphore's keys and, once granted, its slot: permits of
 //! one name and capacity go beside each other like shared holds (stacked on
-//! one session if need be, their slots kept apart by the session, see
-//! `Session::lock_permit`); anything else of ours on the name meets them as
+//! one session if need be, their slots kept apart by the acquisition, see
+//! `acquire::permit_on`); anything else of ours on the name meets them as
 //! a disagreement ([`Route::Disagree`]).
 
 use std::collections::HashMap;
@@ -61,6 +61,30 @@ impl Permit {
 }
 
 impl Hold {
+    /// The hold `lock` on `session`, granted with `token` and owned by a
+    /// guard of `name` whose status is `status`.
+    pub(super) fn held(
+        lock: LockId,
+        session: SessionId,
+        mode: LockMode,
+        permit: Option<Permit>,
+        token: u64,
+        name: String,
+        status: LockStatus,
+    ) -> Hold {
+        Hold {
+            lock,
+            session,
+            mode,
+            permit,
+            state: HoldState::Held {
+                token,
+                name,
+                status,
+            },
+        }
+    }
+
     /// How many holders the hold's name admits: 1 for a lock (reader or
     /// writer), `n` for a permit.
     fn capacity(&self) -> u32 {

@@ -3,11 +3,14 @@
 //!
 //! A session's connection sits behind an async mutex. Whoever needs it
 //! takes the mutex and runs the statement from their own task: an
-//! acquisition its lock statement, a release its unlock, the session's
-//! keeper task its heartbeat. Statements on a session therefore never
-//! interleave, and the uncontended path hands nothing to another task. A
-//! statement whose outcome matters (lock, unlock) runs inside
-//! [`Detached`](crate::detach::Detached): if its caller is dropped
+//! acquisition its lock statement (`acquire::lock_on`), a release its
+//! unlock (`release::unlock`), the session's keeper task its heartbeat.
+//! Statements on a session therefore never interleave, and the uncontended
+//! path hands nothing to another task. The lock and unlock statements here
+//! ([`Session::try_lock`], [`Session::unlock`], `Session::try_permit`)
+//! answer what the server said and leave the registry to their callers,
+//! which record the outcome while they still hold the connection, inside
+//! [`Detached`](crate::detach::Detached): if the caller is dropped
 //! mid-statement, a task finishes it and resolves the outcome (a grant
 //! nobody takes is released).
 //!
@@ -25,32 +28,28 @@
 //! locks, sessions adopted from a wait as soon as their lock is released),
 //! after a `pg_advisory_unlock_all()` for good measure.
 
-use std::fmt;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, LazyLock, Weak};
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
 use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgConnection, PgRow};
 use sqlx::{Postgres, Row};
 use tokio::sync::{mpsc, MutexGuard, OwnedSemaphorePermit};
 use tokio::time::{sleep_until, timeout, Instant};
 
-mod permit;
+pub(super) mod permit;
 
-use super::registry::{Hold, HoldState, LockId, Permit, SessionEntry, SessionId};
-use super::{lock_table_full, semaphore, split_key, Inner, Refusal, LOCK_TABLE_FULL};
-use crate::backend::{BoxFuture, Grant, HeldLock, LockStatus};
-use crate::detach::Detached;
+use super::registry::{Hold, LockId, Permit, SessionEntry, SessionId};
+use super::release::{self, Held};
+use super::{split_key, Inner, Refusal};
+use crate::backend::Grant;
 use crate::error::Loss;
-use crate::lease::permits::disagreement;
 use crate::postgres::engine::{self, is_statement_clash};
 use crate::postgres::key::semaphore_key;
-use crate::postgres::map_err;
 use crate::postgres::token::sequence_token;
-use crate::{Error, LockMode, LostReason, Result};
+use crate::{LockMode, LostReason};
 
 // Every lock statement first checks that it runs on this holder session's
 // own server session: the marker the session set when it started (a
@@ -92,7 +91,7 @@ static TRY_EXCLUSIVE: LazyLock<String> = LazyLock::new(|| {
 });
 /// dblock's exclusive try-lock statement, for the benchmark's "raw, same
 /// work" baseline (`benches/compare/advisory_limit.rs`), which sends it by
-/// hand with the parameters `Session::lock` gives it: `$1` the key, `$2`
+/// hand with the parameters `Session::try_lock` gives it: `$1` the key, `$2`
 /// the session's marker, `$3` its pid, `$4`/`$5` the semaphore marker's
 /// key halves, `$6` look on a miss, `$7` look on a grant. Not a stable
 /// interface.
@@ -190,24 +189,24 @@ fn decode_open(row: &PgRow) -> sqlx::Result<(i32, String, Option<String>)> {
     Ok((row.try_get(0)?, row.try_get(1)?, row.try_get(2)?))
 }
 
-/// The answer to a lock attempt.
-pub(super) enum LockReply {
-    Granted(Grant),
-    Busy,
-    Failed(Error),
-    /// The session failed before or while trying (why); nothing is held
-    /// (the session is closed). Try elsewhere.
-    Gone(Loss),
-}
-
-/// The outcome of an unlock.
-pub(super) enum Released {
-    Yes,
-    /// The lock was not held any more (lost or broken before): why.
-    NotHeld(Loss),
-    /// The unlock's outcome is unknown; the session was closed, which ends
-    /// the lock.
-    Failed(Error),
+/// What a lock statement answered (see [`Session::try_lock`]).
+pub(super) enum Tried {
+    /// Granted, with its fencing token.
+    Granted(u64),
+    /// Not granted: someone else holds the key.
+    Missed,
+    /// A reader was granted, but a semaphore's permits hold the name: it
+    /// is to give its lock back and be refused.
+    GrantedBesidePermits,
+    /// Not granted, and a semaphore's permits hold the name.
+    MissedBesidePermits,
+    /// The statement ran on another server session than this session's
+    /// own (a transaction-pooling proxy): nothing of it was taken.
+    NotOurs,
+    /// The server refused the statement, maybe after it took the lock.
+    Refused(sqlx::Error),
+    /// The session failed and was closed (why): nothing is held on it.
+    Closed(Loss),
 }
 
 /// Work for a session's keeper task.
@@ -220,7 +219,7 @@ enum Chore {
 }
 
 /// How a statement on a session went wrong.
-enum Failure {
+pub(super) enum Failure {
     /// The server refused the statement; the session is fine.
     Server(sqlx::Error),
     /// The session is suspect: it must be closed.
@@ -267,10 +266,6 @@ fn failed(e: &sqlx::Error) -> Loss {
     )
 }
 
-fn is_lock_table_full(e: &sqlx::Error) -> bool {
-    matches!(e, sqlx::Error::Database(db) if db.code().as_deref() == Some(LOCK_TABLE_FULL))
-}
-
 /// Runs `statement` with a bound on how long the session may take to
 /// answer, and classifies its failure.
 async fn bounded<T>(
@@ -298,7 +293,7 @@ pub(super) fn new_marker() -> String {
 }
 
 /// A holder session's connection and what is known of its server session.
-struct Conn {
+pub(super) struct Conn {
     /// `None` once the session went back to the pool or was closed.
     conn: Option<PoolConnection<Postgres>>,
     /// The marker this session set on its server session.
@@ -316,7 +311,7 @@ struct Conn {
 }
 
 impl Conn {
-    fn pg(&mut self) -> &mut PgConnection {
+    pub(super) fn pg(&mut self) -> &mut PgConnection {
         self.conn
             .as_mut()
             .expect("an open session has its connection")
@@ -338,8 +333,9 @@ impl Drop for Conn {
 /// abnormally (its runtime is dropped, as in a crash), the session is
 /// dropped, which closes its connection and reports its guards lost.
 pub(super) struct Session {
-    inner: Arc<Inner>,
-    id: SessionId,
+    /// The backend it belongs to.
+    pub(super) inner: Arc<Inner>,
+    pub(super) id: SessionId,
     conn: tokio::sync::Mutex<Conn>,
     /// Set once the session went back to the pool or was closed.
     ended: AtomicBool,
@@ -354,7 +350,7 @@ pub(super) struct Session {
 }
 
 /// Counts one unlock in its session's backlog while it lives.
-struct Unlocking<'a>(&'a AtomicUsize);
+pub(super) struct Unlocking<'a>(&'a AtomicUsize);
 
 impl<'a> Unlocking<'a> {
     fn new(count: &'a AtomicUsize) -> Self {
@@ -529,20 +525,16 @@ pub(super) fn adopt(
                 unlocking: session.unlocking.clone(),
             },
         );
-        registry.add_held(
-            key,
-            Hold {
-                lock,
-                session: session.id,
-                mode,
-                permit: None,
-                state: HoldState::Held {
-                    token,
-                    name: name.to_owned(),
-                    status: status.clone(),
-                },
-            },
+        let hold = Hold::held(
+            lock,
+            session.id,
+            mode,
+            None,
+            token,
+            name.to_owned(),
+            status.clone(),
         );
+        registry.add_held(key, hold);
         (session, core)
     };
     tracing::debug!(
@@ -551,14 +543,7 @@ pub(super) fn adopt(
         core,
         "dblock: advisory wait granted; its session holds the lock"
     );
-    let held = Box::new(Held {
-        name: name.to_owned(),
-        key,
-        lock,
-        session: Arc::downgrade(&session),
-        status,
-        armed: true,
-    });
+    let held = Box::new(Held::new(name.to_owned(), key, lock, &session, status));
     tokio::spawn(session.keep(chores));
     pending.grant(token, held)
 }
@@ -589,7 +574,7 @@ impl Session {
 
     /// The session's connection, for one use; `Err` (why) if the session
     /// has ended. A statement found abandoned mid-flight closes it.
-    async fn conn(&self) -> std::result::Result<MutexGuard<'_, Conn>, Loss> {
+    pub(super) async fn conn(&self) -> std::result::Result<MutexGuard<'_, Conn>, Loss> {
         let ended = || Loss::new(LostReason::ConnectionLost, "the holder session has ended");
         if self.ended.load(Ordering::Acquire) {
             return Err(ended());
@@ -611,7 +596,7 @@ impl Session {
 
     /// Closes the session: every lock on it is reported lost, and its
     /// connection is closed.
-    fn die(&self, c: &mut Conn, loss: &Loss) {
+    pub(super) fn die(&self, c: &mut Conn, loss: &Loss) {
         self.ended.store(true, Ordering::Release);
         tracing::warn!(
             session = self.id,
@@ -642,7 +627,7 @@ impl Session {
             };
             match chore {
                 Some(Chore::Unlock { lock, key }) => {
-                    self.unlock(lock, key, None).await;
+                    release::unlock(&self, lock, key, None).await;
                 }
                 Some(Chore::Tidy) => {}
                 None => {
@@ -719,25 +704,21 @@ impl Session {
         Err(reason)
     }
 
-    /// Tries to take `key` for the pending hold `lock` that the registry
-    /// routed here (never waits on the server). With `look`, a miss looks
-    /// for a semaphore's permits on the name (and is refused if it finds
-    /// them).
-    pub(super) async fn lock(
-        self: Arc<Self>,
-        lock: LockId,
+    /// Sends one lock statement for `key` on this session's connection `c`
+    /// (it never waits on the server) and tells what it answered; the
+    /// registry is left to the caller. `stacked`: a shared hold of ours on
+    /// `key` sits on this session already (see `TRY_SHARED_STACKED`). With
+    /// `look`, a miss looks for a semaphore's permits on the name.
+    pub(super) async fn try_lock(
+        &self,
+        c: &mut Conn,
         key: i64,
         mode: LockMode,
-        name: String,
+        stacked: bool,
+        name: &str,
         look: bool,
-    ) -> LockReply {
-        let mut c = match self.conn_for(key, lock).await {
-            Ok(c) => c,
-            Err(gone) => return gone,
-        };
+    ) -> Tried {
         let limit = self.inner.answer_within();
-        let stacked =
-            mode == LockMode::Shared && self.inner.registry().stacked(self.id, key, mode, lock);
         let sql = match mode {
             LockMode::Exclusive => &*TRY_EXCLUSIVE,
             LockMode::Shared if stacked => &*TRY_SHARED_STACKED,
@@ -747,7 +728,7 @@ impl Session {
             .bind(key)
             .bind(c.marker.clone())
             .bind(c.pid);
-        let (classid, objid) = split_key(semaphore_key(&name));
+        let (classid, objid) = split_key(semaphore_key(name));
         query = query
             .bind(classid)
             .bind(objid)
@@ -761,164 +742,56 @@ impl Session {
         let outcome = bounded(limit, query.fetch_one(c.pg())).await;
         c.in_doubt = false;
         match outcome {
-            Ok((false, ..)) => self.not_ours(&mut c, key, lock),
-            Ok((true, Some(_), Some(true))) => {
+            Ok((false, ..)) => Tried::NotOurs,
+            Ok((true, token, beside_permits)) => {
                 self.alive();
-                self.give_way(c, key, lock, name).await
-            }
-            Ok((true, None, Some(true))) => {
-                self.alive();
-                self.inner.registry().not_granted(self.id, key, lock);
-                refused_beside_permits(c.pg(), &name).await
-            }
-            Ok((true, Some(token), _)) => {
-                self.alive();
-                self.granted(key, lock, mode, None, token as u64, name)
-            }
-            Ok((true, None, _)) => {
-                self.alive();
-                self.inner.registry().not_granted(self.id, key, lock);
-                LockReply::Busy
+                match (token, beside_permits) {
+                    (Some(_), Some(true)) => Tried::GrantedBesidePermits,
+                    (None, Some(true)) => Tried::MissedBesidePermits,
+                    (Some(token), _) => Tried::Granted(token as u64),
+                    (None, _) => Tried::Missed,
+                }
             }
             // Not our server session (a named statement of ours is missing
             // or taken there): nothing of this statement ran.
-            Err(Failure::Server(e)) if is_statement_clash(&e) => self.not_ours(&mut c, key, lock),
-            Err(Failure::Server(e)) => self.undo(&mut c, lock, key, mode, e).await,
+            Err(Failure::Server(e)) if is_statement_clash(&e) => Tried::NotOurs,
+            Err(Failure::Server(e)) => {
+                // The server answered: the session is alive.
+                self.alive();
+                Tried::Refused(e)
+            }
             Err(Failure::Broken(reason)) => {
-                self.die(&mut c, &reason);
-                LockReply::Gone(reason)
+                self.die(c, &reason);
+                Tried::Closed(reason)
             }
         }
     }
 
-    /// The connection, for an attempt on the pending hold `lock` on `key`;
-    /// if the session has ended, the hold goes and the attempt is to be
-    /// made elsewhere (the `Err`).
-    async fn conn_for(
+    /// Gives back one level of a shared lock on `key` (a reader granted
+    /// beside a semaphore's permits). `Err`: the session was closed (why).
+    pub(super) async fn give_back_shared(
         &self,
+        c: &mut Conn,
         key: i64,
-        lock: LockId,
-    ) -> std::result::Result<MutexGuard<'_, Conn>, LockReply> {
-        self.conn().await.map_err(|reason| {
-            self.inner.registry().not_granted(self.id, key, lock);
-            LockReply::Gone(reason)
-        })
-    }
-
-    /// A reader was granted beside a semaphore's permits: it gives its
-    /// lock back (one level of a stacked shared lock) and is refused.
-    async fn give_way(
-        &self,
-        mut c: MutexGuard<'_, Conn>,
-        key: i64,
-        lock: LockId,
-        name: String,
-    ) -> LockReply {
+    ) -> std::result::Result<(), Loss> {
         let limit = self.inner.answer_within();
         c.in_doubt = true;
         let undone = bounded(limit, sqlx::query(UNLOCK_SHARED).bind(key).execute(c.pg())).await;
         c.in_doubt = false;
-        match undone {
-            Ok(_) => {
-                self.alive();
-                self.inner.registry().not_granted(self.id, key, lock);
-            }
-            Err(Failure::Server(e)) => {
-                let loss = Loss::new(
-                    LostReason::Other,
-                    format!("giving back a reader's lock failed: {e}"),
-                );
-                self.die(&mut c, &loss);
-                return LockReply::Gone(loss);
-            }
-            Err(Failure::Broken(reason)) => {
-                self.die(&mut c, &reason);
-                return LockReply::Gone(reason);
-            }
-        }
-        refused_beside_permits(c.pg(), &name).await
+        self.settle(c, undone, "giving back a reader's lock")
+            .map(drop)
     }
 
-    /// A lock statement found itself on another server session than this
-    /// session's own: nothing was taken by it, and what this session took
-    /// before may sit on a server connection other clients use. Closes it.
-    fn not_ours(&self, c: &mut Conn, key: i64, lock: LockId) -> LockReply {
-        self.inner.registry().not_granted(self.id, key, lock);
-        self.inner.refuse(Refusal::Pooler);
-        self.die(c, &pooled());
-        LockReply::Failed(engine::transaction_pooler())
-    }
-
-    /// The pending hold `lock` on `key` was granted: records it and makes
-    /// its grant. Called with the session's connection held, so that the
-    /// next statement on it knows of the hold.
-    fn granted(
-        self: &Arc<Self>,
-        key: i64,
-        lock: LockId,
-        mode: LockMode,
-        permit: Option<Permit>,
-        token: u64,
-        name: String,
-    ) -> LockReply {
-        let (status, pending) = Grant::status(None);
-        self.inner.registry().granted(
-            key,
-            Hold {
-                lock,
-                session: self.id,
-                mode,
-                permit,
-                state: HoldState::Held {
-                    token,
-                    name: name.clone(),
-                    status: status.clone(),
-                },
-            },
-        );
-        // If the acquirer is gone, the grant is dropped where this
-        // finishes, which queues its unlock on this session.
-        LockReply::Granted(pending.grant(
-            token,
-            Box::new(Held {
-                name,
-                key,
-                lock,
-                session: Arc::downgrade(self),
-                status,
-                armed: true,
-            }),
-        ))
-    }
-
-    /// A lock statement failed, maybe after the lock was taken (the lock
-    /// table fills up in the lock call, but nextval may fail after it).
-    /// One unlock undoes it exactly if nothing else of ours holds the key
-    /// in this mode on this session; beside a stacked shared hold, only
-    /// "out of shared memory" is known to come after the lock (a stacked
-    /// lock needs no new entry), so any other error leaves the session
-    /// uncertain and closes it.
-    async fn undo(
+    /// Undoes a lock statement that failed (see [`Tried::Refused`]): one
+    /// unlock of `key` in `mode`, without a warning if it was not taken.
+    /// `Err`: the session was closed (why).
+    pub(super) async fn undo_lock(
         &self,
         c: &mut Conn,
-        lock: LockId,
         key: i64,
         mode: LockMode,
-        e: sqlx::Error,
-    ) -> LockReply {
-        self.alive();
+    ) -> std::result::Result<(), Loss> {
         let limit = self.inner.answer_within();
-        let full = is_lock_table_full(&e);
-        if !full && self.inner.registry().stacked(self.id, key, mode, lock) {
-            self.die(
-                c,
-                &Loss::new(
-                    LostReason::Other,
-                    "a lock statement failed beside a stacked shared lock: the session's locks are uncertain",
-                ),
-            );
-            return LockReply::Failed(map_err(e));
-        }
         let undo = match mode {
             LockMode::Exclusive => UNDO_EXCLUSIVE,
             LockMode::Shared => UNDO_SHARED,
@@ -926,62 +799,26 @@ impl Session {
         c.in_doubt = true;
         let outcome = bounded(limit, sqlx::query(undo).bind(key).execute(c.pg())).await;
         c.in_doubt = false;
-        let undone = match outcome {
-            Ok(_) => {
-                self.alive();
-                self.inner.registry().not_granted(self.id, key, lock);
-                true
-            }
-            Err(Failure::Server(e)) => {
-                self.die(
-                    c,
-                    &Loss::new(
-                        LostReason::Other,
-                        format!("undoing a failed lock failed: {e}"),
-                    ),
-                );
-                false
-            }
-            Err(Failure::Broken(reason)) => {
-                self.die(c, &reason);
-                false
-            }
-        };
-        LockReply::Failed(if full && undone {
-            lock_table_full(&lock_table_size(self, c).await)
-        } else if full {
-            lock_table_full("")
-        } else {
-            map_err(e)
-        })
+        self.settle(c, outcome, "undoing a failed lock").map(drop)
     }
 
-    /// Releases the lock `lock` on `key`. With `broken`, its guard is
-    /// reported lost for that reason (an operator broke it).
-    pub(super) async fn unlock(&self, lock: LockId, key: i64, broken: Option<&Loss>) -> Released {
-        let _backlog = Unlocking::new(&self.unlocking);
-        let mut c = match self.conn().await {
-            Ok(c) => c,
-            // The session's end ended the lock (and reported it lost).
-            Err(reason) => return Released::NotHeld(reason),
-        };
-        // Looked up under the session's mutex: the registry changes this
-        // session's holds only while holding it, so the hold cannot be
-        // broken and the key taken again by another guard meanwhile.
-        let (mode, permit) = {
-            let registry = self.inner.registry();
-            match registry.hold(key, lock) {
-                Some(h) if h.session == self.id => (h.mode, h.permit.clone()),
-                _ => return Released::NotHeld(lost_before()),
-            }
-        };
+    /// Sends the unlock statement of a hold on `key` in `mode` (a permit's:
+    /// its slot and markers) and tells whether the session held it. The
+    /// caller closes the session on `Err` (the lock's fate is unknown).
+    pub(super) async fn unlock(
+        &self,
+        c: &mut Conn,
+        key: i64,
+        mode: LockMode,
+        permit: Option<&Permit>,
+    ) -> std::result::Result<bool, Failure> {
         let limit = self.inner.answer_within();
         let sql = match mode {
             LockMode::Exclusive => UNLOCK_EXCLUSIVE,
             LockMode::Shared => UNLOCK_SHARED,
         };
         c.in_doubt = true;
-        let outcome = match &permit {
+        let outcome = match permit {
             Some(permit) => bounded(limit, permit::unlock(c.pg(), permit, permit::ALL)).await,
             None => {
                 bounded(
@@ -994,69 +831,62 @@ impl Session {
             }
         };
         c.in_doubt = false;
-        let unlocked = match outcome {
-            Ok(unlocked) => unlocked,
-            // The unlock's outcome is unknown (or the server refused it,
-            // which leaves the lock in doubt too): close the session, which
-            // ends every lock on it.
-            Err(Failure::Server(e)) => {
-                let loss = Loss::new(
-                    LostReason::Other,
-                    format!("an unlock failed on the holder session: {e}"),
-                );
-                self.mark_lost(key, lock, &loss);
-                self.die(&mut c, &loss);
-                return Released::Failed(map_err(e));
-            }
-            Err(Failure::Broken(loss)) => {
-                self.mark_lost(key, lock, &loss);
-                self.die(&mut c, &loss);
-                return Released::Failed(Error::Unavailable(loss.detail));
-            }
-        };
-        self.alive();
-        let (hold, extra_idle) = self.inner.registry().release(self.id, key, lock);
-        drop(c);
-        if extra_idle {
-            let _ = self.keeper.send(Chore::Tidy);
+        if outcome.is_ok() {
+            self.alive();
         }
-        let Some(Hold {
-            state: HoldState::Held { name, status, .. },
-            ..
-        }) = hold
-        else {
-            return Released::NotHeld(lost_before());
-        };
-        let released = if unlocked {
-            if let Some(loss) = broken {
-                status.mark(loss.clone());
-            }
-            Released::Yes
-        } else {
-            let loss = broken.cloned().unwrap_or_else(|| {
-                Loss::new(
-                    LostReason::RenewalFailed,
-                    "the session no longer held the advisory lock",
-                )
-            });
-            status.mark(loss.clone());
-            Released::NotHeld(loss)
-        };
-        self.inner.wakeups.wake(&name);
-        released
+        outcome
     }
 
-    /// Marks one lock lost before its release is answered, so the guard
-    /// reports the loss (the session is about to be closed, which ends the
-    /// lock; it may have ended earlier, when another holder could take it).
-    fn mark_lost(&self, key: i64, lock: LockId, loss: &Loss) {
-        if let Some(Hold {
-            state: HoldState::Held { status, .. },
-            ..
-        }) = self.inner.registry().hold(key, lock)
-        {
-            status.mark(loss.clone());
+    /// After a statement that must succeed for the session to be trusted
+    /// (giving back or undoing locks): records the session alive, or closes
+    /// it and returns why (`doing` names the statement).
+    fn settle<T>(
+        &self,
+        c: &mut Conn,
+        outcome: std::result::Result<T, Failure>,
+        doing: &str,
+    ) -> std::result::Result<T, Loss> {
+        match outcome {
+            Ok(v) => {
+                self.alive();
+                Ok(v)
+            }
+            Err(Failure::Server(e)) => {
+                let loss = Loss::new(LostReason::Other, format!("{doing} failed: {e}"));
+                self.die(c, &loss);
+                Err(loss)
+            }
+            Err(Failure::Broken(reason)) => {
+                self.die(c, &reason);
+                Err(reason)
+            }
         }
+    }
+
+    /// A statement found itself on another server session than this
+    /// session's own (a transaction-pooling proxy): what this session took
+    /// before may sit on a server connection other clients use. Closes it,
+    /// and the backend refuses from now on.
+    pub(super) fn close_pooled(&self, c: &mut Conn) {
+        self.inner.refuse(Refusal::Pooler);
+        self.die(c, &pooled());
+    }
+
+    /// Counts one unlock in the session's backlog while the result lives.
+    pub(super) fn unlocking(&self) -> Unlocking<'_> {
+        Unlocking::new(&self.unlocking)
+    }
+
+    /// Has the keeper task unlock `lock` on `key` (a guard was dropped). If
+    /// the keeper is gone, so is the session, and with it the lock.
+    pub(super) fn unlock_later(&self, lock: LockId, key: i64) {
+        let _ = self.keeper.send(Chore::Unlock { lock, key });
+    }
+
+    /// Has the keeper task look whether the session, adopted from a wait,
+    /// now holds nothing and goes back to the pool.
+    pub(super) fn tidy(&self) {
+        let _ = self.keeper.send(Chore::Tidy);
     }
 
     /// Goes back to the pool if the session holds nothing; `false` if it
@@ -1102,20 +932,8 @@ impl Session {
     }
 }
 
-/// The answer to a lock or reader lock of `name` that found permits of a
-/// semaphore on it: refused, with their capacity (read on `conn`, a holder
-/// session's, so as not to wait for the pool); busy if they are gone.
-async fn refused_beside_permits(conn: &mut PgConnection, name: &str) -> LockReply {
-    match semaphore::capacity_held(conn, name).await {
-        Ok(Some(found)) => LockReply::Failed(disagreement(name, 1, found)),
-        // Gone meanwhile: try again.
-        Ok(None) => LockReply::Busy,
-        Err(e) => LockReply::Failed(e),
-    }
-}
-
 /// The lock table's size as configured, for the error message.
-async fn lock_table_size(session: &Session, c: &mut Conn) -> String {
+pub(super) async fn lock_table_size(session: &Session, c: &mut Conn) -> String {
     let limit = session.inner.answer_within();
     let statement = sqlx::query_as::<_, (String, String, String)>(
         "SELECT current_setting('max_locks_per_transaction'),
@@ -1137,97 +955,5 @@ async fn lock_table_size(session: &Session, c: &mut Conn) -> String {
             }
         }
         Err(_) => String::new(),
-    }
-}
-
-/// A guard's handle on its lock: the session that holds it.
-pub(super) struct Held {
-    name: String,
-    key: i64,
-    lock: LockId,
-    /// Gone once the session ended abnormally (which ended the lock).
-    session: Weak<Session>,
-    status: LockStatus,
-    /// Whether dropping the handle should release the lock.
-    armed: bool,
-}
-
-impl fmt::Debug for Held {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Held")
-            .field("name", &self.name)
-            .field("key", &self.key)
-            .finish_non_exhaustive()
-    }
-}
-
-fn gone(name: &str, status: &LockStatus) -> Error {
-    Error::from_loss(
-        name,
-        status.loss().unwrap_or_else(|| {
-            Loss::new(
-                LostReason::ConnectionLost,
-                "the advisory lock's holder session is gone",
-            )
-        }),
-    )
-}
-
-/// An unlock of a lock the registry no longer records as held here.
-fn lost_before() -> Loss {
-    Loss::new(
-        LostReason::RenewalFailed,
-        "the advisory lock was lost or broken before",
-    )
-}
-
-impl HeldLock for Held {
-    fn extend(&self, _by: Duration) -> BoxFuture<'_, Result<Option<DateTime<Utc>>>> {
-        let session = self.session.upgrade();
-        Box::pin(async move {
-            let session = session.ok_or_else(|| gone(&self.name, &self.status))?;
-            match Detached::new(async move { session.check().await }).await {
-                Ok(()) if !self.status.is_lost() => Ok(None),
-                Ok(()) => Err(gone(&self.name, &self.status)),
-                Err(loss) => Err(Error::from_loss(&self.name, loss)),
-            }
-        })
-    }
-
-    fn release(mut self: Box<Self>) -> BoxFuture<'static, Result<()>> {
-        self.armed = false;
-        let session = self.session.upgrade();
-        let (lock, key) = (self.lock, self.key);
-        // The unlock runs in the caller's task and, if the caller stops
-        // waiting, finishes in a task of its own.
-        Box::pin(Detached::new(async move {
-            let Some(session) = session else {
-                return Err(gone(&self.name, &self.status));
-            };
-            match session.unlock(lock, key, None).await {
-                Released::Yes => Ok(()),
-                Released::NotHeld(loss) => Err(Error::from_loss(&self.name, loss)),
-                Released::Failed(e) => Err(e),
-            }
-        }))
-    }
-
-    fn release_on_drop(self: Box<Self>) {
-        // Dropping the armed handle queues the unlock.
-    }
-}
-
-impl Drop for Held {
-    fn drop(&mut self) {
-        if self.armed {
-            // The session's keeper unlocks it. If the keeper is gone, so is
-            // the session, and with it the lock.
-            if let Some(session) = self.session.upgrade() {
-                let _ = session.keeper.send(Chore::Unlock {
-                    lock: self.lock,
-                    key: self.key,
-                });
-            }
-        }
     }
 }

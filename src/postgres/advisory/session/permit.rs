@@ -23,16 +23,12 @@ use std::sync::{Arc, LazyLock};
 
 use sqlx::postgres::PgConnection;
 
-use super::{bounded, Failure, LockReply, Session, OURS};
+use super::{bounded, Conn, Failure, Session, OURS};
 use crate::error::Loss;
-use crate::lease::permits::disagreement;
-use crate::postgres::advisory::registry::{LockId, Permit};
-use crate::postgres::advisory::{lock_table_full, semaphore};
+use crate::postgres::advisory::registry::Permit;
 use crate::postgres::engine::is_statement_clash;
 use crate::postgres::key::PermitKeys;
-use crate::postgres::map_err;
 use crate::postgres::token::sequence_token;
-use crate::{LockMode, LostReason};
 
 /// `got` of a permit that took all three markers.
 pub(crate) const ALL: i32 = 3;
@@ -124,8 +120,24 @@ pub(super) fn unlock<'c>(
         .fetch_one(conn)
 }
 
+/// What a permit's statement answered (see [`Session::try_permit`]).
+pub(in crate::postgres::advisory) enum PermitTried {
+    /// Granted: the slot it holds, and its fencing token.
+    Granted { slot: i64, token: u64 },
+    /// Not granted (what the statement took was given back): why.
+    Missed(Verdict),
+    /// The statement ran on another server session than this session's
+    /// own (a transaction-pooling proxy): nothing of it was taken.
+    NotOurs,
+    /// The server refused the statement, maybe after it took some of the
+    /// permit's locks.
+    Refused(sqlx::Error),
+    /// The session failed and was closed (why): nothing is held on it.
+    Closed(Loss),
+}
+
 /// What the check after a take found.
-enum Verdict {
+pub(in crate::postgres::advisory) enum Verdict {
     /// Take or wait.
     Agree,
     /// A lock or readers hold the name.
@@ -135,49 +147,25 @@ enum Verdict {
 }
 
 impl Session {
-    /// Tries to take a permit of the semaphore `keys` for the pending hold
-    /// `lock` that the registry routed here (never waits on the server).
-    pub(in crate::postgres::advisory) async fn lock_permit(
-        self: Arc<Self>,
-        lock: LockId,
-        keys: Arc<PermitKeys>,
-        name: String,
-    ) -> LockReply {
-        let key = keys.name;
-        let mut c = match self.conn_for(key, lock).await {
-            Ok(c) => c,
-            Err(gone) => return gone,
-        };
+    /// Sends a permit's statement for the semaphore `keys` on this
+    /// session's connection `c`, trying `slots` in turn (it never waits on
+    /// the server), and gives back what it took unless it keeps the
+    /// permit; the registry is left to the caller.
+    pub(in crate::postgres::advisory) async fn try_permit(
+        &self,
+        c: &mut Conn,
+        keys: &Arc<PermitKeys>,
+        slots: &[i64],
+    ) -> PermitTried {
         let limit = self.inner.answer_within();
-        // The slots our permits hold are not tried: on their own session
-        // PostgreSQL would grant them again (locks stack), and elsewhere
-        // they are known to be taken.
-        let (stacked, slots) = {
-            let registry = self.inner.registry();
-            let held = registry.slots_held(key);
-            let slots: Vec<i64> = keys
-                .slots
-                .iter()
-                .filter(|s| !held.contains(s))
-                .copied()
-                .collect();
-            (
-                registry.stacked(self.id, key, LockMode::Shared, lock),
-                slots,
-            )
-        };
-        if slots.is_empty() {
-            self.inner.registry().not_granted(self.id, key, lock);
-            return LockReply::Busy;
-        }
         c.in_doubt = true;
         let taken = bounded(
             limit,
             sqlx::query_as::<_, (bool, i32, Option<i64>, Option<i64>, bool, bool)>(TAKE.as_str())
-                .bind(key)
+                .bind(keys.name)
                 .bind(c.marker.clone())
                 .bind(c.pid)
-                .bind(&slots)
+                .bind(slots)
                 .bind(keys.capacity)
                 .bind(keys.semaphore)
                 .fetch_one(c.pg()),
@@ -192,121 +180,62 @@ impl Session {
                 };
                 (got, slot, token, verdict)
             }
-            Ok((false, ..)) => return self.not_ours(&mut c, key, lock),
+            Ok((false, ..)) => {
+                c.in_doubt = false;
+                return PermitTried::NotOurs;
+            }
             Err(Failure::Server(e)) if is_statement_clash(&e) => {
-                return self.not_ours(&mut c, key, lock)
+                c.in_doubt = false;
+                return PermitTried::NotOurs;
             }
             Err(Failure::Server(e)) => {
-                return self.undo_permit(&mut c, lock, &keys, stacked, e).await
+                // The server answered: the session is alive.
+                self.alive();
+                c.in_doubt = false;
+                return PermitTried::Refused(e);
             }
             Err(Failure::Broken(reason)) => {
-                self.die(&mut c, &reason);
-                return LockReply::Gone(reason);
+                self.die(c, &reason);
+                return PermitTried::Closed(reason);
             }
         };
         self.alive();
+        if let (Verdict::Agree, ALL, Some(slot), Some(token)) = (&verdict, got, slot, token) {
+            c.in_doubt = false;
+            return PermitTried::Granted {
+                slot,
+                token: token as u64,
+            };
+        }
+        // Nothing to keep: give back what was taken.
         let permit = Permit {
             keys: keys.clone(),
             slot,
         };
-        if let (Verdict::Agree, ALL, Some(_), Some(token)) = (&verdict, got, slot, token) {
-            c.in_doubt = false;
-            return self.granted(
-                key,
-                lock,
-                LockMode::Shared,
-                Some(permit),
-                token as u64,
-                name,
-            );
-        }
-        // Nothing to keep: give back what was taken.
         let undone = bounded(limit, unlock(c.pg(), &permit, got)).await;
         c.in_doubt = false;
-        if let Err(Failure::Server(e)) = undone {
-            let loss = Loss::new(
-                LostReason::Other,
-                format!("giving back an untaken permit failed: {e}"),
-            );
-            self.die(&mut c, &loss);
-            return LockReply::Gone(loss);
-        }
-        if let Err(Failure::Broken(reason)) = undone {
-            self.die(&mut c, &reason);
-            return LockReply::Gone(reason);
-        }
-        self.alive();
-        self.inner.registry().not_granted(self.id, key, lock);
-        let n = keys.slots.len() as u32;
-        match verdict {
-            Verdict::Agree => LockReply::Busy,
-            Verdict::Lock => LockReply::Failed(disagreement(&name, n, 1)),
-            Verdict::OtherCapacity => {
-                // On this session: the pool may have no connection to spare.
-                match semaphore::capacity_held(c.pg(), &name).await {
-                    Ok(Some(found)) if found != n => {
-                        LockReply::Failed(disagreement(&name, n, found))
-                    }
-                    // Gone meanwhile: try again.
-                    Ok(_) => LockReply::Busy,
-                    Err(e) => LockReply::Failed(e),
-                }
-            }
+        match self.settle(c, undone, "giving back an untaken permit") {
+            Ok(_) => PermitTried::Missed(verdict),
+            Err(loss) => PermitTried::Closed(loss),
         }
     }
 
-    /// A permit's statement failed after it may have taken some of its
-    /// locks (the lock table fills up in a lock call). Alone on its session
-    /// the permit's locks are given back as `pg_locks` shows them; beside
-    /// another permit of the name, whose locks stack with them, the session
-    /// is uncertain and closed.
-    async fn undo_permit(
+    /// Undoes a permit's statement that failed (see
+    /// [`PermitTried::Refused`]): gives back whichever of the semaphore's
+    /// keys this session holds, as `pg_locks` shows them (exact only when
+    /// no other permit of the name shares the session). `Err`: the session
+    /// was closed (why).
+    pub(in crate::postgres::advisory) async fn undo_permit(
         &self,
-        c: &mut super::Conn,
-        lock: LockId,
+        c: &mut Conn,
         keys: &PermitKeys,
-        stacked: bool,
-        e: sqlx::Error,
-    ) -> LockReply {
-        self.alive();
-        let full = super::is_lock_table_full(&e);
-        let error = || {
-            if full {
-                lock_table_full("")
-            } else {
-                map_err(e)
-            }
-        };
-        if stacked {
-            self.die(
-                c,
-                &Loss::new(
-                    LostReason::Other,
-                    "a permit's statement failed beside another permit of its name: the \
-                     session's locks are uncertain",
-                ),
-            );
-            return LockReply::Failed(error());
-        }
+    ) -> Result<(), Loss> {
         let mut all = vec![keys.name, keys.semaphore, keys.capacity];
         all.extend(&keys.slots);
         let limit = self.inner.answer_within();
+        c.in_doubt = true;
         let undone = bounded(limit, sqlx::query(UNDO).bind(&all).execute(c.pg())).await;
         c.in_doubt = false;
-        match undone {
-            Ok(_) => {
-                self.alive();
-                self.inner.registry().not_granted(self.id, keys.name, lock);
-            }
-            Err(Failure::Server(e)) => self.die(
-                c,
-                &Loss::new(
-                    LostReason::Other,
-                    format!("undoing a failed permit failed: {e}"),
-                ),
-            ),
-            Err(Failure::Broken(reason)) => self.die(c, &reason),
-        }
-        LockReply::Failed(error())
+        self.settle(c, undone, "undoing a failed permit").map(drop)
     }
 }
