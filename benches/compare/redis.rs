@@ -62,16 +62,25 @@ pub(super) async fn redis_section(
     }
     let n = names("rd", TASKS);
     let manager = redis::Client::open(url)?.get_connection_manager().await?;
+    // dblock's connection settings (a response timeout on every request),
+    // for profiling only (DBLOCK_BENCH_PAIRS=same-timeout).
+    let timed = redis::Client::open(url)?
+        .get_multiplexed_async_connection_with_config(
+            &redis::AsyncConnectionConfig::new()
+                .set_response_timeout(Some(Duration::from_secs(3))),
+        )
+        .await?;
     let ops = [
         dblock_op(Locks::new(lease), n.clone()),
         raw_redis_op(conn.clone(), n.clone()),
         raw_redis_same_op(conn, n.clone()),
-        raw_redis_same_op(manager, n),
+        raw_redis_same_op(manager, n.clone()),
+        raw_redis_same_op(timed, n),
     ];
-    // DBLOCK_BENCH_PAIRS=dblock|raw|same|same-manager: only pairs of one of
+    // DBLOCK_BENCH_PAIRS=dblock|raw|same|same-manager|same-timeout: only pairs of one of
     // them, for profiling (`perf record`, `strace -c`).
     if let Ok(which) = std::env::var("DBLOCK_BENCH_PAIRS") {
-        let k = ["dblock", "raw", "same", "same-manager"]
+        let k = ["dblock", "raw", "same", "same-manager", "same-timeout"]
             .iter()
             .position(|w| *w == which)
             .ok_or_else(|| format!("DBLOCK_BENCH_PAIRS: unknown {which:?}"))?;
@@ -79,7 +88,7 @@ pub(super) async fn redis_section(
     }
     let results = ratio_rows(
         B,
-        &ops,
+        &ops[..4],
         &[
             (
                 "raw SET NX PX + Lua DEL, one dedicated connection",
