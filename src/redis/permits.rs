@@ -24,7 +24,7 @@ use redis::Script;
 
 use super::{bad_reply, millis, time, RedisStore};
 use crate::lease::permits::{self, disagreement};
-use crate::lease::{Claim, Claimed, Renewal, Renewed};
+use crate::lease::{Claim, Claimed, LeaseId, Renewal, Renewed};
 use crate::{LockInfo, Result};
 
 /// Lua that drops the expired permits of hash `hk` (a local: `KEYS[2]` in
@@ -246,13 +246,12 @@ impl RedisStore {
         }
     }
 
-    pub(super) async fn renew_permit(
+    pub(super) async fn renew_holder(
         &self,
-        name: &str,
-        owner: &str,
-        token: u64,
+        lease: LeaseId<'_>,
         ttl: Duration,
     ) -> Result<Option<DateTime<Utc>>> {
+        let LeaseId { name, owner, token } = lease;
         let mut invocation = RENEW.prepare_invoke();
         invocation
             .key(self.keys.lock(name))
@@ -279,15 +278,12 @@ impl RedisStore {
         super::renewal_answers(batch, reply)
     }
 
-    pub(super) async fn release_permit(
+    pub(super) async fn release_holder(
         &self,
-        name: &str,
-        owner: &str,
-        token: u64,
+        lease: LeaseId<'_>,
         hold: Option<Duration>,
     ) -> Result<bool> {
-        self.release_by(&RELEASE, true, name, owner, token, hold)
-            .await
+        self.release_by(&RELEASE, true, lease, hold).await
     }
 
     /// The live permits of `name`, if its lock key is a semaphore's marker.
