@@ -16,8 +16,8 @@ use tokio::time::Instant;
 
 use crate::lease::permits::{Decision, Found, READER};
 use crate::lease::{
-    lease_backend, Claim, Claimed, LeaseEngine, LeaseId, LeaseOptions, LeaseStore, Renewal,
-    Renewed, Wakeups,
+    lease_backend, Claim, Claimed, LeaseEngine, LeaseId, LeaseOptions, LeaseStore, NewExpiry,
+    Renewal, Renewed, Wakeups,
 };
 use crate::{LockInfo, LockMode, Result};
 
@@ -312,7 +312,7 @@ impl LeaseStore for MemoryStore {
         }))
     }
 
-    async fn renew(&self, lease: LeaseId<'_>, ttl: Duration) -> Result<Option<DateTime<Utc>>> {
+    async fn renew(&self, lease: LeaseId<'_>, ttl: Duration) -> NewExpiry {
         let now = Instant::now();
         let mut state = self.state.lock().unwrap();
         Ok(self.renew_at(&mut state, lease, ttl, now))

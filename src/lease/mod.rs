@@ -168,6 +168,11 @@ impl Renewal {
     }
 }
 
+/// What renewing one lease answers: its new expiry by the store's clock,
+/// or `None` if it is no longer its owner's (released, expired, broken or
+/// taken over).
+pub(crate) type NewExpiry = Result<Option<DateTime<Utc>>>;
+
 /// What a batch renewal found for one lease.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Renewed {
@@ -202,11 +207,7 @@ pub(crate) trait LeaseStore: Send + Sync + fmt::Debug + 'static {
     /// Pushes the expiry of a plain lease to `ttl` from now if its owner and
     /// token still hold it and it has not expired. `None` if it is no
     /// longer theirs.
-    fn renew(
-        &self,
-        lease: LeaseId<'_>,
-        ttl: Duration,
-    ) -> impl Future<Output = Result<Option<DateTime<Utc>>>> + Send;
+    fn renew(&self, lease: LeaseId<'_>, ttl: Duration) -> impl Future<Output = NewExpiry> + Send;
 
     /// [`renew`](Self::renew) for a holder row (a permit of a semaphore or
     /// a reader, see [`permits`]). By default `renew` itself, for a store
@@ -215,7 +216,7 @@ pub(crate) trait LeaseStore: Send + Sync + fmt::Debug + 'static {
         &self,
         lease: LeaseId<'_>,
         ttl: Duration,
-    ) -> impl Future<Output = Result<Option<DateTime<Utc>>>> + Send {
+    ) -> impl Future<Output = NewExpiry> + Send {
         self.renew(lease, ttl)
     }
 

@@ -30,9 +30,7 @@
 
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
-
-use super::{LeaseId, LeaseStore, Renewal, Renewed};
+use super::{LeaseId, LeaseStore, NewExpiry, Renewal, Renewed};
 use crate::{Error, LockInfo, LockMode};
 
 /// The first character of a permit's (and a reader's) owner id (a plain
@@ -94,7 +92,7 @@ pub(crate) async fn renew<S: LeaseStore>(
     store: &S,
     lease: LeaseId<'_>,
     ttl: Duration,
-) -> crate::Result<Option<DateTime<Utc>>> {
+) -> NewExpiry {
     if is_permit(lease.owner) {
         store.renew_permit(lease, ttl).await
     } else {

@@ -20,8 +20,8 @@ use super::{
 };
 use crate::lease::permits::{holders_table, merge_list};
 use crate::lease::{
-    lease_backend, Claim, Claimed, LeaseEngine, LeaseId, LeaseOptions, LeaseStore, Renewal,
-    Renewed, Wakeups, SWEEP_BATCH,
+    lease_backend, Claim, Claimed, LeaseEngine, LeaseId, LeaseOptions, LeaseStore, NewExpiry,
+    Renewal, Renewed, Wakeups, SWEEP_BATCH,
 };
 use crate::{validate_table, LockInfo, LockMode, Result, Wait};
 use permits::PermitSql;
@@ -1167,7 +1167,7 @@ impl LeaseStore for MySqlStore {
         }
     }
 
-    async fn renew(&self, lease: LeaseId<'_>, ttl: Duration) -> Result<Option<DateTime<Utc>>> {
+    async fn renew(&self, lease: LeaseId<'_>, ttl: Duration) -> NewExpiry {
         let done = self
             .execute(|| bind_lease(q(&self.sql.renew).bind(micros(ttl)), lease))
             .await?;
@@ -1193,11 +1193,7 @@ impl LeaseStore for MySqlStore {
         Ok(outcome.map_err(map_err)?.map(utc))
     }
 
-    async fn renew_permit(
-        &self,
-        lease: LeaseId<'_>,
-        ttl: Duration,
-    ) -> Result<Option<DateTime<Utc>>> {
+    async fn renew_permit(&self, lease: LeaseId<'_>, ttl: Duration) -> NewExpiry {
         let at = self.renew_holder(lease, ttl).await?;
         Ok(self.bells.renewed(lease.name, lease.token, at))
     }

@@ -23,7 +23,7 @@ use super::{
     BATCH_ROWS, BEGIN_CAUSAL, EPOCH, MAX_RETRIES,
 };
 use crate::lease::permits::{self, unless_no_holders, Decision, Found};
-use crate::lease::{Claim, Claimed, LeaseId, Renewal, Renewed, SWEEP_BATCH};
+use crate::lease::{Claim, Claimed, LeaseId, NewExpiry, Renewal, Renewed, SWEEP_BATCH};
 use crate::mysql::{code, error_number, is_lock_busy, map_err, micros, Conn};
 use crate::{LockInfo, Result};
 
@@ -286,11 +286,7 @@ impl MySqlStore {
         outcome.unwrap_or(Ok(None))
     }
 
-    pub(super) async fn renew_holder(
-        &self,
-        lease: LeaseId<'_>,
-        ttl: Duration,
-    ) -> Result<Option<DateTime<Utc>>> {
+    pub(super) async fn renew_holder(&self, lease: LeaseId<'_>, ttl: Duration) -> NewExpiry {
         let sql = self.permit_sql()?;
         let at = permit_transaction!(self, lease.name, |c| renew_body(sql, c, lease, ttl)).await?;
         Ok(at.flatten())

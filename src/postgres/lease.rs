@@ -18,8 +18,8 @@ use super::token::sequence_token;
 use super::{engine, map_err};
 use crate::lease::permits::{holders_table, merge_list};
 use crate::lease::{
-    lease_backend, Claim, Claimed, LeaseEngine, LeaseId, LeaseOptions, LeaseStore, Renewal,
-    Renewed, Wakeups, SWEEP_BATCH,
+    lease_backend, Claim, Claimed, LeaseEngine, LeaseId, LeaseOptions, LeaseStore, NewExpiry,
+    Renewal, Renewed, Wakeups, SWEEP_BATCH,
 };
 use crate::name::{quote_table, validate_table};
 use crate::retry::Backoff;
@@ -432,12 +432,7 @@ impl PgStore {
     /// Runs the renewal statement `sql` of one lease or permit ($1 name,
     /// $2 owner, $3 token, $4 ttl in microseconds): its new expiry, or
     /// `None` if it is no longer theirs.
-    async fn renew_one(
-        &self,
-        sql: &Arc<str>,
-        lease: LeaseId<'_>,
-        ttl: Duration,
-    ) -> Result<Option<DateTime<Utc>>> {
+    async fn renew_one(&self, sql: &Arc<str>, lease: LeaseId<'_>, ttl: Duration) -> NewExpiry {
         let row = retrying(|| {
             self.fetch_optional(|| {
                 bind_lease(sqlx::query(AssertSqlSafe(sql.clone())), lease).bind(micros(ttl))
@@ -599,15 +594,11 @@ impl LeaseStore for PgStore {
         .map_err(map_err)
     }
 
-    async fn renew(&self, lease: LeaseId<'_>, ttl: Duration) -> Result<Option<DateTime<Utc>>> {
+    async fn renew(&self, lease: LeaseId<'_>, ttl: Duration) -> NewExpiry {
         self.renew_one(&self.sql.renew, lease, ttl).await
     }
 
-    async fn renew_permit(
-        &self,
-        lease: LeaseId<'_>,
-        ttl: Duration,
-    ) -> Result<Option<DateTime<Utc>>> {
+    async fn renew_permit(&self, lease: LeaseId<'_>, ttl: Duration) -> NewExpiry {
         self.renew_holder(lease, ttl).await
     }
 

@@ -20,7 +20,7 @@ use sqlx::{AssertSqlSafe, Row};
 
 use super::{bind_lease, micros, retrying, PgStore, Query};
 use crate::lease::permits::{self, unless_no_holders, Decision, Found};
-use crate::lease::{Claim, Claimed, LeaseId, Renewal, Renewed, SWEEP_BATCH};
+use crate::lease::{Claim, Claimed, LeaseId, NewExpiry, Renewal, Renewed, SWEEP_BATCH};
 use crate::postgres::map_err;
 use crate::postgres::notify::CHANNEL;
 use crate::postgres::token::sequence_token;
@@ -234,11 +234,7 @@ impl PgStore {
         outcome
     }
 
-    pub(super) async fn renew_holder(
-        &self,
-        lease: LeaseId<'_>,
-        ttl: Duration,
-    ) -> Result<Option<DateTime<Utc>>> {
+    pub(super) async fn renew_holder(&self, lease: LeaseId<'_>, ttl: Duration) -> NewExpiry {
         self.renew_one(&self.permit_sql()?.renew, lease, ttl).await
     }
 

@@ -11,8 +11,8 @@ use redis::{AsyncConnectionConfig, Client, RedisError, Script, ScriptInvocation,
 
 use super::listen::Listener;
 use crate::lease::{
-    lease_backend, Claim, Claimed, LeaseEngine, LeaseId, LeaseOptions, LeaseStore, Renewal,
-    Renewed, Wakeups,
+    lease_backend, Claim, Claimed, LeaseEngine, LeaseId, LeaseOptions, LeaseStore, NewExpiry,
+    Renewal, Renewed, Wakeups,
 };
 use crate::{Error, LockInfo, LockMode, Result};
 
@@ -826,7 +826,7 @@ impl LeaseStore for RedisStore {
         }
     }
 
-    async fn renew(&self, lease: LeaseId<'_>, ttl: Duration) -> Result<Option<DateTime<Utc>>> {
+    async fn renew(&self, lease: LeaseId<'_>, ttl: Duration) -> NewExpiry {
         let one = [Renewal {
             name: lease.name.into(),
             owner: lease.owner.into(),
@@ -852,11 +852,7 @@ impl LeaseStore for RedisStore {
         renewal_answers(batch, reply)
     }
 
-    async fn renew_permit(
-        &self,
-        lease: LeaseId<'_>,
-        ttl: Duration,
-    ) -> Result<Option<DateTime<Utc>>> {
+    async fn renew_permit(&self, lease: LeaseId<'_>, ttl: Duration) -> NewExpiry {
         self.renew_holder(lease, ttl).await
     }
 

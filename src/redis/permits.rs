@@ -19,12 +19,11 @@
 use std::sync::LazyLock;
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
 use redis::Script;
 
 use super::{bad_reply, millis, time, RedisStore};
 use crate::lease::permits::{self, disagreement};
-use crate::lease::{Claim, Claimed, LeaseId, Renewal, Renewed};
+use crate::lease::{Claim, Claimed, LeaseId, NewExpiry, Renewal, Renewed};
 use crate::{LockInfo, Result};
 
 /// Lua that drops the expired permits of hash `hk` (a local: `KEYS[2]` in
@@ -246,11 +245,7 @@ impl RedisStore {
         }
     }
 
-    pub(super) async fn renew_holder(
-        &self,
-        lease: LeaseId<'_>,
-        ttl: Duration,
-    ) -> Result<Option<DateTime<Utc>>> {
+    pub(super) async fn renew_holder(&self, lease: LeaseId<'_>, ttl: Duration) -> NewExpiry {
         let LeaseId { name, owner, token } = lease;
         let mut invocation = RENEW.prepare_invoke();
         invocation

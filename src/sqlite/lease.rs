@@ -17,7 +17,7 @@ mod permits;
 use crate::lease::permits::{holders_table, merge_list};
 use crate::lease::{
     lease_backend, push_json_str, Claim, Claimed, LeaseEngine, LeaseId, LeaseOptions, LeaseStore,
-    Renewal, Renewed, Wakeups, SWEEP_BATCH,
+    NewExpiry, Renewal, Renewed, Wakeups, SWEEP_BATCH,
 };
 use crate::name::{quote_table, validate_table};
 use crate::{Error, LockInfo, LockMode, Result};
@@ -520,7 +520,7 @@ impl LeaseStore for SqliteStore {
         .transpose()
     }
 
-    async fn renew(&self, lease: LeaseId<'_>, ttl: Duration) -> Result<Option<DateTime<Utc>>> {
+    async fn renew(&self, lease: LeaseId<'_>, ttl: Duration) -> NewExpiry {
         let at: Option<i64> = retry_busy(|| {
             sqlx::query_scalar(AssertSqlSafe(self.sql.renew.clone()))
                 .bind(lease.name)
@@ -536,11 +536,7 @@ impl LeaseStore for SqliteStore {
             .transpose()
     }
 
-    async fn renew_permit(
-        &self,
-        lease: LeaseId<'_>,
-        ttl: Duration,
-    ) -> Result<Option<DateTime<Utc>>> {
+    async fn renew_permit(&self, lease: LeaseId<'_>, ttl: Duration) -> NewExpiry {
         let at = self.renew_holder(lease, ttl).await?;
         Ok(self.bells.renewed(lease.name, lease.token, at))
     }

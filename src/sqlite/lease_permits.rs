@@ -12,13 +12,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
 use sqlx::sqlite::SqliteRow;
 use sqlx::{AssertSqlSafe, Row};
 
 use super::{micros, time, SqliteStore, NOW};
 use crate::lease::permits::{self, unless_no_holders, Decision, Found};
-use crate::lease::{push_json_str, Claim, Claimed, LeaseId, Renewal};
+use crate::lease::{push_json_str, Claim, Claimed, LeaseId, NewExpiry, Renewal};
 use crate::sqlite::retry_busy;
 use crate::{LockInfo, Result};
 
@@ -208,11 +207,7 @@ impl SqliteStore {
         .await?
     }
 
-    pub(super) async fn renew_holder(
-        &self,
-        lease: LeaseId<'_>,
-        ttl: Duration,
-    ) -> Result<Option<DateTime<Utc>>> {
+    pub(super) async fn renew_holder(&self, lease: LeaseId<'_>, ttl: Duration) -> NewExpiry {
         let sql = self.permit_sql()?;
         let LeaseId { name, owner, token } = lease;
         let at: Option<i64> = retry_busy(|| async {
