@@ -16,7 +16,8 @@ use tokio::time::Instant;
 
 use crate::lease::permits::{Decision, Found, READER};
 use crate::lease::{
-    lease_backend, Claim, Claimed, LeaseEngine, LeaseOptions, LeaseStore, Renewal, Renewed, Wakeups,
+    lease_backend, Claim, Claimed, LeaseEngine, LeaseId, LeaseOptions, LeaseStore, NewExpiry,
+    Renewal, Renewed, Wakeups,
 };
 use crate::{LockInfo, LockMode, Result};
 
@@ -204,6 +205,14 @@ impl Entry {
         self.holders.retain(|h| h.expires > now);
     }
 
+    /// Where `lease` stands among the holders, if it is still theirs and
+    /// live.
+    fn position(&self, lease: LeaseId<'_>, now: Instant) -> Option<usize> {
+        self.holders
+            .iter()
+            .position(|h| h.owner == lease.owner && h.token == lease.token && h.expires > now)
+    }
+
     fn info(&self, name: &str, clock: &Clock) -> Option<LockInfo> {
         let first = self.holders.first()?;
         let mut info = LockInfo::new(Some(name.to_owned()), first.holder.clone(), first.mode);
@@ -219,6 +228,24 @@ impl Entry {
             info.expires_at = self.holders.iter().map(|h| clock.wall(h.expires)).max();
         }
         Some(info)
+    }
+}
+
+impl MemoryStore {
+    /// Renews `lease` to `ttl` from `now` if it is still its owner's and
+    /// live: its new expiry, by the wall clock.
+    fn renew_at(
+        &self,
+        state: &mut State,
+        lease: LeaseId<'_>,
+        ttl: Duration,
+        now: Instant,
+    ) -> Option<DateTime<Utc>> {
+        let entry = state.names.get_mut(lease.name)?;
+        let i = entry.position(lease, now)?;
+        let h = &mut entry.holders[i];
+        h.expires = now + ttl;
+        Some(self.clock.wall(h.expires))
     }
 }
 
@@ -285,26 +312,10 @@ impl LeaseStore for MemoryStore {
         }))
     }
 
-    async fn renew(
-        &self,
-        name: &str,
-        owner: &str,
-        token: u64,
-        ttl: Duration,
-    ) -> Result<Option<DateTime<Utc>>> {
+    async fn renew(&self, lease: LeaseId<'_>, ttl: Duration) -> NewExpiry {
         let now = Instant::now();
         let mut state = self.state.lock().unwrap();
-        let Some(entry) = state.names.get_mut(name) else {
-            return Ok(None);
-        };
-        let mine = entry
-            .holders
-            .iter_mut()
-            .find(|h| h.owner == owner && h.token == token && h.expires > now);
-        Ok(mine.map(|h| {
-            h.expires = now + ttl;
-            self.clock.wall(h.expires)
-        }))
+        Ok(self.renew_at(&mut state, lease, ttl, now))
     }
 
     async fn renew_many(&self, batch: &[Renewal]) -> Result<Vec<Renewed>> {
@@ -312,20 +323,9 @@ impl LeaseStore for MemoryStore {
         let mut state = self.state.lock().unwrap();
         Ok(batch
             .iter()
-            .map(|r| {
-                let mine = state.names.get_mut(&*r.name).and_then(|entry| {
-                    entry
-                        .holders
-                        .iter_mut()
-                        .find(|h| h.owner == *r.owner && h.token == r.token && h.expires > now)
-                });
-                match mine {
-                    Some(h) => {
-                        h.expires = now + r.ttl;
-                        Renewed::Until(self.clock.wall(h.expires))
-                    }
-                    None => Renewed::Gone,
-                }
+            .map(|r| match self.renew_at(&mut state, r.lease(), r.ttl, now) {
+                Some(at) => Renewed::Until(at),
+                None => Renewed::Gone,
             })
             .collect())
     }
@@ -334,23 +334,14 @@ impl LeaseStore for MemoryStore {
         batch.len()
     }
 
-    async fn release(
-        &self,
-        name: &str,
-        owner: &str,
-        token: u64,
-        hold: Option<Duration>,
-    ) -> Result<bool> {
+    async fn release(&self, lease: LeaseId<'_>, hold: Option<Duration>) -> Result<bool> {
         let now = Instant::now();
         let mut state = self.state.lock().unwrap();
+        let name = lease.name;
         let Some(entry) = state.names.get_mut(name) else {
             return Ok(false);
         };
-        let Some(i) = entry
-            .holders
-            .iter()
-            .position(|h| h.owner == owner && h.token == token && h.expires > now)
-        else {
+        let Some(i) = entry.position(lease, now) else {
             return Ok(false);
         };
         match hold.map(|d| entry.holders[i].acquired + d) {
@@ -428,6 +419,10 @@ mod tests {
         }
     }
 
+    fn id<'a>(name: &'a str, owner: &'a str, token: u64) -> LeaseId<'a> {
+        LeaseId { name, owner, token }
+    }
+
     fn renewal(name: &str, owner: &str, token: u64) -> Renewal {
         Renewal {
             name: name.into(),
@@ -446,10 +441,10 @@ mod tests {
         let b = store.claim(&claim("b", "o2")).await.unwrap().unwrap();
         let c = store.claim(&claim("c", "o3")).await.unwrap().unwrap();
         assert!(store
-            .release("a", "o1", a.token, Some(Duration::from_secs(60)))
+            .release(id("a", "o1", a.token), Some(Duration::from_secs(60)))
             .await
             .unwrap());
-        assert!(store.release("c", "o3", c.token, None).await.unwrap());
+        assert!(store.release(id("c", "o3", c.token), None).await.unwrap());
         let answers = store
             .renew_many(&[
                 renewal("a", "o1", a.token),
@@ -467,7 +462,7 @@ mod tests {
         assert!(store.inspect("a").await.unwrap().is_some());
         assert_eq!(
             store
-                .renew("a", "o1", a.token, Duration::from_secs(1))
+                .renew(id("a", "o1", a.token), Duration::from_secs(1))
                 .await
                 .unwrap(),
             None

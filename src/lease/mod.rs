@@ -137,6 +137,16 @@ pub(crate) struct Claimed {
     pub expires_at: DateTime<Utc>,
 }
 
+/// Which lease a renewal or a release is for: the name, and the owner and
+/// token it was granted to. It is still theirs while both match and it has
+/// not expired.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct LeaseId<'a> {
+    pub name: &'a str,
+    pub owner: &'a str,
+    pub token: u64,
+}
+
 /// One lease of a batch renewal: renew it to `ttl` from now if `owner` and
 /// `token` still hold it and it has not expired.
 #[derive(Debug, Clone)]
@@ -146,6 +156,22 @@ pub(crate) struct Renewal {
     pub token: u64,
     pub ttl: Duration,
 }
+
+impl Renewal {
+    /// The lease this renewal is for.
+    pub(crate) fn lease(&self) -> LeaseId<'_> {
+        LeaseId {
+            name: &self.name,
+            owner: &self.owner,
+            token: self.token,
+        }
+    }
+}
+
+/// What renewing one lease answers: its new expiry by the store's clock,
+/// or `None` if it is no longer its owner's (released, expired, broken or
+/// taken over).
+pub(crate) type NewExpiry = Result<Option<DateTime<Utc>>>;
 
 /// What a batch renewal found for one lease.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -166,8 +192,10 @@ pub(crate) const DEFAULT_MAX_BATCH: usize = 250_000;
 /// The dialect of one database: each operation is atomic on its own and
 /// decides expiry by the store's clock, never the caller's. Every store
 /// implements shared (reader) leases and the permits of semaphores (see
-/// [`permits`]): claims with `max_holders > 1`, and owners of renewals and
-/// releases that are permits.
+/// [`permits`]): claims with `max_holders > 1`, and the renewals and
+/// releases of holder rows, which the engine sends to
+/// [`renew_permit`](Self::renew_permit) and
+/// [`release_permit`](Self::release_permit) (see [`permits::renew`]).
 pub(crate) trait LeaseStore: Send + Sync + fmt::Debug + 'static {
     /// The backend's name for messages.
     fn kind(&self) -> &'static str;
@@ -176,15 +204,21 @@ pub(crate) trait LeaseStore: Send + Sync + fmt::Debug + 'static {
     /// the store's clock). `None` if someone else holds it.
     fn claim(&self, claim: &Claim<'_>) -> impl Future<Output = Result<Option<Claimed>>> + Send;
 
-    /// Pushes the expiry to `ttl` from now if `owner` and `token` still hold
-    /// the lease and it has not expired. `None` if it is no longer theirs.
-    fn renew(
+    /// Pushes the expiry of a plain lease to `ttl` from now if its owner and
+    /// token still hold it and it has not expired. `None` if it is no
+    /// longer theirs.
+    fn renew(&self, lease: LeaseId<'_>, ttl: Duration) -> impl Future<Output = NewExpiry> + Send;
+
+    /// [`renew`](Self::renew) for a holder row (a permit of a semaphore or
+    /// a reader, see [`permits`]). By default `renew` itself, for a store
+    /// that keeps holder rows with the plain leases.
+    fn renew_permit(
         &self,
-        name: &str,
-        owner: &str,
-        token: u64,
+        lease: LeaseId<'_>,
         ttl: Duration,
-    ) -> impl Future<Output = Result<Option<DateTime<Utc>>>> + Send;
+    ) -> impl Future<Output = NewExpiry> + Send {
+        self.renew(lease, ttl)
+    }
 
     /// Renews every lease of `batch` that is still held by its owner and
     /// token and has not expired, each to its own ttl from now, in as few
@@ -199,8 +233,8 @@ pub(crate) trait LeaseStore: Send + Sync + fmt::Debug + 'static {
 
     /// [`renew_many`](Self::renew_many) for holder rows (permits of
     /// semaphores and readers, see [`permits`]): every owner in `batch` is
-    /// one. By default one [`renew`](Self::renew) each; a store that can
-    /// renew them together overrides it.
+    /// one. By default one [`renew_permit`](Self::renew_permit) each; a
+    /// store that can renew them together overrides it.
     fn renew_holders(
         &self,
         batch: &[Renewal],
@@ -208,7 +242,7 @@ pub(crate) trait LeaseStore: Send + Sync + fmt::Debug + 'static {
         async move {
             let mut answers = Vec::with_capacity(batch.len());
             for r in batch {
-                answers.push(match self.renew(&r.name, &r.owner, r.token, r.ttl).await? {
+                answers.push(match self.renew_permit(r.lease(), r.ttl).await? {
                     Some(at) => Renewed::Until(at),
                     None => Renewed::Gone,
                 });
@@ -224,17 +258,26 @@ pub(crate) trait LeaseStore: Send + Sync + fmt::Debug + 'static {
         batch.len().min(DEFAULT_MAX_BATCH)
     }
 
-    /// Ends the lease if `owner` and `token` still hold it; with `hold`, the
-    /// lease stays until `acquired_at + hold` if that is later than now.
-    /// Either way a later renewal (single or batch) must refuse it.
-    /// Returns whether the lease was still theirs.
+    /// Ends a plain lease if its owner and token still hold it; with
+    /// `hold`, the lease stays until `acquired_at + hold` if that is later
+    /// than now. Either way a later renewal (single or batch) must refuse
+    /// it. Returns whether the lease was still theirs.
     fn release(
         &self,
-        name: &str,
-        owner: &str,
-        token: u64,
+        lease: LeaseId<'_>,
         hold: Option<Duration>,
     ) -> impl Future<Output = Result<bool>> + Send;
+
+    /// [`release`](Self::release) for a holder row (a permit of a semaphore
+    /// or a reader, see [`permits`]). By default `release` itself, for a
+    /// store that keeps holder rows with the plain leases.
+    fn release_permit(
+        &self,
+        lease: LeaseId<'_>,
+        hold: Option<Duration>,
+    ) -> impl Future<Output = Result<bool>> + Send {
+        self.release(lease, hold)
+    }
 
     /// Ends whoever's lease on `name` (an operator breaking a stuck lock).
     fn force_release(&self, name: &str) -> impl Future<Output = Result<bool>> + Send;
@@ -562,10 +605,12 @@ impl<S: LeaseStore> Taken<S> {
         let (inner, name, owner) = (self.inner.clone(), self.name.clone(), self.owner.clone());
         Detached::new(async move {
             let Some(claimed) = claimed else { return };
-            let released = inner
-                .store
-                .release(&name, &owner, claimed.token, None)
-                .await;
+            let lease = LeaseId {
+                name: &name,
+                owner: &owner,
+                token: claimed.token,
+            };
+            let released = permits::release(&inner.store, lease, None).await;
             inner.wakeups.wake(&name);
             tracing::debug!(released = ?released.as_ref().ok(),
                 "dblock: a lease claimed but not handed out was given back");

@@ -28,7 +28,9 @@
 //! takes the name), and reader claims refuse while the mark is live (see
 //! [`Found::decide`]).
 
-use super::{LeaseStore, Renewal, Renewed};
+use std::time::Duration;
+
+use super::{LeaseId, LeaseStore, NewExpiry, Renewal, Renewed};
 use crate::{Error, LockInfo, LockMode};
 
 /// The first character of a permit's (and a reader's) owner id (a plain
@@ -82,6 +84,34 @@ pub(crate) fn disagreement(name: &str, asked: u32, found: u32) -> Error {
 pub(crate) fn refusal(name: &str, asked: u32, info: Option<&LockInfo>) -> Option<Error> {
     let found = capacity(info?);
     (found != asked).then(|| disagreement(name, asked, found))
+}
+
+/// Renews one lease by the store's [`LeaseStore::renew_permit`] if its
+/// owner is a permit's or a reader's, by [`LeaseStore::renew`] if not.
+pub(crate) async fn renew<S: LeaseStore>(
+    store: &S,
+    lease: LeaseId<'_>,
+    ttl: Duration,
+) -> NewExpiry {
+    if is_permit(lease.owner) {
+        store.renew_permit(lease, ttl).await
+    } else {
+        store.renew(lease, ttl).await
+    }
+}
+
+/// Releases one lease by the store's [`LeaseStore::release_permit`] if its
+/// owner is a permit's or a reader's, by [`LeaseStore::release`] if not.
+pub(crate) async fn release<S: LeaseStore>(
+    store: &S,
+    lease: LeaseId<'_>,
+    hold: Option<Duration>,
+) -> crate::Result<bool> {
+    if is_permit(lease.owner) {
+        store.release_permit(lease, hold).await
+    } else {
+        store.release(lease, hold).await
+    }
 }
 
 /// [`LeaseStore::renew_many`] for a batch that may hold permits and

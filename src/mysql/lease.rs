@@ -18,10 +18,10 @@ mod permits;
 use super::{
     code, error_number, is_lock_busy, map_err, micros, quote_table, Conn, Warm, DEFAULT_TABLE,
 };
-use crate::lease::permits::{holders_table, is_permit, merge_list};
+use crate::lease::permits::{holders_table, merge_list};
 use crate::lease::{
-    lease_backend, Claim, Claimed, LeaseEngine, LeaseOptions, LeaseStore, Renewal, Renewed,
-    Wakeups, SWEEP_BATCH,
+    lease_backend, Claim, Claimed, LeaseEngine, LeaseId, LeaseOptions, LeaseStore, NewExpiry,
+    Renewal, Renewed, Wakeups, SWEEP_BATCH,
 };
 use crate::{validate_table, LockInfo, LockMode, Result, Wait};
 use permits::PermitSql;
@@ -523,6 +523,17 @@ impl Sql {
 /// A prepared statement from one of the strings built at construction.
 pub(crate) fn q(sql: &Arc<str>) -> Query<'static, MySql, MySqlArguments> {
     sqlx::query(AssertSqlSafe(sql.clone()))
+}
+
+/// Binds a lease's name, owner and token, the three parameters that pick
+/// one lease (or holder) row in the statements that renew or release it.
+pub(crate) fn bind_lease<'q>(
+    q: Query<'q, MySql, MySqlArguments>,
+    lease: LeaseId<'_>,
+) -> Query<'q, MySql, MySqlArguments> {
+    q.bind(lease.name.as_bytes())
+        .bind(lease.owner.as_bytes())
+        .bind(lease.token)
 }
 
 /// The lease store on one table.
@@ -1156,46 +1167,35 @@ impl LeaseStore for MySqlStore {
         }
     }
 
-    async fn renew(
-        &self,
-        name: &str,
-        owner: &str,
-        token: u64,
-        ttl: Duration,
-    ) -> Result<Option<DateTime<Utc>>> {
-        if is_permit(owner) {
-            let at = self.renew_permit(name, owner, token, ttl).await?;
-            return Ok(self.bells.renewed(name, token, at));
-        }
+    async fn renew(&self, lease: LeaseId<'_>, ttl: Duration) -> NewExpiry {
         let done = self
-            .execute(|| {
-                q(&self.sql.renew)
-                    .bind(micros(ttl))
-                    .bind(name.as_bytes())
-                    .bind(owner.as_bytes())
-                    .bind(token)
-            })
+            .execute(|| bind_lease(q(&self.sql.renew).bind(micros(ttl)), lease))
             .await?;
         let us = done.last_insert_id();
         if us > 0 {
             return Ok(DateTime::from_timestamp_micros(us as i64));
         }
         if done.rows_affected() == 0 {
-            self.bells.disarm(name, token);
+            self.bells.disarm(lease.name, lease.token);
             return Ok(None);
         }
         // Matched, but the server did not pass LAST_INSERT_ID on (a proxy?):
         // read the expiry back.
         let mut conn = Conn::acquire(&self.pool).await?;
-        let outcome =
-            sqlx::query_scalar::<_, NaiveDateTime>(AssertSqlSafe(self.sql.renew_read.clone()))
-                .bind(name.as_bytes())
-                .bind(owner.as_bytes())
-                .bind(token)
-                .fetch_optional(&mut *conn.begin_use())
-                .await;
+        let outcome = bind_lease(q(&self.sql.renew_read), lease)
+            .fetch_optional(&mut *conn.begin_use())
+            .await
+            .and_then(|row| {
+                row.map(|row| row.try_get::<NaiveDateTime, _>(0))
+                    .transpose()
+            });
         conn.settle(&outcome);
         Ok(outcome.map_err(map_err)?.map(utc))
+    }
+
+    async fn renew_permit(&self, lease: LeaseId<'_>, ttl: Duration) -> NewExpiry {
+        let at = self.renew_holder(lease, ttl).await?;
+        Ok(self.bells.renewed(lease.name, lease.token, at))
     }
 
     async fn renew_many(&self, batch: &[Renewal]) -> Result<Vec<Renewed>> {
@@ -1256,28 +1256,23 @@ impl LeaseStore for MySqlStore {
             .max(1)
     }
 
-    async fn release(
-        &self,
-        name: &str,
-        owner: &str,
-        token: u64,
-        hold: Option<Duration>,
-    ) -> Result<bool> {
+    async fn release(&self, lease: LeaseId<'_>, hold: Option<Duration>) -> Result<bool> {
         // The bell goes after the release statement (or if it is given up).
-        let _disarm = self.bells.disarm_on_drop(name, token);
-        if is_permit(owner) {
-            return self.release_permit(name, owner, token, hold).await;
-        }
+        let _disarm = self.bells.disarm_on_drop(lease.name, lease.token);
         let done = self
             .execute(|| {
-                q(&self.sql.release)
-                    .bind(hold.map(micros).unwrap_or(0))
-                    .bind(name.as_bytes())
-                    .bind(owner.as_bytes())
-                    .bind(token)
+                bind_lease(
+                    q(&self.sql.release).bind(hold.map(micros).unwrap_or(0)),
+                    lease,
+                )
             })
             .await?;
         Ok(done.last_insert_id() > 0 || done.rows_affected() > 0)
+    }
+
+    async fn release_permit(&self, lease: LeaseId<'_>, hold: Option<Duration>) -> Result<bool> {
+        let _disarm = self.bells.disarm_on_drop(lease.name, lease.token);
+        self.release_holder(lease, hold).await
     }
 
     async fn force_release(&self, name: &str) -> Result<bool> {

@@ -19,11 +19,11 @@ use sqlx::mysql::MySqlRow;
 use sqlx::{MySqlConnection, Row};
 
 use super::{
-    batch_json, is_retryable, push_hex, q, quote_table, retry_pause, utc, MySqlStore, BATCH_ROWS,
-    BEGIN_CAUSAL, EPOCH, MAX_RETRIES,
+    batch_json, bind_lease, is_retryable, push_hex, q, quote_table, retry_pause, utc, MySqlStore,
+    BATCH_ROWS, BEGIN_CAUSAL, EPOCH, MAX_RETRIES,
 };
 use crate::lease::permits::{self, unless_no_holders, Decision, Found};
-use crate::lease::{Claim, Claimed, Renewal, Renewed, SWEEP_BATCH};
+use crate::lease::{Claim, Claimed, LeaseId, NewExpiry, Renewal, Renewed, SWEEP_BATCH};
 use crate::mysql::{code, error_number, is_lock_busy, map_err, micros, Conn};
 use crate::{LockInfo, Result};
 
@@ -286,16 +286,9 @@ impl MySqlStore {
         outcome.unwrap_or(Ok(None))
     }
 
-    pub(super) async fn renew_permit(
-        &self,
-        name: &str,
-        owner: &str,
-        token: u64,
-        ttl: Duration,
-    ) -> Result<Option<DateTime<Utc>>> {
+    pub(super) async fn renew_holder(&self, lease: LeaseId<'_>, ttl: Duration) -> NewExpiry {
         let sql = self.permit_sql()?;
-        let at = permit_transaction!(self, name, |c| renew_body(sql, c, name, owner, token, ttl))
-            .await?;
+        let at = permit_transaction!(self, lease.name, |c| renew_body(sql, c, lease, ttl)).await?;
         Ok(at.flatten())
     }
 
@@ -324,18 +317,14 @@ impl MySqlStore {
         Ok(answers.unwrap_or_else(|| vec![Renewed::Unknown; batch.len()]))
     }
 
-    pub(super) async fn release_permit(
+    pub(super) async fn release_holder(
         &self,
-        name: &str,
-        owner: &str,
-        token: u64,
+        lease: LeaseId<'_>,
         hold: Option<Duration>,
     ) -> Result<bool> {
         let sql = self.permit_sql()?;
-        let mine = permit_transaction!(self, name, |c| release_body(
-            sql, c, name, owner, token, hold
-        ))
-        .await?;
+        let mine =
+            permit_transaction!(self, lease.name, |c| release_body(sql, c, lease, hold)).await?;
         Ok(mine.unwrap_or(false))
     }
 
@@ -487,30 +476,21 @@ async fn claim_body(
 async fn renew_body(
     sql: &PermitSql,
     c: &mut MySqlConnection,
-    name: &str,
-    owner: &str,
-    token: u64,
+    lease: LeaseId<'_>,
     ttl: Duration,
 ) -> Result<Step<Option<DateTime<Utc>>>, sqlx::Error> {
     q(&sql.extend_marker)
         .bind(micros(ttl))
-        .bind(name.as_bytes())
+        .bind(lease.name.as_bytes())
         .execute(&mut *c)
         .await?;
-    let done = q(&sql.renew)
-        .bind(micros(ttl))
-        .bind(name.as_bytes())
-        .bind(owner.as_bytes())
-        .bind(token)
+    let done = bind_lease(q(&sql.renew).bind(micros(ttl)), lease)
         .execute(&mut *c)
         .await?;
     if done.rows_affected() == 0 {
         return Ok(Step::Rollback(None));
     }
-    let at: NaiveDateTime = q(&sql.renew_read)
-        .bind(name.as_bytes())
-        .bind(owner.as_bytes())
-        .bind(token)
+    let at: NaiveDateTime = bind_lease(q(&sql.renew_read), lease)
         .fetch_one(&mut *c)
         .await?
         .try_get(0)?;
@@ -582,21 +562,16 @@ async fn renew_many_body(
 async fn release_body(
     sql: &PermitSql,
     c: &mut MySqlConnection,
-    name: &str,
-    owner: &str,
-    token: u64,
+    lease: LeaseId<'_>,
     hold: Option<Duration>,
 ) -> Result<Step<bool>, sqlx::Error> {
+    let name = lease.name;
     q(&sql.lock_marker)
         .bind(0i64)
         .bind(name.as_bytes())
         .fetch_optional(&mut *c)
         .await?;
-    let done = q(&sql.release)
-        .bind(hold.map(micros).unwrap_or(0))
-        .bind(name.as_bytes())
-        .bind(owner.as_bytes())
-        .bind(token)
+    let done = bind_lease(q(&sql.release).bind(hold.map(micros).unwrap_or(0)), lease)
         .execute(&mut *c)
         .await?;
     if done.rows_affected() == 0 {

@@ -16,10 +16,10 @@ use super::notify::{Listener, CHANNEL};
 mod permits;
 use super::token::sequence_token;
 use super::{engine, map_err};
-use crate::lease::permits::{holders_table, is_permit, merge_list};
+use crate::lease::permits::{holders_table, merge_list};
 use crate::lease::{
-    lease_backend, Claim, Claimed, LeaseEngine, LeaseOptions, LeaseStore, Renewal, Renewed,
-    Wakeups, SWEEP_BATCH,
+    lease_backend, Claim, Claimed, LeaseEngine, LeaseId, LeaseOptions, LeaseStore, NewExpiry,
+    Renewal, Renewed, Wakeups, SWEEP_BATCH,
 };
 use crate::name::{quote_table, validate_table};
 use crate::retry::Backoff;
@@ -432,21 +432,10 @@ impl PgStore {
     /// Runs the renewal statement `sql` of one lease or permit ($1 name,
     /// $2 owner, $3 token, $4 ttl in microseconds): its new expiry, or
     /// `None` if it is no longer theirs.
-    async fn renew_one(
-        &self,
-        sql: &Arc<str>,
-        name: &str,
-        owner: &str,
-        token: u64,
-        ttl: Duration,
-    ) -> Result<Option<DateTime<Utc>>> {
+    async fn renew_one(&self, sql: &Arc<str>, lease: LeaseId<'_>, ttl: Duration) -> NewExpiry {
         let row = retrying(|| {
             self.fetch_optional(|| {
-                sqlx::query(AssertSqlSafe(sql.clone()))
-                    .bind(name.to_owned())
-                    .bind(owner.to_owned())
-                    .bind(token as i64)
-                    .bind(micros(ttl))
+                bind_lease(sqlx::query(AssertSqlSafe(sql.clone())), lease).bind(micros(ttl))
             })
         })
         .await?;
@@ -477,6 +466,14 @@ impl PgStore {
 }
 
 type Query = sqlx::query::Query<'static, Postgres, PgArguments>;
+
+/// Binds a lease's name, owner and token (`$1`, `$2`, `$3` of the
+/// statements that renew or release one lease).
+fn bind_lease(q: Query, lease: LeaseId<'_>) -> Query {
+    q.bind(lease.name.to_owned())
+        .bind(lease.owner.to_owned())
+        .bind(lease.token as i64)
+}
 
 /// Attempts at one statement that keeps failing with a serialization
 /// failure, a deadlock or a unique violation.
@@ -597,18 +594,12 @@ impl LeaseStore for PgStore {
         .map_err(map_err)
     }
 
-    async fn renew(
-        &self,
-        name: &str,
-        owner: &str,
-        token: u64,
-        ttl: Duration,
-    ) -> Result<Option<DateTime<Utc>>> {
-        if is_permit(owner) {
-            return self.renew_permit(name, owner, token, ttl).await;
-        }
-        self.renew_one(&self.sql.renew, name, owner, token, ttl)
-            .await
+    async fn renew(&self, lease: LeaseId<'_>, ttl: Duration) -> NewExpiry {
+        self.renew_one(&self.sql.renew, lease, ttl).await
+    }
+
+    async fn renew_permit(&self, lease: LeaseId<'_>, ttl: Duration) -> NewExpiry {
+        self.renew_holder(lease, ttl).await
     }
 
     async fn renew_many(&self, batch: &[Renewal]) -> Result<Vec<Renewed>> {
@@ -633,27 +624,19 @@ impl LeaseStore for PgStore {
         self.renew_holders_batch(batch).await
     }
 
-    async fn release(
-        &self,
-        name: &str,
-        owner: &str,
-        token: u64,
-        hold: Option<Duration>,
-    ) -> Result<bool> {
-        if is_permit(owner) {
-            return self.release_permit(name, owner, token, hold).await;
-        }
+    async fn release(&self, lease: LeaseId<'_>, hold: Option<Duration>) -> Result<bool> {
         let row = retrying(|| {
             self.fetch_optional(|| {
-                sqlx::query(AssertSqlSafe(self.sql.release.clone()))
-                    .bind(name.to_owned())
-                    .bind(owner.to_owned())
-                    .bind(token as i64)
+                bind_lease(sqlx::query(AssertSqlSafe(self.sql.release.clone())), lease)
                     .bind(micros(hold.unwrap_or_default()))
             })
         })
         .await?;
         Ok(row.is_some())
+    }
+
+    async fn release_permit(&self, lease: LeaseId<'_>, hold: Option<Duration>) -> Result<bool> {
+        self.release_holder(lease, hold).await
     }
 
     async fn force_release(&self, name: &str) -> Result<bool> {

@@ -18,9 +18,9 @@ use chrono::{DateTime, Utc};
 use sqlx::postgres::PgRow;
 use sqlx::{AssertSqlSafe, Row};
 
-use super::{micros, retrying, PgStore, Query};
+use super::{bind_lease, micros, retrying, PgStore, Query};
 use crate::lease::permits::{self, unless_no_holders, Decision, Found};
-use crate::lease::{Claim, Claimed, Renewal, Renewed, SWEEP_BATCH};
+use crate::lease::{Claim, Claimed, LeaseId, NewExpiry, Renewal, Renewed, SWEEP_BATCH};
 use crate::postgres::map_err;
 use crate::postgres::notify::CHANNEL;
 use crate::postgres::token::sequence_token;
@@ -234,15 +234,8 @@ impl PgStore {
         outcome
     }
 
-    pub(super) async fn renew_permit(
-        &self,
-        name: &str,
-        owner: &str,
-        token: u64,
-        ttl: Duration,
-    ) -> Result<Option<DateTime<Utc>>> {
-        let sql = self.permit_sql()?;
-        self.renew_one(&sql.renew, name, owner, token, ttl).await
+    pub(super) async fn renew_holder(&self, lease: LeaseId<'_>, ttl: Duration) -> NewExpiry {
+        self.renew_one(&self.permit_sql()?.renew, lease, ttl).await
     }
 
     /// Renews the holder rows of `batch` in one statement.
@@ -264,25 +257,20 @@ impl PgStore {
     /// Ends a permit (or keeps it to `acquired_at + hold`) and settles the
     /// marker, under the marker's lock: a claim of the same name waits for
     /// it and then sees the permit gone.
-    pub(super) async fn release_permit(
+    pub(super) async fn release_holder(
         &self,
-        name: &str,
-        owner: &str,
-        token: u64,
+        lease: LeaseId<'_>,
         hold: Option<Duration>,
     ) -> Result<bool> {
         let sql = self.permit_sql()?;
+        let name = lease.name;
         retrying(|| async {
             let mut tx = self.pool.begin().await?;
             self.q(&sql.lock_marker)
                 .bind(name)
                 .fetch_one(&mut *tx)
                 .await?;
-            let mine = self
-                .q(&sql.release)
-                .bind(name)
-                .bind(owner)
-                .bind(token as i64)
+            let mine = bind_lease(self.q(&sql.release), lease)
                 .bind(micros(hold.unwrap_or_default()))
                 .fetch_optional(&mut *tx)
                 .await?

@@ -10,9 +10,9 @@ use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, Client, RedisError, Script, ScriptInvocation, Value};
 
 use super::listen::Listener;
-use crate::lease::permits::is_permit;
 use crate::lease::{
-    lease_backend, Claim, Claimed, LeaseEngine, LeaseOptions, LeaseStore, Renewal, Renewed, Wakeups,
+    lease_backend, Claim, Claimed, LeaseEngine, LeaseId, LeaseOptions, LeaseStore, NewExpiry,
+    Renewal, Renewed, Wakeups,
 };
 use crate::{Error, LockInfo, LockMode, Result};
 
@@ -714,11 +714,10 @@ impl RedisStore {
         &self,
         script: &Script,
         permit: bool,
-        name: &str,
-        owner: &str,
-        token: u64,
+        lease: LeaseId<'_>,
         hold: Option<Duration>,
     ) -> Result<bool> {
+        let LeaseId { name, owner, token } = lease;
         let mut invocation = script.prepare_invoke();
         invocation.key(self.keys.lock(name));
         if permit {
@@ -827,20 +826,11 @@ impl LeaseStore for RedisStore {
         }
     }
 
-    async fn renew(
-        &self,
-        name: &str,
-        owner: &str,
-        token: u64,
-        ttl: Duration,
-    ) -> Result<Option<DateTime<Utc>>> {
-        if is_permit(owner) {
-            return self.renew_permit(name, owner, token, ttl).await;
-        }
+    async fn renew(&self, lease: LeaseId<'_>, ttl: Duration) -> NewExpiry {
         let one = [Renewal {
-            name: name.into(),
-            owner: owner.into(),
-            token,
+            name: lease.name.into(),
+            owner: lease.owner.into(),
+            token: lease.token,
             ttl,
         }];
         Ok(match self.renew_many(&one).await?.first() {
@@ -862,6 +852,10 @@ impl LeaseStore for RedisStore {
         renewal_answers(batch, reply)
     }
 
+    async fn renew_permit(&self, lease: LeaseId<'_>, ttl: Duration) -> NewExpiry {
+        self.renew_holder(lease, ttl).await
+    }
+
     async fn renew_holders(&self, batch: &[Renewal]) -> Result<Vec<Renewed>> {
         self.renew_permits(batch).await
     }
@@ -870,18 +864,12 @@ impl LeaseStore for RedisStore {
         batch.len().min(MAX_BATCH)
     }
 
-    async fn release(
-        &self,
-        name: &str,
-        owner: &str,
-        token: u64,
-        hold: Option<Duration>,
-    ) -> Result<bool> {
-        if is_permit(owner) {
-            return self.release_permit(name, owner, token, hold).await;
-        }
-        self.release_by(&RELEASE, false, name, owner, token, hold)
-            .await
+    async fn release(&self, lease: LeaseId<'_>, hold: Option<Duration>) -> Result<bool> {
+        self.release_by(&RELEASE, false, lease, hold).await
+    }
+
+    async fn release_permit(&self, lease: LeaseId<'_>, hold: Option<Duration>) -> Result<bool> {
+        self.release_holder(lease, hold).await
     }
 
     async fn force_release(&self, name: &str) -> Result<bool> {

@@ -19,12 +19,11 @@
 use std::sync::LazyLock;
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
 use redis::Script;
 
 use super::{bad_reply, millis, time, RedisStore};
 use crate::lease::permits::{self, disagreement};
-use crate::lease::{Claim, Claimed, Renewal, Renewed};
+use crate::lease::{Claim, Claimed, LeaseId, NewExpiry, Renewal, Renewed};
 use crate::{LockInfo, Result};
 
 /// Lua that drops the expired permits of hash `hk` (a local: `KEYS[2]` in
@@ -246,13 +245,8 @@ impl RedisStore {
         }
     }
 
-    pub(super) async fn renew_permit(
-        &self,
-        name: &str,
-        owner: &str,
-        token: u64,
-        ttl: Duration,
-    ) -> Result<Option<DateTime<Utc>>> {
+    pub(super) async fn renew_holder(&self, lease: LeaseId<'_>, ttl: Duration) -> NewExpiry {
+        let LeaseId { name, owner, token } = lease;
         let mut invocation = RENEW.prepare_invoke();
         invocation
             .key(self.keys.lock(name))
@@ -279,15 +273,12 @@ impl RedisStore {
         super::renewal_answers(batch, reply)
     }
 
-    pub(super) async fn release_permit(
+    pub(super) async fn release_holder(
         &self,
-        name: &str,
-        owner: &str,
-        token: u64,
+        lease: LeaseId<'_>,
         hold: Option<Duration>,
     ) -> Result<bool> {
-        self.release_by(&RELEASE, true, name, owner, token, hold)
-            .await
+        self.release_by(&RELEASE, true, lease, hold).await
     }
 
     /// The live permits of `name`, if its lock key is a semaphore's marker.

@@ -14,10 +14,10 @@ use super::doorbell::{bells, Bells};
 use super::retry_busy;
 #[path = "lease_permits.rs"]
 mod permits;
-use crate::lease::permits::{holders_table, is_permit, merge_list};
+use crate::lease::permits::{holders_table, merge_list};
 use crate::lease::{
-    lease_backend, push_json_str, Claim, Claimed, LeaseEngine, LeaseOptions, LeaseStore, Renewal,
-    Renewed, Wakeups, SWEEP_BATCH,
+    lease_backend, push_json_str, Claim, Claimed, LeaseEngine, LeaseId, LeaseOptions, LeaseStore,
+    NewExpiry, Renewal, Renewed, Wakeups, SWEEP_BATCH,
 };
 use crate::name::{quote_table, validate_table};
 use crate::{Error, LockInfo, LockMode, Result};
@@ -520,27 +520,25 @@ impl LeaseStore for SqliteStore {
         .transpose()
     }
 
-    async fn renew(
-        &self,
-        name: &str,
-        owner: &str,
-        token: u64,
-        ttl: Duration,
-    ) -> Result<Option<DateTime<Utc>>> {
-        if is_permit(owner) {
-            let at = self.renew_permit(name, owner, token, ttl).await?;
-            return Ok(self.bells.renewed(name, token, at));
-        }
+    async fn renew(&self, lease: LeaseId<'_>, ttl: Duration) -> NewExpiry {
         let at: Option<i64> = retry_busy(|| {
             sqlx::query_scalar(AssertSqlSafe(self.sql.renew.clone()))
-                .bind(name)
-                .bind(owner)
-                .bind(token as i64)
+                .bind(lease.name)
+                .bind(lease.owner)
+                .bind(lease.token as i64)
                 .bind(micros(ttl))
                 .fetch_optional(&self.pool)
         })
         .await?;
-        self.bells.renewed(name, token, at).map(time).transpose()
+        self.bells
+            .renewed(lease.name, lease.token, at)
+            .map(time)
+            .transpose()
+    }
+
+    async fn renew_permit(&self, lease: LeaseId<'_>, ttl: Duration) -> NewExpiry {
+        let at = self.renew_holder(lease, ttl).await?;
+        Ok(self.bells.renewed(lease.name, lease.token, at))
     }
 
     async fn renew_many(&self, batch: &[Renewal]) -> Result<Vec<Renewed>> {
@@ -559,28 +557,24 @@ impl LeaseStore for SqliteStore {
         self.answers(batch, &rows)
     }
 
-    async fn release(
-        &self,
-        name: &str,
-        owner: &str,
-        token: u64,
-        hold: Option<Duration>,
-    ) -> Result<bool> {
+    async fn release(&self, lease: LeaseId<'_>, hold: Option<Duration>) -> Result<bool> {
         // The bell goes after the release statement (or if it is given up).
-        let _disarm = self.bells.disarm_on_drop(name, token);
-        if is_permit(owner) {
-            return self.release_permit(name, owner, token, hold).await;
-        }
+        let _disarm = self.bells.disarm_on_drop(lease.name, lease.token);
         let done = retry_busy(|| {
             sqlx::query(AssertSqlSafe(self.sql.release.clone()))
-                .bind(name)
-                .bind(owner)
-                .bind(token as i64)
+                .bind(lease.name)
+                .bind(lease.owner)
+                .bind(lease.token as i64)
                 .bind(micros(hold.unwrap_or_default()))
                 .execute(&self.pool)
         })
         .await?;
         Ok(done.rows_affected() > 0)
+    }
+
+    async fn release_permit(&self, lease: LeaseId<'_>, hold: Option<Duration>) -> Result<bool> {
+        let _disarm = self.bells.disarm_on_drop(lease.name, lease.token);
+        self.release_holder(lease, hold).await
     }
 
     async fn force_release(&self, name: &str) -> Result<bool> {

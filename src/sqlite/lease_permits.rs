@@ -12,13 +12,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
 use sqlx::sqlite::SqliteRow;
 use sqlx::{AssertSqlSafe, Row};
 
 use super::{micros, time, SqliteStore, NOW};
 use crate::lease::permits::{self, unless_no_holders, Decision, Found};
-use crate::lease::{push_json_str, Claim, Claimed, Renewal};
+use crate::lease::{push_json_str, Claim, Claimed, LeaseId, NewExpiry, Renewal};
 use crate::sqlite::retry_busy;
 use crate::{LockInfo, Result};
 
@@ -208,14 +207,9 @@ impl SqliteStore {
         .await?
     }
 
-    pub(super) async fn renew_permit(
-        &self,
-        name: &str,
-        owner: &str,
-        token: u64,
-        ttl: Duration,
-    ) -> Result<Option<DateTime<Utc>>> {
+    pub(super) async fn renew_holder(&self, lease: LeaseId<'_>, ttl: Duration) -> NewExpiry {
         let sql = self.permit_sql()?;
+        let LeaseId { name, owner, token } = lease;
         let at: Option<i64> = retry_busy(|| async {
             let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
             let at: Option<i64> = sqlx::query_scalar(AssertSqlSafe(sql.renew.clone()))
@@ -276,14 +270,13 @@ impl SqliteStore {
         .await
     }
 
-    pub(super) async fn release_permit(
+    pub(super) async fn release_holder(
         &self,
-        name: &str,
-        owner: &str,
-        token: u64,
+        lease: LeaseId<'_>,
         hold: Option<Duration>,
     ) -> Result<bool> {
         let sql = self.permit_sql()?;
+        let LeaseId { name, owner, token } = lease;
         retry_busy(|| async {
             let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
             let done = sqlx::query(AssertSqlSafe(sql.release.clone()))

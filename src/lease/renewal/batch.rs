@@ -39,7 +39,7 @@ impl<S: LeaseStore> Pending<S> {
             let sent_at = Instant::now();
             let outcome = timeout_at(
                 give_up,
-                super::super::permits::renew_many(&inner.store, &items[range.clone()]),
+                permits::renew_many(&inner.store, &items[range.clone()]),
             )
             .await;
             renewed += apply(

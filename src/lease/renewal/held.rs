@@ -69,7 +69,12 @@ pub(super) async fn extend<S: LeaseStore>(
     }));
     renewals.extends.fetch_add(1, Relaxed);
     let sent_at = Instant::now();
-    let outcome = timeout_at(deadline, inner.store.renew(&name, &owner, token, by)).await;
+    let lease = LeaseId {
+        name: &name,
+        owner: &owner,
+        token,
+    };
+    let outcome = timeout_at(deadline, permits::renew(&inner.store, lease, by)).await;
     restore.disarm();
 
     let mut reg = renewals.lock();
@@ -163,11 +168,13 @@ pub(super) async fn release<S: LeaseStore>(inner: Arc<Inner<S>>, id: Id) -> Resu
     // past it the lease counts as lost anyway, and a black-holed
     // connection must not hang the caller until TCP gives up.
     let bound = deadline.max(Instant::now() + Duration::from_secs(1));
-    let outcome = match tokio::time::timeout_at(
-        bound,
-        inner.store.release(&name, &owner, token, hold),
-    )
-    .await
+    let lease = LeaseId {
+        name: &name,
+        owner: &owner,
+        token,
+    };
+    let outcome = match tokio::time::timeout_at(bound, permits::release(&inner.store, lease, hold))
+        .await
     {
         Ok(outcome) => outcome,
         Err(_) => {

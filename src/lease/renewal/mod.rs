@@ -65,7 +65,7 @@ use tokio::time::{error::Elapsed, sleep_until, timeout_at, Instant};
 use tracing::field::Empty;
 use tracing::Instrument;
 
-use super::{renew_every, safety_margin, Inner, LeaseStore, Renewal, Renewed};
+use super::{permits, renew_every, safety_margin, Inner, LeaseId, LeaseStore, Renewal, Renewed};
 use crate::backend::{BoxFuture, HeldLock, LockStatus};
 use crate::detach::Detached;
 use crate::error::Loss;
