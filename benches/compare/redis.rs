@@ -66,8 +66,7 @@ pub(super) async fn redis_section(
     // for profiling only (DBLOCK_BENCH_PAIRS=same-timeout).
     let timed = redis::Client::open(url)?
         .get_multiplexed_async_connection_with_config(
-            &redis::AsyncConnectionConfig::new()
-                .set_response_timeout(Some(Duration::from_secs(3))),
+            &redis::AsyncConnectionConfig::new().set_response_timeout(Some(Duration::from_secs(3))),
         )
         .await?;
     let ops = [

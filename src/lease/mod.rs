@@ -96,15 +96,6 @@ pub(crate) struct Claim<'a> {
     /// connection checks it once it has one, and claims nothing (answers
     /// `None`) if so: a cancelled acquisition must not go on to take the
     /// lease after waiting its turn for a connection.
-    #[cfg_attr(
-        not(any(
-            feature = "postgres",
-            feature = "mysql",
-            feature = "sqlite",
-            feature = "redis"
-        )),
-        allow(dead_code)
-    )]
     pub abandoned: &'a (dyn Fn() -> bool + Send + Sync),
 }
 
@@ -539,15 +530,6 @@ impl<S: LeaseStore> LeaseEngine<S> {
     }
 
     /// The options the engine was built with.
-    #[cfg_attr(
-        not(any(
-            feature = "postgres",
-            feature = "mysql",
-            feature = "sqlite",
-            feature = "redis"
-        )),
-        allow(dead_code)
-    )]
     pub(crate) fn options(&self) -> &LeaseOptions {
         &self.inner.options
     }
