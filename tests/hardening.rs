@@ -505,23 +505,52 @@ async fn a_claim_slower_than_the_margin_is_given_back() {
     assert_eq!(info.token, Some(guard.token()));
     guard.release().await.unwrap();
 
-    // With no time left to try again, the attempt is reported, and the
-    // name is free (nothing was kept).
+    // With no time left to try again, the late claim is reported, and the
+    // name is free (nothing was kept): a lease of 500 ms (local deadline
+    // 400 ms after the claim was sent) claimed after 600 ms, with a wait of
+    // 200 ms, inside the second a claim in flight is given past the wait.
     let busy = pool.acquire().await.unwrap();
     let hog = tokio::spawn(async move {
-        sleep(Duration::from_millis(1500)).await;
+        sleep(Duration::from_millis(600)).await;
         drop(busy);
     });
     let late = locks
         .acquire(&name)
-        .ttl(ttl)
-        .wait(Duration::from_millis(500))
+        .ttl(Duration::from_millis(500))
+        .wait(Duration::from_millis(200))
         .await;
     assert!(
         matches!(late, Err(Error::Lost { .. })),
         "expected Error::Lost, got {late:?}"
     );
     hog.await.unwrap();
+    assert!(locks.inspect(&name).await.unwrap().is_none());
+
+    // A claim still waiting for its connection a second after it was sent
+    // (past the wait of 500 ms) is abandoned: the call times out then,
+    // and the claim, once it has a connection, takes nothing.
+    let busy = pool.acquire().await.unwrap();
+    let hog = tokio::spawn(async move {
+        sleep(Duration::from_millis(2500)).await;
+        drop(busy);
+    });
+    let started = Instant::now();
+    let late = locks
+        .acquire(&name)
+        .ttl(ttl)
+        .wait(Duration::from_millis(500))
+        .await;
+    let took = started.elapsed();
+    assert!(
+        matches!(late, Err(Error::Timeout { .. })),
+        "expected Error::Timeout, got {late:?}"
+    );
+    assert!(
+        took < Duration::from_millis(2000),
+        "a wait of 500 ms returned after {took:?}"
+    );
+    hog.await.unwrap();
+    sleep(Duration::from_millis(200)).await;
     assert!(locks.inspect(&name).await.unwrap().is_none());
 }
 

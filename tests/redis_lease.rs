@@ -362,6 +362,66 @@ async fn a_killed_connection_is_replaced_and_the_lease_kept() {
     assert!(locks.inspect("k").await.unwrap().is_none());
 }
 
+/// A server that stops answering mid-claim does not keep an acquisition
+/// with a wait much past it (the wait plus at most a second, well before
+/// the connection's own 3 s response timeout): the caller gets a timeout,
+/// and the claim, left to finish on its own, gives back the lease it took
+/// once the server answers again. Nothing is leaked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_claim_times_out_within_its_wait_and_leaks_nothing() {
+    let p = prefix("stall");
+    let (proxy, via) = through_proxy(&p).await;
+    let locks = Locks::new(via);
+    let observer = open(&p).await;
+    // The backend's connection is open (through the proxy) before the cut.
+    let warm = locks.try_acquire("warm").await.unwrap().unwrap();
+    warm.release().await.unwrap();
+    let mut conn = raw().await;
+    let counter = format!("{p}token");
+    let drawn = async |conn: &mut redis::aio::MultiplexedConnection| -> Option<String> {
+        redis::cmd("GET")
+            .arg(&counter)
+            .query_async(conn)
+            .await
+            .unwrap()
+    };
+    let before = drawn(&mut conn).await;
+
+    proxy.pause(0, true);
+    let started = Instant::now();
+    let got = locks
+        .acquire("stalled")
+        .ttl(Duration::from_secs(20))
+        .wait(Duration::from_millis(300))
+        .await;
+    let took = started.elapsed();
+    assert!(
+        matches!(&got, Err(Error::Timeout { .. })),
+        "a stalled claim must end in a timeout: {got:?}"
+    );
+    assert!(
+        took >= Duration::from_millis(300) && took < Duration::from_millis(2_000),
+        "returned after {took:?}: the wait is 300 ms, the grace for a claim in flight 1 s"
+    );
+    // The claim reaches Redis when the connection heals, takes the name,
+    // and is given back by the task that finished it.
+    proxy.pause(0, false);
+    let given_back = common::poll_until(
+        Duration::from_secs(5),
+        Duration::from_millis(20),
+        || async { observer.inspect("stalled").await.unwrap().is_none() },
+    )
+    .await;
+    assert!(given_back, "the late claim's lease was not given back");
+    assert_ne!(
+        drawn(&mut conn).await,
+        before,
+        "the stalled claim never reached Redis (no token drawn): the test proves nothing"
+    );
+    let again = locks.try_acquire("stalled").await.unwrap();
+    assert!(again.is_some(), "the backend works again after the stall");
+}
+
 /// A black-holed connection (nothing delivered, nothing reset): the guard
 /// reports the lease lost before Redis lets it go, and once the network
 /// heals, the backend works again on a new connection.

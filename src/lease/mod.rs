@@ -666,6 +666,22 @@ fn claim_attempt<S: LeaseStore>(
     })
 }
 
+/// How long a claim sent just before an acquisition's deadline may take
+/// past it: an acquisition with a wait returns within its wait plus this,
+/// even if the database stops answering.
+const CLAIM_GRACE: Duration = Duration::from_secs(1);
+
+/// The acquisition's wait ran out.
+fn timed_out(name: &str, wait: Wait) -> Error {
+    Error::Timeout {
+        name: name.to_owned(),
+        waited: match wait {
+            Wait::For(d) => d,
+            _ => Duration::ZERO,
+        },
+    }
+}
+
 /// The acquisition loop, run in the caller's task: claim, and while the
 /// name is busy and the request allows, wait for a wake-up or the next
 /// poll and claim again.
@@ -705,7 +721,23 @@ async fn acquire<S: LeaseStore>(
         }
 
         let sent_at = Instant::now();
-        if let Some(taken) = claim_attempt(&inner, &request, &owner, &gone).await? {
+        let attempt = claim_attempt(&inner, &request, &owner, &gone);
+        let taken = match deadline {
+            // A database that stalls (a Galera view change, a failover, a
+            // black-holed connection) must not keep the caller far past its
+            // wait: a claim still unanswered at the deadline (or CLAIM_GRACE
+            // after it was sent, if later) is left to finish in a task of
+            // its own, which gives back a lease it takes, and the
+            // acquisition times out.
+            Some(deadline) => {
+                match tokio::time::timeout_at(deadline.max(sent_at + CLAIM_GRACE), attempt).await {
+                    Ok(answer) => answer?,
+                    Err(_) => return Err(timed_out(name, request.wait())),
+                }
+            }
+            None => attempt.await?,
+        };
+        if let Some(taken) = taken {
             // The claim (its wait for a connection and its retries
             // included) took longer than the lease's safety margin: its
             // local deadline has passed already, so it is no lease to
@@ -757,15 +789,7 @@ async fn acquire<S: LeaseStore>(
         let now = Instant::now();
         let wake_at = match (request.wait(), deadline) {
             (Wait::No, _) => return Ok(None),
-            (_, Some(deadline)) if now >= deadline => {
-                return Err(Error::Timeout {
-                    name: name.to_owned(),
-                    waited: match request.wait() {
-                        Wait::For(d) => d,
-                        _ => Duration::ZERO,
-                    },
-                });
-            }
+            (_, Some(deadline)) if now >= deadline => return Err(timed_out(name, request.wait())),
             (_, Some(deadline)) => deadline.min(now + jitter(pause)),
             (_, None) => now + jitter(pause),
         };
