@@ -527,8 +527,8 @@ async fn a_claim_slower_than_the_margin_is_given_back() {
     assert!(locks.inspect(&name).await.unwrap().is_none());
 
     // A claim still waiting for its connection a second after it was sent
-    // (past the wait of 500 ms) is abandoned: the call times out then,
-    // and the claim, once it has a connection, takes nothing.
+    // (past the wait of 500 ms) is abandoned: the call ends then, as
+    // Unavailable, and the claim, once it has a connection, takes nothing.
     let busy = pool.acquire().await.unwrap();
     let hog = tokio::spawn(async move {
         sleep(Duration::from_millis(2500)).await;
@@ -542,8 +542,8 @@ async fn a_claim_slower_than_the_margin_is_given_back() {
         .await;
     let took = started.elapsed();
     assert!(
-        matches!(late, Err(Error::Timeout { .. })),
-        "expected Error::Timeout, got {late:?}"
+        matches!(late, Err(Error::Unavailable(_))),
+        "expected Error::Unavailable, got {late:?}"
     );
     assert!(
         took < Duration::from_millis(2000),

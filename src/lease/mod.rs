@@ -723,16 +723,25 @@ async fn acquire<S: LeaseStore>(
         let sent_at = Instant::now();
         let attempt = claim_attempt(&inner, &request, &owner, &gone);
         let taken = match deadline {
-            // A database that stalls (a Galera view change, a failover, a
-            // black-holed connection) must not keep the caller far past its
-            // wait: a claim still unanswered at the deadline (or CLAIM_GRACE
-            // after it was sent, if later) is left to finish in a task of
-            // its own, which gives back a lease it takes, and the
-            // acquisition times out.
+            // A database that stalls or is down (a Galera view change, a
+            // failover, a black-holed connection, no connection to be had)
+            // must not keep the caller far past its wait: a claim still
+            // unanswered at the deadline (or CLAIM_GRACE after it was sent,
+            // if later) is left to finish in a task of its own, which gives
+            // back a lease it takes, and the acquisition ends with
+            // `Unavailable` (not `Timeout`: nobody was seen holding it).
             Some(deadline) => {
-                match tokio::time::timeout_at(deadline.max(sent_at + CLAIM_GRACE), attempt).await {
+                let bound = deadline.max(sent_at + CLAIM_GRACE);
+                match tokio::time::timeout_at(bound, attempt).await {
                     Ok(answer) => answer?,
-                    Err(_) => return Err(timed_out(name, request.wait())),
+                    Err(_) => {
+                        return Err(Error::Unavailable(format!(
+                            "no answer from the database to the claim of {name:?} within {:?} \
+                             (the acquisition's wait, or a second for a claim sent just before \
+                             it ended); the claim finishes on its own and gives back what it takes",
+                            bound - sent_at
+                        )))
+                    }
                 }
             }
             None => attempt.await?,

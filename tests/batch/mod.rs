@@ -78,21 +78,33 @@ pub async fn take(
     n: usize,
     ttl: impl Fn(usize) -> Duration,
 ) -> Vec<LockGuard> {
+    take_many(locks, prefix, n, ttl, None, 8).await
+}
+
+/// Takes `n` leases named `{unique(prefix)}:{k}`, the k-th with `ttl(k)`
+/// and `hold_at_least(hold)` if given, `at_once` at a time; in order.
+pub async fn take_many(
+    locks: &Locks,
+    prefix: &str,
+    n: usize,
+    ttl: impl Fn(usize) -> Duration,
+    hold: Option<Duration>,
+    at_once: usize,
+) -> Vec<LockGuard> {
     let base = unique(prefix);
     let ttls: Vec<Duration> = (0..n).map(ttl).collect();
     stream::iter(ttls.into_iter().enumerate())
         .map(|(k, ttl)| {
             let (locks, name) = (locks.clone(), format!("{base}:{k}"));
             async move {
-                locks
-                    .acquire(name)
-                    .ttl(ttl)
-                    .wait(HUNG)
-                    .await
-                    .expect("acquire")
+                let mut acquire = locks.acquire(name).ttl(ttl).wait(HUNG);
+                if let Some(hold) = hold {
+                    acquire = acquire.hold_at_least(hold);
+                }
+                acquire.await.expect("acquire")
             }
         })
-        .buffered(8)
+        .buffered(at_once)
         .collect()
         .await
 }
@@ -335,23 +347,7 @@ pub async fn releases_racing_batches_revive_nothing(h: &impl Harness, n: usize) 
     let s = h.subject(16).await;
     let ttl = ms(1500);
     let hold = Duration::from_secs(30);
-    let base = unique("batch-release-race");
-    let guards: Vec<LockGuard> = stream::iter(0..n)
-        .map(|k| {
-            let (locks, name) = (s.locks.clone(), format!("{base}:{k}"));
-            async move {
-                locks
-                    .acquire(name)
-                    .ttl(ttl)
-                    .hold_at_least(hold)
-                    .wait(HUNG)
-                    .await
-                    .expect("acquire")
-            }
-        })
-        .buffered(8)
-        .collect()
-        .await;
+    let guards = take_many(&s.locks, "batch-release-race", n, |_| ttl, Some(hold), 8).await;
     sleep(ms(1200)).await;
     let names: Vec<String> = guards.iter().map(|g| g.name().to_owned()).collect();
     // Released over a second and a half while batches come every 500 ms.
@@ -467,22 +463,7 @@ pub async fn scale(h: &impl Harness) {
     let ttl = Duration::from_secs(30);
     let rss_before = rss_kib();
     let started = Instant::now();
-    let base = unique("scale");
-    let guards: Vec<LockGuard> = stream::iter(0..n)
-        .map(|k| {
-            let (locks, name) = (s.locks.clone(), format!("{base}:{k}"));
-            async move {
-                locks
-                    .acquire(name)
-                    .ttl(ttl)
-                    .wait(HUNG)
-                    .await
-                    .expect("acquire")
-            }
-        })
-        .buffer_unordered(64)
-        .collect()
-        .await;
+    let guards = take_many(&s.locks, "scale", n, |_| ttl, None, 64).await;
     let took = started.elapsed();
     let rss_after = rss_kib();
     eprintln!(

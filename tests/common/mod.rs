@@ -155,6 +155,16 @@ pub async fn listed_in_name_order(locks: &dblock::Locks, name: &str) {
     other.release().await.unwrap();
 }
 
+/// Whether `locks.list()` shows `name`.
+pub async fn is_listed(locks: &dblock::Locks, name: &str) -> bool {
+    locks
+        .list()
+        .await
+        .unwrap()
+        .iter()
+        .any(|i| i.name.as_deref() == Some(name))
+}
+
 /// A lock name no other test (or earlier run) uses.
 pub fn unique(prefix: &str) -> String {
     static N: AtomicU64 = AtomicU64::new(0);

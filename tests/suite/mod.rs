@@ -502,12 +502,7 @@ pub async fn inspect_and_list<F: Fixture>(f: &F) {
     assert_eq!(entry.token, Some(g.token()));
     g.release().await.unwrap();
     assert!(observer.inspect(&name).await.unwrap().is_none());
-    assert!(!a
-        .list()
-        .await
-        .unwrap()
-        .iter()
-        .any(|i| i.name.as_deref() == Some(name.as_str())));
+    assert!(!crate::common::is_listed(&a, &name).await);
 }
 
 /// A second acquisition through the same `Locks` waits like any other.

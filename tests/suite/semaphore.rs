@@ -116,12 +116,7 @@ pub async fn semaphore_permits_inspect_and_disagreement<F: Fixture>(f: &F) {
         a.inspect(&name).await.unwrap().is_none(),
         "held after release"
     );
-    assert!(!a
-        .list()
-        .await
-        .unwrap()
-        .iter()
-        .any(|i| i.name.as_deref() == Some(name.as_str())));
+    assert!(!crate::common::is_listed(&a, &name).await);
 
     // Free again: any n may take it; then the others are refused.
     let plain = a.acquire(&name).wait(HUNG).await.unwrap();

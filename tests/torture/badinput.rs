@@ -342,8 +342,13 @@ pub async fn run(kind: Kind) -> bool {
             };
             expect_err(
                 r,
-                |e| matches!(e, Error::Database(_) | Error::Redis(_)),
-                "a Database error",
+                |e| {
+                    matches!(
+                        e,
+                        Error::Database(_) | Error::Redis(_) | Error::Unavailable(_)
+                    )
+                },
+                "a Database (or Unavailable) error",
             )?;
             println!(
                 "  {}: a database down at start: error after {:.1?}",
