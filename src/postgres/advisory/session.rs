@@ -138,11 +138,13 @@ const OPEN: &str = "SELECT pg_backend_pid(), version(),
 const PING: &str = "SELECT current_setting('dblock.session', true) IS NOT DISTINCT FROM $1
                            AND pg_backend_pid() = $2";
 // The probe at a backend's first holder session, on another connection of
-// the pool: it can only see this session's pid or marker if both
-// connections' statements run on the same server session, which a
-// transaction-pooling proxy does (PgBouncer hands the server connection just
-// released to the next transaction); two connections of a direct or
-// session-pooled pool never share one. A simple query, as OPEN.
+// the pool and on the session itself (see `shares_its_server_session`):
+// another connection can only see this session's pid or marker, and the
+// session only see someone else's, if statements of different connections
+// run on the same server session, which a transaction-pooling proxy does
+// (PgBouncer hands the server connection just released to the next
+// transaction); two connections of a direct or session-pooled pool never
+// share one. A simple query, as OPEN.
 const PROBE: &str =
     "SELECT pg_backend_pid(), coalesce(current_setting('dblock.session', true), '')";
 // Back to the pool: no lock, no marker, and the TCP settings back to the
@@ -419,7 +421,7 @@ pub(super) async fn open(
     };
     c.marker = marker;
     c.pid = pid;
-    if shares_its_server_session(&inner, pid, &c.marker).await {
+    if shares_its_server_session(&inner, &mut c).await {
         inner.refuse(Refusal::Pooler);
         return Err(POOLED.to_owned());
     }
@@ -457,10 +459,19 @@ pub(super) async fn open(
     Ok(())
 }
 
-/// At the backend's first holder session: whether another connection of
-/// the pool runs its statements on this session's server session. Skipped
-/// when the pool has no second connection to spare at once.
-async fn shares_its_server_session(inner: &Inner, pid: i32, marker: &str) -> bool {
+/// At the backend's first holder session: whether its statements and
+/// another connection's run on shared server sessions, as through a
+/// transaction-pooling proxy. Skipped when the pool has no second
+/// connection to spare at once.
+///
+/// Such a proxy hands each transaction the server connection released last
+/// (PgBouncer's default), so the other connection's probe lands on this
+/// session's server session and sees its pid or marker; and if another
+/// client took that server connection meanwhile, the probe lands elsewhere,
+/// and this session's own next statement then follows the probe's server
+/// connection, not its own. Two rounds of the two looks: one alone missed
+/// now and then while other clients used the proxy.
+async fn shares_its_server_session(inner: &Inner, c: &mut Conn) -> bool {
     if inner.probed.swap(true, Ordering::AcqRel) {
         return false;
     }
@@ -468,19 +479,33 @@ async fn shares_its_server_session(inner: &Inner, pid: i32, marker: &str) -> boo
         return false;
     }
     let limit = inner.answer_within();
-    let wait = limit.min(Duration::from_millis(500));
-    let Ok(Ok(mut other)) = timeout(wait, inner.pool.acquire()).await else {
+    let Ok(Ok(mut other)) = timeout(limit, inner.pool.acquire()).await else {
         return false;
     };
-    let statement = sqlx::raw_sql(PROBE).fetch_one(&mut *other);
-    let Ok(Ok(row)) = timeout(limit, statement).await else {
-        return false;
-    };
-    let (other_pid, other_marker): (i32, String) = match (row.try_get(0), row.try_get(1)) {
-        (Ok(pid), Ok(marker)) => (pid, marker),
-        _ => return false,
-    };
-    other_pid == pid || other_marker == marker
+    let (pid, marker) = (c.pid, c.marker.clone());
+    for _ in 0..2 {
+        match probe(&mut other, limit).await {
+            Some((p, m)) if p == pid || m == marker => return true,
+            Some(_) => {}
+            None => return false,
+        }
+        match probe(c.pg(), limit).await {
+            Some((p, m)) if p != pid || m != marker => return true,
+            Some(_) => {}
+            None => return false,
+        }
+    }
+    false
+}
+
+/// The server session a statement on `conn` runs on: its pid and marker;
+/// `None` if it did not answer in time.
+async fn probe(conn: &mut PgConnection, limit: Duration) -> Option<(i32, String)> {
+    let row = timeout(limit, sqlx::raw_sql(PROBE).fetch_one(conn))
+        .await
+        .ok()?
+        .ok()?;
+    Some((row.try_get(0).ok()?, row.try_get(1).ok()?))
 }
 
 /// Makes the connection of a granted server-side wait a holder session
