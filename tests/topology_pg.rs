@@ -474,6 +474,28 @@ async fn tokens_keep_increasing_across_the_promotion_of_a_standby_that_lost_comm
     let lost = take_tokens(PRIMARY, &names, 40).await;
     let (seq_before, row_before) = raw_state(PRIMARY, &names[2]).await;
     topology("kill-primary");
+    // A holder session opened on the standby before its promotion: no
+    // token can be drawn there yet (a read-only server), and once promoted
+    // it draws on the new timeline (an advisory session reads its server's
+    // timeline once, at its first grant).
+    topology("start-standby");
+    let early_pool = pool(STANDBY, 2).await;
+    let early = Locks::new(
+        Advisory::new(early_pool.clone())
+            .with_holder_sessions(1)
+            .unwrap(),
+    );
+    let refused = early.try_acquire(&names[0]).await;
+    assert!(
+        refused.is_err(),
+        "a token drawn on a standby: {:?}",
+        refused.map(|g| g.map(|g| g.token()))
+    );
+    let before_promotion: chrono::DateTime<chrono::Utc> =
+        sqlx::query_scalar("SELECT clock_timestamp()")
+            .fetch_one(&early_pool)
+            .await
+            .unwrap();
     topology("promote");
 
     // The negative control: the promoted standby did lose those commits, so
@@ -495,6 +517,31 @@ async fn tokens_keep_increasing_across_the_promotion_of_a_standby_that_lost_comm
     // On the new timeline (2) in the high bits.
     assert!(after.iter().all(|t| t >> 48 == 2), "{after:?}");
     assert!(shipped.iter().chain(&lost).all(|t| t >> 48 == 1));
+
+    let g = early
+        .acquire(&names[0])
+        .wait(Duration::from_secs(10))
+        .await
+        .expect("advisory on the session opened before the promotion");
+    let on_early_session: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM pg_locks l JOIN pg_stat_activity a USING (pid)
+                         WHERE l.locktype = 'advisory' AND l.granted AND a.backend_start < $1)",
+    )
+    .bind(before_promotion)
+    .fetch_one(&pool(STANDBY, 1).await)
+    .await
+    .unwrap();
+    assert!(
+        on_early_session,
+        "the lock is not held on the session opened before the promotion: the test proves nothing"
+    );
+    assert!(
+        g.token() >> 48 == 2 && g.token() > after.iter().copied().max().unwrap(),
+        "token {} after {after:?}",
+        g.token()
+    );
+    g.release().await.unwrap();
+    early_pool.close().await;
 }
 
 /// A new primary/standby pair, the schema migrated on the primary and

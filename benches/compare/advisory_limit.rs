@@ -78,21 +78,17 @@ fn raw_dblock_sql_op(conns: Arc<Vec<Mutex<Dedicated>>>, names: Arc<Vec<String>>)
             let mut d = conns[i].lock().await;
             let d = &mut *d;
             // dblock's own statement (`bench_try_exclusive_sql`), with the
-            // parameters a holder session's first attempt gives it: the
-            // semaphore marker's key halves ($4, $5; looked up only on a
-            // miss, $6) and no look on a grant ($7).
-            let (ours, token, _): (bool, Option<i64>, Option<bool>) =
-                sqlx::query_as(dblock::postgres::bench_try_exclusive_sql())
-                    .bind(key)
-                    .bind(&d.marker)
-                    .bind(d.pid)
-                    .bind(key >> 32)
-                    .bind(key & 0xffff_ffff)
-                    .bind(true)
-                    .bind(false)
-                    .fetch_one(&mut d.conn)
-                    .await?;
-            if !ours || token.is_none() {
+            // parameters a holder session gives it: the key, the session's
+            // marker and pid. It answers the raw value of the fencing
+            // sequence, which dblock turns into the token with the
+            // session's timeline (arithmetic, read once per session).
+            let raw: Option<i64> = sqlx::query_scalar(dblock::postgres::bench_try_exclusive_sql())
+                .bind(key)
+                .bind(&d.marker)
+                .bind(d.pid)
+                .fetch_one(&mut d.conn)
+                .await?;
+            if raw.is_none_or(|raw| raw < 0) {
                 return Err("raw (dblock's SQL): the advisory lock was busy".into());
             }
             let freed: bool = sqlx::query_scalar("SELECT pg_advisory_unlock($1)")

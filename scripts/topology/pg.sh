@@ -167,10 +167,15 @@ EOF
     die "the standby did not start streaming from the primary within 10 s"
 }
 
-promote() {
+# The standby running again (still a standby: in recovery).
+standby_up() {
     if ! pg_isready -q -h 127.0.0.1 -p "$STANDBY_PORT"; then
         start_cluster "$STANDBY" "$STANDBY_PORT" "the standby"
     fi
+}
+
+promote() {
+    standby_up
     su postgres -s /bin/sh -c "$BIN/pg_ctl promote -w -D /var/lib/postgresql/$VER/$STANDBY" >/dev/null \
         || die "promoting the standby failed"
     [ "$(psql -h 127.0.0.1 -p "$STANDBY_PORT" -U postgres -Atc 'SELECT pg_is_in_recovery()')" = f ] \
@@ -188,9 +193,10 @@ case "${1:-}" in
     pair) pair_start ;;
     stop-standby) pg_ctlcluster --skip-systemctl-redirect "$VER" "$STANDBY" stop -m fast ;;
     kill-primary) pg_ctlcluster --skip-systemctl-redirect "$VER" "$PRIMARY" stop -m immediate ;;
+    start-standby) standby_up ;;
     promote) promote ;;
     drop-pair) drop_cluster "$STANDBY"; drop_cluster "$PRIMARY" ;;
     stop) pgbouncer_stop; drop_cluster "$STANDBY"; drop_cluster "$PRIMARY" ;;
     env) env_lines ;;
-    *) die "usage: pg.sh pgbouncer | pair | drop-pair | stop-standby | kill-primary | promote | stop | env" ;;
+    *) die "usage: pg.sh pgbouncer | pair | drop-pair | stop-standby | start-standby | kill-primary | promote | stop | env" ;;
 esac

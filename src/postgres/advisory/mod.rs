@@ -52,9 +52,9 @@ use release::Released;
 /// dblock's exclusive advisory try-lock statement, for the benchmark's
 /// "raw, same work" baseline: the bench sends it by hand with the
 /// parameters a holder session gives it (`$1` the key, `$2` the session's
-/// marker, `$3` its backend pid, `$4`/`$5` the halves of the name's
-/// semaphore-marker key, `$6` and `$7` false for a first attempt's
-/// grant). Not a stable interface.
+/// marker, `$3` its backend pid). It answers -1 (another server session),
+/// NULL (busy) or the raw value drawn from the fencing sequence. Not a
+/// stable interface.
 #[doc(hidden)]
 pub fn bench_try_exclusive_sql() -> &'static str {
     session::try_exclusive_sql()

@@ -61,14 +61,14 @@ use crate::{LockMode, LostReason};
 // the order of evaluation.
 const OURS: &str = "(SELECT current_setting('dblock.session', true) IS NOT DISTINCT FROM $2
                             AND pg_backend_pid() = $3 AS ours OFFSET 0) s";
-// After its lock call, a lock statement may look for a semaphore's marker
-// ($4 and $5, its key's halves), which every permit takes before the name's
-// key (see `permit`): a reader that was granted looks when $7 is set (it
-// shares the name's key with permits, and gives way if it finds them), and
-// one that missed when $6 is set (an acquisition's first attempt: a lock or
-// reader lock that finds the name held by permits is refused rather than
-// wait). It looks in `pg_locks` after the lock call, as a permit looks after
-// its own.
+// After its lock call, a reader lock statement may look for a semaphore's
+// marker ($4 and $5, its key's halves), which every permit takes before the
+// name's key (see `permit`): a reader that was granted looks when $7 is set
+// (always: it shares the name's key with permits, and gives way if it finds
+// them), and one that missed when $6 is set (an acquisition's first attempt:
+// a reader lock that finds the name held by permits is refused rather than
+// wait; an exclusive lock looks with `LOOK`, after its statement). It looks
+// in `pg_locks` after the lock call, as a permit looks after its own.
 fn looking(sql: String) -> String {
     format!(
         "SELECT ours, token,
@@ -82,21 +82,35 @@ fn looking(sql: String) -> String {
            FROM ({sql} OFFSET 0) t"
     )
 }
-static TRY_EXCLUSIVE: LazyLock<String> = LazyLock::new(|| {
-    looking(format!(
-        "SELECT ours, CASE WHEN NOT ours THEN NULL
-                           WHEN pg_try_advisory_lock($1) THEN {} END AS token FROM {OURS}",
-        sequence_token()
-    ))
-});
+// An exclusive lock: the hot path of every `try_acquire`, kept to what it
+// must do. One bigint answers everything: -1 when the statement ran on
+// another server session than this session's own (the OURS check, written
+// flat: WHEN runs in order, so nothing is taken then), NULL when the key is
+// held elsewhere, else the raw value drawn from the fencing sequence, which
+// `Session::try_lock` makes the token (`token::fence`) with the timeline the
+// session read once. A miss that is to look for a semaphore's marker does so
+// in a second statement (`LOOK`), sent only then: the look, idle in the
+// statement of a grant, made every grant about a quarter slower
+// (benches/compare/advisory_limit.rs, docs/performance.md).
+const TRY_EXCLUSIVE: &str = "SELECT CASE
+    WHEN current_setting('dblock.session', true) IS DISTINCT FROM $2 OR pg_backend_pid() <> $3 THEN -1
+    WHEN pg_try_advisory_lock($1) THEN nextval('dblock_fencing_seq') END";
+/// The answer of [`TRY_EXCLUSIVE`] when it ran on another server session.
+const NOT_OURS: i64 = -1;
+// After an exclusive lock missed, on a first attempt: whether a semaphore's
+// permits hold the name (their marker, $1 and $2 its key's halves).
+const LOOK: &str = "SELECT EXISTS (SELECT 1 FROM pg_locks
+                     WHERE locktype = 'advisory' AND objsubid = 1 AND granted
+                       AND database = (SELECT oid FROM pg_database
+                                        WHERE datname = current_database())
+                       AND classid::bigint = $1 AND objid::bigint = $2)";
 /// dblock's exclusive try-lock statement, for the benchmark's "raw, same
 /// work" baseline (`benches/compare/advisory_limit.rs`), which sends it by
 /// hand with the parameters `Session::try_lock` gives it: `$1` the key, `$2`
-/// the session's marker, `$3` its pid, `$4`/`$5` the semaphore marker's
-/// key halves, `$6` look on a miss, `$7` look on a grant. Not a stable
-/// interface.
+/// the session's marker, `$3` its pid. It answers -1 (not this session), NULL
+/// (busy) or the raw value of the fencing sequence. Not a stable interface.
 pub(super) fn try_exclusive_sql() -> &'static str {
-    TRY_EXCLUSIVE.as_str()
+    TRY_EXCLUSIVE
 }
 static TRY_SHARED: LazyLock<String> = LazyLock::new(|| {
     looking(format!(
@@ -302,6 +316,9 @@ pub(super) struct Conn {
     marker: String,
     /// Its server session's pid.
     pid: i32,
+    /// Its server session's timeline (see `token::fence`), read at its
+    /// first exclusive grant.
+    timeline: Option<i64>,
     /// A lock or unlock statement was started and its outcome not yet
     /// recorded: if the next user finds this set, that statement was
     /// abandoned without a runtime to finish it, and the session's locks
@@ -399,6 +416,7 @@ pub(super) async fn open(
         conn: Some(conn),
         marker: String::new(),
         pid: 0,
+        timeline: None,
         in_doubt: false,
         wait_slot: None,
     };
@@ -535,6 +553,7 @@ pub(super) fn adopt(
             conn: Some(conn),
             marker,
             pid,
+            timeline: None,
             in_doubt: false,
             wait_slot: if core { None } else { permit },
         };
@@ -743,22 +762,21 @@ impl Session {
         name: &str,
         look: bool,
     ) -> Tried {
+        if mode == LockMode::Exclusive {
+            return self.try_exclusive(c, key, name, look).await;
+        }
         let limit = self.inner.answer_within();
-        let sql = match mode {
-            LockMode::Exclusive => &*TRY_EXCLUSIVE,
-            LockMode::Shared if stacked => &*TRY_SHARED_STACKED,
-            LockMode::Shared => &*TRY_SHARED,
+        let sql = if stacked {
+            &*TRY_SHARED_STACKED
+        } else {
+            &*TRY_SHARED
         };
         let mut query = sqlx::query_as::<_, (bool, Option<i64>, Option<bool>)>(sql.as_str())
             .bind(key)
             .bind(c.marker.clone())
             .bind(c.pid);
         let (classid, objid) = split_key(semaphore_key(name));
-        query = query
-            .bind(classid)
-            .bind(objid)
-            .bind(look)
-            .bind(mode == LockMode::Shared);
+        query = query.bind(classid).bind(objid).bind(look).bind(true);
         if stacked {
             let (classid, objid) = split_key(key);
             query = query.bind(classid).bind(objid);
@@ -777,15 +795,104 @@ impl Session {
                     (None, _) => Tried::Missed,
                 }
             }
+            Err(failure) => self.failed_try(c, failure),
+        }
+    }
+
+    /// [`Session::try_lock`] of an exclusive lock: [`TRY_EXCLUSIVE`], then
+    /// on a miss that is to `look`, [`LOOK`]; on a grant the token is made
+    /// from the raw value drawn and the session's timeline (read once, at
+    /// its first grant).
+    async fn try_exclusive(&self, c: &mut Conn, key: i64, name: &str, look: bool) -> Tried {
+        let limit = self.inner.answer_within();
+        let query = sqlx::query_scalar::<_, Option<i64>>(TRY_EXCLUSIVE)
+            .bind(key)
+            .bind(c.marker.clone())
+            .bind(c.pid);
+        c.in_doubt = true;
+        let outcome = bounded(limit, query.fetch_one(c.pg())).await;
+        let tried = match outcome {
+            Ok(Some(NOT_OURS)) => Tried::NotOurs,
+            Ok(Some(raw)) => {
+                self.alive();
+                // Still in doubt: the lock is held and not yet recorded.
+                match self.timeline(c).await {
+                    Ok(timeline) => match crate::postgres::token::fence(raw, timeline) {
+                        Some(token) => Tried::Granted(token),
+                        None => Tried::Refused(sqlx::Error::Protocol(format!(
+                            "dblock: the server's timeline {timeline} is above 32767, \
+                             the most fencing tokens can carry"
+                        ))),
+                    },
+                    Err(failure) => self.failed_try(c, failure),
+                }
+            }
+            Ok(None) if !look => {
+                self.alive();
+                Tried::Missed
+            }
+            Ok(None) => {
+                self.alive();
+                let (classid, objid) = split_key(semaphore_key(name));
+                let looked = sqlx::query_scalar::<_, bool>(LOOK)
+                    .bind(classid)
+                    .bind(objid)
+                    .fetch_one(c.pg());
+                match bounded(limit, looked).await {
+                    Ok(true) => Tried::MissedBesidePermits,
+                    Ok(false) => Tried::Missed,
+                    Err(failure) => self.failed_try(c, failure),
+                }
+            }
+            Err(failure) => self.failed_try(c, failure),
+        };
+        c.in_doubt = false;
+        tried
+    }
+
+    /// This server session's timeline, read the first time it is needed.
+    async fn timeline(&self, c: &mut Conn) -> std::result::Result<i64, Failure> {
+        if let Some(timeline) = c.timeline {
+            return Ok(timeline);
+        }
+        let limit = self.inner.answer_within();
+        // A simple query (no prepared statement): the lock is held, so the
+        // read must not be mistaken for a statement that took nothing.
+        let read = sqlx::raw_sql(sqlx::AssertSqlSafe(
+            crate::postgres::token::TIMELINE_NOW.as_str(),
+        ))
+        .fetch_one(c.pg());
+        let row = bounded(limit, read).await?;
+        let timeline: Option<i64> = row
+            .try_get(0)
+            .map_err(|e| Failure::Server(sqlx::Error::Protocol(e.to_string())))?;
+        match timeline {
+            Some(timeline) => {
+                c.timeline = Some(timeline);
+                Ok(timeline)
+            }
+            // A token was just drawn, so the server is no standby.
+            None => Err(Failure::Server(sqlx::Error::Protocol(
+                "dblock: the server reports recovery in progress right after drawing a fencing \
+                 token"
+                    .to_owned(),
+            ))),
+        }
+    }
+
+    /// What a failed lock statement (or the look or timeline read after
+    /// it) makes of the attempt.
+    fn failed_try(&self, c: &mut Conn, failure: Failure) -> Tried {
+        match failure {
             // Not our server session (a named statement of ours is missing
             // or taken there): nothing of this statement ran.
-            Err(Failure::Server(e)) if is_statement_clash(&e) => Tried::NotOurs,
-            Err(Failure::Server(e)) => {
+            Failure::Server(e) if is_statement_clash(&e) => Tried::NotOurs,
+            Failure::Server(e) => {
                 // The server answered: the session is alive.
                 self.alive();
                 Tried::Refused(e)
             }
-            Err(Failure::Broken(reason)) => {
+            Failure::Broken(reason) => {
                 self.die(c, &reason);
                 Tried::Closed(reason)
             }
