@@ -172,16 +172,19 @@ pub(super) fn latency_row(backend: &'static str, what: &str, l: &Latency) -> Row
     Row::new(backend, format!("{what}: p50 / p99 (max {})", ms(l.max))).dblock(l.show())
 }
 
-/// A waiter polling from another instance: it tries again at most
-/// `max_poll` after a release, and its attempt then takes as long as an
-/// attempt takes (bounded here by `local`, the p99 of a same-process
-/// handoff: one release and one claim).
+/// A waiter polling from another instance (no doorbell watch for its name:
+/// the backend runs a few watches at once, and the bench more pairs). The
+/// release can land while one of its claims is on its way (the claim read
+/// the row before the release committed, and answers busy); the waiter
+/// then sleeps at most `max_poll` and claims again. So a handoff takes at
+/// most two attempts and `max_poll`, an attempt bounded here by `local`,
+/// the p99 of a same-process handoff (one release and one claim).
 pub(super) fn poll_row(backend: &'static str, what: &str, l: &Latency, local: &Latency) -> Row {
     let max_poll = LeaseOptions::default().max_poll;
-    let bound = max_poll + local.p99;
+    let bound = max_poll + local.p99 * 2;
     latency_row(backend, what, l).target(
         format!(
-            "p99 ≤ max_poll {} + one attempt ({})",
+            "p99 ≤ max_poll {} + two attempts (2 × {}: the one under way at the release, the next)",
             ms(max_poll),
             ms(local.p99)
         ),

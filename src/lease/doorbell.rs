@@ -218,6 +218,8 @@ struct Watch {
     rings: AtomicU64,
     /// Waiters registered now.
     users: AtomicUsize,
+    /// A waiter registered (it has just found the name busy).
+    arrived: Notify,
 }
 
 type Watches = Mutex<HashMap<String, Arc<Watch>>>;
@@ -289,6 +291,7 @@ impl<B: Bell> Doorbells<B> {
             }
         };
         watch.users.fetch_add(1, Ordering::AcqRel);
+        watch.arrived.notify_one();
         let seen = watch.rings.load(Ordering::Acquire);
         Some((watch.clone(), seen, Registration(watch)))
     }
@@ -351,7 +354,15 @@ async fn run<B: Bell>(
                     .saturating_mul(1 << unarmed.min(16))
                     .min(UNARMED_MAX);
                 unarmed += 1;
-                tokio::time::sleep(pause).await;
+                tokio::select! {
+                    () = tokio::time::sleep(pause) => {}
+                    // A waiter has just found the name busy: its holder has
+                    // taken the bell or is about to. Look again soon (without
+                    // ringing) rather than at the end of a backoff grown
+                    // while nobody held the name, which could outlast a
+                    // whole hold and leave the release unrung.
+                    () = watch.arrived.notified() => unarmed = unarmed.min(1),
+                }
             }
             Err(e) => {
                 tracing::debug!(error = %e, name = %name,
@@ -434,6 +445,33 @@ mod tests {
             waits < 20,
             "re-checks of an unarmed bell back off ({waits} in 300 ms)"
         );
+    }
+
+    #[tokio::test]
+    async fn a_new_waiter_cuts_short_the_backoff_of_an_unarmed_bell() {
+        let fake = Arc::new(Fake::default());
+        let bells = Doorbells::new(fake.clone(), 2);
+        // Nobody holds the name for a while: the watch (kept by a waiter
+        // that stays registered) backs off to its longest re-check gap.
+        let _early = bells.released("n");
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        let before = fake.waits.load(Ordering::Relaxed);
+        // A holder arms the bell; a waiter finds the name busy and
+        // registers. The watch must see the bell held and ring its release
+        // well within the longest gap (250 ms).
+        fake.held.store(true, Ordering::Release);
+        let waiter = tokio::spawn(bells.released("n"));
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        assert!(
+            fake.waits.load(Ordering::Relaxed) > before,
+            "the watch did not look again when a waiter arrived"
+        );
+        fake.held.store(false, Ordering::Release);
+        fake.changed.notify_waiters();
+        tokio::time::timeout(Duration::from_millis(100), waiter)
+            .await
+            .expect("the release of a bell armed after the backoff grew was rung")
+            .unwrap();
     }
 
     #[tokio::test]
