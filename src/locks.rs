@@ -216,7 +216,8 @@ impl<'a> Acquire<'a> {
     /// stops answering or cannot be reached (a Galera view change, a
     /// failover, a black-holed connection, an exhausted pool): a claim still
     /// unanswered at the deadline, or 5 s after it was sent if that is later
-    /// (a loaded server's disk stall is no reason to give up a claim), is
+    /// (1 s on Redis, whose client gives up on an answer after 3 s; a loaded
+    /// server's disk stall is no reason to give up a claim), is
     /// left to finish on its own and gives back whatever it takes, and the
     /// call returns [`Error::Unavailable`].
     pub fn wait(mut self, wait: Duration) -> Self {

@@ -292,6 +292,15 @@ pub(crate) trait LeaseStore: Send + Sync + fmt::Debug + 'static {
     /// The store's clock now: the one every expiry is decided by.
     fn now(&self) -> impl Future<Output = Result<DateTime<Utc>>> + Send;
 
+    /// How long a claim still in flight when an acquisition's wait ends may
+    /// go on before the acquisition gives up on it (the claim then finishes
+    /// in a task of its own and gives back what it takes). A store whose
+    /// client abandons an answer after a timeout of its own answers less
+    /// than that timeout, or a claim that lands late would be left unowned.
+    fn claim_grace(&self) -> Duration {
+        CLAIM_GRACE
+    }
+
     /// Called each time an acquisition is about to wait for a lease held
     /// elsewhere. A store with a push channel for releases (PostgreSQL's
     /// LISTEN/NOTIFY) makes sure it is listening; it must not block.
@@ -667,8 +676,9 @@ fn claim_attempt<S: LeaseStore>(
 }
 
 /// How long a claim sent just before an acquisition's deadline may take
-/// past it: an acquisition with a wait returns within its wait plus this,
-/// even if the database stops answering. Long enough for a loaded server's
+/// past it, unless its store says less (`LeaseStore::claim_grace`): an
+/// acquisition with a wait returns within its wait plus this, even if the
+/// database stops answering. Long enough for a loaded server's
 /// disk stall (the test suite saw a MariaDB claim take over a second, which
 /// turned a `dblock cron` slot into a skip when this was 1 s), short enough
 /// to bound a stalled one (a Galera view change held claims for 13 s).
@@ -734,14 +744,15 @@ async fn acquire<S: LeaseStore>(
             // back a lease it takes, and the acquisition ends with
             // `Unavailable` (not `Timeout`: nobody was seen holding it).
             Some(deadline) => {
-                let bound = deadline.max(sent_at + CLAIM_GRACE);
+                let grace = inner.store.claim_grace();
+                let bound = deadline.max(sent_at + grace);
                 match tokio::time::timeout_at(bound, attempt).await {
                     Ok(answer) => answer?,
                     Err(_) => {
                         return Err(Error::Unavailable(format!(
                             "no answer from the database to the claim of {name:?} within {:?} \
-                             (the acquisition's wait, or {CLAIM_GRACE:?} for a claim sent just \
-                             before it ended); the claim finishes on its own and gives back what it takes",
+                             (the acquisition's wait, or {grace:?} for a claim sent just before \
+                             it ended); the claim finishes on its own and gives back what it takes",
                             bound - sent_at
                         )))
                     }

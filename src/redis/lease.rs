@@ -785,6 +785,13 @@ impl LeaseStore for RedisStore {
         "redis-lease"
     }
 
+    /// A third of the connection's [`RESPONSE_TIMEOUT`]: past that the
+    /// client drops the claim's answer, and a claim that ran meanwhile
+    /// would hold the name with no one to give it back.
+    fn claim_grace(&self) -> Duration {
+        RESPONSE_TIMEOUT / 3
+    }
+
     async fn claim(&self, claim: &Claim<'_>) -> Result<Option<Claimed>> {
         if claim.is_holder() {
             return self.claim_permit(claim).await;
