@@ -136,25 +136,90 @@ pub(crate) fn timing(span: &tracing::Span) -> bool {
 
 #[cfg(feature = "metrics")]
 mod record {
+    use std::sync::RwLock;
     use std::time::Duration;
+
+    use ::metrics::{Key, Label, Level, Metadata};
 
     use crate::metrics::*;
 
-    pub(crate) fn acquisition(backend: &'static str, outcome: super::Outcome, waited: Duration) {
-        ::metrics::counter!(ACQUISITIONS, "backend" => backend, "outcome" => outcome.as_str())
-            .increment(1);
-        if outcome == super::Outcome::Granted {
-            ::metrics::histogram!(WAIT_SECONDS, "backend" => backend).record(waited);
-            ::metrics::gauge!(LOCKS_HELD, "backend" => backend).increment(1.0);
+    /// What every acquisition and release records, under its metrics'
+    /// keys for one backend. Built once per backend kind and kept for the
+    /// process (there are a handful of kinds): the macros' keys, labelled
+    /// with a backend named at run time, would be built, hashed and
+    /// allocated at every call, which cost as much as a lock's bookkeeping.
+    struct Keys {
+        /// One per [`Outcome`](super::Outcome), in `OUTCOMES` order.
+        acquisitions: [Key; 4],
+        wait: Key,
+        held: Key,
+        hold: Key,
+    }
+
+    const OUTCOMES: [super::Outcome; 4] = [
+        super::Outcome::Granted,
+        super::Outcome::Busy,
+        super::Outcome::Timeout,
+        super::Outcome::Error,
+    ];
+
+    /// The metadata the `metrics` macros give a metric of this module.
+    static METADATA: Metadata<'static> =
+        Metadata::new(module_path!(), Level::INFO, Some(module_path!()));
+
+    static KEYS: RwLock<Vec<(&'static str, &'static Keys)>> = RwLock::new(Vec::new());
+
+    fn keys(backend: &'static str) -> &'static Keys {
+        let found = |known: &[(&'static str, &'static Keys)]| {
+            known
+                .iter()
+                .find(|(kind, _)| std::ptr::eq(*kind, backend) || *kind == backend)
+                .map(|(_, keys)| *keys)
+        };
+        if let Some(keys) = found(&KEYS.read().unwrap_or_else(|e| e.into_inner())) {
+            return keys;
         }
+        let mut known = KEYS.write().unwrap_or_else(|e| e.into_inner());
+        if let Some(keys) = found(&known) {
+            return keys;
+        }
+        let labels = |extra: Option<&'static str>| -> &'static [Label] {
+            let mut labels = vec![Label::from_static_parts("backend", backend)];
+            if let Some(outcome) = extra {
+                labels.push(Label::from_static_parts("outcome", outcome));
+            }
+            Vec::leak(labels)
+        };
+        let keys: &'static Keys = Box::leak(Box::new(Keys {
+            acquisitions: OUTCOMES.map(|o| Key::from_static_parts(ACQUISITIONS, labels(Some(o.as_str())))),
+            wait: Key::from_static_parts(WAIT_SECONDS, labels(None)),
+            held: Key::from_static_parts(LOCKS_HELD, labels(None)),
+            hold: Key::from_static_parts(HOLD_SECONDS, labels(None)),
+        }));
+        known.push((backend, keys));
+        keys
+    }
+
+    pub(crate) fn acquisition(backend: &'static str, outcome: super::Outcome, waited: Duration) {
+        let keys = keys(backend);
+        let i = OUTCOMES.iter().position(|o| *o == outcome).unwrap_or(0);
+        ::metrics::with_recorder(|r| {
+            r.register_counter(&keys.acquisitions[i], &METADATA).increment(1);
+            if outcome == super::Outcome::Granted {
+                r.register_histogram(&keys.wait, &METADATA).record(waited);
+                r.register_gauge(&keys.held, &METADATA).increment(1.0);
+            }
+        });
     }
 
     pub(crate) fn not_held(backend: &'static str) {
-        ::metrics::gauge!(LOCKS_HELD, "backend" => backend).decrement(1.0);
+        let keys = keys(backend);
+        ::metrics::with_recorder(|r| r.register_gauge(&keys.held, &METADATA).decrement(1.0));
     }
 
     pub(crate) fn hold(backend: &'static str, held: Duration) {
-        ::metrics::histogram!(HOLD_SECONDS, "backend" => backend).record(held);
+        let keys = keys(backend);
+        ::metrics::with_recorder(|r| r.register_histogram(&keys.hold, &METADATA).record(held));
     }
 
     pub(crate) fn loss(backend: &'static str, cause: &'static str) {

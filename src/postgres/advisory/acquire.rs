@@ -129,9 +129,28 @@ pub(super) async fn acquire(inner: &Arc<Inner>, request: AcquireRequest) -> Resu
         }
         _ => {}
     }
-    // Waiting: releases in this process wake us. The loop tries again at
-    // once after subscribing, so a release since the first attempt is not
-    // missed.
+    // Boxed: the wait's state (its server-side wait, the pool's queue) is
+    // large, and the uncontended path should neither carry nor copy it.
+    Box::pin(wait(inner, &request, &attempt, deadline)).await
+}
+
+/// The wait after a first attempt missed: releases in this process wake
+/// it, and it tries again on the holder sessions, or waits on the server
+/// on a connection of its own (see [`WaitStrategy`]).
+async fn wait(
+    inner: &Arc<Inner>,
+    request: &AcquireRequest,
+    attempt: &Attempt<'_>,
+    deadline: Option<Instant>,
+) -> Result<Option<Grant>> {
+    let Attempt {
+        key,
+        mode,
+        permit,
+        name,
+    } = *attempt;
+    // The loop tries again at once after subscribing, so a release since
+    // the first attempt is not missed.
     let subscription = inner.wakeups.subscribe(name);
     let (mut pause, cap) = match inner.options.wait {
         WaitStrategy::Poll { min, max } => (min, max),
@@ -152,7 +171,7 @@ pub(super) async fn acquire(inner: &Arc<Inner>, request: AcquireRequest) -> Resu
         tokio::pin!(notified);
         notified.as_mut().enable();
 
-        if let Some(grant) = try_on_session(inner, &attempt, false).await? {
+        if let Some(grant) = try_on_session(inner, attempt, false).await? {
             return Ok(Some(grant));
         }
         let now = Instant::now();
@@ -297,7 +316,8 @@ async fn try_on_session(
             Route::Open => {
                 // Counted too: a session that dies as soon as it is opened
                 // must not be reopened forever.
-                if let Err(reason) = open_session(inner).await? {
+                // Boxed: rare, and its state (the pool's queue) is large.
+                if let Err(reason) = Box::pin(open_session(inner)).await? {
                     failed = Some(reason);
                 }
                 gone += 1;

@@ -615,7 +615,8 @@ impl Backend for Advisory {
                 .flatten();
             let grant = acquire::acquire(&self.inner, request).await?;
             if let (Some(grant), Some((name, holder))) = (&grant, holder) {
-                holders::record(&self.inner.pool, &name, &holder, grant.token).await?;
+                // Boxed: only leaders take this path.
+                Box::pin(holders::record(&self.inner.pool, &name, &holder, grant.token)).await?;
             }
             Ok(grant)
         })

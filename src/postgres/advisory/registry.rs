@@ -23,7 +23,7 @@
 //! `acquire::permit_on`); anything else of ours on the name meets them as
 //! a disagreement ([`Route::Disagree`]).
 
-use std::collections::HashMap;
+use rustc_hash::FxHashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 
@@ -156,8 +156,8 @@ pub(super) struct Ours {
 
 #[derive(Default)]
 pub(super) struct Registry {
-    keys: HashMap<i64, Vec<Hold>>,
-    sessions: HashMap<SessionId, SessionEntry>,
+    keys: FxHashMap<i64, Vec<Hold>>,
+    sessions: FxHashMap<SessionId, SessionEntry>,
 }
 
 impl Registry {

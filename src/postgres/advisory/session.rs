@@ -805,12 +805,19 @@ impl Session {
     /// its first grant).
     async fn try_exclusive(&self, c: &mut Conn, key: i64, name: &str, look: bool) -> Tried {
         let limit = self.inner.answer_within();
-        let query = sqlx::query_scalar::<_, Option<i64>>(TRY_EXCLUSIVE)
-            .bind(key)
-            .bind(c.marker.clone())
-            .bind(c.pid);
         c.in_doubt = true;
-        let outcome = bounded(limit, query.fetch_one(c.pg())).await;
+        let outcome = {
+            // The marker is bound by reference: no copy per statement.
+            let Conn {
+                conn, marker, pid, ..
+            } = &mut *c;
+            let query = sqlx::query_scalar::<_, Option<i64>>(TRY_EXCLUSIVE)
+                .bind(key)
+                .bind(marker.as_str())
+                .bind(*pid);
+            let pg = conn.as_mut().expect("an open session has its connection");
+            bounded(limit, query.fetch_one(&mut **pg)).await
+        };
         let tried = match outcome {
             Ok(Some(NOT_OURS)) => Tried::NotOurs,
             Ok(Some(raw)) => {
