@@ -191,7 +191,8 @@ mod record {
             Vec::leak(labels)
         };
         let keys: &'static Keys = Box::leak(Box::new(Keys {
-            acquisitions: OUTCOMES.map(|o| Key::from_static_parts(ACQUISITIONS, labels(Some(o.as_str())))),
+            acquisitions: OUTCOMES
+                .map(|o| Key::from_static_parts(ACQUISITIONS, labels(Some(o.as_str())))),
             wait: Key::from_static_parts(WAIT_SECONDS, labels(None)),
             held: Key::from_static_parts(LOCKS_HELD, labels(None)),
             hold: Key::from_static_parts(HOLD_SECONDS, labels(None)),
@@ -204,7 +205,8 @@ mod record {
         let keys = keys(backend);
         let i = OUTCOMES.iter().position(|o| *o == outcome).unwrap_or(0);
         ::metrics::with_recorder(|r| {
-            r.register_counter(&keys.acquisitions[i], &METADATA).increment(1);
+            r.register_counter(&keys.acquisitions[i], &METADATA)
+                .increment(1);
             if outcome == super::Outcome::Granted {
                 r.register_histogram(&keys.wait, &METADATA).record(waited);
                 r.register_gauge(&keys.held, &METADATA).increment(1.0);

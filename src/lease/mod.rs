@@ -773,7 +773,9 @@ async fn acquire<S: LeaseStore>(
                 let claimed = taken.keep();
                 return Ok(Some(grant(&inner, &request, owner, claimed, sent_at)));
             }
-            taken.give_back().await;
+            // Boxed, as the other rare paths below: the uncontended claim's
+            // future should neither carry nor copy their state.
+            Box::pin(taken.give_back()).await;
             tracing::debug!(
                 ?took,
                 ?ttl,
@@ -800,7 +802,7 @@ async fn acquire<S: LeaseStore>(
             checked = true;
             // A holder the store cannot describe (a foreign value, a read
             // that failed) is no semaphore it knows: wait as before.
-            match inner.store.inspect(name).await {
+            match Box::pin(inner.store.inspect(name)).await {
                 Ok(found) => {
                     if let Some(e) = permits::refusal(name, request.max_holders(), found.as_ref()) {
                         return Err(e);
@@ -825,11 +827,14 @@ async fn acquire<S: LeaseStore>(
                 None => std::future::pending().await,
             }
         };
-        tokio::select! {
-            _ = woken => {}
-            _ = inner.store.released(name) => {}
-            _ = sleep_until(wake_at) => {}
-        }
+        Box::pin(async {
+            tokio::select! {
+                _ = woken => {}
+                _ = inner.store.released(name) => {}
+                _ = sleep_until(wake_at) => {}
+            }
+        })
+        .await;
         pause = (pause * 2).min(cap);
     }
 }

@@ -652,9 +652,12 @@ fn clip(holder: &str) -> &str {
 impl MySqlStore {
     /// The engine self-test, run once: what the server is.
     async fn engine(&self) -> Result<&Engine> {
-        self.engine
-            .get_or_try_init(|| super::engine(&self.pool))
-            .await
+        if let Some(engine) = self.engine.get() {
+            return Ok(engine);
+        }
+        // Boxed: the detection runs once, and every claim's future would
+        // otherwise carry (and copy) its state.
+        Box::pin(self.engine.get_or_try_init(|| super::engine(&self.pool))).await
     }
 
     /// The engine self-test's verdict on leases, and whether reads should
@@ -1113,7 +1116,9 @@ impl LeaseStore for MySqlStore {
             // Permits and readers ring their bell like plain leases: a
             // waiter elsewhere (a writer waiting for the last reader) wakes
             // when this process lets its share go.
-            let claimed = self.claim_permit(claim).await?;
+            // Boxed, as the other paths an uncontended exclusive claim does
+            // not take: its future should neither carry nor copy their state.
+            let claimed = Box::pin(self.claim_permit(claim)).await?;
             return Ok(self.bells.armed(claim.name, claimed));
         }
         let causal = self.checked().await?;
@@ -1126,14 +1131,14 @@ impl LeaseStore for MySqlStore {
             let attempt = if one {
                 self.attempt_one(claim, ttl_us).await
             } else {
-                self.attempt(claim, ttl_us, causal).await
+                Box::pin(self.attempt(claim, ttl_us, causal)).await
             };
             let outcome = match attempt {
                 Ok(Attempt::Done(claimed)) => return Ok(self.bells.armed(claim.name, claimed)),
                 Ok(Attempt::Marked) => return Ok(None),
                 Ok(Attempt::Missing) if created < MAX_RETRIES => {
                     created += 1;
-                    self.create_row(claim.name).await
+                    Box::pin(self.create_row(claim.name)).await
                 }
                 // The row keeps disappearing (someone deletes rows): report
                 // the name as busy rather than spin.

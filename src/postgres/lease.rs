@@ -444,20 +444,25 @@ impl PgStore {
 
     /// Refuses engines that cannot carry leases safely; asks once.
     async fn check_engine(&self) -> Result<()> {
-        let verdict = self
-            .engine
-            .get_or_try_init(|| async {
-                let row = self
-                    .fetch_optional(|| sqlx::query("SELECT version()"))
-                    .await
-                    .map_err(lease_err)?;
-                let version: String = match row {
-                    Some(row) => row.try_get(0)?,
-                    None => String::new(),
-                };
-                Ok::<_, crate::Error>(engine::refusal(&version))
-            })
-            .await?;
+        // Boxed: asked once, and every claim's future would otherwise carry
+        // (and copy) its state.
+        let verdict = match self.engine.get() {
+            Some(verdict) => verdict,
+            None => {
+                Box::pin(self.engine.get_or_try_init(|| async {
+                    let row = self
+                        .fetch_optional(|| sqlx::query("SELECT version()"))
+                        .await
+                        .map_err(lease_err)?;
+                    let version: String = match row {
+                        Some(row) => row.try_get(0)?,
+                        None => String::new(),
+                    };
+                    Ok::<_, crate::Error>(engine::refusal(&version))
+                }))
+                .await?
+            }
+        };
         match verdict {
             Some(why) => Err(engine::unsupported("postgres-lease", why)),
             None => Ok(()),

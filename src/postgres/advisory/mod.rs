@@ -616,7 +616,13 @@ impl Backend for Advisory {
             let grant = acquire::acquire(&self.inner, request).await?;
             if let (Some(grant), Some((name, holder))) = (&grant, holder) {
                 // Boxed: only leaders take this path.
-                Box::pin(holders::record(&self.inner.pool, &name, &holder, grant.token)).await?;
+                Box::pin(holders::record(
+                    &self.inner.pool,
+                    &name,
+                    &holder,
+                    grant.token,
+                ))
+                .await?;
             }
             Ok(grant)
         })
