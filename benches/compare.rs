@@ -169,6 +169,9 @@ mod mysql;
 /// PostgreSQL lease.
 #[path = "compare/pglease.rs"]
 mod pglease;
+/// The bench and the server pinned to cores, for the 1-task limit rows.
+#[path = "compare/placement.rs"]
+mod placement;
 /// Redis lease (not `redis`: that would hide the redis crate).
 #[path = "compare/redis.rs"]
 mod redis_section;

@@ -32,6 +32,7 @@ use sqlx::postgres::{PgAdvisoryLock, PgAdvisoryLockKey, PgConnection, PgPoolOpti
 use sqlx::Connection;
 use tokio::sync::Mutex;
 
+use super::placement::{self, Placement};
 use super::{compare, median, names, rate, Env, Op, Res, Row, PG_TRY, PG_TRY_NEXTVAL, POOL, TASKS};
 
 const B: &str = "pg advisory";
@@ -340,6 +341,78 @@ pub(super) async fn advisory_limit(env: &Env, rows: &mut Vec<Row>) -> Res<()> {
                 .note("reported: 2 connections against raw's 8"),
             );
         }
+    }
+    // The 1-task rows again with the placement fixed (see `placement`):
+    // dblock, its own SQL, the bare lock and the lock with nextval alone.
+    let placed = [
+        dblock.clone(),
+        same_sql.clone(),
+        raw.clone(),
+        nextval.clone(),
+    ];
+    for at in [
+        Placement {
+            client: 0,
+            server: 0,
+        },
+        Placement {
+            client: 0,
+            server: 1,
+        },
+    ] {
+        let label = at.label();
+        let measured = match placement::pin(&pool, at).await {
+            Ok(pinned) => {
+                let r = compare_shuffled(&placed).await;
+                drop(pinned);
+                r?
+            }
+            Err(why) => {
+                rows.push(
+                    Row::new(B, format!("pairs/s at the limit, 1 task, {label}"))
+                        .dblock("—")
+                        .note(format!("not measured: {why}")),
+                );
+                continue;
+            }
+        };
+        let ratio = |a: usize, k: usize| {
+            median(
+                measured[a]
+                    .iter()
+                    .zip(&measured[k])
+                    .map(|(d, x)| d / x)
+                    .collect(),
+            )
+        };
+        let figure = |k: usize| rate(median(measured[k].clone()));
+        rows.push(
+            Row::new(
+                B,
+                format!("pairs/s at the limit, 1 task, {label}: vs raw, same work, dedicated"),
+            )
+            .dblock(figure(0))
+            .raw(figure(1))
+            .ratio(ratio(0, 1))
+            .target("≥ 0.95 × same work", ratio(0, 1) >= 0.95),
+        );
+        rows.push(
+            Row::new(
+                B,
+                format!("pairs/s at the limit, 1 task, {label}: vs raw try_lock+unlock, dedicated"),
+            )
+            .dblock(figure(0))
+            .raw(format!(
+                "{} (same work {}: {:.2} ×; lock + nextval {}: {:.2} ×)",
+                figure(2),
+                figure(1),
+                ratio(1, 2),
+                figure(3),
+                ratio(3, 2)
+            ))
+            .ratio(ratio(0, 2))
+            .target("≥ 0.95 × dedicated", ratio(0, 2) >= 0.95),
+        );
     }
     pool.close().await;
     if super::quick() {
