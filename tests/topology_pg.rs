@@ -317,6 +317,50 @@ async fn advisory_refuses_a_transaction_pooler_at_first_use_and_leaves_no_lock()
 /// Through a transaction pooler, ended lease rows and semaphore permits are
 /// swept as on a direct connection (the sweeps run unnamed, each in its own
 /// transaction), and tokens keep increasing.
+/// The database clock (`Locks::now`, which `dblock cron` and leader
+/// terms read) through the pooler, from many tasks at once beside other
+/// traffic: the proxy hands each exchange whichever server connection is
+/// free, so a statement sent in two exchanges (an unnamed statement's
+/// parse, then its bind) can meet a server connection that never saw its
+/// first half. The full suite once failed so ("unnamed prepared statement
+/// does not exist").
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_database_clock_answers_through_a_transaction_pooler() {
+    let pool = tx_pool(16).await;
+    let locks = Locks::new(Lease::new(pool.clone()).transaction_pooling(true));
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..16 {
+        let (locks, pool) = (locks.clone(), pool.clone());
+        tasks.spawn(async move {
+            let mut failures = Vec::new();
+            for _ in 0..100 {
+                if i % 2 == 0 {
+                    if let Err(e) = locks.now().await {
+                        failures.push(e.to_string());
+                    }
+                } else {
+                    // Other clients' transactions, moving server connections.
+                    sqlx::raw_sql("SELECT pg_sleep(0.0005)")
+                        .execute(&pool)
+                        .await
+                        .expect("a simple query through the pooler");
+                }
+            }
+            failures
+        });
+    }
+    let mut failures = Vec::new();
+    while let Some(done) = tasks.join_next().await {
+        failures.extend(done.unwrap());
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of 800 clock reads failed through the pooler, first: {}",
+        failures.len(),
+        failures[0]
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn ended_rows_are_swept_through_a_transaction_pooler() {
     let direct = pool(&common::postgres_url().await, 2).await;

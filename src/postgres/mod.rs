@@ -43,12 +43,16 @@ pub(crate) type Lifted = (String, String, String, String);
 pub(crate) async fn clock_timestamp(
     pool: &sqlx::PgPool,
 ) -> crate::Result<chrono::DateTime<chrono::Utc>> {
-    // Unnamed: it also answers through a transaction pooler.
-    sqlx::query_scalar("SELECT clock_timestamp()")
-        .persistent(false)
+    // A simple query: one message, one implicit transaction, so that a
+    // transaction-pooling proxy answers it on one server connection. (An
+    // unnamed prepared statement outside a transaction is parsed and bound
+    // in two exchanges, which such a proxy may send to two server
+    // connections: "unnamed prepared statement does not exist".)
+    let row = sqlx::raw_sql("SELECT clock_timestamp()")
         .fetch_one(pool)
         .await
-        .map_err(map_err)
+        .map_err(map_err)?;
+    sqlx::Row::try_get(&row, 0).map_err(map_err)
 }
 
 /// Maps "relation does not exist" (42P01) and "column does not exist"
