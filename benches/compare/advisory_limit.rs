@@ -361,7 +361,11 @@ pub(super) async fn advisory_limit(env: &Env, rows: &mut Vec<Row>) -> Res<()> {
         },
     ] {
         let label = at.label();
-        let measured = match placement::pin(&pool, at).await {
+        let pinned = match placement::postgres_server(&pool).await {
+            Ok(server) => placement::pin(server, at),
+            Err(why) => Err(why),
+        };
+        let measured = match pinned {
             Ok(pinned) => {
                 let r = compare_shuffled(&placed).await;
                 drop(pinned);

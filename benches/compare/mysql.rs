@@ -1,5 +1,6 @@
 //! MySQL / MariaDB lease against raw SQL doing the same work.
 
+use super::placement::{self, Placement};
 use super::*;
 
 pub(super) const MY_LOCK: &str =
@@ -189,6 +190,75 @@ pub(super) async fn mysql(env: &Env, rows: &mut Vec<Row>, notes: &mut Vec<String
             4,
             "reported: the price of a doorbell taken and let go per pair",
         ));
+    }
+    // The 1-task rows again with the placement fixed (see `placement`):
+    // dblock, its own SQL and the upsert, on dedicated connections.
+    let placed = [ops[0].clone(), ops[4].clone(), ops[3].clone()];
+    for at in [
+        Placement {
+            client: 0,
+            server: 0,
+        },
+        Placement {
+            client: 0,
+            server: 1,
+        },
+    ] {
+        let label = at.label();
+        let pinned = match placement::mysql_server(&pool).await {
+            Ok(server) => placement::pin(server, at),
+            Err(why) => Err(why),
+        };
+        let measured = match pinned {
+            Ok(pinned) => {
+                let r = compare(&placed, 1).await;
+                drop(pinned);
+                r?
+            }
+            Err(why) => {
+                rows.push(
+                    Row::new(B, format!("pairs/s, 1 task, {label}"))
+                        .dblock("—")
+                        .note(format!("not measured: {why}")),
+                );
+                continue;
+            }
+        };
+        let ratio = |a: usize, k: usize| {
+            median(
+                measured[a]
+                    .iter()
+                    .zip(&measured[k])
+                    .map(|(d, x)| d / x)
+                    .collect(),
+            )
+        };
+        let figure = |k: usize| rate(median(measured[k].clone()));
+        rows.push(
+            Row::new(
+                B,
+                format!("pairs/s, 1 task, {label}: vs raw, same work, dedicated"),
+            )
+            .dblock(figure(0))
+            .raw(figure(1))
+            .ratio(ratio(0, 1))
+            .target("≥ 0.9 × same work", ratio(0, 1) >= 0.9),
+        );
+        rows.push(
+            Row::new(
+                B,
+                format!("pairs/s, 1 task, {label}: vs raw upsert + release, dedicated"),
+            )
+            .dblock(figure(0))
+            .raw(format!(
+                "{} (same work {}: {:.2} ×)",
+                figure(2),
+                figure(1),
+                ratio(1, 2)
+            ))
+            .ratio(ratio(0, 2))
+            .target("≥ 0.9 × raw", ratio(0, 2) >= 0.9),
+        );
     }
     if quick() {
         return Ok(());

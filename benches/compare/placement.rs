@@ -11,13 +11,14 @@
 //! clients, and its ratio swung from 0.2 to 4 between runs.
 //!
 //! So the 1-task rows are measured again with the placement fixed for every
-//! implementation alike: the bench's threads on one core and every server
+//! implementation alike: the bench's threads on one core and the server on
+//! the same core, then on another one. For PostgreSQL that is every server
 //! process (the postmaster, so that new backends follow, its auxiliary
-//! processes and every backend) on the same core, then on another one. That
-//! needs the server on this machine and the right to move its processes (as
-//! root, or as its owner); otherwise the rows say why they are missing.
-//! `taskset` (util-linux) does the moving, and everything is put back on
-//! every core at the end.
+//! processes and every backend); for MariaDB / MySQL every thread of its
+//! one process. That needs the server on this machine and the right to
+//! move its processes (as root, or as its owner); otherwise the rows say
+//! why they are missing. `taskset` (util-linux) does the moving, and
+//! everything is put back on every core at the end.
 
 use std::process::Command;
 
@@ -26,8 +27,18 @@ use super::*;
 /// The bench's threads and the server's processes, pinned; put back on
 /// every core when dropped.
 pub(super) struct Pinned {
-    server: Vec<u32>,
+    server: Server,
     all: String,
+}
+
+/// The server's processes to move.
+pub(super) struct Server {
+    /// The processes; with `threads`, each with every thread of it.
+    pids: Vec<u32>,
+    threads: bool,
+    /// PostgreSQL's postmaster, whose children (backends opened while
+    /// pinned) are put back too.
+    parent: Option<u32>,
 }
 
 /// One placement: the bench's core and the server's.
@@ -67,9 +78,9 @@ fn taskset(pid: u32, cpus: &str, threads: bool) -> Res<()> {
     Ok(())
 }
 
-/// The server's processes, if they run on this machine: every process
-/// `pg_stat_activity` shows, and their parent, the postmaster.
-async fn server_processes(pool: &PgPool) -> Res<Vec<u32>> {
+/// A PostgreSQL server's processes, if they run on this machine: every
+/// process `pg_stat_activity` shows, and their parent, the postmaster.
+pub(super) async fn postgres_server(pool: &PgPool) -> Res<Server> {
     let pids: Vec<i32> = sqlx::query_scalar("SELECT pid FROM pg_stat_activity")
         .fetch_all(pool)
         .await?;
@@ -96,25 +107,51 @@ async fn server_processes(pool: &PgPool) -> Res<Vec<u32>> {
         }
         out.push(pid);
     }
-    Ok(out)
+    Ok(Server {
+        parent: out.first().copied(),
+        pids: out,
+        threads: false,
+    })
 }
 
-/// Pins the bench to `at.client` and the server to `at.server`.
-pub(super) async fn pin(pool: &PgPool, at: Placement) -> Res<Pinned> {
+/// A MariaDB / MySQL server's process, if it runs on this machine (its
+/// pid file, as the server names it, is readable here).
+pub(super) async fn mysql_server(pool: &MySqlPool) -> Res<Server> {
+    let file: String = sqlx::query_scalar("SELECT @@pid_file")
+        .fetch_one(pool)
+        .await?;
+    let pid: u32 = std::fs::read_to_string(&file)
+        .map_err(|e| {
+            format!("the server's pid file {file}: {e}: the server is not on this machine")
+        })?
+        .trim()
+        .parse()?;
+    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+    if !matches!(comm.trim(), "mariadbd" | "mysqld") {
+        return Err(format!("process {pid} is not the MariaDB / MySQL server here").into());
+    }
+    Ok(Server {
+        pids: vec![pid],
+        threads: true,
+        parent: None,
+    })
+}
+
+/// Pins the bench to `at.client` and `server` to `at.server`.
+pub(super) fn pin(server: Server, at: Placement) -> Res<Pinned> {
     let cores = std::thread::available_parallelism()?.get();
     if cores < 2 {
         return Err("one core: nothing to place".into());
     }
-    let server = server_processes(pool).await?;
     let pinned = Pinned {
         server,
         all: format!("0-{}", cores - 1),
     };
     // From here on, dropping `pinned` puts everything back.
     taskset(std::process::id(), &at.client.to_string(), true)?;
-    for &pid in &pinned.server {
+    for &pid in &pinned.server.pids {
         // A backend that ended meanwhile is no error.
-        if let Err(e) = taskset(pid, &at.server.to_string(), false) {
+        if let Err(e) = taskset(pid, &at.server.to_string(), pinned.server.threads) {
             if std::path::Path::new(&format!("/proc/{pid}")).exists() {
                 return Err(e);
             }
@@ -128,10 +165,10 @@ impl Drop for Pinned {
         let _ = taskset(std::process::id(), &self.all, true);
         // Backends opened while pinned followed the postmaster; put back
         // every process the server has now, as far as it can be read.
-        for &pid in &self.server {
-            let _ = taskset(pid, &self.all, false);
+        for &pid in &self.server.pids {
+            let _ = taskset(pid, &self.all, self.server.threads);
         }
-        if let Some(&postmaster) = self.server.first() {
+        if let Some(postmaster) = self.server.parent {
             if let Ok(children) =
                 std::fs::read_to_string(format!("/proc/{postmaster}/task/{postmaster}/children"))
             {
