@@ -1387,3 +1387,149 @@ async fn kept_connections_go_back_to_the_pool() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// Holds the row lock of `name` in a transaction of its own (as a claim,
+/// release or sweep of the name does for a moment), for `hold`.
+async fn hold_row_lock(name: &str, hold: Duration) -> tokio::task::JoinHandle<()> {
+    let mut conn = raw_conn().await;
+    sqlx::raw_sql("BEGIN").execute(&mut conn).await.unwrap();
+    let locked = sqlx::query("SELECT token FROM dblock_leases WHERE name = ? FOR UPDATE")
+        .bind(name.as_bytes())
+        .fetch_optional(&mut conn)
+        .await
+        .unwrap();
+    assert!(locked.is_some(), "the row of {name} exists");
+    tokio::spawn(async move {
+        tokio::time::sleep(hold).await;
+        sqlx::raw_sql("ROLLBACK").execute(&mut conn).await.unwrap();
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_free_name_briefly_row_locked_is_not_refused_as_busy() {
+    // The row of a free name can be locked for a moment by a transaction
+    // that holds no lease: above all the sweep deleting it once ended.
+    // try_acquire used to answer busy then (its claim may not wait).
+    let locks = Locks::new(Lease::new(pool().await));
+    let name = "mysql-brief-row-lock";
+    locks
+        .try_acquire(name)
+        .await
+        .unwrap()
+        .unwrap()
+        .release()
+        .await
+        .unwrap();
+    for _ in 0..5 {
+        let unlocked = hold_row_lock(name, Duration::from_millis(10)).await;
+        let guard = locks.try_acquire(name).await.unwrap();
+        assert!(
+            guard.is_some(),
+            "a free name whose row another transaction locks for 10 ms is taken once the lock goes"
+        );
+        guard.unwrap().release().await.unwrap();
+        unlocked.await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_name_row_locked_by_a_long_transaction_is_busy_promptly() {
+    let pool = pool().await;
+    let locks = Locks::new(Lease::new(pool.clone()));
+    let name = "mysql-long-row-lock";
+    locks
+        .try_acquire(name)
+        .await
+        .unwrap()
+        .unwrap()
+        .release()
+        .await
+        .unwrap();
+    // As lock_in_transaction holds a name: for as long as it runs.
+    let mut tx = pool.begin().await.unwrap();
+    lock_in_transaction(&mut tx, name).await.unwrap();
+    let started = Instant::now();
+    assert!(locks.try_acquire(name).await.unwrap().is_none());
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_millis(500),
+        "busy after a few short looks, not after the transaction: {took:?}"
+    );
+    tx.rollback().await.unwrap();
+    locks
+        .try_acquire(name)
+        .await
+        .unwrap()
+        .unwrap()
+        .release()
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_claim_is_refused_while_ended_rows_are_swept() {
+    // Ended rows, older than the sweep's grace, for the sweep to delete;
+    // and claims of other names, and of those, while it runs (it runs
+    // about 2 s after a lease of this backend ends). The sweep used to
+    // lock a range of the expiry index, and a claim of another name whose
+    // expiry entered or left it was answered busy; a claim of a row being
+    // deleted was too.
+    let pool = pool().await;
+    let prefix = format!("sweep-busy-{}", std::process::id());
+    sqlx::query(
+        "INSERT IGNORE INTO dblock_leases (name, owner, holder, mode, token, acquired_at, expires_at) \
+         WITH RECURSIVE k (n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM k WHERE n < 300) \
+         SELECT CONCAT(?, '-old-', n), NULL, NULL, 'x', 1, \
+                UTC_TIMESTAMP(6) - INTERVAL 1 HOUR, UTC_TIMESTAMP(6) - INTERVAL 1 HOUR \
+           FROM k",
+    )
+    .bind(&prefix)
+    .execute(&pool)
+    .await
+    .unwrap();
+    let locks = Locks::new(Lease::new(pool.clone()));
+    let end = Instant::now() + Duration::from_millis(3_500);
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..6 {
+        let (locks, name) = (locks.clone(), format!("{prefix}-{i}"));
+        tasks.spawn(async move {
+            let mut pairs = 0u32;
+            while Instant::now() < end {
+                let guard = locks.try_acquire(name.as_str()).await.unwrap();
+                let guard = guard.unwrap_or_else(|| panic!("{name} is free but was refused"));
+                guard.release().await.unwrap();
+                pairs += 1;
+            }
+            pairs
+        });
+    }
+    // The old rows, one by one, across the sweep.
+    let (old, prober) = (locks.clone(), prefix.clone());
+    tasks.spawn(async move {
+        tokio::time::sleep(Duration::from_millis(1_800)).await;
+        for k in 1..=300 {
+            let name = format!("{prober}-old-{k}");
+            let guard = old.try_acquire(name.as_str()).await.unwrap();
+            let guard = guard.unwrap_or_else(|| panic!("{name} is free but was refused"));
+            guard.release().await.unwrap();
+            tokio::time::sleep(Duration::from_micros(500)).await;
+        }
+        1
+    });
+    let mut pairs = 0;
+    while let Some(done) = tasks.join_next().await {
+        pairs += done.unwrap();
+    }
+    assert!(pairs > 100, "the claims ran ({pairs} pairs)");
+    // The sweep did run meanwhile: rows ended before the test are gone or
+    // were taken over.
+    let old_left: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM dblock_leases WHERE name LIKE CONCAT(?, '-old-%') AND token = 1 \
+            AND expires_at < UTC_TIMESTAMP(6) - INTERVAL 30 MINUTE",
+    )
+    .bind(&prefix)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert!(old_left < 300, "the sweep ran during the test");
+}

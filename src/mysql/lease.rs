@@ -250,6 +250,7 @@ pub(crate) struct Sql {
     pub floor_ensure: Arc<str>,
     sweep_floor: Arc<str>,
     sweep_cutoff: Arc<str>,
+    sweep_candidates: Arc<str>,
     sweep_rows: Arc<str>,
     sweep_raise: Arc<str>,
     sweep_delete: Arc<str>,
@@ -405,21 +406,37 @@ impl Sql {
             floor_ensure: s(format!(
                 "INSERT IGNORE INTO {FLOOR} (lease_table, floor) VALUES (?, 0)"
             )),
-            // The sweep, in one transaction: the floor row's exclusive lock
-            // first (never waiting: creators hold it in share briefly, a
+            // The sweep. Outside its transaction: a cutoff fixed from the
+            // server clock (no write ever sets an expiry in the past, so no
+            // row enters the range below it later), ...
+            sweep_cutoff: s("SELECT UTC_TIMESTAMP(6) - INTERVAL ? MICROSECOND".to_owned()),
+            // ... and the rows ended before it, read without locking
+            // anything (nothing to sweep: no transaction at all). A locking
+            // read of that range would take next-key locks on the
+            // `expires_at` index under REPEATABLE READ, up to the first
+            // entry past the range, often a lease just released (or, with
+            // every row ended, the end of the index, where each claim
+            // enters its new expiry): a claim of another name, whose
+            // statement may not wait (`NOWAIT`), was refused as busy.
+            sweep_candidates: s(format!(
+                "SELECT HEX(name) FROM {t} WHERE expires_at < ? \
+                  ORDER BY expires_at LIMIT {SWEEP_BATCH}"
+            )),
+            // Then one transaction: the floor row's exclusive lock first
+            // (never waiting: creators hold it in share briefly, a
             // transaction in lock_in_tx for as long as it runs), ...
             sweep_floor: s(format!(
                 "SELECT floor FROM {FLOOR} WHERE lease_table = ? FOR UPDATE NOWAIT"
             )),
-            // ... a cutoff fixed from the server clock (no write ever sets
-            // an expiry in the past, so no row enters the range below it
-            // later), ...
-            sweep_cutoff: s("SELECT UTC_TIMESTAMP(6) - INTERVAL ? MICROSECOND".to_owned()),
-            // ... the rows ended before it, locked (skipping rows another
-            // transaction holds: a claim deciding, a lock_in_tx), ...
+            // ... those rows locked one by one by primary key (a record lock
+            // each, no gap), skipping rows another transaction holds (a
+            // claim deciding, a lock_in_tx), and kept only if still ended
+            // before the cutoff, as read under the lock, ...
             sweep_rows: s(format!(
-                "SELECT HEX(name), token FROM {t} WHERE expires_at < ? \
-                  ORDER BY expires_at LIMIT {SWEEP_BATCH} FOR UPDATE SKIP LOCKED"
+                "SELECT HEX(l.name), l.token \
+                   FROM JSON_TABLE(?, '$[*]' COLUMNS (name VARCHAR(510) PATH '$')) AS j \
+                   STRAIGHT_JOIN {t} AS l FORCE INDEX (PRIMARY) ON l.name = UNHEX(j.name) \
+                  WHERE l.expires_at < ? FOR UPDATE SKIP LOCKED"
             )),
             // ... the floor raised to the highest of their tokens, ...
             sweep_raise: s(format!(
@@ -573,9 +590,14 @@ impl fmt::Debug for MySqlStore {
 /// duplicate key before it reports the name as busy.
 const MAX_RETRIES: u32 = 8;
 
-/// How many times a claim on a Galera node looks again at a row another
-/// transaction has locked (2 to 12 ms in all) before answering busy.
-const GALERA_BUSY_RETRIES: u32 = 2;
+/// How many times a claim looks again at a row another transaction has
+/// locked (after pauses of 2 to 28 ms in all) before answering busy. A
+/// lease holder holds no row lock: the lock is a claim, renewal or release
+/// of the name deciding, the sweep deleting its ended row, on Galera the
+/// applier of a write set that committed on another node, all of which end
+/// within milliseconds, or a transaction in `lock_in_transaction`, which
+/// holds the name for as long as it runs (busy, then, after these pauses).
+const LOCKED_RETRIES: u32 = 3;
 
 /// What one claim transaction found.
 enum Attempt {
@@ -612,6 +634,37 @@ fn push_hex(out: &mut String, bytes: &[u8]) {
         out.push(DIGITS[usize::from(b >> 4)] as char);
         out.push(DIGITS[usize::from(b & 15)] as char);
     }
+}
+
+/// JSON arrays of `names` (hex, as `HEX()` answers them), as many names
+/// per array as fit `budget` bytes (at least one).
+fn names_json(names: &[String], budget: usize) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut rest = names;
+    while !rest.is_empty() {
+        let mut bytes = 2;
+        let n = rest
+            .iter()
+            .take_while(|name| {
+                bytes += name.len() + 3;
+                bytes <= budget
+            })
+            .count()
+            .max(1);
+        let mut json = String::from("[");
+        for (k, name) in rest[..n].iter().enumerate() {
+            if k > 0 {
+                json.push(',');
+            }
+            json.push('"');
+            json.push_str(name);
+            json.push('"');
+        }
+        json.push(']');
+        out.push(json);
+        rest = &rest[n..];
+    }
+    out
 }
 
 /// About how many bytes a lease takes in a batch's JSON document.
@@ -861,7 +914,13 @@ impl MySqlStore {
     async fn sweep_transaction(&self, grace: Duration) -> Result<Option<u64>, sqlx::Error> {
         let mut conn = Conn::acquire(&self.pool).await?;
         let c = conn.begin_use();
-        let outcome = self.sweep_locked(c, grace).await;
+        let (cutoff, candidates) = self.sweep_candidates(c, grace).await?;
+        if candidates.is_empty() {
+            conn.done();
+            return Ok(Some(0));
+        }
+        sqlx::raw_sql("BEGIN").execute(&mut *c).await?;
+        let outcome = self.sweep_locked(c, cutoff, &candidates).await;
         let end = match outcome {
             Ok(Some(n)) if n > 0 => "COMMIT",
             _ => "ROLLBACK",
@@ -874,31 +933,58 @@ impl MySqlStore {
         }
     }
 
-    async fn sweep_locked(
+    /// Before the sweep's transaction: the floor row made sure of, the
+    /// cutoff, and the rows ended before it (hex names), read without
+    /// locking anything.
+    async fn sweep_candidates(
         &self,
         c: &mut sqlx::MySqlConnection,
         grace: Duration,
-    ) -> Result<Option<u64>, sqlx::Error> {
-        let table = self.sql.table.as_bytes();
-        // Outside the transaction: the floor row exists before it starts.
+    ) -> Result<(NaiveDateTime, Vec<String>), sqlx::Error> {
         q(&self.sql.floor_ensure)
-            .bind(table)
+            .bind(self.sql.table.as_bytes())
             .execute(&mut *c)
-            .await?;
-        sqlx::raw_sql("BEGIN").execute(&mut *c).await?;
-        q(&self.sql.sweep_floor)
-            .bind(table)
-            .fetch_one(&mut *c)
             .await?;
         let cutoff: NaiveDateTime =
             sqlx::query_scalar(AssertSqlSafe(self.sql.sweep_cutoff.clone()))
                 .bind(micros(grace))
                 .fetch_one(&mut *c)
                 .await?;
-        let rows: Vec<(String, u64)> = sqlx::query_as(AssertSqlSafe(self.sql.sweep_rows.clone()))
+        let candidates = sqlx::query_scalar(AssertSqlSafe(self.sql.sweep_candidates.clone()))
             .bind(cutoff)
             .fetch_all(&mut *c)
             .await?;
+        Ok((cutoff, candidates))
+    }
+
+    /// The sweep's transaction, begun: the floor locked, the candidates
+    /// that are still ended locked, the floor raised above their tokens,
+    /// and they deleted; how many rows went.
+    async fn sweep_locked(
+        &self,
+        c: &mut sqlx::MySqlConnection,
+        cutoff: NaiveDateTime,
+        candidates: &[String],
+    ) -> Result<Option<u64>, sqlx::Error> {
+        let table = self.sql.table.as_bytes();
+        let budget = match self.packet_budget.load(Ordering::Relaxed) {
+            0 => DEFAULT_PACKET_BUDGET,
+            known => known,
+        };
+        q(&self.sql.sweep_floor)
+            .bind(table)
+            .fetch_one(&mut *c)
+            .await?;
+        let mut rows: Vec<(String, u64)> = Vec::with_capacity(candidates.len());
+        for json in names_json(candidates, budget) {
+            let locked: Vec<(String, u64)> =
+                sqlx::query_as(AssertSqlSafe(self.sql.sweep_rows.clone()))
+                    .bind(json)
+                    .bind(cutoff)
+                    .fetch_all(&mut *c)
+                    .await?;
+            rows.extend(locked);
+        }
         let Some(highest) = rows.iter().map(|(_, token)| *token).max() else {
             return Ok(Some(0));
         };
@@ -907,38 +993,15 @@ impl MySqlStore {
             .bind(table)
             .execute(&mut *c)
             .await?;
-        let budget = match self.packet_budget.load(Ordering::Relaxed) {
-            0 => DEFAULT_PACKET_BUDGET,
-            known => known,
-        };
+        let names: Vec<String> = rows.into_iter().map(|(name, _)| name).collect();
         let mut deleted = 0;
-        let mut rest = &rows[..];
-        while !rest.is_empty() {
-            // As many names as fit the packet budget per statement.
-            let mut bytes = 2;
-            let n = rest
-                .iter()
-                .take_while(|(name, _)| {
-                    bytes += name.len() + 3;
-                    bytes <= budget
-                })
-                .count()
-                .max(1);
-            let mut json = String::from("[");
-            for (k, (name, _)) in rest[..n].iter().enumerate() {
-                if k > 0 {
-                    json.push(',');
-                }
-                let _ = write!(json, "\"{name}\"");
-            }
-            json.push(']');
+        for json in names_json(&names, budget) {
             let done = q(&self.sql.sweep_delete)
                 .bind(json)
                 .bind(cutoff)
                 .execute(&mut *c)
                 .await?;
             deleted += done.rows_affected();
-            rest = &rest[n..];
         }
         Ok(Some(deleted))
     }
@@ -1125,7 +1188,7 @@ impl LeaseStore for MySqlStore {
         let one = claim.mode == LockMode::Exclusive && self.claims_in_one_statement().await?;
         let ttl_us = micros(claim.ttl);
         let mut retries = 0;
-        let mut busy_retries = 0;
+        let mut locked_retries = 0;
         let mut created = 0;
         loop {
             let attempt = if one {
@@ -1147,17 +1210,18 @@ impl LeaseStore for MySqlStore {
             };
             match outcome {
                 Ok(()) => {}
-                // On Galera the row lock may be the applier's, applying a
-                // write set (a release, a sweep) that committed elsewhere
-                // just before: the causal BEGIN waits for it to be applied,
-                // not always for its locks to be gone. Look again briefly
-                // (a few ms in all) before answering busy.
-                Err(e) if is_lock_busy(&e) && causal && busy_retries < GALERA_BUSY_RETRIES => {
-                    busy_retries += 1;
-                    retry_pause(busy_retries).await;
+                // Another transaction holds the row lock (see
+                // `LOCKED_RETRIES`): a free name is not refused because a
+                // sweep, say, was deleting its ended row. On Galera the lock
+                // may also be the applier's, applying a write set (a
+                // release, a sweep) that committed elsewhere just before:
+                // the causal BEGIN waits for it to be applied, not always
+                // for its locks to be gone. Look again briefly.
+                Err(e) if is_lock_busy(&e) && locked_retries < LOCKED_RETRIES => {
+                    locked_retries += 1;
+                    retry_pause(locked_retries).await;
                 }
-                // Another transaction holds the row lock: a concurrent claim
-                // deciding, a renewal, or a transaction in lock_in_tx.
+                // Still locked: a transaction in lock_in_tx holds the name.
                 Err(e) if is_lock_busy(&e) => return Ok(None),
                 Err(e) if is_retryable(&e) => {
                     retries += 1;

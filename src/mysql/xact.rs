@@ -64,7 +64,9 @@ pub async fn lock_in_transaction(tx: &mut Transaction<'_, MySql>, name: &str) ->
 /// The lock is the row lock (`SELECT ... FOR UPDATE` semantics) on the
 /// name's row in `dblock_leases`, so it shares names, and tokens, with
 /// [`Lease`](super::Lease): while the transaction holds the row, lease
-/// acquisitions of the name see it as held; a live lease of the name makes
+/// acquisitions of the name see it as held (a `try_acquire` answers busy
+/// after looking again for about 28 ms at most, as it does for every row
+/// lock: most are held for milliseconds); a live lease of the name makes
 /// this function wait. Use [`Lease::lock_in_transaction_with`](super::Lease::lock_in_transaction_with)
 /// for a lease table other than `dblock_leases`.
 ///
