@@ -202,6 +202,9 @@ async fn compare_shuffled(ops: &[Op]) -> Res<Vec<Vec<f64>>> {
     Ok(results)
 }
 
+/// Pairs of each op in one block of the CPU rows.
+const CPU_BLOCK: usize = 500;
+
 /// The throughput rows (and, with `DBLOCK_BENCH_PAIRS`, only the pairs for
 /// counting system calls).
 pub(super) async fn advisory_limit(env: &Env, rows: &mut Vec<Row>) -> Res<()> {
@@ -342,6 +345,12 @@ pub(super) async fn advisory_limit(env: &Env, rows: &mut Vec<Row>) -> Res<()> {
             );
         }
     }
+    // Where the 1-task gap goes: CPU time per pair, the bench's and the
+    // server's, for dblock and for its own SQL sent raw (unpinned here, and
+    // again in each placement below).
+    let cpu_ops = [dblock.clone(), same_sql.clone()];
+    let server = placement::postgres_server(&pool).await;
+    rows.push(placement::cpu_row(B, &cpu_ops, server, "unpinned", CPU_BLOCK).await?);
     // The 1-task rows again with the placement fixed (see `placement`):
     // dblock, its own SQL, the bare lock and the lock with nextval alone.
     let placed = [
@@ -368,7 +377,10 @@ pub(super) async fn advisory_limit(env: &Env, rows: &mut Vec<Row>) -> Res<()> {
         let measured = match pinned {
             Ok(pinned) => {
                 let r = compare_shuffled(&placed).await;
+                let server = placement::postgres_server(&pool).await;
+                let cpu = placement::cpu_row(B, &cpu_ops, server, label, CPU_BLOCK).await;
                 drop(pinned);
+                rows.push(cpu?);
                 r?
             }
             Err(why) => {

@@ -191,6 +191,13 @@ pub(super) async fn mysql(env: &Env, rows: &mut Vec<Row>, notes: &mut Vec<String
             "reported: the price of a doorbell taken and let go per pair",
         ));
     }
+    // Where the 1-task gap goes: CPU time per pair, the bench's and the
+    // server's, for dblock and its own SQL (unpinned here, and again in
+    // each placement below).
+    const CPU_BLOCK: usize = 100;
+    let cpu_ops = [ops[0].clone(), ops[4].clone()];
+    let server = placement::mysql_server(&pool).await;
+    rows.push(placement::cpu_row(B, &cpu_ops, server, "unpinned", CPU_BLOCK).await?);
     // The 1-task rows again with the placement fixed (see `placement`):
     // dblock, its own SQL and the upsert, on dedicated connections.
     let placed = [ops[0].clone(), ops[4].clone(), ops[3].clone()];
@@ -212,7 +219,10 @@ pub(super) async fn mysql(env: &Env, rows: &mut Vec<Row>, notes: &mut Vec<String
         let measured = match pinned {
             Ok(pinned) => {
                 let r = compare(&placed, 1).await;
+                let server = placement::mysql_server(&pool).await;
+                let cpu = placement::cpu_row(B, &cpu_ops, server, label, CPU_BLOCK).await;
                 drop(pinned);
+                rows.push(cpu?);
                 r?
             }
             Err(why) => {

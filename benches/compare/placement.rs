@@ -19,6 +19,13 @@
 //! move its processes (as root, or as its owner); otherwise the rows say
 //! why they are missing. `taskset` (util-linux) does the moving, and
 //! everything is put back on every core at the end.
+//!
+//! The CPU rows ([`cpu_row`]) split a pair's cost between the bench's
+//! threads and the server's processes, unpinned and in each placement, from
+//! the kernel's own accounting (`/proc/<pid>/schedstat`): where the server
+//! does the same SQL for dblock and for the raw statements, what is left is
+//! dblock's client work. On one core, where a pair's time is all CPU time,
+//! that split accounts for the throughput ratio.
 
 use std::process::Command;
 
@@ -135,6 +142,135 @@ pub(super) async fn mysql_server(pool: &MySqlPool) -> Res<Server> {
         threads: true,
         parent: None,
     })
+}
+
+/// CPU time, in nanoseconds, that the task whose `/proc` folder is `dir` (a
+/// process, or a thread under `/proc/<pid>/task/`) has run: the first field
+/// of its `schedstat` (user and kernel time alike); 0 if it is gone.
+fn ran_ns(dir: &str) -> u64 {
+    std::fs::read_to_string(format!("{dir}/schedstat"))
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// CPU time this process's threads have run, in nanoseconds.
+pub(super) fn bench_cpu_ns() -> u64 {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return 0;
+    };
+    tasks
+        .filter_map(|t| t.ok())
+        .map(|t| ran_ns(&t.path().display().to_string()))
+        .sum()
+}
+
+impl Server {
+    /// CPU time the server has run, in nanoseconds: for PostgreSQL every
+    /// process the postmaster has now (backends, auxiliary processes) and
+    /// the postmaster; for MariaDB / MySQL every thread of its process.
+    pub(super) fn cpu_ns(&self) -> u64 {
+        let mut pids = self.pids.clone();
+        if let Some(postmaster) = self.parent {
+            if let Ok(children) =
+                std::fs::read_to_string(format!("/proc/{postmaster}/task/{postmaster}/children"))
+            {
+                pids = std::iter::once(postmaster)
+                    .chain(children.split_whitespace().filter_map(|p| p.parse().ok()))
+                    .collect();
+            }
+        }
+        pids.iter()
+            .map(|pid| {
+                if self.threads {
+                    std::fs::read_dir(format!("/proc/{pid}/task"))
+                        .map(|tasks| {
+                            tasks
+                                .filter_map(|t| t.ok())
+                                .map(|t| ran_ns(&t.path().display().to_string()))
+                                .sum()
+                        })
+                        .unwrap_or(0)
+                } else {
+                    ran_ns(&format!("/proc/{pid}"))
+                }
+            })
+            .sum()
+    }
+}
+
+/// Blocks of each op in the CPU rows.
+const CPU_BLOCKS: usize = 10;
+
+/// CPU time per pair, in µs, of the bench's threads and of `server`, for
+/// each of `ops` (1 task): blocks of `block` pairs, one of each op per
+/// turn in a random order, so that drift falls on all alike. The bench's
+/// threads are counted whole (nothing else runs meanwhile), the server's
+/// processes too (its other clients, if any, count against every op).
+async fn cpu_per_pair<const N: usize>(
+    ops: &[Op; N],
+    server: &Server,
+    block: usize,
+) -> Res<[(f64, f64); N]> {
+    use rand::seq::SliceRandom;
+    for op in ops {
+        run_window(op, 1, WARMUP).await?;
+    }
+    let mut bench = [0u64; N];
+    let mut served = [0u64; N];
+    let mut order: Vec<usize> = (0..N).collect();
+    for _ in 0..CPU_BLOCKS {
+        order.shuffle(&mut rand::rng());
+        for &i in &order {
+            let (b0, s0) = (bench_cpu_ns(), server.cpu_ns());
+            for _ in 0..block {
+                ops[i](0).await?;
+            }
+            bench[i] += bench_cpu_ns().saturating_sub(b0);
+            served[i] += server.cpu_ns().saturating_sub(s0);
+        }
+    }
+    let pairs = (block * CPU_BLOCKS) as f64;
+    Ok(std::array::from_fn(|i| {
+        (
+            bench[i] as f64 / 1e3 / pairs,
+            served[i] as f64 / 1e3 / pairs,
+        )
+    }))
+}
+
+/// The row of [`cpu_per_pair`] for `backend`: dblock (`ops[0]`) and its
+/// own SQL sent raw (`ops[1]`), in the placement `label` names; if the
+/// server's processes could not be found (`server` is `Err`), a row that
+/// says why.
+pub(super) async fn cpu_row(
+    backend: &'static str,
+    ops: &[Op; 2],
+    server: Res<Server>,
+    label: &str,
+    block: usize,
+) -> Res<Row> {
+    let server = match server {
+        Ok(server) => server,
+        Err(why) => {
+            return Ok(Row::new(backend, format!("CPU per pair, 1 task, {label}"))
+                .dblock("—")
+                .note(format!("not measured: {why}")))
+        }
+    };
+    let [(dc, ds), (rc, rs)] = cpu_per_pair(ops, &server, block).await?;
+    Ok(Row::new(
+        backend,
+        format!("CPU per pair, 1 task, {label}: try_acquire+release vs raw, same work, dedicated (bench's threads; server's processes)"),
+    )
+    .dblock(format!("bench {dc:.1} µs, server {ds:.1} µs"))
+    .raw(format!("bench {rc:.1} µs, server {rs:.1} µs"))
+    .ratio((rc + rs) / (dc + ds))
+    .note(format!(
+        "reported: dblock's extra CPU a pair: bench {:+.1} µs (dblock's client work, its background tasks included), server {:+.1} µs (the same SQL)",
+        dc - rc,
+        ds - rs
+    )))
 }
 
 /// Pins the bench to `at.client` and `server` to `at.server`.
