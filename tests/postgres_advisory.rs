@@ -3,6 +3,9 @@
 //! twin, `pg_locks`, terminated sessions, and the pool's hygiene.
 
 mod common;
+#[allow(dead_code)]
+#[path = "torture/proxy.rs"]
+mod proxy;
 mod suite;
 
 use std::time::Duration;
@@ -1661,5 +1664,92 @@ mod semaphore_waits {
                 .unwrap();
         }
         assert!(locks.inspect(&name).await.unwrap().is_none());
+    }
+}
+
+/// A holder session whose connection is black-holed (a proxy stops
+/// forwarding; nothing is reset) while the caller's own statement runs on
+/// it: the lock statement and the unlock are each given up at the answer
+/// bound (the heartbeat, at least 2 s), not left hanging until TCP gives
+/// up; the session is closed then, so the lock it held is reported lost at
+/// that moment, and the caller gets an error (for a lock, after its try on
+/// a new session, which waits for the pool's `acquire_timeout`, 1 s here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_black_holed_holder_session_bounds_the_lock_and_the_unlock() {
+    let _share = share_lock_table().await;
+    let url = common::postgres_url().await;
+    dblock::postgres::migrate(&pool(&url, 1).await)
+        .await
+        .unwrap();
+    // The answer bound is max(heartbeat, 2 s) = 2 s; a heartbeat of 1 s is
+    // not what notices first, as the caller's statement holds the session.
+    let bound = Duration::from_secs(2);
+    let pool_wait = Duration::from_secs(1);
+    for unlock in [false, true] {
+        let what = if unlock { "unlock" } else { "lock" };
+        let (proxy, through) = proxy::Proxy::in_front_of(&url).await;
+        let pg = PgPoolOptions::new()
+            .max_connections(2)
+            .acquire_timeout(pool_wait)
+            .connect(&through)
+            .await
+            .unwrap();
+        let advisory = Advisory::new(pg)
+            .with_options(AdvisoryOptions::default().heartbeat(Duration::from_secs(1)))
+            .unwrap()
+            .with_holder_sessions(1)
+            .unwrap();
+        let locks = Locks::new(advisory);
+        let held = locks
+            .try_acquire(common::unique("hole-held").as_str())
+            .await
+            .unwrap()
+            .expect("free");
+        let other = locks
+            .try_acquire(common::unique("hole-other").as_str())
+            .await
+            .unwrap()
+            .expect("free");
+        proxy.pause(0, true);
+        let started = tokio::time::Instant::now();
+        let lost = held.lost_owned();
+        let lost_at = tokio::spawn(async move {
+            lost.lost().await;
+            started.elapsed()
+        });
+        // On the one holder session: an unlock, or a lock statement.
+        let outcome = if unlock {
+            other.release().await.map(drop)
+        } else {
+            let new = locks
+                .try_acquire(common::unique("hole-new").as_str())
+                .await
+                .map(drop);
+            drop(other);
+            new
+        };
+        let took = started.elapsed();
+        assert!(
+            outcome.is_err(),
+            "{what} on a black-holed session: {outcome:?}"
+        );
+        let lost_after = lost_at.await.unwrap();
+        let slack = Duration::from_millis(1500);
+        assert!(
+            lost_after >= bound - Duration::from_millis(100) && lost_after < bound + slack,
+            "{what}: the session was closed after {lost_after:?}, the bound being {bound:?}"
+        );
+        let limit = if unlock { bound } else { bound + pool_wait };
+        assert!(
+            took < limit + slack,
+            "{what}: the caller got its error after {took:?} (expected by {limit:?})"
+        );
+        assert!(
+            matches!(held.release().await, Err(Error::Lost { .. })),
+            "{what}: releasing the lost lock"
+        );
+        println!("{what}: session closed after {lost_after:?}, caller's error after {took:?}");
+        proxy.pause(0, false);
+        proxy.down(0, true);
     }
 }
