@@ -239,16 +239,20 @@ impl Registry {
         };
         entry.holds += 1;
         entry.queued += 1;
-        self.keys.entry(key).or_default().push(Hold {
-            lock,
-            session: chosen,
-            mode,
-            permit: permit.map(|keys| Permit {
-                keys: keys.clone(),
-                slot: None,
-            }),
-            state: HoldState::Pending,
-        });
+        // Most keys have one hold: a vector of one, not the default four.
+        self.keys
+            .entry(key)
+            .or_insert_with(|| Vec::with_capacity(1))
+            .push(Hold {
+                lock,
+                session: chosen,
+                mode,
+                permit: permit.map(|keys| Permit {
+                    keys: keys.clone(),
+                    slot: None,
+                }),
+                state: HoldState::Pending,
+            });
         Route::Send(session)
     }
 

@@ -34,8 +34,9 @@ use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use sqlx::pool::PoolConnection;
-use sqlx::postgres::{PgConnection, PgRow};
-use sqlx::{Postgres, Row};
+use sqlx::postgres::{PgArguments, PgConnection, PgQueryResult, PgRow};
+use sqlx::query::Query;
+use sqlx::{Executor, Postgres, Row};
 use tokio::sync::{mpsc, MutexGuard, OwnedSemaphorePermit};
 use tokio::time::{sleep_until, timeout, Instant};
 
@@ -44,7 +45,7 @@ pub(super) mod permit;
 use super::registry::{Hold, LockId, Permit, SessionEntry, SessionId};
 use super::release::{self, Held};
 use super::{split_key, Inner, Refusal};
-use crate::backend::Grant;
+use crate::backend::{BoxFuture, Grant};
 use crate::error::Loss;
 use crate::postgres::engine::{self, is_statement_clash};
 use crate::postgres::key::semaphore_key;
@@ -290,16 +291,71 @@ async fn bounded<T>(
 ) -> std::result::Result<T, Failure> {
     match timeout(limit, statement).await {
         Ok(Ok(v)) => Ok(v),
-        Ok(Err(e)) if fatal(&e) => Err(Failure::Broken(Loss::new(
-            fatal_reason(&e),
-            format!("the holder session of the advisory lock failed: {e}"),
-        ))),
-        Ok(Err(e)) => Err(Failure::Server(e)),
+        Ok(Err(e)) => Err(classify(e)),
         Err(_) => Err(Failure::Broken(Loss::new(
             LostReason::ConnectionLost,
             format!("the holder session of the advisory lock did not answer within {limit:?}"),
         ))),
     }
+}
+
+/// What a statement's error `e` makes of the session: broken by a
+/// [`fatal`] error (a decoding error included: the session's answers can
+/// no longer be trusted), else refused by the server.
+fn classify(e: sqlx::Error) -> Failure {
+    if fatal(&e) {
+        Failure::Broken(Loss::new(
+            fatal_reason(&e),
+            format!("the holder session of the advisory lock failed: {e}"),
+        ))
+    } else {
+        Failure::Server(e)
+    }
+}
+
+/// Sends `query` on `conn` and answers its first row (`None`: no row), as
+/// the future sqlx's executor boxes. The statements of a session go through
+/// here rather than through the typed `query_scalar(..).fetch_one(..)`,
+/// whose future (552 bytes: it keeps the query beside the executor's
+/// future) sits inline in every state machine above it, `bounded`, the
+/// lock statement and the box that `Detached` makes, and was copied into
+/// each: on the uncontended path that was about 5 KB of copies and two
+/// allocations too large for the allocator's per-thread cache per pair.
+/// sqlx boxes the statement's own future either way.
+fn first_row<'c>(
+    conn: &'c mut PgConnection,
+    query: Query<'c, Postgres, PgArguments>,
+) -> BoxFuture<'c, sqlx::Result<Option<PgRow>>> {
+    conn.fetch_optional(query)
+}
+
+/// A statement's one row, as [`first_row`] answered it through
+/// [`bounded`], decoded as `T`; a missing row or a value that does not
+/// decode breaks the session, as it did inside the typed `fetch_one`.
+fn decoded<T>(row: std::result::Result<Option<PgRow>, Failure>) -> std::result::Result<T, Failure>
+where
+    T: for<'r> sqlx::FromRow<'r, PgRow>,
+{
+    row?.ok_or(sqlx::Error::RowNotFound)
+        .and_then(|row| T::from_row(&row))
+        .map_err(classify)
+}
+
+/// The first column of a statement's one row (see [`decoded`]).
+fn scalar<T>(row: std::result::Result<Option<PgRow>, Failure>) -> std::result::Result<T, Failure>
+where
+    T: for<'r> sqlx::Decode<'r, Postgres> + sqlx::Type<Postgres>,
+{
+    decoded::<(T,)>(row).map(|(v,)| v)
+}
+
+/// Runs a statement that returns no rows on `conn`, as the future sqlx's
+/// executor boxes (see [`first_row`]).
+fn run<'c>(
+    conn: &'c mut PgConnection,
+    query: Query<'c, Postgres, PgArguments>,
+) -> BoxFuture<'c, sqlx::Result<PgQueryResult>> {
+    conn.execute(query)
 }
 
 /// A new holder session's marker: random, so that no other holder (in
@@ -334,6 +390,17 @@ impl Conn {
         self.conn
             .as_mut()
             .expect("an open session has its connection")
+    }
+
+    /// The connection, with the marker and pid that its statements check
+    /// (borrowed apart, so that the marker is bound by reference, not
+    /// copied per statement).
+    fn checked(&mut self) -> (&mut PgConnection, &str, i32) {
+        let conn = self
+            .conn
+            .as_mut()
+            .expect("an open session has its connection");
+        (conn, self.marker.as_str(), self.pid)
     }
 }
 
@@ -701,8 +768,8 @@ impl Session {
     async fn keepalives_on(&self) -> std::result::Result<(), Loss> {
         let mut c = self.conn().await?;
         let limit = self.inner.answer_within();
-        let statement = sqlx::query_scalar::<_, i32>(KEEPALIVES_ON).fetch_one(c.pg());
-        match bounded(limit, statement).await {
+        let statement = first_row(c.pg(), sqlx::query(KEEPALIVES_ON));
+        match scalar::<i32>(bounded(limit, statement).await) {
             Ok(_) => {
                 self.alive();
                 Ok(())
@@ -724,11 +791,12 @@ impl Session {
     pub(super) async fn check(&self) -> std::result::Result<(), Loss> {
         let mut c = self.conn().await?;
         let limit = self.inner.answer_within();
-        let statement = sqlx::query_scalar::<_, bool>(PING)
-            .bind(c.marker.clone())
-            .bind(c.pid)
-            .fetch_one(c.pg());
-        let reason = match bounded(limit, statement).await {
+        let answer = {
+            let (pg, marker, pid) = c.checked();
+            let query = sqlx::query(PING).bind(marker).bind(pid);
+            scalar::<bool>(bounded(limit, first_row(pg, query)).await)
+        };
+        let reason = match answer {
             Ok(true) => {
                 self.alive();
                 return Ok(());
@@ -771,18 +839,18 @@ impl Session {
         } else {
             &*TRY_SHARED
         };
-        let mut query = sqlx::query_as::<_, (bool, Option<i64>, Option<bool>)>(sql.as_str())
-            .bind(key)
-            .bind(c.marker.clone())
-            .bind(c.pid);
-        let (classid, objid) = split_key(semaphore_key(name));
-        query = query.bind(classid).bind(objid).bind(look).bind(true);
-        if stacked {
-            let (classid, objid) = split_key(key);
-            query = query.bind(classid).bind(objid);
-        }
         c.in_doubt = true;
-        let outcome = bounded(limit, query.fetch_one(c.pg())).await;
+        let outcome = {
+            let (pg, marker, pid) = c.checked();
+            let mut query = sqlx::query(sql.as_str()).bind(key).bind(marker).bind(pid);
+            let (classid, objid) = split_key(semaphore_key(name));
+            query = query.bind(classid).bind(objid).bind(look).bind(true);
+            if stacked {
+                let (classid, objid) = split_key(key);
+                query = query.bind(classid).bind(objid);
+            }
+            decoded::<(bool, Option<i64>, Option<bool>)>(bounded(limit, first_row(pg, query)).await)
+        };
         c.in_doubt = false;
         match outcome {
             Ok((false, ..)) => Tried::NotOurs,
@@ -807,16 +875,9 @@ impl Session {
         let limit = self.inner.answer_within();
         c.in_doubt = true;
         let outcome = {
-            // The marker is bound by reference: no copy per statement.
-            let Conn {
-                conn, marker, pid, ..
-            } = &mut *c;
-            let query = sqlx::query_scalar::<_, Option<i64>>(TRY_EXCLUSIVE)
-                .bind(key)
-                .bind(marker.as_str())
-                .bind(*pid);
-            let pg = conn.as_mut().expect("an open session has its connection");
-            bounded(limit, query.fetch_one(&mut **pg)).await
+            let (pg, marker, pid) = c.checked();
+            let query = sqlx::query(TRY_EXCLUSIVE).bind(key).bind(marker).bind(pid);
+            scalar::<Option<i64>>(bounded(limit, first_row(pg, query)).await)
         };
         let tried = match outcome {
             Ok(Some(NOT_OURS)) => Tried::NotOurs,
@@ -841,11 +902,8 @@ impl Session {
             Ok(None) => {
                 self.alive();
                 let (classid, objid) = split_key(semaphore_key(name));
-                let looked = sqlx::query_scalar::<_, bool>(LOOK)
-                    .bind(classid)
-                    .bind(objid)
-                    .fetch_one(c.pg());
-                match bounded(limit, looked).await {
+                let looked = first_row(c.pg(), sqlx::query(LOOK).bind(classid).bind(objid));
+                match scalar::<bool>(bounded(limit, looked).await) {
                     Ok(true) => Tried::MissedBesidePermits,
                     Ok(false) => Tried::Missed,
                     Err(failure) => self.failed_try(c, failure),
@@ -915,7 +973,7 @@ impl Session {
     ) -> std::result::Result<(), Loss> {
         let limit = self.inner.answer_within();
         c.in_doubt = true;
-        let undone = bounded(limit, sqlx::query(UNLOCK_SHARED).bind(key).execute(c.pg())).await;
+        let undone = bounded(limit, run(c.pg(), sqlx::query(UNLOCK_SHARED).bind(key))).await;
         c.in_doubt = false;
         self.settle(c, undone, "giving back a reader's lock")
             .map(drop)
@@ -936,7 +994,7 @@ impl Session {
             LockMode::Shared => UNDO_SHARED,
         };
         c.in_doubt = true;
-        let outcome = bounded(limit, sqlx::query(undo).bind(key).execute(c.pg())).await;
+        let outcome = bounded(limit, run(c.pg(), sqlx::query(undo).bind(key))).await;
         c.in_doubt = false;
         self.settle(c, outcome, "undoing a failed lock").map(drop)
     }
@@ -958,15 +1016,11 @@ impl Session {
         };
         c.in_doubt = true;
         let outcome = match permit {
-            Some(permit) => bounded(limit, permit::unlock(c.pg(), permit, permit::ALL)).await,
+            Some(permit) => {
+                scalar::<bool>(bounded(limit, permit::unlock(c.pg(), permit, permit::ALL)).await)
+            }
             None => {
-                bounded(
-                    limit,
-                    sqlx::query_scalar::<_, bool>(sql)
-                        .bind(key)
-                        .fetch_one(c.pg()),
-                )
-                .await
+                scalar::<bool>(bounded(limit, first_row(c.pg(), sqlx::query(sql).bind(key))).await)
             }
         };
         c.in_doubt = false;
@@ -1058,7 +1112,7 @@ impl Session {
         let Some(mut conn) = c.conn.take() else {
             return;
         };
-        if bounded(limit, sqlx::query(RETIRE).execute(&mut *conn))
+        if bounded(limit, run(&mut conn, sqlx::query(RETIRE)))
             .await
             .is_err()
         {
@@ -1074,13 +1128,12 @@ impl Session {
 /// The lock table's size as configured, for the error message.
 pub(super) async fn lock_table_size(session: &Session, c: &mut Conn) -> String {
     let limit = session.inner.answer_within();
-    let statement = sqlx::query_as::<_, (String, String, String)>(
+    let query = sqlx::query(
         "SELECT current_setting('max_locks_per_transaction'),
                 current_setting('max_connections'),
                 current_setting('max_prepared_transactions')",
-    )
-    .fetch_one(c.pg());
-    match bounded(limit, statement).await {
+    );
+    match decoded::<(String, String, String)>(bounded(limit, first_row(c.pg(), query)).await) {
         Ok((per_tx, conns, prepared)) => {
             session.alive();
             let total = per_tx.parse::<u64>().ok().and_then(|p| {

@@ -21,9 +21,10 @@
 
 use std::sync::{Arc, LazyLock};
 
-use sqlx::postgres::PgConnection;
+use sqlx::postgres::{PgConnection, PgRow};
 
-use super::{bounded, Conn, Failure, Session, OURS};
+use super::{bounded, decoded, first_row, run, scalar, Conn, Failure, Session, OURS};
+use crate::backend::BoxFuture;
 use crate::error::Loss;
 use crate::postgres::advisory::registry::Permit;
 use crate::postgres::engine::is_statement_clash;
@@ -104,20 +105,21 @@ const UNDO: &str = "SELECT count(CASE WHEN mode = 'ExclusiveLock' THEN pg_adviso
            AND ((classid::bigint << 32) | objid::bigint) = ANY($1)
         OFFSET 0) l";
 
-/// Gives back a permit's slot and the first `got` of its markers.
+/// Gives back a permit's slot and the first `got` of its markers; its
+/// one row says whether the slot was held (decode it with `scalar`).
 pub(super) fn unlock<'c>(
     conn: &'c mut PgConnection,
     permit: &Permit,
     got: i32,
-) -> impl std::future::Future<Output = Result<bool, sqlx::Error>> + Send + 'c {
+) -> BoxFuture<'c, sqlx::Result<Option<PgRow>>> {
     let keys = &permit.keys;
-    sqlx::query_scalar::<_, bool>(UNLOCK)
+    let query = sqlx::query(UNLOCK)
         .bind(permit.slot)
         .bind(keys.name)
         .bind(keys.semaphore)
         .bind(keys.capacity)
-        .bind(got)
-        .fetch_one(conn)
+        .bind(got);
+    first_row(conn, query)
 }
 
 /// What a permit's statement answered (see [`Session::try_permit`]).
@@ -159,18 +161,19 @@ impl Session {
     ) -> PermitTried {
         let limit = self.inner.answer_within();
         c.in_doubt = true;
-        let taken = bounded(
-            limit,
-            sqlx::query_as::<_, (bool, i32, Option<i64>, Option<i64>, bool, bool)>(TAKE.as_str())
+        let taken = {
+            let (pg, marker, pid) = c.checked();
+            let query = sqlx::query(TAKE.as_str())
                 .bind(keys.name)
-                .bind(c.marker.clone())
-                .bind(c.pid)
+                .bind(marker)
+                .bind(pid)
                 .bind(slots)
                 .bind(keys.capacity)
-                .bind(keys.semaphore)
-                .fetch_one(c.pg()),
-        )
-        .await;
+                .bind(keys.semaphore);
+            decoded::<(bool, i32, Option<i64>, Option<i64>, bool, bool)>(
+                bounded(limit, first_row(pg, query)).await,
+            )
+        };
         let (got, slot, token, verdict) = match taken {
             Ok((true, got, slot, token, lock_beside, other_capacity)) => {
                 let verdict = match (lock_beside, other_capacity) {
@@ -212,7 +215,7 @@ impl Session {
             keys: keys.clone(),
             slot,
         };
-        let undone = bounded(limit, unlock(c.pg(), &permit, got)).await;
+        let undone = scalar::<bool>(bounded(limit, unlock(c.pg(), &permit, got)).await);
         c.in_doubt = false;
         match self.settle(c, undone, "giving back an untaken permit") {
             Ok(_) => PermitTried::Missed(verdict),
@@ -234,7 +237,7 @@ impl Session {
         all.extend(&keys.slots);
         let limit = self.inner.answer_within();
         c.in_doubt = true;
-        let undone = bounded(limit, sqlx::query(UNDO).bind(&all).execute(c.pg())).await;
+        let undone = bounded(limit, run(c.pg(), sqlx::query(UNDO).bind(&all))).await;
         c.in_doubt = false;
         self.settle(c, undone, "undoing a failed permit").map(drop)
     }
