@@ -393,10 +393,15 @@ impl Conn {
 
 impl PgStore {
     async fn conn(&self) -> sqlx::Result<Conn> {
+        // Boxed: sqlx's pool acquisition carries the state of opening a
+        // connection (about 9 KB); inline, it made every statement's
+        // future that large, and each layer that builds and moves one (the
+        // retry, the store's call, the engine's, the box that finishes an
+        // abandoned call) copied it.
         Ok(if self.pooled {
-            Conn::Tx(self.pool.begin().await?)
+            Conn::Tx(Box::pin(self.pool.begin()).await?)
         } else {
-            Conn::Plain(self.pool.acquire().await?)
+            Conn::Plain(Box::pin(self.pool.acquire()).await?)
         })
     }
 

@@ -489,7 +489,9 @@ impl LeaseStore for SqliteStore {
         let row: Option<(Option<String>, i64, i64)> = retry_busy(|| async {
             // As for PostgreSQL: nothing is claimed for an acquirer that left
             // while this waited for a connection.
-            let mut conn = self.pool.acquire().await?;
+            // Boxed: sqlx's pool acquisition carries the state of opening a
+            // connection, which would make the claim's future that large.
+            let mut conn = Box::pin(self.pool.acquire()).await?;
             if (claim.abandoned)() {
                 return Ok(None);
             }
