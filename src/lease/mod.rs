@@ -717,6 +717,10 @@ async fn acquire<S: LeaseStore>(
         Wait::For(d) => Some(Instant::now() + d),
         _ => None,
     };
+    // With a wait, the acquisition ends by its deadline plus the store's
+    // claim grace whatever the database does: every statement it awaits is
+    // bounded by this (the claim more tightly, see below).
+    let limit = deadline.map(|d| d + inner.store.claim_grace());
     // A try (`Wait::No`) never waits, so it needs no wake-ups.
     let subscription = match request.wait() {
         Wait::No => None,
@@ -774,8 +778,10 @@ async fn acquire<S: LeaseStore>(
                 return Ok(Some(grant(&inner, &request, owner, claimed, sent_at)));
             }
             // Boxed, as the other rare paths below: the uncontended claim's
-            // future should neither carry nor copy their state.
-            Box::pin(taken.give_back()).await;
+            // future should neither carry nor copy their state. Not awaited
+            // past the limit (it then finishes in a task of its own): a
+            // claim that came back late often means a server going away.
+            within(limit, Box::pin(taken.give_back())).await;
             tracing::debug!(
                 ?took,
                 ?ttl,
@@ -802,7 +808,12 @@ async fn acquire<S: LeaseStore>(
             checked = true;
             // A holder the store cannot describe (a foreign value, a read
             // that failed) is no semaphore it knows: wait as before.
-            match Box::pin(inner.store.inspect(name)).await {
+            let inspected = within(limit, Box::pin(inner.store.inspect(name))).await;
+            match inspected.unwrap_or_else(|| {
+                Err(Error::Unavailable(
+                    "no answer within the acquisition's wait".into(),
+                ))
+            }) {
                 Ok(found) => {
                     if let Some(e) = permits::refusal(name, request.max_holders(), found.as_ref()) {
                         return Err(e);
@@ -836,6 +847,15 @@ async fn acquire<S: LeaseStore>(
         })
         .await;
         pause = (pause * 2).min(cap);
+    }
+}
+
+/// Awaits `work` until `limit` (for ever without one); `None` if the limit
+/// came first (`work` is dropped: it must be cancel safe).
+async fn within<T>(limit: Option<Instant>, work: impl Future<Output = T>) -> Option<T> {
+    match limit {
+        Some(limit) => tokio::time::timeout_at(limit, work).await.ok(),
+        None => Some(work.await),
     }
 }
 
@@ -927,5 +947,136 @@ mod tests {
         assert_eq!(out, "[\"a\\\"b\\\\c\\n\\u0001\u{7f}é🔒'\"]");
         let back: Vec<String> = serde_json::from_str(&out).unwrap();
         assert_eq!(back, [text]);
+    }
+}
+
+/// An acquisition with a wait ends by its deadline plus the claim grace,
+/// whatever the statements after its claim do.
+#[cfg(test)]
+mod bounded_wait {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use chrono::{DateTime, Utc};
+    use tokio::time::Instant;
+
+    use super::*;
+    use crate::memory::MemoryStore;
+    use crate::{AcquireRequest, Error, LockInfo};
+
+    /// The memory store, whose inspections and releases can be made to
+    /// never answer, and whose claims to take a while first.
+    #[derive(Debug, Default)]
+    struct Stalling {
+        store: MemoryStore,
+        stall: Arc<AtomicBool>,
+        slow_claims: Arc<AtomicBool>,
+    }
+
+    impl Stalling {
+        async fn stalled(&self) {
+            if self.stall.load(Ordering::SeqCst) {
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+
+    impl LeaseStore for Stalling {
+        fn kind(&self) -> &'static str {
+            "stalling"
+        }
+        async fn claim(&self, claim: &Claim<'_>) -> Result<Option<Claimed>> {
+            if self.slow_claims.load(Ordering::SeqCst) {
+                // Past the lease's safety margin (ttl 1 s): given back.
+                tokio::time::sleep(Duration::from_millis(950)).await;
+            }
+            self.store.claim(claim).await
+        }
+        async fn renew(&self, lease: LeaseId<'_>, ttl: Duration) -> NewExpiry {
+            self.store.renew(lease, ttl).await
+        }
+        async fn renew_many(&self, batch: &[Renewal]) -> Result<Vec<Renewed>> {
+            self.store.renew_many(batch).await
+        }
+        async fn release(&self, lease: LeaseId<'_>, hold: Option<Duration>) -> Result<bool> {
+            self.stalled().await;
+            self.store.release(lease, hold).await
+        }
+        async fn force_release(&self, name: &str) -> Result<bool> {
+            self.store.force_release(name).await
+        }
+        async fn inspect(&self, name: &str) -> Result<Option<LockInfo>> {
+            self.stalled().await;
+            self.store.inspect(name).await
+        }
+        async fn list(&self) -> Result<Vec<LockInfo>> {
+            self.store.list().await
+        }
+        async fn now(&self) -> Result<DateTime<Utc>> {
+            self.store.now().await
+        }
+    }
+
+    fn engine() -> (LeaseEngine<Stalling>, Arc<AtomicBool>, Arc<AtomicBool>) {
+        let store = Stalling::default();
+        let (stall, slow) = (store.stall.clone(), store.slow_claims.clone());
+        let engine = LeaseEngine::new(store, Wakeups::new(), LeaseOptions::default()).unwrap();
+        (engine, stall, slow)
+    }
+
+    fn request(name: &str, wait: Duration) -> AcquireRequest {
+        AcquireRequest::new(name)
+            .unwrap()
+            .with_ttl(Duration::from_secs(1))
+            .unwrap()
+            .with_wait(Wait::For(wait))
+            .unwrap()
+    }
+
+    /// The acquisition's outcome and how long it took; fails if it is
+    /// still running well past its limit.
+    async fn timed(
+        engine: &LeaseEngine<Stalling>,
+        name: &str,
+        wait: Duration,
+    ) -> (Result<Option<Grant>>, Duration) {
+        let started = Instant::now();
+        let outcome = tokio::time::timeout(
+            wait + CLAIM_GRACE + Duration::from_secs(10),
+            engine.acquire(request(name, wait)),
+        )
+        .await
+        .expect("the acquisition overran its wait and the claim grace");
+        (outcome, started.elapsed())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_inspection_that_never_answers_ends_at_the_limit() {
+        let (engine, stall, _) = engine();
+        let held = engine
+            .acquire(request("busy", Duration::from_secs(1)))
+            .await
+            .unwrap()
+            .expect("free");
+        stall.store(true, Ordering::SeqCst);
+        let wait = Duration::from_secs(2);
+        let (outcome, took) = timed(&engine, "busy", wait).await;
+        assert!(matches!(outcome, Err(Error::Timeout { .. })), "{outcome:?}");
+        assert!(took <= wait + CLAIM_GRACE, "ended after {took:?}");
+        drop(held);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_give_back_that_never_answers_ends_at_the_limit() {
+        let (engine, stall, slow) = engine();
+        slow.store(true, Ordering::SeqCst);
+        stall.store(true, Ordering::SeqCst);
+        let wait = Duration::from_millis(500);
+        let (outcome, took) = timed(&engine, "late", wait).await;
+        // The claim answered after the lease's margin: given back (which
+        // never answers), and out of wait.
+        assert!(matches!(outcome, Err(Error::Lost { .. })), "{outcome:?}");
+        assert!(took <= wait + CLAIM_GRACE, "ended after {took:?}");
     }
 }

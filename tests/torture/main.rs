@@ -242,31 +242,38 @@ async fn controller(settings: Settings) -> Vec<Outcome> {
             });
         }
     }
+    // The schedule and election phases mostly wait (for slots, for terms
+    // to run out): their backends run side by side, each on its own
+    // database and names, and each reports under its own label.
     if settings.phase("schedule") {
-        for &kind in kinds.iter().filter(|k| k.lease()) {
+        let secs = settings.secs.min(SCHEDULE_SECS);
+        let runs = kinds.iter().filter(|k| k.lease()).map(|&kind| async move {
             let ok = timed(
-                "schedule",
-                schedule::run(kind, settings.secs.min(SCHEDULE_SECS)),
+                &format!("schedule {}", kind.label()),
+                schedule::run(kind, secs),
             )
             .await;
-            outcomes.push(Outcome {
+            Outcome {
                 name: format!("schedule {}", kind.label()),
                 ok,
-            });
-        }
+            }
+        });
+        outcomes.extend(timed_all("schedule", runs).await);
     }
     if settings.phase("election") {
-        for &kind in &kinds {
+        let secs = settings.secs.min(ELECTION_SECS);
+        let runs = kinds.iter().map(|&kind| async move {
             let ok = timed(
-                "election",
-                election::run(kind, settings.secs.min(ELECTION_SECS)),
+                &format!("election {}", kind.label()),
+                election::run(kind, secs),
             )
             .await;
-            outcomes.push(Outcome {
+            Outcome {
                 name: format!("election {}", kind.label()),
                 ok,
-            });
-        }
+            }
+        });
+        outcomes.extend(timed_all("election", runs).await);
     }
     outcomes
 }
@@ -283,6 +290,20 @@ async fn timed(what: &str, f: impl Future<Output = bool>) -> bool {
     let ok = f.await;
     eprintln!("torture: {what} took {:.1} s", t.elapsed().as_secs_f64());
     ok
+}
+
+/// Runs `runs` side by side and reports how long they took together.
+async fn timed_all<F: Future<Output = Outcome>>(
+    what: &str,
+    runs: impl Iterator<Item = F>,
+) -> Vec<Outcome> {
+    let t = Instant::now();
+    let outcomes = futures::future::join_all(runs).await;
+    eprintln!(
+        "torture: {what}, every backend side by side, took {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
+    outcomes
 }
 
 /// Polls `check` until it holds or `within` passes.
