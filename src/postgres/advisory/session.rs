@@ -29,8 +29,10 @@
 //! after a `pg_advisory_unlock_all()` for good measure.
 
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, LazyLock};
+use std::task::Poll;
 use std::time::Duration;
 
 use sqlx::pool::PoolConnection;
@@ -38,7 +40,7 @@ use sqlx::postgres::{PgArguments, PgConnection, PgQueryResult, PgRow};
 use sqlx::query::Query;
 use sqlx::{Executor, Postgres, Row};
 use tokio::sync::{mpsc, MutexGuard, OwnedSemaphorePermit};
-use tokio::time::{sleep_until, timeout, Instant};
+use tokio::time::{sleep_until, timeout, Instant, Sleep};
 
 pub(super) mod permit;
 
@@ -284,18 +286,62 @@ fn failed(e: &sqlx::Error) -> Loss {
 }
 
 /// Runs `statement` with a bound on how long the session may take to
-/// answer, and classifies its failure.
+/// answer (`limit`, on the session's statement timer), and classifies its
+/// failure.
 async fn bounded<T>(
+    timer: &mut StatementTimer,
     limit: Duration,
     statement: impl Future<Output = std::result::Result<T, sqlx::Error>>,
 ) -> std::result::Result<T, Failure> {
-    match timeout(limit, statement).await {
-        Ok(Ok(v)) => Ok(v),
-        Ok(Err(e)) => Err(classify(e)),
-        Err(_) => Err(Failure::Broken(Loss::new(
+    let mut deadline = timer.armed(limit);
+    let mut statement = std::pin::pin!(statement);
+    let answer = std::future::poll_fn(|cx| match statement.as_mut().poll(cx) {
+        Poll::Ready(answer) => Poll::Ready(Some(answer)),
+        Poll::Pending => deadline.as_mut().poll(cx).map(|()| None),
+    })
+    .await;
+    match answer {
+        Some(Ok(v)) => Ok(v),
+        Some(Err(e)) => Err(classify(e)),
+        None => Err(Failure::Broken(Loss::new(
             LostReason::ConnectionLost,
             format!("the holder session of the advisory lock did not answer within {limit:?}"),
         ))),
+    }
+}
+
+/// A session's one timer for the answer bound of its statements.
+///
+/// A tokio timer set and cleared per statement (two per lock and unlock)
+/// was about a tenth of the client's own work on the uncontended path
+/// (docs/performance.md, issue 14, eighth pass). Statements in quick
+/// succession share one setting of this one instead: it is moved only when
+/// it would go off earlier than a new statement's full bound minus a
+/// fortieth of it, or later than that bound. A statement is therefore given
+/// up between 0.975 and 1 times its bound after it started; a timer that
+/// goes off between statements wakes nobody who waits for it.
+#[derive(Default)]
+pub(super) struct StatementTimer {
+    /// Made at the first statement (a timer needs the runtime at hand).
+    sleep: Option<Pin<Box<Sleep>>>,
+    /// When `sleep` goes off.
+    at: Option<Instant>,
+}
+
+impl StatementTimer {
+    /// The timer, set to go off between `limit` minus a fortieth of it and
+    /// `limit` from now.
+    fn armed(&mut self, limit: Duration) -> Pin<&mut Sleep> {
+        let due = Instant::now() + limit;
+        let sleep = self.sleep.get_or_insert_with(|| Box::pin(sleep_until(due)));
+        match self.at {
+            Some(at) if at <= due && at + limit / 40 >= due => {}
+            _ => {
+                sleep.as_mut().reset(due);
+                self.at = Some(due);
+            }
+        }
+        sleep.as_mut()
     }
 }
 
@@ -368,6 +414,8 @@ pub(super) fn new_marker() -> String {
 pub(super) struct Conn {
     /// `None` once the session went back to the pool or was closed.
     conn: Option<PoolConnection<Postgres>>,
+    /// The answer bound of the statements sent on `conn`.
+    timer: StatementTimer,
     /// The marker this session set on its server session.
     marker: String,
     /// Its server session's pid.
@@ -392,15 +440,25 @@ impl Conn {
             .expect("an open session has its connection")
     }
 
-    /// The connection, with the marker and pid that its statements check
-    /// (borrowed apart, so that the marker is bound by reference, not
-    /// copied per statement).
-    fn checked(&mut self) -> (&mut PgConnection, &str, i32) {
+    /// The connection and the timer that bounds its statements (borrowed
+    /// apart, for [`bounded`]).
+    fn split(&mut self) -> (&mut PgConnection, &mut StatementTimer) {
         let conn = self
             .conn
             .as_mut()
             .expect("an open session has its connection");
-        (conn, self.marker.as_str(), self.pid)
+        (conn, &mut self.timer)
+    }
+
+    /// [`Conn::split`], with the marker and pid that its statements check
+    /// (borrowed apart, so that the marker is bound by reference, not
+    /// copied per statement).
+    fn checked(&mut self) -> (&mut PgConnection, &str, i32, &mut StatementTimer) {
+        let conn = self
+            .conn
+            .as_mut()
+            .expect("an open session has its connection");
+        (conn, self.marker.as_str(), self.pid, &mut self.timer)
     }
 }
 
@@ -481,13 +539,15 @@ pub(super) async fn open(
     let limit = inner.answer_within();
     let mut c = Conn {
         conn: Some(conn),
+        timer: StatementTimer::default(),
         marker: String::new(),
         pid: 0,
         timeline: None,
         in_doubt: false,
         wait_slot: None,
     };
-    let row = match bounded(limit, sqlx::raw_sql(OPEN).fetch_one(c.pg())).await {
+    let (pg, timer) = c.split();
+    let row = match bounded(timer, limit, sqlx::raw_sql(OPEN).fetch_one(pg)).await {
         Ok(row) => row,
         Err(Failure::Server(e)) => return Err(format!("the holder session failed: {e}")),
         Err(Failure::Broken(loss)) => return Err(loss.detail),
@@ -618,6 +678,7 @@ pub(super) fn adopt(
         // keeps its wait slot until it goes back to the pool.
         let c = Conn {
             conn: Some(conn),
+            timer: StatementTimer::default(),
             marker,
             pid,
             timeline: None,
@@ -768,8 +829,9 @@ impl Session {
     async fn keepalives_on(&self) -> std::result::Result<(), Loss> {
         let mut c = self.conn().await?;
         let limit = self.inner.answer_within();
-        let statement = first_row(c.pg(), sqlx::query(KEEPALIVES_ON));
-        match scalar::<i32>(bounded(limit, statement).await) {
+        let (pg, timer) = c.split();
+        let statement = first_row(pg, sqlx::query(KEEPALIVES_ON));
+        match scalar::<i32>(bounded(timer, limit, statement).await) {
             Ok(_) => {
                 self.alive();
                 Ok(())
@@ -792,9 +854,9 @@ impl Session {
         let mut c = self.conn().await?;
         let limit = self.inner.answer_within();
         let answer = {
-            let (pg, marker, pid) = c.checked();
+            let (pg, marker, pid, timer) = c.checked();
             let query = sqlx::query(PING).bind(marker).bind(pid);
-            scalar::<bool>(bounded(limit, first_row(pg, query)).await)
+            scalar::<bool>(bounded(timer, limit, first_row(pg, query)).await)
         };
         let reason = match answer {
             Ok(true) => {
@@ -841,7 +903,7 @@ impl Session {
         };
         c.in_doubt = true;
         let outcome = {
-            let (pg, marker, pid) = c.checked();
+            let (pg, marker, pid, timer) = c.checked();
             let mut query = sqlx::query(sql.as_str()).bind(key).bind(marker).bind(pid);
             let (classid, objid) = split_key(semaphore_key(name));
             query = query.bind(classid).bind(objid).bind(look).bind(true);
@@ -849,7 +911,9 @@ impl Session {
                 let (classid, objid) = split_key(key);
                 query = query.bind(classid).bind(objid);
             }
-            decoded::<(bool, Option<i64>, Option<bool>)>(bounded(limit, first_row(pg, query)).await)
+            decoded::<(bool, Option<i64>, Option<bool>)>(
+                bounded(timer, limit, first_row(pg, query)).await,
+            )
         };
         c.in_doubt = false;
         match outcome {
@@ -875,9 +939,9 @@ impl Session {
         let limit = self.inner.answer_within();
         c.in_doubt = true;
         let outcome = {
-            let (pg, marker, pid) = c.checked();
+            let (pg, marker, pid, timer) = c.checked();
             let query = sqlx::query(TRY_EXCLUSIVE).bind(key).bind(marker).bind(pid);
-            scalar::<Option<i64>>(bounded(limit, first_row(pg, query)).await)
+            scalar::<Option<i64>>(bounded(timer, limit, first_row(pg, query)).await)
         };
         let tried = match outcome {
             Ok(Some(NOT_OURS)) => Tried::NotOurs,
@@ -902,8 +966,9 @@ impl Session {
             Ok(None) => {
                 self.alive();
                 let (classid, objid) = split_key(semaphore_key(name));
-                let looked = first_row(c.pg(), sqlx::query(LOOK).bind(classid).bind(objid));
-                match scalar::<bool>(bounded(limit, looked).await) {
+                let (pg, timer) = c.split();
+                let looked = first_row(pg, sqlx::query(LOOK).bind(classid).bind(objid));
+                match scalar::<bool>(bounded(timer, limit, looked).await) {
                     Ok(true) => Tried::MissedBesidePermits,
                     Ok(false) => Tried::Missed,
                     Err(failure) => self.failed_try(c, failure),
@@ -923,11 +988,12 @@ impl Session {
         let limit = self.inner.answer_within();
         // A simple query (no prepared statement): the lock is held, so the
         // read must not be mistaken for a statement that took nothing.
+        let (pg, timer) = c.split();
         let read = sqlx::raw_sql(sqlx::AssertSqlSafe(
             crate::postgres::token::TIMELINE_NOW.as_str(),
         ))
-        .fetch_one(c.pg());
-        let row = bounded(limit, read).await?;
+        .fetch_one(pg);
+        let row = bounded(timer, limit, read).await?;
         let timeline: Option<i64> = row
             .try_get(0)
             .map_err(|e| Failure::Server(sqlx::Error::Protocol(e.to_string())))?;
@@ -973,7 +1039,8 @@ impl Session {
     ) -> std::result::Result<(), Loss> {
         let limit = self.inner.answer_within();
         c.in_doubt = true;
-        let undone = bounded(limit, run(c.pg(), sqlx::query(UNLOCK_SHARED).bind(key))).await;
+        let (pg, timer) = c.split();
+        let undone = bounded(timer, limit, run(pg, sqlx::query(UNLOCK_SHARED).bind(key))).await;
         c.in_doubt = false;
         self.settle(c, undone, "giving back a reader's lock")
             .map(drop)
@@ -994,7 +1061,8 @@ impl Session {
             LockMode::Shared => UNDO_SHARED,
         };
         c.in_doubt = true;
-        let outcome = bounded(limit, run(c.pg(), sqlx::query(undo).bind(key))).await;
+        let (pg, timer) = c.split();
+        let outcome = bounded(timer, limit, run(pg, sqlx::query(undo).bind(key))).await;
         c.in_doubt = false;
         self.settle(c, outcome, "undoing a failed lock").map(drop)
     }
@@ -1015,13 +1083,14 @@ impl Session {
             LockMode::Shared => UNLOCK_SHARED,
         };
         c.in_doubt = true;
+        let (pg, timer) = c.split();
         let outcome = match permit {
             Some(permit) => {
-                scalar::<bool>(bounded(limit, permit::unlock(c.pg(), permit, permit::ALL)).await)
+                scalar::<bool>(bounded(timer, limit, permit::unlock(pg, permit, permit::ALL)).await)
             }
-            None => {
-                scalar::<bool>(bounded(limit, first_row(c.pg(), sqlx::query(sql).bind(key))).await)
-            }
+            None => scalar::<bool>(
+                bounded(timer, limit, first_row(pg, sqlx::query(sql).bind(key))).await,
+            ),
         };
         c.in_doubt = false;
         if outcome.is_ok() {
@@ -1112,7 +1181,7 @@ impl Session {
         let Some(mut conn) = c.conn.take() else {
             return;
         };
-        if bounded(limit, run(&mut conn, sqlx::query(RETIRE)))
+        if bounded(&mut c.timer, limit, run(&mut conn, sqlx::query(RETIRE)))
             .await
             .is_err()
         {
@@ -1133,7 +1202,8 @@ pub(super) async fn lock_table_size(session: &Session, c: &mut Conn) -> String {
                 current_setting('max_connections'),
                 current_setting('max_prepared_transactions')",
     );
-    match decoded::<(String, String, String)>(bounded(limit, first_row(c.pg(), query)).await) {
+    let (pg, timer) = c.split();
+    match decoded::<(String, String, String)>(bounded(timer, limit, first_row(pg, query)).await) {
         Ok((per_tx, conns, prepared)) => {
             session.alive();
             let total = per_tx.parse::<u64>().ok().and_then(|p| {

@@ -162,7 +162,7 @@ impl Session {
         let limit = self.inner.answer_within();
         c.in_doubt = true;
         let taken = {
-            let (pg, marker, pid) = c.checked();
+            let (pg, marker, pid, timer) = c.checked();
             let query = sqlx::query(TAKE.as_str())
                 .bind(keys.name)
                 .bind(marker)
@@ -171,7 +171,7 @@ impl Session {
                 .bind(keys.capacity)
                 .bind(keys.semaphore);
             decoded::<(bool, i32, Option<i64>, Option<i64>, bool, bool)>(
-                bounded(limit, first_row(pg, query)).await,
+                bounded(timer, limit, first_row(pg, query)).await,
             )
         };
         let (got, slot, token, verdict) = match taken {
@@ -215,7 +215,8 @@ impl Session {
             keys: keys.clone(),
             slot,
         };
-        let undone = scalar::<bool>(bounded(limit, unlock(c.pg(), &permit, got)).await);
+        let (pg, timer) = c.split();
+        let undone = scalar::<bool>(bounded(timer, limit, unlock(pg, &permit, got)).await);
         c.in_doubt = false;
         match self.settle(c, undone, "giving back an untaken permit") {
             Ok(_) => PermitTried::Missed(verdict),
@@ -237,7 +238,8 @@ impl Session {
         all.extend(&keys.slots);
         let limit = self.inner.answer_within();
         c.in_doubt = true;
-        let undone = bounded(limit, run(c.pg(), sqlx::query(UNDO).bind(&all))).await;
+        let (pg, timer) = c.split();
+        let undone = bounded(timer, limit, run(pg, sqlx::query(UNDO).bind(&all))).await;
         c.in_doubt = false;
         self.settle(c, undone, "undoing a failed permit").map(drop)
     }
