@@ -332,11 +332,11 @@ async fn try_on_session(
                 // and releases a grant nobody takes.
                 let reply = match permit {
                     Some(keys) => {
-                        let attempt = permit_on(session, lock, keys.clone(), name.to_owned());
+                        let attempt = permit_on(session, lock, keys.clone(), name.into());
                         Detached::new(attempt).await
                     }
                     None => {
-                        let attempt = lock_on(session, lock, key, mode, name.to_owned(), first);
+                        let attempt = lock_on(session, lock, key, mode, name.into(), first);
                         Detached::new(attempt).await
                     }
                 };
@@ -380,7 +380,7 @@ async fn lock_on(
     lock: LockId,
     key: i64,
     mode: LockMode,
-    name: String,
+    name: Arc<str>,
     look: bool,
 ) -> LockReply {
     // 1. The session's connection, behind its async mutex. A session that
@@ -440,7 +440,7 @@ async fn permit_on(
     session: Arc<Session>,
     lock: LockId,
     keys: Arc<PermitKeys>,
-    name: String,
+    name: Arc<str>,
 ) -> LockReply {
     let key = keys.name;
     // 1. The session's connection, as for a lock.
@@ -526,7 +526,7 @@ fn granted(
     mode: LockMode,
     permit: Option<Permit>,
     token: u64,
-    name: String,
+    name: Arc<str>,
 ) -> LockReply {
     let (status, pending) = Grant::status(None);
     let hold = Hold::held(

@@ -69,7 +69,7 @@ impl Hold {
         mode: LockMode,
         permit: Option<Permit>,
         token: u64,
-        name: String,
+        name: Arc<str>,
         status: LockStatus,
     ) -> Hold {
         Hold {
@@ -98,7 +98,7 @@ pub(super) enum HoldState {
     /// Granted and owned by a guard.
     Held {
         token: u64,
-        name: String,
+        name: Arc<str>,
         status: LockStatus,
     },
 }
@@ -158,6 +158,10 @@ pub(super) struct Ours {
 pub(super) struct Registry {
     keys: FxHashMap<i64, Vec<Hold>>,
     sessions: FxHashMap<SessionId, SessionEntry>,
+    /// The vector of the last key forgotten, kept for the next new key: an
+    /// uncontended lock and release would otherwise allocate and free one
+    /// each time.
+    spare: Option<Vec<Hold>>,
 }
 
 impl Registry {
@@ -240,9 +244,10 @@ impl Registry {
         entry.holds += 1;
         entry.queued += 1;
         // Most keys have one hold: a vector of one, not the default four.
+        let spare = &mut self.spare;
         self.keys
             .entry(key)
-            .or_insert_with(|| Vec::with_capacity(1))
+            .or_insert_with(|| spare.take().unwrap_or_else(|| Vec::with_capacity(1)))
             .push(Hold {
                 lock,
                 session: chosen,
@@ -343,7 +348,11 @@ impl Registry {
         let at = holds.iter().position(|h| h.lock == lock)?;
         let hold = holds.swap_remove(at);
         if holds.is_empty() {
-            self.keys.remove(&key);
+            // Kept for the next key only if small: one that held many
+            // (stacked readers, permits) goes.
+            if let Some(empty) = self.keys.remove(&key).filter(|v| v.capacity() <= 4) {
+                self.spare = Some(empty);
+            }
         }
         if let Some(s) = self.sessions.get_mut(&hold.session) {
             s.holds = s.holds.saturating_sub(1);
@@ -394,7 +403,7 @@ impl Registry {
     pub(super) fn remove_session(
         &mut self,
         session: SessionId,
-    ) -> Option<Vec<(String, LockStatus)>> {
+    ) -> Option<Vec<(Arc<str>, LockStatus)>> {
         let entry = self.sessions.remove(&session)?;
         let mut lost = Vec::new();
         if entry.holds > 0 {
@@ -451,7 +460,7 @@ impl Registry {
                     Some(o) => o.token = *token,
                     None => {
                         out = Some(Ours {
-                            name: name.clone(),
+                            name: name.to_string(),
                             token: *token,
                             stacked: 0,
                         })

@@ -35,7 +35,7 @@ pub(super) enum Released {
 
 /// A guard's handle on its lock: the session that holds it.
 pub(super) struct Held {
-    name: String,
+    name: Arc<str>,
     key: i64,
     lock: LockId,
     /// Gone once the session ended abnormally (which ended the lock).
@@ -48,7 +48,7 @@ pub(super) struct Held {
 impl Held {
     /// The handle on the hold `lock` of `name` (`key`) on `session`.
     pub(super) fn new(
-        name: String,
+        name: Arc<str>,
         key: i64,
         lock: LockId,
         session: &Arc<Session>,

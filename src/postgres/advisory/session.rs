@@ -669,6 +669,7 @@ pub(super) fn adopt(
     name: &str,
 ) -> Grant {
     let lock = inner.next_id();
+    let name: Arc<str> = name.into();
     let (status, pending) = Grant::status(None);
     let (keeper, chores) = mpsc::unbounded_channel();
     let (session, core) = {
@@ -703,7 +704,7 @@ pub(super) fn adopt(
             mode,
             None,
             token,
-            name.to_owned(),
+            name.clone(),
             status.clone(),
         );
         registry.add_held(key, hold);
@@ -715,7 +716,7 @@ pub(super) fn adopt(
         core,
         "dblock: advisory wait granted; its session holds the lock"
     );
-    let held = Box::new(Held::new(name.to_owned(), key, lock, &session, status));
+    let held = Box::new(Held::new(name, key, lock, &session, status));
     tokio::spawn(session.keep(chores));
     pending.grant(token, held)
 }
