@@ -117,8 +117,48 @@ async fn a_role_timeout_does_not_cut_waits_short(holder: Locks, waiter: Locks, t
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn role_statement_timeout_advisory() {
     let holder = Locks::new(Advisory::new(admin(3).await));
-    let waiter = Locks::new(Advisory::new(app_pool(4).await));
-    a_role_timeout_does_not_cut_waits_short(holder, waiter, false).await;
+    let app = app_pool(4).await;
+    // One core holder session: the granted wait's session is an extra one,
+    // which goes back to the pool once it holds nothing.
+    let waiter = Locks::new(Advisory::new(app.clone()).with_holder_sessions(1).unwrap());
+    a_role_timeout_does_not_cut_waits_short(holder.clone(), waiter.clone(), false).await;
+    // A wait on the server that runs out (the name held by another process).
+    let name = common::unique("role-timeout-out");
+    let held = holder.acquire(&name).await.unwrap();
+    let late = waiter.acquire(&name).wait(Duration::from_millis(400)).await;
+    assert!(is_timeout(&late), "expected Error::Timeout, got {late:?}");
+    held.release().await.unwrap();
+    // The waits lifted the session's statement_timeout for their statement
+    // (a granted one, whose connection became a holder session and went
+    // back to the pool after its release, and one that ran out): every
+    // connection back in the pool has the role's settings again.
+    let give_up = Instant::now() + Duration::from_secs(10);
+    while app.num_idle() < 2 {
+        assert!(
+            Instant::now() < give_up,
+            "the waits' connections never came back to the pool ({} idle)",
+            app.num_idle()
+        );
+        sleep(Duration::from_millis(20)).await;
+    }
+    let mut idle = Vec::new();
+    for _ in 0..app.num_idle() {
+        idle.push(app.acquire().await.unwrap());
+    }
+    for conn in &mut idle {
+        let (statement, lock, marker): (String, String, String) = sqlx::query_as(
+            "SELECT current_setting('statement_timeout'), current_setting('lock_timeout'),
+                    coalesce(current_setting('dblock.session', true), '')",
+        )
+        .fetch_one(&mut **conn)
+        .await
+        .unwrap();
+        assert_eq!(
+            (statement.as_str(), lock.as_str(), marker.as_str()),
+            ("300ms", "0", ""),
+            "a connection back in the pool (statement_timeout, lock_timeout, holder marker)"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -7,10 +7,17 @@ pub(super) const PG_TRY_NEXTVAL: &str =
     "SELECT CASE WHEN pg_try_advisory_lock($1) THEN nextval('dblock_fencing_seq') END IS NOT NULL";
 
 pub(super) const RAW_WAIT: &str = "SELECT pg_advisory_lock($1)";
-/// What dblock's server-side waiter runs (postgres/advisory.rs).
-pub(super) const DBLOCK_WAIT: &str =
-    "SELECT nextval('dblock_fencing_seq') FROM (SELECT pg_advisory_lock($1) \
-      FROM (SELECT set_config('lock_timeout', '30000ms', true)) cfg OFFSET 0) l";
+
+/// What a raw handoff's waiter runs.
+#[derive(Clone, Copy)]
+pub(super) enum Waiter {
+    /// `pg_advisory_lock` alone.
+    Bare,
+    /// dblock's server-side wait, statement for statement: the timeouts
+    /// lifted, then the waiting statement (marker, lock_timeout, token,
+    /// the timeouts put back).
+    Dblock,
+}
 
 pub(super) fn raw_advisory_op(pool: PgPool, names: Arc<Vec<String>>, sql: &'static str) -> Op {
     Arc::new(move |i| {
@@ -109,7 +116,7 @@ pub(super) async fn advisory(env: &Env, rows: &mut Vec<Row>) -> Res<Latency> {
 
     // Handoff: the raw figure, then dblock.
     let probe = pg_pool(&env.pg, 1).await?;
-    let raw = raw_advisory_handoff(&pool, &probe, SEQ_SAMPLES, RAW_WAIT, false).await?;
+    let raw = raw_advisory_handoff(&pool, &probe, SEQ_SAMPLES, Waiter::Bare, false).await?;
     let other_pool = pg_pool(&env.pg, POOL).await?;
     let other = Locks::new(Advisory::new(other_pool.clone()));
     let server_other = handoff(
@@ -152,10 +159,11 @@ pub(super) async fn advisory(env: &Env, rows: &mut Vec<Row>) -> Res<Latency> {
             .ratio(ratio)
             .target("p50 ≤ 1.25 × raw", ratio <= 1.25),
     );
-    // The same raw handoff with the waiter running dblock's statement
-    // (lock_timeout, lock, nextval for the token): what the SQL costs.
+    // The same raw handoff with the waiter running dblock's statements
+    // (the timeouts lifted; lock_timeout, marker, lock, token, the timeouts
+    // put back): what the SQL costs.
     let raw_dblock_sql =
-        raw_advisory_handoff(&pool, &probe, SEQ_SAMPLES, DBLOCK_WAIT, false).await?;
+        raw_advisory_handoff(&pool, &probe, SEQ_SAMPLES, Waiter::Dblock, false).await?;
     rows.push(
         latency_row(
             B,
@@ -166,7 +174,7 @@ pub(super) async fn advisory(env: &Env, rows: &mut Vec<Row>) -> Res<Latency> {
         .ratio(raw_dblock_sql.p50.as_secs_f64() / raw.p50.as_secs_f64()),
     );
     // And with dblock's task hand-offs around the same SQL.
-    let raw_hops = raw_advisory_handoff(&pool, &probe, SEQ_SAMPLES, DBLOCK_WAIT, true).await?;
+    let raw_hops = raw_advisory_handoff(&pool, &probe, SEQ_SAMPLES, Waiter::Dblock, true).await?;
     rows.push(
         latency_row(
             B,

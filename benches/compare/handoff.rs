@@ -172,7 +172,7 @@ pub(super) async fn handoff(
 
 /// The raw figure: a session blocked in `pg_advisory_lock`, woken by another
 /// session's `pg_advisory_unlock`; clock from the unlock call to the grant.
-/// `waiter_sql` is `pg_advisory_lock` alone, or what dblock's waiter runs.
+/// `waiter` is `pg_advisory_lock` alone, or what dblock's waiter runs.
 /// With `hops`, the statements run as dblock runs them: the holder's unlock
 /// by a keeper task told over an mpsc (answering on a oneshot), the
 /// waiter's lock in a task of its own that answers the acquirer on a
@@ -181,19 +181,49 @@ pub(super) async fn raw_advisory_handoff(
     pool: &PgPool,
     probe: &PgPool,
     samples: usize,
-    waiter_sql: &'static str,
+    waiter_sql: advisory::Waiter,
     hops: bool,
 ) -> Res<Latency> {
     type Conn = sqlx::pool::PoolConnection<sqlx::Postgres>;
+    // Lets go of the lock, and of the holder session's marker a dblock
+    // wait set (the holder's connection carries none).
     async fn unlock(mut conn: Conn, key: i64) -> Res<Conn> {
-        sqlx::query("SELECT pg_advisory_unlock($1)")
+        sqlx::query("SELECT pg_advisory_unlock($1), set_config('dblock.session', '', false)")
             .bind(key)
             .execute(&mut *conn)
             .await?;
         Ok(conn)
     }
-    async fn lock(mut conn: Conn, key: i64, sql: &'static str) -> Res<Conn> {
-        sqlx::query(sql).bind(key).execute(&mut *conn).await?;
+    async fn lock(mut conn: Conn, key: i64, waiter: advisory::Waiter) -> Res<Conn> {
+        match waiter {
+            advisory::Waiter::Bare => {
+                sqlx::query(advisory::RAW_WAIT)
+                    .bind(key)
+                    .execute(&mut *conn)
+                    .await?;
+            }
+            advisory::Waiter::Dblock => {
+                let (lift, wait) = dblock::postgres::bench_wait_exclusive_sql();
+                let (statement, transaction, _, _): (
+                    String,
+                    Option<String>,
+                    String,
+                    Option<String>,
+                ) = sqlx::query_as(lift).fetch_one(&mut *conn).await?;
+                let (ours, token, _, _, _): (bool, Option<i64>, i32, String, Option<String>) =
+                    sqlx::query_as(wait)
+                        .bind(key)
+                        .bind("30000ms")
+                        .bind("dblock-bench-waiter")
+                        .bind(statement)
+                        .bind(transaction)
+                        .fetch_one(&mut *conn)
+                        .await?;
+                if !ours || token.is_none() {
+                    return Err("the mimicked wait found another holder's marker".into());
+                }
+            }
+        }
         Ok(conn)
     }
     let key: i64 = rand::rng().random();

@@ -11,7 +11,9 @@ mod notify;
 mod token;
 mod xact;
 
-pub use advisory::{bench_try_exclusive_sql, Advisory, AdvisoryOptions, WaitStrategy};
+pub use advisory::{
+    bench_try_exclusive_sql, bench_wait_exclusive_sql, Advisory, AdvisoryOptions, WaitStrategy,
+};
 pub use key::advisory_key;
 pub use lease::Lease;
 pub use migrate::migrate;

@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use sqlx::pool::PoolConnection;
 use sqlx::postgres::PgConnection;
-use sqlx::{Connection, Postgres};
+use sqlx::Postgres;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::{sleep_until, Instant};
 
@@ -34,20 +34,32 @@ use crate::error::Loss;
 use crate::lease::permits::disagreement;
 use crate::postgres::key::PermitKeys;
 use crate::postgres::token::sequence_token;
-use crate::postgres::{advisory_key, engine, map_err, LIFT_SERVER_TIMEOUTS};
+use crate::postgres::{advisory_key, engine, map_err};
 use crate::{AcquireRequest, Error, LockMode, LostReason, Result, Wait};
 
-// The inner subqueries set a transaction-local lock_timeout before the lock
-// call runs (OFFSET 0 keeps the planner from flattening the order away); in
-// autocommit the "transaction" is this one statement, so nothing leaks into
-// the pooled session. The connection becomes a holder session when the wait
-// is granted, so the statement also sets that session's marker ($3) and
-// returns its pid; it waits only if the server session carries no other
-// holder's marker (`ours`), as when opening a holder session. A wait that
-// fails (a lock_timeout) undoes the marker with the rest of its transaction.
+// The wait runs as one autocommit statement, so that its grant, its token
+// and their commit come back in one round trip. The inner subqueries set a
+// statement-local lock_timeout before the lock call runs (OFFSET 0 keeps the
+// planner from flattening the order away); in autocommit the "transaction"
+// is this one statement, so nothing leaks into the pooled session. The
+// connection becomes a holder session when the wait is granted, so the
+// statement also sets that session's marker ($3) and returns its pid; it
+// waits only if the server session carries no other holder's marker
+// (`ours`), as when opening a holder session. A wait that fails (a
+// lock_timeout) undoes the marker with the rest of its transaction.
+//
+// The role's statement_timeout (and PostgreSQL 17's transaction_timeout,
+// which also bounds an autocommit statement) are lifted for the session by
+// `LIFT_FOR_WAIT` just before: a statement's timeout is armed when it
+// starts. Once the lock call is done, whatever its outcome, the outer
+// select puts them back ($4, $5: the values `LIFT_FOR_WAIT` read); a wait
+// that fails puts them back in `UNLOCK_LATE_*`, and a connection left with
+// them lifted any other way stays dirty and is closed.
 fn wait_sql(lock: &str) -> String {
     format!(
-        "SELECT ours, CASE WHEN ours THEN {} END, pg_backend_pid()
+        "SELECT ours, CASE WHEN ours THEN {} END, pg_backend_pid(),
+                set_config('statement_timeout', $4, false),
+                CASE WHEN $5::text IS NOT NULL THEN set_config('transaction_timeout', $5, false) END
            FROM (SELECT ours, CASE WHEN ours THEN {lock}($1) END
                    FROM (SELECT ours, set_config('lock_timeout', $2, true),
                                 CASE WHEN ours THEN set_config('dblock.session', $3, false) END
@@ -58,8 +70,21 @@ fn wait_sql(lock: &str) -> String {
         sequence_token()
     )
 }
+/// Lifts the session's statement_timeout (and transaction_timeout, where
+/// the server has one) for the wait statement that follows; answers their
+/// values before.
+const LIFT_FOR_WAIT: &str = "SELECT current_setting('statement_timeout'),
+       current_setting('transaction_timeout', true),
+       set_config('statement_timeout', '0', false),
+       CASE WHEN current_setting('transaction_timeout', true) IS NOT NULL
+            THEN set_config('transaction_timeout', '0', false) END";
 static WAIT_EXCLUSIVE: LazyLock<String> = LazyLock::new(|| wait_sql("pg_advisory_lock"));
 static WAIT_SHARED: LazyLock<String> = LazyLock::new(|| wait_sql("pg_advisory_lock_shared"));
+
+/// The exclusive wait's two statements, for the benchmark's mimic.
+pub(super) fn wait_exclusive_sql() -> (&'static str, &'static str) {
+    (LIFT_FOR_WAIT, WAIT_EXCLUSIVE.as_str())
+}
 
 /// How often a server-side waiter that cannot get a connection (the pool
 /// is exhausted) tries again on the holder sessions meanwhile.
@@ -78,13 +103,19 @@ const PERMIT_POLL_MAX: Duration = Duration::from_millis(250);
 const SESSION_RETRIES: usize = 4;
 
 // After a lock_timeout: unlock only if this session did get the lock (a
-// grant racing the timeout), so no warning is raised otherwise.
-const UNLOCK_LATE_EXCLUSIVE: &str = "SELECT pg_advisory_unlock($1) FROM pg_locks
+// grant racing the timeout), so no warning is raised otherwise; and put
+// back the timeouts `LIFT_FOR_WAIT` lifted ($2, $3), as a granted wait does.
+const UNLOCK_LATE_EXCLUSIVE: &str = "SELECT (SELECT bool_or(pg_advisory_unlock($1)) FROM pg_locks
   WHERE locktype = 'advisory' AND objsubid = 1 AND granted AND pid = pg_backend_pid()
-    AND mode = 'ExclusiveLock' AND ((classid::bigint << 32) | objid::bigint) = $1";
-const UNLOCK_LATE_SHARED: &str = "SELECT pg_advisory_unlock_shared($1) FROM pg_locks
+    AND mode = 'ExclusiveLock' AND ((classid::bigint << 32) | objid::bigint) = $1),
+  set_config('statement_timeout', $2, false),
+  CASE WHEN $3::text IS NOT NULL THEN set_config('transaction_timeout', $3, false) END";
+const UNLOCK_LATE_SHARED: &str =
+    "SELECT (SELECT bool_or(pg_advisory_unlock_shared($1)) FROM pg_locks
   WHERE locktype = 'advisory' AND objsubid = 1 AND granted AND pid = pg_backend_pid()
-    AND mode = 'ShareLock' AND ((classid::bigint << 32) | objid::bigint) = $1";
+    AND mode = 'ShareLock' AND ((classid::bigint << 32) | objid::bigint) = $1),
+  set_config('statement_timeout', $2, false),
+  CASE WHEN $3::text IS NOT NULL THEN set_config('transaction_timeout', $3, false) END";
 
 fn is_lock_timeout(e: &sqlx::Error) -> bool {
     matches!(e, sqlx::Error::Database(db) if db.code().as_deref() == Some("55P03"))
@@ -741,38 +772,44 @@ async fn wait_on_server(
         LockMode::Exclusive => &*WAIT_EXCLUSIVE,
         LockMode::Shared => &*WAIT_SHARED,
     };
+    // Dirty from here until the timeouts are put back (or the wait found
+    // another holder's server session, where nothing was set or taken).
     conn.clean = false;
     let marker = session::new_marker();
     let raw = &mut **conn.conn.as_mut().expect("connection present");
-    // The wait runs in a transaction of its own that first lifts the role's
-    // statement_timeout (and idle_in_transaction_session_timeout): only the
-    // lock_timeout set from the deadline bounds it. The lock is
-    // session-level, so it outlives the transaction; so does the session's
-    // marker (set_config(.., false)), unless the transaction rolls back.
-    let waited = async {
-        let mut tx = raw.begin().await?;
-        sqlx::query(LIFT_SERVER_TIMEOUTS).execute(&mut *tx).await?;
-        let outcome = sqlx::query_as::<_, (bool, Option<i64>, i32)>(sql.as_str())
-            .bind(key)
-            .bind(format!("{timeout_ms}ms"))
-            .bind(marker.clone())
-            .fetch_one(&mut *tx)
-            .await;
-        match outcome {
-            Ok(granted) => {
-                tx.commit().await?;
-                Ok(granted)
+    // Only the lock_timeout set from the deadline bounds the wait: the
+    // session's own timeouts are lifted for it (see `wait_sql`). The lock
+    // is session-level, so it outlives the statement; so does the
+    // session's marker (set_config(.., false)), unless the statement fails.
+    let lifted =
+        match sqlx::query_as::<_, (String, Option<String>, String, Option<String>)>(LIFT_FOR_WAIT)
+            .fetch_one(&mut *raw)
+            .await
+        {
+            Ok((statement_timeout, transaction_timeout, _, _)) => {
+                (statement_timeout, transaction_timeout)
             }
-            Err(e) => {
-                tx.rollback().await?;
-                Err(e)
+            Err(e) if engine::is_statement_clash(&e) => {
+                conn.clean = true;
+                inner.refuse(Refusal::Pooler);
+                return Waited::Failed(engine::transaction_pooler());
             }
-        }
-    };
+            // The connection is dirty (its timeouts may be lifted): closed.
+            Err(e) => return Waited::Failed(map_err(e)),
+        };
     // If the acquirer is dropped meanwhile, the statement may yet be
     // granted: the connection stays dirty and is closed, which ends its
     // session's locks.
-    let outcome = waited.await;
+    let outcome =
+        sqlx::query_as::<_, (bool, Option<i64>, i32, String, Option<String>)>(sql.as_str())
+            .bind(key)
+            .bind(format!("{timeout_ms}ms"))
+            .bind(marker.clone())
+            .bind(&lifted.0)
+            .bind(&lifted.1)
+            .fetch_one(&mut *raw)
+            .await
+            .map(|(ours, token, pid, _, _)| (ours, token, pid));
     match outcome {
         Ok((true, Some(token), pid)) => Waited::Granted {
             token: token as u64,
@@ -796,32 +833,49 @@ async fn wait_on_server(
             // Give such a late grant back before the connection counts as
             // clean; if that fails, the dirty connection is closed. Found by
             // the torture test's cancellation storm.
-            let unlock = match mode {
-                LockMode::Exclusive => UNLOCK_LATE_EXCLUSIVE,
-                LockMode::Shared => UNLOCK_LATE_SHARED,
-            };
-            let conn_ref = &mut **conn.conn.as_mut().expect("connection present");
-            match sqlx::query(unlock).bind(key).execute(conn_ref).await {
-                Ok(_) => {
-                    conn.clean = true;
-                    Waited::Busy
-                }
-                Err(e) => Waited::Failed(map_err(e)),
+            match undo_wait(conn, key, mode, &lifted).await {
+                Ok(()) => Waited::Busy,
+                Err(e) => Waited::Failed(e),
             }
         }
+        // A transaction pooler: the statement never ran. The connection
+        // stays dirty (its timeouts lifted) and is closed.
         Err(e) if engine::is_statement_clash(&e) => {
-            // A transaction pooler: the statement never ran.
-            conn.clean = true;
             inner.refuse(Refusal::Pooler);
             Waited::Failed(engine::transaction_pooler())
         }
-        Err(e) if is_lock_table_full(&e) => {
-            // The lock could not even be queued for: nothing is held.
-            conn.clean = true;
-            Waited::Failed(lock_table_full(""))
-        }
+        // The lock could not even be queued for: nothing is held.
+        Err(e) if is_lock_table_full(&e) => match undo_wait(conn, key, mode, &lifted).await {
+            Ok(()) => Waited::Failed(lock_table_full("")),
+            Err(e) => Waited::Failed(e),
+        },
         // Otherwise the lock may have been taken before the error: the
         // dirty connection is closed.
         Err(e) => Waited::Failed(map_err(e)),
     }
+}
+
+/// After a wait statement that failed: gives back a grant that raced its
+/// failure and puts the session's timeouts back (see `UNLOCK_LATE_*`); the
+/// connection is then clean.
+async fn undo_wait(
+    conn: &mut WaitConn,
+    key: i64,
+    mode: LockMode,
+    lifted: &(String, Option<String>),
+) -> Result<()> {
+    let sql = match mode {
+        LockMode::Exclusive => UNLOCK_LATE_EXCLUSIVE,
+        LockMode::Shared => UNLOCK_LATE_SHARED,
+    };
+    let raw = &mut **conn.conn.as_mut().expect("connection present");
+    sqlx::query(sql)
+        .bind(key)
+        .bind(&lifted.0)
+        .bind(&lifted.1)
+        .execute(raw)
+        .await
+        .map_err(map_err)?;
+    conn.clean = true;
+    Ok(())
 }

@@ -60,12 +60,23 @@ pub fn bench_try_exclusive_sql() -> &'static str {
     session::try_exclusive_sql()
 }
 
+/// dblock's exclusive server-side wait, for the benchmark's "raw, same
+/// work" handoff: the statement that lifts the session's timeouts (it
+/// answers their values: `statement_timeout`, then `transaction_timeout` or
+/// NULL), and the waiting statement (`$1` the key, `$2` the lock_timeout,
+/// `$3` the holder session's marker, `$4` and `$5` the timeouts to put
+/// back). Not a stable interface.
+#[doc(hidden)]
+pub fn bench_wait_exclusive_sql() -> (&'static str, &'static str) {
+    acquire::wait_exclusive_sql()
+}
+
 /// How an [`Advisory`] acquisition waits for a held lock.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum WaitStrategy {
     /// Block in `pg_advisory_lock` on the server, bounded by a
-    /// transaction-local `lock_timeout` (a role's `statement_timeout` is
+    /// statement-local `lock_timeout` (a role's `statement_timeout` is
     /// lifted for the wait, so only `.wait(d)` bounds it): the prompt
     /// handoff. At most one acquisition per name per process waits this
     /// way, and only as many as the backend's wait slots allow (see
