@@ -114,8 +114,12 @@ pub(super) async fn advisory(env: &Env, rows: &mut Vec<Row>) -> Res<Latency> {
     )
     .await?;
 
-    // Handoff: the raw figure, then dblock.
+    // Handoff: the raw figure, then dblock. The statement timeline (for
+    // the breakdown's phases) is recorded only when a breakdown is asked
+    // for: recording logs every statement through the tracing subscriber,
+    // on the waiter's path too, which the raw rows do not pay.
     let probe = pg_pool(&env.pg, 1).await?;
+    let timeline = breakdown_wanted().then_some("SELECT pg_advisory_unlock($1)");
     let raw = raw_advisory_handoff(&pool, &probe, SEQ_SAMPLES, Waiter::Bare, false).await?;
     let other_pool = pg_pool(&env.pg, POOL).await?;
     let other = Locks::new(Advisory::new(other_pool.clone()));
@@ -126,7 +130,7 @@ pub(super) async fn advisory(env: &Env, rows: &mut Vec<Row>) -> Res<Latency> {
         1,
         SEQ_SAMPLES,
         Blocked::Probe(probe.clone()),
-        Some("SELECT pg_advisory_unlock($1)"),
+        timeline,
     )
     .await?;
     server_other.explain("pg advisory, handoff, server wait, other instance");
@@ -148,7 +152,7 @@ pub(super) async fn advisory(env: &Env, rows: &mut Vec<Row>) -> Res<Latency> {
         1,
         SEQ_SAMPLES,
         Blocked::Probe(probe.clone()),
-        Some("SELECT pg_advisory_unlock($1)"),
+        timeline,
     )
     .await?;
     server_local.explain("pg advisory, handoff, server wait, same Locks");
