@@ -342,7 +342,8 @@ async fn run() {
         "Throughput: {ROUNDS} rounds; with 1 task the implementations' calls alternate one by one, \
          with 8 tasks each implementation gets a {} window per round, in turn; figures are \
          medians over rounds, ratios the median of the per-round ratios. Handoffs: \
-         {SEQ_SAMPLES} one at a time (server waits, same Locks), or {POLL_PAIRS} pairs × \
+         {SEQ_SAMPLES} one at a time (server waits, same Locks; the advisory server waits \
+         and their raw figures in turns of 10 each), or {POLL_PAIRS} pairs × \
          {POLL_PER_PAIR} side by side with the holder keeping the waiter {}–{} ms (polling waiters).",
         ms(WINDOW),
         POLL_HOLD_MS.0,

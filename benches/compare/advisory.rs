@@ -7,6 +7,8 @@ pub(super) const PG_TRY_NEXTVAL: &str =
     "SELECT CASE WHEN pg_try_advisory_lock($1) THEN nextval('dblock_fencing_seq') END IS NOT NULL";
 
 pub(super) const RAW_WAIT: &str = "SELECT pg_advisory_lock($1)";
+/// Samples per turn of the interleaved handoff measurements.
+const HANDOFF_TURN: usize = 10;
 
 /// What a raw handoff's waiter runs.
 #[derive(Clone, Copy)]
@@ -114,25 +116,31 @@ pub(super) async fn advisory(env: &Env, rows: &mut Vec<Row>) -> Res<Latency> {
     )
     .await?;
 
-    // Handoff: the raw figure, then dblock. The statement timeline (for
-    // the breakdown's phases) is recorded only when a breakdown is asked
-    // for: recording logs every statement through the tracing subscriber,
-    // on the waiter's path too, which the raw rows do not pay.
+    // Handoff: the raw figure, dblock (another instance, then the same
+    // Locks), and the raw handoff with dblock's waiter statements (alone,
+    // then in dblock's task structure), measured in turns of
+    // HANDOFF_TURN samples each, so that the machine's drift over the
+    // section weighs on all of them alike. The statement timeline (for the
+    // breakdown's phases) is recorded only when a breakdown is asked for:
+    // recording logs every statement through the tracing subscriber, on the
+    // waiter's path too, which the raw rows do not pay.
     let probe = pg_pool(&env.pg, 1).await?;
     let timeline = breakdown_wanted().then_some("SELECT pg_advisory_unlock($1)");
-    let raw = raw_advisory_handoff(&pool, &probe, SEQ_SAMPLES, Waiter::Bare, false).await?;
     let other_pool = pg_pool(&env.pg, POOL).await?;
     let other = Locks::new(Advisory::new(other_pool.clone()));
-    let server_other = handoff(
-        &locks,
-        &other,
-        "adv-hand",
-        1,
-        SEQ_SAMPLES,
-        Blocked::Probe(probe.clone()),
-        timeline,
-    )
-    .await?;
+    let (mut raws, mut others, mut locals, mut sqls, mut hopss) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..SEQ_SAMPLES / HANDOFF_TURN {
+        let blocked = Blocked::Probe(probe.clone());
+        raws.push(raw_advisory_handoff(&pool, &probe, HANDOFF_TURN, Waiter::Bare, false).await?);
+        let turn = HANDOFF_TURN;
+        others.push(handoff(&locks, &other, "adv-hand", 1, turn, blocked.clone(), timeline).await?);
+        locals.push(handoff(&locks, &locks, "adv-hand", 1, turn, blocked, timeline).await?);
+        sqls.push(raw_advisory_handoff(&pool, &probe, turn, Waiter::Dblock, false).await?);
+        hopss.push(raw_advisory_handoff(&pool, &probe, turn, Waiter::Dblock, true).await?);
+    }
+    let raw = Latency::join(raws);
+    let server_other = Handoff::join(others);
     server_other.explain("pg advisory, handoff, server wait, other instance");
     let ratio = server_other.call.p50.as_secs_f64() / raw.p50.as_secs_f64();
     rows.push(
@@ -145,16 +153,7 @@ pub(super) async fn advisory(env: &Env, rows: &mut Vec<Row>) -> Res<Latency> {
         .ratio(ratio)
         .target("p50 ≤ 1.25 × raw", ratio <= 1.25),
     );
-    let server_local = handoff(
-        &locks,
-        &locks,
-        "adv-hand",
-        1,
-        SEQ_SAMPLES,
-        Blocked::Probe(probe.clone()),
-        timeline,
-    )
-    .await?;
+    let server_local = Handoff::join(locals);
     server_local.explain("pg advisory, handoff, server wait, same Locks");
     let ratio = server_local.call.p50.as_secs_f64() / raw.p50.as_secs_f64();
     rows.push(
@@ -166,8 +165,7 @@ pub(super) async fn advisory(env: &Env, rows: &mut Vec<Row>) -> Res<Latency> {
     // The same raw handoff with the waiter running dblock's statements
     // (the timeouts lifted; lock_timeout, marker, lock, token, the timeouts
     // put back): what the SQL costs.
-    let raw_dblock_sql =
-        raw_advisory_handoff(&pool, &probe, SEQ_SAMPLES, Waiter::Dblock, false).await?;
+    let raw_dblock_sql = Latency::join(sqls);
     rows.push(
         latency_row(
             B,
@@ -178,7 +176,7 @@ pub(super) async fn advisory(env: &Env, rows: &mut Vec<Row>) -> Res<Latency> {
         .ratio(raw_dblock_sql.p50.as_secs_f64() / raw.p50.as_secs_f64()),
     );
     // And with dblock's task hand-offs around the same SQL.
-    let raw_hops = raw_advisory_handoff(&pool, &probe, SEQ_SAMPLES, Waiter::Dblock, true).await?;
+    let raw_hops = Latency::join(hopss);
     rows.push(
         latency_row(
             B,

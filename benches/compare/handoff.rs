@@ -64,6 +64,34 @@ pub(super) struct Handoff {
 }
 
 impl Handoff {
+    /// Several measurements taken together (interleaved with others'); the
+    /// phases are the median of theirs.
+    pub(super) fn join(parts: Vec<Handoff>) -> Handoff {
+        let mut phases: Vec<[Duration; 3]> = parts.iter().filter_map(|h| h.phases).collect();
+        let phase = |v: &mut Vec<[Duration; 3]>, k: usize| {
+            v.sort_by_key(|p| p[k]);
+            v[v.len() / 2][k]
+        };
+        let joined_phases = (!phases.is_empty()).then(|| {
+            [
+                phase(&mut phases, 0),
+                phase(&mut phases, 1),
+                phase(&mut phases, 2),
+            ]
+        });
+        let mut calls = Vec::new();
+        let mut wakes = Vec::new();
+        for h in parts {
+            calls.push(h.call);
+            wakes.extend(h.wake);
+        }
+        Handoff {
+            call: Latency::join(calls),
+            wake: (!wakes.is_empty()).then(|| Latency::join(wakes)),
+            phases: joined_phases,
+        }
+    }
+
     /// For the breakdown: where a handoff's time goes.
     pub(super) fn explain(&self, what: &str) {
         if !breakdown_wanted() {

@@ -151,6 +151,8 @@ pub(super) struct Latency {
     pub(super) p99: Duration,
     pub(super) max: Duration,
     pub(super) n: usize,
+    /// The samples, sorted (for [`Latency::join`]).
+    samples: Vec<Duration>,
 }
 
 impl Latency {
@@ -161,7 +163,12 @@ impl Latency {
             p99: pct(&v, 99.0),
             max: *v.last().expect("samples"),
             n: v.len(),
+            samples: v,
         }
+    }
+    /// The figures of several measurements' samples taken together.
+    pub(super) fn join(parts: impl IntoIterator<Item = Latency>) -> Latency {
+        Latency::of(parts.into_iter().flat_map(|l| l.samples).collect())
     }
     pub(super) fn show(&self) -> String {
         format!("{} / {} (n={})", ms(self.p50), ms(self.p99), self.n)
