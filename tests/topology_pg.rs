@@ -586,6 +586,39 @@ async fn tokens_keep_increasing_across_the_promotion_of_a_standby_that_lost_comm
     );
     g.release().await.unwrap();
     early_pool.close().await;
+
+    // A token drawn by a server-side wait (fenced with the timeline the
+    // statement before the wait read) is on the new timeline too.
+    let holder = Locks::new(Advisory::new(pool(STANDBY, 2).await));
+    let waiter = Locks::new(Advisory::new(pool(STANDBY, 3).await));
+    let held = holder.acquire(&names[0]).await.unwrap();
+    let before_wait = held.token();
+    let name = names[0].clone();
+    let waiting =
+        tokio::spawn(async move { waiter.acquire(&name).wait(Duration::from_secs(20)).await });
+    let probe = pool(STANDBY, 1).await;
+    let give_up = std::time::Instant::now() + Duration::from_secs(10);
+    while !sqlx::query_scalar::<_, bool>(
+        "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND NOT granted)",
+    )
+    .fetch_one(&probe)
+    .await
+    .unwrap()
+    {
+        assert!(
+            std::time::Instant::now() < give_up,
+            "the waiter never waited on the server"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    held.release().await.unwrap();
+    let waited = waiting.await.unwrap().expect("the waiter's grant");
+    assert!(
+        waited.token() >> 48 == 2 && waited.token() > before_wait,
+        "a server-side wait's token {} after {before_wait}",
+        waited.token()
+    );
+    waited.release().await.unwrap();
 }
 
 /// A new primary/standby pair, the schema migrated on the primary and

@@ -134,7 +134,18 @@ pub(super) async fn advisory(env: &Env, rows: &mut Vec<Row>) -> Res<Latency> {
         let blocked = Blocked::Probe(probe.clone());
         raws.push(raw_advisory_handoff(&pool, &probe, HANDOFF_TURN, Waiter::Bare, false).await?);
         let turn = HANDOFF_TURN;
-        others.push(handoff(&locks, &other, "adv-hand", 1, turn, blocked.clone(), timeline).await?);
+        others.push(
+            handoff(
+                &locks,
+                &other,
+                "adv-hand",
+                1,
+                turn,
+                blocked.clone(),
+                timeline,
+            )
+            .await?,
+        );
         locals.push(handoff(&locks, &locks, "adv-hand", 1, turn, blocked, timeline).await?);
         sqls.push(raw_advisory_handoff(&pool, &probe, turn, Waiter::Dblock, false).await?);
         hopss.push(raw_advisory_handoff(&pool, &probe, turn, Waiter::Dblock, true).await?);

@@ -232,12 +232,9 @@ pub(super) async fn raw_advisory_handoff(
             }
             advisory::Waiter::Dblock => {
                 let (lift, wait) = dblock::postgres::bench_wait_exclusive_sql();
-                let (statement, transaction, _, _): (
-                    String,
-                    Option<String>,
-                    String,
-                    Option<String>,
-                ) = sqlx::query_as(lift).fetch_one(&mut *conn).await?;
+                type Lifted = (String, Option<String>, String, Option<String>, Option<i64>);
+                let (statement, transaction, _, _, _): Lifted =
+                    sqlx::query_as(lift).fetch_one(&mut *conn).await?;
                 let (ours, token, _, _, _): (bool, Option<i64>, i32, String, Option<String>) =
                     sqlx::query_as(wait)
                         .bind(key)

@@ -31,7 +31,10 @@
 //! raw value alone and computes the same formula in Rust ([`fence`]) with
 //! the timeline its holder session read once: the timeline read made that
 //! statement measurably slower, and a server session's timeline never
-//! changes while it can draw tokens (see [`fence`]).
+//! changes while it can draw tokens (see [`fence`]). So does the advisory
+//! server-side wait, with the timeline read by the statement just before
+//! it (if that statement found the server in recovery, the wait computes
+//! the token in SQL instead: the server may be promoted while it waits).
 //!
 //! Tokens of an earlier release (raw values on timeline 1, well below 2^48)
 //! stay below the new ones: an upgrade keeps tokens increasing. Timelines up
@@ -58,11 +61,16 @@ pub(crate) fn sequence_token() -> String {
     token_sql("nextval('dblock_fencing_seq')")
 }
 
-/// The server's timeline, or `NULL` on a standby (where the WAL position
-/// cannot be read, and no token can be drawn either).
-pub(crate) static TIMELINE_NOW: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
-    format!("SELECT CASE WHEN pg_is_in_recovery() THEN NULL ELSE {TIMELINE} END")
+/// The SQL expression of the server's timeline, or `NULL` on a standby
+/// (where the WAL position cannot be read, and no token can be drawn
+/// either).
+pub(crate) static TIMELINE_OR_NULL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!("CASE WHEN pg_is_in_recovery() THEN NULL ELSE {TIMELINE} END")
 });
+
+/// [`TIMELINE_OR_NULL`] as a statement.
+pub(crate) static TIMELINE_NOW: std::sync::LazyLock<String> =
+    std::sync::LazyLock::new(|| format!("SELECT {}", *TIMELINE_OR_NULL));
 
 /// The highest timeline a token can carry (see the module's docs).
 const MAX_TIMELINE: i64 = 32767;

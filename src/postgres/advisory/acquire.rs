@@ -33,7 +33,7 @@ use crate::detach::Detached;
 use crate::error::Loss;
 use crate::lease::permits::disagreement;
 use crate::postgres::key::PermitKeys;
-use crate::postgres::token::sequence_token;
+use crate::postgres::token::{fence, sequence_token, TIMELINE_OR_NULL};
 use crate::postgres::{advisory_key, engine, map_err};
 use crate::{AcquireRequest, Error, LockMode, LostReason, Result, Wait};
 
@@ -55,9 +55,16 @@ use crate::{AcquireRequest, Error, LockMode, LostReason, Result, Wait};
 // select puts them back ($4, $5: the values `LIFT_FOR_WAIT` read); a wait
 // that fails puts them back in `UNLOCK_LATE_*`, and a connection left with
 // them lifted any other way stays dirty and is closed.
-fn wait_sql(lock: &str) -> String {
+//
+// The token: the raw value drawn from the fencing sequence, fenced in Rust
+// with the timeline `LIFT_FOR_WAIT` read on the same server session just
+// before (`token::fence`; a server session that can draw a token never
+// changes its timeline); where that read found the server in recovery,
+// the token is fenced in SQL (`token_sql`), as the server may be promoted
+// while the statement waits.
+fn wait_sql(lock: &str, token: &str) -> String {
     format!(
-        "SELECT ours, CASE WHEN ours THEN {} END, pg_backend_pid(),
+        "SELECT ours, CASE WHEN ours THEN {token} END, pg_backend_pid(),
                 set_config('statement_timeout', $4, false),
                 CASE WHEN $5::text IS NOT NULL THEN set_config('transaction_timeout', $5, false) END
            FROM (SELECT ours, CASE WHEN ours THEN {lock}($1) END
@@ -66,24 +73,36 @@ fn wait_sql(lock: &str) -> String {
                            FROM (SELECT coalesce(current_setting('dblock.session', true), '') = '' AS ours
                                  OFFSET 0) c
                          OFFSET 0) cfg
-                 OFFSET 0) l",
-        sequence_token()
+                 OFFSET 0) l"
     )
 }
+/// The raw value of the fencing sequence (fenced in Rust).
+const RAW_TOKEN: &str = "nextval('dblock_fencing_seq')";
+static WAIT_EXCLUSIVE: LazyLock<String> = LazyLock::new(|| wait_sql("pg_advisory_lock", RAW_TOKEN));
+static WAIT_SHARED: LazyLock<String> =
+    LazyLock::new(|| wait_sql("pg_advisory_lock_shared", RAW_TOKEN));
+static WAIT_EXCLUSIVE_FENCED: LazyLock<String> =
+    LazyLock::new(|| wait_sql("pg_advisory_lock", &sequence_token()));
+static WAIT_SHARED_FENCED: LazyLock<String> =
+    LazyLock::new(|| wait_sql("pg_advisory_lock_shared", &sequence_token()));
 /// Lifts the session's statement_timeout (and transaction_timeout, where
 /// the server has one) for the wait statement that follows; answers their
-/// values before.
-const LIFT_FOR_WAIT: &str = "SELECT current_setting('statement_timeout'),
-       current_setting('transaction_timeout', true),
-       set_config('statement_timeout', '0', false),
-       CASE WHEN current_setting('transaction_timeout', true) IS NOT NULL
-            THEN set_config('transaction_timeout', '0', false) END";
-static WAIT_EXCLUSIVE: LazyLock<String> = LazyLock::new(|| wait_sql("pg_advisory_lock"));
-static WAIT_SHARED: LazyLock<String> = LazyLock::new(|| wait_sql("pg_advisory_lock_shared"));
+/// values before, and the server session's timeline (NULL in recovery).
+static LIFT_FOR_WAIT: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "SELECT current_setting('statement_timeout'),
+                current_setting('transaction_timeout', true),
+                set_config('statement_timeout', '0', false),
+                CASE WHEN current_setting('transaction_timeout', true) IS NOT NULL
+                     THEN set_config('transaction_timeout', '0', false) END,
+                {}",
+        *TIMELINE_OR_NULL
+    )
+});
 
 /// The exclusive wait's two statements, for the benchmark's mimic.
 pub(super) fn wait_exclusive_sql() -> (&'static str, &'static str) {
-    (LIFT_FOR_WAIT, WAIT_EXCLUSIVE.as_str())
+    (LIFT_FOR_WAIT.as_str(), WAIT_EXCLUSIVE.as_str())
 }
 
 /// How often a server-side waiter that cannot get a connection (the pool
@@ -263,7 +282,12 @@ async fn wait(
         }
         let conn = waiter.as_mut().expect("a waiting connection");
         match wait_on_server(inner, conn, key, mode, deadline).await {
-            Waited::Granted { token, pid, marker } => {
+            Waited::Granted {
+                token,
+                pid,
+                marker,
+                timeline,
+            } => {
                 if mode == LockMode::Shared {
                     let conn = waiter.as_mut().expect("a waiting connection");
                     reader_beside_permits(conn, name).await?;
@@ -274,7 +298,7 @@ async fn wait(
                     .expect("a waiting connection");
                 let permit = slot.as_mut().and_then(|s| s.permit.take());
                 return Ok(Some(session::adopt(
-                    inner, conn, permit, pid, marker, key, mode, token, name,
+                    inner, conn, permit, pid, marker, timeline, key, mode, token, name,
                 )));
             }
             Waited::Busy => {}
@@ -743,6 +767,8 @@ enum Waited {
         token: u64,
         pid: i32,
         marker: String,
+        /// The server session's timeline, if it was read before the wait.
+        timeline: Option<i64>,
     },
     Busy,
     Failed(Error),
@@ -768,10 +794,6 @@ async fn wait_on_server(
             left.min(i32::MAX as u128) as i64
         }
     };
-    let sql = match mode {
-        LockMode::Exclusive => &*WAIT_EXCLUSIVE,
-        LockMode::Shared => &*WAIT_SHARED,
-    };
     // Dirty from here until the timeouts are put back (or the wait found
     // another holder's server session, where nothing was set or taken).
     conn.clean = false;
@@ -781,22 +803,32 @@ async fn wait_on_server(
     // session's own timeouts are lifted for it (see `wait_sql`). The lock
     // is session-level, so it outlives the statement; so does the
     // session's marker (set_config(.., false)), unless the statement fails.
-    let lifted =
-        match sqlx::query_as::<_, (String, Option<String>, String, Option<String>)>(LIFT_FOR_WAIT)
-            .fetch_one(&mut *raw)
-            .await
-        {
-            Ok((statement_timeout, transaction_timeout, _, _)) => {
-                (statement_timeout, transaction_timeout)
-            }
-            Err(e) if engine::is_statement_clash(&e) => {
-                conn.clean = true;
-                inner.refuse(Refusal::Pooler);
-                return Waited::Failed(engine::transaction_pooler());
-            }
-            // The connection is dirty (its timeouts may be lifted): closed.
-            Err(e) => return Waited::Failed(map_err(e)),
-        };
+    let (lifted, timeline) = match sqlx::query_as::<
+        _,
+        (String, Option<String>, String, Option<String>, Option<i64>),
+    >(LIFT_FOR_WAIT.as_str())
+    .fetch_one(&mut *raw)
+    .await
+    {
+        Ok((statement_timeout, transaction_timeout, _, _, timeline)) => {
+            ((statement_timeout, transaction_timeout), timeline)
+        }
+        Err(e) if engine::is_statement_clash(&e) => {
+            conn.clean = true;
+            inner.refuse(Refusal::Pooler);
+            return Waited::Failed(engine::transaction_pooler());
+        }
+        // The connection is dirty (its timeouts may be lifted): closed.
+        Err(e) => return Waited::Failed(map_err(e)),
+    };
+    // The token drawn raw and fenced here with the timeline just read, or
+    // (the server was in recovery) fenced in the statement.
+    let sql = match (mode, timeline.is_some()) {
+        (LockMode::Exclusive, true) => &*WAIT_EXCLUSIVE,
+        (LockMode::Shared, true) => &*WAIT_SHARED,
+        (LockMode::Exclusive, false) => &*WAIT_EXCLUSIVE_FENCED,
+        (LockMode::Shared, false) => &*WAIT_SHARED_FENCED,
+    };
     // If the acquirer is dropped meanwhile, the statement may yet be
     // granted: the connection stays dirty and is closed, which ends its
     // session's locks.
@@ -811,11 +843,26 @@ async fn wait_on_server(
             .await
             .map(|(ours, token, pid, _, _)| (ours, token, pid));
     match outcome {
-        Ok((true, Some(token), pid)) => Waited::Granted {
-            token: token as u64,
-            pid,
-            marker,
-        },
+        Ok((true, Some(drawn), pid)) => {
+            let token = match timeline {
+                None => u64::try_from(drawn).ok(),
+                Some(timeline) => fence(drawn, timeline),
+            };
+            match token {
+                Some(token) => Waited::Granted {
+                    token,
+                    pid,
+                    marker,
+                    timeline,
+                },
+                // The lock is held: the connection stays dirty and is
+                // closed, which ends it.
+                None => Waited::Failed(Error::internal(format!(
+                    "the server's timeline {timeline:?} is above 32767, the most fencing \
+                     tokens can carry"
+                ))),
+            }
+        }
         // Another holder's server session: nothing was set or taken.
         Ok((false, _, _)) => {
             conn.clean = true;

@@ -655,7 +655,8 @@ async fn probe(conn: &mut PgConnection, limit: Duration) -> Option<(i32, String)
 
 /// Makes the connection of a granted server-side wait a holder session
 /// that carries the lock, and returns the lock's grant. The wait set the
-/// session's `marker`.
+/// session's `marker`, and read its `timeline` (unless the server was in
+/// recovery then).
 #[allow(clippy::too_many_arguments)]
 pub(super) fn adopt(
     inner: &Arc<Inner>,
@@ -663,6 +664,7 @@ pub(super) fn adopt(
     permit: Option<OwnedSemaphorePermit>,
     pid: i32,
     marker: String,
+    timeline: Option<i64>,
     key: i64,
     mode: LockMode,
     token: u64,
@@ -682,7 +684,7 @@ pub(super) fn adopt(
             timer: StatementTimer::default(),
             marker,
             pid,
-            timeline: None,
+            timeline,
             in_doubt: false,
             wait_slot: if core { None } else { permit },
         };
