@@ -844,12 +844,13 @@ async fn wait_on_server(
             .map(|(ours, token, pid, _, _)| (ours, token, pid));
     match outcome {
         Ok((true, Some(drawn), pid)) => {
+            // Fenced in the statement (no timeline read), or here.
             let token = match timeline {
                 None => u64::try_from(drawn).ok(),
                 Some(timeline) => fence(drawn, timeline),
             };
-            match token {
-                Some(token) => Waited::Granted {
+            match (token, timeline) {
+                (Some(token), _) => Waited::Granted {
                     token,
                     pid,
                     marker,
@@ -857,10 +858,13 @@ async fn wait_on_server(
                 },
                 // The lock is held: the connection stays dirty and is
                 // closed, which ends it.
-                None => Waited::Failed(Error::internal(format!(
-                    "the server's timeline {timeline:?} is above 32767, the most fencing \
-                     tokens can carry"
+                (None, Some(timeline)) => Waited::Failed(Error::internal(format!(
+                    "the server's timeline {timeline} is above 32767, the most fencing tokens \
+                     can carry"
                 ))),
+                (None, None) => Waited::Failed(Error::internal(
+                    "a granted advisory lock wait answered a negative fencing token",
+                )),
             }
         }
         // Another holder's server session: nothing was set or taken.
