@@ -117,8 +117,9 @@ pub(super) async fn advisory(env: &Env, rows: &mut Vec<Row>) -> Res<Latency> {
     .await?;
 
     // Handoff: the raw figure, dblock (another instance, then the same
-    // Locks), and the raw handoff with dblock's waiter statements (alone,
-    // then in dblock's task structure), measured in turns of
+    // Locks), and the raw handoff with dblock's waiter statements, then the
+    // bare lock and dblock's statements on a waiter connection taken from a
+    // pool for each sample, as dblock takes one; measured in turns of
     // HANDOFF_TURN samples each, so that the machine's drift over the
     // section weighs on all of them alike. The statement timeline (for the
     // breakdown's phases) is recorded only when a breakdown is asked for:
@@ -128,11 +129,12 @@ pub(super) async fn advisory(env: &Env, rows: &mut Vec<Row>) -> Res<Latency> {
     let timeline = breakdown_wanted().then_some("SELECT pg_advisory_unlock($1)");
     let other_pool = pg_pool(&env.pg, POOL).await?;
     let other = Locks::new(Advisory::new(other_pool.clone()));
-    let (mut raws, mut others, mut locals, mut sqls, mut hopss) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut raws, mut others, mut locals, mut sqls) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut raws_pooled, mut sqls_pooled) = (Vec::new(), Vec::new());
     for _ in 0..SEQ_SAMPLES / HANDOFF_TURN {
         let blocked = Blocked::Probe(probe.clone());
-        raws.push(raw_advisory_handoff(&pool, &probe, HANDOFF_TURN, Waiter::Bare, false).await?);
+        raws.push(raw_advisory_handoff(&pool, &probe, HANDOFF_TURN, Waiter::Bare, None).await?);
         let turn = HANDOFF_TURN;
         others.push(
             handoff(
@@ -147,8 +149,10 @@ pub(super) async fn advisory(env: &Env, rows: &mut Vec<Row>) -> Res<Latency> {
             .await?,
         );
         locals.push(handoff(&locks, &locks, "adv-hand", 1, turn, blocked, timeline).await?);
-        sqls.push(raw_advisory_handoff(&pool, &probe, turn, Waiter::Dblock, false).await?);
-        hopss.push(raw_advisory_handoff(&pool, &probe, turn, Waiter::Dblock, true).await?);
+        sqls.push(raw_advisory_handoff(&pool, &probe, turn, Waiter::Dblock, None).await?);
+        let from = Some(&other_pool);
+        raws_pooled.push(raw_advisory_handoff(&pool, &probe, turn, Waiter::Bare, from).await?);
+        sqls_pooled.push(raw_advisory_handoff(&pool, &probe, turn, Waiter::Dblock, from).await?);
     }
     let raw = Latency::join(raws);
     let server_other = Handoff::join(others);
@@ -173,30 +177,39 @@ pub(super) async fn advisory(env: &Env, rows: &mut Vec<Row>) -> Res<Latency> {
             .ratio(ratio)
             .target("p50 ≤ 1.25 × raw", ratio <= 1.25),
     );
+    // A reported handoff row: `what`'s p50 against `base`'s.
+    let against = |what: &str, latency: &Latency, base: &Latency| {
+        latency_row(B, what, latency)
+            .raw(base.show())
+            .ratio(latency.p50.as_secs_f64() / base.p50.as_secs_f64())
+    };
     // The same raw handoff with the waiter running dblock's statements
-    // (the timeouts lifted; lock_timeout, marker, lock, token, the timeouts
-    // put back): what the SQL costs.
-    let raw_dblock_sql = Latency::join(sqls);
-    rows.push(
-        latency_row(
-            B,
-            "handoff, server wait, raw with dblock's waiter SQL",
-            &raw_dblock_sql,
-        )
-        .raw(raw.show())
-        .ratio(raw_dblock_sql.p50.as_secs_f64() / raw.p50.as_secs_f64()),
-    );
-    // And with dblock's task hand-offs around the same SQL.
-    let raw_hops = Latency::join(hopss);
-    rows.push(
-        latency_row(
-            B,
-            "handoff, server wait, raw with dblock's SQL and task hand-offs",
-            &raw_hops,
-        )
-        .raw(raw.show())
-        .ratio(raw_hops.p50.as_secs_f64() / raw.p50.as_secs_f64()),
-    );
+    // (the session marked and its timeouts lifted; then lock_timeout, the
+    // check of the marker, the lock, the token): what the SQL costs.
+    rows.push(against(
+        "handoff, server wait, raw with dblock's waiter SQL",
+        &Latency::join(sqls),
+        &raw,
+    ));
+    // The waiter's connection taken from a pool of 10 for each sample, as
+    // dblock's waiter (another instance) takes one from its pool: the bare
+    // lock, and dblock's statements; then dblock against the latter.
+    rows.push(against(
+        "handoff, server wait, raw bare waiter on a pooled connection",
+        &Latency::join(raws_pooled),
+        &raw,
+    ));
+    let sql_pooled = Latency::join(sqls_pooled);
+    rows.push(against(
+        "handoff, server wait, raw with dblock's waiter SQL on a pooled connection",
+        &sql_pooled,
+        &raw,
+    ));
+    rows.push(against(
+        "handoff, server wait, other instance, vs raw with its SQL on a pooled connection",
+        &server_other.call,
+        &sql_pooled,
+    ));
 
     let poll = AdvisoryOptions::default().wait(WaitStrategy::Poll {
         min: LeaseOptions::default().min_poll,

@@ -11,10 +11,25 @@ pub(super) enum Blocked {
     Hold(u64, u64),
 }
 
+/// How long a handoff's holder waits, once `pg_locks` shows the waiter
+/// blocked, before it releases. The probe polls every millisecond, and a
+/// waiter that sends one statement before it blocks (a bare
+/// `pg_advisory_lock`) was often seen on the first poll, while one that
+/// sends several (dblock's) never was: released within microseconds of
+/// blocking, on a machine still busy from the waiter's statements, the
+/// first kind was handed the lock faster than a waiter settled in its wait,
+/// which the others always were (docs/performance.md, issue 14, tenth
+/// pass). Every probed handoff lets its waiter settle this long first.
+const SETTLE: Duration = Duration::from_millis(2);
+
 impl Blocked {
     pub(super) async fn wait(&self, key: i64) -> Res<()> {
         match self {
-            Blocked::Probe(pool) => wait_for_advisory_waiter(pool, key).await,
+            Blocked::Probe(pool) => {
+                wait_for_advisory_waiter(pool, key).await?;
+                tokio::time::sleep(SETTLE).await;
+                Ok(())
+            }
             Blocked::Hold(lo, hi) => {
                 let ms = rand::rng().random_range(*lo..=*hi);
                 tokio::time::sleep(Duration::from_millis(ms)).await;
@@ -200,17 +215,16 @@ pub(super) async fn handoff(
 
 /// The raw figure: a session blocked in `pg_advisory_lock`, woken by another
 /// session's `pg_advisory_unlock`; clock from the unlock call to the grant.
-/// `waiter` is `pg_advisory_lock` alone, or what dblock's waiter runs.
-/// With `hops`, the statements run as dblock runs them: the holder's unlock
-/// by a keeper task told over an mpsc (answering on a oneshot), the
-/// waiter's lock in a task of its own that answers the acquirer on a
-/// oneshot. The SQL is the same; only the task hand-offs are added.
+/// `waiter` is `pg_advisory_lock` alone, or what dblock's waiter runs. The
+/// waiter's connection is one kept for the turn (`from`: `None`, the
+/// physical limit), or taken from the pool `from` for each sample and
+/// given back after it, as dblock's waiter takes one.
 pub(super) async fn raw_advisory_handoff(
     pool: &PgPool,
     probe: &PgPool,
     samples: usize,
     waiter_sql: advisory::Waiter,
-    hops: bool,
+    from: Option<&PgPool>,
 ) -> Res<Latency> {
     type Conn = sqlx::pool::PoolConnection<sqlx::Postgres>;
     // Lets go of the lock, and of the holder session's marker a dblock
@@ -232,18 +246,19 @@ pub(super) async fn raw_advisory_handoff(
             }
             advisory::Waiter::Dblock => {
                 let (lift, wait) = dblock::postgres::bench_wait_exclusive_sql();
-                type Lifted = (String, Option<String>, String, Option<String>, Option<i64>);
-                let (statement, transaction, _, _, _): Lifted =
-                    sqlx::query_as(lift).fetch_one(&mut *conn).await?;
-                let (ours, token, _, _, _): (bool, Option<i64>, i32, String, Option<String>) =
-                    sqlx::query_as(wait)
-                        .bind(key)
-                        .bind("30000ms")
-                        .bind("dblock-bench-waiter")
-                        .bind(statement)
-                        .bind(transaction)
-                        .fetch_one(&mut *conn)
-                        .await?;
+                const MARKER: &str = "dblock-bench-waiter";
+                let row = sqlx::query(lift).bind(MARKER).fetch_one(&mut *conn).await?;
+                let (free, pid): (bool, i32) = (row.try_get(0)?, row.try_get(1)?);
+                if !free {
+                    return Err("the mimicked wait found another holder's marker".into());
+                }
+                let (ours, token): (bool, Option<i64>) = sqlx::query_as(wait)
+                    .bind(key)
+                    .bind("30000ms")
+                    .bind(MARKER)
+                    .bind(pid)
+                    .fetch_one(&mut *conn)
+                    .await?;
                 if !ours || token.is_none() {
                     return Err("the mimicked wait found another holder's marker".into());
                 }
@@ -253,7 +268,10 @@ pub(super) async fn raw_advisory_handoff(
     }
     let key: i64 = rand::rng().random();
     let mut holder = Some(pool.acquire().await?);
-    let mut waiter = Some(pool.acquire().await?);
+    let mut kept = match from {
+        None => Some(pool.acquire().await?),
+        Some(_) => None,
+    };
     let mut out = Vec::new();
     for _ in 0..=samples {
         let mut h = holder.take().expect("holder connection");
@@ -261,53 +279,25 @@ pub(super) async fn raw_advisory_handoff(
             .bind(key)
             .execute(&mut *h)
             .await?;
-        // With hops, a keeper task owns the holder's connection and waits
-        // for the release command.
-        let (command, mut commands) = tokio::sync::mpsc::channel::<oneshot::Sender<Res<Conn>>>(4);
-        let (keeper, mut inline) = if hops {
-            let keeper = tokio::spawn(async move {
-                tokio::select! {
-                    biased;
-                    reply = commands.recv() => if let Some(reply) = reply {
-                        let _ = reply.send(unlock(h, key).await);
-                    },
-                    _ = tokio::time::sleep(Duration::from_secs(30)) => {}
-                }
-            });
-            (Some(keeper), None)
-        } else {
-            (None, Some(h))
+        let w = match (kept.take(), from) {
+            (Some(w), _) => w,
+            (None, Some(from)) => from.acquire().await?,
+            (None, None) => return Err("no waiter connection".into()),
         };
-        let w = waiter.take().expect("waiter connection");
         let (tx, rx) = oneshot::channel();
         let task = tokio::spawn(async move {
-            let locked = if hops {
-                let (itx, irx) = oneshot::channel();
-                tokio::spawn(async move {
-                    let _ = itx.send(lock(w, key, waiter_sql).await);
-                });
-                irx.await?
-            } else {
-                lock(w, key, waiter_sql).await
-            };
+            let locked = lock(w, key, waiter_sql).await;
             let _ = tx.send(Instant::now());
             unlock(locked?, key).await
         });
-        wait_for_advisory_waiter(probe, key).await?;
+        Blocked::Probe(probe.clone()).wait(key).await?;
         let t0 = Instant::now();
-        holder = Some(match (keeper, inline.take()) {
-            (Some(keeper), _) => {
-                let (rtx, rrx) = oneshot::channel();
-                command.send(rtx).await?;
-                let conn = rrx.await??;
-                keeper.await?;
-                conn
-            }
-            (None, Some(h)) => unlock(h, key).await?,
-            (None, None) => return Err("no holder connection".into()),
-        });
+        holder = Some(unlock(h, key).await?);
         let granted = rx.await?;
-        waiter = Some(task.await??);
+        let w = task.await??;
+        if from.is_none() {
+            kept = Some(w);
+        }
         out.push(granted.saturating_duration_since(t0));
     }
     out.remove(0);

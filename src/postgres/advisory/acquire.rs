@@ -37,24 +37,35 @@ use crate::postgres::token::{fence, sequence_token, TIMELINE_OR_NULL};
 use crate::postgres::{advisory_key, engine, map_err};
 use crate::{AcquireRequest, Error, LockMode, LostReason, Result, Wait};
 
-// The wait runs as one autocommit statement, so that its grant, its token
-// and their commit come back in one round trip. The inner subqueries set a
-// statement-local lock_timeout before the lock call runs (OFFSET 0 keeps the
-// planner from flattening the order away); in autocommit the "transaction"
-// is this one statement, so nothing leaks into the pooled session. The
-// connection becomes a holder session when the wait is granted, so the
-// statement also sets that session's marker ($3) and returns its pid; it
-// waits only if the server session carries no other holder's marker
-// (`ours`), as when opening a holder session. A wait that fails (a
-// lock_timeout) undoes the marker with the rest of its transaction.
+// A server-side wait is two statements on a connection of the pool, which
+// becomes a holder session when the wait is granted.
 //
-// The role's statement_timeout (and PostgreSQL 17's transaction_timeout,
-// which also bounds an autocommit statement) are lifted for the session by
-// `LIFT_FOR_WAIT` just before: a statement's timeout is armed when it
-// starts. Once the lock call is done, whatever its outcome, the outer
-// select puts them back ($4, $5: the values `LIFT_FOR_WAIT` read); a wait
-// that fails puts them back in `UNLOCK_LATE_*`, and a connection left with
-// them lifted any other way stays dirty and is closed.
+// First `LIFT_FOR_WAIT`, off the handoff's path. If the server session
+// carries no other holder's marker (`ours`, as when opening a holder
+// session), it sets this session's marker ($1), lifts the role's
+// statement_timeout (and PostgreSQL 17's transaction_timeout, which also
+// bounds an autocommit statement) for the session, and answers their old
+// values, the pid and the server session's timeline (NULL in recovery). A
+// statement's timeout is armed when it starts, so the lift must come in a
+// statement before the wait.
+//
+// Then the wait, one autocommit statement, so that its grant, its token
+// and their commit come back in one round trip: it checks that it runs on
+// the server session `LIFT_FOR_WAIT` marked ($3, $4: a transaction-pooling
+// proxy could hand it another), sets a statement-local lock_timeout before
+// the lock call (OFFSET 0 keeps the planner from flattening the order
+// away), and after the grant draws the token. It sets nothing for the
+// session: a session-level setting made in a statement is settled at its
+// commit, after the grant, and each one set there (the marker, the
+// timeouts put back) cost the handoff about 10 us of the server's time
+// (docs/performance.md, issue 14, tenth pass).
+//
+// The lifted timeouts are put back when the connection goes back to the
+// pool: by `UNLOCK_LATE_*` after a wait that failed (which also clears the
+// marker), or when the holder session a granted wait became is retired
+// (`Conn::lifted`); meanwhile only dblock's own statements, bounded by its
+// own timer, run on it. A connection left with them lifted any other way
+// stays dirty and is closed.
 //
 // The token: the raw value drawn from the fencing sequence, fenced in Rust
 // with the timeline `LIFT_FOR_WAIT` read on the same server session just
@@ -64,14 +75,11 @@ use crate::{AcquireRequest, Error, LockMode, LostReason, Result, Wait};
 // while the statement waits.
 fn wait_sql(lock: &str, token: &str) -> String {
     format!(
-        "SELECT ours, CASE WHEN ours THEN {token} END, pg_backend_pid(),
-                set_config('statement_timeout', $4, false),
-                CASE WHEN $5::text IS NOT NULL THEN set_config('transaction_timeout', $5, false) END
+        "SELECT ours, CASE WHEN ours THEN {token} END
            FROM (SELECT ours, CASE WHEN ours THEN {lock}($1) END
-                   FROM (SELECT ours, set_config('lock_timeout', $2, true),
-                                CASE WHEN ours THEN set_config('dblock.session', $3, false) END
-                           FROM (SELECT coalesce(current_setting('dblock.session', true), '') = '' AS ours
-                                 OFFSET 0) c
+                   FROM (SELECT current_setting('dblock.session', true) IS NOT DISTINCT FROM $3
+                                AND pg_backend_pid() = $4 AS ours,
+                                set_config('lock_timeout', $2, true)
                          OFFSET 0) cfg
                  OFFSET 0) l"
     )
@@ -85,20 +93,36 @@ static WAIT_EXCLUSIVE_FENCED: LazyLock<String> =
     LazyLock::new(|| wait_sql("pg_advisory_lock", &sequence_token()));
 static WAIT_SHARED_FENCED: LazyLock<String> =
     LazyLock::new(|| wait_sql("pg_advisory_lock_shared", &sequence_token()));
-/// Lifts the session's statement_timeout (and transaction_timeout, where
-/// the server has one) for the wait statement that follows; answers their
-/// values before, and the server session's timeline (NULL in recovery).
+/// Marks the session for the wait that follows and lifts its timeouts,
+/// unless another holder's marker is on it (see `wait_sql`); answers
+/// `ours`, the pid, the timeouts' values before, and the server session's
+/// timeline (NULL in recovery).
 static LIFT_FOR_WAIT: LazyLock<String> = LazyLock::new(|| {
     format!(
-        "SELECT current_setting('statement_timeout'),
+        "SELECT ours, pg_backend_pid(),
+                current_setting('statement_timeout'),
                 current_setting('transaction_timeout', true),
-                set_config('statement_timeout', '0', false),
-                CASE WHEN current_setting('transaction_timeout', true) IS NOT NULL
+                CASE WHEN ours THEN set_config('dblock.session', $1, false) END,
+                CASE WHEN ours THEN set_config('statement_timeout', '0', false) END,
+                CASE WHEN ours AND current_setting('transaction_timeout', true) IS NOT NULL
                      THEN set_config('transaction_timeout', '0', false) END,
-                {}",
+                {}
+           FROM (SELECT coalesce(current_setting('dblock.session', true), '') = '' AS ours
+                 OFFSET 0) c",
         *TIMELINE_OR_NULL
     )
 });
+/// What `LIFT_FOR_WAIT` answers.
+type Lifted = (
+    bool,
+    i32,
+    String,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+    Option<i64>,
+);
 
 /// The exclusive wait's two statements, for the benchmark's mimic.
 pub(super) fn wait_exclusive_sql() -> (&'static str, &'static str) {
@@ -122,18 +146,18 @@ const PERMIT_POLL_MAX: Duration = Duration::from_millis(250);
 const SESSION_RETRIES: usize = 4;
 
 // After a lock_timeout: unlock only if this session did get the lock (a
-// grant racing the timeout), so no warning is raised otherwise; and put
-// back the timeouts `LIFT_FOR_WAIT` lifted ($2, $3), as a granted wait does.
+// grant racing the timeout), so no warning is raised otherwise; put back
+// the timeouts `LIFT_FOR_WAIT` lifted ($2, $3) and clear its marker.
 const UNLOCK_LATE_EXCLUSIVE: &str = "SELECT (SELECT bool_or(pg_advisory_unlock($1)) FROM pg_locks
   WHERE locktype = 'advisory' AND objsubid = 1 AND granted AND pid = pg_backend_pid()
     AND mode = 'ExclusiveLock' AND ((classid::bigint << 32) | objid::bigint) = $1),
-  set_config('statement_timeout', $2, false),
+  set_config('dblock.session', '', false), set_config('statement_timeout', $2, false),
   CASE WHEN $3::text IS NOT NULL THEN set_config('transaction_timeout', $3, false) END";
 const UNLOCK_LATE_SHARED: &str =
     "SELECT (SELECT bool_or(pg_advisory_unlock_shared($1)) FROM pg_locks
   WHERE locktype = 'advisory' AND objsubid = 1 AND granted AND pid = pg_backend_pid()
     AND mode = 'ShareLock' AND ((classid::bigint << 32) | objid::bigint) = $1),
-  set_config('statement_timeout', $2, false),
+  set_config('dblock.session', '', false), set_config('statement_timeout', $2, false),
   CASE WHEN $3::text IS NOT NULL THEN set_config('transaction_timeout', $3, false) END";
 
 fn is_lock_timeout(e: &sqlx::Error) -> bool {
@@ -213,6 +237,9 @@ async fn wait(
     let mut waiter: Option<WaitConn> = None;
     // This acquisition's right to wait on the server (see `WaitSlot`).
     let mut slot: Option<WaitSlot> = None;
+    // What a grant on the server will need, made before the first
+    // server-side wait (see `session::Adoption`).
+    let mut adoption: Option<session::Adoption> = None;
     let mut from_pool: Option<
         BoxFuture<'static, std::result::Result<PoolConnection<Postgres>, sqlx::Error>>,
     > = None;
@@ -281,12 +308,16 @@ async fn wait(
             }
         }
         let conn = waiter.as_mut().expect("a waiting connection");
+        if adoption.is_none() {
+            adoption = Some(session::Adoption::prepare(inner, name));
+        }
         match wait_on_server(inner, conn, key, mode, deadline).await {
             Waited::Granted {
                 token,
                 pid,
                 marker,
                 timeline,
+                lifted,
             } => {
                 if mode == LockMode::Shared {
                     let conn = waiter.as_mut().expect("a waiting connection");
@@ -297,8 +328,9 @@ async fn wait(
                     .and_then(|mut w| w.conn.take())
                     .expect("a waiting connection");
                 let permit = slot.as_mut().and_then(|s| s.permit.take());
+                let adoption = adoption.take().expect("prepared before the wait");
                 return Ok(Some(session::adopt(
-                    inner, conn, permit, pid, marker, timeline, key, mode, token, name,
+                    inner, adoption, conn, permit, pid, marker, timeline, lifted, key, mode, token,
                 )));
             }
             Waited::Busy => {}
@@ -769,6 +801,8 @@ enum Waited {
         marker: String,
         /// The server session's timeline, if it was read before the wait.
         timeline: Option<i64>,
+        /// The session's timeouts before the wait lifted them.
+        lifted: (String, Option<String>),
     },
     Busy,
     Failed(Error),
@@ -794,24 +828,27 @@ async fn wait_on_server(
             left.min(i32::MAX as u128) as i64
         }
     };
-    // Dirty from here until the timeouts are put back (or the wait found
-    // another holder's server session, where nothing was set or taken).
+    // Dirty from here until the timeouts are put back (or the lift found
+    // another holder's server session, where it set nothing).
     conn.clean = false;
     let marker = session::new_marker();
     let raw = &mut **conn.conn.as_mut().expect("connection present");
     // Only the lock_timeout set from the deadline bounds the wait: the
     // session's own timeouts are lifted for it (see `wait_sql`). The lock
-    // is session-level, so it outlives the statement; so does the
-    // session's marker (set_config(.., false)), unless the statement fails.
-    let (lifted, timeline) = match sqlx::query_as::<
-        _,
-        (String, Option<String>, String, Option<String>, Option<i64>),
-    >(LIFT_FOR_WAIT.as_str())
-    .fetch_one(&mut *raw)
-    .await
+    // is session-level, so it outlives the statement.
+    let (pid, lifted, timeline) = match sqlx::query_as::<_, Lifted>(LIFT_FOR_WAIT.as_str())
+        .bind(&marker)
+        .fetch_one(&mut *raw)
+        .await
     {
-        Ok((statement_timeout, transaction_timeout, _, _, timeline)) => {
-            ((statement_timeout, transaction_timeout), timeline)
+        Ok((true, pid, statement_timeout, transaction_timeout, _, _, _, timeline)) => {
+            (pid, (statement_timeout, transaction_timeout), timeline)
+        }
+        // Another holder's server session: nothing was set.
+        Ok((false, ..)) => {
+            conn.clean = true;
+            inner.refuse(Refusal::Pooler);
+            return Waited::Failed(engine::transaction_pooler());
         }
         Err(e) if engine::is_statement_clash(&e) => {
             conn.clean = true;
@@ -832,18 +869,15 @@ async fn wait_on_server(
     // If the acquirer is dropped meanwhile, the statement may yet be
     // granted: the connection stays dirty and is closed, which ends its
     // session's locks.
-    let outcome =
-        sqlx::query_as::<_, (bool, Option<i64>, i32, String, Option<String>)>(sql.as_str())
-            .bind(key)
-            .bind(format!("{timeout_ms}ms"))
-            .bind(marker.clone())
-            .bind(&lifted.0)
-            .bind(&lifted.1)
-            .fetch_one(&mut *raw)
-            .await
-            .map(|(ours, token, pid, _, _)| (ours, token, pid));
+    let outcome = sqlx::query_as::<_, (bool, Option<i64>)>(sql.as_str())
+        .bind(key)
+        .bind(format!("{timeout_ms}ms"))
+        .bind(&marker)
+        .bind(pid)
+        .fetch_one(&mut *raw)
+        .await;
     match outcome {
-        Ok((true, Some(drawn), pid)) => {
+        Ok((true, Some(drawn))) => {
             // Fenced in the statement (no timeline read), or here.
             let token = match timeline {
                 None => u64::try_from(drawn).ok(),
@@ -855,6 +889,7 @@ async fn wait_on_server(
                     pid,
                     marker,
                     timeline,
+                    lifted,
                 },
                 // The lock is held: the connection stays dirty and is
                 // closed, which ends it.
@@ -867,14 +902,14 @@ async fn wait_on_server(
                 )),
             }
         }
-        // Another holder's server session: nothing was set or taken.
-        Ok((false, _, _)) => {
-            conn.clean = true;
+        // Another server session than the one marked: a transaction-pooling
+        // proxy. The connection stays dirty and is closed.
+        Ok((false, _)) => {
             inner.refuse(Refusal::Pooler);
             Waited::Failed(engine::transaction_pooler())
         }
         // A granted wait always has a token; the connection stays dirty.
-        Ok((true, None, _)) => Waited::Failed(Error::internal(
+        Ok((true, None)) => Waited::Failed(Error::internal(
             "a granted advisory lock wait answered no fencing token",
         )),
         Err(e) if is_lock_timeout(&e) => {

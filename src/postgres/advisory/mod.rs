@@ -61,14 +61,13 @@ pub fn bench_try_exclusive_sql() -> &'static str {
 }
 
 /// dblock's exclusive server-side wait, for the benchmark's "raw, same
-/// work" handoff: the statement that lifts the session's timeouts (it
-/// answers their values, `statement_timeout` then `transaction_timeout` or
-/// NULL, the new ones, and the server session's timeline), and the waiting
-/// statement (`$1` the key, `$2` the lock_timeout, `$3` the holder
-/// session's marker, `$4` and `$5` the timeouts to put back; it answers
-/// whether the session was free of another holder's marker, the raw value
-/// of the fencing sequence, the pid, and the put-back values). Not a
-/// stable interface.
+/// work" handoff: the statement that marks the session and lifts its
+/// timeouts (`$1` the holder session's marker; it answers whether the
+/// session was free of another holder's marker, its pid, the timeouts'
+/// values before, what it set, and the server session's timeline), and the
+/// waiting statement (`$1` the key, `$2` the lock_timeout, `$3` the marker,
+/// `$4` the pid; it answers whether it ran on the session marked, and the
+/// raw value of the fencing sequence). Not a stable interface.
 #[doc(hidden)]
 pub fn bench_wait_exclusive_sql() -> (&'static str, &'static str) {
     acquire::wait_exclusive_sql()

@@ -39,7 +39,7 @@ use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgArguments, PgConnection, PgQueryResult, PgRow};
 use sqlx::query::Query;
 use sqlx::{Executor, Postgres, Row};
-use tokio::sync::{mpsc, MutexGuard, OwnedSemaphorePermit};
+use tokio::sync::{mpsc, oneshot, MutexGuard, OwnedSemaphorePermit};
 use tokio::time::{sleep_until, timeout, Instant, Sleep};
 
 pub(super) mod permit;
@@ -47,7 +47,7 @@ pub(super) mod permit;
 use super::registry::{Hold, LockId, Permit, SessionEntry, SessionId};
 use super::release::{self, Held};
 use super::{split_key, Inner, Refusal};
-use crate::backend::{BoxFuture, Grant};
+use crate::backend::{BoxFuture, Grant, LockStatus, PendingGrant};
 use crate::error::Loss;
 use crate::postgres::engine::{self, is_statement_clash};
 use crate::postgres::key::semaphore_key;
@@ -171,6 +171,15 @@ const RETIRE: &str = "SELECT pg_advisory_unlock_all(), set_config('dblock.sessio
       FROM pg_settings
      WHERE name IN ('tcp_keepalives_idle', 'tcp_keepalives_interval',
                     'tcp_keepalives_count', 'tcp_user_timeout'))";
+// The same for a session adopted from a server-side wait, which also puts
+// back the timeouts the wait lifted ($1 statement_timeout, $2
+// transaction_timeout or NULL; see `acquire::wait_sql`).
+static RETIRE_RESTORING: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "{RETIRE}, set_config('statement_timeout', $1, false),
+         CASE WHEN $2::text IS NOT NULL THEN set_config('transaction_timeout', $2, false) END"
+    )
+});
 const UNLOCK_EXCLUSIVE: &str = "SELECT pg_advisory_unlock($1)";
 const UNLOCK_SHARED: &str = "SELECT pg_advisory_unlock_shared($1)";
 // Undoing a lock statement that failed: one unlock, without the WARNING the
@@ -431,6 +440,10 @@ pub(super) struct Conn {
     /// The wait slot of the server-side wait this session was adopted
     /// from, freed when the session ends.
     wait_slot: Option<OwnedSemaphorePermit>,
+    /// The server session's `statement_timeout` and `transaction_timeout`
+    /// before the server-side wait this session was adopted from lifted
+    /// them: put back when it goes back to the pool.
+    lifted: Option<(String, Option<String>)>,
 }
 
 impl Conn {
@@ -545,6 +558,7 @@ pub(super) async fn open(
         timeline: None,
         in_doubt: false,
         wait_slot: None,
+        lifted: None,
     };
     let (pg, timer) = c.split();
     let row = match bounded(timer, limit, sqlx::raw_sql(OPEN).fetch_one(pg)).await {
@@ -653,27 +667,69 @@ async fn probe(conn: &mut PgConnection, limit: Duration) -> Option<(i32, String)
     Some((row.try_get(0).ok()?, row.try_get(1).ok()?))
 }
 
+/// What a server-side wait sets up before its statement is sent, so that
+/// little is left to do between the grant and the caller: the lock's id,
+/// name and status channel, and the keeper task of the holder session the
+/// wait's connection becomes (spawned now, it starts keeping the session
+/// when handed it; dropped unused, it ends). Kept across the rounds of one
+/// acquisition's wait.
+pub(super) struct Adoption {
+    lock: LockId,
+    name: Arc<str>,
+    status: LockStatus,
+    pending: PendingGrant,
+    keeper: mpsc::UnboundedSender<Chore>,
+    start: oneshot::Sender<Arc<Session>>,
+}
+
+impl Adoption {
+    pub(super) fn prepare(inner: &Inner, name: &str) -> Self {
+        let (status, pending) = Grant::status(None);
+        let (keeper, chores) = mpsc::unbounded_channel();
+        let (start, started) = oneshot::channel::<Arc<Session>>();
+        tokio::spawn(async move {
+            if let Ok(session) = started.await {
+                session.keep(chores).await;
+            }
+        });
+        Adoption {
+            lock: inner.next_id(),
+            name: name.into(),
+            status,
+            pending,
+            keeper,
+            start,
+        }
+    }
+}
+
 /// Makes the connection of a granted server-side wait a holder session
 /// that carries the lock, and returns the lock's grant. The wait set the
-/// session's `marker`, and read its `timeline` (unless the server was in
-/// recovery then).
+/// session's `marker`, read its `timeline` (unless the server was in
+/// recovery then), and lifted its timeouts (`lifted`, their values before:
+/// put back when the session goes back to the pool).
 #[allow(clippy::too_many_arguments)]
 pub(super) fn adopt(
     inner: &Arc<Inner>,
+    adoption: Adoption,
     conn: PoolConnection<Postgres>,
     permit: Option<OwnedSemaphorePermit>,
     pid: i32,
     marker: String,
     timeline: Option<i64>,
+    lifted: (String, Option<String>),
     key: i64,
     mode: LockMode,
     token: u64,
-    name: &str,
 ) -> Grant {
-    let lock = inner.next_id();
-    let name: Arc<str> = name.into();
-    let (status, pending) = Grant::status(None);
-    let (keeper, chores) = mpsc::unbounded_channel();
+    let Adoption {
+        lock,
+        name,
+        status,
+        pending,
+        keeper,
+        start,
+    } = adoption;
     let (session, core) = {
         let mut registry = inner.registry();
         let core = registry.core_count() < inner.target_sessions();
@@ -687,6 +743,7 @@ pub(super) fn adopt(
             timeline,
             in_doubt: false,
             wait_slot: if core { None } else { permit },
+            lifted: Some(lifted),
         };
         let session = Arc::new(Session::new(inner.clone(), c, keeper));
         registry.add_session(
@@ -719,7 +776,9 @@ pub(super) fn adopt(
         "dblock: advisory wait granted; its session holds the lock"
     );
     let held = Box::new(Held::new(name, key, lock, &session, status));
-    tokio::spawn(session.keep(chores));
+    // The keeper was spawned before the wait; it only goes away with the
+    // runtime (then nothing is kept anyway).
+    let _ = start.send(session);
     pending.grant(token, held)
 }
 
@@ -1184,7 +1243,13 @@ impl Session {
         let Some(mut conn) = c.conn.take() else {
             return;
         };
-        if bounded(&mut c.timer, limit, run(&mut conn, sqlx::query(RETIRE)))
+        let retire = match c.lifted.take() {
+            None => sqlx::query(RETIRE),
+            Some((statement, transaction)) => sqlx::query(RETIRE_RESTORING.as_str())
+                .bind(statement)
+                .bind(transaction),
+        };
+        if bounded(&mut c.timer, limit, run(&mut conn, retire))
             .await
             .is_err()
         {
