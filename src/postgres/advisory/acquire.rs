@@ -244,8 +244,11 @@ async fn wait(
         BoxFuture<'static, std::result::Result<PoolConnection<Postgres>, sqlx::Error>>,
     > = None;
     loop {
-        let notified = subscription.notified();
-        tokio::pin!(notified);
+        // Dropped (set to None) for a server-side wait, which local
+        // releases do not concern (the server grants it), so that a release
+        // here does not wake this task in vain as the grant comes in.
+        let mut armed = std::pin::pin!(Some(subscription.notified()));
+        let mut notified = armed.as_mut().as_pin_mut().expect("just armed");
         notified.as_mut().enable();
 
         if let Some(grant) = try_on_session(inner, attempt, false).await? {
@@ -307,6 +310,7 @@ async fn wait(
                 }
             }
         }
+        armed.set(None);
         let conn = waiter.as_mut().expect("a waiting connection");
         if adoption.is_none() {
             adoption = Some(session::Adoption::prepare(inner, name));
