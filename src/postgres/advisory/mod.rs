@@ -79,7 +79,8 @@ pub fn bench_wait_exclusive_sql() -> (&'static str, &'static str) {
 pub enum WaitStrategy {
     /// Block in `pg_advisory_lock` on the server, bounded by a
     /// statement-local `lock_timeout` (a role's `statement_timeout` is
-    /// lifted for the wait, so only `.wait(d)` bounds it): the prompt
+    /// lifted for the wait, so only `.wait(d)` bounds it, and put back
+    /// before the connection returns to the pool): the prompt
     /// handoff. At most one acquisition per name per process waits this
     /// way, and only as many as the backend's wait slots allow (see
     /// [`Advisory`]); the others wait in-process. Each waiting
