@@ -234,6 +234,13 @@ pub(super) async fn advisory_limit(env: &Env, rows: &mut Vec<Row>) -> Res<()> {
             "nextval" => &nextval,
             other => return Err(format!("DBLOCK_BENCH_PAIRS: unknown {other:?}").into()),
         };
+        // With DBLOCK_BENCH_PAIRS_TASKS=8: 8 tasks for 3 s instead.
+        if std::env::var("DBLOCK_BENCH_PAIRS_TASKS").as_deref() == Ok("8") {
+            super::run_window(op, TASKS, super::WARMUP).await?;
+            let rate8 = super::run_window(op, TASKS, Duration::from_secs(3)).await?;
+            eprintln!("pairs: {which}, {TASKS} tasks: {} /s", rate(rate8));
+            return Ok(());
+        }
         return super::timed_pairs(op, &which, 5_000).await;
     }
 
