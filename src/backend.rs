@@ -16,9 +16,9 @@ use std::pin::Pin;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use tokio::sync::watch;
 
 use crate::error::Loss;
+use crate::status;
 use crate::{AcquireRequest, LockInfo, LostReason, Result};
 
 /// A boxed, sendable future: what the object-safe traits return.
@@ -108,7 +108,7 @@ pub(crate) struct State {
 /// The backend's handle on a guard's status: it records renewals and loss.
 #[derive(Debug, Clone)]
 pub struct LockStatus {
-    tx: watch::Sender<State>,
+    tx: status::Sender,
 }
 
 impl LockStatus {
@@ -204,7 +204,7 @@ impl LockStatus {
 pub struct Grant {
     pub(crate) token: u64,
     pub(crate) held: Box<dyn HeldLock>,
-    pub(crate) state: watch::Receiver<State>,
+    pub(crate) state: status::Receiver,
 }
 
 impl Grant {
@@ -215,7 +215,7 @@ impl Grant {
         expires_at: Option<DateTime<Utc>>,
         held: Box<dyn HeldLock>,
     ) -> (Grant, LockStatus) {
-        let (tx, rx) = watch::channel(State {
+        let (tx, rx) = status::channel(State {
             expires_at,
             ..State::default()
         });
@@ -232,7 +232,7 @@ impl Grant {
     /// Creates the status channel before the held lock exists (a backend's
     /// keeper task usually needs the status first).
     pub fn status(expires_at: Option<DateTime<Utc>>) -> (LockStatus, PendingGrant) {
-        let (tx, rx) = watch::channel(State {
+        let (tx, rx) = status::channel(State {
             expires_at,
             ..State::default()
         });
@@ -243,7 +243,7 @@ impl Grant {
 /// The guard's half of a status channel made by [`Grant::status`].
 #[derive(Debug)]
 pub struct PendingGrant {
-    rx: watch::Receiver<State>,
+    rx: status::Receiver,
 }
 
 impl PendingGrant {

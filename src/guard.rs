@@ -5,12 +5,12 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use tokio::sync::watch;
 use tracing::field::Empty;
 use tracing::Instrument;
 
 use crate::backend::{HeldLock, State};
 use crate::error::Loss;
+use crate::status;
 use crate::{observe, Error, Grant, LockMode, LostReason, LostSignal, Result};
 
 /// A held lock. Dropping it releases the lock in the background;
@@ -29,11 +29,11 @@ pub struct LockGuard {
     backend: &'static str,
     /// When it was granted, if the clock was read for spans or metrics.
     acquired: Option<Instant>,
-    state: watch::Receiver<State>,
+    state: status::Receiver,
     held: Option<Box<dyn HeldLock>>,
     /// The sender of [`lost_owned`](LockGuard::lost_owned)'s second
     /// channel, made on first use; it closes when the guard goes.
-    ended: OnceLock<watch::Sender<State>>,
+    ended: OnceLock<status::Sender>,
 }
 
 impl fmt::Debug for LockGuard {
@@ -138,8 +138,7 @@ impl LockGuard {
 
     /// Whether the lock is known to be lost.
     pub fn is_lost(&self) -> bool {
-        let state = self.state.borrow();
-        state.lost.is_some() || self.state.has_changed().is_err()
+        self.state.borrow().lost.is_some() || self.state.is_closed()
     }
 
     /// Resolves once the lock is known lost: renewal failed or came too
@@ -149,10 +148,9 @@ impl LockGuard {
     /// # Cancel safety
     /// Cancel safe: it only watches; dropping it changes nothing.
     pub async fn lost(&self) {
-        let mut rx = self.state.clone();
         // An error means the backend's keeper is gone: the lock can no
         // longer be vouched for, which is loss too.
-        let _ = rx.wait_for(|s| s.lost.is_some()).await;
+        let _ = self.state.wait_for(|s| s.lost.is_some()).await;
     }
 
     /// An owned handle on the lost signal, for a spawned task: it fires
@@ -161,12 +159,12 @@ impl LockGuard {
     pub fn lost_owned(&self) -> LostSignal {
         let ended = self
             .ended
-            .get_or_init(|| watch::channel(State::default()).0);
+            .get_or_init(|| status::channel(State::default()).0);
         LostSignal::new(self.state.clone(), ended.subscribe())
     }
 
     /// The status channel, for watching loss without borrowing the guard.
-    pub(crate) fn state(&self) -> watch::Receiver<State> {
+    pub(crate) fn state(&self) -> status::Receiver {
         self.state.clone()
     }
 

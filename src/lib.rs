@@ -86,6 +86,7 @@ mod name;
 mod observe;
 mod request;
 mod retry;
+mod status;
 mod time;
 
 #[cfg(any(feature = "postgres", feature = "mysql", feature = "sqlite"))]

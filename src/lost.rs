@@ -3,9 +3,7 @@
 
 use std::fmt;
 
-use tokio::sync::watch;
-
-use crate::backend::State;
+use crate::status::Receiver;
 use crate::LostReason;
 
 /// Fires once a lock is no longer held: lost (renewal failed or came too
@@ -35,10 +33,10 @@ use crate::LostReason;
 #[derive(Clone)]
 pub struct LostSignal {
     /// The backend's status of the lock.
-    lock: watch::Receiver<State>,
+    lock: Receiver,
     /// The guard's own channel, whose sender goes with the guard: closed
     /// once the guard is released or dropped (a leadership resigned).
-    guard: watch::Receiver<State>,
+    guard: Receiver,
 }
 
 impl fmt::Debug for LostSignal {
@@ -53,12 +51,12 @@ impl fmt::Debug for LostSignal {
 /// Whether one status channel says the lock is gone: marked lost, or its
 /// sender (the backend's keeper of the lock) dropped, which happens once
 /// the lock is released.
-fn gone(rx: &watch::Receiver<State>) -> bool {
-    rx.borrow().lost.is_some() || rx.has_changed().is_err()
+fn gone(rx: &Receiver) -> bool {
+    rx.borrow().lost.is_some() || rx.is_closed()
 }
 
 impl LostSignal {
-    pub(crate) fn new(lock: watch::Receiver<State>, guard: watch::Receiver<State>) -> Self {
+    pub(crate) fn new(lock: Receiver, guard: Receiver) -> Self {
         LostSignal { lock, guard }
     }
 
@@ -84,13 +82,11 @@ impl LostSignal {
     /// # Cancel safety
     /// Cancel safe: it only watches; dropping it changes nothing.
     pub async fn lost(&self) {
-        async fn wait(mut rx: watch::Receiver<State>) {
-            // An error means the keeper is gone: the lock is not held.
-            let _ = rx.wait_for(|s| s.lost.is_some()).await;
-        }
+        // An error means the keeper is gone: the lock is not held.
+        let lost = |s: &crate::backend::State| s.lost.is_some();
         tokio::select! {
-            _ = wait(self.lock.clone()) => {}
-            _ = wait(self.guard.clone()) => {}
+            _ = self.lock.wait_for(lost) => {}
+            _ = self.guard.wait_for(lost) => {}
         }
     }
 }

@@ -80,11 +80,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use tokio::sync::{oneshot, watch};
+use tokio::sync::oneshot;
 use tokio::task::JoinSet;
 use tokio::time::{sleep, sleep_until, Instant};
 
-use crate::backend::{BoxFuture, State};
+use crate::backend::BoxFuture;
+use crate::status;
 use crate::{Error, LockGuard, Locks, Result};
 use clock::DbClock;
 use slots::{format_start, Bounds};
@@ -773,23 +774,22 @@ fn report(on_outcome: &Option<Arc<OutcomeFn>>, outcome: &Outcome) {
 
 /// Resolves with the reason once any of the guards is lost. A guard whose
 /// keeper is gone was released by the job: that is not a loss.
-async fn any_lost(states: Vec<watch::Receiver<State>>) -> String {
-    let waits = states
-        .into_iter()
-        .map(|mut rx| -> BoxFuture<'static, String> {
-            Box::pin(async move {
-                let lost = rx.wait_for(|s| s.lost.is_some()).await.map(|s| {
-                    s.lost
-                        .as_ref()
-                        .map(|l| l.detail.clone())
-                        .unwrap_or_default()
-                });
-                match lost {
-                    Ok(reason) => reason,
-                    Err(_) => std::future::pending().await,
-                }
-            })
-        });
+async fn any_lost(states: Vec<status::Receiver>) -> String {
+    let waits = states.into_iter().map(|rx| -> BoxFuture<'static, String> {
+        Box::pin(async move {
+            let lost = rx.wait_for(|s| s.lost.is_some()).await.map(|()| {
+                rx.borrow()
+                    .lost
+                    .as_ref()
+                    .map(|l| l.detail.clone())
+                    .unwrap_or_default()
+            });
+            match lost {
+                Ok(reason) => reason,
+                Err(_) => std::future::pending().await,
+            }
+        })
+    });
     futures_select_all(waits.collect()).await
 }
 
