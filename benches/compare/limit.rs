@@ -300,22 +300,18 @@ async fn scale_one(
     let took = started.elapsed();
     // The largest tick: (leases, time).
     let mut best = (0usize, Duration::ZERO);
-    let mut seen = stats().batches;
     // Leases taken over more than a renewal period (MariaDB takes 100,000
     // in about 40 s here) are renewed in several ticks at first, which
-    // merge a few rounds later (an earlier group joins a later one's tick
-    // once it is within half a period): watch up to six renewal periods
-    // for a tick with all of them.
+    // merge a round later (an earlier group joins a later one's tick once
+    // it is within half a period): watch up to six renewal periods for a
+    // tick with all of them. The largest batch since the start, not the
+    // last: a short retry batch right after a full tick (leases whose rows
+    // were busy) would hide it between two looks.
     let end = Instant::now() + 2 * SCALE_TTL + Duration::from_secs(5);
     while Instant::now() < end && best.0 < n {
         tokio::time::sleep(Duration::from_millis(200)).await;
         let s = stats();
-        if s.batches != seen {
-            seen = s.batches;
-            if s.last_batch_len > best.0 {
-                best = (s.last_batch_len, s.last_batch_time);
-            }
-        }
+        best = (s.largest_batch_len, s.largest_batch_time);
     }
     let lost = guards.iter().filter(|g| g.is_lost()).count();
     let statements = stats().statements;

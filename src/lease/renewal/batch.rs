@@ -54,11 +54,17 @@ impl<S: LeaseStore> Pending<S> {
         let took = started.elapsed();
         // The batch's size and time first, so that a reader who sees the
         // renewals counted sees this batch's figures.
-        *inner
-            .renewals
-            .last_batch
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner) = (items.len(), took);
+        {
+            let mut batches = inner
+                .renewals
+                .last_batch
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            batches[0] = (items.len(), took);
+            if items.len() > batches[1].0 {
+                batches[1] = (items.len(), took);
+            }
+        }
         inner.renewals.renewed.fetch_add(renewed, Relaxed);
         if !span.is_disabled() {
             span.record("statements", statements);

@@ -118,6 +118,10 @@ pub struct RenewalStats {
     pub last_batch_len: usize,
     /// How long the last batch took, all its statements together.
     pub last_batch_time: Duration,
+    /// Leases in the largest batch so far (the earliest of equals).
+    pub largest_batch_len: usize,
+    /// How long that batch took.
+    pub largest_batch_time: Duration,
 }
 
 /// The renewal state of one engine.
@@ -133,7 +137,8 @@ pub(super) struct Renewals {
     statements: AtomicU64,
     renewed: AtomicU64,
     extends: AtomicU64,
-    last_batch: Mutex<(usize, Duration)>,
+    /// The last batch's size and time, then the largest one's.
+    last_batch: Mutex<[(usize, Duration); 2]>,
 }
 
 impl Renewals {
@@ -147,7 +152,7 @@ impl Renewals {
             let reg = self.lock();
             (reg.leases.len(), reg.running)
         };
-        let (last_batch_len, last_batch_time) = *self
+        let [(last_batch_len, last_batch_time), (largest_batch_len, largest_batch_time)] = *self
             .last_batch
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
@@ -160,6 +165,8 @@ impl Renewals {
             extends: self.extends.load(Relaxed),
             last_batch_len,
             last_batch_time,
+            largest_batch_len,
+            largest_batch_time,
         }
     }
 
