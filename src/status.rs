@@ -147,7 +147,15 @@ impl Receiver {
                 return Ok(());
             }
             if self.is_closed() {
-                return Err(Closed);
+                // A last change may have come between the look and the
+                // close; the close came after every change (the count's
+                // release and acquire), so this look sees them all. A
+                // loss marked just before the release is still a loss.
+                return if ready(&self.borrow()) {
+                    Ok(())
+                } else {
+                    Err(Closed)
+                };
             }
             changed.await;
         }
