@@ -227,6 +227,19 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_loss_marked_between_the_look_and_the_close_is_a_loss() {
+        let (tx, rx) = channel(State::default());
+        mark(&tx);
+        drop(tx);
+        // The first look answers as one made before the mark and the close
+        // would have; the waiter then finds the channel closed.
+        let looks = std::sync::atomic::AtomicUsize::new(0);
+        let ready = |s: &State| looks.fetch_add(1, Ordering::Relaxed) > 0 && s.lost.is_some();
+        assert_eq!(rx.wait_for(ready).await, Ok(()));
+        assert_eq!(looks.load(Ordering::Relaxed), 2);
+    }
+
+    #[tokio::test]
     async fn a_loss_sent_before_the_close_is_seen_as_a_loss() {
         let (tx, rx) = channel(State::default());
         let late = tx.subscribe();
