@@ -57,7 +57,7 @@ impl<S: LeaseStore> Pending<S> {
         {
             let mut batches = inner
                 .renewals
-                .last_batch
+                .batch_sizes
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner);
             batches[0] = (items.len(), took);

@@ -138,7 +138,7 @@ pub(super) struct Renewals {
     renewed: AtomicU64,
     extends: AtomicU64,
     /// The last batch's size and time, then the largest one's.
-    last_batch: Mutex<[(usize, Duration); 2]>,
+    batch_sizes: Mutex<[(usize, Duration); 2]>,
 }
 
 impl Renewals {
@@ -153,7 +153,7 @@ impl Renewals {
             (reg.leases.len(), reg.running)
         };
         let [(last_batch_len, last_batch_time), (largest_batch_len, largest_batch_time)] = *self
-            .last_batch
+            .batch_sizes
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
         RenewalStats {
