@@ -2,6 +2,7 @@
 //! this process at once, instead of at their next poll.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::futures::Notified;
@@ -11,6 +12,12 @@ use tokio::sync::Notify;
 #[derive(Debug, Default)]
 pub(crate) struct Wakeups {
     map: Mutex<HashMap<String, Arc<Notify>>>,
+    /// The map's length, stored under its mutex at every change: a release
+    /// while nobody in this process waits (the common case) wakes nobody
+    /// without taking the mutex or hashing the name. A waiter that
+    /// subscribes just after such a look has not tried the lock yet, so it
+    /// finds the lock released, as it would if the look had found it.
+    names: AtomicUsize,
 }
 
 impl Wakeups {
@@ -20,13 +27,12 @@ impl Wakeups {
 
     /// Registers interest in `name` until the subscription is dropped.
     pub(crate) fn subscribe(self: &Arc<Self>, name: &str) -> Subscription {
-        let notify = self
-            .map
-            .lock()
-            .unwrap()
-            .entry(name.to_owned())
-            .or_default()
-            .clone();
+        let notify = {
+            let mut map = self.map.lock().unwrap();
+            let notify = map.entry(name.to_owned()).or_default().clone();
+            self.names.store(map.len(), Ordering::SeqCst);
+            notify
+        };
         Subscription {
             wakeups: self.clone(),
             name: name.to_owned(),
@@ -36,6 +42,9 @@ impl Wakeups {
 
     /// Wakes every waiter for `name` in this process.
     pub(crate) fn wake(&self, name: &str) {
+        if self.names.load(Ordering::SeqCst) == 0 {
+            return;
+        }
         if let Some(notify) = self.map.lock().unwrap().get(name) {
             notify.notify_waiters();
         }
@@ -84,6 +93,44 @@ impl Drop for Subscription {
         // The map's reference and ours: nobody else waits for this name.
         if Arc::strong_count(&self.notify) == 2 {
             map.remove(&self.name);
+            self.wakeups.names.store(map.len(), Ordering::SeqCst);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_wake_reaches_a_subscriber_and_the_count_follows_the_map() {
+        let wakeups = Wakeups::new();
+        // Nobody waits: a wake is a no-op.
+        wakeups.wake("a");
+        assert_eq!(wakeups.names.load(Ordering::SeqCst), 0);
+
+        let a = wakeups.subscribe("a");
+        let a2 = wakeups.subscribe("a");
+        let b = wakeups.subscribe("b");
+        assert_eq!(wakeups.names.load(Ordering::SeqCst), 2);
+
+        {
+            let notified = a.notified();
+            let mut notified = std::pin::pin!(notified);
+            notified.as_mut().enable();
+            wakeups.wake("a");
+            tokio::time::timeout(std::time::Duration::from_secs(1), notified)
+                .await
+                .expect("the subscriber of the released name is woken");
+        }
+
+        // The name stays while one of its two subscribers is left.
+        drop(a);
+        assert_eq!(wakeups.names.load(Ordering::SeqCst), 2);
+        drop(a2);
+        assert_eq!(wakeups.names.load(Ordering::SeqCst), 1);
+        drop(b);
+        assert_eq!(wakeups.names.load(Ordering::SeqCst), 0);
+        assert!(wakeups.is_idle());
     }
 }

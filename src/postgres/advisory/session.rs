@@ -813,7 +813,13 @@ impl Session {
         if self.ended.load(Ordering::Acquire) {
             return Err(ended());
         }
-        let mut c = self.conn.lock().await;
+        // Uncontended, the mutex is taken without building and polling the
+        // wait's future (tokio hands a released mutex to queued waiters
+        // first, so this never jumps the queue).
+        let mut c = match self.conn.try_lock() {
+            Ok(c) => c,
+            Err(_) => self.conn.lock().await,
+        };
         if c.conn.is_none() {
             return Err(ended());
         }
