@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use dblock::mysql::{lock_in_transaction, migrate, Flavor, Lease};
 use dblock::{Error, Locks};
-use sqlx::mysql::MySqlPoolOptions;
-use sqlx::MySqlPool;
+use sqlx::mysql::{MySqlConnectOptions, MySqlPoolOptions};
+use sqlx::{AssertSqlSafe, MySqlPool};
 use tokio::sync::{Barrier, OnceCell};
 
 /// A pool on node `k` (modulo the number of nodes). The schema is created
@@ -418,6 +418,107 @@ async fn claim_sees_a_release_made_on_another_node() {
     assert_eq!(
         stale, 0,
         "{stale} of {rounds} claims saw a lease released on another node as held"
+    );
+}
+
+/// Points `pool` (of one connection) at `node`'s server, as a load
+/// balancer that fails a client over to another node would: the
+/// connection it has is closed, and the next one is made there.
+async fn move_to(pool: &MySqlPool, node: &MySqlConnectOptions, port: u16) {
+    pool.set_connect_options(node.clone());
+    pool.acquire().await.unwrap().close().await.unwrap();
+    let at: u16 = sqlx::query_scalar("SELECT @@port")
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    assert_eq!(at, port, "the pool did not move");
+}
+
+/// A holder's renewal and release, and an operator's forced release, sent
+/// through a node other than the claim's right after it (a holder failed
+/// over by a load balancer; an operator on any node): each finds the lease
+/// the first node granted (their statements wait for the node to apply
+/// it, `wsrep_sync_wait`), never the node's stale copy, which would report
+/// the lease gone. Leases and semaphore permits. Before each claim, the
+/// claim's node commits a large write (5,000 rows into a scratch table),
+/// which the other nodes apply before the grant: without the wait, the
+/// statements on another node then mostly find no lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_on_another_node_see_a_fresh_grant() {
+    let urls = common::galera_urls();
+    let n = urls.len();
+    let nodes: Vec<MySqlConnectOptions> = urls.iter().map(|u| u.parse().unwrap()).collect();
+    let operators = on_every_node(&every_node().await);
+    let pool = MySqlPoolOptions::new()
+        .max_connections(1)
+        .connect_with(nodes[0].clone())
+        .await
+        .unwrap();
+    let holder = Locks::new(Lease::new(pool.clone()));
+    let names = [
+        common::unique("causal-write"),
+        common::unique("causal-permit"),
+    ];
+    let rounds = 60;
+    let scratch = "dblock_test_galera_scratch";
+    sqlx::raw_sql(AssertSqlSafe(format!(
+        "DROP TABLE IF EXISTS {scratch}; \
+         CREATE TABLE {scratch} (id BIGINT AUTO_INCREMENT PRIMARY KEY, pad CHAR(100))"
+    )))
+    .execute(&pool)
+    .await
+    .unwrap();
+    let mut missed = Vec::new();
+    for i in 0..rounds {
+        let (here, there) = (i % n, (i + 1) % n);
+        move_to(&pool, &nodes[here], nodes[here].get_port()).await;
+        let permits = (i / 3) % 2 == 1;
+        let name = &names[usize::from(permits)];
+        sqlx::query(AssertSqlSafe(format!(
+            "INSERT INTO {scratch} (pad) SELECT 'x' FROM seq_1_to_5000"
+        )))
+        .execute(&pool)
+        .await
+        .unwrap();
+        let mut claim = holder.acquire(name).ttl(Duration::from_secs(30));
+        if permits {
+            claim = claim.max_holders(2);
+        }
+        let held = claim
+            .await
+            .unwrap_or_else(|e| panic!("round {i}: {e} (missed before: {missed:?})"));
+        let what = match (i % 3, permits) {
+            (0, _) => {
+                let freed = operators[there].force_release(name).await.unwrap();
+                let _ = held.release().await;
+                (!freed).then_some("force_release")
+            }
+            (1, _) => {
+                move_to(&pool, &nodes[there], nodes[there].get_port()).await;
+                let extended = held.extend(Duration::from_secs(30)).await.unwrap();
+                let _ = held.release().await;
+                extended.is_none().then_some("extend")
+            }
+            _ => {
+                move_to(&pool, &nodes[there], nodes[there].get_port()).await;
+                held.release().await.err().map(|_| "release")
+            }
+        };
+        if let Some(what) = what {
+            missed.push((i, permits, what));
+            // Whatever is left of the round's lease must not block the next.
+            operators[0].force_release(name).await.unwrap();
+        }
+    }
+    sqlx::query(AssertSqlSafe(format!("DROP TABLE {scratch}")))
+        .execute(&pool)
+        .await
+        .unwrap();
+    assert!(
+        missed.is_empty(),
+        "{} of {rounds} statements on another node missed a grant made just before \
+         (round, semaphore, what): {missed:?}",
+        missed.len()
     );
 }
 

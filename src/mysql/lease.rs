@@ -237,11 +237,6 @@ lease_backend!(Lease);
 pub(crate) struct Sql {
     pub table: String,
     claim_lock: Arc<str>,
-    /// `inspect` and `list` after the node has applied every write set
-    /// committed anywhere in the cluster before them (Galera; see
-    /// [`BEGIN_CAUSAL`] for claims).
-    inspect_causal: Arc<str>,
-    list_causal: Arc<str>,
     claim_take: Arc<str>,
     claim_mark: Arc<str>,
     claim_one: Arc<str>,
@@ -254,15 +249,15 @@ pub(crate) struct Sql {
     sweep_rows: Arc<str>,
     sweep_raise: Arc<str>,
     sweep_delete: Arc<str>,
-    renew: Arc<str>,
-    renew_read: Arc<str>,
+    renew: Causal,
+    renew_read: Causal,
     renew_lock: Arc<str>,
     renew_apply: Arc<str>,
-    renew_check: Arc<str>,
-    release: Arc<str>,
-    force_release: Arc<str>,
-    inspect: Arc<str>,
-    list: Arc<str>,
+    renew_check: Causal,
+    release: Causal,
+    force_release: Causal,
+    inspect: Causal,
+    list: Causal,
     pub tx_lock: Arc<str>,
     pub tx_read: Arc<str>,
     pub tx_take: Arc<str>,
@@ -280,7 +275,7 @@ pub(crate) static DEFAULT_SQL: LazyLock<Sql> = LazyLock::new(|| Sql::new(DEFAULT
 pub fn bench_claim_release_sql(table: &str) -> Result<[String; 2]> {
     validate_table(table)?;
     let sql = Sql::new(table);
-    Ok([sql.claim_one.to_string(), sql.release.to_string()])
+    Ok([sql.claim_one.to_string(), sql.release.on(false).to_string()])
 }
 
 /// The columns of a batch's JSON document, `[[name in hex, owner, token,
@@ -300,7 +295,55 @@ const BATCH_ROWS: &str = "'$[*]' COLUMNS (i FOR ORDINALITY, \
 /// free, and inspect must show a lease granted elsewhere. On a statement
 /// inside a transaction the server skips the wait: it has to be the
 /// transaction's start.
-const BEGIN_CAUSAL: &str = "SET STATEMENT wsrep_sync_wait = 1 FOR START TRANSACTION";
+const BEGIN_CAUSAL: &str = "SET STATEMENT wsrep_sync_wait = 3 FOR START TRANSACTION";
+
+/// `BEGIN`, or on a Galera node [`BEGIN_CAUSAL`].
+pub(super) fn begin_sql(galera: bool) -> &'static str {
+    if galera {
+        BEGIN_CAUSAL
+    } else {
+        "BEGIN"
+    }
+}
+
+/// A statement that must see every write committed before it, whichever
+/// node of a Galera cluster committed it, and the same statement as sent
+/// to a Galera node: prefixed with the wait of [`BEGIN_CAUSAL`]
+/// (`wsrep_sync_wait = 3`: before reads, updates and deletes).
+///
+/// Inspection and listing need it to show a lease granted elsewhere; a
+/// holder's renewal and release and an operator's forced release need it
+/// to find the lease at all. Without it, a node that has not yet applied
+/// the grant answers from its stale copy: the lease seems gone, a
+/// renewal or release reports the lock lost and a forced release frees
+/// nothing. A holder meets that when a load balancer moves its
+/// connections to another node; an operator on any node but the
+/// holder's. In an open transaction the server does not wait: those
+/// start with [`BEGIN_CAUSAL`] instead.
+#[derive(Debug)]
+pub(crate) struct Causal {
+    plain: Arc<str>,
+    galera: Arc<str>,
+}
+
+impl Causal {
+    pub(crate) fn new(sql: String) -> Causal {
+        Causal {
+            galera: format!("SET STATEMENT wsrep_sync_wait = 3 FOR {sql}").into(),
+            plain: sql.into(),
+        }
+    }
+
+    /// The statement to send: causal (`galera`, from
+    /// [`MySqlStore::checked`]) or plain.
+    pub(crate) fn on(&self, galera: bool) -> &Arc<str> {
+        if galera {
+            &self.galera
+        } else {
+            &self.plain
+        }
+    }
+}
 
 /// The table of each lease table's token floor (see
 /// `migrations/mysql/0002_token_floor.sql`), in the pool's database.
@@ -331,12 +374,8 @@ impl Sql {
             "SELECT name, holder, token, acquired_at, expires_at FROM {t} \
               WHERE expires_at > UTC_TIMESTAMP(6) ORDER BY name"
         );
-        // See BEGIN_CAUSAL: the same wait, for one autocommit read.
-        let causal = |sql: &str| s(format!("SET STATEMENT wsrep_sync_wait = 1 FOR {sql}"));
         Sql {
             table: table.to_owned(),
-            inspect_causal: causal(&inspect),
-            list_causal: causal(&list),
             claim_lock: s(claim_lock),
             // Repeats what the locking read found (the token, no live
             // lease): under the row lock that changes nothing, but on Galera
@@ -451,13 +490,13 @@ impl Sql {
             // The new expiry goes through LAST_INSERT_ID(µs since 1970), which
             // the server returns with the statement's OK: one round trip
             // yields both "still ours" (non-zero) and the new expiry.
-            renew: s(format!(
+            renew: Causal::new(format!(
                 "UPDATE {t} SET expires_at = {EPOCH} + INTERVAL LAST_INSERT_ID(\
                         TIMESTAMPDIFF(MICROSECOND, {EPOCH}, UTC_TIMESTAMP(6) + INTERVAL ? MICROSECOND)\
                     ) MICROSECOND \
                   WHERE name = ? AND owner = ? AND token = ? AND expires_at > UTC_TIMESTAMP(6)"
             )),
-            renew_read: s(format!(
+            renew_read: Causal::new(format!(
                 "SELECT expires_at FROM {t} WHERE name = ? AND owner = ? AND token = ?"
             )),
             // Batch renewal, in one short transaction: lock the rows of the
@@ -485,7 +524,7 @@ impl Sql {
             // Of the leases the locking read did not return: those still
             // ours and live were skipped because locked (unknown, retried);
             // the others are gone. A plain read, which never waits.
-            renew_check: s(format!(
+            renew_check: Causal::new(format!(
                 "SELECT CAST(j.i AS SIGNED) \
                    FROM JSON_TABLE(?, {BATCH_ROWS}) AS j \
                    STRAIGHT_JOIN {t} AS l FORCE INDEX (PRIMARY) ON l.name = UNHEX(j.name) \
@@ -496,18 +535,18 @@ impl Sql {
             // match (tokens are >= 1) whatever the affected-rows semantics.
             // The owner is cleared so that no renewal (a batch in flight,
             // say) can match the row again, even while `hold` keeps it.
-            release: s(format!(
+            release: Causal::new(format!(
                 "UPDATE {t} SET expires_at = GREATEST(UTC_TIMESTAMP(6), acquired_at + INTERVAL ? MICROSECOND), \
                         owner = NULL, token = LAST_INSERT_ID(token) \
                   WHERE name = ? AND owner = ? AND token = ? AND expires_at > UTC_TIMESTAMP(6)"
             )),
-            force_release: s(format!(
+            force_release: Causal::new(format!(
                 "UPDATE {t} SET expires_at = UTC_TIMESTAMP(6), owner = NULL, \
                         token = LAST_INSERT_ID(token) \
                   WHERE name = ? AND expires_at > UTC_TIMESTAMP(6)"
             )),
-            inspect: s(inspect),
-            list: s(list),
+            inspect: Causal::new(inspect),
+            list: Causal::new(list),
             // lock_in_tx: creates the row or takes its lock in one statement
             // (an X record lock on the primary key either way, never a gap
             // lock), bumping the token if no lease is live. A new row's
@@ -788,7 +827,7 @@ impl MySqlStore {
             return Ok(Attempt::Done(None));
         }
         let c = conn.begin_use();
-        let begin = if causal { BEGIN_CAUSAL } else { "BEGIN" };
+        let begin = begin_sql(causal);
         sqlx::raw_sql(begin).execute(&mut *c).await?;
         let outcome = self.in_transaction(c, claim, ttl_us).await;
         let end = match outcome {
@@ -1034,16 +1073,18 @@ impl MySqlStore {
         }
     }
 
-    /// One batch transaction: BEGIN, the locking read, the UPDATE of the
-    /// rows it locked, COMMIT. Leases not locked come back as `None`.
+    /// One batch transaction: BEGIN (causal on Galera), the locking read,
+    /// the UPDATE of the rows it locked, COMMIT. Leases not locked come back
+    /// as `None`.
     async fn renew_transaction(
         &self,
         batch: &[Renewal],
         json: &str,
+        galera: bool,
     ) -> Result<Vec<Option<Renewed>>, sqlx::Error> {
         let mut conn = Conn::acquire(&self.pool).await?;
         let c = conn.begin_use();
-        sqlx::raw_sql("BEGIN").execute(&mut *c).await?;
+        sqlx::raw_sql(begin_sql(galera)).execute(&mut *c).await?;
         let outcome = self.renew_locked(c, batch, json).await;
         let end = if outcome.is_ok() {
             "COMMIT"
@@ -1106,11 +1147,12 @@ impl MySqlStore {
     /// Which of `batch`, not returned by the locking read, are still ours
     /// (skipped because another transaction had their row locked: unknown)
     /// and which are gone.
-    async fn renew_check(&self, batch: &[Renewal], ks: &[usize]) -> Vec<Renewed> {
+    async fn renew_check(&self, batch: &[Renewal], ks: &[usize], galera: bool) -> Vec<Renewed> {
         let json = batch_json(ks.iter().map(|&k| &batch[k]));
+        let sql = self.sql.renew_check.on(galera).clone();
         let outcome = async {
             let mut conn = Conn::acquire(&self.pool).await?;
-            let outcome = sqlx::query_scalar::<_, i64>(AssertSqlSafe(self.sql.renew_check.clone()))
+            let outcome = sqlx::query_scalar::<_, i64>(AssertSqlSafe(sql))
                 .bind(json)
                 .fetch_all(&mut *conn.begin_use())
                 .await;
@@ -1237,8 +1279,9 @@ impl LeaseStore for MySqlStore {
     }
 
     async fn renew(&self, lease: LeaseId<'_>, ttl: Duration) -> NewExpiry {
+        let galera = self.checked().await?;
         let done = self
-            .execute(|| bind_lease(q(&self.sql.renew).bind(micros(ttl)), lease))
+            .execute(|| bind_lease(q(self.sql.renew.on(galera)).bind(micros(ttl)), lease))
             .await?;
         let us = done.last_insert_id();
         if us > 0 {
@@ -1251,7 +1294,7 @@ impl LeaseStore for MySqlStore {
         // Matched, but the server did not pass LAST_INSERT_ID on (a proxy?):
         // read the expiry back.
         let mut conn = Conn::acquire(&self.pool).await?;
-        let outcome = bind_lease(q(&self.sql.renew_read), lease)
+        let outcome = bind_lease(q(self.sql.renew_read.on(galera)), lease)
             .fetch_optional(&mut *conn.begin_use())
             .await
             .and_then(|row| {
@@ -1269,10 +1312,11 @@ impl LeaseStore for MySqlStore {
 
     async fn renew_many(&self, batch: &[Renewal]) -> Result<Vec<Renewed>> {
         self.packet_budget().await;
+        let galera = self.checked().await?;
         let json = batch_json(batch.iter());
         let mut retries = 0;
         let answers = loop {
-            match self.renew_transaction(batch, &json).await {
+            match self.renew_transaction(batch, &json, galera).await {
                 Ok(answers) => break answers,
                 Err(e) if is_retryable(&e) && retries < MAX_RETRIES => {
                     retries += 1;
@@ -1285,7 +1329,7 @@ impl LeaseStore for MySqlStore {
         let checked = if skipped.is_empty() {
             Vec::new()
         } else {
-            self.renew_check(batch, &skipped).await
+            self.renew_check(batch, &skipped, galera).await
         };
         let mut checked = skipped.iter().zip(checked);
         let answers: Vec<Renewed> = answers
@@ -1328,10 +1372,11 @@ impl LeaseStore for MySqlStore {
     async fn release(&self, lease: LeaseId<'_>, hold: Option<Duration>) -> Result<bool> {
         // The bell goes after the release statement (or if it is given up).
         let _disarm = self.bells.disarm_on_drop(lease.name, lease.token);
+        let galera = self.checked().await?;
         let done = self
             .execute(|| {
                 bind_lease(
-                    q(&self.sql.release).bind(hold.map(micros).unwrap_or(0)),
+                    q(self.sql.release.on(galera)).bind(hold.map(micros).unwrap_or(0)),
                     lease,
                 )
             })
@@ -1345,8 +1390,9 @@ impl LeaseStore for MySqlStore {
     }
 
     async fn force_release(&self, name: &str) -> Result<bool> {
+        let galera = self.checked().await?;
         let done = self
-            .execute(|| q(&self.sql.force_release).bind(name.as_bytes()))
+            .execute(|| q(self.sql.force_release.on(galera)).bind(name.as_bytes()))
             .await?;
         let permits = self.force_release_permits(name).await?;
         Ok(done.last_insert_id() > 0 || done.rows_affected() > 0 || permits)
@@ -1396,10 +1442,7 @@ impl LeaseStore for MySqlStore {
         if let Some(info) = self.inspect_permits(name).await? {
             return Ok(Some(info));
         }
-        let sql = match self.checked().await? {
-            true => &self.sql.inspect_causal,
-            false => &self.sql.inspect,
-        };
+        let sql = self.sql.inspect.on(self.checked().await?);
         let mut conn = Conn::acquire(&self.pool).await?;
         let outcome = q(sql)
             .bind(name.as_bytes())
@@ -1411,10 +1454,7 @@ impl LeaseStore for MySqlStore {
     }
 
     async fn list(&self) -> Result<Vec<LockInfo>> {
-        let sql = match self.checked().await? {
-            true => &self.sql.list_causal,
-            false => &self.sql.list,
-        };
+        let sql = self.sql.list.on(self.checked().await?);
         let mut conn = Conn::acquire(&self.pool).await?;
         let outcome = q(sql).fetch_all(&mut *conn.begin_use()).await;
         conn.settle(&outcome);

@@ -19,8 +19,8 @@ use sqlx::mysql::MySqlRow;
 use sqlx::{MySqlConnection, Row};
 
 use super::{
-    batch_json, bind_lease, is_retryable, push_hex, q, quote_table, retry_pause, utc, MySqlStore,
-    BATCH_ROWS, BEGIN_CAUSAL, EPOCH, MAX_RETRIES,
+    batch_json, begin_sql, bind_lease, is_retryable, push_hex, q, quote_table, retry_pause, utc,
+    Causal, MySqlStore, BATCH_ROWS, EPOCH, MAX_RETRIES,
 };
 use crate::lease::permits::{self, unless_no_holders, Decision, Found};
 use crate::lease::{Claim, Claimed, LeaseId, NewExpiry, Renewal, Renewed, SWEEP_BATCH};
@@ -44,15 +44,10 @@ pub(super) struct PermitSql {
     batch_extend_markers: Arc<str>,
     release: Arc<str>,
     settle_marker: Arc<str>,
-    force_release: Arc<str>,
+    force_release: Causal,
     sweep: Arc<str>,
-    inspect: Arc<str>,
-    list: Arc<str>,
-    /// `inspect` and `list` as causal reads on Galera (`wsrep_sync_wait`):
-    /// they see every permit, extension and release committed on another
-    /// node before them, as the plain lease's reads do.
-    inspect_causal: Arc<str>,
-    list_causal: Arc<str>,
+    inspect: Causal,
+    list: Causal,
 }
 
 /// Whether the marker row is locked by waiting (renewals and releases,
@@ -64,7 +59,6 @@ impl PermitSql {
     pub(super) fn new(table: &str, holders: &str) -> Self {
         let (t, h) = (quote_table(table), quote_table(holders));
         let s = |sql: String| -> Arc<str> { sql.into() };
-        const CAUSAL: &str = "SET STATEMENT wsrep_sync_wait = 1 FOR";
         const AGGREGATE: &str =
             "SELECT name, COUNT(*) AS holders, MAX(max_holders) AS max_holders, \
                     MAX(token) AS token, GROUP_CONCAT(DISTINCT holder SEPARATOR ', ') AS holder, \
@@ -160,7 +154,7 @@ impl PermitSql {
                         UTC_TIMESTAMP(6)) \
                   WHERE name = ? AND owner IS NULL"
             )),
-            force_release: s(format!(
+            force_release: Causal::new(format!(
                 "UPDATE {h} SET owner = NULL, expires_at = UTC_TIMESTAMP(6) \
                   WHERE name = ? AND expires_at > UTC_TIMESTAMP(6)"
             )),
@@ -168,10 +162,8 @@ impl PermitSql {
                 "DELETE FROM {h} WHERE expires_at < UTC_TIMESTAMP(6) - INTERVAL ? MICROSECOND \
                   LIMIT {SWEEP_BATCH}"
             )),
-            inspect: s(inspect.clone()),
-            list: s(list.clone()),
-            inspect_causal: s(format!("{CAUSAL} {inspect}")),
-            list_causal: s(format!("{CAUSAL} {list}")),
+            inspect: Causal::new(inspect),
+            list: Causal::new(list),
         }
     }
 }
@@ -208,14 +200,15 @@ enum Step<T> {
     NoMarker,
 }
 
-/// One permit transaction (not causal) on a connection of `$store`'s pool,
-/// retried as [`MySqlStore::permit_retrying`] says: `$body`, a future of
+/// One permit transaction on a connection of `$store`'s pool (causal if
+/// `$galera`: see [`Causal`]), retried as
+/// [`MySqlStore::permit_retrying`] says: `$body`, a future of
 /// `Result<Step<T>, sqlx::Error>`, runs in it on the connection `$c`.
 macro_rules! permit_transaction {
-    ($store:expr, $name:expr, |$c:ident| $body:expr) => {
+    ($store:expr, $galera:expr, $name:expr, |$c:ident| $body:expr) => {
         $store.permit_retrying($name, false, || async {
             let mut conn = Conn::acquire(&$store.pool).await?;
-            begin(conn.begin_use(), false).await?;
+            begin(conn.begin_use(), $galera).await?;
             let $c = conn.begin_use();
             let outcome = $body.await;
             end(conn, outcome).await
@@ -288,7 +281,9 @@ impl MySqlStore {
 
     pub(super) async fn renew_holder(&self, lease: LeaseId<'_>, ttl: Duration) -> NewExpiry {
         let sql = self.permit_sql()?;
-        let at = permit_transaction!(self, lease.name, |c| renew_body(sql, c, lease, ttl)).await?;
+        let galera = self.checked().await?;
+        let at = permit_transaction!(self, galera, lease.name, |c| renew_body(sql, c, lease, ttl))
+            .await?;
         Ok(at.flatten())
     }
 
@@ -310,7 +305,8 @@ impl MySqlStore {
             markers.push('"');
         }
         markers.push(']');
-        let answers = permit_transaction!(self, "", |c| renew_many_body(
+        let galera = self.checked().await?;
+        let answers = permit_transaction!(self, galera, "", |c| renew_many_body(
             sql, c, batch, &json, &markers
         ))
         .await?;
@@ -323,16 +319,20 @@ impl MySqlStore {
         hold: Option<Duration>,
     ) -> Result<bool> {
         let sql = self.permit_sql()?;
-        let mine =
-            permit_transaction!(self, lease.name, |c| release_body(sql, c, lease, hold)).await?;
+        let galera = self.checked().await?;
+        let mine = permit_transaction!(self, galera, lease.name, |c| release_body(
+            sql, c, lease, hold
+        ))
+        .await?;
         Ok(mine.unwrap_or(false))
     }
 
     /// Ends every permit of `name`; whether one was live.
     pub(super) async fn force_release_permits(&self, name: &str) -> Result<bool> {
         unless_no_holders(self.permits.as_ref(), |sql| async move {
+            let galera = self.checked().await?;
             let done = self
-                .execute(|| q(&sql.force_release).bind(name.as_bytes()))
+                .execute(|| q(sql.force_release.on(galera)).bind(name.as_bytes()))
                 .await?;
             Ok(done.rows_affected() > 0)
         })
@@ -358,10 +358,7 @@ impl MySqlStore {
         let Some(sql) = self.permits.as_ref() else {
             return Ok(None);
         };
-        let sql = match self.checked().await? {
-            true => &sql.inspect_causal,
-            false => &sql.inspect,
-        };
+        let sql = sql.inspect.on(self.checked().await?);
         Ok(self.permit_rows(sql, Some(name)).await?.pop())
     }
 
@@ -369,10 +366,7 @@ impl MySqlStore {
         let Some(sql) = self.permits.as_ref() else {
             return Ok(Vec::new());
         };
-        let sql = match self.checked().await? {
-            true => &sql.list_causal,
-            false => &sql.list,
-        };
+        let sql = sql.list.on(self.checked().await?);
         self.permit_rows(sql, None).await
     }
 
@@ -386,10 +380,7 @@ impl MySqlStore {
 }
 
 async fn begin(c: &mut MySqlConnection, causal: bool) -> Result<(), sqlx::Error> {
-    sqlx::raw_sql(if causal { BEGIN_CAUSAL } else { "BEGIN" })
-        .execute(c)
-        .await
-        .map(drop)
+    sqlx::raw_sql(begin_sql(causal)).execute(c).await.map(drop)
 }
 
 /// Ends the transaction as `outcome` says. If COMMIT or ROLLBACK fails, the

@@ -90,10 +90,17 @@
 //!   statements, safe to run again). Tokens come from the row, so they
 //!   strictly increase across nodes.
 //! - A node applies other nodes' write sets asynchronously. On MariaDB
-//!   Galera a claim starts its transaction with `wsrep_sync_wait` and
-//!   inspection and listing read with it, so a name released through
-//!   another node is found free, not still held. (Safety never depended on
-//!   it: a claim based on a stale row fails certification.)
+//!   Galera every statement that must see them waits until its node has
+//!   applied all that the cluster committed before it (`wsrep_sync_wait`):
+//!   a claim's transaction, inspection and listing, so that a name
+//!   released through another node is found free and one granted there is
+//!   shown held; and renewal, release and [`force_release`](crate::Locks::force_release),
+//!   so that they find a lease granted through another node moments before
+//!   (an operator on any node; a holder whose connections a load balancer
+//!   moved to another node). Without the wait such a statement found no
+//!   lease: a renewal or release reported the lock lost, and a forced
+//!   release freed nothing. (Safety never depended on it: a claim based on
+//!   a stale row fails certification.)
 //! - Expiry is each node's own `UTC_TIMESTAMP(6)`. The nodes' clocks must
 //!   be synchronised (NTP/chrony): a node whose clock runs ahead by `s`
 //!   sees leases written elsewhere expire `s` early, and another client
