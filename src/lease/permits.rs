@@ -272,8 +272,13 @@ pub(crate) fn marker_mode(claim: &super::Claim<'_>) -> &'static str {
 /// it decides.
 #[derive(Debug, Clone, Copy, Default)]
 pub(crate) struct Found {
-    /// The name's marker (or a plain lease: a writer, or a lease kept by
-    /// `hold_at_least`) is live.
+    /// A plain lease of the name (a writer, or a lease kept by
+    /// `hold_at_least`) is live: its row is live and has a holder. A
+    /// marker has no holder, and lasts as long as the latest permit; one
+    /// still live without any live permit (a forced release ends the
+    /// permits, then the marker) holds nothing, and is not counted here:
+    /// counted, it read as a plain lock and refused the semaphore's
+    /// claims.
     pub plain_live: bool,
     /// How many permits of the name are live.
     pub permits: u32,

@@ -1391,11 +1391,13 @@ impl LeaseStore for MySqlStore {
 
     async fn force_release(&self, name: &str) -> Result<bool> {
         let galera = self.checked().await?;
+        if let Some(broken) = self.force_release_all(name, galera).await? {
+            return Ok(broken);
+        }
         let done = self
             .execute(|| q(self.sql.force_release.on(galera)).bind(name.as_bytes()))
             .await?;
-        let permits = self.force_release_permits(name).await?;
-        Ok(done.last_insert_id() > 0 || done.rows_affected() > 0 || permits)
+        Ok(done.last_insert_id() > 0 || done.rows_affected() > 0)
     }
 
     async fn sweep(&self, grace: Duration) -> Result<u64> {

@@ -44,7 +44,9 @@ pub(super) struct PermitSql {
     batch_extend_markers: Arc<str>,
     release: Arc<str>,
     settle_marker: Arc<str>,
+    force_read: Causal,
     force_release: Causal,
+    force_marker: Causal,
     sweep: Arc<str>,
     inspect: Causal,
     list: Causal,
@@ -70,8 +72,11 @@ impl PermitSql {
             format!("{AGGREGATE} FROM {h} WHERE expires_at > UTC_TIMESTAMP(6) GROUP BY name");
         PermitSql {
             // The marker, locked; the server clock for a new permit in passing.
+            // `live`: a plain lease (a row with a holder; a marker has none)
+            // is live (see `Found::plain_live`).
             lock_marker: s(format!(
-                "SELECT token, expires_at > UTC_TIMESTAMP(6) AS live, UTC_TIMESTAMP(6) AS now, \
+                "SELECT token, expires_at > UTC_TIMESTAMP(6) AND holder IS NOT NULL AS live, \
+                        UTC_TIMESTAMP(6) AS now, \
                         UTC_TIMESTAMP(6) + INTERVAL ? MICROSECOND AS until, \
                         COALESCE(writer_waiting_until > UTC_TIMESTAMP(6), 0) AS writer_waiting \
                    FROM {t} WHERE name = ? FOR UPDATE"
@@ -154,9 +159,18 @@ impl PermitSql {
                         UTC_TIMESTAMP(6)) \
                   WHERE name = ? AND owner IS NULL"
             )),
+            // A forced release (see `force_release_all`): the row's token,
+            // then the permits up to it, then the row's lease if its token
+            // is still that one.
+            force_read: Causal::new(format!("SELECT token FROM {t} WHERE name = ?")),
             force_release: Causal::new(format!(
                 "UPDATE {h} SET owner = NULL, expires_at = UTC_TIMESTAMP(6) \
-                  WHERE name = ? AND expires_at > UTC_TIMESTAMP(6)"
+                  WHERE name = ? AND token <= ? AND expires_at > UTC_TIMESTAMP(6)"
+            )),
+            force_marker: Causal::new(format!(
+                "UPDATE {t} SET expires_at = UTC_TIMESTAMP(6), owner = NULL, \
+                        token = LAST_INSERT_ID(token) \
+                  WHERE name = ? AND token = ? AND expires_at > UTC_TIMESTAMP(6)"
             )),
             sweep: s(format!(
                 "DELETE FROM {h} WHERE expires_at < UTC_TIMESTAMP(6) - INTERVAL ? MICROSECOND \
@@ -223,9 +237,10 @@ impl MySqlStore {
             .ok_or_else(|| permits::no_holders_table(&self.sql.table))
     }
 
-    /// Runs a permit transaction again after deadlocks (and, for claims,
-    /// which lock the marker without waiting, a busy marker), a few times;
-    /// `Ok(None)` when the marker stayed busy or kept disappearing.
+    /// Runs a permit transaction again after deadlocks and certification
+    /// conflicts (and, for claims, which lock the marker without waiting, a
+    /// busy marker), a few times; `Ok(None)` when the marker kept
+    /// disappearing, or a claim's stayed busy or contended.
     async fn permit_retrying<T, F, Fut>(
         &self,
         name: &str,
@@ -253,7 +268,13 @@ impl MySqlStore {
             };
             let busy = nowait && is_lock_busy(&e);
             if !(busy || is_retryable(&e)) || retries >= MAX_RETRIES {
-                return if busy { Ok(None) } else { Err(map_err(e)) };
+                // A claim still refused after its retries is busy, as a
+                // plain lease's claim: one with a wait tries again later.
+                if nowait && (busy || is_retryable(&e)) {
+                    tracing::debug!(name, error = %e, "dblock: permit claim still contended after retries; reporting busy");
+                    return Ok(None);
+                }
+                return Err(map_err(e));
             }
             retries += 1;
             retry_pause(retries).await;
@@ -327,14 +348,48 @@ impl MySqlStore {
         Ok(mine.unwrap_or(false))
     }
 
-    /// Ends every permit of `name`; whether one was live.
-    pub(super) async fn force_release_permits(&self, name: &str) -> Result<bool> {
+    /// Ends the lease of `name` or every permit of it and its marker,
+    /// without a transaction: it reads the token of the name's row (a
+    /// plain lease's, or the marker's, which is its newest permit's), ends
+    /// the live permits up to that token, then the row's lease if its
+    /// token is still that one. Whatever a claim does in between, a live
+    /// marker keeps a live permit: a permit claimed after the read has a
+    /// greater token and moved the marker to it, so both stay. (Ended
+    /// regardless of tokens, one after the other, a permit claimed in
+    /// between was ended with its marker left live: that reads as a plain
+    /// lock, which refuses every claim of the semaphore until it runs
+    /// out.) No transaction: on Galera one open on a node is aborted by
+    /// every conflicting claim committed through another node, and a
+    /// steady stream of them starved it. Whether anything was live; `None`
+    /// without a holders table (the caller then ends a plain lease alone).
+    pub(super) async fn force_release_all(&self, name: &str, galera: bool) -> Result<Option<bool>> {
         unless_no_holders(self.permits.as_ref(), |sql| async move {
-            let galera = self.checked().await?;
-            let done = self
-                .execute(|| q(sql.force_release.on(galera)).bind(name.as_bytes()))
+            let mut conn = Conn::acquire(&self.pool).await?;
+            let read = q(sql.force_read.on(galera)).bind(name.as_bytes());
+            let outcome = read.fetch_optional(&mut *conn.begin_use()).await;
+            conn.settle(&outcome);
+            let Some(row) = outcome.map_err(map_err)? else {
+                return Ok(Some(false));
+            };
+            let token: u64 = row.try_get(0).map_err(map_err)?;
+            let permits = self
+                .execute(|| {
+                    q(sql.force_release.on(galera))
+                        .bind(name.as_bytes())
+                        .bind(token)
+                })
                 .await?;
-            Ok(done.rows_affected() > 0)
+            let lease = self
+                .execute(|| {
+                    q(sql.force_marker.on(galera))
+                        .bind(name.as_bytes())
+                        .bind(token)
+                })
+                .await?;
+            let broken = permits.rows_affected() > 0
+                || lease.last_insert_id() > 0
+                || lease.rows_affected() > 0;
+            Ok(Some(broken))
         })
         .await
     }

@@ -650,14 +650,16 @@ impl LeaseStore for PgStore {
     }
 
     async fn force_release(&self, name: &str) -> Result<bool> {
+        if let Some(broken) = self.force_release_all(name).await? {
+            return Ok(broken);
+        }
         let row = retrying(|| {
             self.fetch_optional(|| {
                 sqlx::query(AssertSqlSafe(self.sql.force_release.clone())).bind(name.to_owned())
             })
         })
         .await?;
-        let permits = self.force_release_permits(name).await?;
-        Ok(row.is_some() || permits)
+        Ok(row.is_some())
     }
 
     async fn inspect(&self, name: &str) -> Result<Option<LockInfo>> {

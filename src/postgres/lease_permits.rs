@@ -30,6 +30,7 @@ use crate::{LockInfo, Result};
 #[derive(Debug)]
 pub(super) struct PermitSql {
     lock_marker: Arc<str>,
+    lock_row: Arc<str>,
     count: Arc<str>,
     take: Arc<str>,
     renew: Arc<str>,
@@ -53,16 +54,19 @@ impl PermitSql {
         PermitSql {
             // Creates the name's marker row (free) or locks the existing
             // one; either way the row stays locked to the end of the
-            // transaction. `live` says whether it was held.
+            // transaction. `live` says whether a plain lease (a row with a
+            // holder; a marker has none) holds it (see `Found::plain_live`).
             lock_marker: format!(
                 "INSERT INTO {t} AS l (name, owner, holder, mode, token, acquired_at, expires_at)
                  VALUES ($1, NULL, NULL, 'x', 0, clock_timestamp(), clock_timestamp())
                  ON CONFLICT (name) DO UPDATE SET name = excluded.name
-                 RETURNING l.expires_at > clock_timestamp() AS live,
+                 RETURNING l.expires_at > clock_timestamp() AND l.holder IS NOT NULL AS live,
                            coalesce(l.writer_waiting_until > clock_timestamp(), false)
                                AS writer_waiting"
             )
             .into(),
+            // The name's row (marker or plain lease), locked, if it exists.
+            lock_row: format!("SELECT 1 FROM {t} WHERE name = $1 FOR UPDATE").into(),
             count: format!(
                 "SELECT count(*), max(max_holders) FROM {h}
                   WHERE name = $1 AND expires_at > clock_timestamp()"
@@ -287,14 +291,30 @@ impl PgStore {
         .await
     }
 
-    /// Ends every permit of `name`; whether one was live. A database
-    /// without the holders table has none.
-    pub(super) async fn force_release_permits(&self, name: &str) -> Result<bool> {
-        unless_no_holders(self.permits.as_ref(), |sql| async move {
-            let done =
-                retrying(|| self.execute(|| self.q(&sql.force_release).bind(name.to_owned())))
-                    .await?;
-            Ok(done.rows_affected() > 0)
+    /// Ends the lease of `name` or every permit of it, and its marker, in
+    /// one transaction under the row's lock, which every permit claim and
+    /// release takes first: a claim runs wholly before or wholly after it.
+    /// (Ended one after the other, a permit claimed in between was ended
+    /// with its marker left live: that reads as a plain lock, which refuses
+    /// every claim of the semaphore until it runs out.) Whether anything
+    /// was live; `None` without a holders table (the caller then ends a
+    /// plain lease alone).
+    pub(super) async fn force_release_all(&self, name: &str) -> Result<Option<bool>> {
+        unless_no_holders(self.permits.as_ref(), |sql| {
+            retrying(|| async {
+                let mut tx = self.pool.begin().await?;
+                let row = self.q(&sql.lock_row).bind(name);
+                if row.fetch_optional(&mut *tx).await?.is_none() {
+                    return Ok(Some(false));
+                }
+                let permits = self.q(&sql.force_release).bind(name);
+                let permits = permits.execute(&mut *tx).await?.rows_affected() > 0;
+                // Its notification goes out at the commit.
+                let plain = self.q(&self.sql.force_release).bind(name);
+                let plain = plain.fetch_optional(&mut *tx).await?.is_some();
+                tx.commit().await?;
+                Ok(Some(permits || plain))
+            })
         })
         .await
     }

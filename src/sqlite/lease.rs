@@ -580,14 +580,16 @@ impl LeaseStore for SqliteStore {
     }
 
     async fn force_release(&self, name: &str) -> Result<bool> {
+        if let Some(broken) = self.force_release_all(name).await? {
+            return Ok(broken);
+        }
         let done = retry_busy(|| {
             sqlx::query(AssertSqlSafe(self.sql.force_release.clone()))
                 .bind(name)
                 .execute(&self.pool)
         })
         .await?;
-        let permits = self.force_release_permits(name).await?;
-        Ok(done.rows_affected() > 0 || permits)
+        Ok(done.rows_affected() > 0)
     }
 
     async fn inspect(&self, name: &str) -> Result<Option<LockInfo>> {

@@ -60,7 +60,8 @@ impl PermitSql {
             )
             .into(),
             read_marker: format!(
-                "SELECT token, expires_at > {NOW}, coalesce(writer_waiting_until > {NOW}, 0)
+                "SELECT token, expires_at > {NOW} AND holder IS NOT NULL,
+                        coalesce(writer_waiting_until > {NOW}, 0)
                    FROM {t} WHERE name = ?1"
             )
             .into(),
@@ -299,16 +300,28 @@ impl SqliteStore {
         .await
     }
 
-    /// Ends every permit of `name`; whether one was live.
-    pub(super) async fn force_release_permits(&self, name: &str) -> Result<bool> {
-        unless_no_holders(self.permits.as_ref(), |sql| async move {
-            let done = retry_busy(|| {
-                sqlx::query(AssertSqlSafe(sql.force_release.clone()))
+    /// Ends the lease of `name` or every permit of it, and its marker, in
+    /// one write transaction, so that no claim runs between the two.
+    /// (Ended one after the other, a permit claimed in between was ended
+    /// with its marker left live: that reads as a plain lock, which refuses
+    /// every claim of the semaphore until it runs out.) Whether anything
+    /// was live; `None` without a holders table (the caller then ends a
+    /// plain lease alone).
+    pub(super) async fn force_release_all(&self, name: &str) -> Result<Option<bool>> {
+        unless_no_holders(self.permits.as_ref(), |sql| {
+            retry_busy(|| async {
+                let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+                let permits = sqlx::query(AssertSqlSafe(sql.force_release.clone()))
                     .bind(name)
-                    .execute(&self.pool)
+                    .execute(&mut *tx)
+                    .await?;
+                let plain = sqlx::query(AssertSqlSafe(self.sql.force_release.clone()))
+                    .bind(name)
+                    .execute(&mut *tx)
+                    .await?;
+                tx.commit().await?;
+                Ok(Some(permits.rows_affected() + plain.rows_affected() > 0))
             })
-            .await?;
-            Ok(done.rows_affected() > 0)
         })
         .await
     }

@@ -657,6 +657,7 @@ macro_rules! behaviour_suite {
             // Semaphores (semaphore.rs).
             semaphore_bounds_holders, semaphore_permits_inspect_and_disagreement,
             semaphore_waiter_gets_a_freed_permit, semaphore_renewal_and_loss,
+            semaphore_force_release_under_claims,
             // Shared (reader) locks (shared.rs).
             readers_together_writer_alone, readers_are_renewed, waiting_writer_blocks_new_readers,
             reader_lost_at_its_deadline, force_release_frees_all_readers,

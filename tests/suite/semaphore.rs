@@ -216,3 +216,75 @@ pub async fn semaphore_renewal_and_loss<F: Fixture>(f: &F) {
         .unwrap();
     p.release().await.unwrap();
 }
+
+/// A semaphore forced free while another client keeps taking and returning
+/// its permits (at least one between two forced releases): no claim is
+/// ever refused, and afterwards all `n` permits
+/// can be taken at once. A forced release ends the permits and the name's
+/// marker together, under the marker's lock; ended one after the other,
+/// a claim in between could leave a live marker without a permit, which
+/// reads as a plain lock and refuses every claim of the semaphore (and
+/// keeps readers waiting) until it runs out.
+pub async fn semaphore_force_release_under_claims<F: Fixture>(f: &F) {
+    use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+    use std::sync::Arc;
+
+    let (a, b, operator) = (f.locks().await, f.locks().await, f.locks().await);
+    let name = unique("sem-force");
+    if !has_semaphores(f, &a, &name).await {
+        return;
+    }
+    const N: u32 = 3;
+    const ROUNDS: usize = 40;
+    let stop = Arc::new(AtomicBool::new(false));
+    let taken = Arc::new(AtomicU32::new(0));
+    let claims = {
+        let (b, name, stop, taken) = (b.clone(), name.clone(), stop.clone(), taken.clone());
+        tokio::spawn(async move {
+            while !stop.load(Ordering::SeqCst) {
+                match b.acquire(&name).max_holders(N).try_now().await {
+                    // A permit broken meanwhile reports `Lost`.
+                    Ok(Some(permit)) => {
+                        taken.fetch_add(1, Ordering::SeqCst);
+                        let _ = permit.release().await;
+                    }
+                    Ok(None) => tokio::task::yield_now().await,
+                    Err(e) => return Err(e),
+                }
+            }
+            Ok(())
+        })
+    };
+    for round in 0..ROUNDS {
+        let before = taken.load(Ordering::SeqCst);
+        let progressed = eventually(HUNG, || async {
+            claims.is_finished() || taken.load(Ordering::SeqCst) > before
+        });
+        assert!(
+            progressed.await,
+            "round {round}: the other client took no permit"
+        );
+        let held = a
+            .acquire(&name)
+            .max_holders(N)
+            .wait(HUNG)
+            .await
+            .unwrap_or_else(|e| panic!("round {round}: {e}"));
+        operator.force_release(&name).await.unwrap();
+        let _ = held.release().await;
+    }
+    stop.store(true, Ordering::SeqCst);
+    timeout(HUNG, claims)
+        .await
+        .expect("the claiming task hung")
+        .expect("the claiming task panicked")
+        .unwrap_or_else(|e| panic!("a claim during the forced releases was refused: {e}"));
+    let mut all = Vec::new();
+    for k in 0..N {
+        let permit = a.acquire(&name).max_holders(N).try_now().await.unwrap();
+        all.push(permit.unwrap_or_else(|| panic!("permit {k} of {N} not free at the end")));
+    }
+    for permit in all {
+        permit.release().await.unwrap();
+    }
+}
