@@ -352,16 +352,17 @@ impl MySqlStore {
     /// without a transaction: it reads the token of the name's row (a
     /// plain lease's, or the marker's, which is its newest permit's), ends
     /// the live permits up to that token, then the row's lease if its
-    /// token is still that one. Whatever a claim does in between, a live
-    /// marker keeps a live permit: a permit claimed after the read has a
+    /// token is still that one. A permit claimed after the read has a
     /// greater token and moved the marker to it, so both stay. (Ended
     /// regardless of tokens, one after the other, a permit claimed in
-    /// between was ended with its marker left live: that reads as a plain
-    /// lock, which refuses every claim of the semaphore until it runs
-    /// out.) No transaction: on Galera one open on a node is aborted by
-    /// every conflicting claim committed through another node, and a
-    /// steady stream of them starved it. Whether anything was live; `None`
-    /// without a holders table (the caller then ends a plain lease alone).
+    /// between was ended with its marker left live, for up to a ttl.)
+    /// Between the two updates the marker is live without a permit for a
+    /// moment; claims do not count such a marker as a lock
+    /// ([`Found::plain_live`]). No transaction: on Galera one open on a
+    /// node is aborted by every conflicting claim committed through
+    /// another node, and a steady stream of them starved it. Whether
+    /// anything was live; `None` without a holders table (the caller then
+    /// ends a plain lease alone).
     pub(super) async fn force_release_all(&self, name: &str, galera: bool) -> Result<Option<bool>> {
         unless_no_holders(self.permits.as_ref(), |sql| async move {
             let mut conn = Conn::acquire(&self.pool).await?;
