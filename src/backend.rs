@@ -89,6 +89,11 @@ pub trait HeldLock: Send + Sync + fmt::Debug {
     fn extend(&self, by: Duration) -> BoxFuture<'_, Result<Option<DateTime<Utc>>>>;
 
     /// Releases the lock and reports the outcome.
+    ///
+    /// The guard polls the future in the caller's task and, if the caller
+    /// stops waiting before it is done, finishes it in a task of its own:
+    /// an implementation need not guard its statement against
+    /// cancellation itself.
     fn release(self: Box<Self>) -> BoxFuture<'static, Result<()>>;
 
     /// Releases the lock in the background: the guard was dropped.

@@ -22,9 +22,12 @@ pub(crate) struct Detached<T: Send + 'static> {
 
 impl<T: Send + 'static> Detached<T> {
     pub(crate) fn new(work: impl Future<Output = T> + Send + 'static) -> Self {
-        Detached {
-            work: Some(Box::pin(work)),
-        }
+        Self::boxed(Box::pin(work))
+    }
+
+    /// Runs a future that is boxed already, without boxing it again.
+    pub(crate) fn boxed(work: BoxFuture<'static, T>) -> Self {
+        Detached { work: Some(work) }
     }
 }
 

@@ -1,7 +1,7 @@
 //! The guard that represents a held lock.
 
 use std::fmt;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
@@ -9,6 +9,7 @@ use tracing::field::Empty;
 use tracing::Instrument;
 
 use crate::backend::{HeldLock, State};
+use crate::detach::Detached;
 use crate::error::Loss;
 use crate::status;
 use crate::{observe, Error, Grant, LockMode, LostReason, LostSignal, Result};
@@ -22,7 +23,7 @@ use crate::{observe, Error, Grant, LockMode, LostReason, LostSignal, Result};
 /// the lock is still yours, and pass [`token`](LockGuard::token) to the
 /// resource you protect so it can refuse a stale holder.
 pub struct LockGuard {
-    name: String,
+    name: Arc<str>,
     mode: LockMode,
     token: u64,
     /// [`Backend::kind`](crate::Backend::kind), for spans and metrics.
@@ -53,7 +54,7 @@ impl LockGuard {
     /// read; a granted acquisition was counted held already (see
     /// [`observe::acquisition`]).
     pub(crate) fn new(
-        name: String,
+        name: Arc<str>,
         mode: LockMode,
         grant: Grant,
         backend: &'static str,
@@ -63,9 +64,7 @@ impl LockGuard {
             // The loss warning names the lock only if it would be logged.
             let named = tracing::enabled!(target: "dblock::backend", tracing::Level::WARN);
             let state = grant.state.borrow();
-            state
-                .seen
-                .set(backend, grant.token, named.then_some(name.as_str()));
+            state.seen.set(backend, grant.token, named.then_some(&name));
             state.lost.is_some()
         };
         let guard = LockGuard {
@@ -217,7 +216,10 @@ impl LockGuard {
         let held = self.held.take().expect("held until release");
         let span = self.end();
         let lost = self.loss();
-        let releasing = held.release();
+        // In this task; if the caller stops waiting, the release finishes
+        // in a task of its own (the backends rely on it, see
+        // `HeldLock::release`).
+        let releasing = Detached::boxed(held.release());
         let outcome = if span.is_none() {
             releasing.await
         } else {

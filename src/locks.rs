@@ -64,7 +64,7 @@ impl Locks {
 
     /// Starts an acquisition of `name`. Await the builder to take the lock;
     /// without `.wait(..)` it waits until the lock is free.
-    pub fn acquire(&self, name: impl Into<String>) -> Acquire<'_> {
+    pub fn acquire(&self, name: impl AsRef<str>) -> Acquire<'_> {
         Acquire {
             locks: self,
             request: AcquireRequest::new(name),
@@ -98,7 +98,7 @@ impl Locks {
     /// released in the background.
     pub async fn with_lock<T>(
         &self,
-        name: impl Into<String>,
+        name: impl AsRef<str>,
         work: impl AsyncFnOnce(&LockGuard) -> T,
     ) -> Result<T> {
         self.acquire(name).with_lock(work).await
@@ -109,7 +109,7 @@ impl Locks {
     ///
     /// # Cancel safety
     /// Cancel safe: if dropped, no lock is left held (see [`Acquire`]).
-    pub async fn try_acquire(&self, name: impl Into<String>) -> Result<Option<LockGuard>> {
+    pub async fn try_acquire(&self, name: impl AsRef<str>) -> Result<Option<LockGuard>> {
         self.acquire(name).try_now().await
     }
 
@@ -305,7 +305,7 @@ impl<'a> Acquire<'a> {
     /// `acquire` here, and counted in the metrics.
     async fn run(self, wait: Wait) -> Result<Option<LockGuard>> {
         let (locks, request) = self.build(wait)?;
-        let name = request.name.clone();
+        let name = request.shared_name().clone();
         let mode = request.mode;
         let backend = locks.backend.kind();
         let span = observe::debug_span!(
@@ -397,13 +397,13 @@ impl<'a> IntoFuture for Acquire<'a> {
     fn into_future(self) -> Self::IntoFuture {
         let wait = self.wait;
         Box::pin(async move {
-            let name = self.request.as_ref().map(|r| r.name.clone()).ok();
+            let name = self.request.as_ref().map(|r| r.shared_name().clone()).ok();
             match self.run(wait).await? {
                 Some(guard) => Ok(guard),
                 // A backend answers None only to Wait::No; treat it as an
                 // immediate timeout rather than panic if one misbehaves.
                 None => Err(Error::Timeout {
-                    name: name.unwrap_or_default(),
+                    name: name.as_deref().unwrap_or_default().to_owned(),
                     waited: Duration::ZERO,
                 }),
             }

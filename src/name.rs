@@ -19,7 +19,9 @@ pub fn validate_name(name: &str) -> Result<()> {
             name.len()
         )));
     }
-    if name.contains('\0') {
+    // A plain scan: names are short, and `contains` calls memchr, whose
+    // set-up costs more than the scan on every acquisition.
+    if name.bytes().any(|b| b == 0) {
         return Err(Error::InvalidName(
             "a lock name may not contain a NUL byte".into(),
         ));

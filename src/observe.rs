@@ -11,7 +11,7 @@
 //! subscriber or a metrics recorder may call back into dblock.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 use crate::backend::Grant;
 use crate::{Error, Result};
@@ -58,7 +58,7 @@ pub(crate) struct Holder {
     pub(crate) backend: &'static str,
     pub(crate) token: u64,
     /// The lock's name, kept only when the loss warning would be logged.
-    pub(crate) name: Option<Box<str>>,
+    pub(crate) name: Option<Arc<str>>,
     /// Counted in `dblock_locks_held` and not yet taken off: whoever swaps
     /// it to false (loss or the guard's end, whichever comes first) takes
     /// it off, exactly once.
@@ -84,11 +84,11 @@ impl Clone for Seen {
 impl Seen {
     /// Records the guard's backend and token (and name, if given); the
     /// first call wins. The holder is counted held.
-    pub(crate) fn set(&self, backend: &'static str, token: u64, name: Option<&str>) {
+    pub(crate) fn set(&self, backend: &'static str, token: u64, name: Option<&Arc<str>>) {
         let _ = self.0.set(Holder {
             backend,
             token,
-            name: name.map(Box::from),
+            name: name.cloned(),
             counted: AtomicBool::new(true),
         });
     }

@@ -1,5 +1,6 @@
 //! What a caller asks for when acquiring a lock.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::name::validate_name;
@@ -61,7 +62,8 @@ pub const MAX_DURATION: Duration = Duration::from_secs(366 * 24 * 3600);
 /// already checked, so they never see a bad name or option.
 #[derive(Debug, Clone)]
 pub struct AcquireRequest {
-    pub(crate) name: String,
+    /// Shared, not copied, by the facade, the backend and the guard.
+    pub(crate) name: Arc<str>,
     pub(crate) mode: LockMode,
     pub(crate) ttl: Duration,
     pub(crate) ttl_set: bool,
@@ -74,11 +76,11 @@ pub struct AcquireRequest {
 impl AcquireRequest {
     /// A request for an exclusive lock on `name`, waiting forever, with the
     /// default ttl. Fails with [`Error::InvalidName`] for a bad name.
-    pub fn new(name: impl Into<String>) -> Result<Self> {
-        let name = name.into();
-        validate_name(&name)?;
+    pub fn new(name: impl AsRef<str>) -> Result<Self> {
+        let name = name.as_ref();
+        validate_name(name)?;
         Ok(AcquireRequest {
-            name,
+            name: Arc::from(name),
             mode: LockMode::Exclusive,
             ttl: DEFAULT_TTL,
             ttl_set: false,
@@ -182,6 +184,12 @@ impl AcquireRequest {
 
     /// The lock's name.
     pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The lock's name, shared: what a backend keeps beside a hold (for
+    /// `list` and loss reports) without copying it.
+    pub fn shared_name(&self) -> &Arc<str> {
         &self.name
     }
     /// Exclusive or shared.

@@ -645,7 +645,7 @@ fn claim_attempt<S: LeaseStore>(
     gone: &Arc<AtomicBool>,
 ) -> Detached<Result<Option<Taken<S>>>> {
     let (inner, owner, gone) = (inner.clone(), owner.clone(), gone.clone());
-    let name: Arc<str> = request.name().into();
+    let name = request.shared_name().clone();
     let (mode, ttl, max_holders) = (request.mode(), request.ttl(), request.max_holders());
     let writer_waits =
         (mode == LockMode::Exclusive && max_holders == 1 && !matches!(request.wait(), Wait::No))
@@ -871,7 +871,7 @@ fn grant<S: LeaseStore>(
     let held = renewal::register(
         inner,
         renewal::NewLease {
-            name: request.name().into(),
+            name: request.shared_name().clone(),
             owner,
             token: claimed.token,
             hold: request.hold_at_least(),

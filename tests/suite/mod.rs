@@ -327,6 +327,39 @@ pub async fn cancellation_leaves_nothing<F: Fixture>(f: &F) {
     g.release().await.unwrap();
 }
 
+/// A release whose caller stops waiting still goes through: the next
+/// holder gets the name at once, not when a lease would run out.
+pub async fn cancelled_release_still_releases<F: Fixture>(f: &F) {
+    let (a, b) = (f.locks().await, f.locks().await);
+    let name = unique("cancel-release");
+    // Far beyond the bound below: only the release itself frees the name.
+    let ttl = Duration::from_secs(300);
+    for i in 0..40u64 {
+        let g = a
+            .acquire(&name)
+            .ttl_if(f.lease(), ttl)
+            .wait(HUNG)
+            .await
+            .unwrap();
+        // Given up after 1 to 4 polls: once its statement is sent, while
+        // it runs, or not at all (it may be done by then).
+        {
+            let mut release = std::pin::pin!(g.release());
+            for _ in 0..=i % 4 {
+                if futures::poll!(release.as_mut()).is_ready() {
+                    break;
+                }
+                tokio::task::yield_now().await;
+            }
+        }
+        let next = timeout(Duration::from_secs(10), b.acquire(&name))
+            .await
+            .unwrap_or_else(|_| panic!("round {i}: a cancelled release left the lock held"))
+            .unwrap();
+        next.release().await.unwrap();
+    }
+}
+
 /// Breaking the lock from outside (terminating the holder's session, ending
 /// its lease) fires `lost()`; releasing it then reports `Lost`.
 pub async fn lost_fires_when_broken<F: Fixture>(f: &F) {
@@ -647,7 +680,7 @@ macro_rules! behaviour_suite {
         $crate::behaviour_suite!(@tests $fixture;
             exclusion_among_many_tasks, shared_and_exclusive, try_wait_and_timeout,
             tokens_strictly_increase, release_and_drop_leave_nothing,
-            cancellation_leaves_nothing, lost_fires_when_broken, dead_holder_is_taken_over,
+            cancellation_leaves_nothing, cancelled_release_still_releases, lost_fires_when_broken, dead_holder_is_taken_over,
             bad_names_rejected_before_sql, inspect_and_list, not_reentrant,
             extend_and_renewal, hold_at_least, unhonoured_options_refused,
             // Leader election and the lock helpers (election.rs).

@@ -257,14 +257,14 @@ impl<S: LeaseStore> HeldLock for Held<S> {
     }
 
     fn release(mut self: Box<Self>) -> BoxFuture<'static, Result<()>> {
+        // In the caller's task; if the caller stops waiting, the guard
+        // finishes this future in a task of its own (see
+        // `HeldLock::release`), so once `taken` is set the release is seen
+        // through. Dropped unpolled, `self` releases in the background.
         Box::pin(async move {
-            // Until here, dropping this future drops `self`, which releases
-            // in the background.
             self.taken = true;
             tokio::task::coop::consume_budget().await;
-            // In the caller's task; if dropped mid-statement, the release
-            // finishes in a task of its own.
-            Detached::new(release(self.inner.clone(), self.id)).await
+            release(self.inner.clone(), self.id).await
         })
     }
 

@@ -180,7 +180,7 @@ pub(super) async fn acquire(inner: &Arc<Inner>, request: AcquireRequest) -> Resu
         key,
         mode,
         permit: permit.as_ref(),
-        name,
+        name: request.shared_name(),
     };
     let deadline = match request.wait() {
         Wait::For(d) => Some(Instant::now() + d),
@@ -258,7 +258,7 @@ async fn wait(
         if let (Wait::For(waited), Some(deadline)) = (request.wait(), deadline) {
             if now >= deadline {
                 return Err(Error::Timeout {
-                    name: name.to_owned(),
+                    name: name.to_string(),
                     waited,
                 });
             }
@@ -349,7 +349,7 @@ struct Attempt<'a> {
     mode: LockMode,
     /// The semaphore's keys, for a permit.
     permit: Option<&'a Arc<PermitKeys>>,
-    name: &'a str,
+    name: &'a Arc<str>,
 }
 
 /// A reader granted by a server-side wait, which shares the name's key
@@ -423,11 +423,11 @@ async fn try_on_session(
                 // and releases a grant nobody takes.
                 let reply = match permit {
                     Some(keys) => {
-                        let attempt = permit_on(session, lock, keys.clone(), name.into());
+                        let attempt = permit_on(session, lock, keys.clone(), name.clone());
                         Detached::new(attempt).await
                     }
                     None => {
-                        let attempt = lock_on(session, lock, key, mode, name.into(), first);
+                        let attempt = lock_on(session, lock, key, mode, name.clone(), first);
                         Detached::new(attempt).await
                     }
                 };

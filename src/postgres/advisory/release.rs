@@ -4,10 +4,11 @@
 //! [`unlock`] reads top to bottom: the session's connection (its async
 //! mutex), what the registry records of the hold, the unlock statement
 //! ([`Session::unlock`]), the registry's bookkeeping, and last the guard's
-//! status and the local waiters. `Held::release` runs it inside
-//! [`Detached`]: if the caller's future is dropped mid-statement, a task
-//! finishes it and still records the outcome. A guard dropped without a
-//! release has its session's keeper task run the same [`unlock`].
+//! status and the local waiters. `Held::release` runs it in the caller's
+//! task, and the guard runs that future inside [`Detached`]: if the
+//! caller's future is dropped mid-statement, a task finishes it and still
+//! records the outcome. A guard dropped without a release has its
+//! session's keeper task run the same [`unlock`].
 
 use std::fmt;
 use std::sync::{Arc, Weak};
@@ -92,8 +93,8 @@ impl HeldLock for Held {
         let session = self.session.upgrade();
         let (lock, key) = (self.lock, self.key);
         // The unlock runs in the caller's task and, if the caller stops
-        // waiting, finishes in a task of its own.
-        Box::pin(Detached::new(async move {
+        // waiting, finishes in a task of its own (the guard sees to it).
+        Box::pin(async move {
             let Some(session) = session else {
                 return Err(gone(&self.name, &self.status));
             };
@@ -102,7 +103,7 @@ impl HeldLock for Held {
                 Released::NotHeld(loss) => Err(Error::from_loss(&self.name, loss)),
                 Released::Failed(e) => Err(e),
             }
-        }))
+        })
     }
 
     fn release_on_drop(self: Box<Self>) {
