@@ -7,7 +7,6 @@
 //! `hold_at_least` and semaphores (`max_holders(n)`). Use it in unit tests of code written against
 //! [`Locks`](crate::Locks), and in single-process applications.
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -19,6 +18,7 @@ use crate::lease::{
     lease_backend, Claim, Claimed, LeaseEngine, LeaseId, LeaseOptions, LeaseStore, NewExpiry,
     Renewal, Renewed, Wakeups,
 };
+use crate::name::NameMap;
 use crate::{LockInfo, LockMode, Result};
 
 /// An in-process lock service. Clones share the same locks.
@@ -137,7 +137,7 @@ impl Clock {
 /// removed still gets a greater token next time.
 #[derive(Debug, Default)]
 struct State {
-    names: HashMap<String, Entry>,
+    names: NameMap<Entry>,
     /// The last token handed out, for any name.
     token: u64,
     /// The map's size after the last sweep.

@@ -22,7 +22,6 @@
 //! - Polling stays the fallback and the bound: a bell missed, a watch that
 //!   fails or is refused costs at most the waiter's `max_poll`.
 
-use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -33,6 +32,7 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
 use super::{Claimed, Renewal, Renewed};
+use crate::name::NameMap;
 
 /// What one wait on a bell found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -222,7 +222,7 @@ struct Watch {
     arrived: Notify,
 }
 
-type Watches = Mutex<HashMap<String, Arc<Watch>>>;
+type Watches = Mutex<NameMap<Arc<Watch>>>;
 
 /// The watches of one backend (shared by its clones).
 pub(crate) struct Doorbells<B> {

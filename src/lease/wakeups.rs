@@ -1,17 +1,17 @@
 //! In-process wake-ups: a release wakes the waiters for the same name in
 //! this process at once, instead of at their next poll.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
+use crate::name::NameMap;
 use tokio::sync::futures::Notified;
 use tokio::sync::Notify;
 
 /// Waiters by name.
 #[derive(Debug, Default)]
 pub(crate) struct Wakeups {
-    map: Mutex<HashMap<String, Arc<Notify>>>,
+    map: Mutex<NameMap<Arc<Notify>>>,
     /// The map's length, stored under its mutex at every change: a release
     /// while nobody in this process waits (the common case) wakes nobody
     /// without taking the mutex or hashing the name. A waiter that

@@ -41,7 +41,7 @@
 //!   Bell connections lift `max_statement_time` / `max_execution_time` for
 //!   their session so that a server setting never cuts a wait short.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
@@ -54,6 +54,9 @@ use tokio::time::Instant;
 
 use super::engine::Engine;
 use crate::lease::doorbell::{self, Bell, Holder, Ring};
+use rustc_hash::FxHashSet;
+
+use crate::name::{NameMap, NameSet};
 
 /// The most names one backend watches at once (one connection each).
 pub(crate) const WATCHES: usize = 4;
@@ -247,9 +250,9 @@ async fn unbounded(conn: &mut MySqlConnection) -> Result<(), sqlx::Error> {
 #[derive(Debug, Default)]
 struct Ledger {
     /// Name → the tokens of this process's leases behind its bell.
-    held: HashMap<String, HashSet<u64>>,
+    held: NameMap<FxHashSet<u64>>,
     /// The bells taken on the ringer's connection.
-    taken: HashSet<String>,
+    taken: NameSet,
     /// Bells to take once due, in the order they were armed.
     due: VecDeque<(Instant, String)>,
     /// Bells to let go (their last lease here ended), in order.

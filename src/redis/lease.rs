@@ -607,7 +607,7 @@ pub(crate) struct RedisStore {
 /// past its writer's next try), so forgetting one costs readers at most
 /// that wait, never correctness.
 #[derive(Debug, Default)]
-struct Marks(Mutex<std::collections::HashSet<Box<str>>>);
+struct Marks(Mutex<foldhash::HashSet<Box<str>>>);
 
 impl Marks {
     const MAX: usize = 4096;

@@ -26,7 +26,7 @@
 //!   that cannot be created (read-only) leaves waiters polling, and no
 //!   error of a bell ever fails a lock operation.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::fmt;
 use std::fs::{File, OpenOptions, TryLockError};
 use std::path::{Path, PathBuf};
@@ -80,7 +80,7 @@ impl Folder {
 
 /// The leases (name, token) this process holds behind one bell file, and
 /// the file, locked (`None` if its lock could not be taken).
-type Armed = (HashSet<(String, u64)>, Option<File>);
+type Armed = (foldhash::HashSet<(String, u64)>, Option<File>);
 
 /// The bells of one backend (see [`Holding`]).
 pub(crate) type Bells = doorbell::Bells<Holding>;

@@ -52,7 +52,7 @@
 //! (a batch on its way and recording its answers), `held` (the guard's
 //! handle: extend, release, release in the background).
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};

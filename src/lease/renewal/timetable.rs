@@ -2,6 +2,7 @@
 //! each, under one mutex.
 
 use super::*;
+use rustc_hash::FxHashMap;
 
 /// What the renewal task is doing with a lease.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -37,7 +38,7 @@ impl Entry {
 
 #[derive(Default)]
 pub(super) struct Registry {
-    pub(super) leases: HashMap<Id, Entry>,
+    pub(super) leases: FxHashMap<Id, Entry>,
     /// When the renewal task looks at the timetable next by itself, as it
     /// last computed (`None`: only when woken). A change that needs it
     /// sooner wakes it; any other change waits for that look.
