@@ -4,9 +4,10 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use crate::name::NameMap;
 use tokio::sync::futures::Notified;
 use tokio::sync::Notify;
+
+use crate::name::NameMap;
 
 /// Waiters by name.
 #[derive(Debug, Default)]

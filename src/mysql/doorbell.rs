@@ -45,6 +45,7 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
+use rustc_hash::FxHashSet;
 use sha2::{Digest, Sha256};
 use sqlx::mysql::{MySqlConnectOptions, MySqlPoolOptions};
 use sqlx::pool::PoolConnection;
@@ -54,8 +55,6 @@ use tokio::time::Instant;
 
 use super::engine::Engine;
 use crate::lease::doorbell::{self, Bell, Holder, Ring};
-use rustc_hash::FxHashSet;
-
 use crate::name::{NameMap, NameSet};
 
 /// The most names one backend watches at once (one connection each).

@@ -1,8 +1,9 @@
 //! The timetable of held leases: what the renewal task does next with
 //! each, under one mutex.
 
-use super::*;
 use rustc_hash::FxHashMap;
+
+use super::*;
 
 /// What the renewal task is doing with a lease.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -683,7 +683,7 @@ pub(super) struct Adoption {
 }
 
 impl Adoption {
-    pub(super) fn prepare(inner: &Inner, name: &str) -> Self {
+    pub(super) fn prepare(inner: &Inner, name: &Arc<str>) -> Self {
         let (status, pending) = Grant::status(None);
         let (keeper, chores) = mpsc::unbounded_channel();
         let (start, started) = oneshot::channel::<Arc<Session>>();
@@ -694,7 +694,7 @@ impl Adoption {
         });
         Adoption {
             lock: inner.next_id(),
-            name: name.into(),
+            name: name.clone(),
             status,
             pending,
             keeper,
