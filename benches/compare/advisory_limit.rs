@@ -18,7 +18,9 @@
 //!
 //! `DBLOCK_BENCH_PAIRS=<dblock|dblock-wide|raw|pooled|sqlx|dblock-sql|nextval>` runs only 5,000 pairs of one
 //! of them, one task, and prints their time: for counting system calls
-//! (`strace -f -c -e trace=write,futex,sendto`).
+//! (`strace -f -c -e trace=write,futex,sendto`). `DBLOCK_BENCH_PAIRS_COUNT`
+//! sets how many (for `perf record`, where 5,000 are short beside the
+//! set-up).
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -243,7 +245,15 @@ pub(super) async fn advisory_limit(env: &Env, rows: &mut Vec<Row>) -> Res<()> {
             eprintln!("pairs: {which}, {TASKS} tasks: {} /s", rate(rate8));
             return Ok(());
         }
-        return super::timed_pairs(op, &which, 5_000).await;
+        // DBLOCK_BENCH_PAIRS_COUNT=N: N pairs instead (for `perf record`,
+        // where 5,000 are too few beside the set-up).
+        let count = match std::env::var("DBLOCK_BENCH_PAIRS_COUNT") {
+            Ok(n) => n
+                .parse()
+                .map_err(|_| format!("DBLOCK_BENCH_PAIRS_COUNT: not a count: {n:?}"))?,
+            Err(_) => 5_000,
+        };
+        return super::timed_pairs(op, &which, count).await;
     }
 
     for tasks in [1, TASKS] {
