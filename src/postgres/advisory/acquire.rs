@@ -585,7 +585,14 @@ async fn permit_on(
             not_granted(&session, key, lock);
             match verdict {
                 Verdict::Agree => LockReply::Busy,
-                Verdict::Lock => LockReply::Failed(disagreement(&name, n, 1)),
+                // Looked at again: an ending holder session can look like
+                // a lock for an instant (see `semaphore::lock_beside`).
+                Verdict::Lock => match semaphore::lock_beside(c.pg(), &keys).await {
+                    Ok(true) => LockReply::Failed(disagreement(&name, n, 1)),
+                    // Gone meanwhile: try again.
+                    Ok(false) => LockReply::Busy,
+                    Err(e) => LockReply::Failed(e),
+                },
                 // Read on this session: the pool may have no connection to
                 // spare.
                 Verdict::OtherCapacity => match semaphore::capacity_held(c.pg(), &name).await {

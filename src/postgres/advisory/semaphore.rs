@@ -51,6 +51,37 @@ where
     Ok(at.get(1).map(|&i| i as u32 + 1))
 }
 
+// Whether a session holds the name's key ($1) without the semaphore's
+// marker ($2): a lock or readers of the name.
+const LOCK_BESIDE: &str = "SELECT coalesce(bool_or(has_name AND NOT has_semaphore), false)
+  FROM (SELECT pid, bool_or(key = $1) AS has_name, bool_or(key = $2) AS has_semaphore
+          FROM (SELECT pid, ((classid::bigint << 32) | objid::bigint) AS key
+                  FROM pg_locks
+                 WHERE locktype = 'advisory' AND objsubid = 1 AND granted
+                   AND database = (SELECT oid FROM pg_database
+                                    WHERE datname = current_database())) l
+         WHERE key IN ($1, $2)
+         GROUP BY pid) s";
+
+/// Whether a lock or readers of the name hold it now beside the semaphore
+/// `keys`: a session holds the name's key without the semaphore marker.
+/// A permit's take saw that once; this looks again before calling it a
+/// disagreement, because a holder session that ends (terminated, or its
+/// client gone) gives its locks back one lock-table partition at a time,
+/// and a look in between can find it holding the name's key but no longer
+/// the marker. One statement, on `on` (see [`capacity_held`]).
+pub(super) async fn lock_beside<'e, E>(on: E, keys: &PermitKeys) -> Result<bool>
+where
+    E: sqlx::Executor<'e, Database = sqlx::Postgres>,
+{
+    sqlx::query_scalar(LOCK_BESIDE)
+        .bind(keys.name)
+        .bind(keys.semaphore)
+        .fetch_one(on)
+        .await
+        .map_err(map_err)
+}
+
 /// How many of the semaphore's slots are held now: its holders.
 async fn holders(pool: &PgPool, keys: &PermitKeys) -> Result<u32> {
     Ok(held(pool, &keys.slots).await?.len() as u32)

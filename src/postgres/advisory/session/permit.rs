@@ -15,6 +15,10 @@
 //!
 //! Both sides take before they look, so of two disagreeing acquisitions
 //! racing, at least one sees the other (and both may, and both give up).
+//! A holder session that ends gives its locks back one lock-table
+//! partition at a time, so the look can catch a permit's session holding
+//! the name's key but no longer its marker: a lock's verdict is looked at
+//! again before it is reported (`semaphore::lock_beside`).
 //! A plain lock and a permit also exclude each other on the server (the
 //! name's key, exclusive against shared); a reader sees a permit by its
 //! semaphore marker (see `super::super::semaphore`).
