@@ -130,4 +130,6 @@ pub use request::{AcquireRequest, LockMode, Wait, DEFAULT_TTL, MAX_HOLDERS};
 #[doc(hidden)]
 pub mod __unstable {
     pub use crate::lease::RenewalStats;
+    #[cfg(feature = "postgres")]
+    pub use crate::postgres::advisory::semaphore::pause_before_second_look;
 }

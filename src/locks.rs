@@ -254,9 +254,9 @@ impl<'a> Acquire<'a> {
     }
 
     /// Takes a permit of a semaphore: up to `n` holders of the name at
-    /// once, each with its own guard and fencing token, on `Memory`, the
-    /// lease tables and Redis (`postgres::Advisory` answers
-    /// [`Error::Unsupported`] for `n` above 1).
+    /// once, each with its own guard and fencing token, on every backend
+    /// of this crate (on `postgres::Advisory`, each permit holds one of `n`
+    /// slot keys; see its docs).
     /// `n` must lie between 1 and [`MAX_HOLDERS`](crate::MAX_HOLDERS); `1`
     /// is a plain lock. All holders of a name at one time must agree on
     /// `n`: an acquisition that finds it held with another `n` (a plain

@@ -195,6 +195,67 @@ async fn psql_operator_and_dblock_exclude_each_other() {
     permit.release().await.unwrap();
 }
 
+/// A permit whose take sees the name held as a lock looks again before it
+/// calls that a disagreement: a holder session that ends gives its locks
+/// back one lock-table partition at a time, so the take can catch it
+/// holding the name's key but no longer its semaphore marker. Held at the
+/// second look (`__unstable::pause_before_second_look`), a lock still there
+/// is a disagreement, and one gone by then leaves the name busy: the permit
+/// is taken at the next try.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn semaphore_second_look_tells_a_lock_from_one_gone() {
+    let f = fixture(WaitStrategy::Server).await;
+    let locks = suite::Fixture::locks(&f).await;
+    let operator = pool(&f.url, 1).await;
+    let mut op = operator.acquire().await.unwrap();
+    let name = common::unique("second-look");
+    sqlx::query("SELECT pg_advisory_lock($1)")
+        .bind(advisory_key(&name))
+        .execute(&mut *op)
+        .await
+        .unwrap();
+    // A permit of 3, held at its second look once it gets there.
+    let at_second_look = || async {
+        let (reached, go) = dblock::__unstable::pause_before_second_look(&name);
+        let (locks, name) = (locks.clone(), name.clone());
+        let taking = tokio::spawn(async move {
+            locks
+                .acquire(&name)
+                .max_holders(3)
+                .wait(Duration::from_secs(10))
+                .await
+        });
+        tokio::time::timeout(Duration::from_secs(10), reached)
+            .await
+            .expect("the permit never reached its second look")
+            .unwrap();
+        (taking, go)
+    };
+
+    // Still held at the second look: a disagreement.
+    let (taking, go) = at_second_look().await;
+    go.send(()).unwrap();
+    let err = taking.await.unwrap().unwrap_err();
+    assert!(matches!(err, Error::InvalidOption(_)), "{err:?}");
+
+    // Gone by the second look: busy, then the permit is taken.
+    let (taking, go) = at_second_look().await;
+    let unlocked: bool = sqlx::query_scalar("SELECT pg_advisory_unlock($1)")
+        .bind(advisory_key(&name))
+        .fetch_one(&mut *op)
+        .await
+        .unwrap();
+    assert!(unlocked);
+    go.send(()).unwrap();
+    let guard = taking
+        .await
+        .unwrap()
+        .expect("the lock was gone at the second look: the permit must be taken");
+    let info = locks.inspect(&name).await.unwrap().expect("held");
+    assert_eq!((info.holders, info.max_holders), (1, Some(3)));
+    guard.release().await.unwrap();
+}
+
 /// `inspect` and `list` count the sessions waiting for an advisory lock
 /// (ungranted `pg_locks` entries); a lock with only waiters is not listed.
 #[tokio::test]

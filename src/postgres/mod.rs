@@ -2,7 +2,7 @@
 //! ([`Lease`]), transaction-scoped locks ([`lock_in_transaction`]) and the schema
 //! ([`migrate`]).
 
-mod advisory;
+pub(crate) mod advisory;
 mod engine;
 mod key;
 mod lease;

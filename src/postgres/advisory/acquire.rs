@@ -587,12 +587,15 @@ async fn permit_on(
                 Verdict::Agree => LockReply::Busy,
                 // Looked at again: an ending holder session can look like
                 // a lock for an instant (see `semaphore::lock_beside`).
-                Verdict::Lock => match semaphore::lock_beside(c.pg(), &keys).await {
-                    Ok(true) => LockReply::Failed(disagreement(&name, n, 1)),
-                    // Gone meanwhile: try again.
-                    Ok(false) => LockReply::Busy,
-                    Err(e) => LockReply::Failed(e),
-                },
+                Verdict::Lock => {
+                    semaphore::paused_before_second_look(&name).await;
+                    match semaphore::lock_beside(c.pg(), &keys).await {
+                        Ok(true) => LockReply::Failed(disagreement(&name, n, 1)),
+                        // Gone meanwhile: try again.
+                        Ok(false) => LockReply::Busy,
+                        Err(e) => LockReply::Failed(e),
+                    }
+                }
                 // Read on this session: the pool may have no connection to
                 // spare.
                 Verdict::OtherCapacity => match semaphore::capacity_held(c.pg(), &name).await {

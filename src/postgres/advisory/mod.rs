@@ -28,7 +28,7 @@ mod acquire;
 mod holders;
 mod registry;
 mod release;
-mod semaphore;
+pub(crate) mod semaphore;
 mod session;
 
 use std::collections::HashSet;

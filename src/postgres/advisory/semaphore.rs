@@ -3,7 +3,10 @@
 //! acquisitions that disagree with them. How a permit is taken is in
 //! `session::permit`; its keys in [`PermitKeys`].
 
+use std::sync::atomic::Ordering;
+
 use sqlx::PgPool;
+use tokio::sync::oneshot;
 
 use crate::postgres::key::{capacity_key, semaphore_key, PermitKeys};
 use crate::postgres::map_err;
@@ -80,6 +83,50 @@ where
         .fetch_one(on)
         .await
         .map_err(map_err)
+}
+
+/// Tests' pauses before a permit's second look ([`lock_beside`]), by name:
+/// the race it answers (a holder session half-way through its end) cannot
+/// be timed from outside the server, so a test holds the permit there and
+/// changes what the look will find.
+static PAUSES: std::sync::Mutex<Vec<Pause>> = std::sync::Mutex::new(Vec::new());
+/// Whether any pause was ever set: the permit's path reads only this.
+static PAUSING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// One pause: the name, the signal that a permit reached it, and the
+/// signal to go on.
+type Pause = (String, oneshot::Sender<()>, oneshot::Receiver<()>);
+
+/// Holds the next permit of `name` whose take saw a lock of the name just
+/// before it looks again ([`lock_beside`]): the first receiver answers once
+/// one is there, and it goes on when the sender is used or dropped. For
+/// dblock's own tests (`dblock::__unstable`).
+pub fn pause_before_second_look(name: &str) -> (oneshot::Receiver<()>, oneshot::Sender<()>) {
+    let (reached, at) = oneshot::channel();
+    let (go, wait) = oneshot::channel();
+    PAUSES
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push((name.to_owned(), reached, wait));
+    PAUSING.store(true, Ordering::Release);
+    (at, go)
+}
+
+/// Waits at a test's pause for `name`, if one is set (see
+/// [`pause_before_second_look`]).
+pub(super) async fn paused_before_second_look(name: &str) {
+    if !PAUSING.load(Ordering::Acquire) {
+        return;
+    }
+    let pause = {
+        let mut pauses = PAUSES.lock().unwrap_or_else(|e| e.into_inner());
+        let at = pauses.iter().position(|(n, ..)| n == name);
+        at.map(|i| pauses.swap_remove(i))
+    };
+    if let Some((_, reached, go)) = pause {
+        let _ = reached.send(());
+        let _ = go.await;
+    }
 }
 
 /// How many of the semaphore's slots are held now: its holders.
