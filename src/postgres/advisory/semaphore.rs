@@ -98,7 +98,7 @@ static PAUSING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::n
 type Pause = (String, oneshot::Sender<()>, oneshot::Receiver<()>);
 
 /// Holds the next permit of `name` whose take saw a lock of the name just
-/// before it looks again ([`lock_beside`]): the first receiver answers once
+/// before it looks again (`lock_beside`): the first receiver answers once
 /// one is there, and it goes on when the sender is used or dropped. For
 /// dblock's own tests (`dblock::__unstable`).
 pub fn pause_before_second_look(name: &str) -> (oneshot::Receiver<()>, oneshot::Sender<()>) {
