@@ -284,6 +284,46 @@ pub(super) fn raw_ratio_row(
         .note(note)
 }
 
+/// The 10th and 90th percentiles of the per-round ratios of op `a` to op
+/// `b`: how far single rounds of this run strayed from their median.
+pub(super) fn spread(r: &[Vec<f64>], a: usize, b: usize) -> String {
+    let mut x: Vec<f64> = r[a].iter().zip(&r[b]).map(|(x, y)| x / y).collect();
+    x.sort_by(f64::total_cmp);
+    let at = |q: f64| x[((x.len() - 1) as f64 * q).round() as usize];
+    format!("rounds p10–p90 {:.2}–{:.2}", at(0.1), at(0.9))
+}
+
+/// The run's noise: op `again` is op `same` (raw, same work) on connections
+/// of its own, so their ratio would be 1.00 on a quiet machine; how far it
+/// strays (its median, and its rounds' spread) is how far this run's other
+/// ratios may move by chance (which server process each op's connection
+/// has, where the scheduler puts it, the host's other load).
+/// `measure` opens the row's label ("pairs/s, 1 task").
+pub(super) fn noise_row(
+    backend: &'static str,
+    measure: &str,
+    r: &[Vec<f64>],
+    again: usize,
+    same: usize,
+) -> Row {
+    raw_ratio_row(
+        backend,
+        format!(
+            "{measure}: raw same work vs itself on other dedicated connections (this run's noise)"
+        ),
+        r,
+        again,
+        same,
+        "reported: 1.00 on a quiet machine; how far this run's ratios move by chance",
+    )
+    .raw(format!(
+        "{} vs {} ({})",
+        rate(median(r[again].clone())),
+        rate(median(r[same].clone())),
+        spread(r, again, same)
+    ))
+}
+
 /// Runs `pairs` calls of `op` one after another (after one to warm up) and
 /// prints their time (`DBLOCK_BENCH_PAIRS`, for `strace` / `perf`).
 pub(super) async fn timed_pairs(op: &Op, which: &str, pairs: usize) -> Res<()> {

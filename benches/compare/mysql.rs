@@ -124,6 +124,8 @@ pub(super) async fn mysql(env: &Env, rows: &mut Vec<Row>, notes: &mut Vec<String
     let n = names("my", TASKS);
     let dedicated = limit::my_conns(&env.my).await?;
     let bells = limit::my_conns(&env.my).await?;
+    // The same work again on connections of its own: this run's noise.
+    let again = limit::my_conns(&env.my).await?;
     let ops = [
         dblock_op(locks.clone(), n.clone()),
         raw_my_tx_op(pool.clone(), n.clone()),
@@ -131,6 +133,7 @@ pub(super) async fn mysql(env: &Env, rows: &mut Vec<Row>, notes: &mut Vec<String
         limit::my_upsert_op(dedicated.clone(), n.clone()),
         limit::my_same_work_op(dedicated.clone(), None, TABLE, n.clone())?,
         limit::my_same_work_op(dedicated, Some(bells), TABLE, n.clone())?,
+        limit::my_same_work_op(again, None, TABLE, n.clone())?,
     ];
     // DBLOCK_BENCH_PAIRS=dblock|same: only 3 s of pairs of one of them with
     // 8 tasks, for counting system calls (`strace -f -c`).
@@ -166,6 +169,7 @@ pub(super) async fn mysql(env: &Env, rows: &mut Vec<Row>, notes: &mut Vec<String
                 "raw, same work + a doorbell GET_LOCK/RELEASE_LOCK per pair, dedicated",
                 None,
             ),
+            ("raw, same work again, on other dedicated connections", None),
         ],
         Vec::new(),
         rows,
@@ -190,6 +194,7 @@ pub(super) async fn mysql(env: &Env, rows: &mut Vec<Row>, notes: &mut Vec<String
             4,
             "reported: the price of a doorbell taken and let go per pair",
         ));
+        rows.push(noise_row(B, &format!("pairs/s, {tasks} task(s)"), r, 6, 4));
     }
     // Where the 1-task gap goes: CPU time per pair, the bench's and the
     // server's, for dblock and its own SQL (unpinned here, and again in
