@@ -16,6 +16,10 @@
 //!   started with a larger `max_locks_per_transaction`, or the server's
 //!   limit is reported.
 //!
+//! `DBLOCK_BENCH_STEADY=1` runs only the method check instead: dblock
+//! against its own SQL, timed call by call and in blocks of 500 pairs, for
+//! each placement (see `method_check`).
+//!
 //! `DBLOCK_BENCH_PAIRS=<dblock|dblock-wide|raw|pooled|sqlx|dblock-sql|nextval>` runs only 5,000 pairs of one
 //! of them, one task, and prints their time: for counting system calls
 //! (`strace -f -c -e trace=write,futex,sendto`). `DBLOCK_BENCH_PAIRS_COUNT`
@@ -206,6 +210,87 @@ async fn compare_shuffled(ops: &[Op]) -> Res<Vec<Vec<f64>>> {
     Ok(results)
 }
 
+/// Pairs per block in [`method_check`].
+const STEADY_BLOCK: usize = 500;
+/// Rounds of blocks in [`method_check`].
+const STEADY_ROUNDS: usize = 40;
+
+/// Each op's pairs/s, per round, `block` pairs of one op in a row, the ops
+/// taking turns (the first rotating round by round).
+async fn compare_blocks(ops: &[Op], block: usize, rounds: usize) -> Res<Vec<Vec<f64>>> {
+    let mut results = vec![Vec::new(); ops.len()];
+    for round in 0..rounds {
+        for k in 0..ops.len() {
+            let i = (round + k) % ops.len();
+            let start = Instant::now();
+            for _ in 0..block {
+                ops[i](0).await?;
+            }
+            results[i].push(block as f64 / start.elapsed().as_secs_f64());
+        }
+    }
+    Ok(results)
+}
+
+/// `DBLOCK_BENCH_STEADY=1`: whether the 1-task method costs dblock. `ops`
+/// are dblock, its own SQL sent raw, and that SQL again on connections of
+/// its own (the control). They are timed call by call, shuffled (as the
+/// throughput rows are), and in blocks of [`STEADY_BLOCK`] pairs, where
+/// each runs warm, without the others' code between its calls. This is done
+/// unpinned, then with the bench and the server on one core, then on two
+/// (docs/performance.md, issue 14, eighteenth pass).
+async fn method_check(pool: &sqlx::PgPool, ops: &[Op], rows: &mut Vec<Row>) -> Res<()> {
+    let one = Placement {
+        client: 0,
+        server: 0,
+    };
+    let two = Placement {
+        client: 0,
+        server: 1,
+    };
+    for at in [None, Some(one), Some(two)] {
+        let label = at.map_or("unpinned", Placement::label);
+        let pinned = match at {
+            Some(at) => match placement::postgres_server(pool).await {
+                Ok(server) => placement::pin(server, at).map(Some),
+                Err(why) => Err(why),
+            },
+            None => Ok(None),
+        };
+        if let Err(why) = pinned {
+            rows.push(
+                Row::new(B, format!("method check, 1 task, {label}"))
+                    .dblock("—")
+                    .note(format!("not measured: {why}")),
+            );
+            continue;
+        }
+        let shuffled = compare_shuffled(ops).await?;
+        let blocks = compare_blocks(ops, STEADY_BLOCK, STEADY_ROUNDS).await?;
+        drop(pinned);
+        for (how, r) in [
+            ("call by call".to_owned(), &shuffled),
+            (format!("blocks of {STEADY_BLOCK}"), &blocks),
+        ] {
+            let measure = format!("method check, 1 task, {label}, {how}");
+            let vs = median(r[0].iter().zip(&r[1]).map(|(d, x)| d / x).collect());
+            rows.push(
+                Row::new(B, format!("{measure}: vs raw, same work, dedicated"))
+                    .dblock(format!(
+                        "{} ({})",
+                        rate(median(r[0].clone())),
+                        super::spread(r, 0, 1)
+                    ))
+                    .raw(rate(median(r[1].clone())))
+                    .ratio(vs)
+                    .target("≥ 0.95 × same work", vs >= 0.95),
+            );
+            rows.push(super::noise_row(B, &measure, r, 2, 1));
+        }
+    }
+    Ok(())
+}
+
 /// Pairs of each op in one block of the CPU rows.
 const CPU_BLOCK: usize = 500;
 
@@ -259,6 +344,11 @@ pub(super) async fn advisory_limit(env: &Env, rows: &mut Vec<Row>) -> Res<()> {
             Err(_) => 5_000,
         };
         return super::timed_pairs(op, &which, count).await;
+    }
+
+    if std::env::var_os("DBLOCK_BENCH_STEADY").is_some() {
+        let ops = [dblock.clone(), same_sql.clone(), same_sql_again.clone()];
+        return method_check(&pool, &ops, rows).await;
     }
 
     for tasks in [1, TASKS] {
